@@ -1,0 +1,42 @@
+# One entry point per job; each target sets up what it needs (venv, packages, data) itself.
+PY       ?= python3
+VENV     ?= .venv
+BIN      := $(VENV)/bin
+STAMP    := $(VENV)/.installed
+FMNIST   := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+.PHONY: test demo stop venv data typecheck bench clean
+
+# torch/torchvision pinned to the builds on local disk (2.14.1 / 0.29.1); zarr 3.1.6 is the
+# newest release for Python 3.11 (ECOSYSTEM.md 0.1).
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -U pip
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e ".[test]" "zarr==3.1.6" "numcodecs==0.16.6" "prefect==3.9.1" \
+	    "webdataset==1.0.2" "faiss-cpu==1.15.1" "timm==1.0.31"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+$(FMNIST):
+	apt-get update -q && apt-get install -y -q dataset-fashion-mnist
+
+data: $(FMNIST)
+
+## make test: install everything, then run the fast suite (tiny models, small real subsets)
+test: venv data
+	$(BIN)/python -m pytest -q tests
+
+typecheck: venv
+	$(BIN)/python -m mypy
+
+## make demo: the main job on real data (Fashion-MNIST)
+demo: venv data
+	bash scripts/demo.sh
+
+bench: venv data
+	$(BIN)/python bench/teacher_stage.py
+
+clean:
+	rm -rf $(VENV) data .prefect

@@ -1,0 +1,230 @@
+"""The teacher cache: a Zarr v3 group holding V teacher views of every image (DESIGN.md section 3.2).
+
+Layout (N = shards x capacity rows; input shard ``s`` owns rows ``[s * capacity, (s + 1) * capacity)``):
+
+=============  ==========  ============  ==========================================================
+array          shape       dtype         meaning
+=============  ==========  ============  ==========================================================
+embeddings     [N, V, D]   float16       L2-normalised teacher output of view v of image n (NaN = none)
+augment        [N, V, P]   float32       replay parameters of each view; column names in attrs
+keys           [N]         string        sample key ("" for padding rows)
+labels         [N]         int32         class, -1 when unknown
+valid          [N]         bool          row holds a decoded image with all V views
+sizes          [N, 2]      int32         decoded source (height, width)
+=============  ==========  ============  ==========================================================
+
+Every array is chunked ``capacity`` rows deep, so two input shards never share a chunk and shard
+writers (threads, processes, machines) never read-modify-write each other's data. A shard writer
+writes its chunks first and its completion record ``progress/<shard>`` (a group whose attributes
+hold counts, skipped samples and timings) last; only the coordinator writes the root attributes,
+once when creating the cache and once when marking it complete. A crash therefore leaves either a
+shard with a record and all its data, or a shard without a record that the next run redoes.
+
+The **fingerprint** hashes what determines the cached values: teacher identity (architecture,
+checkpoint sha256, format, output), augmentation recipe, resolution, seed, V, D and the input
+shards (names and sample counts, not their location, so moving shards to object storage keeps the
+cache valid). A run whose fingerprint differs is refused with the differing fields named.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import zarr
+import zarr.errors
+
+from seed.augment import COLUMNS, P
+from seed.errors import SeedError
+
+FORMAT = "seed-teacher-cache"
+FORMAT_VERSION = 1
+ARRAYS = ("embeddings", "augment", "keys", "labels", "valid", "sizes")
+
+
+def fingerprint(fields: Mapping[str, Any]) -> str:
+    """sha256 of the canonical JSON of the fingerprint fields."""
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, name + "."))
+        else:
+            out[name] = v
+    return out
+
+
+def diff_fields(stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
+    """Names of the fingerprint fields that differ, with both values, e.g. ``teacher.arch: resnet18 != resnet50``."""
+    a, b = _flatten(stored), _flatten(wanted)
+    out = []
+    for name in sorted(set(a) | set(b)):
+        if a.get(name) != b.get(name):
+            va, vb = a.get(name, "<absent>"), b.get(name, "<absent>")
+            if isinstance(va, list) and isinstance(vb, list) and len(va) > 4:
+                va, vb = f"{len(va)} entries", f"{len(vb)} entries" if len(va) != len(vb) else "other entries"
+            out.append(f"{name}: cache has {va!r}, config wants {vb!r}")
+    return out
+
+
+def open_group(url: str, mode: str = "r") -> zarr.Group:
+    try:
+        return zarr.open_group(url, mode=mode, use_consolidated=False)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
+        raise SeedError(f"no cache at {url}") from exc
+
+
+def exists(url: str) -> bool:
+    try:
+        zarr.open_group(url, mode="r", use_consolidated=False)
+        return True
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
+        return False
+
+
+def create(url: str, *, fields: dict[str, Any], capacity: int, n_shards: int, views: int, dim: int,
+           attrs: dict[str, Any], overwrite: bool = False, wait_s: float = 120.0) -> zarr.Group:
+    """Create the cache (or open it when one with the same fingerprint exists) and return the group.
+
+    A cache with another fingerprint is refused, naming the differing fields, unless ``overwrite``.
+    Safe to call from several processes at once: the loser of the creation race waits for the
+    winner to finish laying out the arrays.
+    """
+    fp = fingerprint(fields)
+    if exists(url) and not overwrite:
+        group = open_group(url, "r+")
+        check_fingerprint(group, fields, url)
+        _wait_ready(group, url, wait_s)
+        return group
+    N = n_shards * capacity
+    try:
+        group = zarr.open_group(url, mode="w" if overwrite else "w-", use_consolidated=False, attributes={
+            "format": FORMAT, "format_version": FORMAT_VERSION, "status": "creating",
+            "fingerprint": fp, "fingerprint_fields": fields, "capacity": capacity, "n_shards": n_shards,
+            "N": N, "V": views, "D": dim, "P": P, "augment_columns": list(COLUMNS),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **attrs,
+        })
+    except (zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError, FileExistsError):
+        return create(url, fields=fields, capacity=capacity, n_shards=n_shards, views=views, dim=dim,
+                      attrs=attrs, overwrite=False, wait_s=wait_s)
+
+    def arr(name: str, shape: tuple[int, ...], dtype: Any, fill: Any, dims: tuple[str, ...]) -> None:
+        group.create_array(name, shape=shape, dtype=dtype, chunks=(capacity, *shape[1:]), fill_value=fill,
+                           compressors=None if dtype == "float16" else "auto", dimension_names=dims)
+
+    arr("embeddings", (N, views, dim), "float16", np.nan, ("row", "view", "dim"))  # floats barely compress
+    arr("augment", (N, views, P), "float32", np.nan, ("row", "view", "param"))
+    arr("keys", (N,), str, "", ("row",))
+    arr("labels", (N,), "int32", -1, ("row",))
+    arr("valid", (N,), "bool", False, ("row",))
+    arr("sizes", (N, 2), "int32", 0, ("row", "hw"))
+    group.attrs["status"] = "incomplete"  # the arrays exist: shard writers may start
+    return group
+
+
+def _wait_ready(group: zarr.Group, url: str, wait_s: float) -> None:
+    deadline = time.monotonic() + wait_s
+    while group.attrs.get("status") == "creating":
+        if time.monotonic() > deadline:
+            raise SeedError(f"{url}: cache still being created after {wait_s:.0f} s (a crashed creator? use --overwrite)")
+        time.sleep(0.5)
+        group = open_group(url, "r")
+
+
+def check_format(group: zarr.Group, url: str) -> None:
+    if group.attrs.get("format") != FORMAT:
+        raise SeedError(f"{url} is not a seed teacher cache (format={group.attrs.get('format')!r})")
+    version = group.attrs.get("format_version")
+    if version != FORMAT_VERSION:
+        raise SeedError(f"{url}: cache format version {version} is not supported (this seed reads {FORMAT_VERSION}); "
+                        "rebuild it with seed teacher --overwrite")
+
+
+def check_fingerprint(group: zarr.Group, fields: Mapping[str, Any], url: str) -> None:
+    check_format(group, url)
+    if group.attrs.get("fingerprint") != fingerprint(fields):
+        diffs = diff_fields(group.attrs.get("fingerprint_fields", {}), fields)
+        raise SeedError(f"{url} was made with a different configuration; refusing to mix teachers' outputs. "
+                        f"Differences: {'; '.join(diffs) or 'unknown fields'}. Use --overwrite or another cache name.")
+
+
+def progress_name(shard: int) -> str:
+    return f"progress/{shard:06d}"
+
+
+def shard_record(group: zarr.Group, shard: int) -> dict[str, Any] | None:
+    """The completion record of a shard, or None when it is not done."""
+    try:
+        node = group[progress_name(shard)]
+    except KeyError:
+        return None
+    attrs = dict(node.attrs)
+    return attrs if attrs.get("done") else None
+
+
+def done_shards(group: zarr.Group) -> list[int]:
+    try:
+        progress = group["progress"]
+    except KeyError:
+        return []
+    assert isinstance(progress, zarr.Group)
+    return sorted(int(name) for name, node in progress.groups() if node.attrs.get("done"))
+
+
+def write_shard(group: zarr.Group, shard: int, data: Mapping[str, np.ndarray], record: dict[str, Any]) -> None:
+    """Write one shard's rows (each array's chunk, exactly), then its completion record."""
+    cap = int(group.attrs["capacity"])
+    rows = slice(shard * cap, (shard + 1) * cap)
+    for name in ARRAYS:
+        array = group[name]
+        assert isinstance(array, zarr.Array)
+        array[rows] = data[name]
+    group.create_group(progress_name(shard), overwrite=True, attributes={**record, "done": True})
+
+
+def finalize(group: zarr.Group, url: str) -> dict[str, Any]:
+    """Mark the cache complete once every shard has its record; returns the totals written."""
+    n_shards = int(group.attrs["n_shards"])
+    records = [shard_record(group, s) for s in range(n_shards)]
+    missing = [s for s, r in enumerate(records) if r is None]
+    if missing:
+        raise SeedError(f"{url}: {len(missing)} of {n_shards} shards not done (first: {missing[:5]}); run the teacher stage again")
+    done = [r for r in records if r is not None]
+    totals = {
+        "samples": sum(r["samples"] for r in done),
+        "valid": sum(r["valid"] for r in done),
+        "skipped": sum(len(r["skipped"]) for r in done),
+        "teacher_forwards": sum(r["teacher_forwards"] for r in done),
+        "teacher_seconds": round(sum(r["teacher_seconds"] for r in done), 3),
+        "stage_seconds": round(sum(r["seconds"] for r in done), 3),
+    }
+    group.update_attributes({"status": "complete", "totals": totals,
+                             "completed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    return totals
+
+
+def open_complete(url: str) -> zarr.Group:
+    """Open a cache for reading, refusing one that is not complete (naming what is missing)."""
+    group = open_group(url, "r")
+    check_format(group, url)
+    if group.attrs.get("status") != "complete":
+        n = int(group.attrs.get("n_shards", 0))
+        raise SeedError(f"{url}: cache is incomplete ({len(done_shards(group))} of {n} shards done); "
+                        "finish it with the teacher stage first")
+    return group
+
+
+def skipped_samples(group: zarr.Group) -> list[dict[str, Any]]:
+    out = []
+    for s in done_shards(group):
+        record = shard_record(group, s) or {}
+        out += [{"shard": s, **item} for item in record.get("skipped", [])]
+    return out

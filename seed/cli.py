@@ -1,0 +1,111 @@
+"""The ``seed`` command line. User mistakes print one line (``seed: error: ...``) and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from seed.errors import SeedError
+
+
+def _common_run(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="run config YAML (defaults: the Fashion-MNIST demo)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set cache.views=8 (repeatable)")
+    p.add_argument("--storage", help="storage.yaml (default: $SEED_STORAGE or ./storage.yaml)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="seed", description="SEED distillation with a run-once teacher cache.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    shards = sub.add_parser("shards", help="convert a data set into webdataset tar shards")
+    kinds = shards.add_subparsers(dest="kind", required=True)
+    fm = kinds.add_parser("fashion-mnist", help="Fashion-MNIST idx files -> train/ and test/ shards")
+    fm.add_argument("--source", default=None, help="directory of the idx(.gz) files (default: the Debian package's)")
+    imf = kinds.add_parser("imagefolder", help="class-per-folder image tree -> shards")
+    imf.add_argument("src", help="root directory with one sub-directory per class")
+    imf.add_argument("--split", default="train", help="split name (sub-directory and shard prefix)")
+    for p in (fm, imf):
+        p.add_argument("--out", help="output directory or URL (default: <shards root>/<name>)")
+        p.add_argument("--per-shard", type=int, default=1000, help="samples per shard (default 1000)")
+        p.add_argument("--limit", type=int, default=None, help="convert only the first N samples of each split")
+        p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+        p.add_argument("--storage", help="storage.yaml")
+
+    teacher = sub.add_parser("teacher", help="run the teacher once over V views of every image into the cache")
+    _common_run(teacher)
+    teacher.add_argument("--overwrite", action="store_true", help="replace a cache made with another configuration")
+    teacher.add_argument("--shards", help="only these input shard indices, e.g. 0,1,5 (the cache completes when all are done)")
+
+    inspect = sub.add_parser("inspect", help="describe a teacher cache")
+    inspect.add_argument("cache", help="cache path or URL (a Zarr group)")
+    inspect.add_argument("--json", action="store_true", help="machine-readable output")
+    inspect.add_argument("--sample", type=int, default=512, help="views sampled for norm and similarity statistics")
+    return parser
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=1, default=str))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except SeedError as exc:
+        print(f"seed: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("seed: interrupted; completed shards are kept, re-run to resume", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from seed.storage import load_storage
+
+    if args.command == "shards":
+        from seed import shards
+
+        storage = load_storage(args.storage)
+        if args.kind == "fashion-mnist":
+            out = args.out or storage.resolve("shards", "fashion-mnist")
+            info = shards.fashion_mnist_to_shards(out, source=args.source or shards.FASHION_MNIST_DIR,
+                                                  per_shard=args.per_shard, limit=args.limit, overwrite=args.overwrite)
+        else:
+            out = args.out or storage.resolve("shards", args.src.rstrip("/").rsplit("/", 1)[-1])
+            info = shards.imagefolder_to_shards(args.src, out, split=args.split, per_shard=args.per_shard,
+                                                limit=args.limit, overwrite=args.overwrite)
+        for name, split in info["splits"].items():
+            print(f"{name}: {split['num_samples']} samples in {len(split['filenames'])} shards -> {out}/{name}/")
+        return 0
+
+    if args.command == "teacher":
+        from pipeline import teacher
+        from seed.config import load_config
+
+        cfg = load_config(args.config, args.overrides)
+        storage = load_storage(args.storage)
+        only = [int(s) for s in args.shards.split(",")] if args.shards else None
+        summary = teacher.run(cfg, storage, overwrite=args.overwrite, shards=only)
+        done = len(summary["skipped_done"])
+        print(f"cache {summary['cache']}: embedded {len(summary['embedded'])} shards, {done} already done"
+              + (f"; complete: {summary['totals']}" if "totals" in summary else "; not complete yet"))
+        return 0
+
+    if args.command == "inspect":
+        from seed.inspect import describe, format_text
+
+        info = describe(args.cache, sample=args.sample)
+        if args.json:
+            _print_json(info)
+        else:
+            print(format_text(info))
+        return 0
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

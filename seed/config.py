@@ -1,0 +1,224 @@
+"""Typed run configuration: defaults in one place, YAML in, overrides on top, clear errors out.
+
+A run config is YAML mapping onto ``RunConfig``; unknown keys and wrong types are errors naming the
+field (``teacher.arch: expected str, got int``). ``--set teacher.arch=resnet18`` style overrides
+are applied on the mapping before validation, so they are checked the same way.
+
+Example:
+    >>> cfg = load_config(None, overrides=["cache.views=2", "teacher.arch=resnet18"])
+    >>> cfg.cache.views, cfg.teacher.arch
+    (2, 'resnet18')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+from seed.augment import Recipe
+from seed.errors import SeedError
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where the input shards are: brace patterns, globs, ``::`` lists or fsspec URLs.
+
+    Relative paths are resolved against the ``shards`` root of ``storage.yaml``.
+    """
+
+    train: str = "fashion-mnist/train/train-{000000..000059}.tar"
+    test: str = "fashion-mnist/test/test-{000000..000009}.tar"
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherConfig:
+    """The frozen teacher: a timm architecture and a local checkpoint (no hub access).
+
+    ``output``: ``head`` caches the projection head (SEED uses MoCo-v2's 128-d MLP head);
+    ``pooled`` caches the pooled backbone features. ``format``: ``auto`` detects timm/torchvision,
+    MoCo, SwAV and DINO checkpoints from their keys.
+    """
+
+    arch: str = "resnet10t"
+    checkpoint: str | None = None
+    format: Literal["auto", "timm", "moco", "swav", "dino"] = "auto"
+    output: Literal["head", "pooled"] = "head"
+    dino_weights: Literal["teacher", "student"] = "teacher"
+    head_activation: Literal["auto", "relu", "gelu"] = "auto"
+    allow_missing_keys: bool = False
+    allow_unexpected_keys: bool = False
+    small_input: bool = False  # stride-1 stem without max-pool (CIFAR-style), for 28-32 px images
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheConfig:
+    """The teacher pass: V views per image at ``resolution`` px, seeded by ``seed``.
+
+    ``shard_capacity`` is the row slot of each input shard (0 = the largest shard's sample count);
+    rows of different shards never share a Zarr chunk.
+    """
+
+    name: str = "fashion-mnist-resnet10t"
+    views: int = 4
+    resolution: int = 32
+    seed: int = 0
+    batch_size: int = 256
+    shard_capacity: int = 0
+    prefetch: int = 2
+    device: str = "auto"
+    recipe: Recipe = dataclasses.field(default_factory=Recipe)
+
+
+@dataclasses.dataclass(frozen=True)
+class BankConfig:
+    """The instance bank and cached teacher targets (SEED: K = 65536, tau_T = 1e-4)."""
+
+    size: int = 4096
+    topk: int = 64
+    tau_t: float = 1e-4
+    seed: int = 0
+    index: Literal["flat", "ivf", "hnsw", "torch"] = "flat"
+    ivf_lists: int = 0  # 0 = about 4 sqrt(K)
+    nprobe: int = 16
+    hnsw_m: int = 32
+    ef_search: int = 128
+    batch_size: int = 4096
+    kl_sample: int = 2048
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    teacher: TeacherConfig = dataclasses.field(default_factory=TeacherConfig)
+    cache: CacheConfig = dataclasses.field(default_factory=CacheConfig)
+    bank: BankConfig = dataclasses.field(default_factory=BankConfig)
+
+    def __post_init__(self) -> None:
+        _check_positive(self, "cache.views", self.cache.views)
+        _check_positive(self, "cache.resolution", self.cache.resolution)
+        _check_positive(self, "cache.batch_size", self.cache.batch_size)
+        _check_positive(self, "bank.size", self.bank.size)
+        _check_positive(self, "bank.topk", self.bank.topk)
+        _check_positive(self, "bank.batch_size", self.bank.batch_size)
+        if self.cache.shard_capacity < 0:
+            raise SeedError(f"cache.shard_capacity must be >= 0 (0 = automatic), got {self.cache.shard_capacity}")
+        if not self.bank.tau_t > 0:
+            raise SeedError(f"bank.tau_t must be > 0, got {self.bank.tau_t}")
+
+
+def _check_positive(_: object, name: str, value: int) -> None:
+    if value <= 0:
+        raise SeedError(f"{name} must be > 0, got {value}")
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` (converting lists to tuples, ints to floats)."""
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise SeedError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return from_dict(tp, value, where)
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise SeedError(f"{where}: expected one of {list(get_args(tp))}, got {value!r}")
+        return value
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, arg, where)
+            except SeedError as exc:
+                errors.append(str(exc))
+        raise SeedError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {_type_name(tp)}")
+    if origin is tuple:
+        args = get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise SeedError(f"{where}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_convert(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise SeedError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SeedError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise SeedError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise SeedError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"config field {where} has an unsupported annotation {tp}")  # a bug in this module
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    """Build the dataclass ``cls`` from a mapping; unknown keys and bad types name the field."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise SeedError(f"unknown config key {where + '.' if where else ''}{key} (known: {', '.join(sorted(names))})")
+    kwargs = {k: _convert(v, hints[k], f"{where + '.' if where else ''}{k}") for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:  # validation in __post_init__ of nested recipes
+        raise SeedError(str(exc)) from exc
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as plain YAML/JSON-ready data (tuples become lists)."""
+    def plain(v: Any) -> Any:
+        if isinstance(v, (tuple, list)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+    return plain(dataclasses.asdict(cfg))
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` strings (value parsed as YAML) onto a nested mapping."""
+    for item in overrides:
+        if "=" not in item:
+            raise SeedError(f"override {item!r} must look like section.field=value")
+        path, raw = item.split("=", 1)
+        node = data
+        parts = path.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise SeedError(f"override {item!r}: {part} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML run config (or the defaults when ``path`` is None) with overrides applied."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise SeedError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise SeedError(f"{p}: not valid YAML ({exc})") from exc
+        if not isinstance(data, dict):
+            raise SeedError(f"{p}: expected a mapping at the top level")
+    data = apply_overrides(data, overrides or [])
+    return from_dict(RunConfig, data)

@@ -1,0 +1,324 @@
+"""Webdataset tar shards: read any standard shard, write Fashion-MNIST and image-folder trees as shards.
+
+Reading accepts what other tools write (ImageNet as commonly packed): per sample ``KEY.jpg``
+(``.jpeg``, ``.png``, ``.webp``) and optionally ``KEY.cls`` (integer as text) or ``KEY.json``
+(with a ``label``/``cls``/``class`` field); samples without a label get -1. Shards are local paths,
+brace patterns (``shard-{000..009}.tar``), globs, ``::``-joined lists or any fsspec URL.
+
+Samples come in tar order, which fixes each sample's row in the cache; an image that does not
+decode is reported by ``decode_image`` and skipped by the caller, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import io
+import json
+import os
+import shutil
+import struct
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import braceexpand
+import fsspec
+import numpy as np
+import torch
+from PIL import Image
+from webdataset import tariterators
+
+from seed.errors import SeedError
+from seed.storage import is_url
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+INFO_FILE = "_info.json"
+
+
+@dataclasses.dataclass
+class Sample:
+    """One raw sample of a shard: the encoded image bytes, its label and where it came from."""
+
+    key: str
+    image: bytes | None  # None when the sample has no image member
+    ext: str
+    label: int
+    url: str
+    index: int  # position in the shard, the sample's row offset in the cache
+
+
+def expand_urls(spec: str | Iterable[str]) -> list[str]:
+    """Expand brace patterns, globs and ``::`` lists into a sorted list of shard URLs."""
+    parts = spec.split("::") if isinstance(spec, str) else list(spec)
+    urls: list[str] = []
+    for part in parts:
+        for url in braceexpand.braceexpand(part):
+            if any(c in url for c in "*?["):
+                fs, _, paths = fsspec.get_fs_token_paths(url)
+                matches = sorted(paths)
+                if not matches:
+                    raise SeedError(f"no shards match {url!r}")
+                protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+                urls += [p if protocol == "file" else f"{protocol}://{p}" for p in matches]
+            else:
+                urls.append(url)
+    if not urls:
+        raise SeedError(f"no shards given in {spec!r}")
+    return urls
+
+
+def _label(fields: dict[str, bytes]) -> int:
+    if "cls" in fields:
+        return int(fields["cls"].decode("utf-8").strip())
+    if "json" in fields:
+        meta = json.loads(fields["json"])
+        for name in ("label", "cls", "class", "target"):
+            if isinstance(meta, dict) and isinstance(meta.get(name), int):
+                return int(meta[name])
+    return -1
+
+
+def iter_shard(url: str) -> Iterator[Sample]:
+    """Samples of one tar shard in tar order. A truncated or unreadable tar raises ``SeedError``."""
+    try:
+        with fsspec.open(url, "rb") as stream:
+            members = ({**m, "__url__": url} for m in tariterators.tar_file_iterator(stream))  # stream mode
+            for index, fields in enumerate(tariterators.group_by_keys(members)):
+                key = fields["__key__"]
+                ext = next((e for e in IMAGE_EXTS if e in fields), "")
+                try:
+                    label = _label(fields)
+                except (ValueError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                    raise SeedError(f"{url}: sample {key!r} has an unreadable label ({exc})") from exc
+                yield Sample(key, fields.get(ext) if ext else None, ext, label, url, index)
+    except FileNotFoundError as exc:
+        raise SeedError(f"shard not found: {url}") from exc
+    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+        raise SeedError(f"{url}: not a readable tar shard ({type(exc).__name__}: {exc})") from exc
+
+
+def decode_image(sample: Sample) -> torch.Tensor:
+    """Decode to a uint8 ``[3, h, w]`` tensor (grayscale and palette sources become RGB).
+
+    Raises ``ValueError`` naming the reason when the sample has no image or it does not decode.
+    """
+    if sample.image is None:
+        raise ValueError(f"no image member (expected one of {', '.join('.' + e for e in IMAGE_EXTS)})")
+    try:
+        with Image.open(io.BytesIO(sample.image)) as im:
+            rgb = np.asarray(im.convert("RGB"))
+    except Exception as exc:  # PIL raises many types for corrupt data
+        raise ValueError(f"{sample.ext} does not decode: {type(exc).__name__}: {exc}") from exc
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
+
+
+def count_samples(url: str) -> int:
+    """Number of samples in a shard (scans the tar headers; no image is decoded)."""
+    return sum(1 for _ in iter_shard(url))
+
+
+def shard_lengths(urls: list[str]) -> list[int]:
+    """Samples per shard, from a ``_info.json`` beside the shards when it lists them, else by scanning."""
+    lengths = _lengths_from_info(urls)
+    return lengths if lengths is not None else [count_samples(u) for u in urls]
+
+
+def _lengths_from_info(urls: list[str]) -> list[int] | None:
+    parent = urls[0].rsplit("/", 1)[0]
+    if any(u.rsplit("/", 1)[0] != parent for u in urls):
+        return None
+    try:
+        with fsspec.open(f"{parent}/{INFO_FILE}", "r") as f:
+            info = json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError, OSError):
+        return None
+    known: dict[str, int] = {}
+    for split in info.get("splits", {}).values():
+        known.update(zip(split.get("filenames", []), split.get("shard_lengths", [])))
+    names = [u.rsplit("/", 1)[-1] for u in urls]
+    return [int(known[n]) for n in names] if all(n in known for n in names) else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def _write_split(samples: Iterable[tuple[str, bytes, str, int]], out_dir: Path, name: str, per_shard: int) -> dict:
+    """Write (key, image bytes, ext, label) samples as ``{name}-NNNNNN.tar`` shards in ``out_dir``."""
+    filenames: list[str] = []
+    lengths: list[int] = []
+    tar: tarfile.TarFile | None = None
+    for i, (key, data, ext, label) in enumerate(samples):
+        if "." in key:
+            raise SeedError(f"sample key {key!r} contains a dot; webdataset splits keys at the first dot")
+        if i % per_shard == 0:
+            if tar is not None:
+                tar.close()
+            filenames.append(f"{name}-{len(filenames):06d}.tar")
+            lengths.append(0)
+            tar = tarfile.open(out_dir / filenames[-1], "w", format=tarfile.USTAR_FORMAT)
+        assert tar is not None
+        _add_member(tar, f"{key}.{ext}", data)
+        if label >= 0:
+            _add_member(tar, f"{key}.cls", str(label).encode())
+        lengths[-1] += 1
+    if tar is not None:
+        tar.close()
+    return {"name": name, "num_samples": sum(lengths), "filenames": filenames, "shard_lengths": lengths}
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644  # fixed mtime: byte-reproducible shards
+    tar.addfile(info, io.BytesIO(data))
+
+
+def publish(tmp: Path, out: str, overwrite: bool) -> None:
+    """Move a finished local directory to ``out`` (local or fsspec URL); nothing partial is left there."""
+    fs, _, (path,) = fsspec.get_fs_token_paths(out)
+    if fs.exists(path):
+        if not overwrite and fs.ls(path):
+            raise SeedError(f"{out} exists and is not empty; pass --overwrite to replace it")
+        fs.rm(path, recursive=True)
+    if not is_url(out):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, path)
+    else:
+        fs.put(str(tmp), path, recursive=True)
+
+
+def _write_splits(splits: dict[str, Iterable[tuple[str, bytes, str, int]]], out: str, per_shard: int, overwrite: bool) -> dict:
+    """Write each split to ``out/<split>/`` with an ``_info.json`` (timm's layout), atomically."""
+    if per_shard <= 0:
+        raise SeedError(f"--per-shard must be > 0, got {per_shard}")
+    tmp = Path(tempfile.mkdtemp(prefix=".seed-shards-", dir=_local_tmp_parent(out)))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the published directory should not be
+    try:
+        info: dict = {"name": os.path.basename(out.rstrip("/")), "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "splits": {}}
+        for name, samples in splits.items():
+            (tmp / name).mkdir()
+            split = _write_split(samples, tmp / name, name, per_shard)
+            if split["num_samples"] == 0:
+                raise SeedError(f"split {name!r} has no samples")
+            info["splits"][name] = split
+            (tmp / name / INFO_FILE).write_text(json.dumps({"splits": {name: split}}, indent=1))
+        (tmp / INFO_FILE).write_text(json.dumps(info, indent=1))
+        publish(tmp, out, overwrite)
+        return info
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _local_tmp_parent(out: str) -> str | None:
+    """Build next to a local output (same filesystem, so the final rename is atomic)."""
+    if "://" in out and not out.startswith("file://"):
+        return None
+    parent = Path(out.removeprefix("file://")).absolute().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    return str(parent)
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (``.gz`` or plain): magic, dims, then uint8 data. Truncation raises ``SeedError``."""
+    if not path.exists():
+        raise SeedError(f"missing IDX file: {path}")
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as exc:
+        raise SeedError(f"{path}: cannot read ({exc}); the file looks truncated or corrupt") from exc
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise SeedError(f"{path}: not an IDX file of unsigned bytes (bad magic {raw[:4].hex()})")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise SeedError(f"{path}: truncated IDX header")
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    expected = int(np.prod(dims))
+    if len(raw) - header != expected:
+        raise SeedError(f"{path}: truncated or padded IDX data: {len(raw) - header} bytes, header says {expected} ({dims})")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+def _find_idx(source: Path, stem: str) -> Path:
+    for candidate in (source / f"{stem}.gz", source / stem):
+        if candidate.exists():
+            return candidate
+    raise SeedError(f"missing Fashion-MNIST file {stem}(.gz) in {source}")
+
+
+def load_fashion_mnist(source: str | Path, split: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Images ``[n, 28, 28]`` uint8 and labels ``[n]`` of one split, checked against each other."""
+    source = Path(source)
+    if not source.is_dir():
+        raise SeedError(f"Fashion-MNIST source directory not found: {source} (apt-get install dataset-fashion-mnist)")
+    images_file, labels_file = (_find_idx(source, s) for s in FASHION_MNIST_FILES[split])
+    images, labels = read_idx(images_file), read_idx(labels_file)
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise SeedError(f"{images_file} and {labels_file} disagree: images {images.shape}, labels {labels.shape}")
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    return images, labels
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+def fashion_mnist_to_shards(out: str, *, source: str = FASHION_MNIST_DIR, per_shard: int = 1000,
+                            limit: int | None = None, overwrite: bool = False, progress: bool = True) -> dict:
+    """Convert Fashion-MNIST to ``out/train`` and ``out/test`` shards of ``KEY.png`` + ``KEY.cls``."""
+    from tqdm import tqdm
+
+    data = {split: load_fashion_mnist(source, split, limit) for split in ("train", "test")}
+
+    def samples(split: str) -> Iterator[tuple[str, bytes, str, int]]:
+        images, labels = data[split]
+        for i in tqdm(range(len(images)), desc=f"fashion-mnist {split}", unit="img", disable=not progress):
+            yield f"fmnist-{split}-{i:06d}", _png(images[i]), "png", int(labels[i])
+
+    return _write_splits({s: samples(s) for s in data}, out, per_shard, overwrite)
+
+
+def imagefolder_to_shards(src: str, out: str, *, split: str = "train", per_shard: int = 1000,
+                          limit: int | None = None, overwrite: bool = False, progress: bool = True) -> dict:
+    """Convert a class-per-folder tree (``SRC/<class>/<image>``) to shards; classes get sorted indices.
+
+    Image bytes are stored as they are (no re-encoding); the key is ``<class>_<file stem>``.
+    """
+    from tqdm import tqdm
+
+    root = Path(src)
+    if not root.is_dir():
+        raise SeedError(f"image folder not found: {root}")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    if not classes:
+        raise SeedError(f"{root} has no class sub-directories")
+    files = [(c, p) for ci, c in enumerate(classes) for p in sorted((root / c).iterdir())
+             if p.suffix.lower().lstrip(".") in IMAGE_EXTS]
+    if not files:
+        raise SeedError(f"{root} holds no images ({', '.join(IMAGE_EXTS)})")
+    files = files[:limit] if limit is not None else files
+    index = {c: i for i, c in enumerate(classes)}
+
+    def samples() -> Iterator[tuple[str, bytes, str, int]]:
+        for c, p in tqdm(files, desc=f"imagefolder {split}", unit="img", disable=not progress):
+            key = f"{c}_{p.stem}".replace(".", "_")
+            yield key, p.read_bytes(), p.suffix.lower().lstrip("."), index[c]
+
+    info = _write_splits({split: samples()}, out, per_shard, overwrite)
+    info["classes"] = classes
+    return info

@@ -1,0 +1,65 @@
+"""Shared fixtures: real Fashion-MNIST shards (converted once per session) and tiny teachers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from seed.config import RunConfig, load_config
+from seed.models import Encoder, create_backbone, mlp_head, preprocessing
+from seed.shards import FASHION_MNIST_DIR, fashion_mnist_to_shards
+from seed.storage import Storage
+from seed.teachers import save_moco_checkpoint
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+PER_SHARD = 100  # the full set becomes 600 train + 100 test shards; tests read the first few
+
+
+@pytest.fixture(scope="session")
+def fmnist_source() -> Path:
+    src = Path(os.environ.get("SEED_FASHION_MNIST", FASHION_MNIST_DIR))
+    if not (src / "train-images-idx3-ubyte.gz").exists() and not (src / "train-images-idx3-ubyte").exists():
+        pytest.fail(f"Fashion-MNIST not found in {src}: run `make data` (apt-get install dataset-fashion-mnist)")
+    return src
+
+
+@pytest.fixture(scope="session")
+def shards_root(tmp_path_factory: pytest.TempPathFactory, fmnist_source: Path) -> Path:
+    """The whole of Fashion-MNIST as shards of 100 (``fm/train``, ``fm/test``): about 30 s once."""
+    root = tmp_path_factory.mktemp("shards")
+    fashion_mnist_to_shards(str(root / "fm"), source=str(fmnist_source), per_shard=PER_SHARD, progress=False)
+    return root
+
+
+def make_storage(root: Path, shards: Path) -> Storage:
+    return Storage(shards=str(shards), caches=str(root / "caches"), runs=str(root / "runs"), reports=str(root / "reports"))
+
+
+def tiny_encoder(arch: str = "resnet10t", dim: int = 32, seed: int = 0) -> Encoder:
+    torch.manual_seed(seed)
+    backbone = create_backbone(arch)
+    d = backbone.num_features
+    return Encoder(backbone, mlp_head([d, d, dim]), **_pre(backbone)).eval()
+
+
+def _pre(backbone: torch.nn.Module) -> dict:
+    pre = preprocessing(backbone)
+    return {"mean": tuple(pre["mean"]), "std": tuple(pre["std"])}
+
+
+@pytest.fixture(scope="session")
+def moco_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A MoCo-v2-format checkpoint of a random resnet10t with a 32-d MLP head."""
+    path = tmp_path_factory.mktemp("ckpt") / "moco.pth"
+    save_moco_checkpoint(tiny_encoder(), path, arch="resnet10t")
+    return path
+
+
+def small_config(checkpoint: Path, *extra: str, shards: str = "fm/train/train-{000000..000002}.tar") -> RunConfig:
+    """300 real images (3 shards of 100), 2 views at 32 px, the tiny teacher."""
+    return load_config(None, [f"data.train={shards}", f"teacher.checkpoint={checkpoint}", "cache.views=2",
+                              "cache.batch_size=64", "cache.name=test", *extra])
