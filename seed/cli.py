@@ -89,10 +89,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, args.overrides)
         storage = load_storage(args.storage)
         only = [int(s) for s in args.shards.split(",")] if args.shards else None
-        summary = teacher.run(cfg, storage, overwrite=args.overwrite, shards=only)
+        # A --shards worker leaves the root attributes to the coordinator (one writer for zarr.json):
+        # `seed teacher` without --shards embeds what is left and marks the cache complete.
+        summary = teacher.run(cfg, storage, overwrite=args.overwrite, shards=only, finalize=only is None)
         done = len(summary["skipped_done"])
         print(f"cache {summary['cache']}: embedded {len(summary['embedded'])} shards, {done} already done"
-              + (f"; complete: {summary['totals']}" if "totals" in summary else "; not complete yet"))
+              + (f"; complete: {summary['totals']}" if "totals" in summary
+                 else "; not complete yet (run seed teacher without --shards once all workers finish)"))
         return 0
 
     if args.command == "inspect":

@@ -1,0 +1,180 @@
+"""Shards: Fashion-MNIST conversion against the source files, foreign tars, URLs, and bad input."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from seed.errors import SeedError
+from seed.shards import (decode_image, expand_urls, fashion_mnist_to_shards, imagefolder_to_shards, iter_shard,
+                         load_fashion_mnist, read_idx, shard_lengths)
+
+
+def test_full_fashion_mnist_matches_source(shards_root: Path, fmnist_source: Path) -> None:
+    info = json.loads((shards_root / "fm" / "_info.json").read_text())
+    assert info["splits"]["train"]["num_samples"] == 60_000
+    assert info["splits"]["test"]["num_samples"] == 10_000
+    assert len(list((shards_root / "fm" / "train").glob("*.tar"))) == 600
+    for split, n in (("train", 60_000), ("test", 10_000)):
+        images, labels = load_fashion_mnist(fmnist_source, split)
+        rng = np.random.default_rng(0)
+        for i in rng.choice(n, size=25, replace=False):
+            url = str(shards_root / "fm" / split / f"{split}-{i // 100:06d}.tar")
+            sample = next(s for s in iter_shard(url) if s.index == i % 100)
+            assert sample.key == f"fmnist-{split}-{i:06d}" and sample.label == labels[i]
+            pixels = decode_image(sample)
+            assert pixels.shape == (3, 28, 28)
+            assert np.array_equal(pixels[0].numpy(), images[i])
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _encoded(fmt: str, value: int, mode: str = "RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, (20, 12), value if mode == "L" else (value, 255 - value, value // 2)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def foreign_tar(path: Path) -> Path:
+    """A shard written with the plain tarfile module, the way other tools pack ImageNet."""
+    with tarfile.open(path, "w") as tar:
+        _add(tar, "n01440764_10026.JPEG", _encoded("JPEG", 100))
+        _add(tar, "n01440764_10026.cls", b"7\n")
+        _add(tar, "sub/dir/img_b.png", _encoded("PNG", 40, "L"))
+        _add(tar, "sub/dir/img_b.json", json.dumps({"label": 3, "synset": "n0"}).encode())
+        _add(tar, "img_c.webp", _encoded("WEBP", 200))
+        _add(tar, "img_d.jpeg", _encoded("JPEG", 10))
+        _add(tar, "img_d.cls", b"1")
+    return path
+
+
+def test_reads_shards_written_by_other_tools(tmp_path: Path) -> None:
+    samples = list(iter_shard(str(foreign_tar(tmp_path / "foreign.tar"))))
+    assert [s.key for s in samples] == ["n01440764_10026", "sub/dir/img_b", "img_c", "img_d"]
+    assert [s.label for s in samples] == [7, 3, -1, 1]
+    assert [s.ext for s in samples] == ["jpeg", "png", "webp", "jpeg"]
+    assert [s.index for s in samples] == [0, 1, 2, 3]
+    images = [decode_image(s) for s in samples]
+    assert all(im.shape == (3, 12, 20) and im.dtype == torch.uint8 for im in images)
+    assert (images[1] == 40).all()  # lossless grayscale PNG, replicated to 3 channels
+
+
+def test_brace_patterns_globs_and_fsspec_urls(tmp_path: Path) -> None:
+    for i in range(3):
+        foreign_tar(tmp_path / f"part-{i:03d}.tar")
+    braces = expand_urls(str(tmp_path / "part-{000..002}.tar"))
+    assert braces == [str(tmp_path / f"part-{i:03d}.tar") for i in range(3)]
+    assert expand_urls(str(tmp_path / "part-*.tar")) == braces
+    assert expand_urls(f"{braces[0]}::{braces[2]}") == [braces[0], braces[2]]
+    assert shard_lengths(braces) == [4, 4, 4]
+    # an in-memory fsspec filesystem stands in for object storage
+    mem = fsspec.filesystem("memory")
+    mem.pipe("/bucket/shard-000.tar", (tmp_path / "part-000.tar").read_bytes())
+    urls = expand_urls("memory://bucket/shard-*.tar")
+    assert urls == ["memory:///bucket/shard-000.tar"] or urls == ["memory://bucket/shard-000.tar"]
+    assert [s.key for s in iter_shard(urls[0])] == ["n01440764_10026", "sub/dir/img_b", "img_c", "img_d"]
+    assert [s.key for s in iter_shard(f"file://{braces[1]}")][-1] == "img_d"
+
+
+def test_empty_and_truncated_tars_give_clear_errors(tmp_path: Path) -> None:
+    good = foreign_tar(tmp_path / "good.tar").read_bytes()
+    truncated = tmp_path / "truncated.tar"
+    truncated.write_bytes(good[: len(good) // 2 + 100])
+    with pytest.raises(SeedError, match="truncated.tar"):
+        list(iter_shard(str(truncated)))
+    empty = tmp_path / "empty.tar"
+    tarfile.open(empty, "w").close()
+    assert list(iter_shard(str(empty))) == []
+    zero = tmp_path / "zero.tar"
+    zero.write_bytes(b"")
+    with pytest.raises(SeedError, match="zero.tar"):
+        list(iter_shard(str(zero)))
+    with pytest.raises(SeedError, match="shard not found"):
+        list(iter_shard(str(tmp_path / "missing.tar")))
+
+
+def test_undecodable_image_is_reported_with_reason(tmp_path: Path) -> None:
+    with tarfile.open(tmp_path / "bad.tar", "w") as tar:
+        _add(tar, "ok.png", _encoded("PNG", 3))
+        _add(tar, "broken.jpg", b"\xff\xd8\xff\xe0 definitely not a jpeg")
+        _add(tar, "nolabel_noimage.cls", b"2")
+    samples = list(iter_shard(str(tmp_path / "bad.tar")))
+    assert [s.key for s in samples] == ["ok", "broken", "nolabel_noimage"]
+    decode_image(samples[0])
+    with pytest.raises(ValueError, match="does not decode"):
+        decode_image(samples[1])
+    with pytest.raises(ValueError, match="no image member"):
+        decode_image(samples[2])
+
+
+def _write_idx(path: Path, array: np.ndarray, truncate: int = 0) -> None:
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    with gzip.open(path, "wb") as f:
+        f.write(data[: len(data) - truncate])
+
+
+def _fake_source(root: Path, truncate: int = 0) -> Path:
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 30), ("t10k", 10)):
+        _write_idx(root / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)), truncate)
+        _write_idx(root / f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, n))
+    return root
+
+
+def test_truncated_idx_is_refused_and_leaves_no_output(tmp_path: Path) -> None:
+    src = _fake_source(tmp_path / "src", truncate=100)
+    out = tmp_path / "out"
+    with pytest.raises(SeedError, match="train-images-idx3-ubyte.gz: truncated"):
+        fashion_mnist_to_shards(str(out), source=str(src), progress=False)
+    assert not out.exists() and not list(tmp_path.glob(".seed-shards-*"))
+    with pytest.raises(SeedError, match="not found"):
+        fashion_mnist_to_shards(str(out), source=str(tmp_path / "nowhere"), progress=False)
+
+
+def test_shards_limit_per_shard_and_overwrite(tmp_path: Path) -> None:
+    src = _fake_source(tmp_path / "src")
+    out = tmp_path / "out"
+    info = fashion_mnist_to_shards(str(out), source=str(src), per_shard=8, limit=20, progress=False)
+    assert info["splits"]["train"]["shard_lengths"] == [8, 8, 4] and info["splits"]["test"]["num_samples"] == 10
+    assert read_idx(src / "train-labels-idx1-ubyte.gz")[:20].tolist() == [s.label for u in sorted((out / "train").glob("*.tar")) for s in iter_shard(str(u))]
+    with pytest.raises(SeedError, match="--overwrite"):
+        fashion_mnist_to_shards(str(out), source=str(src), per_shard=8, limit=20, progress=False)
+    fashion_mnist_to_shards(str(out), source=str(src), per_shard=50, progress=False, overwrite=True)
+    assert len(list((out / "train").glob("*.tar"))) == 1
+
+
+def test_imagefolder(tmp_path: Path) -> None:
+    for c, values in (("cat", (1, 2)), ("dog", (3,))):
+        (tmp_path / "src" / c).mkdir(parents=True)
+        for v in values:
+            (tmp_path / "src" / c / f"im.{v}.jpg").write_bytes(_encoded("JPEG", v * 50))
+    info = imagefolder_to_shards(str(tmp_path / "src"), str(tmp_path / "out"), progress=False)
+    samples = list(iter_shard(str(tmp_path / "out" / "train" / "train-000000.tar")))
+    assert info["classes"] == ["cat", "dog"]
+    assert [(s.key, s.label, s.ext) for s in samples] == [("cat_im_1", 0, "jpg"), ("cat_im_2", 0, "jpg"), ("dog_im_3", 1, "jpg")]
+    assert samples[2].image == (tmp_path / "src" / "dog" / "im.3.jpg").read_bytes()  # bytes kept as they are
+
+
+def test_cli_reports_one_line_errors(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "seed.cli", "shards", "fashion-mnist", "--source", str(tmp_path / "nope"),
+                             "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "seed: error:" in result.stderr and "nope" in result.stderr
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,239 @@
+"""The teacher stage on real Fashion-MNIST shards: replay fidelity, resume, concurrency, refusal."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from pipeline import teacher as stage
+from seed import cache
+from seed.augment import apply_batch
+from seed.errors import SeedError
+from seed.inspect import describe
+from seed.shards import decode_image, iter_shard
+from tests.conftest import make_storage, small_config
+
+SIX = "fm/train/train-{000000..000005}.tar"
+
+
+def _arrays(url: str) -> dict[str, np.ndarray]:
+    g = zarr.open_group(url, mode="r")
+    return {name: g[name][:] for name in cache.ARRAYS}
+
+
+def _assert_same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
+    for name in cache.ARRAYS:
+        if a[name].dtype.kind == "f":
+            assert a[name].tobytes() == b[name].tobytes(), name  # bytes: NaN padding included
+        else:
+            assert np.array_equal(a[name], b[name]), name
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory: pytest.TempPathFactory, shards_root: Path, moco_checkpoint: Path):
+    """One uninterrupted run over 6 real shards (600 images, 2 views) - the reference."""
+    root = tmp_path_factory.mktemp("clean")
+    cfg = small_config(moco_checkpoint, shards=SIX)
+    storage = make_storage(root, shards_root)
+    summary = stage.run(cfg, storage, progress=False)
+    return cfg, storage, summary["cache"]
+
+
+def test_cache_contract(clean) -> None:
+    cfg, _, url = clean
+    g = zarr.open_group(url, mode="r")
+    a = g.attrs
+    assert a["format"] == cache.FORMAT and a["status"] == "complete" and a["N"] == 600 and a["V"] == 2 and a["D"] == 32
+    assert g["embeddings"].dtype == np.float16 and g["embeddings"].shape == (600, 2, 32)
+    assert g["augment"].shape == (600, 2, a["P"]) and len(a["augment_columns"]) == a["P"]
+    assert g["embeddings"].chunks[0] == a["capacity"] == 100  # one chunk row-block per input shard
+    assert a["preprocessing"]["input_size"] == [3, 32, 32] and len(a["preprocessing"]["mean"]) == 3
+    assert a["totals"]["teacher_forwards"] == 1200 and a["totals"]["valid"] == 600
+    emb = g["embeddings"][:].astype(np.float32)
+    assert np.allclose(np.linalg.norm(emb, axis=-1), 1.0, atol=2e-3)
+    keys = g["keys"][:]
+    assert keys[0] == "fmnist-train-000000" and keys[599] == "fmnist-train-000599"
+    labels = [s.label for s in iter_shard(a["shard_urls"][1])]
+    assert g["labels"][100:200].tolist() == labels
+
+
+def test_replayed_view_reproduces_cached_embedding(clean) -> None:
+    cfg, _, url = clean
+    g = zarr.open_group(url, mode="r")
+    teacher, _ = stage.cached_teacher(cfg.teacher)
+    rng = np.random.default_rng(0)
+    rows = rng.choice(600, size=24, replace=False)
+    views = rng.integers(0, 2, size=24)
+    urls = g.attrs["shard_urls"]
+    images = []
+    for r in rows:
+        sample = next(s for s in iter_shard(urls[r // 100]) if s.index == r % 100)
+        assert sample.key == g["keys"][r]
+        images.append(decode_image(sample))
+    params = torch.from_numpy(g["augment"][:][rows, views])
+    replayed = stage.embed(teacher, apply_batch(images, params, cfg.cache.recipe, cfg.cache.resolution), torch.device("cpu"))
+    cached = torch.from_numpy(g["embeddings"][:][rows, views].astype(np.float32))
+    assert torch.allclose(replayed, cached, atol=2e-3), (replayed - cached).abs().max()
+    # and a different view of the same image is a different embedding
+    other = torch.from_numpy(g["embeddings"][:][rows, 1 - views].astype(np.float32))
+    assert (replayed - other).abs().max() > 1e-2
+
+
+def _cli(storage_file: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "seed.cli", "teacher", "--storage", str(storage_file), *args]
+
+
+def _storage_file(root: Path, shards_root: Path) -> Path:
+    path = root / "storage.yaml"
+    path.write_text(f"shards: {shards_root}\ncaches: {root / 'caches'}\nruns: {root / 'runs'}\nreports: {root / 'reports'}\n")
+    return path
+
+
+def _sets(checkpoint: Path) -> list[str]:
+    out = []
+    for s in (f"data.train={SIX}", f"teacher.checkpoint={checkpoint}", "cache.views=2", "cache.batch_size=64", "cache.name=test"):
+        out += ["--set", s]
+    return out
+
+
+def test_killed_run_resumes_to_identical_cache(clean, tmp_path: Path, shards_root: Path, moco_checkpoint: Path) -> None:
+    _, _, clean_url = clean
+    storage_file = _storage_file(tmp_path, shards_root)
+    url = str(tmp_path / "caches" / "test.zarr")
+    proc = subprocess.Popen(_cli(storage_file, *_sets(moco_checkpoint), "--set", "cache.batch_size=16"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (Path(url) / "progress" / "000000" / "zarr.json").exists():  # first shard done: kill mid-stage
+        assert proc.poll() is None and time.monotonic() < deadline, "teacher run ended before it could be killed"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    g = zarr.open_group(url, mode="r")
+    assert g.attrs["status"] == "incomplete" and 1 <= len(cache.done_shards(g)) < 6
+    with pytest.raises(SeedError, match="incomplete"):
+        cache.open_complete(url)
+    subprocess.run(_cli(storage_file, *_sets(moco_checkpoint)), check=True, capture_output=True)
+    _assert_same(_arrays(url), _arrays(clean_url))
+    assert zarr.open_group(url, mode="r").attrs["totals"]["valid"] == 600
+
+
+def test_crash_between_chunk_writes_resumes_to_identical_cache(clean, tmp_path: Path, shards_root: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg, _, clean_url = clean
+    storage = make_storage(tmp_path, shards_root)
+    real_write = cache.write_shard
+    calls = {"n": 0}
+
+    def crashing_write(group, shard, data, record):  # shard 2 writes half of its arrays, then dies
+        calls["n"] += 1
+        if shard == 2:
+            group["embeddings"][200:300] = data["embeddings"]
+            group["augment"][200:300] = data["augment"]
+            raise RuntimeError("simulated crash")
+        real_write(group, shard, data, record)
+
+    monkeypatch.setattr(cache, "write_shard", crashing_write)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        stage.run(cfg, storage, progress=False)
+    monkeypatch.setattr(cache, "write_shard", real_write)
+    summary = stage.run(cfg, storage, progress=False)
+    assert summary["skipped_done"] == [0, 1] and summary["embedded"] == [2, 3, 4, 5]
+    _assert_same(_arrays(summary["cache"]), _arrays(clean_url))
+
+
+def test_two_writers_equal_one(clean, tmp_path: Path, shards_root: Path, moco_checkpoint: Path) -> None:
+    cfg, _, clean_url = clean
+    storage_file = _storage_file(tmp_path, shards_root)
+    stage.prepare(cfg, make_storage(tmp_path, shards_root))  # the coordinator lays out the cache
+    procs = [subprocess.Popen(_cli(storage_file, *_sets(moco_checkpoint), "--shards", part), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE) for part in ("0,2,4", "1,3,5")]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err.decode()
+    url = str(tmp_path / "caches" / "test.zarr")
+    g = zarr.open_group(url, mode="r")
+    assert len(cache.done_shards(g)) == 6
+    assert g.attrs["status"] == "incomplete"  # workers never write the root attributes
+    subprocess.run(_cli(storage_file, *_sets(moco_checkpoint)), check=True, capture_output=True)  # the coordinator
+    _assert_same(_arrays(url), _arrays(clean_url))
+
+
+def test_other_config_is_refused_with_fields_named(clean, tmp_path: Path, moco_checkpoint: Path) -> None:
+    cfg, storage, url = clean
+    with pytest.raises(SeedError, match=r"views: cache has 2, config wants 3"):
+        stage.run(small_config(moco_checkpoint, "cache.views=3", shards=SIX), storage, progress=False)
+    other = tmp_path / "other.pth"
+    ckpt = torch.load(moco_checkpoint, weights_only=True)
+    ckpt["state_dict"] = {k: v + 1 if v.is_floating_point() else v for k, v in ckpt["state_dict"].items()}
+    torch.save(ckpt, other)
+    with pytest.raises(SeedError, match=r"teacher\.checkpoint_sha256"):
+        stage.run(small_config(other, shards=SIX), storage, progress=False)
+    assert zarr.open_group(url, mode="r").attrs["status"] == "complete"  # untouched
+    # the same config is a no-op: every shard is already done
+    assert stage.run(cfg, storage, progress=False)["embedded"] == []
+
+
+def test_overwrite_replaces_a_foreign_cache(tmp_path: Path, shards_root: Path, moco_checkpoint: Path) -> None:
+    storage = make_storage(tmp_path, shards_root)
+    stage.run(small_config(moco_checkpoint, "cache.views=1", shards="fm/train/train-000000.tar"), storage, progress=False)
+    cfg = small_config(moco_checkpoint, shards="fm/train/train-000000.tar")
+    with pytest.raises(SeedError, match="--overwrite"):
+        stage.run(cfg, storage, progress=False)
+    summary = stage.run(cfg, storage, overwrite=True, progress=False)
+    assert zarr.open_group(summary["cache"], mode="r").attrs["V"] == 2
+
+
+def test_undecodable_images_are_skipped_named_and_do_not_shift_rows(tmp_path: Path, shards_root: Path,
+                                                                    moco_checkpoint: Path) -> None:
+    shutil.copy(shards_root / "fm" / "train" / "train-000000.tar", tmp_path / "a-000.tar")
+    with tarfile.open(shards_root / "fm" / "train" / "train-000001.tar") as src, tarfile.open(tmp_path / "a-001.tar", "w") as dst:
+        for member in src.getmembers():
+            data = src.extractfile(member).read()  # type: ignore[union-attr]
+            if member.name in ("fmnist-train-000105.png", "fmnist-train-000150.png"):
+                data = data[:40]  # a truncated PNG
+            member.size = len(data)
+            dst.addfile(member, __import__("io").BytesIO(data))
+    storage = make_storage(tmp_path, tmp_path)
+    summary = stage.run(small_config(moco_checkpoint, shards="a-{000..001}.tar"), storage, progress=False)
+    g = zarr.open_group(summary["cache"], mode="r")
+    skipped = cache.skipped_samples(g)
+    assert [s["key"] for s in skipped] == ["fmnist-train-000105", "fmnist-train-000150"]
+    assert all("does not decode" in s["reason"] for s in skipped)
+    valid = g["valid"][:]
+    assert valid.sum() == 198 and not valid[105] and not valid[150] and valid[106]
+    assert g["keys"][105] == "fmnist-train-000105" and g["keys"][151] == "fmnist-train-000151"
+    assert np.isnan(g["embeddings"][105].astype(np.float32)).all() and not np.isnan(g["embeddings"][151].astype(np.float32)).any()
+    assert g.attrs["totals"]["skipped"] == 2
+    assert describe(summary["cache"])["skipped"]["count"] == 2
+
+
+def test_empty_shard_is_refused(tmp_path: Path, moco_checkpoint: Path) -> None:
+    tarfile.open(tmp_path / "e-000.tar", "w").close()
+    with pytest.raises(SeedError, match="empty shard"):
+        stage.run(small_config(moco_checkpoint, shards="e-000.tar"), make_storage(tmp_path, tmp_path), progress=False)
+
+
+def test_inspect_json(clean) -> None:
+    _, _, url = clean
+    result = subprocess.run([sys.executable, "-m", "seed.cli", "inspect", url, "--json"], capture_output=True, text=True, check=True)
+    info = json.loads(result.stdout)
+    assert info["status"] == "complete" and (info["N"], info["V"], info["D"]) == (600, 2, 32)
+    assert info["shards"] == {"done": 6, "total": 6} and info["skipped"]["count"] == 0
+    assert abs(info["embedding_norms"]["mean"] - 1) < 1e-3 and -1 <= info["pairwise_similarity"]["mean"] <= 1
+    assert info["bytes"]["raw_per_view"] == 2 * 32 + 4 * info["P"] and info["bytes"]["on_disk"] > 0
+    text = subprocess.run([sys.executable, "-m", "seed.cli", "inspect", url], capture_output=True, text=True, check=True).stdout
+    assert "6/6 done" in text and "resnet10t" in text
+    bad = subprocess.run([sys.executable, "-m", "seed.cli", "inspect", url + "-nope"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "no cache at" in bad.stderr
