@@ -211,9 +211,9 @@ def finalize(group: zarr.Group, url: str) -> dict[str, Any]:
     return totals
 
 
-def open_complete(url: str) -> zarr.Group:
-    """Open a cache for reading, refusing one that is not complete (naming what is missing)."""
-    group = open_group(url, "r")
+def open_complete(url: str, mode: str = "r") -> zarr.Group:
+    """Open a complete cache, refusing one that is not (naming what is missing)."""
+    group = open_group(url, mode)
     check_format(group, url)
     if group.attrs.get("status") != "complete":
         n = int(group.attrs.get("n_shards", 0))

@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     teacher.add_argument("--overwrite", action="store_true", help="replace a cache made with another configuration")
     teacher.add_argument("--shards", help="only these input shard indices, e.g. 0,1,5 (the cache completes when all are done)")
 
+    bank = sub.add_parser("bank", help="sample the instance bank and cache the teacher targets")
+    _common_run(bank)
+
     inspect = sub.add_parser("inspect", help="describe a teacher cache")
     inspect.add_argument("cache", help="cache path or URL (a Zarr group)")
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
@@ -96,6 +99,21 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"cache {summary['cache']}: embedded {len(summary['embedded'])} shards, {done} already done"
               + (f"; complete: {summary['totals']}" if "totals" in summary
                  else "; not complete yet (run seed teacher without --shards once all workers finish)"))
+        return 0
+
+    if args.command == "bank":
+        from pipeline import bank as bank_stage
+        from seed.config import load_config
+
+        summary = bank_stage.run(load_config(args.config, args.overrides), load_storage(args.storage))
+        if summary["skipped"]:
+            print(f"bank of {summary['cache']} is complete with these parameters; nothing to do")
+        else:
+            fid = summary["fidelity"]
+            print(f"bank of {summary['cache']}: K={summary['K']} top-{summary['topk']} tau_T={summary['tau_t']} "
+                  f"({summary['index']}, {summary['normaliser']} normaliser): {summary['views']} views at "
+                  f"{summary['views_per_s']:.0f} views/s; captured mass mean {fid['mass']['mean']:.4f}, "
+                  f"KL(dense||sparse) mean {fid['kl']['mean']:.2e}")
         return 0
 
     if args.command == "inspect":

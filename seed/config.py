@@ -83,6 +83,8 @@ class BankConfig:
     tau_t: float = 1e-4
     seed: int = 0
     index: Literal["flat", "ivf", "hnsw", "torch"] = "flat"
+    normaliser: Literal["auto", "exact", "sampled"] = "auto"  # auto: exact for flat/torch, sampled for ivf/hnsw
+    tail_samples: int = 1024
     ivf_lists: int = 0  # 0 = about 4 sqrt(K)
     nprobe: int = 16
     hnsw_m: int = 32
@@ -105,6 +107,7 @@ class RunConfig:
         _check_positive(self, "bank.size", self.bank.size)
         _check_positive(self, "bank.topk", self.bank.topk)
         _check_positive(self, "bank.batch_size", self.bank.batch_size)
+        _check_positive(self, "bank.tail_samples", self.bank.tail_samples)
         if self.cache.shard_capacity < 0:
             raise SeedError(f"cache.shard_capacity must be >= 0 (0 = automatic), got {self.cache.shard_capacity}")
         if not self.bank.tau_t > 0:
