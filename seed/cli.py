@@ -43,6 +43,18 @@ def build_parser() -> argparse.ArgumentParser:
     bank = sub.add_parser("bank", help="sample the instance bank and cache the teacher targets")
     _common_run(bank)
 
+    student = sub.add_parser("student", help="train students by SEED from the cache (or online)")
+    _common_run(student)
+    student.add_argument("--resume", action="store_true", help="continue from the last epoch checkpoints")
+
+    pretrain = sub.add_parser("pretrain", help="make a teacher: MoCo-v2 (default) or supervised")
+    _common_run(pretrain)
+    pretrain.add_argument("--resume", action="store_true", help="continue from the last epoch checkpoint")
+
+    evaluate = sub.add_parser("evaluate", help="kNN and linear probe of teacher, students and baselines; writes the report")
+    _common_run(evaluate)
+    evaluate.add_argument("--no-teacher", action="store_true", help="do not load the teacher (reuse its saved scores)")
+
     inspect = sub.add_parser("inspect", help="describe a teacher cache")
     inspect.add_argument("cache", help="cache path or URL (a Zarr group)")
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
@@ -114,6 +126,37 @@ def _dispatch(args: argparse.Namespace) -> int:
                   f"({summary['index']}, {summary['normaliser']} normaliser): {summary['views']} views at "
                   f"{summary['views_per_s']:.0f} views/s; captured mass mean {fid['mass']['mean']:.4f}, "
                   f"KL(dense||sparse) mean {fid['kl']['mean']:.2e}")
+        return 0
+
+    if args.command == "student":
+        from pipeline import student as student_stage
+        from seed.config import load_config
+
+        summary = student_stage.run(load_config(args.config, args.overrides), load_storage(args.storage), resume=args.resume)
+        last = summary["metrics"][-1]
+        print(f"run {summary['run']} ({summary['mode']}): " + ", ".join(
+            f"{name} loss {last['loss'][name]:.4f} -> {path}" for name, path in summary["students"].items()))
+        return 0
+
+    if args.command == "pretrain":
+        from pipeline import pretrain as pretrain_stage
+        from seed.config import load_config
+
+        summary = pretrain_stage.run(load_config(args.config, args.overrides), load_storage(args.storage), resume=args.resume)
+        print(("reused " if summary["skipped"] else "wrote ") + f"teacher {summary['checkpoint']}; use it with: "
+              + " ".join(f"--set teacher.{k}={v}" for k, v in summary["teacher"].items() if k in ("arch", "checkpoint", "format", "output")))
+        return 0
+
+    if args.command == "evaluate":
+        from pipeline import evaluate as evaluate_stage
+        from seed.config import load_config
+        from seed.report import markdown_table
+
+        summary = evaluate_stage.run(load_config(args.config, args.overrides), load_storage(args.storage),
+                                     include_teacher=not args.no_teacher)
+        print(markdown_table(summary["results"], [("name", "encoder"), ("knn", "kNN top-1 (%)"), ("nn1", "1-NN (%)"),
+                                                  ("linear", "linear (%)"), ("init", "notes")]))
+        print(f"report: {summary['report']}")
         return 0
 
     if args.command == "inspect":

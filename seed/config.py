@@ -94,11 +94,80 @@ class BankConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class StudentConfig:
+    """One student: a timm architecture plus the SEED head Linear(d, d) - ReLU - Linear(d, D)."""
+
+    arch: str = "mobilenetv3_small_050"
+    name: str = ""  # run sub-directory; defaults to the architecture
+    small_input: bool = False
+
+    @property
+    def label(self) -> str:
+        return self.name or self.arch
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Student training (DESIGN.md section 4: SGD 0.9, wd 1e-4, lr 0.03 x batch/256, warm-up + cosine).
+
+    ``mode``: ``cached`` reads teacher embeddings and targets from the cache (no teacher);
+    ``online`` runs the teacher on every batch with a FIFO queue of ``queue`` embeddings, as the
+    official code. ``targets``: ``sparse`` uses the cached top-k, ``dense`` recomputes p_T from the
+    cached embedding and bank. ``tau_t`` 0 means the bank's.
+    """
+
+    run: str = "demo"
+    mode: Literal["cached", "online"] = "cached"
+    targets: Literal["sparse", "dense"] = "sparse"
+    view: Literal["random", "cycle"] = "random"
+    students: tuple[StudentConfig, ...] = (StudentConfig(),)
+    epochs: int = 2
+    batch_size: int = 256
+    base_lr: float = 0.03
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 0.2
+    tau_s: float = 0.2
+    tau_t: float = 0.0
+    queue: int = 0  # online: 0 = bank.size
+    seed: int = 0
+    shuffle_buffer: int = 2048
+    prefetch: int = 2
+    device: str = "auto"
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainConfig:
+    """A teacher made here: MoCo-v2 (He et al. 2020; Chen et al. 2020) or supervised cross-entropy."""
+
+    name: str = "teacher-moco"
+    method: Literal["moco", "supervised"] = "moco"
+    arch: str = "resnet10t"
+    small_input: bool = False
+    epochs: int = 3
+    batch_size: int = 256
+    base_lr: float = 0.06
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 0.2
+    dim: int = 128
+    queue: int = 4096
+    key_momentum: float = 0.99  # 0.999 in MoCo for 200 ImageNet epochs; faster for short runs
+    temperature: float = 0.2
+    seed: int = 0
+    shuffle_buffer: int = 2048
+    prefetch: int = 2
+    device: str = "auto"
+
+
+@dataclasses.dataclass(frozen=True)
 class RunConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     teacher: TeacherConfig = dataclasses.field(default_factory=TeacherConfig)
     cache: CacheConfig = dataclasses.field(default_factory=CacheConfig)
     bank: BankConfig = dataclasses.field(default_factory=BankConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    pretrain: PretrainConfig = dataclasses.field(default_factory=PretrainConfig)
 
     def __post_init__(self) -> None:
         _check_positive(self, "cache.views", self.cache.views)
@@ -112,6 +181,14 @@ class RunConfig:
             raise SeedError(f"cache.shard_capacity must be >= 0 (0 = automatic), got {self.cache.shard_capacity}")
         if not self.bank.tau_t > 0:
             raise SeedError(f"bank.tau_t must be > 0, got {self.bank.tau_t}")
+        for name in ("epochs", "batch_size"):
+            _check_positive(self, f"train.{name}", getattr(self.train, name))
+            _check_positive(self, f"pretrain.{name}", getattr(self.pretrain, name))
+        if not self.train.students:
+            raise SeedError("train.students must list at least one student")
+        labels = [s.label for s in self.train.students]
+        if len(set(labels)) != len(labels):
+            raise SeedError(f"train.students: names must differ (got {labels}); set name: for repeated architectures")
 
 
 def _check_positive(_: object, name: str, value: int) -> None:
@@ -145,6 +222,10 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             except SeedError as exc:
                 errors.append(str(exc))
         raise SeedError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {_type_name(tp)}")
+    if origin is tuple and len(get_args(tp)) == 2 and get_args(tp)[1] is Ellipsis:
+        if not isinstance(value, (list, tuple)):
+            raise SeedError(f"{where}: expected a list, got {value!r}")
+        return tuple(_convert(v, get_args(tp)[0], f"{where}[{i}]") for i, v in enumerate(value))
     if origin is tuple:
         args = get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):

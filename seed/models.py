@@ -129,3 +129,11 @@ def freeze(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def student_encoder(arch: str, dim: int, *, small_input: bool = False) -> Encoder:
+    """A student: timm backbone + SEED head ``Linear(d, d) - ReLU - Linear(d, dim)`` (DESIGN.md section 4)."""
+    backbone = create_backbone(arch, small_input=small_input)
+    d = int(getattr(backbone, "head_hidden_size", 0) or backbone.num_features)
+    pre = preprocessing(backbone)
+    return Encoder(backbone, mlp_head([d, d, dim]), tuple(pre["mean"]), tuple(pre["std"]))

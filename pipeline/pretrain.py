@@ -1,0 +1,91 @@
+"""Pre-training stage: make a teacher (MoCo-v2 or supervised) when the user has none.
+
+MoCo-v2 writes its query encoder in the MoCo checkpoint layout (``module.encoder_q.*`` with the
+MLP head as ``fc.0``/``fc.2``) and supervised training a timm state dict with its classifier;
+both load through ``seed.teachers`` like checkpoints made elsewhere. The same loop trains the
+MoCo-v2-only student baseline that SEED is compared against.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.teacher import resolve_device
+from seed import checkpoint
+from seed.config import PretrainConfig, RunConfig, TeacherConfig, to_dict
+from seed.data import FreshViews, rank_shards
+from seed.errors import SeedError
+from seed.models import Encoder, create_backbone, mlp_head, preprocessing
+from seed.shards import expand_urls, iter_shard, shard_lengths
+from seed.storage import Storage, join
+from seed.teachers import save_moco_checkpoint
+from seed.train import LoopConfig, MocoV2, Queue, Supervised, distributed, make_member, train
+
+
+def teacher_path(cfg: RunConfig, storage: Storage) -> str:
+    return join(storage.resolve("runs", cfg.pretrain.name), "teacher.pth")
+
+
+def teacher_config(cfg: RunConfig, path: str) -> TeacherConfig:
+    """The teacher section that reads what ``run`` wrote."""
+    p = cfg.pretrain
+    return TeacherConfig(arch=p.arch, checkpoint=path, format="moco" if p.method == "moco" else "timm",
+                         output="head" if p.method == "moco" else "pooled", small_input=p.small_input)
+
+
+def num_classes(urls: list[str]) -> int:
+    labels = {s.label for u in urls for s in iter_shard(u)}
+    if -1 in labels or not labels:
+        raise SeedError("supervised pre-training needs a label (.cls or .json) on every training sample")
+    return max(labels) + 1
+
+
+def build(p: PretrainConfig, n_classes: int = 0) -> Encoder:
+    backbone = create_backbone(p.arch, small_input=p.small_input)
+    d = int(getattr(backbone, "head_hidden_size", 0) or backbone.num_features)
+    head = mlp_head([d, d, p.dim]) if p.method == "moco" else nn.Linear(d, n_classes)
+    pre = preprocessing(backbone)
+    return Encoder(backbone, head, tuple(pre["mean"]), tuple(pre["std"]))
+
+
+def run(cfg: RunConfig, storage: Storage, *, resume: bool = False, progress: bool = True,
+        on_epoch: Any = None) -> dict[str, Any]:
+    """Train and export the teacher; a finished export with the same config is reused."""
+    p = cfg.pretrain
+    out = storage.resolve("runs", p.name)
+    path = teacher_path(cfg, storage)
+    if checkpoint.exists(path):
+        done = checkpoint.load(path)
+        if done.get("pretrain") == to_dict(p) and done.get("data") == cfg.data.train:
+            return {"checkpoint": path, "skipped": True, "teacher": to_dict(teacher_config(cfg, path)), "metrics": done.get("metrics", [])}
+    device = resolve_device(p.device)
+    rank, world = distributed()
+    urls = expand_urls(storage.resolve("shards", cfg.data.train))
+    torch.manual_seed(p.seed)
+    model = build(p, num_classes(urls) if p.method == "supervised" else 0)
+    member = make_member(p.method, model, join(out, p.method), momentum=p.momentum, weight_decay=p.weight_decay,
+                         device=device, meta={"arch": p.arch, "config": to_dict(cfg)})
+    objective: Any = (MocoV2(member.model, Queue(p.queue, p.dim, device, p.seed), momentum=p.key_momentum,
+                             temperature=p.temperature) if p.method == "moco" else Supervised())
+    source = FreshViews(cfg.cache.recipe, seed=p.seed + 7, n_views=objective.n_views)
+    lengths = shard_lengths(urls)
+    rank_counts = [sum(lengths[i] for i in rank_shards(len(urls), r, world)) for r in range(world)]
+    loop = LoopConfig(epochs=p.epochs, batch_size=p.batch_size, base_lr=p.base_lr, warmup_epochs=p.warmup_epochs,
+                      seed=p.seed, shuffle_buffer=p.shuffle_buffer, prefetch=p.prefetch,
+                      resolution=cfg.cache.resolution, recipe=cfg.cache.recipe)
+    metrics = train([member], objective, urls, source, rank_counts, loop, device=device, resume=resume,
+                    progress=progress, on_epoch=on_epoch)
+    if rank == 0:
+        encoder = model.cpu()
+        extra = {"pretrain": to_dict(p), "data": cfg.data.train, "metrics": metrics, "arch": p.arch}
+        if p.method == "moco":
+            save_moco_checkpoint(encoder, path, **extra)
+        else:  # a timm state dict: backbone keys plus the classifier under the timm name (dropped on load)
+            classifier = (getattr(encoder.backbone, "pretrained_cfg", None) or {}).get("classifier", "fc")
+            state = dict(encoder.backbone.state_dict())
+            state |= {f"{classifier}.{k}": v for k, v in encoder.head.state_dict().items()}
+            checkpoint.save({"state_dict": state, **extra}, path)
+    return {"checkpoint": path, "skipped": False, "teacher": to_dict(teacher_config(cfg, path)), "metrics": metrics}

@@ -1,0 +1,87 @@
+"""The SEED loss (Fang et al., ICLR 2021), as in the official code (jacobswan1/SEED, ``seed/builder.py``).
+
+"We minimise the cross-entropy between the teacher's and the student's similarity distributions
+over the instance queue": with z_T = normalize(teacher(x)) and z_S = normalize(head(student(x)))
+for the same view x, and D+ = [z_T ; bank],
+
+    p_T = softmax(z_T . D+ / tau_T),   log p_S = log_softmax(z_S . D+ / tau_S),
+    loss = mean over the batch of -sum_j p_T(j) log p_S(j).
+
+Defaults: tau_S = 0.2, tau_T = 1e-4 (the teacher target is then nearly one-hot on column 0).
+Offline, the bank holds cached views of other images; ``own`` masks a view's own image in the
+bank (``[B, K]``, True = excluded from both distributions).
+
+``seed_loss`` computes the teacher side densely from cached (or online) embeddings;
+``seed_loss_sparse`` takes the cached top-k targets (columns of D+, log-probabilities), with
+the uncaptured mass spread evenly over the remaining columns, which equals the dense loss when
+the top-k capture all the mass.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def student_log_probs(z_s: torch.Tensor, z_t: torch.Tensor, bank: torch.Tensor, tau_s: float,
+                      own: torch.Tensor | None = None) -> torch.Tensor:
+    """log p_S over D+ = [z_T ; bank]: ``[B, 1 + K]``."""
+    l_pos = (z_s * z_t).sum(dim=1, keepdim=True)                              # B x 1: student vs the teacher's own view
+    l_neg = z_s @ bank.T                                                      # B x K: student vs the bank
+    if own is not None:
+        l_neg = l_neg.masked_fill(own, float("-inf"))
+    return torch.log_softmax(torch.cat([l_pos, l_neg], dim=1) / tau_s, dim=1)  # B x (1 + K)
+
+
+def teacher_probs(z_t: torch.Tensor, bank: torch.Tensor, tau_t: float, own: torch.Tensor | None = None) -> torch.Tensor:
+    """p_T over D+ = [z_T ; bank]: ``[B, 1 + K]``."""
+    l_pos = (z_t * z_t).sum(dim=1, keepdim=True)                              # B x 1
+    l_neg = z_t @ bank.T                                                      # B x K
+    if own is not None:
+        l_neg = l_neg.masked_fill(own, float("-inf"))
+    return torch.softmax(torch.cat([l_pos, l_neg], dim=1) / tau_t, dim=1)     # B x (1 + K)
+
+
+def seed_loss(z_s: torch.Tensor, z_t: torch.Tensor, bank: torch.Tensor, tau_s: float = 0.2, tau_t: float = 1e-4,
+              own: torch.Tensor | None = None) -> torch.Tensor:
+    """Soft cross-entropy of the student's over the teacher's distribution on D+ (a scalar).
+
+    Args:
+        z_s: L2-normalised student embeddings, ``[B, D]``.
+        z_t: L2-normalised teacher embeddings of the same views, ``[B, D]`` (no gradient).
+        bank: L2-normalised instance bank, ``[K, D]``.
+        own: optional ``[B, K]`` mask of each view's own image in the bank.
+    """
+    p_t = teacher_probs(z_t.float(), bank.float(), tau_t, own)                # B x (1 + K)
+    log_p_s = student_log_probs(z_s.float(), z_t.float(), bank.float(), tau_s, own)
+    return -torch.where(p_t > 0, p_t * log_p_s, 0.0).sum(dim=1).mean()      # 0 log 0 = 0 on masked columns
+
+
+def seed_loss_sparse(z_s: torch.Tensor, z_t: torch.Tensor, bank: torch.Tensor, cols: torch.Tensor,
+                     logp_t: torch.Tensor, tau_s: float = 0.2, own: torch.Tensor | None = None) -> torch.Tensor:
+    """SEED loss against cached sparse targets (a scalar).
+
+    Args:
+        cols: ``[B, k]`` columns of D+ holding the teacher's top-k (0 = own view, -1 = none).
+        logp_t: ``[B, k]`` their log-probabilities under the full teacher distribution.
+    """
+    log_p_s = student_log_probs(z_s.float(), z_t.float(), bank.float(), tau_s, own)   # B x (1 + K)
+    keep = cols >= 0                                                          # B x k
+    p_top = torch.where(keep, logp_t.float().exp(), 0.0)                      # B x k
+    top_term = (p_top * log_p_s.gather(1, cols.clamp(min=0).long())).sum(dim=1)      # B
+    # The mass the top-k miss, spread evenly over the other allowed columns of D+.
+    allowed = torch.isfinite(log_p_s)                                         # B x (1 + K)
+    in_top = torch.zeros_like(allowed).scatter_(1, cols.clamp(min=0).long(), keep)
+    rest = allowed & ~in_top
+    n_rest = rest.sum(dim=1).clamp(min=1)
+    rest_mean = torch.where(rest, log_p_s, 0.0).sum(dim=1) / n_rest          # B: mean log p_S over the rest
+    tail = (1.0 - p_top.sum(dim=1)).clamp(min=0.0)
+    tail = torch.where(rest.any(dim=1), tail, 0.0)
+    return -(top_term + tail * rest_mean).mean()
+
+
+def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau: float = 0.2) -> torch.Tensor:
+    """MoCo's InfoNCE (He et al. 2020, ``moco/builder.py``): positives at column 0 (a scalar)."""
+    l_pos = (q * k).sum(dim=1, keepdim=True)                                  # N x 1
+    l_neg = q @ queue.T                                                       # N x K
+    logits = torch.cat([l_pos, l_neg], dim=1) / tau                           # N x (1 + K)
+    return torch.nn.functional.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))

@@ -1,0 +1,97 @@
+"""Run reports: Markdown tables and PNG plots written next to a run's checkpoints."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from typing import Any
+
+import fsspec
+
+from seed.storage import join
+
+
+def _write_bytes(url: str, data: bytes) -> None:
+    fs, _, (path,) = fsspec.get_fs_token_paths(url)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    with fs.open(path, "wb") as f:
+        f.write(data)
+
+
+def save_figure(fig: Any, url: str) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    _write_bytes(url, buf.getvalue())
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
+    """``columns``: (key, header) pairs; floats get one decimal."""
+    def cell(v: Any) -> str:
+        return f"{v:.1f}" if isinstance(v, float) else ("" if v is None else str(v))
+    lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(k)) for k, _ in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def accuracy_plot(results: Sequence[dict[str, Any]], url: str, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["name"] for r in results]
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(names)), 4))
+    width = 0.38
+    xs = range(len(names))
+    ax.bar([x - width / 2 for x in xs], [r["knn"] for r in results], width, label="weighted kNN (k=20)")
+    ax.bar([x + width / 2 for x in xs], [r["linear"] for r in results], width, label="linear probe")
+    ax.set_xticks(list(xs), names, rotation=20, ha="right")
+    ax.set_ylabel("top-1 accuracy (%)")
+    low = min(min(r["knn"], r["linear"]) for r in results)
+    ax.set_ylim(max(0, low - 10), 100)
+    ax.set_title(title)
+    ax.legend(loc="lower right")
+    ax.grid(axis="y", alpha=0.3)
+    save_figure(fig, url)
+    plt.close(fig)
+
+
+def loss_plot(metrics: Sequence[dict[str, Any]], url: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name in metrics[0]["loss"]:
+        ax.plot([m["epoch"] for m in metrics], [m["loss"][name] for m in metrics], marker="o", label=name)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("SEED loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    save_figure(fig, url)
+    plt.close(fig)
+
+
+def write_report(out: str, *, title: str, results: Sequence[dict[str, Any]], cache: dict[str, Any] | None,
+                 metrics: Sequence[dict[str, Any]], compute: dict[str, Any]) -> str:
+    """Write ``report.md`` with its plots into ``out``; returns the report's URL."""
+    accuracy_plot(results, join(out, "accuracy.png"), title)
+    parts = [f"# {title}", "", "## Accuracy (test split, frozen features)", "",
+             markdown_table(results, [("name", "encoder"), ("kind", "kind"), ("knn", "kNN top-1 (k=20, %)"),
+                                      ("nn1", "1-NN top-1 (%)"), ("linear", "linear top-1 (%)"), ("init", "notes")]),
+             "", "![accuracy](accuracy.png)", ""]
+    if metrics:
+        loss_plot(metrics, join(out, "loss.png"))
+        parts += ["## Student training", "",
+                  markdown_table([{"epoch": m["epoch"], "seconds": m["seconds"], "images_per_s": m["images_per_s"],
+                                   "teacher_forwards": m["teacher_forwards"],
+                                   **{f"loss {k}": round(v, 4) for k, v in m["loss"].items()}} for m in metrics],
+                                 [("epoch", "epoch"), ("seconds", "seconds"), ("images_per_s", "images/s"),
+                                  ("teacher_forwards", "teacher forwards")]
+                                 + [(f"loss {k}", f"loss {k}") for k in metrics[0]["loss"]]),
+                  "", "![loss](loss.png)", ""]
+    if cache:
+        parts += ["## Teacher cache", "", markdown_table([cache], [(k, k) for k in cache]), ""]
+    parts += ["## Teacher compute", "", markdown_table([compute], [(k, k) for k in compute]), ""]
+    url = join(out, "report.md")
+    _write_bytes(url, "\n".join(parts).encode())
+    return url
