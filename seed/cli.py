@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("cache", help="cache path or URL (a Zarr group)")
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
     inspect.add_argument("--sample", type=int, default=512, help="views sampled for norm and similarity statistics")
+    inspect.add_argument("--neighbours", metavar="KEY", help="write a PNG of KEY's cached views and nearest bank entries")
+    inspect.add_argument("--out", help="PNG path for --neighbours (default: ./<KEY>-neighbours.png)")
+    inspect.add_argument("--plots", metavar="DIR", help="write similarity, entropy, mass histograms and a PCA scatter")
     return parser
 
 
@@ -160,8 +163,18 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
 
     if args.command == "inspect":
-        from seed.inspect import describe, format_text
+        from seed.inspect import describe, format_text, neighbours, plots
 
+        if args.neighbours:
+            out = args.out or f"{args.neighbours.replace('/', '_')}-neighbours.png"
+            result = neighbours(args.cache, args.neighbours, out)
+            _print_json(result) if args.json else print(f"wrote {out}: " + ", ".join(
+                f"row {n['row']} (label {n['label']}, sim {n['similarity']:.3f})" for n in result["neighbours"]))
+            return 0
+        if args.plots:
+            for path in plots(args.cache, args.plots):
+                print(f"wrote {path}")
+            return 0
         info = describe(args.cache, sample=args.sample)
         if args.json:
             _print_json(info)

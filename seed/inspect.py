@@ -123,3 +123,130 @@ def require_key(group: zarr.Group, key: str, url: str) -> int:
     if len(hits) == 0:
         raise SeedError(f"{url}: no sample with key {key!r}")
     return int(hits[0])
+
+
+def _replay(group: zarr.Group, rows: np.ndarray, views: np.ndarray) -> "torch.Tensor":
+    """The cached views (row, view) replayed from the shards: float images ``[n, 3, r, r]`` (no teacher)."""
+    import torch
+
+    from seed.augment import Recipe, apply_batch
+    from seed.config import from_dict
+    from seed.shards import decode_image, iter_shard
+
+    cap = int(group.attrs["capacity"])
+    urls = group.attrs["shard_urls"]
+    fields = group.attrs["fingerprint_fields"]
+    recipe = from_dict(Recipe, fields["recipe"], "recipe")
+    wanted: dict[int, list[int]] = {}
+    for i, r in enumerate(rows):
+        wanted.setdefault(int(r) // cap, []).append(i)
+    images: list[torch.Tensor | None] = [None] * len(rows)
+    for shard, positions in wanted.items():
+        need: dict[int, list[int]] = {}
+        for i in positions:
+            need.setdefault(int(rows[i]) % cap, []).append(i)
+        for sample in iter_shard(urls[shard]):
+            for i in need.get(sample.index, []):
+                images[i] = decode_image(sample)
+    augment = group["augment"]
+    params = torch.from_numpy(np.stack([augment[int(r), int(v)] for r, v in zip(rows, views)]))
+    missing = [int(rows[i]) for i, im in enumerate(images) if im is None]
+    if missing:
+        raise SeedError(f"rows {missing[:5]} are not in their shards any more (did the shards change?)")
+    return apply_batch(images, params, recipe, int(fields["resolution"]))  # type: ignore[arg-type]
+
+
+def neighbours(url: str, key: str, out_png: str, k: int = 8) -> dict[str, Any]:
+    """A PNG grid: the image's V cached views, then its ``k`` nearest bank entries (similarity, label)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from seed.report import save_figure
+
+    group = cache.open_complete(url)
+    if "bank" not in group or group["bank"].attrs.get("status") != "complete":
+        raise SeedError(f"{url}: no complete bank; run the bank stage before asking for neighbours")
+    row = require_key(group, key, url)
+    if not group["valid"][row]:
+        raise SeedError(f"{url}: sample {key!r} was skipped at the teacher stage (it did not decode)")
+    V = int(group.attrs["V"])
+    bank = group["bank"]
+    ids = bank["ids"][:]
+    z = group["embeddings"][row].astype(np.float32)                          # V x D
+    sims = bank["vectors"][:].astype(np.float32) @ z[0]                       # K: from the first view
+    sims[ids[:, 0] == row] = -np.inf                                          # never the image itself
+    top = np.argsort(-sims)[:k]
+    labels = group["labels"]
+    views = _replay(group, np.array([row] * V + ids[top, 0].tolist()), np.array(list(range(V)) + ids[top, 1].tolist()))
+    cols = max(V, k)
+    fig, axes = plt.subplots(2, cols, figsize=(1.6 * cols, 3.8), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for v in range(V):
+        axes[0, v].imshow(views[v].permute(1, 2, 0).numpy())
+        axes[0, v].set_title(f"view {v}" + (f"\n{key}" if v == 0 else ""), fontsize=7)
+    for j, b in enumerate(top):
+        axes[1, j].imshow(views[V + j].permute(1, 2, 0).numpy())
+        axes[1, j].set_title(f"sim {sims[b]:.3f}\nlabel {int(labels[int(ids[b, 0])])}", fontsize=7)
+    fig.suptitle(f"{key} (label {int(labels[row])}): cached views, then nearest bank entries", fontsize=9)
+    save_figure(fig, out_png)
+    plt.close(fig)
+    return {"key": key, "row": row, "png": out_png,
+            "neighbours": [{"row": int(ids[b, 0]), "view": int(ids[b, 1]), "similarity": float(sims[b]),
+                            "label": int(labels[int(ids[b, 0])])} for b in top]}
+
+
+def plots(url: str, out_dir: str, sample: int = 2000) -> list[str]:
+    """Histograms of pairwise similarity, target entropy and captured mass; a PCA scatter by label."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from seed.report import save_figure
+    from seed.storage import join
+
+    group = cache.open_complete(url)
+    emb, rows = sample_views(group, sample)
+    labels = group["labels"].oindex[rows]
+    written = []
+
+    def save(fig: Any, name: str) -> None:
+        path = join(out_dir, name)
+        save_figure(fig, path)
+        plt.close(fig)
+        written.append(path)
+
+    sims = (emb[:500] @ emb[:500].T)[~np.eye(min(500, len(emb)), dtype=bool)]
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.hist(sims, bins=60)
+    ax.set_xlabel("cosine similarity between views of different images")
+    ax.set_ylabel("pairs")
+    save(fig, "similarity.png")
+
+    centred = emb - emb.mean(axis=0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    xy = centred @ vt[:2].T
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    points = ax.scatter(xy[:, 0], xy[:, 1], c=labels, cmap="tab10", s=4)
+    ax.legend(*points.legend_elements(), title="label", fontsize=7, loc="best")
+    ax.set_title("teacher embeddings, first two principal components")
+    save(fig, "pca.png")
+
+    if "bank" in group and group["bank"].attrs.get("status") == "complete":
+        bank = group["bank"]
+        cap = int(group.attrs["capacity"])
+        block = slice(0, min(int(group.attrs["N"]), 4 * cap))  # a few shards: enough for the histograms
+        logp = bank["logp"][block].astype(np.float64)
+        mass = bank["mass"][block]
+        ok = np.isfinite(mass)
+        p = np.where(np.isfinite(logp), np.exp(logp), 0.0)
+        entropy = -(p * np.where(p > 0, logp, 0.0)).sum(axis=-1)[ok]
+        for values, name, label in ((entropy, "target_entropy.png", "entropy of the cached top-k target (nats)"),
+                                    (mass[ok], "captured_mass.png", "probability mass captured by the top-k")):
+            fig, ax = plt.subplots(figsize=(5, 3.2))
+            ax.hist(values, bins=60)
+            ax.set_xlabel(label)
+            ax.set_ylabel("views")
+            save(fig, name)
+    return written
