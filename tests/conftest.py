@@ -52,10 +52,20 @@ def _pre(backbone: torch.nn.Module) -> dict:
 
 
 @pytest.fixture(scope="session")
-def moco_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A MoCo-v2-format checkpoint of a random resnet10t with a 32-d MLP head."""
+def moco_checkpoint(tmp_path_factory: pytest.TempPathFactory, shards_root: Path) -> Path:
+    """A MoCo-v2-format checkpoint of a random resnet10t with a 32-d MLP head.
+
+    The head's last bias centres its output on real images: a random network maps every image
+    to nearly the same direction (cosine ~0.97), which would make SEED's task degenerate.
+    """
+    from seed.evaluate import images
+
     path = tmp_path_factory.mktemp("ckpt") / "moco.pth"
-    save_moco_checkpoint(tiny_encoder(), path, arch="resnet10t")
+    encoder = tiny_encoder()
+    batches, _ = images([str(shards_root / "fm" / "train" / "train-000099.tar")], 32)
+    with torch.no_grad():
+        encoder.head[-1].bias -= encoder(batches[0]).mean(dim=0)
+    save_moco_checkpoint(encoder, path, arch="resnet10t")
     return path
 
 
