@@ -31,9 +31,12 @@ test: venv data
 typecheck: venv
 	$(BIN)/python -m mypy
 
-## make demo: the main job on real data (Fashion-MNIST)
+## make demo: the main job: the Prefect pipeline on Fashion-MNIST (servers stay up; `make stop` ends them)
 demo: venv data
 	bash scripts/demo.sh
+
+stop:
+	bash scripts/stop.sh
 
 bench: venv data
 	$(BIN)/python bench/teacher_stage.py

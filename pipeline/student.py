@@ -99,3 +99,35 @@ def _write_config(cfg: RunConfig, out: str) -> None:
     fs.makedirs(path, exist_ok=True)
     with fs.open(f"{path}/config.yaml", "w") as f:
         yaml.safe_dump(to_dict(cfg), f, sort_keys=True)
+
+
+def is_complete(cfg: RunConfig, storage: Storage) -> bool:
+    """Every student of the run finished ``train.epochs`` with this config on this cache and bank."""
+    from seed import checkpoint
+
+    if cfg.train.mode != "cached":
+        return False
+    try:
+        group, bank = open_bank(cache_url(cfg, storage), cfg.bank)
+    except SeedError:
+        return False
+    out = run_dir(cfg, storage)
+    for s in cfg.train.students:
+        url = join(out, s.label, "checkpoint.pt")
+        if not checkpoint.exists(url):
+            return False
+        state = checkpoint.load(url)
+        if (state.get("epoch") != cfg.train.epochs or state.get("config", {}).get("train") != to_dict(cfg.train)
+                or state.get("cache_fingerprint") != group.attrs["fingerprint"]
+                or state.get("bank_fingerprint") != bank.attrs["fingerprint"]):
+            return False
+    return True
+
+
+def completed_summary(cfg: RunConfig, storage: Storage) -> dict[str, Any]:
+    from seed import checkpoint
+
+    out = run_dir(cfg, storage)
+    students = {s.label: join(out, s.label, "checkpoint.pt") for s in cfg.train.students}
+    metrics = checkpoint.load(next(iter(students.values()))).get("metrics", [])
+    return {"run": out, "mode": cfg.train.mode, "students": students, "metrics": metrics, "teacher_forwards": 0}

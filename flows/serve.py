@@ -1,0 +1,22 @@
+"""Serve the deployments ``seed/full`` and ``seed/student`` from one process.
+
+    python -m flows.serve        # then: prefect deployment run seed/full --watch
+
+``seed/full`` runs every stage, skipping complete ones; ``seed/student`` runs the student and
+evaluation stages only (it refuses a missing, incomplete or mismatched cache, and never loads the
+teacher). Runs start in this process's working directory, so relative paths resolve there.
+"""
+
+from prefect import serve
+from prefect.deployments.runner import EntrypointType
+
+from flows.seed_flow import seed
+
+if __name__ == "__main__":
+    serve(
+        seed.to_deployment("full", entrypoint_type=EntrypointType.MODULE_PATH,
+                           description="all stages: pretrain (if needed), teacher, bank, students, evaluation"),
+        seed.to_deployment("student", entrypoint_type=EntrypointType.MODULE_PATH,
+                           parameters={"stages": ["student", "evaluate"]},
+                           description="re-train students on the existing cache; never loads the teacher"),
+    )

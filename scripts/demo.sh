@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The main job: Fashion-MNIST shards -> local Prefect server + deployments -> `prefect deployment run seed/full`.
+# Re-running it reuses the shards, the teacher, the cache and finished students. `make stop` ends the servers.
+set -euo pipefail
+source "$(dirname "$0")/prefect-env.sh"
+cd "$ROOT"
+CONFIG=${SEED_CONFIG:-configs/demo.yaml}
+start=$(date +%s)
+
+echo "== 1/4 data: Fashion-MNIST -> webdataset shards"
+if [ -f data/shards/fashion-mnist/_info.json ]; then
+    echo "shards already in data/shards/fashion-mnist"
+else
+    "$BIN/seed" shards fashion-mnist
+fi
+
+echo "== 2/4 Prefect server on 127.0.0.1:$PORT (state in $PREFECT_HOME)"
+if healthy; then
+    echo "server already up"
+else
+    # setsid: the server and its workers form one process group, stopped through the recorded pid
+    setsid nohup "$BIN/prefect" server start --host 127.0.0.1 --port "$PORT" > "$PREFECT_HOME/server.log" 2>&1 &
+    echo $! > "$PREFECT_HOME/server.pid"
+    for _ in $(seq 1 300); do healthy && break; sleep 1; done
+    healthy || { echo "Prefect server did not come up; see $PREFECT_HOME/server.log" >&2; exit 1; }
+fi
+
+echo "== 3/4 deployments seed/full and seed/student"
+if alive "$PREFECT_HOME/serve.pid"; then
+    echo "deployment server already running (pid $(cat "$PREFECT_HOME/serve.pid"))"
+else
+    setsid nohup "$BIN/python" -m flows.serve > "$PREFECT_HOME/serve.log" 2>&1 &
+    echo $! > "$PREFECT_HOME/serve.pid"
+fi
+for _ in $(seq 1 120); do "$BIN/prefect" deployment inspect seed/full > /dev/null 2>&1 && break; sleep 2; done
+
+echo "== 4/4 prefect deployment run seed/full --watch"
+"$BIN/prefect" deployment run seed/full --param "config=$ROOT/$CONFIG" --watch --watch-timeout 3600
+
+cache=data/caches/demo-fashion-mnist.zarr
+report=data/runs/demo/report.md
+echo
+echo "== done in $(( $(date +%s) - start )) s"
+echo "cache:       $ROOT/$cache   (seed inspect $cache)"
+echo "checkpoints: $ROOT/data/runs/demo/*/checkpoint.pt"
+echo "report:      $ROOT/$report"
+echo "UI:          http://127.0.0.1:$PORT"
+echo
+sed -n '/^## Accuracy/,/^!\[accuracy\]/p' "$report" | grep '^|'
+echo
+echo "students only (no teacher):  $BIN/prefect deployment run seed/student --param student_arch=resnet10t --param run=r10t --watch"
+echo "stop the servers:            make stop"
