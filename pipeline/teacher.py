@@ -7,6 +7,7 @@ its completion record. Decoding and augmentation run one batch ahead in a thread
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import time
@@ -89,6 +90,9 @@ def prepare(cfg: RunConfig, storage: Storage, *, overwrite: bool = False) -> tup
     group = cache.create(plan.cache_url, fields=fields, capacity=plan.capacity, n_shards=len(plan.urls),
                          views=cfg.cache.views, dim=teacher.out_dim, overwrite=overwrite, attrs={
                              "config": to_dict(cfg), "shard_urls": list(plan.urls),
+                             # batch size and CPU threads fix the forward's last bits: every writer uses these
+                             "cpu_threads": cfg.cache.cpu_threads or torch.get_num_threads(),
+                             "batch_size": cfg.cache.batch_size,
                              "teacher": {"arch": cfg.teacher.arch, "checkpoint": cfg.teacher.checkpoint,
                                          "format": report.format, "output": cfg.teacher.output,
                                          "dropped_keys": report.dropped[:50]},
@@ -100,7 +104,7 @@ def prepare(cfg: RunConfig, storage: Storage, *, overwrite: bool = False) -> tup
     return plan, group
 
 
-def _view_batches(url: str, shard_len: int, cfg: RunConfig, meta: dict[str, np.ndarray],
+def _view_batches(url: str, shard_len: int, cfg: RunConfig, batch_size: int, meta: dict[str, np.ndarray],
                   skipped: list[dict[str, str]]) -> Iterator[tuple[torch.Tensor, np.ndarray, np.ndarray]]:
     """Decode a shard once, draw V views per image, yield augmented batches ``(x, rows, views)``.
 
@@ -132,9 +136,9 @@ def _view_batches(url: str, shard_len: int, cfg: RunConfig, meta: dict[str, np.n
         meta["augment"][sample.index] = views
         meta["valid"][sample.index] = True
         pending += [(image, views[v], sample.index, v) for v in range(c.views)]
-        while len(pending) >= c.batch_size:
-            yield batch(pending[: c.batch_size])
-            pending = pending[c.batch_size :]
+        while len(pending) >= batch_size:
+            yield batch(pending[:batch_size])
+            pending = pending[batch_size:]
     if pending:
         yield batch(pending)
     if n != shard_len:
@@ -174,14 +178,17 @@ def embed_shard(cfg: RunConfig, plan: Plan, group: Any, shard: int, *, on_views:
     skipped: list[dict[str, str]] = []
     forwards, forward_s = 0, 0.0
     url = plan.urls[shard]
-    for x, rows, views in prefetch(_view_batches(url, plan.lengths[shard], cfg, meta, skipped), cfg.cache.prefetch):
-        t0 = time.perf_counter()
-        z = embed(teacher, x, device)
-        forward_s += time.perf_counter() - t0
-        forwards += len(rows)
-        meta["embeddings"][rows, views] = z.numpy().astype(np.float16)
-        if on_views is not None:
-            on_views(len(rows))
+    with _cpu_threads(int(group.attrs.get("cpu_threads", 0)) if device.type == "cpu" else 0):
+        batch_size = int(group.attrs.get("batch_size", cfg.cache.batch_size))
+        views_in = _view_batches(url, plan.lengths[shard], cfg, batch_size, meta, skipped)
+        for x, rows, views in prefetch(views_in, cfg.cache.prefetch):
+            t0 = time.perf_counter()
+            z = embed(teacher, x, device)
+            forward_s += time.perf_counter() - t0
+            forwards += len(rows)
+            meta["embeddings"][rows, views] = z.numpy().astype(np.float16)
+            if on_views is not None:
+                on_views(len(rows))
     meta["keys"] = meta["keys"].astype(str)
     record = {
         "url": url, "samples": plan.lengths[shard], "valid": int(meta["valid"].sum()), "skipped": skipped,
@@ -190,6 +197,21 @@ def embed_shard(cfg: RunConfig, plan: Plan, group: Any, shard: int, *, on_views:
     }
     cache.write_shard(group, shard, meta, record)
     return record
+
+
+@contextlib.contextmanager
+def _cpu_threads(n: int) -> Iterator[None]:
+    """Run CPU forwards with the cache's thread count: the split of reductions across threads changes
+    the last bits of the result, so every writer (resumed runs, extra processes, Dask workers, which
+    set OMP_NUM_THREADS=1) must use the same count for the cache to come out byte-identical."""
+    before = torch.get_num_threads()
+    if n > 0 and n != before:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n > 0 and n != before:
+            torch.set_num_threads(before)
 
 
 def run(cfg: RunConfig, storage: Storage, *, overwrite: bool = False, shards: list[int] | None = None,

@@ -71,6 +71,7 @@ class CacheConfig:
     shard_capacity: int = 0
     prefetch: int = 2
     device: str = "auto"
+    cpu_threads: int = 0  # intra-op threads of CPU forwards, fixed per cache (0 = this machine's default)
     recipe: Recipe = dataclasses.field(default_factory=Recipe)
 
 
@@ -177,6 +178,8 @@ class RunConfig:
         _check_positive(self, "bank.topk", self.bank.topk)
         _check_positive(self, "bank.batch_size", self.bank.batch_size)
         _check_positive(self, "bank.tail_samples", self.bank.tail_samples)
+        if self.cache.cpu_threads < 0:
+            raise SeedError(f"cache.cpu_threads must be >= 0 (0 = automatic), got {self.cache.cpu_threads}")
         if self.cache.shard_capacity < 0:
             raise SeedError(f"cache.shard_capacity must be >= 0 (0 = automatic), got {self.cache.shard_capacity}")
         if not self.bank.tau_t > 0:

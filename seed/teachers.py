@@ -160,6 +160,8 @@ def load_teacher(cfg: TeacherConfig) -> tuple[Encoder, LoadReport]:
 
 def save_moco_checkpoint(encoder: Encoder, path: str | Path, **extra: Any) -> None:
     """Write ``encoder`` in the MoCo-v2 layout (``state_dict`` of ``module.encoder_q.*``, head as ``fc.*``)."""
+    from seed import checkpoint
+
     state = {f"module.encoder_q.{k}": v for k, v in encoder.backbone.state_dict().items()}
     state.update({f"module.encoder_q.fc.{k}": v for k, v in encoder.head.state_dict().items()})
-    torch.save({"state_dict": state, **extra}, str(path))
+    checkpoint.save({"state_dict": state, **extra}, str(path))

@@ -103,7 +103,8 @@ def _storage_file(root: Path, shards_root: Path) -> Path:
 
 def _sets(checkpoint: Path) -> list[str]:
     out = []
-    for s in (f"data.train={SIX}", f"teacher.checkpoint={checkpoint}", "cache.views=2", "cache.batch_size=64", "cache.name=test"):
+    for s in (f"data.train={SIX}", f"teacher.checkpoint={checkpoint}", "cache.views=2", "cache.batch_size=64",
+              "cache.cpu_threads=2", "cache.name=test"):
         out += ["--set", s]
     return out
 

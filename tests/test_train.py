@@ -196,7 +196,7 @@ def test_two_process_gloo_run(prepared, tmp_path: Path) -> None:
     storage_file.write_text(f"shards: {storage.shards}\ncaches: {storage.caches}\nruns: {tmp_path / 'runs'}\nreports: {tmp_path}\n")
     sets = []
     for s in (f"data.train=fm/train/train-{{000000..000002}}.tar", f"teacher.checkpoint={ckpt}", "cache.views=2",
-              "cache.batch_size=64", "cache.name=test", *TRAIN, "train.epochs=2", "train.batch_size=25"):
+              "cache.batch_size=64", "cache.cpu_threads=2", "cache.name=test", *TRAIN, "train.epochs=2", "train.batch_size=25"):
         sets += ["--set", s]
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
                              "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "seed.cli", "student",

@@ -1,0 +1,94 @@
+"""The Prefect flow: full, then student-only without the teacher; skips; Dask; refusal."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+import pipeline.evaluate
+import pipeline.student
+import pipeline.teacher
+from flows.seed_flow import seed
+from seed.errors import SeedError
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["data.train=fm/train/train-{000000..000002}.tar", "data.test=fm/test/test-000000.tar", "pretrain.epochs=1",
+        "pretrain.batch_size=64", "pretrain.queue=128", "pretrain.name=flow-teacher", "cache.name=flow",
+        "bank.size=64", "bank.topk=8", "train.epochs=1", "train.batch_size=64", "train.run=flow"]
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=240):
+        yield
+
+
+@pytest.fixture()
+def storage_file(tmp_path: Path, shards_root: Path) -> str:
+    path = tmp_path / "storage.yaml"
+    path.write_text(f"shards: {shards_root}\ncaches: {tmp_path}/caches\nruns: {tmp_path}/runs\nreports: {tmp_path}/reports\n")
+    return str(path)
+
+
+def _forwards(tmp_path: Path, name: str = "flow") -> int:
+    return zarr.open_group(str(tmp_path / "caches" / f"{name}.zarr"), mode="r").attrs["totals"]["teacher_forwards"]
+
+
+def test_full_then_student_only(harness, tmp_path: Path, storage_file: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = str(ROOT / "configs" / "demo.yaml")
+    first = seed(config=config, overrides=TINY, storage=storage_file)
+    assert first["pretrain"].endswith("flow-teacher/teacher.pth")
+    assert first["teacher"]["teacher_forwards"] == 300 * 2 == _forwards(tmp_path)
+    assert first["student"]["skipped"] is False and Path(first["evaluation"]["report"]).exists()
+    assert [r["kind"] for r in first["evaluation"]["results"]].count("teacher") == 1
+
+    def no_teacher(*_: object) -> None:
+        raise AssertionError("the student deployment loaded the teacher")
+
+    for module in (pipeline.teacher, pipeline.student, pipeline.evaluate):
+        monkeypatch.setattr(module, "load_teacher", no_teacher)
+    pipeline.teacher.cached_teacher.cache_clear()
+    second = seed(config=config, overrides=TINY, storage=storage_file, stages=["student", "evaluate"],
+                  run="second", student_arch="resnet10t", epochs=1)
+    assert _forwards(tmp_path) == 600  # no teacher forward in the student-only run
+    assert second["student"]["skipped"] is False and list(second["student"]["students"]) == ["resnet10t"]
+    names = [r["name"] for r in second["evaluation"]["results"]]
+    assert "resnet10t (cached SEED)" in names and any(r["kind"] == "teacher" for r in second["evaluation"]["results"])
+    assert (tmp_path / "runs" / "second" / "report.md").exists()
+
+
+def test_rerun_skips_complete_stages(harness, tmp_path: Path, storage_file: str) -> None:
+    config = str(ROOT / "configs" / "demo.yaml")
+    seed(config=config, overrides=TINY, storage=storage_file, stages=["pretrain", "teacher", "bank", "student"])
+    again = seed(config=config, overrides=TINY, storage=storage_file, stages=["pretrain", "teacher", "bank", "student"])
+    assert _forwards(tmp_path) == 600
+    assert again["bank"]["skipped"] is True and again["student"]["skipped"] is True
+
+
+def test_student_only_refuses_a_missing_cache(harness, storage_file: str) -> None:
+    with pytest.raises(SeedError, match="no cache at .*absent.zarr"):
+        seed(config=str(ROOT / "configs" / "demo.yaml"), overrides=[*TINY, "cache.name=absent"], storage=storage_file,
+             stages=["student"])
+
+
+def test_dask_cluster_writes_the_same_cache_as_one_process(harness, tmp_path: Path, storage_file: str,
+                                                           moco_checkpoint: Path) -> None:
+    from distributed import LocalCluster
+
+    overrides = [*TINY, f"teacher.checkpoint={moco_checkpoint}"]
+    config = str(ROOT / "configs" / "demo.yaml")
+    seed(config=config, overrides=[*overrides, "cache.name=serial"], storage=storage_file, stages=["teacher"])
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None) as cluster:
+        seed(config=config, overrides=[*overrides, "cache.name=dask"], storage=storage_file, stages=["teacher"],
+             dask_address=cluster.scheduler_address)
+    a = zarr.open_group(str(tmp_path / "caches" / "serial.zarr"), mode="r")
+    b = zarr.open_group(str(tmp_path / "caches" / "dask.zarr"), mode="r")
+    for name in ("embeddings", "augment", "keys", "labels", "valid"):
+        x, y = a[name][:], b[name][:]
+        assert (x.tobytes() == y.tobytes()) if x.dtype.kind == "f" else np.array_equal(x, y), name
+    assert b.attrs["status"] == "complete" and b.attrs["totals"]["teacher_forwards"] == 600

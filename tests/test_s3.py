@@ -1,0 +1,90 @@
+"""The pipeline with an s3:// cache and run root, against a moto S3 server on 127.0.0.1 started here.
+
+Credentials and the endpoint come from the environment only (as fsspec/s3fs read them).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import zarr
+
+import pipeline.bank as bank_stage
+import pipeline.evaluate as evaluate_stage
+import pipeline.student as student_stage
+import pipeline.teacher as teacher_stage
+from seed import checkpoint
+from seed.inspect import describe
+from seed.storage import Storage
+from tests.conftest import small_config
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint() -> Iterator[str]:
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(url, timeout=1)
+                break
+            except OSError:
+                time.sleep(0.2)
+        else:
+            pytest.fail("moto S3 server did not start")
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+@pytest.fixture()
+def s3_env(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    import fsspec
+    import s3fs
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
+    s3fs.S3FileSystem.clear_instance_cache()
+    fsspec.filesystem("s3").mkdir("seed-test")
+    return "s3://seed-test"
+
+
+def test_pipeline_on_s3(s3_env: str, shards_root: Path, moco_checkpoint: Path) -> None:
+    import fsspec
+
+    storage = Storage(shards=str(shards_root), caches=f"{s3_env}/caches", runs=f"{s3_env}/runs", reports=f"{s3_env}/reports")
+    cfg = small_config(moco_checkpoint, "bank.size=64", "bank.topk=8", "train.batch_size=50", "train.epochs=1",
+                       "data.test=fm/test/test-000000.tar")
+    summary = teacher_stage.run(cfg, storage, progress=False)
+    url = summary["cache"]
+    assert url == "s3://seed-test/caches/test.zarr" and summary["totals"]["teacher_forwards"] == 600
+    group = zarr.open_group(url, mode="r")
+    assert group.attrs["status"] == "complete" and group["embeddings"].shape == (300, 2, 32)
+    bank_stage.run(cfg, storage, progress=False)
+    trained = student_stage.run(cfg, storage, progress=False)
+    assert checkpoint.load(trained["students"]["mobilenetv3_small_050"])["epoch"] == 1
+    report = evaluate_stage.run(cfg, storage, progress=False)["report"]
+    fs = fsspec.filesystem("s3")
+    assert report.startswith("s3://") and fs.exists(report) and fs.exists(report.replace("report.md", "accuracy.png"))
+    info = describe(url)
+    assert info["bytes"]["on_disk"] > 0 and info["shards"] == {"done": 3, "total": 3}
+    assert not any(k.startswith("AWS") for k in str(group.attrs.asdict()))  # no credentials in the cache
