@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -83,9 +84,15 @@ def test_dask_cluster_writes_the_same_cache_as_one_process(harness, tmp_path: Pa
     overrides = [*TINY, f"teacher.checkpoint={moco_checkpoint}"]
     config = str(ROOT / "configs" / "demo.yaml")
     seed(config=config, overrides=[*overrides, "cache.name=serial"], storage=storage_file, stages=["teacher"])
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None) as cluster:
-        seed(config=config, overrides=[*overrides, "cache.name=dask"], storage=storage_file, stages=["teacher"],
-             dask_address=cluster.scheduler_address)
+    environ = dict(os.environ)  # distributed sets OMP_NUM_THREADS=1 etc. in this process's environment
+    try:
+        with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                          dashboard_address=None) as cluster:
+            seed(config=config, overrides=[*overrides, "cache.name=dask"], storage=storage_file, stages=["teacher"],
+                 dask_address=cluster.scheduler_address)
+    finally:
+        os.environ.clear()
+        os.environ.update(environ)
     a = zarr.open_group(str(tmp_path / "caches" / "serial.zarr"), mode="r")
     b = zarr.open_group(str(tmp_path / "caches" / "dask.zarr"), mode="r")
     for name in ("embeddings", "augment", "keys", "labels", "valid"):
