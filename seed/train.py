@@ -69,15 +69,34 @@ def _gather(z: torch.Tensor) -> torch.Tensor:
     return torch.cat(out)
 
 
-class CachedSeed:
-    """SEED against the cache: teacher embeddings and targets were computed once, the teacher is never built."""
+class Objective:
+    """What differs between methods; the defaults suit objectives without state (one view, no teacher)."""
 
     n_views = 1
+    teacher_forwards = 0
+
+    def prepare(self, batch: Any, device: torch.device) -> dict[str, torch.Tensor]:
+        return {}
+
+    def loss(self, model: nn.Module, x: torch.Tensor, ctx: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def after_step(self, ctx: dict[str, torch.Tensor]) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class CachedSeed(Objective):
+    """SEED against the cache: teacher embeddings and targets were computed once, the teacher is never built."""
 
     def __init__(self, bank_vectors: torch.Tensor, bank_rows: torch.Tensor, *, tau_s: float, tau_t: float, dense: bool):
         self.bank, self.bank_rows = bank_vectors, bank_rows                   # K x D, K
         self.tau_s, self.tau_t, self.dense = tau_s, tau_t, dense
-        self.teacher_forwards = 0
 
     def prepare(self, batch: Any, device: torch.device) -> dict[str, torch.Tensor]:
         ctx = {"z_t": batch.extra["z_t"].to(device), "own": batch.rows.to(device)[:, None] == self.bank_rows[None, :]}
@@ -91,20 +110,9 @@ class CachedSeed:
             return seed_loss(z_s, ctx["z_t"], self.bank, self.tau_s, self.tau_t, ctx["own"])
         return seed_loss_sparse(z_s, ctx["z_t"], self.bank, ctx["cols"], ctx["logp"], self.tau_s, ctx["own"])
 
-    def after_step(self, ctx: dict[str, torch.Tensor]) -> None:
-        pass
 
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
-
-
-class OnlineSeed:
+class OnlineSeed(Objective):
     """SEED as published: the frozen teacher embeds every batch; a FIFO queue of K teacher embeddings is the bank."""
-
-    n_views = 1
 
     def __init__(self, teacher: nn.Module, queue: Queue, *, tau_s: float, tau_t: float):
         self.teacher, self.queue, self.tau_s, self.tau_t = teacher, queue, tau_s, tau_t
@@ -130,7 +138,7 @@ class OnlineSeed:
         self.queue.load_state_dict(state["queue"])
 
 
-class MocoV2:
+class MocoV2(Objective):
     """MoCo-v2 (Chen et al. 2020): query encoder trained, key encoder = momentum copy, queue of keys."""
 
     n_views = 2
@@ -139,7 +147,6 @@ class MocoV2:
         # The key encoder keeps its own BatchNorm statistics (momentum-updated parameters only, as MoCo).
         self.key_encoder = copy.deepcopy(_unwrap(model)).requires_grad_(False).train()
         self.model, self.queue, self.m, self.t = model, queue, momentum, temperature
-        self.teacher_forwards = 0
 
     def prepare(self, batch: Any, device: torch.device) -> dict[str, torch.Tensor]:
         B = len(batch.rows)
@@ -171,28 +178,13 @@ class MocoV2:
         self.key_encoder.load_state_dict(state["key_encoder"])
 
 
-class Supervised:
+class Supervised(Objective):
     """Cross-entropy on the shard labels through a linear classifier (a labelled teacher for comparisons)."""
-
-    n_views = 1
-    teacher_forwards = 0
-
-    def prepare(self, batch: Any, device: torch.device) -> dict[str, torch.Tensor]:
-        return {}
 
     def loss(self, model: nn.Module, x: torch.Tensor, ctx: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         if (labels < 0).any():
             raise SeedError("supervised pre-training needs labels (.cls or .json) on every sample")
         return F.cross_entropy(model(x).float(), labels)
-
-    def after_step(self, ctx: dict[str, torch.Tensor]) -> None:
-        pass
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
 
 
 def _autocast(device: torch.device) -> Any:
