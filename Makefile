@@ -26,6 +26,7 @@ data: $(FMNIST)
 
 ## make test: install everything, then run the fast suite (tiny models, small real subsets)
 test: venv data
+	$(BIN)/ruff check --select F --no-cache seed pipeline flows bench tests
 	$(BIN)/python -m pytest -q tests
 
 typecheck: venv

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from seed import cache
-from seed.augment import P, Recipe, apply_batch, draw_views
+from seed.augment import P, apply_batch, draw_views
 from seed.config import RunConfig, TeacherConfig, to_dict
 from seed.errors import SeedError
 from seed.models import Encoder

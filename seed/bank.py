@@ -131,7 +131,6 @@ def sparse_targets(z: np.ndarray, q_rows: np.ndarray, index: BankIndex, bank_row
     (float32, -inf = none) and the captured mass (float32 ``[B]``).
     """
     B = len(z)
-    K = len(bank_rows)
     sims, pos = index.search(z, topk)                                         # B x topk: one spare for the own entry
     pos_t = torch.from_numpy(pos.astype(np.int64))
     sims_t = torch.from_numpy(sims.astype(np.float32))

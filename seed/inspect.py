@@ -125,7 +125,7 @@ def require_key(group: zarr.Group, key: str, url: str) -> int:
     return int(hits[0])
 
 
-def _replay(group: zarr.Group, rows: np.ndarray, views: np.ndarray) -> "torch.Tensor":
+def _replay(group: zarr.Group, rows: np.ndarray, views: np.ndarray) -> Any:
     """The cached views (row, view) replayed from the shards: float images ``[n, 3, r, r]`` (no teacher)."""
     import torch
 

@@ -5,7 +5,6 @@ Credentials and the endpoint come from the environment only (as fsspec/s3fs read
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys

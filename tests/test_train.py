@@ -195,7 +195,7 @@ def test_two_process_gloo_run(prepared, tmp_path: Path) -> None:
     storage_file = tmp_path / "storage.yaml"
     storage_file.write_text(f"shards: {storage.shards}\ncaches: {storage.caches}\nruns: {tmp_path / 'runs'}\nreports: {tmp_path}\n")
     sets = []
-    for s in (f"data.train=fm/train/train-{{000000..000002}}.tar", f"teacher.checkpoint={ckpt}", "cache.views=2",
+    for s in ("data.train=fm/train/train-{000000..000002}.tar", f"teacher.checkpoint={ckpt}", "cache.views=2",
               "cache.batch_size=64", "cache.cpu_threads=2", "cache.name=test", *TRAIN, "train.epochs=2", "train.batch_size=25"):
         sets += ["--set", s]
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
