@@ -32,7 +32,7 @@ def _teacher_scores_url(cfg: RunConfig, storage: Storage) -> str:
     return storage.resolve("reports", f"{cfg.cache.name}-teacher-eval.json")
 
 
-def random_student(arch: str, dim: int, small_input: bool, seed: int) -> tuple[torch.nn.Module, str]:
+def random_student(arch: str, small_input: bool, seed: int) -> tuple[torch.nn.Module, str]:
     """A randomly initialised student; ResNets without timm's zero-initialised last BN (degenerate features)."""
     torch.manual_seed(seed)
     try:
@@ -42,6 +42,14 @@ def random_student(arch: str, dim: int, small_input: bool, seed: int) -> tuple[t
         backbone = create_backbone(arch, small_input=small_input)
         note = "random init, timm default"
     return freeze(backbone), note
+
+
+def load_student(url: str) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The frozen student encoder saved at ``url`` by the student stage, and the checkpoint's contents."""
+    state = checkpoint.load(url)
+    model = student_encoder(state["arch"], int(state["dim"]), small_input=bool(state.get("small_input", False)))
+    model.load_state_dict(state["model"])
+    return freeze(model), state
 
 
 def run(cfg: RunConfig, storage: Storage, *, include_teacher: bool = True, progress: bool = True) -> dict[str, Any]:
@@ -76,13 +84,11 @@ def run(cfg: RunConfig, storage: Storage, *, include_teacher: bool = True, progr
     for i, s in enumerate(cfg.train.students):
         ckpt_url = join(out, s.label, "checkpoint.pt")
         if checkpoint.exists(ckpt_url):
-            state = checkpoint.load(ckpt_url)
-            model = student_encoder(s.arch, int(state.get("dim", dim)), small_input=s.small_input)
-            model.load_state_dict(state["model"])
+            model, state = load_student(ckpt_url)
             metrics = state.get("metrics", metrics)
-            add(f"{s.label} ({state.get('mode', 'cached')} SEED)", "student", freeze(model).to(device).features,
+            add(f"{s.label} ({state.get('mode', 'cached')} SEED)", "student", model.to(device).features,
                 f"{state['epoch']} epochs")
-        backbone, note = random_student(s.arch, dim, s.small_input, cfg.train.seed + i)
+        backbone, note = random_student(s.arch, s.small_input, cfg.train.seed + i)
         add(f"{s.label} random", "baseline", backbone.to(device), note)
     totals = group.attrs.get("totals", {})
     n_valid = totals.get("valid", 0)
