@@ -80,9 +80,11 @@ class Bench:
         return self.config(f"pretrain.name=pt-{method}-{arch}-e{epochs}", f"pretrain.method={method}",
                            f"pretrain.arch={arch}", f"pretrain.epochs={epochs}", "pretrain.seed=0")
 
+    def teacher_epochs(self, method: str) -> int:
+        return self.args.teacher_epochs if method == "moco" else self.args.supervised_epochs
+
     def teacher_overrides(self, method: str) -> list[str]:
-        epochs = self.args.teacher_epochs if method == "moco" else self.args.supervised_epochs
-        cfg = self.pretrain_config(method, TEACHER, epochs)
+        cfg = self.pretrain_config(method, TEACHER, self.teacher_epochs(method))
         t = pretrain_stage.teacher_config(cfg, pretrain_stage.teacher_path(cfg, self.storage))
         return [f"teacher.arch={t.arch}", f"teacher.checkpoint={t.checkpoint}", f"teacher.format={t.format}",
                 f"teacher.output={t.output}"]
@@ -130,7 +132,7 @@ class Bench:
         return cfg, out, seconds
 
     def teacher_row(self, method: str) -> dict[str, Any]:
-        epochs = self.args.teacher_epochs if method == "moco" else self.args.supervised_epochs
+        epochs = self.teacher_epochs(method)
 
         def make() -> dict[str, Any]:
             cfg, out, seconds = self.pretrain(method, TEACHER, epochs)
@@ -217,7 +219,7 @@ def main() -> None:
                                              "wall_s": 0.0, "teacher_forwards": 0, **b.score_pixels()}))
 
     def random_row() -> dict[str, Any]:
-        model, note = random_student(STUDENT, False, 0)
+        model, _ = random_student(STUDENT, False, 0)
         return {"name": f"{STUDENT} random init", "group": "reference", "wall_s": 0.0, "teacher_forwards": 0,
                 **b.score(model)}
     rows.append(b.row("student-random", random_row))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -73,3 +74,10 @@ def small_config(checkpoint: Path, *extra: str, shards: str = "fm/train/train-{0
     """300 real images (3 shards of 100), 2 views at 32 px, the tiny teacher."""
     return load_config(None, [f"data.train={shards}", f"teacher.checkpoint={checkpoint}", "cache.views=2",
                               "cache.batch_size=64", "cache.cpu_threads=2", "cache.name=test", *extra])
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for servers and rendezvous the tests start)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

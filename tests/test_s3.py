@@ -5,7 +5,6 @@ Credentials and the endpoint come from the environment only (as fsspec/s3fs read
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -23,18 +22,12 @@ import pipeline.teacher as teacher_stage
 from seed import checkpoint
 from seed.inspect import describe
 from seed.storage import Storage
-from tests.conftest import small_config
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import free_port, small_config
 
 
 @pytest.fixture(scope="module")
 def s3_endpoint() -> Iterator[str]:
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ import seed.train
 from seed import checkpoint
 from seed.errors import SeedError
 from seed.teachers import load_teacher
-from tests.conftest import make_storage, small_config
+from tests.conftest import free_port, make_storage, small_config
 
 TRAIN = ("bank.size=64", "bank.topk=8", "train.batch_size=50", "train.epochs=3", "train.shuffle_buffer=200",
          "train.base_lr=0.1", "pretrain.batch_size=50", "pretrain.epochs=2", "pretrain.queue=100",
@@ -184,12 +183,6 @@ def test_supervised_pretraining(prepared) -> None:
     assert report.format == "timm" and report.dropped and teacher.out_dim == teacher.feature_dim
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_gloo_run(prepared, tmp_path: Path) -> None:
     cfg, storage, ckpt = prepared
     storage_file = tmp_path / "storage.yaml"
@@ -199,7 +192,7 @@ def test_two_process_gloo_run(prepared, tmp_path: Path) -> None:
               "cache.batch_size=64", "cache.cpu_threads=2", "cache.name=test", *TRAIN, "train.epochs=2", "train.batch_size=25"):
         sets += ["--set", s]
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-                             "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "seed.cli", "student",
+                             "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "seed.cli", "student",
                              "--storage", str(storage_file), *sets], capture_output=True, text=True, timeout=300,
                             env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
