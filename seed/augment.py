@@ -2,7 +2,8 @@
 
 A view is a fixed-width float32 row (``COLUMNS``). The teacher stage draws and stores the rows; the
 student stage reads them back and applies them to the same decoded image, so the student sees
-exactly the view whose teacher embedding it is matched to (DESIGN.md section 4).
+exactly the view whose teacher embedding it is matched to (Beyer et al., CVPR 2022: a teacher
+fixed to one view per image makes students overfit; see docs/design.md).
 
 Drawing follows torchvision's MoCo-v2 transform (He et al. / Chen et al. 2020, ``moco/main_moco.py``):
 ``RandomResizedCrop(scale=(0.2, 1))``, ``RandomApply(ColorJitter(0.4, 0.4, 0.4, 0.1), p=0.8)``,
@@ -12,7 +13,7 @@ alone, so parameters never depend on batch order, worker count or process.
 
 Applying works on a whole batch in one call: the crop, resize and flip become one sampling grid
 per image (``grid_sample``), the colour operations are tensor arithmetic over the batch. This is
-about 20x cheaper than per-image torchvision transforms on small images (DESIGN.md section 5).
+one ``grid_sample`` call per batch instead of a Python call chain per image.
 Differences from the PIL pipeline, on purpose: colour operations run on float tensors in [0, 1]
 (no uint8 rounding between them) and the resize is bilinear without antialiasing (pre-shrink very
 large sources at decode time when that matters).
@@ -57,7 +58,7 @@ _GRAY = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma, as torchvision's rgb_to_gray
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-    """Augmentation recipe; defaults are MoCo-v2's (DESIGN.md section 4).
+    """Augmentation recipe; defaults are MoCo-v2's (``moco/main_moco.py``, ``aug_plus``).
 
     ``blur_sigma`` is in pixels of a ``blur_reference_size`` output (MoCo-v2 blurs 224 px crops);
     at another output size the sigma is scaled with it, so a view looks the same at any resolution.

@@ -2,7 +2,7 @@
 
 SEED (Fang et al., ICLR 2021, ``seed/builder.py``) scores a teacher embedding z_T against
 D+ = [z_T ; bank] and takes p_T = softmax(z_T . D+ / tau_T). Offline, the bank is K cached views
-of K distinct images (DESIGN.md section 4), and an image's own bank entry is excluded from its
+of K distinct images, and an image's own bank entry is excluded from its
 row set. For every cached (row, view) we keep the top-k of p_T as column indices into D+
 (0 = the view's own embedding, j >= 1 = bank entry j - 1), their log-probabilities under the
 *full* distribution, and the probability mass they capture.
@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from seed.errors import SeedError
+from seed.loss import dplus_logits, own_mask
 
 
 def sample_bank(valid_rows: np.ndarray, views: int, size: int, seed: int) -> np.ndarray:
@@ -56,6 +57,7 @@ class BankIndex:
         import faiss  # only the bank stage needs FAISS
 
         K, D = self.vectors.shape
+        index: Any
         if serialized is not None:
             index = faiss.deserialize_index(np.asarray(serialized, dtype=np.uint8))
         elif kind == "flat":
@@ -89,12 +91,12 @@ class BankIndex:
         k = min(k, len(self.vectors))
         if self.kind == "torch":
             q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).to(self.device)
-            sims, idx = torch.topk(q @ self.bank_t.T, k, dim=1)                 # B x k
-            return sims.cpu().numpy(), idx.cpu().numpy()
+            top = torch.topk(q @ self.bank_t.T, k, dim=1)                     # B x k
+            return top.values.cpu().numpy(), top.indices.cpu().numpy()
         if self.on_gpu and k > 2048:
             raise SeedError(f"bank.topk={k}: FAISS GPU search is limited to k <= 2048; use bank.index=torch")
-        sims, idx = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
-        return sims, idx
+        sims, pos = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        return sims, pos
 
     def serialize(self) -> np.ndarray | None:
         if self.kind == "torch":
@@ -104,21 +106,13 @@ class BankIndex:
         return faiss.serialize_index(self.cpu_index)
 
 
-def _own_mask(q_rows: torch.Tensor, bank_rows: torch.Tensor) -> torch.Tensor:
-    """``[B, K]`` True where a bank entry is the query's own image (excluded from its row set)."""
-    return q_rows[:, None] == bank_rows[None, :]
-
-
 def dense_log_probs(z: torch.Tensor, q_rows: torch.Tensor, bank: torch.Tensor, bank_rows: torch.Tensor,
                     tau: float) -> torch.Tensor:
     """Exact log p_T over D+ = [z ; bank] with own-image bank entries at -inf: ``[B, 1 + K]``.
 
     The reference the sparse targets are measured against (and the loss's dense teacher side).
     """
-    own = (z * z).sum(dim=1, keepdim=True)                                    # B x 1, z_T . z_T
-    sims = z @ bank.T                                                         # B x K
-    sims = sims.masked_fill(_own_mask(q_rows, bank_rows), float("-inf"))
-    logits = torch.cat([own, sims], dim=1) / tau                              # B x (1 + K)
+    logits = dplus_logits(z, z, bank, own_mask(q_rows, bank_rows)) / tau      # B x (1 + K)
     return torch.log_softmax(logits, dim=1)
 
 
@@ -147,8 +141,7 @@ def sparse_targets(z: np.ndarray, q_rows: np.ndarray, index: BankIndex, bank_row
 
     if exact_normaliser:
         bank_t = torch.from_numpy(index.vectors)
-        log_z = torch.logsumexp(torch.cat([own / tau, (zt @ bank_t.T).masked_fill(
-            _own_mask(rows_t, bank_rows_t), float("-inf")) / tau], dim=1), dim=1)     # B
+        log_z = torch.logsumexp(dplus_logits(zt, zt, bank_t, own_mask(rows_t, bank_rows_t)) / tau, dim=1)  # B
     else:
         log_z = _sampled_log_normaliser(zt, rows_t, logits, cols, index, bank_rows_t, tau, tail_samples,
                                         rng or np.random.default_rng(0))
@@ -168,11 +161,11 @@ def _sampled_log_normaliser(z: torch.Tensor, rows: torch.Tensor, logits: torch.T
     sample = torch.from_numpy(np.sort(rng.choice(K, size=m, replace=False)))  # m
     s = (z @ torch.from_numpy(index.vectors)[sample].T) / tau                 # B x m
     in_topk = (cols[:, :, None] - 1 == sample[None, None, :]).any(dim=1)      # B x m
-    own = bank_rows[sample][None, :] == rows[:, None]                         # B x m
+    own = own_mask(rows, bank_rows[sample])                                   # B x m
     tail = s.masked_fill(in_topk | own, float("-inf"))
     n_tail_sample = (~(in_topk | own)).sum(dim=1).clamp(min=1)                # B
     n_topk_bank = torch.isfinite(logits).sum(dim=1) - 1                       # B (bank entries kept; own is finite)
-    n_own = _own_mask(rows, bank_rows).sum(dim=1)                             # B (0 or 1)
+    n_own = own_mask(rows, bank_rows).sum(dim=1)                             # B (0 or 1)
     n_tail = (K - n_topk_bank - n_own).clamp(min=0)                           # B
     log_tail = torch.logsumexp(tail, dim=1) + torch.log(n_tail.float() / n_tail_sample.float())
     log_tail = torch.where(n_tail > 0, log_tail, torch.full_like(log_tail, float("-inf")))
@@ -197,11 +190,12 @@ def sparse_to_dense(cols: np.ndarray, logp: np.ndarray, mass: np.ndarray, width:
 
 
 def kl_dense_sparse(dense_logp: np.ndarray, sparse_p: np.ndarray) -> np.ndarray:
-    """KL(dense || sparse) per row, in nats (0 log 0 = 0)."""
+    """KL(dense || sparse) per row, in nats (0 log 0 = 0); not clamped, so a target that is not a
+    distribution shows as a negative value instead of hiding behind 0."""
     p = np.exp(dense_logp.astype(np.float64))
     with np.errstate(divide="ignore", invalid="ignore"):
         terms = np.where(p > 0, p * (dense_logp - np.log(np.maximum(sparse_p, 1e-300))), 0.0)
-    return np.maximum(terms.sum(axis=1), 0.0)
+    return terms.sum(axis=1)
 
 
 def stats(x: np.ndarray) -> dict[str, Any]:

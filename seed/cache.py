@@ -1,4 +1,4 @@
-"""The teacher cache: a Zarr v3 group holding V teacher views of every image (DESIGN.md section 3.2).
+"""The teacher cache: a Zarr v3 group holding V teacher views of every image.
 
 Layout (N = shards x capacity rows; input shard ``s`` owns rows ``[s * capacity, (s + 1) * capacity)``):
 
@@ -21,9 +21,9 @@ once when creating the cache and once when marking it complete. A crash therefor
 shard with a record and all its data, or a shard without a record that the next run redoes.
 
 The **fingerprint** hashes what determines the cached values: teacher identity (architecture,
-checkpoint sha256, format, output), augmentation recipe, resolution, seed, V, D and the input
-shards (names and sample counts, not their location, so moving shards to object storage keeps the
-cache valid). A run whose fingerprint differs is refused with the differing fields named.
+checkpoint sha256, format, output, small-input stem), augmentation recipe, resolution, seed, V, D,
+the row capacity per shard and the input shards (names and sample counts, not their location, so
+moving shards to object storage keeps the cache valid). A run whose fingerprint differs is refused with the differing fields named.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import hashlib
 import json
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import zarr
@@ -44,6 +44,37 @@ from seed.errors import SeedError
 FORMAT = "seed-teacher-cache"
 FORMAT_VERSION = 1
 ARRAYS = ("embeddings", "augment", "keys", "labels", "valid", "sizes")
+
+
+def array(group: zarr.Group, name: str) -> zarr.Array:
+    """The array ``name`` of ``group`` (typed: ``group[name]`` may be an array or a group)."""
+    node = group[name]
+    if not isinstance(node, zarr.Array):
+        raise SeedError(f"{name} in {group.store_path} is a {type(node).__name__}, expected an array")
+    return node
+
+
+def subgroup(group: zarr.Group, name: str) -> zarr.Group:
+    """The sub-group ``name`` of ``group`` (typed)."""
+    node = group[name]
+    if not isinstance(node, zarr.Group):
+        raise SeedError(f"{name} in {group.store_path} is a {type(node).__name__}, expected a group")
+    return node
+
+
+def read(group: zarr.Group, name: str, selection: Any = slice(None)) -> np.ndarray:
+    """``group[name][selection]`` as a numpy array (basic indexing: slices and integers)."""
+    return np.asarray(array(group, name)[selection])
+
+
+def read_rows(group: zarr.Group, name: str, rows: np.ndarray) -> np.ndarray:
+    """The rows ``rows`` (an integer array, any order) of ``group[name]`` as a numpy array."""
+    return np.asarray(array(group, name).oindex[rows])
+
+
+def attributes(node: zarr.Group | zarr.Array) -> dict[str, Any]:
+    """A node's attributes as plain JSON data (typed ``Any`` per key, as they are user data)."""
+    return dict(node.attrs)
 
 
 def fingerprint(fields: Mapping[str, Any]) -> str:
@@ -75,7 +106,10 @@ def diff_fields(stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[st
     return out
 
 
-def open_group(url: str, mode: str = "r") -> zarr.Group:
+Mode = Literal["r", "r+", "a", "w", "w-"]
+
+
+def open_group(url: str, mode: Mode = "r") -> zarr.Group:
     try:
         return zarr.open_group(url, mode=mode, use_consolidated=False)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
@@ -132,7 +166,7 @@ def create(url: str, *, fields: dict[str, Any], capacity: int, n_shards: int, vi
 
 def _wait_ready(group: zarr.Group, url: str, wait_s: float) -> None:
     deadline = time.monotonic() + wait_s
-    while group.attrs.get("status") == "creating":
+    while attributes(group).get("status") == "creating":
         if time.monotonic() > deadline:
             raise SeedError(f"{url}: cache still being created after {wait_s:.0f} s (a crashed creator? use --overwrite)")
         time.sleep(0.5)
@@ -140,9 +174,9 @@ def _wait_ready(group: zarr.Group, url: str, wait_s: float) -> None:
 
 
 def check_format(group: zarr.Group, url: str) -> None:
-    if group.attrs.get("format") != FORMAT:
-        raise SeedError(f"{url} is not a seed teacher cache (format={group.attrs.get('format')!r})")
-    version = group.attrs.get("format_version")
+    if attributes(group).get("format") != FORMAT:
+        raise SeedError(f"{url} is not a seed teacher cache (format={attributes(group).get('format')!r})")
+    version = attributes(group).get("format_version")
     if version != FORMAT_VERSION:
         raise SeedError(f"{url}: cache format version {version} is not supported (this seed reads {FORMAT_VERSION}); "
                         "rebuild it with seed teacher --overwrite")
@@ -150,8 +184,8 @@ def check_format(group: zarr.Group, url: str) -> None:
 
 def check_fingerprint(group: zarr.Group, fields: Mapping[str, Any], url: str) -> None:
     check_format(group, url)
-    if group.attrs.get("fingerprint") != fingerprint(fields):
-        diffs = diff_fields(group.attrs.get("fingerprint_fields", {}), fields)
+    if attributes(group).get("fingerprint") != fingerprint(fields):
+        diffs = diff_fields(attributes(group).get("fingerprint_fields", {}), fields)
         raise SeedError(f"{url} was made with a different configuration; refusing to mix teachers' outputs. "
                         f"Differences: {'; '.join(diffs) or 'unknown fields'}. Use --overwrite or another cache name.")
 
@@ -171,28 +205,24 @@ def shard_record(group: zarr.Group, shard: int) -> dict[str, Any] | None:
 
 
 def done_shards(group: zarr.Group) -> list[int]:
-    try:
-        progress = group["progress"]
-    except KeyError:
+    if "progress" not in group:
         return []
-    assert isinstance(progress, zarr.Group)
-    return sorted(int(name) for name, node in progress.groups() if node.attrs.get("done"))
+    progress = subgroup(group, "progress")
+    return sorted(int(name) for name, node in progress.groups() if attributes(node).get("done"))
 
 
 def write_shard(group: zarr.Group, shard: int, data: Mapping[str, np.ndarray], record: dict[str, Any]) -> None:
     """Write one shard's rows (each array's chunk, exactly), then its completion record."""
-    cap = int(group.attrs["capacity"])
+    cap = int(attributes(group)["capacity"])
     rows = slice(shard * cap, (shard + 1) * cap)
     for name in ARRAYS:
-        array = group[name]
-        assert isinstance(array, zarr.Array)
-        array[rows] = data[name]
+        array(group, name)[rows] = data[name]
     group.create_group(progress_name(shard), overwrite=True, attributes={**record, "done": True})
 
 
 def finalize(group: zarr.Group, url: str) -> dict[str, Any]:
     """Mark the cache complete once every shard has its record; returns the totals written."""
-    n_shards = int(group.attrs["n_shards"])
+    n_shards = int(attributes(group)["n_shards"])
     records = [shard_record(group, s) for s in range(n_shards)]
     missing = [s for s, r in enumerate(records) if r is None]
     if missing:
@@ -211,12 +241,12 @@ def finalize(group: zarr.Group, url: str) -> dict[str, Any]:
     return totals
 
 
-def open_complete(url: str, mode: str = "r") -> zarr.Group:
+def open_complete(url: str, mode: Mode = "r") -> zarr.Group:
     """Open a complete cache, refusing one that is not (naming what is missing)."""
     group = open_group(url, mode)
     check_format(group, url)
-    if group.attrs.get("status") != "complete":
-        n = int(group.attrs.get("n_shards", 0))
+    if attributes(group).get("status") != "complete":
+        n = int(attributes(group).get("n_shards", 0))
         raise SeedError(f"{url}: cache is incomplete ({len(done_shards(group))} of {n} shards done); "
                         "finish it with the teacher stage first")
     return group

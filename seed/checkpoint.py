@@ -1,4 +1,9 @@
-"""Checkpoints written atomically (temp file, then rename or single PUT) on local paths or fsspec URLs."""
+"""Checkpoints: written atomically (temp file, then rename or single PUT) on local paths or fsspec URLs.
+
+A training checkpoint holds everything a run needs to continue exactly: model, optimiser, the
+objective's state (queues, key encoder), the epoch, the RNG state, the metrics so far and the
+run's metadata (config, cache and bank fingerprints, architecture).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,9 @@ from typing import Any
 import fsspec
 import torch
 
+from seed import storage
 from seed.errors import SeedError
+from seed.models import Encoder, freeze, mlp_encoder
 from seed.storage import is_url, local_path
 
 
@@ -20,8 +27,7 @@ def save(obj: Any, url: str) -> None:
     if is_url(url):
         buf = io.BytesIO()
         torch.save(obj, buf)
-        with fsspec.open(url, "wb") as f:  # object stores PUT whole objects
-            f.write(buf.getvalue())
+        storage.write_bytes(url, buf.getvalue())  # object stores PUT whole objects
         return
     path = Path(local_path(url))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -36,8 +42,7 @@ def save(obj: Any, url: str) -> None:
 
 
 def exists(url: str) -> bool:
-    fs, _, (path,) = fsspec.get_fs_token_paths(url)
-    return bool(fs.exists(path))
+    return storage.exists(url)
 
 
 def load(url: str) -> dict[str, Any]:
@@ -49,3 +54,36 @@ def load(url: str) -> dict[str, Any]:
         raise SeedError(f"checkpoint not found: {url}") from exc
     except Exception as exc:
         raise SeedError(f"{url}: not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
+
+
+def save_training(url: str, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
+                  objective: dict[str, Any], metrics: list[dict[str, Any]], meta: dict[str, Any]) -> None:
+    """A resumable checkpoint after ``epoch`` epochs (1-based count of finished epochs)."""
+    save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "objective": objective,
+          "rng": torch.get_rng_state(), "metrics": metrics, **meta}, url)
+
+
+def load_training(url: str, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                  meta: dict[str, Any]) -> dict[str, Any]:
+    """Restore model and optimiser from ``url``; refuses a checkpoint of another cache, bank or model.
+
+    Returns the checkpoint (``epoch``, ``objective``, ``metrics``, ...) for the caller to restore the
+    rest. The RNG state is restored here too.
+    """
+    state = load(url)
+    for key in ("cache_fingerprint", "bank_fingerprint", "dim", "arch"):
+        if key in meta and state.get(key) != meta[key]:
+            raise SeedError(f"{url}: cannot resume, {key} differs (checkpoint {state.get(key)!r}, now {meta[key]!r})")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    return state
+
+
+def load_student(url: str) -> tuple[Encoder, dict[str, Any]]:
+    """The frozen student encoder saved at ``url`` by the student stage, and the checkpoint's contents."""
+    state = load(url)
+    model = mlp_encoder(state["arch"], int(state["dim"]), small_input=bool(state.get("small_input", False)))
+    model.load_state_dict(state["model"])
+    freeze(model)
+    return model, state

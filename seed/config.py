@@ -22,6 +22,7 @@ import yaml
 
 from seed.augment import Recipe
 from seed.errors import SeedError
+from seed.storage import load_yaml
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +94,11 @@ class BankConfig:
     batch_size: int = 4096
     kl_sample: int = 2048
 
+    @property
+    def exact_normaliser(self) -> bool:
+        """Whether log Z sums over the whole bank (``auto``: for the exact indices) or is sampled."""
+        return self.normaliser == "exact" or (self.normaliser == "auto" and self.index in ("flat", "torch"))
+
 
 @dataclasses.dataclass(frozen=True)
 class StudentConfig:
@@ -108,8 +114,32 @@ class StudentConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """SGD with momentum; learning rate ``base_lr x batch_size x ranks / 256``, linear warm-up then cosine.
+
+    SEED's recipe (Fang et al. 2021): momentum 0.9, weight decay 1e-4, lr 0.03 per 256 images,
+    5 warm-up epochs of 200 on ImageNet (short runs here warm up for a fraction of an epoch).
+    """
+
+    epochs: int = 2
+    batch_size: int = 256
+    base_lr: float = 0.03
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 0.2
+
+
+@dataclasses.dataclass(frozen=True)
+class LoaderConfig:
+    """The training data path: a seeded shuffle buffer of ``shuffle_buffer`` examples, batches made ``prefetch`` ahead."""
+
+    shuffle_buffer: int = 2048
+    prefetch: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Student training (DESIGN.md section 4: SGD 0.9, wd 1e-4, lr 0.03 x batch/256, warm-up + cosine).
+    """Student training: which targets, which students, the SEED temperatures; ``optim`` and ``loader`` sections.
 
     ``mode``: ``cached`` reads teacher embeddings and targets from the cache (no teacher);
     ``online`` runs the teacher on every batch with a FIFO queue of ``queue`` embeddings, as the
@@ -122,19 +152,13 @@ class TrainConfig:
     targets: Literal["sparse", "dense"] = "sparse"
     view: Literal["random", "cycle"] = "random"
     students: tuple[StudentConfig, ...] = (StudentConfig(),)
-    epochs: int = 2
-    batch_size: int = 256
-    base_lr: float = 0.03
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 0.2
     tau_s: float = 0.2
     tau_t: float = 0.0
     queue: int = 0  # online: 0 = bank.size
     seed: int = 0
-    shuffle_buffer: int = 2048
-    prefetch: int = 2
     device: str = "auto"
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    loader: LoaderConfig = dataclasses.field(default_factory=LoaderConfig)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,20 +169,14 @@ class PretrainConfig:
     method: Literal["moco", "supervised"] = "moco"
     arch: str = "resnet10t"
     small_input: bool = False
-    epochs: int = 3
-    batch_size: int = 256
-    base_lr: float = 0.06
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 0.2
     dim: int = 128
     queue: int = 4096
     key_momentum: float = 0.99  # 0.999 in MoCo for 200 ImageNet epochs; faster for short runs
     temperature: float = 0.2
     seed: int = 0
-    shuffle_buffer: int = 2048
-    prefetch: int = 2
     device: str = "auto"
+    optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(epochs=3, base_lr=0.06))
+    loader: LoaderConfig = dataclasses.field(default_factory=LoaderConfig)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,8 +203,8 @@ class RunConfig:
         if not self.bank.tau_t > 0:
             raise SeedError(f"bank.tau_t must be > 0, got {self.bank.tau_t}")
         for name in ("epochs", "batch_size"):
-            _check_positive(self, f"train.{name}", getattr(self.train, name))
-            _check_positive(self, f"pretrain.{name}", getattr(self.pretrain, name))
+            _check_positive(self, f"train.optim.{name}", getattr(self.train.optim, name))
+            _check_positive(self, f"pretrain.optim.{name}", getattr(self.pretrain.optim, name))
         if not self.train.students:
             raise SeedError("train.students must list at least one student")
         labels = [s.label for s in self.train.students]
@@ -206,7 +224,7 @@ def _type_name(tp: Any) -> str:
 def _convert(value: Any, tp: Any, where: str) -> Any:
     """Check ``value`` against the annotation ``tp`` (converting lists to tuples, ints to floats)."""
     origin = get_origin(tp)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise SeedError(f"{where}: expected a mapping, got {type(value).__name__}")
         return from_dict(tp, value, where)
@@ -257,14 +275,33 @@ def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
     """Build the dataclass ``cls`` from a mapping; unknown keys and bad types name the field."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    prefix = f"{where}." if where else ""
     for key in data:
         if key not in names:
-            raise SeedError(f"unknown config key {where + '.' if where else ''}{key} (known: {', '.join(sorted(names))})")
-    kwargs = {k: _convert(v, hints[k], f"{where + '.' if where else ''}{k}") for k, v in data.items()}
+            moved = [f"{prefix}{name}.{key}" for name in sorted(names)
+                     if dataclasses.is_dataclass(hints[name]) and key in {f.name for f in dataclasses.fields(hints[name])}]
+            if moved:
+                raise SeedError(f"config key {prefix}{key} is now {moved[0]} (optimiser and data-path settings "
+                                "have their own sections since seed 0.2)")
+            raise SeedError(f"unknown config key {prefix}{key} (known: {', '.join(sorted(names))})")
+    defaults = {f.name: f.default_factory() for f in dataclasses.fields(cls)
+                if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(hints[f.name])}
+    kwargs = {k: _convert(_with_defaults(v, defaults.get(k)), hints[k], f"{prefix}{k}") for k, v in data.items()}
     try:
         return cls(**kwargs)
     except ValueError as exc:  # validation in __post_init__ of nested recipes
         raise SeedError(str(exc)) from exc
+
+
+def _with_defaults(value: Any, default: Any) -> Any:
+    """A partial mapping for a nested section, completed from that section's default in its parent.
+
+    ``pretrain: {optim: {epochs: 5}}`` keeps pre-training's own default learning rate, not the
+    ``OptimConfig`` class default.
+    """
+    if default is None or not isinstance(value, dict):
+        return value
+    return {**to_dict(default), **value}
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -296,16 +333,6 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     """Load a YAML run config (or the defaults when ``path`` is None) with overrides applied."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.exists():
-            raise SeedError(f"config file not found: {p}")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise SeedError(f"{p}: not valid YAML ({exc})") from exc
-        if not isinstance(data, dict):
-            raise SeedError(f"{p}: expected a mapping at the top level")
+    data = load_yaml(path, "config") if path is not None else {}
     data = apply_overrides(data, overrides or [])
     return from_dict(RunConfig, data)

@@ -17,14 +17,20 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
 
+from seed import cache
 from seed.augment import Recipe, apply_batch, draw_params
 from seed.prefetch import prefetch
-from seed.shards import decode_image, iter_shard
+from seed.shards import Sample, decode_image, iter_shard
+
+if TYPE_CHECKING:
+    import zarr
+
+    from seed.bank_store import Bank
 
 
 @dataclasses.dataclass
@@ -51,35 +57,45 @@ def rng_for(seed: int, *words: int) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, *words])))
 
 
+MakeExample = Callable[[int, Sample], "Example | None"]
+
+
+class Source(Protocol):
+    """What a training example carries besides its image, per input shard and epoch."""
+
+    def load(self, shard: int, epoch: int) -> MakeExample:
+        """A function of (index in the shard, sample) -> the example, or None to skip the sample."""
+        ...
+
+
 class CachedSource:
     """Per input shard, the cached rows: which view to use and its replay/teacher data.
 
     ``view``: ``cycle`` uses view ``(epoch + row) mod V``; ``random`` draws one from (seed, epoch, row).
     """
 
-    def __init__(self, group: Any, bank: Any | None, *, view: str, seed: int, dense: bool):
+    def __init__(self, group: zarr.Group, bank: Bank | None, *, view: str, seed: int, dense: bool):
         self.group, self.bank, self.view, self.seed, self.dense = group, bank, view, seed, dense
-        self.capacity = int(group.attrs["capacity"])
-        self.V = int(group.attrs["V"])
+        self.capacity = int(cache.attributes(group)["capacity"])
+        self.V = int(cache.attributes(group)["V"])
 
     def valid_counts(self) -> np.ndarray:
-        valid = self.group["valid"][:]
+        valid = cache.read(self.group, "valid")
         return valid.reshape(-1, self.capacity).sum(axis=1)
 
-    def load(self, shard: int, epoch: int) -> Callable[[int, Any], Example | None]:
+    def load(self, shard: int, epoch: int) -> MakeExample:
         rows = slice(shard * self.capacity, (shard + 1) * self.capacity)
-        valid = self.group["valid"][rows]
-        augment = self.group["augment"][rows]                                 # cap x V x P
-        emb = self.group["embeddings"][rows]                                  # cap x V x D
-        targets = {} if self.dense or self.bank is None else {
-            "cols": self.bank["indices"][rows], "logp": self.bank["logp"][rows]}
+        valid = cache.read(self.group, "valid", rows)
+        augment = cache.read(self.group, "augment", rows)                    # cap x V x P
+        emb = cache.read(self.group, "embeddings", rows)                     # cap x V x D
+        targets = {} if self.dense or self.bank is None else self.bank.targets(rows)
         base = shard * self.capacity
         if self.view == "cycle":
             views = (epoch + base + np.arange(self.capacity)) % self.V
         else:
             views = rng_for(self.seed, epoch, shard).integers(0, self.V, size=self.capacity)
 
-        def make(index: int, sample: Any) -> Example | None:
+        def make(index: int, sample: Sample) -> Example | None:
             if not valid[index]:
                 return None  # skipped at the teacher stage (undecodable)
             v = views[index]
@@ -96,8 +112,8 @@ class FreshViews:
     def __init__(self, recipe: Recipe, *, seed: int, n_views: int = 1):
         self.recipe, self.seed, self.n_views = recipe, seed, n_views
 
-    def load(self, shard: int, epoch: int) -> Callable[[int, Any], Example | None]:
-        def make(index: int, sample: Any) -> Example | None:
+    def load(self, shard: int, epoch: int) -> MakeExample:
+        def make(index: int, sample: Sample) -> Example | None:
             try:
                 image = decode_image(sample)
             except ValueError:
@@ -121,7 +137,7 @@ def shard_order(n_shards: int, epoch: int, seed: int, rank: int = 0, world: int 
     return [mine[i] for i in rng_for(seed, epoch, 10**6 + rank).permutation(len(mine))]
 
 
-def examples(urls: Sequence[str], order: Sequence[int], source: Any, epoch: int, *, seed: int,
+def examples(urls: Sequence[str], order: Sequence[int], source: Source, epoch: int, *, seed: int,
              shuffle_buffer: int) -> Iterator[Example]:
     """Examples of the given shards through a seeded shuffle buffer."""
     rng = rng_for(seed, epoch, 2 * 10**6)
@@ -138,7 +154,7 @@ def examples(urls: Sequence[str], order: Sequence[int], source: Any, epoch: int,
             j = int(rng.integers(0, len(buffer)))
             buffer[j], ex = ex, buffer[j]
             yield ex
-    rng.shuffle(buffer)  # type: ignore[arg-type]
+    rng.shuffle(buffer)
     yield from buffer
 
 
@@ -152,7 +168,7 @@ def collate(items: list[Example], recipe: Recipe, resolution: int, device: torch
     return Batch(x, torch.tensor([it.row for it in items]), torch.tensor([it.label for it in items]), extra, n_views)
 
 
-def batches(urls: Sequence[str], order: Sequence[int], source: Any, epoch: int, *, recipe: Recipe, resolution: int,
+def batches(urls: Sequence[str], order: Sequence[int], source: Source, epoch: int, *, recipe: Recipe, resolution: int,
             batch_size: int, steps: int, seed: int, shuffle_buffer: int, depth: int = 2) -> Iterator[Batch]:
     """Exactly ``steps`` full batches (DDP ranks must agree on the count), prepared ``depth`` ahead."""
     def produce() -> Iterator[Batch]:

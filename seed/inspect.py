@@ -12,7 +12,7 @@ import fsspec
 import numpy as np
 import zarr
 
-from seed import cache
+from seed import bank_store, cache
 from seed.errors import SeedError
 
 
@@ -26,13 +26,13 @@ def disk_bytes(url: str) -> int:
 
 def sample_views(group: zarr.Group, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Up to ``n`` (row, view) embeddings of valid rows as float32 ``[n, D]`` and their rows."""
-    valid = np.flatnonzero(group["valid"][:])
+    valid = np.flatnonzero(cache.read(group, "valid"))
     if len(valid) == 0:
-        return np.zeros((0, int(group.attrs["D"])), np.float32), np.zeros(0, np.int64)
+        return np.zeros((0, int(cache.attributes(group)["D"])), np.float32), np.zeros(0, np.int64)
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(valid, size=min(n, len(valid)), replace=False))
-    views = rng.integers(0, int(group.attrs["V"]), size=len(rows))
-    emb = group["embeddings"].oindex[rows]                                    # n x V x D
+    views = rng.integers(0, int(cache.attributes(group)["V"]), size=len(rows))
+    emb = cache.read_rows(group, "embeddings", rows)                       # n x V x D
     return emb[np.arange(len(rows)), views].astype(np.float32), rows
 
 
@@ -47,11 +47,11 @@ def _stats(x: np.ndarray) -> dict[str, float]:
 def describe(url: str, sample: int = 512) -> dict[str, Any]:
     group = cache.open_group(url, "r")
     cache.check_format(group, url)
-    a = group.attrs
+    a = cache.attributes(group)
     N, V, D, P = (int(a[k]) for k in ("N", "V", "D", "P"))
     done = cache.done_shards(group)
     skipped = cache.skipped_samples(group)
-    valid_rows = int(np.count_nonzero(group["valid"][:]))
+    valid_rows = int(np.count_nonzero(cache.read(group, "valid")))
     size = disk_bytes(url)
     emb, rows = sample_views(group, sample)
     norms = np.linalg.norm(emb, axis=1) if len(emb) else np.zeros(0)
@@ -74,8 +74,8 @@ def describe(url: str, sample: int = 512) -> dict[str, Any]:
         "pairwise_similarity": _stats(off),
         "sampled_views": len(emb),
     }
-    if "bank" in group:
-        info["bank"] = dict(group["bank"].attrs)
+    if bank_store.NAME in group:
+        info["bank"] = dict(cache.subgroup(group, bank_store.NAME).attrs)
     return info
 
 
@@ -118,7 +118,7 @@ def format_text(info: dict[str, Any]) -> str:
 
 def require_key(group: zarr.Group, key: str, url: str) -> int:
     """The row of a sample key, or a clear error."""
-    keys = group["keys"][:]
+    keys = cache.read(group, "keys")
     hits = np.flatnonzero(keys == key)
     if len(hits) == 0:
         raise SeedError(f"{url}: no sample with key {key!r}")
@@ -133,9 +133,9 @@ def _replay(group: zarr.Group, rows: np.ndarray, views: np.ndarray) -> Any:
     from seed.config import from_dict
     from seed.shards import decode_image, iter_shard
 
-    cap = int(group.attrs["capacity"])
-    urls = group.attrs["shard_urls"]
-    fields = group.attrs["fingerprint_fields"]
+    cap = int(cache.attributes(group)["capacity"])
+    urls = cache.attributes(group)["shard_urls"]
+    fields = cache.attributes(group)["fingerprint_fields"]
     recipe = from_dict(Recipe, fields["recipe"], "recipe")
     wanted: dict[int, list[int]] = {}
     for i, r in enumerate(rows):
@@ -148,7 +148,7 @@ def _replay(group: zarr.Group, rows: np.ndarray, views: np.ndarray) -> Any:
         for sample in iter_shard(urls[shard]):
             for i in need.get(sample.index, []):
                 images[i] = decode_image(sample)
-    augment = group["augment"]
+    augment = cache.array(group, "augment")
     params = torch.from_numpy(np.stack([augment[int(r), int(v)] for r, v in zip(rows, views)]))
     missing = [int(rows[i]) for i, im in enumerate(images) if im is None]
     if missing:
@@ -165,19 +165,19 @@ def neighbours(url: str, key: str, out_png: str, k: int = 8) -> dict[str, Any]:
     from seed.report import save_figure
 
     group = cache.open_complete(url)
-    if "bank" not in group or group["bank"].attrs.get("status") != "complete":
+    if not bank_store.is_complete(group):
         raise SeedError(f"{url}: no complete bank; run the bank stage before asking for neighbours")
     row = require_key(group, key, url)
-    if not group["valid"][row]:
+    if not cache.read(group, "valid", row):
         raise SeedError(f"{url}: sample {key!r} was skipped at the teacher stage (it did not decode)")
-    V = int(group.attrs["V"])
-    bank = group["bank"]
-    ids = bank["ids"][:]
-    z = group["embeddings"][row].astype(np.float32)                          # V x D
-    sims = bank["vectors"][:].astype(np.float32) @ z[0]                       # K: from the first view
+    V = int(cache.attributes(group)["V"])
+    _, bank = bank_store.open_bank(url)
+    ids = bank.ids()
+    z = cache.read(group, "embeddings", row).astype(np.float32)             # V x D
+    sims = bank.vectors() @ z[0]                                              # K: from the first view
     sims[ids[:, 0] == row] = -np.inf                                          # never the image itself
     top = np.argsort(-sims)[:k]
-    labels = group["labels"]
+    labels = cache.read(group, "labels")
     views = _replay(group, np.array([row] * V + ids[top, 0].tolist()), np.array(list(range(V)) + ids[top, 1].tolist()))
     cols = max(V, k)
     fig, axes = plt.subplots(2, cols, figsize=(1.6 * cols, 3.8), squeeze=False)
@@ -208,7 +208,7 @@ def plots(url: str, out_dir: str, sample: int = 2000) -> list[str]:
 
     group = cache.open_complete(url)
     emb, rows = sample_views(group, sample)
-    labels = group["labels"].oindex[rows]
+    labels = cache.read_rows(group, "labels", rows)
     written = []
 
     def save(fig: Any, name: str) -> None:
@@ -233,12 +233,12 @@ def plots(url: str, out_dir: str, sample: int = 2000) -> list[str]:
     ax.set_title("teacher embeddings, first two principal components")
     save(fig, "pca.png")
 
-    if "bank" in group and group["bank"].attrs.get("status") == "complete":
-        bank = group["bank"]
-        cap = int(group.attrs["capacity"])
-        block = slice(0, min(int(group.attrs["N"]), 4 * cap))  # a few shards: enough for the histograms
-        logp = bank["logp"][block].astype(np.float64)
-        mass = bank["mass"][block]
+    if bank_store.is_complete(group):
+        bank = bank_store.Bank(cache.subgroup(group, bank_store.NAME))
+        cap = int(cache.attributes(group)["capacity"])
+        block = slice(0, min(int(cache.attributes(group)["N"]), 4 * cap))  # a few shards: enough for the histograms
+        logp = bank.log_probs(block).astype(np.float64)
+        mass = bank.mass(block)
         ok = np.isfinite(mass)
         p = np.where(np.isfinite(logp), np.exp(logp), 0.0)
         entropy = -(p * np.where(p > 0, logp, 0.0)).sum(axis=-1)[ok]

@@ -22,23 +22,35 @@ from __future__ import annotations
 import torch
 
 
+def own_mask(rows: torch.Tensor, bank_rows: torch.Tensor) -> torch.Tensor:
+    """``[B, K]`` True where bank entry j is a view of row i's own image (excluded from D+ for that row)."""
+    return rows[:, None] == bank_rows[None, :]                                 # B x K
+
+
+def dplus_logits(z: torch.Tensor, z_t: torch.Tensor, bank: torch.Tensor, own: torch.Tensor | None = None) -> torch.Tensor:
+    """Similarities of ``z`` to D+ = [z_T ; bank]: ``[B, 1 + K]``, own-image bank columns at -inf.
+
+    Always float32, whatever the autocast state: at tau_T = 1e-4 a bf16 product rounds a
+    near-duplicate neighbour (cosine 0.9988) up to the positive's 1.0 and splits p_T between them.
+    """
+    with torch.autocast(z.device.type, enabled=False):
+        z, z_t, bank = z.float(), z_t.float(), bank.float()
+        l_pos = (z * z_t).sum(dim=1, keepdim=True)                            # B x 1: against the teacher's own view
+        l_neg = z @ bank.T                                                    # B x K: against the bank
+        if own is not None:
+            l_neg = l_neg.masked_fill(own, float("-inf"))
+        return torch.cat([l_pos, l_neg], dim=1)                               # B x (1 + K)
+
+
 def student_log_probs(z_s: torch.Tensor, z_t: torch.Tensor, bank: torch.Tensor, tau_s: float,
                       own: torch.Tensor | None = None) -> torch.Tensor:
     """log p_S over D+ = [z_T ; bank]: ``[B, 1 + K]``."""
-    l_pos = (z_s * z_t).sum(dim=1, keepdim=True)                              # B x 1: student vs the teacher's own view
-    l_neg = z_s @ bank.T                                                      # B x K: student vs the bank
-    if own is not None:
-        l_neg = l_neg.masked_fill(own, float("-inf"))
-    return torch.log_softmax(torch.cat([l_pos, l_neg], dim=1) / tau_s, dim=1)  # B x (1 + K)
+    return torch.log_softmax(dplus_logits(z_s, z_t, bank, own) / tau_s, dim=1)
 
 
 def teacher_probs(z_t: torch.Tensor, bank: torch.Tensor, tau_t: float, own: torch.Tensor | None = None) -> torch.Tensor:
     """p_T over D+ = [z_T ; bank]: ``[B, 1 + K]``."""
-    l_pos = (z_t * z_t).sum(dim=1, keepdim=True)                              # B x 1
-    l_neg = z_t @ bank.T                                                      # B x K
-    if own is not None:
-        l_neg = l_neg.masked_fill(own, float("-inf"))
-    return torch.softmax(torch.cat([l_pos, l_neg], dim=1) / tau_t, dim=1)     # B x (1 + K)
+    return torch.softmax(dplus_logits(z_t, z_t, bank, own) / tau_t, dim=1)
 
 
 def seed_loss(z_s: torch.Tensor, z_t: torch.Tensor, bank: torch.Tensor, tau_s: float = 0.2, tau_t: float = 1e-4,
@@ -51,8 +63,9 @@ def seed_loss(z_s: torch.Tensor, z_t: torch.Tensor, bank: torch.Tensor, tau_s: f
         bank: L2-normalised instance bank, ``[K, D]``.
         own: optional ``[B, K]`` mask of each view's own image in the bank.
     """
-    p_t = teacher_probs(z_t.float(), bank.float(), tau_t, own)                # B x (1 + K)
-    log_p_s = student_log_probs(z_s.float(), z_t.float(), bank.float(), tau_s, own)
+    z_t = z_t.detach()                                                        # the teacher side takes no gradient
+    p_t = teacher_probs(z_t, bank, tau_t, own)                                # B x (1 + K)
+    log_p_s = student_log_probs(z_s, z_t, bank, tau_s, own)                   # B x (1 + K)
     return -torch.where(p_t > 0, p_t * log_p_s, 0.0).sum(dim=1).mean()      # 0 log 0 = 0 on masked columns
 
 
@@ -64,7 +77,7 @@ def seed_loss_sparse(z_s: torch.Tensor, z_t: torch.Tensor, bank: torch.Tensor, c
         cols: ``[B, k]`` columns of D+ holding the teacher's top-k (0 = own view, -1 = none).
         logp_t: ``[B, k]`` their log-probabilities under the full teacher distribution.
     """
-    log_p_s = student_log_probs(z_s.float(), z_t.float(), bank.float(), tau_s, own)   # B x (1 + K)
+    log_p_s = student_log_probs(z_s, z_t.detach(), bank, tau_s, own)          # B x (1 + K)
     keep = cols >= 0                                                          # B x k
     p_top = torch.where(keep, logp_t.float().exp(), 0.0)                      # B x k
     top_term = (p_top * log_p_s.gather(1, cols.clamp(min=0).long())).sum(dim=1)      # B

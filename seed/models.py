@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from typing import Any, TypeVar
 
 import timm
 import torch
@@ -24,14 +25,23 @@ class Encoder(nn.Module):
         out_dim: width of ``forward``'s output.
     """
 
+    mean: torch.Tensor  # [1, 3, 1, 1] buffers, not saved in state dicts: the architecture defines them
+    std: torch.Tensor
+
     def __init__(self, backbone: nn.Module, head: nn.Module | None, mean: tuple[float, ...], std: tuple[float, ...]):
         super().__init__()
         self.backbone = backbone
         self.head = head if head is not None else nn.Identity()
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
-        self.feature_dim = int(getattr(backbone, "head_hidden_size", 0) or backbone.num_features)  # ECOSYSTEM.md 0.3 #10
+        self.feature_dim = feature_dim(backbone)
         self.out_dim = _out_features(self.head, self.feature_dim)
+
+    @classmethod
+    def for_backbone(cls, backbone: nn.Module, head: nn.Module | None = None) -> Encoder:
+        """An encoder normalising with the backbone's own mean and std (its ``pretrained_cfg``)."""
+        pre = preprocessing(backbone)
+        return cls(backbone, head, tuple(pre["mean"]), tuple(pre["std"]))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled backbone features ``[B, feature_dim]`` of images in [0, 1]."""
@@ -41,12 +51,25 @@ class Encoder(nn.Module):
         return self.head(self.features(x))
 
 
+def feature_dim(backbone: nn.Module) -> int:
+    """Width of a timm backbone's pooled output (``num_classes=0``).
+
+    ``head_hidden_size`` where timm defines it: MobileNet-v3's pooled output passes a 1280-d
+    pre-logits layer, wider than ``num_features`` (960).
+    """
+    width: int = getattr(backbone, "head_hidden_size", 0) or getattr(backbone, "num_features")
+    return int(width)
+
+
 def _out_features(head: nn.Module, default: int) -> int:
     linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
     return linears[-1].out_features if linears else default
 
 
-def create_backbone(arch: str, *, small_input: bool = False, **kwargs: object) -> nn.Module:
+M = TypeVar("M", bound=nn.Module)
+
+
+def create_backbone(arch: str, *, small_input: bool = False, **kwargs: Any) -> nn.Module:
     """A timm model returning pooled features (``num_classes=0``), never touching the hub.
 
     ``small_input`` turns the stem into a stride-1 stem without max-pool (CIFAR-style ResNets), so
@@ -123,7 +146,7 @@ def preprocessing(model: nn.Module) -> dict[str, list[float]]:
     }
 
 
-def freeze(model: nn.Module) -> nn.Module:
+def freeze(model: M) -> M:
     """Eval mode, no gradients: BatchNorm statistics stay as loaded."""
     model.eval()
     for p in model.parameters():
@@ -131,9 +154,8 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
-def student_encoder(arch: str, dim: int, *, small_input: bool = False) -> Encoder:
-    """A student: timm backbone + SEED head ``Linear(d, d) - ReLU - Linear(d, dim)`` (DESIGN.md section 4)."""
+def mlp_encoder(arch: str, dim: int, *, small_input: bool = False) -> Encoder:
+    """timm backbone + MLP head ``Linear(d, d) - ReLU - Linear(d, dim)``: SEED's student, MoCo-v2's encoder."""
     backbone = create_backbone(arch, small_input=small_input)
-    d = int(getattr(backbone, "head_hidden_size", 0) or backbone.num_features)
-    pre = preprocessing(backbone)
-    return Encoder(backbone, mlp_head([d, d, dim]), tuple(pre["mean"]), tuple(pre["std"]))
+    d = feature_dim(backbone)
+    return Encoder.for_backbone(backbone, mlp_head([d, d, dim]))

@@ -51,7 +51,7 @@ def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
                 return
             if isinstance(item, BaseException):
                 raise item
-            yield item  # type: ignore[misc]
+            yield item
     finally:
         stop.set()
         thread.join(timeout=5)

@@ -6,22 +6,13 @@ import io
 from collections.abc import Sequence
 from typing import Any
 
-import fsspec
-
-from seed.storage import join
-
-
-def _write_bytes(url: str, data: bytes) -> None:
-    fs, _, (path,) = fsspec.get_fs_token_paths(url)
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    with fs.open(path, "wb") as f:
-        f.write(data)
+from seed.storage import join, write_bytes, write_text
 
 
 def save_figure(fig: Any, url: str) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    _write_bytes(url, buf.getvalue())
+    write_bytes(url, buf.getvalue())
 
 
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
@@ -93,5 +84,5 @@ def write_report(out: str, *, title: str, results: Sequence[dict[str, Any]], cac
         parts += ["## Teacher cache", "", markdown_table([cache], [(k, k) for k in cache]), ""]
     parts += ["## Teacher compute", "", markdown_table([compute], [(k, k) for k in compute]), ""]
     url = join(out, "report.md")
-    _write_bytes(url, "\n".join(parts).encode())
+    write_text(url, "\n".join(parts))
     return url

@@ -2,11 +2,12 @@
 
 Reading accepts what other tools write (ImageNet as commonly packed): per sample ``KEY.jpg``
 (``.jpeg``, ``.png``, ``.webp``) and optionally ``KEY.cls`` (integer as text) or ``KEY.json``
-(with a ``label``/``cls``/``class`` field); samples without a label get -1. Shards are local paths,
+(with a ``label``/``cls``/``class``/``target`` field); samples without a label get -1. Shards are local paths,
 brace patterns (``shard-{000..009}.tar``), globs, ``::``-joined lists or any fsspec URL.
 
 Samples come in tar order, which fixes each sample's row in the cache; an image that does not
-decode is reported by ``decode_image`` and skipped by the caller, never silently dropped.
+decode is reported by ``decode_image`` and skipped by the caller; the teacher stage records it
+(key and reason) in the cache.
 """
 
 from __future__ import annotations

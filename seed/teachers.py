@@ -1,6 +1,6 @@
 """Teachers from local checkpoints: timm/torchvision, MoCo-v1/v2, SwAV and DINO formats.
 
-Key layouts read (DESIGN.md section 4):
+Key layouts read:
 - timm / torchvision: a plain state dict (optionally under ``state_dict`` or ``model``); the
   classifier is dropped; only pooled features are available.
 - MoCo-v1/v2 (facebookresearch/moco): ``state_dict`` with ``module.encoder_q.*``; the MLP head is
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from torch import nn
 
 from seed.config import TeacherConfig
 from seed.errors import SeedError
-from seed.models import Encoder, create_backbone, freeze, mlp_from_state_dict, preprocessing
+from seed.models import Encoder, create_backbone, freeze, mlp_from_state_dict
 
 HEAD_PREFIX = {"moco": "fc.", "swav": "projection_head.", "dino": "head.mlp."}
 DROPPED_PREFIX = {"swav": ("prototypes.",), "dino": ("head.last_layer.",), "moco": (), "timm": ()}
@@ -43,6 +44,11 @@ class LoadReport:
     dropped: list[str]
     missing: list[str]
     unexpected: list[str]
+
+
+TeacherLoader = Callable[[TeacherConfig], tuple[Encoder, LoadReport]]
+"""How a stage gets its teacher: ``load_teacher`` by default; the flow passes one that loads once per
+process, and tests pass one that must not be called."""
 
 
 def file_sha256(path: str) -> str:
@@ -152,8 +158,7 @@ def load_teacher(cfg: TeacherConfig) -> tuple[Encoder, LoadReport]:
             raise SeedError(f"{path}: a {fmt} checkpoint has no projection head; set teacher.output=pooled")
         activation = ACTIVATION[fmt] if cfg.head_activation == "auto" else cfg.head_activation
         head = mlp_from_state_dict(head_sd, activation, path)
-    pre = preprocessing(backbone)
-    encoder = Encoder(backbone, head, tuple(pre["mean"]), tuple(pre["std"]))
+    encoder = Encoder.for_backbone(backbone, head)
     report = LoadReport(fmt, file_sha256(path), dropped, missing, unexpected)
     return freeze(encoder), report
 

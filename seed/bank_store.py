@@ -1,0 +1,146 @@
+"""The bank store: the instance bank and cached teacher targets, a ``bank`` sub-group of the cache.
+
+Layout (K bank entries, N cache rows, V views, k = ``bank.topk``; rows chunked like the cache):
+
+=============  ==========  ==========  ===============================================================
+array          shape       dtype       meaning
+=============  ==========  ==========  ===============================================================
+ids            [K, 2]      int32       (row, view) of each bank entry in the cache
+vectors        [K, D]      float16     the entry's cached teacher embedding
+faiss_index    [bytes]     uint8       the serialised FAISS index (absent for ``bank.index=torch``)
+indices        [N, V, k]   int32       top-k columns of D+ = [own view ; bank] (0 = own view, -1 = none)
+logp           [N, V, k]   float16     their log p_T under the full distribution over D+
+mass           [N, V]      float32     probability mass the top-k capture
+=============  ==========  ==========  ===============================================================
+
+Attributes: ``format_version``, ``status`` (``building`` until every row block and the fidelity
+measurement are written, then ``complete``), ``fingerprint`` and ``fields`` (the cache's
+fingerprint plus every bank parameter that changes the stored values), and the build summary.
+The bank is derived data: one built with other parameters is deleted and rebuilt, the teacher's
+arrays are never touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import zarr
+
+from seed import cache
+from seed.config import BankConfig, to_dict
+from seed.errors import SeedError
+
+FORMAT_VERSION = 1
+NAME = "bank"
+# Bank parameters that do not change the stored values (how fast, and how much is measured).
+_NOT_FIELDS = ("batch_size", "kl_sample")
+
+
+def fields(group: zarr.Group, b: BankConfig) -> dict[str, Any]:
+    """What determines the bank and its targets: the cache's fingerprint and the bank parameters."""
+    params = {k: v for k, v in to_dict(b).items() if k not in _NOT_FIELDS}
+    return {"cache_fingerprint": cache.attributes(group)["fingerprint"], **params}
+
+
+@dataclasses.dataclass(frozen=True)
+class Bank:
+    """A complete bank, read-only: its entries and the cached targets of any row block."""
+
+    group: zarr.Group
+
+    @property
+    def fingerprint(self) -> str:
+        return str(cache.attributes(self.group)["fingerprint"])
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return dict(self.group.attrs)
+
+    def ids(self) -> np.ndarray:
+        """``[K, 2]`` int64 (row, view) of every entry."""
+        return cache.read(self.group, "ids").astype(np.int64)
+
+    def vectors(self) -> np.ndarray:
+        """``[K, D]`` float32 unit vectors (stored as float16)."""
+        return cache.read(self.group, "vectors").astype(np.float32)
+
+    def targets(self, rows: slice) -> dict[str, np.ndarray]:
+        """The sparse targets of a row block: ``cols`` ``[n, V, k]`` int32 and ``logp`` ``[n, V, k]`` float16."""
+        return {"cols": cache.read(self.group, "indices", rows), "logp": cache.read(self.group, "logp", rows)}
+
+    def mass(self, rows: slice | None = None) -> np.ndarray:
+        return cache.read(self.group, "mass", rows if rows is not None else slice(None))
+
+    def log_probs(self, rows: slice) -> np.ndarray:
+        return cache.read(self.group, "logp", rows)
+
+
+def is_complete(group: zarr.Group) -> bool:
+    return NAME in group and cache.subgroup(group, NAME).attrs.get("status") == "complete"
+
+
+def open_bank(url: str, expect: BankConfig | None = None) -> tuple[zarr.Group, Bank]:
+    """A complete cache and its complete bank (checked against ``expect`` when given), read-only."""
+    group = cache.open_complete(url)
+    if NAME not in group:
+        raise SeedError(f"{url}: no bank yet; run the bank stage (seed bank) first")
+    node = cache.subgroup(group, NAME)
+    a = cache.attributes(node)
+    if a.get("format_version") != FORMAT_VERSION:
+        raise SeedError(f"{url}: bank format version {a.get('format_version')} is not supported (this seed reads "
+                        f"{FORMAT_VERSION}); run the bank stage again to rebuild it")
+    if a.get("status") != "complete":
+        raise SeedError(f"{url}: the bank is incomplete (status {a.get('status')!r}); run the bank stage again")
+    if expect is not None and a["fingerprint"] != cache.fingerprint(fields(group, expect)):
+        diffs = cache.diff_fields(a["fields"], fields(group, expect))
+        raise SeedError(f"{url}: the bank was built with other parameters: {'; '.join(diffs)}; run the bank stage")
+    return group, Bank(node)
+
+
+def current(group: zarr.Group, b: BankConfig) -> tuple[bool, str]:
+    """(whether a complete bank with these parameters exists, why not when it does not)."""
+    if NAME not in group:
+        return False, "no bank"
+    old = cache.attributes(cache.subgroup(group, NAME))
+    want = fields(group, b)
+    if old.get("format_version") != FORMAT_VERSION:
+        return False, f"format version {old.get('format_version')}"
+    if old.get("status") != "complete":
+        return False, "incomplete"
+    if old.get("fingerprint") != cache.fingerprint(want):
+        return False, "; ".join(cache.diff_fields(old.get("fields", {}), want))
+    return True, ""
+
+
+def create(group: zarr.Group, b: BankConfig, ids: np.ndarray, vectors: np.ndarray,
+           serialized_index: np.ndarray | None) -> zarr.Group:
+    """Replace any bank of ``group`` by a new one in status ``building`` with its entries and empty targets."""
+    if NAME in group:
+        del group[NAME]
+    f = fields(group, b)
+    N, V, cap = (int(cache.attributes(group)[k]) for k in ("N", "V", "capacity"))
+    K, D = vectors.shape
+    bank = group.create_group(NAME, attributes={"format_version": FORMAT_VERSION, "status": "building",
+                                                "fingerprint": cache.fingerprint(f), "fields": f})
+    bank.create_array("ids", data=ids.astype(np.int32), chunks=(min(K, 1 << 16), 2))
+    bank.create_array("vectors", data=vectors.astype(np.float16), chunks=(min(K, 1 << 16), D), compressors=None)
+    if serialized_index is not None:
+        bank.create_array("faiss_index", data=serialized_index, chunks=(len(serialized_index),), compressors=None)
+    bank.create_array("indices", shape=(N, V, b.topk), dtype="int32", chunks=(cap, V, b.topk), fill_value=-1)
+    bank.create_array("logp", shape=(N, V, b.topk), dtype="float16", chunks=(cap, V, b.topk), fill_value=np.nan)
+    bank.create_array("mass", shape=(N, V), dtype="float32", chunks=(cap, V), fill_value=np.nan)
+    return bank
+
+
+def write_targets(bank: zarr.Group, rows: slice, cols: np.ndarray, logp: np.ndarray, mass: np.ndarray) -> None:
+    """One input shard's row block of targets (each array's chunk, exactly)."""
+    cache.array(bank, "indices")[rows] = cols
+    cache.array(bank, "logp")[rows] = logp.astype(np.float16)
+    cache.array(bank, "mass")[rows] = mass
+
+
+def complete(bank: zarr.Group, summary: dict[str, Any]) -> None:
+    """Mark the bank complete (last, after every target block)."""
+    bank.update_attributes({**summary, "status": "complete"})

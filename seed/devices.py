@@ -1,0 +1,50 @@
+"""Where models run: device names, mixed precision and the CPU thread count.
+
+These are explicit inputs of every stage (``cache.device``, ``train.device``, ``cache.cpu_threads``),
+resolved here in one place. Nothing in this module changes process state on import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+from seed.errors import SeedError
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA when present, else the CPU; anything else is parsed by torch (``cuda:1``)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as exc:
+        raise SeedError(f"unknown device {name!r} (expected auto, cpu, cuda or cuda:<index>)") from exc
+
+
+def autocast(device: torch.device) -> Any:
+    """bf16 autocast on CUDA (the backbones' convolutions and matmuls); a no-op context on the CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def set_cpu_threads(n: int) -> None:
+    """Fix torch's intra-op thread count (0 = leave it as it is).
+
+    The split of a reduction across threads changes the last bits of a CPU forward, so every writer
+    of one cache must use the same count. Threads are a process-wide setting: entry points call this
+    once (the Prefect shard tasks call it in each task, always with the cache's value, so threads
+    never race to different counts); shard writers only check it (``require_cpu_threads``).
+    """
+    if n > 0 and torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
+def require_cpu_threads(n: int, what: str) -> None:
+    """Refuse to write ``what`` with another thread count than the one it was started with."""
+    if n > 0 and torch.get_num_threads() != n:
+        raise SeedError(f"{what} was written with {n} CPU threads but this process uses {torch.get_num_threads()}; "
+                        f"call seed.devices.set_cpu_threads({n}) first (the stage entry points do)")

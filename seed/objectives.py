@@ -1,0 +1,217 @@
+"""Training objectives: what differs between cached SEED, online SEED, MoCo-v2 and supervised training.
+
+The loop (``seed.train``) owns what every method shares. An objective owns how a batch's teacher
+side is made (``prepare``), the loss of one trained model (``loss``) and any state updated after
+the step (``after_step``: queues, momentum encoders), which it saves and restores with the
+checkpoints. Objectives are built by name through ``create_objective`` (a small registry), so a
+benchmark or a test can register its own and hand it to the loop.
+
+Example:
+    >>> import torch
+    >>> obj = create_objective("supervised")
+    >>> obj.n_views, obj.teacher_forwards
+    (1, 0)
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from seed.data import Batch
+from seed.devices import autocast
+from seed.errors import SeedError
+from seed.loss import info_nce, own_mask, seed_loss, seed_loss_sparse
+
+Context = dict[str, torch.Tensor]
+ObjectiveFactory = Callable[..., "Objective"]
+
+
+class Queue:
+    """A FIFO of the K most recent embeddings (MoCo's queue; online SEED's instance queue)."""
+
+    def __init__(self, size: int, dim: int, device: torch.device, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.data = F.normalize(torch.randn(size, dim, generator=g), dim=1).to(device)  # K x D, random at start (MoCo)
+        self.ptr = 0
+
+    @torch.no_grad()
+    def push(self, z: torch.Tensor) -> None:
+        z = gather(z.detach().float())                                        # B x D, all ranks
+        K = len(self.data)
+        n = min(len(z), K)
+        idx = (self.ptr + torch.arange(n, device=z.device)) % K
+        self.data[idx] = z[-n:]
+        self.ptr = int((self.ptr + n) % K)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"data": self.data.cpu(), "ptr": self.ptr}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.data.copy_(state["data"])
+        self.ptr = int(state["ptr"])
+
+
+def gather(z: torch.Tensor) -> torch.Tensor:
+    """All ranks' rows, in rank order (MoCo's concat_all_gather); the input itself when not distributed."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return z
+    out = [torch.empty_like(z) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, z)
+    return torch.cat(out)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DDP wrapper (or the model itself)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+class Objective:
+    """What differs between methods; the defaults suit objectives without state (one view, no teacher)."""
+
+    n_views = 1
+    teacher_forwards = 0
+
+    def prepare(self, batch: Batch, device: torch.device) -> Context:
+        return {}
+
+    def loss(self, model: nn.Module, x: torch.Tensor, ctx: Context, labels: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def after_step(self, ctx: Context) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+OBJECTIVES: dict[str, ObjectiveFactory] = {}
+
+
+def register(name: str) -> Callable[[type[Objective]], type[Objective]]:
+    """Class decorator: make an objective available to ``create_objective(name, ...)``."""
+    def add(cls: type[Objective]) -> type[Objective]:
+        OBJECTIVES[name] = cls
+        return cls
+    return add
+
+
+def create_objective(name: str, **kwargs: Any) -> Objective:
+    """The objective registered as ``name``, built with ``kwargs``."""
+    try:
+        factory = OBJECTIVES[name]
+    except KeyError:
+        raise SeedError(f"unknown objective {name!r} (known: {', '.join(sorted(OBJECTIVES))})") from None
+    return factory(**kwargs)
+
+
+@register("seed-cached")
+class CachedSeed(Objective):
+    """SEED against the cache: teacher embeddings and targets were computed once, the teacher is never built.
+
+    ``dense``: recompute p_T from the cached embedding and the bank; otherwise the cached top-k targets.
+    """
+
+    def __init__(self, bank_vectors: torch.Tensor, bank_rows: torch.Tensor, *, tau_s: float, tau_t: float, dense: bool):
+        self.bank, self.bank_rows = bank_vectors, bank_rows                   # K x D, K
+        self.tau_s, self.tau_t, self.dense = tau_s, tau_t, dense
+
+    def prepare(self, batch: Batch, device: torch.device) -> Context:
+        ctx = {"z_t": batch.extra["z_t"].to(device), "own": own_mask(batch.rows.to(device), self.bank_rows)}
+        if not self.dense:
+            ctx["cols"], ctx["logp"] = batch.extra["cols"].to(device), batch.extra["logp"].to(device)
+        return ctx
+
+    def loss(self, model: nn.Module, x: torch.Tensor, ctx: Context, labels: torch.Tensor) -> torch.Tensor:
+        z_s = F.normalize(model(x).float(), dim=1)                            # B x D
+        if self.dense:
+            return seed_loss(z_s, ctx["z_t"], self.bank, self.tau_s, self.tau_t, ctx["own"])
+        return seed_loss_sparse(z_s, ctx["z_t"], self.bank, ctx["cols"], ctx["logp"], self.tau_s, ctx["own"])
+
+
+@register("seed-online")
+class OnlineSeed(Objective):
+    """SEED as published: the frozen teacher embeds every batch; a FIFO queue of K teacher embeddings is the bank."""
+
+    def __init__(self, teacher: nn.Module, queue: Queue, *, tau_s: float, tau_t: float):
+        self.teacher, self.queue, self.tau_s, self.tau_t = teacher, queue, tau_s, tau_t
+        self.teacher_forwards = 0
+
+    def prepare(self, batch: Batch, device: torch.device) -> Context:
+        with torch.no_grad(), autocast(device):
+            z_t = F.normalize(self.teacher(batch.x.to(device)).float(), dim=1)  # B x D
+        self.teacher_forwards += len(z_t)
+        return {"z_t": z_t}
+
+    def loss(self, model: nn.Module, x: torch.Tensor, ctx: Context, labels: torch.Tensor) -> torch.Tensor:
+        z_s = F.normalize(model(x).float(), dim=1)                            # B x D
+        return seed_loss(z_s, ctx["z_t"], self.queue.data, self.tau_s, self.tau_t)
+
+    def after_step(self, ctx: Context) -> None:
+        self.queue.push(ctx["z_t"])                                           # enqueue after the step, as the official code
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"queue": self.queue.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.queue.load_state_dict(state["queue"])
+
+
+@register("moco")
+class MocoV2(Objective):
+    """MoCo-v2 (Chen et al. 2020): query encoder trained, key encoder = momentum copy, queue of keys."""
+
+    n_views = 2
+
+    def __init__(self, model: nn.Module, queue: Queue, *, momentum: float, temperature: float):
+        # The key encoder keeps its own BatchNorm statistics (momentum-updated parameters only, as MoCo).
+        self.key_encoder = copy.deepcopy(unwrap(model)).requires_grad_(False).train()
+        self.model, self.queue, self.m, self.t = model, queue, momentum, temperature
+
+    def prepare(self, batch: Batch, device: torch.device) -> Context:
+        B = len(batch.rows)
+        x = batch.x.to(device)                                                # 2B x 3 x r x r, view-major
+        with torch.no_grad():
+            self._momentum_update()
+            with autocast(device):
+                k = F.normalize(self.key_encoder(x[B:]).float(), dim=1)       # B x D keys of the second views
+        return {"k": k, "B": torch.tensor(B)}
+
+    def loss(self, model: nn.Module, x: torch.Tensor, ctx: Context, labels: torch.Tensor) -> torch.Tensor:
+        B = int(ctx["B"])
+        q = F.normalize(model(x[:B]).float(), dim=1)                          # B x D queries of the first views
+        return info_nce(q, ctx["k"], self.queue.data, self.t)
+
+    @torch.no_grad()
+    def _momentum_update(self) -> None:
+        for pk, pq in zip(self.key_encoder.parameters(), unwrap(self.model).parameters()):
+            pk.mul_(self.m).add_(pq.detach(), alpha=1 - self.m)
+
+    def after_step(self, ctx: Context) -> None:
+        self.queue.push(ctx["k"])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"queue": self.queue.state_dict(), "key_encoder": self.key_encoder.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.queue.load_state_dict(state["queue"])
+        self.key_encoder.load_state_dict(state["key_encoder"])
+
+
+@register("supervised")
+class Supervised(Objective):
+    """Cross-entropy on the shard labels through a linear classifier (a labelled teacher for comparisons)."""
+
+    def loss(self, model: nn.Module, x: torch.Tensor, ctx: Context, labels: torch.Tensor) -> torch.Tensor:
+        if (labels < 0).any():
+            raise SeedError("supervised pre-training needs labels (.cls or .json) on every sample")
+        return F.cross_entropy(model(x).float(), labels)
