@@ -10,7 +10,9 @@ hold when Prefect's database is gone.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import threading
+from typing import Any, cast
+from uuid import UUID
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
@@ -25,9 +27,12 @@ from pipeline import pretrain as pretrain_stage
 from pipeline import student as student_stage
 from pipeline import teacher as teacher_stage
 from seed import cache
-from seed.config import RunConfig, from_dict, load_config, to_dict
+from seed.config import RunConfig, TeacherConfig, from_dict, load_config, to_dict
+from seed.devices import resolve_device, set_cpu_threads
+from seed.models import Encoder
 from seed.report import markdown_table
 from seed.storage import Storage, load_storage
+from seed.teachers import LoadReport, load_teacher
 
 ALL_STAGES = ["pretrain", "teacher", "bank", "student", "evaluate"]
 DEFAULT_CONFIG = "configs/demo.yaml"
@@ -37,14 +42,35 @@ def _cfg(data: dict[str, Any]) -> RunConfig:
     return from_dict(RunConfig, data)
 
 
+_loaded: dict[TeacherConfig, tuple[Encoder, LoadReport]] = {}
+_loading = threading.Lock()
+
+
+def shared_teacher(cfg: TeacherConfig) -> tuple[Encoder, LoadReport]:
+    """One teacher per process and configuration: shard tasks in worker threads share it.
+
+    A module-level function (not an object holding the lock), so Dask pickles the tasks that call
+    it by reference.
+    """
+    with _loading:
+        if cfg not in _loaded:
+            _loaded[cfg] = load_teacher(cfg)
+        return _loaded[cfg]
+
+
+def _progress(key: str, description: str) -> UUID:
+    """A progress artifact at 0 % (Prefect's sync/async dual API is typed as a union; in a flow it is sync)."""
+    return cast(UUID, create_progress_artifact(0.0, key=key, description=description))
+
+
 @task(cache_policy=NO_CACHE)
-def pretrain_teacher(cfg_data: dict[str, Any], storage_file: str | None) -> dict[str, Any]:
+def pretrain_teacher(cfg_data: dict[str, Any], storage_file: str | None) -> pretrain_stage.PretrainResult:
     """MoCo-v2 pre-training when the config names no teacher checkpoint (reused when already made)."""
     log = get_run_logger()
-    summary = pretrain_stage.run(_cfg(cfg_data), load_storage(storage_file), progress=False,
-                                 on_epoch=lambda e, row: log.info("pretrain epoch %d: %s", e + 1, row["loss"]))
-    log.info(("reusing" if summary["skipped"] else "trained") + " teacher %s", summary["checkpoint"])
-    return summary
+    result = pretrain_stage.run(_cfg(cfg_data), load_storage(storage_file), progress=False,
+                                on_epoch=lambda e, row: log.info("pretrain epoch %d: %s", e + 1, row["loss"]))
+    log.info(("reusing" if result.skipped else "trained") + " teacher %s", result.checkpoint)
+    return result
 
 
 @task(cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5, task_run_name="teacher-shard-{shard}")
@@ -56,13 +82,16 @@ def embed_shard(cfg_data: dict[str, Any], storage_file: str | None, plan: dict[s
     done = cache.shard_record(group, shard)
     if done is not None:  # finished by an earlier (killed) run
         return done
-    return teacher_stage.embed_shard(cfg, p, group, shard)
+    if resolve_device(cfg.cache.device).type == "cpu":  # same value in every task: no race between threads
+        set_cpu_threads(teacher_stage.cpu_threads(group))
+    encoder, _ = shared_teacher(cfg.teacher)
+    return teacher_stage.embed_shard(cfg, p, group, shard, encoder)
 
 
 @flow(name="seed-teacher-shards", log_prints=True)
 def teacher_shards(cfg_data: dict[str, Any], storage_file: str | None, plan: dict[str, Any], todo: list[int]) -> int:
     """Submit the shard tasks to this flow's task runner and report progress as they finish."""
-    progress = create_progress_artifact(0.0, key="teacher-progress", description="teacher stage: shards done")
+    progress = _progress("teacher-progress", "teacher stage: shards done")
     futures = [embed_shard.submit(cfg_data, storage_file, plan, s) for s in todo]
     for n, future in enumerate(as_completed(futures), 1):
         future.result()
@@ -73,13 +102,13 @@ def teacher_shards(cfg_data: dict[str, Any], storage_file: str | None, plan: dic
 def run_teacher(cfg: RunConfig, storage: Storage, storage_file: str | None, workers: int,
                 dask_address: str | None) -> dict[str, Any]:
     log = get_run_logger()
-    plan, group = teacher_stage.prepare(cfg, storage)
+    plan, group = teacher_stage.prepare(cfg, storage, *shared_teacher(cfg.teacher))
     done = set(cache.done_shards(group))
     todo = [s for s in range(len(plan.urls)) if s not in done]
-    if not todo and group.attrs.get("status") == "complete":
+    if not todo and cache.attributes(group).get("status") == "complete":
         log.info("teacher stage: cache %s is complete with a matching fingerprint; skipped (no teacher forward)",
                  plan.cache_url)
-        return dict(group.attrs["totals"])
+        return dict(cache.attributes(group)["totals"])
     if done:
         log.info("teacher stage: %d of %d shards already done; embedding the other %d", len(done), len(plan.urls), len(todo))
     if dask_address:
@@ -96,45 +125,48 @@ def run_teacher(cfg: RunConfig, storage: Storage, storage_file: str | None, work
 
 
 @task(cache_policy=NO_CACHE)
-def build_bank(cfg_data: dict[str, Any], storage_file: str | None) -> dict[str, Any]:
+def build_bank(cfg_data: dict[str, Any], storage_file: str | None) -> bank_stage.BankResult:
     log = get_run_logger()
-    summary = bank_stage.run(_cfg(cfg_data), load_storage(storage_file), progress=False)
-    if summary["skipped"]:
-        log.info("bank stage: bank of %s complete with a matching fingerprint; skipped", summary["cache"])
+    result = bank_stage.run(_cfg(cfg_data), load_storage(storage_file), progress=False)
+    s = result.summary
+    if result.skipped:
+        log.info("bank stage: bank of %s complete with a matching fingerprint; skipped", result.cache)
     else:
-        log.info("bank stage: %s views at %.0f views/s; fidelity %s", summary["views"], summary["views_per_s"],
-                 summary["fidelity"]["mass"])
-    return summary
+        log.info("bank stage: %s views at %.0f views/s; captured mass mean %.4f", s["views"], s["views_per_s"],
+                 s["fidelity"]["mass"]["mean"])
+    return result
 
 
 @task(cache_policy=NO_CACHE)
-def train_students(cfg_data: dict[str, Any], storage_file: str | None) -> dict[str, Any]:
+def train_students(cfg_data: dict[str, Any], storage_file: str | None) -> student_stage.StudentResult:
     log = get_run_logger()
     cfg, storage = _cfg(cfg_data), load_storage(storage_file)
-    if student_stage.is_complete(cfg, storage):
-        log.info("student stage: run %s already trained for %d epochs on this cache and bank; skipped",
-                 cfg.train.run, cfg.train.epochs)
-        return {"skipped": True, **student_stage.completed_summary(cfg, storage)}
-    progress = create_progress_artifact(0.0, key="student-progress", description="student stage: epochs done")
+    epochs = cfg.train.optim.epochs
+    done = student_stage.completed(cfg, storage)
+    if done is not None:
+        log.info("student stage: run %s already trained for %d epochs on this cache and bank; skipped", cfg.train.run, epochs)
+        return done
+    progress = _progress("student-progress", "student stage: epochs done")
 
     def on_epoch(epoch: int, row: dict[str, Any]) -> None:
-        update_progress_artifact(progress, 100.0 * (epoch + 1) / cfg.train.epochs)
+        update_progress_artifact(progress, 100.0 * (epoch + 1) / epochs)
         log.info("epoch %d: loss %s, %.0f images/s", epoch + 1, row["loss"], row["images_per_s"])
 
-    summary = student_stage.run(cfg, storage, progress=False, on_epoch=on_epoch)
+    result = student_stage.run(cfg, storage, progress=False, on_epoch=on_epoch, load=shared_teacher)
     create_table_artifact([{"epoch": m["epoch"], "seconds": m["seconds"], "images_per_s": m["images_per_s"],
                             "teacher_forwards": m["teacher_forwards"], **{f"loss {k}": round(v, 4) for k, v in m["loss"].items()}}
-                           for m in summary["metrics"]], key="student-metrics", description=f"run {cfg.train.run}")
-    return {"skipped": False, **summary}
+                           for m in result.metrics], key="student-metrics", description=f"run {cfg.train.run}")
+    return result
 
 
 @task(cache_policy=NO_CACHE)
-def evaluate(cfg_data: dict[str, Any], storage_file: str | None, include_teacher: bool) -> dict[str, Any]:
-    summary = evaluate_stage.run(_cfg(cfg_data), load_storage(storage_file), include_teacher=include_teacher, progress=False)
-    table = markdown_table(summary["results"], [("name", "encoder"), ("knn", "kNN top-1 (%)"), ("nn1", "1-NN (%)"),
-                                                ("linear", "linear (%)"), ("init", "notes")])
-    create_markdown_artifact(f"# Evaluation\n\n{table}\n\nReport: `{summary['report']}`\n", key="evaluation")
-    return summary
+def evaluate(cfg_data: dict[str, Any], storage_file: str | None, include_teacher: bool) -> evaluate_stage.EvaluationResult:
+    result = evaluate_stage.run(_cfg(cfg_data), load_storage(storage_file), include_teacher=include_teacher,
+                                progress=False, load=shared_teacher)
+    table = markdown_table(result.results, [("name", "encoder"), ("knn", "kNN top-1 (%)"), ("nn1", "1-NN (%)"),
+                                            ("linear", "linear (%)"), ("init", "notes")])
+    create_markdown_artifact(f"# Evaluation\n\n{table}\n\nReport: `{result.report}`\n", key="evaluation")
+    return result
 
 
 def _overrides(overrides: list[str], run: str | None, student_arch: str | None, epochs: int | None) -> list[str]:
@@ -144,7 +176,7 @@ def _overrides(overrides: list[str], run: str | None, student_arch: str | None, 
     if student_arch:
         out.append(f"train.students=[{{arch: {student_arch}}}]")
     if epochs:
-        out.append(f"train.epochs={epochs}")
+        out.append(f"train.optim.epochs={epochs}")
     return out
 
 
@@ -157,7 +189,7 @@ def seed(config: str = DEFAULT_CONFIG, overrides: list[str] | None = None, stage
     Args:
         config: run config YAML. overrides: ``section.field=value`` strings.
         stages: any of pretrain, teacher, bank, student, evaluate (default: all).
-        run, student_arch, epochs: shortcuts for train.run, train.students, train.epochs.
+        run, student_arch, epochs: shortcuts for train.run, train.students, train.optim.epochs.
         storage: storage.yaml (default: ./storage.yaml). teacher_workers: shard tasks at once.
         dask_address: run the shard tasks on this Dask scheduler (several machines, one cache).
     """
@@ -171,22 +203,24 @@ def seed(config: str = DEFAULT_CONFIG, overrides: list[str] | None = None, stage
     result: dict[str, Any] = {"stages": stages}
     if "pretrain" in stages and not cfg.teacher.checkpoint:
         made = pretrain_teacher(to_dict(cfg), storage)
-        cfg = dataclasses.replace(cfg, teacher=from_dict(type(cfg.teacher), made["teacher"]))
-        result["pretrain"] = made["checkpoint"]
+        cfg = dataclasses.replace(cfg, teacher=made.teacher)
+        result["pretrain"] = made.checkpoint
     if "teacher" in stages:
         result["teacher"] = run_teacher(cfg, store, storage, teacher_workers, dask_address)
-        info = cache.open_group(teacher_stage.cache_url(cfg, store), "r").attrs
-        create_table_artifact([{"cache": teacher_stage.cache_url(cfg, store), "N": info["N"], "V": info["V"], "D": info["D"],
-                                **info["totals"]}], key="cache-summary", description="teacher cache")
+        url = store.cache_url(cfg.cache.name)
+        info = cache.attributes(cache.open_group(url, "r"))
+        create_table_artifact([{"cache": url, "N": info["N"], "V": info["V"], "D": info["D"], **info["totals"]}],
+                              key="cache-summary", description="teacher cache")
     if "bank" in stages:
-        result["bank"] = {k: v for k, v in build_bank(to_dict(cfg), storage).items() if k != "fields"}
+        built = build_bank(to_dict(cfg), storage)
+        result["bank"] = {"skipped": built.skipped, **{k: v for k, v in built.summary.items() if k != "fields"}}
     if "student" in stages:
         trained = train_students(to_dict(cfg), storage)
-        result["student"] = {"run": trained["run"], "students": trained["students"], "skipped": trained["skipped"],
-                             "teacher_forwards": trained.get("teacher_forwards", 0)}
+        result["student"] = {"run": trained.run, "students": trained.students, "skipped": trained.skipped,
+                             "teacher_forwards": trained.teacher_forwards}
     if "evaluate" in stages:
         include_teacher = "teacher" in stages and bool(cfg.teacher.checkpoint)
-        summary = evaluate(to_dict(cfg), storage, include_teacher)
-        result["evaluation"] = {"report": summary["report"], "results": summary["results"]}
-        log.info("report: %s", summary["report"])
+        scored = evaluate(to_dict(cfg), storage, include_teacher)
+        result["evaluation"] = {"report": scored.report, "results": scored.results}
+        log.info("report: %s", scored.report)
     return result

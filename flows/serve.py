@@ -7,16 +7,25 @@ evaluation stages only (it refuses a missing, incomplete or mismatched cache, an
 teacher). Runs start in this process's working directory, so relative paths resolve there.
 """
 
+from typing import cast
+
 from prefect import serve
-from prefect.deployments.runner import EntrypointType
+from prefect.deployments.runner import EntrypointType, RunnerDeployment
 
 from flows.seed_flow import seed
 
+
+def deployments() -> list[RunnerDeployment]:
+    """``seed/full`` and ``seed/student`` (``to_deployment`` is sync here; Prefect types it sync-or-async)."""
+    return [
+        cast(RunnerDeployment, seed.to_deployment(
+            "full", entrypoint_type=EntrypointType.MODULE_PATH,
+            description="all stages: pretrain (if needed), teacher, bank, students, evaluation")),
+        cast(RunnerDeployment, seed.to_deployment(
+            "student", entrypoint_type=EntrypointType.MODULE_PATH, parameters={"stages": ["student", "evaluate"]},
+            description="re-train students on the existing cache; never loads the teacher")),
+    ]
+
+
 if __name__ == "__main__":
-    serve(
-        seed.to_deployment("full", entrypoint_type=EntrypointType.MODULE_PATH,
-                           description="all stages: pretrain (if needed), teacher, bank, students, evaluation"),
-        seed.to_deployment("student", entrypoint_type=EntrypointType.MODULE_PATH,
-                           parameters={"stages": ["student", "evaluate"]},
-                           description="re-train students on the existing cache; never loads the teacher"),
-    )
+    serve(*deployments())

@@ -8,6 +8,7 @@ teacher's arrays are only read. A bank with other parameters is rebuilt (it is d
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -16,85 +17,51 @@ import numpy as np
 import torch
 import zarr
 
-from pipeline.teacher import cache_url, resolve_device
 from seed import bank as B
-from seed import cache
-from seed.config import BankConfig, RunConfig, to_dict
+from seed import bank_store, cache
+from seed.config import BankConfig, RunConfig
+from seed.devices import resolve_device
 from seed.errors import SeedError
 from seed.storage import Storage
 
 log = logging.getLogger(__name__)
-BANK_FORMAT_VERSION = 1
 
 
-def bank_fields(group: zarr.Group, b: BankConfig) -> dict[str, Any]:
-    """What determines the bank and targets (not batch size, device or the fidelity sample)."""
-    params = {k: v for k, v in to_dict(b).items() if k not in ("batch_size", "kl_sample")}
-    return {"cache_fingerprint": group.attrs["fingerprint"], **params}
+@dataclasses.dataclass(frozen=True)
+class BankResult:
+    """The bank of ``cache``: built now (``skipped`` False) or found complete; its summary attributes."""
+
+    cache: str
+    skipped: bool
+    summary: dict[str, Any]
 
 
-def normaliser_is_exact(b: BankConfig) -> bool:
-    return b.normaliser == "exact" or (b.normaliser == "auto" and b.index in ("flat", "torch"))
-
-
-def open_bank(url: str, expect: BankConfig | None = None) -> tuple[zarr.Group, zarr.Group]:
-    """A complete cache and its complete bank (checked against ``expect`` when given), read-only."""
-    group = cache.open_complete(url)
-    if "bank" not in group:
-        raise SeedError(f"{url}: no bank yet; run the bank stage (seed bank) first")
-    bank = group["bank"]
-    assert isinstance(bank, zarr.Group)
-    if bank.attrs.get("status") != "complete":
-        raise SeedError(f"{url}: the bank is incomplete (status {bank.attrs.get('status')!r}); run the bank stage again")
-    if expect is not None and bank.attrs["fingerprint"] != cache.fingerprint(bank_fields(group, expect)):
-        diffs = cache.diff_fields(bank.attrs["fields"], bank_fields(group, expect))
-        raise SeedError(f"{url}: the bank was built with other parameters: {'; '.join(diffs)}; run the bank stage")
-    return group, bank
-
-
-def run(cfg: RunConfig, storage: Storage, *, progress: bool = True) -> dict[str, Any]:
+def run(cfg: RunConfig, storage: Storage, *, progress: bool = True) -> BankResult:
     """Build (or confirm) the bank and targets of the configured cache."""
     from tqdm import tqdm
 
     b = cfg.bank
-    url = cache_url(cfg, storage)
+    url = storage.cache_url(cfg.cache.name)
     group = cache.open_complete(url, "r+")
-    V, D, cap, n_shards = (int(group.attrs[k]) for k in ("V", "D", "capacity", "n_shards"))
+    V, D, cap, n_shards = (int(cache.attributes(group)[k]) for k in ("V", "D", "capacity", "n_shards"))
     if b.topk > b.size + 1:
         raise SeedError(f"bank.topk={b.topk} exceeds the {b.size + 1} columns of D+ (bank.size + 1)")
-    fields = bank_fields(group, b)
-    fp = cache.fingerprint(fields)
-    if "bank" in group:
-        old = group["bank"].attrs
-        if old.get("status") == "complete" and old.get("fingerprint") == fp:
-            log.info("bank of %s is complete with the same parameters; skipping", url)
-            return {"cache": url, "skipped": True, **dict(old)}
-        reason = "incomplete" if old.get("status") != "complete" else "; ".join(cache.diff_fields(old.get("fields", {}), fields))
+    up_to_date, reason = bank_store.current(group, b)
+    if up_to_date:
+        log.info("bank of %s is complete with the same parameters; skipping", url)
+        return BankResult(url, True, dict(cache.subgroup(group, bank_store.NAME).attrs))
+    if reason != "no bank":
         log.info("rebuilding the bank of %s (%s); the teacher cache is kept", url, reason)
-        del group["bank"]
 
     start = time.perf_counter()
     device = resolve_device(cfg.cache.device)
-    bank = group.create_group("bank", attributes={"format_version": BANK_FORMAT_VERSION, "status": "building",
-                                                  "fingerprint": fp, "fields": fields})
-    valid = group["valid"][:]
+    valid = cache.read(group, "valid")
     ids = B.sample_bank(np.flatnonzero(valid), V, b.size, b.seed)            # K x 2 (row, view)
-    emb = group["embeddings"]
-    vectors = emb.oindex[ids[:, 0]][np.arange(len(ids)), ids[:, 1]]          # K x D, float16
+    vectors = cache.read_rows(group, "embeddings", ids[:, 0])[np.arange(len(ids)), ids[:, 1]]   # K x D, float16
     index = B.BankIndex(vectors.astype(np.float32), b.index, device=device, ivf_lists=b.ivf_lists, nprobe=b.nprobe,
                         hnsw_m=b.hnsw_m, ef_search=b.ef_search, seed=b.seed)
-    bank.create_array("ids", data=ids.astype(np.int32), chunks=(min(len(ids), 1 << 16), 2))
-    bank.create_array("vectors", data=vectors, chunks=(min(len(ids), 1 << 16), D), compressors=None)
-    serialized = index.serialize()
-    if serialized is not None:
-        bank.create_array("faiss_index", data=serialized, chunks=(len(serialized),), compressors=None)
-    N = int(group.attrs["N"])
-    targets = {
-        "indices": bank.create_array("indices", shape=(N, V, b.topk), dtype="int32", chunks=(cap, V, b.topk), fill_value=-1),
-        "logp": bank.create_array("logp", shape=(N, V, b.topk), dtype="float16", chunks=(cap, V, b.topk), fill_value=np.nan),
-        "mass": bank.create_array("mass", shape=(N, V), dtype="float32", chunks=(cap, V), fill_value=np.nan),
-    }
-    exact = normaliser_is_exact(b)
+    bank = bank_store.create(group, b, ids, vectors, index.serialize())
+    exact = b.exact_normaliser
     rng = np.random.default_rng(b.seed + 1)
     bank_rows = ids[:, 0]
     n_views = int(valid.sum()) * V
@@ -108,7 +75,7 @@ def run(cfg: RunConfig, storage: Storage, *, progress: bool = True) -> dict[str,
         out_mass = np.full((cap, V), np.nan, np.float32)
         if ok.any():
             local = np.flatnonzero(ok)
-            z = emb[rows][local].astype(np.float32).reshape(-1, D)           # n*V x D
+            z = cache.read(group, "embeddings", rows)[local].astype(np.float32).reshape(-1, D)   # n*V x D
             q_rows = np.repeat(local + s * cap, V)
             for lo in range(0, len(z), b.batch_size):
                 t0 = time.perf_counter()
@@ -121,9 +88,7 @@ def run(cfg: RunConfig, storage: Storage, *, progress: bool = True) -> dict[str,
                 out_logp.reshape(-1, b.topk)[_flat_positions(local, V)[flat]] = logp.astype(np.float16)
                 out_mass.reshape(-1)[_flat_positions(local, V)[flat]] = mass
                 bar.update(len(cols))
-        targets["indices"][rows] = out_idx
-        targets["logp"][rows] = out_logp
-        targets["mass"][rows] = out_mass
+        bank_store.write_targets(bank, rows, out_idx, out_logp, out_mass)
     bar.close()
     fidelity = measure_fidelity(group, bank, index, b, exact)
     seconds = time.perf_counter() - start
@@ -131,8 +96,8 @@ def run(cfg: RunConfig, storage: Storage, *, progress: bool = True) -> dict[str,
                "device": str(device), "faiss_gpu": index.on_gpu, "views": n_views, "seconds": round(seconds, 3),
                "targets_seconds": round(search_s, 3), "views_per_s": round(n_views / max(search_s, 1e-9), 1),
                "fidelity": fidelity}
-    bank.update_attributes({**summary, "status": "complete"})
-    return {"cache": url, "skipped": False, **summary}
+    bank_store.complete(bank, summary)
+    return BankResult(url, False, summary)
 
 
 def _flat_positions(local: np.ndarray, V: int) -> np.ndarray:
@@ -142,22 +107,22 @@ def _flat_positions(local: np.ndarray, V: int) -> np.ndarray:
 
 def measure_fidelity(group: zarr.Group, bank: zarr.Group, index: B.BankIndex, b: BankConfig, exact: bool) -> dict[str, Any]:
     """Captured mass over all views; KL(dense || sparse) and (approximate indices) recall on a sample."""
-    mass = bank["mass"][:]
+    mass = cache.read(bank, "mass")
     mass = mass[np.isfinite(mass)]
-    valid_rows = np.flatnonzero(group["valid"][:])
-    V = int(group.attrs["V"])
+    valid_rows = np.flatnonzero(cache.read(group, "valid"))
+    V = int(cache.attributes(group)["V"])
     rng = np.random.default_rng(b.seed + 2)
     n = min(b.kl_sample, len(valid_rows) * V)
     pick = rng.choice(len(valid_rows) * V, size=n, replace=False)
     rows, views = valid_rows[pick // V], pick % V
     order = np.argsort(rows, kind="stable")
     rows, views = rows[order], views[order]
-    z = group["embeddings"].oindex[rows][np.arange(n), views].astype(np.float32)   # n x D
-    cols = bank["indices"].oindex[rows][np.arange(n), views]
-    logp = bank["logp"].oindex[rows][np.arange(n), views].astype(np.float32)
-    m = bank["mass"].oindex[rows][np.arange(n), views]
+    z = cache.read_rows(group, "embeddings", rows)[np.arange(n), views].astype(np.float32)   # n x D
+    cols = cache.read_rows(bank, "indices", rows)[np.arange(n), views]
+    logp = cache.read_rows(bank, "logp", rows)[np.arange(n), views].astype(np.float32)
+    m = cache.read_rows(bank, "mass", rows)[np.arange(n), views]
     bank_vec = torch.from_numpy(index.vectors)
-    bank_rows = torch.from_numpy(bank["ids"][:, 0].astype(np.int64))
+    bank_rows = torch.from_numpy(cache.read(bank, "ids", (slice(None), 0)).astype(np.int64))
     dense = B.dense_log_probs(torch.from_numpy(z), torch.from_numpy(rows.astype(np.int64)), bank_vec, bank_rows, b.tau_t)
     excluded = ~torch.isfinite(dense).numpy()
     kl = B.kl_dense_sparse(dense.numpy(), B.sparse_to_dense(cols, logp, m, dense.shape[1], excluded))

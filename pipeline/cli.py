@@ -1,10 +1,16 @@
-"""The ``seed`` command line. User mistakes print one line (``seed: error: ...``) and exit 2."""
+"""The ``seed`` command line: one function per command over the stages. User mistakes print one line
+(``seed: error: ...``) and exit 2.
+
+A front end, like ``flows/``: it imports the stages; no stage imports it. Stage modules are
+imported inside the commands so that ``seed inspect`` and ``seed --help`` stay quick.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from seed.errors import SeedError
@@ -69,119 +75,132 @@ def _print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=1, default=str))
 
 
+def _run_config(args: argparse.Namespace) -> tuple[Any, Any]:
+    from seed.config import load_config
+    from seed.storage import load_storage
+
+    return load_config(args.config, args.overrides), load_storage(args.storage)
+
+
+def cmd_shards(args: argparse.Namespace) -> int:
+    from seed import shards
+    from seed.storage import load_storage
+
+    storage = load_storage(args.storage)
+    if args.kind == "fashion-mnist":
+        out = args.out or storage.resolve("shards", "fashion-mnist")
+        info = shards.fashion_mnist_to_shards(out, source=args.source or shards.FASHION_MNIST_DIR,
+                                              per_shard=args.per_shard, limit=args.limit, overwrite=args.overwrite)
+    else:
+        out = args.out or storage.resolve("shards", args.src.rstrip("/").rsplit("/", 1)[-1])
+        info = shards.imagefolder_to_shards(args.src, out, split=args.split, per_shard=args.per_shard,
+                                            limit=args.limit, overwrite=args.overwrite)
+    for name, split in info["splits"].items():
+        print(f"{name}: {split['num_samples']} samples in {len(split['filenames'])} shards -> {out}/{name}/")
+    return 0
+
+
+def cmd_teacher(args: argparse.Namespace) -> int:
+    from pipeline import teacher
+
+    cfg, storage = _run_config(args)
+    only = [int(s) for s in args.shards.split(",")] if args.shards else None
+    # A --shards worker leaves the root attributes to the coordinator (one writer for zarr.json):
+    # `seed teacher` without --shards embeds what is left and marks the cache complete.
+    result = teacher.run(cfg, storage, overwrite=args.overwrite, shards=only, finalize=only is None)
+    print(f"cache {result.cache}: embedded {len(result.embedded)} shards, {len(result.skipped_done)} already done"
+          + (f"; complete: {result.totals}" if result.totals is not None
+             else "; not complete yet (run seed teacher without --shards once all workers finish)"))
+    return 0
+
+
+def cmd_bank(args: argparse.Namespace) -> int:
+    from pipeline import bank
+
+    result = bank.run(*_run_config(args))
+    if result.skipped:
+        print(f"bank of {result.cache} is complete with these parameters; nothing to do")
+        return 0
+    s = result.summary
+    fid = s["fidelity"]
+    print(f"bank of {result.cache}: K={s['K']} top-{s['topk']} tau_T={s['tau_t']} ({s['index']}, {s['normaliser']} "
+          f"normaliser): {s['views']} views at {s['views_per_s']:.0f} views/s; captured mass mean "
+          f"{fid['mass']['mean']:.4f}, KL(dense||sparse) mean {fid['kl']['mean']:.2e}")
+    return 0
+
+
+def cmd_student(args: argparse.Namespace) -> int:
+    from pipeline import student
+
+    result = student.run(*_run_config(args), resume=args.resume)
+    last = result.metrics[-1]
+    print(f"run {result.run} ({result.mode}): " + ", ".join(
+        f"{name} loss {last['loss'][name]:.4f} -> {path}" for name, path in result.students.items()))
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from pipeline import pretrain
+
+    result = pretrain.run(*_run_config(args), resume=args.resume)
+    t = result.teacher
+    print(("reused " if result.skipped else "wrote ") + f"teacher {result.checkpoint}; use it with: "
+          f"--set teacher.arch={t.arch} --set teacher.checkpoint={t.checkpoint} --set teacher.format={t.format} "
+          f"--set teacher.output={t.output}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pipeline import evaluate
+    from seed.report import markdown_table
+
+    result = evaluate.run(*_run_config(args), include_teacher=not args.no_teacher)
+    print(markdown_table(result.results, [("name", "encoder"), ("knn", "kNN top-1 (%)"), ("nn1", "1-NN (%)"),
+                                          ("linear", "linear (%)"), ("init", "notes")]))
+    print(f"report: {result.report}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from seed.inspect import describe, format_text, neighbours, plots
+
+    if args.neighbours:
+        out = args.out or f"{args.neighbours.replace('/', '_')}-neighbours.png"
+        result = neighbours(args.cache, args.neighbours, out)
+        if args.json:
+            _print_json(result)
+        else:
+            print(f"wrote {out}: " + ", ".join(f"row {n['row']} (label {n['label']}, sim {n['similarity']:.3f})"
+                                               for n in result["neighbours"]))
+        return 0
+    if args.plots:
+        for path in plots(args.cache, args.plots):
+            print(f"wrote {path}")
+        return 0
+    info = describe(args.cache, sample=args.sample)
+    if args.json:
+        _print_json(info)
+    else:
+        print(format_text(info))
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "shards": cmd_shards, "teacher": cmd_teacher, "bank": cmd_bank, "student": cmd_student,
+    "pretrain": cmd_pretrain, "evaluate": cmd_evaluate, "inspect": cmd_inspect,
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return _dispatch(args)
+        return COMMANDS[args.command](args)
     except SeedError as exc:
         print(f"seed: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("seed: interrupted; completed shards are kept, re-run to resume", file=sys.stderr)
         return 130
-
-
-def _dispatch(args: argparse.Namespace) -> int:
-    from seed.storage import load_storage
-
-    if args.command == "shards":
-        from seed import shards
-
-        storage = load_storage(args.storage)
-        if args.kind == "fashion-mnist":
-            out = args.out or storage.resolve("shards", "fashion-mnist")
-            info = shards.fashion_mnist_to_shards(out, source=args.source or shards.FASHION_MNIST_DIR,
-                                                  per_shard=args.per_shard, limit=args.limit, overwrite=args.overwrite)
-        else:
-            out = args.out or storage.resolve("shards", args.src.rstrip("/").rsplit("/", 1)[-1])
-            info = shards.imagefolder_to_shards(args.src, out, split=args.split, per_shard=args.per_shard,
-                                                limit=args.limit, overwrite=args.overwrite)
-        for name, split in info["splits"].items():
-            print(f"{name}: {split['num_samples']} samples in {len(split['filenames'])} shards -> {out}/{name}/")
-        return 0
-
-    if args.command == "teacher":
-        from pipeline import teacher
-        from seed.config import load_config
-
-        cfg = load_config(args.config, args.overrides)
-        storage = load_storage(args.storage)
-        only = [int(s) for s in args.shards.split(",")] if args.shards else None
-        # A --shards worker leaves the root attributes to the coordinator (one writer for zarr.json):
-        # `seed teacher` without --shards embeds what is left and marks the cache complete.
-        summary = teacher.run(cfg, storage, overwrite=args.overwrite, shards=only, finalize=only is None)
-        done = len(summary["skipped_done"])
-        print(f"cache {summary['cache']}: embedded {len(summary['embedded'])} shards, {done} already done"
-              + (f"; complete: {summary['totals']}" if "totals" in summary
-                 else "; not complete yet (run seed teacher without --shards once all workers finish)"))
-        return 0
-
-    if args.command == "bank":
-        from pipeline import bank as bank_stage
-        from seed.config import load_config
-
-        summary = bank_stage.run(load_config(args.config, args.overrides), load_storage(args.storage))
-        if summary["skipped"]:
-            print(f"bank of {summary['cache']} is complete with these parameters; nothing to do")
-        else:
-            fid = summary["fidelity"]
-            print(f"bank of {summary['cache']}: K={summary['K']} top-{summary['topk']} tau_T={summary['tau_t']} "
-                  f"({summary['index']}, {summary['normaliser']} normaliser): {summary['views']} views at "
-                  f"{summary['views_per_s']:.0f} views/s; captured mass mean {fid['mass']['mean']:.4f}, "
-                  f"KL(dense||sparse) mean {fid['kl']['mean']:.2e}")
-        return 0
-
-    if args.command == "student":
-        from pipeline import student as student_stage
-        from seed.config import load_config
-
-        summary = student_stage.run(load_config(args.config, args.overrides), load_storage(args.storage), resume=args.resume)
-        last = summary["metrics"][-1]
-        print(f"run {summary['run']} ({summary['mode']}): " + ", ".join(
-            f"{name} loss {last['loss'][name]:.4f} -> {path}" for name, path in summary["students"].items()))
-        return 0
-
-    if args.command == "pretrain":
-        from pipeline import pretrain as pretrain_stage
-        from seed.config import load_config
-
-        summary = pretrain_stage.run(load_config(args.config, args.overrides), load_storage(args.storage), resume=args.resume)
-        print(("reused " if summary["skipped"] else "wrote ") + f"teacher {summary['checkpoint']}; use it with: "
-              + " ".join(f"--set teacher.{k}={v}" for k, v in summary["teacher"].items() if k in ("arch", "checkpoint", "format", "output")))
-        return 0
-
-    if args.command == "evaluate":
-        from pipeline import evaluate as evaluate_stage
-        from seed.config import load_config
-        from seed.report import markdown_table
-
-        summary = evaluate_stage.run(load_config(args.config, args.overrides), load_storage(args.storage),
-                                     include_teacher=not args.no_teacher)
-        print(markdown_table(summary["results"], [("name", "encoder"), ("knn", "kNN top-1 (%)"), ("nn1", "1-NN (%)"),
-                                                  ("linear", "linear (%)"), ("init", "notes")]))
-        print(f"report: {summary['report']}")
-        return 0
-
-    if args.command == "inspect":
-        from seed.inspect import describe, format_text, neighbours, plots
-
-        if args.neighbours:
-            out = args.out or f"{args.neighbours.replace('/', '_')}-neighbours.png"
-            result = neighbours(args.cache, args.neighbours, out)
-            _print_json(result) if args.json else print(f"wrote {out}: " + ", ".join(
-                f"row {n['row']} (label {n['label']}, sim {n['similarity']:.3f})" for n in result["neighbours"]))
-            return 0
-        if args.plots:
-            for path in plots(args.cache, args.plots):
-                print(f"wrote {path}")
-            return 0
-        info = describe(args.cache, sample=args.sample)
-        if args.json:
-            _print_json(info)
-        else:
-            print(format_text(info))
-        return 0
-    raise AssertionError(args.command)
 
 
 if __name__ == "__main__":

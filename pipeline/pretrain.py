@@ -8,25 +8,34 @@ MoCo-v2-only student baseline that SEED is compared against.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from pipeline.teacher import resolve_device
 from seed import checkpoint
 from seed.config import PretrainConfig, RunConfig, TeacherConfig, to_dict
 from seed.data import FreshViews, rank_shards
+from seed.devices import resolve_device
 from seed.errors import SeedError
-from seed.models import Encoder, create_backbone, mlp_head, preprocessing
+from seed.models import Encoder, create_backbone, feature_dim, mlp_encoder
+from seed.objectives import Objective, Queue, create_objective
 from seed.shards import expand_urls, iter_shard, shard_lengths
 from seed.storage import Storage, join
 from seed.teachers import save_moco_checkpoint
-from seed.train import LoopConfig, MocoV2, Queue, Supervised, distributed, make_member, train
+from seed.train import Loop, distributed, make_member, train
 
 
-def teacher_path(cfg: RunConfig, storage: Storage) -> str:
-    return join(storage.resolve("runs", cfg.pretrain.name), "teacher.pth")
+@dataclasses.dataclass(frozen=True)
+class PretrainResult:
+    """The teacher checkpoint written (or reused: ``skipped``) and the teacher section that reads it."""
+
+    checkpoint: str
+    skipped: bool
+    teacher: TeacherConfig
+    metrics: list[dict[str, Any]]
 
 
 def teacher_config(cfg: RunConfig, path: str) -> TeacherConfig:
@@ -44,38 +53,38 @@ def num_classes(urls: list[str]) -> int:
 
 
 def build(p: PretrainConfig, n_classes: int = 0) -> Encoder:
+    """MoCo-v2: backbone + MLP head of ``p.dim``; supervised: backbone + linear classifier."""
+    if p.method == "moco":
+        return mlp_encoder(p.arch, p.dim, small_input=p.small_input)
     backbone = create_backbone(p.arch, small_input=p.small_input)
-    d = int(getattr(backbone, "head_hidden_size", 0) or backbone.num_features)
-    head = mlp_head([d, d, p.dim]) if p.method == "moco" else nn.Linear(d, n_classes)
-    pre = preprocessing(backbone)
-    return Encoder(backbone, head, tuple(pre["mean"]), tuple(pre["std"]))
+    return Encoder.for_backbone(backbone, nn.Linear(feature_dim(backbone), n_classes))
 
 
 def run(cfg: RunConfig, storage: Storage, *, resume: bool = False, progress: bool = True,
-        on_epoch: Any = None) -> dict[str, Any]:
+        on_epoch: Callable[[int, dict[str, Any]], None] | None = None) -> PretrainResult:
     """Train and export the teacher; a finished export with the same config is reused."""
     p = cfg.pretrain
     out = storage.resolve("runs", p.name)
-    path = teacher_path(cfg, storage)
+    path = storage.pretrained_teacher(p.name)
     if checkpoint.exists(path):
         done = checkpoint.load(path)
         if done.get("pretrain") == to_dict(p) and done.get("data") == cfg.data.train:
-            return {"checkpoint": path, "skipped": True, "teacher": to_dict(teacher_config(cfg, path)), "metrics": done.get("metrics", [])}
+            return PretrainResult(path, True, teacher_config(cfg, path), done.get("metrics", []))
     device = resolve_device(p.device)
     rank, world = distributed()
     urls = expand_urls(storage.resolve("shards", cfg.data.train))
     torch.manual_seed(p.seed)
     model = build(p, num_classes(urls) if p.method == "supervised" else 0)
-    member = make_member(p.method, model, join(out, p.method), momentum=p.momentum, weight_decay=p.weight_decay,
-                         device=device, meta={"arch": p.arch, "config": to_dict(cfg)})
-    objective: Any = (MocoV2(member.model, Queue(p.queue, p.dim, device, p.seed), momentum=p.key_momentum,
-                             temperature=p.temperature) if p.method == "moco" else Supervised())
+    member = make_member(p.method, model, join(out, p.method), optim=p.optim, device=device,
+                         meta={"arch": p.arch, "config": to_dict(cfg)})
+    objective: Objective = (
+        create_objective("moco", model=member.model, queue=Queue(p.queue, p.dim, device, p.seed),
+                         momentum=p.key_momentum, temperature=p.temperature)
+        if p.method == "moco" else create_objective("supervised"))
     source = FreshViews(cfg.cache.recipe, seed=p.seed + 7, n_views=objective.n_views)
     lengths = shard_lengths(urls)
     rank_counts = [sum(lengths[i] for i in rank_shards(len(urls), r, world)) for r in range(world)]
-    loop = LoopConfig(epochs=p.epochs, batch_size=p.batch_size, base_lr=p.base_lr, warmup_epochs=p.warmup_epochs,
-                      seed=p.seed, shuffle_buffer=p.shuffle_buffer, prefetch=p.prefetch,
-                      resolution=cfg.cache.resolution, recipe=cfg.cache.recipe)
+    loop = Loop(optim=p.optim, loader=p.loader, seed=p.seed, resolution=cfg.cache.resolution, recipe=cfg.cache.recipe)
     metrics = train([member], objective, urls, source, rank_counts, loop, device=device, resume=resume,
                     progress=progress, on_epoch=on_epoch)
     if rank == 0:
@@ -88,4 +97,4 @@ def run(cfg: RunConfig, storage: Storage, *, resume: bool = False, progress: boo
             state = dict(encoder.backbone.state_dict())
             state |= {f"{classifier}.{k}": v for k, v in encoder.head.state_dict().items()}
             checkpoint.save({"state_dict": state, **extra}, path)
-    return {"checkpoint": path, "skipped": False, "teacher": to_dict(teacher_config(cfg, path)), "metrics": metrics}
+    return PretrainResult(path, False, teacher_config(cfg, path), metrics)

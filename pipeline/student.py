@@ -8,27 +8,38 @@ under ``<runs>/<train.run>/<student>/``.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
 
-from pipeline.bank import open_bank
-from pipeline.teacher import cache_url, resolve_device
+from seed import bank_store, cache, checkpoint
 from seed.augment import Recipe
 from seed.config import RunConfig, from_dict, to_dict
-from seed.data import CachedSource, FreshViews, rank_shards
+from seed.data import CachedSource, FreshViews, Source, rank_shards
+from seed.devices import resolve_device
 from seed.errors import SeedError
-from seed.models import student_encoder
+from seed.models import mlp_encoder
+from seed.objectives import ObjectiveFactory, Queue, create_objective
 from seed.shards import expand_urls, shard_lengths
-from seed.storage import Storage, join
-from seed.teachers import load_teacher
-from seed.train import CachedSeed, LoopConfig, OnlineSeed, Queue, distributed, make_member, train
+from seed.storage import Storage, join, write_text
+from seed.teachers import TeacherLoader, load_teacher
+from seed.train import Loop, distributed, make_member, train
 
 
-def run_dir(cfg: RunConfig, storage: Storage) -> str:
-    return storage.resolve("runs", cfg.train.run)
+@dataclasses.dataclass(frozen=True)
+class StudentResult:
+    """A student run: where it is, each student's checkpoint, the per-epoch metrics."""
+
+    run: str
+    mode: str
+    students: dict[str, str]
+    metrics: list[dict[str, Any]]
+    teacher_forwards: int
+    skipped: bool = False
 
 
 def check_shards_match(urls: list[str], fields: dict[str, Any], url: str) -> None:
@@ -40,94 +51,83 @@ def check_shards_match(urls: list[str], fields: dict[str, Any], url: str) -> Non
 
 
 def run(cfg: RunConfig, storage: Storage, *, resume: bool = False, progress: bool = True,
-        on_epoch: Any = None) -> dict[str, Any]:
+        on_epoch: Callable[[int, dict[str, Any]], None] | None = None, load: TeacherLoader = load_teacher,
+        objective: ObjectiveFactory | None = None, source: type[CachedSource] = CachedSource) -> StudentResult:
+    """Train the configured students.
+
+    ``load`` is only called in online mode. ``objective`` replaces the registered objective class
+    (``seed-cached`` or ``seed-online``) and is called with the same arguments; ``source`` replaces
+    the cached data source class (benchmarks and tests use both).
+    """
     t = cfg.train
     device = resolve_device(t.device)
     rank, world = distributed()
     urls = expand_urls(storage.resolve("shards", cfg.data.train))
     meta: dict[str, Any] = {"mode": t.mode, "config": to_dict(cfg)}
+    tau_t = t.tau_t or cfg.bank.tau_t
+    data: Source
     if t.mode == "cached":
-        url = cache_url(cfg, storage)
-        group, bank = open_bank(url, cfg.bank)
-        fields = group.attrs["fingerprint_fields"]
+        url = storage.cache_url(cfg.cache.name)
+        group, bank = bank_store.open_bank(url, cfg.bank)
+        fields = cache.attributes(group)["fingerprint_fields"]
         check_shards_match(urls, fields, url)
-        dim = int(group.attrs["D"])
+        dim = int(cache.attributes(group)["D"])
         recipe = from_dict(Recipe, fields["recipe"], "cache.recipe")  # the cache's, whatever the config says
         resolution = int(fields["resolution"])
-        bank_vectors = torch.from_numpy(bank["vectors"][:].astype(np.float32)).to(device)
-        bank_rows = torch.from_numpy(bank["ids"][:, 0].astype(np.int64)).to(device)
-        objective: Any = CachedSeed(bank_vectors, bank_rows, tau_s=t.tau_s, tau_t=t.tau_t or cfg.bank.tau_t,
-                                    dense=t.targets == "dense")
         if t.targets == "sparse" and t.tau_t and t.tau_t != cfg.bank.tau_t:
             raise SeedError(f"train.tau_t={t.tau_t} differs from the cached targets' bank.tau_t={cfg.bank.tau_t}; "
                             "use train.targets=dense or rebuild the bank")
-        source: Any = CachedSource(group, bank, view=t.view, seed=t.seed, dense=t.targets == "dense")
-        per_shard = source.valid_counts().tolist()
-        meta |= {"cache_fingerprint": group.attrs["fingerprint"], "bank_fingerprint": bank.attrs["fingerprint"],
-                 "cache": url, "teacher_forwards_cached": group.attrs["totals"]["teacher_forwards"]}
+        make = objective or functools.partial(create_objective, "seed-cached")
+        obj = make(bank_vectors=torch.from_numpy(bank.vectors()).to(device),
+                   bank_rows=torch.from_numpy(bank.ids()[:, 0]).to(device),
+                   tau_s=t.tau_s, tau_t=tau_t, dense=t.targets == "dense")
+        cached = source(group, bank, view=t.view, seed=t.seed, dense=t.targets == "dense")
+        data, per_shard = cached, cached.valid_counts().tolist()
+        meta |= {"cache_fingerprint": cache.attributes(group)["fingerprint"], "bank_fingerprint": bank.fingerprint,
+                 "cache": url, "teacher_forwards_cached": cache.attributes(group)["totals"]["teacher_forwards"]}
     else:
-        teacher, report = load_teacher(cfg.teacher)
+        teacher, report = load(cfg.teacher)
         teacher = teacher.to(device)
         dim, recipe, resolution = teacher.out_dim, cfg.cache.recipe, cfg.cache.resolution
-        objective = OnlineSeed(teacher, Queue(t.queue or cfg.bank.size, dim, device, t.seed), tau_s=t.tau_s,
-                               tau_t=t.tau_t or cfg.bank.tau_t)
-        source = FreshViews(recipe, seed=cfg.cache.seed + 1)
+        make = objective or functools.partial(create_objective, "seed-online")
+        obj = make(teacher=teacher, queue=Queue(t.queue or cfg.bank.size, dim, device, t.seed), tau_s=t.tau_s, tau_t=tau_t)
+        data = FreshViews(recipe, seed=cfg.cache.seed + 1)
         per_shard = shard_lengths(urls)
         meta |= {"teacher_sha256": report.sha256}
-    out = run_dir(cfg, storage)
+    out = storage.run_dir(t.run)
     members = []
     for i, s in enumerate(t.students):
         torch.manual_seed(t.seed + i)
-        model = student_encoder(s.arch, dim, small_input=s.small_input)
-        members.append(make_member(s.label, model, join(out, s.label), momentum=t.momentum, weight_decay=t.weight_decay,
-                                   device=device, meta={**meta, "arch": s.arch, "small_input": s.small_input, "dim": dim}))
+        model = mlp_encoder(s.arch, dim, small_input=s.small_input)
+        members.append(make_member(s.label, model, join(out, s.label), optim=t.optim, device=device,
+                                   meta={**meta, "arch": s.arch, "small_input": s.small_input, "dim": dim}))
     rank_counts = [sum(per_shard[i] for i in rank_shards(len(urls), r, world)) for r in range(world)]
-    loop = LoopConfig(epochs=t.epochs, batch_size=t.batch_size, base_lr=t.base_lr, warmup_epochs=t.warmup_epochs,
-                      seed=t.seed, shuffle_buffer=t.shuffle_buffer, prefetch=t.prefetch, resolution=resolution, recipe=recipe)
+    loop = Loop(optim=t.optim, loader=t.loader, seed=t.seed, resolution=resolution, recipe=recipe)
     if rank == 0:
-        _write_config(cfg, out)
-    metrics = train(members, objective, urls, source, rank_counts, loop, device=device, resume=resume,
+        write_text(join(out, "config.yaml"), yaml.safe_dump(to_dict(cfg), sort_keys=True))
+    metrics = train(members, obj, urls, data, rank_counts, loop, device=device, resume=resume,
                     progress=progress, on_epoch=on_epoch)
-    return {"run": out, "mode": t.mode, "students": {m.name: join(m.out, "checkpoint.pt") for m in members},
-            "metrics": metrics, "teacher_forwards": sum(r["teacher_forwards"] for r in metrics)}
+    return StudentResult(out, t.mode, {m.name: m.checkpoint for m in members}, metrics,
+                         sum(r["teacher_forwards"] for r in metrics))
 
 
-def _write_config(cfg: RunConfig, out: str) -> None:
-    import fsspec
-
-    fs, _, (path,) = fsspec.get_fs_token_paths(out)
-    fs.makedirs(path, exist_ok=True)
-    with fs.open(f"{path}/config.yaml", "w") as f:
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=True)
-
-
-def is_complete(cfg: RunConfig, storage: Storage) -> bool:
-    """Every student of the run finished ``train.epochs`` with this config on this cache and bank."""
-    from seed import checkpoint
-
+def completed(cfg: RunConfig, storage: Storage) -> StudentResult | None:
+    """The finished run, when every student trained ``optim.epochs`` with this config on this cache and bank."""
     if cfg.train.mode != "cached":
-        return False
+        return None
     try:
-        group, bank = open_bank(cache_url(cfg, storage), cfg.bank)
+        group, bank = bank_store.open_bank(storage.cache_url(cfg.cache.name), cfg.bank)
     except SeedError:
-        return False
-    out = run_dir(cfg, storage)
-    for s in cfg.train.students:
-        url = join(out, s.label, "checkpoint.pt")
+        return None
+    students = {s.label: storage.student_checkpoint(cfg.train.run, s.label) for s in cfg.train.students}
+    metrics: list[dict[str, Any]] = []
+    for url in students.values():
         if not checkpoint.exists(url):
-            return False
+            return None
         state = checkpoint.load(url)
-        if (state.get("epoch") != cfg.train.epochs or state.get("config", {}).get("train") != to_dict(cfg.train)
-                or state.get("cache_fingerprint") != group.attrs["fingerprint"]
-                or state.get("bank_fingerprint") != bank.attrs["fingerprint"]):
-            return False
-    return True
-
-
-def completed_summary(cfg: RunConfig, storage: Storage) -> dict[str, Any]:
-    from seed import checkpoint
-
-    out = run_dir(cfg, storage)
-    students = {s.label: join(out, s.label, "checkpoint.pt") for s in cfg.train.students}
-    metrics = checkpoint.load(next(iter(students.values()))).get("metrics", [])
-    return {"run": out, "mode": cfg.train.mode, "students": students, "metrics": metrics, "teacher_forwards": 0}
+        if (state.get("epoch") != cfg.train.optim.epochs or state.get("config", {}).get("train") != to_dict(cfg.train)
+                or state.get("cache_fingerprint") != cache.attributes(group)["fingerprint"]
+                or state.get("bank_fingerprint") != bank.fingerprint):
+            return None
+        metrics = state.get("metrics", [])
+    return StudentResult(storage.run_dir(cfg.train.run), cfg.train.mode, students, metrics, 0, skipped=True)

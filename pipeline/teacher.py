@@ -7,26 +7,26 @@ its completion record. Decoding and augmentation run one batch ahead in a thread
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+import zarr
 
 from seed import cache
 from seed.augment import P, apply_batch, draw_views
-from seed.config import RunConfig, TeacherConfig, to_dict
+from seed.config import RunConfig, to_dict
+from seed.devices import require_cpu_threads, resolve_device, set_cpu_threads
 from seed.errors import SeedError
 from seed.models import Encoder
 from seed.prefetch import prefetch
 from seed.shards import decode_image, expand_urls, iter_shard, shard_lengths
 from seed.storage import Storage
-from seed.teachers import LoadReport, load_teacher
+from seed.teachers import LoadReport, TeacherLoader, load_teacher
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,14 +39,15 @@ class Plan:
     capacity: int
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+@dataclasses.dataclass(frozen=True)
+class TeacherResult:
+    """What the stage did: the cache, the shards it embedded now and those already done."""
 
-
-def cache_url(cfg: RunConfig, storage: Storage) -> str:
-    return storage.resolve("caches", f"{cfg.cache.name}.zarr")
+    cache: str
+    shards: int
+    embedded: tuple[int, ...]
+    skipped_done: tuple[int, ...]
+    totals: dict[str, Any] | None  # set once the cache is complete
 
 
 def make_plan(cfg: RunConfig, storage: Storage) -> Plan:
@@ -59,13 +60,7 @@ def make_plan(cfg: RunConfig, storage: Storage) -> Plan:
     too_big = [(u, n) for u, n in zip(urls, lengths) if n > capacity]
     if too_big:
         raise SeedError(f"shard {too_big[0][0]} has {too_big[0][1]} samples, more than cache.shard_capacity={capacity}")
-    return Plan(cache_url(cfg, storage), tuple(urls), tuple(lengths), capacity)
-
-
-@functools.lru_cache(maxsize=2)
-def cached_teacher(cfg: TeacherConfig) -> tuple[Encoder, LoadReport]:
-    """Load a teacher once per process (Prefect shard tasks in threads share it)."""
-    return load_teacher(cfg)
+    return Plan(storage.cache_url(cfg.cache.name), tuple(urls), tuple(lengths), capacity)
 
 
 def fingerprint_fields(cfg: RunConfig, report: LoadReport, dim: int, plan: Plan) -> dict[str, Any]:
@@ -81,10 +76,10 @@ def fingerprint_fields(cfg: RunConfig, report: LoadReport, dim: int, plan: Plan)
     }
 
 
-def prepare(cfg: RunConfig, storage: Storage, *, overwrite: bool = False) -> tuple[Plan, Any]:
+def prepare(cfg: RunConfig, storage: Storage, teacher: Encoder, report: LoadReport, *,
+            overwrite: bool = False) -> tuple[Plan, zarr.Group]:
     """Plan the stage and create (or re-open, checking the fingerprint) the cache."""
     plan = make_plan(cfg, storage)
-    teacher, report = cached_teacher(cfg.teacher)
     fields = fingerprint_fields(cfg, report, teacher.out_dim, plan)
     r = cfg.cache.resolution
     group = cache.create(plan.cache_url, fields=fields, capacity=plan.capacity, n_shards=len(plan.urls),
@@ -102,6 +97,11 @@ def prepare(cfg: RunConfig, storage: Storage, *, overwrite: bool = False) -> tup
                                                "views": "replayed from augment rows (seed.augment)"},
                          })
     return plan, group
+
+
+def cpu_threads(group: zarr.Group) -> int:
+    """The CPU thread count every writer of this cache uses (0 = not fixed)."""
+    return int(cache.attributes(group).get("cpu_threads", 0))
 
 
 def _view_batches(url: str, shard_len: int, cfg: RunConfig, batch_size: int, meta: dict[str, np.ndarray],
@@ -158,16 +158,23 @@ def embed(teacher: Encoder, x: torch.Tensor, device: torch.device) -> torch.Tens
     return F.normalize(out.float(), dim=1).cpu()
 
 
-def embed_shard(cfg: RunConfig, plan: Plan, group: Any, shard: int, *, on_views: Any = None) -> dict[str, Any]:
-    """Run the teacher over one input shard and write its rows and completion record."""
+def embed_shard(cfg: RunConfig, plan: Plan, group: zarr.Group, shard: int, teacher: Encoder, *,
+                on_views: Callable[[int], Any] | None = None) -> dict[str, Any]:
+    """Run ``teacher`` over one input shard and write its rows, then its completion record.
+
+    On the CPU the process must use the cache's thread count (``set_cpu_threads(cpu_threads(group))``,
+    done once by the entry points): it fixes the forward's last bits, so every writer of the cache
+    gives the same bytes.
+    """
     start = time.perf_counter()
-    teacher, _ = cached_teacher(cfg.teacher)
     device = resolve_device(cfg.cache.device)
+    if device.type == "cpu":
+        require_cpu_threads(cpu_threads(group), plan.cache_url)
     teacher.to(device)
     if device.type == "cuda":
         teacher.to(memory_format=torch.channels_last)
     cap, V, D = plan.capacity, cfg.cache.views, teacher.out_dim
-    meta = {
+    meta: dict[str, np.ndarray] = {
         "embeddings": np.full((cap, V, D), np.nan, dtype=np.float16),
         "augment": np.full((cap, V, P), np.nan, dtype=np.float32),
         "keys": np.full(cap, "", dtype=object),
@@ -178,17 +185,16 @@ def embed_shard(cfg: RunConfig, plan: Plan, group: Any, shard: int, *, on_views:
     skipped: list[dict[str, str]] = []
     forwards, forward_s = 0, 0.0
     url = plan.urls[shard]
-    with _cpu_threads(int(group.attrs.get("cpu_threads", 0)) if device.type == "cpu" else 0):
-        batch_size = int(group.attrs.get("batch_size", cfg.cache.batch_size))
-        views_in = _view_batches(url, plan.lengths[shard], cfg, batch_size, meta, skipped)
-        for x, rows, views in prefetch(views_in, cfg.cache.prefetch):
-            t0 = time.perf_counter()
-            z = embed(teacher, x, device)
-            forward_s += time.perf_counter() - t0
-            forwards += len(rows)
-            meta["embeddings"][rows, views] = z.numpy().astype(np.float16)
-            if on_views is not None:
-                on_views(len(rows))
+    batch_size = int(cache.attributes(group).get("batch_size", cfg.cache.batch_size))
+    views_in = _view_batches(url, plan.lengths[shard], cfg, batch_size, meta, skipped)
+    for x, rows, views in prefetch(views_in, cfg.cache.prefetch):
+        t0 = time.perf_counter()
+        z = embed(teacher, x, device)
+        forward_s += time.perf_counter() - t0
+        forwards += len(rows)
+        meta["embeddings"][rows, views] = z.numpy().astype(np.float16)
+        if on_views is not None:
+            on_views(len(rows))
     meta["keys"] = meta["keys"].astype(str)
     record = {
         "url": url, "samples": plan.lengths[shard], "valid": int(meta["valid"].sum()), "skipped": skipped,
@@ -199,27 +205,19 @@ def embed_shard(cfg: RunConfig, plan: Plan, group: Any, shard: int, *, on_views:
     return record
 
 
-@contextlib.contextmanager
-def _cpu_threads(n: int) -> Iterator[None]:
-    """Run CPU forwards with the cache's thread count: the split of reductions across threads changes
-    the last bits of the result, so every writer (resumed runs, extra processes, Dask workers, which
-    set OMP_NUM_THREADS=1) must use the same count for the cache to come out byte-identical."""
-    before = torch.get_num_threads()
-    if n > 0 and n != before:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        if n > 0 and n != before:
-            torch.set_num_threads(before)
-
-
 def run(cfg: RunConfig, storage: Storage, *, overwrite: bool = False, shards: list[int] | None = None,
-        finalize: bool = True, progress: bool = True) -> dict[str, Any]:
-    """The whole stage in this process: skip done shards, embed the rest, mark the cache complete."""
+        finalize: bool = True, progress: bool = True, load: TeacherLoader = load_teacher) -> TeacherResult:
+    """The whole stage in this process: skip done shards, embed the rest, mark the cache complete.
+
+    ``shards``: only these input shards (one worker's part); ``finalize``: mark the cache complete
+    when every shard is done (only the coordinator should: it writes the root attributes).
+    """
     from tqdm import tqdm
 
-    plan, group = prepare(cfg, storage, overwrite=overwrite)
+    teacher, report = load(cfg.teacher)
+    plan, group = prepare(cfg, storage, teacher, report, overwrite=overwrite)
+    if resolve_device(cfg.cache.device).type == "cpu":
+        set_cpu_threads(cpu_threads(group))
     todo_all = range(len(plan.urls)) if shards is None else shards
     done = set(cache.done_shards(group))
     todo = [s for s in todo_all if s not in done]
@@ -227,12 +225,11 @@ def run(cfg: RunConfig, storage: Storage, *, overwrite: bool = False, shards: li
     bar = tqdm(total=total_views, unit="view", desc=f"teacher 0/{len(todo)} shards", disable=not progress, smoothing=0.1)
     records = {}
     for i, s in enumerate(todo):
-        records[s] = embed_shard(cfg, plan, group, s, on_views=bar.update)
+        records[s] = embed_shard(cfg, plan, group, s, teacher, on_views=bar.update)
         bar.set_description(f"teacher {i + 1}/{len(todo)} shards")
     bar.close()
-    summary: dict[str, Any] = {"cache": plan.cache_url, "shards": len(plan.urls), "embedded": sorted(records),
-                               "skipped_done": sorted(done & set(todo_all))}
+    totals = None
     if finalize and len(set(cache.done_shards(group))) == len(plan.urls):
-        summary["totals"] = cache.finalize(group, plan.cache_url)
-    return summary
+        totals = cache.finalize(group, plan.cache_url)
+    return TeacherResult(plan.cache_url, len(plan.urls), tuple(sorted(records)), tuple(sorted(done & set(todo_all))), totals)
 
