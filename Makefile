@@ -5,10 +5,10 @@ BIN      := $(VENV)/bin
 STAMP    := $(VENV)/.installed
 FMNIST   := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 
-.PHONY: test demo stop venv data typecheck bench paper-table clean
+.PHONY: test unit demo stop venv data typecheck bench paper-table clean
 
 # torch/torchvision pinned to the builds on local disk (2.14.1 / 0.29.1); zarr 3.1.6 is the
-# newest release for Python 3.11 (ECOSYSTEM.md 0.1).
+# newest release for Python 3.11 (3.2+ requires Python 3.12).
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip
@@ -24,10 +24,16 @@ $(FMNIST):
 
 data: $(FMNIST)
 
-## make test: install everything, then run the fast suite (tiny models, small real subsets)
+## make test: install everything, then lint, type-check, the unit tier and the integration tier
 test: venv data
 	$(BIN)/ruff check --select F --no-cache seed pipeline flows bench tests
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m mypy
+	$(BIN)/python -m pytest -q tests/unit
+	$(BIN)/python -m pytest -q tests/integration
+
+## make unit: the fast tier alone (no subprocess, no server; under a minute): run it after every change
+unit: venv data
+	$(BIN)/python -m pytest -q tests/unit
 
 typecheck: venv
 	$(BIN)/python -m mypy

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from seed.config import RunConfig, load_config
-from seed.models import Encoder, create_backbone, mlp_head, preprocessing
+from seed.models import Encoder, mlp_encoder
 from seed.shards import FASHION_MNIST_DIR, fashion_mnist_to_shards
 from seed.storage import Storage
 from seed.teachers import save_moco_checkpoint
@@ -42,14 +42,7 @@ def make_storage(root: Path, shards: Path) -> Storage:
 
 def tiny_encoder(arch: str = "resnet10t", dim: int = 32, seed: int = 0) -> Encoder:
     torch.manual_seed(seed)
-    backbone = create_backbone(arch)
-    d = backbone.num_features
-    return Encoder(backbone, mlp_head([d, d, dim]), **_pre(backbone)).eval()
-
-
-def _pre(backbone: torch.nn.Module) -> dict:
-    pre = preprocessing(backbone)
-    return {"mean": tuple(pre["mean"]), "std": tuple(pre["std"])}
+    return mlp_encoder(arch, dim).eval()
 
 
 @pytest.fixture(scope="session")

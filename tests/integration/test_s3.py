@@ -64,17 +64,17 @@ def test_pipeline_on_s3(s3_env: str, shards_root: Path, moco_checkpoint: Path) -
     import fsspec
 
     storage = Storage(shards=str(shards_root), caches=f"{s3_env}/caches", runs=f"{s3_env}/runs", reports=f"{s3_env}/reports")
-    cfg = small_config(moco_checkpoint, "bank.size=64", "bank.topk=8", "train.batch_size=50", "train.epochs=1",
+    cfg = small_config(moco_checkpoint, "bank.size=64", "bank.topk=8", "train.optim.batch_size=50", "train.optim.epochs=1",
                        "data.test=fm/test/test-000000.tar")
     summary = teacher_stage.run(cfg, storage, progress=False)
-    url = summary["cache"]
-    assert url == "s3://seed-test/caches/test.zarr" and summary["totals"]["teacher_forwards"] == 600
+    url = summary.cache
+    assert url == "s3://seed-test/caches/test.zarr" and summary.totals is not None and summary.totals["teacher_forwards"] == 600
     group = zarr.open_group(url, mode="r")
     assert group.attrs["status"] == "complete" and group["embeddings"].shape == (300, 2, 32)
     bank_stage.run(cfg, storage, progress=False)
     trained = student_stage.run(cfg, storage, progress=False)
-    assert checkpoint.load(trained["students"]["mobilenetv3_small_050"])["epoch"] == 1
-    report = evaluate_stage.run(cfg, storage, progress=False)["report"]
+    assert checkpoint.load(trained.students["mobilenetv3_small_050"])["epoch"] == 1
+    report = evaluate_stage.run(cfg, storage, progress=False).report
     fs = fsspec.filesystem("s3")
     assert report.startswith("s3://") and fs.exists(report) and fs.exists(report.replace("report.md", "accuracy.png"))
     info = describe(url)

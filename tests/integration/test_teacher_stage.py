@@ -21,8 +21,9 @@ from pipeline import teacher as stage
 from seed import cache
 from seed.augment import apply_batch
 from seed.errors import SeedError
-from seed.inspect import describe
+from seed.inspect import describe, sample_views
 from seed.shards import decode_image, iter_shard
+from seed.teachers import load_teacher
 from tests.conftest import make_storage, small_config
 
 SIX = "fm/train/train-{000000..000005}.tar"
@@ -48,7 +49,7 @@ def clean(tmp_path_factory: pytest.TempPathFactory, shards_root: Path, moco_chec
     cfg = small_config(moco_checkpoint, shards=SIX)
     storage = make_storage(root, shards_root)
     summary = stage.run(cfg, storage, progress=False)
-    return cfg, storage, summary["cache"]
+    return cfg, storage, summary.cache
 
 
 def test_cache_contract(clean) -> None:
@@ -72,7 +73,7 @@ def test_cache_contract(clean) -> None:
 def test_replayed_view_reproduces_cached_embedding(clean) -> None:
     cfg, _, url = clean
     g = zarr.open_group(url, mode="r")
-    teacher, _ = stage.cached_teacher(cfg.teacher)
+    teacher, _ = load_teacher(cfg.teacher)
     rng = np.random.default_rng(0)
     rows = rng.choice(600, size=24, replace=False)
     views = rng.integers(0, 2, size=24)
@@ -92,7 +93,7 @@ def test_replayed_view_reproduces_cached_embedding(clean) -> None:
 
 
 def _cli(storage_file: Path, *args: str) -> list[str]:
-    return [sys.executable, "-m", "seed.cli", "teacher", "--storage", str(storage_file), *args]
+    return [sys.executable, "-m", "pipeline.cli", "teacher", "--storage", str(storage_file), *args]
 
 
 def _storage_file(root: Path, shards_root: Path) -> Path:
@@ -130,34 +131,36 @@ def test_killed_run_resumes_to_identical_cache(clean, tmp_path: Path, shards_roo
     assert zarr.open_group(url, mode="r").attrs["totals"]["valid"] == 600
 
 
-def test_crash_between_chunk_writes_resumes_to_identical_cache(clean, tmp_path: Path, shards_root: Path,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_crash_between_chunk_writes_resumes_to_identical_cache(clean, tmp_path: Path, shards_root: Path) -> None:
     cfg, _, clean_url = clean
     storage = make_storage(tmp_path, shards_root)
-    real_write = cache.write_shard
-    calls = {"n": 0}
+    forwards = {"n": 0}
 
-    def crashing_write(group, shard, data, record):  # shard 2 writes half of its arrays, then dies
-        calls["n"] += 1
-        if shard == 2:
-            group["embeddings"][200:300] = data["embeddings"]
-            group["augment"][200:300] = data["augment"]
-            raise RuntimeError("simulated crash")
-        real_write(group, shard, data, record)
+    def crashing(teacher_cfg):  # the teacher dies in shard 2, after shards 0 and 1 (4 batches of 64 each)
+        encoder, report = load_teacher(teacher_cfg)
 
-    monkeypatch.setattr(cache, "write_shard", crashing_write)
+        def count(*_: object) -> None:
+            forwards["n"] += 1
+            if forwards["n"] > 8:
+                raise RuntimeError("simulated crash")
+        encoder.register_forward_pre_hook(count)
+        return encoder, report
+
     with pytest.raises(RuntimeError, match="simulated crash"):
-        stage.run(cfg, storage, progress=False)
-    monkeypatch.setattr(cache, "write_shard", real_write)
+        stage.run(cfg, storage, progress=False, load=crashing)
+    g = zarr.open_group(storage.cache_url(cfg.cache.name), mode="r+")
+    assert cache.done_shards(g) == [0, 1]
+    g["embeddings"][200:300] = g["embeddings"][0:100]   # a writer that died between its chunk writes:
+    g["augment"][200:300] = g["augment"][0:100]         # half of shard 2's arrays, no completion record
     summary = stage.run(cfg, storage, progress=False)
-    assert summary["skipped_done"] == [0, 1] and summary["embedded"] == [2, 3, 4, 5]
-    _assert_same(_arrays(summary["cache"]), _arrays(clean_url))
+    assert summary.skipped_done == (0, 1) and summary.embedded == (2, 3, 4, 5)
+    _assert_same(_arrays(summary.cache), _arrays(clean_url))
 
 
 def test_two_writers_equal_one(clean, tmp_path: Path, shards_root: Path, moco_checkpoint: Path) -> None:
     cfg, _, clean_url = clean
     storage_file = _storage_file(tmp_path, shards_root)
-    stage.prepare(cfg, make_storage(tmp_path, shards_root))  # the coordinator lays out the cache
+    stage.prepare(cfg, make_storage(tmp_path, shards_root), *load_teacher(cfg.teacher))  # the coordinator lays out the cache
     procs = [subprocess.Popen(_cli(storage_file, *_sets(moco_checkpoint), "--shards", part), stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE) for part in ("0,2,4", "1,3,5")]
     for p in procs:
@@ -183,7 +186,7 @@ def test_other_config_is_refused_with_fields_named(clean, tmp_path: Path, moco_c
         stage.run(small_config(other, shards=SIX), storage, progress=False)
     assert zarr.open_group(url, mode="r").attrs["status"] == "complete"  # untouched
     # the same config is a no-op: every shard is already done
-    assert stage.run(cfg, storage, progress=False)["embedded"] == []
+    assert stage.run(cfg, storage, progress=False).embedded == ()
 
 
 def test_overwrite_replaces_a_foreign_cache(tmp_path: Path, shards_root: Path, moco_checkpoint: Path) -> None:
@@ -193,7 +196,7 @@ def test_overwrite_replaces_a_foreign_cache(tmp_path: Path, shards_root: Path, m
     with pytest.raises(SeedError, match="--overwrite"):
         stage.run(cfg, storage, progress=False)
     summary = stage.run(cfg, storage, overwrite=True, progress=False)
-    assert zarr.open_group(summary["cache"], mode="r").attrs["V"] == 2
+    assert zarr.open_group(summary.cache, mode="r").attrs["V"] == 2
 
 
 def test_undecodable_images_are_skipped_named_and_do_not_shift_rows(tmp_path: Path, shards_root: Path,
@@ -208,7 +211,7 @@ def test_undecodable_images_are_skipped_named_and_do_not_shift_rows(tmp_path: Pa
             dst.addfile(member, __import__("io").BytesIO(data))
     storage = make_storage(tmp_path, tmp_path)
     summary = stage.run(small_config(moco_checkpoint, shards="a-{000..001}.tar"), storage, progress=False)
-    g = zarr.open_group(summary["cache"], mode="r")
+    g = zarr.open_group(summary.cache, mode="r")
     skipped = cache.skipped_samples(g)
     assert [s["key"] for s in skipped] == ["fmnist-train-000105", "fmnist-train-000150"]
     assert all("does not decode" in s["reason"] for s in skipped)
@@ -217,7 +220,7 @@ def test_undecodable_images_are_skipped_named_and_do_not_shift_rows(tmp_path: Pa
     assert g["keys"][105] == "fmnist-train-000105" and g["keys"][151] == "fmnist-train-000151"
     assert np.isnan(g["embeddings"][105].astype(np.float32)).all() and not np.isnan(g["embeddings"][151].astype(np.float32)).any()
     assert g.attrs["totals"]["skipped"] == 2
-    assert describe(summary["cache"])["skipped"]["count"] == 2
+    assert describe(summary.cache)["skipped"]["count"] == 2
 
 
 def test_empty_shard_is_refused(tmp_path: Path, moco_checkpoint: Path) -> None:
@@ -228,13 +231,17 @@ def test_empty_shard_is_refused(tmp_path: Path, moco_checkpoint: Path) -> None:
 
 def test_inspect_json(clean) -> None:
     _, _, url = clean
-    result = subprocess.run([sys.executable, "-m", "seed.cli", "inspect", url, "--json"], capture_output=True, text=True, check=True)
+    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "inspect", url, "--json"], capture_output=True, text=True, check=True)
     info = json.loads(result.stdout)
     assert info["status"] == "complete" and (info["N"], info["V"], info["D"]) == (600, 2, 32)
     assert info["shards"] == {"done": 6, "total": 6} and info["skipped"]["count"] == 0
-    assert abs(info["embedding_norms"]["mean"] - 1) < 1e-3 and -1 <= info["pairwise_similarity"]["mean"] <= 1
+    assert abs(info["embedding_norms"]["mean"] - 1) < 1e-3
+    emb, _ = sample_views(zarr.open_group(url, mode="r"), 512)  # the same sample, similarities by hand
+    off = (emb.astype(np.float64) @ emb.T.astype(np.float64))[~np.eye(len(emb), dtype=bool)]
+    assert info["pairwise_similarity"]["mean"] == pytest.approx(off.mean(), abs=1e-4)
+    assert info["pairwise_similarity"]["max"] == pytest.approx(off.max(), abs=1e-4) and off.max() < 0.9999
     assert info["bytes"]["raw_per_view"] == 2 * 32 + 4 * info["P"] and info["bytes"]["on_disk"] > 0
-    text = subprocess.run([sys.executable, "-m", "seed.cli", "inspect", url], capture_output=True, text=True, check=True).stdout
+    text = subprocess.run([sys.executable, "-m", "pipeline.cli", "inspect", url], capture_output=True, text=True, check=True).stdout
     assert "6/6 done" in text and "resnet10t" in text
-    bad = subprocess.run([sys.executable, "-m", "seed.cli", "inspect", url + "-nope"], capture_output=True, text=True)
+    bad = subprocess.run([sys.executable, "-m", "pipeline.cli", "inspect", url + "-nope"], capture_output=True, text=True)
     assert bad.returncode == 2 and "no cache at" in bad.stderr

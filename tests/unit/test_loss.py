@@ -1,4 +1,4 @@
-"""The SEED loss against a hand-written reference (a plain loop over the formula in DESIGN.md 4)."""
+"""The SEED loss against a hand-written reference (a plain loop over the formula)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from seed import bank as B
-from seed.loss import info_nce, seed_loss, seed_loss_sparse
+from seed.loss import info_nce, seed_loss, seed_loss_sparse, teacher_probs
 
 
 def reference_loss(z_s: np.ndarray, z_t: np.ndarray, bank: np.ndarray, tau_s: float, tau_t: float,
@@ -52,11 +52,38 @@ def test_own_mask_removes_columns() -> None:
     assert got != pytest.approx(seed_loss(z_s, z_t, bank, 0.2, 0.05).item(), rel=1e-3)
 
 
-def test_gradient_flows_to_the_student_only() -> None:
+def test_gradient_flows_to_the_student_only_and_matches_finite_differences() -> None:
     z_s = _unit(4, 8, seed=7).requires_grad_(True)
     z_t = _unit(4, 8, seed=8).requires_grad_(True)
-    seed_loss(z_s, z_t.detach(), _unit(5, 8, seed=9)).backward()
+    bank = _unit(5, 8, seed=9).requires_grad_(True)
+    seed_loss(z_s, z_t, bank, 0.2, 0.05).backward()
+    assert z_t.grad is None  # the teacher's embedding is a fixed target (the official code runs it under no_grad)
     assert z_s.grad is not None and z_s.grad.abs().sum() > 0
+    # the student's gradient against central differences of the plain-loop reference
+    zs, zt, b = z_s.detach().numpy(), z_t.detach().numpy(), bank.detach().numpy()
+    eps = 1e-6
+    for i, d in [(0, 0), (1, 3), (3, 7)]:
+        up, down = zs.copy(), zs.copy()
+        up[i, d] += eps
+        down[i, d] -= eps
+        numeric = (reference_loss(up, zt, b, 0.2, 0.05) - reference_loss(down, zt, b, 0.2, 0.05)) / (2 * eps)
+        assert z_s.grad[i, d].item() == pytest.approx(numeric, rel=1e-4, abs=1e-7)
+
+
+def test_teacher_distribution_is_exact_under_autocast() -> None:
+    """A near-duplicate bank entry (cosine 0.9988) must not tie with the positive column at tau_T = 1e-4."""
+    z_t = _unit(1, 128, seed=20).float()
+    noise = _unit(1, 128, seed=21).float()
+    near = torch.nn.functional.normalize(z_t + 0.05 * noise, dim=1)                 # cosine ~0.9988 to z_t
+    assert 0.998 < float(near @ z_t.T) < 0.9995
+    bank = torch.cat([near, _unit(63, 128, seed=22).float()])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (z_t @ near.T).dtype == torch.bfloat16                              # autocast is really on here
+        p_t = teacher_probs(z_t, bank, 1e-4)
+        loss = seed_loss(z_t, z_t, bank, 0.2, 1e-4)
+    exact = torch.exp(torch.tensor((float(near @ z_t.T) - 1.0) / 1e-4))          # p(near) / p(own) in fp32
+    assert p_t[0, 0].item() == pytest.approx(1 / (1 + exact.item()), rel=1e-4) and p_t[0, 0] > 0.99
+    assert loss.dtype == torch.float32 and loss.item() == pytest.approx(seed_loss(z_t, z_t, bank, 0.2, 1e-4).item(), rel=1e-6)
 
 
 @pytest.mark.parametrize("tau_t", [1e-4, 0.05, 0.3])

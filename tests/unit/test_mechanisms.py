@@ -1,0 +1,214 @@
+"""The small mechanisms the stages stand on, each against an independent statement of what it must do."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from seed import cache
+from seed.config import load_config
+from seed.data import rank_shards, shard_order
+from seed.errors import SeedError
+from seed.models import mlp_from_state_dict, mlp_head
+from seed.objectives import OBJECTIVES, CachedSeed, MocoV2, Objective, OnlineSeed, Queue, Supervised, create_objective
+from seed.prefetch import prefetch
+from seed.schedules import warmup_cosine
+
+
+# --- prefetch --------------------------------------------------------------------------------
+
+def test_prefetch_keeps_order_and_runs_ahead() -> None:
+    produced: list[int] = []
+
+    def items():
+        for i in range(6):
+            produced.append(i)
+            yield i
+
+    it = prefetch(items(), depth=2)
+    assert next(it) == 0
+    time.sleep(0.2)  # the producer thread fills the queue meanwhile
+    assert len(produced) >= 3  # one consumed + two queued (+ one blocked in put)
+    assert [0, *it] == list(range(6))
+
+
+def test_prefetch_reraises_producer_errors_in_order() -> None:
+    def items():
+        yield 1
+        yield 2
+        raise ValueError("bad shard")
+
+    got = []
+    with pytest.raises(ValueError, match="bad shard"):
+        for x in prefetch(items(), depth=2):
+            got.append(x)
+    assert got == [1, 2]
+
+
+def test_prefetch_stops_its_thread_when_the_consumer_stops() -> None:
+    def endless():
+        i = 0
+        while True:
+            yield i
+            i += 1
+
+    before = threading.active_count()
+    it = prefetch(endless(), depth=2)
+    assert next(it) == 0
+    it.close()  # break out of the loop: the generator's finally stops the producer
+    deadline = time.monotonic() + 5
+    while threading.active_count() > before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert threading.active_count() == before
+
+
+def test_prefetch_depth_zero_is_inline() -> None:
+    assert list(prefetch(iter(range(3)), depth=0)) == [0, 1, 2]
+
+
+# --- schedule --------------------------------------------------------------------------------
+
+def test_warmup_then_cosine() -> None:
+    lr = warmup_cosine(0.4, epochs=3, steps_per_epoch=10, warmup_epochs=0.5)
+    assert lr.shape == (30,)
+    assert np.allclose(lr[:5], 0.4 * np.arange(1, 6) / 5)  # linear warm-up over 5 steps, reaching base_lr
+    t = np.arange(25)
+    assert np.allclose(lr[5:], 0.2 * (1 + np.cos(math.pi * t / 25)))  # cosine from base_lr to 0
+    assert lr.argmax() in (4, 5) and lr[-1] < 0.01
+
+
+def test_warmup_longer_than_training_is_all_warmup() -> None:
+    lr = warmup_cosine(1.0, epochs=1, steps_per_epoch=4, warmup_epochs=3)
+    assert np.allclose(lr, [0.25, 0.5, 0.75, 1.0])
+
+
+# --- queue -----------------------------------------------------------------------------------
+
+def test_queue_wraps_around_keeping_the_newest() -> None:
+    q = Queue(5, 2, torch.device("cpu"), seed=0)
+    start = q.data.clone()
+    q.push(torch.tensor([[1.0, 0], [2, 0], [3, 0]]))
+    assert q.ptr == 3 and torch.equal(q.data[:3, 0], torch.tensor([1.0, 2, 3])) and torch.equal(q.data[3:], start[3:])
+    q.push(torch.tensor([[4.0, 0], [5, 0], [6, 0]]))  # 4, 5 fill the end, 6 wraps to the front
+    assert q.ptr == 1 and q.data[:, 0].tolist() == [6, 2, 3, 4, 5]
+    q.push(torch.arange(7, 14, dtype=torch.float32)[:, None].repeat(1, 2))  # more than K: the last K stay
+    assert sorted(q.data[:, 0].tolist()) == [9, 10, 11, 12, 13] and q.ptr == 1
+
+
+def test_queue_state_round_trip() -> None:
+    a = Queue(4, 3, torch.device("cpu"), seed=1)
+    a.push(torch.ones(3, 3))
+    b = Queue(4, 3, torch.device("cpu"), seed=2)
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(a.data, b.data) and a.ptr == b.ptr == 3
+
+
+# --- shard order -----------------------------------------------------------------------------
+
+def test_rank_shards_partition_the_shards() -> None:
+    parts = [rank_shards(10, r, 3) for r in range(3)]
+    assert parts == [[0, 3, 6, 9], [1, 4, 7], [2, 5, 8]]
+    assert sorted(sum(parts, [])) == list(range(10))
+
+
+def test_shard_order_is_a_seeded_permutation_per_epoch() -> None:
+    a0, a1 = shard_order(20, 0, seed=0), shard_order(20, 1, seed=0)
+    assert sorted(a0) == sorted(a1) == list(range(20))
+    assert a0 == shard_order(20, 0, seed=0)          # the same epoch, the same order (resume)
+    assert a0 != a1 and a0 != shard_order(20, 0, seed=1)
+    assert sorted(shard_order(20, 3, seed=0, rank=1, world=4)) == rank_shards(20, 1, 4)
+
+
+# --- fingerprint diff ------------------------------------------------------------------------
+
+def test_fingerprint_is_canonical_and_diff_names_fields() -> None:
+    a = {"teacher": {"arch": "resnet50", "sha": "ab"}, "views": 4, "shards": ["s0", "s1"]}
+    b = {"views": 4, "shards": ["s0", "s1"], "teacher": {"sha": "ab", "arch": "resnet50"}}
+    assert cache.fingerprint(a) == cache.fingerprint(b)  # key order does not matter
+    c = {**a, "teacher": {"arch": "resnet18", "sha": "ab"}, "views": 8}
+    assert cache.fingerprint(c) != cache.fingerprint(a)
+    assert cache.diff_fields(a, c) == ["teacher.arch: cache has 'resnet50', config wants 'resnet18'",
+                                       "views: cache has 4, config wants 8"]
+    assert cache.diff_fields(a, {**a, "seed": 1}) == ["seed: cache has '<absent>', config wants 1"]
+    long = {"shards": [f"s{i}" for i in range(9)]}
+    assert cache.diff_fields(long, {"shards": [f"s{i}" for i in range(10)]}) == [
+        "shards: cache has '9 entries', config wants '10 entries'"]
+
+
+# --- heads from state dicts -------------------------------------------------------------------
+
+@pytest.mark.parametrize("layout,activation", [
+    ({"0.weight": (8, 6), "0.bias": (8,), "2.weight": (4, 8), "2.bias": (4,)}, "relu"),                  # MoCo fc.0/fc.2
+    ({"0.weight": (8, 6), "0.bias": (8,), "1.weight": (8,), "1.bias": (8,), "1.running_mean": (8,),
+      "1.running_var": (8,), "1.num_batches_tracked": (), "3.weight": (4, 8), "3.bias": (4,)}, "relu"),  # SwAV
+    ({"0.weight": (8, 6), "0.bias": (8,), "2.weight": (8, 8), "2.bias": (8,), "4.weight": (4, 8)}, "gelu"),  # DINO
+])
+def test_mlp_from_state_dict_rebuilds_the_layers(layout: dict, activation: str) -> None:
+    g = torch.Generator().manual_seed(0)
+    state = {k: (torch.randint(0, 5, shape, generator=g) if k.endswith("num_batches_tracked")
+                 else torch.rand(shape, generator=g) + (0.5 if k.endswith("running_var") else 0.0))
+             for k, shape in layout.items()}
+    head = mlp_from_state_dict(state, activation, "ckpt.pth").eval()
+    assert head.state_dict().keys() == state.keys()
+    assert all(torch.equal(head.state_dict()[k], state[k]) for k in state)
+    x = torch.rand(3, 6, generator=g)
+    # the same computation written out by hand from the tensors
+    act = torch.relu if activation == "relu" else torch.nn.functional.gelu
+    h = x
+    indices = sorted({int(k.split(".")[0]) for k in state})
+    for i in range(max(indices) + 1):
+        if i not in indices:
+            h = act(h)
+        elif f"{i}.running_mean" in state:
+            h = (h - state[f"{i}.running_mean"]) / torch.sqrt(state[f"{i}.running_var"] + 1e-5) * state[f"{i}.weight"] \
+                + state[f"{i}.bias"]
+        else:
+            h = h @ state[f"{i}.weight"].T + (state[f"{i}.bias"] if f"{i}.bias" in state else 0)
+    with torch.no_grad():
+        assert torch.allclose(head(x), h, atol=1e-5)
+
+
+def test_mlp_from_state_dict_names_what_it_cannot_read() -> None:
+    with pytest.raises(SeedError, match="ckpt.pth: unexpected head key 'weight'"):
+        mlp_from_state_dict({"weight": torch.zeros(2, 2)}, "relu", "ckpt.pth")
+    with pytest.raises(SeedError, match="cannot tell what head layer 0 is"):
+        mlp_from_state_dict({"0.scale": torch.zeros(2)}, "relu", "ckpt.pth")
+    with pytest.raises(SeedError, match="no projection head"):
+        mlp_from_state_dict({}, "relu", "ckpt.pth")
+
+
+def test_mlp_head_layout() -> None:
+    head = mlp_head([6, 8, 4])
+    assert [type(m).__name__ for m in head] == ["Linear", "ReLU", "Linear"]
+
+
+# --- objectives registry ---------------------------------------------------------------------
+
+def test_objectives_are_registered_by_method_name() -> None:
+    assert {"seed-cached": CachedSeed, "seed-online": OnlineSeed, "moco": MocoV2, "supervised": Supervised}.items() \
+        <= OBJECTIVES.items()
+    obj = create_objective("seed-cached", bank_vectors=torch.zeros(3, 2), bank_rows=torch.arange(3), tau_s=0.2,
+                           tau_t=1e-4, dense=True)
+    assert isinstance(obj, CachedSeed) and isinstance(obj, Objective) and obj.teacher_forwards == 0
+    with pytest.raises(SeedError, match="unknown objective 'byol' \\(known: moco, seed-cached, seed-online, supervised"):
+        create_objective("byol")
+
+
+# --- config sections -------------------------------------------------------------------------
+
+def test_old_flat_keys_name_their_new_place() -> None:
+    with pytest.raises(SeedError, match=r"config key train\.epochs is now train\.optim\.epochs"):
+        load_config(None, ["train.epochs=3"])
+    with pytest.raises(SeedError, match=r"pretrain\.shuffle_buffer is now pretrain\.loader\.shuffle_buffer"):
+        load_config(None, ["pretrain.shuffle_buffer=10"])
+
+
+def test_a_partial_section_keeps_its_parents_defaults() -> None:
+    cfg = load_config(None, ["pretrain.optim.epochs=5", "train.optim.batch_size=64"])
+    assert (cfg.pretrain.optim.epochs, cfg.pretrain.optim.base_lr) == (5, 0.06)  # pre-training's own lr default
+    assert (cfg.train.optim.batch_size, cfg.train.optim.base_lr, cfg.train.optim.epochs) == (64, 0.03, 2)
