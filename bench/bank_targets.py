@@ -38,7 +38,7 @@ def main() -> None:
     common = ["bank.size=4096", "bank.topk=32", "bank.tau_t=0.05"]
     if args.child:
         root, n, index = Path(args.child[0]), int(args.child[1]), args.child[2]
-        s = bank_stage.run(config(root, n, *common, f"bank.index={index}"), storage(root), progress=False)
+        s = bank_stage.run(config(root, n, *common, f"bank.index={index}"), storage(root), progress=False).summary
         print(json.dumps({"views_per_s": s["views_per_s"], "mass": s["fidelity"]["mass"]["mean"],
                           "kl": s["fidelity"]["kl"]["mean"], "recall": s["fidelity"].get("recall_at_k"), "rss": peak_rss_mb()}))
         return

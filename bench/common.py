@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from seed.models import Encoder, create_backbone, mlp_head, preprocessing
+from seed.models import mlp_encoder
 from seed.shards import FASHION_MNIST_DIR, fashion_mnist_to_shards
 from seed.storage import Storage
 from seed.teachers import save_moco_checkpoint
@@ -37,10 +37,7 @@ def teacher_checkpoint(root: Path, arch: str, dim: int = 128) -> Path:
     path = root / f"{arch}-moco.pth"
     if not path.exists():
         torch.manual_seed(0)
-        backbone = create_backbone(arch)
-        d = backbone.num_features
-        pre = preprocessing(backbone)
-        save_moco_checkpoint(Encoder(backbone, mlp_head([d, d, dim]), tuple(pre["mean"]), tuple(pre["std"])), path)
+        save_moco_checkpoint(mlp_encoder(arch, dim), path)
     return path
 
 

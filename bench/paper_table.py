@@ -37,8 +37,8 @@ from pipeline import bank as bank_stage  # noqa: E402
 from pipeline import pretrain as pretrain_stage  # noqa: E402
 from pipeline import student as student_stage  # noqa: E402
 from pipeline import teacher as teacher_stage  # noqa: E402
-from pipeline.evaluate import load_student, random_student  # noqa: E402
-from pipeline.teacher import cache_url  # noqa: E402
+from pipeline.evaluate import random_student  # noqa: E402
+from seed.checkpoint import load_student  # noqa: E402
 from seed import cache as cache_mod  # noqa: E402
 from seed.config import RunConfig, load_config  # noqa: E402
 from seed.evaluate import extract, images, pixels, score  # noqa: E402
@@ -74,18 +74,18 @@ class Bench:
         return load_config(None, [f"data.train={self.data}/train/train-*.tar", f"data.test={self.data}/test/test-*.tar",
                                   "cache.resolution=32", "cache.seed=0", f"bank.size={a.bank}", f"bank.topk={a.topk}",
                                   "bank.tau_t=0.0001", f"train.students=[{{arch: {STUDENT}}}]",
-                                  f"train.epochs={a.epochs}", "train.seed=0", *overrides])
+                                  f"train.optim.epochs={a.epochs}", "train.seed=0", *overrides])
 
     def pretrain_config(self, method: str, arch: str, epochs: int) -> RunConfig:
         return self.config(f"pretrain.name=pt-{method}-{arch}-e{epochs}", f"pretrain.method={method}",
-                           f"pretrain.arch={arch}", f"pretrain.epochs={epochs}", "pretrain.seed=0")
+                           f"pretrain.arch={arch}", f"pretrain.optim.epochs={epochs}", "pretrain.seed=0")
 
     def teacher_epochs(self, method: str) -> int:
         return self.args.teacher_epochs if method == "moco" else self.args.supervised_epochs
 
     def teacher_overrides(self, method: str) -> list[str]:
         cfg = self.pretrain_config(method, TEACHER, self.teacher_epochs(method))
-        t = pretrain_stage.teacher_config(cfg, pretrain_stage.teacher_path(cfg, self.storage))
+        t = pretrain_stage.teacher_config(cfg, self.storage.pretrained_teacher(cfg.pretrain.name))
         return [f"teacher.arch={t.arch}", f"teacher.checkpoint={t.checkpoint}", f"teacher.format={t.format}",
                 f"teacher.output={t.output}"]
 
@@ -123,12 +123,12 @@ class Bench:
         log(f"row {key}: kNN {row['knn']:.2f}  linear {row['linear']:.2f}  wall {row.get('wall_s', 0) / 60:.1f} min")
         return row
 
-    def pretrain(self, method: str, arch: str, epochs: int) -> tuple[RunConfig, dict[str, Any], float]:
+    def pretrain(self, method: str, arch: str, epochs: int) -> tuple[RunConfig, pretrain_stage.PretrainResult, float]:
         cfg = self.pretrain_config(method, arch, epochs)
         t0 = time.perf_counter()
         out = pretrain_stage.run(cfg, self.storage, resume=True, progress=False,
                                  on_epoch=lambda e, r: log(f"  pretrain {method} {arch} epoch {e + 1}: {r['images_per_s']} img/s"))
-        seconds = sum(m["seconds"] for m in out["metrics"]) if out["metrics"] else time.perf_counter() - t0
+        seconds = sum(m["seconds"] for m in out.metrics) if out.metrics else time.perf_counter() - t0
         return cfg, out, seconds
 
     def teacher_row(self, method: str) -> dict[str, Any]:
@@ -136,7 +136,7 @@ class Bench:
 
         def make() -> dict[str, Any]:
             cfg, out, seconds = self.pretrain(method, TEACHER, epochs)
-            teacher, _ = load_teacher(pretrain_stage.teacher_config(cfg, out["checkpoint"]))
+            teacher, _ = load_teacher(out.teacher)
             return {"name": f"{'MoCo-v2' if method == 'moco' else 'supervised'} teacher {TEACHER}", "group": "teacher",
                     "epochs": epochs, "wall_s": seconds, "teacher_forwards": 0,
                     **self.score(teacher.features)}
@@ -145,7 +145,7 @@ class Bench:
     def moco_student_row(self) -> dict[str, Any]:
         def make() -> dict[str, Any]:
             cfg, out, seconds = self.pretrain("moco", STUDENT, self.args.epochs)
-            model, _ = load_teacher(pretrain_stage.teacher_config(cfg, out["checkpoint"]))
+            model, _ = load_teacher(out.teacher)
             return {"name": f"{STUDENT} by MoCo-v2 alone", "group": "student", "teacher": "none", "epochs": self.args.epochs,
                     "wall_s": seconds, "teacher_forwards": 0, **self.score(model.features)}
         return self.row("student-moco-only", make)
@@ -166,7 +166,7 @@ class Bench:
                 cfg = self.config(*over)
                 teacher_stage.run(cfg, self.storage, progress=False)
                 bank_stage.run(cfg, self.storage, progress=False)
-                group = cache_mod.open_complete(cache_url(cfg, self.storage))
+                group = cache_mod.open_complete(self.storage.cache_url(cfg.cache.name))
                 # the cache's own records: survives interruptions and reuse by a later row
                 totals = group.attrs["totals"]
                 cache_s = float(totals["stage_seconds"]) + float(group["bank"].attrs["seconds"])
@@ -180,10 +180,10 @@ class Bench:
             out = student_stage.run(cfg, self.storage, resume=True, progress=False,
                                     on_epoch=lambda ep, r: log(f"  {name} epoch {ep + 1}: {r['images_per_s']} img/s, "
                                                                f"loss {next(iter(r['loss'].values())):.4f}"))
-            train_s = sum(m["seconds"] for m in out["metrics"]) or time.perf_counter() - t0
+            train_s = sum(m["seconds"] for m in out.metrics) or time.perf_counter() - t0
             if mode == "online":
-                forwards = int(sum(m["teacher_forwards"] for m in out["metrics"]))
-            model, _ = load_student(next(iter(out["students"].values())))
+                forwards = out.teacher_forwards
+            model, _ = load_student(next(iter(out.students.values())))
             label = f"{mode} SEED" + (f", V = {views}" if mode == "cached" else "")
             source = "MoCo-v2" if teacher == "moco" else "supervised"
             return {"name": f"{STUDENT} by {label} from the {source} teacher" + (" (second run)" if repeat else "")

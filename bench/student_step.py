@@ -27,10 +27,10 @@ from pipeline import bank as bank_stage  # noqa: E402
 from pipeline import student as student_stage  # noqa: E402
 from pipeline import teacher as teacher_stage  # noqa: E402
 from seed.config import load_config  # noqa: E402
-from seed.loss import seed_loss_sparse  # noqa: E402
-from seed.models import student_encoder  # noqa: E402
+from seed.loss import seed_loss, seed_loss_sparse  # noqa: E402
+from seed.models import mlp_encoder  # noqa: E402
+from seed.objectives import CachedSeed, ObjectiveFactory  # noqa: E402
 from seed.teachers import load_teacher  # noqa: E402
-import seed.train  # noqa: E402
 
 
 def timed(fn, steps: int) -> float:
@@ -41,7 +41,7 @@ def timed(fn, steps: int) -> float:
     return (time.perf_counter() - start) / steps * 1000
 
 
-class Bare(seed.train.CachedSeed):
+class Bare(CachedSeed):
     """The same loop and data path as cached SEED, with a loss that uses nothing from the cache."""
 
     def prepare(self, batch, device):
@@ -65,13 +65,13 @@ def main() -> None:
     data = shards(root, 8000)
     cfg = load_config(None, [f"data.train={data.name}/train/train-*.tar", f"teacher.checkpoint={teacher_checkpoint(root, 'resnet10t')}",
                              "cache.views=2", "cache.name=step-bench", f"bank.size={K}", "bank.topk=32",
-                             f"train.students=[{{arch: {args.student}}}]", f"train.batch_size={B}", "train.epochs=1",
+                             f"train.students=[{{arch: {args.student}}}]", f"train.optim.batch_size={B}", "train.optim.epochs=1",
                              "train.run=step-bench"])
     teacher_stage.run(cfg, storage(root), progress=False)
     bank_stage.run(cfg, storage(root), progress=False)
 
     torch.manual_seed(0)
-    student = student_encoder(args.student, 128)
+    student = mlp_encoder(args.student, 128)
     opt = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     teacher, _ = load_teacher(cfg.teacher)
     x = torch.rand(B, 3, 32, 32)
@@ -94,7 +94,7 @@ def main() -> None:
     def online_step() -> None:
         with torch.no_grad():
             zt = F.normalize(teacher(x), dim=1)
-        step(lambda z: seed.train.seed_loss(z, zt, bank, 0.2, 1e-4))
+        step(lambda z: seed_loss(z, zt, bank, 0.2, 1e-4))
 
     online = timed(online_step, args.steps)
     print("\ncompute only (in-memory batch):\n")
@@ -103,20 +103,12 @@ def main() -> None:
     for name, ms in (("bare student step", bare), ("cached SEED step", cached), ("online SEED step (teacher resnet10t)", online)):
         print(f"| {name} | {ms:.0f} | {ms / bare:.2f} |")
 
-    def loop_ms(objective_cls) -> float:
-        real = seed.train.CachedSeed
-        seed.train.CachedSeed = objective_cls  # type: ignore[misc]
-        student_stage.CachedSeed = objective_cls  # type: ignore[attr-defined]
-        try:
-            summary = student_stage.run(cfg, storage(root), progress=False)
-        finally:
-            seed.train.CachedSeed = real  # type: ignore[misc]
-            student_stage.CachedSeed = real  # type: ignore[attr-defined]
-        m = summary["metrics"][-1]
+    def loop_ms(objective: ObjectiveFactory) -> float:
+        m = student_stage.run(cfg, storage(root), progress=False, objective=objective).metrics[-1]
         return m["seconds"] / m["steps"] * 1000
 
     loop_bare = loop_ms(Bare)
-    loop_cached = loop_ms(seed.train.CachedSeed)
+    loop_cached = loop_ms(CachedSeed)
     print("\nwhole loop (8,000 real images: shards, decode, replayed views, cache look-ups, prefetch thread):\n")
     print("| loop | ms per step | x bare loop |")
     print("|---|---|---|")

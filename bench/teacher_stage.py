@@ -24,6 +24,7 @@ from bench.common import child, machine, peak_rss_mb, shards, storage, teacher_c
 from pipeline import teacher as stage  # noqa: E402
 from seed.config import load_config  # noqa: E402
 from seed.inspect import describe  # noqa: E402
+from seed.teachers import load_teacher  # noqa: E402
 
 
 def run_stage(root: Path, arch: str, n: int, resolution: int, views: int, batch: int) -> dict:
@@ -33,14 +34,15 @@ def run_stage(root: Path, arch: str, n: int, resolution: int, views: int, batch:
                              f"cache.resolution={resolution}", f"cache.batch_size={batch}",
                              f"cache.name={arch}-{n}-{resolution}"])
     start = time.perf_counter()
-    summary = stage.run(cfg, storage(root), overwrite=True, progress=False)
+    result = stage.run(cfg, storage(root), overwrite=True, progress=False)
     seconds = time.perf_counter() - start
-    return {"views": summary["totals"]["teacher_forwards"], "seconds": seconds, "cfg": cfg, "cache": summary["cache"],
-            "forward_seconds": summary["totals"]["teacher_seconds"]}
+    assert result.totals is not None
+    return {"views": result.totals["teacher_forwards"], "seconds": seconds, "cfg": cfg, "cache": result.cache,
+            "forward_seconds": result.totals["teacher_seconds"]}
 
 
 def pure_forward(cfg, batch: int, resolution: int, batches: int) -> float:
-    teacher, _ = stage.cached_teacher(cfg.teacher)
+    teacher, _ = load_teacher(cfg.teacher)
     x = torch.rand(batch, 3, resolution, resolution)
     stage.embed(teacher, x, torch.device("cpu"))
     start = time.perf_counter()
