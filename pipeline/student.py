@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +21,7 @@ from seed import bank_store, cache, checkpoint
 from seed.augment import Recipe
 from seed.config import RunConfig, from_dict, to_dict
 from seed.data import CachedSource, FreshViews, Source, rank_shards
+from seed.decode import Decoder
 from seed.devices import resolve_device
 from seed.errors import SeedError
 from seed.models import mlp_encoder
@@ -28,6 +30,8 @@ from seed.shards import expand_urls, shard_lengths
 from seed.storage import Storage, join, write_text
 from seed.teachers import TeacherLoader, load_teacher
 from seed.train import Loop, distributed, make_member, train
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +52,18 @@ def check_shards_match(urls: list[str], fields: dict[str, Any], url: str) -> Non
     if names != fields["shards"]:
         raise SeedError(f"{url} was made from {len(fields['shards'])} shards ({fields['shards'][0]} ...), "
                         f"but data.train gives {len(names)} ({names[0]} ...); point data.train at the cache's shards")
+
+
+def check_decode(attrs: dict[str, Any], decode: str, url: str) -> None:
+    """Warn when the student decodes images differently from the teacher stage that made the cache.
+
+    nvJPEG and PIL may differ by a grey level in places, so the student then sees the cached view
+    up to that difference.
+    """
+    made = (attrs.get("preprocessing") or {}).get("decode", "pil")
+    if made != decode:
+        log.warning("%s: the cached views were decoded with %s, this student stage decodes with %s; "
+                    "replayed views may differ from the cached ones by a grey level", url, made, decode)
 
 
 def run(cfg: RunConfig, storage: Storage, *, resume: bool = False, progress: bool = True,
@@ -83,6 +99,7 @@ def run(cfg: RunConfig, storage: Storage, *, resume: bool = False, progress: boo
                    tau_s=t.tau_s, tau_t=tau_t, dense=t.targets == "dense")
         cached = source(group, bank, view=t.view, seed=t.seed, dense=t.targets == "dense")
         data, per_shard = cached, cached.valid_counts().tolist()
+        check_decode(cache.attributes(group), Decoder(device).name, url)
         meta |= {"cache_fingerprint": cache.attributes(group)["fingerprint"], "bank_fingerprint": bank.fingerprint,
                  "cache": url, "teacher_forwards_cached": cache.attributes(group)["totals"]["teacher_forwards"]}
     else:

@@ -1,7 +1,9 @@
 """The training data path: stream shards, pick a view per image, replay it, batch it.
 
 One pass over the data per epoch: shards in a seeded order (split by rank for DDP), samples
-through a seeded shuffle buffer, then batches augmented in one call. What a sample carries
+through a seeded shuffle buffer that holds *encoded* images (memory does not grow with image
+size), then batches decoded (nvJPEG on CUDA, PIL otherwise) and augmented in one call on the
+model's device. What a sample carries
 besides its image comes from a *source*:
 
 - ``CachedSource``: the cached view's replay parameters, the teacher embedding and the sparse
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -25,7 +27,9 @@ import torch
 from seed import cache
 from seed.augment import Recipe, apply_batch, draw_params
 from seed.prefetch import prefetch
-from seed.shards import Sample, decode_image, iter_shard
+from seed.decode import Decoder, decode_path
+from seed.errors import SeedError
+from seed.shards import Sample, image_size, iter_shard
 
 if TYPE_CHECKING:
     import zarr
@@ -43,10 +47,14 @@ class Batch:
     extra: dict[str, torch.Tensor]  # cached teacher embeddings and targets, by name
     n_views: int = 1
 
+    def pin_memory(self) -> Batch:  # called by the DataLoader on CUDA
+        return dataclasses.replace(self, x=self.x.pin_memory())
+
 
 @dataclasses.dataclass
 class Example:
-    image: torch.Tensor
+    sample: Sample                 # the encoded image, decoded when its batch is made
+    size: tuple[int, int]          # its (height, width), which the view parameters were drawn for
     params: np.ndarray             # [n_views, P]
     row: int
     label: int
@@ -88,6 +96,7 @@ class CachedSource:
         valid = cache.read(self.group, "valid", rows)
         augment = cache.read(self.group, "augment", rows)                    # cap x V x P
         emb = cache.read(self.group, "embeddings", rows)                     # cap x V x D
+        sizes = cache.read(self.group, "sizes", rows)                        # cap x 2, decoded (h, w)
         targets = {} if self.dense or self.bank is None else self.bank.targets(rows)
         base = shard * self.capacity
         if self.view == "cycle":
@@ -101,7 +110,8 @@ class CachedSource:
             v = views[index]
             extra = {"z_t": emb[index, v].astype(np.float32)}
             extra.update({name: arr[index, v] for name, arr in targets.items()})
-            return Example(decode_image(sample), augment[index, v][None], base + index, sample.label, extra)
+            h, w = (int(s) for s in sizes[index])
+            return Example(sample, (h, w), augment[index, v][None], base + index, sample.label, extra)
 
         return make
 
@@ -115,13 +125,12 @@ class FreshViews:
     def load(self, shard: int, epoch: int) -> MakeExample:
         def make(index: int, sample: Sample) -> Example | None:
             try:
-                image = decode_image(sample)
+                h, w = image_size(sample)
             except ValueError:
-                return None
-            h, w = image.shape[-2:]
+                return None  # no readable image header: skipped (a body that fails later is an error)
             params = np.stack([draw_params(self.recipe, seed=self.seed, key=sample.key, view=epoch * self.n_views + i,
                                            height=h, width=w) for i in range(self.n_views)])
-            return Example(image, params, -1, sample.label, {})
+            return Example(sample, (h, w), params, -1, sample.label, {})
 
         return make
 
@@ -158,29 +167,104 @@ def examples(urls: Sequence[str], order: Sequence[int], source: Source, epoch: i
     yield from buffer
 
 
-def collate(items: list[Example], recipe: Recipe, resolution: int, device: torch.device | None = None) -> Batch:
-    """Augment the batch in one call; views are laid out view-major (all first views, then second ...)."""
+def decode_items(items: list[Example], decoder: Decoder) -> list[torch.Tensor]:
+    """The examples' images, decoded; an image that does not decode now, or not to the size its views
+    were drawn for, means the shard changed since the views were made."""
+    images = []
+    for it, image in zip(items, decoder.decode([it.sample for it in items])):
+        where = f"{it.sample.url}: sample {it.sample.key!r}"
+        if isinstance(image, ValueError):
+            raise SeedError(f"{where} does not decode any more ({image}); did the shard change?")
+        if tuple(image.shape[-2:]) != it.size:
+            raise SeedError(f"{where} decodes to {tuple(image.shape[-2:])}, its views were drawn for {it.size}; "
+                            "did the shard change?")
+        images.append(image)
+    return images
+
+
+def collate(items: list[Example], recipe: Recipe, resolution: int, decoder: Decoder,
+            device: torch.device | None = None) -> Batch:
+    """Decode and augment the batch in one call each; views are laid out view-major (all first views, then second ...).
+
+    ``x`` is made on ``device`` (the model's; the CPU when None).
+    """
+    device = device or torch.device("cpu")
     n_views = items[0].params.shape[0]
-    images = [it.image for v in range(n_views) for it in items]
+    decoded = decode_items(items, decoder)
+    images = [decoded[i].to(device) for v in range(n_views) for i in range(len(items))]
     params = torch.from_numpy(np.concatenate([np.stack([it.params[v] for it in items]) for v in range(n_views)]))
-    x = apply_batch(images, params if device is None else params.to(device), recipe, resolution)
+    x = apply_batch(images, params.to(device), recipe, resolution)
     extra = {name: torch.from_numpy(np.stack([it.extra[name] for it in items])) for name in items[0].extra}
     return Batch(x, torch.tensor([it.row for it in items]), torch.tensor([it.label for it in items]), extra, n_views)
 
 
-def batches(urls: Sequence[str], order: Sequence[int], source: Source, epoch: int, *, recipe: Recipe, resolution: int,
-            batch_size: int, steps: int, seed: int, shuffle_buffer: int, depth: int = 2) -> Iterator[Batch]:
-    """Exactly ``steps`` full batches (DDP ranks must agree on the count), prepared ``depth`` ahead."""
-    def produce() -> Iterator[Batch]:
-        items: list[Example] = []
-        made = 0
-        for ex in examples(urls, order, source, epoch, seed=seed, shuffle_buffer=shuffle_buffer):
-            items.append(ex)
-            if len(items) == batch_size:
-                yield collate(items, recipe, resolution)
-                items = []
-                made += 1
-                if made == steps:
-                    return
+def _jobs(urls: Sequence[str], order: Sequence[int], source: Source, epoch: int, *, batch_size: int, steps: int,
+          seed: int, shuffle_buffer: int) -> Iterator[list[Example]]:
+    """The epoch's batches as lists of encoded examples: exactly ``steps`` full ones (DDP ranks must agree)."""
+    items: list[Example] = []
+    made = 0
+    for ex in examples(urls, order, source, epoch, seed=seed, shuffle_buffer=shuffle_buffer):
+        items.append(ex)
+        if len(items) == batch_size:
+            yield items
+            items = []
+            made += 1
+            if made == steps:
+                return
 
-    return prefetch(produce(), depth)
+
+class _CollateJob(torch.utils.data.Dataset):
+    """Worker side: an index is one batch's examples; the item is that batch, decoded and augmented on the CPU."""
+
+    def __init__(self, recipe: Recipe, resolution: int):
+        self.recipe, self.resolution = recipe, resolution
+        self.decoder = Decoder(torch.device("cpu"))
+
+    def __getitem__(self, items: list[Example]) -> Batch:
+        return collate(items, self.recipe, self.resolution, self.decoder)
+
+
+class _Jobs:
+    """The sampler of a persistent DataLoader: yields the current epoch's jobs."""
+
+    def __init__(self) -> None:
+        self.jobs: Iterator[list[Example]] = iter(())
+
+    def __iter__(self) -> Iterator[list[Example]]:
+        return self.jobs
+
+
+def _as_is(item: Any) -> Any:  # batch_size=None: each item is already a batch
+    return item
+
+
+class Batches:
+    """Makes each epoch's batches.
+
+    The batches are composed here, in one process (seeded shard order, shuffle buffer of encoded
+    examples, grouping), so they are the same for any number of workers; ``workers`` processes
+    then decode and augment them on the CPU (persistent across epochs, pinned memory on CUDA). With
+    no workers a background thread does it, on ``device``: on CUDA JPEGs decode with nvJPEG and
+    views augment on the GPU. ``depth`` batches are prepared ahead.
+    """
+
+    def __init__(self, recipe: Recipe, resolution: int, *, device: torch.device, workers: int, depth: int):
+        self.recipe, self.resolution, self.device, self.workers, self.depth = recipe, resolution, device, workers, depth
+        self._jobs = _Jobs()
+        self._loader = None if workers == 0 else torch.utils.data.DataLoader(
+            _CollateJob(recipe, resolution), sampler=self._jobs, batch_size=None, num_workers=workers,
+            collate_fn=_as_is, pin_memory=device.type == "cuda", prefetch_factor=max(1, depth), persistent_workers=True)
+
+    @property
+    def decode(self) -> str:
+        return decode_path(self.device, self.workers)
+
+    def epoch(self, urls: Sequence[str], order: Sequence[int], source: Source, epoch: int, *, batch_size: int,
+              steps: int, seed: int, shuffle_buffer: int) -> Iterator[Batch]:
+        jobs = _jobs(urls, order, source, epoch, batch_size=batch_size, steps=steps, seed=seed,
+                     shuffle_buffer=shuffle_buffer)
+        if self._loader is None:
+            decoder = Decoder(self.device)
+            return prefetch((collate(j, self.recipe, self.resolution, decoder, self.device) for j in jobs), self.depth)
+        self._jobs.jobs = jobs
+        return iter(self._loader)

@@ -116,6 +116,18 @@ def decode_image(sample: Sample) -> torch.Tensor:
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
 
 
+def image_size(sample: Sample) -> tuple[int, int]:
+    """(height, width) from the image header alone (no pixel is decoded); ``ValueError`` when unreadable."""
+    if sample.image is None:
+        raise ValueError(f"no image member (expected one of {', '.join('.' + e for e in IMAGE_EXTS)})")
+    try:
+        with Image.open(io.BytesIO(sample.image)) as im:
+            w, h = im.size
+    except Exception as exc:  # PIL raises many types for corrupt data
+        raise ValueError(f"{sample.ext} does not decode: {type(exc).__name__}: {exc}") from exc
+    return h, w
+
+
 def count_samples(url: str) -> int:
     """Number of samples in a shard (scans the tar headers; no image is decoded)."""
     return sum(1 for _ in iter_shard(url))

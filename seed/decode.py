@@ -1,0 +1,76 @@
+"""Decoding images where the model runs: JPEG batches on the GPU (nvJPEG), everything else with PIL.
+
+On CUDA, JPEG bytes go to ``torchvision.io.decode_jpeg(..., device="cuda")`` in one batched call;
+PNG, WebP and any JPEG the GPU decoder refuses (CMYK, progressive corner cases) fall back to PIL on
+the CPU. On the CPU every image is decoded by PIL, as ``seed.shards.decode_image`` always did, so
+CPU results are unchanged to the bit.
+
+The two decoders may differ by a grey level in places (chroma upsampling and IDCT variants), so
+the path is recorded in the cache's preprocessing attributes (``decode``) and a student stage that
+decodes differently from its teacher stage says so.
+
+Example:
+    >>> import torch
+    >>> Decoder(torch.device("cpu")).name
+    'pil'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from seed.shards import Sample, decode_image
+
+JPEG_EXTS = ("jpg", "jpeg")
+
+
+def decode_path(device: torch.device, workers: int) -> str:
+    """What a data path on ``device`` with ``workers`` processes decodes with: worker processes are
+    CPU processes (PIL); without workers, CUDA decodes JPEGs with nvJPEG."""
+    return Decoder(device if workers == 0 else torch.device("cpu")).name
+
+
+class Decoder:
+    """Decodes samples to uint8 ``[3, h, w]`` tensors (on the GPU for JPEGs when ``device`` is CUDA)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.gpu = device.type == "cuda"
+
+    @property
+    def name(self) -> str:
+        """``pil``, or ``nvjpeg`` (with PIL for other formats and refused images)."""
+        return "nvjpeg" if self.gpu else "pil"
+
+    def decode(self, samples: Sequence[Sample]) -> list[torch.Tensor | ValueError]:
+        """One result per sample, in order: the image, or the ``ValueError`` saying why it does not decode."""
+        out: list[torch.Tensor | ValueError | None] = [None] * len(samples)
+        jpegs = [i for i, s in enumerate(samples) if self.gpu and s.ext in JPEG_EXTS and s.image]
+        if jpegs:
+            for i, image in zip(jpegs, self._nvjpeg([samples[i].image or b"" for i in jpegs])):
+                out[i] = image
+        for i, s in enumerate(samples):
+            if out[i] is None:
+                try:
+                    out[i] = decode_image(s)
+                except ValueError as exc:
+                    out[i] = exc
+        return [r if r is not None else ValueError("not decoded") for r in out]
+
+    def _nvjpeg(self, data: list[bytes]) -> list[torch.Tensor | None]:
+        """Batched GPU decode; images the GPU refuses come back as None (PIL then tries them)."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        encoded = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in data]
+        try:
+            return list(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device))
+        except RuntimeError:  # one bad image fails the batch: try them one by one
+            out: list[torch.Tensor | None] = []
+            for e in encoded:
+                try:
+                    out.append(decode_jpeg(e, mode=ImageReadMode.RGB, device=self.device))
+                except RuntimeError:
+                    out.append(None)
+            return out
