@@ -20,11 +20,12 @@ import zarr
 from seed import cache
 from seed.augment import P, apply_batch, draw_views
 from seed.config import RunConfig, to_dict
-from seed.devices import require_cpu_threads, resolve_device, set_cpu_threads
+from seed.devices import data_workers, require_cpu_threads, resolve_device, set_cpu_threads
 from seed.errors import SeedError
 from seed.models import Encoder
 from seed.prefetch import prefetch
-from seed.shards import decode_image, expand_urls, iter_shard, shard_lengths
+from seed.decode import Decoder, decode_path
+from seed.shards import Sample, expand_urls, iter_shard, shard_lengths
 from seed.storage import Storage
 from seed.teachers import LoadReport, TeacherLoader, load_teacher
 
@@ -80,6 +81,7 @@ def prepare(cfg: RunConfig, storage: Storage, teacher: Encoder, report: LoadRepo
             overwrite: bool = False) -> tuple[Plan, zarr.Group]:
     """Plan the stage and create (or re-open, checking the fingerprint) the cache."""
     plan = make_plan(cfg, storage)
+    device = resolve_device(cfg.cache.device)
     fields = fingerprint_fields(cfg, report, teacher.out_dim, plan)
     r = cfg.cache.resolution
     group = cache.create(plan.cache_url, fields=fields, capacity=plan.capacity, n_shards=len(plan.urls),
@@ -92,6 +94,7 @@ def prepare(cfg: RunConfig, storage: Storage, teacher: Encoder, report: LoadRepo
                                          "format": report.format, "output": cfg.teacher.output,
                                          "dropped_keys": report.dropped[:50]},
                              "preprocessing": {"input_size": [3, r, r], "interpolation": "bilinear",
+                                               "decode": decode_path(device, data_workers(cfg.cache.workers, device)),
                                                "mean": teacher.mean.flatten().tolist(),
                                                "std": teacher.std.flatten().tolist(),
                                                "views": "replayed from augment rows (seed.augment)"},
@@ -104,41 +107,55 @@ def cpu_threads(group: zarr.Group) -> int:
     return int(cache.attributes(group).get("cpu_threads", 0))
 
 
-def _view_batches(url: str, shard_len: int, cfg: RunConfig, batch_size: int, meta: dict[str, np.ndarray],
-                  skipped: list[dict[str, str]]) -> Iterator[tuple[torch.Tensor, np.ndarray, np.ndarray]]:
-    """Decode a shard once, draw V views per image, yield augmented batches ``(x, rows, views)``.
+def _chunks(samples: Iterator[Sample], n: int) -> Iterator[list[Sample]]:
+    chunk: list[Sample] = []
+    for sample in samples:
+        chunk.append(sample)
+        if len(chunk) == n:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
-    Fills ``meta`` (keys, labels, sizes, augment, valid) and ``skipped`` as it goes.
+
+def _view_batches(url: str, shard_len: int, cfg: RunConfig, batch_size: int, meta: dict[str, np.ndarray],
+                  skipped: list[dict[str, str]], decoder: Decoder,
+                  device: torch.device) -> Iterator[tuple[torch.Tensor, np.ndarray, np.ndarray]]:
+    """Decode a shard once, draw V views per image, yield augmented batches ``(x, rows, views)`` on ``device``.
+
+    Images are decoded a batch's worth at a time (one nvJPEG call on CUDA) and augmented where the
+    teacher runs; batches hold ``batch_size`` views in shard order whatever the decoder, so a CPU
+    run gives the same bytes as before. Fills ``meta`` (keys, labels, sizes, augment, valid) and
+    ``skipped`` as it goes.
     """
     c = cfg.cache
     pending: list[tuple[torch.Tensor, np.ndarray, int, int]] = []
 
     def batch(items: list[tuple[torch.Tensor, np.ndarray, int, int]]) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-        params = torch.from_numpy(np.stack([p for _, p, _, _ in items]))
-        x = apply_batch([im for im, _, _, _ in items], params, c.recipe, c.resolution)
+        params = torch.from_numpy(np.stack([p for _, p, _, _ in items])).to(device)
+        x = apply_batch([im.to(device) for im, _, _, _ in items], params, c.recipe, c.resolution)
         return x, np.array([r for *_, r, _ in items]), np.array([v for *_, v in items])
 
     n = 0
-    for sample in iter_shard(url):
-        n += 1
-        if sample.index >= shard_len:
+    for chunk in _chunks(iter_shard(url), max(1, batch_size // c.views)):
+        n += len(chunk)
+        if chunk[-1].index >= shard_len:
             raise SeedError(f"{url}: more samples than the {shard_len} planned; the shard changed since the cache was made")
-        meta["keys"][sample.index] = sample.key
-        meta["labels"][sample.index] = sample.label
-        try:
-            image = decode_image(sample)
-        except ValueError as exc:
-            skipped.append({"key": sample.key, "reason": str(exc)})
-            continue
-        h, w = image.shape[-2:]
-        views = draw_views(c.recipe, seed=c.seed, key=sample.key, views=c.views, height=h, width=w)
-        meta["sizes"][sample.index] = (h, w)
-        meta["augment"][sample.index] = views
-        meta["valid"][sample.index] = True
-        pending += [(image, views[v], sample.index, v) for v in range(c.views)]
-        while len(pending) >= batch_size:
-            yield batch(pending[:batch_size])
-            pending = pending[batch_size:]
+        for sample, image in zip(chunk, decoder.decode(chunk)):
+            meta["keys"][sample.index] = sample.key
+            meta["labels"][sample.index] = sample.label
+            if isinstance(image, ValueError):
+                skipped.append({"key": sample.key, "reason": str(image)})
+                continue
+            h, w = image.shape[-2:]
+            views = draw_views(c.recipe, seed=c.seed, key=sample.key, views=c.views, height=h, width=w)
+            meta["sizes"][sample.index] = (h, w)
+            meta["augment"][sample.index] = views
+            meta["valid"][sample.index] = True
+            pending += [(image, views[v], sample.index, v) for v in range(c.views)]
+            while len(pending) >= batch_size:
+                yield batch(pending[:batch_size])
+                pending = pending[batch_size:]
     if pending:
         yield batch(pending)
     if n != shard_len:
@@ -158,15 +175,88 @@ def embed(teacher: Encoder, x: torch.Tensor, device: torch.device) -> torch.Tens
     return F.normalize(out.float(), dim=1).cpu()
 
 
-def embed_shard(cfg: RunConfig, plan: Plan, group: zarr.Group, shard: int, teacher: Encoder, *,
-                on_views: Callable[[int], Any] | None = None) -> dict[str, Any]:
-    """Run ``teacher`` over one input shard and write its rows, then its completion record.
+@dataclasses.dataclass
+class _Views:
+    """A batch of one shard's augmented views, from whichever process made it."""
 
+    shard: int
+    x: torch.Tensor                 # B x 3 x r x r
+    rows: np.ndarray                # B, rows within the shard
+    views: np.ndarray               # B
+
+    def pin_memory(self) -> _Views:  # called by the DataLoader on CUDA
+        return dataclasses.replace(self, x=self.x.pin_memory())
+
+
+@dataclasses.dataclass
+class _ShardDone:
+    """The end of a shard: its rows' metadata (everything but the embeddings) and what was skipped."""
+
+    shard: int
+    meta: dict[str, np.ndarray]
+    skipped: list[dict[str, str]]
+    decode: str
+
+
+def _shard_items(cfg: RunConfig, plan: Plan, shards: list[int], batch_size: int,
+                 device: torch.device) -> Iterator[_Views | _ShardDone]:
+    """Every view batch of ``shards``, shard after shard, each shard closed by its ``_ShardDone``."""
+    decoder = Decoder(device)
+    cap, V = plan.capacity, cfg.cache.views
+    for shard in shards:
+        meta: dict[str, np.ndarray] = {
+            "augment": np.full((cap, V, P), np.nan, dtype=np.float32),
+            "keys": np.full(cap, "", dtype=object),
+            "labels": np.full(cap, -1, dtype=np.int32),
+            "valid": np.zeros(cap, dtype=bool),
+            "sizes": np.zeros((cap, 2), dtype=np.int32),
+        }
+        skipped: list[dict[str, str]] = []
+        for x, rows, views in _view_batches(plan.urls[shard], plan.lengths[shard], cfg, batch_size, meta, skipped,
+                                            decoder, device):
+            yield _Views(shard, x, rows, views)
+        meta["keys"] = meta["keys"].astype(str)
+        yield _ShardDone(shard, meta, skipped, decoder.name)
+
+
+class _WorkerShards(torch.utils.data.IterableDataset):
+    """The stage's input in worker processes: worker w of W takes ``shards[w::W]``, each shard whole,
+    so every row, view and batch is what one process makes (and the cache the same bytes)."""
+
+    def __init__(self, cfg: RunConfig, plan: Plan, shards: list[int], batch_size: int):
+        self.cfg, self.plan, self.shards, self.batch_size = cfg, plan, shards, batch_size
+
+    def __iter__(self) -> Iterator[_Views | _ShardDone]:
+        info = torch.utils.data.get_worker_info()
+        mine = self.shards if info is None else self.shards[info.id::info.num_workers]
+        return _shard_items(self.cfg, self.plan, mine, self.batch_size, torch.device("cpu"))
+
+
+def _as_is(item: Any) -> Any:
+    return item
+
+
+def _stream(cfg: RunConfig, plan: Plan, shards: list[int], batch_size: int, device: torch.device,
+            workers: int) -> Iterator[_Views | _ShardDone]:
+    """Decoded, augmented view batches: in worker processes (on the CPU), or in one background thread
+    (on CUDA, JPEGs decode with nvJPEG and views augment on the GPU)."""
+    if workers == 0:
+        return prefetch(_shard_items(cfg, plan, shards, batch_size, device), cfg.cache.prefetch)
+    loader = torch.utils.data.DataLoader(
+        _WorkerShards(cfg, plan, shards, batch_size), batch_size=None, num_workers=workers, collate_fn=_as_is,
+        pin_memory=device.type == "cuda", prefetch_factor=max(1, cfg.cache.prefetch))
+    return iter(loader)
+
+
+def embed_shards(cfg: RunConfig, plan: Plan, group: zarr.Group, shards: list[int], teacher: Encoder, *, workers: int = 0,
+                 on_views: Callable[[int], Any] | None = None) -> dict[int, dict[str, Any]]:
+    """Run ``teacher`` over input shards; write each shard's rows, then its completion record, as it ends.
+
+    ``workers`` processes decode and augment (each owns whole shards); 0 = a background thread.
     On the CPU the process must use the cache's thread count (``set_cpu_threads(cpu_threads(group))``,
     done once by the entry points): it fixes the forward's last bits, so every writer of the cache
     gives the same bytes.
     """
-    start = time.perf_counter()
     device = resolve_device(cfg.cache.device)
     if device.type == "cpu":
         require_cpu_threads(cpu_threads(group), plan.cache_url)
@@ -174,35 +264,40 @@ def embed_shard(cfg: RunConfig, plan: Plan, group: zarr.Group, shard: int, teach
     if device.type == "cuda":
         teacher.to(memory_format=torch.channels_last)
     cap, V, D = plan.capacity, cfg.cache.views, teacher.out_dim
-    meta: dict[str, np.ndarray] = {
-        "embeddings": np.full((cap, V, D), np.nan, dtype=np.float16),
-        "augment": np.full((cap, V, P), np.nan, dtype=np.float32),
-        "keys": np.full(cap, "", dtype=object),
-        "labels": np.full(cap, -1, dtype=np.int32),
-        "valid": np.zeros(cap, dtype=bool),
-        "sizes": np.zeros((cap, 2), dtype=np.int32),
-    }
-    skipped: list[dict[str, str]] = []
-    forwards, forward_s = 0, 0.0
-    url = plan.urls[shard]
     batch_size = int(cache.attributes(group).get("batch_size", cfg.cache.batch_size))
-    views_in = _view_batches(url, plan.lengths[shard], cfg, batch_size, meta, skipped)
-    for x, rows, views in prefetch(views_in, cfg.cache.prefetch):
-        t0 = time.perf_counter()
-        z = embed(teacher, x, device)
-        forward_s += time.perf_counter() - t0
-        forwards += len(rows)
-        meta["embeddings"][rows, views] = z.numpy().astype(np.float16)
-        if on_views is not None:
-            on_views(len(rows))
-    meta["keys"] = meta["keys"].astype(str)
-    record = {
-        "url": url, "samples": plan.lengths[shard], "valid": int(meta["valid"].sum()), "skipped": skipped,
-        "teacher_forwards": forwards, "teacher_seconds": round(forward_s, 4),
-        "seconds": round(time.perf_counter() - start, 4), "device": str(device),
-    }
-    cache.write_shard(group, shard, meta, record)
-    return record
+    emb: dict[int, np.ndarray] = {}
+    forwards: dict[int, int] = {}
+    forward_s: dict[int, float] = {}
+    started: dict[int, float] = {}
+    records: dict[int, dict[str, Any]] = {}
+    for item in _stream(cfg, plan, shards, batch_size, device, workers):
+        s = item.shard
+        if s not in emb:  # the shard's first item
+            emb[s] = np.full((cap, V, D), np.nan, dtype=np.float16)
+            forwards[s], forward_s[s], started[s] = 0, 0.0, time.perf_counter()
+        if isinstance(item, _Views):
+            t0 = time.perf_counter()
+            z = embed(teacher, item.x, device)
+            forward_s[s] += time.perf_counter() - t0
+            forwards[s] += len(item.rows)
+            emb[s][item.rows, item.views] = z.numpy().astype(np.float16)
+            if on_views is not None:
+                on_views(len(item.rows))
+            continue
+        record = {
+            "url": plan.urls[s], "samples": plan.lengths[s], "valid": int(item.meta["valid"].sum()),
+            "skipped": item.skipped, "teacher_forwards": forwards.pop(s), "teacher_seconds": round(forward_s.pop(s), 4),
+            "seconds": round(time.perf_counter() - started.pop(s), 4), "device": str(device), "decode": item.decode,
+            "workers": workers,
+        }
+        cache.write_shard(group, s, {**item.meta, "embeddings": emb.pop(s)}, record)
+        records[s] = record
+    return records
+
+
+def embed_shard(cfg: RunConfig, plan: Plan, group: zarr.Group, shard: int, teacher: Encoder) -> dict[str, Any]:
+    """One input shard in this process (a background thread decodes): the flow's unit of work."""
+    return embed_shards(cfg, plan, group, [shard], teacher, workers=0)[shard]
 
 
 def run(cfg: RunConfig, storage: Storage, *, overwrite: bool = False, shards: list[int] | None = None,
@@ -216,17 +311,17 @@ def run(cfg: RunConfig, storage: Storage, *, overwrite: bool = False, shards: li
 
     teacher, report = load(cfg.teacher)
     plan, group = prepare(cfg, storage, teacher, report, overwrite=overwrite)
-    if resolve_device(cfg.cache.device).type == "cpu":
+    device = resolve_device(cfg.cache.device)
+    if device.type == "cpu":
         set_cpu_threads(cpu_threads(group))
     todo_all = range(len(plan.urls)) if shards is None else shards
     done = set(cache.done_shards(group))
     todo = [s for s in todo_all if s not in done]
     total_views = sum(plan.lengths[s] for s in todo) * cfg.cache.views
-    bar = tqdm(total=total_views, unit="view", desc=f"teacher 0/{len(todo)} shards", disable=not progress, smoothing=0.1)
-    records = {}
-    for i, s in enumerate(todo):
-        records[s] = embed_shard(cfg, plan, group, s, teacher, on_views=bar.update)
-        bar.set_description(f"teacher {i + 1}/{len(todo)} shards")
+    workers = min(data_workers(cfg.cache.workers, device), len(todo))
+    bar = tqdm(total=total_views, unit="view", desc=f"teacher ({len(todo)} shards, {workers} workers)",
+               disable=not progress, smoothing=0.1)
+    records = embed_shards(cfg, plan, group, todo, teacher, workers=workers, on_views=bar.update) if todo else {}
     bar.close()
     totals = None
     if finalize and len(set(cache.done_shards(group))) == len(plan.urls):

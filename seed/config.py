@@ -73,6 +73,7 @@ class CacheConfig:
     prefetch: int = 2
     device: str = "auto"
     cpu_threads: int = 0  # intra-op threads of CPU forwards, fixed per cache (0 = this machine's default)
+    workers: int = -1  # decoding/augmentation processes, each owning whole shards (-1 = auto, see seed.devices)
     recipe: Recipe = dataclasses.field(default_factory=Recipe)
 
 
@@ -131,10 +132,13 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LoaderConfig:
-    """The training data path: a seeded shuffle buffer of ``shuffle_buffer`` examples, batches made ``prefetch`` ahead."""
+    """The training data path: a seeded shuffle buffer of ``shuffle_buffer`` encoded examples, batches
+    made ``prefetch`` ahead, decoded and augmented by ``workers`` processes (-1 = auto: see
+    ``seed.devices.data_workers``). The batches are the same for any number of workers."""
 
     shuffle_buffer: int = 2048
     prefetch: int = 2
+    workers: int = -1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,6 +202,10 @@ class RunConfig:
         _check_positive(self, "bank.tail_samples", self.bank.tail_samples)
         if self.cache.cpu_threads < 0:
             raise SeedError(f"cache.cpu_threads must be >= 0 (0 = automatic), got {self.cache.cpu_threads}")
+        for name, workers in (("cache", self.cache.workers), ("train.loader", self.train.loader.workers),
+                              ("pretrain.loader", self.pretrain.loader.workers)):
+            if workers < -1:
+                raise SeedError(f"{name}.workers must be >= 0, or -1 for automatic, got {workers}")
         if self.cache.shard_capacity < 0:
             raise SeedError(f"cache.shard_capacity must be >= 0 (0 = automatic), got {self.cache.shard_capacity}")
         if not self.bank.tau_t > 0:

@@ -7,6 +7,7 @@ resolved here in one place. Nothing in this module changes process state on impo
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Any
 
 import torch
@@ -29,6 +30,20 @@ def autocast(device: torch.device) -> Any:
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def data_workers(setting: int, device: torch.device) -> int:
+    """Decoding and augmentation processes for a data path on ``device``.
+
+    ``setting`` >= 0 is taken as it is. Automatic (-1): none on CUDA, where JPEG batches decode
+    (nvJPEG) and augment on the GPU from a background thread; on the CPU, half the cores (at most 8),
+    leaving the other half to the model's intra-op threads.
+    """
+    if setting >= 0:
+        return setting
+    if device.type == "cuda":
+        return 0
+    return min(8, max(1, (os.cpu_count() or 1) // 2))
 
 
 def set_cpu_threads(n: int) -> None:

@@ -23,8 +23,8 @@ from torch import nn
 from seed import checkpoint
 from seed.augment import Recipe
 from seed.config import LoaderConfig, OptimConfig
-from seed.data import Source, batches, shard_order
-from seed.devices import autocast
+from seed.data import Batches, Source, shard_order
+from seed.devices import autocast, data_workers
 from seed.errors import SeedError
 from seed.objectives import Objective, unwrap
 from seed.schedules import warmup_cosine
@@ -97,6 +97,8 @@ def train(members: Sequence[Member], objective: Objective, urls: Sequence[str], 
     lr = warmup_cosine(o.base_lr * o.batch_size * world / 256, o.epochs, steps, o.warmup_epochs)
     start_epoch = _resume(members, objective) if resume else 0
     metrics: list[dict[str, Any]] = list(members[0].history)
+    maker = Batches(loop.recipe, loop.resolution, device=device, depth=loop.loader.prefetch,
+                    workers=data_workers(loop.loader.workers, device))
     for epoch in range(start_epoch, o.epochs):
         t0 = time.perf_counter()
         forwards0 = objective.teacher_forwards
@@ -105,9 +107,8 @@ def train(members: Sequence[Member], objective: Objective, urls: Sequence[str], 
         for m in members:
             m.model.train()
         bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{o.epochs}", unit="step", disable=not progress or rank != 0)
-        data = batches(urls, order, source, epoch, recipe=loop.recipe, resolution=loop.resolution,
-                       batch_size=o.batch_size, steps=steps, seed=loop.seed,
-                       shuffle_buffer=loop.loader.shuffle_buffer, depth=loop.loader.prefetch)
+        data = maker.epoch(urls, order, source, epoch, batch_size=o.batch_size, steps=steps, seed=loop.seed,
+                           shuffle_buffer=loop.loader.shuffle_buffer)
         done = 0
         for step, batch in enumerate(data):
             g = epoch * steps + step

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -154,6 +155,19 @@ def test_crash_between_chunk_writes_resumes_to_identical_cache(clean, tmp_path: 
     g["augment"][200:300] = g["augment"][0:100]         # half of shard 2's arrays, no completion record
     summary = stage.run(cfg, storage, progress=False)
     assert summary.skipped_done == (0, 1) and summary.embedded == (2, 3, 4, 5)
+    _assert_same(_arrays(summary.cache), _arrays(clean_url))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_worker_processes_write_the_same_cache(clean, tmp_path: Path, shards_root: Path, workers: int) -> None:
+    """The reference ran with this machine's automatic worker count (1 here); 0 (a thread) and 2
+    processes, each owning whole shards, give the same bytes."""
+    cfg, _, clean_url = clean
+    storage = make_storage(tmp_path, shards_root)
+    summary = stage.run(dataclasses.replace(cfg, cache=dataclasses.replace(cfg.cache, workers=workers)), storage,
+                        progress=False)
+    records = [cache.shard_record(zarr.open_group(summary.cache, mode="r"), s) for s in range(6)]
+    assert [r["workers"] for r in records if r] == [workers] * 6
     _assert_same(_arrays(summary.cache), _arrays(clean_url))
 
 
