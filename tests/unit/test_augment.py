@@ -157,3 +157,24 @@ def test_apply_checks_shapes() -> None:
         apply_batch([torch.zeros(3, 8, 8, dtype=torch.uint8)], torch.zeros(1, P - 1), RECIPE, 8)
     with pytest.raises(ValueError, match="2 images but 1"):
         apply_batch([torch.zeros(3, 8, 8, dtype=torch.uint8)] * 2, torch.zeros(1, P), RECIPE, 8)
+
+
+def test_canvas_crops_equal_per_size_crops() -> None:
+    """The CUDA path (one canvas, one sampling call) against the CPU path (one call per source size),
+    run here on the CPU: same views up to float rounding of the normalised grid; images shared by
+    several views pasted once; chunked when the canvas would be too large."""
+    import seed.augment as A
+
+    g = torch.Generator().manual_seed(0)
+    sizes = [(375, 500), (333, 640), (500, 375), (28, 28), (640, 333)]
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g) for h, w in sizes]
+    views = [images[i % len(images)] for i in range(12)]                     # each image in 2-3 views
+    params = torch.from_numpy(np.concatenate([
+        draw_views(RECIPE, seed=1, key=f"k{i}", views=1, height=int(v.shape[-2]), width=int(v.shape[-1]))
+        for i, v in enumerate(views)]))
+    by_size = A._crops_by_size(views, params, (64, 64))
+    canvas = A._crops_on_canvas(views, params, (64, 64))
+    assert canvas.shape == by_size.shape == (12, 3, 64, 64)
+    assert (canvas - by_size).abs().max() < 1e-4
+    two_per_call = A._crops_on_canvas(views, params, (64, 64), canvas_bytes=3 * 640 * 640 * 4 * 2)
+    assert (two_per_call - by_size).abs().max() < 1e-4                      # other canvases, same views
