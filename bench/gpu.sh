@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# One-shot GPU check on a borrowed machine (python3 3.12 + torch/torchvision/timm preinstalled, no network).
+#
+#   bash bench/gpu.sh            # from the repo root; results in $OUT (default /tmp/gpu-check-out)
+#
+# Needs the git-ignored .whl/ folder (zarr, numcodecs, webdataset and their small requirements as
+# Python 3.12 wheels, plus fmnist-2048.npz): carry it to the machine with the working tree.
+# Writes $OUT/gpu.log (everything printed), $OUT/gpu.json and $OUT/gpu.md (rewritten after every
+# section, so a run cut short still leaves the figures it reached). Extra arguments go to gpu_check.py.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-/tmp/gpu-check-out}"
+mkdir -p "$OUT"
+LOG="$OUT/gpu.log"
+
+# 1. The wheels the machine lacks, into $SITE (no index, no dependency resolution); skipped when a
+#    previous command already installed them there.
+SITE="${GPU_SITE:-/tmp/site}"
+: > "$LOG"
+if ! PYTHONPATH="$SITE" python3 -c "import zarr, numcodecs, webdataset, donfig, msgspec" 2>/dev/null; then
+    if ! python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl 2>&1 | tee -a "$LOG"; then
+        echo "pip install failed; unpacking the wheels by hand" | tee -a "$LOG"
+        mkdir -p "$SITE"
+        for w in .whl/*.whl; do python3 -m zipfile -e "$w" "$SITE"; done
+    fi
+fi
+export PYTHONPATH="$SITE:$PWD"
+export PYTHONUNBUFFERED=1
+
+# 2. What we run on.
+{
+    echo "== $(date -u '+%Y-%m-%d %H:%M:%S') UTC, $(nproc) CPUs, $(hostname)"
+    nvidia-smi -L || echo "nvidia-smi not available"
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader 2>/dev/null || true
+    python3 - <<'PY'
+import importlib, sys
+print("python", sys.version.split()[0])
+for m in ("torch", "torchvision", "timm", "numpy", "PIL", "fsspec", "yaml", "zarr", "numcodecs", "webdataset",
+          "donfig", "msgspec", "google_crc32c", "braceexpand"):
+    try:
+        mod = importlib.import_module(m)
+        print(f"{m} {getattr(mod, '__version__', '?')}  {getattr(mod, '__file__', '')}")
+    except Exception as exc:
+        print(f"{m} NOT IMPORTABLE: {type(exc).__name__}: {exc}")
+import torch
+print("cuda", torch.version.cuda, "available", torch.cuda.is_available(),
+      torch.cuda.get_device_name() if torch.cuda.is_available() else "")
+PY
+} 2>&1 | tee -a "$LOG"
+
+# 3. The check itself; a hard stop well inside the device budget (its own guard skips heavy sections after 420 s).
+timeout -k 10 "${GPU_CHECK_TIMEOUT:-480}" python3 bench/gpu_check.py --out "$OUT" "$@" 2>&1 | tee -a "$LOG"
+rc=${PIPESTATUS[0]}
+echo "== gpu_check.py exit status $rc" | tee -a "$LOG"
+[ -f "$OUT/gpu.md" ] && grep -v "^| _meta" "$OUT/gpu.md" | head -220
+exit "$rc"
