@@ -3,7 +3,7 @@
 #
 #   bash bench/gpu.sh            # from the repo root; results in $OUT (default /tmp/gpu-check-out)
 #
-# Needs the git-ignored .whl/ folder (zarr, numcodecs, webdataset and their small requirements as
+# Needs the git-ignored .whl/ folder, made by bench/gpu_wheels.sh (zarr, numcodecs, webdataset and their small requirements as
 # Python 3.12 wheels, plus fmnist-2048.npz): carry it to the machine with the working tree.
 # Writes $OUT/gpu.log (everything printed), $OUT/gpu.json and $OUT/gpu.md (rewritten after every
 # section, so a run cut short still leaves the figures it reached). Extra arguments go to gpu_check.py.
