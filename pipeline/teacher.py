@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -24,8 +24,8 @@ from seed.devices import data_workers, require_cpu_threads, resolve_device, set_
 from seed.errors import SeedError
 from seed.models import Encoder
 from seed.prefetch import prefetch
-from seed.decode import Decoder, decode_path
-from seed.shards import Sample, expand_urls, iter_shard, shard_lengths
+from seed.decode import Decoder
+from seed.shards import Sample, expand_urls, image_size, iter_shard, shard_lengths
 from seed.storage import Storage
 from seed.teachers import LoadReport, TeacherLoader, load_teacher
 
@@ -94,7 +94,7 @@ def prepare(cfg: RunConfig, storage: Storage, teacher: Encoder, report: LoadRepo
                                          "format": report.format, "output": cfg.teacher.output,
                                          "dropped_keys": report.dropped[:50]},
                              "preprocessing": {"input_size": [3, r, r], "interpolation": "bilinear",
-                                               "decode": decode_path(device, data_workers(cfg.cache.workers, device)),
+                                               "decode": Decoder(device).name,
                                                "mean": teacher.mean.flatten().tolist(),
                                                "std": teacher.std.flatten().tolist(),
                                                "views": "replayed from augment rows (seed.augment)"},
@@ -118,48 +118,61 @@ def _chunks(samples: Iterator[Sample], n: int) -> Iterator[list[Sample]]:
         yield chunk
 
 
-def _view_batches(url: str, shard_len: int, cfg: RunConfig, batch_size: int, meta: dict[str, np.ndarray],
-                  skipped: list[dict[str, str]], decoder: Decoder,
-                  device: torch.device) -> Iterator[tuple[torch.Tensor, np.ndarray, np.ndarray]]:
-    """Decode a shard once, draw V views per image, yield augmented batches ``(x, rows, views)`` on ``device``.
+View = tuple[Any, np.ndarray, int, int]
+"""One view to make: its image (decoded uint8 ``[3, h, w]``, or ``(Sample, (h, w))`` still encoded, with the
+size from its header), parameters, row, view."""
 
-    Images are decoded a batch's worth at a time (one nvJPEG call on CUDA) and augmented where the
-    teacher runs; batches hold ``batch_size`` views in shard order whatever the decoder, so a CPU
-    run gives the same bytes as before. Fills ``meta`` (keys, labels, sizes, augment, valid) and
-    ``skipped`` as it goes.
+
+def _view_jobs(url: str, shard_len: int, cfg: RunConfig, batch_size: int, meta: dict[str, np.ndarray],
+               skipped: list[dict[str, str]], decoder: Decoder | None) -> Iterator[list[View]]:
+    """Read a shard once, draw V views per image, yield them ``batch_size`` at a time in shard order.
+
+    ``decoder`` decodes a batch's worth of images at a time (one nvJPEG call on CUDA) and views are
+    drawn for the decoded size; without one, images stay encoded and views are drawn for the size in
+    their header (the GPU decodes them later, ``_decode_views``). Batches hold the same views in the
+    same order either way. Fills ``meta`` (keys, labels, sizes, augment, valid) and ``skipped``.
     """
     c = cfg.cache
-    pending: list[tuple[torch.Tensor, np.ndarray, int, int]] = []
-
-    def batch(items: list[tuple[torch.Tensor, np.ndarray, int, int]]) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-        params = torch.from_numpy(np.stack([p for _, p, _, _ in items])).to(device)
-        x = apply_batch([im.to(device) for im, _, _, _ in items], params, c.recipe, c.resolution)
-        return x, np.array([r for *_, r, _ in items]), np.array([v for *_, v in items])
-
+    pending: list[View] = []
     n = 0
     for chunk in _chunks(iter_shard(url), max(1, batch_size // c.views)):
         n += len(chunk)
         if chunk[-1].index >= shard_len:
             raise SeedError(f"{url}: more samples than the {shard_len} planned; the shard changed since the cache was made")
-        for sample, image in zip(chunk, decoder.decode(chunk)):
+        images: list[Any] = decoder.decode(chunk) if decoder is not None else [_sized(s) for s in chunk]
+        for sample, image in zip(chunk, images):
             meta["keys"][sample.index] = sample.key
             meta["labels"][sample.index] = sample.label
             if isinstance(image, ValueError):
                 skipped.append({"key": sample.key, "reason": str(image)})
                 continue
-            h, w = image.shape[-2:]
+            h, w = image.shape[-2:] if isinstance(image, torch.Tensor) else image[1]
             views = draw_views(c.recipe, seed=c.seed, key=sample.key, views=c.views, height=h, width=w)
             meta["sizes"][sample.index] = (h, w)
             meta["augment"][sample.index] = views
             meta["valid"][sample.index] = True
             pending += [(image, views[v], sample.index, v) for v in range(c.views)]
             while len(pending) >= batch_size:
-                yield batch(pending[:batch_size])
+                yield pending[:batch_size]
                 pending = pending[batch_size:]
     if pending:
-        yield batch(pending)
+        yield pending
     if n != shard_len:
         raise SeedError(f"{url}: {n} samples, but the plan counted {shard_len}; the shard changed since the cache was made")
+
+
+def _sized(sample: Sample) -> tuple[Sample, tuple[int, int]] | ValueError:
+    try:
+        return sample, image_size(sample)
+    except ValueError as exc:
+        return exc
+
+
+def _augment(views: list[View], cfg: RunConfig, device: torch.device) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """``(x, rows, views)``: decoded views augmented on ``device``."""
+    params = torch.from_numpy(np.stack([p for _, p, _, _ in views])).to(device)
+    x = apply_batch([im.to(device) for im, _, _, _ in views], params, cfg.cache.recipe, cfg.cache.resolution)
+    return x, np.array([r for *_, r, _ in views]), np.array([v for *_, v in views])
 
 
 @torch.inference_mode()
@@ -183,9 +196,44 @@ class _Views:
     x: torch.Tensor                 # B x 3 x r x r
     rows: np.ndarray                # B, rows within the shard
     views: np.ndarray               # B
+    failed: list[tuple[int, str]] = dataclasses.field(default_factory=list)  # rows whose image did not decode
 
     def pin_memory(self) -> _Views:  # called by the DataLoader on CUDA
         return dataclasses.replace(self, x=self.x.pin_memory())
+
+
+@dataclasses.dataclass
+class _Encoded:
+    """A batch of one shard's views with their images still encoded (made by a worker for the GPU)."""
+
+    shard: int
+    views: list[View]
+
+
+def _decode_views(item: _Encoded, decoder: Decoder, cfg: RunConfig, device: torch.device) -> _Views:
+    """Decode a batch's distinct images (nvJPEG on CUDA) and augment its views on ``device``.
+
+    An image whose header read but whose data does not decode, or decodes to another size than its
+    header said, leaves the batch and is reported in ``failed`` (its row becomes a skipped sample).
+    """
+    distinct: dict[int, Sample] = {}
+    for (sample, _), *_ in item.views:
+        distinct.setdefault(id(sample), sample)
+    decoded = dict(zip(distinct, decoder.decode(list(distinct.values()))))
+    ready: list[View] = []
+    failed: dict[int, str] = {}
+    for (sample, size), params, row, v in item.views:
+        image = decoded[id(sample)]
+        if isinstance(image, ValueError):
+            failed[row] = str(image)
+        elif tuple(image.shape[-2:]) != tuple(size):
+            failed[row] = f"decodes to {tuple(image.shape[-2:])}, its header says {tuple(size)}"
+        else:
+            ready.append((image, params, row, v))
+    if not ready:
+        return _Views(item.shard, torch.empty(0), np.zeros(0, np.int64), np.zeros(0, np.int64), sorted(failed.items()))
+    x, rows, views = _augment(ready, cfg, device)
+    return _Views(item.shard, x, rows, views, sorted(failed.items()))
 
 
 @dataclasses.dataclass
@@ -198,10 +246,14 @@ class _ShardDone:
     decode: str
 
 
-def _shard_items(cfg: RunConfig, plan: Plan, shards: list[int], batch_size: int,
-                 device: torch.device) -> Iterator[_Views | _ShardDone]:
-    """Every view batch of ``shards``, shard after shard, each shard closed by its ``_ShardDone``."""
-    decoder = Decoder(device)
+def _shard_items(cfg: RunConfig, plan: Plan, shards: list[int], batch_size: int, device: torch.device,
+                 encoded: bool = False) -> Iterator[_Views | _Encoded | _ShardDone]:
+    """Every view batch of ``shards``, shard after shard, each shard closed by its ``_ShardDone``.
+
+    ``encoded``: leave the images encoded (``_Encoded``: the main process decodes them on the GPU);
+    otherwise decode and augment here, on ``device``.
+    """
+    decoder = None if encoded else Decoder(device)
     cap, V = plan.capacity, cfg.cache.views
     for shard in shards:
         meta: dict[str, np.ndarray] = {
@@ -212,24 +264,24 @@ def _shard_items(cfg: RunConfig, plan: Plan, shards: list[int], batch_size: int,
             "sizes": np.zeros((cap, 2), dtype=np.int32),
         }
         skipped: list[dict[str, str]] = []
-        for x, rows, views in _view_batches(plan.urls[shard], plan.lengths[shard], cfg, batch_size, meta, skipped,
-                                            decoder, device):
-            yield _Views(shard, x, rows, views)
+        for views in _view_jobs(plan.urls[shard], plan.lengths[shard], cfg, batch_size, meta, skipped, decoder):
+            yield _Encoded(shard, views) if encoded else _Views(shard, *_augment(views, cfg, device))
         meta["keys"] = meta["keys"].astype(str)
-        yield _ShardDone(shard, meta, skipped, decoder.name)
+        yield _ShardDone(shard, meta, skipped, decoder.name if decoder is not None else "nvjpeg")
 
 
 class _WorkerShards(torch.utils.data.IterableDataset):
     """The stage's input in worker processes: worker w of W takes ``shards[w::W]``, each shard whole,
-    so every row, view and batch is what one process makes (and the cache the same bytes)."""
+    so every row, view and batch is what one process makes (and, on the CPU, the cache the same bytes).
+    ``encoded``: the workers only read shards and draw views; the main process decodes on the GPU."""
 
-    def __init__(self, cfg: RunConfig, plan: Plan, shards: list[int], batch_size: int):
-        self.cfg, self.plan, self.shards, self.batch_size = cfg, plan, shards, batch_size
+    def __init__(self, cfg: RunConfig, plan: Plan, shards: list[int], batch_size: int, encoded: bool):
+        self.cfg, self.plan, self.shards, self.batch_size, self.encoded = cfg, plan, shards, batch_size, encoded
 
-    def __iter__(self) -> Iterator[_Views | _ShardDone]:
+    def __iter__(self) -> Iterator[_Views | _Encoded | _ShardDone]:
         info = torch.utils.data.get_worker_info()
         mine = self.shards if info is None else self.shards[info.id::info.num_workers]
-        return _shard_items(self.cfg, self.plan, mine, self.batch_size, torch.device("cpu"))
+        return _shard_items(self.cfg, self.plan, mine, self.batch_size, torch.device("cpu"), self.encoded)
 
 
 def _as_is(item: Any) -> Any:
@@ -238,14 +290,25 @@ def _as_is(item: Any) -> Any:
 
 def _stream(cfg: RunConfig, plan: Plan, shards: list[int], batch_size: int, device: torch.device,
             workers: int) -> Iterator[_Views | _ShardDone]:
-    """Decoded, augmented view batches: in worker processes (on the CPU), or in one background thread
-    (on CUDA, JPEGs decode with nvJPEG and views augment on the GPU)."""
+    """Decoded, augmented view batches, made ``cfg.cache.prefetch`` ahead.
+
+    No workers: one background thread reads, decodes and augments on ``device`` (nvJPEG and the GPU
+    on CUDA). Workers on the CPU: each reads, decodes and augments whole shards. Workers on CUDA:
+    each reads whole shards and draws their views; a background thread of this process decodes
+    (nvJPEG) and augments on the GPU.
+    """
     if workers == 0:
-        return prefetch(_shard_items(cfg, plan, shards, batch_size, device), cfg.cache.prefetch)
+        items = cast(Iterator[_Views | _ShardDone], _shard_items(cfg, plan, shards, batch_size, device))
+        return prefetch(items, cfg.cache.prefetch)
+    gpu = device.type == "cuda"
     loader = torch.utils.data.DataLoader(
-        _WorkerShards(cfg, plan, shards, batch_size), batch_size=None, num_workers=workers, collate_fn=_as_is,
-        pin_memory=device.type == "cuda", prefetch_factor=max(1, cfg.cache.prefetch))
-    return iter(loader)
+        _WorkerShards(cfg, plan, shards, batch_size, encoded=gpu), batch_size=None, num_workers=workers,
+        collate_fn=_as_is, pin_memory=False, prefetch_factor=max(1, cfg.cache.prefetch))
+    if not gpu:
+        return iter(loader)
+    decoder = Decoder(device)
+    return prefetch((_decode_views(it, decoder, cfg, device) if isinstance(it, _Encoded) else it for it in loader),
+                    cfg.cache.prefetch)
 
 
 def embed_shards(cfg: RunConfig, plan: Plan, group: zarr.Group, shards: list[int], teacher: Encoder, *, workers: int = 0,
@@ -270,20 +333,24 @@ def embed_shards(cfg: RunConfig, plan: Plan, group: zarr.Group, shards: list[int
     forward_s: dict[int, float] = {}
     started: dict[int, float] = {}
     records: dict[int, dict[str, Any]] = {}
+    failed: dict[int, list[tuple[int, str]]] = {}
     for item in _stream(cfg, plan, shards, batch_size, device, workers):
         s = item.shard
         if s not in emb:  # the shard's first item
             emb[s] = np.full((cap, V, D), np.nan, dtype=np.float16)
             forwards[s], forward_s[s], started[s] = 0, 0.0, time.perf_counter()
         if isinstance(item, _Views):
-            t0 = time.perf_counter()
-            z = embed(teacher, item.x, device)
-            forward_s[s] += time.perf_counter() - t0
-            forwards[s] += len(item.rows)
-            emb[s][item.rows, item.views] = z.numpy().astype(np.float16)
+            failed.setdefault(s, []).extend(item.failed)
+            if len(item.rows):
+                t0 = time.perf_counter()
+                z = embed(teacher, item.x, device)
+                forward_s[s] += time.perf_counter() - t0
+                forwards[s] += len(item.rows)
+                emb[s][item.rows, item.views] = z.numpy().astype(np.float16)
             if on_views is not None:
-                on_views(len(item.rows))
+                on_views(len(item.rows) + sum(V for _ in item.failed))
             continue
+        _drop_failed(item, failed.pop(s, []), emb[s])
         record = {
             "url": plan.urls[s], "samples": plan.lengths[s], "valid": int(item.meta["valid"].sum()),
             "skipped": item.skipped, "teacher_forwards": forwards.pop(s), "teacher_seconds": round(forward_s.pop(s), 4),
@@ -293,6 +360,17 @@ def embed_shards(cfg: RunConfig, plan: Plan, group: zarr.Group, shards: list[int
         cache.write_shard(group, s, {**item.meta, "embeddings": emb.pop(s)}, record)
         records[s] = record
     return records
+
+
+def _drop_failed(done: _ShardDone, failed: list[tuple[int, str]], emb: np.ndarray) -> None:
+    """Rows whose image read but did not decode on the GPU become skipped samples, as on the CPU path."""
+    for row in sorted({r for r, _ in failed}):
+        reason = next(why for r, why in failed if r == row)
+        done.meta["valid"][row] = False
+        done.meta["augment"][row] = np.nan
+        done.meta["sizes"][row] = 0
+        emb[row] = np.nan
+        done.skipped.append({"key": str(done.meta["keys"][row]), "reason": reason})
 
 
 def embed_shard(cfg: RunConfig, plan: Plan, group: zarr.Group, shard: int, teacher: Encoder) -> dict[str, Any]:

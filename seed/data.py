@@ -27,7 +27,7 @@ import torch
 from seed import cache
 from seed.augment import Recipe, apply_batch, draw_params
 from seed.prefetch import prefetch
-from seed.decode import Decoder, decode_path
+from seed.decode import Decoder
 from seed.errors import SeedError
 from seed.shards import Sample, image_size, iter_shard
 
@@ -242,22 +242,19 @@ class Batches:
     """Makes each epoch's batches.
 
     The batches are composed here, in one process (seeded shard order, shuffle buffer of encoded
-    examples, grouping), so they are the same for any number of workers; ``workers`` processes
-    then decode and augment them on the CPU (persistent across epochs, pinned memory on CUDA). With
-    no workers a background thread does it, on ``device``: on CUDA JPEGs decode with nvJPEG and
-    views augment on the GPU. ``depth`` batches are prepared ahead.
+    examples, grouping), so they are the same for any number of workers. On the CPU ``workers``
+    processes then decode and augment them (persistent across epochs); with none, a background
+    thread does. On CUDA a background thread always does, on the GPU (nvJPEG, device augmentation):
+    ``workers`` is not used there. ``depth`` batches are prepared ahead.
     """
 
     def __init__(self, recipe: Recipe, resolution: int, *, device: torch.device, workers: int, depth: int):
+        workers = workers if device.type == "cpu" else 0
         self.recipe, self.resolution, self.device, self.workers, self.depth = recipe, resolution, device, workers, depth
         self._jobs = _Jobs()
         self._loader = None if workers == 0 else torch.utils.data.DataLoader(
             _CollateJob(recipe, resolution), sampler=self._jobs, batch_size=None, num_workers=workers,
-            collate_fn=_as_is, pin_memory=device.type == "cuda", prefetch_factor=max(1, depth), persistent_workers=True)
-
-    @property
-    def decode(self) -> str:
-        return decode_path(self.device, self.workers)
+            collate_fn=_as_is, prefetch_factor=max(1, depth), persistent_workers=True)
 
     def epoch(self, urls: Sequence[str], order: Sequence[int], source: Source, epoch: int, *, batch_size: int,
               steps: int, seed: int, shuffle_buffer: int) -> Iterator[Batch]:

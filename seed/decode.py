@@ -26,12 +26,6 @@ from seed.shards import Sample, decode_image
 JPEG_EXTS = ("jpg", "jpeg")
 
 
-def decode_path(device: torch.device, workers: int) -> str:
-    """What a data path on ``device`` with ``workers`` processes decodes with: worker processes are
-    CPU processes (PIL); without workers, CUDA decodes JPEGs with nvJPEG."""
-    return Decoder(device if workers == 0 else torch.device("cpu")).name
-
-
 class Decoder:
     """Decodes samples to uint8 ``[3, h, w]`` tensors (on the GPU for JPEGs when ``device`` is CUDA)."""
 

@@ -33,16 +33,15 @@ def autocast(device: torch.device) -> Any:
 
 
 def data_workers(setting: int, device: torch.device) -> int:
-    """Decoding and augmentation processes for a data path on ``device``.
+    """Data-path processes for a stage on ``device``: half the cores (at most 8) when ``setting`` is -1
+    (automatic), leaving the rest to the model's threads and this process; else ``setting``.
 
-    ``setting`` >= 0 is taken as it is. Automatic (-1): none on CUDA, where JPEG batches decode
-    (nvJPEG) and augment on the GPU from a background thread; on the CPU, half the cores (at most 8),
-    leaving the other half to the model's intra-op threads.
+    On the CPU they read, decode and augment. On CUDA the GPU decodes (nvJPEG) and augments, so the
+    teacher stage's workers only read shards and draw views, and training composes its batches in
+    this process and uses none (see ``seed.data.Batches``).
     """
     if setting >= 0:
         return setting
-    if device.type == "cuda":
-        return 0
     return min(8, max(1, (os.cpu_count() or 1) // 2))
 
 

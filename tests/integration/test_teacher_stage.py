@@ -21,6 +21,7 @@ import zarr
 from pipeline import teacher as stage
 from seed import cache
 from seed.augment import apply_batch
+from seed.decode import Decoder
 from seed.errors import SeedError
 from seed.inspect import describe, sample_views
 from seed.shards import decode_image, iter_shard
@@ -259,3 +260,58 @@ def test_inspect_json(clean) -> None:
     assert "6/6 done" in text and "resnet10t" in text
     bad = subprocess.run([sys.executable, "-m", "pipeline.cli", "inspect", url + "-nope"], capture_output=True, text=True)
     assert bad.returncode == 2 and "no cache at" in bad.stderr
+
+
+def _jpeg_shard(path: Path, source: Path, truncate: str | None = None) -> None:
+    """Fashion-MNIST PNGs of ``source`` re-encoded as RGB JPEGs; ``truncate``: that key's JPEG loses its end."""
+    import io
+
+    from PIL import Image
+
+    with tarfile.open(source) as src, tarfile.open(path, "w") as dst:
+        for member in src.getmembers():
+            data = src.extractfile(member).read()  # type: ignore[union-attr]
+            name = member.name
+            if name.endswith(".png"):
+                buf = io.BytesIO()
+                Image.open(io.BytesIO(data)).convert("RGB").resize((40, 36)).save(buf, format="JPEG", quality=90)
+                data, name = buf.getvalue(), name[:-4] + ".jpg"
+                if truncate and name.startswith(truncate):
+                    data = data[: len(data) // 2]  # the header reads, the pixels do not
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            dst.addfile(info, io.BytesIO(data))
+
+
+def test_gpu_worker_path_reads_and_draws_in_workers_then_decodes_here(tmp_path: Path, shards_root: Path,
+                                                                       moco_checkpoint: Path) -> None:
+    """The path the teacher stage takes on CUDA with workers (workers read shards and draw views from
+    image headers; this process decodes and augments), run on the CPU: the same batches as the path
+    that decodes first, and an image whose header reads but whose data does not is skipped and named."""
+    for i in range(2):
+        _jpeg_shard(tmp_path / f"j-{i:03d}.tar", shards_root / "fm" / "train" / f"train-{i:06d}.tar",
+                    truncate="fmnist-train-000150" if i == 1 else None)
+    cfg = small_config(moco_checkpoint, shards="j-{000..001}.tar")
+    plan = stage.make_plan(cfg, make_storage(tmp_path, tmp_path))
+    cpu = torch.device("cpu")
+    direct = list(stage._shard_items(cfg, plan, [0, 1], 64, cpu))
+    encoded = list(stage._shard_items(cfg, plan, [0, 1], 64, cpu, encoded=True))
+    decoded = [stage._decode_views(it, Decoder(cpu), cfg, cpu) if isinstance(it, stage._Encoded) else it for it in encoded]
+    views_a = [it for it in direct if isinstance(it, stage._Views)]
+    views_b = [it for it in decoded if isinstance(it, stage._Views)]
+    failed = [f for it in views_b for f in it.failed]
+    assert {row for row, _ in failed} == {50} and all("does not decode" in why for _, why in failed)
+    # the direct path skipped that image before drawing; everything else is the same, batch for batch
+    rows_a = np.concatenate([it.rows + 1000 * it.shard for it in views_a])
+    rows_b = np.concatenate([it.rows + 1000 * it.shard for it in views_b])
+    assert 1050 not in rows_a and 1050 not in rows_b and sorted(rows_a) == sorted(rows_b)
+    xa = torch.cat([it.x for it in views_a])
+    xb = torch.cat([it.x for it in views_b])
+    order_a, order_b = np.lexsort((np.concatenate([it.views for it in views_a]), rows_a)), \
+        np.lexsort((np.concatenate([it.views for it in views_b]), rows_b))
+    assert torch.equal(xa[order_a], xb[order_b])
+    done = next(it for it in decoded if isinstance(it, stage._ShardDone) and it.shard == 1)
+    emb = np.zeros((100, 2, 4), np.float16)
+    stage._drop_failed(done, failed, emb)
+    assert not done.meta["valid"][50] and np.isnan(emb[50]).all() and done.meta["valid"][49]
+    assert [s["key"] for s in done.skipped] == ["fmnist-train-000150"]
