@@ -33,8 +33,9 @@ def autocast(device: torch.device) -> Any:
 
 
 def data_workers(setting: int, device: torch.device) -> int:
-    """Data-path processes for a stage on ``device``: half the cores (at most 8) when ``setting`` is -1
-    (automatic), leaving the rest to the model's threads and this process; else ``setting``.
+    """Data-path processes for a stage on ``device``: when ``setting`` is -1 (automatic), half the cores,
+    at most 8 on the CPU and 4 on CUDA, leaving the rest to the model's threads and this process; else
+    ``setting``.
 
     On the CPU they read, decode and augment. On CUDA the GPU decodes (nvJPEG) and augments, so the
     teacher stage's workers only read shards and draw views, and training composes its batches in
@@ -42,7 +43,10 @@ def data_workers(setting: int, device: torch.device) -> int:
     """
     if setting >= 0:
         return setting
-    return min(8, max(1, (os.cpu_count() or 1) // 2))
+    half = max(1, (os.cpu_count() or 1) // 2)
+    # On CUDA the main process's decode-and-augment thread limits first: on an H200 with 16 cores,
+    # 4 workers beat 8 and 15 (docs/benchmarks.md, "Teacher stage on a GPU against its worker count").
+    return min(4 if device.type == "cuda" else 8, half)
 
 
 def set_cpu_threads(n: int) -> None:

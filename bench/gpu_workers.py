@@ -1,0 +1,90 @@
+"""Teacher stage on a GPU against its worker count, on more shards than gpu_check uses.
+
+    python3 bench/gpu_workers.py [--copies 4] [--workers 0 4 8 15] [--smoke]
+
+ImageNet-shaped JPEG shards (``bench.common.jpeg_shards`` from ``.whl/fmnist-2048.npz``, 8 shards
+of 256), each copied ``--copies`` times under other names (the stage sees 8 x copies shards), then
+``pipeline.teacher.run`` (random-init ``resnet50`` at 224 px, V = 2, batch 256) once per worker
+count: 0 = one background thread reads, decodes (nvJPEG) and augments (GPU); W > 0 = W processes
+read shards and draw views, and the GPU decodes and augments. Prints views/s over the whole run
+(teacher load and cache creation included) and the pure bf16 forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from bench.common import jpeg_shards, machine, storage, teacher_checkpoint  # noqa: E402
+from bench.teacher_stage import pure_forward  # noqa: E402
+from pipeline import teacher as teacher_stage  # noqa: E402
+from seed.config import load_config  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--copies", type=int, default=4)
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 4, 8, 15])
+    parser.add_argument("--smoke", action="store_true", help="64 images, the CPU")
+    parser.add_argument("--data", default=str(ROOT / ".whl" / "fmnist-2048.npz"))
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="seed-gpu-workers-"))
+    n, per_shard = (64, 32) if args.smoke else (2048, 256)
+    src = jpeg_shards(root, n, per_shard, source=args.data if Path(args.data).exists() else None)
+    data = root / "many"
+    data.mkdir()
+    shards = sorted(src.glob("train-*.tar"))
+    for c in range(args.copies):
+        for s in shards:
+            shutil.copy(s, data / f"train-{c * len(shards) + int(s.stem.split('-')[1]):06d}.tar")
+    count = args.copies * len(shards)
+    device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
+    print(f"machine: {machine()}, {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}; "
+          f"{count} shards of {per_shard} images, V = 2, resnet50 at 224 px, batch 256", flush=True)
+    print("\n| workers | views | seconds | views/s |\n|---|---|---|---|", flush=True)
+    cfg = None
+    for w in args.workers:
+        cfg = load_config(None, [f"data.train=many/train-{{000000..{count - 1:06d}}}.tar", "teacher.arch=resnet50",
+                                 f"teacher.checkpoint={teacher_checkpoint(root, 'resnet50')}", "cache.views=2",
+                                 "cache.resolution=224", "cache.batch_size=256", f"cache.device={device}",
+                                 f"cache.workers={w}", f"cache.name=w{w}"])
+        t = time.perf_counter()
+        result = teacher_stage.run(cfg, storage(root), overwrite=True, progress=False)
+        seconds = time.perf_counter() - t
+        views = result.totals["teacher_forwards"] if result.totals else 0
+        print(f"| {w} | {views} | {seconds:.2f} | {views / seconds:.0f} |", flush=True)
+    if cfg is not None and device == "cuda":
+        from seed.teachers import load_teacher
+
+        teacher, _ = load_teacher(cfg.teacher)
+        teacher = teacher.to("cuda").to(memory_format=torch.channels_last)
+        x = torch.rand(256, 3, 224, 224, device="cuda").contiguous(memory_format=torch.channels_last)
+
+        def fwd() -> None:
+            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+                teacher(x).float()
+
+        for _ in range(3):
+            fwd()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(10):
+            fwd()
+        torch.cuda.synchronize()
+        print(f"\npure bf16 forward: {2560 / (time.perf_counter() - t):.0f} views/s", flush=True)
+    elif cfg is not None:
+        print(f"\npure forward: {pure_forward(cfg, 256, 224, 1):.0f} views/s", flush=True)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
