@@ -197,9 +197,7 @@ class _Views:
     rows: np.ndarray                # B, rows within the shard
     views: np.ndarray               # B
     failed: list[tuple[int, str]] = dataclasses.field(default_factory=list)  # rows whose image did not decode
-
-    def pin_memory(self) -> _Views:  # called by the DataLoader on CUDA
-        return dataclasses.replace(self, x=self.x.pin_memory())
+    dropped: int = 0                # views left out for those rows
 
 
 @dataclasses.dataclass
@@ -230,10 +228,12 @@ def _decode_views(item: _Encoded, decoder: Decoder, cfg: RunConfig, device: torc
             failed[row] = f"decodes to {tuple(image.shape[-2:])}, its header says {tuple(size)}"
         else:
             ready.append((image, params, row, v))
+    dropped = len(item.views) - len(ready)
     if not ready:
-        return _Views(item.shard, torch.empty(0), np.zeros(0, np.int64), np.zeros(0, np.int64), sorted(failed.items()))
+        return _Views(item.shard, torch.empty(0), np.zeros(0, np.int64), np.zeros(0, np.int64), sorted(failed.items()),
+                      dropped)
     x, rows, views = _augment(ready, cfg, device)
-    return _Views(item.shard, x, rows, views, sorted(failed.items()))
+    return _Views(item.shard, x, rows, views, sorted(failed.items()), dropped)
 
 
 @dataclasses.dataclass
@@ -348,7 +348,7 @@ def embed_shards(cfg: RunConfig, plan: Plan, group: zarr.Group, shards: list[int
                 forwards[s] += len(item.rows)
                 emb[s][item.rows, item.views] = z.numpy().astype(np.float16)
             if on_views is not None:
-                on_views(len(item.rows) + sum(V for _ in item.failed))
+                on_views(len(item.rows) + item.dropped)
             continue
         _drop_failed(item, failed.pop(s, []), emb[s])
         record = {

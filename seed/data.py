@@ -47,9 +47,6 @@ class Batch:
     extra: dict[str, torch.Tensor]  # cached teacher embeddings and targets, by name
     n_views: int = 1
 
-    def pin_memory(self) -> Batch:  # called by the DataLoader on CUDA
-        return dataclasses.replace(self, x=self.x.pin_memory())
-
 
 @dataclasses.dataclass
 class Example:
