@@ -104,7 +104,10 @@ def cmd_teacher(args: argparse.Namespace) -> int:
     from pipeline import teacher
 
     cfg, storage = _run_config(args)
-    only = [int(s) for s in args.shards.split(",")] if args.shards else None
+    try:
+        only = [int(s) for s in args.shards.split(",")] if args.shards else None
+    except ValueError:
+        raise SeedError(f"--shards {args.shards!r}: expected shard indices separated by commas, e.g. 0,2,4") from None
     # A --shards worker leaves the root attributes to the coordinator (one writer for zarr.json):
     # `seed teacher` without --shards embeds what is left and marks the cache complete.
     result = teacher.run(cfg, storage, overwrite=args.overwrite, shards=only, finalize=only is None)

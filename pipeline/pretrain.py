@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from seed import checkpoint
-from seed.config import PretrainConfig, RunConfig, TeacherConfig, to_dict
+from seed.config import PretrainConfig, RunConfig, TeacherConfig, outcome, to_dict
 from seed.data import FreshViews, rank_shards
 from seed.devices import resolve_device
 from seed.errors import SeedError
@@ -68,7 +68,7 @@ def run(cfg: RunConfig, storage: Storage, *, resume: bool = False, progress: boo
     path = storage.pretrained_teacher(p.name)
     if checkpoint.exists(path):
         done = checkpoint.load(path)
-        if done.get("pretrain") == to_dict(p) and done.get("data") == cfg.data.train:
+        if outcome(done.get("pretrain", {})) == outcome(p) and done.get("data") == cfg.data.train:
             return PretrainResult(path, True, teacher_config(cfg, path), done.get("metrics", []))
     device = resolve_device(p.device)
     rank, world = distributed()

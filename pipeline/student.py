@@ -19,7 +19,7 @@ import yaml
 
 from seed import bank_store, cache, checkpoint
 from seed.augment import Recipe
-from seed.config import RunConfig, from_dict, to_dict
+from seed.config import RunConfig, from_dict, outcome, to_dict
 from seed.data import CachedSource, FreshViews, Source, rank_shards
 from seed.decode import Decoder
 from seed.devices import resolve_device
@@ -142,7 +142,7 @@ def completed(cfg: RunConfig, storage: Storage) -> StudentResult | None:
         if not checkpoint.exists(url):
             return None
         state = checkpoint.load(url)
-        if (state.get("epoch") != cfg.train.optim.epochs or state.get("config", {}).get("train") != to_dict(cfg.train)
+        if (state.get("epoch") != cfg.train.optim.epochs or outcome(state.get("config", {}).get("train", {})) != outcome(cfg.train)
                 or state.get("cache_fingerprint") != cache.attributes(group)["fingerprint"]
                 or state.get("bank_fingerprint") != bank.fingerprint):
             return None

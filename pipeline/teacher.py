@@ -1,8 +1,11 @@
 """Teacher stage: run the frozen teacher once over V replayable views of every image into the cache.
 
-Recipe per input shard: decode each image once, draw its V views, augment them in batches, run
-the teacher (bf16 autocast + channels_last on CUDA), L2-normalise, write the shard's rows, then
-its completion record. Decoding and augmentation run one batch ahead in a thread.
+Recipe per input shard: read each image, draw its V views, decode and augment them in batches, run
+the teacher (bf16 autocast + channels_last on CUDA), L2-normalise, write the shard's rows, then its
+completion record. Reading, decoding and augmentation run ``cache.prefetch`` batches ahead: in
+``cache.workers`` processes that each own whole shards (on CUDA they only read and draw, and a thread
+of this process decodes with nvJPEG and augments on the GPU), or with no workers in one thread.
+The Prefect flow runs one task per shard with no workers (its parallelism is across shard tasks).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import zarr
 from seed import cache
 from seed.augment import P, apply_batch, draw_views
 from seed.config import RunConfig, to_dict
-from seed.devices import data_workers, require_cpu_threads, resolve_device, set_cpu_threads
+from seed.devices import autocast, data_workers, require_cpu_threads, resolve_device, set_cpu_threads
 from seed.errors import SeedError
 from seed.models import Encoder
 from seed.prefetch import prefetch
@@ -171,7 +174,9 @@ def _sized(sample: Sample) -> tuple[Sample, tuple[int, int]] | ValueError:
 def _augment(views: list[View], cfg: RunConfig, device: torch.device) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
     """``(x, rows, views)``: decoded views augmented on ``device``."""
     params = torch.from_numpy(np.stack([p for _, p, _, _ in views])).to(device)
-    x = apply_batch([im.to(device) for im, _, _, _ in views], params, cfg.cache.recipe, cfg.cache.resolution)
+    moved: dict[int, torch.Tensor] = {}                                       # each image once, not once per view
+    images = [moved.setdefault(id(im), im.to(device)) for im, _, _, _ in views]
+    x = apply_batch(images, params, cfg.cache.recipe, cfg.cache.resolution)
     return x, np.array([r for *_, r, _ in views]), np.array([v for *_, v in views])
 
 
@@ -181,9 +186,7 @@ def embed(teacher: Encoder, x: torch.Tensor, device: torch.device) -> torch.Tens
     x = x.to(device, non_blocking=True)
     if device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = teacher(x)
-    else:
+    with autocast(device):
         out = teacher(x)
     return F.normalize(out.float(), dim=1).cpu()
 
@@ -278,10 +281,13 @@ class _WorkerShards(torch.utils.data.IterableDataset):
     def __init__(self, cfg: RunConfig, plan: Plan, shards: list[int], batch_size: int, encoded: bool):
         self.cfg, self.plan, self.shards, self.batch_size, self.encoded = cfg, plan, shards, batch_size, encoded
 
-    def __iter__(self) -> Iterator[_Views | _Encoded | _ShardDone]:
+    def __iter__(self) -> Iterator[_Views | _Encoded | _ShardDone | SeedError]:
         info = torch.utils.data.get_worker_info()
         mine = self.shards if info is None else self.shards[info.id::info.num_workers]
-        return _shard_items(self.cfg, self.plan, mine, self.batch_size, torch.device("cpu"), self.encoded)
+        try:
+            yield from _shard_items(self.cfg, self.plan, mine, self.batch_size, torch.device("cpu"), self.encoded)
+        except SeedError as exc:  # handed over as an item: the DataLoader would wrap it in its own traceback
+            yield exc
 
 
 def _as_is(item: Any) -> Any:
@@ -304,18 +310,26 @@ def _stream(cfg: RunConfig, plan: Plan, shards: list[int], batch_size: int, devi
     loader = torch.utils.data.DataLoader(
         _WorkerShards(cfg, plan, shards, batch_size, encoded=gpu), batch_size=None, num_workers=workers,
         collate_fn=_as_is, pin_memory=False, prefetch_factor=max(1, cfg.cache.prefetch))
+    items = (_raise_failure(it) for it in loader)
     if not gpu:
-        return iter(loader)
+        return cast(Iterator[_Views | _ShardDone], items)
     decoder = Decoder(device)
-    return prefetch((_decode_views(it, decoder, cfg, device) if isinstance(it, _Encoded) else it for it in loader),
+    return prefetch((_decode_views(it, decoder, cfg, device) if isinstance(it, _Encoded) else it for it in items),
                     cfg.cache.prefetch)
+
+
+def _raise_failure(item: Any) -> Any:
+    if isinstance(item, SeedError):
+        raise item
+    return item
 
 
 def embed_shards(cfg: RunConfig, plan: Plan, group: zarr.Group, shards: list[int], teacher: Encoder, *, workers: int = 0,
                  on_views: Callable[[int], Any] | None = None) -> dict[int, dict[str, Any]]:
     """Run ``teacher`` over input shards; write each shard's rows, then its completion record, as it ends.
 
-    ``workers`` processes decode and augment (each owns whole shards); 0 = a background thread.
+    ``workers`` processes each own whole shards (on the CPU they read, decode and augment; on CUDA they
+    read and draw views, and a thread here decodes and augments on the GPU); 0 = one background thread.
     On the CPU the process must use the cache's thread count (``set_cpu_threads(cpu_threads(group))``,
     done once by the entry points): it fixes the forward's last bits, so every writer of the cache
     gives the same bytes.
@@ -392,6 +406,12 @@ def run(cfg: RunConfig, storage: Storage, *, overwrite: bool = False, shards: li
     device = resolve_device(cfg.cache.device)
     if device.type == "cpu":
         set_cpu_threads(cpu_threads(group))
+    if shards is not None:
+        bad = sorted({s for s in shards if not 0 <= s < len(plan.urls)})
+        twice = sorted({s for s in shards if shards.count(s) > 1})
+        if bad or twice:
+            raise SeedError(f"--shards: {'indices out of range 0..' + str(len(plan.urls) - 1) + ': ' + str(bad) if bad else ''}"
+                            f"{'; ' if bad and twice else ''}{'repeated: ' + str(twice) if twice else ''}")
     todo_all = range(len(plan.urls)) if shards is None else shards
     done = set(cache.done_shards(group))
     todo = [s for s in todo_all if s not in done]

@@ -206,6 +206,10 @@ class RunConfig:
                               ("pretrain.loader", self.pretrain.loader.workers)):
             if workers < -1:
                 raise SeedError(f"{name}.workers must be >= 0, or -1 for automatic, got {workers}")
+        for name, loader in (("train.loader", self.train.loader), ("pretrain.loader", self.pretrain.loader)):
+            _check_positive(self, f"{name}.shuffle_buffer", loader.shuffle_buffer)
+            if loader.prefetch < 0:
+                raise SeedError(f"{name}.prefetch must be >= 0 (0 = no read-ahead), got {loader.prefetch}")
         if self.cache.shard_capacity < 0:
             raise SeedError(f"cache.shard_capacity must be >= 0 (0 = automatic), got {self.cache.shard_capacity}")
         if not self.bank.tau_t > 0:
@@ -321,6 +325,17 @@ def to_dict(cfg: Any) -> dict[str, Any]:
             return {k: plain(x) for k, x in v.items()}
         return v
     return plain(dataclasses.asdict(cfg))
+
+
+def outcome(section: Any) -> dict[str, Any]:
+    """A train or pretrain section as plain data without the settings that cannot change what training
+    produces (device, data-path workers and read-ahead): what decides whether a finished run is reused."""
+    data = to_dict(section) if dataclasses.is_dataclass(section) else dict(section)
+    data.pop("device", None)
+    loader = data.get("loader")
+    if isinstance(loader, dict):
+        data["loader"] = {k: v for k, v in loader.items() if k not in ("workers", "prefetch")}
+    return data
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -164,19 +164,27 @@ def examples(urls: Sequence[str], order: Sequence[int], source: Source, epoch: i
     yield from buffer
 
 
-def decode_items(items: list[Example], decoder: Decoder) -> list[torch.Tensor]:
-    """The examples' images, decoded; an image that does not decode now, or not to the size its views
-    were drawn for, means the shard changed since the views were made."""
-    images = []
+def decode_items(items: list[Example], decoder: Decoder) -> tuple[list[Example], list[torch.Tensor]]:
+    """The examples that decode and their images.
+
+    A cached example (``row >= 0``) decoded at the teacher stage: if it does not decode now, or not to
+    the size its views were drawn for, the shard changed since, and that is an error. A fresh example
+    (no cache) was only checked by its header: one whose data does not decode is left out of its
+    batch, as an undecodable sample is skipped everywhere else.
+    """
+    kept, images = [], []
     for it, image in zip(items, decoder.decode([it.sample for it in items])):
         where = f"{it.sample.url}: sample {it.sample.key!r}"
-        if isinstance(image, ValueError):
-            raise SeedError(f"{where} does not decode any more ({image}); did the shard change?")
-        if tuple(image.shape[-2:]) != it.size:
+        if isinstance(image, ValueError) or tuple(image.shape[-2:]) != it.size:
+            if it.row < 0:
+                continue
+            if isinstance(image, ValueError):
+                raise SeedError(f"{where} does not decode any more ({image}); did the shard change?")
             raise SeedError(f"{where} decodes to {tuple(image.shape[-2:])}, its views were drawn for {it.size}; "
                             "did the shard change?")
+        kept.append(it)
         images.append(image)
-    return images
+    return kept, images
 
 
 def collate(items: list[Example], recipe: Recipe, resolution: int, decoder: Decoder,
@@ -187,8 +195,9 @@ def collate(items: list[Example], recipe: Recipe, resolution: int, decoder: Deco
     """
     device = device or torch.device("cpu")
     n_views = items[0].params.shape[0]
-    decoded = decode_items(items, decoder)
-    images = [decoded[i].to(device) for v in range(n_views) for i in range(len(items))]
+    items, decoded = decode_items(items, decoder)
+    decoded = [im.to(device) for im in decoded]                              # once per image, not per view
+    images = [decoded[i] for v in range(n_views) for i in range(len(items))]
     params = torch.from_numpy(np.concatenate([np.stack([it.params[v] for it in items]) for v in range(n_views)]))
     x = apply_batch(images, params.to(device), recipe, resolution)
     extra = {name: torch.from_numpy(np.stack([it.extra[name] for it in items])) for name in items[0].extra}
@@ -217,8 +226,11 @@ class _CollateJob(torch.utils.data.Dataset):
         self.recipe, self.resolution = recipe, resolution
         self.decoder = Decoder(torch.device("cpu"))
 
-    def __getitem__(self, items: list[Example]) -> Batch:
-        return collate(items, self.recipe, self.resolution, self.decoder)
+    def __getitem__(self, items: list[Example]) -> Batch | SeedError:
+        try:
+            return collate(items, self.recipe, self.resolution, self.decoder)
+        except SeedError as exc:  # handed back as an item: the DataLoader would wrap it in its own traceback
+            return exc
 
 
 class _Jobs:
@@ -260,5 +272,18 @@ class Batches:
         if self._loader is None:
             decoder = Decoder(self.device)
             return prefetch((collate(j, self.recipe, self.resolution, decoder, self.device) for j in jobs), self.depth)
-        self._jobs.jobs = jobs
-        return iter(self._loader)
+        self._jobs.jobs = prefetch(jobs, self.depth)  # reading shards overlaps the training step
+        return self._raising(iter(self._loader))
+
+    @staticmethod
+    def _raising(batches: Iterator[Batch | SeedError]) -> Iterator[Batch]:
+        for batch in batches:
+            if isinstance(batch, SeedError):
+                raise batch
+            yield batch
+
+    def close(self) -> None:
+        """Stop the worker processes now (they are persistent across epochs)."""
+        iterator = getattr(self._loader, "_iterator", None)
+        if iterator is not None:
+            iterator._shutdown_workers()  # torch's own shutdown; the public way is to drop every reference

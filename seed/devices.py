@@ -20,9 +20,14 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError as exc:
         raise SeedError(f"unknown device {name!r} (expected auto, cpu, cuda or cuda:<index>)") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SeedError(f"device {name!r}: this machine has no CUDA device (use auto or cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise SeedError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA devices")
+    return device
 
 
 def autocast(device: torch.device) -> Any:

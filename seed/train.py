@@ -86,8 +86,6 @@ def train(members: Sequence[Member], objective: Objective, urls: Sequence[str], 
     ``rank_counts[r]`` is the number of examples rank r sees per epoch (DDP ranks need the same
     number of steps). Checkpoints go to ``<member.out>/checkpoint.pt`` after every epoch.
     """
-    from tqdm import tqdm
-
     o = loop.optim
     rank, world = distributed()
     steps = min(rank_counts) // o.batch_size
@@ -99,6 +97,22 @@ def train(members: Sequence[Member], objective: Objective, urls: Sequence[str], 
     metrics: list[dict[str, Any]] = list(members[0].history)
     maker = Batches(loop.recipe, loop.resolution, device=device, depth=loop.loader.prefetch,
                     workers=data_workers(loop.loader.workers, device))
+    try:
+        return _epochs(members, objective, urls, source, loop, maker, device=device, steps=steps, lr=lr,
+                       start_epoch=start_epoch, metrics=metrics, progress=progress, on_epoch=on_epoch)
+    finally:
+        maker.close()
+
+
+def _epochs(members: Sequence[Member], objective: Objective, urls: Sequence[str], source: Source,
+            loop: Loop, maker: Batches, *, device: torch.device, steps: int,
+            lr: np.ndarray, start_epoch: int, metrics: list[dict[str, Any]], progress: bool,
+            on_epoch: Callable[[int, dict[str, Any]], None] | None) -> list[dict[str, Any]]:
+    """The epochs from ``start_epoch`` on, with their checkpoints, metrics and ``on_epoch`` calls."""
+    from tqdm import tqdm
+
+    o = loop.optim
+    rank, world = distributed()
     for epoch in range(start_epoch, o.epochs):
         t0 = time.perf_counter()
         forwards0 = objective.teacher_forwards

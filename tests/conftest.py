@@ -66,7 +66,7 @@ def moco_checkpoint(tmp_path_factory: pytest.TempPathFactory, shards_root: Path)
 def small_config(checkpoint: Path, *extra: str, shards: str = "fm/train/train-{000000..000002}.tar") -> RunConfig:
     """300 real images (3 shards of 100), 2 views at 32 px, the tiny teacher."""
     return load_config(None, [f"data.train={shards}", f"teacher.checkpoint={checkpoint}", "cache.views=2",
-                              "cache.batch_size=64", "cache.cpu_threads=2", "cache.name=test", *extra])
+                              "cache.batch_size=64", "cache.cpu_threads=2", "cache.workers=1", "cache.name=test", *extra])
 
 
 def free_port() -> int:

@@ -161,8 +161,8 @@ def test_crash_between_chunk_writes_resumes_to_identical_cache(clean, tmp_path: 
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_worker_processes_write_the_same_cache(clean, tmp_path: Path, shards_root: Path, workers: int) -> None:
-    """The reference ran with this machine's automatic worker count (1 here); 0 (a thread) and 2
-    processes, each owning whole shards, give the same bytes."""
+    """The reference ran with one worker process; 0 (a thread) and 2 processes, each owning whole
+    shards, give the same bytes."""
     cfg, _, clean_url = clean
     storage = make_storage(tmp_path, shards_root)
     summary = stage.run(dataclasses.replace(cfg, cache=dataclasses.replace(cfg.cache, workers=workers)), storage,
@@ -202,6 +202,10 @@ def test_other_config_is_refused_with_fields_named(clean, tmp_path: Path, moco_c
     assert zarr.open_group(url, mode="r").attrs["status"] == "complete"  # untouched
     # the same config is a no-op: every shard is already done
     assert stage.run(cfg, storage, progress=False).embedded == ()
+    with pytest.raises(SeedError, match=r"--shards: repeated: \[1\]"):
+        stage.run(cfg, storage, shards=[1, 1], progress=False)
+    with pytest.raises(SeedError, match=r"--shards: indices out of range 0\.\.5: \[6\]"):
+        stage.run(cfg, storage, shards=[6], progress=False)
 
 
 def test_overwrite_replaces_a_foreign_cache(tmp_path: Path, shards_root: Path, moco_checkpoint: Path) -> None:

@@ -78,3 +78,14 @@ def test_a_sample_that_changed_since_its_views_were_drawn_is_named(tmp_path: Pat
     corrupt = Example(dataclasses.replace(sample, image=_encoded("JPEG", 1)[:40]), (12, 20), params, 0, 0, {})
     with pytest.raises(SeedError, match="does not decode any more"):
         collate([corrupt], Recipe(), 16, Decoder(CPU))
+
+
+def test_a_fresh_example_whose_data_does_not_decode_leaves_its_batch(tmp_path: Path) -> None:
+    """Without a cache only the header was checked: such an image is skipped, as everywhere else."""
+    samples = _samples(tmp_path)
+    params = np.zeros((1, 17), np.float32)
+    params[0, 2] = params[0, 3] = 1.0                                        # the whole image
+    good = [Example(s, (12, 20), params, -1, 0, {}) for s in samples]
+    broken = Example(dataclasses.replace(samples[0], image=_encoded("JPEG", 1)[:40]), (12, 20), params, -1, 0, {})
+    batch = collate([good[0], broken, good[1]], Recipe(), 16, Decoder(CPU))
+    assert batch.x.shape[0] == 2 and batch.rows.tolist() == [-1, -1]

@@ -57,14 +57,17 @@ def test_prefetch_stops_its_thread_when_the_consumer_stops() -> None:
             yield i
             i += 1
 
-    before = threading.active_count()
+    def producers() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == "seed-prefetch"]
+
+    before = producers()
     it = prefetch(endless(), depth=2)
     assert next(it) == 0
+    mine = [t for t in producers() if t not in before]
+    assert len(mine) == 1 and mine[0].is_alive()
     it.close()  # break out of the loop: the generator's finally stops the producer
-    deadline = time.monotonic() + 5
-    while threading.active_count() > before and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert threading.active_count() == before
+    mine[0].join(timeout=5)
+    assert not mine[0].is_alive()
 
 
 def test_prefetch_depth_zero_is_inline() -> None:
@@ -212,3 +215,30 @@ def test_a_partial_section_keeps_its_parents_defaults() -> None:
     cfg = load_config(None, ["pretrain.optim.epochs=5", "train.optim.batch_size=64"])
     assert (cfg.pretrain.optim.epochs, cfg.pretrain.optim.base_lr) == (5, 0.06)  # pre-training's own lr default
     assert (cfg.train.optim.batch_size, cfg.train.optim.base_lr, cfg.train.optim.epochs) == (64, 0.03, 2)
+
+
+def test_loader_settings_are_checked_and_do_not_decide_reuse() -> None:
+    from seed.config import outcome
+
+    with pytest.raises(SeedError, match="train.loader.shuffle_buffer must be > 0"):
+        load_config(None, ["train.loader.shuffle_buffer=0"])
+    with pytest.raises(SeedError, match="pretrain.loader.prefetch must be >= 0"):
+        load_config(None, ["pretrain.loader.prefetch=-1"])
+    with pytest.raises(SeedError, match="cache.workers must be >= 0, or -1"):
+        load_config(None, ["cache.workers=-2"])
+    a = load_config(None, ["train.loader.workers=0", "train.device=cpu"]).train
+    b = load_config(None, ["train.loader.workers=3", "train.loader.prefetch=5"]).train
+    assert outcome(a) == outcome(b) and outcome(a) != outcome(load_config(None, ["train.loader.shuffle_buffer=7"]).train)
+
+
+def test_devices_are_named_clearly() -> None:
+    from seed.devices import data_workers, resolve_device
+
+    assert resolve_device("cpu").type == "cpu"
+    with pytest.raises(SeedError, match="unknown device 'tpu'"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(SeedError, match="no CUDA device"):
+            resolve_device("cuda:1")
+    assert data_workers(3, torch.device("cpu")) == 3 and 1 <= data_workers(-1, torch.device("cpu")) <= 8
+    assert 1 <= data_workers(-1, torch.device("cuda")) <= 4
