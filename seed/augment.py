@@ -387,9 +387,3 @@ def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, recipe: Recipe, out: tu
     y = F.conv2d(y, kernel.view(b * 3, 1, k, 1), groups=b * 3)                # vertical
     x[sel] = y.view(b, 3, *xs.shape[-2:])
     return x
-
-
-def params_table(rows: np.ndarray) -> list[dict[str, float]]:
-    """Rows ``[..., P]`` as dicts keyed by column name (for inspection and reports)."""
-    flat = np.asarray(rows, dtype=np.float32).reshape(-1, P)
-    return [dict(zip(COLUMNS, map(float, r))) for r in flat]
