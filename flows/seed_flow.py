@@ -137,8 +137,13 @@ def build_bank(cfg_data: dict[str, Any], storage_file: str | None) -> bank_stage
     return result
 
 
-@task(cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
 def train_students(cfg_data: dict[str, Any], storage_file: str | None) -> student_stage.StudentResult:
+    """The students, in this process or, with ``train.nproc`` > 1, in ranks started by torchrun.
+
+    A crashed attempt (a rank killed, a node rebooted) is retried once by Prefect; every attempt,
+    and every re-run of the flow, continues from the last epoch checkpoint of the same config.
+    """
     log = get_run_logger()
     cfg, storage = _cfg(cfg_data), load_storage(storage_file)
     epochs = cfg.train.optim.epochs
@@ -146,13 +151,22 @@ def train_students(cfg_data: dict[str, Any], storage_file: str | None) -> studen
     if done is not None:
         log.info("student stage: run %s already trained for %d epochs on this cache and bank; skipped", cfg.train.run, epochs)
         return done
+    start = student_stage.resumable(cfg, storage)
+    if start:
+        log.info("student stage: run %s continues from its epoch %d checkpoints", cfg.train.run, start)
     progress = _progress("student-progress", "student stage: epochs done")
 
     def on_epoch(epoch: int, row: dict[str, Any]) -> None:
         update_progress_artifact(progress, 100.0 * (epoch + 1) / epochs)
-        log.info("epoch %d: loss %s, %.0f images/s", epoch + 1, row["loss"], row["images_per_s"])
+        losses = ", ".join(f"{name} {value:.4f}" for name, value in row["loss"].items())
+        log.info("epoch %d/%d: loss %s; %.0f images/s", epoch + 1, epochs, losses, row["images_per_s"])
 
-    result = student_stage.run(cfg, storage, progress=False, on_epoch=on_epoch, load=shared_teacher)
+    nproc = student_stage.processes(cfg)
+    if nproc > 1:
+        log.info("student stage: %d processes (torchrun)", nproc)
+        result = student_stage.launch(cfg, storage, resume=start > 0, on_epoch=on_epoch, on_line=log.info)
+    else:
+        result = student_stage.run(cfg, storage, resume=start > 0, progress=False, on_epoch=on_epoch, load=shared_teacher)
     create_table_artifact([{"epoch": m["epoch"], "seconds": m["seconds"], "images_per_s": m["images_per_s"],
                             "teacher_forwards": m["teacher_forwards"], **{f"loss {k}": round(v, 4) for k, v in m["loss"].items()}}
                            for m in result.metrics], key="student-metrics", description=f"run {cfg.train.run}")

@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     student = sub.add_parser("student", help="train students by SEED from the cache (or online)")
     _common_run(student)
     student.add_argument("--resume", action="store_true", help="continue from the last epoch checkpoints")
+    student.add_argument("--events", action="store_true",
+                         help="print one machine-readable line per finished epoch instead of progress bars "
+                              "(how the ranks report to a launcher)")
 
     pretrain = sub.add_parser("pretrain", help="make a teacher: MoCo-v2 (default) or supervised")
     _common_run(pretrain)
@@ -134,8 +137,20 @@ def cmd_bank(args: argparse.Namespace) -> int:
 
 def cmd_student(args: argparse.Namespace) -> int:
     from pipeline import student
+    from seed.devices import Launch
 
-    result = student.run(*_run_config(args), resume=args.resume)
+    cfg, storage = _run_config(args)
+    if student.processes(cfg) > 1 and Launch.from_env().world == 1:  # not started by torchrun: start it
+        print(f"student stage: {student.processes(cfg)} processes (torchrun)", flush=True)
+        result = student.launch(cfg, storage, resume=args.resume, on_line=lambda line: print(line, flush=True),
+                                on_epoch=lambda e, row: print(f"epoch {e + 1}: " + ", ".join(
+                                    f"{k} loss {v:.4f}" for k, v in row["loss"].items()) + f", {row['images_per_s']:.0f} images/s",
+                                    flush=True))
+    elif args.events:
+        result = student.run(cfg, storage, resume=args.resume, progress=False,
+                             on_epoch=lambda e, row: print(student.epoch_event(e, row), flush=True))
+    else:
+        result = student.run(cfg, storage, resume=args.resume)
     last = result.metrics[-1]
     print(f"run {result.run} ({result.mode}): " + ", ".join(
         f"{name} loss {last['loss'][name]:.4f} -> {path}" for name, path in result.students.items()))

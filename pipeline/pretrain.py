@@ -18,14 +18,14 @@ from torch import nn
 from seed import checkpoint
 from seed.config import PretrainConfig, RunConfig, TeacherConfig, outcome, to_dict
 from seed.data import FreshViews, rank_shards
-from seed.devices import resolve_device
+from seed.devices import join_process_group, resolve_device
 from seed.errors import SeedError
 from seed.models import Encoder, create_backbone, feature_dim, mlp_encoder
 from seed.objectives import Objective, Queue, create_objective
 from seed.shards import expand_urls, iter_shard, shard_lengths
 from seed.storage import Storage, join
 from seed.teachers import save_moco_checkpoint
-from seed.train import Loop, distributed, make_member, train
+from seed.train import Loop, make_member, train
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +71,7 @@ def run(cfg: RunConfig, storage: Storage, *, resume: bool = False, progress: boo
         if outcome(done.get("pretrain", {})) == outcome(p) and done.get("data") == cfg.data.train:
             return PretrainResult(path, True, teacher_config(cfg, path), done.get("metrics", []))
     device = resolve_device(p.device)
-    rank, world = distributed()
+    rank, world = join_process_group(device)
     urls = expand_urls(storage.resolve("shards", cfg.data.train))
     torch.manual_seed(p.seed)
     model = build(p, num_classes(urls) if p.method == "supervised" else 0)
@@ -82,7 +82,7 @@ def run(cfg: RunConfig, storage: Storage, *, resume: bool = False, progress: boo
                          momentum=p.key_momentum, temperature=p.temperature)
         if p.method == "moco" else create_objective("supervised"))
     source = FreshViews(cfg.cache.recipe, seed=p.seed + 7, n_views=objective.n_views)
-    lengths = shard_lengths(urls)
+    lengths = shard_lengths(urls, record=storage.shard_lengths_record())
     rank_counts = [sum(lengths[i] for i in rank_shards(len(urls), r, world)) for r in range(world)]
     loop = Loop(optim=p.optim, loader=p.loader, seed=p.seed, resolution=cfg.cache.resolution, recipe=cfg.cache.recipe)
     metrics = train([member], objective, urls, source, rank_counts, loop, device=device, resume=resume,

@@ -4,14 +4,26 @@ Recipe: resolve the shards -> open the cache and its bank, refusing a missing, i
 mismatched one (cached mode) or load the teacher (online mode) -> build the students -> train
 them together on the same decoded batches -> write checkpoints, metrics and the resolved config
 under ``<runs>/<train.run>/<student>/``.
+
+``train.nproc`` > 1 runs the stage in that many processes on this node: ``launch`` starts
+``torchrun`` over the command line (``pipeline.cli student``), one rank per GPU on CUDA, and
+follows its output; the flow and ``seed student`` both use it.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
+import json
 import logging
+import os
+import socket
+import subprocess
+import sys
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,14 +34,14 @@ from seed.augment import Recipe
 from seed.config import RunConfig, from_dict, outcome, to_dict
 from seed.data import CachedSource, FreshViews, Source, rank_shards
 from seed.decode import Decoder
-from seed.devices import resolve_device
+from seed.devices import Launch, join_process_group, resolve_device
 from seed.errors import SeedError
 from seed.models import mlp_encoder
 from seed.objectives import ObjectiveFactory, Queue, create_objective
 from seed.shards import expand_urls, shard_lengths
 from seed.storage import Storage, join, write_text
 from seed.teachers import TeacherLoader, load_teacher
-from seed.train import Loop, distributed, make_member, train
+from seed.train import Loop, make_member, train
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +88,13 @@ def run(cfg: RunConfig, storage: Storage, *, resume: bool = False, progress: boo
     the cached data source class (benchmarks and tests use both).
     """
     t = cfg.train
+    launched = Launch.from_env()
+    if launched.local_world != processes(cfg):
+        raise SeedError(f"train.nproc={t.nproc} asks for {processes(cfg)} processes on this node but this one is one of "
+                        f"{launched.local_world}; run `seed student`, which starts torchrun itself, or set "
+                        f"train.nproc={launched.local_world}")
     device = resolve_device(t.device)
-    rank, world = distributed()
+    rank, world = join_process_group(device)
     urls = expand_urls(storage.resolve("shards", cfg.data.train))
     meta: dict[str, Any] = {"mode": t.mode, "config": to_dict(cfg)}
     tau_t = t.tau_t or cfg.bank.tau_t
@@ -128,23 +145,119 @@ def run(cfg: RunConfig, storage: Storage, *, resume: bool = False, progress: boo
                          sum(r["teacher_forwards"] for r in metrics))
 
 
+def _matches(state: dict[str, Any], cfg: RunConfig, group: Any, bank: Any) -> bool:
+    """A checkpoint made with this training config (and, cached, this cache and bank)."""
+    if outcome(state.get("config", {}).get("train", {})) != outcome(cfg.train):
+        return False
+    return group is None or (state.get("cache_fingerprint") == cache.attributes(group)["fingerprint"]
+                             and state.get("bank_fingerprint") == bank.fingerprint)
+
+
+def _checkpoints(cfg: RunConfig, storage: Storage) -> list[dict[str, Any]] | None:
+    """Every student's checkpoint when all exist and were made with this config, cache and bank; else None."""
+    group = bank = None
+    if cfg.train.mode == "cached":
+        try:
+            group, bank = bank_store.open_bank(storage.cache_url(cfg.cache.name), cfg.bank)
+        except SeedError:
+            return None
+    states = []
+    for s in cfg.train.students:
+        url = storage.student_checkpoint(cfg.train.run, s.label)
+        if not checkpoint.exists(url):
+            return None
+        state = checkpoint.load(url)
+        if not _matches(state, cfg, group, bank):
+            return None
+        states.append(state)
+    return states
+
+
 def completed(cfg: RunConfig, storage: Storage) -> StudentResult | None:
     """The finished run, when every student trained ``optim.epochs`` with this config on this cache and bank."""
     if cfg.train.mode != "cached":
         return None
-    try:
-        group, bank = bank_store.open_bank(storage.cache_url(cfg.cache.name), cfg.bank)
-    except SeedError:
+    states = _checkpoints(cfg, storage)
+    if states is None or any(s.get("epoch") != cfg.train.optim.epochs for s in states):
         return None
     students = {s.label: storage.student_checkpoint(cfg.train.run, s.label) for s in cfg.train.students}
-    metrics: list[dict[str, Any]] = []
-    for url in students.values():
-        if not checkpoint.exists(url):
-            return None
-        state = checkpoint.load(url)
-        if (state.get("epoch") != cfg.train.optim.epochs or outcome(state.get("config", {}).get("train", {})) != outcome(cfg.train)
-                or state.get("cache_fingerprint") != cache.attributes(group)["fingerprint"]
-                or state.get("bank_fingerprint") != bank.fingerprint):
-            return None
-        metrics = state.get("metrics", [])
-    return StudentResult(storage.run_dir(cfg.train.run), cfg.train.mode, students, metrics, 0, skipped=True)
+    return StudentResult(storage.run_dir(cfg.train.run), cfg.train.mode, students, states[-1].get("metrics", []), 0,
+                         skipped=True)
+
+
+def resumable(cfg: RunConfig, storage: Storage) -> int:
+    """The epoch a crashed or interrupted run of this config can continue from (0: start afresh).
+
+    Every student must have a checkpoint of this config (and cache and bank) at the same epoch,
+    short of ``optim.epochs``.
+    """
+    states = _checkpoints(cfg, storage)
+    epochs = {int(s.get("epoch", 0)) for s in states or []}
+    if len(epochs) != 1:
+        return 0
+    epoch = epochs.pop()
+    return epoch if epoch < cfg.train.optim.epochs else 0
+
+
+def processes(cfg: RunConfig) -> int:
+    """Processes the stage runs in on this node: ``train.nproc``, 0 = one per visible GPU (1 without)."""
+    return cfg.train.nproc or max(1, torch.cuda.device_count())
+
+
+EVENT = "seed-epoch "  # the line prefix of a rank-0 epoch report under ``launch``
+
+
+def epoch_event(epoch: int, row: dict[str, Any]) -> str:
+    """One finished epoch as a line of text ``launch`` reads back (``seed student --events``)."""
+    return EVENT + json.dumps({"epoch": epoch, "row": row})
+
+
+def launch(cfg: RunConfig, storage: Storage, *, resume: bool = False,
+           on_epoch: Callable[[int, dict[str, Any]], None] | None = None,
+           on_line: Callable[[str], None] = print) -> StudentResult:
+    """Train in ``processes(cfg)`` ranks started by ``torchrun`` on this node, and wait for them.
+
+    The ranks read the resolved config and storage roots from a temporary directory, so they run
+    exactly this ``cfg``. Rank 0's epoch reports go to ``on_epoch``, every other line of their
+    output (logs, warnings, tracebacks) to ``on_line``. A rank that fails stops them all (torchrun);
+    the error then carries the last lines, and the epoch checkpoints written so far stay for
+    ``resume``. Intra-op threads default to this machine's cores split between the ranks.
+    """
+    n = processes(cfg)
+    with tempfile.TemporaryDirectory(prefix="seed-student-") as tmp:
+        config, roots = Path(tmp, "run.yaml"), Path(tmp, "storage.yaml")
+        config.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=True))
+        roots.write_text(yaml.safe_dump(dataclasses.asdict(storage)))
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={n}",
+                   "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "pipeline.cli", "student",
+                   "-c", str(config), "--storage", str(roots), "--events", *(["--resume"] if resume else [])]
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))}
+        tail: collections.deque[str] = collections.deque(maxlen=25)
+        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                line = line.rstrip("\n")
+                if line.startswith(EVENT):
+                    event = json.loads(line[len(EVENT):])
+                    if on_epoch is not None:
+                        on_epoch(int(event["epoch"]), event["row"])
+                    continue
+                tail.append(line)
+                on_line(line)
+        if proc.returncode != 0:
+            raise SeedError(f"the student stage's {n} processes failed (torchrun exit code {proc.returncode}); "
+                            f"epoch checkpoints so far are kept for a resume; last lines:\n" + "\n".join(tail))
+    states = _checkpoints(cfg, storage)
+    if states is None:
+        raise SeedError(f"torchrun finished but run {cfg.train.run} has no checkpoint of this config for every student")
+    students = {s.label: storage.student_checkpoint(cfg.train.run, s.label) for s in cfg.train.students}
+    metrics = states[-1].get("metrics", [])
+    return StudentResult(storage.run_dir(cfg.train.run), cfg.train.mode, students, metrics,
+                         sum(r["teacher_forwards"] for r in metrics))
+
+
+def _free_port() -> int:
+    """A TCP port free on the loopback interface now, for torchrun's rendezvous store."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

@@ -161,6 +161,7 @@ class TrainConfig:
     queue: int = 0  # online: 0 = bank.size
     seed: int = 0
     device: str = "auto"
+    nproc: int = 1  # processes on this node (torchrun; one per GPU on CUDA); 0 = one per visible GPU
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     loader: LoaderConfig = dataclasses.field(default_factory=LoaderConfig)
 
@@ -210,6 +211,8 @@ class RunConfig:
             _check_positive(self, f"{name}.shuffle_buffer", loader.shuffle_buffer)
             if loader.prefetch < 0:
                 raise SeedError(f"{name}.prefetch must be >= 0 (0 = no read-ahead), got {loader.prefetch}")
+        if self.train.nproc < 0:
+            raise SeedError(f"train.nproc must be >= 0 (0 = one process per visible GPU), got {self.train.nproc}")
         if self.cache.shard_capacity < 0:
             raise SeedError(f"cache.shard_capacity must be >= 0 (0 = automatic), got {self.cache.shard_capacity}")
         if not self.bank.tau_t > 0:

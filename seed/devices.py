@@ -1,33 +1,91 @@
-"""Where models run: device names, mixed precision and the CPU thread count.
+"""Where models run: device names, ranks, mixed precision and the CPU thread count.
 
 These are explicit inputs of every stage (``cache.device``, ``train.device``, ``cache.cpu_threads``),
-resolved here in one place. Nothing in this module changes process state on import.
+resolved here in one place, with the process's place in a ``torchrun`` launch. Nothing in this
+module changes process state on import.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from seed.errors import SeedError
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when present, else the CPU; anything else is parsed by torch (``cuda:1``)."""
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """Where this process stands in a ``torchrun`` launch; one plain process is rank 0 of 1."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    local_world: int = 1
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Launch:
+        """The ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and ``LOCAL_WORLD_SIZE`` torchrun sets (defaults: alone)."""
+        env = os.environ if env is None else env
+        return cls(int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1")), int(env.get("LOCAL_RANK", "0")),
+                   int(env.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def resolve_device(name: str, *, launch: Launch | None = None, cuda_count: int | None = None) -> torch.device:
+    """The device a setting names for this process.
+
+    ``auto`` is CUDA when present, else the CPU; anything else is parsed by torch (``cuda:1``). A
+    CUDA device without an index is the process's local rank (``cuda:<LOCAL_RANK>``; ``cuda:0`` for
+    a plain process), so the ranks ``torchrun`` starts on one node take one GPU each. An explicit
+    index with several local ranks is refused: every rank would share that GPU. ``launch`` and
+    ``cuda_count`` default to this process's environment and GPUs (tests pass their own).
+    """
+    launch = Launch.from_env() if launch is None else launch
+    count = torch.cuda.device_count() if cuda_count is None else cuda_count
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if count > 0 else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError as exc:
         raise SeedError(f"unknown device {name!r} (expected auto, cpu, cuda or cuda:<index>)") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if device.type != "cuda":
+        return device
+    if count == 0:
         raise SeedError(f"device {name!r}: this machine has no CUDA device (use auto or cpu)")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise SeedError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA devices")
+    if device.index is None:
+        if launch.local_rank >= count:
+            raise SeedError(f"local rank {launch.local_rank} of {launch.local_world} has no GPU: this machine has {count}; "
+                            f"start at most {count} processes per node (torchrun --nproc_per_node)")
+        return torch.device("cuda", launch.local_rank)
+    if launch.local_world > 1:
+        raise SeedError(f"device {name!r} with {launch.local_world} processes on this node: every rank would use that GPU; "
+                        "use auto or cuda (rank i takes cuda:i; choose GPUs with CUDA_VISIBLE_DEVICES)")
+    if device.index >= count:
+        raise SeedError(f"device {name!r}: this machine has {count} CUDA devices")
     return device
+
+
+def join_process_group(device: torch.device) -> tuple[int, int]:
+    """(rank, world size); joins the ``torchrun`` process group first when there is one.
+
+    nccl when this rank runs on a GPU (which becomes the process's current device, so collectives
+    and DDP use it), gloo on the CPU. Later calls return the same pair.
+    """
+    launch = Launch.from_env()
+    if launch.world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def autocast(device: torch.device) -> Any:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -24,7 +23,7 @@ from seed import checkpoint
 from seed.augment import Recipe
 from seed.config import LoaderConfig, OptimConfig
 from seed.data import Batches, Source, shard_order
-from seed.devices import autocast, data_workers
+from seed.devices import autocast, data_workers, join_process_group
 from seed.errors import SeedError
 from seed.objectives import Objective, unwrap
 from seed.schedules import warmup_cosine
@@ -58,14 +57,6 @@ class Loop:
     recipe: Recipe
 
 
-def distributed() -> tuple[int, int]:
-    """(rank, world size); joins the torchrun process group (nccl on GPUs, gloo on CPU) when there is one."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return (dist.get_rank(), dist.get_world_size()) if world > 1 else (0, 1)
-
-
 def make_member(name: str, model: nn.Module, out: str, *, optim: OptimConfig, device: torch.device,
                 meta: dict[str, Any]) -> Member:
     """Move ``model`` to ``device`` (channels_last on CUDA), wrap it in DDP when distributed, give it SGD."""
@@ -87,7 +78,7 @@ def train(members: Sequence[Member], objective: Objective, urls: Sequence[str], 
     number of steps). Checkpoints go to ``<member.out>/checkpoint.pt`` after every epoch.
     """
     o = loop.optim
-    rank, world = distributed()
+    rank, world = join_process_group(device)
     steps = min(rank_counts) // o.batch_size
     if steps == 0:
         raise SeedError(f"batch size {o.batch_size} is larger than the {min(rank_counts)} examples of a rank; "
@@ -112,7 +103,7 @@ def _epochs(members: Sequence[Member], objective: Objective, urls: Sequence[str]
     from tqdm import tqdm
 
     o = loop.optim
-    rank, world = distributed()
+    rank, world = join_process_group(device)
     for epoch in range(start_epoch, o.epochs):
         t0 = time.perf_counter()
         forwards0 = objective.teacher_forwards

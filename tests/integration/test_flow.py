@@ -92,3 +92,70 @@ def test_dask_cluster_writes_the_same_cache_as_one_process(harness, tmp_path: Pa
         x, y = a[name][:], b[name][:]
         assert (x.tobytes() == y.tobytes()) if x.dtype.kind == "f" else np.array_equal(x, y), name
     assert b.attrs["status"] == "complete" and b.attrs["totals"]["teacher_forwards"] == 600
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live process below ``pid``, from /proc."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _kill_rank_one_after_first_epoch(checkpoint_file: Path, seen: dict) -> None:
+    """Wait for the first epoch's checkpoint, then SIGKILL the torchrun rank with LOCAL_RANK=1."""
+    import signal
+    import time
+
+    from seed import checkpoint
+
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not checkpoint_file.exists():
+        time.sleep(0.05)
+    for pid in _descendants(os.getpid()):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"LOCAL_RANK=1" in environ:
+            os.kill(pid, signal.SIGKILL)
+            seen["killed"] = pid
+            seen["state"] = checkpoint.load(str(checkpoint_file))
+            return
+
+
+def test_student_stage_on_two_ranks_resumes_after_a_rank_is_killed(harness, tmp_path: Path, storage_file: str,
+                                                                     moco_checkpoint: Path) -> None:
+    import threading
+
+    from seed import checkpoint
+
+    config = str(ROOT / "configs" / "demo.yaml")
+    overrides = [*TINY, f"teacher.checkpoint={moco_checkpoint}", "cache.views=2", "train.nproc=2", "train.device=cpu",
+                 "train.optim.epochs=4", "train.optim.batch_size=25", "train.students=[{arch: resnet10t}]"]
+    seed(config=config, overrides=overrides, storage=storage_file, stages=["teacher", "bank"])
+    ckpt = tmp_path / "runs" / "flow" / "resnet10t" / "checkpoint.pt"
+    seen: dict = {}
+    killer = threading.Thread(target=_kill_rank_one_after_first_epoch, args=(ckpt, seen))
+    killer.start()
+    result = seed(config=config, overrides=overrides, storage=storage_file, stages=["student"])
+    killer.join()
+    assert "killed" in seen, "no rank was found to kill"
+    killed_at = seen["state"]["epoch"]
+    assert 1 <= killed_at < 4  # killed mid-run: the retry had epochs left to train
+    state = checkpoint.load(str(ckpt))
+    assert result["student"]["skipped"] is False and state["epoch"] == 4
+    assert [m["epoch"] for m in state["metrics"]] == [1, 2, 3, 4]
+    # the retry continued from the checkpoint (the rows before the kill are the first attempt's), not from epoch 0
+    assert state["metrics"][:killed_at] == seen["state"]["metrics"]
+    # 3 shards split 2 + 1 between the ranks: min(200, 100) // 25 = 4 steps an epoch
+    assert all(m["steps"] == 4 for m in state["metrics"])

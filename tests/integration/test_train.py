@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -187,19 +188,43 @@ def test_supervised_pretraining(prepared) -> None:
     assert report.format == "timm" and report.dropped and teacher.out_dim == teacher.feature_dim
 
 
+PROBE = """
+import json, sys
+from seed.devices import Launch, resolve_device
+from pipeline.cli import main
+launch = Launch.from_env()
+# the device this rank would take on a node with two GPUs (a fake count: this machine has none)
+print("probe " + json.dumps({"rank": launch.rank, "local_rank": launch.local_rank,
+                             "would_use": str(resolve_device("auto", cuda_count=2))}), flush=True)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def test_two_process_gloo_run(prepared, tmp_path: Path) -> None:
     cfg, storage, ckpt = prepared
     storage_file = tmp_path / "storage.yaml"
     storage_file.write_text(f"shards: {storage.shards}\ncaches: {storage.caches}\nruns: {tmp_path / 'runs'}\nreports: {tmp_path}\n")
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE)
     sets = []
     for s in ("data.train=fm/train/train-{000000..000002}.tar", f"teacher.checkpoint={ckpt}", "cache.views=2",
-              "cache.batch_size=64", "cache.cpu_threads=2", "cache.name=test", *TRAIN, "train.optim.epochs=2", "train.optim.batch_size=25"):
+              "cache.batch_size=64", "cache.cpu_threads=2", "cache.name=test", *TRAIN, "train.optim.epochs=2", "train.optim.batch_size=25",
+              "train.device=cpu", "train.nproc=2"):
         sets += ["--set", s]
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-                             "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "pipeline.cli", "student",
+                             "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(probe), "student",
                              "--storage", str(storage_file), *sets], capture_output=True, text=True, timeout=300,
-                            env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+                            env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])})
     assert result.returncode == 0, result.stderr[-3000:]
+    probes = sorted((json.loads(line[6:]) for line in result.stdout.splitlines() if line.startswith("probe ")),
+                    key=lambda p: p["rank"])
+    assert probes == [{"rank": 0, "local_rank": 0, "would_use": "cuda:0"}, {"rank": 1, "local_rank": 1, "would_use": "cuda:1"}]
     state = checkpoint.load(str(tmp_path / "runs" / "demo" / "mobilenetv3_small_050" / "checkpoint.pt"))
     # 3 shards split 2 + 1 between the ranks: min(200, 100) // 25 = 4 steps an epoch, on each rank
     assert state["epoch"] == 2 and [m["steps"] for m in state["metrics"]] == [4, 4]
+
+
+def test_nproc_must_match_the_launch(prepared) -> None:
+    _, storage, _ = prepared
+    with pytest.raises(SeedError, match=r"train.nproc=3 asks for 3 processes on this node but this one is one of 1; run `seed student`"):
+        student_stage.run(_cfg(prepared, "train.nproc=3", "train.run=nproc"), storage, progress=False)

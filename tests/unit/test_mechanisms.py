@@ -242,3 +242,24 @@ def test_devices_are_named_clearly() -> None:
             resolve_device("cuda:1")
     assert data_workers(3, torch.device("cpu")) == 3 and 1 <= data_workers(-1, torch.device("cpu")) <= 8
     assert 1 <= data_workers(-1, torch.device("cuda")) <= 4
+
+
+def test_each_local_rank_takes_its_own_gpu() -> None:
+    from seed.devices import Launch, resolve_device
+
+    env = {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4"}
+    launch = Launch.from_env(env)
+    assert launch == Launch(rank=5, world=8, local_rank=1, local_world=4) and Launch.from_env({}) == Launch()
+    # a fake count of 4 GPUs: auto and cuda become this rank's GPU; the CPU stays the CPU
+    assert resolve_device("auto", launch=launch, cuda_count=4) == torch.device("cuda", 1)
+    assert resolve_device("cuda", launch=launch, cuda_count=4) == torch.device("cuda", 1)
+    assert resolve_device("cpu", launch=launch, cuda_count=4) == torch.device("cpu")
+    assert resolve_device("auto", launch=launch, cuda_count=0) == torch.device("cpu")
+    assert resolve_device("cuda", launch=Launch(), cuda_count=1) == torch.device("cuda", 0)
+    assert resolve_device("cuda:2", launch=Launch(), cuda_count=4) == torch.device("cuda", 2)
+    with pytest.raises(SeedError, match="local rank 1 of 4 has no GPU: this machine has 1"):
+        resolve_device("auto", launch=launch, cuda_count=1)
+    with pytest.raises(SeedError, match="'cuda:2' with 4 processes on this node: every rank would use that GPU"):
+        resolve_device("cuda:2", launch=launch, cuda_count=4)
+    with pytest.raises(SeedError, match="has 4 CUDA devices"):
+        resolve_device("cuda:4", launch=Launch(), cuda_count=4)
