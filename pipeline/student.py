@@ -126,7 +126,7 @@ def run(cfg: RunConfig, storage: Storage, *, resume: bool = False, progress: boo
         make = objective or functools.partial(create_objective, "seed-online")
         obj = make(teacher=teacher, queue=Queue(t.queue or cfg.bank.size, dim, device, t.seed), tau_s=t.tau_s, tau_t=tau_t)
         data = FreshViews(recipe, seed=cfg.cache.seed + 1)
-        per_shard = shard_lengths(urls)
+        per_shard = shard_lengths(urls, record=storage.shard_lengths_record())
         meta |= {"teacher_sha256": report.sha256}
     out = storage.run_dir(t.run)
     members = []

@@ -54,9 +54,14 @@ class TeacherResult:
     totals: dict[str, Any] | None  # set once the cache is complete
 
 
-def make_plan(cfg: RunConfig, storage: Storage) -> Plan:
+def make_plan(cfg: RunConfig, storage: Storage, *, check_cache: bool = False) -> Plan:
+    """The shards, their sample counts (counted once per shard, ``Storage.shard_lengths_record``) and rows.
+
+    ``check_cache``: refuse when the cache exists and one of its shards now has another sample count,
+    naming the shards (leave it off to overwrite the cache).
+    """
     urls = expand_urls(storage.resolve("shards", cfg.data.train))
-    lengths = shard_lengths(urls)
+    lengths = shard_lengths(urls, record=storage.shard_lengths_record())
     empty = [u for u, n in zip(urls, lengths) if n == 0]
     if empty:
         raise SeedError(f"empty shard(s), no samples: {', '.join(empty[:3])}")
@@ -64,7 +69,18 @@ def make_plan(cfg: RunConfig, storage: Storage) -> Plan:
     too_big = [(u, n) for u, n in zip(urls, lengths) if n > capacity]
     if too_big:
         raise SeedError(f"shard {too_big[0][0]} has {too_big[0][1]} samples, more than cache.shard_capacity={capacity}")
-    return Plan(storage.cache_url(cfg.cache.name), tuple(urls), tuple(lengths), capacity)
+    url = storage.cache_url(cfg.cache.name)
+    if check_cache and cache.exists(url):
+        made = cache.attributes(cache.open_group(url)).get("fingerprint_fields", {})
+        then = dict(zip(made.get("shards", []), made.get("shard_lengths", [])))
+        names = [u.rsplit("/", 1)[-1] for u in urls]
+        changed = [f"shard {n} had {then[n]} samples when the cache was made, now {k}"
+                   for n, k in zip(names, lengths) if n in then and then[n] != k]
+        if changed:
+            more = f" (and {len(changed) - 5} more)" if len(changed) > 5 else ""
+            raise SeedError(f"{url}: {'; '.join(changed[:5])}{more}; its rows no longer match the shards. "
+                            "Use --overwrite to rebuild it, or another cache name.")
+    return Plan(url, tuple(urls), tuple(lengths), capacity)
 
 
 def fingerprint_fields(cfg: RunConfig, report: LoadReport, dim: int, plan: Plan) -> dict[str, Any]:
@@ -83,7 +99,7 @@ def fingerprint_fields(cfg: RunConfig, report: LoadReport, dim: int, plan: Plan)
 def prepare(cfg: RunConfig, storage: Storage, teacher: Encoder, report: LoadReport, *,
             overwrite: bool = False) -> tuple[Plan, zarr.Group]:
     """Plan the stage and create (or re-open, checking the fingerprint) the cache."""
-    plan = make_plan(cfg, storage)
+    plan = make_plan(cfg, storage, check_cache=not overwrite)
     device = resolve_device(cfg.cache.device)
     fields = fingerprint_fields(cfg, report, teacher.out_dim, plan)
     r = cfg.cache.resolution

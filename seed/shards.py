@@ -12,10 +12,12 @@ decode is reported by ``decode_image`` and skipped by the caller; the teacher st
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
 import io
 import json
+import logging
 import os
 import shutil
 import struct
@@ -37,6 +39,8 @@ from seed.storage import is_url
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 INFO_FILE = "_info.json"
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -133,10 +137,143 @@ def count_samples(url: str) -> int:
     return sum(1 for _ in iter_shard(url))
 
 
-def shard_lengths(urls: list[str]) -> list[int]:
-    """Samples per shard, from a ``_info.json`` beside the shards when it lists them, else by scanning."""
+def shard_lengths(urls: list[str], record: str | None = None) -> list[int]:
+    """Samples per shard: from a ``_info.json`` beside the shards when it lists them, else by scanning.
+
+    ``record`` (a JSON file, ``Storage.shard_lengths_record``) keeps the scanned counts keyed by shard
+    URL and identity (size plus mtime, ETag or the like), so each shard is scanned once, not once per
+    process; a shard whose identity changed is scanned again.
+    """
     lengths = _lengths_from_info(urls)
-    return lengths if lengths is not None else [count_samples(u) for u in urls]
+    if lengths is not None:
+        return lengths
+    return [count_samples(u) for u in urls] if record is None else _recorded_lengths(urls, record)
+
+
+RECORD_FORMAT = "seed-shard-lengths"
+RECORD_VERSION = 1
+# What changes when a file is rewritten (local mtime; object-store ETag, LastModified, generation)
+_CHANGE_KEYS = ("mtime", "ETag", "etag", "LastModified", "last_modified", "generation", "updated",
+                "VersionId", "version_id")
+_SAVE_EVERY_S = 60.0  # a long first count keeps what it counted so far if it is interrupted
+
+
+def _recorded_lengths(urls: list[str], record: str) -> list[int]:
+    known = _read_record(record)
+    keys = [_canonical(u) for u in urls]
+    idents = _identities(urls)  # taken before counting: a rewrite meanwhile only causes a recount
+    lengths: list[int] = []
+    new: dict[str, dict] = {}
+    saved = time.monotonic()
+    for url, key, ident in zip(urls, keys, idents):
+        entry = known.get(key)
+        if ident is not None and entry is not None and entry["identity"] == ident:
+            lengths.append(entry["samples"])
+            continue
+        n = count_samples(url)
+        if entry is not None and entry["samples"] != n:
+            log.warning("shard %s changed since it was counted: %d samples then, %d now", url, entry["samples"], n)
+        lengths.append(n)
+        if ident is not None:  # no identity, nothing to tell a rewrite by: not recorded
+            new[key] = {"samples": n, "identity": ident}
+            if time.monotonic() - saved > _SAVE_EVERY_S:
+                _save_record(record, new)
+                saved = time.monotonic()
+    if new:
+        _save_record(record, new)
+    return lengths
+
+
+def _canonical(url: str) -> str:
+    """One key per file whichever way it was written (``/x/a.tar``, ``file:///x/a.tar``)."""
+    fs, path = fsspec.core.url_to_fs(url)
+    return str(fs.unstrip_protocol(path))
+
+
+def _identity(entry: dict) -> dict[str, str | int] | None:
+    """Size plus every change marker of a file's fsspec details; None when nothing would show a rewrite."""
+    if entry.get("type", "file") != "file" or entry.get("size") is None:
+        return None
+    marks = {k: str(entry[k]) for k in _CHANGE_KEYS if entry.get(k) is not None}
+    if not marks and entry.get("created") is not None:  # in-memory and similar filesystems: a rewrite recreates
+        marks = {"created": str(entry["created"])}
+    return {"size": int(entry["size"]), **marks} if marks else None
+
+
+def _identities(urls: list[str]) -> list[dict[str, str | int] | None]:
+    """Each shard's identity from one listing per directory (one request, not one per shard, on object stores)."""
+    by_dir: dict[str, list[int]] = {}
+    for i, url in enumerate(urls):
+        by_dir.setdefault(url.rsplit("/", 1)[0], []).append(i)
+    out: list[dict[str, str | int] | None] = [None] * len(urls)
+    for indices in by_dir.values():
+        fs, path = fsspec.core.url_to_fs(urls[indices[0]])
+        try:
+            listing = {str(e["name"]).rstrip("/").rsplit("/", 1)[-1]: e
+                       for e in fs.ls(path.rsplit("/", 1)[0] or "/", detail=True)}
+        except (OSError, ValueError, NotImplementedError):
+            listing = {}  # e.g. HTTP without directory listings: ask per shard
+        for i in indices:
+            entry = listing.get(urls[i].rsplit("/", 1)[-1])
+            if entry is None:
+                try:
+                    entry = fs.info(fsspec.core.url_to_fs(urls[i])[1])
+                except (OSError, ValueError, NotImplementedError):
+                    continue  # a missing shard: counting it names it
+            out[i] = _identity(entry)
+    return out
+
+
+def _read_record(record: str) -> dict[str, dict]:
+    """The record's valid entries; a missing, corrupt or foreign record is empty (shards get recounted)."""
+    try:
+        with fsspec.open(record, "r") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON or bad UTF-8
+        log.warning("shard length record %s unreadable (%s); shards will be recounted", record, exc)
+        return {}
+    if not (isinstance(data, dict) and data.get("format") == RECORD_FORMAT
+            and data.get("version") == RECORD_VERSION and isinstance(data.get("shards"), dict)):
+        log.warning("shard length record %s is not a %s v%d record; shards will be recounted",
+                    record, RECORD_FORMAT, RECORD_VERSION)
+        return {}
+    return {k: v for k, v in data["shards"].items()
+            if isinstance(v, dict) and type(v.get("samples")) is int and isinstance(v.get("identity"), dict)}
+
+
+def _save_record(record: str, new: dict[str, dict]) -> None:
+    """Merge ``new`` into the record as it is now (others may have added shards) and replace it whole.
+
+    Concurrent writers may drop each other's entries; that only costs a recount. A failed write is
+    a warning: the counts are still right, only not kept.
+    """
+    data = {"format": RECORD_FORMAT, "version": RECORD_VERSION, "shards": {**_read_record(record), **new}}
+    try:
+        _replace_file(record, json.dumps(data, sort_keys=True, separators=(",", ":")).encode())
+    except OSError as exc:
+        log.warning("could not save shard lengths to %s (%s); they will be counted again next time", record, exc)
+
+
+def _replace_file(url: str, data: bytes) -> None:
+    """Write a whole file so that a reader sees the old or the new one, never a part."""
+    fs, path = fsspec.core.url_to_fs(url)
+    if is_url(url):
+        fs.pipe_file(path, data)  # one PUT: object stores replace an object whole
+        return
+    parent = os.path.dirname(path) or "."
+    os.makedirs(parent, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".shard-lengths-", dir=parent)  # same filesystem: the rename is atomic
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; every process of the storage reads it
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def _lengths_from_info(urls: list[str]) -> list[int] | None:

@@ -75,6 +75,14 @@ class Storage:
         """The teacher checkpoint made by pre-training run ``name`` (``pretrain.name``)."""
         return join(self.resolve("runs", name), "teacher.pth")
 
+    def shard_lengths_record(self) -> str:
+        """Samples per shard as counted once (``seed.shards.shard_lengths``), for shards without ``_info.json``.
+
+        Under ``caches``: writable by every stage and shared by every process of this storage, where
+        the shards themselves may be read-only.
+        """
+        return self.resolve("caches", "_shard_lengths.json")
+
 
 def write_bytes(url: str, data: bytes) -> None:
     """Write a whole file to a local path or URL, creating its directory (one PUT on object stores)."""

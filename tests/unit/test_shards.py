@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import json
+import os
+import sys
 import tarfile
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import fsspec
@@ -16,8 +21,8 @@ from PIL import Image
 
 from pipeline.cli import main
 from seed.errors import SeedError
-from seed.shards import (decode_image, expand_urls, fashion_mnist_to_shards, imagefolder_to_shards, iter_shard,
-                         read_idx, shard_lengths)
+from seed.shards import (RECORD_FORMAT, decode_image, expand_urls, fashion_mnist_to_shards, imagefolder_to_shards,
+                         iter_shard, read_idx, shard_lengths)
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -160,3 +165,112 @@ def test_cli_reports_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert code == 2
     assert err.strip().count("\n") == 0 and "seed: error:" in err and "nope" in err
     assert not (tmp_path / "out").exists()
+
+
+# --- the record of counted shard lengths ----------------------------------------------------
+
+_RECORDERS: list[list[str]] = []
+
+
+def _audit(event: str, args: tuple) -> None:
+    if event == "open" and _RECORDERS and isinstance(args[0], str) and args[0].endswith(".tar"):
+        _RECORDERS[-1].append(os.path.basename(args[0]))
+
+
+sys.addaudithook(_audit)  # stays for the process (hooks cannot be removed); idle while nothing records
+
+
+@contextlib.contextmanager
+def tar_opens() -> Iterator[list[str]]:
+    """Names of the ``.tar`` files opened inside the block (Python's "open" audit event)."""
+    opened: list[str] = []
+    _RECORDERS.append(opened)
+    try:
+        yield opened
+    finally:
+        _RECORDERS.remove(opened)
+
+
+def _tar_of(path: Path, n: int) -> Path:
+    """Replace ``path`` whole by a shard of ``n`` samples, with a new mtime as a rewrite has."""
+    old = path.stat().st_mtime_ns if path.exists() else 0
+    tmp = path.with_suffix(".tmp")
+    with tarfile.open(tmp, "w") as tar:
+        for i in range(n):
+            _add(tar, f"s{i}.png", _encoded("PNG", i, "L"))
+    os.replace(tmp, path)
+    if path.stat().st_mtime_ns == old:  # a filesystem with coarse timestamps
+        os.utime(path, ns=(old, old + 1_000_000_000))
+    return path
+
+
+def test_record_counts_each_shard_once(tmp_path: Path) -> None:
+    (tmp_path / "shards").mkdir()
+    urls = [str(foreign_tar(tmp_path / "shards" / f"part-{i:03d}.tar")) for i in range(3)]
+    record = str(tmp_path / "caches" / "_shard_lengths.json")  # its directory does not exist yet
+    with tar_opens() as opened:
+        assert shard_lengths(urls, record=record) == [4, 4, 4]
+    assert Counter(opened) == {"part-000.tar": 1, "part-001.tar": 1, "part-002.tar": 1}
+    data = json.loads(Path(record).read_text())
+    assert data["format"] == RECORD_FORMAT and len(data["shards"]) == 3
+    entry = data["shards"][f"file://{urls[1]}"]
+    assert entry["samples"] == 4 and entry["identity"]["size"] == Path(urls[1]).stat().st_size and "mtime" in entry["identity"]
+    with tar_opens() as opened:  # as another process: everything from the record
+        assert shard_lengths(urls, record=record) == [4, 4, 4]
+        assert shard_lengths([f"file://{u}" for u in urls], record=record) == [4, 4, 4]  # same files, other spelling
+    assert opened == []
+    with pytest.raises(SeedError, match="shard not found"):
+        shard_lengths([*urls, str(tmp_path / "shards" / "part-003.tar")], record=record)
+
+
+def test_a_rewritten_shard_is_recounted_alone(tmp_path: Path) -> None:
+    urls = [str(_tar_of(tmp_path / f"p-{i}.tar", 3)) for i in range(3)]
+    record = str(tmp_path / "lengths.json")
+    assert shard_lengths(urls, record=record) == [3, 3, 3]
+    _tar_of(tmp_path / "p-1.tar", 2)
+    with tar_opens() as opened:
+        assert shard_lengths(urls, record=record) == [3, 2, 3]
+    assert opened == ["p-1.tar"]
+    with tar_opens() as opened:
+        assert shard_lengths(urls, record=record) == [3, 2, 3]
+    assert opened == []
+
+
+@pytest.mark.parametrize("content", ["{\"format\": \"seed-shard-len", "[1, 2]", "\udcff", "{\"format\": \"seed-shard-lengths\", "
+                                     "\"version\": 1, \"shards\": {\"x\": {\"samples\": \"four\"}}}"])
+def test_a_corrupt_record_is_recounted_and_replaced(tmp_path: Path, content: str) -> None:
+    urls = [str(_tar_of(tmp_path / f"p-{i}.tar", 2)) for i in range(2)]
+    record = tmp_path / "lengths.json"
+    record.write_bytes(content.encode("utf-8", "surrogateescape"))
+    with tar_opens() as opened:
+        assert shard_lengths(urls, record=str(record)) == [2, 2]
+    assert sorted(opened) == ["p-0.tar", "p-1.tar"]
+    assert json.loads(record.read_text())["format"] == RECORD_FORMAT
+    with tar_opens() as opened:
+        assert shard_lengths(urls, record=str(record)) == [2, 2]
+    assert opened == []
+    (tmp_path / "a-file").write_text("")  # a record that cannot be written: counted, not kept, no error
+    assert shard_lengths(urls, record=str(tmp_path / "a-file" / "lengths.json")) == [2, 2]
+
+
+def test_info_json_keeps_priority_and_object_stores_use_their_markers(tmp_path: Path) -> None:
+    src = _fake_source(tmp_path / "src")
+    fashion_mnist_to_shards(str(tmp_path / "fm"), source=str(src), per_shard=8, limit=20, progress=False)
+    urls = expand_urls(str(tmp_path / "fm" / "train" / "train-*.tar"))
+    with tar_opens() as opened:
+        assert shard_lengths(urls, record=str(tmp_path / "lengths.json")) == [8, 8, 4]
+    assert opened == [] and not (tmp_path / "lengths.json").exists()
+    # an in-memory fsspec filesystem stands in for object storage, for the shards and the record
+    mem = fsspec.filesystem("memory")
+    try:
+        for i in range(2):
+            mem.pipe(f"/lengths-test/s-{i}.tar", _tar_of(tmp_path / f"m-{i}.tar", 3 + i).read_bytes())
+        urls = [f"memory://lengths-test/s-{i}.tar" for i in range(2)]
+        record = "memory://lengths-test/caches/_shard_lengths.json"
+        assert shard_lengths(urls, record=record) == [3, 4]
+        entry = json.loads(mem.cat("/lengths-test/caches/_shard_lengths.json"))["shards"]["memory:///lengths-test/s-0.tar"]
+        assert entry["samples"] == 3 and set(entry["identity"]) == {"size", "created"}
+        mem.pipe("/lengths-test/s-0.tar", _tar_of(tmp_path / "m-0.tar", 5).read_bytes())
+        assert shard_lengths(urls, record=record) == [5, 4]
+    finally:
+        mem.rm("/lengths-test", recursive=True)
