@@ -9,11 +9,15 @@ hold when Prefect's database is gone.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import queue
 import threading
+from collections.abc import Iterator
 from typing import Any, cast
 from uuid import UUID
 
+import torch
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
                                update_progress_artifact)
@@ -42,20 +46,45 @@ def _cfg(data: dict[str, Any]) -> RunConfig:
     return from_dict(RunConfig, data)
 
 
-_loaded: dict[TeacherConfig, tuple[Encoder, LoadReport]] = {}
+_loaded: dict[tuple[TeacherConfig, str], tuple[Encoder, LoadReport]] = {}
 _loading = threading.Lock()
+_free_gpus: queue.SimpleQueue[int] | None = None
 
 
-def shared_teacher(cfg: TeacherConfig) -> tuple[Encoder, LoadReport]:
-    """One teacher per process and configuration: shard tasks in worker threads share it.
+def shared_teacher(cfg: TeacherConfig, device: str = "") -> tuple[Encoder, LoadReport]:
+    """One teacher per process, configuration and device: shard tasks in worker threads share it.
 
     A module-level function (not an object holding the lock), so Dask pickles the tasks that call
     it by reference.
     """
     with _loading:
-        if cfg not in _loaded:
-            _loaded[cfg] = load_teacher(cfg)
-        return _loaded[cfg]
+        if (cfg, device) not in _loaded:
+            _loaded[(cfg, device)] = load_teacher(cfg)
+        return _loaded[(cfg, device)]
+
+
+@contextlib.contextmanager
+def task_device(setting: str) -> Iterator[str]:
+    """The device one shard task uses: with several GPUs in this process and ``cache.device`` auto or
+    cuda, a GPU no other task of this process holds (the tasks wait for one); else ``setting``.
+
+    So ``teacher_workers`` = the GPU count runs one shard per GPU at a time. Dask workers pin one GPU
+    each by their environment (``CUDA_VISIBLE_DEVICES``): they see one GPU and take it.
+    """
+    global _free_gpus
+    if setting not in ("auto", "cuda") or torch.cuda.device_count() < 2:
+        yield setting
+        return
+    with _loading:
+        if _free_gpus is None:
+            _free_gpus = queue.SimpleQueue()
+            for i in range(torch.cuda.device_count()):
+                _free_gpus.put(i)
+    gpu = _free_gpus.get()
+    try:
+        yield f"cuda:{gpu}"
+    finally:
+        _free_gpus.put(gpu)
 
 
 def _progress(key: str, description: str) -> UUID:
@@ -84,8 +113,10 @@ def embed_shard(cfg_data: dict[str, Any], storage_file: str | None, plan: dict[s
         return done
     if resolve_device(cfg.cache.device).type == "cpu":  # same value in every task: no race between threads
         set_cpu_threads(teacher_stage.cpu_threads(group))
-    encoder, _ = shared_teacher(cfg.teacher)
-    return teacher_stage.embed_shard(cfg, p, group, shard, encoder)
+    with task_device(cfg.cache.device) as device:
+        encoder, _ = shared_teacher(cfg.teacher, device)
+        return teacher_stage.embed_shard(dataclasses.replace(cfg, cache=dataclasses.replace(cfg.cache, device=device)),
+                                         p, group, shard, encoder)
 
 
 @flow(name="seed-teacher-shards", log_prints=True)
@@ -102,7 +133,7 @@ def teacher_shards(cfg_data: dict[str, Any], storage_file: str | None, plan: dic
 def run_teacher(cfg: RunConfig, storage: Storage, storage_file: str | None, workers: int,
                 dask_address: str | None) -> dict[str, Any]:
     log = get_run_logger()
-    plan, group = teacher_stage.prepare(cfg, storage, *shared_teacher(cfg.teacher))
+    plan, group = teacher_stage.prepare(cfg, storage, *shared_teacher(cfg.teacher, cfg.cache.device))
     done = set(cache.done_shards(group))
     todo = [s for s in range(len(plan.urls)) if s not in done]
     if not todo and cache.attributes(group).get("status") == "complete":

@@ -45,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common_run(teacher)
     teacher.add_argument("--overwrite", action="store_true", help="replace a cache made with another configuration")
     teacher.add_argument("--shards", help="only these input shard indices, e.g. 0,1,5 (the cache completes when all are done)")
+    teacher.add_argument("--procs", type=int, metavar="N",
+                         help="split the shards over N processes on this node, one per GPU on CUDA (0 = one per "
+                              "visible GPU); the same cache as one process")
+    teacher.add_argument("--quiet", action="store_true", help="no progress bar")
 
     bank = sub.add_parser("bank", help="sample the instance bank and cache the teacher targets")
     _common_run(bank)
@@ -111,9 +115,15 @@ def cmd_teacher(args: argparse.Namespace) -> int:
         only = [int(s) for s in args.shards.split(",")] if args.shards else None
     except ValueError:
         raise SeedError(f"--shards {args.shards!r}: expected shard indices separated by commas, e.g. 0,2,4") from None
-    # A --shards worker leaves the root attributes to the coordinator (one writer for zarr.json):
-    # `seed teacher` without --shards embeds what is left and marks the cache complete.
-    result = teacher.run(cfg, storage, overwrite=args.overwrite, shards=only, finalize=only is None)
+    if args.procs is not None:
+        if only is not None or args.procs < 0:
+            raise SeedError("--procs N (N >= 0) splits all shards itself; it does not combine with --shards")
+        result = teacher.run_processes(cfg, storage, args.procs, overwrite=args.overwrite, progress=not args.quiet)
+    else:
+        # A --shards worker leaves the root attributes to the coordinator (one writer for zarr.json):
+        # `seed teacher` without --shards embeds what is left and marks the cache complete.
+        result = teacher.run(cfg, storage, overwrite=args.overwrite, shards=only, finalize=only is None,
+                             progress=not args.quiet)
     print(f"cache {result.cache}: embedded {len(result.embedded)} shards, {len(result.skipped_done)} already done"
           + (f"; complete: {result.totals}" if result.totals is not None
              else "; not complete yet (run seed teacher without --shards once all workers finish)"))

@@ -23,7 +23,6 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,7 +30,7 @@ import yaml
 
 from seed import bank_store, cache, checkpoint
 from seed.augment import Recipe
-from seed.config import RunConfig, from_dict, outcome, to_dict
+from seed.config import RunConfig, from_dict, outcome, to_dict, write_run_files
 from seed.data import CachedSource, FreshViews, Source, rank_shards
 from seed.decode import Decoder
 from seed.devices import Launch, join_process_group, resolve_device
@@ -225,12 +224,10 @@ def launch(cfg: RunConfig, storage: Storage, *, resume: bool = False,
     """
     n = processes(cfg)
     with tempfile.TemporaryDirectory(prefix="seed-student-") as tmp:
-        config, roots = Path(tmp, "run.yaml"), Path(tmp, "storage.yaml")
-        config.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=True))
-        roots.write_text(yaml.safe_dump(dataclasses.asdict(storage)))
+        config, roots = write_run_files(cfg, storage, tmp)
         command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={n}",
                    "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "pipeline.cli", "student",
-                   "-c", str(config), "--storage", str(roots), "--events", *(["--resume"] if resume else [])]
+                   "-c", config, "--storage", roots, "--events", *(["--resume"] if resume else [])]
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))}
         tail: collections.deque[str] = collections.deque(maxlen=25)
         with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:

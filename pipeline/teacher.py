@@ -6,11 +6,17 @@ completion record. Reading, decoding and augmentation run ``cache.prefetch`` bat
 ``cache.workers`` processes that each own whole shards (on CUDA they only read and draw, and a thread
 of this process decodes with nvJPEG and augments on the GPU), or with no workers in one thread.
 The Prefect flow runs one task per shard with no workers (its parallelism is across shard tasks).
+
+``run_processes`` spreads the shards over several processes on this node, one per GPU on CUDA:
+each is ``seed teacher --shards ...`` on its own device, writing the same bytes as one process.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, cast
@@ -22,7 +28,7 @@ import zarr
 
 from seed import cache
 from seed.augment import P, apply_batch, draw_views
-from seed.config import RunConfig, to_dict
+from seed.config import RunConfig, to_dict, write_run_files
 from seed.devices import autocast, data_workers, require_cpu_threads, resolve_device, set_cpu_threads
 from seed.errors import SeedError
 from seed.models import Encoder
@@ -442,3 +448,78 @@ def run(cfg: RunConfig, storage: Storage, *, overwrite: bool = False, shards: li
         totals = cache.finalize(group, plan.cache_url)
     return TeacherResult(plan.cache_url, len(plan.urls), tuple(sorted(records)), tuple(sorted(done & set(todo_all))), totals)
 
+
+
+def process_devices(cfg: RunConfig, n: int) -> list[str]:
+    """The device of each of ``n`` teacher processes (0 = one per visible GPU): ``cuda:i`` for process
+    i on CUDA (``cache.device`` must then be auto or cuda), the CPU for all otherwise."""
+    device = resolve_device(cfg.cache.device)
+    if device.type == "cpu":
+        return ["cpu"] * max(1, n)
+    if cfg.cache.device not in ("auto", "cuda"):
+        raise SeedError(f"cache.device={cfg.cache.device} names one GPU for several teacher processes; "
+                        "use auto or cuda (process i takes cuda:i; choose GPUs with CUDA_VISIBLE_DEVICES)")
+    count = torch.cuda.device_count()
+    n = n or count
+    if n > count:
+        raise SeedError(f"{n} teacher processes but this machine has {count} GPUs (one process per GPU)")
+    return [f"cuda:{i}" for i in range(n)]
+
+
+def run_processes(cfg: RunConfig, storage: Storage, n: int, *, overwrite: bool = False, progress: bool = True,
+                  load: TeacherLoader = load_teacher) -> TeacherResult:
+    """The stage in ``n`` processes on this node (0 = one per visible GPU), each over every n-th shard left.
+
+    This process lays out the cache (``prepare``), starts ``seed teacher --shards ...`` per device
+    from ``process_devices``, shows the shards done, and marks the cache complete once all are. A
+    failed process stops the others; the shards finished so far are kept, and a re-run embeds the
+    rest. Each process's output goes to a log file named in the error.
+    """
+    from tqdm import tqdm
+
+    teacher, report = load(cfg.teacher)
+    plan, group = prepare(cfg, storage, teacher, report, overwrite=overwrite)
+    del teacher
+    done = set(cache.done_shards(group))
+    todo = [s for s in range(len(plan.urls)) if s not in done]
+    devices = process_devices(cfg, n)
+    parts = [(device, todo[i::len(devices)]) for i, device in enumerate(devices) if todo[i::len(devices)]]
+    with tempfile.TemporaryDirectory(prefix="seed-teacher-") as tmp:
+        config, roots = write_run_files(cfg, storage, tmp)
+        procs = []
+        for i, (device, part) in enumerate(parts):
+            log = open(f"{tmp}/process-{i}.log", "w+")
+            command = [sys.executable, "-m", "pipeline.cli", "teacher", "-c", config, "--storage", roots,
+                       "--shards", ",".join(map(str, part)), "--set", f"cache.device={device}", "--quiet"]
+            procs.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), log, device, part))
+        bar = tqdm(total=len(plan.urls), initial=len(done), unit="shard", disable=not progress,
+                   desc=f"teacher ({len(parts)} processes: {', '.join(sorted(set(devices)))})")
+        try:
+            failed = _wait(procs, plan.cache_url, bar)
+        finally:
+            bar.close()
+            for proc, log, _, _ in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+                log.close()
+        if failed is not None:
+            proc, log, device, part = failed
+            with open(log.name) as f:
+                tail = f.read().splitlines()[-20:]
+            raise SeedError(f"teacher process on {device} (shards {part}) failed with exit code {proc.returncode}; "
+                            "shards finished so far are kept, re-run to embed the rest; last lines:\n" + "\n".join(tail))
+    group = cache.open_group(plan.cache_url, "r+")
+    totals = cache.finalize(group, plan.cache_url)
+    return TeacherResult(plan.cache_url, len(plan.urls), tuple(sorted(todo)), tuple(sorted(done)), totals)
+
+
+def _wait(procs: list[Any], url: str, bar: Any) -> Any:
+    """Wait for every process, advancing ``bar`` as shards complete; the first failed process, or None."""
+    while True:
+        codes = [proc.poll() for proc, *_ in procs]
+        bar.update(len(cache.done_shards(cache.open_group(url, "r"))) - bar.n)
+        bad = next((p for p, code in zip(procs, codes) if code not in (None, 0)), None)
+        if bad is not None or all(code == 0 for code in codes):
+            return bad
+        time.sleep(0.5)

@@ -22,7 +22,7 @@ import yaml
 
 from seed.augment import Recipe
 from seed.errors import SeedError
-from seed.storage import load_yaml
+from seed.storage import Storage, load_yaml
 
 
 @dataclasses.dataclass(frozen=True)
@@ -328,6 +328,15 @@ def to_dict(cfg: Any) -> dict[str, Any]:
             return {k: plain(x) for k, x in v.items()}
         return v
     return plain(dataclasses.asdict(cfg))
+
+
+def write_run_files(cfg: RunConfig, storage: Storage, directory: str | Path) -> tuple[str, str]:
+    """The resolved config and the storage roots as ``run.yaml`` and ``storage.yaml`` in ``directory``:
+    what a process this one starts reads (``-c run.yaml --storage storage.yaml``) to run exactly ``cfg``."""
+    config, roots = Path(directory, "run.yaml"), Path(directory, "storage.yaml")
+    config.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=True))
+    roots.write_text(yaml.safe_dump(dataclasses.asdict(storage)))
+    return str(config), str(roots)
 
 
 def outcome(section: Any) -> dict[str, Any]:

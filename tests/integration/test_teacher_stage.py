@@ -189,6 +189,25 @@ def test_two_writers_equal_one(clean, tmp_path: Path, shards_root: Path, moco_ch
     _assert_same(_arrays(url), _arrays(clean_url))
 
 
+def test_two_processes_from_one_command_equal_one(clean, tmp_path: Path, shards_root: Path, moco_checkpoint: Path) -> None:
+    """`seed teacher --procs 2`: this process lays out the cache, two processes (the CPU here; cuda:0 and
+    cuda:1 on a GPU node) embed every other shard, and the cache completes with the same bytes."""
+    _, _, clean_url = clean
+    storage_file = _storage_file(tmp_path, shards_root)
+    out = subprocess.run(_cli(storage_file, *_sets(moco_checkpoint), "--procs", "2", "--quiet"), capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "embedded 6 shards" in out.stdout and "complete" in out.stdout
+    url = str(tmp_path / "caches" / "test.zarr")
+    g = zarr.open_group(url, mode="r")
+    assert g.attrs["status"] == "complete"
+    assert all(cache.shard_record(g, s)["device"] == "cpu" for s in range(6))
+    _assert_same(_arrays(url), _arrays(clean_url))
+    refused = subprocess.run(_cli(storage_file, *_sets(moco_checkpoint), "--procs", "2", "--shards", "0"),
+                             capture_output=True, text=True)
+    assert refused.returncode == 2 and "does not combine with --shards" in refused.stderr
+
+
 def test_other_config_is_refused_with_fields_named(clean, tmp_path: Path, moco_checkpoint: Path) -> None:
     cfg, storage, url = clean
     with pytest.raises(SeedError, match=r"views: cache has 2, config wants 3"):
