@@ -17,7 +17,7 @@ LOG="$OUT/gpu.log"
 #    previous command already installed them there.
 SITE="${GPU_SITE:-/tmp/site}"
 : > "$LOG"
-if ! PYTHONPATH="$SITE" python3 -c "import zarr, numcodecs, webdataset, donfig, msgspec" 2>/dev/null; then
+if ! PYTHONPATH="$SITE" python3 -c "import zarr, numcodecs, webdataset, donfig, msgspec, faiss" 2>/dev/null; then
     if ! python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl 2>&1 | tee -a "$LOG"; then
         echo "pip install failed; unpacking the wheels by hand" | tee -a "$LOG"
         mkdir -p "$SITE"
@@ -36,7 +36,7 @@ export PYTHONUNBUFFERED=1
 import importlib, sys
 print("python", sys.version.split()[0])
 for m in ("torch", "torchvision", "timm", "numpy", "PIL", "fsspec", "yaml", "zarr", "numcodecs", "webdataset",
-          "donfig", "msgspec", "google_crc32c", "braceexpand"):
+          "donfig", "msgspec", "google_crc32c", "braceexpand", "faiss"):
     try:
         mod = importlib.import_module(m)
         print(f"{m} {getattr(mod, '__version__', '?')}  {getattr(mod, '__file__', '')}")

@@ -720,6 +720,49 @@ def sec_replay(st: Check, res: dict[str, Any]) -> None:
         res[f"{name}_mean_cosine"] = float(cos.mean())
 
 
+def sec_scale_out(st: Check, res: dict[str, Any]) -> None:
+    """The scale-out paths on this machine's GPUs: ``seed teacher --procs 0`` (one process per visible GPU,
+    run_processes) over the resnet50 shards, against the in-process stage; and the student stage
+    through the torchrun launcher (one rank per GPU) against the in-process loop of section h."""
+    if st.r50_cfg is None:
+        raise RuntimeError("no resnet50 cache (teacher_r50 failed or was skipped)")
+    storage = make_storage(st.root)
+    res["gpus"] = torch.cuda.device_count() if st.cuda else 0
+
+    def teacher_procs() -> None:
+        cfg = dataclasses.replace(st.r50_cfg, cache=dataclasses.replace(st.r50_cfg.cache, name="r50-procs",
+                                                                          device="auto" if st.cuda else "cpu"))
+        t = time.perf_counter()
+        result = teacher_stage.run_processes(cfg, storage, 0, overwrite=True, progress=False)
+        wall = time.perf_counter() - t
+        if result.totals is None:
+            raise RuntimeError("cache not complete")
+        views = result.totals["teacher_forwards"]
+        res.update(teacher_procs_wall_s=round(wall, 2), teacher_procs_views=views,
+                   teacher_procs_views_per_s=round(views / wall, 1),
+                   teacher_procs_per_gpu_views_per_s=round(views / wall / max(1, res["gpus"]), 1))
+        import zarr
+
+        a = zarr.open_group(storage.cache_url(st.r50_cfg.cache.name), mode="r")["embeddings"][:].astype(np.float32)
+        b = zarr.open_group(result.cache, mode="r")["embeddings"][:].astype(np.float32)
+        ok = np.isfinite(a) & np.isfinite(b)
+        res["teacher_procs_max_abs_diff_vs_in_process"] = float(np.abs(a[ok] - b[ok]).max())
+
+    def student_launch() -> None:
+        t_cfg = dataclasses.replace(st.r50_cfg.train, run="gpu-check-launch", nproc=0, device="auto" if st.cuda else "cpu")
+        cfg = dataclasses.replace(st.r50_cfg, train=t_cfg)
+        t = time.perf_counter()
+        lines: list[str] = []
+        result = student_stage.launch(cfg, storage, on_line=lines.append)
+        m = result.metrics[-1]
+        res.update(launch_ranks=student_stage.processes(cfg), launch_wall_s=round(time.perf_counter() - t, 2),
+                   launch_steps=m["steps"], launch_ms_per_step=round(m["seconds"] / m["steps"] * 1000, 1),
+                   launch_images_per_s=m["images_per_s"], launch_output_tail=lines[-3:])
+
+    attempt(res, "teacher_procs", teacher_procs)
+    attempt(res, "student_launch", student_launch)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="gpu-check-out", help="directory for gpu.json and gpu.md")
@@ -754,6 +797,7 @@ def main() -> None:
         st.run("g_bank", lambda r: sec_bank(st, r), heavy=True)
         st.run("h_student", lambda r: sec_student(st, r, S.workers), heavy=True)
         st.run("j_replay", lambda r: sec_replay(st, r), heavy=True)
+        st.run("k_scale_out", lambda r: sec_scale_out(st, r), heavy=True)
         st.run("i_loss_tf32", lambda r: sec_loss(st, r, tf32=True))
     finally:
         st.data["_meta"]["elapsed_s"] = round(st.elapsed(), 1)

@@ -230,6 +230,7 @@ def launch(cfg: RunConfig, storage: Storage, *, resume: bool = False,
                    "-c", config, "--storage", roots, "--events", *(["--resume"] if resume else [])]
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))}
         tail: collections.deque[str] = collections.deque(maxlen=25)
+        errors: list[str] = []  # the ranks' own one-line errors, which torchrun's report would push out of the tail
         with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
             assert proc.stdout is not None
             for line in proc.stdout:
@@ -240,10 +241,13 @@ def launch(cfg: RunConfig, storage: Storage, *, resume: bool = False,
                         on_epoch(int(event["epoch"]), event["row"])
                     continue
                 tail.append(line)
+                if line.startswith("seed: error:"):
+                    errors.append(line)
                 on_line(line)
         if proc.returncode != 0:
             raise SeedError(f"the student stage's {n} processes failed (torchrun exit code {proc.returncode}); "
-                            f"epoch checkpoints so far are kept for a resume; last lines:\n" + "\n".join(tail))
+                            "epoch checkpoints so far are kept for a resume; "
+                            + ("\n".join(dict.fromkeys(errors)) if errors else "last lines:\n" + "\n".join(tail)))
     states = _checkpoints(cfg, storage)
     if states is None:
         raise SeedError(f"torchrun finished but run {cfg.train.run} has no checkpoint of this config for every student")
