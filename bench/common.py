@@ -144,3 +144,11 @@ def child(script: str, *args: str) -> str:
     """Run ``script`` in a fresh interpreter (for per-run peak RSS) and return its last stdout line."""
     out = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, check=True).stdout
     return out.strip().splitlines()[-1]
+
+
+def fashion_mnist_all(root: Path, per_shard: int = 1000) -> str:
+    """A ``data.train`` spec over all 70,000 Fashion-MNIST images, the 60,000 train shards then the
+    10,000 test shards (a ``::`` list of absolute globs; made once per root), for banks that need more
+    distinct images than the train split holds (K = 65,536)."""
+    data = shards(root, 70_000, per_shard).absolute()
+    return "::".join(str(data / split / f"{split}-*.tar") for split in ("train", "test"))

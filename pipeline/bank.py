@@ -4,6 +4,11 @@ Recipe: sample K (row, view) entries -> build the index -> for each input shard'
 compute the sparse targets of its valid views -> measure fidelity on a sample against the dense
 distribution -> mark the bank complete. Everything lives in the cache's ``bank`` sub-group; the
 teacher's arrays are only read. A bank with other parameters is rebuilt (it is derived data).
+
+Device: ``cache.device`` (``auto``: CUDA when present). With ``bank.index=torch`` the whole targets
+pass runs there; with FAISS all but the search (unless faiss-gpu is installed). ``bank.batch_size``
+views go to each ``seed.bank.sparse_targets`` call, which splits them into row chunks within
+``seed.bank.LOGITS_BUDGET`` bytes of logits, so the batch size sets per-call overhead, not memory.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from seed.errors import SeedError
 from seed.storage import Storage
 
 log = logging.getLogger(__name__)
+# Float32 logits per chunk of the fidelity sample's dense reference: 127 rows at K = 65,536.
+_FIDELITY_BYTES = 32 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +61,7 @@ def run(cfg: RunConfig, storage: Storage, *, progress: bool = True) -> BankResul
         log.info("rebuilding the bank of %s (%s); the teacher cache is kept", url, reason)
 
     start = time.perf_counter()
-    device = resolve_device(cfg.cache.device)
+    device = resolve_device(cfg.cache.device)                              # BankConfig has no device of its own
     valid = cache.read(group, "valid")
     ids = B.sample_bank(np.flatnonzero(valid), V, b.size, b.seed)            # K x 2 (row, view)
     vectors = cache.read_rows(group, "embeddings", ids[:, 0])[np.arange(len(ids)), ids[:, 1]]   # K x D, float16
@@ -106,7 +113,11 @@ def _flat_positions(local: np.ndarray, V: int) -> np.ndarray:
 
 
 def measure_fidelity(group: zarr.Group, bank: zarr.Group, index: B.BankIndex, b: BankConfig, exact: bool) -> dict[str, Any]:
-    """Captured mass over all views; KL(dense || sparse) and (approximate indices) recall on a sample."""
+    """Captured mass over all views; KL(dense || sparse) and (approximate indices) recall on a sample.
+
+    The dense reference runs on ``index.device`` in row chunks (``_FIDELITY_BYTES`` of float32 logits
+    each: the float64 arrays built from them are a few times larger), so any bank size fits.
+    """
     mass = cache.read(bank, "mass")
     mass = mass[np.isfinite(mass)]
     valid_rows = np.flatnonzero(cache.read(group, "valid"))
@@ -121,17 +132,27 @@ def measure_fidelity(group: zarr.Group, bank: zarr.Group, index: B.BankIndex, b:
     cols = cache.read_rows(bank, "indices", rows)[np.arange(n), views]
     logp = cache.read_rows(bank, "logp", rows)[np.arange(n), views].astype(np.float32)
     m = cache.read_rows(bank, "mass", rows)[np.arange(n), views]
-    bank_vec = torch.from_numpy(index.vectors)
-    bank_rows = torch.from_numpy(cache.read(bank, "ids", (slice(None), 0)).astype(np.int64))
-    dense = B.dense_log_probs(torch.from_numpy(z), torch.from_numpy(rows.astype(np.int64)), bank_vec, bank_rows, b.tau_t)
-    excluded = ~torch.isfinite(dense).numpy()
-    kl = B.kl_dense_sparse(dense.numpy(), B.sparse_to_dense(cols, logp, m, dense.shape[1], excluded))
-    true_mass = np.array([np.exp(dense[i, cols[i][cols[i] >= 0]].double().numpy()).sum() for i in range(n)])
+    dev = index.device
+    bank_rows = torch.from_numpy(cache.read(bank, "ids", (slice(None), 0)).astype(np.int64)).to(dev)
+    K = len(index.vectors)
+    kl, true_mass = np.zeros(n), np.zeros(n)
+    step = B.chunk_rows(K + 1, _FIDELITY_BYTES)
+    with torch.no_grad():
+        for lo in range(0, n, step):
+            sl = slice(lo, lo + step)
+            dense = B.dense_log_probs(torch.from_numpy(z[sl]).to(dev), torch.from_numpy(rows[sl].astype(np.int64)).to(dev),
+                                      index.bank_t, bank_rows, b.tau_t).cpu().numpy()   # c x (1 + K)
+            kl[sl] = B.kl_dense_sparse(dense, B.sparse_to_dense(cols[sl], logp[sl], m[sl], K + 1, ~np.isfinite(dense)))
+            picked = np.take_along_axis(dense, np.maximum(cols[sl], 0), axis=1).astype(np.float64)
+            true_mass[sl] = np.where(cols[sl] >= 0, np.exp(picked), 0.0).sum(axis=1)
+            del dense
     out: dict[str, Any] = {"mass": B.stats(mass), "kl": B.stats(kl), "sample": int(n),
                            "stored_minus_true_mass": B.stats(m - true_mass)}
     if b.index in ("ivf", "hnsw"):
         _, approx = index.search(z, b.topk)
-        _, exact_pos = torch.topk(torch.from_numpy(z) @ bank_vec.T, min(b.topk, len(bank_vec)), dim=1)
-        hits = [len(set(a.tolist()) & set(e.tolist())) / len(e) for a, e in zip(approx, exact_pos.numpy())]
+        with torch.no_grad():
+            _, exact_t = B.topk_chunked(torch.from_numpy(z).to(dev), index.bank_t, min(b.topk, K))
+        exact_pos = exact_t.cpu().numpy()
+        hits = [len(set(a.tolist()) & set(e.tolist())) / len(e) for a, e in zip(approx, exact_pos)]
         out["recall_at_k"] = float(np.mean(hits))
     return out

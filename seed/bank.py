@@ -9,9 +9,13 @@ row set. For every cached (row, view) we keep the top-k of p_T as column indices
 
 The top-k come from a FAISS index over the bank (exact ``flat``; ``ivf`` or ``hnsw`` for large
 banks) or from an exact torch matmul + top-k (``torch``, the GPU path). The normaliser log Z is
-exact for ``flat``/``torch`` (one streamed matmul) and, for the approximate indices, estimated
-as top-k + (K' / M) x a uniform sample of M tail entries, which is unbiased and costs O(k + M)
-per view instead of O(K).
+exact for ``flat``/``torch`` (a matmul over the whole bank) and, for the approximate indices,
+estimated as top-k + (K' / M) x a uniform sample of M tail entries, which is unbiased and costs
+O(k + M) per view instead of O(K).
+
+Everything after the FAISS search runs in fp32 on ``BankIndex.device`` (with ``torch``, the search
+too, fused with the exact normaliser: one matmul per chunk gives both), over row chunks whose
+``[rows, K]`` logits stay within ``max_logits_bytes``.
 """
 
 from __future__ import annotations
@@ -36,12 +40,38 @@ def sample_bank(valid_rows: np.ndarray, views: int, size: int, seed: int) -> np.
     return np.stack([rows, rng.integers(0, views, size=size)], axis=1).astype(np.int64)
 
 
+LOGITS_BUDGET = 256 << 20  # bytes of one chunk's float32 logits: 1,023 rows of the 1 + K columns at K = 65,536
+
+
+def chunk_rows(width: int, max_logits_bytes: int = LOGITS_BUDGET) -> int:
+    """Rows per chunk so that a ``[rows, width]`` float32 array fits in ``max_logits_bytes`` (at least 1)."""
+    return max(1, max_logits_bytes // (4 * max(1, width)))
+
+
+def bank_logits(q: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    """``q @ bank.T`` in float32 whatever the autocast state (bf16 would merge near-duplicates at tau_T = 1e-4)."""
+    with torch.autocast(q.device.type, enabled=False):
+        return q.float() @ bank.float().T
+
+
+def topk_chunked(q: torch.Tensor, bank: torch.Tensor, k: int,
+                 max_logits_bytes: int = LOGITS_BUDGET) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-``k`` inner products of ``q [B, D]`` against ``bank [K, D]``, best first, on their device:
+    float32 similarities and int64 positions ``[B, k]``; at most ``max_logits_bytes`` of logits at a time."""
+    step = chunk_rows(len(bank), max_logits_bytes)
+    parts = [torch.topk(bank_logits(q[lo: lo + step], bank), k, dim=1) for lo in range(0, len(q), step)]
+    if not parts:
+        return torch.empty(0, k, device=q.device), torch.empty(0, k, dtype=torch.int64, device=q.device)
+    return torch.cat([p.values for p in parts]), torch.cat([p.indices for p in parts])
+
+
 class BankIndex:
     """Top-k inner-product search over the bank vectors (unit vectors: cosine similarity).
 
     ``kind``: ``flat`` (FAISS exact), ``ivf`` / ``hnsw`` (FAISS approximate), ``torch`` (exact
     matmul + top-k on ``device``). FAISS runs on the GPU when faiss-gpu is installed and a GPU is
-    present; otherwise on CPU.
+    present; otherwise on CPU. ``bank_t`` holds the vectors on ``device`` for every kind: the
+    targets' normaliser runs there.
     """
 
     def __init__(self, vectors: np.ndarray, kind: str, *, device: torch.device | None = None, ivf_lists: int = 0,
@@ -51,8 +81,8 @@ class BankIndex:
         self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)        # K x D
         self.device = device or torch.device("cpu")
         self.on_gpu = False
+        self.bank_t = torch.from_numpy(self.vectors).to(self.device)          # shares memory on the CPU
         if kind == "torch":
-            self.bank_t = torch.from_numpy(self.vectors).to(self.device)
             return
         import faiss  # only the bank stage needs FAISS
 
@@ -86,13 +116,18 @@ class BankIndex:
             self.index = faiss.index_cpu_to_gpu(self.gpu_res, self.device.index or 0, index)
             self.on_gpu = True
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Similarities and bank positions of the top ``k``, best first: float32 and int64 ``[B, k]`` (-1 = none)."""
+    def search(self, queries: np.ndarray, k: int, *,
+               max_logits_bytes: int = LOGITS_BUDGET) -> tuple[np.ndarray, np.ndarray]:
+        """Similarities and bank positions of the top ``k``, best first: float32 and int64 ``[B, k]`` (-1 = none).
+
+        ``max_logits_bytes`` bounds the ``torch`` kind's ``[rows, K]`` logits (FAISS blocks its own search).
+        """
         k = min(k, len(self.vectors))
         if self.kind == "torch":
-            q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).to(self.device)
-            top = torch.topk(q @ self.bank_t.T, k, dim=1)                     # B x k
-            return top.values.cpu().numpy(), top.indices.cpu().numpy()
+            with torch.no_grad():
+                q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).to(self.device)
+                sims, pos = topk_chunked(q, self.bank_t, k, max_logits_bytes)
+            return sims.cpu().numpy(), pos.cpu().numpy()
         if self.on_gpu and k > 2048:
             raise SeedError(f"bank.topk={k}: FAISS GPU search is limited to k <= 2048; use bank.index=torch")
         sims, pos = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
@@ -118,55 +153,113 @@ def dense_log_probs(z: torch.Tensor, q_rows: torch.Tensor, bank: torch.Tensor, b
 
 def sparse_targets(z: np.ndarray, q_rows: np.ndarray, index: BankIndex, bank_rows: np.ndarray, *, topk: int,
                    tau: float, exact_normaliser: bool, tail_samples: int = 1024,
-                   rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                   rng: np.random.Generator | None = None,
+                   max_logits_bytes: int = LOGITS_BUDGET) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Top-k of p_T for a batch of cached views ``z [B, D]`` (float32, unit norm) of rows ``q_rows``.
 
     Returns column indices into D+ (int32 ``[B, topk]``, -1 = none), their log-probabilities
-    (float32, -inf = none) and the captured mass (float32 ``[B]``).
-    """
-    B = len(z)
-    sims, pos = index.search(z, topk)                                         # B x topk: one spare for the own entry
-    pos_t = torch.from_numpy(pos.astype(np.int64))
-    sims_t = torch.from_numpy(sims.astype(np.float32))
-    rows_t = torch.from_numpy(q_rows.astype(np.int64))
-    bank_rows_t = torch.from_numpy(bank_rows.astype(np.int64))
-    hit_rows = bank_rows_t[pos_t.clamp(min=0)]
-    drop = (pos_t < 0) | (hit_rows == rows_t[:, None])                        # B x topk: empty or the own image
-    zt = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32))
-    own = (zt * zt).sum(dim=1, keepdim=True)                                  # B x 1
-    logits = torch.cat([own, sims_t.masked_fill(drop, float("-inf"))], dim=1) / tau   # B x (1 + topk)
-    cols = torch.cat([torch.zeros(B, 1, dtype=torch.int64), pos_t + 1], dim=1)       # D+ columns
-    order = torch.argsort(logits, dim=1, descending=True, stable=True)[:, :topk]     # own first, then best bank
-    logits, cols = logits.gather(1, order), cols.gather(1, order)             # B x topk
+    (float32, -inf = none) and the captured mass (float32 ``[B]``), as numpy arrays on the CPU.
 
-    if exact_normaliser:
-        bank_t = torch.from_numpy(index.vectors)
-        log_z = torch.logsumexp(dplus_logits(zt, zt, bank_t, own_mask(rows_t, bank_rows_t)) / tau, dim=1)  # B
-    else:
-        log_z = _sampled_log_normaliser(zt, rows_t, logits, cols, index, bank_rows_t, tau, tail_samples,
-                                        rng or np.random.default_rng(0))
-    logp = logits - log_z[:, None]
-    valid = torch.isfinite(logits)
-    mass = torch.where(valid, logp.exp(), 0.0).sum(dim=1).clamp(max=1.0)
-    cols = torch.where(valid, cols, -1)
-    return cols.to(torch.int32).numpy(), logp.numpy().astype(np.float32), mass.numpy().astype(np.float32)
+    Runs on ``index.device`` in float32 (autocast off): with ``index.kind == "torch"`` all of it,
+    the search included; with FAISS all but the search. The batch is processed in chunks of rows
+    whose ``[rows, K]`` float32 logits take at most ``max_logits_bytes`` (default ``LOGITS_BUDGET``,
+    256 MiB: 1,023 rows at K = 65,536); a chunk's working memory is about 1.3x that (its logits
+    and a boolean own-image mask), so any batch size fits. With the sampled normaliser and a FAISS
+    index no ``[rows, K]`` array is made: chunks are sized so that the four ``[rows, tail_samples]``
+    arrays it keeps fit instead. Results do not depend on the chunking (up to the matmul's float
+    rounding); the tail sample is drawn once per call from ``rng``.
+    """
+    B, K = len(z), len(index.vectors)
+    dev = index.device
+    dense = exact_normaliser or index.kind == "torch"                        # a [rows, K] matmul per chunk
+    m = min(tail_samples, K)
+    sample = None if exact_normaliser else \
+        torch.from_numpy(np.sort((rng or np.random.default_rng(0)).choice(K, size=m, replace=False)))
+    step = chunk_rows(K + 1 if dense else 4 * m, max_logits_bytes)         # sampled: ~4 [rows, m] arrays live
+    if index.kind != "torch":
+        found = index.search(z, topk)                                         # FAISS bounds its own memory
+    with torch.no_grad(), torch.autocast(dev.type, enabled=False):
+        zt = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32)).to(dev)
+        rows_t = torch.from_numpy(np.asarray(q_rows, dtype=np.int64)).to(dev)
+        bank_rows_t = torch.from_numpy(np.asarray(bank_rows, dtype=np.int64)).to(dev)
+        sample_t = None if sample is None else sample.to(dev)
+        sample_vecs = None if sample_t is None else index.bank_t[sample_t]   # m x D
+        parts = []
+        for lo in range(0, B, step):
+            zc, rc = zt[lo: lo + step], rows_t[lo: lo + step]
+            log_z = None
+            if index.kind == "torch":
+                l_neg = bank_logits(zc, index.bank_t)                         # c x K: top-k and log Z from one matmul
+                top = torch.topk(l_neg, min(topk, K), dim=1)
+                sims, pos = top.values, top.indices
+                if exact_normaliser:
+                    log_z = _exact_log_normaliser(zc, rc, l_neg, bank_rows_t, tau)
+                del l_neg
+            else:
+                sims = torch.from_numpy(found[0][lo: lo + step].astype(np.float32)).to(dev)
+                pos = torch.from_numpy(found[1][lo: lo + step].astype(np.int64)).to(dev)
+                if exact_normaliser:
+                    log_z = _exact_log_normaliser(zc, rc, bank_logits(zc, index.bank_t), bank_rows_t, tau)
+            logits, cols = _ordered_columns(zc, rc, sims, pos, bank_rows_t, tau, topk)
+            if log_z is None:
+                assert sample_t is not None and sample_vecs is not None
+                log_z = _sampled_log_normaliser(zc, rc, logits, cols, sample_vecs, bank_rows_t, tau, sample_t)
+            logp = logits - log_z[:, None]
+            valid = torch.isfinite(logits)
+            mass = torch.where(valid, logp.exp(), 0.0).sum(dim=1).clamp(max=1.0)
+            parts.append((torch.where(valid, cols, -1).to(torch.int32), logp, mass))
+        if not parts:
+            return (np.empty((0, topk), np.int32), np.empty((0, topk), np.float32), np.empty(0, np.float32))
+        cols_o, logp_o, mass_o = (torch.cat(p).cpu().numpy() for p in zip(*parts))
+    return cols_o, logp_o.astype(np.float32), mass_o.astype(np.float32)
+
+
+def _ordered_columns(z: torch.Tensor, rows: torch.Tensor, sims: torch.Tensor, pos: torch.Tensor,
+                     bank_rows: torch.Tensor, tau: float, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The own view (column 0) and the searched bank entries minus the own image's, best ``topk`` first:
+    logits / tau (-inf = none) and D+ columns, ``[c, topk]``."""
+    hit_rows = bank_rows[pos.clamp(min=0)]
+    drop = (pos < 0) | (hit_rows == rows[:, None])                            # c x k: empty or the own image
+    own = (z * z).sum(dim=1, keepdim=True)                                    # c x 1
+    logits = torch.cat([own, sims.masked_fill(drop, float("-inf"))], dim=1) / tau   # c x (1 + k)
+    cols = torch.cat([torch.zeros(len(z), 1, dtype=torch.int64, device=z.device), pos + 1], dim=1)
+    order = torch.argsort(logits, dim=1, descending=True, stable=True)[:, :topk]     # own first, then best bank
+    return logits.gather(1, order), cols.gather(1, order)
+
+
+def _exact_log_normaliser(z: torch.Tensor, rows: torch.Tensor, l_neg: torch.Tensor, bank_rows: torch.Tensor,
+                          tau: float) -> torch.Tensor:
+    """log Z over D+ from ``l_neg = z @ bank.T`` ``[c, K]``, which it overwrites: in place, so the chunk's
+    logits are the only ``[c, K]`` float array."""
+    l_pos = (z * z).sum(dim=1) / tau                                          # c
+    l_neg.masked_fill_(own_mask(rows, bank_rows), float("-inf")).div_(tau)
+    top = torch.maximum(l_pos, l_neg.amax(dim=1))                            # finite: l_pos is
+    total = l_neg.sub_(top[:, None]).exp_().sum(dim=1) + torch.exp(l_pos - top)
+    return top + torch.log(total)
 
 
 def _sampled_log_normaliser(z: torch.Tensor, rows: torch.Tensor, logits: torch.Tensor, cols: torch.Tensor,
-                            index: BankIndex, bank_rows: torch.Tensor, tau: float, m: int,
-                            rng: np.random.Generator) -> torch.Tensor:
-    """log Z = logsumexp(top-k) (+) log((K' - k') / m' * sum of a uniform tail sample)."""
-    K = len(bank_rows)
-    m = min(m, K)
-    sample = torch.from_numpy(np.sort(rng.choice(K, size=m, replace=False)))  # m
-    s = (z @ torch.from_numpy(index.vectors)[sample].T) / tau                 # B x m
-    in_topk = (cols[:, :, None] - 1 == sample[None, None, :]).any(dim=1)      # B x m
-    own = own_mask(rows, bank_rows[sample])                                   # B x m
+                            sample_vecs: torch.Tensor, bank_rows: torch.Tensor, tau: float,
+                            sample: torch.Tensor) -> torch.Tensor:
+    """log Z = logsumexp(top-k) (+) log((K' - k') / m' * sum of a uniform tail sample).
+
+    ``sample``: sorted distinct bank positions, the same for every chunk of a call; ``sample_vecs``
+    their vectors ``[m, D]``.
+    """
+    K, m = len(bank_rows), len(sample)
+    s = bank_logits(z, sample_vecs) / tau                                     # c x m
+    # the sample is sorted and distinct: searchsorted finds the one slot a kept bank column can match
+    bank_pos = cols - 1                                                       # c x k (-1: the own view)
+    slot = torch.searchsorted(sample, bank_pos.clamp(min=0)).clamp(max=m - 1)
+    hit = (sample[slot] == bank_pos).to(torch.int32)
+    in_topk = torch.zeros(len(z), m, dtype=torch.int32, device=z.device).scatter_add_(1, slot, hit) > 0   # c x m
+    own = own_mask(rows, bank_rows[sample])                                   # c x m
     tail = s.masked_fill(in_topk | own, float("-inf"))
-    n_tail_sample = (~(in_topk | own)).sum(dim=1).clamp(min=1)                # B
-    n_topk_bank = torch.isfinite(logits).sum(dim=1) - 1                       # B (bank entries kept; own is finite)
-    n_own = own_mask(rows, bank_rows).sum(dim=1)                             # B (0 or 1)
-    n_tail = (K - n_topk_bank - n_own).clamp(min=0)                           # B
+    n_tail_sample = (~(in_topk | own)).sum(dim=1).clamp(min=1)                # c
+    n_topk_bank = torch.isfinite(logits).sum(dim=1) - 1                       # c (bank entries kept; own is finite)
+    sorted_rows = torch.sort(bank_rows).values
+    n_own = (torch.searchsorted(sorted_rows, rows, right=True) - torch.searchsorted(sorted_rows, rows))   # c
+    n_tail = (K - n_topk_bank - n_own).clamp(min=0)                           # c
     log_tail = torch.logsumexp(tail, dim=1) + torch.log(n_tail.float() / n_tail_sample.float())
     log_tail = torch.where(n_tail > 0, log_tail, torch.full_like(log_tail, float("-inf")))
     return torch.logaddexp(torch.logsumexp(logits, dim=1), log_tail)

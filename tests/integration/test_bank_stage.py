@@ -88,3 +88,24 @@ def test_bank_larger_than_cache_and_incomplete_cache_are_refused(teacher_cache, 
         bank_stage.run(cfg, storage2, progress=False)
     with pytest.raises(SeedError, match="no cache at"):
         bank_stage.run(small_config(moco_checkpoint, "cache.name=absent"), storage2, progress=False)
+
+
+def test_torch_index_stage_equals_flat(teacher_cache) -> None:
+    """``bank.index=torch`` (the GPU path; here on the CPU) stores the targets and fidelity of ``flat``."""
+    cfg, storage = teacher_cache
+    url = storage.cache_url(cfg.cache.name)
+    stored = {}
+    for kind in ("flat", "torch"):
+        other = small_config(cfg.teacher.checkpoint, "bank.size=128", "bank.topk=8", "bank.tau_t=0.05",
+                             "bank.batch_size=100", f"bank.index={kind}")
+        summary = bank_stage.run(other, storage, progress=False).summary
+        bank = zarr.open_group(url, mode="r")["bank"]
+        stored[kind] = (bank["ids"][:], bank["indices"][:], bank["logp"][:].astype(np.float32), bank["mass"][:], summary)
+    (fi, fc, fl, fm, fs), (ti, tc, tl, tm, ts) = stored["flat"], stored["torch"]
+    assert ts["index"] == "torch" and ts["normaliser"] == "exact" and "faiss_index" not in zarr.open_group(url, mode="r")["bank"]
+    assert np.array_equal(fi, ti) and np.array_equal(fc, tc)
+    finite = np.isfinite(fl)
+    assert np.array_equal(finite, np.isfinite(tl)) and np.allclose(fl[finite], tl[finite], atol=2e-3, rtol=2e-3)
+    assert np.allclose(fm, tm, atol=1e-5, equal_nan=True)
+    for key in ("mass", "kl"):
+        assert ts["fidelity"][key]["mean"] == pytest.approx(fs["fidelity"][key]["mean"], rel=1e-3, abs=1e-6)

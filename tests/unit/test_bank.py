@@ -81,3 +81,98 @@ def test_approximate_index_recall_is_bounded(kind: str, floor: float) -> None:
     assert recall >= floor, recall
     full = B.BankIndex(bank, "ivf", ivf_lists=64, nprobe=64)                 # probing every list is exact
     assert np.array_equal(np.sort(full.search(q, 10)[1], axis=1), np.sort(exact, axis=1))
+
+
+def reference_log_normaliser(z: np.ndarray, rows: np.ndarray, bank: np.ndarray, bank_rows: np.ndarray,
+                             tau: float) -> np.ndarray:
+    """log Z over D+ = [z ; bank minus the own image's entries], in float64 numpy."""
+    z64, bank64 = z.astype(np.float64), bank.astype(np.float64)
+    logits = np.concatenate([(z64 * z64).sum(axis=1, keepdims=True), z64 @ bank64.T], axis=1) / tau
+    logits[:, 1:][rows[:, None] == bank_rows[None, :]] = -np.inf
+    top = logits.max(axis=1)
+    return top + np.log(np.exp(logits - top[:, None]).sum(axis=1))
+
+
+def _targets_case(K: int = 600, n: int = 90, d: int = 16) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    z, bank = _unit(n, d, 8), _unit(K, d, 9)
+    bank_rows = np.sort(np.random.default_rng(10).choice(5 * K, size=K, replace=False))
+    rows = np.random.default_rng(11).choice(5 * K, size=n)
+    rows[: n // 3] = bank_rows[: n // 3]          # a third of the views have their own image in the bank
+    return z, rows, bank, bank_rows
+
+
+@pytest.mark.parametrize("tau", [1e-4, 0.05])
+def test_torch_index_targets_equal_flat_and_numpy_normaliser(tau: float) -> None:
+    z, rows, bank, bank_rows = _targets_case()
+    out = {kind: B.sparse_targets(z, rows, B.BankIndex(bank, kind), bank_rows, topk=12, tau=tau, exact_normaliser=True)
+           for kind in ("torch", "flat")}
+    (tc, tl, tm), (fc, fl, fm) = out["torch"], out["flat"]
+    assert np.array_equal(tc, fc)
+    assert np.allclose(tl, fl, atol=1e-3 if tau < 1e-3 else 1e-5, rtol=1e-6)
+    assert np.allclose(tm, fm, atol=1e-5)
+    # column 0 (the own view, logit |z|^2 / tau) comes first: its log-probability gives log Z back
+    assert (tc[:, 0] == 0).all()
+    log_z = (z.astype(np.float64) ** 2).sum(axis=1) / tau - tl[:, 0]
+    ref = reference_log_normaliser(z, rows, bank, bank_rows, tau)
+    assert np.allclose(log_z, ref, atol=2e-3 if tau < 1e-3 else 1e-5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["torch", "flat"])
+@pytest.mark.parametrize("exact", [True, False])
+def test_chunked_targets_equal_unchunked(kind: str, exact: bool) -> None:
+    z, rows, bank, bank_rows = _targets_case()
+    index = B.BankIndex(bank, kind)
+
+    def run(budget: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return B.sparse_targets(z, rows, index, bank_rows, topk=12, tau=0.05, exact_normaliser=exact,
+                                tail_samples=200, rng=np.random.default_rng(3), max_logits_bytes=budget)
+
+    whole = run(1 << 30)
+    width = 601 if exact or kind == "torch" else 4 * 200
+    for budget in (1, 7 * 4 * width, 32 * 4 * width + 5):   # 1-row, 7-row (uneven last) and 32-row chunks
+        assert B.chunk_rows(width, budget) in (1, 7, 32)
+        part = run(budget)
+        assert np.array_equal(part[0], whole[0])
+        assert np.allclose(part[1], whole[1], atol=1e-5, rtol=1e-6) and np.array_equal(np.isfinite(part[1]), np.isfinite(whole[1]))
+        assert np.allclose(part[2], whole[2], atol=1e-6)
+
+
+def test_chunk_rows_bounds_the_logits() -> None:
+    assert B.chunk_rows(65_537) == 1023 and 1023 * 65_537 * 4 <= B.LOGITS_BUDGET   # the default: 256 MiB
+    assert B.chunk_rows(65_536) == 1024
+    assert B.chunk_rows(10, 39) == 1 and B.chunk_rows(10, 80) == 2
+
+
+def test_torch_search_chunked_equals_numpy() -> None:
+    bank, q = _unit(500, 16, 12), _unit(70, 16, 13)
+    index = B.BankIndex(bank, "torch")
+    exact = np.argsort(-(q.astype(np.float64) @ bank.T.astype(np.float64)), axis=1)[:, :9]
+    for budget in (1, 3 * 500 * 4, B.LOGITS_BUDGET):
+        sims, pos = index.search(q, 9, max_logits_bytes=budget)
+        assert np.array_equal(pos, exact)
+        assert np.allclose(sims, np.take_along_axis(q @ bank.T, exact, axis=1), atol=1e-6)
+
+
+def test_targets_ignore_autocast() -> None:
+    """bf16 autocast around the call changes nothing: the targets compute in float32."""
+    z, rows, bank, bank_rows = _targets_case()
+    index = B.BankIndex(bank, "torch")
+    plain = B.sparse_targets(z, rows, index, bank_rows, topk=12, tau=1e-4, exact_normaliser=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = B.sparse_targets(z, rows, index, bank_rows, topk=12, tau=1e-4, exact_normaliser=True)
+    for a, b in zip(plain, under):
+        assert np.array_equal(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("exact", [True, False])
+def test_cuda_targets_equal_cpu(exact: bool) -> None:
+    z, rows, bank, bank_rows = _targets_case(K=3000, n=500, d=128)
+    out = []
+    for device in ("cpu", "cuda"):
+        index = B.BankIndex(bank, "torch", device=torch.device(device))
+        out.append(B.sparse_targets(z, rows, index, bank_rows, topk=16, tau=1e-4, exact_normaliser=exact,
+                                    tail_samples=256, rng=np.random.default_rng(4), max_logits_bytes=200 * 3001 * 4))
+    (cc, cl, cm), (gc, gl, gm) = out
+    assert np.array_equal(cc, gc)
+    assert np.allclose(cl, gl, atol=2e-3, rtol=1e-6) and np.allclose(cm, gm, atol=1e-4)
