@@ -98,13 +98,15 @@ class Sizes:
     step_K: int = 4096
     step_topk: int = 64
     workers: int = 12             # CPU processes for the worker variants of the teacher stage and student loop
+    teacher_procs: tuple[int, ...] = (1, 2, 4)  # seed teacher --procs N (on one GPU: N processes share it)
 
 
 SMOKE = Sizes(n_images=64, per_shard=32, decode_cap_s=10.0, gpu_decode_batch=16, tv_cpu_decode=16, aug_batch=32,
               aug_cpu_batches=1, aug_cuda_batches=2, loss_K=1024, loss_B=8, teacher_batch=32, r50_budget_s=60.0,
               r10t_budget_s=30.0, r50_pure_batches=1, r10t_pure_batches=2, bank_K=4096, sparse_K=4096,
               sparse_B=256, sparse_reps=1, train_batch=32, shuffle_buffer=32, step_batch=8, step_warmup=1,
-              step_timed=2, step_K=1024, step_topk=32, workers=2)
+              step_timed=2, step_K=1024, step_topk=32, workers=2,
+              teacher_procs=(2,))
 
 
 class Check:
@@ -721,32 +723,51 @@ def sec_replay(st: Check, res: dict[str, Any]) -> None:
 
 
 def sec_scale_out(st: Check, res: dict[str, Any]) -> None:
-    """The scale-out paths on this machine's GPUs: ``seed teacher --procs 0`` (one process per visible GPU,
-    run_processes) over the resnet50 shards, against the in-process stage; and the student stage
-    through the torchrun launcher (one rank per GPU) against the in-process loop of section h."""
+    """The scale-out paths on this machine's GPUs: ``seed teacher --procs N`` (run_processes; more
+    processes than GPUs share them) over the resnet50 shards at 8 views, against the in-process stage
+    (steady rates from the shard records, so process start-up is left out; wall rates beside them);
+    and the student stage through the torchrun launcher (one rank per GPU) against section h's loop."""
     if st.r50_cfg is None:
         raise RuntimeError("no resnet50 cache (teacher_r50 failed or was skipped)")
     storage = make_storage(st.root)
     res["gpus"] = torch.cuda.device_count() if st.cuda else 0
 
-    def teacher_procs() -> None:
-        cfg = dataclasses.replace(st.r50_cfg, cache=dataclasses.replace(st.r50_cfg.cache, name="r50-procs",
-                                                                          device="auto" if st.cuda else "cpu"))
-        t = time.perf_counter()
-        result = teacher_stage.run_processes(cfg, storage, 0, overwrite=True, progress=False)
-        wall = time.perf_counter() - t
-        if result.totals is None:
-            raise RuntimeError("cache not complete")
-        views = result.totals["teacher_forwards"]
-        res.update(teacher_procs_wall_s=round(wall, 2), teacher_procs_views=views,
-                   teacher_procs_views_per_s=round(views / wall, 1),
-                   teacher_procs_per_gpu_views_per_s=round(views / wall / max(1, res["gpus"]), 1))
+    def steady_rate(url: str) -> float:
+        """Views/s from the first shard's start to the last shard's end (process start-up excluded)."""
         import zarr
 
-        a = zarr.open_group(storage.cache_url(st.r50_cfg.cache.name), mode="r")["embeddings"][:].astype(np.float32)
-        b = zarr.open_group(result.cache, mode="r")["embeddings"][:].astype(np.float32)
-        ok = np.isfinite(a) & np.isfinite(b)
-        res["teacher_procs_max_abs_diff_vs_in_process"] = float(np.abs(a[ok] - b[ok]).max())
+        from seed import cache
+
+        g = zarr.open_group(url, mode="r")
+        records = [cache.shard_record(g, s) for s in range(int(g.attrs["n_shards"]))]
+        start = min(r["finished_at"] - r["seconds"] for r in records)
+        end = max(r["finished_at"] for r in records)
+        return sum(r["teacher_forwards"] for r in records) / (end - start)
+
+    def teacher_procs() -> None:
+        # 8 views an image so that each run embeds long enough to measure past the processes' start-up
+        base = dataclasses.replace(st.r50_cfg, cache=dataclasses.replace(
+            st.r50_cfg.cache, views=8, device="auto" if st.cuda else "cpu", name="r50-v8-in-process"))
+        t = time.perf_counter()
+        teacher_stage.run(base, storage, overwrite=True, progress=False)
+        res["in_process_v8_wall_s"] = round(time.perf_counter() - t, 2)
+        res["in_process_v8_steady_views_per_s"] = round(steady_rate(storage.cache_url(base.cache.name)), 1)
+        import zarr
+
+        reference = zarr.open_group(storage.cache_url(base.cache.name), mode="r")["embeddings"][:].astype(np.float32)
+        for n in st.S.teacher_procs:
+            cfg = dataclasses.replace(base, cache=dataclasses.replace(base.cache, name=f"r50-v8-procs{n}"))
+            t = time.perf_counter()
+            result = teacher_stage.run_processes(cfg, storage, n, overwrite=True, progress=False)
+            wall = time.perf_counter() - t
+            if result.totals is None:
+                raise RuntimeError("cache not complete")
+            views = result.totals["teacher_forwards"]
+            emb = zarr.open_group(result.cache, mode="r")["embeddings"][:].astype(np.float32)
+            ok = np.isfinite(emb) & np.isfinite(reference)
+            res[f"procs{n}"] = {"wall_s": round(wall, 2), "views": views, "wall_views_per_s": round(views / wall, 1),
+                                "steady_views_per_s": round(steady_rate(result.cache), 1),
+                                "max_abs_diff_vs_in_process": float(np.abs(emb[ok] - reference[ok]).max())}
 
     def student_launch() -> None:
         t_cfg = dataclasses.replace(st.r50_cfg.train, run="gpu-check-launch", nproc=0, device="auto" if st.cuda else "cpu")

@@ -7,7 +7,7 @@ completion record. Reading, decoding and augmentation run ``cache.prefetch`` bat
 of this process decodes with nvJPEG and augments on the GPU), or with no workers in one thread.
 The Prefect flow runs one task per shard with no workers (its parallelism is across shard tasks).
 
-``run_processes`` spreads the shards over several processes on this node, one per GPU on CUDA:
+``run_processes`` spreads the shards over several processes on this node, one or more per GPU:
 each is ``seed teacher --shards ...`` on its own device, writing the same bytes as one process.
 """
 
@@ -391,7 +391,7 @@ def embed_shards(cfg: RunConfig, plan: Plan, group: zarr.Group, shards: list[int
             "url": plan.urls[s], "samples": plan.lengths[s], "valid": int(item.meta["valid"].sum()),
             "skipped": item.skipped, "teacher_forwards": forwards.pop(s), "teacher_seconds": round(forward_s.pop(s), 4),
             "seconds": round(time.perf_counter() - started.pop(s), 4), "device": str(device), "decode": item.decode,
-            "workers": workers,
+            "workers": workers, "finished_at": round(time.time(), 3),
         }
         cache.write_shard(group, s, {**item.meta, "embeddings": emb.pop(s)}, record)
         records[s] = record
@@ -451,8 +451,12 @@ def run(cfg: RunConfig, storage: Storage, *, overwrite: bool = False, shards: li
 
 
 def process_devices(cfg: RunConfig, n: int) -> list[str]:
-    """The device of each of ``n`` teacher processes (0 = one per visible GPU): ``cuda:i`` for process
-    i on CUDA (``cache.device`` must then be auto or cuda), the CPU for all otherwise."""
+    """The device of each of ``n`` teacher processes (0 = one per visible GPU): process i takes
+    ``cuda:<i mod GPUs>`` on CUDA (``cache.device`` must then be auto or cuda), the CPU otherwise.
+
+    More processes than GPUs share them: one process feeds its GPU from one decode-and-augment
+    thread, which leaves a large GPU idle part of the time, so two or more per GPU can keep it busier.
+    """
     device = resolve_device(cfg.cache.device)
     if device.type == "cpu":
         return ["cpu"] * max(1, n)
@@ -460,10 +464,7 @@ def process_devices(cfg: RunConfig, n: int) -> list[str]:
         raise SeedError(f"cache.device={cfg.cache.device} names one GPU for several teacher processes; "
                         "use auto or cuda (process i takes cuda:i; choose GPUs with CUDA_VISIBLE_DEVICES)")
     count = torch.cuda.device_count()
-    n = n or count
-    if n > count:
-        raise SeedError(f"{n} teacher processes but this machine has {count} GPUs (one process per GPU)")
-    return [f"cuda:{i}" for i in range(n)]
+    return [f"cuda:{i % count}" for i in range(n or count)]
 
 
 def run_processes(cfg: RunConfig, storage: Storage, n: int, *, overwrite: bool = False, progress: bool = True,
