@@ -209,7 +209,7 @@ def evaluate(cfg_data: dict[str, Any], storage_file: str | None, include_teacher
     result = evaluate_stage.run(_cfg(cfg_data), load_storage(storage_file), include_teacher=include_teacher,
                                 progress=False, load=shared_teacher)
     table = markdown_table(result.results, [("name", "encoder"), ("knn", "kNN top-1 (%)"), ("nn1", "1-NN (%)"),
-                                            ("linear", "linear (%)"), ("init", "notes")])
+                                            ("linear", "linear (%)"), ("probe", "probe"), ("init", "notes")])
     create_markdown_artifact(f"# Evaluation\n\n{table}\n\nReport: `{result.report}`\n", key="evaluation")
     return result
 

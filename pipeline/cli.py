@@ -184,7 +184,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     result = evaluate.run(*_run_config(args), include_teacher=not args.no_teacher)
     print(markdown_table(result.results, [("name", "encoder"), ("knn", "kNN top-1 (%)"), ("nn1", "1-NN (%)"),
-                                          ("linear", "linear (%)"), ("init", "notes")]))
+                                          ("linear", "linear (%)"), ("probe", "probe"), ("init", "notes")]))
     print(f"report: {result.report}")
     return 0
 

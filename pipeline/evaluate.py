@@ -1,9 +1,11 @@
 """Evaluation stage: kNN and linear probe of teacher, students and baselines, and the run report.
 
-Recipe: decode the train and test splits once at the cache's resolution -> extract each
-encoder's pooled features once -> score them -> write ``report.md`` + PNGs next to the run's
-checkpoints. ``include_teacher=False`` (the student-only re-run) never loads the teacher: it
-reuses the teacher's scores saved by an earlier evaluation of the same cache.
+Recipe: load every encoder (teacher, students, their random inits) -> one streaming pass over
+each split at the cache's resolution feeds them all the same batches and keeps only their pooled
+features and a bounded raw-pixel subsample (``seed.evaluate.extract_all``) -> score each encoder,
+dropping its features once scored -> write ``report.md`` + PNGs next to the run's checkpoints.
+``include_teacher=False`` (the student-only re-run) never loads the teacher: it reuses the
+teacher's scores saved by an earlier evaluation of the same cache.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ import torch
 from seed import cache
 from seed import checkpoint
 from seed.config import RunConfig
-from seed.devices import resolve_device
-from seed.evaluate import extract, images, pixels, score
+from seed.devices import data_workers, resolve_device
+from seed.evaluate import PixelSample, extract_all, score
 from seed.models import create_backbone, freeze
 from seed.report import write_report
 from seed.shards import expand_urls
@@ -58,49 +60,67 @@ def run(cfg: RunConfig, storage: Storage, *, include_teacher: bool = True, progr
     device = resolve_device(cfg.train.device)
     url = storage.cache_url(cfg.cache.name)
     group = cache.open_complete(url)
-    res = int(cache.attributes(group)["fingerprint_fields"]["resolution"])
-    dim = int(cache.attributes(group)["D"])
-    train_x, train_y = images(expand_urls(storage.resolve("shards", cfg.data.train)), res)
-    test_x, test_y = images(expand_urls(storage.resolve("shards", cfg.data.test)), res)
-    results: list[dict[str, Any]] = []
-
-    def add(name: str, kind: str, fn: Callable[[torch.Tensor], torch.Tensor] | tuple[np.ndarray, np.ndarray],
-            note: str = "", center: bool = False) -> None:
-        tr = fn[0] if isinstance(fn, tuple) else extract(fn, train_x, device)
-        te = fn[1] if isinstance(fn, tuple) else extract(fn, test_x, device)
-        results.append({"name": name, "kind": kind, "init": note, "dim": int(tr.shape[1]),
-                        **score(tr, train_y, te, test_y, center=center).as_dict()})
-
-    add("raw pixels", "baseline", (pixels(train_x), pixels(test_x)), f"centred, {res} px", center=True)
-    teacher_file = storage.teacher_scores(cfg.cache.name)
+    attrs = cache.attributes(group)
+    res = int(attrs["fingerprint_fields"]["resolution"])
+    dim = int(attrs["D"])
+    # every encoder first, so one pass over each split feeds them all: (name, kind, note) by feature key
+    encoders: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
+    rows: dict[str, tuple[str, str, str]] = {}
     if include_teacher:
         teacher, _ = load(cfg.teacher)
-        add(f"teacher {cfg.teacher.arch}", "teacher", teacher.to(device).features, "pooled backbone features")
-        write_text(teacher_file, json.dumps({"cache_fingerprint": cache.attributes(group)["fingerprint"], **results[-1]}, indent=1))
-    else:
-        saved = read_json(teacher_file)
-        if saved and saved.get("cache_fingerprint") == cache.attributes(group)["fingerprint"]:
-            results.append({k: v for k, v in saved.items() if k != "cache_fingerprint"} | {"init": "scores from the full run"})
-    out = storage.run_dir(cfg.train.run)
+        encoders["teacher"] = teacher.to(device).features
+        rows["teacher"] = (f"teacher {cfg.teacher.arch}", "teacher", "pooled backbone features")
     metrics: list[dict[str, Any]] = []
     for i, s in enumerate(cfg.train.students):
         ckpt_url = storage.student_checkpoint(cfg.train.run, s.label)
         if checkpoint.exists(ckpt_url):
             model, state = checkpoint.load_student(ckpt_url)
             metrics = state.get("metrics", metrics)
-            add(f"{s.label} ({state.get('mode', 'cached')} SEED)", "student", model.to(device).features,
-                f"{state['epoch']} epochs")
+            encoders[f"student {i}"] = model.to(device).features
+            rows[f"student {i}"] = (f"{s.label} ({state.get('mode', 'cached')} SEED)", "student", f"{state['epoch']} epochs")
         backbone, note = random_student(s.arch, s.small_input, cfg.train.seed + i)
-        add(f"{s.label} random", "baseline", backbone.to(device), note)
-    totals = cache.attributes(group).get("totals", {})
+        encoders[f"random {i}"] = backbone.to(device)
+        rows[f"random {i}"] = (f"{s.label} random", "baseline", note)
+    workers = data_workers(cfg.train.loader.workers, device)
+    sample = PixelSample()  # fixed seed: the same subsample for every run of the protocol
+    train = extract_all(encoders, expand_urls(storage.resolve("shards", cfg.data.train)), res, device, workers=workers,
+                        pixels=sample, progress=progress, desc="evaluate train")
+    test = extract_all(encoders, expand_urls(storage.resolve("shards", cfg.data.test)), res, device, workers=workers,
+                       pixels=sample, progress=progress, desc="evaluate test")
+    del encoders
+
+    results: list[dict[str, Any]] = []
+
+    def add(name: str, kind: str, tr: np.ndarray, tr_y: np.ndarray, te: np.ndarray, te_y: np.ndarray, note: str,
+            center: bool = False) -> None:
+        results.append({"name": name, "kind": kind, "init": note, "dim": int(tr.shape[1]),
+                        **score(tr, tr_y, te, te_y, center=center, device=device).as_dict()})
+
+    assert train.pixels is not None and train.pixel_labels is not None
+    assert test.pixels is not None and test.pixel_labels is not None
+    add("raw pixels", "baseline", train.pixels, train.pixel_labels, test.pixels, test.pixel_labels,
+        f"centred, {train.pixel_resolution} px, {len(train.pixels)} of {train.n} train and "
+        f"{len(test.pixels)} of {test.n} test images", center=True)
+    teacher_file = storage.teacher_scores(cfg.cache.name)
+    if not include_teacher:
+        saved = read_json(teacher_file)
+        if saved and saved.get("cache_fingerprint") == attrs["fingerprint"]:
+            results.append({k: v for k, v in saved.items() if k != "cache_fingerprint"} | {"init": "scores from the full run"})
+    for key, (name, kind, note) in rows.items():
+        # pop: an encoder's features are released once it is scored
+        add(name, kind, train.features.pop(key), train.labels, test.features.pop(key), test.labels, note)
+        if key == "teacher":
+            write_text(teacher_file, json.dumps({"cache_fingerprint": attrs["fingerprint"], **results[-1]}, indent=1))
+    out = storage.run_dir(cfg.train.run)
+    totals = attrs.get("totals", {})
     n_valid = totals.get("valid", 0)
     epochs_students = cfg.train.optim.epochs * len(cfg.train.students)
     compute = {"teacher forwards (cache, once)": totals.get("teacher_forwards"),
                "online SEED would need": n_valid * epochs_students,
                "student epochs x students": epochs_students,
                "teacher seconds (cache)": totals.get("teacher_seconds")}
-    cache_row = {"N valid": n_valid, "V": cache.attributes(group)["V"], "D": dim, "resolution": res,
-                 "teacher": cache.attributes(group)["teacher"]["arch"], "fingerprint": cache.attributes(group)["fingerprint"][:12]}
+    cache_row = {"N valid": n_valid, "V": attrs["V"], "D": dim, "resolution": res,
+                 "teacher": attrs["teacher"]["arch"], "fingerprint": attrs["fingerprint"][:12]}
     report = write_report(out, title=f"seed run {cfg.train.run}", results=results, cache=cache_row, metrics=metrics,
                           compute=compute)
     return EvaluationResult(report, results, round(time.perf_counter() - t0, 1), compute)

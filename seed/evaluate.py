@@ -1,25 +1,49 @@
-"""Frozen-feature evaluation: weighted kNN (FAISS, cosine) and a linear probe.
+"""Frozen-feature evaluation: weighted kNN (FAISS, cosine) and a linear probe, streamed from the shards.
+
+Features come from one pass over a split's shards that feeds every encoder the same batches:
+decode -> the whole image resized to the evaluation resolution (no crop, no flip, no colour
+change) -> each encoder's features, of which only the float32 rows are kept (``extract_all``).
+Memory grows with N only by the N x d features; no image is kept except the raw-pixel baseline's
+bounded, seeded subsample (``PixelSample``).
 
 kNN follows the InstDisc/DINO protocol: cosine similarity on L2-normalised features, the k = 20
-nearest training images vote with weight exp(sim / 0.07); 1-NN is reported beside it. The linear
-probe is multinomial logistic regression on standardised features (full-batch L-BFGS, fixed
-seed). Features are extracted once per encoder, from the whole image resized to the evaluation
-resolution (no crop, no flip, no colour change), and reused by both.
+nearest training images vote with weight exp(sim / 0.07); 1-NN is reported beside it. Queries go
+through an exact inner-product index in batches, so the n_test x k neighbours are the only large
+result. The linear probe is multinomial logistic regression on standardised features: full-batch
+L-BFGS while the standardised training set is small (n x d <= ``LBFGS_MAX_ELEMENTS``), mini-batch
+Adam on the same objective beyond (``SGD_EPOCHS`` epochs, on the GPU when there is one). Both
+are seeded; each score says which one it used.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+import hashlib
+import heapq
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from seed.augment import COL, P, Recipe, apply_batch
-from seed.shards import decode_image, iter_shard
+from seed.decode import Decoder
+from seed.devices import autocast
+from seed.errors import SeedError
+from seed.prefetch import prefetch
+from seed.shards import Sample, lengths_from_info, decode_image, iter_shard
 
 IDENTITY = Recipe()
+EVAL_BATCH = 256           # images per forward; a batch never spans two shards
+QUERY_BATCH = 8192         # kNN queries per search call
+LBFGS_MAX_ELEMENTS = 1 << 27  # n x d up to which the probe is full-batch L-BFGS (512 MiB of standardised float32)
+SGD_EPOCHS = 30
+SGD_BATCH = 1024
+SGD_LR = 1e-2
+
+Encode = Callable[[torch.Tensor], torch.Tensor]
 
 
 def identity_params(n: int) -> torch.Tensor:
@@ -31,8 +55,15 @@ def identity_params(n: int) -> torch.Tensor:
     return rows
 
 
+# ---------------------------------------------------------------------------------------------
+# Small sets held in memory (tests, the Fashion-MNIST benchmark). The stage streams: extract_all.
+
+
 def images(urls: Sequence[str], resolution: int, batch_size: int = 512) -> tuple[list[torch.Tensor], np.ndarray]:
-    """All decodable images of ``urls`` as float batches in [0, 1] at ``resolution``, and their labels."""
+    """All decodable images of ``urls`` as float batches in [0, 1] at ``resolution``, and their labels.
+
+    Holds every image (N x 3 x r x r float32): for small sets only; ``extract_all`` streams.
+    """
     out, labels, pending = [], [], []
     for url in urls:
         for sample in iter_shard(url):
@@ -50,23 +81,294 @@ def images(urls: Sequence[str], resolution: int, batch_size: int = 512) -> tuple
 
 
 @torch.inference_mode()
-def extract(fn: Callable[[torch.Tensor], torch.Tensor], batches: Sequence[torch.Tensor], device: torch.device) -> np.ndarray:
+def extract(fn: Encode, batches: Sequence[torch.Tensor], device: torch.device) -> np.ndarray:
     """Features ``[n, d]`` (float32) of every batch through ``fn``."""
     feats = []
     for x in batches:
-        x = x.to(device)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            feats.append(fn(x).float().cpu())
+        with autocast(device):
+            feats.append(fn(x.to(device)).float().cpu())
     return torch.cat(feats).numpy()
 
 
 def pixels(batches: Sequence[torch.Tensor]) -> np.ndarray:
-    """The raw-pixel baseline's features: flattened images."""
+    """The raw-pixel baseline's features of batches held in memory: flattened images."""
     return torch.cat([x.flatten(1) for x in batches]).numpy()
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming extraction
+
+
+@dataclasses.dataclass(frozen=True)
+class PixelSample:
+    """Which images the raw-pixel baseline keeps: at most ``max_images`` of a split, resized to
+    ``resolution`` px (``min(resolution, evaluation resolution)``).
+
+    An image is in when its seeded key hash is among the ``max_images`` smallest of the split, so
+    the subsample is uniform, known before the pass ends, and the same for any worker count.
+    """
+
+    max_images: int = 10_000
+    resolution: int = 32
+    seed: int = 0
+
+    def priority(self, key: str) -> int:
+        return int.from_bytes(hashlib.blake2b(f"{self.seed}/{key}".encode(), digest_size=8).digest(), "big")
+
+
+@dataclasses.dataclass
+class Extracted:
+    """One split's features, in shard order (tar order within a shard): undecodable samples left out."""
+
+    features: dict[str, np.ndarray]   # encoder name -> [n, d] float32
+    labels: np.ndarray                # [n] int64
+    pixels: np.ndarray | None         # [m, 3 * r * r] float32 in [0, 1]: the baseline's subsample, shard order
+    pixel_labels: np.ndarray | None   # [m]
+    pixel_resolution: int = 0
+    skipped: int = 0                  # samples that did not decode
+
+    @property
+    def n(self) -> int:
+        return len(self.labels)
+
+
+@dataclasses.dataclass
+class _Chunk:
+    """Up to ``EVAL_BATCH`` consecutive samples of one shard: decoded (``x``) or still encoded (``samples``)."""
+
+    shard: int
+    read: int                         # samples read, decodable or not (for progress)
+    index: np.ndarray                 # [b] positions in the shard of the decodable ones
+    keys: list[str]
+    labels: np.ndarray                # [b]
+    x: torch.Tensor | None = None     # [b, 3, r, r] float in [0, 1]
+    samples: list[Sample] | None = None
+
+
+def _decode(shard: int, samples: list[Sample], decoder: Decoder, resolution: int) -> _Chunk:
+    """The batch's decodable images, resized whole to ``resolution`` on the decoder's device."""
+    kept, decoded = [], []
+    for sample, image in zip(samples, decoder.decode(samples)):
+        if not isinstance(image, ValueError):
+            kept.append(sample)
+            decoded.append(image)
+    x = (apply_batch(decoded, identity_params(len(decoded)).to(decoder.device), IDENTITY, resolution) if decoded
+         else torch.empty(0, 3, resolution, resolution, device=decoder.device))
+    return _Chunk(shard, len(samples), np.array([s.index for s in kept], dtype=np.int64), [s.key for s in kept],
+                  np.array([s.label for s in kept], dtype=np.int64), x=x)
+
+
+def _shard_chunks(urls: Sequence[str], shards: Sequence[int], resolution: int, batch_size: int,
+                  decoder: Decoder | None) -> Iterator[_Chunk]:
+    """The shards' samples in batches; decoded on ``decoder``'s device, or left encoded when it is None."""
+    for shard in shards:
+        pending: list[Sample] = []
+        for sample in iter_shard(urls[shard]):
+            pending.append(sample)
+            if len(pending) == batch_size:
+                yield _make_chunk(shard, pending, decoder, resolution)
+                pending = []
+        if pending:
+            yield _make_chunk(shard, pending, decoder, resolution)
+
+
+def _make_chunk(shard: int, samples: list[Sample], decoder: Decoder | None, resolution: int) -> _Chunk:
+    if decoder is not None:
+        return _decode(shard, samples, decoder, resolution)
+    return _Chunk(shard, len(samples), np.zeros(0, np.int64), [], np.zeros(0, np.int64), samples=samples)
+
+
+class _WorkerShards(torch.utils.data.IterableDataset):
+    """Worker w of W reads ``shards[w::W]``, each shard whole; on the CPU it also decodes and resizes,
+    on CUDA it leaves the images encoded (the main process decodes them with nvJPEG)."""
+
+    def __init__(self, urls: Sequence[str], resolution: int, batch_size: int, decode: bool):
+        self.urls, self.resolution, self.batch_size, self.decode = list(urls), resolution, batch_size, decode
+
+    def __iter__(self) -> Iterator[_Chunk | SeedError]:
+        info = torch.utils.data.get_worker_info()
+        shards = range(len(self.urls))
+        mine = shards if info is None else shards[info.id::info.num_workers]
+        decoder = Decoder(torch.device("cpu")) if self.decode else None
+        try:
+            yield from _shard_chunks(self.urls, mine, self.resolution, self.batch_size, decoder)
+        except SeedError as exc:  # handed over as an item: the DataLoader would wrap it in its own traceback
+            yield exc
+
+
+def _as_is(item: Any) -> Any:
+    return item
+
+
+def _chunks(urls: Sequence[str], resolution: int, device: torch.device, *, batch_size: int, workers: int,
+            depth: int = 2) -> Iterator[_Chunk]:
+    """Decoded batches of every shard, in no particular order (the caller restores shard order).
+
+    No workers: one background thread reads, decodes and resizes on ``device``. Workers on the CPU
+    each read, decode and resize whole shards; on CUDA they only read, and a background thread here
+    decodes (nvJPEG) and resizes on the GPU.
+    """
+    if workers == 0:
+        yield from prefetch(_shard_chunks(urls, range(len(urls)), resolution, batch_size, Decoder(device)), depth)
+        return
+    gpu = device.type == "cuda"
+    loader = torch.utils.data.DataLoader(_WorkerShards(urls, resolution, batch_size, decode=not gpu), batch_size=None,
+                                         num_workers=min(workers, len(urls)), collate_fn=_as_is,
+                                         prefetch_factor=max(1, depth))
+
+    def items() -> Iterator[_Chunk]:
+        for item in loader:
+            if isinstance(item, SeedError):
+                raise item
+            yield item
+
+    if not gpu:
+        yield from items()
+        return
+    decoder = Decoder(device)
+    yield from prefetch((_decode(c.shard, c.samples or [], decoder, resolution) for c in items()), depth)
+
+
+class _PixelKeeper:
+    """The bottom-``max_images`` samples by key priority, as flattened images at the sample's resolution."""
+
+    def __init__(self, spec: PixelSample, resolution: int):
+        self.spec, self.resolution = spec, min(spec.resolution, resolution)
+        self.heap: list[tuple[int, tuple[int, int], np.ndarray, int]] = []  # (-priority, order, pixels, label)
+
+    def offer(self, chunk: _Chunk, x: torch.Tensor) -> None:
+        if self.spec.max_images <= 0:
+            return
+        prio = [self.spec.priority(k) for k in chunk.keys]
+        full = len(self.heap) >= self.spec.max_images
+        take = [i for i, p in enumerate(prio) if not full or p < -self.heap[0][0]]
+        if not take:
+            return
+        small = x[take]
+        if self.resolution != x.shape[-1]:  # downscale with an antialiasing filter: plain bilinear would alias
+            small = nn.functional.interpolate(small, size=(self.resolution, self.resolution), mode="bilinear",
+                                              antialias=True, align_corners=False)
+        rows = small.flatten(1).float().cpu().numpy()
+        for j, i in enumerate(take):
+            # a copy: a view would keep the whole batch's rows alive as long as this one is kept
+            entry = (-prio[i], (chunk.shard, int(chunk.index[i])), rows[j].copy(), int(chunk.labels[i]))
+            if len(self.heap) < self.spec.max_images:
+                heapq.heappush(self.heap, entry)
+            elif entry[0] > self.heap[0][0]:
+                heapq.heapreplace(self.heap, entry)
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        kept = sorted(self.heap, key=lambda e: e[1])
+        d = 3 * self.resolution ** 2
+        return (np.stack([e[2] for e in kept]) if kept else np.zeros((0, d), np.float32),
+                np.array([e[3] for e in kept], dtype=np.int64))
+
+
+def extract_all(encoders: Mapping[str, Encode], urls: Sequence[str], resolution: int, device: torch.device, *,
+                batch_size: int = EVAL_BATCH, workers: int = 0, pixels: PixelSample | None = None,
+                progress: bool = False, desc: str = "features") -> Extracted:
+    """Every encoder's features of every decodable image of ``urls``, in one pass over the shards.
+
+    Each batch is decoded and resized once and goes through all ``encoders`` (bf16 autocast on CUDA);
+    only the float32 feature rows are kept, in shard order whatever the worker count. ``pixels``:
+    also keep that subsample's images for the raw-pixel baseline.
+    """
+    from tqdm import tqdm
+
+    lengths = lengths_from_info(list(urls))  # the total for the progress bar, when the shards say it
+    bar = tqdm(total=sum(lengths) if lengths else None, unit="img", desc=f"{desc} ({len(encoders)} encoders)",
+               disable=not progress, smoothing=0.1)
+    feats: dict[str, list[np.ndarray]] = {name: [] for name in encoders}
+    order: list[tuple[int, int]] = []
+    labels: list[np.ndarray] = []
+    keeper = _PixelKeeper(pixels, resolution) if pixels is not None else None
+    skipped = 0
+    with torch.inference_mode():
+        for chunk in _chunks(urls, resolution, device, batch_size=batch_size, workers=workers):
+            bar.update(chunk.read)
+            skipped += chunk.read - len(chunk.labels)
+            if not len(chunk.labels):
+                continue
+            assert chunk.x is not None
+            x = chunk.x.to(device)
+            with autocast(device):
+                for name, fn in encoders.items():
+                    feats[name].append(fn(x).float().cpu().numpy())
+            if keeper is not None:
+                keeper.offer(chunk, x)
+            order.append((chunk.shard, int(chunk.index[0])))
+            labels.append(chunk.labels)
+    bar.close()
+    rank = sorted(range(len(order)), key=order.__getitem__)
+    features = {}
+    for name in encoders:
+        parts = feats.pop(name)
+        features[name] = (np.concatenate([parts[i] for i in rank]) if parts
+                          else np.zeros((0, 0), np.float32))
+        del parts
+    y = np.concatenate([labels[i] for i in rank]) if labels else np.zeros(0, np.int64)
+    px, py = keeper.result() if keeper is not None else (None, None)
+    return Extracted(features, y, px, py, keeper.resolution if keeper is not None else 0, skipped)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scores
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def _rows(n: int, size: int) -> list[slice]:
+    """``n`` rows in nearly equal slices of at most ``size``: no slice is much smaller than the others,
+    so every search call takes FAISS's same (BLAS) path and batched results equal unbatched ones."""
+    parts = max(1, math.ceil(n / size))
+    bounds = np.linspace(0, n, parts + 1).round().astype(int)
+    return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+class _TorchFlatIP:
+    """Exact inner-product search with torch on a GPU, for FAISS builds without GPU support: the
+    training rows live on the device, and a search scans them ``block`` rows at a time, merging
+    each block's top-k, so its memory is one ``[queries, block]`` float32 array. Neighbours may
+    order differently from FAISS where similarities tie to the last float bit."""
+
+    def __init__(self, device: torch.device, block: int = 65_536):
+        self.device, self.block = device, block
+        self.parts: list[torch.Tensor] = []
+
+    def add(self, x: np.ndarray) -> None:
+        self.parts.append(torch.from_numpy(x).to(self.device))
+
+    def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        queries = torch.from_numpy(q).to(self.device)
+        best_s = torch.full((len(q), 0), float("-inf"), device=self.device)
+        best_i = torch.zeros((len(q), 0), dtype=torch.int64, device=self.device)
+        offset = 0
+        for part in self.parts:
+            for lo in range(0, len(part), self.block):
+                sims = queries @ part[lo: lo + self.block].T
+                top = torch.topk(sims, min(k, sims.shape[1]), dim=1)
+                merged_s = torch.cat([best_s, top.values], dim=1)
+                merged_i = torch.cat([best_i, top.indices + offset + lo], dim=1)
+                keep = torch.topk(merged_s, min(k, merged_s.shape[1]), dim=1)
+                best_s, best_i = keep.values, merged_i.gather(1, keep.indices)
+            offset += len(part)
+        return best_s.cpu().numpy(), best_i.cpu().numpy()
+
+
+def _flat_ip(d: int, device: torch.device | None) -> tuple[Any, Any]:
+    """An exact inner-product index: FAISS on the GPU when it was built with GPU support and ``device``
+    is CUDA (with the resources object that must outlive it), torch on the GPU when FAISS has no GPU
+    support, FAISS on the CPU otherwise."""
+    import faiss
+
+    if device is not None and device.type == "cuda":
+        if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
+            res = faiss.StandardGpuResources()
+            return faiss.index_cpu_to_gpu(res, device.index or 0, faiss.IndexFlatIP(d)), res
+        return _TorchFlatIP(device), None
+    return faiss.IndexFlatIP(d), None
 
 
 @dataclasses.dataclass
@@ -74,34 +376,61 @@ class Scores:
     knn: float       # weighted kNN top-1, %
     nn1: float       # 1-NN top-1, %
     linear: float    # linear probe top-1, %
+    probe: str = ""  # which linear probe: full-batch L-BFGS or mini-batch Adam
 
-    def as_dict(self) -> dict[str, float]:
+    def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 def knn_predict(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray, *, k: int = 20, t: float = 0.07,
-                n_classes: int | None = None, center: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(weighted-kNN predictions, 1-NN predictions) by cosine similarity through a FAISS flat index."""
-    import faiss
+                n_classes: int | None = None, center: bool = False, batch_size: int = QUERY_BATCH,
+                device: torch.device | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(weighted-kNN predictions, 1-NN predictions) by cosine similarity through a FAISS flat index.
 
-    if center:  # centred features (the raw-pixel baseline): subtract the training mean first
-        mean = train.mean(axis=0, keepdims=True)
-        train, test = train - mean, test - mean
-    xb = np.ascontiguousarray(_normalise(train), dtype=np.float32)
-    xq = np.ascontiguousarray(_normalise(test), dtype=np.float32)
-    index = faiss.IndexFlatIP(xb.shape[1])
-    index.add(xb)
-    sims, idx = index.search(xq, k)                                            # n x k
+    The index holds the normalised training rows (added ``batch_size`` at a time, so no normalised
+    copy of the whole set is made besides the index); queries are searched ``batch_size`` at a time.
+    """
+    mean = train.mean(axis=0, keepdims=True) if center else None  # centred features: subtract the training mean
+
+    def prepared(x: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(_normalise(x - mean if mean is not None else x), dtype=np.float32)
+
+    index, _res = _flat_ip(train.shape[1], device)
+    for rows in _rows(len(train), batch_size):
+        index.add(prepared(train[rows]))
     n_classes = n_classes or int(train_labels.max()) + 1
-    votes = np.zeros((len(xq), n_classes))
-    weights = np.exp(sims / t)
-    np.add.at(votes, (np.arange(len(xq))[:, None], train_labels[idx]), weights)
-    return votes.argmax(axis=1), train_labels[idx[:, 0]]
+    weighted = np.zeros(len(test), np.int64)
+    nearest = np.zeros(len(test), np.int64)
+    for rows in _rows(len(test), batch_size):
+        sims, idx = index.search(prepared(test[rows]), k)                    # b x k
+        votes = np.zeros((len(sims), n_classes))
+        np.add.at(votes, (np.arange(len(sims))[:, None], train_labels[idx]), np.exp(sims / t))
+        weighted[rows], nearest[rows] = votes.argmax(axis=1), train_labels[idx[:, 0]]
+    return weighted, nearest
+
+
+def probe_method(n: int, d: int) -> str:
+    """``lbfgs`` while the standardised training set (n x d float32) is at most ``LBFGS_MAX_ELEMENTS``, else ``sgd``."""
+    return "lbfgs" if n * d <= LBFGS_MAX_ELEMENTS else "sgd"
+
+
+def probe_name(method: str) -> str:
+    return "full-batch L-BFGS" if method == "lbfgs" else f"mini-batch Adam, {SGD_EPOCHS} epochs"
 
 
 def linear_probe(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray, *, seed: int = 0, weight_decay: float = 1e-4,
-                 max_iter: int = 200) -> np.ndarray:
-    """Predictions of a logistic-regression probe on standardised features (full-batch L-BFGS)."""
+                 max_iter: int = 200, method: str = "auto", device: torch.device | None = None) -> np.ndarray:
+    """Predictions of a logistic-regression probe on standardised features.
+
+    ``method``: ``lbfgs`` (full batch, on the CPU), ``sgd`` (mini-batch Adam, on ``device``), or
+    ``auto`` (``probe_method``). Both minimise cross-entropy + ``weight_decay`` x ||W||^2.
+    """
+    method = probe_method(*train.shape) if method == "auto" else method
+    if method == "sgd":
+        return _sgd_probe(train, train_labels, test, seed=seed, weight_decay=weight_decay,
+                          device=device or torch.device("cpu"))
+    if method != "lbfgs":
+        raise ValueError(f"unknown probe method {method!r} (expected auto, lbfgs or sgd)")
     torch.manual_seed(seed)
     mean, std = train.mean(axis=0), train.std(axis=0) + 1e-6
     xtr = torch.from_numpy(((train - mean) / std).astype(np.float32))
@@ -122,9 +451,56 @@ def linear_probe(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray, 
         return model(xte).argmax(dim=1).numpy()
 
 
+def _moments(x: np.ndarray, rows: int = 8192) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column mean and standard deviation, two passes in float64 over row blocks (no full-size copy)."""
+    total = np.zeros(x.shape[1])
+    for r in _rows(len(x), rows):
+        total += x[r].sum(axis=0, dtype=np.float64)
+    mean = total / len(x)
+    sq = np.zeros(x.shape[1])
+    for r in _rows(len(x), rows):
+        sq += ((x[r] - mean) ** 2).sum(axis=0)
+    return mean, np.sqrt(sq / len(x))
+
+
+def _sgd_probe(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray, *, seed: int, weight_decay: float,
+               device: torch.device, epochs: int = SGD_EPOCHS, batch_size: int = SGD_BATCH, lr: float = SGD_LR) -> np.ndarray:
+    """Mini-batch Adam: ``epochs`` passes in seeded orders, ``batch_size`` rows a step, learning rate
+    cosine-decayed from ``lr`` to 0. Each batch is gathered from the host rows and standardised on
+    ``device``, so only the model and one batch live there."""
+    gen = torch.Generator().manual_seed(seed)
+    mean_np, std_np = _moments(train)
+    mean = torch.from_numpy(mean_np).float().to(device)
+    std = torch.from_numpy(std_np + 1e-6).float().to(device)
+    labels = torch.from_numpy(train_labels)
+    n_classes = int(train_labels.max()) + 1
+    torch.manual_seed(seed)
+    model = nn.Linear(train.shape[1], n_classes).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * math.ceil(len(train) / batch_size))
+    for _ in range(epochs):
+        perm = torch.randperm(len(train), generator=gen).numpy()
+        for start in range(0, len(train), batch_size):
+            idx = np.sort(perm[start:start + batch_size])  # sorted: contiguous reads from the host rows
+            x = (torch.from_numpy(train[idx]).to(device, torch.float32) - mean) / std
+            loss = nn.functional.cross_entropy(model(x), labels[idx].to(device)) + weight_decay * model.weight.pow(2).sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    out = np.zeros(len(test), np.int64)
+    with torch.no_grad():
+        for r in _rows(len(test), QUERY_BATCH):
+            x = (torch.from_numpy(np.ascontiguousarray(test[r])).to(device, torch.float32) - mean) / std
+            out[r] = model(x).argmax(dim=1).cpu().numpy()
+    return out
+
+
 def score(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray, test_labels: np.ndarray, *,
-          center: bool = False, seed: int = 0) -> Scores:
-    weighted, nearest = knn_predict(train, train_labels, test, center=center)
-    linear = linear_probe(train, train_labels, test, seed=seed)
+          center: bool = False, seed: int = 0, device: torch.device | None = None) -> Scores:
+    """kNN, 1-NN and linear-probe top-1 (%) of one encoder's features; the probe as ``probe_method`` picks it."""
+    weighted, nearest = knn_predict(train, train_labels, test, center=center, device=device)
+    method = probe_method(*train.shape)
+    linear = linear_probe(train, train_labels, test, seed=seed, method=method, device=device)
     acc = lambda pred: float((pred == test_labels).mean() * 100)  # noqa: E731
-    return Scores(knn=acc(weighted), nn1=acc(nearest), linear=acc(linear))
+    return Scores(knn=acc(weighted), nn1=acc(nearest), linear=acc(linear), probe=probe_name(method))

@@ -68,7 +68,8 @@ def write_report(out: str, *, title: str, results: Sequence[dict[str, Any]], cac
     accuracy_plot(results, join(out, "accuracy.png"), title)
     parts = [f"# {title}", "", "## Accuracy (test split, frozen features)", "",
              markdown_table(results, [("name", "encoder"), ("kind", "kind"), ("knn", "kNN top-1 (k=20, %)"),
-                                      ("nn1", "1-NN top-1 (%)"), ("linear", "linear top-1 (%)"), ("init", "notes")]),
+                                      ("nn1", "1-NN top-1 (%)"), ("linear", "linear top-1 (%)"), ("probe", "linear probe"),
+                                      ("init", "notes")]),
              "", "![accuracy](accuracy.png)", ""]
     if metrics:
         loss_plot(metrics, join(out, "loss.png"))

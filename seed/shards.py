@@ -144,7 +144,7 @@ def shard_lengths(urls: list[str], record: str | None = None) -> list[int]:
     URL and identity (size plus mtime, ETag or the like), so each shard is scanned once, not once per
     process; a shard whose identity changed is scanned again.
     """
-    lengths = _lengths_from_info(urls)
+    lengths = lengths_from_info(urls)
     if lengths is not None:
         return lengths
     return [count_samples(u) for u in urls] if record is None else _recorded_lengths(urls, record)
@@ -276,7 +276,9 @@ def _replace_file(url: str, data: bytes) -> None:
         raise
 
 
-def _lengths_from_info(urls: list[str]) -> list[int] | None:
+def lengths_from_info(urls: list[str]) -> list[int] | None:
+    """Samples per shard from the ``_info.json`` beside ``urls`` when there is one listing them all, else None
+    (no tar is opened)."""
     parent = urls[0].rsplit("/", 1)[0]
     if any(u.rsplit("/", 1)[0] != parent for u in urls):
         return None

@@ -1,0 +1,145 @@
+"""Evaluation's pieces on small real data: batched kNN, the probe choice, the streamed pass and its pixel subsample."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from seed.evaluate import (LBFGS_MAX_ELEMENTS, PixelSample, extract, extract_all, images, knn_predict, linear_probe,
+                           probe_method, probe_name)
+from seed.shards import FASHION_MNIST_DIR, expand_urls, fashion_mnist_to_shards, iter_shard, load_fashion_mnist
+
+CPU = torch.device("cpu")
+
+
+def _knn_in_one_search(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray, *, k: int = 20, t: float = 0.07,
+                       center: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The protocol as it was before queries were batched: one search for every query, whole-array normalisation."""
+    import faiss
+
+    if center:
+        mean = train.mean(axis=0, keepdims=True)
+        train, test = train - mean, test - mean
+    norm = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)  # noqa: E731
+    xb, xq = np.ascontiguousarray(norm(train), dtype=np.float32), np.ascontiguousarray(norm(test), dtype=np.float32)
+    index = faiss.IndexFlatIP(xb.shape[1])
+    index.add(xb)
+    sims, idx = index.search(xq, k)
+    votes = np.zeros((len(xq), int(train_labels.max()) + 1))
+    np.add.at(votes, (np.arange(len(xq))[:, None], train_labels[idx]), np.exp(sims / t))
+    return votes.argmax(axis=1), train_labels[idx[:, 0]]
+
+
+@pytest.fixture(scope="module")
+def fm_pixels() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """2,000 training and 500 test images of real Fashion-MNIST as flat float32 pixels."""
+    try:
+        x, y = load_fashion_mnist(FASHION_MNIST_DIR, "train", limit=2500)
+    except Exception as exc:  # noqa: BLE001
+        pytest.fail(f"Fashion-MNIST not readable: {exc}")
+    flat = x.reshape(len(x), -1).astype(np.float32) / 255
+    return flat[:2000], y[:2000].astype(np.int64), flat[2000:], y[2000:].astype(np.int64)
+
+
+@pytest.mark.parametrize("center", [False, True])
+def test_batched_knn_equals_one_search(fm_pixels, center: bool) -> None:
+    train, train_y, test, test_y = fm_pixels
+    reference = _knn_in_one_search(train, train_y, test, center=center)
+    for batch in (64, 333, 100_000):  # train rows added and queries searched that many at a time
+        weighted, nearest = knn_predict(train, train_y, test, center=center, batch_size=batch)
+        assert np.array_equal(weighted, reference[0]) and np.array_equal(nearest, reference[1]), batch
+    assert (reference[0] == test_y).mean() > 0.7  # pixels of Fashion-MNIST: well above the 10 % of chance
+
+
+def test_probe_choice_is_a_threshold_on_n_times_d(fm_pixels) -> None:
+    assert probe_method(60_000, 2048) == "lbfgs"           # the Fashion-MNIST demo keeps full-batch L-BFGS
+    assert probe_method(1_281_167, 2048) == "sgd"          # ImageNet-1k streams
+    assert probe_method(LBFGS_MAX_ELEMENTS, 1) == "lbfgs" and probe_method(LBFGS_MAX_ELEMENTS + 1, 1) == "sgd"
+    assert probe_name("lbfgs") == "full-batch L-BFGS" and probe_name("sgd").startswith("mini-batch Adam")
+    train, train_y, test, _ = fm_pixels
+    with pytest.raises(ValueError, match="unknown probe method"):
+        linear_probe(train, train_y, test, method="newton")
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture(scope="module")
+def small_shards(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """120 real Fashion-MNIST images in shards of 50, and a shard whose second image does not decode."""
+    root = tmp_path_factory.mktemp("fm")
+    fashion_mnist_to_shards(str(root / "fm"), per_shard=50, limit=120, progress=False)
+    urls = expand_urls(str(root / "fm/train/train-{000000..000002}.tar"))
+    good = list(iter_shard(urls[0]))[:3]
+    bad = root / "fm/train/train-000003.tar"
+    with tarfile.open(bad, "w") as tar:
+        for i, s in enumerate(good):
+            _add(tar, f"x{i}.png", (s.image or b"") if i != 1 else b"not an image")
+            _add(tar, f"x{i}.cls", str(s.label).encode())
+    return [*urls, str(bad)]
+
+
+def test_streamed_features_equal_in_memory_ones(small_shards: list[str]) -> None:
+    torch.manual_seed(0)
+    encoder = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                  torch.nn.Flatten()).eval()
+    batches, labels = images(small_shards, 32)                          # the old path: every image in memory
+    expected = extract(encoder, batches, CPU)
+    out = extract_all({"conv": encoder, "twice": lambda x: 2 * encoder(x)}, small_shards, 32, CPU, batch_size=16)
+    assert out.n == 122 and out.skipped == 1 and np.array_equal(out.labels, labels)
+    assert np.array_equal(out.features["conv"], expected)             # same batches' pixels, the same forward
+    assert np.allclose(out.features["twice"], 2 * expected)
+    assert out.pixels is None
+
+
+def test_pixel_subsample_is_the_lowest_key_hashes(small_shards: list[str]) -> None:
+    spec = PixelSample(max_images=30, resolution=16, seed=3)
+    everything = extract_all({}, small_shards, 32, CPU, pixels=PixelSample(max_images=1000, resolution=16))
+    assert everything.pixels is not None and everything.pixels.shape == (122, 3 * 16 * 16)
+    assert everything.pixel_resolution == 16
+    some = extract_all({}, small_shards, 32, CPU, pixels=spec, batch_size=7)
+    keys = [s.key for url in small_shards for s in iter_shard(url) if s.key != "x1"]   # decodable, in shard order
+    chosen = sorted(sorted(range(len(keys)), key=lambda i: spec.priority(keys[i]))[:30])
+    assert some.pixels is not None and some.pixel_labels is not None
+    assert np.array_equal(some.pixels, everything.pixels[chosen])      # the same rows, kept in shard order
+    assert np.array_equal(some.pixel_labels, everything.labels[chosen])
+    larger = extract_all({}, small_shards, 64, CPU, pixels=PixelSample(max_images=1000, resolution=64))
+    assert larger.pixel_resolution == 64 and larger.pixels is not None and larger.pixels.shape[1] == 3 * 64 * 64
+    capped = extract_all({}, small_shards, 24, CPU, pixels=PixelSample(max_images=1000, resolution=64))
+    assert capped.pixel_resolution == 24  # never above the evaluation resolution
+
+
+def test_sgd_probe_is_seeded_and_learns(fm_pixels) -> None:
+    train, train_y, test, test_y = (a[:500] for a in fm_pixels)
+    pred = linear_probe(train, train_y, test, method="sgd")
+    again = linear_probe(train, train_y, test, method="sgd")
+    assert np.array_equal(pred, again)                                   # seeded
+    assert (pred == test_y).mean() > 0.7, (pred == test_y).mean()
+
+
+def test_torch_search_equals_faiss_flat(fm_pixels) -> None:
+    """The GPU fallback (torch, used on CUDA when FAISS has no GPU support) is device-agnostic: on the CPU,
+    over several added parts and scanned in blocks that do not divide them, it finds FAISS's neighbours."""
+    import faiss
+
+    from seed.evaluate import _TorchFlatIP
+
+    train, _, test, _ = fm_pixels
+    norm = lambda x: np.ascontiguousarray(x / np.linalg.norm(x, axis=1, keepdims=True), dtype=np.float32)  # noqa: E731
+    reference = faiss.IndexFlatIP(train.shape[1])
+    reference.add(norm(train))
+    ref_s, ref_i = reference.search(norm(test), 20)
+    index = _TorchFlatIP(CPU, block=300)
+    for rows in (slice(0, 700), slice(700, 1500), slice(1500, 2000)):
+        index.add(norm(train[rows]))
+    sims, idx = index.search(norm(test), 20)
+    assert sims.shape == idx.shape == (500, 20) and idx.dtype == np.int64
+    np.testing.assert_allclose(sims, ref_s, atol=1e-5)
+    assert (idx == ref_i).mean() > 0.99  # only near-ties may order differently
