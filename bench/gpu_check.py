@@ -784,6 +784,36 @@ def sec_scale_out(st: Check, res: dict[str, Any]) -> None:
     attempt(res, "student_launch", student_launch)
 
 
+def sec_evaluate(st: Check, res: dict[str, Any]) -> None:
+    """Streaming evaluation on this device: resnet50 features of the JPEG shards at 224 px (one pass,
+    the automatic data path), then kNN and the mini-batch probe on them (3/4 train, 1/4 test)."""
+    from seed.devices import data_workers
+    from seed.evaluate import extract_all, knn_predict, linear_probe
+
+    if st.r50_cfg is None:
+        raise RuntimeError("no resnet50 cache (teacher_r50 failed or was skipped)")
+    cfg = st.r50_cfg
+    teacher, _ = load_teacher(cfg.teacher)
+    teacher = teacher.to(st.device)
+    if st.cuda:
+        teacher = teacher.to(memory_format=torch.channels_last)
+    urls = [str(st.root / "jpeg" / f"train-{i:06d}.tar") for i in range(st.n_shards)]
+    workers = data_workers(-1, st.device)
+    extract_all({"teacher": teacher.features}, urls[:1], 224, st.device, workers=workers)   # warm-up
+    t = time.perf_counter()
+    out = extract_all({"teacher": teacher.features}, urls, 224, st.device, workers=workers)
+    wall = time.perf_counter() - t
+    res.update(images=out.n, workers=workers, extract_s=round(wall, 2), extract_images_per_s=round(out.n / wall, 1))
+    x, y = out.features["teacher"], out.labels
+    cut = 3 * len(y) // 4
+    t = time.perf_counter()
+    weighted, _ = knn_predict(x[:cut], y[:cut], x[cut:], device=st.device)
+    res["knn_s"], res["knn_top1"] = round(time.perf_counter() - t, 3), float((weighted == y[cut:]).mean() * 100)
+    t = time.perf_counter()
+    pred = linear_probe(x[:cut], y[:cut], x[cut:], method="sgd", device=st.device)
+    res["probe_sgd_s"], res["probe_sgd_top1"] = round(time.perf_counter() - t, 2), float((pred == y[cut:]).mean() * 100)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="gpu-check-out", help="directory for gpu.json and gpu.md")
@@ -819,6 +849,7 @@ def main() -> None:
         st.run("h_student", lambda r: sec_student(st, r, S.workers), heavy=True)
         st.run("j_replay", lambda r: sec_replay(st, r), heavy=True)
         st.run("k_scale_out", lambda r: sec_scale_out(st, r), heavy=True)
+        st.run("l_evaluate", lambda r: sec_evaluate(st, r), heavy=True)
         st.run("i_loss_tf32", lambda r: sec_loss(st, r, tf32=True))
     finally:
         st.data["_meta"]["elapsed_s"] = round(st.elapsed(), 1)

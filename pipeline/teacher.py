@@ -454,8 +454,8 @@ def process_devices(cfg: RunConfig, n: int) -> list[str]:
     """The device of each of ``n`` teacher processes (0 = one per visible GPU): process i takes
     ``cuda:<i mod GPUs>`` on CUDA (``cache.device`` must then be auto or cuda), the CPU otherwise.
 
-    More processes than GPUs share them: one process feeds its GPU from one decode-and-augment
-    thread, which leaves a large GPU idle part of the time, so two or more per GPU can keep it busier.
+    More processes than GPUs share them round-robin; on one H200, 2 and 4 processes sharing it were
+    no faster than one (docs/benchmarks.md, run 5), so one per GPU is the default.
     """
     device = resolve_device(cfg.cache.device)
     if device.type == "cpu":
