@@ -52,5 +52,7 @@ PY
 timeout -k 10 "${GPU_CHECK_TIMEOUT:-480}" python3 bench/gpu_check.py --out "$OUT" "$@" 2>&1 | tee -a "$LOG"
 rc=${PIPESTATUS[0]}
 echo "== gpu_check.py exit status $rc" | tee -a "$LOG"
+# 4. Do process layouts give the same cache on this GPU (view by view, and every view replayed)?
+timeout -k 10 "${GPU_LAYOUTS_TIMEOUT:-150}" python3 bench/gpu_layouts.py --out "$OUT" 2>&1 | grep -v Warning | tail -40 | tee -a "$LOG"
 [ -f "$OUT/gpu.md" ] && grep -v "^| _meta" "$OUT/gpu.md" | head -220
 exit "$rc"

@@ -54,17 +54,44 @@ class Decoder:
         return [r if r is not None else ValueError("not decoded") for r in out]
 
     def _nvjpeg(self, data: list[bytes]) -> list[torch.Tensor | None]:
-        """Batched GPU decode; images the GPU refuses come back as None (PIL then tries them)."""
+        """Batched GPU decode; images the GPU refuses come back as None (PIL then tries them).
+
+        torchvision's CUDA decoder allocates its outputs on the calling stream and writes them from
+        a private stream that does not wait for the calling stream. Called on the default stream,
+        it can be handed a block just freed there that queued kernels still read (an activation of
+        the teacher's forward, launched from another thread) and overwrite it under them: on an H200
+        a few views in 4,096 came out embedding another image (bench/gpu_layouts.py). So decoding
+        runs on a stream of its own, whose freed blocks only ever held decoded images, each marked
+        as used by the default stream so that no block is reused before the kernels reading it ran.
+        """
         from torchvision.io import ImageReadMode, decode_jpeg
 
         encoded = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in data]
-        try:
-            return list(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device))
-        except RuntimeError:  # one bad image fails the batch: try them one by one
-            out: list[torch.Tensor | None] = []
-            for e in encoded:
-                try:
-                    out.append(decode_jpeg(e, mode=ImageReadMode.RGB, device=self.device))
-                except RuntimeError:
-                    out.append(None)
-            return out
+        consumer = torch.cuda.current_stream(self.device)
+        stream = _decode_stream(self.device)
+        stream.wait_stream(consumer)
+        with torch.cuda.stream(stream):
+            try:
+                images: list[torch.Tensor | None] = list(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device))
+            except RuntimeError:  # one bad image fails the batch: try them one by one
+                images = []
+                for e in encoded:
+                    try:
+                        images.append(decode_jpeg(e, mode=ImageReadMode.RGB, device=self.device))
+                    except RuntimeError:
+                        images.append(None)
+        consumer.wait_stream(stream)
+        for image in images:
+            if image is not None:
+                image.record_stream(consumer)
+        return images
+
+
+_streams: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _decode_stream(device: torch.device) -> torch.cuda.Stream:
+    """One decoding stream per GPU, made on first use."""
+    if device not in _streams:
+        _streams[device] = torch.cuda.Stream(device)
+    return _streams[device]
