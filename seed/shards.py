@@ -25,6 +25,7 @@ import tarfile
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
+from typing import Any
 from pathlib import Path
 
 import braceexpand
@@ -86,11 +87,71 @@ def _label(fields: dict[str, bytes]) -> int:
     return -1
 
 
+class DamagedShard(SeedError):
+    """A tar shard that is cut short, has a header that does not parse, or has data after its end."""
+
+
+class _Tracked:
+    """A read-only stream that counts the bytes it hands out and keeps the last ``keep`` of them, so
+    that the end of a tar can be checked after ``tarfile`` has stopped reading it."""
+
+    def __init__(self, raw: Any, keep: int):
+        self.raw, self.keep, self.pos, self.tail = raw, keep, 0, b""
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        self.pos += len(data)
+        self.tail = (self.tail + data)[-self.keep:]
+        return data
+
+
+def _tar_members(stream: Any, url: str) -> Iterator[dict[str, Any]]:
+    """The regular files of a tar (``fname``, ``data``, ``__url__``) in order, read as a stream, with a
+    check that webdataset's reader and ``tarfile`` leave out: the archive must end with its end
+    marker (zero blocks) and nothing else.
+
+    ``tarfile`` in stream mode ends silently at a header cut short or one that does not parse, and at
+    the end of the input; a shard truncated by a failed copy would then look complete with fewer
+    samples. Raises ``DamagedShard`` naming the shard, the byte offset and what was found there.
+    """
+    tracked = _Tracked(stream, keep=4 * tarfile.RECORDSIZE)
+    tf = tarfile.open(fileobj=tracked, mode="r|*")  # type: ignore[call-overload]
+    member = None
+    try:
+        for member in tf:
+            if not member.isreg():
+                continue
+            data = tf.extractfile(member).read()
+            if "/" not in member.name and member.name.startswith("__") and member.name.endswith("__"):
+                continue  # webdataset's metadata members
+            yield {"fname": member.name, "data": data, "__url__": url}
+            tf.members = []  # stream mode: do not keep every header
+    except tarfile.ReadError as exc:
+        where = f"in member {member.name!r} (header at byte {member.offset})" if member is not None else "at its start"
+        raise DamagedShard(f"{url}: damaged tar shard, {exc} {where}; copy the shard again, or leave it out of "
+                           "data.train") from exc
+    if getattr(tf.fileobj, "comptype", "tar") != "tar":
+        return  # compressed: the decompressor checks its own end (a cut gzip raises EOFError)
+    end = tf.offset                              # where tarfile looked for the next header and stopped
+    seen = tracked.tail[len(tracked.tail) - (tracked.pos - end):] if tracked.pos - end <= len(tracked.tail) else None
+    rest = b"".join(iter(lambda: stream.read(1 << 20), b""))
+    after = (seen if seen is not None else b"x") + rest
+    if len(after) < 2 * tarfile.BLOCKSIZE or after.strip(b"\0"):
+        what = (f"it ends {len(after)} bytes after the last member instead of an end marker (cut short?)"
+                if len(after) < 2 * tarfile.BLOCKSIZE and not after.strip(b"\0")
+                else "what follows the last member read is neither a valid header nor the end marker "
+                     "(a damaged header, or data after the end)")
+        last = f"after member {member.name!r}" if member is not None else "at its start"
+        raise DamagedShard(f"{url}: damaged tar shard at byte {end} {last}: {what}; copy the shard again, or leave "
+                           "it out of data.train")
+
+
 def iter_shard(url: str) -> Iterator[Sample]:
-    """Samples of one tar shard in tar order. A truncated or unreadable tar raises ``SeedError``."""
+    """Samples of one tar shard in tar order. A damaged (truncated, corrupt) or unreadable tar raises
+    ``SeedError`` naming it: never fewer samples in silence."""
     try:
         with fsspec.open(url, "rb") as stream:
-            members = ({**m, "__url__": url} for m in tariterators.tar_file_iterator(stream))  # stream mode
+            members = _tar_members(stream, url)
             for index, fields in enumerate(tariterators.group_by_keys(members)):
                 key = fields["__key__"]
                 ext = next((e for e in IMAGE_EXTS if e in fields), "")

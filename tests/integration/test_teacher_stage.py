@@ -261,6 +261,29 @@ def test_undecodable_images_are_skipped_named_and_do_not_shift_rows(tmp_path: Pa
     assert describe(summary.cache)["skipped"]["count"] == 2
 
 
+def test_a_shard_cut_short_stops_the_stage_naming_it(tmp_path: Path, shards_root: Path, moco_checkpoint: Path) -> None:
+    """A copy that failed part-way: its _info.json still says 100 samples, so only reading finds the damage.
+    The stage stops with one line naming the shard and never marks the cache complete."""
+    data = tmp_path / "shards" / "fm" / "train"
+    data.mkdir(parents=True)
+    for i in range(3):
+        shutil.copy(shards_root / "fm" / "train" / f"train-{i:06d}.tar", data)
+    info = json.loads((shards_root / "fm" / "train" / "_info.json").read_text())
+    (data / "_info.json").write_text(json.dumps(info))
+    cut = data / "train-000001.tar"
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2 + 300])
+    storage_file = _storage_file(tmp_path, tmp_path / "shards")
+    sets = [x for s in ("data.train=fm/train/train-{000000..000002}.tar", f"teacher.checkpoint={moco_checkpoint}",
+                        "cache.views=2", "cache.name=cut") for x in ("--set", s)]
+    out = subprocess.run(_cli(storage_file, *sets, "--quiet"), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    message = out.stderr.strip().splitlines()
+    assert len(message) == 1 and "Traceback" not in out.stderr
+    assert message[0].startswith(f"seed: error: {cut}: damaged tar shard") and "copy the shard again" in message[0]
+    g = zarr.open_group(str(tmp_path / "caches" / "cut.zarr"), mode="r")
+    assert g.attrs["status"] == "incomplete" and 1 not in cache.done_shards(g)
+
+
 def test_empty_shard_is_refused(tmp_path: Path, moco_checkpoint: Path) -> None:
     tarfile.open(tmp_path / "e-000.tar", "w").close()
     with pytest.raises(SeedError, match="empty shard"):

@@ -21,7 +21,7 @@ from PIL import Image
 
 from pipeline.cli import main
 from seed.errors import SeedError
-from seed.shards import (RECORD_FORMAT, decode_image, expand_urls, fashion_mnist_to_shards, imagefolder_to_shards,
+from seed.shards import (RECORD_FORMAT, DamagedShard, decode_image, expand_urls, fashion_mnist_to_shards, imagefolder_to_shards,
                          iter_shard, read_idx, shard_lengths)
 
 
@@ -59,6 +59,47 @@ def test_reads_shards_written_by_other_tools(tmp_path: Path) -> None:
     images = [decode_image(s) for s in samples]
     assert all(im.shape == (3, 12, 20) and im.dtype == torch.uint8 for im in images)
     assert (images[1] == 40).all()  # lossless grayscale PNG, replicated to 3 channels
+
+
+def _damage(tar: bytes) -> dict[str, bytes]:
+    """The ways a copy goes wrong, each applied to a good tar: cuts at every kind of place, a header
+    that does not parse, data after the end."""
+    with tarfile.open(fileobj=io.BytesIO(tar)) as t:  # (header offset, data offset, size) of each member
+        members = [(m.offset, m.offset_data, m.size) for m in t.getmembers()]
+    (_, d2, n2), (h3, _, _) = members[2], members[3]
+    end = members[-1][1] + members[-1][2]
+    return {
+        "cut inside a member's data": tar[: d2 + n2 // 2],
+        "cut inside a header": tar[: h3 + 100],
+        "cut exactly at a header": tar[:h3],
+        "cut after the last member, before the end marker": tar[: -(-end // 512) * 512],
+        "cut inside the end marker": tar[: -(-end // 512) * 512 + 512],
+        "a header that does not parse": tar[:h3] + b"\x07" * 512 + tar[h3 + 512:],
+        "data after the end": tar + b"trailing garbage" * 64,
+    }
+
+
+@pytest.mark.parametrize("how", ["cut inside a member's data", "cut inside a header", "cut exactly at a header",
+                                 "cut after the last member, before the end marker", "cut inside the end marker",
+                                 "a header that does not parse", "data after the end"])
+def test_a_damaged_shard_is_named_never_read_short(tmp_path: Path, how: str) -> None:
+    good = foreign_tar(tmp_path / "good.tar").read_bytes()
+    bad = tmp_path / "bad.tar"
+    bad.write_bytes(_damage(good)[how])
+    with pytest.raises(DamagedShard, match=rf"{bad}: damaged tar shard.*copy the shard again, or leave it out of data.train"):
+        list(iter_shard(str(bad)))
+    with pytest.raises(DamagedShard, match="damaged tar shard"):  # counting reads the same way: no short count
+        shard_lengths([str(bad)])
+
+
+def test_a_complete_shard_reads_whatever_its_padding(tmp_path: Path) -> None:
+    good = foreign_tar(tmp_path / "good.tar").read_bytes()
+    with tarfile.open(fileobj=io.BytesIO(good)) as t:
+        last = t.getmembers()[-1]
+    end = -(-(last.offset_data + last.size) // 512) * 512
+    for n, data in enumerate([good, good[: end + 1024], good + bytes(4096)]):  # record padding cut or added: zeros
+        (tmp_path / f"ok-{n}.tar").write_bytes(data)
+        assert [s.key for s in iter_shard(str(tmp_path / f"ok-{n}.tar"))] == ["n01440764_10026", "sub/dir/img_b", "img_c", "img_d"]
 
 
 def test_brace_patterns_globs_and_fsspec_urls(tmp_path: Path) -> None:
