@@ -11,6 +11,7 @@ import io
 import os
 import tempfile
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import fsspec
@@ -35,6 +36,7 @@ def save(obj: Any, url: str) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
+        storage.as_if_created(tmp)  # mkstemp makes it private (0600) whatever the umask
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -45,15 +47,56 @@ def exists(url: str) -> bool:
     return storage.exists(url)
 
 
-def load(url: str) -> dict[str, Any]:
-    """A checkpoint written by ``save`` (plain tensors and containers: ``weights_only=True``)."""
+def _safe_globals() -> list[Callable[..., Any] | tuple[Callable[..., Any], str]]:
+    """The non-tensor objects real self-supervised checkpoints carry, allowed for ``weights_only`` loading,
+    with the names they are pickled under: DINO's ``argparse.Namespace`` of training arguments, numpy
+    scalars, dtypes and plain arrays (numpy 1 and numpy 2 names). Nothing here runs code when unpickled."""
+    import argparse
+    import importlib
+
+    import numpy as np
+
     try:
-        with fsspec.open(url, "rb") as f:
+        multiarray = importlib.import_module("numpy._core.multiarray")
+    except ImportError:  # numpy 1
+        multiarray = importlib.import_module("numpy.core.multiarray")
+    classes = [argparse.Namespace, np.dtype, np.ndarray] + [type(np.dtype(code)) for code in "?bBhHiIlLqQefdgFDG"]
+    allowed: list[Callable[..., Any] | tuple[Callable[..., Any], str]] = [(c, f"{c.__module__}.{c.__qualname__}") for c in classes]
+    for module in ("numpy._core.multiarray", "numpy.core.multiarray"):
+        allowed += [(multiarray.scalar, f"{module}.scalar"), (multiarray._reconstruct, f"{module}._reconstruct")]
+    return allowed
+
+
+def torch_load(url: str, what: str = "checkpoint") -> Any:
+    """``torch.load`` of ``url`` on the CPU with ``weights_only=True`` and ``_safe_globals`` allowed; never
+    full unpickling. A file holding anything else is refused in one line naming the file and the types."""
+    try:
+        with fsspec.open(url, "rb") as f, torch.serialization.safe_globals(_safe_globals()):
             return torch.load(f, map_location="cpu", weights_only=True)
     except FileNotFoundError as exc:
-        raise SeedError(f"checkpoint not found: {url}") from exc
-    except Exception as exc:
-        raise SeedError(f"{url}: not a readable checkpoint ({type(exc).__name__}: {exc})") from exc
+        raise SeedError(f"{what} not found: {url}") from exc
+    except Exception as exc:  # unpickling errors come in many types
+        raise SeedError(f"{url}: {_why_unreadable(url, exc)}") from exc
+
+
+def _why_unreadable(url: str, exc: Exception) -> str:
+    """One line: the types a checkpoint holds that weights-only loading refuses, else the error's first line."""
+    allowed = {g[1] for g in _safe_globals() if isinstance(g, tuple)}
+    try:
+        with fsspec.open(url, "rb") as f:
+            unsafe = sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(f)) - allowed)
+    except Exception:  # noqa: BLE001 - not a zip checkpoint at all: say what torch said
+        unsafe = []
+    if unsafe:
+        return (f"holds objects that weights-only loading does not allow ({', '.join(unsafe)}); "
+                "save its state_dict alone, e.g. torch.save(ckpt['state_dict'], path)")
+    first = next((line for line in str(exc).splitlines() if line.strip()), "")
+    return f"not a readable torch checkpoint ({type(exc).__name__}: {first.strip()[:200]})"
+
+
+def load(url: str) -> dict[str, Any]:
+    """A checkpoint written by ``save`` (plain tensors and containers: ``weights_only=True``)."""
+    return torch_load(url)
 
 
 def save_training(url: str, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, epoch: int,

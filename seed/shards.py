@@ -36,7 +36,7 @@ from PIL import Image
 from webdataset import tariterators
 
 from seed.errors import SeedError
-from seed.storage import is_url
+from seed.storage import as_if_created, is_url
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 INFO_FILE = "_info.json"
@@ -329,7 +329,7 @@ def _replace_file(url: str, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; every process of the storage reads it
+        as_if_created(tmp)  # mkstemp makes it private; every process of the storage reads it
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -408,7 +408,7 @@ def _write_splits(splits: dict[str, Iterable[tuple[str, bytes, str, int]]], out:
     if per_shard <= 0:
         raise SeedError(f"--per-shard must be > 0, got {per_shard}")
     tmp = Path(tempfile.mkdtemp(prefix=".seed-shards-", dir=_local_tmp_parent(out)))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the published directory should not be
+    as_if_created(tmp, directory=True)  # mkdtemp makes it private; the published directory should not be
     try:
         info: dict = {"name": os.path.basename(out.rstrip("/")), "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "splits": {}}
         for name, samples in splits.items():

@@ -84,6 +84,26 @@ class Storage:
         return self.resolve("caches", "_shard_lengths.json")
 
 
+def umask() -> int:
+    """This process's file-creation mask, read from /proc on Linux (``os.umask`` can only read it by
+    setting it, which would race with other threads creating files)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def as_if_created(path: str | Path, directory: bool = False) -> None:
+    """Give a file or directory made private by ``tempfile`` the mode a plain create would have given it
+    (0666 or 0777 less the umask), so a team sharing a runs or caches directory can read what it holds."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~umask())
+
+
 def write_bytes(url: str, data: bytes) -> None:
     """Write a whole file to a local path or URL, creating its directory (one PUT on object stores)."""
     fs, _, (path,) = fsspec.get_fs_token_paths(url)

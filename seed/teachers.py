@@ -26,6 +26,7 @@ import fsspec
 import torch
 from torch import nn
 
+from seed.checkpoint import torch_load
 from seed.config import TeacherConfig
 from seed.errors import SeedError
 from seed.models import Encoder, create_backbone, freeze, mlp_from_state_dict
@@ -60,13 +61,7 @@ def file_sha256(path: str) -> str:
 
 
 def read_checkpoint(path: str) -> Any:
-    try:
-        with fsspec.open(path, "rb") as f:
-            return torch.load(f, map_location="cpu", weights_only=True)
-    except FileNotFoundError as exc:
-        raise SeedError(f"teacher checkpoint not found: {path}") from exc
-    except Exception as exc:  # unpickling errors come in many types
-        raise SeedError(f"{path}: not a readable torch checkpoint with weights_only=True ({type(exc).__name__}: {exc})") from exc
+    return torch_load(path, "teacher checkpoint")
 
 
 def _tensor_dict(obj: Any) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -263,3 +264,36 @@ def test_each_local_rank_takes_its_own_gpu() -> None:
         resolve_device("cuda:2", launch=launch, cuda_count=4)
     with pytest.raises(SeedError, match="has 4 CUDA devices"):
         resolve_device("cuda:4", launch=Launch(), cuda_count=4)
+
+
+@pytest.mark.parametrize("mask", [0o002, 0o027])
+def test_written_files_respect_the_umask(tmp_path: Path, mask: int) -> None:
+    """Checkpoints, the shard-lengths record and published shard directories are made through tempfile
+    (private by default); they must end up as a plain create would make them, for teams sharing a root."""
+    import io
+    import os
+    import tarfile
+
+    from PIL import Image
+
+    from seed import checkpoint
+    from seed.shards import imagefolder_to_shards, shard_lengths
+
+    (tmp_path / "tree" / "cat").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "tree" / "cat" / "a.png")
+    with tarfile.open(tmp_path / "plain.tar", "w") as tar:  # a shard without _info.json: its count is recorded
+        info = tarfile.TarInfo("k.png")
+        data = (tmp_path / "tree" / "cat" / "a.png").read_bytes()
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    old = os.umask(mask)
+    try:
+        checkpoint.save({"w": torch.zeros(1)}, str(tmp_path / "runs" / "s" / "checkpoint.pt"))
+        assert shard_lengths([str(tmp_path / "plain.tar")], record=str(tmp_path / "caches" / "_shard_lengths.json")) == [1]
+        imagefolder_to_shards(str(tmp_path / "tree"), str(tmp_path / "shards"), per_shard=10)
+    finally:
+        os.umask(old)
+    mode = lambda p: p.stat().st_mode & 0o777  # noqa: E731
+    assert mode(tmp_path / "runs" / "s" / "checkpoint.pt") == 0o666 & ~mask
+    assert mode(tmp_path / "caches" / "_shard_lengths.json") == 0o666 & ~mask
+    assert mode(tmp_path / "shards") == 0o777 & ~mask

@@ -123,6 +123,30 @@ def test_dino_checkpoint(tmp_path: Path, images: torch.Tensor) -> None:
     assert not torch.allclose(zero, _features(backbone, images))  # the student weights were read instead
 
 
+def test_full_checkpoints_from_the_wild_load_weights_only(tmp_path: Path, images: torch.Tensor) -> None:
+    """DINO's training script saves its argparse.Namespace and numpy values beside the weights; they load
+    with weights_only=True (allow-listed), while any other object is refused in one short line."""
+    import argparse
+    import datetime
+
+    import numpy as np
+
+    backbone = _backbone()
+    teacher_sd = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
+    args = argparse.Namespace(arch="resnet18", lr=np.float64(5e-4), epochs=np.int64(100), momentum_teacher=0.996)
+    ckpt = {"teacher": teacher_sd, "student": {f"module.{k}": v for k, v in teacher_sd.items()}, "args": args,
+            "epoch": np.int64(100), "loss": np.float32(2.5), "dino_loss_center": np.zeros((1, 64), np.float32)}
+    with torch.no_grad():
+        assert torch.allclose(_load(tmp_path, ckpt, output="pooled")(images), _features(backbone, images), atol=1e-5)
+    bad = tmp_path / "odd.pth"
+    torch.save({"state_dict": backbone.state_dict(), "saved_at": datetime.datetime(2026, 1, 1)}, bad)
+    with pytest.raises(SeedError) as refused:
+        load_teacher(TeacherConfig(arch="resnet18", checkpoint=str(bad), output="pooled"))
+    message = str(refused.value)
+    assert message.startswith(f"{bad}: holds objects that weights-only loading does not allow (datetime.datetime)")
+    assert "\n" not in message and "\x1b" not in message and len(message) < 300
+
+
 def test_missing_and_unexpected_keys_are_named(tmp_path: Path) -> None:
     state = dict(_backbone().state_dict())
     del state["layer4.0.conv1.weight"]
