@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--neighbours", metavar="KEY", help="write a PNG of KEY's cached views and nearest bank entries")
     inspect.add_argument("--out", help="PNG path for --neighbours (default: ./<KEY>-neighbours.png)")
     inspect.add_argument("--plots", metavar="DIR", help="write similarity, entropy, mass histograms and a PCA scatter")
+    inspect.add_argument("--verify", action="store_true",
+                         help="read every chunk (checksums) and check the completion records against the data; "
+                              "exit 1 naming each problem")
     return parser
 
 
@@ -190,7 +193,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from seed.inspect import describe, format_text, neighbours, plots
+    from seed.inspect import describe, format_text, neighbours, plots, verify
+
+    if args.verify:
+        report = verify(args.cache)
+        if args.json:
+            _print_json(report)
+        for problem in report["problems"] if not args.json else []:
+            print(f"{args.cache}: {problem}")
+        if not report["problems"] and not args.json:
+            print(f"{args.cache}: verified {report['chunks']} chunks and {report['shards']} shard records: no problem")
+        return 1 if report["problems"] else 0
 
     if args.neighbours:
         out = args.out or f"{args.neighbours.replace('/', '_')}-neighbours.png"

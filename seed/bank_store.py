@@ -32,7 +32,8 @@ from seed import cache
 from seed.config import BankConfig, to_dict
 from seed.errors import SeedError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: every chunk checksummed (crc32c); 1 still opens for training
+READABLE_VERSIONS = (1, 2)
 NAME = "bank"
 # Bank parameters that do not change the stored values (how fast, and how much is measured).
 _NOT_FIELDS = ("batch_size", "kl_sample")
@@ -88,9 +89,9 @@ def open_bank(url: str, expect: BankConfig | None = None) -> tuple[zarr.Group, B
         raise SeedError(f"{url}: no bank yet; run the bank stage (seed bank) first")
     node = cache.subgroup(group, NAME)
     a = cache.attributes(node)
-    if a.get("format_version") != FORMAT_VERSION:
+    if a.get("format_version") not in READABLE_VERSIONS:
         raise SeedError(f"{url}: bank format version {a.get('format_version')} is not supported (this seed reads "
-                        f"{FORMAT_VERSION}); run the bank stage again to rebuild it")
+                        f"{', '.join(map(str, READABLE_VERSIONS))}); run the bank stage again to rebuild it")
     if a.get("status") != "complete":
         raise SeedError(f"{url}: the bank is incomplete (status {a.get('status')!r}); run the bank stage again")
     if expect is not None and a["fingerprint"] != cache.fingerprint(fields(group, expect)):
@@ -124,13 +125,17 @@ def create(group: zarr.Group, b: BankConfig, ids: np.ndarray, vectors: np.ndarra
     K, D = vectors.shape
     bank = group.create_group(NAME, attributes={"format_version": FORMAT_VERSION, "status": "building",
                                                 "fingerprint": cache.fingerprint(f), "fields": f})
-    bank.create_array("ids", data=ids.astype(np.int32), chunks=(min(K, 1 << 16), 2))
-    bank.create_array("vectors", data=vectors.astype(np.float16), chunks=(min(K, 1 << 16), D), compressors=None)
+    crc = cache.checksummed
+    bank.create_array("ids", data=ids.astype(np.int32), chunks=(min(K, 1 << 16), 2), compressors=crc(np.int32))
+    bank.create_array("vectors", data=vectors.astype(np.float16), chunks=(min(K, 1 << 16), D), compressors=crc(np.float16))
     if serialized_index is not None:
-        bank.create_array("faiss_index", data=serialized_index, chunks=(len(serialized_index),), compressors=None)
-    bank.create_array("indices", shape=(N, V, b.topk), dtype="int32", chunks=(cap, V, b.topk), fill_value=-1)
-    bank.create_array("logp", shape=(N, V, b.topk), dtype="float16", chunks=(cap, V, b.topk), fill_value=np.nan)
-    bank.create_array("mass", shape=(N, V), dtype="float32", chunks=(cap, V), fill_value=np.nan)
+        bank.create_array("faiss_index", data=serialized_index, chunks=(len(serialized_index),),
+                          compressors=crc(np.float16))  # opaque bytes: checksum only
+    bank.create_array("indices", shape=(N, V, b.topk), dtype="int32", chunks=(cap, V, b.topk), fill_value=-1,
+                      compressors=crc(np.int32))
+    bank.create_array("logp", shape=(N, V, b.topk), dtype="float16", chunks=(cap, V, b.topk), fill_value=np.nan,
+                      compressors=crc(np.float16))
+    bank.create_array("mass", shape=(N, V), dtype="float32", chunks=(cap, V), fill_value=np.nan, compressors=crc(np.float32))
     return bank
 
 

@@ -24,12 +24,18 @@ The **fingerprint** hashes what determines the cached values: teacher identity (
 checkpoint sha256, format, output, small-input stem), augmentation recipe, resolution, seed, V, D,
 the row capacity per shard and the input shards (names and sample counts, not their location, so
 moving shards to object storage keeps the cache valid). A run whose fingerprint differs is refused with the differing fields named.
+
+Every chunk ends with a CRC32C checksum (Zarr's ``crc32c`` codec, after compression), so a chunk
+flipped or cut short by a bad copy fails on read, naming the array, instead of being read as data;
+``seed inspect --verify`` reads every chunk and checks the completion records against the data.
+Format 1 caches (before checksums) still open, with a warning.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -41,8 +47,11 @@ import zarr.errors
 from seed.augment import COLUMNS, P
 from seed.errors import SeedError
 
+log = logging.getLogger(__name__)
+
 FORMAT = "seed-teacher-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: every chunk checksummed (crc32c); 1 still opens, without checksums
+READABLE_VERSIONS = (1, 2)
 ARRAYS = ("embeddings", "augment", "keys", "labels", "valid", "sizes")
 
 
@@ -62,14 +71,38 @@ def subgroup(group: zarr.Group, name: str) -> zarr.Group:
     return node
 
 
+def checksummed(dtype: Any) -> list[Any]:
+    """The compressors of every cache and bank array: zstd (not for float16, which barely compresses),
+    then a CRC32C checksum of the stored chunk."""
+    from zarr.codecs import Crc32cCodec, ZstdCodec
+
+    return ([] if np.dtype(dtype) == np.float16 else [ZstdCodec()]) + [Crc32cCodec()]
+
+
+def _damaged(exc: ValueError, arr: zarr.Array, where: str) -> SeedError | None:
+    """A checksum failure as a one-line error naming the array, or None for other errors."""
+    if "checksum" not in str(exc):
+        return None
+    return SeedError(f"{arr.store_path}: a chunk of {where} does not match its checksum: the cache was damaged "
+                     "(a bad copy?); `seed inspect --verify` lists every damaged chunk")
+
+
 def read(group: zarr.Group, name: str, selection: Any = slice(None)) -> np.ndarray:
     """``group[name][selection]`` as a numpy array (basic indexing: slices and integers)."""
-    return np.asarray(array(group, name)[selection])
+    arr = array(group, name)
+    try:
+        return np.asarray(arr[selection])
+    except ValueError as exc:
+        raise _damaged(exc, arr, f"rows {selection}") or exc
 
 
 def read_rows(group: zarr.Group, name: str, rows: np.ndarray) -> np.ndarray:
     """The rows ``rows`` (an integer array, any order) of ``group[name]`` as a numpy array."""
-    return np.asarray(array(group, name).oindex[rows])
+    arr = array(group, name)
+    try:
+        return np.asarray(arr.oindex[rows])
+    except ValueError as exc:
+        raise _damaged(exc, arr, f"{len(rows)} rows from {int(np.min(rows)) if len(rows) else 0}") or exc
 
 
 def attributes(node: zarr.Group | zarr.Array) -> dict[str, Any]:
@@ -152,7 +185,8 @@ def create(url: str, *, fields: dict[str, Any], capacity: int, n_shards: int, vi
 
     def arr(name: str, shape: tuple[int, ...], dtype: Any, fill: Any, dims: tuple[str, ...]) -> None:
         group.create_array(name, shape=shape, dtype=dtype, chunks=(capacity, *shape[1:]), fill_value=fill,
-                           compressors=None if dtype == "float16" else "auto", dimension_names=dims)
+                           compressors=checksummed(np.float16 if dtype == "float16" else np.uint8),
+                           dimension_names=dims)
 
     arr("embeddings", (N, views, dim), "float16", np.nan, ("row", "view", "dim"))  # floats barely compress
     arr("augment", (N, views, P), "float32", np.nan, ("row", "view", "param"))
@@ -173,13 +207,20 @@ def _wait_ready(group: zarr.Group, url: str, wait_s: float) -> None:
         group = open_group(url, "r")
 
 
+_warned: set[str] = set()
+
+
 def check_format(group: zarr.Group, url: str) -> None:
     if attributes(group).get("format") != FORMAT:
         raise SeedError(f"{url} is not a seed teacher cache (format={attributes(group).get('format')!r})")
     version = attributes(group).get("format_version")
-    if version != FORMAT_VERSION:
-        raise SeedError(f"{url}: cache format version {version} is not supported (this seed reads {FORMAT_VERSION}); "
-                        "rebuild it with seed teacher --overwrite")
+    if version not in READABLE_VERSIONS:
+        raise SeedError(f"{url}: cache format version {version} is not supported (this seed reads "
+                        f"{', '.join(map(str, READABLE_VERSIONS))}); rebuild it with seed teacher --overwrite")
+    if version != FORMAT_VERSION and url not in _warned:
+        _warned.add(url)
+        log.warning("%s: cache format %s has no chunk checksums, so damage in a copy cannot be detected; "
+                    "rebuild it with seed teacher --overwrite to get them", url, version)
 
 
 def check_fingerprint(group: zarr.Group, fields: Mapping[str, Any], url: str) -> None:

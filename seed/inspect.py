@@ -250,3 +250,92 @@ def plots(url: str, out_dir: str, sample: int = 2000) -> list[str]:
             ax.set_ylabel("views")
             save(fig, name)
     return written
+
+
+def _chunks_of(arr: zarr.Array) -> list[slice]:
+    """Row blocks of ``arr``, one per chunk along its first axis (cache and bank arrays are chunked by row)."""
+    step = int(arr.chunks[0])
+    return [slice(lo, min(lo + step, int(arr.shape[0]))) for lo in range(0, int(arr.shape[0]), step)]
+
+
+def _read_chunks(arr: zarr.Array, label: str, problems: list[str], damaged: set[int]) -> np.ndarray:
+    """The whole array read chunk by chunk; each damaged chunk is named in ``problems``, its rows added to
+    ``damaged`` and left at the fill value, so the other chunks can still be checked."""
+    out = np.full(arr.shape, arr.fill_value, dtype=arr.dtype) if arr.dtype != object else np.empty(arr.shape, object)
+    for block in _chunks_of(arr):
+        try:
+            out[block] = np.asarray(arr[block])
+        except ValueError as exc:  # the crc32c codec, or a chunk too damaged to decode
+            damaged.update(range(block.start, block.stop))
+            problems.append(f"{label}: chunk {block.start // int(arr.chunks[0])} (rows {block.start}-{block.stop - 1}) "
+                            f"is damaged ({str(exc).splitlines()[0][:80]})")
+    return out
+
+
+def verify(url: str) -> dict[str, Any]:
+    """Read every chunk of the cache (and its bank), then check the completion records against the data.
+
+    Per finished shard: the recorded number of valid rows; valid rows with a key, finite embeddings
+    of unit norm (float16 rounding allowed) and replay parameters; other rows empty. For the bank:
+    entries pointing at valid rows, finite targets for valid rows. Returns ``{"problems": [...],
+    "chunks": n, "shards": n}``; no problem means the cache reads back as it was written.
+    """
+    group = cache.open_group(url, "r")
+    cache.check_format(group, url)
+    a = cache.attributes(group)
+    cap, V = int(a["capacity"]), int(a["V"])
+    problems: list[str] = []
+    if a.get("format_version", 0) < cache.FORMAT_VERSION:
+        problems.append(f"format {a.get('format_version')} has no chunk checksums: damaged chunks may read as data")
+    data: dict[str, np.ndarray] = {}
+    damaged: dict[str, set[int]] = {}
+    chunks = 0
+    for name in cache.ARRAYS:
+        arr = cache.array(group, name)
+        chunks += len(_chunks_of(arr))
+        damaged[name] = set()
+        data[name] = _read_chunks(arr, name, problems, damaged[name])
+    done = cache.done_shards(group)
+    for s in done:
+        record = cache.shard_record(group, s) or {}
+        rows = slice(s * cap, (s + 1) * cap)
+        readable = {name for name in cache.ARRAYS if not damaged[name] & set(range(rows.start, rows.stop))}
+        if "valid" not in readable:
+            continue  # already named as a damaged chunk
+        valid = data["valid"][rows]
+        where = f"shard {s} ({str(record.get('url', '')).rsplit('/', 1)[-1]})"
+        if int(valid.sum()) != int(record.get("valid", -1)):
+            problems.append(f"{where}: its record says {record.get('valid')} valid rows, the data has {int(valid.sum())}")
+        if "embeddings" in readable:
+            e = data["embeddings"][rows].astype(np.float32)
+            norms = np.linalg.norm(e[valid], axis=-1)
+            bad = int((~np.isfinite(norms) | (np.abs(norms - 1) > 1e-2)).sum())
+            if bad:
+                problems.append(f"{where}: {bad} of {valid.sum() * V} embeddings of valid rows are not finite unit vectors")
+            if np.isfinite(e[~valid]).any():
+                problems.append(f"{where}: rows marked invalid hold embeddings")
+        if "keys" in readable and (data["keys"][rows][valid] == "").any():
+            problems.append(f"{where}: valid rows without a key")
+        if "augment" in readable and not np.isfinite(data["augment"][rows][valid]).all():
+            problems.append(f"{where}: valid rows without replay parameters")
+    if a.get("status") == "complete" and len(done) != int(a["n_shards"]):
+        problems.append(f"marked complete but {len(done)} of {a['n_shards']} shards have a record")
+    if bank_store.NAME in group:
+        node = cache.subgroup(group, bank_store.NAME)
+        b: dict[str, np.ndarray] = {}
+        bank_damaged: dict[str, set[int]] = {}
+        for name in ("ids", "vectors", "indices", "logp", "mass"):
+            arr = cache.array(node, name)
+            chunks += len(_chunks_of(arr))
+            bank_damaged[name] = set()
+            b[name] = _read_chunks(arr, f"bank/{name}", problems, bank_damaged[name])
+        if not bank_damaged["ids"] and not damaged["valid"]:
+            entry_rows = b["ids"][:, 0]
+            n = len(data["valid"])
+            if ((entry_rows < 0) | (entry_rows >= n)).any() or not data["valid"][entry_rows].all():
+                problems.append("bank/ids: entries that are not valid rows of the cache")
+        if not bank_damaged["mass"] and not damaged["valid"] and cache.attributes(node).get("status") == "complete":
+            mass = b["mass"][data["valid"]]
+            if not (np.isfinite(mass) & (mass >= 0) & (mass <= 1.0001)).all():
+                problems.append("bank/mass: valid rows without targets (or a mass outside [0, 1])")
+    return {"problems": problems, "chunks": chunks, "shards": len(done)}

@@ -12,6 +12,7 @@ import pipeline.teacher as teacher_stage
 from pipeline import bank as bank_stage
 from seed import bank_store
 from seed.errors import SeedError
+from seed.inspect import verify
 from tests.conftest import make_storage, small_config
 from tests.unit.test_bank import reference_targets
 
@@ -53,6 +54,8 @@ def test_stage_targets_match_reference_and_exclude_own(teacher_cache) -> None:
     assert fid["kl"]["min"] > -1e-4 and fid["kl"]["mean"] > 1e-6
     assert abs(fid["stored_minus_true_mass"]["mean"]) < 1e-3
     assert bank.attrs["status"] == "complete"
+    checked = verify(summary.cache)  # every chunk of cache and bank reads back; records match the data
+    assert checked["problems"] == [] and checked["chunks"] > 10 and checked["shards"] == 3
 
 
 def test_rebuild_touches_only_the_bank(teacher_cache) -> None:

@@ -308,6 +308,47 @@ def test_inspect_json(clean) -> None:
     assert bad.returncode == 2 and "no cache at" in bad.stderr
 
 
+def test_checksums_catch_a_damaged_copy_and_verify_names_it(clean, tmp_path: Path) -> None:
+    """Every chunk carries a CRC32C: a flipped byte or a cut chunk fails on read naming the array, and
+    `seed inspect --verify` lists each damaged chunk and each record the data no longer matches."""
+    _, _, url = clean
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(url, copy)
+    verify = lambda: subprocess.run([sys.executable, "-m", "pipeline.cli", "inspect", str(copy), "--verify"],  # noqa: E731
+                                    capture_output=True, text=True)
+    ok = verify()
+    assert ok.returncode == 0 and "no problem" in ok.stdout, ok.stdout + ok.stderr
+    flipped = copy / "embeddings" / "c" / "2" / "0" / "0"                      # rows 200-299 (capacity 100)
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    flipped.write_bytes(bytes(data))
+    cut = copy / "augment" / "c" / "4" / "0" / "0"
+    cut.write_bytes(cut.read_bytes()[:-100])
+    g = zarr.open_group(str(copy), mode="r")
+    with pytest.raises(SeedError, match=r"a chunk of rows .* does not match its checksum: the cache was damaged"):
+        cache.read(g, "embeddings", slice(200, 300))
+    np.testing.assert_array_equal(cache.read(g, "embeddings", slice(0, 200)), zarr.open_group(url, mode="r")["embeddings"][:200])
+    g = zarr.open_group(str(copy), mode="r+")
+    g["valid"][5] = False                                                      # data that no longer matches shard 0's record
+    bad = verify()
+    assert bad.returncode == 1
+    lines = bad.stdout.strip().splitlines()
+    assert any("embeddings: chunk 2 (rows 200-299) is damaged" in line for line in lines), lines
+    assert any("augment: chunk 4 (rows 400-499) is damaged" in line for line in lines), lines
+    assert any("shard 0 (train-000000.tar): its record says 100 valid rows, the data has 99" in line for line in lines), lines
+    assert any("rows marked invalid hold embeddings" in line for line in lines), lines
+
+
+def test_a_cache_of_format_1_still_opens(clean, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    _, _, url = clean
+    copy = tmp_path / "old.zarr"
+    shutil.copytree(url, copy)
+    zarr.open_group(str(copy), mode="r+").attrs["format_version"] = 1
+    with caplog.at_level("WARNING"):
+        g = cache.open_complete(str(copy))
+    assert "has no chunk checksums" in caplog.text and len(cache.read(g, "valid")) == 600
+
+
 def _jpeg_shard(path: Path, source: Path, truncate: str | None = None) -> None:
     """Fashion-MNIST PNGs of ``source`` re-encoded as RGB JPEGs; ``truncate``: that key's JPEG loses its end."""
     import io
