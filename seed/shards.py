@@ -24,6 +24,7 @@ import struct
 import tarfile
 import tempfile
 import time
+import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
 from pathlib import Path
@@ -162,34 +163,71 @@ def iter_shard(url: str) -> Iterator[Sample]:
                 yield Sample(key, fields.get(ext) if ext else None, ext, label, url, index)
     except FileNotFoundError as exc:
         raise SeedError(f"shard not found: {url}") from exc
-    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+    except ValueError as exc:
+        if "duplicate file name" not in str(exc):
+            raise SeedError(f"{url}: not a readable tar shard (ValueError: {exc})") from exc
+        member = str(exc.args[0]).split(":", 1)[0].strip("('\" ")
+        raise SeedError(f"{url}: member {member!r} appears twice in one sample (the same key twice in a row); "
+                        "each sample's members must appear once, together") from exc
+    except (tarfile.TarError, EOFError, OSError) as exc:
         raise SeedError(f"{url}: not a readable tar shard ({type(exc).__name__}: {exc})") from exc
 
 
-def decode_image(sample: Sample) -> torch.Tensor:
-    """Decode to a uint8 ``[3, h, w]`` tensor (grayscale and palette sources become RGB).
+MAX_PIXELS = 89_478_485  # PIL's own warning threshold (about 9,459 x 9,459): larger headers are refused
 
-    Raises ``ValueError`` naming the reason when the sample has no image or it does not decode.
-    """
+
+def _check_header(sample: Sample, im: Image.Image) -> None:
+    w, h = im.size
+    if w * h > MAX_PIXELS:
+        raise ValueError(f"{sample.ext} header claims {w} x {h} = {w * h:,} pixels, over the limit of {MAX_PIXELS:,} "
+                         "(a decompression bomb, or an image to downscale before sharding)")
+
+
+def _open(sample: Sample) -> Image.Image:
     if sample.image is None:
         raise ValueError(f"no image member (expected one of {', '.join('.' + e for e in IMAGE_EXTS)})")
+    if not sample.image:
+        raise ValueError(f"empty {sample.ext} member (0 bytes)")
     try:
-        with Image.open(io.BytesIO(sample.image)) as im:
-            rgb = np.asarray(im.convert("RGB"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit below is stricter
+            im = Image.open(io.BytesIO(sample.image))
+    except Image.DecompressionBombError as exc:  # PIL's hard limit, at twice ours
+        pixels = next((int(x) for x in str(exc).replace("(", " ").split() if x.isdigit()), 0)
+        raise ValueError(f"{sample.ext} header claims {pixels:,} pixels, over the limit of {MAX_PIXELS:,} "
+                         "(a decompression bomb, or an image to downscale before sharding)") from exc
     except Exception as exc:  # PIL raises many types for corrupt data
-        raise ValueError(f"{sample.ext} does not decode: {type(exc).__name__}: {exc}") from exc
+        raise ValueError(f"{sample.ext} does not decode: {type(exc).__name__}: {str(exc).split(' <')[0]}") from exc
+    _check_header(sample, im)
+    return im
+
+
+def decode_image(sample: Sample) -> torch.Tensor:
+    """Decode to a uint8 ``[3, h, w]`` tensor. Grayscale, palette and CMYK sources become RGB by PIL's
+    conversion, alpha is dropped (as PIL's ``convert("RGB")`` and torchvision's loaders do), and 16-bit
+    grayscale keeps its top 8 bits (PIL's conversion would clip it to white).
+
+    Raises ``ValueError`` naming the reason when the sample has no image, an empty one, one whose header
+    claims more than ``MAX_PIXELS``, or one that does not decode.
+    """
+    im = _open(sample)
+    try:
+        with im:
+            if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+                grey = (np.asarray(im).astype(np.uint32).clip(0, 65535) >> 8).astype(np.uint8)
+                rgb = np.repeat(grey[..., None], 3, axis=2)
+            else:
+                rgb = np.asarray(im.convert("RGB"))
+    except Exception as exc:  # PIL raises many types for corrupt data
+        raise ValueError(f"{sample.ext} does not decode: {type(exc).__name__}: {str(exc).split(' <')[0]}") from exc
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
 
 
 def image_size(sample: Sample) -> tuple[int, int]:
-    """(height, width) from the image header alone (no pixel is decoded); ``ValueError`` when unreadable."""
-    if sample.image is None:
-        raise ValueError(f"no image member (expected one of {', '.join('.' + e for e in IMAGE_EXTS)})")
-    try:
-        with Image.open(io.BytesIO(sample.image)) as im:
-            w, h = im.size
-    except Exception as exc:  # PIL raises many types for corrupt data
-        raise ValueError(f"{sample.ext} does not decode: {type(exc).__name__}: {exc}") from exc
+    """(height, width) from the image header alone (no pixel is decoded); ``ValueError`` when unreadable,
+    empty or over ``MAX_PIXELS``."""
+    with _open(sample) as im:
+        w, h = im.size
     return h, w
 
 

@@ -284,6 +284,39 @@ def test_a_shard_cut_short_stops_the_stage_naming_it(tmp_path: Path, shards_root
     assert g.attrs["status"] == "incomplete" and 1 not in cache.done_shards(g)
 
 
+def test_hostile_samples_are_skipped_or_converted_by_rule_and_never_shift_rows(tmp_path: Path, moco_checkpoint: Path) -> None:
+    import io
+
+    from PIL import Image
+
+    from tests.unit.test_shards import _png_header
+
+    def encoded(im: Image.Image, fmt: str) -> bytes:
+        buf = io.BytesIO()
+        im.save(buf, format=fmt)
+        return buf.getvalue()
+
+    rgb = encoded(Image.new("RGB", (40, 36), (90, 120, 150)), "PNG")
+    members = [("ok-0.png", rgb), ("bomb.png", _png_header(12_000, 12_000)), ("empty.jpg", b""),
+               ("cmyk.jpg", encoded(Image.new("CMYK", (40, 36), (10, 200, 30, 0)), "JPEG")),
+               ("deep.png", encoded(Image.fromarray(np.full((36, 40), 50_000, np.uint16)), "PNG")),
+               ("dotted.name.png", rgb), ("ünï çødé.png", rgb), ("ok-1.png", rgb)]
+    with tarfile.open(tmp_path / "hostile-000.tar", "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    storage = make_storage(tmp_path, tmp_path)
+    summary = stage.run(small_config(moco_checkpoint, shards="hostile-000.tar"), storage, progress=False)
+    g = zarr.open_group(summary.cache, mode="r")
+    assert g["keys"][:8].tolist() == ["ok-0", "bomb", "empty", "cmyk", "deep", "dotted", "ünï çødé", "ok-1"]
+    assert g["valid"][:8].tolist() == [True, False, False, True, True, False, True, True]
+    reasons = {s["key"]: s["reason"] for s in cache.skipped_samples(g)}
+    assert set(reasons) == {"bomb", "empty", "dotted"}
+    assert "over the limit" in reasons["bomb"] and "empty jpg member" in reasons["empty"] and "no image member" in reasons["dotted"]
+    assert g["sizes"][4].tolist() == [36, 40] and g.attrs["status"] == "complete"
+
+
 def test_empty_shard_is_refused(tmp_path: Path, moco_checkpoint: Path) -> None:
     tarfile.open(tmp_path / "e-000.tar", "w").close()
     with pytest.raises(SeedError, match="empty shard"):
