@@ -242,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("seed: interrupted; completed shards are kept, re-run to resume", file=sys.stderr)
         return 130
+    except OSError as exc:  # the machine, not the user: a full disk, a lost mount, a refused connection
+        print(f"seed: error: {exc}; what was finished is kept, re-run once it is fixed", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

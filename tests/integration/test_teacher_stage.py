@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import shutil
@@ -13,10 +14,12 @@ import tarfile
 import time
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import pytest
 import torch
 import zarr
+from fsspec.implementations.local import LocalFileSystem
 
 from pipeline import teacher as stage
 from seed import cache
@@ -25,6 +28,7 @@ from seed.decode import Decoder
 from seed.errors import SeedError
 from seed.inspect import describe, sample_views
 from seed.shards import decode_image, iter_shard
+from seed.storage import Storage
 from seed.teachers import load_teacher
 from tests.conftest import make_storage, small_config
 
@@ -206,6 +210,58 @@ def test_two_processes_from_one_command_equal_one(clean, tmp_path: Path, shards_
     refused = subprocess.run(_cli(storage_file, *_sets(moco_checkpoint), "--procs", "2", "--shards", "0"),
                              capture_output=True, text=True)
     assert refused.returncode == 2 and "does not combine with --shards" in refused.stderr
+
+
+class _FullDisk(LocalFileSystem):
+    """A local filesystem (fsspec protocol ``fulldisk://``) whose writes fail with ENOSPC once ``budget``
+    bytes are spent: a disk filling up under the storage layer, part-way through a write."""
+
+    protocol = ("fulldisk",)
+    budget = 1 << 40
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(auto_mkdir=True, **kwargs)
+
+    @classmethod
+    def _strip_protocol(cls, path: str) -> str:  # type: ignore[override]
+        return LocalFileSystem._strip_protocol(str(path).removeprefix("fulldisk://"))
+
+    def _open(self, path: str, mode: str = "rb", **kwargs: object) -> object:  # type: ignore[override]
+        f = super()._open(path, mode, **kwargs)
+        if "w" in mode or "a" in mode:
+            write = f.write
+
+            def limited(data: bytes) -> int:
+                _FullDisk.budget -= len(data)
+                if _FullDisk.budget < 0:
+                    raise OSError(errno.ENOSPC, "No space left on device", path)
+                return write(data)
+
+            f.write = limited  # this test's own file object, not project code
+        return f
+
+
+def test_disk_full_part_way_leaves_no_record_and_the_rerun_repairs_it(clean, tmp_path: Path, shards_root: Path) -> None:
+    cfg, _, clean_url = clean
+    fsspec.register_implementation("fulldisk", _FullDisk, clobber=True)
+    storage = Storage(shards=str(shards_root), caches=f"fulldisk://{tmp_path}/caches", runs=str(tmp_path / "runs"),
+                      reports=str(tmp_path / "reports"))
+    full = sum(f.stat().st_size for f in Path(clean_url).rglob("*") if f.is_file())
+    _FullDisk.budget = full // 2                                               # the disk fills half-way through
+    try:
+        with pytest.raises(OSError, match="No space left on device"):
+            stage.run(cfg, storage, progress=False)
+    finally:
+        _FullDisk.budget = 1 << 40
+    url = str(tmp_path / "caches" / "test.zarr")
+    g = zarr.open_group(url, mode="r")
+    done = cache.done_shards(g)
+    assert g.attrs["status"] == "incomplete" and 1 <= len(done) < 6
+    # every shard with a record reads back whole; the one cut by the full disk has none
+    assert all(g["valid"][s * 100:(s + 1) * 100].sum() == cache.shard_record(g, s)["valid"] for s in done)
+    stage.run(cfg, storage, progress=False)                                    # space again: the re-run repairs it
+    _assert_same(_arrays(url), _arrays(clean_url))
+    assert zarr.open_group(url, mode="r").attrs["status"] == "complete"
 
 
 def test_other_config_is_refused_with_fields_named(clean, tmp_path: Path, moco_checkpoint: Path) -> None:
