@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import shutil
-import sys
 import tarfile
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,28 +15,7 @@ from pipeline import teacher as stage
 from seed.errors import SeedError
 from seed.teachers import load_teacher
 from tests.conftest import make_storage, small_config
-
-_RECORDERS: list[list[str]] = []
-
-
-def _audit(event: str, args: tuple) -> None:
-    if event == "open" and _RECORDERS and isinstance(args[0], str) and args[0].endswith(".tar"):
-        _RECORDERS[-1].append(os.path.basename(args[0]))
-
-
-sys.addaudithook(_audit)  # stays for the process (hooks cannot be removed); idle while nothing records
-
-
-@contextlib.contextmanager
-def tar_opens() -> Iterator[list[str]]:
-    """Names of the ``.tar`` files opened inside the block (Python's "open" audit event)."""
-    opened: list[str] = []
-    _RECORDERS.append(opened)
-    try:
-        yield opened
-    finally:
-        _RECORDERS.remove(opened)
-
+from tests.unit.test_shards import tar_opens
 
 def _drop_last_samples(path: Path, n: int) -> None:
     """Rewrite a Fashion-MNIST shard without its last ``n`` samples (each is ``KEY.png`` + ``KEY.cls``)."""
