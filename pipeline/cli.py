@@ -164,6 +164,8 @@ def cmd_student(args: argparse.Namespace) -> int:
                              on_epoch=lambda e, row: print(student.epoch_event(e, row), flush=True))
     else:
         result = student.run(cfg, storage, resume=args.resume)
+    if Launch.from_env().rank != 0:
+        return 0  # rank 0 speaks for the run: the other ranks' losses are of their own shards
     last = result.metrics[-1]
     print(f"run {result.run} ({result.mode}): " + ", ".join(
         f"{name} loss {last['loss'][name]:.4f} -> {path}" for name, path in result.students.items()))

@@ -219,6 +219,7 @@ def test_two_process_gloo_run(prepared, tmp_path: Path) -> None:
     probes = sorted((json.loads(line[6:]) for line in result.stdout.splitlines() if line.startswith("probe ")),
                     key=lambda p: p["rank"])
     assert probes == [{"rank": 0, "local_rank": 0, "would_use": "cuda:0"}, {"rank": 1, "local_rank": 1, "would_use": "cuda:1"}]
+    assert sum(line.startswith("run ") for line in result.stdout.splitlines()) == 1  # rank 0 alone reports the run
     state = checkpoint.load(str(tmp_path / "runs" / "demo" / "mobilenetv3_small_050" / "checkpoint.pt"))
     # 3 shards split 2 + 1 between the ranks: min(200, 100) // 25 = 4 steps an epoch, on each rank
     assert state["epoch"] == 2 and [m["steps"] for m in state["metrics"]] == [4, 4]
