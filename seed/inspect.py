@@ -258,84 +258,90 @@ def _chunks_of(arr: zarr.Array) -> list[slice]:
     return [slice(lo, min(lo + step, int(arr.shape[0]))) for lo in range(0, int(arr.shape[0]), step)]
 
 
-def _read_chunks(arr: zarr.Array, label: str, problems: list[str], damaged: set[int]) -> np.ndarray:
-    """The whole array read chunk by chunk; each damaged chunk is named in ``problems``, its rows added to
-    ``damaged`` and left at the fill value, so the other chunks can still be checked."""
-    out = np.full(arr.shape, arr.fill_value, dtype=arr.dtype) if arr.dtype != object else np.empty(arr.shape, object)
-    for block in _chunks_of(arr):
-        try:
-            out[block] = np.asarray(arr[block])
-        except ValueError as exc:  # the crc32c codec, or a chunk too damaged to decode
-            damaged.update(range(block.start, block.stop))
-            problems.append(f"{label}: chunk {block.start // int(arr.chunks[0])} (rows {block.start}-{block.stop - 1}) "
-                            f"is damaged ({str(exc).splitlines()[0][:80]})")
-    return out
+def _read_block(arr: zarr.Array, block: slice, label: str, problems: list[str]) -> np.ndarray | None:
+    """One chunk's rows, or None (named in ``problems``) when the chunk is damaged."""
+    try:
+        return np.asarray(arr[block])
+    except ValueError as exc:  # the crc32c codec, or a chunk too damaged to decode
+        problems.append(f"{label}: chunk {block.start // int(arr.chunks[0])} (rows {block.start}-{block.stop - 1}) "
+                        f"is damaged ({str(exc).splitlines()[0][:80]})")
+        return None
+
+
+def _check_shard(s: int, record: dict[str, Any], rows: dict[str, np.ndarray | None], V: int, problems: list[str]) -> None:
+    """A finished shard's record against its rows (arrays of damaged chunks are None and not checked)."""
+    valid = rows["valid"]
+    if valid is None:
+        return
+    where = f"shard {s} ({str(record.get('url', '')).rsplit('/', 1)[-1]})"
+    if int(valid.sum()) != int(record.get("valid", -1)):
+        problems.append(f"{where}: its record says {record.get('valid')} valid rows, the data has {int(valid.sum())}")
+    emb = rows["embeddings"]
+    if emb is not None:
+        e = emb.astype(np.float32)
+        norms = np.linalg.norm(e[valid], axis=-1)
+        bad = int((~np.isfinite(norms) | (np.abs(norms - 1) > 1e-2)).sum())
+        if bad:
+            problems.append(f"{where}: {bad} of {valid.sum() * V} embeddings of valid rows are not finite unit vectors")
+        if np.isfinite(e[~valid]).any():
+            problems.append(f"{where}: rows marked invalid hold embeddings")
+    if rows["keys"] is not None and (rows["keys"][valid] == "").any():
+        problems.append(f"{where}: valid rows without a key")
+    if rows["augment"] is not None and not np.isfinite(rows["augment"][valid]).all():
+        problems.append(f"{where}: valid rows without replay parameters")
 
 
 def verify(url: str) -> dict[str, Any]:
     """Read every chunk of the cache (and its bank), then check the completion records against the data.
 
-    Per finished shard: the recorded number of valid rows; valid rows with a key, finite embeddings
-    of unit norm (float16 rounding allowed) and replay parameters; other rows empty. For the bank:
-    entries pointing at valid rows, finite targets for valid rows. Returns ``{"problems": [...],
-    "chunks": n, "shards": n}``; no problem means the cache reads back as it was written.
+    One row block (an input shard's chunk of every array) at a time, so memory does not grow with
+    N. Per finished shard: the recorded number of valid rows; valid rows with a key, finite
+    embeddings of unit norm (float16 rounding allowed) and replay parameters; other rows empty. For
+    the bank: entries pointing at valid rows, finite targets in [0, 1] for valid rows. Returns
+    ``{"problems": [...], "chunks": n, "shards": n}``; no problem means the cache reads back as it
+    was written.
     """
     group = cache.open_group(url, "r")
     cache.check_format(group, url)
     a = cache.attributes(group)
-    cap, V = int(a["capacity"]), int(a["V"])
+    cap, V, n_shards = int(a["capacity"]), int(a["V"]), int(a["n_shards"])
     problems: list[str] = []
     if a.get("format_version", 0) < cache.FORMAT_VERSION:
         problems.append(f"format {a.get('format_version')} has no chunk checksums: damaged chunks may read as data")
-    data: dict[str, np.ndarray] = {}
-    damaged: dict[str, set[int]] = {}
+    arrays = {name: cache.array(group, name) for name in cache.ARRAYS}
+    bank = cache.subgroup(group, bank_store.NAME) if bank_store.NAME in group else None
+    targets = {name: cache.array(bank, name) for name in ("indices", "logp", "mass")} if bank is not None else {}
+    complete_bank = bank is not None and cache.attributes(bank).get("status") == "complete"
+    done = set(cache.done_shards(group))
+    valid_all = np.zeros(n_shards * cap, dtype=bool)                    # one bool a row: for the bank's entries
     chunks = 0
-    for name in cache.ARRAYS:
-        arr = cache.array(group, name)
-        chunks += len(_chunks_of(arr))
-        damaged[name] = set()
-        data[name] = _read_chunks(arr, name, problems, damaged[name])
-    done = cache.done_shards(group)
-    for s in done:
-        record = cache.shard_record(group, s) or {}
-        rows = slice(s * cap, (s + 1) * cap)
-        readable = {name for name in cache.ARRAYS if not damaged[name] & set(range(rows.start, rows.stop))}
-        if "valid" not in readable:
-            continue  # already named as a damaged chunk
-        valid = data["valid"][rows]
-        where = f"shard {s} ({str(record.get('url', '')).rsplit('/', 1)[-1]})"
-        if int(valid.sum()) != int(record.get("valid", -1)):
-            problems.append(f"{where}: its record says {record.get('valid')} valid rows, the data has {int(valid.sum())}")
-        if "embeddings" in readable:
-            e = data["embeddings"][rows].astype(np.float32)
-            norms = np.linalg.norm(e[valid], axis=-1)
-            bad = int((~np.isfinite(norms) | (np.abs(norms - 1) > 1e-2)).sum())
-            if bad:
-                problems.append(f"{where}: {bad} of {valid.sum() * V} embeddings of valid rows are not finite unit vectors")
-            if np.isfinite(e[~valid]).any():
-                problems.append(f"{where}: rows marked invalid hold embeddings")
-        if "keys" in readable and (data["keys"][rows][valid] == "").any():
-            problems.append(f"{where}: valid rows without a key")
-        if "augment" in readable and not np.isfinite(data["augment"][rows][valid]).all():
-            problems.append(f"{where}: valid rows without replay parameters")
-    if a.get("status") == "complete" and len(done) != int(a["n_shards"]):
-        problems.append(f"marked complete but {len(done)} of {a['n_shards']} shards have a record")
-    if bank_store.NAME in group:
-        node = cache.subgroup(group, bank_store.NAME)
-        b: dict[str, np.ndarray] = {}
-        bank_damaged: dict[str, set[int]] = {}
-        for name in ("ids", "vectors", "indices", "logp", "mass"):
-            arr = cache.array(node, name)
-            chunks += len(_chunks_of(arr))
-            bank_damaged[name] = set()
-            b[name] = _read_chunks(arr, f"bank/{name}", problems, bank_damaged[name])
-        if not bank_damaged["ids"] and not damaged["valid"]:
-            entry_rows = b["ids"][:, 0]
-            n = len(data["valid"])
-            if ((entry_rows < 0) | (entry_rows >= n)).any() or not data["valid"][entry_rows].all():
+    for s in range(n_shards):
+        block = slice(s * cap, (s + 1) * cap)
+        rows = {name: _read_block(arr, block, name, problems) for name, arr in arrays.items()}
+        for name, arr in targets.items():
+            rows[f"bank/{name}"] = _read_block(arr, block, f"bank/{name}", problems)
+        chunks += len(rows)
+        if rows["valid"] is not None:
+            valid_all[block] = rows["valid"]
+        if s in done:
+            _check_shard(s, cache.shard_record(group, s) or {}, rows, V, problems)
+        mass = rows.get("bank/mass")
+        if complete_bank and mass is not None and rows["valid"] is not None:
+            m = mass[rows["valid"]]
+            if not (np.isfinite(m) & (m >= 0) & (m <= 1.0001)).all():
+                problems.append(f"bank/mass: shard {s} has valid rows without targets (or a mass outside [0, 1])")
+    if a.get("status") == "complete" and len(done) != n_shards:
+        problems.append(f"marked complete but {len(done)} of {n_shards} shards have a record")
+    if bank is not None:
+        entries = {}
+        for name in ("ids", "vectors"):
+            arr = cache.array(bank, name)
+            parts = [_read_block(arr, b, f"bank/{name}", problems) for b in _chunks_of(arr)]
+            chunks += len(parts)
+            entries[name] = None if any(x is None for x in parts) else np.concatenate([x for x in parts if x is not None])
+        ids = entries["ids"]
+        if ids is not None:
+            entry_rows = ids[:, 0]
+            if ((entry_rows < 0) | (entry_rows >= len(valid_all))).any() or not valid_all[entry_rows].all():
                 problems.append("bank/ids: entries that are not valid rows of the cache")
-        if not bank_damaged["mass"] and not damaged["valid"] and cache.attributes(node).get("status") == "complete":
-            mass = b["mass"][data["valid"]]
-            if not (np.isfinite(mass) & (mass >= 0) & (mass <= 1.0001)).all():
-                problems.append("bank/mass: valid rows without targets (or a mass outside [0, 1])")
     return {"problems": problems, "chunks": chunks, "shards": len(done)}

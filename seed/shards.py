@@ -12,6 +12,7 @@ decode is reported by ``decode_image`` and skipped by the caller; the teacher st
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import gzip
@@ -93,17 +94,28 @@ class DamagedShard(SeedError):
 
 
 class _Tracked:
-    """A read-only stream that counts the bytes it hands out and keeps the last ``keep`` of them, so
-    that the end of a tar can be checked after ``tarfile`` has stopped reading it."""
+    """A read-only stream that counts the bytes it hands out and keeps at least the last ``keep`` of them
+    (whole reads, dropped oldest first: no copy per read), so that the end of a tar can be checked
+    after ``tarfile`` has stopped reading it."""
 
     def __init__(self, raw: Any, keep: int):
-        self.raw, self.keep, self.pos, self.tail = raw, keep, 0, b""
+        self.raw, self.keep, self.pos = raw, keep, 0
+        self.recent: collections.deque[bytes] = collections.deque()
+        self.kept = 0
 
     def read(self, size: int = -1) -> bytes:
         data = self.raw.read(size)
         self.pos += len(data)
-        self.tail = (self.tail + data)[-self.keep:]
+        if data:
+            self.recent.append(data)
+            self.kept += len(data)
+            while self.kept - len(self.recent[0]) >= self.keep:
+                self.kept -= len(self.recent.popleft())
         return data
+
+    @property
+    def tail(self) -> bytes:
+        return b"".join(self.recent)
 
 
 def _tar_members(stream: Any, url: str) -> Iterator[dict[str, Any]]:
@@ -134,7 +146,8 @@ def _tar_members(stream: Any, url: str) -> Iterator[dict[str, Any]]:
     if getattr(tf.fileobj, "comptype", "tar") != "tar":
         return  # compressed: the decompressor checks its own end (a cut gzip raises EOFError)
     end = tf.offset                              # where tarfile looked for the next header and stopped
-    seen = tracked.tail[len(tracked.tail) - (tracked.pos - end):] if tracked.pos - end <= len(tracked.tail) else None
+    tail = tracked.tail
+    seen = tail[len(tail) - (tracked.pos - end):] if tracked.pos - end <= len(tail) else None
     rest = b"".join(iter(lambda: stream.read(1 << 20), b""))
     after = (seen if seen is not None else b"x") + rest
     if len(after) < 2 * tarfile.BLOCKSIZE or after.strip(b"\0"):
