@@ -68,7 +68,8 @@ from bench.teacher_stage import pure_forward  # noqa: E402
 from pipeline import bank as bank_stage  # noqa: E402
 from pipeline import student as student_stage  # noqa: E402
 from pipeline import teacher as teacher_stage  # noqa: E402
-from seed.augment import Recipe, apply_batch, draw_params  # noqa: E402
+from seed.augment import apply_batch  # noqa: E402
+from seed.views import Recipe, draw_params  # noqa: E402
 from seed.config import RunConfig, load_config  # noqa: E402
 from seed.data import Batches, FreshViews  # noqa: E402
 from seed.models import mlp_encoder  # noqa: E402

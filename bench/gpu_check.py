@@ -55,7 +55,8 @@ import torchvision.io as tvio
 
 from bench.common import jpeg_shards, storage as make_storage, teacher_checkpoint
 from pipeline import bank as bank_stage, student as student_stage, teacher as teacher_stage
-from seed.augment import Recipe, apply_batch, draw_views
+from seed.augment import apply_batch
+from seed.views import Recipe, draw_views
 from seed.bank import BankIndex, sparse_targets
 from seed.config import RunConfig, load_config
 from seed.loss import seed_loss_sparse, teacher_probs

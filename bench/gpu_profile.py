@@ -28,7 +28,8 @@ import torch  # noqa: E402
 
 import bench.gpu_check as gc  # noqa: E402
 from pipeline import teacher as teacher_stage  # noqa: E402
-from seed.augment import Recipe, apply_batch, draw_views  # noqa: E402
+from seed.augment import apply_batch  # noqa: E402
+from seed.views import Recipe, draw_views  # noqa: E402
 from seed.decode import Decoder  # noqa: E402
 from seed.shards import iter_shard  # noqa: E402
 

@@ -29,7 +29,7 @@ import torch
 import yaml
 
 from seed import bank_store, cache, checkpoint
-from seed.augment import Recipe
+from seed.views import Recipe
 from seed.config import RunConfig, from_dict, outcome, to_dict, write_run_files
 from seed.data import CachedSource, FreshViews, Source, rank_shards
 from seed.decode import Decoder

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 import zarr
 
 from seed import cache
-from seed.augment import P, apply_batch, draw_views
+from seed.augment import apply_batch
+from seed.views import P, draw_views
 from seed.config import RunConfig, to_dict, write_run_files
 from seed.devices import autocast, data_workers, require_cpu_threads, resolve_device, set_cpu_threads
 from seed.errors import SeedError

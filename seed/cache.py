@@ -44,7 +44,7 @@ import numpy as np
 import zarr
 import zarr.errors
 
-from seed.augment import COLUMNS, P
+from seed.views import COLUMNS, P
 from seed.errors import SeedError
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
-from seed.augment import Recipe
+from seed.views import Recipe
 from seed.errors import SeedError
 from seed.storage import Storage, load_yaml
 

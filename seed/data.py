@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from seed import cache
-from seed.augment import Recipe, apply_batch, draw_params
+from seed.augment import apply_batch
+from seed.views import Recipe, draw_params
 from seed.prefetch import prefetch
 from seed.decode import Decoder
 from seed.errors import SeedError

@@ -28,7 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from seed.augment import COL, P, Recipe, apply_batch
+from seed.augment import apply_batch
+from seed.views import COL, P, Recipe
 from seed.decode import Decoder
 from seed.devices import autocast
 from seed.errors import SeedError

@@ -129,7 +129,8 @@ def _replay(group: zarr.Group, rows: np.ndarray, views: np.ndarray) -> Any:
     """The cached views (row, view) replayed from the shards: float images ``[n, 3, r, r]`` (no teacher)."""
     import torch
 
-    from seed.augment import Recipe, apply_batch
+    from seed.augment import apply_batch
+    from seed.views import Recipe
     from seed.config import from_dict
     from seed.shards import decode_image, iter_shard
 

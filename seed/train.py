@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from seed import checkpoint
-from seed.augment import Recipe
+from seed.views import Recipe
 from seed.config import LoaderConfig, OptimConfig
 from seed.data import Batches, Source, shard_order
 from seed.devices import autocast, data_workers, join_process_group

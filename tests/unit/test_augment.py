@@ -8,7 +8,8 @@ import pytest
 import torch
 from torchvision.transforms.v2 import functional as TF
 
-from seed.augment import COL, COLUMNS, P, Recipe, apply_batch, blur_kernel_size, draw_params, draw_views
+from seed.augment import apply_batch, blur_kernel_size
+from seed.views import COL, COLUMNS, P, Recipe, draw_params, draw_views
 
 RECIPE = Recipe()
 

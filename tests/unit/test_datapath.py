@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from seed.augment import Recipe, apply_batch
+from seed.augment import apply_batch
+from seed.views import Recipe
 from seed.data import Example, FreshViews, collate, examples
 from seed.decode import Decoder
 from seed.errors import SeedError

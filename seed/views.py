@@ -1,0 +1,160 @@
+"""A view's parameters: the augmentation recipe and the replayable rows drawn from it (numpy only).
+
+A view is a fixed-width float32 row (``COLUMNS``). The teacher stage draws and stores the rows; the
+student stage reads them back and applies them (``seed.augment.apply_batch``) to the same decoded
+image, so the student sees exactly the view whose teacher embedding it is matched to.
+
+Drawing follows torchvision's MoCo-v2 transform (He et al. / Chen et al. 2020, ``moco/main_moco.py``):
+``RandomResizedCrop(scale=(0.2, 1))``, ``RandomApply(ColorJitter(0.4, 0.4, 0.4, 0.1), p=0.8)``,
+``RandomGrayscale(p=0.2)``, ``RandomApply(GaussianBlur(sigma=[.1, 2.]), p=0.5)``,
+``RandomHorizontalFlip()``. Each row is drawn from a generator seeded by ``(seed, key, view)``
+alone, so parameters never depend on batch order, worker count or process.
+
+This module imports no torch, so configs and caches can be read by light commands (``seed inspect``,
+``seed config``).
+
+Example:
+    >>> row = draw_params(Recipe(), seed=0, key="img_0001", view=2, height=28, width=28)
+    >>> row.shape == (P,)
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+
+import numpy as np
+
+# Column layout of one view row. Box coordinates are normalised to the source image size.
+# ``order_k`` is the colour-jitter operation applied in position k: 0 brightness, 1 contrast,
+# 2 saturation, 3 hue (torchvision's ColorJitter draws a random permutation of the four).
+COLUMNS: tuple[str, ...] = (
+    "crop_x0", "crop_y0", "crop_w", "crop_h",
+    "flip",
+    "jitter", "brightness", "contrast", "saturation", "hue",
+    "order_0", "order_1", "order_2", "order_3",
+    "grayscale",
+    "blur_sigma",
+    "solarize",
+)
+P = len(COLUMNS)
+COL = {name: i for i, name in enumerate(COLUMNS)}
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """Augmentation recipe; defaults are MoCo-v2's (``moco/main_moco.py``, ``aug_plus``).
+
+    ``blur_sigma`` is in pixels of a ``blur_reference_size`` output (MoCo-v2 blurs 224 px crops);
+    at another output size the sigma is scaled with it, so a view looks the same at any resolution.
+    """
+
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_p: float = 0.5
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.4
+    hue: float = 0.1
+    grayscale_p: float = 0.2
+    blur_p: float = 0.5
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    blur_reference_size: int = 224
+    solarize_p: float = 0.0
+    solarize_threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"recipe.{name} must be a probability in [0, 1], got {value}")
+        lo, hi = self.crop_scale
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ValueError(f"recipe.crop_scale must satisfy 0 < min <= max <= 1, got {self.crop_scale}")
+        lo, hi = self.crop_ratio
+        if not 0.0 < lo <= hi:
+            raise ValueError(f"recipe.crop_ratio must satisfy 0 < min <= max, got {self.crop_ratio}")
+        for name in ("brightness", "contrast", "saturation"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"recipe.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.hue <= 0.5:
+            raise ValueError(f"recipe.hue must be in [0, 0.5], got {self.hue}")
+        lo, hi = self.blur_sigma
+        if not 0.0 < lo <= hi:
+            raise ValueError(f"recipe.blur_sigma must satisfy 0 < min <= max, got {self.blur_sigma}")
+        if self.blur_reference_size <= 0:
+            raise ValueError(f"recipe.blur_reference_size must be > 0, got {self.blur_reference_size}")
+
+
+def view_rng(seed: int, key: str, view: int) -> np.random.Generator:
+    """A generator that depends only on (seed, key, view): stable across processes and platforms."""
+    digest = hashlib.blake2b(key.encode("utf-8"), digest_size=16).digest()
+    words = np.frombuffer(digest, dtype="<u4").tolist()
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, view, *words])))
+
+
+def draw_params(recipe: Recipe, *, seed: int, key: str, view: int, height: int, width: int) -> np.ndarray:
+    """Draw one view's parameters for an image of ``height`` x ``width`` pixels: a float32 row of P."""
+    rng = view_rng(seed, key, view)
+    row = np.zeros(P, dtype=np.float32)
+
+    # RandomResizedCrop.get_params (torchvision), with the box normalised to the source size.
+    top, left, h, w = _crop_box(rng, recipe, height, width)
+    row[COL["crop_x0"]], row[COL["crop_y0"]] = left / width, top / height
+    row[COL["crop_w"]], row[COL["crop_h"]] = w / width, h / height
+
+    # Every random number is drawn whether or not its operation applies, so that a change of one
+    # probability does not shift the draws of the operations after it.
+    jitter = rng.random() < recipe.jitter_p
+    order = rng.permutation(4)
+    factors = [rng.uniform(max(0.0, 1 - s), 1 + s) for s in (recipe.brightness, recipe.contrast, recipe.saturation)]
+    hue = rng.uniform(-recipe.hue, recipe.hue)
+    grayscale = rng.random() < recipe.grayscale_p
+    blur = rng.random() < recipe.blur_p
+    sigma = rng.uniform(*recipe.blur_sigma)
+    solarize = rng.random() < recipe.solarize_p
+    flip = rng.random() < recipe.flip_p
+
+    row[COL["flip"]] = float(flip)
+    row[COL["jitter"]] = float(jitter)
+    if jitter:
+        row[COL["brightness"]], row[COL["contrast"]], row[COL["saturation"]] = factors
+        row[COL["hue"]] = hue
+    else:
+        row[COL["brightness"]] = row[COL["contrast"]] = row[COL["saturation"]] = 1.0
+    row[COL["order_0"] : COL["order_3"] + 1] = order
+    row[COL["grayscale"]] = float(grayscale)
+    row[COL["blur_sigma"]] = sigma if blur else 0.0
+    row[COL["solarize"]] = float(solarize)
+    return row
+
+
+def _crop_box(rng: np.random.Generator, recipe: Recipe, height: int, width: int) -> tuple[int, int, int, int]:
+    """torchvision ``RandomResizedCrop.get_params``: (top, left, h, w) in whole pixels."""
+    area = height * width
+    log_ratio = (math.log(recipe.crop_ratio[0]), math.log(recipe.crop_ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(*recipe.crop_scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            return top, left, h, w
+    # Fallback to a central crop, as torchvision does.
+    in_ratio = width / height
+    if in_ratio < recipe.crop_ratio[0]:
+        w, h = width, int(round(width / recipe.crop_ratio[0]))
+    elif in_ratio > recipe.crop_ratio[1]:
+        h, w = height, int(round(height * recipe.crop_ratio[1]))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def draw_views(recipe: Recipe, *, seed: int, key: str, views: int, height: int, width: int) -> np.ndarray:
+    """All ``views`` rows of one image: float32 ``[views, P]``."""
+    return np.stack([draw_params(recipe, seed=seed, key=key, view=v, height=height, width=width) for v in range(views)])
