@@ -84,9 +84,9 @@ def run(cfg: RunConfig, storage: Storage, *, include_teacher: bool = True, progr
     workers = data_workers(cfg.train.loader.workers, device)
     sample = PixelSample()  # fixed seed: the same subsample for every run of the protocol
     train = extract_all(encoders, expand_urls(storage.resolve("shards", cfg.data.train)), res, device, workers=workers,
-                        pixels=sample, progress=progress, desc="evaluate train")
+                        pixels=sample, progress=progress, desc="evaluate train", damaged=cfg.data.damaged)
     test = extract_all(encoders, expand_urls(storage.resolve("shards", cfg.data.test)), res, device, workers=workers,
-                       pixels=sample, progress=progress, desc="evaluate test")
+                       pixels=sample, progress=progress, desc="evaluate test", damaged=cfg.data.damaged)
     del encoders
 
     results: list[dict[str, Any]] = []

@@ -22,7 +22,7 @@ from seed.devices import join_process_group, resolve_device
 from seed.errors import SeedError
 from seed.models import Encoder, create_backbone, feature_dim, mlp_encoder
 from seed.objectives import Objective, Queue, create_objective
-from seed.shards import expand_urls, iter_shard, shard_lengths
+from seed.shards import Damaged, damage_handler, expand_urls, iter_shard, shard_lengths
 from seed.storage import Storage, join
 from seed.teachers import save_moco_checkpoint
 from seed.train import Loop, make_member, train
@@ -45,8 +45,8 @@ def teacher_config(cfg: RunConfig, path: str) -> TeacherConfig:
                          output="head" if p.method == "moco" else "pooled", small_input=p.small_input)
 
 
-def num_classes(urls: list[str]) -> int:
-    labels = {s.label for u in urls for s in iter_shard(u)}
+def num_classes(urls: list[str], damaged: Damaged = "stop") -> int:
+    labels = {s.label for u in urls for s in iter_shard(u, damage_handler(damaged))}
     if -1 in labels or not labels:
         raise SeedError("supervised pre-training needs a label (.cls or .json) on every training sample")
     return max(labels) + 1
@@ -74,15 +74,15 @@ def run(cfg: RunConfig, storage: Storage, *, resume: bool = False, progress: boo
     rank, world = join_process_group(device)
     urls = expand_urls(storage.resolve("shards", cfg.data.train))
     torch.manual_seed(p.seed)
-    model = build(p, num_classes(urls) if p.method == "supervised" else 0)
+    model = build(p, num_classes(urls, cfg.data.damaged) if p.method == "supervised" else 0)
     member = make_member(p.method, model, join(out, p.method), optim=p.optim, device=device,
                          meta={"arch": p.arch, "config": to_dict(cfg)})
     objective: Objective = (
         create_objective("moco", model=member.model, queue=Queue(p.queue, p.dim, device, p.seed),
                          momentum=p.key_momentum, temperature=p.temperature)
         if p.method == "moco" else create_objective("supervised"))
-    source = FreshViews(cfg.cache.recipe, seed=p.seed + 7, n_views=objective.n_views)
-    lengths = shard_lengths(urls, record=storage.shard_lengths_record())
+    source = FreshViews(cfg.cache.recipe, seed=p.seed + 7, n_views=objective.n_views, damaged=cfg.data.damaged)
+    lengths = shard_lengths(urls, record=storage.shard_lengths_record(), damaged=cfg.data.damaged)
     rank_counts = [sum(lengths[i] for i in rank_shards(len(urls), r, world)) for r in range(world)]
     loop = Loop(optim=p.optim, loader=p.loader, seed=p.seed, resolution=cfg.cache.resolution, recipe=cfg.cache.recipe)
     metrics = train([member], objective, urls, source, rank_counts, loop, device=device, resume=resume,

@@ -35,7 +35,7 @@ from seed.errors import SeedError
 from seed.models import Encoder
 from seed.prefetch import prefetch
 from seed.decode import Decoder
-from seed.shards import Sample, expand_urls, image_size, iter_shard, shard_lengths
+from seed.shards import DamagedShard, Sample, damage_handler, expand_urls, image_size, iter_shard, shard_lengths
 from seed.storage import Storage
 from seed.teachers import LoadReport, TeacherLoader, load_teacher
 
@@ -68,7 +68,7 @@ def make_plan(cfg: RunConfig, storage: Storage, *, check_cache: bool = False) ->
     naming the shards (leave it off to overwrite the cache).
     """
     urls = expand_urls(storage.resolve("shards", cfg.data.train))
-    lengths = shard_lengths(urls, record=storage.shard_lengths_record())
+    lengths = shard_lengths(urls, record=storage.shard_lengths_record(), damaged=cfg.data.damaged)
     empty = [u for u, n in zip(urls, lengths) if n == 0]
     if empty:
         raise SeedError(f"empty shard(s), no samples: {', '.join(empty[:3])}")
@@ -150,18 +150,20 @@ size from its header), parameters, row, view."""
 
 
 def _view_jobs(url: str, shard_len: int, cfg: RunConfig, batch_size: int, meta: dict[str, np.ndarray],
-               skipped: list[dict[str, str]], decoder: Decoder | None) -> Iterator[list[View]]:
+               skipped: list[dict[str, str]], decoder: Decoder | None,
+               damage: list[DamagedShard]) -> Iterator[list[View]]:
     """Read a shard once, draw V views per image, yield them ``batch_size`` at a time in shard order.
 
     ``decoder`` decodes a batch's worth of images at a time (one nvJPEG call on CUDA) and views are
     drawn for the decoded size; without one, images stay encoded and views are drawn for the size in
     their header (the GPU decodes them later, ``_decode_views``). Batches hold the same views in the
-    same order either way. Fills ``meta`` (keys, labels, sizes, augment, valid) and ``skipped``.
+    same order either way. Fills ``meta`` (keys, labels, sizes, augment, valid) and ``skipped``, and
+    ``damage`` when the shard is damaged and ``data.damaged=keep`` (else ``DamagedShard`` is raised).
     """
     c = cfg.cache
     pending: list[View] = []
     n = 0
-    for chunk in _chunks(iter_shard(url), max(1, batch_size // c.views)):
+    for chunk in _chunks(iter_shard(url, damage_handler(cfg.data.damaged, damage)), max(1, batch_size // c.views)):
         n += len(chunk)
         if chunk[-1].index >= shard_len:
             raise SeedError(f"{url}: more samples than the {shard_len} planned; the shard changed since the cache was made")
@@ -183,7 +185,7 @@ def _view_jobs(url: str, shard_len: int, cfg: RunConfig, batch_size: int, meta: 
                 pending = pending[batch_size:]
     if pending:
         yield pending
-    if n != shard_len:
+    if n != shard_len and not (damage and n < shard_len):
         raise SeedError(f"{url}: {n} samples, but the plan counted {shard_len}; the shard changed since the cache was made")
 
 
@@ -270,6 +272,7 @@ class _ShardDone:
     meta: dict[str, np.ndarray]
     skipped: list[dict[str, str]]
     decode: str
+    damaged: dict[str, Any] | None  # what was read and lost of a damaged shard kept by data.damaged=keep
 
 
 def _shard_items(cfg: RunConfig, plan: Plan, shards: list[int], batch_size: int, device: torch.device,
@@ -290,10 +293,24 @@ def _shard_items(cfg: RunConfig, plan: Plan, shards: list[int], batch_size: int,
             "sizes": np.zeros((cap, 2), dtype=np.int32),
         }
         skipped: list[dict[str, str]] = []
-        for views in _view_jobs(plan.urls[shard], plan.lengths[shard], cfg, batch_size, meta, skipped, decoder):
+        damage: list[DamagedShard] = []
+        for views in _view_jobs(plan.urls[shard], plan.lengths[shard], cfg, batch_size, meta, skipped, decoder, damage):
             yield _Encoded(shard, views) if encoded else _Views(shard, *_augment(views, cfg, device))
         meta["keys"] = meta["keys"].astype(str)
-        yield _ShardDone(shard, meta, skipped, decoder.name if decoder is not None else "nvjpeg")
+        yield _ShardDone(shard, meta, skipped, decoder.name if decoder is not None else "nvjpeg",
+                         _damage_record(damage, meta, plan.lengths[shard]))
+
+
+def _damage_record(damage: list[DamagedShard], meta: dict[str, np.ndarray], expected: int) -> dict[str, Any] | None:
+    """What a damaged shard kept and lost: the samples read whole before the damage keep their rows; the
+    rows after them stay invalid. ``lost`` counts the samples the shard should have had past them
+    (None when the count itself came from scanning the damaged shard: what followed is unknown)."""
+    if not damage:
+        return None
+    read = int(np.count_nonzero(meta["keys"] != ""))
+    return {"error": str(damage[0]), "offset": damage[0].offset, "read": read, "expected": expected,
+            "lost": expected - read if expected > read else None,
+            "last_key": str(meta["keys"][read - 1]) if read else None}
 
 
 class _WorkerShards(torch.utils.data.IterableDataset):
@@ -393,6 +410,7 @@ def embed_shards(cfg: RunConfig, plan: Plan, group: zarr.Group, shards: list[int
             "skipped": item.skipped, "teacher_forwards": forwards.pop(s), "teacher_seconds": round(forward_s.pop(s), 4),
             "seconds": round(time.perf_counter() - started.pop(s), 4), "device": str(device), "decode": item.decode,
             "workers": workers, "finished_at": round(time.time(), 3),
+            **({"damaged": item.damaged} if item.damaged is not None else {}),
         }
         cache.write_shard(group, s, {**item.meta, "embeddings": emb.pop(s)}, record)
         records[s] = record

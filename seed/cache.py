@@ -276,7 +276,11 @@ def finalize(group: zarr.Group, url: str) -> dict[str, Any]:
         "teacher_forwards": sum(r["teacher_forwards"] for r in done),
         "teacher_seconds": round(sum(r["teacher_seconds"] for r in done), 3),
         "stage_seconds": round(sum(r["seconds"] for r in done), 3),
+        "damaged_shards": [s for s, r in enumerate(records) if r is not None and "damaged" in r],
     }
+    if totals["damaged_shards"]:
+        log.warning("%s: complete with %d damaged shard(s) kept by data.damaged=keep (%s): seed inspect lists what "
+                    "was lost", url, len(totals["damaged_shards"]), ", ".join(map(str, totals["damaged_shards"][:10])))
     group.update_attributes({"status": "complete", "totals": totals,
                              "completed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     return totals
@@ -291,6 +295,11 @@ def open_complete(url: str, mode: Mode = "r") -> zarr.Group:
         raise SeedError(f"{url}: cache is incomplete ({len(done_shards(group))} of {n} shards done); "
                         "finish it with the teacher stage first")
     return group
+
+
+def damaged_shards(group: zarr.Group) -> dict[int, dict[str, Any]]:
+    """The shards recorded as damaged (kept by ``data.damaged=keep``): what was read and what was lost."""
+    return {s: r["damaged"] for s in done_shards(group) if "damaged" in (r := shard_record(group, s) or {})}
 
 
 def skipped_samples(group: zarr.Group) -> list[dict[str, Any]]:

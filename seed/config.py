@@ -34,6 +34,9 @@ class DataConfig:
 
     train: str = "fashion-mnist/train/train-{000000..000059}.tar"
     test: str = "fashion-mnist/test/test-{000000..000009}.tar"
+    # A damaged tar (cut short, bad header, data after its end): "stop" names it and stops the stage;
+    # "keep" keeps the samples before the damage and records the shard as damaged (seed inspect shows it)
+    damaged: Literal["stop", "keep"] = "stop"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,7 +30,7 @@ from seed.views import Recipe, draw_params
 from seed.prefetch import prefetch
 from seed.decode import Decoder
 from seed.errors import SeedError
-from seed.shards import Sample, image_size, iter_shard
+from seed.shards import Damaged, DamagedShard, OnDamage, Sample, damage_handler, image_size, iter_shard
 
 if TYPE_CHECKING:
     import zarr
@@ -73,6 +73,10 @@ class Source(Protocol):
         """A function of (index in the shard, sample) -> the example, or None to skip the sample."""
         ...
 
+    def on_damage(self, shard: int) -> OnDamage | None:
+        """What reading ``shard`` does at damage (``seed.shards.iter_shard``): None raises ``DamagedShard``."""
+        ...
+
 
 class CachedSource:
     """Per input shard, the cached rows: which view to use and its replay/teacher data.
@@ -84,6 +88,21 @@ class CachedSource:
         self.group, self.bank, self.view, self.seed, self.dense = group, bank, view, seed, dense
         self.capacity = int(cache.attributes(group)["capacity"])
         self.V = int(cache.attributes(group)["V"])
+        self.damaged = cache.damaged_shards(group)
+
+    def on_damage(self, shard: int) -> OnDamage | None:
+        """A shard the teacher stage recorded as damaged (``data.damaged=keep``) reads up to the same damage
+        (its rows after it are invalid); damage anywhere else means the shard changed since: an error."""
+        record = self.damaged.get(shard)
+        if record is None:
+            return None
+
+        def recorded(exc: DamagedShard) -> None:
+            if exc.offset != record["offset"]:
+                raise SeedError(f"{exc.url}: damaged at byte {exc.offset}, but the cache recorded its damage at byte "
+                                f"{record['offset']}; the shard changed since the cache was made") from exc
+
+        return recorded
 
     def valid_counts(self) -> np.ndarray:
         valid = cache.read(self.group, "valid")
@@ -117,8 +136,11 @@ class CachedSource:
 class FreshViews:
     """``n_views`` new views per image and epoch, drawn from (seed, key, epoch * n_views + i)."""
 
-    def __init__(self, recipe: Recipe, *, seed: int, n_views: int = 1):
-        self.recipe, self.seed, self.n_views = recipe, seed, n_views
+    def __init__(self, recipe: Recipe, *, seed: int, n_views: int = 1, damaged: Damaged = "stop"):
+        self.recipe, self.seed, self.n_views, self.damaged = recipe, seed, n_views, damaged
+
+    def on_damage(self, shard: int) -> OnDamage | None:
+        return damage_handler(self.damaged)
 
     def load(self, shard: int, epoch: int) -> MakeExample:
         def make(index: int, sample: Sample) -> Example | None:
@@ -151,7 +173,7 @@ def examples(urls: Sequence[str], order: Sequence[int], source: Source, epoch: i
     buffer: list[Example] = []
     for shard in order:
         make = source.load(shard, epoch)
-        for sample in iter_shard(urls[shard]):
+        for sample in iter_shard(urls[shard], source.on_damage(shard)):
             ex = make(sample.index, sample)
             if ex is None:
                 continue

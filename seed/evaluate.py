@@ -34,7 +34,7 @@ from seed.decode import Decoder
 from seed.devices import autocast
 from seed.errors import SeedError
 from seed.prefetch import prefetch
-from seed.shards import Sample, lengths_from_info, decode_image, iter_shard
+from seed.shards import Damaged, Sample, damage_handler, decode_image, iter_shard, lengths_from_info
 
 IDENTITY = Recipe()
 EVAL_BATCH = 256           # images per forward; a batch never spans two shards
@@ -160,11 +160,11 @@ def _decode(shard: int, samples: list[Sample], decoder: Decoder, resolution: int
 
 
 def _shard_chunks(urls: Sequence[str], shards: Sequence[int], resolution: int, batch_size: int,
-                  decoder: Decoder | None) -> Iterator[_Chunk]:
+                  decoder: Decoder | None, damaged: Damaged = "stop") -> Iterator[_Chunk]:
     """The shards' samples in batches; decoded on ``decoder``'s device, or left encoded when it is None."""
     for shard in shards:
         pending: list[Sample] = []
-        for sample in iter_shard(urls[shard]):
+        for sample in iter_shard(urls[shard], damage_handler(damaged)):
             pending.append(sample)
             if len(pending) == batch_size:
                 yield _make_chunk(shard, pending, decoder, resolution)
@@ -183,8 +183,9 @@ class _WorkerShards(torch.utils.data.IterableDataset):
     """Worker w of W reads ``shards[w::W]``, each shard whole; on the CPU it also decodes and resizes,
     on CUDA it leaves the images encoded (the main process decodes them with nvJPEG)."""
 
-    def __init__(self, urls: Sequence[str], resolution: int, batch_size: int, decode: bool):
+    def __init__(self, urls: Sequence[str], resolution: int, batch_size: int, decode: bool, damaged: Damaged):
         self.urls, self.resolution, self.batch_size, self.decode = list(urls), resolution, batch_size, decode
+        self.damaged = damaged
 
     def __iter__(self) -> Iterator[_Chunk | SeedError]:
         info = torch.utils.data.get_worker_info()
@@ -192,7 +193,7 @@ class _WorkerShards(torch.utils.data.IterableDataset):
         mine = shards if info is None else shards[info.id::info.num_workers]
         decoder = Decoder(torch.device("cpu")) if self.decode else None
         try:
-            yield from _shard_chunks(self.urls, mine, self.resolution, self.batch_size, decoder)
+            yield from _shard_chunks(self.urls, mine, self.resolution, self.batch_size, decoder, self.damaged)
         except SeedError as exc:  # handed over as an item: the DataLoader would wrap it in its own traceback
             yield exc
 
@@ -202,7 +203,7 @@ def _as_is(item: Any) -> Any:
 
 
 def _chunks(urls: Sequence[str], resolution: int, device: torch.device, *, batch_size: int, workers: int,
-            depth: int = 2) -> Iterator[_Chunk]:
+            depth: int = 2, damaged: Damaged = "stop") -> Iterator[_Chunk]:
     """Decoded batches of every shard, in no particular order (the caller restores shard order).
 
     No workers: one background thread reads, decodes and resizes on ``device``. Workers on the CPU
@@ -210,10 +211,11 @@ def _chunks(urls: Sequence[str], resolution: int, device: torch.device, *, batch
     decodes (nvJPEG) and resizes on the GPU.
     """
     if workers == 0:
-        yield from prefetch(_shard_chunks(urls, range(len(urls)), resolution, batch_size, Decoder(device)), depth)
+        yield from prefetch(_shard_chunks(urls, range(len(urls)), resolution, batch_size, Decoder(device), damaged),
+                            depth)
         return
     gpu = device.type == "cuda"
-    loader = torch.utils.data.DataLoader(_WorkerShards(urls, resolution, batch_size, decode=not gpu), batch_size=None,
+    loader = torch.utils.data.DataLoader(_WorkerShards(urls, resolution, batch_size, not gpu, damaged), batch_size=None,
                                          num_workers=min(workers, len(urls)), collate_fn=_as_is,
                                          prefetch_factor=max(1, depth))
 
@@ -267,12 +269,13 @@ class _PixelKeeper:
 
 def extract_all(encoders: Mapping[str, Encode], urls: Sequence[str], resolution: int, device: torch.device, *,
                 batch_size: int = EVAL_BATCH, workers: int = 0, pixels: PixelSample | None = None,
-                progress: bool = False, desc: str = "features") -> Extracted:
+                progress: bool = False, desc: str = "features", damaged: Damaged = "stop") -> Extracted:
     """Every encoder's features of every decodable image of ``urls``, in one pass over the shards.
 
     Each batch is decoded and resized once and goes through all ``encoders`` (bf16 autocast on CUDA);
     only the float32 feature rows are kept, in shard order whatever the worker count. ``pixels``:
-    also keep that subsample's images for the raw-pixel baseline.
+    also keep that subsample's images for the raw-pixel baseline. ``damaged``: ``data.damaged`` (``keep``
+    scores the samples a damaged shard holds before its damage, with a warning naming it).
     """
     from tqdm import tqdm
 
@@ -285,7 +288,7 @@ def extract_all(encoders: Mapping[str, Encode], urls: Sequence[str], resolution:
     keeper = _PixelKeeper(pixels, resolution) if pixels is not None else None
     skipped = 0
     with torch.inference_mode():
-        for chunk in _chunks(urls, resolution, device, batch_size=batch_size, workers=workers):
+        for chunk in _chunks(urls, resolution, device, batch_size=batch_size, workers=workers, damaged=damaged):
             bar.update(chunk.read)
             skipped += chunk.read - len(chunk.labels)
             if not len(chunk.labels):

@@ -21,13 +21,14 @@ import json
 import logging
 import os
 import shutil
+import socket
 import struct
 import tarfile
 import tempfile
 import time
 import warnings
-from collections.abc import Iterable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Literal
 from pathlib import Path
 
 import braceexpand
@@ -90,7 +91,46 @@ def _label(fields: dict[str, bytes]) -> int:
 
 
 class DamagedShard(SeedError):
-    """A tar shard that is cut short, has a header that does not parse, or has data after its end."""
+    """A tar shard that is cut short, has a header that does not parse, or has data after its end.
+
+    ``offset``: the byte where the damage was found; ``member``: the last member read whole before it.
+    """
+
+    def __init__(self, message: str, *, url: str, offset: int, member: str | None):
+        super().__init__(message)
+        self.url, self.offset, self.member = url, offset, member
+
+    def __reduce__(self) -> tuple[Any, ...]:  # crosses from DataLoader workers whole
+        return _damaged_shard, (str(self), self.url, self.offset, self.member)
+
+
+def _damaged_shard(message: str, url: str, offset: int, member: str | None) -> DamagedShard:
+    return DamagedShard(message, url=url, offset=offset, member=member)
+
+
+Damaged = Literal["stop", "keep"]
+"""What a reader does at a damaged shard (``data.damaged``): ``stop`` raises ``DamagedShard``; ``keep`` keeps
+the samples read before the damage, and the stage records the shard as damaged with what was lost."""
+
+OnDamage = Callable[[DamagedShard], None]
+
+
+def damage_handler(policy: Damaged, seen: list[DamagedShard] | None = None) -> OnDamage | None:
+    """The ``on_damage`` argument of ``iter_shard`` for a policy: None (raise) for ``stop``; for ``keep``, log
+    a warning and append the damage to ``seen`` (so the stage can report it)."""
+    if policy == "stop":
+        return None
+
+    def keep(exc: DamagedShard) -> None:
+        log.warning("%s (data.damaged=keep: the samples before byte %d are kept, the rest is lost)", exc, exc.offset)
+        if seen is not None:
+            seen.append(exc)
+
+    return keep
+
+
+_HOW_TO_PROCEED = ("copy the shard again, leave it out of data.train, or set data.damaged=keep to keep the samples "
+                   "before the damage and record the shard as damaged")
 
 
 class _Tracked:
@@ -141,8 +181,8 @@ def _tar_members(stream: Any, url: str) -> Iterator[dict[str, Any]]:
             tf.members = []  # stream mode: do not keep every header
     except tarfile.ReadError as exc:
         where = f"in member {member.name!r} (header at byte {member.offset})" if member is not None else "at its start"
-        raise DamagedShard(f"{url}: damaged tar shard, {exc} {where}; copy the shard again, or leave it out of "
-                           "data.train") from exc
+        raise DamagedShard(f"{url}: damaged tar shard, {exc} {where}; {_HOW_TO_PROCEED}", url=url,
+                           offset=member.offset if member is not None else 0, member=None) from exc
     if getattr(tf.fileobj, "comptype", "tar") != "tar":
         return  # compressed: the decompressor checks its own end (a cut gzip raises EOFError)
     end = tf.offset                              # where tarfile looked for the next header and stopped
@@ -156,24 +196,31 @@ def _tar_members(stream: Any, url: str) -> Iterator[dict[str, Any]]:
                 else "what follows the last member read is neither a valid header nor the end marker "
                      "(a damaged header, or data after the end)")
         last = f"after member {member.name!r}" if member is not None else "at its start"
-        raise DamagedShard(f"{url}: damaged tar shard at byte {end} {last}: {what}; copy the shard again, or leave "
-                           "it out of data.train")
+        raise DamagedShard(f"{url}: damaged tar shard at byte {end} {last}: {what}; {_HOW_TO_PROCEED}", url=url,
+                           offset=end, member=member.name if member is not None else None)
 
 
-def iter_shard(url: str) -> Iterator[Sample]:
-    """Samples of one tar shard in tar order. A damaged (truncated, corrupt) or unreadable tar raises
-    ``SeedError`` naming it: never fewer samples in silence."""
+def iter_shard(url: str, on_damage: OnDamage | None = None) -> Iterator[Sample]:
+    """Samples of one tar shard in tar order. A damaged (truncated, corrupt) tar raises ``DamagedShard``
+    naming it, unless ``on_damage`` is given (``damage_handler``): then the samples read whole before the
+    damage are all there is, and ``on_damage`` is told. An unreadable one raises ``SeedError``. Never
+    fewer samples in silence."""
     try:
         with fsspec.open(url, "rb") as stream:
             members = _tar_members(stream, url)
-            for index, fields in enumerate(tariterators.group_by_keys(members)):
-                key = fields["__key__"]
-                ext = next((e for e in IMAGE_EXTS if e in fields), "")
-                try:
-                    label = _label(fields)
-                except (ValueError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-                    raise SeedError(f"{url}: sample {key!r} has an unreadable label ({exc})") from exc
-                yield Sample(key, fields.get(ext) if ext else None, ext, label, url, index)
+            try:
+                for index, fields in enumerate(tariterators.group_by_keys(members)):
+                    key = fields["__key__"]
+                    ext = next((e for e in IMAGE_EXTS if e in fields), "")
+                    try:
+                        label = _label(fields)
+                    except (ValueError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                        raise SeedError(f"{url}: sample {key!r} has an unreadable label ({exc})") from exc
+                    yield Sample(key, fields.get(ext) if ext else None, ext, label, url, index)
+            except DamagedShard as exc:
+                if on_damage is None:
+                    raise
+                on_damage(exc)
     except FileNotFoundError as exc:
         raise SeedError(f"shard not found: {url}") from exc
     except ValueError as exc:
@@ -244,22 +291,25 @@ def image_size(sample: Sample) -> tuple[int, int]:
     return h, w
 
 
-def count_samples(url: str) -> int:
+def count_samples(url: str, on_damage: OnDamage | None = None) -> int:
     """Number of samples in a shard (scans the tar headers; no image is decoded)."""
-    return sum(1 for _ in iter_shard(url))
+    return sum(1 for _ in iter_shard(url, on_damage))
 
 
-def shard_lengths(urls: list[str], record: str | None = None) -> list[int]:
+def shard_lengths(urls: list[str], record: str | None = None, damaged: Damaged = "stop") -> list[int]:
     """Samples per shard: from a ``_info.json`` beside the shards when it lists them, else by scanning.
 
     ``record`` (a JSON file, ``Storage.shard_lengths_record``) keeps the scanned counts keyed by shard
     URL and identity (size plus mtime, ETag or the like), so each shard is scanned once, not once per
-    process; a shard whose identity changed is scanned again.
+    process; a shard whose identity changed is scanned again. ``damaged="keep"``: a damaged shard counts
+    the samples before its damage, and that count is not recorded (every run finds the damage again).
     """
     lengths = lengths_from_info(urls)
     if lengths is not None:
         return lengths
-    return [count_samples(u) for u in urls] if record is None else _recorded_lengths(urls, record)
+    if record is None:
+        return [count_samples(u, damage_handler(damaged)) for u in urls]
+    return _recorded_lengths(urls, record, damaged)
 
 
 RECORD_FORMAT = "seed-shard-lengths"
@@ -270,7 +320,7 @@ _CHANGE_KEYS = ("mtime", "ETag", "etag", "LastModified", "last_modified", "gener
 _SAVE_EVERY_S = 60.0  # a long first count keeps what it counted so far if it is interrupted
 
 
-def _recorded_lengths(urls: list[str], record: str) -> list[int]:
+def _recorded_lengths(urls: list[str], record: str, damaged: Damaged) -> list[int]:
     known = _read_record(record)
     keys = [_canonical(u) for u in urls]
     idents = _identities(urls)  # taken before counting: a rewrite meanwhile only causes a recount
@@ -282,11 +332,12 @@ def _recorded_lengths(urls: list[str], record: str) -> list[int]:
         if ident is not None and entry is not None and entry["identity"] == ident:
             lengths.append(entry["samples"])
             continue
-        n = count_samples(url)
+        seen: list[DamagedShard] = []
+        n = count_samples(url, damage_handler(damaged, seen))
         if entry is not None and entry["samples"] != n:
             log.warning("shard %s changed since it was counted: %d samples then, %d now", url, entry["samples"], n)
         lengths.append(n)
-        if ident is not None:  # no identity, nothing to tell a rewrite by: not recorded
+        if ident is not None and not seen:  # no identity, nothing to tell a rewrite by: not recorded
             new[key] = {"samples": n, "identity": ident}
             if time.monotonic() - saved > _SAVE_EVERY_S:
                 _save_record(record, new)
@@ -458,7 +509,9 @@ def _write_splits(splits: dict[str, Iterable[tuple[str, bytes, str, int]]], out:
     """Write each split to ``out/<split>/`` with an ``_info.json`` (timm's layout), atomically."""
     if per_shard <= 0:
         raise SeedError(f"--per-shard must be > 0, got {per_shard}")
-    tmp = Path(tempfile.mkdtemp(prefix=".seed-shards-", dir=_local_tmp_parent(out)))
+    parent = _local_tmp_parent(out)
+    _remove_stale_builds(Path(parent or tempfile.gettempdir()))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_BUILD_PREFIX}{socket.gethostname()}-{os.getpid()}-", dir=parent))
     as_if_created(tmp, directory=True)  # mkdtemp makes it private; the published directory should not be
     try:
         info: dict = {"name": os.path.basename(out.rstrip("/")), "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "splits": {}}
@@ -474,6 +527,31 @@ def _write_splits(splits: dict[str, Iterable[tuple[str, bytes, str, int]]], out:
         return info
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+_BUILD_PREFIX = ".seed-shards-"
+
+
+def _remove_stale_builds(parent: Path) -> None:
+    """Remove what killed conversions left in ``parent``: build directories named after this host and a
+    process that no longer runs (a build of another host, or of a live process, is left alone)."""
+    host = socket.gethostname()
+    for path in parent.glob(f"{_BUILD_PREFIX}{host}-*-*"):
+        pid = path.name[len(_BUILD_PREFIX) + len(host) + 1:].split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        log.info("removing %s, left by a conversion that was stopped (process %s)", path, pid)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _local_tmp_parent(out: str) -> str | None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
 import os
 import shutil
@@ -19,18 +18,19 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from fsspec.implementations.local import LocalFileSystem
 
 from pipeline import teacher as stage
 from seed import cache
 from seed.augment import apply_batch
 from seed.decode import Decoder
+from seed.data import CachedSource, examples
 from seed.errors import SeedError
 from seed.inspect import describe, sample_views
 from seed.shards import decode_image, iter_shard
 from seed.storage import Storage
 from seed.teachers import load_teacher
 from tests.conftest import make_storage, small_config
+from tests.integration.fulldisk import FullDisk
 
 SIX = "fm/train/train-{000000..000005}.tar"
 
@@ -212,47 +212,18 @@ def test_two_processes_from_one_command_equal_one(clean, tmp_path: Path, shards_
     assert refused.returncode == 2 and "does not combine with --shards" in refused.stderr
 
 
-class _FullDisk(LocalFileSystem):
-    """A local filesystem (fsspec protocol ``fulldisk://``) whose writes fail with ENOSPC once ``budget``
-    bytes are spent: a disk filling up under the storage layer, part-way through a write."""
-
-    protocol = ("fulldisk",)
-    budget = 1 << 40
-
-    def __init__(self, **kwargs: object) -> None:
-        super().__init__(auto_mkdir=True, **kwargs)
-
-    @classmethod
-    def _strip_protocol(cls, path: str) -> str:  # type: ignore[override]
-        return LocalFileSystem._strip_protocol(str(path).removeprefix("fulldisk://"))
-
-    def _open(self, path: str, mode: str = "rb", **kwargs: object) -> object:  # type: ignore[override]
-        f = super()._open(path, mode, **kwargs)
-        if "w" in mode or "a" in mode:
-            write = f.write
-
-            def limited(data: bytes) -> int:
-                _FullDisk.budget -= len(data)
-                if _FullDisk.budget < 0:
-                    raise OSError(errno.ENOSPC, "No space left on device", path)
-                return write(data)
-
-            f.write = limited  # this test's own file object, not project code
-        return f
-
-
 def test_disk_full_part_way_leaves_no_record_and_the_rerun_repairs_it(clean, tmp_path: Path, shards_root: Path) -> None:
     cfg, _, clean_url = clean
-    fsspec.register_implementation("fulldisk", _FullDisk, clobber=True)
+    fsspec.register_implementation("fulldisk", FullDisk, clobber=True)
     storage = Storage(shards=str(shards_root), caches=f"fulldisk://{tmp_path}/caches", runs=str(tmp_path / "runs"),
                       reports=str(tmp_path / "reports"))
     full = sum(f.stat().st_size for f in Path(clean_url).rglob("*") if f.is_file())
-    _FullDisk.budget = full // 2                                               # the disk fills half-way through
+    FullDisk.budget = full // 2                                               # the disk fills half-way through
     try:
         with pytest.raises(OSError, match="No space left on device"):
             stage.run(cfg, storage, progress=False)
     finally:
-        _FullDisk.budget = 1 << 40
+        FullDisk.budget = 1 << 40
     url = str(tmp_path / "caches" / "test.zarr")
     g = zarr.open_group(url, mode="r")
     done = cache.done_shards(g)
@@ -338,6 +309,33 @@ def test_a_shard_cut_short_stops_the_stage_naming_it(tmp_path: Path, shards_root
     assert message[0].startswith(f"seed: error: {cut}: damaged tar shard") and "copy the shard again" in message[0]
     g = zarr.open_group(str(tmp_path / "caches" / "cut.zarr"), mode="r")
     assert g.attrs["status"] == "incomplete" and 1 not in cache.done_shards(g)
+
+    # As the message offers: keep what precedes the damage. The cache completes with the shard recorded as
+    # damaged: what was read, what the shard should have held, what was lost, the last key read.
+    out = subprocess.run(_cli(storage_file, *sets, "--set", "data.damaged=keep", "--quiet"), capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    g = zarr.open_group(str(tmp_path / "caches" / "cut.zarr"), mode="r")
+    whole = [s.key for s in iter_shard(str(shards_root / "fm" / "train" / "train-000001.tar"))]
+    damaged = cache.damaged_shards(g)
+    assert list(damaged) == [1] and g.attrs["totals"]["damaged_shards"] == [1]
+    read = damaged[1]["read"]
+    assert 0 < read < 100 and damaged[1]["expected"] == 100 and damaged[1]["lost"] == 100 - read
+    assert damaged[1]["last_key"] == whole[read - 1] and str(cut) in damaged[1]["error"]
+    valid = cache.read(g, "valid").reshape(3, -1)
+    assert valid[0].all() and valid[2].all() and valid[1, :read].all() and not valid[1, read:].any()
+    assert list(cache.read(g, "keys").reshape(3, -1)[1, :read]) == whole[:read]
+    assert g.attrs["totals"]["valid"] == 200 + read
+
+    # A student reads the damaged shard up to the recorded damage: one example per valid row, no error ...
+    source = CachedSource(g, None, view="cycle", seed=0, dense=True)
+    urls = [str(data / f"train-{i:06d}.tar") for i in range(3)]
+    rows = sorted(int(ex.row) for ex in examples(urls, [0, 1, 2], source, 0, seed=0, shuffle_buffer=16))
+    assert rows == sorted(np.flatnonzero(cache.read(g, "valid")).tolist())
+    # ... but damage elsewhere in it means the shard changed since the cache was made
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    with pytest.raises(SeedError, match="the shard changed since the cache was made"):
+        list(examples(urls, [1], source, 0, seed=0, shuffle_buffer=16))
 
 
 def test_hostile_samples_are_skipped_or_converted_by_rule_and_never_shift_rows(tmp_path: Path, moco_checkpoint: Path) -> None:

@@ -21,7 +21,7 @@ from PIL import Image
 
 from pipeline.cli import main
 from seed.errors import SeedError
-from seed.shards import (RECORD_FORMAT, DamagedShard, decode_image, expand_urls, fashion_mnist_to_shards, imagefolder_to_shards,
+from seed.shards import (RECORD_FORMAT, DamagedShard, damage_handler, decode_image, expand_urls, fashion_mnist_to_shards, imagefolder_to_shards,
                          iter_shard, read_idx, shard_lengths)
 
 
@@ -86,10 +86,21 @@ def test_a_damaged_shard_is_named_never_read_short(tmp_path: Path, how: str) -> 
     good = foreign_tar(tmp_path / "good.tar").read_bytes()
     bad = tmp_path / "bad.tar"
     bad.write_bytes(_damage(good)[how])
-    with pytest.raises(DamagedShard, match=rf"{bad}: damaged tar shard.*copy the shard again, or leave it out of data.train"):
+    with pytest.raises(DamagedShard, match=rf"{bad}: damaged tar shard.*copy the shard again, leave it out of "
+                                           "data.train, or set data.damaged=keep"):
         list(iter_shard(str(bad)))
     with pytest.raises(DamagedShard, match="damaged tar shard"):  # counting reads the same way: no short count
         shard_lengths([str(bad)])
+
+    # data.damaged=keep: the samples read whole before the damage, each equal to the good shard's, and the
+    # damage reported once (the sample being read when it struck is not handed out half-read)
+    whole = list(iter_shard(str(tmp_path / "good.tar")))
+    seen: list[DamagedShard] = []
+    kept = list(iter_shard(str(bad), damage_handler("keep", seen)))
+    assert len(seen) == 1 and seen[0].url == str(bad) and 0 <= seen[0].offset <= len(good)
+    assert len(kept) < len(whole)
+    assert [(s.key, s.image, s.label) for s in kept] == [(s.key, s.image, s.label) for s in whole[: len(kept)]]
+    assert shard_lengths([str(bad)], damaged="keep") == [len(kept)]
 
 
 def test_a_complete_shard_reads_whatever_its_padding(tmp_path: Path) -> None:
@@ -377,3 +388,22 @@ def test_odd_and_repeated_keys(tmp_path: Path) -> None:
             _add(tar, name, png if name.endswith("png") else b"1")
     with pytest.raises(SeedError, match=r"member 'a.png' appears twice in one sample"):
         list(iter_shard(str(tmp_path / "twice.tar")))
+
+
+def test_a_killed_conversions_build_directory_is_removed_by_the_next(tmp_path: Path) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    from seed import shards
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    left = tmp_path / f".seed-shards-{host}-{dead.pid}-abc123"       # a conversion killed on this host
+    live = tmp_path / f".seed-shards-{host}-{os.getpid()}-def456"    # one still running here
+    other = tmp_path / f".seed-shards-elsewhere-{dead.pid}-ghi789"   # another host's, on a shared disk
+    for d in (left, live, other):
+        (d / "train").mkdir(parents=True)
+    fashion_mnist_to_shards(str(tmp_path / "fm"), source=shards.FASHION_MNIST_DIR, per_shard=50, limit=100)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["fm", live.name, other.name])
