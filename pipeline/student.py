@@ -112,7 +112,7 @@ def run(cfg: RunConfig, storage: Storage, *, resume: bool = False, progress: boo
         make = objective or functools.partial(create_objective, "seed-cached")
         obj = make(bank_vectors=torch.from_numpy(bank.vectors()).to(device),
                    bank_rows=torch.from_numpy(bank.ids()[:, 0]).to(device),
-                   tau_s=t.tau_s, tau_t=tau_t, dense=t.targets == "dense")
+                   tau_s=t.tau_s, tau_t=tau_t, dense=t.targets == "dense", tail=t.tail)
         cached = source(group, bank, view=t.view, seed=t.seed, dense=t.targets == "dense")
         data, per_shard = cached, cached.valid_counts().tolist()
         check_decode(cache.attributes(group), Decoder(device).name, url)

@@ -157,6 +157,7 @@ class TrainConfig:
     run: str = "demo"
     mode: Literal["cached", "online"] = "cached"
     targets: Literal["sparse", "dense"] = "sparse"
+    tail: Literal["uniform", "lumped", "renorm"] = "renorm"  # sparse targets: the mass the top-k miss (seed.loss.Tail)
     view: Literal["random", "cycle"] = "random"
     students: tuple[StudentConfig, ...] = (StudentConfig(),)
     tau_s: float = 0.2

@@ -12,12 +12,15 @@ Offline, the bank holds cached views of other images; ``own`` masks a view's own
 bank (``[B, K]``, True = excluded from both distributions).
 
 ``seed_loss`` computes the teacher side densely from cached (or online) embeddings;
-``seed_loss_sparse`` takes the cached top-k targets (columns of D+, log-probabilities), with
-the uncaptured mass spread evenly over the remaining columns, which equals the dense loss when
-the top-k capture all the mass.
+``seed_loss_sparse`` takes the cached top-k targets (columns of D+, log-probabilities); the mass
+the top-k miss is spread evenly over the remaining columns, lumped into one target, or dropped
+with the top-k renormalised (``Tail``). Each equals the dense loss when the top-k capture all the
+mass.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 
@@ -69,27 +72,52 @@ def seed_loss(z_s: torch.Tensor, z_t: torch.Tensor, bank: torch.Tensor, tau_s: f
     return -torch.where(p_t > 0, p_t * log_p_s, 0.0).sum(dim=1).mean()      # 0 log 0 = 0 on masked columns
 
 
+Tail = Literal["uniform", "lumped", "renorm"]
+"""What the sparse loss does with the teacher mass its top-k miss (``train.tail``):
+
+- ``uniform``: spread it evenly over the other allowed columns of D+ (each gets ``tail / n_rest``);
+- ``lumped``: one target for all of them together, against the student's total mass there,
+  ``-tail * log sum_rest p_S``: the exact cross-entropy of the two distributions coarsened to
+  (top-k columns, rest);
+- ``renorm``: drop it and renormalise the top-k to sum to 1.
+
+All three equal the dense loss when the top-k hold all the mass (at tau_T = 1e-4 they do). ``renorm``
+is the default: its gradient is the closest to the dense loss's at every tau_T measured
+(``bench/sparse_tail.py``)."""
+
+
 def seed_loss_sparse(z_s: torch.Tensor, z_t: torch.Tensor, bank: torch.Tensor, cols: torch.Tensor,
-                     logp_t: torch.Tensor, tau_s: float = 0.2, own: torch.Tensor | None = None) -> torch.Tensor:
+                     logp_t: torch.Tensor, tau_s: float = 0.2, own: torch.Tensor | None = None,
+                     tail: Tail = "renorm") -> torch.Tensor:
     """SEED loss against cached sparse targets (a scalar).
 
     Args:
         cols: ``[B, k]`` columns of D+ holding the teacher's top-k (0 = own view, -1 = none).
         logp_t: ``[B, k]`` their log-probabilities under the full teacher distribution.
+        tail: what to do with the mass the top-k miss (``Tail``).
     """
     log_p_s = student_log_probs(z_s, z_t.detach(), bank, tau_s, own)          # B x (1 + K)
     keep = cols >= 0                                                          # B x k
+    idx = cols.clamp(min=0).long()
     p_top = torch.where(keep, logp_t.float().exp(), 0.0)                      # B x k
-    top_term = (p_top * log_p_s.gather(1, cols.clamp(min=0).long())).sum(dim=1)      # B
-    # The mass the top-k miss, spread evenly over the other allowed columns of D+.
+    if tail == "renorm":
+        p_top = p_top / p_top.sum(dim=1, keepdim=True).clamp(min=1e-30)
+    top_term = (p_top * log_p_s.gather(1, idx)).sum(dim=1)                    # B
+    if tail == "renorm":
+        return -top_term.mean()
     allowed = torch.isfinite(log_p_s)                                         # B x (1 + K)
-    in_top = torch.zeros_like(allowed).scatter_(1, cols.clamp(min=0).long(), keep)
+    # counted, not scattered: a -1 (clamped to column 0) must not clear column 0 when it is in the top-k
+    in_top = torch.zeros(allowed.shape, dtype=torch.int32, device=cols.device).scatter_add_(1, idx, keep.int()) > 0
     rest = allowed & ~in_top
+    mass = (1.0 - p_top.sum(dim=1)).clamp(min=0.0)
+    mass = torch.where(rest.any(dim=1), mass, 0.0)
+    if tail == "lumped":
+        has_rest = rest.any(dim=1, keepdim=True)                              # rows without a rest get 0, not -inf
+        rest_log_p = torch.logsumexp(torch.where(rest, log_p_s, torch.where(has_rest, float("-inf"), 0.0)), dim=1)
+        return -(top_term + mass * torch.where(rest.any(dim=1), rest_log_p, 0.0)).mean()
     n_rest = rest.sum(dim=1).clamp(min=1)
     rest_mean = torch.where(rest, log_p_s, 0.0).sum(dim=1) / n_rest          # B: mean log p_S over the rest
-    tail = (1.0 - p_top.sum(dim=1)).clamp(min=0.0)
-    tail = torch.where(rest.any(dim=1), tail, 0.0)
-    return -(top_term + tail * rest_mean).mean()
+    return -(top_term + mass * rest_mean).mean()
 
 
 def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau: float = 0.2) -> torch.Tensor:

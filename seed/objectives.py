@@ -27,7 +27,7 @@ from torch import nn
 from seed.data import Batch
 from seed.devices import autocast
 from seed.errors import SeedError
-from seed.loss import info_nce, own_mask, seed_loss, seed_loss_sparse
+from seed.loss import Tail, info_nce, own_mask, seed_loss, seed_loss_sparse
 
 Context = dict[str, torch.Tensor]
 ObjectiveFactory = Callable[..., "Objective"]
@@ -121,9 +121,10 @@ class CachedSeed(Objective):
     ``dense``: recompute p_T from the cached embedding and the bank; otherwise the cached top-k targets.
     """
 
-    def __init__(self, bank_vectors: torch.Tensor, bank_rows: torch.Tensor, *, tau_s: float, tau_t: float, dense: bool):
+    def __init__(self, bank_vectors: torch.Tensor, bank_rows: torch.Tensor, *, tau_s: float, tau_t: float, dense: bool,
+                 tail: Tail = "renorm"):
         self.bank, self.bank_rows = bank_vectors, bank_rows                   # K x D, K
-        self.tau_s, self.tau_t, self.dense = tau_s, tau_t, dense
+        self.tau_s, self.tau_t, self.dense, self.tail = tau_s, tau_t, dense, tail
 
     def prepare(self, batch: Batch, device: torch.device) -> Context:
         ctx = {"z_t": batch.extra["z_t"].to(device), "own": own_mask(batch.rows.to(device), self.bank_rows)}
@@ -135,7 +136,7 @@ class CachedSeed(Objective):
         z_s = F.normalize(model(x).float(), dim=1)                            # B x D
         if self.dense:
             return seed_loss(z_s, ctx["z_t"], self.bank, self.tau_s, self.tau_t, ctx["own"])
-        return seed_loss_sparse(z_s, ctx["z_t"], self.bank, ctx["cols"], ctx["logp"], self.tau_s, ctx["own"])
+        return seed_loss_sparse(z_s, ctx["z_t"], self.bank, ctx["cols"], ctx["logp"], self.tau_s, ctx["own"], self.tail)
 
 
 @register("seed-online")

@@ -86,24 +86,67 @@ def test_teacher_distribution_is_exact_under_autocast() -> None:
     assert loss.dtype == torch.float32 and loss.item() == pytest.approx(seed_loss(z_t, z_t, bank, 0.2, 1e-4).item(), rel=1e-6)
 
 
+@pytest.mark.parametrize("tail", ["uniform", "lumped", "renorm"])
 @pytest.mark.parametrize("tau_t", [1e-4, 0.05, 0.3])
-def test_sparse_loss_equals_dense_when_topk_is_everything(tau_t: float) -> None:
+def test_sparse_loss_equals_dense_when_topk_is_everything(tau_t: float, tail: str) -> None:
     z_s, z_t, bank = _unit(8, 16, seed=10).float(), _unit(8, 16, seed=11).float(), _unit(20, 16, seed=12).float()
+    z_s.requires_grad_(True)
     rows, bank_rows = np.arange(8), np.arange(20) + 100
     cols, logp, _ = B.sparse_targets(z_t.numpy(), rows, B.BankIndex(bank.numpy(), "flat"), bank_rows, topk=21,
                                      tau=tau_t, exact_normaliser=True)
-    sparse = seed_loss_sparse(z_s, z_t, bank, torch.from_numpy(cols), torch.from_numpy(logp), 0.2).item()
-    assert sparse == pytest.approx(seed_loss(z_s, z_t, bank, 0.2, tau_t).item(), rel=1e-4)
+    sparse = seed_loss_sparse(z_s, z_t, bank, torch.from_numpy(cols), torch.from_numpy(logp), 0.2, tail=tail)  # type: ignore[arg-type]
+    assert sparse.item() == pytest.approx(seed_loss(z_s, z_t, bank, 0.2, tau_t).item(), rel=1e-4)
+    sparse.backward()
+    assert z_s.grad is not None and torch.isfinite(z_s.grad).all()  # no rest left: no 0 x inf in the gradient
+
+
+def _tail_reference(log_p_s: np.ndarray, cols: np.ndarray, logp: np.ndarray, allowed: np.ndarray, tail: str) -> float:
+    """The three tail rules written out per row, column by column."""
+    total = 0.0
+    for i in range(len(cols)):
+        top = {int(c): float(np.exp(lp)) for c, lp in zip(cols[i], logp[i]) if c >= 0}
+        rest = [j for j in range(log_p_s.shape[1]) if allowed[i, j] and j not in top]
+        if tail == "renorm":
+            z = sum(top.values())
+            total -= sum(p / z * log_p_s[i, c] for c, p in top.items())
+            continue
+        missing = 1.0 - sum(top.values())
+        total -= sum(p * log_p_s[i, c] for c, p in top.items())
+        if tail == "uniform":
+            total -= sum(missing / len(rest) * log_p_s[i, j] for j in rest)
+        else:
+            total -= missing * math.log(sum(math.exp(log_p_s[i, j]) for j in rest))
+    return total / len(cols)
+
+
+@pytest.mark.parametrize("tail", ["uniform", "lumped", "renorm"])
+def test_sparse_tail_rules_match_hand_computation_with_padding_and_own_column(tail: str) -> None:
+    """Rows whose top-k hold the own view (column 0) and are padded with -1 (fewer candidates than k), and an
+    own-image mask: the padding must not clear column 0 from the top-k set (it once did, through a scatter
+    of the clamped -1), and masked columns take no tail mass."""
+    z_s, z_t, bank = _unit(3, 8, seed=30).float(), _unit(3, 8, seed=31).float(), _unit(12, 8, seed=32).float()
+    cols = torch.tensor([[0, 5, -1, -1], [0, -1, -1, -1], [3, 0, 7, 1]])
+    logp = torch.log(torch.tensor([[0.6, 0.2, 1.0, 1.0], [0.7, 1.0, 1.0, 1.0], [0.3, 0.25, 0.1, 0.05]]))
+    own = torch.zeros(3, 12, dtype=torch.bool)
+    own[0, 2] = own[2, 9] = True                                                    # columns 3 and 10 of D+
+    got = seed_loss_sparse(z_s, z_t, bank, cols, logp, 0.2, own, tail=tail).item()  # type: ignore[arg-type]
+    assert math.isfinite(got)
+    log_p_s = torch.log_softmax(torch.cat([(z_s * z_t).sum(1, keepdim=True),
+                                           (z_s @ bank.T).masked_fill(own, float("-inf"))], 1) / 0.2, 1)
+    allowed = torch.isfinite(log_p_s).numpy()
+    assert got == pytest.approx(_tail_reference(log_p_s.double().numpy(), cols.numpy(), logp.numpy(), allowed, tail),
+                                rel=1e-5)
 
 
 def test_sparse_loss_with_tail_matches_hand_computation() -> None:
-    """Top-k probabilities, then the missing mass spread evenly over the other columns of D+."""
+    """Top-k probabilities, then the missing mass spread evenly over the other columns of D+ (``uniform``),
+    against targets made by the bank's own ``sparse_targets``."""
     z_s, z_t, bank = _unit(6, 8, seed=13).float(), _unit(6, 8, seed=14).float(), _unit(30, 8, seed=15).float()
     rows, bank_rows = np.arange(6), np.arange(30) + 100
     cols, logp, mass = B.sparse_targets(z_t.numpy(), rows, B.BankIndex(bank.numpy(), "flat"), bank_rows, topk=4,
                                         tau=0.5, exact_normaliser=True)
     assert (mass < 0.9).all()  # a real tail
-    got = seed_loss_sparse(z_s, z_t, bank, torch.from_numpy(cols), torch.from_numpy(logp), 0.2).item()
+    got = seed_loss_sparse(z_s, z_t, bank, torch.from_numpy(cols), torch.from_numpy(logp), 0.2, tail="uniform").item()
     log_p_s = torch.log_softmax(torch.cat([(z_s * z_t).sum(1, keepdim=True), z_s @ bank.T], 1) / 0.2, 1).double().numpy()
     expected = 0.0
     for i in range(6):
