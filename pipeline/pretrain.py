@@ -79,7 +79,8 @@ def run(cfg: RunConfig, storage: Storage, *, resume: bool = False, progress: boo
                          meta={"arch": p.arch, "config": to_dict(cfg)})
     objective: Objective = (
         create_objective("moco", model=member.model, queue=Queue(p.queue, p.dim, device, p.seed),
-                         momentum=p.key_momentum, temperature=p.temperature)
+                         momentum=p.key_momentum, temperature=p.temperature, shuffle_bn=p.shuffle_bn,
+                         seed=p.seed)
         if p.method == "moco" else create_objective("supervised"))
     source = FreshViews(cfg.cache.recipe, seed=p.seed + 7, n_views=objective.n_views, damaged=cfg.data.damaged)
     lengths = shard_lengths(urls, record=storage.shard_lengths_record(), damaged=cfg.data.damaged)

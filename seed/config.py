@@ -182,6 +182,9 @@ class PretrainConfig:
     queue: int = 4096
     key_momentum: float = 0.99  # 0.999 in MoCo for 200 ImageNet epochs; faster for short runs
     temperature: float = 0.2
+    # MoCo's Shuffle-BN: G > 1 key and query BatchNorm sub-batches in one process (keys shuffled across them);
+    # under DDP any G > 0 shuffles the keys across the ranks instead. 0 = off
+    shuffle_bn: int = 0
     seed: int = 0
     device: str = "auto"
     optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(epochs=3, base_lr=0.06))

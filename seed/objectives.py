@@ -169,14 +169,25 @@ class OnlineSeed(Objective):
 
 @register("moco")
 class MocoV2(Objective):
-    """MoCo-v2 (Chen et al. 2020): query encoder trained, key encoder = momentum copy, queue of keys."""
+    """MoCo-v2 (Chen et al. 2020): query encoder trained, key encoder = momentum copy, queue of keys.
+
+    ``shuffle_bn`` (MoCo's Shuffle-BN): BatchNorm must not see a query and its key in batches with the
+    same members, or the key encoder's batch statistics leak which key is the positive and the task
+    gets easier than it should. Across DDP ranks the keys' inputs are gathered, shuffled and split
+    over the ranks, then the keys are returned to their rows (MoCo's ``_batch_shuffle_ddp``); each
+    rank's queries use its own BN batch. In one process ``shuffle_bn = G`` > 1 does the same with G
+    sub-batches: queries in G contiguous sub-batches, keys in G sub-batches of a seeded permutation,
+    each with its own BN statistics, as G GPUs would.
+    """
 
     n_views = 2
 
-    def __init__(self, model: nn.Module, queue: Queue, *, momentum: float, temperature: float):
+    def __init__(self, model: nn.Module, queue: Queue, *, momentum: float, temperature: float, shuffle_bn: int = 0,
+                 seed: int = 0):
         # The key encoder keeps its own BatchNorm statistics (momentum-updated parameters only, as MoCo).
         self.key_encoder = copy.deepcopy(unwrap(model)).requires_grad_(False).train()
         self.model, self.queue, self.m, self.t = model, queue, momentum, temperature
+        self.groups, self.seed, self.step = shuffle_bn, seed, 0
 
     def prepare(self, batch: Batch, device: torch.device) -> Context:
         B = len(batch.rows)
@@ -184,13 +195,39 @@ class MocoV2(Objective):
         with torch.no_grad():
             self._momentum_update()
             with autocast(device):
-                k = F.normalize(self.key_encoder(x[B:]).float(), dim=1)       # B x D keys of the second views
+                k = F.normalize(self._keys(x[B:]).float(), dim=1)             # B x D keys of the second views
+        self.step += 1
         return {"k": k, "B": torch.tensor(B)}
+
+    def _keys(self, x: torch.Tensor) -> torch.Tensor:
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if self.groups <= 0 or (self.groups == 1 and world == 1):
+            return self.key_encoder(x)
+        # the same permutation on every rank, from (seed, step): nothing to broadcast, and a resumed run
+        # shuffles as the uninterrupted one did
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.step)
+        if world > 1:
+            x_all = gather(x)                                                  # world*B, rank order
+            perm = torch.randperm(len(x_all), generator=g).to(x.device)
+            mine = perm.view(world, -1)[dist.get_rank()]
+            k_all = gather(self.key_encoder(x_all[mine]))                      # keys in permuted order
+            k = torch.empty_like(k_all)
+            k[perm] = k_all
+            return k.view(world, len(x), -1)[dist.get_rank()]
+        perm = torch.randperm(len(x), generator=g).to(x.device)
+        parts = [self.key_encoder(x[idx]) for idx in perm.chunk(self.groups)]
+        k = torch.empty((len(x), parts[0].shape[1]), dtype=parts[0].dtype, device=x.device)
+        k[perm] = torch.cat(parts)
+        return k
 
     def loss(self, model: nn.Module, x: torch.Tensor, ctx: Context, labels: torch.Tensor) -> torch.Tensor:
         B = int(ctx["B"])
-        q = F.normalize(model(x[:B]).float(), dim=1)                          # B x D queries of the first views
-        return info_nce(q, ctx["k"], self.queue.data, self.t)
+        single = not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1
+        if self.groups > 1 and single:
+            q = torch.cat([model(c) for c in x[:B].chunk(self.groups)])      # as G GPUs' BN batches
+        else:
+            q = model(x[:B])
+        return info_nce(F.normalize(q.float(), dim=1), ctx["k"], self.queue.data, self.t)
 
     @torch.no_grad()
     def _momentum_update(self) -> None:
@@ -201,11 +238,12 @@ class MocoV2(Objective):
         self.queue.push(ctx["k"])
 
     def state_dict(self) -> dict[str, Any]:
-        return {"queue": self.queue.state_dict(), "key_encoder": self.key_encoder.state_dict()}
+        return {"queue": self.queue.state_dict(), "key_encoder": self.key_encoder.state_dict(), "step": self.step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.queue.load_state_dict(state["queue"])
         self.key_encoder.load_state_dict(state["key_encoder"])
+        self.step = int(state.get("step", 0))
 
 
 @register("supervised")

@@ -1,9 +1,11 @@
-"""What must hold across processes: augmentation draws do not depend on the interpreter's hash seed."""
+"""What must hold across processes: augmentation draws do not depend on the interpreter's hash seed; MoCo's
+Shuffle-BN across DDP ranks is its gather-shuffle."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -19,3 +21,48 @@ def test_draw_does_not_depend_on_the_process() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"PYTHONHASHSEED": "123", "PATH": ""}).stdout
     assert bytes.fromhex(out) == here.tobytes()
+
+
+_SHUFFLE_RANK = """
+import sys, torch, torch.distributed as dist
+from seed.data import Batch
+from seed.objectives import MocoV2, Queue
+rank, world, B, init = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+x = torch.randn(world, 2 * B, 6, generator=torch.Generator().manual_seed(1))[rank]
+obj = MocoV2(model.train(), Queue(32, 4, torch.device("cpu")), momentum=0.99, temperature=0.2, shuffle_bn=1, seed=5)
+k = obj.prepare(Batch(x, torch.arange(B), torch.zeros(B, dtype=torch.long), {}, 2), torch.device("cpu"))["k"]
+torch.save(k, sys.argv[5])
+dist.destroy_process_group()
+"""
+
+
+def test_shuffle_bn_across_ranks_is_mocos_gather_shuffle(tmp_path: Path) -> None:
+    """Two gloo ranks: the keys' inputs are gathered, permuted by (seed, step), split over the ranks for the key
+    encoder's BN, and each rank gets its own rows' keys back; equal to that computation in one process."""
+    import socket
+
+    import torch
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    B, world = 8, 2
+    procs = [subprocess.Popen([sys.executable, "-c", _SHUFFLE_RANK, str(r), str(world), str(B),
+                               f"tcp://127.0.0.1:{port}", str(tmp_path / f"k{r}.pt")]) for r in range(world)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    got = torch.cat([torch.load(tmp_path / f"k{r}.pt") for r in range(world)])
+
+    torch.manual_seed(0)
+    key = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    x = torch.randn(world, 2 * B, 6, generator=torch.Generator().manual_seed(1))
+    x_keys = torch.cat([x[r, B:] for r in range(world)])                       # gathered in rank order
+    perm = torch.randperm(world * B, generator=torch.Generator().manual_seed(5 * 1_000_003 + 0))
+    expected = torch.empty(world * B, 4)
+    for idx in perm.view(world, -1):                                           # each rank's BN batch
+        expected[idx] = key.train()(x_keys[idx]).detach()
+    assert torch.allclose(got, torch.nn.functional.normalize(expected, dim=1), atol=1e-6)
+    per_rank = torch.cat([key(x[r, B:]).detach() for r in range(world)])       # without the shuffle
+    assert not torch.allclose(got, torch.nn.functional.normalize(per_rank, dim=1), atol=1e-3)

@@ -297,3 +297,49 @@ def test_written_files_respect_the_umask(tmp_path: Path, mask: int) -> None:
     assert mode(tmp_path / "runs" / "s" / "checkpoint.pt") == 0o666 & ~mask
     assert mode(tmp_path / "caches" / "_shard_lengths.json") == 0o666 & ~mask
     assert mode(tmp_path / "shards") == 0o777 & ~mask
+
+
+# --- MoCo's Shuffle-BN --------------------------------------------------------------------------
+
+def _bn_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+
+
+def test_shuffle_bn_in_one_process_uses_sub_batches_of_a_seeded_permutation() -> None:
+    """G = 4 sub-batches: each query sub-batch (contiguous) and each key sub-batch (a seeded permutation of the
+    keys) has its own BatchNorm statistics, as on 4 GPUs; keys come back to their rows. Checked against the
+    computation written out, and against the plain (one-batch) keys, which must differ (BN mattered)."""
+    from seed.data import Batch
+    from seed.loss import info_nce
+
+    B, G, seed = 16, 4, 3
+    x = torch.randn(2 * B, 6, generator=torch.Generator().manual_seed(1))
+    batch = Batch(x, torch.arange(B), torch.zeros(B, dtype=torch.long), {}, 2)
+    model = _bn_model().train()
+    obj = MocoV2(model, Queue(32, 4, torch.device("cpu")), momentum=0.99, temperature=0.2, shuffle_bn=G, seed=seed)
+    ref_key = _bn_model().train()                    # the key encoder starts as a copy; the momentum update keeps it
+    plain = torch.nn.functional.normalize(ref_key(x[B:]), dim=1).detach()
+    ctx = obj.prepare(batch, torch.device("cpu"))
+
+    perm = torch.randperm(B, generator=torch.Generator().manual_seed(seed * 1_000_003 + 0))
+    expected = torch.empty(B, 4)
+    for idx in perm.chunk(G):
+        expected[idx] = ref_key(x[B:][idx]).detach()
+    assert torch.allclose(ctx["k"], torch.nn.functional.normalize(expected, dim=1), atol=1e-6)
+    assert not torch.allclose(ctx["k"], plain, atol=1e-3)
+
+    q = torch.cat([model(c) for c in x[:B].chunk(G)])
+    loss = obj.loss(model, x, ctx, batch.labels)
+    assert loss.item() == pytest.approx(info_nce(torch.nn.functional.normalize(q, dim=1), ctx["k"], obj.queue.data,
+                                                 0.2).item(), rel=1e-6)
+
+    # the permutation follows the step count, which a resumed run restores from the checkpoint
+    again = MocoV2(_bn_model().train(), Queue(32, 4, torch.device("cpu")), momentum=0.99, temperature=0.2,
+                   shuffle_bn=G, seed=seed)
+    again.load_state_dict(obj.state_dict())
+    assert again.step == 1
+    nxt = torch.randperm(B, generator=torch.Generator().manual_seed(seed * 1_000_003 + 1))
+    assert not torch.equal(nxt, perm)
+    off = MocoV2(_bn_model().train(), Queue(32, 4, torch.device("cpu")), momentum=0.99, temperature=0.2)
+    assert torch.allclose(off.prepare(batch, torch.device("cpu"))["k"], plain, atol=1e-6)  # 0 = off: one batch
