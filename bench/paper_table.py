@@ -221,7 +221,7 @@ def main() -> None:
     def random_row() -> dict[str, Any]:
         model, _ = random_student(STUDENT, False, 0)
         return {"name": f"{STUDENT} random init", "group": "reference", "wall_s": 0.0, "teacher_forwards": 0,
-                **b.score(model)}
+                **b.score(model.features)}
     rows.append(b.row("student-random", random_row))
     rows.append(b.teacher_row("moco"))
     rows.append(b.teacher_row("supervised"))

@@ -24,7 +24,7 @@ from seed import checkpoint
 from seed.config import RunConfig
 from seed.devices import data_workers, resolve_device
 from seed.evaluate import PixelSample, extract_all, score
-from seed.models import create_backbone, freeze
+from seed.models import Encoder, create_backbone, freeze
 from seed.report import write_report
 from seed.shards import expand_urls
 from seed.storage import Storage, read_json, write_text
@@ -41,16 +41,18 @@ class EvaluationResult:
     compute: dict[str, Any]
 
 
-def random_student(arch: str, small_input: bool, seed: int) -> tuple[torch.nn.Module, str]:
-    """A randomly initialised student; ResNets without timm's zero-initialised last BN (degenerate features)."""
+def random_student(arch: str, small_input: bool, seed: int) -> tuple[Encoder, str]:
+    """A randomly initialised student behind the same mean/std normalisation as every trained encoder (a
+    fair baseline: without it the random row also loses what normalisation alone is worth); ResNets
+    without timm's zero-initialised last BN (degenerate features)."""
     torch.manual_seed(seed)
     try:
         backbone = create_backbone(arch, small_input=small_input, zero_init_last=False)
-        note = "random init, timm default except zero_init_last=False"
+        note = "random init, timm default except zero_init_last=False; normalised as the students"
     except TypeError:
         backbone = create_backbone(arch, small_input=small_input)
-        note = "random init, timm default"
-    return freeze(backbone), note
+        note = "random init, timm default; normalised as the students"
+    return freeze(Encoder.for_backbone(backbone)), note
 
 
 def run(cfg: RunConfig, storage: Storage, *, include_teacher: bool = True, progress: bool = True,
@@ -79,7 +81,7 @@ def run(cfg: RunConfig, storage: Storage, *, include_teacher: bool = True, progr
             encoders[f"student {i}"] = model.to(device).features
             rows[f"student {i}"] = (f"{s.label} ({state.get('mode', 'cached')} SEED)", "student", f"{state['epoch']} epochs")
         backbone, note = random_student(s.arch, s.small_input, cfg.train.seed + i)
-        encoders[f"random {i}"] = backbone.to(device)
+        encoders[f"random {i}"] = backbone.to(device).features
         rows[f"random {i}"] = (f"{s.label} random", "baseline", note)
     workers = data_workers(cfg.train.loader.workers, device)
     sample = PixelSample()  # fixed seed: the same subsample for every run of the protocol

@@ -143,3 +143,20 @@ def test_torch_search_equals_faiss_flat(fm_pixels) -> None:
     assert sims.shape == idx.shape == (500, 20) and idx.dtype == np.int64
     np.testing.assert_allclose(sims, ref_s, atol=1e-5)
     assert (idx == ref_i).mean() > 0.99  # only near-ties may order differently
+
+
+def test_the_random_baseline_is_normalised_as_the_students() -> None:
+    """The random-init row goes through the same mean/std normalisation as every trained encoder."""
+    from pipeline.evaluate import random_student
+    from seed.models import create_backbone, preprocessing
+
+    encoder, note = random_student("resnet10t", True, 7)
+    torch.manual_seed(7)
+    plain = create_backbone("resnet10t", small_input=True, zero_init_last=False).eval()
+    pre = preprocessing(plain)
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    mean, std = torch.tensor(pre["mean"]).view(1, 3, 1, 1), torch.tensor(pre["std"]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        assert torch.allclose(encoder.features(x), plain((x - mean) / std), atol=1e-5)
+        assert not torch.allclose(encoder.features(x), plain(x), atol=1e-3)
+    assert "normalised as the students" in note
