@@ -100,23 +100,31 @@ def run(cfg: RunConfig, storage: Storage, *, resume: bool = False, progress: boo
     data: Source
     if t.mode == "cached":
         url = storage.cache_url(cfg.cache.name)
-        group, bank = bank_store.open_bank(url, cfg.bank)
+        queue_mode = t.bank == "queue"  # a FIFO of cached embeddings: the cache alone, no bank stage
+        group, bank = (cache.open_complete(url), None) if queue_mode else bank_store.open_bank(url, cfg.bank)
         fields = cache.attributes(group)["fingerprint_fields"]
         check_shards_match(urls, fields, url)
         dim = int(cache.attributes(group)["D"])
         recipe = from_dict(Recipe, fields["recipe"], "cache.recipe")  # the cache's, whatever the config says
         resolution = int(fields["resolution"])
-        if t.targets == "sparse" and t.tau_t and t.tau_t != cfg.bank.tau_t:
+        if t.targets == "sparse" and t.tau_t and t.tau_t != cfg.bank.tau_t and not queue_mode:
             raise SeedError(f"train.tau_t={t.tau_t} differs from the cached targets' bank.tau_t={cfg.bank.tau_t}; "
                             "use train.targets=dense or rebuild the bank")
-        make = objective or functools.partial(create_objective, "seed-cached")
-        obj = make(bank_vectors=torch.from_numpy(bank.vectors()).to(device),
-                   bank_rows=torch.from_numpy(bank.ids()[:, 0]).to(device),
-                   tau_s=t.tau_s, tau_t=tau_t, dense=t.targets == "dense", tail=t.tail)
-        cached = source(group, bank, view=t.view, seed=t.seed, dense=t.targets == "dense")
+        if queue_mode:  # dense targets in fp32 over the queue, computed per step (seed.objectives.CachedQueueSeed)
+            make = objective or functools.partial(create_objective, "seed-cached-queue")
+            obj = make(queue=Queue(t.queue or cfg.bank.size, dim, device, t.seed), tau_s=t.tau_s, tau_t=tau_t)
+        else:
+            assert bank is not None
+            make = objective or functools.partial(create_objective, "seed-cached")
+            obj = make(bank_vectors=torch.from_numpy(bank.vectors()).to(device),
+                       bank_rows=torch.from_numpy(bank.ids()[:, 0]).to(device),
+                       tau_s=t.tau_s, tau_t=tau_t, dense=t.targets == "dense", tail=t.tail)
+        dense = t.targets == "dense" or queue_mode
+        cached = source(group, bank, view=t.view, seed=t.seed, dense=dense)
         data, per_shard = cached, cached.valid_counts().tolist()
         check_decode(cache.attributes(group), Decoder(device).name, url)
-        meta |= {"cache_fingerprint": cache.attributes(group)["fingerprint"], "bank_fingerprint": bank.fingerprint,
+        meta |= {"cache_fingerprint": cache.attributes(group)["fingerprint"],
+                 "bank_fingerprint": bank.fingerprint if bank is not None else "queue",
                  "cache": url, "teacher_forwards_cached": cache.attributes(group)["totals"]["teacher_forwards"]}
     else:
         teacher, report = load(cfg.teacher)
@@ -149,15 +157,17 @@ def _matches(state: dict[str, Any], cfg: RunConfig, group: Any, bank: Any) -> bo
     if outcome(state.get("config", {}).get("train", {})) != outcome(cfg.train):
         return False
     return group is None or (state.get("cache_fingerprint") == cache.attributes(group)["fingerprint"]
-                             and state.get("bank_fingerprint") == bank.fingerprint)
+                             and state.get("bank_fingerprint") == (bank.fingerprint if bank is not None else "queue"))
 
 
 def _checkpoints(cfg: RunConfig, storage: Storage) -> list[dict[str, Any]] | None:
     """Every student's checkpoint when all exist and were made with this config, cache and bank; else None."""
     group = bank = None
     if cfg.train.mode == "cached":
+        url = storage.cache_url(cfg.cache.name)
         try:
-            group, bank = bank_store.open_bank(storage.cache_url(cfg.cache.name), cfg.bank)
+            group, bank = ((cache.open_complete(url), None) if cfg.train.bank == "queue"
+                           else bank_store.open_bank(url, cfg.bank))
         except SeedError:
             return None
     states = []

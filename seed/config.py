@@ -162,7 +162,10 @@ class TrainConfig:
     students: tuple[StudentConfig, ...] = (StudentConfig(),)
     tau_s: float = 0.2
     tau_t: float = 0.0
-    queue: int = 0  # online: 0 = bank.size
+    # cached mode: "fixed" = the bank stage's sampled bank and cached targets; "queue" = a FIFO of the cached
+    # teacher embeddings of the views trained on (the official queue, with no teacher), dense targets
+    bank: Literal["fixed", "queue"] = "fixed"
+    queue: int = 0  # online and bank=queue: the queue's length (0 = bank.size)
     seed: int = 0
     device: str = "auto"
     nproc: int = 1  # processes on this node (torchrun; one per GPU on CUDA); 0 = one per visible GPU

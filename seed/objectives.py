@@ -34,28 +34,41 @@ ObjectiveFactory = Callable[..., "Objective"]
 
 
 class Queue:
-    """A FIFO of the K most recent embeddings (MoCo's queue; online SEED's instance queue)."""
+    """A FIFO of the K most recent embeddings (MoCo's queue; SEED's instance queue), with the cache row of
+    each entry's image (-1: none known, as for the random entries it starts with)."""
 
     def __init__(self, size: int, dim: int, device: torch.device, seed: int = 0):
         g = torch.Generator().manual_seed(seed)
         self.data = F.normalize(torch.randn(size, dim, generator=g), dim=1).to(device)  # K x D, random at start (MoCo)
+        self.rows = torch.full((size,), -1, dtype=torch.long, device=device)
         self.ptr = 0
 
     @torch.no_grad()
-    def push(self, z: torch.Tensor) -> None:
+    def push(self, z: torch.Tensor, rows: torch.Tensor | None = None) -> None:
         z = gather(z.detach().float())                                        # B x D, all ranks
+        r = gather(rows.to(z.device)) if rows is not None else torch.full((len(z),), -1, dtype=torch.long,
+                                                                          device=z.device)
         K = len(self.data)
         n = min(len(z), K)
         idx = (self.ptr + torch.arange(n, device=z.device)) % K
         self.data[idx] = z[-n:]
+        self.rows[idx] = r[-n:]
         self.ptr = int((self.ptr + n) % K)
 
+    def own(self, rows: torch.Tensor) -> torch.Tensor | None:
+        """``[B, K]`` True where an entry is a view of the same image as a batch row (None when no row is known)."""
+        if not bool((rows >= 0).any()):
+            return None
+        return (rows[:, None] == self.rows[None, :]) & (rows[:, None] >= 0)
+
     def state_dict(self) -> dict[str, Any]:
-        return {"data": self.data.cpu(), "ptr": self.ptr}
+        return {"data": self.data.cpu(), "ptr": self.ptr, "rows": self.rows.cpu()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.data.copy_(state["data"])
         self.ptr = int(state["ptr"])
+        if "rows" in state:
+            self.rows.copy_(state["rows"])
 
 
 def gather(z: torch.Tensor) -> torch.Tensor:
@@ -139,32 +152,63 @@ class CachedSeed(Objective):
         return seed_loss_sparse(z_s, ctx["z_t"], self.bank, ctx["cols"], ctx["logp"], self.tau_s, ctx["own"], self.tail)
 
 
-@register("seed-online")
-class OnlineSeed(Objective):
-    """SEED as published: the frozen teacher embeds every batch; a FIFO queue of K teacher embeddings is the bank."""
+class _QueueSeed(Objective):
+    """SEED against a FIFO queue of teacher embeddings, pushed after each step as the official code does.
 
-    def __init__(self, teacher: nn.Module, queue: Queue, *, tau_s: float, tau_t: float):
-        self.teacher, self.queue, self.tau_s, self.tau_t = teacher, queue, tau_s, tau_t
-        self.teacher_forwards = 0
+    Queue entries of a batch row's own image (known when the views come from a cache, whose rows name
+    the images) are excluded from both distributions; with fresh views no row is known and nothing is.
+    Subclasses say where a batch's teacher embeddings come from (``teacher_embeddings``).
+    """
+
+    def __init__(self, queue: Queue, *, tau_s: float, tau_t: float):
+        self.queue, self.tau_s, self.tau_t = queue, tau_s, tau_t
+
+    def teacher_embeddings(self, batch: Batch, device: torch.device) -> torch.Tensor:
+        raise NotImplementedError
 
     def prepare(self, batch: Batch, device: torch.device) -> Context:
-        with torch.no_grad(), autocast(device):
-            z_t = F.normalize(self.teacher(batch.x.to(device)).float(), dim=1)  # B x D
-        self.teacher_forwards += len(z_t)
-        return {"z_t": z_t}
+        z_t = self.teacher_embeddings(batch, device)                          # B x D, unit norm, fp32
+        return {"z_t": z_t, "rows": batch.rows.to(device)}
 
     def loss(self, model: nn.Module, x: torch.Tensor, ctx: Context, labels: torch.Tensor) -> torch.Tensor:
         z_s = F.normalize(model(x).float(), dim=1)                            # B x D
-        return seed_loss(z_s, ctx["z_t"], self.queue.data, self.tau_s, self.tau_t)
+        return seed_loss(z_s, ctx["z_t"], self.queue.data, self.tau_s, self.tau_t, self.queue.own(ctx["rows"]))
 
     def after_step(self, ctx: Context) -> None:
-        self.queue.push(ctx["z_t"])                                           # enqueue after the step, as the official code
+        self.queue.push(ctx["z_t"], ctx["rows"])                              # enqueue after the step, as the official code
 
     def state_dict(self) -> dict[str, Any]:
         return {"queue": self.queue.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.queue.load_state_dict(state["queue"])
+
+
+@register("seed-online")
+class OnlineSeed(_QueueSeed):
+    """SEED as published: the frozen teacher embeds every batch; a FIFO queue of K teacher embeddings is the bank."""
+
+    def __init__(self, teacher: nn.Module, queue: Queue, *, tau_s: float, tau_t: float):
+        super().__init__(queue, tau_s=tau_s, tau_t=tau_t)
+        self.teacher = teacher
+        self.teacher_forwards = 0
+
+    def teacher_embeddings(self, batch: Batch, device: torch.device) -> torch.Tensor:
+        with torch.no_grad(), autocast(device):
+            z_t = F.normalize(self.teacher(batch.x.to(device)).float(), dim=1)
+        self.teacher_forwards += len(z_t)
+        return z_t
+
+
+@register("seed-cached-queue")
+class CachedQueueSeed(_QueueSeed):
+    """Online SEED's queue with no teacher: the queue holds the *cached* teacher embeddings of the views just
+    trained on, so it turns over every K/B steps exactly as the official queue does, and the targets are
+    computed densely in fp32 from them. With the views the cache replays, this is the official algorithm
+    (``train.bank=queue``), not an approximation of it; only the fp16 storage of the embeddings differs."""
+
+    def teacher_embeddings(self, batch: Batch, device: torch.device) -> torch.Tensor:
+        return F.normalize(batch.extra["z_t"].to(device).float(), dim=1)
 
 
 @register("moco")

@@ -61,6 +61,25 @@ def test_seed_modes_reduce_the_loss(prepared, mode: str, targets: str) -> None:
         assert len(state["cache_fingerprint"]) == 64 and len(state["bank_fingerprint"]) == 64
 
 
+def test_queue_mode_trains_from_the_cache_alone(prepared) -> None:
+    """train.bank=queue: a FIFO of cached teacher embeddings; no teacher, and no bank (a bank built with other
+    parameters is not even opened); a finished run is recognised as done."""
+    _, storage, _ = prepared
+
+    def forbidden(*_: object) -> None:
+        raise AssertionError("queue mode loaded the teacher")
+
+    cfg = _cfg(prepared, "train.bank=queue", "train.queue=128", "bank.size=32", "bank.tau_t=0.05", "train.run=queue")
+    summary = student_stage.run(cfg, storage, progress=False, load=forbidden)  # type: ignore[arg-type]
+    losses = _losses(summary)
+    assert len(losses) == 3 and losses[-1] < losses[0] - 0.05, losses
+    assert summary.teacher_forwards == 0
+    state = checkpoint.load(summary.students["mobilenetv3_small_050"])
+    assert state["bank_fingerprint"] == "queue" and state["objective"]["queue"]["rows"].max() >= 0
+    done = student_stage.completed(cfg, storage)
+    assert done is not None and done.skipped
+
+
 def test_cached_training_never_builds_the_teacher(prepared, tmp_path: Path) -> None:
     cfg, storage, _ = prepared
 

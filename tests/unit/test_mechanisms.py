@@ -16,7 +16,7 @@ from seed.config import load_config
 from seed.data import rank_shards, shard_order
 from seed.errors import SeedError
 from seed.models import mlp_from_state_dict, mlp_head
-from seed.objectives import OBJECTIVES, CachedSeed, MocoV2, Objective, OnlineSeed, Queue, Supervised, create_objective
+from seed.objectives import OBJECTIVES, CachedQueueSeed, CachedSeed, MocoV2, Objective, OnlineSeed, Queue, Supervised, create_objective
 from seed.prefetch import prefetch
 from seed.schedules import warmup_cosine
 
@@ -194,12 +194,12 @@ def test_mlp_head_layout() -> None:
 # --- objectives registry ---------------------------------------------------------------------
 
 def test_objectives_are_registered_by_method_name() -> None:
-    assert {"seed-cached": CachedSeed, "seed-online": OnlineSeed, "moco": MocoV2, "supervised": Supervised}.items() \
-        <= OBJECTIVES.items()
+    assert {"seed-cached": CachedSeed, "seed-cached-queue": CachedQueueSeed, "seed-online": OnlineSeed, "moco": MocoV2,
+            "supervised": Supervised}.items() <= OBJECTIVES.items()
     obj = create_objective("seed-cached", bank_vectors=torch.zeros(3, 2), bank_rows=torch.arange(3), tau_s=0.2,
                            tau_t=1e-4, dense=True)
     assert isinstance(obj, CachedSeed) and isinstance(obj, Objective) and obj.teacher_forwards == 0
-    with pytest.raises(SeedError, match="unknown objective 'byol' \\(known: moco, seed-cached, seed-online, supervised"):
+    with pytest.raises(SeedError, match="unknown objective 'byol' \\(known: moco, seed-cached, seed-cached-queue, seed-online, supervised"):
         create_objective("byol")
 
 
