@@ -1,37 +1,114 @@
 """What is in a teacher cache: identity, completeness, size, and statistics of the embeddings.
 
 Reads the cache alone (never the teacher). ``describe`` returns plain data (the ``--json`` output);
-``format_text`` renders it for people.
+``format_text`` renders it for people; ``plots`` and ``neighbours`` draw what the cached targets mean
+at the cache's tau_T; ``verify`` reads every chunk. Only ``neighbours`` imports torch (it replays views
+with ``seed.augment``), inside the function: the rest stays light (numpy, zarr, matplotlib).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import fsspec
 import numpy as np
 import zarr
 
 from seed import bank_store, cache
 from seed.errors import SeedError
+from seed.storage import filesystem, is_url
+
+
+def _use_storage(url: str) -> None:
+    """A URL cache is read with the storage options of ``$SEED_STORAGE`` or ``./storage.yaml`` when no
+    storage is in force yet (``seed inspect`` is given the cache's URL, not a run config)."""
+    from seed import storage
+
+    if is_url(url) and storage.active() is None:
+        storage.load_storage()
+
+
+def stored_bytes(url: str) -> dict[str, int]:
+    """Bytes stored under a cache by node, from one recursive listing: each array (``embeddings``, ...,
+    ``bank/logp``, ...), the metadata (``zarr.json``, ``bank/zarr.json``) and the completion records
+    (``progress``). Empty when there is no cache."""
+    fs, path = filesystem(url)
+    root = path.rstrip("/")
+    try:
+        files = fs.find(root, detail=True)
+    except FileNotFoundError:
+        return {}
+    out: dict[str, int] = {}
+    for name, entry in files.items():
+        parts = name[len(root):].strip("/").split("/")
+        node = "/".join(parts[:2]) if parts[0] == bank_store.NAME and len(parts) > 1 else parts[0]
+        out[node] = out.get(node, 0) + int(entry.get("size") or 0)
+    return out
 
 
 def disk_bytes(url: str) -> int:
-    fs, _, (path,) = fsspec.get_fs_token_paths(url)
-    try:
-        return int(fs.du(path, total=True))
-    except FileNotFoundError:
-        return 0
+    """Bytes of every file of the cache (bank included); 0 when there is none."""
+    return sum(stored_bytes(url).values())
+
+
+def raw_bytes(arr: zarr.Array) -> int:
+    """What an array holds uncompressed: shape x item size; for variable-length strings (``keys``) the
+    UTF-8 bytes of its values, read one chunk at a time."""
+    if arr.dtype.kind in "OTU":
+        return sum(len(str(x).encode()) for block in _chunks_of(arr) for x in np.asarray(arr[block]).ravel())
+    return int(np.prod(arr.shape, dtype=np.int64)) * int(arr.dtype.itemsize)
+
+
+def byte_counts(group: zarr.Group, url: str, views: int) -> dict[str, Any]:
+    """Stored and raw bytes of the cache and of its bank, separately, in total and per valid view.
+
+    The bank is a sub-group of the cache, so a listing of the cache counts both; here they are split:
+    ``cache`` is every node outside ``bank/`` (its six arrays, metadata, completion records), ``bank``
+    the rest. ``raw_per_view`` at the top is a view's own data: its float16 embedding and float32
+    replay row (2 D + 4 P)."""
+    a = cache.attributes(group)
+    stored = stored_bytes(url)
+    per = max(1, views)
+
+    def part(node: zarr.Group, names: tuple[str, ...], prefix: str) -> dict[str, Any]:
+        arrays = {n: {"stored": stored.get(prefix + n, 0), "raw": raw_bytes(cache.array(node, n))} for n in names if n in node}
+        total = sum(v for k, v in stored.items() if k.startswith(f"{bank_store.NAME}/") == bool(prefix))
+        raw = sum(x["raw"] for x in arrays.values())
+        return {"stored": total, "raw": raw, "stored_per_view": total / per, "raw_per_view": raw / per,
+                "metadata": total - sum(x["stored"] for x in arrays.values()), "arrays": arrays}
+
+    out: dict[str, Any] = {"on_disk": sum(stored.values()), "views": views}
+    out["cache"] = part(group, cache.ARRAYS, "")
+    out["per_view"] = out["cache"]["stored_per_view"]
+    out["raw_per_view"] = 2 * int(a["D"]) + 4 * int(a["P"])
+    if bank_store.NAME in group:
+        out["bank"] = part(cache.subgroup(group, bank_store.NAME), BANK_ARRAYS, f"{bank_store.NAME}/")
+    return out
+
+
+BANK_ARRAYS = ("ids", "vectors", "faiss_index", "indices", "logp", "mass")
+
+
+def sample_rows(group: zarr.Group, n: int, seed: int = 0, blocks: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Up to ``n`` valid rows (sorted) and one view of each, drawn from ``seed`` within at most ``blocks``
+    input shards that hold data: a sample then reads a few chunks of each array whatever N is."""
+    a = cache.attributes(group)
+    cap, n_shards, V = int(a["capacity"]), int(a["n_shards"]), int(a["V"])
+    valid = cache.read(group, "valid")
+    filled = np.flatnonzero(valid.reshape(n_shards, cap).any(axis=1))
+    rng = np.random.default_rng(seed)
+    if len(filled) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    chosen = rng.choice(filled, size=min(blocks, len(filled)), replace=False)
+    candidates = np.concatenate([np.flatnonzero(valid[s * cap:(s + 1) * cap]) + s * cap for s in np.sort(chosen)])
+    rows = np.sort(rng.choice(candidates, size=min(n, len(candidates)), replace=False))
+    return rows, rng.integers(0, V, size=len(rows))
 
 
 def sample_views(group: zarr.Group, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Up to ``n`` (row, view) embeddings of valid rows as float32 ``[n, D]`` and their rows."""
-    valid = np.flatnonzero(cache.read(group, "valid"))
-    if len(valid) == 0:
-        return np.zeros((0, int(cache.attributes(group)["D"])), np.float32), np.zeros(0, np.int64)
-    rng = np.random.default_rng(seed)
-    rows = np.sort(rng.choice(valid, size=min(n, len(valid)), replace=False))
-    views = rng.integers(0, int(cache.attributes(group)["V"]), size=len(rows))
+    """Up to ``n`` (row, view) embeddings of valid rows as float32 ``[n, D]`` and their rows (``sample_rows``)."""
+    rows, views = sample_rows(group, n, seed)
+    if len(rows) == 0:
+        return np.zeros((0, int(cache.attributes(group)["D"])), np.float32), rows
     emb = cache.read_rows(group, "embeddings", rows)                       # n x V x D
     return emb[np.arange(len(rows)), views].astype(np.float32), rows
 
@@ -45,6 +122,7 @@ def _stats(x: np.ndarray) -> dict[str, float]:
 
 
 def describe(url: str, sample: int = 512) -> dict[str, Any]:
+    _use_storage(url)
     group = cache.open_group(url, "r")
     cache.check_format(group, url)
     a = cache.attributes(group)
@@ -52,7 +130,6 @@ def describe(url: str, sample: int = 512) -> dict[str, Any]:
     done = cache.done_shards(group)
     skipped = cache.skipped_samples(group)
     valid_rows = int(np.count_nonzero(cache.read(group, "valid")))
-    size = disk_bytes(url)
     emb, rows = sample_views(group, sample)
     norms = np.linalg.norm(emb, axis=1) if len(emb) else np.zeros(0)
     sims = emb @ emb.T if len(emb) else np.zeros((0, 0))
@@ -67,8 +144,7 @@ def describe(url: str, sample: int = 512) -> dict[str, Any]:
         "shards": {"done": len(done), "total": int(a["n_shards"])},
         "rows": {"valid": valid_rows, "padding_or_skipped": N - valid_rows},
         "skipped": {"count": len(skipped), "first": skipped[:10]},
-        "bytes": {"on_disk": size, "per_view": size / max(1, valid_rows * V),
-                  "raw_per_view": 2 * D + 4 * P},
+        "bytes": byte_counts(group, url, valid_rows * V),
         "totals": a.get("totals"),
         "embedding_norms": _stats(norms),
         "pairwise_similarity": _stats(off),
@@ -77,6 +153,10 @@ def describe(url: str, sample: int = 512) -> dict[str, Any]:
     if bank_store.NAME in group:
         info["bank"] = dict(cache.subgroup(group, bank_store.NAME).attrs)
     return info
+
+
+def _size(n: float) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
 
 def format_text(info: dict[str, Any]) -> str:
@@ -93,8 +173,14 @@ def format_text(info: dict[str, Any]) -> str:
         f"rows         {info['rows']['valid']} valid, {info['rows']['padding_or_skipped']} padding or skipped",
         f"skipped      {info['skipped']['count']} samples"
         + "".join(f"\n               shard {s['shard']} {s['key']}: {s['reason']}" for s in info["skipped"]["first"]),
-        f"size         {b['on_disk'] / 1e6:.2f} MB on disk, {b['per_view']:.1f} B per view (raw {b['raw_per_view']} B)",
+        f"size         {_size(b['on_disk'])} on disk: cache {_size(b['cache']['stored'])}"
+        + (f", bank {_size(b['bank']['stored'])}" if "bank" in b else ", no bank"),
+        f"cache bytes  {b['cache']['stored_per_view']:.1f} B stored per view, {b['cache']['raw_per_view']:.1f} B raw "
+        f"(embedding + replay row {b['raw_per_view']} B; keys, labels, sizes, padding), over {b['views']} valid views",
     ]
+    if "bank" in b:
+        lines.append(f"bank bytes   {b['bank']['stored_per_view']:.1f} B stored per view, {b['bank']['raw_per_view']:.1f} B raw "
+                     "(top-k targets of every view, the bank's entries and index)")
     if info["totals"]:
         tot = info["totals"]
         lines.append(f"teacher      {tot['teacher_forwards']} forwards in {tot['teacher_seconds']:.1f} s")
@@ -130,9 +216,9 @@ def _replay(group: zarr.Group, rows: np.ndarray, views: np.ndarray) -> Any:
     import torch
 
     from seed.augment import apply_batch
-    from seed.views import Recipe
     from seed.config import from_dict
     from seed.shards import decode_image, iter_shard
+    from seed.views import Recipe
 
     cap = int(cache.attributes(group)["capacity"])
     urls = cache.attributes(group)["shard_urls"]
@@ -149,16 +235,59 @@ def _replay(group: zarr.Group, rows: np.ndarray, views: np.ndarray) -> Any:
         for sample in iter_shard(urls[shard]):
             for i in need.get(sample.index, []):
                 images[i] = decode_image(sample)
-    augment = cache.array(group, "augment")
-    params = torch.from_numpy(np.stack([augment[int(r), int(v)] for r, v in zip(rows, views)]))
+    params = torch.from_numpy(cache.read_rows(group, "augment", np.asarray(rows))[np.arange(len(rows)), np.asarray(views)])
     missing = [int(rows[i]) for i, im in enumerate(images) if im is None]
     if missing:
         raise SeedError(f"rows {missing[:5]} are not in their shards any more (did the shards change?)")
     return apply_batch(images, params, recipe, int(fields["resolution"]))  # type: ignore[arg-type]
 
 
+def nearest_other(z: np.ndarray, rows: np.ndarray, vectors: np.ndarray, entry_rows: np.ndarray,
+                  block: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """For each query ``z [n, D]`` of image ``rows``: the similarity to its nearest entry of ``vectors [K, D]``
+    that belongs to another image (``entry_rows``), and that entry (-inf, -1 when there is none).
+
+    A block of queries at a time: n x K similarities at once would not fit for K = 65536.
+    """
+    best = np.full(len(z), -np.inf, np.float32)
+    where = np.full(len(z), -1, np.int64)
+    if len(vectors) == 0:
+        return best, where
+    for lo in range(0, len(z), block):
+        s = z[lo:lo + block] @ vectors.T
+        s[rows[lo:lo + block, None] == entry_rows[None, :]] = -np.inf
+        j = np.argmax(s, axis=1)
+        best[lo:lo + block] = s[np.arange(len(s)), j]
+        where[lo:lo + block] = np.where(np.isfinite(best[lo:lo + block]), j, -1)
+    return best, where
+
+
+def topk_profile(logp: np.ndarray, mass: np.ndarray) -> dict[str, Any]:
+    """The cached sparse targets by rank r (columns sorted by p_T, missing ones last), from ``logp [..., k]``
+    (log p_T under the full distribution over 1 + K columns) and ``mass [...]`` (what the top-k capture).
+
+    Per rank: the mean p_T, the 10/50/90th percentiles of log p_T, and the mean mass not captured by the
+    first r columns: the top-k's own entries past r plus the tail ``1 - mass`` (summed, not ``1 - cumulative``,
+    which float16 log-probabilities near 0 would drown in rounding). Views without targets are left out.
+    """
+    lp = logp.reshape(-1, logp.shape[-1]).astype(np.float64)
+    has = np.isfinite(lp).any(axis=1)
+    lp = -np.sort(-np.where(np.isfinite(lp), lp, -np.inf)[has], axis=1)
+    p = np.exp(lp)
+    tail = np.clip(1.0 - mass.reshape(-1).astype(np.float64)[has], 0.0, None)
+    after = np.cumsum(p[:, ::-1], axis=1)[:, ::-1]                      # sum of p over ranks >= r
+    beyond = np.concatenate([after[:, 1:], np.zeros((len(p), 1))], axis=1) + tail[:, None]
+    q = np.percentile(lp, [10, 50, 90], axis=0) if len(lp) else np.zeros((3, lp.shape[1]))
+    return {"rank": np.arange(1, lp.shape[1] + 1), "mean": p.mean(axis=0), "logp_p10": q[0], "logp_p50": q[1],
+            "logp_p90": q[2], "beyond": beyond.mean(axis=0), "captured": float(1 - tail.mean()) if len(tail) else 0.0,
+            "views": len(lp)}
+
+
 def neighbours(url: str, key: str, out_png: str, k: int = 8) -> dict[str, Any]:
-    """A PNG grid: the image's V cached views, then its ``k`` nearest bank entries (similarity, label)."""
+    """A PNG grid, one line per cached view of ``key``: the view as replayed, then its ``k`` nearest bank
+    entries of other images (replayed too), each with its cosine, label, key and the log p_T the cache
+    holds for it (at tau_T = 1e-4 a neighbour's weight is ~e^(-(1 - cosine) / tau_T) of the own view's)."""
+    _use_storage(url)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -173,33 +302,68 @@ def neighbours(url: str, key: str, out_png: str, k: int = 8) -> dict[str, Any]:
         raise SeedError(f"{url}: sample {key!r} was skipped at the teacher stage (it did not decode)")
     V = int(cache.attributes(group)["V"])
     _, bank = bank_store.open_bank(url)
-    ids = bank.ids()
+    ids, tau = bank.ids(), float(bank.attrs["fields"]["tau_t"])
     z = cache.read(group, "embeddings", row).astype(np.float32)             # V x D
-    sims = bank.vectors() @ z[0]                                              # K: from the first view
-    sims[ids[:, 0] == row] = -np.inf                                          # never the image itself
-    top = np.argsort(-sims)[:k]
-    labels = cache.read(group, "labels")
-    views = _replay(group, np.array([row] * V + ids[top, 0].tolist()), np.array(list(range(V)) + ids[top, 1].tolist()))
-    cols = max(V, k)
-    fig, axes = plt.subplots(2, cols, figsize=(1.6 * cols, 3.8), squeeze=False)
+    sims = z @ bank.vectors().T                                               # V x K
+    sims[:, ids[:, 0] == row] = -np.inf                                       # never the image itself
+    order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    targets = bank.targets(slice(row, row + 1))
+    cols, logp = targets["cols"][0], targets["logp"][0].astype(np.float64)  # V x topk: D+ columns, 0 = own view
+    entries = sorted({int(b) for v in range(V) for b in order[v] if np.isfinite(sims[v, b])})
+    looked = np.array(sorted({row, *(int(ids[b, 0]) for b in entries)}))
+    label_of = dict(zip(looked.tolist(), cache.read_rows(group, "labels", looked).tolist()))
+    key_of = dict(zip(looked.tolist(), cache.read_rows(group, "keys", looked).tolist()))
+
+    def cached_logp(v: int, column: int) -> float | None:
+        hit = np.flatnonzero(cols[v] == column)
+        return float(logp[v, hit[0]]) if len(hit) else None
+
+    per_view: list[dict[str, Any]] = []
+    for v in range(V):
+        near: list[dict[str, Any]] = [{"row": int(ids[b, 0]), "view": int(ids[b, 1]), "key": str(key_of[int(ids[b, 0])]),
+                 "similarity": float(sims[v, b]), "label": int(label_of[int(ids[b, 0])]),
+                 "logp": cached_logp(v, int(b) + 1)} for b in order[v] if np.isfinite(sims[v, b])]
+        per_view.append({"view": v, "own_logp": cached_logp(v, 0), "neighbours": near})
+    replay_rows = [row] * V + [n["row"] for pv in per_view for n in pv["neighbours"]]
+    replay_views = list(range(V)) + [n["view"] for pv in per_view for n in pv["neighbours"]]
+    images = _replay(group, np.array(replay_rows), np.array(replay_views)).permute(0, 2, 3, 1).clamp(0, 1).numpy()
+    fig, axes = plt.subplots(V, k + 1, figsize=(1.35 * (k + 1), 1.95 * V), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for v in range(V):
-        axes[0, v].imshow(views[v].permute(1, 2, 0).numpy())
-        axes[0, v].set_title(f"view {v}" + (f"\n{key}" if v == 0 else ""), fontsize=7)
-    for j, b in enumerate(top):
-        axes[1, j].imshow(views[V + j].permute(1, 2, 0).numpy())
-        axes[1, j].set_title(f"sim {sims[b]:.3f}\nlabel {int(labels[int(ids[b, 0])])}", fontsize=7)
-    fig.suptitle(f"{key} (label {int(labels[row])}): cached views, then nearest bank entries", fontsize=9)
+    at = V
+    for v, pv in enumerate(per_view):
+        own = pv["own_logp"]
+        axes[v, 0].imshow(images[v])
+        axes[v, 0].set_title(f"view {v}, label {label_of[row]}\nown p_T "
+                             + (f"{np.exp(own):.4f}" if own is not None else "not cached"), fontsize=7, color="tab:blue")
+        for j, n in enumerate(pv["neighbours"]):
+            axes[v, j + 1].imshow(images[at])
+            at += 1
+            lp = "not in top-k" if n["logp"] is None else f"log p_T {n['logp']:.1f}"
+            axes[v, j + 1].set_title(f"cos {n['similarity']:.3f}, label {n['label']}\n{n['key']} v{n['view']}\n{lp}",
+                                     fontsize=6, color="tab:green" if n["label"] == label_of[row] else "tab:red")
+    fig.suptitle(f"{key} (label {label_of[row]}): each cached view, then its {k} nearest bank entries of other images "
+                 f"(cosine; green = same label; log p_T as cached at tau_T = {tau:g})", fontsize=8)
     save_figure(fig, out_png)
     plt.close(fig)
-    return {"key": key, "row": row, "png": out_png,
-            "neighbours": [{"row": int(ids[b, 0]), "view": int(ids[b, 1]), "similarity": float(sims[b]),
-                            "label": int(labels[int(ids[b, 0])])} for b in top]}
+    return {"key": key, "row": row, "label": int(label_of[row]), "png": out_png, "tau_t": tau,
+            "neighbours": per_view[0]["neighbours"], "views": per_view}
+
+
+def _plain_log_labels(axis: Any) -> None:
+    """Tick labels of a log axis as plain text (1e-05): matplotlib's default typesets each one as TeX
+    mathtext, which took about a second of a ``--plots`` run."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}" if 1e-3 <= abs(v) < 1e4 else f"{v:.0e}"))
+    axis.set_minor_formatter(NullFormatter())
 
 
 def plots(url: str, out_dir: str, sample: int = 2000) -> list[str]:
-    """Histograms of pairwise similarity, target entropy and captured mass; a PCA scatter by label."""
+    """PNGs that read the same at any tau_T: nearest-neighbour similarities (own other view, nearest other
+    image, a random image), and with a bank the own-view margin over the nearest entry and the cached top-k
+    mass by rank; a PCA scatter by label."""
+    _use_storage(url)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -208,8 +372,14 @@ def plots(url: str, out_dir: str, sample: int = 2000) -> list[str]:
     from seed.storage import join
 
     group = cache.open_complete(url)
-    emb, rows = sample_views(group, sample)
+    V = int(cache.attributes(group)["V"])
+    rows, views = sample_rows(group, sample)
+    if len(rows) < 2:
+        raise SeedError(f"{url}: fewer than 2 valid rows, nothing to plot")
+    every = cache.read_rows(group, "embeddings", rows).astype(np.float32)  # n x V x D
+    z = every[np.arange(len(rows)), views]
     labels = cache.read_rows(group, "labels", rows)
+    bank = bank_store.Bank(cache.subgroup(group, bank_store.NAME)) if bank_store.is_complete(group) else None
     written = []
 
     def save(fig: Any, name: str) -> None:
@@ -218,38 +388,100 @@ def plots(url: str, out_dir: str, sample: int = 2000) -> list[str]:
         plt.close(fig)
         written.append(path)
 
-    sims = (emb[:500] @ emb[:500].T)[~np.eye(min(500, len(emb)), dtype=bool)]
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.hist(sims, bins=60)
-    ax.set_xlabel("cosine similarity between views of different images")
-    ax.set_ylabel("pairs")
-    save(fig, "similarity.png")
+    if bank is not None:
+        nearest, _ = nearest_other(z, rows, bank.vectors(), bank.ids()[:, 0])
+        against = f"the bank (K={len(bank.ids())})"
+    else:
+        nearest, _ = nearest_other(z, rows, every.reshape(-1, every.shape[-1]), np.repeat(rows, V))
+        against = f"the {len(rows)} sampled images"
+    curves = [(nearest, f"nearest other image in {against}")]
+    if V > 1:
+        other_view = np.einsum("nd,nd->n", every[np.arange(len(rows)), (views + 1) % V], z)
+        curves.insert(0, (other_view, "same image, another cached view"))
+    curves.append((np.einsum("nd,nd->n", np.roll(z, 1, axis=0), z), "a random other image"))
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    bins = np.linspace(min(c.min() for c, _ in curves), 1.0, 80).tolist()
+    for values, label in curves:
+        ax.hist(values, bins=bins, histtype="step", linewidth=1.4, label=label)
+    title = f"teacher cosine similarity of {len(rows)} cached views"
+    if V > 1:
+        title += f"\nthe other view is nearer than any other image for {(curves[0][0] > nearest).mean():.1%} of views"
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("cosine similarity to ...")
+    ax.set_ylabel("views")
+    ax.legend(fontsize=7, loc="upper left")
+    save(fig, "neighbour_similarity.png")
 
-    centred = emb - emb.mean(axis=0)
-    _, _, vt = np.linalg.svd(centred, full_matrices=False)
-    xy = centred @ vt[:2].T
-    fig, ax = plt.subplots(figsize=(5, 4.5))
+    if bank is not None:
+        tau = float(bank.attrs["fields"]["tau_t"])
+        own = np.einsum("nd,nd->n", z, z)                  # column 0 of D+: the view itself
+        margin = own - nearest
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        positive = margin[margin > 0]
+        lo = max(positive.min() if len(positive) else 1e-4, 1e-6)
+        ax.hist(np.maximum(margin, lo), bins=np.geomspace(lo, max(lo * 10, margin.max()), 60).tolist())
+        ax.set_xscale("log")
+        _plain_log_labels(ax.xaxis)
+        for m, text in ((tau, "e^-1"), (tau * np.log(100), "1%"), (tau * np.log(1e4), "0.01%")):
+            ax.axvline(m, color="k", linestyle=":", linewidth=1)
+            ax.text(m, ax.get_ylim()[1] * 0.97, f" {text}\n {(margin < m).mean():.1%}\n of views", fontsize=6, va="top")
+        def gap(m: Any) -> Any:
+            return np.asarray(m) / tau
+
+        def cosine(g: Any) -> Any:
+            return np.asarray(g) * tau
+
+        top = ax.secondary_xaxis("top", functions=(gap, cosine))
+        _plain_log_labels(top.xaxis)
+        top.set_xlabel(f"logit gap at tau_T = {tau:g}", fontsize=8)
+        ax.set_xlabel("own-view similarity minus nearest other image's (cosine margin)")
+        ax.set_ylabel("views")
+        near = (margin < tau * np.log(100)).mean()
+        ax.set_title(f"the nearest other image gets >= 1% of the own view's weight for {near:.1%} of views\n"
+                     "(dotted: where the neighbour gets e^-1, 1%, 0.01% of the own view's weight; share of views left of it)",
+                     fontsize=8)
+        save(fig, "margin.png")
+
+        prof = topk_profile(cache.read_rows(bank.group, "logp", rows), cache.read_rows(bank.group, "mass", rows))
+        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+        left.plot(prof["rank"], prof["mean"], "o-", markersize=3, label="mean p_T at rank r")
+        left.plot(prof["rank"], prof["beyond"], "s-", markersize=3, label="mean mass after rank r (incl. beyond top-k)")
+        left.axhline(np.finfo(np.float32).eps / 2, color="grey", linestyle=":", linewidth=1)
+        left.text(prof["rank"][-1], np.finfo(np.float32).eps / 2, "1 - mass unresolved below here\n(mass is float32)",
+                  fontsize=6, ha="right", va="bottom", color="grey")
+        left.set_yscale("log")  # zeros (underflow) are not drawn
+        _plain_log_labels(left.yaxis)
+        left.set_xlabel("rank r in the cached top-k (1 = largest p_T)")
+        left.set_ylabel("probability")
+        left.legend(fontsize=7)
+        left.grid(alpha=0.3, which="both")
+        right.fill_between(prof["rank"], prof["logp_p10"], prof["logp_p90"], alpha=0.3, label="10-90% of views")
+        right.plot(prof["rank"], prof["logp_p50"], "o-", markersize=3, label="median")
+        right.set_xlabel("rank r")
+        right.set_ylabel("log p_T (nats)")
+        right.legend(fontsize=7)
+        right.grid(alpha=0.3)
+        for ax in (left, right):
+            if len(prof["rank"]) > 16:
+                ax.set_xscale("log")
+                _plain_log_labels(ax.xaxis)
+        fig.tight_layout(rect=(0, 0, 1, 0.93))
+        fig.suptitle(f"cached top-{len(prof['rank'])} targets at tau_T = {tau:g} over {prof['views']} views: top-k "
+                     f"captures {prof['captured']:.6f} of the mass on average, rank 1 leaves {prof['beyond'][0]:.2e}", fontsize=9)
+        save(fig, "topk_mass.png")
+
+    centred = (z - z.mean(axis=0)).astype(np.float64)
+    eigval, eigvec = np.linalg.eigh(centred.T @ centred)      # D x D: cheaper than an SVD of the n x D sample
+    eigval, eigvec = eigval[::-1], eigvec[:, ::-1]
+    share = np.clip(eigval, 0, None) / max(float(np.clip(eigval, 0, None).sum()), 1e-12)
+    xy = centred @ eigvec[:, :2]
+    fig, ax = plt.subplots(figsize=(5.5, 4.8))
     points = ax.scatter(xy[:, 0], xy[:, 1], c=labels, cmap="tab10", s=4)
     ax.legend(*points.legend_elements(), title="label", fontsize=7, loc="best")
-    ax.set_title("teacher embeddings, first two principal components")
+    ax.set_xlabel(f"PC 1 ({share[0]:.0%} of the variance)")
+    ax.set_ylabel(f"PC 2 ({share[1]:.0%})" if len(share) > 1 else "PC 2")
+    ax.set_title(f"teacher embeddings of {len(rows)} cached views, first two principal components", fontsize=8)
     save(fig, "pca.png")
-
-    if bank_store.is_complete(group):
-        bank = bank_store.Bank(cache.subgroup(group, bank_store.NAME))
-        cap = int(cache.attributes(group)["capacity"])
-        block = slice(0, min(int(cache.attributes(group)["N"]), 4 * cap))  # a few shards: enough for the histograms
-        logp = bank.log_probs(block).astype(np.float64)
-        mass = bank.mass(block)
-        ok = np.isfinite(mass)
-        p = np.where(np.isfinite(logp), np.exp(logp), 0.0)
-        entropy = -(p * np.where(p > 0, logp, 0.0)).sum(axis=-1)[ok]
-        for values, name, label in ((entropy, "target_entropy.png", "entropy of the cached top-k target (nats)"),
-                                    (mass[ok], "captured_mass.png", "probability mass captured by the top-k")):
-            fig, ax = plt.subplots(figsize=(5, 3.2))
-            ax.hist(values, bins=60)
-            ax.set_xlabel(label)
-            ax.set_ylabel("views")
-            save(fig, name)
     return written
 
 

@@ -1,8 +1,18 @@
 """Where things live and how small files are read and written, on local paths or fsspec URLs.
 
 Roots come from ``storage.yaml``: local paths (relative ones resolve against the directory of
-``storage.yaml``) or fsspec URLs such as ``s3://bucket/seed``. Credentials never go here: fsspec
-reads them from the environment (``AWS_ACCESS_KEY_ID``, ``AWS_ENDPOINT_URL``, ...).
+``storage.yaml``) or fsspec URLs such as ``s3://bucket/seed``. A URL root may carry fsspec
+``storage_options`` (``{url: s3://bucket/caches, storage_options: {client_kwargs: {endpoint_url: ...}}}``):
+profile, endpoint, ``anon`` and the like. Credentials never go here (a key that looks like one is
+refused): fsspec reads them from the environment (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ...).
+
+**How the options reach every reader and writer.** Making a ``Storage`` makes its options the ones in
+force in this process (``activate``): the helpers here (``filesystem``, ``open_url``, ``write_bytes``,
+``read_json``, ``exists``) pass the options of the root a URL lies under (``options_for``), and the
+options are also installed as fsspec's per-protocol defaults (``fsspec.config.conf``), so code that
+opens URLs itself (``zarr.open_group(url)``, ``fsspec.open(url)``) gets them without a change. Because
+fsspec applies those defaults per protocol, not per path, roots on one protocol must agree on their
+options; ``storage.yaml`` saying otherwise is refused.
 
 The path rules every stage shares are methods of ``Storage``: a cache is
 ``<caches>/<cache.name>.zarr``, a run is ``<runs>/<train.run>/`` with one sub-directory per student,
@@ -14,10 +24,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 import yaml
 
 from seed.errors import SeedError
@@ -41,12 +54,92 @@ def join(base: str, *parts: str) -> str:
     return out
 
 
+# Option names that hold a credential (s3fs key/secret/token, gcsfs token, adlfs account_key, sas_token,
+# connection_string, client_secret, ...): refused in storage.yaml, which is shared and committed.
+_SECRET_WORDS = {"key", "secret", "token", "password", "passwd", "credential", "credentials", "connection"}
+# gcsfs's ``token`` also names an access mode, which is no secret.
+_TOKEN_MODES = {"anon", "google_default", "cloud", "browser", "cache"}
+
+
+def _secret_option(options: Mapping[str, Any], prefix: str = "") -> str | None:
+    """The dotted name of the first option (at any depth) that looks like a secret, or None."""
+    for name, value in options.items():
+        words = set(re.split(r"[^a-z0-9]+", str(name).lower()))
+        if str(name).lower() == "token" and value in _TOKEN_MODES:
+            continue
+        if words & _SECRET_WORDS or any(w in str(name).lower() for w in ("secret", "password", "token")):
+            return f"{prefix}{name}"
+        if isinstance(value, Mapping):
+            inner = _secret_option(value, f"{prefix}{name}.")
+            if inner:
+                return inner
+    return None
+
+
+def protocol(url: str) -> str:
+    """The fsspec protocol of a URL (``s3`` for ``s3://b/k``; ``file`` for local paths)."""
+    return url.split("://", 1)[0] if is_url(url) else "file"
+
+
+def check_options(roots: Mapping[str, str], options: Mapping[str, Any], where: str) -> None:
+    """Refuse storage options fsspec could not apply as written, or that hold a secret (one line, naming the root)."""
+    for name, opts in options.items():
+        if name not in ROOTS:
+            raise SeedError(f"{where}: storage_options for unknown root {name!r} (known: {', '.join(ROOTS)})")
+        if not isinstance(opts, Mapping):
+            raise SeedError(f"{where}: {name}.storage_options must be a mapping, got {type(opts).__name__}")
+        secret = _secret_option(opts)
+        if secret:
+            raise SeedError(f"{where}: {name}.storage_options.{secret} looks like a secret; secrets never go in "
+                            "storage.yaml: give credentials through the environment (AWS_ACCESS_KEY_ID, "
+                            "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, ...)")
+        if opts and not is_url(roots[name]):
+            raise SeedError(f"{where}: {name} is a local path ({roots[name]}); storage_options apply to URL roots only")
+    by_protocol: dict[str, tuple[str, Any]] = {}
+    for name in ROOTS:
+        if name not in roots or not is_url(roots[name]):
+            continue
+        opts = dict(options.get(name) or {})
+        seen = by_protocol.setdefault(protocol(roots[name]), (name, opts))
+        if seen[1] != opts:
+            raise SeedError(f"{where}: roots {seen[0]} and {name} are both {protocol(roots[name])}:// URLs with different "
+                            "storage_options; fsspec and zarr take options per protocol, so give them the same ones")
+
+
 @dataclasses.dataclass(frozen=True)
 class Storage:
+    """The four roots and, per URL root, its fsspec ``storage_options`` (never credentials).
+
+    Making one (or unpickling one, in a worker process) makes its options the ones in force in this
+    process: see ``activate``.
+    """
+
     shards: str
     caches: str
     runs: str
     reports: str
+    storage_options: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        check_options(self._roots(), self.storage_options, "storage")
+        activate(self)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for name, value in state.items():
+            object.__setattr__(self, name, value)
+        activate(self)
+
+    def _roots(self) -> dict[str, str]:
+        return {name: getattr(self, name) for name in ROOTS}
+
+    def options_for(self, url: str) -> dict[str, Any]:
+        """The storage options of the root ``url`` lies under (the longest matching root), else ``{}``."""
+        best, opts = -1, {}
+        for name in ROOTS:
+            root = getattr(self, name).rstrip("/")
+            if (url == root or url.startswith(root + "/")) and len(root) > best:
+                best, opts = len(root), dict(self.storage_options.get(name) or {})
+        return opts
 
     def resolve(self, root: str, path: str) -> str:
         """``path`` under the named root, unless it is already absolute or a URL."""
@@ -84,6 +177,60 @@ class Storage:
         return self.resolve("caches", "_shard_lengths.json")
 
 
+_active: Storage | None = None
+_MISSING = object()
+_installed: dict[str, Any] = {}  # protocol -> fsspec's default before we installed ours (or _MISSING)
+
+
+def activate(storage: Storage | None) -> None:
+    """Make ``storage``'s options the ones in force in this process (None: none).
+
+    Sets the registry ``options_for`` consults and installs the options as fsspec's defaults for
+    their protocol (``fsspec.config.conf``; explicit arguments still win), restoring whatever
+    defaults the previous active storage had replaced.
+    """
+    global _active
+    import fsspec.config
+
+    for proto, before in _installed.items():
+        if before is _MISSING:
+            fsspec.config.conf.pop(proto, None)
+        else:
+            fsspec.config.conf[proto] = before
+    _installed.clear()
+    _active = storage
+    if storage is None:
+        return
+    for name in ROOTS:
+        url, opts = getattr(storage, name), storage.storage_options.get(name)
+        if opts and is_url(url) and protocol(url) not in _installed:
+            proto = protocol(url)
+            _installed[proto] = fsspec.config.conf.get(proto, _MISSING)
+            fsspec.config.conf[proto] = {**fsspec.config.conf.get(proto, {}), **opts}
+
+
+def active() -> Storage | None:
+    """The storage whose options are in force (the last one made or unpickled), if any."""
+    return _active
+
+
+def options_for(url: str) -> dict[str, Any]:
+    """The storage options of the active storage's root that ``url`` lies under, else ``{}``."""
+    return _active.options_for(url) if _active is not None else {}
+
+
+def filesystem(url: str) -> tuple[Any, str]:
+    """``(fs, path)`` for a local path or URL, with its root's storage options."""
+    from fsspec.core import url_to_fs
+
+    return url_to_fs(url, **options_for(url))
+
+
+def open_url(url: str, mode: str = "rb") -> Any:
+    """``fsspec.open`` with the storage options of the root ``url`` lies under."""
+    return fsspec.open(url, mode, **options_for(url))
+
+
 def umask() -> int:
     """This process's file-creation mask, read from /proc on Linux (``os.umask`` can only read it by
     setting it, which would race with other threads creating files)."""
@@ -105,13 +252,26 @@ def as_if_created(path: str | Path, directory: bool = False) -> None:
 
 
 def write_bytes(url: str, data: bytes) -> None:
-    """Write a whole file to a local path or URL, creating its directory (one PUT on object stores)."""
-    fs, _, (path,) = fsspec.get_fs_token_paths(url)
+    """Write a whole file to a local path or URL, creating its directory, so that ``url`` holds the old file
+    or the new one, never part of one: one PUT on object stores; on a file system, a hidden temporary
+    file beside it renamed over it (a full disk or a kill mid-write leaves the old file)."""
+    fs, path = filesystem(url)
     parent = path.rsplit("/", 1)[0]
     if parent and parent != path:
         fs.makedirs(parent, exist_ok=True)
-    with fs.open(path, "wb") as f:
-        f.write(data)
+    if not isinstance(fs, LocalFileSystem):
+        with fs.open(path, "wb") as f:
+            f.write(data)
+        return
+    tmp = f"{parent}/.{path.rsplit('/', 1)[-1]}.{os.getpid()}.tmp"
+    try:
+        with fs.open(tmp, "wb") as f:
+            f.write(data)
+        fs.mv(tmp, path)
+    except BaseException:
+        if fs.exists(tmp):
+            fs.rm_file(tmp)
+        raise
 
 
 def write_text(url: str, text: str) -> None:
@@ -121,14 +281,14 @@ def write_text(url: str, text: str) -> None:
 def read_json(url: str) -> Any:
     """The JSON document at ``url``, or None when there is none."""
     try:
-        with fsspec.open(url, "r") as f:
+        with open_url(url, "r") as f:
             return json.load(f)
     except FileNotFoundError:
         return None
 
 
 def exists(url: str) -> bool:
-    fs, _, (path,) = fsspec.get_fs_token_paths(url)
+    fs, path = filesystem(url)
     return bool(fs.exists(path))
 
 
@@ -161,17 +321,38 @@ def find_storage_file(explicit: str | None = None) -> Path | None:
     return None
 
 
+def _root(value: Any, name: str, path: Path | None) -> tuple[Any, Any]:
+    """A root entry of storage.yaml, ``"URL"`` or ``{url: URL, storage_options: {...}}``, as (url, options)."""
+    if isinstance(value, Mapping):
+        unknown = set(value) - {"url", "storage_options"}
+        if unknown:
+            raise SeedError(f"{path}: storage root {name} has unknown key(s) {sorted(unknown)} (known: url, storage_options)")
+        return value.get("url"), value.get("storage_options") or {}
+    return value, {}
+
+
 def load_storage(explicit: str | None = None) -> Storage:
+    """The roots of ``storage.yaml`` (see ``find_storage_file``); each a path or URL string, or
+    ``{url, storage_options}``. A top-level ``storage_options: {root: {...}}`` is read too: it is how
+    ``dataclasses.asdict(storage)`` writes them for a process this one starts."""
     path = find_storage_file(explicit)
     base = path.parent if path else Path.cwd()
     data = load_yaml(path, "storage") if path is not None else {}
-    unknown = set(data) - set(ROOTS)
+    unknown = set(data) - set(ROOTS) - {"storage_options"}
     if unknown:
         raise SeedError(f"{path}: unknown storage root(s) {sorted(unknown)} (known: {', '.join(ROOTS)})")
-    roots = {}
+    top = data.get("storage_options") or {}
+    if not isinstance(top, Mapping):
+        raise SeedError(f"{path}: storage_options must map root names to options, got {type(top).__name__}")
+    roots, options = {}, {}
     for name in ROOTS:
-        value = data.get(name, f"data/{name}")
+        value, opts = _root(data.get(name, f"data/{name}"), name, path)
         if not isinstance(value, str) or not value:
             raise SeedError(f"{path}: storage root {name} must be a path or URL string, got {value!r}")
+        if opts and top.get(name):
+            raise SeedError(f"{path}: storage_options for {name} given twice (in the root and at the top level)")
+        if opts or top.get(name):
+            options[name] = opts or top[name]
         roots[name] = value if is_url(value) or os.path.isabs(value) else str((base / value).resolve())
-    return Storage(**roots)
+    check_options(roots, {**{k: v for k, v in top.items() if k not in options}, **options}, str(path))
+    return Storage(**roots, storage_options=options)

@@ -166,7 +166,7 @@ def test_inspect_neighbours_and_plots(trained, tmp_path: Path) -> None:
     assert sims == sorted(sims, reverse=True)
     Image.open(tmp_path / "nb.png").verify()
     written = plots(url, str(tmp_path / "plots"))
-    assert sorted(Path(p).name for p in written) == ["captured_mass.png", "pca.png", "similarity.png", "target_entropy.png"]
+    assert sorted(Path(p).name for p in written) == ["margin.png", "neighbour_similarity.png", "pca.png", "topk_mass.png"]
     for p in written:
         Image.open(p).verify()
     with pytest.raises(SeedError, match="no sample with key 'nope'"):
