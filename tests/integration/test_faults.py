@@ -153,3 +153,45 @@ def test_killed_stage_reruns_to_the_uninterrupted_result(reference, tmp_path: Pa
     proc.wait()
     stdout = _run(root, stage, again=True)
     assert _state(root, stage, stdout) == states[stage]
+    if stage == "shards":  # the killed conversion's build directory is gone too
+        assert sorted(p.name for p in (root / "shards").iterdir()) == ["fm"]
+
+
+FULL_ROOTS = {"bank": ("caches",), "student": ("runs",), "evaluate": ("runs", "reports")}
+
+
+@pytest.mark.parametrize("stage", list(FULL_ROOTS))
+def test_a_disk_filling_part_way_leaves_nothing_that_looks_complete(reference, tmp_path: Path, stage: str) -> None:
+    """The disk under the stage's output fills part-way through its writes (``ENOSPC`` from the storage layer,
+    ``tests/integration/fulldisk.py``): one line, exit 1, no output that looks complete; the re-run with space
+    ends where the uninterrupted run did. (The teacher stage's case is in test_teacher_stage.py.)"""
+    ref_root, _, states = reference
+    root = tmp_path / "root"
+    shutil.copytree(ref_root, root, symlinks=True)
+    _root(root)
+    for path in _outputs(root, stage):
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+    files = [f for p in _outputs(ref_root, stage) for f in ([p] if p.is_file() else p.rglob("*")) if f.is_file()]
+    largest = max(f.stat().st_size for f in files)
+    budget = largest * 3 // 2 if stage == "student" else sum(f.stat().st_size for f in files) // 2  # student: 2nd epoch
+    roots = {name: f"fulldisk://{root}/{name}" if name in FULL_ROOTS[stage] else str(root / name)
+             for name in ("shards", "caches", "runs", "reports")}
+    (root / "full.yaml").write_text("".join(f"{k}: {v}\n" for k, v in roots.items()))
+    args = [a if a != str(root / "storage.yaml") else str(root / "full.yaml") for a in _command(root, stage, False)[3:]]
+    out = subprocess.run([sys.executable, "-m", "tests.integration.fulldisk", str(budget), *args], capture_output=True,
+                         text=True, timeout=600, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert out.returncode == 1, out.stderr[-3000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("seed: error:") and "No space left on device" in last and "re-run once it is fixed" in last
+    assert "Traceback" not in out.stderr
+    if stage == "bank":
+        bank = zarr.open_group(str(root / "caches" / "faults.zarr"), mode="r").get("bank")
+        assert bank is None or bank.attrs["status"] == "building"
+    elif stage == "student":
+        path = root / "runs" / "faults" / "mobilenetv3_small_050" / "checkpoint.pt"
+        assert not path.exists() or checkpoint.load(str(path))["epoch"] < CONFIG["train"]["optim"]["epochs"]
+    else:
+        assert not (root / "runs" / "faults" / "report.md").exists()
+    assert not [p for p in root.rglob(".*") if p.is_file()], "a temporary file was left behind"
+    stdout = _run(root, stage, again=True)
+    assert _state(root, stage, stdout) == states[stage]
