@@ -144,6 +144,7 @@ def describe(url: str, sample: int = 512) -> dict[str, Any]:
         "shards": {"done": len(done), "total": int(a["n_shards"])},
         "rows": {"valid": valid_rows, "padding_or_skipped": N - valid_rows},
         "skipped": {"count": len(skipped), "first": skipped[:10]},
+        "damaged_shards": {str(s): d for s, d in cache.damaged_shards(group).items()},
         "bytes": byte_counts(group, url, valid_rows * V),
         "totals": a.get("totals"),
         "embedding_norms": _stats(norms),
@@ -173,6 +174,11 @@ def format_text(info: dict[str, Any]) -> str:
         f"rows         {info['rows']['valid']} valid, {info['rows']['padding_or_skipped']} padding or skipped",
         f"skipped      {info['skipped']['count']} samples"
         + "".join(f"\n               shard {s['shard']} {s['key']}: {s['reason']}" for s in info["skipped"]["first"]),
+        f"damaged      {len(info['damaged_shards'])} shards kept by data.damaged=keep"
+        + "".join(f"\n               shard {s}: read {d['read']} of {d['expected']} samples, lost "
+                  f"{d['lost'] if d['lost'] is not None else 'an unknown number (its size was scanned)'}; "
+                  f"damage at byte {d['offset']} after key {d['last_key']!r}"
+                  for s, d in info["damaged_shards"].items()),
         f"size         {_size(b['on_disk'])} on disk: cache {_size(b['cache']['stored'])}"
         + (f", bank {_size(b['bank']['stored'])}" if "bank" in b else ", no bank"),
         f"cache bytes  {b['cache']['stored_per_view']:.1f} B stored per view, {b['cache']['raw_per_view']:.1f} B raw "

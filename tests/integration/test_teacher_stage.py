@@ -25,7 +25,7 @@ from seed.augment import apply_batch
 from seed.decode import Decoder
 from seed.data import CachedSource, examples
 from seed.errors import SeedError
-from seed.inspect import describe, sample_views
+from seed.inspect import describe, format_text, sample_views
 from seed.shards import decode_image, iter_shard
 from seed.storage import Storage
 from seed.teachers import load_teacher
@@ -326,6 +326,9 @@ def test_a_shard_cut_short_stops_the_stage_naming_it(tmp_path: Path, shards_root
     assert valid[0].all() and valid[2].all() and valid[1, :read].all() and not valid[1, read:].any()
     assert list(cache.read(g, "keys").reshape(3, -1)[1, :read]) == whole[:read]
     assert g.attrs["totals"]["valid"] == 200 + read
+    info = describe(str(tmp_path / "caches" / "cut.zarr"))
+    assert info["damaged_shards"] == {"1": damaged[1]}
+    assert f"shard 1: read {read} of 100 samples, lost {100 - read}" in format_text(info)
 
     # A student reads the damaged shard up to the recorded damage: one example per valid row, no error ...
     source = CachedSource(g, None, view="cycle", seed=0, dense=True)
