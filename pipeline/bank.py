@@ -1,8 +1,8 @@
 """Bank stage: sample the instance bank from a complete cache and cache the teacher targets.
 
-Recipe: sample K (row, view) entries -> build the index -> for each input shard's row block,
-compute the sparse targets of its valid views -> measure fidelity on a sample against the dense
-distribution -> mark the bank complete. Everything lives in the cache's ``bank`` sub-group; the
+Recipe: sample K (row, view) entries (R disjoint sets of them with ``bank.rotations = R``) -> for each,
+build the index -> for each input shard's row block, compute the sparse targets of its valid views ->
+measure fidelity on a sample against the dense distribution -> mark the bank complete. Everything lives in the cache's ``bank`` sub-group; the
 teacher's arrays are only read. A bank with other parameters is rebuilt (it is derived data).
 
 Device: ``cache.device`` (``auto``: CUDA when present). With ``bank.index=torch`` the whole targets
@@ -63,16 +63,39 @@ def run(cfg: RunConfig, storage: Storage, *, progress: bool = True) -> BankResul
     start = time.perf_counter()
     device = resolve_device(cfg.cache.device)                              # BankConfig has no device of its own
     valid = cache.read(group, "valid")
-    ids = B.sample_bank(np.flatnonzero(valid), V, b.size, b.seed)            # K x 2 (row, view)
+    bank_store.remove(group)
+    banks = B.sample_banks(np.flatnonzero(valid), V, b.size, b.seed, b.rotations)  # R x (K x 2 (row, view))
+    n_views = int(valid.sum()) * V
+    bar = tqdm(total=n_views * b.rotations, unit="view", desc="bank targets" + (f" ({b.rotations} rotations)"
+               if b.rotations > 1 else ""), disable=not progress, smoothing=0.1)
+    summaries = [_build(group, b, r, ids, valid, device, bar.update) for r, ids in enumerate(banks)]
+    bar.close()
+    seconds = time.perf_counter() - start
+    search_s = sum(x["targets_seconds"] for x in summaries)
+    summary = {"K": b.size, "topk": b.topk, "tau_t": b.tau_t, "index": b.index,
+               "normaliser": "exact" if b.exact_normaliser else "sampled", "device": str(device),
+               "faiss_gpu": summaries[0]["faiss_gpu"], "views": n_views, "rotations": b.rotations,
+               "seconds": round(seconds, 3), "targets_seconds": round(search_s, 3),
+               "views_per_s": round(n_views * b.rotations / max(search_s, 1e-9), 1),
+               "fidelity": summaries[0]["fidelity"]}
+    for r, part in enumerate(summaries):  # the first rotation last: it says the whole bank is complete
+        bank_store.complete(cache.subgroup(group, bank_store.node_name(r)),
+                            {**summary, "fidelity": part["fidelity"]} if r == 0 else part)
+    return BankResult(url, False, summary)
+
+
+def _build(group: zarr.Group, b: BankConfig, rotation: int, ids: np.ndarray, valid: np.ndarray, device: torch.device,
+           on_views: Any) -> dict[str, Any]:
+    """One bank rotation: its index, every valid view's sparse targets over it and their fidelity (the
+    rotation's status stays ``building``: ``run`` completes them all at the end)."""
+    V, D, cap, n_shards = (int(cache.attributes(group)[k]) for k in ("V", "D", "capacity", "n_shards"))
     vectors = cache.read_rows(group, "embeddings", ids[:, 0])[np.arange(len(ids)), ids[:, 1]]   # K x D, float16
     index = B.BankIndex(vectors.astype(np.float32), b.index, device=device, ivf_lists=b.ivf_lists, nprobe=b.nprobe,
                         hnsw_m=b.hnsw_m, ef_search=b.ef_search, seed=b.seed)
-    bank = bank_store.create(group, b, ids, vectors, index.serialize())
+    bank = bank_store.create(group, b, ids, vectors, index.serialize(), rotation)
     exact = b.exact_normaliser
-    rng = np.random.default_rng(b.seed + 1)
+    rng = np.random.default_rng(b.seed + 1 + 1000 * rotation)
     bank_rows = ids[:, 0]
-    n_views = int(valid.sum()) * V
-    bar = tqdm(total=n_views, unit="view", desc="bank targets", disable=not progress, smoothing=0.1)
     search_s = 0.0
     for s in range(n_shards):
         rows = slice(s * cap, (s + 1) * cap)
@@ -94,17 +117,10 @@ def run(cfg: RunConfig, storage: Storage, *, progress: bool = True) -> BankResul
                 out_idx.reshape(-1, b.topk)[_flat_positions(local, V)[flat]] = cols
                 out_logp.reshape(-1, b.topk)[_flat_positions(local, V)[flat]] = logp.astype(np.float16)
                 out_mass.reshape(-1)[_flat_positions(local, V)[flat]] = mass
-                bar.update(len(cols))
+                on_views(len(cols))
         bank_store.write_targets(bank, rows, out_idx, out_logp, out_mass)
-    bar.close()
-    fidelity = measure_fidelity(group, bank, index, b, exact)
-    seconds = time.perf_counter() - start
-    summary = {"K": b.size, "topk": b.topk, "tau_t": b.tau_t, "index": b.index, "normaliser": "exact" if exact else "sampled",
-               "device": str(device), "faiss_gpu": index.on_gpu, "views": n_views, "seconds": round(seconds, 3),
-               "targets_seconds": round(search_s, 3), "views_per_s": round(n_views / max(search_s, 1e-9), 1),
-               "fidelity": fidelity}
-    bank_store.complete(bank, summary)
-    return BankResult(url, False, summary)
+    return {"targets_seconds": round(search_s, 3), "faiss_gpu": index.on_gpu,
+            "fidelity": measure_fidelity(group, bank, index, b, exact)}
 
 
 def _flat_positions(local: np.ndarray, V: int) -> np.ndarray:

@@ -25,6 +25,7 @@ import tempfile
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 
@@ -101,7 +102,8 @@ def run(cfg: RunConfig, storage: Storage, *, resume: bool = False, progress: boo
     if t.mode == "cached":
         url = storage.cache_url(cfg.cache.name)
         queue_mode = t.bank == "queue"  # a FIFO of cached embeddings: the cache alone, no bank stage
-        group, bank = (cache.open_complete(url), None) if queue_mode else bank_store.open_bank(url, cfg.bank)
+        group, banks = (cache.open_complete(url), []) if queue_mode else bank_store.open_banks(url, cfg.bank)
+        bank = banks[0] if banks else None
         fields = cache.attributes(group)["fingerprint_fields"]
         check_shards_match(urls, fields, url)
         dim = int(cache.attributes(group)["D"])
@@ -116,11 +118,11 @@ def run(cfg: RunConfig, storage: Storage, *, resume: bool = False, progress: boo
         else:
             assert bank is not None
             make = objective or functools.partial(create_objective, "seed-cached")
-            obj = make(bank_vectors=torch.from_numpy(bank.vectors()).to(device),
-                       bank_rows=torch.from_numpy(bank.ids()[:, 0]).to(device),
+            obj = make(bank_vectors=torch.from_numpy(np.stack([k.vectors() for k in banks])).to(device),
+                       bank_rows=torch.from_numpy(np.stack([k.ids()[:, 0] for k in banks])).to(device),
                        tau_s=t.tau_s, tau_t=tau_t, dense=t.targets == "dense", tail=t.tail)
         dense = t.targets == "dense" or queue_mode
-        cached = source(group, bank, view=t.view, seed=t.seed, dense=dense)
+        cached = source(group, banks or None, view=t.view, seed=t.seed, dense=dense)
         data, per_shard = cached, cached.valid_counts().tolist()
         check_decode(cache.attributes(group), Decoder(device).name, url)
         meta |= {"cache_fingerprint": cache.attributes(group)["fingerprint"],

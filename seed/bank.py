@@ -32,12 +32,30 @@ from seed.loss import dplus_logits, own_mask
 
 def sample_bank(valid_rows: np.ndarray, views: int, size: int, seed: int) -> np.ndarray:
     """K distinct rows (sorted) with one seeded view each: int64 ``[K, 2]`` of (row, view)."""
-    if size > len(valid_rows):
-        raise SeedError(f"bank.size={size} is larger than the {len(valid_rows)} valid images in the cache; "
-                        f"choose bank.size <= {len(valid_rows)}")
+    return sample_banks(valid_rows, views, size, seed, 1)[0]
+
+
+def sample_banks(valid_rows: np.ndarray, views: int, size: int, seed: int, rotations: int) -> list[np.ndarray]:
+    """``rotations`` disjoint banks of K distinct rows (each sorted) with one seeded view each: int64 ``[K, 2]``
+    arrays of (row, view). One rotation is exactly ``sample_bank``'s bank."""
+    if size * rotations > len(valid_rows):
+        what = f"bank.size={size}" if rotations == 1 else f"bank.size={size} x bank.rotations={rotations}"
+        raise SeedError(f"{what} is larger than the {len(valid_rows)} valid images in the cache; "
+                        f"choose bank.size x bank.rotations <= {len(valid_rows)}")
+    if rotations < 1:
+        raise SeedError(f"bank.rotations must be >= 1, got {rotations}")
     rng = np.random.default_rng(seed)
-    rows = np.sort(rng.choice(valid_rows, size=size, replace=False))
-    return np.stack([rows, rng.integers(0, views, size=size)], axis=1).astype(np.int64)
+    rows = rng.choice(valid_rows, size=size * rotations, replace=False)
+    if rotations == 1:  # as banks were always drawn: rows sorted, then their views
+        rows = np.sort(rows)
+        return [np.stack([rows, rng.integers(0, views, size=size)], axis=1).astype(np.int64)]
+    picked = rng.integers(0, views, size=size * rotations)
+    out = []
+    for r in range(rotations):
+        part = slice(r * size, (r + 1) * size)
+        order = np.argsort(rows[part], kind="stable")
+        out.append(np.stack([rows[part][order], picked[part][order]], axis=1).astype(np.int64))
+    return out
 
 
 LOGITS_BUDGET = 256 << 20  # bytes of one chunk's float32 logits: 1,023 rows of the 1 + K columns at K = 65,536

@@ -15,9 +15,13 @@ mass           [N, V]      float32     probability mass the top-k capture
 
 Attributes: ``format_version``, ``status`` (``building`` until every row block and the fidelity
 measurement are written, then ``complete``), ``fingerprint`` and ``fields`` (the cache's
-fingerprint plus every bank parameter that changes the stored values), and the build summary.
-The bank is derived data: one built with other parameters is deleted and rebuilt, the teacher's
-arrays are never touched.
+fingerprint plus every bank parameter that changes the stored values), ``rotation`` and the build
+summary. The bank is derived data: one built with other parameters is deleted and rebuilt, the
+teacher's arrays are never touched.
+
+Rotating banks (``bank.rotations = R`` > 1): R disjoint banks, each with its own targets, in the
+sub-groups ``bank`` (rotation 0), ``bank-1``, ..., ``bank-{R-1}`` of the same layout. A student uses
+rotation ``epoch mod R``, so its negatives change every epoch, still with no teacher forward.
 """
 
 from __future__ import annotations
@@ -42,6 +46,8 @@ _NOT_FIELDS = ("batch_size", "kl_sample")
 def fields(group: zarr.Group, b: BankConfig) -> dict[str, Any]:
     """What determines the bank and its targets: the cache's fingerprint and the bank parameters."""
     params = {k: v for k, v in to_dict(b).items() if k not in _NOT_FIELDS}
+    if params.get("rotations") == 1:
+        del params["rotations"]  # one bank is what every bank was before rotations: those stay current
     return {"cache_fingerprint": cache.attributes(group)["fingerprint"], **params}
 
 
@@ -78,53 +84,90 @@ class Bank:
         return cache.read(self.group, "logp", rows)
 
 
+def node_name(rotation: int) -> str:
+    """The sub-group of bank rotation ``rotation``: ``bank`` for the first (the only one when R = 1)."""
+    return NAME if rotation == 0 else f"{NAME}-{rotation}"
+
+
+def rotations(group: zarr.Group) -> int:
+    """How many bank rotations the cache's bank holds (from the first's fields; 1 for older banks)."""
+    if NAME not in group:
+        return 0
+    return int(cache.attributes(cache.subgroup(group, NAME)).get("fields", {}).get("rotations", 1))
+
+
 def is_complete(group: zarr.Group) -> bool:
-    return NAME in group and cache.subgroup(group, NAME).attrs.get("status") == "complete"
+    return NAME in group and all(
+        node_name(r) in group and cache.subgroup(group, node_name(r)).attrs.get("status") == "complete"
+        for r in range(rotations(group)))
 
 
 def open_bank(url: str, expect: BankConfig | None = None) -> tuple[zarr.Group, Bank]:
-    """A complete cache and its complete bank (checked against ``expect`` when given), read-only."""
+    """A complete cache and its complete bank (checked against ``expect`` when given), read-only; with
+    rotating banks, the first (``open_banks`` gives them all)."""
+    group, banks = open_banks(url, expect)
+    return group, banks[0]
+
+
+def open_banks(url: str, expect: BankConfig | None = None) -> tuple[zarr.Group, list[Bank]]:
+    """A complete cache and every rotation of its complete bank (checked against ``expect`` when given)."""
     group = cache.open_complete(url)
     if NAME not in group:
         raise SeedError(f"{url}: no bank yet; run the bank stage (seed bank) first")
-    node = cache.subgroup(group, NAME)
-    a = cache.attributes(node)
-    if a.get("format_version") not in READABLE_VERSIONS:
-        raise SeedError(f"{url}: bank format version {a.get('format_version')} is not supported (this seed reads "
-                        f"{', '.join(map(str, READABLE_VERSIONS))}); run the bank stage again to rebuild it")
-    if a.get("status") != "complete":
-        raise SeedError(f"{url}: the bank is incomplete (status {a.get('status')!r}); run the bank stage again")
-    if expect is not None and a["fingerprint"] != cache.fingerprint(fields(group, expect)):
-        diffs = cache.diff_fields(a["fields"], fields(group, expect))
-        raise SeedError(f"{url}: the bank was built with other parameters: {'; '.join(diffs)}; run the bank stage")
-    return group, Bank(node)
+    banks = []
+    for r in range(rotations(group)):
+        if node_name(r) not in group:
+            raise SeedError(f"{url}: bank rotation {r} is missing; run the bank stage again")
+        node = cache.subgroup(group, node_name(r))
+        a = cache.attributes(node)
+        if a.get("format_version") not in READABLE_VERSIONS:
+            raise SeedError(f"{url}: bank format version {a.get('format_version')} is not supported (this seed "
+                            f"reads {', '.join(map(str, READABLE_VERSIONS))}); run the bank stage again to rebuild it")
+        if a.get("status") != "complete":
+            raise SeedError(f"{url}: the bank is incomplete (status {a.get('status')!r}); run the bank stage again")
+        if expect is not None and a["fingerprint"] != cache.fingerprint(fields(group, expect)):
+            diffs = cache.diff_fields(a["fields"], fields(group, expect))
+            raise SeedError(f"{url}: the bank was built with other parameters: {'; '.join(diffs)}; run the bank stage")
+        banks.append(Bank(node))
+    return group, banks
 
 
 def current(group: zarr.Group, b: BankConfig) -> tuple[bool, str]:
-    """(whether a complete bank with these parameters exists, why not when it does not)."""
+    """(whether a complete bank with these parameters exists, every rotation of it, why not when not)."""
     if NAME not in group:
         return False, "no bank"
-    old = cache.attributes(cache.subgroup(group, NAME))
     want = fields(group, b)
-    if old.get("format_version") != FORMAT_VERSION:
-        return False, f"format version {old.get('format_version')}"
-    if old.get("status") != "complete":
-        return False, "incomplete"
-    if old.get("fingerprint") != cache.fingerprint(want):
-        return False, "; ".join(cache.diff_fields(old.get("fields", {}), want))
+    for r in range(b.rotations):
+        if node_name(r) not in group:
+            return False, f"rotation {r} missing"
+        old = cache.attributes(cache.subgroup(group, node_name(r)))
+        if old.get("format_version") != FORMAT_VERSION:
+            return False, f"format version {old.get('format_version')}"
+        if old.get("status") != "complete":
+            return False, "incomplete"
+        if old.get("fingerprint") != cache.fingerprint(want):
+            return False, "; ".join(cache.diff_fields(old.get("fields", {}), want))
     return True, ""
 
 
+def remove(group: zarr.Group) -> None:
+    """Delete every rotation of the bank (before a rebuild: a stale rotation must not outlive its first)."""
+    for name, _ in list(group.groups()):
+        if name == NAME or (name.startswith(f"{NAME}-") and name[len(NAME) + 1:].isdigit()):
+            del group[name]
+
+
 def create(group: zarr.Group, b: BankConfig, ids: np.ndarray, vectors: np.ndarray,
-           serialized_index: np.ndarray | None) -> zarr.Group:
-    """Replace any bank of ``group`` by a new one in status ``building`` with its entries and empty targets."""
-    if NAME in group:
-        del group[NAME]
+           serialized_index: np.ndarray | None, rotation: int = 0) -> zarr.Group:
+    """A new bank rotation in status ``building`` with its entries and empty targets (replacing any old one)."""
+    if node_name(rotation) in group:
+        del group[node_name(rotation)]
     f = fields(group, b)
     N, V, cap = (int(cache.attributes(group)[k]) for k in ("N", "V", "capacity"))
     K, D = vectors.shape
-    bank = group.create_group(NAME, attributes={"format_version": FORMAT_VERSION, "status": "building",
-                                                "fingerprint": cache.fingerprint(f), "fields": f})
+    bank = group.create_group(node_name(rotation), attributes={"format_version": FORMAT_VERSION, "status": "building",
+                                                               "fingerprint": cache.fingerprint(f), "fields": f,
+                                                               "rotation": rotation})
     crc = cache.checksummed
     bank.create_array("ids", data=ids.astype(np.int32), chunks=(min(K, 1 << 16), 2), compressors=crc(np.int32))
     bank.create_array("vectors", data=vectors.astype(np.float16), chunks=(min(K, 1 << 16), D), compressors=crc(np.float16))

@@ -85,6 +85,7 @@ class BankConfig:
     """The instance bank and cached teacher targets (SEED: K = 65536, tau_T = 1e-4)."""
 
     size: int = 4096
+    rotations: int = 1  # R > 1: R disjoint banks with their own targets; a student uses bank epoch mod R
     topk: int = 64
     tau_t: float = 1e-4
     seed: int = 0

@@ -84,8 +84,9 @@ class CachedSource:
     ``view``: ``cycle`` uses view ``(epoch + row) mod V``; ``random`` draws one from (seed, epoch, row).
     """
 
-    def __init__(self, group: zarr.Group, bank: Bank | None, *, view: str, seed: int, dense: bool):
-        self.group, self.bank, self.view, self.seed, self.dense = group, bank, view, seed, dense
+    def __init__(self, group: zarr.Group, bank: Bank | Sequence[Bank] | None, *, view: str, seed: int, dense: bool):
+        self.banks: list[Bank] = [] if bank is None else list(bank) if isinstance(bank, (list, tuple)) else [bank]  # type: ignore[list-item]
+        self.group, self.view, self.seed, self.dense = group, view, seed, dense
         self.capacity = int(cache.attributes(group)["capacity"])
         self.V = int(cache.attributes(group)["V"])
         self.damaged = cache.damaged_shards(group)
@@ -114,7 +115,9 @@ class CachedSource:
         augment = cache.read(self.group, "augment", rows)                    # cap x V x P
         emb = cache.read(self.group, "embeddings", rows)                     # cap x V x D
         sizes = cache.read(self.group, "sizes", rows)                        # cap x 2, decoded (h, w)
-        targets = {} if self.dense or self.bank is None else self.bank.targets(rows)
+        # rotating banks: this epoch's bank is rotation epoch mod R; each example says which (its targets' bank)
+        rotation = epoch % len(self.banks) if self.banks else 0
+        targets = {} if self.dense or not self.banks else self.banks[rotation].targets(rows)
         base = shard * self.capacity
         if self.view == "cycle":
             views = (epoch + base + np.arange(self.capacity)) % self.V
@@ -125,7 +128,7 @@ class CachedSource:
             if not valid[index]:
                 return None  # skipped at the teacher stage (undecodable)
             v = views[index]
-            extra = {"z_t": emb[index, v].astype(np.float32)}
+            extra = {"z_t": emb[index, v].astype(np.float32), "rotation": np.int64(rotation)}
             extra.update({name: arr[index, v] for name, arr in targets.items()})
             h, w = (int(s) for s in sizes[index])
             return Example(sample, (h, w), augment[index, v][None], base + index, sample.label, extra)

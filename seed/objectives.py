@@ -136,10 +136,16 @@ class CachedSeed(Objective):
 
     def __init__(self, bank_vectors: torch.Tensor, bank_rows: torch.Tensor, *, tau_s: float, tau_t: float, dense: bool,
                  tail: Tail = "renorm"):
-        self.bank, self.bank_rows = bank_vectors, bank_rows                   # K x D, K
+        # K x D and K, or R x K x D and R x K for rotating banks (the batch's ``rotation`` picks one)
+        self.banks = bank_vectors if bank_vectors.dim() == 3 else bank_vectors[None]
+        self.bank_rows_all = bank_rows if bank_rows.dim() == 2 else bank_rows[None]
+        self.bank, self.bank_rows = self.banks[0], self.bank_rows_all[0]
         self.tau_s, self.tau_t, self.dense, self.tail = tau_s, tau_t, dense, tail
 
     def prepare(self, batch: Batch, device: torch.device) -> Context:
+        if "rotation" in batch.extra:  # every example of a batch comes from one epoch, so one rotation
+            r = int(batch.extra["rotation"][0])
+            self.bank, self.bank_rows = self.banks[r], self.bank_rows_all[r]
         ctx = {"z_t": batch.extra["z_t"].to(device), "own": own_mask(batch.rows.to(device), self.bank_rows)}
         if not self.dense:
             ctx["cols"], ctx["logp"] = batch.extra["cols"].to(device), batch.extra["logp"].to(device)

@@ -112,3 +112,41 @@ def test_torch_index_stage_equals_flat(teacher_cache) -> None:
     assert np.allclose(fm, tm, atol=1e-5, equal_nan=True)
     for key in ("mass", "kl"):
         assert ts["fidelity"][key]["mean"] == pytest.approx(fs["fidelity"][key]["mean"], rel=1e-3, abs=1e-6)
+
+
+def test_rotating_banks_are_disjoint_each_with_its_own_targets_and_students_use_epoch_mod_r(teacher_cache) -> None:
+    """bank.rotations = 2: two disjoint banks in ``bank`` and ``bank-1``, each rotation's targets equal the
+    reference over its own bank; a student's examples of epoch e carry rotation e mod 2 and their targets;
+    going back to one bank removes the second rotation."""
+    from seed.data import CachedSource
+
+    cfg, storage = teacher_cache
+    rot = small_config(cfg.teacher.checkpoint, "bank.size=64", "bank.topk=8", "bank.tau_t=0.05", "bank.rotations=2")
+    summary = bank_stage.run(rot, storage, progress=False)
+    assert summary.summary["rotations"] == 2 and bank_stage.run(rot, storage, progress=False).skipped
+    g = zarr.open_group(summary.cache, mode="r")
+    ids = [g["bank"]["ids"][:], g["bank-1"]["ids"][:]]
+    assert all(i.shape == (64, 2) for i in ids) and not set(ids[0][:, 0]) & set(ids[1][:, 0])
+    emb = g["embeddings"][:].astype(np.float32)
+    rows = np.array([3, 50, 120, 201, 299])
+    for r, name in enumerate(["bank", "bank-1"]):
+        vectors = g[name]["vectors"][:].astype(np.float32)
+        ref = reference_targets(emb[rows, 0], rows, vectors, ids[r][:, 0], 0.05)
+        cols = g[name]["indices"][:][rows, 0]
+        for i in range(len(rows)):
+            assert cols[i].tolist() == [c for c, _ in sorted(ref[i].items(), key=lambda kv: -kv[1])[:8]]
+        assert g[name].attrs["status"] == "complete" and g[name].attrs["rotation"] == r
+    group, banks = bank_store.open_banks(summary.cache, rot.bank)
+    source = CachedSource(group, banks, view="cycle", seed=0, dense=False)
+    for epoch in range(3):
+        make = source.load(0, epoch)
+        from seed.shards import iter_shard
+        ex = make(0, next(iter_shard(storage.resolve("shards", "fm/train/train-000000.tar"))))
+        assert ex is not None and int(ex.extra["rotation"]) == epoch % 2
+        v = (epoch + 0) % 2                                           # cycle: view (epoch + row) mod V
+        assert np.array_equal(ex.extra["cols"], g[["bank", "bank-1"][epoch % 2]]["indices"][0, v])
+    one = small_config(cfg.teacher.checkpoint, "bank.size=64", "bank.topk=8", "bank.tau_t=0.05")
+    bank_stage.run(one, storage, progress=False)
+    assert "bank-1" not in zarr.open_group(summary.cache, mode="r")
+    with pytest.raises(SeedError, match="bank.size=200 x bank.rotations=2 is larger than the 300 valid images"):
+        bank_stage.run(small_config(cfg.teacher.checkpoint, "bank.size=200", "bank.rotations=2"), storage, progress=False)

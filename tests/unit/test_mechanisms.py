@@ -343,3 +343,25 @@ def test_shuffle_bn_in_one_process_uses_sub_batches_of_a_seeded_permutation() ->
     assert not torch.equal(nxt, perm)
     off = MocoV2(_bn_model().train(), Queue(32, 4, torch.device("cpu")), momentum=0.99, temperature=0.2)
     assert torch.allclose(off.prepare(batch, torch.device("cpu"))["k"], plain, atol=1e-6)  # 0 = off: one batch
+
+
+def test_cached_seed_takes_the_bank_of_the_batchs_rotation() -> None:
+    """Rotating banks: the objective holds R banks and uses the one its batch's targets were computed over."""
+    from seed.data import Batch
+    from seed.loss import seed_loss
+
+    g = torch.Generator().manual_seed(0)
+    banks = torch.nn.functional.normalize(torch.randn(2, 6, 4, generator=g), dim=2)
+    rows = torch.tensor([[10, 11, 12, 13, 14, 15], [20, 21, 22, 23, 24, 25]])
+    obj = CachedSeed(banks, rows, tau_s=0.2, tau_t=0.05, dense=True)
+    z_t = torch.nn.functional.normalize(torch.randn(3, 4, generator=g), dim=1)
+    model = torch.nn.Linear(5, 4)
+    x = torch.randn(3, 5, generator=g)
+    for r in (1, 0, 1):
+        batch = Batch(x, torch.tensor([21, 11, 3]), torch.zeros(3, dtype=torch.long),
+                      {"z_t": z_t, "rotation": torch.full((3,), r)}, 1)
+        ctx = obj.prepare(batch, torch.device("cpu"))
+        own = torch.tensor([21, 11, 3])[:, None] == rows[r][None, :]
+        expected = seed_loss(torch.nn.functional.normalize(model(x), dim=1), z_t, banks[r], 0.2, 0.05, own)
+        assert torch.equal(ctx["own"], own)
+        assert obj.loss(model, x, ctx, batch.labels).item() == pytest.approx(expected.item(), rel=1e-6)
