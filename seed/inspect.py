@@ -40,9 +40,14 @@ def stored_bytes(url: str) -> dict[str, int]:
     out: dict[str, int] = {}
     for name, entry in files.items():
         parts = name[len(root):].strip("/").split("/")
-        node = "/".join(parts[:2]) if parts[0] == bank_store.NAME and len(parts) > 1 else parts[0]
+        node = "/".join(parts[:2]) if _is_bank(parts[0]) and len(parts) > 1 else parts[0]
         out[node] = out.get(node, 0) + int(entry.get("size") or 0)
     return out
+
+
+def _is_bank(node: str) -> bool:
+    """``bank`` or a rotation of it (``bank-1``, ...: ``bank.rotations``)."""
+    return node == bank_store.NAME or (node.startswith(f"{bank_store.NAME}-") and node[len(bank_store.NAME) + 1:].isdigit())
 
 
 def disk_bytes(url: str) -> int:
@@ -69,19 +74,26 @@ def byte_counts(group: zarr.Group, url: str, views: int) -> dict[str, Any]:
     stored = stored_bytes(url)
     per = max(1, views)
 
-    def part(node: zarr.Group, names: tuple[str, ...], prefix: str) -> dict[str, Any]:
-        arrays = {n: {"stored": stored.get(prefix + n, 0), "raw": raw_bytes(cache.array(node, n))} for n in names if n in node}
-        total = sum(v for k, v in stored.items() if k.startswith(f"{bank_store.NAME}/") == bool(prefix))
+    def part(nodes: list[tuple[zarr.Group, str]], names: tuple[str, ...], bank: bool) -> dict[str, Any]:
+        arrays: dict[str, dict[str, int]] = {}
+        for node, prefix in nodes:  # the bank's rotations add up, array by array
+            for n in (n for n in names if n in node):
+                a = arrays.setdefault(n, {"stored": 0, "raw": 0})
+                a["stored"] += stored.get(prefix + n, 0)
+                a["raw"] += raw_bytes(cache.array(node, n))
+        total = sum(v for k, v in stored.items() if _is_bank(k.split("/", 1)[0]) == bank)
         raw = sum(x["raw"] for x in arrays.values())
         return {"stored": total, "raw": raw, "stored_per_view": total / per, "raw_per_view": raw / per,
                 "metadata": total - sum(x["stored"] for x in arrays.values()), "arrays": arrays}
 
     out: dict[str, Any] = {"on_disk": sum(stored.values()), "views": views}
-    out["cache"] = part(group, cache.ARRAYS, "")
+    out["cache"] = part([(group, "")], cache.ARRAYS, False)
     out["per_view"] = out["cache"]["stored_per_view"]
     out["raw_per_view"] = 2 * int(a["D"]) + 4 * int(a["P"])
     if bank_store.NAME in group:
-        out["bank"] = part(cache.subgroup(group, bank_store.NAME), BANK_ARRAYS, f"{bank_store.NAME}/")
+        rotations = [bank_store.node_name(r) for r in range(bank_store.rotations(group)) if bank_store.node_name(r) in group]
+        out["bank"] = part([(cache.subgroup(group, n), f"{n}/") for n in rotations], BANK_ARRAYS, True)
+        out["bank"]["rotations"] = len(rotations)
     return out
 
 

@@ -145,6 +145,11 @@ def test_rotating_banks_are_disjoint_each_with_its_own_targets_and_students_use_
         assert ex is not None and int(ex.extra["rotation"]) == epoch % 2
         v = (epoch + 0) % 2                                           # cycle: view (epoch + row) mod V
         assert np.array_equal(ex.extra["cols"], g[["bank", "bank-1"][epoch % 2]]["indices"][0, v])
+    from seed.inspect import describe
+
+    on_disk = sum(f.stat().st_size for n in ("bank", "bank-1") for f in (Path(summary.cache) / n).rglob("*") if f.is_file())
+    counted = describe(summary.cache)["bytes"]["bank"]
+    assert counted["rotations"] == 2 and counted["stored"] == on_disk
     one = small_config(cfg.teacher.checkpoint, "bank.size=64", "bank.topk=8", "bank.tau_t=0.05")
     bank_stage.run(one, storage, progress=False)
     assert "bank-1" not in zarr.open_group(summary.cache, mode="r")
