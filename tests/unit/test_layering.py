@@ -54,7 +54,7 @@ def test_no_stage_imports_another_stage() -> None:
              if imported.startswith("pipeline.cli")]
     assert flows == []
     assert set(stages) - FRONT_ENDS == {"pipeline.teacher", "pipeline.bank", "pipeline.student", "pipeline.pretrain",
-                                        "pipeline.evaluate"}
+                                        "pipeline.evaluate", "pipeline.export"}
 
 
 def test_only_flows_import_prefect_and_faiss_is_imported_where_used() -> None:
