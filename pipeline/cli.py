@@ -2,7 +2,8 @@
 (``seed: error: ...``) and exit 2.
 
 A front end, like ``flows/``: it imports the stages; no stage imports it. Stage modules are
-imported inside the commands so that ``seed inspect`` and ``seed --help`` stay quick.
+imported inside the commands so that ``seed --help``, ``seed --version``, ``seed config`` and
+``seed inspect`` import neither torch nor Prefect (``tests/integration/test_cli_light.py``).
 """
 
 from __future__ import annotations
@@ -16,22 +17,67 @@ from typing import Any
 from seed.errors import SeedError
 
 
+DISTRIBUTION = "seed-distill"  # the name in pyproject.toml, which `seed --version` reads the installed version of
+DEMO = "configs/demo.yaml"
+DEMO_TEACHER = "data/runs/demo-teacher-moco/teacher.pth"  # what the demo's pre-training writes
+DEMO_CACHE = "data/caches/demo-fashion-mnist.zarr"
+
+
+def _examples(*lines: str) -> str:
+    """A help page's closing ``examples:`` block: command lines that work after ``make demo`` in the repository."""
+    return "examples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
+class _Version(argparse.Action):
+    """``--version``: the installed distribution's version, looked up only when asked for."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="print the installed seed version and exit", **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            text = version(DISTRIBUTION)
+        except PackageNotFoundError:
+            text = f"unknown ({DISTRIBUTION} is not installed: pip install -e .)"
+        print(f"seed {text}")
+        parser.exit(0)
+
+
 def _common_run(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", "-c", help="run config YAML (defaults: the Fashion-MNIST demo)")
+    p.add_argument("--config", "-c", help="run config YAML (default: the built-in defaults, which are not "
+                                          f"{DEMO}'s; `seed config` prints them)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set cache.views=8 (repeatable)")
     p.add_argument("--storage", help="storage.yaml (default: $SEED_STORAGE or ./storage.yaml)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="seed", description="SEED distillation with a run-once teacher cache.")
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(prog="seed", description="SEED distillation with a run-once teacher cache.",
+                                     formatter_class=raw, epilog=_examples(
+                                         "seed shards fashion-mnist",
+                                         f"seed pretrain -c {DEMO}",
+                                         "seed config --template imagenet > imagenet.yaml",
+                                         f"seed inspect {DEMO_CACHE}"))
+    parser.add_argument("--version", action=_Version)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    shards = sub.add_parser("shards", help="convert a data set into webdataset tar shards")
+    shards = sub.add_parser("shards", help="convert a data set into webdataset tar shards", formatter_class=raw,
+                            epilog=_examples("seed shards fashion-mnist",
+                                             "seed shards fashion-mnist --limit 2000 --per-shard 500 --out data/shards/fm-small",
+                                             "seed shards imagefolder ~/pictures/flowers --split train"))
     kinds = shards.add_subparsers(dest="kind", required=True)
-    fm = kinds.add_parser("fashion-mnist", help="Fashion-MNIST idx files -> train/ and test/ shards")
+    fm = kinds.add_parser("fashion-mnist", help="Fashion-MNIST idx files -> train/ and test/ shards", formatter_class=raw,
+                          epilog=_examples("seed shards fashion-mnist",
+                                           "seed shards fashion-mnist --limit 2000 --per-shard 500 --out data/shards/fm-small",
+                                           "seed shards fashion-mnist --source /usr/share/datasets/fashion-mnist --out data/shards/fm-copy"))
     fm.add_argument("--source", default=None, help="directory of the idx(.gz) files (default: the Debian package's)")
-    imf = kinds.add_parser("imagefolder", help="class-per-folder image tree -> shards")
+    imf = kinds.add_parser("imagefolder", help="class-per-folder image tree -> shards", formatter_class=raw,
+                           epilog=_examples("seed shards imagefolder ~/pictures/flowers --split train",
+                                            "seed shards imagefolder ~/pictures/flowers-val --split test --out data/shards/flowers"))
     imf.add_argument("src", help="root directory with one sub-directory per class")
     imf.add_argument("--split", default="train", help="split name (sub-directory and shard prefix)")
     for p in (fm, imf):
@@ -41,7 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--overwrite", action="store_true", help="replace an existing output")
         p.add_argument("--storage", help="storage.yaml")
 
-    teacher = sub.add_parser("teacher", help="run the teacher once over V views of every image into the cache")
+    teacher = sub.add_parser("teacher", help="run the teacher once over V views of every image into the cache",
+                             formatter_class=raw, epilog=_examples(
+                                 f"seed teacher -c {DEMO} --set teacher.checkpoint={DEMO_TEACHER}",
+                                 f"seed teacher -c {DEMO} --set teacher.checkpoint={DEMO_TEACHER} --set cache.name=demo-procs --procs 2",
+                                 f"seed teacher -c {DEMO} --set teacher.checkpoint={DEMO_TEACHER} --set cache.name=demo-parts --shards 0,2,4"))
     _common_run(teacher)
     teacher.add_argument("--overwrite", action="store_true", help="replace a cache made with another configuration")
     teacher.add_argument("--shards", help="only these input shard indices, e.g. 0,1,5 (the cache completes when all are done)")
@@ -50,35 +100,90 @@ def build_parser() -> argparse.ArgumentParser:
                               "visible GPU); the same cache as one process")
     teacher.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    bank = sub.add_parser("bank", help="sample the instance bank and cache the teacher targets")
+    bank = sub.add_parser("bank", help="sample the instance bank and cache the teacher targets", formatter_class=raw,
+                          epilog=_examples(f"seed bank -c {DEMO}",
+                                           f"seed bank -c {DEMO} --set bank.topk=64   # rebuilds the bank alone"))
     _common_run(bank)
 
-    student = sub.add_parser("student", help="train students by SEED from the cache (or online)")
+    student = sub.add_parser("student", help="train students by SEED from the cache (or online)", formatter_class=raw,
+                             epilog=_examples(f"seed student -c {DEMO}",
+                                              f"seed student -c {DEMO} --set train.run=r10t --set 'train.students=[{{arch: resnet10t}}]'",
+                                              f"seed student -c {DEMO} --resume",
+                                              f"seed student -c {DEMO} --set train.run=online --set train.mode=online "
+                                              f"--set teacher.checkpoint={DEMO_TEACHER}"))
     _common_run(student)
     student.add_argument("--resume", action="store_true", help="continue from the last epoch checkpoints")
     student.add_argument("--events", action="store_true",
                          help="print one machine-readable line per finished epoch instead of progress bars "
                               "(how the ranks report to a launcher)")
 
-    pretrain = sub.add_parser("pretrain", help="make a teacher: MoCo-v2 (default) or supervised")
+    pretrain = sub.add_parser("pretrain", help="make a teacher: MoCo-v2 (default) or supervised", formatter_class=raw,
+                              epilog=_examples(f"seed pretrain -c {DEMO}   # -> {DEMO_TEACHER}",
+                                               f"seed pretrain -c {DEMO} --set pretrain.method=supervised --set pretrain.name=demo-teacher-sup",
+                                               f"seed pretrain -c {DEMO} --resume"))
     _common_run(pretrain)
     pretrain.add_argument("--resume", action="store_true", help="continue from the last epoch checkpoint")
 
-    evaluate = sub.add_parser("evaluate", help="kNN and linear probe of teacher, students and baselines; writes the report")
+    evaluate = sub.add_parser("evaluate", help="kNN and linear probe of teacher, students and baselines; writes the report",
+                              formatter_class=raw, epilog=_examples(
+                                  f"seed evaluate -c {DEMO} --set teacher.checkpoint={DEMO_TEACHER}",
+                                  f"seed evaluate -c {DEMO} --no-teacher   # the teacher's saved scores"))
     _common_run(evaluate)
     evaluate.add_argument("--no-teacher", action="store_true", help="do not load the teacher (reuse its saved scores)")
 
-    inspect = sub.add_parser("inspect", help="describe a teacher cache")
+    inspect = sub.add_parser("inspect", help="describe a teacher cache", formatter_class=raw,
+                             epilog=_examples(f"seed inspect {DEMO_CACHE}",
+                                              f"seed inspect {DEMO_CACHE} --neighbours fmnist-train-000042",
+                                              f"seed inspect {DEMO_CACHE} --plots data/reports/plots",
+                                              f"seed inspect {DEMO_CACHE} --verify"))
     inspect.add_argument("cache", help="cache path or URL (a Zarr group)")
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
     inspect.add_argument("--sample", type=int, default=512, help="views sampled for norm and similarity statistics")
     inspect.add_argument("--neighbours", metavar="KEY", help="write a PNG of KEY's cached views and nearest bank entries")
     inspect.add_argument("--out", help="PNG path for --neighbours (default: ./<KEY>-neighbours.png)")
-    inspect.add_argument("--plots", metavar="DIR", help="write similarity, entropy, mass histograms and a PCA scatter")
+    inspect.add_argument("--plots", metavar="DIR", help="write PNGs: the own view's margin over the nearest other "
+                                                      "image, the top-k mass by rank, neighbour similarities, a PCA scatter")
+    inspect.add_argument("--storage", help="storage.yaml whose storage_options read a URL cache "
+                                           "(default: $SEED_STORAGE or ./storage.yaml)")
     inspect.add_argument("--verify", action="store_true",
                          help="read every chunk (checksums) and check the completion records against the data; "
                               "exit 1 naming each problem")
+
+    config = sub.add_parser("config", help="print a commented config template, or a resolved config with each "
+                                           "value's origin", formatter_class=raw,
+                            epilog=_examples("seed config --template imagenet > imagenet.yaml",
+                                             f"seed config -c {DEMO} --set cache.views=4",
+                                             "seed config   # the defaults"))
+    config.add_argument("--template", choices=_template_names(),
+                        help="print this commented starting config (with --set: resolved, as -c would)")
+    config.add_argument("--config", "-c", help="run config YAML to resolve (default: the built-in defaults)")
+    config.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set cache.views=8 (repeatable)")
+
+    export = sub.add_parser("export", help="write a trained student's weights for timm or any safetensors reader",
+                            formatter_class=raw, epilog=_examples(
+                                f"seed export demo -c {DEMO}",
+                                f"seed export demo -c {DEMO} --student mobilenetv3_small_050 --out exported",
+                                f"seed export demo -c {DEMO} --format safetensors --head"))
+    export.add_argument("run", help="the student run (train.run), under the runs root")
+    _common_run(export)
+    export.add_argument("--student", help="one student of the run by name (default: every student)")
+    export.add_argument("--format", dest="fmt", choices=("timm", "safetensors"), default="timm",
+                        help="timm (default): timm's hub layout, timm.create_model('local-dir:DIR') rebuilds it; "
+                             "safetensors: the weights and seed's description (also small_input students)")
+    export.add_argument("--head", action="store_true", help="also write the SEED projection head (head.safetensors)")
+    export.add_argument("--out", help="output directory (default: <runs>/RUN/<student>/export; with several "
+                                      "students, one sub-directory each)")
     return parser
+
+
+def _template_names() -> list[str]:
+    """``seed.config.templates()`` without importing ``seed.config`` (yaml, fsspec, numpy): every command
+    builds the parser, ``seed --help`` included."""
+    from importlib.resources import files
+
+    return sorted(p.name.removesuffix(".yaml") for p in files("seed").joinpath("templates").iterdir()
+                  if p.name.endswith(".yaml"))
 
 
 def _print_json(obj: Any) -> None:
@@ -133,10 +238,20 @@ def cmd_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cache_run_config(args: argparse.Namespace) -> tuple[Any, Any]:
+    """``_run_config`` for the stages that read a cache: a missing one is named with the caches that exist."""
+    from seed.config import require_cache
+
+    cfg, storage = _run_config(args)
+    require_cache(cfg, storage)
+    return cfg, storage
+
+
 def cmd_bank(args: argparse.Namespace) -> int:
+    cfg, storage = _cache_run_config(args)  # before the stage's imports: a missing cache is named at once
     from pipeline import bank
 
-    result = bank.run(*_run_config(args))
+    result = bank.run(cfg, storage)
     if result.skipped:
         print(f"bank of {result.cache} is complete with these parameters; nothing to do")
         return 0
@@ -149,10 +264,14 @@ def cmd_bank(args: argparse.Namespace) -> int:
 
 
 def cmd_student(args: argparse.Namespace) -> int:
+    from seed.config import require_cache
+
+    cfg, storage = _run_config(args)
+    if cfg.train.mode == "cached":
+        require_cache(cfg, storage)
     from pipeline import student
     from seed.devices import Launch
 
-    cfg, storage = _run_config(args)
     if student.processes(cfg) > 1 and Launch.from_env().world == 1:  # not started by torchrun: start it
         print(f"student stage: {student.processes(cfg)} processes (torchrun)", flush=True)
         result = student.launch(cfg, storage, resume=args.resume, on_line=lambda line: print(line, flush=True),
@@ -184,10 +303,11 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    cfg, storage = _cache_run_config(args)
     from pipeline import evaluate
     from seed.report import markdown_table
 
-    result = evaluate.run(*_run_config(args), include_teacher=not args.no_teacher)
+    result = evaluate.run(cfg, storage, include_teacher=not args.no_teacher)
     print(markdown_table(result.results, [("name", "encoder"), ("knn", "kNN top-1 (%)"), ("nn1", "1-NN (%)"),
                                           ("linear", "linear (%)"), ("probe", "probe"), ("init", "notes")]))
     print(f"report: {result.report}")
@@ -196,6 +316,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from seed.inspect import describe, format_text, neighbours, plots, verify
+    from seed.storage import load_storage
+
+    if args.storage:
+        load_storage(args.storage)  # its storage_options apply to the cache's URL
 
     if args.verify:
         report = verify(args.cache)
@@ -228,9 +352,40 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    from seed.config import format_resolved, resolve_config, template
+
+    if args.template and args.config:
+        raise SeedError("seed config: --template and -c both name a config; give one")
+    if args.template and not args.overrides:
+        print(template(args.template), end="")
+        return 0
+    if args.template:
+        import importlib.resources
+
+        with importlib.resources.as_file(importlib.resources.files("seed").joinpath("templates", f"{args.template}.yaml")) as path:
+            resolved = resolve_config(path, args.overrides, label=f"template {args.template}")
+    else:
+        resolved = resolve_config(args.config, args.overrides)
+    print(format_resolved(resolved), end="")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pipeline import export
+
+    cfg, storage = _run_config(args)
+    result = export.run(cfg, storage, run=args.run, student=args.student, fmt=args.fmt, head=args.head, out=args.out)
+    for s in result.students:
+        state = "" if s.finished else ", unfinished"
+        print(f"{s.student} (epoch {s.epoch} of {s.epochs}{state}, {result.format}): {', '.join(s.files)}")
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "shards": cmd_shards, "teacher": cmd_teacher, "bank": cmd_bank, "student": cmd_student,
-    "pretrain": cmd_pretrain, "evaluate": cmd_evaluate, "inspect": cmd_inspect,
+    "pretrain": cmd_pretrain, "evaluate": cmd_evaluate, "inspect": cmd_inspect, "config": cmd_config,
+    "export": cmd_export,
 }
 
 

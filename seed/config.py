@@ -13,6 +13,8 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
+import re
 import types
 import typing
 from pathlib import Path
@@ -22,7 +24,7 @@ import yaml
 
 from seed.views import Recipe
 from seed.errors import SeedError
-from seed.storage import Storage, load_yaml
+from seed.storage import Storage, exists, join, load_yaml, read_json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,6 +249,9 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _convert(value: Any, tp: Any, where: str) -> Any:
     """Check ``value`` against the annotation ``tp`` (converting lists to tuples, ints to floats)."""
     origin = get_origin(tp)
@@ -279,6 +284,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             raise SeedError(f"{where}: expected a list of {len(args)} values, got {value!r}")
         return tuple(_convert(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     if tp is float:
+        if isinstance(value, str) and _EXPONENT.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string; it means the number
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise SeedError(f"{where}: expected a number, got {value!r}")
         return float(value)
@@ -382,3 +389,121 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     data = load_yaml(path, "config") if path is not None else {}
     data = apply_overrides(data, overrides or [])
     return from_dict(RunConfig, data)
+
+
+@dataclasses.dataclass(frozen=True)
+class Resolved:
+    """A resolved config and where each field's value came from: ``sources`` maps dotted field names
+    (``cache.views``; a list such as ``train.students`` is one field) to ``default``, the config file
+    as named, or ``--set``. Fields absent from ``sources`` are defaults."""
+
+    config: RunConfig
+    sources: dict[str, str]
+
+    def source(self, field: str) -> str:
+        return self.sources.get(field, "default")
+
+
+def _leaves(data: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of the non-mapping values in a nested mapping (lists are leaves)."""
+    out: list[str] = []
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        out += _leaves(value, name + ".") if isinstance(value, dict) else [name]
+    return out
+
+
+def resolve_config(path: str | Path | None, overrides: list[str] | None = None, *,
+                   label: str | None = None) -> Resolved:
+    """``load_config`` plus the origin of every field set by the file or an override, for ``seed config``.
+
+    A ``--set`` of a whole section (``--set train.optim='{epochs: 5}'``) replaces that section of the
+    file, as ``apply_overrides`` does, so the file's other values in it fall back to defaults.
+    ``label`` names the file in ``sources`` (default: ``path`` as given).
+    """
+    cfg = load_config(path, overrides)  # validates first: every override below is well formed
+    named = label or (str(path) if path is not None else "")
+    sources = {name: named for name in _leaves(load_yaml(path, "config"))} if path is not None else {}
+    for item in overrides or []:
+        field, raw = (part.strip() for part in item.split("=", 1))
+        sources = {k: v for k, v in sources.items() if k != field and not k.startswith(field + ".")}
+        value = yaml.safe_load(raw)
+        sources.update({f"{field}.{leaf}": "--set" for leaf in _leaves(value)} if isinstance(value, dict)
+                       else {field: "--set"})
+    return Resolved(cfg, sources)
+
+
+def _flow(value: Any) -> str:
+    """One value as single-line YAML (flow style for lists and mappings)."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=1 << 30, sort_keys=False)
+    return text.strip().removesuffix("...").strip()
+
+
+def format_resolved(resolved: Resolved) -> str:
+    """The resolved config as YAML that ``load_config`` reads back, each field followed by ``# <source>``."""
+    rows: list[tuple[str, str]] = []  # (text, comment); comment "" for section headers
+
+    def walk(node: dict[str, Any], prefix: str, depth: int) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                rows.append((f"{'  ' * depth}{key}:", ""))
+                walk(value, f"{prefix}{key}.", depth + 1)
+            else:
+                rows.append((f"{'  ' * depth}{key}: {_flow(value)}", resolved.source(f"{prefix}{key}")))
+
+    walk(to_dict(resolved.config), "", 0)
+    width = min(max(len(text) for text, comment in rows if comment), 56)
+    given = set(resolved.sources.values())
+    layers = ["defaults", *sorted(given - {"--set"}), *(["--set"] if "--set" in given else [])]
+    head = ["# resolved run config: " + " < ".join(layers),
+            "# (the comment after each field says where its value came from)"]
+    return "\n".join(head + [f"{text:<{width}}  # {comment}" if comment else text for text, comment in rows]) + "\n"
+
+
+def templates() -> list[str]:
+    """Names of the commented starting configs shipped in ``seed/templates`` (``seed config --template``)."""
+    folder = importlib.resources.files("seed").joinpath("templates")
+    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def template(name: str) -> str:
+    """The text of template ``name``: comments say what each field is and why it has its value."""
+    if name not in templates():
+        raise SeedError(f"no config template {name!r} (known: {', '.join(templates())})")
+    return importlib.resources.files("seed").joinpath("templates", f"{name}.yaml").read_text()
+
+
+def require_cache(cfg: RunConfig, storage: Storage, configs: str | Path = "configs") -> str:
+    """The URL of ``cfg``'s cache; when there is none, a one-line ``SeedError`` listing the caches that are
+    under the caches root, each with its status and the config file in ``configs`` that names it.
+
+    Why: the stage defaults are not the demo's, so ``seed student`` without ``-c`` after ``make demo``
+    looks for a cache that was never made, next to the one that was.
+    """
+    url = storage.cache_url(cfg.cache.name)
+    if exists(join(url, "zarr.json")):
+        return url
+    from fsspec.core import url_to_fs
+
+    fs, root = url_to_fs(storage.caches)
+    found = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.glob(join(root, "*.zarr")))
+    if not found:
+        raise SeedError(f"no cache at {url}, and none under {storage.caches}: make one with `seed teacher -c run.yaml`, "
+                        "or pass the config that made yours")
+    naming: dict[str, list[str]] = {}
+    for file in sorted(Path(configs).glob("*.y*ml")):
+        try:
+            name = ((yaml.safe_load(file.read_text()) or {}).get("cache") or {}).get("name")
+        except (yaml.YAMLError, AttributeError, OSError):
+            continue
+        if isinstance(name, str):
+            naming.setdefault(f"{name}.zarr", []).append(str(file))
+    described = []
+    for stem in found[:6]:
+        attrs = (read_json(join(storage.caches, stem, "zarr.json")) or {}).get("attributes", {})
+        files = naming.get(stem)
+        how = (f"; pass -c {' or -c '.join(files)}" if files
+               else f"; its run config is attributes.config in {stem}/zarr.json" if "config" in attrs else "")
+        described.append(f"{stem} ({attrs.get('status', 'not a seed cache')}{how})")
+    more = f" and {len(found) - 6} more" if len(found) > 6 else ""
+    raise SeedError(f"no cache at {url} (cache.name={cfg.cache.name}); caches there: {', '.join(described)}{more}")

@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import zarr
 
-from seed.config import RunConfig, load_config, to_dict
+from seed.config import RunConfig, format_resolved, load_config, require_cache, resolve_config, template, templates, to_dict
 from seed.errors import SeedError
-from seed.storage import load_storage
+from seed.storage import Storage, load_storage
 
 
 def test_defaults_are_seed_paper_values() -> None:
@@ -34,11 +35,20 @@ def test_yaml_and_overrides(tmp_path: Path) -> None:
     ("cache.recipe.jitter_p=2", "jitter_p must be a probability"),
     ("cache.recipe.crop_scale=[0.2]", "cache.recipe.crop_scale: expected a list of 2"),
     ("bank.tau_t=0", "bank.tau_t must be > 0"),
+    ("bank.tau_t=1e-4x", "bank.tau_t: expected a number, got '1e-4x'"),
     ("nonsense", "section.field=value"),
 ])
 def test_bad_fields_are_named(override: str, message: str) -> None:
     with pytest.raises(SeedError, match=message.replace("[", r"\[")):
         load_config(None, [override])
+
+
+def test_exponents_without_a_dot_are_numbers() -> None:
+    """YAML 1.1 reads ``1e-4`` as a string; in a float field it means the number (``1.0e-4`` always did)."""
+    cfg = load_config(None, ["bank.tau_t=1e-5", "train.tau_s=2E-1", "train.optim.weight_decay=-1e-3"])
+    assert (cfg.bank.tau_t, cfg.train.tau_s, cfg.train.optim.weight_decay) == (1e-5, 0.2, -1e-3)
+    with pytest.raises(SeedError, match="cache.views: expected an integer, got '1e3'"):
+        load_config(None, ["cache.views=1e3"])  # integers stay strict
 
 
 def test_missing_and_invalid_files(tmp_path: Path) -> None:
@@ -62,3 +72,116 @@ def test_storage_roots(tmp_path: Path) -> None:
         load_storage(str(tmp_path / "bad.yaml"))
     with pytest.raises(SeedError, match="storage file not found"):
         load_storage(str(tmp_path / "missing.yaml"))
+
+
+# --- provenance, templates and the missing-cache message (seed config, issue 16) ---
+
+ROOT = Path(__file__).resolve().parents[2]
+TEMPLATES = ROOT / "seed" / "templates"
+
+
+def _comments(text: str) -> dict[str, tuple[str, str]]:
+    """``dotted.field -> (value text, trailing comment)`` read back from ``format_resolved`` output by indentation."""
+    out: dict[str, tuple[str, str]] = {}
+    stack: list[str] = []
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        depth = (len(line) - len(line.lstrip())) // 2
+        key, _, rest = line.strip().partition(":")
+        stack = stack[:depth] + [key]
+        if rest.strip():
+            value, _, comment = rest.rpartition("  # ")
+            out[".".join(stack)] = (value.strip(), comment)
+    return out
+
+
+def test_resolved_config_says_where_each_value_came_from(tmp_path: Path) -> None:
+    run = tmp_path / "run.yaml"
+    run.write_text("cache:\n  views: 8\n  name: mine\ntrain:\n  optim:\n    epochs: 3\n    base_lr: 0.1\n")
+    resolved = resolve_config(run, ["cache.views=2", "train.optim={epochs: 5}", "bank.size=128"])
+    assert resolved.config == load_config(run, ["cache.views=2", "train.optim={epochs: 5}", "bank.size=128"])
+    assert (resolved.source("cache.views"), resolved.source("cache.name"), resolved.source("bank.size")) == (
+        "--set", str(run), "--set")
+    # a section set whole replaces the file's section: its base_lr falls back to the default, as the value does
+    assert resolved.source("train.optim.epochs") == "--set" and resolved.source("train.optim.base_lr") == "default"
+    assert resolved.config.train.optim.base_lr == 0.03 and resolved.config.train.optim.epochs == 5
+    assert resolved.source("cache.recipe.hue") == "default" and resolve_config(None).sources == {}
+
+
+def test_formatted_resolved_config_reads_back_with_one_comment_per_field(tmp_path: Path) -> None:
+    sets = ["train.run=odd #name: 'x'", "train.students=[{arch: resnet10t, name: a}, {arch: resnet18}]",
+            "cache.recipe.crop_scale=[0.3, 1]", "teacher.checkpoint=null", "bank.tau_t=1e-5"]
+    resolved = resolve_config(ROOT / "configs" / "demo.yaml", sets, label="configs/demo.yaml")
+    text = format_resolved(resolved)
+    again = tmp_path / "again.yaml"
+    again.write_text(text)
+    assert load_config(again) == resolved.config  # the printed YAML is the config, comments and all
+    fields = _comments(text)
+    leaves = {k for k, v in _flatten(to_dict(resolved.config)).items()}
+    assert set(fields) == leaves  # every field printed once, each with its origin
+    assert fields["cache.name"] == ("demo-fashion-mnist", "configs/demo.yaml")
+    assert fields["train.run"][1] == "--set" and fields["train.students"][1] == "--set"
+    assert fields["cache.recipe.crop_scale"] == ("[0.3, 1.0]", "--set")
+    assert fields["bank.topk"] == ("32", "configs/demo.yaml") and fields["bank.index"] == ("flat", "default")
+    assert text.splitlines()[0] == "# resolved run config: defaults < configs/demo.yaml < --set"
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out: dict = {}
+    for k, v in d.items():
+        out.update(_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def test_templates_validate_and_carry_the_seed_paper_settings() -> None:
+    assert templates() == ["fashion-mnist", "imagenet"]
+    for name in templates():
+        assert template(name) == (TEMPLATES / f"{name}.yaml").read_text()
+        load_config(TEMPLATES / f"{name}.yaml")
+    cfg = load_config(TEMPLATES / "imagenet.yaml")
+    # Fang et al. 2021 and the official code's defaults (tools/opts.py): 224 px, MoCo-v2 ResNet-50 head,
+    # K = 65,536, tau_T = 1e-4, tau_S = 0.2, 200 epochs, SGD lr 0.03 per 256, momentum 0.9, wd 1e-4
+    assert (cfg.cache.resolution, cfg.teacher.arch, cfg.teacher.format, cfg.teacher.output) == (224, "resnet50", "moco", "head")
+    assert (cfg.bank.size, cfg.bank.tau_t, cfg.train.tau_s) == (65536, 1e-4, 0.2)
+    o = cfg.train.optim
+    assert (o.epochs, o.batch_size, o.base_lr, o.momentum, o.weight_decay) == (200, 256, 0.03, 0.9, 1e-4)
+    assert [s.arch for s in cfg.train.students] == ["efficientnet_b0", "mobilenetv3_large_100", "resnet18"]
+    assert cfg.cache.recipe == RunConfig().cache.recipe  # MoCo-v2's augmentation, spelled out
+    with pytest.raises(SeedError, match="no config template 'cifar' \\(known: fashion-mnist, imagenet\\)"):
+        template("cifar")
+
+
+@pytest.mark.parametrize("name", ["imagenet", "fashion-mnist"])
+def test_every_template_field_is_commented(name: str) -> None:
+    """Each field line has a comment on it or on the line above (list items share their list's)."""
+    lines = (TEMPLATES / f"{name}.yaml").read_text().splitlines()
+    bare = [line for prev, line in zip(["#"] + lines, lines)
+            if ":" in line and not line.strip().startswith(("#", "- ")) and line.split("#")[0].split(":", 1)[1].strip()
+            and " #" not in line and not prev.strip().startswith("#")]
+    assert bare == []
+
+
+def _make_cache(url: Path, **attrs: object) -> None:
+    zarr.open_group(str(url), mode="w", attributes=attrs)
+
+
+def test_missing_cache_names_the_caches_there_and_their_configs(tmp_path: Path) -> None:
+    storage = Storage(shards=str(tmp_path), caches=str(tmp_path / "caches"), runs=str(tmp_path), reports=str(tmp_path))
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (configs / "a.yaml").write_text("cache:\n  name: made\n")
+    (configs / "broken.yaml").write_text("cache: [\n")  # unreadable files are passed over
+    cfg = load_config(None)
+    with pytest.raises(SeedError, match=r"^no cache at .*fashion-mnist-resnet10t.zarr, and none under .*caches: make one"):
+        require_cache(cfg, storage, configs)
+    _make_cache(tmp_path / "caches" / "made.zarr", status="complete")
+    _make_cache(tmp_path / "caches" / "elsewhere.zarr", status="incomplete", config={"cache": {"name": "elsewhere"}})
+    with pytest.raises(SeedError) as err:
+        require_cache(cfg, storage, configs)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"no cache at {storage.cache_url(cfg.cache.name)} "
+                                                      "(cache.name=fashion-mnist-resnet10t); caches there: ")
+    assert f"made.zarr (complete; pass -c {configs / 'a.yaml'})" in message
+    assert "elsewhere.zarr (incomplete; its run config is attributes.config in elsewhere.zarr/zarr.json)" in message
+    assert require_cache(load_config(None, ["cache.name=made"]), storage, configs) == storage.cache_url("made")
