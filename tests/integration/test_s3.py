@@ -5,11 +5,6 @@ Credentials and the endpoint come from the environment only (as fsspec/s3fs read
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,28 +17,7 @@ import pipeline.teacher as teacher_stage
 from seed import checkpoint
 from seed.inspect import describe
 from seed.storage import Storage
-from tests.conftest import free_port, small_config
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(url, timeout=1)
-                break
-            except OSError:
-                time.sleep(0.2)
-        else:
-            pytest.fail("moto S3 server did not start")
-        yield url
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
+from tests.conftest import small_config
 
 
 @pytest.fixture()

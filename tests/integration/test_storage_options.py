@@ -11,8 +11,6 @@ import os
 import pickle
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,32 +25,15 @@ from seed.config import load_config, write_run_files
 from seed.errors import SeedError
 from seed.inspect import describe, verify
 from seed.storage import Storage, join, load_storage, read_json, write_text
-from tests.conftest import free_port
 from tests.unit.test_inspect import make_cache
 
 ROOT = Path(__file__).resolve().parents[2]
 ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", "AWS_DEFAULT_PROFILE")
 
 
-@pytest.fixture(scope="module")
-def endpoint() -> Iterator[str]:
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(url, timeout=1)
-                break
-            except OSError:
-                time.sleep(0.2)
-        else:
-            pytest.fail("moto S3 server did not start")
-        yield url
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
+@pytest.fixture()
+def endpoint(s3_endpoint: str) -> str:
+    return s3_endpoint
 
 
 @pytest.fixture()
