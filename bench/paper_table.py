@@ -1,35 +1,47 @@
-"""The SEED paper's comparison on full Fashion-MNIST: teachers, students, cached against online.
+"""The SEED paper's comparison on full Fashion-MNIST, noise-aware and resumable over several sessions.
 
-    python bench/paper_table.py [--scratch .bench/paper-table] [--epochs 2] [--views 1 2 4 8]
+    python bench/paper_table.py                       # the whole table (hours on 2 CPU cores; resumable)
+    python bench/paper_table.py --quick --scratch /tmp/pt   # a few minutes: 2,000 images, 1 epoch, 2 seeds
+    python bench/paper_table.py --render              # re-render docs/results.md and the PNG from the row files
 
-Rows (every student is the same architecture trained for the same number of epochs):
-  teachers     MoCo-v2 ``resnet10t`` and a supervised ``resnet10t`` (cross-entropy on the labels);
-  students     MoCo-v2 alone; online SEED (teacher run on every batch, FIFO queue); cached SEED
-               with V views per image (teacher run once, V x N forwards) for each V; online and
-               cached (V = 4) SEED from the supervised teacher;
-  references   raw pixels and a randomly initialised student.
-Columns: weighted kNN top-1 (k = 20) and linear-probe top-1 on the 10,000 test images, wall
-time (training; for cached rows also the teacher pass that built their cache), teacher forwards.
+Arms (every student is the same architecture trained for the same number of epochs):
+  references   raw pixels; the randomly initialised student (normalised like the students);
+  teachers     MoCo-v2 ``resnet10t`` (Shuffle-BN) and a supervised ``resnet10t`` (cross-entropy), one run each;
+  students     MoCo-v2 alone (MoCo's recipe: lr 0.03 x batch/256, Shuffle-BN); online SEED; cached SEED
+               (default bank, ``train.view=random``) at V = 1, 2, 4, 8; at V = 4 rotating banks
+               (``bank.rotations``) and the FIFO queue of cached embeddings (``train.bank=queue``); cached
+               SEED (V = 4) from the supervised teacher;
+  amortisation two more student architectures from the V = 4 cache and online, seed 0 only.
+Each student arm runs every seed of ``--seeds``: seed s sets ``train.seed = bank.seed = s`` (teachers and
+caches are shared by all seeds). Columns: weighted kNN top-1 (k = 20) and linear-probe top-1 on the test
+split as mean +- SD over seeds, wall times, teacher forwards; targets are decided by the rule in ``verdict``.
 
-Every stage goes through the pipeline's own functions (``pipeline.pretrain``, ``.teacher``,
-``.bank``, ``.student``) with fixed seeds. Each finished row is saved under
-``<scratch>/rows/<settings>/<row>.json``; re-running the command skips finished rows and resumes
-unfinished stages (teacher shards, training epochs), so it can run in the background and
-survive interruption. Writes ``docs/results.md`` and ``docs/results-accuracy-vs-views.png``.
+Every stage goes through the pipeline's own functions (``pipeline.pretrain``, ``.teacher``, ``.bank``,
+``.student``). Each finished (arm, seed) is saved as ``<rows>/<settings>/<arm>-s<seed>.json`` (``--rows``,
+default ``docs/results/rows``, committed, so the table can be completed over several sessions); a re-run
+reads finished rows back and resumes unfinished stages (teacher shards, training epochs) from ``--scratch``
+(shards, caches, checkpoints; default ``.bench/paper-table``, git-ignored). Writes ``docs/results.md`` and
+``docs/results-accuracy-vs-views.png`` (``--quick`` keeps rows and output in the scratch directory).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
+import re
 import shlex
 import sys
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench.common import machine, shards, storage  # noqa: E402
@@ -38,30 +50,56 @@ from pipeline import pretrain as pretrain_stage  # noqa: E402
 from pipeline import student as student_stage  # noqa: E402
 from pipeline import teacher as teacher_stage  # noqa: E402
 from pipeline.evaluate import random_student  # noqa: E402
+from seed.augment import apply_batch, blur_kernel_size  # noqa: E402
 from seed.checkpoint import load_student  # noqa: E402
 from seed import cache as cache_mod  # noqa: E402
-from seed.config import RunConfig, load_config  # noqa: E402
+from seed.config import BankConfig, RunConfig, load_config  # noqa: E402
 from seed.evaluate import extract, images, pixels, score  # noqa: E402
 from seed.report import save_figure  # noqa: E402
-from seed.shards import expand_urls  # noqa: E402
+from seed.shards import decode_image, expand_urls, iter_shard  # noqa: E402
 from seed.teachers import load_teacher  # noqa: E402
+from seed.views import COL, Recipe, draw_params  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 STUDENT = "mobilenetv3_small_050"
 TEACHER = "resnet10t"
+AMORTISE = ("resnet10t", "regnetx_002")  # with STUDENT: three students from one cache (all train at 32 px;
+# lcnet_050 does not: its pooled features are ~1e-10 at init and its kNN stays at chance)
+AT_V = 4  # the cache of the bank comparisons, the supervised row and the amortisation rows
+SINGLE = ("raw-pixels", "teacher-moco", "teacher-supervised")  # one run by design (deterministic or shared)
+SIGMAS = 2.0  # the verdict rule's width: met / missed beyond 2 standard errors
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def settings_key(a: argparse.Namespace) -> str:
+    """The directory of the rows measured under these settings: a changed setting never reads back other rows."""
+    return (f"n{a.limit}-e{a.epochs}-t{a.teacher_epochs}-s{a.supervised_epochs}-k{a.bank}-top{a.topk}"
+            f"-bn{a.shuffle_bn}")
+
+
+def rotations_supported() -> bool:
+    return "rotations" in {f.name for f in dataclasses.fields(BankConfig)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    """One row of the table: ``make(seed)`` measures it for one seed (``skip``: why it does not run)."""
+
+    key: str
+    seeds: tuple[int, ...]
+    make: Callable[[int], dict[str, Any]]
+    skip: str = ""
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.root = Path(args.scratch).resolve()
-        # finished rows, per setting: changing a setting never reads back rows measured under another
-        self.rows_dir = self.root / "rows" / (f"n{args.limit}-e{args.epochs}-t{args.teacher_epochs}-s{args.supervised_epochs}"
-                                              f"-k{args.bank}-top{args.topk}")
+        self.key = settings_key(args)
+        self.rows_dir = Path(args.rows).resolve() / self.key
         self.rows_dir.mkdir(parents=True, exist_ok=True)
         data = shards(self.root, args.limit, per_shard=args.per_shard)
         self.storage = storage(self.root)
@@ -74,18 +112,24 @@ class Bench:
         return load_config(None, [f"data.train={self.data}/train/train-*.tar", f"data.test={self.data}/test/test-*.tar",
                                   "cache.resolution=32", "cache.seed=0", f"bank.size={a.bank}", f"bank.topk={a.topk}",
                                   "bank.tau_t=0.0001", f"train.students=[{{arch: {STUDENT}}}]",
-                                  f"train.optim.epochs={a.epochs}", "train.seed=0", *overrides])
+                                  f"train.optim.epochs={a.epochs}", "train.seed=0", f"pretrain.queue={a.bank}",
+                                  *overrides])
 
-    def pretrain_config(self, method: str, arch: str, epochs: int) -> RunConfig:
-        return self.config(f"pretrain.name=pt-{method}-{arch}-e{epochs}", f"pretrain.method={method}",
-                           f"pretrain.arch={arch}", f"pretrain.optim.epochs={epochs}", "pretrain.seed=0")
+    def pretrain_config(self, method: str, arch: str, epochs: int, seed: int = 0, *extra: str) -> RunConfig:
+        shuffle = [f"pretrain.shuffle_bn={self.args.shuffle_bn}"] if method == "moco" else []
+        return self.config(f"pretrain.name={self.key}-pt-{method}-{arch}-s{seed}", f"pretrain.method={method}",
+                           f"pretrain.arch={arch}", f"pretrain.optim.epochs={epochs}", f"pretrain.seed={seed}",
+                           *shuffle, *extra)
 
     def teacher_epochs(self, method: str) -> int:
         return self.args.teacher_epochs if method == "moco" else self.args.supervised_epochs
 
+    def teacher(self, method: str) -> tuple[pretrain_stage.PretrainResult, float]:
+        """The shared teacher, pre-trained now unless a finished one with the same config exists."""
+        return self.pretrain(self.pretrain_config(method, TEACHER, self.teacher_epochs(method)))
+
     def teacher_overrides(self, method: str) -> list[str]:
-        cfg = self.pretrain_config(method, TEACHER, self.teacher_epochs(method))
-        t = pretrain_stage.teacher_config(cfg, self.storage.pretrained_teacher(cfg.pretrain.name))
+        t = self.teacher(method)[0].teacher
         return [f"teacher.arch={t.arch}", f"teacher.checkpoint={t.checkpoint}", f"teacher.format={t.format}",
                 f"teacher.output={t.output}"]
 
@@ -98,283 +142,612 @@ class Bench:
             self._eval = (*tr, *te)
         return self._eval
 
-    def score(self, encode: Any) -> dict[str, float]:
-        """Scores of an encoder's features (an image batch -> feature batch callable)."""
+    def score(self, encode: Any) -> dict[str, Any]:
+        """Scores of an encoder's features (an image batch -> feature batch callable) and their seconds."""
+        t0 = time.perf_counter()
         train_x, train_y, test_x, test_y = self.eval_data()
         device = torch.device("cpu")
         tr, te = extract(encode, train_x, device), extract(encode, test_x, device)
-        return score(tr, train_y, te, test_y).as_dict()
-
-    def score_pixels(self) -> dict[str, float]:
-        train_x, train_y, test_x, test_y = self.eval_data()
-        return score(pixels(train_x), train_y, pixels(test_x), test_y, center=True).as_dict()
+        return {**score(tr, train_y, te, test_y).as_dict(), "eval_s": time.perf_counter() - t0}
 
     # -- rows -------------------------------------------------------------------------------------
-    def row(self, key: str, make: Any) -> dict[str, Any]:
-        """The saved row ``key``, or make it now and save it."""
-        path = self.rows_dir / f"{key}.json"
+    def row(self, arm: str, seed: int, make: Callable[[int], dict[str, Any]]) -> dict[str, Any]:
+        """The saved row of (``arm``, ``seed``), or make it now and save it."""
+        path = self.rows_dir / f"{arm}-s{seed}.json"
         if path.exists():
             return json.loads(path.read_text())
-        log(f"row {key}: start")
-        row = {"key": key, **make()}
+        log(f"row {arm} seed {seed}: start")
+        t0 = time.perf_counter()
+        row = {"arm": arm, "seed": seed, **make(seed), "machine": machine(),
+               "invocation_s": round(time.perf_counter() - t0, 1)}
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(row, indent=1))
         tmp.replace(path)  # a row file is complete or absent
-        log(f"row {key}: kNN {row['knn']:.2f}  linear {row['linear']:.2f}  wall {row.get('wall_s', 0) / 60:.1f} min")
+        log(f"row {arm} seed {seed}: kNN {row['knn']:.2f}  linear {row['linear']:.2f}  "
+            f"{row['invocation_s'] / 60:.1f} min")
         return row
 
-    def pretrain(self, method: str, arch: str, epochs: int) -> tuple[RunConfig, pretrain_stage.PretrainResult, float]:
-        cfg = self.pretrain_config(method, arch, epochs)
+    def pixels_row(self, seed: int) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        train_x, train_y, test_x, test_y = self.eval_data()
+        out = score(pixels(train_x), train_y, pixels(test_x), test_y, center=True).as_dict()
+        return {"name": "raw pixels (32 px, centred)", "group": "reference", **out, "eval_s": time.perf_counter() - t0}
+
+    def random_row(self, seed: int) -> dict[str, Any]:
+        model, _ = random_student(STUDENT, False, seed)
+        return {"name": f"{STUDENT} random init", "group": "reference", **self.score(model.features)}
+
+    def pretrain(self, cfg: RunConfig) -> tuple[pretrain_stage.PretrainResult, float]:
+        p = cfg.pretrain
         t0 = time.perf_counter()
         out = pretrain_stage.run(cfg, self.storage, resume=True, progress=False,
-                                 on_epoch=lambda e, r: log(f"  pretrain {method} {arch} epoch {e + 1}: {r['images_per_s']} img/s"))
+                                 on_epoch=lambda e, r: log(f"  pretrain {p.method} {p.arch} seed {p.seed} epoch {e + 1}: "
+                                                           f"{r['images_per_s']} img/s"))
         seconds = sum(m["seconds"] for m in out.metrics) if out.metrics else time.perf_counter() - t0
-        return cfg, out, seconds
+        return out, seconds
 
     def teacher_row(self, method: str) -> dict[str, Any]:
         epochs = self.teacher_epochs(method)
+        out, seconds = self.teacher(method)
+        teacher, report = load_teacher(out.teacher)
+        return {"name": f"{'MoCo-v2' if method == 'moco' else 'supervised'} teacher {TEACHER}", "group": "teacher",
+                "method": method, "epochs": epochs, "train_s": seconds, "teacher_forwards": 0,
+                "teacher_sha256": report.sha256, **self.score(teacher.features)}
 
-        def make() -> dict[str, Any]:
-            cfg, out, seconds = self.pretrain(method, TEACHER, epochs)
-            teacher, _ = load_teacher(out.teacher)
-            return {"name": f"{'MoCo-v2' if method == 'moco' else 'supervised'} teacher {TEACHER}", "group": "teacher",
-                    "epochs": epochs, "wall_s": seconds, "teacher_forwards": 0,
-                    **self.score(teacher.features)}
-        return self.row(f"teacher-{method}", make)
-
-    def moco_student_row(self) -> dict[str, Any]:
-        def make() -> dict[str, Any]:
-            cfg, out, seconds = self.pretrain("moco", STUDENT, self.args.epochs)
-            model, _ = load_teacher(out.teacher)
-            return {"name": f"{STUDENT} by MoCo-v2 alone", "group": "student", "teacher": "none", "epochs": self.args.epochs,
-                    "wall_s": seconds, "teacher_forwards": 0, **self.score(model.features)}
-        return self.row("student-moco-only", make)
-
-    def seed_row(self, teacher: str, mode: str, views: int = 0, repeat: bool = False, student_seed: int = 0) -> dict[str, Any]:
-        """``repeat``: train the same row again (same seeds, its cache reused); ``student_seed``: another
-        initialisation, batch order and queue/bank sampling (``train.seed``) for the run-to-run spread."""
+    def moco_only_row(self, seed: int) -> dict[str, Any]:
+        """MoCo-v2 alone, with MoCo's recipe: lr 0.03 x batch/256, Shuffle-BN, the students' epochs."""
         e = self.args.epochs
-        name = (f"seed-{teacher}-{mode}" + (f"-v{views}" if mode == "cached" else "") + ("-repeat" if repeat else "")
-                + (f"-seed{student_seed}" if student_seed else ""))
+        out, seconds = self.pretrain(self.pretrain_config("moco", STUDENT, e, seed, "pretrain.optim.base_lr=0.03"))
+        model, _ = load_teacher(out.teacher)
+        return {"name": f"{STUDENT} by MoCo-v2 alone", "group": "student", "teacher": "none", "mode": "moco",
+                "arch": STUDENT, "epochs": e, "train_s": seconds, "teacher_forwards": 0, **self.score(model.features)}
 
-        def make() -> dict[str, Any]:
-            over = [*self.teacher_overrides(teacher), f"train.mode={mode}", f"train.run={name}-e{e}",
-                    f"train.seed={student_seed}"]
-            cache_s = 0.0
-            if mode == "cached":
-                over += [f"cache.name=fm-{teacher}-v{views}", f"cache.views={views}", "train.view=cycle"]
-                cfg = self.config(*over)
-                teacher_stage.run(cfg, self.storage, progress=False)
-                bank_stage.run(cfg, self.storage, progress=False)
-                group = cache_mod.open_complete(self.storage.cache_url(cfg.cache.name))
-                # the cache's own records: survives interruptions and reuse by a later row
-                totals = group.attrs["totals"]
-                cache_s = float(totals["stage_seconds"]) + float(group["bank"].attrs["seconds"])
-                forwards = int(totals["teacher_forwards"])
-                if repeat:  # the cache already exists: this row spends neither teacher time nor forwards
-                    cache_s, forwards = 0.0, 0
-                log(f"  cache fm-{teacher}-v{views}: {forwards} teacher forwards, {cache_s / 60:.1f} min")
-            else:
-                cfg = self.config(*over)
-            t0 = time.perf_counter()
-            out = student_stage.run(cfg, self.storage, resume=True, progress=False,
-                                    on_epoch=lambda ep, r: log(f"  {name} epoch {ep + 1}: {r['images_per_s']} img/s, "
-                                                               f"loss {next(iter(r['loss'].values())):.4f}"))
-            train_s = sum(m["seconds"] for m in out.metrics) or time.perf_counter() - t0
-            if mode == "online":
-                forwards = out.teacher_forwards
-            model, _ = load_student(next(iter(out.students.values())))
-            label = f"{mode} SEED" + (f", V = {views}" if mode == "cached" else "")
-            source = "MoCo-v2" if teacher == "moco" else "supervised"
-            return {"name": f"{STUDENT} by {label} from the {source} teacher" + (" (second run)" if repeat else "")
-                    + (f" (train.seed={student_seed})" if student_seed else ""),
-                    "group": "student",
-                    "teacher": teacher, "mode": mode, "views": views, "epochs": e, "wall_s": train_s + cache_s,
-                    "train_s": train_s, "cache_s": cache_s, "teacher_forwards": forwards, **self.score(model.features)}
-        return self.row(name, make)
+    def seed_row(self, arm: str, seed: int, teacher: str, mode: str, views: int = 0, bank: str = "fixed",
+                 rotations: int = 1, arch: str = STUDENT) -> dict[str, Any]:
+        e = self.args.epochs
+        over = [*self.teacher_overrides(teacher), f"train.mode={mode}", f"train.run={self.key}-{arm}-s{seed}",
+                f"train.seed={seed}", f"bank.seed={seed}", f"train.students=[{{arch: {arch}}}]"]
+        bank_s = pass_s = 0.0
+        if mode == "cached":
+            over += [f"cache.name={self.key}-{teacher}-v{views}", f"cache.views={views}", "train.view=random"]
+            over += ["train.bank=queue"] if bank == "queue" else []
+            over += [f"bank.rotations={rotations}"] if rotations > 1 else []
+            cfg = self.config(*over)
+            teacher_stage.run(cfg, self.storage, progress=False)
+            if bank != "queue":  # the queue is filled from the cache while training: no bank stage
+                bank_s = float(bank_stage.run(cfg, self.storage, progress=False).summary.get("seconds", 0.0))
+            group = cache_mod.open_complete(self.storage.cache_url(cfg.cache.name))
+            totals = group.attrs["totals"]  # the cache's own records: survive interruptions and reuse
+            pass_s, forwards = float(totals["stage_seconds"]), int(totals["teacher_forwards"])
+            log(f"  cache {cfg.cache.name}: {forwards:,} teacher forwards, {pass_s / 60:.1f} min; "
+                f"bank {bank_s / 60:.1f} min")
+        else:
+            cfg = self.config(*over)
+        t0 = time.perf_counter()
+        out = student_stage.run(cfg, self.storage, resume=True, progress=False,
+                                on_epoch=lambda ep, r: log(f"  {arm} seed {seed} epoch {ep + 1}: {r['images_per_s']} img/s, "
+                                                           f"loss {next(iter(r['loss'].values())):.4f}"))
+        train_s = sum(m["seconds"] for m in out.metrics) or time.perf_counter() - t0
+        if mode == "online":
+            forwards = out.teacher_forwards
+        model, _ = load_student(next(iter(out.students.values())))
+        _, report = load_teacher(cfg.teacher)
+        what = {"fixed": "", "queue": ", queue of cached embeddings"}.get(bank, "")
+        what += f", {rotations} rotating banks" if rotations > 1 else ""
+        label = f"{mode} SEED" + (f", V = {views}{what}" if mode == "cached" else "")
+        source = "MoCo-v2" if teacher == "moco" else "supervised"
+        return {"name": f"{arch} by {label} from the {source} teacher", "group": "student", "teacher": teacher,
+                "mode": mode, "views": views, "bank": bank, "rotations": rotations, "arch": arch, "epochs": e,
+                "train_s": train_s, "bank_s": bank_s, "teacher_pass_s": pass_s, "teacher_forwards": forwards,
+                "teacher_sha256": report.sha256, **self.score(model.features)}
+
+    def recipe(self) -> dict[str, Any]:
+        """The recipe's measured effect at 32 px (``_recipe.json``, made once per settings)."""
+        path = self.rows_dir / "_recipe.json"
+        if not path.exists():
+            cfg = self.config()
+            out = measure_recipe(expand_urls(self.storage.resolve("shards", cfg.data.train)), cfg.cache.recipe)
+            path.write_text(json.dumps(out, indent=1))
+        return json.loads(path.read_text())
+
+    # -- the table --------------------------------------------------------------------------------
+    def arms(self) -> list[Arm]:
+        a = self.args
+        seeds, first = tuple(a.seeds), (0,)  # one-run arms are seed 0's, whatever --seeds lists
+        arms = [Arm("raw-pixels", first, self.pixels_row), Arm("random", seeds, self.random_row),
+                Arm("teacher-moco", first, lambda s: self.teacher_row("moco")),
+                Arm("teacher-supervised", first, lambda s: self.teacher_row("supervised")),
+                Arm("moco-only", seeds, self.moco_only_row),
+                Arm("online", seeds, lambda s: self.seed_row("online", s, "moco", "online"))]
+        for v in a.views:
+            arms.append(Arm(f"cached-v{v}", seeds, lambda s, v=v: self.seed_row(f"cached-v{v}", s, "moco", "cached", v)))
+        rot = f"cached-v{AT_V}-rot{a.rotations}"
+        arms.append(Arm(rot, seeds, lambda s: self.seed_row(rot, s, "moco", "cached", AT_V, rotations=a.rotations),
+                        "" if rotations_supported() else
+                        "bank.rotations is not a field of seed.config.BankConfig in this checkout (not built yet)"))
+        arms.append(Arm(f"cached-v{AT_V}-queue", seeds,
+                        lambda s: self.seed_row(f"cached-v{AT_V}-queue", s, "moco", "cached", AT_V, bank="queue")))
+        arms.append(Arm(f"supervised-cached-v{AT_V}", seeds,
+                        lambda s: self.seed_row(f"supervised-cached-v{AT_V}", s, "supervised", "cached", AT_V)))
+        for arch in AMORTISE:
+            arms.append(Arm(f"amort-cached-{arch}", first, lambda s, arch=arch: self.seed_row(
+                f"amort-cached-{arch}", s, "moco", "cached", AT_V, arch=arch)))
+            arms.append(Arm(f"amort-online-{arch}", first, lambda s, arch=arch: self.seed_row(
+                f"amort-online-{arch}", s, "moco", "online", arch=arch)))
+        if a.arms:
+            unknown = sorted(set(a.arms) - {arm.key for arm in arms})
+            if unknown:
+                raise SystemExit(f"paper_table: unknown arms {unknown} (known: {', '.join(arm.key for arm in arms)})")
+            arms = [arm for arm in arms if arm.key in a.arms]
+        return arms
+
+    def settings(self) -> dict[str, Any]:
+        a = self.args
+        return {"key": self.key, "limit": a.limit, "n_test": min(a.limit, 10_000), "per_shard": a.per_shard,
+                "epochs": a.epochs, "teacher_epochs": a.teacher_epochs,
+                "teacher_lr": self.config().pretrain.optim.base_lr, "supervised_epochs": a.supervised_epochs,
+                "bank": a.bank, "topk": a.topk, "shuffle_bn": a.shuffle_bn, "seeds": list(a.seeds),
+                "views": list(a.views), "rotations": a.rotations, "student": STUDENT, "teacher": TEACHER,
+                "amortise": [STUDENT, *AMORTISE], "at_v": AT_V, "command": command_line()}
 
 
-def parse() -> argparse.Namespace:
+def measure_recipe(urls: list[str], recipe: Recipe, n: int = 1024, n_large: int = 128) -> dict[str, Any]:
+    """What MoCo-v2's recipe does to grey 28 px images viewed at 32 px: the blur's size and its measured
+    effect (one view of each of the first ``n`` images, blur on against off; also at 224 px, MoCo's own size,
+    on ``n_large`` of them), and the change from the colour operations that cannot act on grey images."""
+    imgs, keys = [], []
+    for url in urls:
+        for s in iter_shard(url):
+            imgs.append(decode_image(s))
+            keys.append(s.key)
+            if len(imgs) == n:
+                break
+        if len(imgs) == n:
+            break
+    h, w = imgs[0].shape[-2:]
+    grey = all(bool((x[0] == x[1]).all() and (x[1] == x[2]).all()) for x in imgs)
+    rows = torch.from_numpy(np.stack([draw_params(recipe, seed=0, key=k, view=0, height=h, width=w) for k in keys]))
+    no_blur = rows.clone()
+    no_blur[:, COL["blur_sigma"]] = 0.0
+    colourless = rows.clone()
+    colourless[:, COL["saturation"]], colourless[:, COL["hue"]], colourless[:, COL["grayscale"]] = 1.0, 0.0, 0.0
+    blurred = rows[:, COL["blur_sigma"]] > 0
+
+    def change(a: torch.Tensor, b: torch.Tensor, size: int, m: int) -> torch.Tensor:
+        """|view(a) - view(b)| in grey levels (0-255), per view: [m, 3, size, size]."""
+        return (apply_batch(imgs[:m], a[:m], recipe, size) - apply_batch(imgs[:m], b[:m], recipe, size)).abs() * 255
+
+    out: dict[str, Any] = {"images": n, "images_224": n_large, "source_px": [int(h), int(w)], "grey": grey,
+                           "blur_p": recipe.blur_p, "blurred_fraction": float(blurred.float().mean())}
+    for size, m in ((32, n), (224, n_large)):
+        d = change(rows, no_blur, size, m)
+        sigma = [s * size / recipe.blur_reference_size for s in recipe.blur_sigma]
+        tap = math.exp(-0.5 / sigma[1] ** 2)  # a neighbour's weight against the centre's at the largest sigma
+        out[f"blur_{size}"] = {"sigma_px": sigma, "kernel": blur_kernel_size(recipe, (size, size)),
+                               "neighbour_weight": tap / (1 + 2 * tap),
+                               "mean_abs_all": float(d.mean()), "mean_abs_blurred": float(d[blurred[:m]].mean()),
+                               "max_abs": float(d.max())}
+    d = change(rows, colourless, 32, n)
+    out["colour_on_grey"] = {"mean_abs": float(d.mean()), "max_abs": float(d.max())}
+    return out
+
+
+def command_line() -> str:
+    script = Path(sys.argv[0]).resolve()
+    script_arg = str(script.relative_to(REPO)) if script.is_relative_to(REPO) else sys.argv[0]
+    return "python " + " ".join(shlex.quote(a) for a in [script_arg, *sys.argv[1:]])
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scratch", default=str(REPO / ".bench" / "paper-table"), help="shards, caches, runs and finished rows")
+    p.add_argument("--scratch", default=str(REPO / ".bench" / "paper-table"), help="shards, caches, runs (git-ignored)")
+    p.add_argument("--rows", default=None, help="row files, one per (arm, seed), under <rows>/<settings>/ "
+                                                "(default docs/results/rows; --quick: <scratch>/rows)")
+    p.add_argument("--out", default=None, help="the results page (default docs/results.md; --quick: <scratch>/results.md)")
+    p.add_argument("--render", action="store_true", help="only re-render the page and the PNG from the row files")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke run: 2,000 images, 1 epoch, K = 256, seeds 0 1, V = 1 4, a subset of the arms")
     p.add_argument("--limit", type=int, default=60000, help="first N images of each split (60,000: all of train, all 10,000 of test)")
     p.add_argument("--per-shard", type=int, default=1000)
-    p.add_argument("--epochs", type=int, default=2, help="epochs of every student")
-    p.add_argument("--teacher-epochs", type=int, default=3, help="MoCo-v2 teacher epochs")
+    p.add_argument("--epochs", type=int, default=8, help="epochs of every student (>= the largest V)")
+    p.add_argument("--teacher-epochs", type=int, default=10, help="MoCo-v2 teacher epochs")
     p.add_argument("--supervised-epochs", type=int, default=2, help="supervised teacher epochs")
     p.add_argument("--views", type=int, nargs="+", default=[1, 2, 4, 8])
-    p.add_argument("--bank", type=int, default=4096, help="bank size K (online: queue length)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                   help="train.seed = bank.seed = s for each s (the whole list: finished rows are read back)")
+    p.add_argument("--bank", type=int, default=4096, help="bank size K (online and queue modes: queue length)")
     p.add_argument("--topk", type=int, default=64)
-    p.add_argument("--out", default=str(REPO / "docs" / "results.md"))
-    return p.parse_args()
+    p.add_argument("--rotations", type=int, default=4, help="R of the rotating-banks arm (bank.rotations)")
+    p.add_argument("--shuffle-bn", type=int, default=4, help="MoCo Shuffle-BN sub-batches (pretrain.shuffle_bn)")
+    p.add_argument("--arms", nargs="+", default=None, help="only these arms (default: all; --quick: a subset)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.limit, args.per_shard, args.epochs, args.teacher_epochs, args.supervised_epochs = 2000, 500, 1, 1, 1
+        args.views, args.seeds, args.bank, args.topk, args.rotations = [1, 4], [0, 1], 256, 32, 2
+        args.arms = args.arms or ["raw-pixels", "random", "teacher-moco", "teacher-supervised", "moco-only", "online",
+                                  "cached-v1", "cached-v4", "cached-v4-rot2", "cached-v4-queue", "supervised-cached-v4",
+                                  *(f"amort-{mode}-{arch}" for arch in AMORTISE for mode in ("cached", "online"))]
+    quick_dir = Path(args.scratch)
+    args.rows = args.rows or str(quick_dir / "rows" if args.quick else REPO / "docs" / "results" / "rows")
+    args.out = args.out or str(quick_dir / "results.md" if args.quick else REPO / "docs" / "results.md")
+    return args
 
 
 def main() -> None:
     args = parse()
+    rows_dir = Path(args.rows).resolve() / settings_key(args)
+    if args.render:
+        render(rows_dir, Path(args.out))
+        return
     start = time.perf_counter()
     b = Bench(args)
-    log(f"paper table: {machine()}; scratch {b.root}")
-    rows: list[dict[str, Any]] = []
-    rows.append(b.row("raw-pixels", lambda: {"name": "raw pixels (32 px, centred)", "group": "reference",
-                                             "wall_s": 0.0, "teacher_forwards": 0, **b.score_pixels()}))
-
-    def random_row() -> dict[str, Any]:
-        model, _ = random_student(STUDENT, False, 0)
-        return {"name": f"{STUDENT} random init", "group": "reference", "wall_s": 0.0, "teacher_forwards": 0,
-                **b.score(model.features)}
-    rows.append(b.row("student-random", random_row))
-    rows.append(b.teacher_row("moco"))
-    rows.append(b.teacher_row("supervised"))
-    rows.append(b.moco_student_row())
-    rows.append(b.seed_row("moco", "online"))
-    for v in args.views:
-        rows.append(b.seed_row("moco", "cached", v))
-    rows.append(b.seed_row("supervised", "online"))
-    rows.append(b.seed_row("supervised", "cached", 4))
-    cheapest = min((r for r in rows if r.get("mode") == "cached"), key=lambda r: r["wall_s"])
-    rows.append(b.seed_row(cheapest["teacher"], "cached", cheapest["views"], repeat=True))
-    rows.append(b.seed_row("moco", "online", student_seed=1))
-    write_results(args, rows, sum(r["wall_s"] for r in rows if not r["key"].endswith("-repeat")))
+    log(f"paper table: {machine()}; scratch {b.root}; rows {b.rows_dir}")
+    (b.rows_dir / "_settings.json").write_text(json.dumps(b.settings(), indent=1))
+    b.recipe()
+    failed = []
+    arms = b.arms()
+    for arm in arms:
+        if arm.skip:
+            log(f"row {arm.key}: skipped: {arm.skip}")
+    for seed in sorted({s for arm in arms for s in arm.seeds}):  # every arm's first seed before any arm's second
+        for arm in arms:
+            if arm.skip or seed not in arm.seeds:
+                continue
+            try:
+                b.row(arm.key, seed, arm.make)
+            except Exception:  # one broken arm must not stop hours of the others; reported at the end
+                log(f"row {arm.key} seed {seed}: FAILED\n{traceback.format_exc()}")
+                failed.append(f"{arm.key} seed {seed}")
+    render(b.rows_dir, Path(args.out))
     log(f"this invocation: {(time.perf_counter() - start) / 60:.1f} min")
+    if failed:
+        raise SystemExit(f"paper_table: {len(failed)} rows failed (see above): {', '.join(failed)}")
 
 
-# -- output ----------------------------------------------------------------------------------------
-def targets(rows: list[dict[str, Any]]) -> list[tuple[str, bool | None, str]]:
-    """(target, met?, the numbers) for each target of the issue; ``None`` marks a note, not a target."""
-    by = {r["key"]: r for r in rows}
-    out = []
-    base = by["student-moco-only"]["knn"]
-    seeds = [r for r in rows if r["key"].startswith("seed-") and not r["key"].endswith("-repeat")]
-    worst = min(seeds, key=lambda r: r["knn"])
-    out.append(("every SEED student >= 10 kNN points above the MoCo-v2-only student",
-                worst["knn"] - base >= 10, f"smallest gain {worst['knn'] - base:+.2f} ({worst['name']}: {worst['knn']:.2f} vs {base:.2f})"))
-    for teacher in ("moco", "supervised"):
-        online, source = by.get(f"seed-{teacher}-online"), "MoCo-v2" if teacher == "moco" else "supervised"
-        for r in seeds:
-            if r["teacher"] == teacher and r.get("mode") == "cached" and r["views"] >= 4 and online:
-                gap = r["knn"] - online["knn"]
-                out.append((f"cached V = {r['views']} at most 0.5 kNN points below online SEED ({source} teacher)",
-                            gap >= -0.5, f"{r['knn']:.2f} vs {online['knn']:.2f} ({gap:+.2f})"))
-                out.append((f"cached V = {r['views']} spends fewer teacher forwards than online SEED ({source} teacher)",
-                            r["teacher_forwards"] < online["teacher_forwards"],
-                            f"{r['teacher_forwards']:,} vs {online['teacher_forwards']:,}; a V-view cache costs V x N once, "
-                            f"online SEED N per student-epoch, so the cache is cheaper once students x epochs > V "
-                            f"(this table: 1 student x {r['epochs']} epochs per cache)"))
-    raw = by["raw-pixels"]["knn"]
-    for r in seeds:
-        if r["teacher"] == "supervised":
-            out.append((f"{r['name']} above raw pixels", r["knn"] > raw, f"{r['knn']:.2f} vs {raw:.2f}"))
-    if "seed-moco-online-seed1" in by:
-        a, b = by["seed-moco-online"], by["seed-moco-online-seed1"]
-        out.append(("run-to-run spread, for scale: online SEED from the MoCo-v2 teacher, train.seed 0 and 1", None,
-                    f"kNN {a['knn']:.2f} and {b['knn']:.2f}, linear {a['linear']:.2f} and {b['linear']:.2f}"))
-    rep = next(r for r in rows if r["key"].endswith("-repeat"))
-    first = by[rep["key"].removesuffix("-repeat")]
-    out.append(("second run of the cheapest row within 0.3 kNN points", abs(rep["knn"] - first["knn"]) <= 0.3,
-                f"{first['name']}: {first['knn']:.2f} then {rep['knn']:.2f} (linear {first['linear']:.2f} then {rep['linear']:.2f})"))
+# -- statistics ------------------------------------------------------------------------------------
+def mean_sd(xs: list[float]) -> tuple[float, float | None, int]:
+    """Mean, sample standard deviation (n - 1; None for one value) and n."""
+    n = len(xs)
+    m = sum(xs) / n
+    return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1)) if n > 1 else None), n
+
+
+def verdict(a: list[float], b: list[float], margin: float = 0.0, rule: str = "above") -> dict[str, Any]:
+    """Arm A against arm B: d = mean(A) - mean(B), se = sqrt(sA^2/nA + sB^2/nB) (an arm of one run adds 0).
+
+    ``above`` (A exceeds B by more than ``margin``): met when d - margin > 2 se, missed when d - margin < -2 se,
+    else inconclusive. ``not-worse`` (A is not below B by more than ``margin``): missed when d + margin < -2 se,
+    else met; there is no inconclusive outcome, so d and se say how close it was.
+    """
+    (ma, sa, na), (mb, sb, nb) = mean_sd(a), mean_sd(b)
+    d = ma - mb
+    se = math.sqrt((sa or 0.0) ** 2 / na + (sb or 0.0) ** 2 / nb)
+    if rule == "above":
+        z = d - margin
+        out = "met" if z > SIGMAS * se else "missed" if z < -SIGMAS * se else "inconclusive"
+    elif rule == "not-worse":
+        out = "missed" if d + margin < -SIGMAS * se else "met"
+    else:
+        raise ValueError(f"unknown rule {rule!r}")
+    return {"d": d, "se": se, "verdict": out}
+
+
+def load_rows(rows_dir: Path) -> list[dict[str, Any]]:
+    """Every row file of a settings directory (``_*.json`` are not rows)."""
+    return [json.loads(p.read_text()) for p in sorted(rows_dir.glob("*.json")) if not p.name.startswith("_")]
+
+
+def arm_order(arm: str) -> tuple[int, int, str]:
+    """The table's order: references, teachers, MoCo alone, online, the V curve, the other banks, the rest."""
+    fixed = ("raw-pixels", "random", "teacher-moco", "teacher-supervised", "moco-only", "online")
+    if arm in fixed:
+        return fixed.index(arm), 0, arm
+    m = re.fullmatch(r"cached-v(\d+)(.*)", arm)
+    if m:
+        return (6 if not m.group(2) else 7), int(m.group(1)), m.group(2)
+    return (8 if arm.startswith("supervised-") else 9), 0, arm
+
+
+def aggregate(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per arm (in ``arm_order``): the lowest seed's row's descriptive fields, ``n``, ``seeds``, mean/SD of
+    kNN and linear (``knn``, ``knn_sd``, ``knn_all`` in seed order, ...) and the mean of the time columns."""
+    by: dict[str, list[dict[str, Any]]] = {}
+    for r in sorted(rows, key=lambda r: (arm_order(r["arm"]), r["seed"])):
+        by.setdefault(r["arm"], []).append(r)
+    out = {}
+    for arm, rs in by.items():
+        s = {**rs[0], "n": len(rs), "seeds": [r["seed"] for r in rs]}
+        for metric in ("knn", "linear"):
+            values = [float(r[metric]) for r in rs]
+            s[metric], s[f"{metric}_sd"], _ = mean_sd(values)
+            s[f"{metric}_all"] = values
+        for col in ("train_s", "bank_s", "eval_s"):
+            if any(col in r for r in rs):
+                s[col] = sum(float(r.get(col, 0.0)) for r in rs) / len(rs)
+        s["teacher_sha256_all"] = sorted({r["teacher_sha256"] for r in rs if r.get("teacher_sha256")})
+        out[arm] = s
     return out
 
 
-def plot(rows: list[dict[str, Any]], path: Path) -> None:
+def pm(s: dict[str, Any], metric: str) -> str:
+    sd = s[f"{metric}_sd"]
+    return f"{s[metric]:.2f} ± {sd:.2f} ({s['n']})" if sd is not None else f"{s[metric]:.2f} ({s['n']})"
+
+
+def seed_arms(stats: dict[str, dict[str, Any]]) -> list[str]:
+    return [k for k, s in stats.items() if s.get("group") == "student" and s.get("mode") in ("online", "cached")
+            and not k.startswith("amort-")]
+
+
+def targets(stats: dict[str, dict[str, Any]], settings: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each target (and each comparison made by the same rule without a target) with its verdict."""
+    expected = len(settings.get("seeds", [])) or 1
+    out = []
+
+    def compare(what: str, a: str, b: str, margin: float, rule: str, target: bool = True) -> None:
+        if a not in stats or b not in stats:
+            return
+        sa, sb = stats[a], stats[b]
+        v = verdict(sa["knn_all"], sb["knn_all"], margin, rule)
+        short = [k for k in (a, b) if k not in SINGLE and stats[k]["n"] < min(expected, 2)]
+        if short:
+            v["verdict"] = f"pending ({', '.join(short)}: n = 1)"
+        single = [k for k in (a, b) if stats[k]["n"] == 1 and k in SINGLE]
+        note = f"; {' and '.join(single)}: a single run, no spread, so se is only the other arm's" if single else ""
+        if len(single) == 2:
+            note = "; both single runs: se = 0 and the rule is the sign of d - margin"
+        few = [f"{k}: n = {stats[k]['n']}" for k in (a, b) if k not in SINGLE and 1 < stats[k]["n"] < expected]
+        note += f"; fewer seeds than the {expected} planned ({', '.join(few)})" if few else ""
+        out.append({"what": what, "a": a, "b": b, "margin": margin, "rule": rule, "target": target, **v,
+                    "detail": f"{pm(sa, 'knn')} vs {pm(sb, 'knn')}: d = {v['d']:+.2f}, se = {v['se']:.2f}{note}"})
+
+    for k in seed_arms(stats):
+        compare(f"{stats[k]['name']} >= MoCo-v2 alone + 10 kNN points", k, "moco-only", 10.0, "above")
+    for k in seed_arms(stats):
+        s = stats[k]
+        if s["mode"] == "cached" and s.get("teacher") == "moco" and s.get("views", 0) >= AT_V:
+            default = s.get("bank", "fixed") == "fixed" and s.get("rotations", 1) == 1
+            compare(f"{s['name']} not worse than online SEED", k, "online", 0.0, "not-worse", target=default)
+    compare(f"MoCo-v2 teacher {TEACHER} above raw pixels", "teacher-moco", "raw-pixels", 0.0, "above")
+    return out
+
+
+# -- output ----------------------------------------------------------------------------------------
+def plot(stats: dict[str, dict[str, Any]], settings: dict[str, Any], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    by = {r["key"]: r for r in rows}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    cached = sorted((s for k, s in stats.items() if k.startswith("cached-v") and k[len("cached-v"):].isdigit()),
+                    key=lambda s: s["views"])
+    vs = [s["views"] for s in cached]
     for ax, metric, title in ((axes[0], "knn", "weighted kNN (k = 20)"), (axes[1], "linear", "linear probe")):
-        cached = sorted((r for r in rows if r.get("mode") == "cached" and r["teacher"] == "moco"
-                         and not r["key"].endswith("-repeat")), key=lambda r: r["views"])
-        vs = [r["views"] for r in cached]
-        ax.plot(vs, [r[metric] for r in cached], "o-", color="C0", label="cached SEED (MoCo-v2 teacher)")
-        sup = by.get("seed-supervised-cached-v4")
-        if sup:
-            ax.plot([4], [sup[metric]], "s", color="C3", label="cached SEED V = 4 (supervised teacher)")
-        for key, style, color, label in (("seed-moco-online", "--", "C0", "online SEED (MoCo-v2 teacher)"),
-                                         ("seed-supervised-online", "--", "C3", "online SEED (supervised teacher)"),
-                                         ("teacher-moco", ":", "C2", "MoCo-v2 teacher"),
-                                         ("teacher-supervised", ":", "C3", "supervised teacher"),
-                                         ("raw-pixels", "-.", "grey", "raw pixels"),
-                                         ("student-moco-only", "-", "C1", "student by MoCo-v2 alone"),
-                                         ("student-random", "-", "black", "random student")):
-            if key in by:
-                ax.axhline(by[key][metric], linestyle=style, color=color, alpha=0.7, label=label)
-        other = by.get("seed-moco-online-seed1")
-        if other and "seed-moco-online" in by:
-            lo, hi = sorted((by["seed-moco-online"][metric], other[metric]))
-            ax.axhspan(lo, hi, color="C0", alpha=0.12, label="online SEED, train.seed 0 and 1")
+        def err(s: dict[str, Any], metric: str = metric) -> float:
+            return s[f"{metric}_sd"] or 0.0
+        ax.errorbar(vs, [s[metric] for s in cached], yerr=[err(s) for s in cached], fmt="o-", color="C0", capsize=4,
+                    label="cached SEED, default bank (MoCo-v2 teacher)")
+        for k, dx, fmt, color, label in ((f"cached-v{AT_V}-rot{settings.get('rotations', 0)}", 1.08, "^", "C4",
+                                          f"cached SEED V = {AT_V}, rotating banks"),
+                                         (f"cached-v{AT_V}-queue", 0.92, "v", "C5", f"cached SEED V = {AT_V}, queue"),
+                                         (f"supervised-cached-v{AT_V}", 1.16, "s", "C3",
+                                          f"cached SEED V = {AT_V} (supervised teacher)")):
+            if k in stats:
+                ax.errorbar([AT_V * dx], [stats[k][metric]], yerr=[err(stats[k])], fmt=fmt, color=color, capsize=4,
+                            label=label)
+        for k, style, color, label in (("online", "--", "C0", "online SEED (MoCo-v2 teacher), ± SD"),
+                                       ("moco-only", "-", "C1", "student by MoCo-v2 alone, ± SD"),
+                                       ("random", "-", "black", "random student, ± SD"),
+                                       ("teacher-moco", ":", "C2", "MoCo-v2 teacher"),
+                                       ("teacher-supervised", ":", "C3", "supervised teacher"),
+                                       ("raw-pixels", "-.", "grey", "raw pixels")):
+            if k in stats:
+                m = stats[k][metric]
+                ax.axhline(m, linestyle=style, color=color, alpha=0.7, label=label)
+                if stats[k][f"{metric}_sd"]:
+                    ax.axhspan(m - err(stats[k]), m + err(stats[k]), color=color, alpha=0.1)
         ax.set_xscale("log", base=2)
-        ax.set_xticks(vs, [str(v) for v in vs])
+        if vs:
+            ax.set_xticks(vs, [str(v) for v in vs])
         ax.set_xlabel("views per image in the cache (V)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("top-1 accuracy on the test split (%)")
+    axes[0].set_ylabel("top-1 on the test split (%), mean ± SD")
     axes[1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
-    fig.suptitle(f"Fashion-MNIST, {STUDENT} students, {rows[-1]['epochs']} epochs")
+    fig.suptitle(f"Fashion-MNIST, {settings.get('student', STUDENT)} students, {settings.get('epochs')} epochs, "
+                 f"seeds {settings.get('seeds')}")
     save_figure(fig, str(path))
     plt.close(fig)
 
 
-def write_results(args: argparse.Namespace, rows: list[dict[str, Any]], seconds: float) -> None:
+def minutes(seconds: float | None) -> str:
+    return f"{seconds / 60:.1f}" if seconds else ""
+
+
+def table_text(stats: dict[str, dict[str, Any]]) -> str:
     from seed.report import markdown_table
 
-    out = Path(args.out)
+    rows = []
+    for k, s in stats.items():
+        if k.startswith("amort-"):
+            continue
+        once = (s.get("teacher_pass_s") or 0.0) + (s.get("bank_s") or 0.0)
+        forwards = s.get("teacher_forwards")
+        rows.append({"name": s["name"], "arm": f"`{k}`", "knn": pm(s, "knn"), "linear": pm(s, "linear"),
+                     "epochs": s.get("epochs", ""), "train": minutes(s.get("train_s")),
+                     "once": (f"{minutes(s.get('teacher_pass_s'))} + {minutes(s.get('bank_s')) or '0'}" if once else ""),
+                     "forwards": (f"{forwards:,}" + (" (once per cache)" if s.get("mode") == "cached" else ""))
+                     if s.get("group") == "student" else ""})
+    return markdown_table(rows, [("name", "row"), ("arm", "arm"), ("knn", "kNN top-1 (%), mean ± SD (n)"),
+                                 ("linear", "linear top-1 (%), mean ± SD (n)"), ("epochs", "epochs"),
+                                 ("train", "training (min, per seed)"),
+                                 ("once", "teacher pass + bank (min)"), ("forwards", "teacher forwards")])
+
+
+def amortisation(rows: list[dict[str, Any]], settings: dict[str, Any]) -> str:
+    """Three students from one V = 4 cache against three online runs, seed 0's rows: teacher forwards and wall
+    time in total."""
+    from seed.report import markdown_table
+
+    seed = 0
+    by = {r["arm"]: r for r in rows if r["seed"] == seed}
+    archs = settings.get("amortise", [STUDENT, *AMORTISE])
+    pairs = [(arch, by.get(f"cached-v{AT_V}" if arch == STUDENT else f"amort-cached-{arch}"),
+              by.get("online" if arch == STUDENT else f"amort-online-{arch}")) for arch in archs]
+    done = [(arch, c, o) for arch, c, o in pairs if c and o]
+    if not done:
+        return "No amortisation rows measured yet."
+    table = [{"arch": f"`{arch}`", "cached": f"{c['knn']:.2f}", "online": f"{o['knn']:.2f}",
+              "cached_train": minutes(c["train_s"]), "online_train": minutes(o["train_s"]),
+              "online_fw": f"{o['teacher_forwards']:,}"} for arch, c, o in done]
+    c0 = done[0][1]
+    pass_s, bank_s, cache_fw = float(c0.get("teacher_pass_s") or 0.0), float(c0.get("bank_s") or 0.0), c0["teacher_forwards"]
+    cached_total = pass_s + bank_s + sum(c["train_s"] for _, c, _ in done)
+    online_total = sum(o["train_s"] for _, _, o in done)
+    online_fw = sum(o["teacher_forwards"] for _, _, o in done)
+    table.append({"arch": f"**total, {len(done)} students**", "cached": f"{cache_fw:,} forwards, once",
+                  "cached_train": f"**{minutes(cached_total)}** (teacher pass {minutes(pass_s)} + bank "
+                                  f"{minutes(bank_s) or '0'}, once)",
+                  "online_train": f"**{minutes(online_total)}**", "online_fw": f"**{online_fw:,}**", "online": ""})
+    text = markdown_table(table, [("arch", "student"), ("cached", f"cached V = {AT_V}: kNN (%)"),
+                                  ("online", "online: kNN (%)"), ("cached_train", "cached: wall (min)"),
+                                  ("online_train", "online: wall (min)"), ("online_fw", "online: teacher forwards")])
+    missing = [arch for arch, c, o in pairs if not (c and o)]
+    return text + (f"\n\nNot measured yet: {', '.join(missing)}." if missing else "") + (
+        f"\n\nSeed {seed}, one run each. The cache spends V x N = {cache_fw:,} teacher forwards once for all "
+        f"{len(done)} students; online SEED spends N per student per epoch, {online_fw:,} for these {len(done)} runs "
+        f"of {settings.get('epochs')} epochs. Wall: the cached column adds the teacher pass and the bank once to "
+        "the students' training; each online run's training includes its teacher forwards.")
+
+
+def recipe_text(r: dict[str, Any] | None, settings: dict[str, Any]) -> str:
+    if not r:
+        return "Not measured yet (the first run writes `_recipe.json` beside the rows)."
+    b32, b224, grey = r["blur_32"], r["blur_224"], r["colour_on_grey"]
+    lo, hi = b32["sigma_px"]
+    return f"""Fashion-MNIST images are grey {r['source_px'][0]} x {r['source_px'][1]} px (stored as RGB with three equal
+channels: {'checked on' if r['grey'] else 'NOT true for'} the {r['images']:,} images measured), and every view is a
+RandomResizedCrop of scale (0.2, 1) of that image resized to 32 px, so a crop of 12.5 to 28 source pixels fills
+the 32 px view. What each operation of MoCo-v2's recipe (`seed.views.Recipe`) does there:
+
+- **Gaussian blur** (p = {r['blur_p']}; {r['blurred_fraction']:.0%} of the measured views): sigma is drawn from
+  [0.1, 2.0] px of a 224 px view and scaled by 32/224, so it is {lo:.3f} to **{hi:.2f} px**;
+  `seed.augment.blur_kernel_size` gives a **{b32['kernel']}-tap** kernel, whose neighbour taps weigh at most
+  {b32['neighbour_weight']:.4f} (at the largest sigma). Measured on the first {r['images']:,} training images, one
+  view each, `seed.augment.apply_batch` with the drawn blur against the same views with blur off: mean absolute
+  change **{b32['mean_abs_all']:.3f} grey levels** (of 255) over all views, {b32['mean_abs_blurred']:.3f} over the
+  blurred ones, {b32['max_abs']:.2f} at most. The blur is nearly a no-op at 32 px. For scale, the same views at
+  224 px (sigma {b224['sigma_px'][0]:.1f} to {b224['sigma_px'][1]:.1f} px, {b224['kernel']}-tap kernel; first
+  {r['images_224']} images) change by {b224['mean_abs_all']:.3f} grey levels on average,
+  {b224['mean_abs_blurred']:.3f} over the blurred views: there too it does little, because a 28 px image
+  upscaled 8 times is already smooth at the scale of sigma.
+- **Saturation, hue and grayscale** are no-ops on grey images: saturation blends with the image's own grey
+  version, hue rotates a colour that has none, grayscale replaces the image by its luma (weights summing to
+  0.9999). Measured the same way (these three drawn as in the recipe against neutral values): mean absolute
+  change {grey['mean_abs']:.4f}, at most {grey['max_abs']:.4f} grey levels.
+- What remains: the crop (scale and aspect ratio), the flip, and brightness and contrast (p 0.8, factors in
+  [0.6, 1.4]).
+"""
+
+
+def render(rows_dir: Path, out: Path) -> None:
+    """docs/results.md and its PNG from the row files of ``rows_dir`` alone (plus its ``_settings.json`` and
+    ``_recipe.json``); hand-written notes below the NOTES marker of an existing page are kept."""
+    settings_path, recipe_path = rows_dir / "_settings.json", rows_dir / "_recipe.json"
+    settings = json.loads(settings_path.read_text()) if settings_path.exists() else {}
+    rows = load_rows(rows_dir)
+    if not rows:
+        raise SystemExit(f"paper_table: no row files in {rows_dir}")
+    stats = aggregate(rows)
     png = out.with_name("results-accuracy-vs-views.png")
-    plot(rows, png)
-    table_rows = [{"name": r["name"], "knn": f"{r['knn']:.2f}", "linear": f"{r['linear']:.2f}",
-                   "wall": (f"{r['wall_s'] / 60:.1f}" if r["wall_s"] else "") +
-                           (f" ({r['cache_s'] / 60:.1f} teacher pass)" if r.get("cache_s") else ""),
-                   "forwards": f"{r['teacher_forwards']:,}" if r.get("group") == "student" else "",
-                   "epochs": r.get("epochs", "")} for r in rows]
-    table = markdown_table(table_rows, [("name", "row"), ("knn", "kNN top-1 (%)"), ("linear", "linear top-1 (%)"),
-                                        ("epochs", "epochs"), ("wall", "wall (min)"), ("forwards", "teacher forwards")])
-    verdict = {True: "met", False: "**missed**", None: "note"}
-    checks = "\n".join(f"- {verdict[ok]}: {what}: {detail}" for what, ok, detail in targets(rows))
-    script = Path(sys.argv[0]).resolve()
-    script_arg = str(script.relative_to(REPO)) if script.is_relative_to(REPO) else sys.argv[0]
-    cmd = "python " + " ".join(shlex.quote(a) for a in [script_arg, *sys.argv[1:]])
-    text = RESULTS.format(cmd=cmd, machine=machine(), minutes=seconds / 60, table=table, checks=checks, png=png.name,
-                          epochs=args.epochs, teacher_epochs=args.teacher_epochs, sup_epochs=args.supervised_epochs,
-                          bank=args.bank, topk=args.topk, limit=args.limit)
+    plot(stats, settings, png)
+    checks = targets(stats, settings)
+
+    def line(t: dict[str, Any]) -> str:
+        v = t["verdict"]
+        shown = f"**{v}**" if v != "met" else v
+        return f"- {shown}: {t['what']}: {t['detail']}" if t["target"] else f"- ({v}; no target) {t['what']}: {t['detail']}"
+    machines = sorted({r.get("machine", "").rsplit(",", 1)[0] for r in rows if r.get("machine")})
+    shas = sorted({sha for s in stats.values() if s.get("teacher") == "moco" for sha in s["teacher_sha256_all"]})
+    warn = (f"\n\n**Warning**: the MoCo-v2-teacher rows come from {len(shas)} different teacher checkpoints "
+            f"({', '.join(x[:12] for x in shas)}); rows measured against another teacher are not comparable."
+            if len(shas) > 1 else "")
+    e, views = settings.get("epochs", rows[0].get("epochs")), settings.get("views", [])
+    few = [v for v in views if e is not None and v > e]
+    view_note = (f" With {e} epochs, V = {', '.join(map(str, few))} exceed the epochs: a student then sees at most "
+                 f"{e} of each image's V views, so those points measure the view draw, not V." if few else "")
+    total = sum(float(r.get("invocation_s", 0.0)) for r in rows)
+    text = RESULTS.format(
+        cmd=settings.get("command", "python bench/paper_table.py"), machines="; ".join(machines) or "unknown",
+        minutes=total / 60, rows=len(rows),
+        rows_dir=rows_dir.relative_to(REPO) if rows_dir.resolve().is_relative_to(REPO) else rows_dir,
+        limit=settings.get("limit", 0), n_test=settings.get("n_test", 0), epochs=e,
+        teacher_epochs=settings.get("teacher_epochs"), teacher_lr=settings.get("teacher_lr", 0.06), sup_epochs=settings.get("supervised_epochs"),
+        bank=settings.get("bank"), topk=settings.get("topk"), shuffle_bn=settings.get("shuffle_bn"),
+        seeds=", ".join(map(str, settings.get("seeds", []))), rotations=settings.get("rotations"),
+        view_note=view_note, warn=warn, table=table_text(stats), png=png.name, sigmas=f"{SIGMAS:g}",
+        checks="\n".join(line(t) for t in checks), amortisation=amortisation(rows, settings),
+        recipe=recipe_text(json.loads(recipe_path.read_text()) if recipe_path.exists() else None, settings))
     if out.exists() and NOTES in out.read_text():  # hand-written analysis below the marker survives a re-run
         text += "\n" + NOTES + out.read_text().split(NOTES, 1)[1]
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
-    print(table)
-    print(checks)
-    log(f"wrote {out} and {png}")
+    log(f"wrote {out} and {png} from {len(rows)} rows in {rows_dir}")
 
 
 NOTES = "<!-- notes: everything below this line is kept when bench/paper_table.py rewrites the file -->"
 RESULTS = """# Results: the SEED comparison on Fashion-MNIST
 
-Command (from the repository root; resumable: finished rows are kept under `.bench/paper-table/rows`):
+Command (from the repository root; resumable: one row file per arm and seed under
+`{rows_dir}/`; `--render` re-renders this page from them without running anything):
 
     {cmd}
 
-Machine: {machine}. The rows' wall times add up to {minutes:.1f} min (plus feature extraction and
-probes for each row); rows finished by an earlier, interrupted invocation are read back, not re-measured.
+Machines: {machines}. The {rows} rows took {minutes:.1f} min in all (training, the teacher pass and bank the first
+time a cache is used, feature extraction and probes), over however many invocations.{warn}
 
-Set-up: Fashion-MNIST at 32 px, {limit:,} training and 10,000 test images. Every student is a timm
-`{student}` with SEED's head, trained {epochs} epochs (SGD, lr 0.03 x batch/256, batch 256,
-warm-up 0.2 epoch then cosine, seed 0). Teachers are timm `{teacher}`: MoCo-v2 ({teacher_epochs}
-epochs, 128-d MLP head, queue 4096) and supervised cross-entropy ({sup_epochs} epochs; its 512-d
-pooled features are the embedding). SEED: bank K = {bank}, tau_S = 0.2, tau_T = 1e-4, top-{topk} cached
-targets; online SEED keeps a FIFO queue of K teacher embeddings as in the official code and draws a
-fresh MoCo-v2 view of every image every epoch; cached SEED reads V stored views per image and
-replays view (epoch + row) mod V (`train.view=cycle`). Accuracy: frozen pooled backbone features of the
-whole test image, weighted kNN (k = 20, T = 0.07, cosine) and an L-BFGS logistic-regression probe.
-Wall time is training time; for cached rows the teacher pass that built their cache (teacher
-forwards + bank + top-k targets) is added and shown in brackets. Teacher forwards: online SEED
-spends N x epochs, a cache N x V, once, however many students and epochs use it. Teacher
-pre-training time is the teacher rows' wall time.
+Set-up: Fashion-MNIST at 32 px, {limit:,} training and {n_test:,} test images. Every student is a timm
+`{student}` with SEED's head, trained {epochs} epochs (SGD, lr 0.03 x batch/256, batch 256, warm-up 0.2
+epoch then cosine). Seeds {seeds}: seed s sets `train.seed` (initialisation, batch order, which cached view
+an epoch replays, queue) and `bank.seed` (bank sampling) to s; the teachers, the shards and the V cached views
+(`cache.seed` = 0) are shared by all seeds. Teachers are timm `{teacher}`, one run each: MoCo-v2
+({teacher_epochs} epochs, lr {teacher_lr:g} x batch/256, 128-d MLP head, queue K, Shuffle-BN over {shuffle_bn} BN
+sub-batches) and supervised cross-entropy ({sup_epochs} epochs; its 512-d pooled features are the embedding).
+MoCo-v2 alone trains the student with MoCo's recipe (lr 0.03 x batch/256, the same warm-up and cosine,
+Shuffle-BN over {shuffle_bn} sub-batches, queue K) for the students' {epochs} epochs. SEED: bank K = {bank},
+tau_S = 0.2, tau_T = 1e-4, top-{topk} cached targets; online SEED keeps a FIFO queue of K teacher embeddings
+as in the official code and draws a fresh view of every image every epoch; cached SEED replays a random one
+of the V stored views per image and epoch (`train.view=random`), against the default bank (one bank of K),
+{rotations} rotating banks (`bank.rotations`, bank epoch mod R) or a FIFO queue of the cached embeddings of
+the views trained on (`train.bank=queue`).{view_note} Accuracy: frozen pooled backbone features of the whole
+test image, weighted kNN (k = 20, T = 0.07, cosine) and a logistic-regression probe, as mean ± SD over seeds
+(n runs). Training time is per seed; a cache's teacher pass is paid once for every seed and arm that uses
+it, its bank once per seed. Teacher forwards: online SEED spends N x epochs per run, a cache V x N once.
 
 {table}
 
-![accuracy against V](results-accuracy-vs-views.png)
+![accuracy against V]({png})
 
 ## Targets
 
+Rule: for arm A against arm B, d = mean(A) - mean(B) and se = sqrt(sA^2/nA + sB^2/nB) over the seeds' kNN
+(sample SDs; an arm of one run contributes 0). A target "A at least `margin` above B" is **met** when
+d - margin > {sigmas} se, **missed** when d - margin < -{sigmas} se, and **inconclusive** otherwise. "A not worse
+than B" (margin 0) is **missed** only when d < -{sigmas} se and met otherwise, so d and se show how close it came.
+Targets: every SEED student at least 10 kNN points above MoCo-v2 alone; cached SEED with the default bank at
+V >= 4 not worse than online SEED; the MoCo-v2 teacher above raw pixels (one run each: se = 0, the rule is
+the sign of d). Comparisons marked "no target" use the same rule for the other banks. "pending" marks a
+comparison whose arm has fewer than 2 seeds so far.
+
 {checks}
+
+## Amortisation: three students from one cache against three online runs
+
+{amortisation}
+
+## The recipe at 32 px
+
+{recipe}
 """.replace("{student}", STUDENT).replace("{teacher}", TEACHER)
 
 
