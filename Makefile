@@ -48,7 +48,7 @@ stop:
 bench: venv data
 	$(BIN)/python bench/teacher_stage.py
 
-## make paper-table: the SEED comparison on full Fashion-MNIST (about 2 h on 2 CPU cores; resumable)
+## make paper-table: the SEED comparison on full Fashion-MNIST, >= 3 seeds per arm (about 12 h on 2 CPU cores: resumable, finished rows are committed under docs/results/rows)
 paper-table: venv data
 	$(BIN)/python bench/paper_table.py
 

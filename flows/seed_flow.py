@@ -5,14 +5,22 @@ fingerprint is skipped with a log line, so ``seed/full`` re-runs only what chang
 ``seed/student`` (stages student + evaluate) never loads the teacher. Prefect's own result
 caching is off (``NO_CACHE``): the Zarr completion records are the source of truth and still
 hold when Prefect's database is gone.
+
+The run's log reads as a transcript (``flows.follow`` prints it in a terminal): a banner per stage
+(``== [2/5] teacher: ...``), progress (teacher shards done of total, training steps and epochs with
+their losses) and each stage's outcome in words; the library's own ``seed.*`` log lines (the
+training loop's progress) and ``pipeline.*`` warnings go to the run's log too. Progress artifacts
+(``pretrain-progress``, ``teacher-progress``, ``student-progress``) belong to the flow run.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any, cast
 from uuid import UUID
@@ -22,7 +30,9 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
                                update_progress_artifact)
 from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext, TaskRunContext
 from prefect.futures import as_completed
+from prefect.logging.handlers import APILogHandler
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from pipeline import bank as bank_stage
@@ -34,7 +44,7 @@ from seed import cache
 from seed.config import RunConfig, TeacherConfig, from_dict, load_config, to_dict
 from seed.devices import resolve_device, set_cpu_threads
 from seed.models import Encoder
-from seed.report import markdown_table
+from seed.report import loss_text, markdown_table
 from seed.storage import Storage, load_storage
 from seed.teachers import LoadReport, load_teacher
 
@@ -92,13 +102,77 @@ def _progress(key: str, description: str) -> UUID:
     return cast(UUID, create_progress_artifact(0.0, key=key, description=description))
 
 
+def _in_run(_: logging.LogRecord) -> bool:
+    return FlowRunContext.get() is not None or TaskRunContext.get() is not None
+
+
+def forward_library_logs() -> None:
+    """Send the library's log lines (``seed.*`` from INFO: training progress; ``pipeline.*`` warnings)
+    to the current run's log, once per process; lines logged outside a run context are not sent."""
+    for name in ("seed", "pipeline"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(h, APILogHandler) for h in logger.handlers):
+            handler = APILogHandler(level=logging.INFO)
+            handler.addFilter(_in_run)
+            logger.addHandler(handler)
+    logging.getLogger("seed").setLevel(logging.INFO)
+
+
+@contextlib.contextmanager
+def still_running(log: Any, what: str, every: float = 60.0) -> Iterator[None]:
+    """While the block runs, log ``<what>: still running, 2 min so far`` every ``every`` seconds: for a stage
+    that reports no progress of its own (evaluation), so a follower sees it is alive.
+
+    The line comes from a thread of its own; ``log`` (a run logger) carries the run's ids, so it
+    still reaches the run's log.
+    """
+    stop = threading.Event()
+    t0 = time.perf_counter()
+
+    def tick() -> None:
+        while not stop.wait(every):
+            log.info("%s: still running, %d min so far", what, round((time.perf_counter() - t0) / 60))
+
+    thread = threading.Thread(target=tick, name=f"still-running-{what}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def epoch_text(stage: str, epoch: int, epochs: int, row: dict[str, Any]) -> str:
+    """``student epoch 3/10: mobilenetv3_small_050 loss 6.672, 1,234 images/s, 62 s``."""
+    losses = ", ".join(f"{name} loss {loss_text(value)}" for name, value in row["loss"].items())
+    return f"{stage} epoch {epoch}/{epochs}: {losses}, {row['images_per_s']:,.0f} images/s, {row['seconds']:.0f} s"
+
+
+def _epochs(n: int) -> str:
+    return f"{n} epoch" + ("" if n == 1 else "s")
+
+
+def _rate(count: float, seconds: float) -> str:
+    return f"{count / seconds:,.0f}" if seconds > 0 else "-"
+
+
 @task(cache_policy=NO_CACHE)
 def pretrain_teacher(cfg_data: dict[str, Any], storage_file: str | None) -> pretrain_stage.PretrainResult:
     """MoCo-v2 pre-training when the config names no teacher checkpoint (reused when already made)."""
     log = get_run_logger()
-    result = pretrain_stage.run(_cfg(cfg_data), load_storage(storage_file), progress=False,
-                                on_epoch=lambda e, row: log.info("pretrain epoch %d: %s", e + 1, row["loss"]))
-    log.info(("reusing" if result.skipped else "trained") + " teacher %s", result.checkpoint)
+    cfg = _cfg(cfg_data)
+    epochs = cfg.pretrain.optim.epochs
+    progress = _progress("pretrain-progress", f"pre-training {cfg.pretrain.name}: 0 of {epochs} epochs")
+
+    def on_epoch(epoch: int, row: dict[str, Any]) -> None:
+        update_progress_artifact(progress, 100.0 * (epoch + 1) / epochs,
+                                 description=f"pre-training {cfg.pretrain.name}: {epoch + 1} of {epochs} epochs")
+        log.info(epoch_text("pretrain", epoch + 1, epochs, row))
+
+    result = pretrain_stage.run(cfg, load_storage(storage_file), progress=False, on_epoch=on_epoch)
+    if result.skipped:
+        update_progress_artifact(progress, 100.0, description=f"pre-training {cfg.pretrain.name}: reused")
+    log.info(("reusing the teacher made earlier: " if result.skipped else "teacher written: ") + result.checkpoint)
     return result
 
 
@@ -120,13 +194,29 @@ def embed_shard(cfg_data: dict[str, Any], storage_file: str | None, plan: dict[s
 
 
 @flow(name="seed-teacher-shards", log_prints=True)
-def teacher_shards(cfg_data: dict[str, Any], storage_file: str | None, plan: dict[str, Any], todo: list[int]) -> int:
-    """Submit the shard tasks to this flow's task runner and report progress as they finish."""
-    progress = _progress("teacher-progress", "teacher stage: shards done")
+def teacher_shards(cfg_data: dict[str, Any], storage_file: str | None, plan: dict[str, Any], todo: list[int],
+                   progress: UUID | None = None) -> int:
+    """Submit the shard tasks to this flow's task runner and report progress as they finish.
+
+    ``progress``: the parent flow's progress artifact, so it shows on the ``seed`` run's page. A
+    progress line is logged at most every 10 s (and for the last shard).
+    """
+    log = get_run_logger()
+    total = len(plan["urls"])
+    before = total - len(todo)
     futures = [embed_shard.submit(cfg_data, storage_file, plan, s) for s in todo]
+    t0 = last = time.perf_counter()
+    views = 0
     for n, future in enumerate(as_completed(futures), 1):
-        future.result()
-        update_progress_artifact(progress, 100.0 * n / len(todo))
+        views += future.result()["teacher_forwards"]
+        done = before + n
+        if progress is not None:
+            update_progress_artifact(progress, 100.0 * done / total, description=f"teacher stage: {done} of {total} shards embedded")
+        now = time.perf_counter()
+        if n == len(todo) or now - last >= 10:
+            last = now
+            log.info("teacher: %d/%d shards embedded (%d %%), %s views/s", done, total, 100 * done // total,
+                     _rate(views, now - t0))
     return len(futures)
 
 
@@ -142,6 +232,7 @@ def run_teacher(cfg: RunConfig, storage: Storage, storage_file: str | None, work
         return dict(cache.attributes(group)["totals"])
     if done:
         log.info("teacher stage: %d of %d shards already done; embedding the other %d", len(done), len(plan.urls), len(todo))
+    progress = _progress("teacher-progress", f"teacher stage: {len(done)} of {len(plan.urls)} shards embedded")
     if dask_address:
         from prefect_dask import DaskTaskRunner  # optional: pip install seed-distill[dask]
 
@@ -149,9 +240,11 @@ def run_teacher(cfg: RunConfig, storage: Storage, storage_file: str | None, work
     else:
         runner = ThreadPoolTaskRunner(max_workers=max(1, workers))
     plan_data = dataclasses.asdict(plan)
-    teacher_shards.with_options(task_runner=runner)(to_dict(cfg), storage_file, plan_data, todo)
+    teacher_shards.with_options(task_runner=runner)(to_dict(cfg), storage_file, plan_data, todo, progress)
     totals = cache.finalize(cache.open_group(plan.cache_url, "r+"), plan.cache_url)
-    log.info("teacher stage complete: %s", totals)
+    log.info("teacher stage complete: %s images (%s valid, %s skipped), %s teacher forwards (%s views/s in the "
+             "forward) -> %s", f"{totals['samples']:,}", f"{totals['valid']:,}", f"{totals['skipped']:,}",
+             f"{totals['teacher_forwards']:,}", _rate(totals["teacher_forwards"], totals["teacher_seconds"]), plan.cache_url)
     return totals
 
 
@@ -163,8 +256,9 @@ def build_bank(cfg_data: dict[str, Any], storage_file: str | None) -> bank_stage
     if result.skipped:
         log.info("bank stage: bank of %s complete with a matching fingerprint; skipped", result.cache)
     else:
-        log.info("bank stage: %s views at %.0f views/s; captured mass mean %.4f", s["views"], s["views_per_s"],
-                 s["fidelity"]["mass"]["mean"])
+        log.info("bank stage: K=%d entries, top-%d targets of %s views at %s views/s; the top-k capture %.1f %% of "
+                 "p_T's mass on average", s["K"], s["topk"], f"{s['views']:,}", f"{s['views_per_s']:,.0f}",
+                 100 * s["fidelity"]["mass"]["mean"])
     return result
 
 
@@ -185,12 +279,12 @@ def train_students(cfg_data: dict[str, Any], storage_file: str | None) -> studen
     start = student_stage.resumable(cfg, storage)
     if start:
         log.info("student stage: run %s continues from its epoch %d checkpoints", cfg.train.run, start)
-    progress = _progress("student-progress", "student stage: epochs done")
+    progress = _progress("student-progress", f"student run {cfg.train.run}: {start} of {epochs} epochs")
 
     def on_epoch(epoch: int, row: dict[str, Any]) -> None:
-        update_progress_artifact(progress, 100.0 * (epoch + 1) / epochs)
-        losses = ", ".join(f"{name} {value:.4f}" for name, value in row["loss"].items())
-        log.info("epoch %d/%d: loss %s; %.0f images/s", epoch + 1, epochs, losses, row["images_per_s"])
+        update_progress_artifact(progress, 100.0 * (epoch + 1) / epochs,
+                                 description=f"student run {cfg.train.run}: {epoch + 1} of {epochs} epochs")
+        log.info(epoch_text("student", epoch + 1, epochs, row))
 
     nproc = student_stage.processes(cfg)
     if nproc > 1:
@@ -199,19 +293,46 @@ def train_students(cfg_data: dict[str, Any], storage_file: str | None) -> studen
     else:
         result = student_stage.run(cfg, storage, resume=start > 0, progress=False, on_epoch=on_epoch, load=shared_teacher)
     create_table_artifact([{"epoch": m["epoch"], "seconds": m["seconds"], "images_per_s": m["images_per_s"],
-                            "teacher_forwards": m["teacher_forwards"], **{f"loss {k}": round(v, 4) for k, v in m["loss"].items()}}
+                            "teacher_forwards": m["teacher_forwards"], **{f"loss {k}": loss_text(v) for k, v in m["loss"].items()}}
                            for m in result.metrics], key="student-metrics", description=f"run {cfg.train.run}")
+    log.info("student stage complete: %s", ", ".join(f"{name} -> {path}" for name, path in result.students.items()))
     return result
 
 
 @task(cache_policy=NO_CACHE)
 def evaluate(cfg_data: dict[str, Any], storage_file: str | None, include_teacher: bool) -> evaluate_stage.EvaluationResult:
-    result = evaluate_stage.run(_cfg(cfg_data), load_storage(storage_file), include_teacher=include_teacher,
-                                progress=False, load=shared_teacher)
+    log = get_run_logger()
+    with still_running(log, "evaluate"):
+        result = evaluate_stage.run(_cfg(cfg_data), load_storage(storage_file), include_teacher=include_teacher,
+                                    progress=False, load=shared_teacher)
     table = markdown_table(result.results, [("name", "encoder"), ("knn", "kNN top-1 (%)"), ("nn1", "1-NN (%)"),
                                             ("linear", "linear (%)"), ("probe", "probe"), ("init", "notes")])
     create_markdown_artifact(f"# Evaluation\n\n{table}\n\nReport: `{result.report}`\n", key="evaluation")
+    log.info("evaluate: %d encoders scored in %.0f s", len(result.results), result.seconds)
+    width = max(len(r["name"]) for r in result.results)
+    for r in result.results:
+        log.info("%s  kNN %s %%  linear %s %%", r["name"].ljust(width), _percent(r.get("knn")), _percent(r.get("linear")))
     return result
+
+
+def _percent(value: float | None) -> str:
+    return "    -" if value is None else f"{value:5.1f}"
+
+
+def stage_texts(cfg: RunConfig) -> dict[str, str]:
+    """What each stage does, in words, for its banner."""
+    p, t = cfg.pretrain, cfg.train
+    how = "from the cache (no teacher)" if t.mode == "cached" else "online (the teacher runs on every batch)"
+    return {
+        "pretrain": f"{'MoCo-v2' if p.method == 'moco' else 'supervised'} pre-training of a {p.arch} teacher, "
+                    f"{_epochs(p.optim.epochs)}",
+        "teacher": f"{cfg.teacher.arch} embeds {cfg.cache.views} views of every image at {cfg.cache.resolution} px "
+                   f"-> cache {cfg.cache.name}",
+        "bank": f"a bank of {cfg.bank.size:,} cached views and the top-{cfg.bank.topk} teacher targets of every view",
+        "student": f"{', '.join(s.label for s in t.students)}, {_epochs(t.optim.epochs)} {how}, run {t.run}",
+        "evaluate": "features of the train and test images for every encoder, kNN and linear probes, the report "
+                    "(no progress of its own: a 'still running' line a minute)",
+    }
 
 
 def _overrides(overrides: list[str], run: str | None, student_arch: str | None, epochs: int | None) -> list[str]:
@@ -245,25 +366,38 @@ def seed(config: str = DEFAULT_CONFIG, overrides: list[str] | None = None, stage
         raise ValueError(f"unknown stages {unknown}; choose from {ALL_STAGES}")
     cfg = load_config(config, _overrides(overrides or [], run, student_arch, epochs))
     store = load_storage(storage)
+    forward_library_logs()
+    planned = [s for s in ALL_STAGES if s in stages and (s != "pretrain" or not cfg.teacher.checkpoint)]
+    texts = stage_texts(cfg)
+    log.info("seed run %s (%s): %s", cfg.train.run, config, " -> ".join(planned))
+
+    def banner(stage: str) -> None:
+        log.info("== [%d/%d] %s: %s", planned.index(stage) + 1, len(planned), stage, texts[stage])
+
     result: dict[str, Any] = {"stages": stages}
-    if "pretrain" in stages and not cfg.teacher.checkpoint:
+    if "pretrain" in planned:
+        banner("pretrain")
         made = pretrain_teacher(to_dict(cfg), storage)
         cfg = dataclasses.replace(cfg, teacher=made.teacher)
         result["pretrain"] = made.checkpoint
     if "teacher" in stages:
+        banner("teacher")
         result["teacher"] = run_teacher(cfg, store, storage, teacher_workers, dask_address)
         url = store.cache_url(cfg.cache.name)
         info = cache.attributes(cache.open_group(url, "r"))
         create_table_artifact([{"cache": url, "N": info["N"], "V": info["V"], "D": info["D"], **info["totals"]}],
                               key="cache-summary", description="teacher cache")
     if "bank" in stages:
+        banner("bank")
         built = build_bank(to_dict(cfg), storage)
         result["bank"] = {"skipped": built.skipped, **{k: v for k, v in built.summary.items() if k != "fields"}}
     if "student" in stages:
+        banner("student")
         trained = train_students(to_dict(cfg), storage)
         result["student"] = {"run": trained.run, "students": trained.students, "skipped": trained.skipped,
                              "teacher_forwards": trained.teacher_forwards}
     if "evaluate" in stages:
+        banner("evaluate")
         include_teacher = "teacher" in stages and bool(cfg.teacher.checkpoint)
         scored = evaluate(to_dict(cfg), storage, include_teacher)
         result["evaluation"] = {"report": scored.report, "results": scored.results}

@@ -1,6 +1,6 @@
 """Serve the deployments ``seed/full`` and ``seed/student`` from one process.
 
-    python -m flows.serve        # then: prefect deployment run seed/full --watch
+    python -m flows.serve        # then: python -m flows.follow --deployment seed/full (starts a run, prints its log)
 
 ``seed/full`` runs every stage, skipping complete ones; ``seed/student`` runs the student and
 evaluation stages only (it refuses a missing, incomplete or mismatched cache, and never loads the

@@ -2,8 +2,8 @@
 
 Recipe: resolve the shards -> open the cache and its bank, refusing a missing, incomplete or
 mismatched one (cached mode) or load the teacher (online mode) -> build the students -> train
-them together on the same decoded batches -> write checkpoints, metrics and the resolved config
-under ``<runs>/<train.run>/<student>/``.
+them together on the same decoded batches -> write checkpoints, metrics (and TensorBoard event files
+in ``<student>/tb/``, see ``train.tensorboard``) and the resolved config under ``<runs>/<train.run>/<student>/``.
 
 ``train.nproc`` > 1 runs the stage in that many processes on this node: ``launch`` starts
 ``torchrun`` over the command line (``pipeline.cli student``), one rank per GPU on CUDA, and
@@ -149,7 +149,7 @@ def run(cfg: RunConfig, storage: Storage, *, resume: bool = False, progress: boo
     if rank == 0:
         write_text(join(out, "config.yaml"), yaml.safe_dump(to_dict(cfg), sort_keys=True))
     metrics = train(members, obj, urls, data, rank_counts, loop, device=device, resume=resume,
-                    progress=progress, on_epoch=on_epoch)
+                    progress=progress, on_epoch=on_epoch, tensorboard=t.tensorboard)
     return StudentResult(out, t.mode, {m.name: m.checkpoint for m in members}, metrics,
                          sum(r["teacher_forwards"] for r in metrics))
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job: Fashion-MNIST shards -> local Prefect server + deployments -> `prefect deployment run seed/full`.
+# The main job: Fashion-MNIST shards -> local Prefect server + deployments -> a run of seed/full, followed here.
 # Re-running it reuses the shards, the teacher, the cache and finished students. `make stop` ends the servers.
 set -euo pipefail
 source "$(dirname "$0")/prefect-env.sh"
@@ -34,19 +34,29 @@ else
 fi
 for _ in $(seq 1 120); do "$BIN/prefect" deployment inspect seed/full > /dev/null 2>&1 && break; sleep 2; done
 
-echo "== 4/4 prefect deployment run seed/full --watch"
-"$BIN/prefect" deployment run seed/full --param "config=$ROOT/$CONFIG" --watch --watch-timeout 3600
+echo "== 4/4 run seed/full and follow its log (stages, progress, losses; the UI shows the same)"
+# flows.follow starts the deployment run through the Prefect client and prints the run's own log lines
+# until it ends; it exits 1 when the run fails. Ctrl-C stops following, not the run.
+if ! "$BIN/python" -m flows.follow --deployment seed/full --param "config=$ROOT/$CONFIG"; then
+    echo "seed/full did not complete; the deployment server's output is in $PREFECT_HOME/serve.log" >&2
+    exit 1
+fi
 
-cache=data/caches/demo-fashion-mnist.zarr
-report=data/runs/demo/report.md
+run=data/runs/demo
+report=$run/report.md
 echo
 echo "== done in $(( $(date +%s) - start )) s"
-echo "cache:       $ROOT/$cache   (seed inspect $cache)"
-echo "checkpoints: $ROOT/data/runs/demo/*/checkpoint.pt"
+echo "cache:       $ROOT/data/caches/demo-fashion-mnist.zarr   (seed inspect data/caches/demo-fashion-mnist.zarr)"
+echo "checkpoints: $ROOT/$run/*/checkpoint.pt"
 echo "report:      $ROOT/$report"
 echo "UI:          http://127.0.0.1:$PORT"
+if [ -x "$BIN/tensorboard" ]; then
+    echo "TensorBoard: $BIN/tensorboard --logdir $run   (per-step loss, lr, images/s of every student)"
+fi
 echo
 sed -n '/^## Accuracy/,/^!\[accuracy\]/p' "$report" | grep '^|'
 echo
-echo "students only (no teacher):  $BIN/prefect deployment run seed/student --param student_arch=resnet10t --param run=r10t --watch"
+sed -n '/^## Student training/,/^!\[loss\]/p' "$report" | grep '^|'
+echo
+echo "students only (no teacher):  PREFECT_API_URL=$PREFECT_API_URL $BIN/python -m flows.follow --deployment seed/student --param student_arch=resnet10t --param run=r10t"
 echo "stop the servers:            make stop"

@@ -172,6 +172,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     nproc: int = 1  # processes on this node (torchrun; one per GPU on CUDA); 0 = one per visible GPU
+    # per-step TensorBoard event files in <run>/<student>/tb/; None = when installed and the runs root is local
+    tensorboard: bool | None = None
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     loader: LoaderConfig = dataclasses.field(default_factory=LoaderConfig)
 
@@ -359,9 +361,11 @@ def write_run_files(cfg: RunConfig, storage: Storage, directory: str | Path) -> 
 
 def outcome(section: Any) -> dict[str, Any]:
     """A train or pretrain section as plain data without the settings that cannot change what training
-    produces (device, data-path workers and read-ahead): what decides whether a finished run is reused."""
+    produces (device, TensorBoard logging, data-path workers and read-ahead): what decides whether a
+    finished run is reused."""
     data = to_dict(section) if dataclasses.is_dataclass(section) else dict(section)
     data.pop("device", None)
+    data.pop("tensorboard", None)  # logging, not training: switching it never retrains a finished run
     loader = data.get("loader")
     if isinstance(loader, dict):
         data["loader"] = {k: v for k, v in loader.items() if k not in ("workers", "prefetch")}

@@ -16,12 +16,18 @@ def save_figure(fig: Any, url: str) -> None:
 
 
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
-    """``columns``: (key, header) pairs; floats get one decimal."""
+    """``columns``: (key, header) pairs; floats get one decimal (pass text to show more, see ``loss_text``)."""
     def cell(v: Any) -> str:
         return f"{v:.1f}" if isinstance(v, float) else ("" if v is None else str(v))
     lines = ["| " + " | ".join(h for _, h in columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(r.get(k)) for k, _ in columns) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def loss_text(value: float) -> str:
+    """A loss to 4 significant digits, trailing zeros kept (7.103, 6.580, 0.08127): one decimal would hide what an
+    epoch changed."""
+    return f"{value:#.4g}"
 
 
 def accuracy_plot(results: Sequence[dict[str, Any]], url: str, title: str) -> None:
@@ -76,7 +82,7 @@ def write_report(out: str, *, title: str, results: Sequence[dict[str, Any]], cac
         parts += ["## Student training", "",
                   markdown_table([{"epoch": m["epoch"], "seconds": m["seconds"], "images_per_s": m["images_per_s"],
                                    "teacher_forwards": m["teacher_forwards"],
-                                   **{f"loss {k}": round(v, 4) for k, v in m["loss"].items()}} for m in metrics],
+                                   **{f"loss {k}": loss_text(v) for k, v in m["loss"].items()}} for m in metrics],
                                  [("epoch", "epoch"), ("seconds", "seconds"), ("images_per_s", "images/s"),
                                   ("teacher_forwards", "teacher forwards")]
                                  + [(f"loss {k}", f"loss {k}") for k in metrics[0]["loss"]]),

@@ -4,12 +4,18 @@ The loop owns what every method shares: the data pass, per-step learning rates (
 cosine), SGD, autocast on CUDA, DDP, checkpoints every epoch, resume, metrics, and the stop on a
 non-finite loss. An objective (``seed.objectives``) owns what differs. Several models (students)
 train on the same decoded batches.
+
+Metrics: ``<member.out>/metrics.jsonl`` (one line per epoch), and, when TensorBoard is installed
+(the ``tensorboard`` extra) or asked for, per-step loss, learning rate and throughput as event files
+in ``<member.out>/tb/`` (rank 0 only). Without a progress bar, rank 0 logs a progress line
+(``seed.train``, INFO) at most every ``PROGRESS_EVERY_S`` seconds; the Prefect flow forwards it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -27,7 +33,12 @@ from seed.devices import autocast, data_workers, join_process_group
 from seed.errors import SeedError
 from seed.objectives import Objective, unwrap
 from seed.schedules import warmup_cosine
-from seed.storage import join, write_text
+from seed.storage import is_url, join, local_path, write_text
+
+log = logging.getLogger(__name__)
+
+PROGRESS_EVERY_S = 30.0  # the least time between two progress log lines of an epoch (no progress bar)
+TENSORBOARD_EXTRA = "pip install 'seed-distill[tensorboard]'"
 
 
 @dataclasses.dataclass
@@ -71,11 +82,14 @@ def make_member(name: str, model: nn.Module, out: str, *, optim: OptimConfig, de
 
 def train(members: Sequence[Member], objective: Objective, urls: Sequence[str], source: Source,
           rank_counts: Sequence[int], loop: Loop, *, device: torch.device, resume: bool = False, progress: bool = True,
-          on_epoch: Callable[[int, dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+          on_epoch: Callable[[int, dict[str, Any]], None] | None = None,
+          tensorboard: bool | None = None) -> list[dict[str, Any]]:
     """Train ``members`` for ``loop.optim.epochs`` on ``urls``; returns the per-epoch metrics.
 
     ``rank_counts[r]`` is the number of examples rank r sees per epoch (DDP ranks need the same
     number of steps). Checkpoints go to ``<member.out>/checkpoint.pt`` after every epoch.
+    ``tensorboard``: True writes TensorBoard event files (an error when the package is missing),
+    False does not, None writes them when the package is installed and the outputs are local.
     """
     o = loop.optim
     rank, world = join_process_group(device)
@@ -84,28 +98,66 @@ def train(members: Sequence[Member], objective: Objective, urls: Sequence[str], 
         raise SeedError(f"batch size {o.batch_size} is larger than the {min(rank_counts)} examples of a rank; "
                         "lower the batch size (optim.batch_size)")
     lr = warmup_cosine(o.base_lr * o.batch_size * world / 256, o.epochs, steps, o.warmup_epochs)
+    writer_class = tensorboard_writer(tensorboard, [m.out for m in members])
     start_epoch = _resume(members, objective) if resume else 0
     metrics: list[dict[str, Any]] = list(members[0].history)
+    # a restart at step s drops the steps >= s that an interrupted attempt had written
+    writers = [writer_class(tensorboard_dir(m.out), purge_step=start_epoch * steps + 1)
+               for m in members] if writer_class is not None and rank == 0 else []
     maker = Batches(loop.recipe, loop.resolution, device=device, depth=loop.loader.prefetch,
                     workers=data_workers(loop.loader.workers, device))
     try:
         return _epochs(members, objective, urls, source, loop, maker, device=device, steps=steps, lr=lr,
-                       start_epoch=start_epoch, metrics=metrics, progress=progress, on_epoch=on_epoch)
+                       start_epoch=start_epoch, metrics=metrics, progress=progress, on_epoch=on_epoch, writers=writers)
     finally:
         maker.close()
+        for w in writers:
+            w.close()
+
+
+def tensorboard_dir(out: str) -> str:
+    """Where a member's event files go: ``<out>/tb`` (``tensorboard --logdir <run dir>`` shows every member)."""
+    return join(out, "tb") if is_url(out) else local_path(join(out, "tb"))
+
+
+def tensorboard_writer(setting: bool | None, outs: Sequence[str]) -> Any:
+    """``torch.utils.tensorboard.SummaryWriter`` when event files are to be written, else None.
+
+    ``setting`` True and no tensorboard package: a ``SeedError`` naming the extra to install. None
+    (automatic): the writer when the package is importable and every output is a local path
+    (TensorBoard's own file layer reaches object stores only through boto3).
+    """
+    if setting is False:
+        return None
+    if setting is None and any(is_url(o) for o in outs):
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        if setting:
+            raise SeedError(f"train.tensorboard is true but the tensorboard package is not installed: "
+                            f"{TENSORBOARD_EXTRA}, or set train.tensorboard=false") from None
+        return None
+    return SummaryWriter
 
 
 def _epochs(members: Sequence[Member], objective: Objective, urls: Sequence[str], source: Source,
             loop: Loop, maker: Batches, *, device: torch.device, steps: int,
             lr: np.ndarray, start_epoch: int, metrics: list[dict[str, Any]], progress: bool,
-            on_epoch: Callable[[int, dict[str, Any]], None] | None) -> list[dict[str, Any]]:
-    """The epochs from ``start_epoch`` on, with their checkpoints, metrics and ``on_epoch`` calls."""
+            on_epoch: Callable[[int, dict[str, Any]], None] | None, writers: Sequence[Any] = ()) -> list[dict[str, Any]]:
+    """The epochs from ``start_epoch`` on, with their checkpoints, metrics and ``on_epoch`` calls.
+
+    ``writers``: one TensorBoard ``SummaryWriter`` per member (rank 0 only) for the per-step scalars.
+    """
     from tqdm import tqdm
 
     o = loop.optim
     rank, world = join_process_group(device)
+    images = o.batch_size * world  # per step, over all ranks
+    report = not progress and rank == 0
     for epoch in range(start_epoch, o.epochs):
         t0 = time.perf_counter()
+        last_step = last_report = t0
         forwards0 = objective.teacher_forwards
         order = shard_order(len(urls), epoch, loop.seed, rank, world)
         totals = np.zeros(len(members))
@@ -133,11 +185,24 @@ def _epochs(members: Sequence[Member], objective: Objective, urls: Sequence[str]
                 m.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 m.optimizer.step()
-                totals[i] += loss.item()
+                value = loss.item()
+                totals[i] += value
+                if writers:
+                    writers[i].add_scalar("train/loss", value, g + 1)
             objective.after_step(ctx)
             done += 1
             bar.update(1)
             bar.set_postfix(loss=f"{totals[0] / done:.4f}", lr=f"{lr[g]:.4f}")
+            now = time.perf_counter()
+            for w in writers:
+                w.add_scalar("train/lr", float(lr[g]), g + 1)
+                w.add_scalar("train/images_per_s", images / max(now - last_step, 1e-9), g + 1)
+            last_step = now
+            if report and done < steps and now - last_report >= PROGRESS_EVERY_S:
+                last_report = now
+                log.info("epoch %d/%d: step %d/%d (%d %%), %s, lr %.4g, %s images/s", epoch + 1, o.epochs, done, steps,
+                         100 * done // steps, losses_text(members, (totals / done).tolist()), lr[g],
+                         f"{done * images / (now - t0):,.0f}")
         bar.close()
         if done != steps:
             raise SeedError(f"epoch {epoch + 1}: the shards gave {done} batches, {steps} expected (did the shards change?)")
@@ -147,6 +212,9 @@ def _epochs(members: Sequence[Member], objective: Objective, urls: Sequence[str]
                "teacher_forwards": int(objective.teacher_forwards - forwards0) * world,
                "loss": {m.name: float(totals[i] / steps) for i, m in enumerate(members)}}
         metrics.append(row)
+        for i, w in enumerate(writers):
+            w.add_scalar("epoch/loss", float(totals[i] / steps), (epoch + 1) * steps)  # the epoch's mean, at its last step
+            w.flush()
         if rank == 0:
             _save(members, objective, epoch, metrics)
         if on_epoch is not None and rank == 0:
@@ -154,6 +222,11 @@ def _epochs(members: Sequence[Member], objective: Objective, urls: Sequence[str]
         if dist.is_initialized():
             dist.barrier()
     return metrics
+
+
+def losses_text(members: Sequence[Member], losses: Sequence[float]) -> str:
+    """``moco loss 6.672`` (4 significant digits, as ``seed.report.loss_text``), one per member, comma-separated."""
+    return ", ".join(f"{m.name} loss {v:#.4g}" for m, v in zip(members, losses))
 
 
 def _save(members: Sequence[Member], objective: Objective, epoch: int, metrics: list[dict[str, Any]]) -> None:

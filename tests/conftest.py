@@ -74,6 +74,18 @@ def small_config(checkpoint: Path, *extra: str, shards: str = "fm/train/train-{0
                               "cache.batch_size=64", "cache.cpu_threads=2", "cache.workers=1", "cache.name=test", *extra])
 
 
+def cache_and_bank(root: Path, shards: Path, checkpoint: Path, *extra: str) -> tuple[RunConfig, Storage]:
+    """A complete cache and bank over 300 real images (``small_config`` plus ``extra``) under ``root``."""
+    import pipeline.bank as bank_stage
+    import pipeline.teacher as teacher_stage
+
+    storage = make_storage(root, shards)
+    cfg = small_config(checkpoint, *extra)
+    teacher_stage.run(cfg, storage, progress=False)
+    bank_stage.run(cfg, storage, progress=False)
+    return cfg, storage
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that is free now (for servers and rendezvous the tests start)."""
     with socket.socket() as s:

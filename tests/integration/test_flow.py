@@ -1,8 +1,10 @@
-"""The Prefect flow: full, then student-only without the teacher; skips; Dask; refusal."""
+"""The Prefect flow: full, then student-only without the teacher; skips; Dask; refusal; the followed transcript."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -37,13 +39,53 @@ def _forwards(tmp_path: Path, name: str = "flow") -> int:
     return zarr.open_group(str(tmp_path / "caches" / f"{name}.zarr"), mode="r").attrs["totals"]["teacher_forwards"]
 
 
+def _follow(state) -> tuple[int, str, list]:
+    """What ``python -m flows.follow`` prints for a finished run, its exit code and the run's artifacts."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    from flows.follow import follow
+
+    APILogHandler().flush()  # the run's last log batch
+    lines: list[str] = []
+    run_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        code = follow(client, run_id, lines.append, poll=0.2, quiet=0.5)
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))
+    return code, "\n".join(lines), artifacts
+
+
 def test_full_then_student_only(harness, tmp_path: Path, storage_file: str) -> None:
     config = str(ROOT / "configs" / "demo.yaml")
-    first = seed(config=config, overrides=TINY, storage=storage_file)
+    state = seed(config=config, overrides=TINY, storage=storage_file, return_state=True)
+    first = state.result()
     assert first["pretrain"].endswith("flow-teacher/teacher.pth")
     assert first["teacher"]["teacher_forwards"] == 300 * 2 == _forwards(tmp_path)
     assert first["student"]["skipped"] is False and Path(first["evaluation"]["report"]).exists()
     assert [r["kind"] for r in first["evaluation"]["results"]].count("teacher") == 1
+
+    # the followed transcript: link, a banner per stage in order, progress, losses as the project recorded them
+    code, text, artifacts = _follow(state)
+    assert code == 0, text
+    assert "Prefect UI: http://127.0.0.1:" in text and f"/runs/flow-run/{state.state_details.flow_run_id}" in text
+    banners = [text.index(f"== [{i}/5] {stage}: ") for i, stage in enumerate(["pretrain", "teacher", "bank", "student",
+                                                                              "evaluate"], 1)]
+    assert banners == sorted(banners), text
+    assert re.search(r"pretrain epoch 1/1: moco loss \d+\.\d+, [\d,]+ images/s", text), text
+    assert "teacher: 3/3 shards embedded (100 %)" in text and "teacher stage complete: 300 images (300 valid" in text
+    loss = json.loads((tmp_path / "runs" / "flow" / "mobilenetv3_small_050" / "metrics.jsonl").read_text())["loss"]
+    assert f"student epoch 1/1: mobilenetv3_small_050 loss {loss:#.4g}, " in text
+    assert f"| {loss:#.4g} |" in Path(first["evaluation"]["report"]).read_text()  # the report's loss column: 4 digits
+    assert re.search(r"mobilenetv3_small_050 \(cached SEED\) +kNN +\d+\.\d %", text), text
+    assert re.search(r"flow run \S+: Completed in \d+", text.splitlines()[-1]), text
+    for noise in ("{'", "Finished in state Completed", "Created task run", "prefect.flow-run"):
+        assert noise not in text, (noise, text)
+    progress = {a.key: a for a in artifacts if a.type == "progress"}
+    assert set(progress) == {"pretrain-progress", "teacher-progress", "student-progress"}  # all on the run's own page
+    assert all(a.data == 100.0 for a in progress.values())
+    assert progress["teacher-progress"].description == "teacher stage: 3 of 3 shards embedded"
+    assert progress["student-progress"].description == "student run flow: 1 of 1 epochs"
 
     teacher_file = Path(first["pretrain"])
     teacher_file.rename(teacher_file.with_suffix(".away"))  # the student deployment must not need the teacher
@@ -65,9 +107,14 @@ def test_rerun_skips_complete_stages(harness, tmp_path: Path, storage_file: str)
 
 
 def test_student_only_refuses_a_missing_cache(harness, storage_file: str) -> None:
+    state = seed(config=str(ROOT / "configs" / "demo.yaml"), overrides=[*TINY, "cache.name=absent"], storage=storage_file,
+                 stages=["student"], return_state=True)
     with pytest.raises(SeedError, match="no cache at .*absent.zarr"):
-        seed(config=str(ROOT / "configs" / "demo.yaml"), overrides=[*TINY, "cache.name=absent"], storage=storage_file,
-             stages=["student"])
+        state.result()
+    code, text, _ = _follow(state)
+    assert code == 1 and "== [1/1] student: " in text
+    assert re.search(r"ERROR: .*no cache at .*absent\.zarr", text) and "Traceback" not in text, text
+    assert re.search(r"flow run \S+: Failed after \d+ s: .*no cache at", text), text
 
 
 def test_dask_cluster_writes_the_same_cache_as_one_process(harness, tmp_path: Path, storage_file: str,
@@ -92,6 +139,22 @@ def test_dask_cluster_writes_the_same_cache_as_one_process(harness, tmp_path: Pa
         x, y = a[name][:], b[name][:]
         assert (x.tobytes() == y.tobytes()) if x.dtype.kind == "f" else np.array_equal(x, y), name
     assert b.attrs["status"] == "complete" and b.attrs["totals"]["teacher_forwards"] == 600
+
+
+def test_still_running_says_so_while_a_stage_without_progress_runs(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+    import time
+
+    from flows.seed_flow import still_running
+
+    logger = logging.getLogger("tests.still_running")
+    with caplog.at_level(logging.INFO, logger=logger.name):
+        with still_running(logger, "evaluate", every=0.05):
+            time.sleep(0.3)
+        during = len(caplog.records)
+        time.sleep(0.15)
+    assert during >= 3 and len(caplog.records) == during  # and none once the block is done
+    assert {r.getMessage() for r in caplog.records} == {"evaluate: still running, 0 min so far"}
 
 
 def _descendants(pid: int) -> list[int]:

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import pipeline.bank as bank_stage
 import pipeline.pretrain as pretrain_stage
 import pipeline.student as student_stage
 import pipeline.teacher as teacher_stage
@@ -20,7 +19,7 @@ from seed.errors import SeedError
 from seed.objectives import CachedSeed
 from seed.shards import Sample
 from seed.teachers import load_teacher
-from tests.conftest import free_port, make_storage, small_config
+from tests.conftest import cache_and_bank, free_port, make_storage, small_config
 
 TRAIN = ("bank.size=64", "bank.topk=8", "train.optim.batch_size=50", "train.optim.epochs=3", "train.loader.shuffle_buffer=200",
          "train.optim.base_lr=0.1", "pretrain.optim.batch_size=50", "pretrain.optim.epochs=2", "pretrain.queue=100",
@@ -30,11 +29,7 @@ TRAIN = ("bank.size=64", "bank.topk=8", "train.optim.batch_size=50", "train.opti
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory: pytest.TempPathFactory, shards_root: Path, moco_checkpoint: Path):
     """A complete cache and bank over 300 real images (2 views), made once for the module."""
-    root = tmp_path_factory.mktemp("train")
-    storage = make_storage(root, shards_root)
-    cfg = small_config(moco_checkpoint, *TRAIN)
-    teacher_stage.run(cfg, storage, progress=False)
-    bank_stage.run(cfg, storage, progress=False)
+    cfg, storage = cache_and_bank(tmp_path_factory.mktemp("train"), shards_root, moco_checkpoint, *TRAIN)
     return cfg, storage, moco_checkpoint
 
 
