@@ -41,7 +41,7 @@ from pipeline import pretrain as pretrain_stage
 from pipeline import student as student_stage
 from pipeline import teacher as teacher_stage
 from seed import cache
-from seed.config import RunConfig, TeacherConfig, from_dict, load_config, to_dict
+from seed.config import RunConfig, TeacherConfig, from_dict, load_config, require_cache, to_dict
 from seed.devices import resolve_device, set_cpu_threads
 from seed.models import Encoder
 from seed.report import loss_text, markdown_table
@@ -374,6 +374,16 @@ def seed(config: str = DEFAULT_CONFIG, overrides: list[str] | None = None, stage
     def banner(stage: str) -> None:
         log.info("== [%d/%d] %s: %s", planned.index(stage) + 1, len(planned), stage, texts[stage])
 
+    checked = "teacher" in stages
+
+    def need_cache() -> None:
+        """Before the first stage that reads a cache this run did not make: one line naming the caches
+        under the caches root and the config that made each, instead of a stage failing on it."""
+        nonlocal checked
+        if not checked:
+            require_cache(cfg, store)
+            checked = True
+
     result: dict[str, Any] = {"stages": stages}
     if "pretrain" in planned:
         banner("pretrain")
@@ -389,15 +399,18 @@ def seed(config: str = DEFAULT_CONFIG, overrides: list[str] | None = None, stage
                               key="cache-summary", description="teacher cache")
     if "bank" in stages:
         banner("bank")
+        need_cache()
         built = build_bank(to_dict(cfg), storage)
         result["bank"] = {"skipped": built.skipped, **{k: v for k, v in built.summary.items() if k != "fields"}}
     if "student" in stages:
         banner("student")
+        need_cache()
         trained = train_students(to_dict(cfg), storage)
         result["student"] = {"run": trained.run, "students": trained.students, "skipped": trained.skipped,
                              "teacher_forwards": trained.teacher_forwards}
     if "evaluate" in stages:
         banner("evaluate")
+        need_cache()
         include_teacher = "teacher" in stages and bool(cfg.teacher.checkpoint)
         scored = evaluate(to_dict(cfg), storage, include_teacher)
         result["evaluation"] = {"report": scored.report, "results": scored.results}
