@@ -458,10 +458,9 @@ def run(cfg: RunConfig, storage: Storage, *, overwrite: bool = False, shards: li
     todo = [s for s in todo_all if s not in done]
     total_views = sum(plan.lengths[s] for s in todo) * cfg.cache.views
     workers = min(data_workers(cfg.cache.workers, device), len(todo))
-    bar = tqdm(total=total_views, unit="view", desc=f"teacher ({len(todo)} shards, {workers} workers)",
-               disable=not progress, smoothing=0.1)
-    records = embed_shards(cfg, plan, group, todo, teacher, workers=workers, on_views=bar.update) if todo else {}
-    bar.close()
+    with tqdm(total=total_views, unit="view", desc=f"teacher ({len(todo)} shards, {workers} workers)",
+              disable=not progress, smoothing=0.1) as bar:  # closed before any error prints
+        records = embed_shards(cfg, plan, group, todo, teacher, workers=workers, on_views=bar.update) if todo else {}
     totals = None
     if finalize and len(set(cache.done_shards(group))) == len(plan.urls):
         totals = cache.finalize(group, plan.cache_url)

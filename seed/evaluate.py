@@ -287,22 +287,24 @@ def extract_all(encoders: Mapping[str, Encode], urls: Sequence[str], resolution:
     labels: list[np.ndarray] = []
     keeper = _PixelKeeper(pixels, resolution) if pixels is not None else None
     skipped = 0
-    with torch.inference_mode():
-        for chunk in _chunks(urls, resolution, device, batch_size=batch_size, workers=workers, damaged=damaged):
-            bar.update(chunk.read)
-            skipped += chunk.read - len(chunk.labels)
-            if not len(chunk.labels):
-                continue
-            assert chunk.x is not None
-            x = chunk.x.to(device)
-            with autocast(device):
-                for name, fn in encoders.items():
-                    feats[name].append(fn(x).float().cpu().numpy())
-            if keeper is not None:
-                keeper.offer(chunk, x)
-            order.append((chunk.shard, int(chunk.index[0])))
-            labels.append(chunk.labels)
-    bar.close()
+    try:  # the bar closes before an error is printed, never after it
+        with torch.inference_mode():
+            for chunk in _chunks(urls, resolution, device, batch_size=batch_size, workers=workers, damaged=damaged):
+                bar.update(chunk.read)
+                skipped += chunk.read - len(chunk.labels)
+                if not len(chunk.labels):
+                    continue
+                assert chunk.x is not None
+                x = chunk.x.to(device)
+                with autocast(device):
+                    for name, fn in encoders.items():
+                        feats[name].append(fn(x).float().cpu().numpy())
+                if keeper is not None:
+                    keeper.offer(chunk, x)
+                order.append((chunk.shard, int(chunk.index[0])))
+                labels.append(chunk.labels)
+    finally:
+        bar.close()
     rank = sorted(range(len(order)), key=order.__getitem__)
     features = {}
     for name in encoders:

@@ -167,43 +167,45 @@ def _epochs(members: Sequence[Member], objective: Objective, urls: Sequence[str]
         data = maker.epoch(urls, order, source, epoch, batch_size=o.batch_size, steps=steps, seed=loop.seed,
                            shuffle_buffer=loop.loader.shuffle_buffer)
         done = 0
-        for step, batch in enumerate(data):
-            g = epoch * steps + step
-            ctx = objective.prepare(batch, device)
-            x = batch.x.to(device, non_blocking=True)
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            labels = batch.labels.to(device)
-            for i, m in enumerate(members):
-                for group in m.optimizer.param_groups:
-                    group["lr"] = float(lr[g])
-                with autocast(device):
-                    loss = objective.loss(m.model, x, ctx, labels)
-                if not torch.isfinite(loss):
-                    raise SeedError(f"non-finite loss ({loss.item()}) for {m.name} at epoch {epoch + 1}, step {step + 1}; "
-                                    f"stopped; the last good checkpoint is {m.checkpoint} (lower the learning rate?)")
-                m.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                m.optimizer.step()
-                value = loss.item()
-                totals[i] += value
-                if writers:
-                    writers[i].add_scalar("train/loss", value, g + 1)
-            objective.after_step(ctx)
-            done += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{totals[0] / done:.4f}", lr=f"{lr[g]:.4f}")
-            now = time.perf_counter()
-            for w in writers:
-                w.add_scalar("train/lr", float(lr[g]), g + 1)
-                w.add_scalar("train/images_per_s", images / max(now - last_step, 1e-9), g + 1)
-            last_step = now
-            if report and done < steps and now - last_report >= PROGRESS_EVERY_S:
-                last_report = now
-                log.info("epoch %d/%d: step %d/%d (%d %%), %s, lr %.4g, %s images/s", epoch + 1, o.epochs, done, steps,
-                         100 * done // steps, losses_text(members, (totals / done).tolist()), lr[g],
-                         f"{done * images / (now - t0):,.0f}")
-        bar.close()
+        try:  # the bar closes before an error is printed, never after it
+            for step, batch in enumerate(data):
+                g = epoch * steps + step
+                ctx = objective.prepare(batch, device)
+                x = batch.x.to(device, non_blocking=True)
+                if device.type == "cuda":
+                    x = x.contiguous(memory_format=torch.channels_last)
+                labels = batch.labels.to(device)
+                for i, m in enumerate(members):
+                    for group in m.optimizer.param_groups:
+                        group["lr"] = float(lr[g])
+                    with autocast(device):
+                        loss = objective.loss(m.model, x, ctx, labels)
+                    if not torch.isfinite(loss):
+                        raise SeedError(f"non-finite loss ({loss.item()}) for {m.name} at epoch {epoch + 1}, step {step + 1}; "
+                                        f"stopped; the last good checkpoint is {m.checkpoint} (lower the learning rate?)")
+                    m.optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    m.optimizer.step()
+                    value = loss.item()
+                    totals[i] += value
+                    if writers:
+                        writers[i].add_scalar("train/loss", value, g + 1)
+                objective.after_step(ctx)
+                done += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{totals[0] / done:.4f}", lr=f"{lr[g]:.4f}")
+                now = time.perf_counter()
+                for w in writers:
+                    w.add_scalar("train/lr", float(lr[g]), g + 1)
+                    w.add_scalar("train/images_per_s", images / max(now - last_step, 1e-9), g + 1)
+                last_step = now
+                if report and done < steps and now - last_report >= PROGRESS_EVERY_S:
+                    last_report = now
+                    log.info("epoch %d/%d: step %d/%d (%d %%), %s, lr %.4g, %s images/s", epoch + 1, o.epochs, done, steps,
+                             100 * done // steps, losses_text(members, (totals / done).tolist()), lr[g],
+                             f"{done * images / (now - t0):,.0f}")
+        finally:
+            bar.close()
         if done != steps:
             raise SeedError(f"epoch {epoch + 1}: the shards gave {done} batches, {steps} expected (did the shards change?)")
         seconds = time.perf_counter() - t0
