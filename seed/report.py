@@ -44,9 +44,9 @@ def accuracy_plot(results: Sequence[dict[str, Any]], url: str, title: str) -> No
     ax.set_xticks(list(xs), names, rotation=20, ha="right")
     ax.set_ylabel("top-1 accuracy (%)")
     low = min(min(r["knn"], r["linear"]) for r in results)
-    ax.set_ylim(max(0, low - 10), 100)
+    ax.set_ylim(max(0, low - 10), 105)
     ax.set_title(title)
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper right", ncols=2)  # above the bars: the y range starts 10 points below the lowest
     ax.grid(axis="y", alpha=0.3)
     save_figure(fig, url)
     plt.close(fig)
@@ -57,10 +57,13 @@ def loss_plot(metrics: Sequence[dict[str, Any]], url: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import MaxNLocator
+
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for name in metrics[0]["loss"]:
         ax.plot([m["epoch"] for m in metrics], [m["loss"][name] for m in metrics], marker="o", label=name)
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("SEED loss")
     ax.grid(alpha=0.3)
     ax.legend()
