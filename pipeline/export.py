@@ -33,8 +33,6 @@ import dataclasses
 import json
 import logging
 import os
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -49,7 +47,7 @@ from seed import checkpoint
 from seed.config import RunConfig
 from seed.errors import SeedError
 from seed.models import Encoder
-from seed.storage import Storage, as_if_created, is_url, join, local_path
+from seed.storage import Storage, is_url, join, local_path, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -297,14 +295,14 @@ def _write_export(item: _Loaded, directory: str, run_dir: str, *, fmt: str, head
     description = describe(item, run_dir, head=head)
     config = timm_config(item, description) if fmt == "timm" else description
     written = [join(directory, WEIGHTS)]
-    _replace_file(written[0], _safetensors(item.model.backbone.state_dict()))
+    write_bytes(written[0], _safetensors(item.model.backbone.state_dict()))
     if head:
         written.append(join(directory, HEAD))
-        _replace_file(written[-1], _safetensors({f"head.{k}": v for k, v in item.model.head.state_dict().items()}))
+        write_bytes(written[-1], _safetensors({f"head.{k}": v for k, v in item.model.head.state_dict().items()}))
     else:
         _remove(join(directory, HEAD))  # an earlier export's head no longer matches this backbone
     written.append(join(directory, CONFIG))
-    _replace_file(written[-1], (json.dumps(config, indent=2) + "\n").encode())
+    write_bytes(written[-1], (json.dumps(config, indent=2) + "\n").encode())
     return StudentExport(item.name, directory, written, description["epoch"], description["epochs"])
 
 
@@ -312,25 +310,6 @@ def _safetensors(state: dict[str, torch.Tensor]) -> bytes:
     """A state dict as safetensors bytes; cloned, since safetensors refuses views and shared storage."""
     return safetensors.torch.save({k: v.detach().cpu().clone().contiguous() for k, v in state.items()},
                                   metadata={"format": "pt"})
-
-
-def _replace_file(url: str, data: bytes) -> None:
-    """Write a whole file so that a reader sees the old or the new one, never a part."""
-    if is_url(url):
-        fs, path = fsspec.core.url_to_fs(url)
-        fs.pipe_file(path, data)  # one PUT: object stores replace an object whole
-        return
-    path = Path(local_path(url))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # same filesystem: the rename is atomic
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        as_if_created(tmp)  # mkstemp makes it private (0600) whatever the umask
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _remove(url: str) -> None:
