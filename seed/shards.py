@@ -13,7 +13,6 @@ decode is reported by ``decode_image`` and skipped by the caller; the teacher st
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import gzip
 import io
@@ -39,7 +38,7 @@ from PIL import Image
 from webdataset import tariterators
 
 from seed.errors import SeedError
-from seed.storage import as_if_created, is_url
+from seed.storage import as_if_created, is_url, write_bytes
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 INFO_FILE = "_info.json"
@@ -414,29 +413,9 @@ def _save_record(record: str, new: dict[str, dict]) -> None:
     """
     data = {"format": RECORD_FORMAT, "version": RECORD_VERSION, "shards": {**_read_record(record), **new}}
     try:
-        _replace_file(record, json.dumps(data, sort_keys=True, separators=(",", ":")).encode())
+        write_bytes(record, json.dumps(data, sort_keys=True, separators=(",", ":")).encode())
     except OSError as exc:
         log.warning("could not save shard lengths to %s (%s); they will be counted again next time", record, exc)
-
-
-def _replace_file(url: str, data: bytes) -> None:
-    """Write a whole file so that a reader sees the old or the new one, never a part."""
-    fs, path = fsspec.core.url_to_fs(url)
-    if is_url(url):
-        fs.pipe_file(path, data)  # one PUT: object stores replace an object whole
-        return
-    parent = os.path.dirname(path) or "."
-    os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".shard-lengths-", dir=parent)  # same filesystem: the rename is atomic
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        as_if_created(tmp)  # mkstemp makes it private; every process of the storage reads it
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def lengths_from_info(urls: list[str]) -> list[int] | None:

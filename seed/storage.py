@@ -25,6 +25,7 @@ import dataclasses
 import json
 import os
 import re
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -263,7 +264,7 @@ def write_bytes(url: str, data: bytes) -> None:
         with fs.open(path, "wb") as f:
             f.write(data)
         return
-    tmp = f"{parent}/.{path.rsplit('/', 1)[-1]}.{os.getpid()}.tmp"
+    tmp = f"{parent}/.{path.rsplit('/', 1)[-1]}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"  # one per writer
     try:
         with fs.open(tmp, "wb") as f:
             f.write(data)
