@@ -44,7 +44,7 @@ from seed import cache
 from seed.config import RunConfig, TeacherConfig, from_dict, load_config, require_cache, to_dict
 from seed.devices import resolve_device, set_cpu_threads
 from seed.models import Encoder
-from seed.report import loss_text, markdown_table
+from seed.report import epoch_text, loss_text, markdown_table
 from seed.storage import Storage, load_storage
 from seed.teachers import LoadReport, load_teacher
 
@@ -140,12 +140,6 @@ def still_running(log: Any, what: str, every: float = 60.0) -> Iterator[None]:
     finally:
         stop.set()
         thread.join()
-
-
-def epoch_text(stage: str, epoch: int, epochs: int, row: dict[str, Any]) -> str:
-    """``student epoch 3/10: mobilenetv3_small_050 loss 6.672, 1,234 images/s, 62 s``."""
-    losses = ", ".join(f"{name} loss {loss_text(value)}" for name, value in row["loss"].items())
-    return f"{stage} epoch {epoch}/{epochs}: {losses}, {row['images_per_s']:,.0f} images/s, {row['seconds']:.0f} s"
 
 
 def _epochs(n: int) -> str:

@@ -271,20 +271,20 @@ def cmd_student(args: argparse.Namespace) -> int:
         require_cache(cfg, storage)
     from pipeline import student
     from seed.devices import Launch
+    from seed.report import epoch_text
 
     if student.processes(cfg) > 1 and Launch.from_env().world == 1:  # not started by torchrun: start it
         print(f"student stage: {student.processes(cfg)} processes (torchrun)", flush=True)
         result = student.launch(cfg, storage, resume=args.resume, on_line=lambda line: print(line, flush=True),
-                                on_epoch=lambda e, row: print(f"epoch {e + 1}: " + ", ".join(
-                                    f"{k} loss {v:.4f}" for k, v in row["loss"].items()) + f", {row['images_per_s']:.0f} images/s",
-                                    flush=True))
+                                on_epoch=lambda e, row: print(epoch_text("student", e + 1, cfg.train.optim.epochs, row),
+                                                              flush=True))
     elif args.events:
         result = student.run(cfg, storage, resume=args.resume, progress=False,
                              on_epoch=lambda e, row: print(student.epoch_event(e, row), flush=True))
     else:
         result = student.run(cfg, storage, resume=args.resume)
-    if Launch.from_env().rank != 0:
-        return 0  # rank 0 speaks for the run: the other ranks' losses are of their own shards
+    if Launch.from_env().rank != 0 or args.events:
+        return 0  # rank 0 speaks for the run (the other ranks' losses are of their own shards); under --events its launcher does
     last = result.metrics[-1]
     print(f"run {result.run} ({result.mode}): " + ", ".join(
         f"{name} loss {last['loss'][name]:.4f} -> {path}" for name, path in result.students.items()))
