@@ -57,8 +57,10 @@ class Queue:
 
     def own(self, rows: torch.Tensor) -> torch.Tensor | None:
         """``[B, K]`` True where an entry is a view of the same image as a batch row (None when no row is known)."""
-        if not bool((rows >= 0).any()):
-            return None
+        return self.own_mask(rows) if bool((rows >= 0).any()) else None
+
+    def own_mask(self, rows: torch.Tensor) -> torch.Tensor:
+        """``own`` without the check that some row is known (rows of -1 match nothing)."""
         return (rows[:, None] == self.rows[None, :]) & (rows[:, None] >= 0)
 
     def state_dict(self) -> dict[str, Any]:
@@ -174,11 +176,14 @@ class _QueueSeed(Objective):
 
     def prepare(self, batch: Batch, device: torch.device) -> Context:
         z_t = self.teacher_embeddings(batch, device)                          # B x D, unit norm, fp32
-        return {"z_t": z_t, "rows": batch.rows.to(device)}
+        ctx = {"z_t": z_t, "rows": batch.rows.to(device)}
+        if bool((batch.rows >= 0).any()):  # decided on the host copy: no device sync in the step
+            ctx["own"] = self.queue.own_mask(ctx["rows"])                     # the queue does not change before the loss
+        return ctx
 
     def loss(self, model: nn.Module, x: torch.Tensor, ctx: Context, labels: torch.Tensor) -> torch.Tensor:
         z_s = F.normalize(model(x).float(), dim=1)                            # B x D
-        return seed_loss(z_s, ctx["z_t"], self.queue.data, self.tau_s, self.tau_t, self.queue.own(ctx["rows"]))
+        return seed_loss(z_s, ctx["z_t"], self.queue.data, self.tau_s, self.tau_t, ctx.get("own"))
 
     def after_step(self, ctx: Context) -> None:
         self.queue.push(ctx["z_t"], ctx["rows"])                              # enqueue after the step, as the official code
