@@ -29,7 +29,7 @@ test: venv data
 	$(BIN)/ruff check --select F --no-cache seed pipeline flows bench tests
 	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest -q tests/unit
-	$(BIN)/python -m pytest -q tests/integration
+	$(BIN)/python -m pytest -q --durations=8 tests/integration
 
 ## make unit: the fast tier alone (no subprocess, no server; under a minute): run it after every change
 unit: venv data

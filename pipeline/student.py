@@ -18,11 +18,15 @@ import functools
 import json
 import logging
 import os
+import queue
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -243,10 +247,12 @@ def launch(cfg: RunConfig, storage: Storage, *, resume: bool = False,
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))}
         tail: collections.deque[str] = collections.deque(maxlen=25)
         errors: list[str] = []  # the ranks' own one-line errors, which torchrun's report would push out of the tail
-        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                line = line.rstrip("\n")
+        # torchrun leads a process group of its own, so an interrupted launcher (Ctrl-C, a cancelled flow run)
+        # can stop it, and it stops its ranks
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                start_new_session=True)
+        try:
+            for line in _lines(proc):
                 if line.startswith(EVENT):
                     event = json.loads(line[len(EVENT):])
                     if on_epoch is not None:
@@ -256,6 +262,9 @@ def launch(cfg: RunConfig, storage: Storage, *, resume: bool = False,
                 if line.startswith("seed: error:"):
                     errors.append(line)
                 on_line(line)
+        except BaseException:
+            _stop(proc)
+            raise
         if proc.returncode != 0:
             raise SeedError(f"the student stage's {n} processes failed (torchrun exit code {proc.returncode}); "
                             "epoch checkpoints so far are kept for a resume; "
@@ -267,6 +276,56 @@ def launch(cfg: RunConfig, storage: Storage, *, resume: bool = False,
     metrics = states[-1].get("metrics", [])
     return StudentResult(storage.run_dir(cfg.train.run), cfg.train.mode, students, metrics,
                          sum(r["teacher_forwards"] for r in metrics))
+
+
+def _lines(proc: subprocess.Popen, grace: float = 10.0) -> Iterator[str]:
+    """``proc``'s output lines until it exits and its output ends.
+
+    The output ends when every process holding the pipe has closed it. A process torchrun did not
+    stop (a data-loader worker orphaned by a killed rank, say) can hold it past torchrun's exit, so
+    once torchrun has exited the lines still buffered are read for ``grace`` seconds, and no longer;
+    the pipe is then left to the reading thread (closing it under a blocked read would block).
+    """
+    assert proc.stdout is not None
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def pump() -> None:
+        for line in proc.stdout:  # type: ignore[union-attr]
+            lines.put(line.rstrip("\n"))
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True, name="seed-torchrun-output").start()
+    ended: float | None = None
+    while True:
+        try:
+            line = lines.get(timeout=0.5)
+        except queue.Empty:
+            if proc.poll() is None:
+                continue
+            ended = ended if ended is not None else time.monotonic()
+            if time.monotonic() - ended < grace:
+                continue
+            log.warning("torchrun exited but a process it started still holds its output open; not waiting for it")
+            return
+        if line is None:
+            proc.stdout.close()
+            proc.wait()
+            return
+        yield line
+
+
+def _stop(proc: subprocess.Popen, wait: float = 30.0) -> None:
+    """Stop torchrun (SIGTERM: it stops its ranks, then exits), and kill its group after ``wait`` seconds."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=wait)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass
 
 
 def _free_port() -> int:

@@ -66,3 +66,52 @@ def test_shuffle_bn_across_ranks_is_mocos_gather_shuffle(tmp_path: Path) -> None
     assert torch.allclose(got, torch.nn.functional.normalize(expected, dim=1), atol=1e-6)
     per_rank = torch.cat([key(x[r, B:]).detach() for r in range(world)])       # without the shuffle
     assert not torch.allclose(got, torch.nn.functional.normalize(per_rank, dim=1), atol=1e-3)
+
+
+def test_torchrun_output_ends_when_torchrun_exits_though_a_child_holds_the_pipe() -> None:
+    import os
+    import signal
+    import time
+
+    from pipeline.student import _lines
+
+    # the child exits at once; what it left behind (a sleep, as an orphaned data-loader worker would) keeps the pipe open
+    proc = subprocess.Popen(["bash", "-c", "sleep 60 & echo $!; echo last line"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    t0 = time.monotonic()
+    lines = list(_lines(proc, grace=0.5))
+    try:
+        assert time.monotonic() - t0 < 10 and proc.returncode == 0
+        assert lines[1:] == ["last line"]
+        os.kill(int(lines[0]), 0)  # the straggler still runs: the lines ended without waiting for it
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_an_interrupted_launcher_stops_torchruns_whole_group() -> None:
+    import os
+
+    from pipeline.student import _lines, _stop
+
+    proc = subprocess.Popen(["bash", "-c", "sleep 60 & echo $!; wait"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    child = int(next(_lines(proc)))
+    _stop(proc, wait=5)
+    assert proc.returncode is not None
+    assert _ends(child, within=5)
+
+
+def _ends(pid: int, within: float) -> bool:
+    """Whether ``pid`` is gone, or a zombie waiting for init to reap it, within ``within`` seconds."""
+    import time
+
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.05)
+    return False
