@@ -9,6 +9,8 @@ MoCo-v2-only student baseline that SEED is compared against.
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +29,8 @@ from seed.storage import Storage, join
 from seed.teachers import save_moco_checkpoint
 from seed.train import Loop, make_member, train
 
+log = logging.getLogger(__name__)
+
 
 @dataclasses.dataclass(frozen=True)
 class PretrainResult:
@@ -43,6 +47,14 @@ def teacher_config(cfg: RunConfig, path: str) -> TeacherConfig:
     p = cfg.pretrain
     return TeacherConfig(arch=p.arch, checkpoint=path, format="moco" if p.method == "moco" else "timm",
                          output="head" if p.method == "moco" else "pooled", small_input=p.small_input)
+
+
+def trains(cfg: RunConfig) -> dict[str, Any]:
+    """What decides the teacher pre-training makes: its section (less device and data-path settings), the
+    training shards, and the views it trains on (the recipe at the resolution). A finished export or an
+    epoch checkpoint is reused only when this is the same."""
+    return json.loads(json.dumps({"pretrain": outcome(cfg.pretrain), "data": cfg.data.train,
+                                  "recipe": dataclasses.asdict(cfg.cache.recipe), "resolution": cfg.cache.resolution}))
 
 
 def num_classes(urls: list[str], damaged: Damaged = "stop") -> int:
@@ -66,9 +78,10 @@ def run(cfg: RunConfig, storage: Storage, *, resume: bool = False, progress: boo
     p = cfg.pretrain
     out = storage.resolve("runs", p.name)
     path = storage.pretrained_teacher(p.name)
+    what = trains(cfg)
     if checkpoint.exists(path):
         done = checkpoint.load(path)
-        if outcome(done.get("pretrain", {})) == outcome(p) and done.get("data") == cfg.data.train:
+        if done.get("trains") == what:
             return PretrainResult(path, True, teacher_config(cfg, path), done.get("metrics", []))
     device = resolve_device(p.device)
     rank, world = join_process_group(device)
@@ -76,7 +89,11 @@ def run(cfg: RunConfig, storage: Storage, *, resume: bool = False, progress: boo
     torch.manual_seed(p.seed)
     model = build(p, num_classes(urls, cfg.data.damaged) if p.method == "supervised" else 0)
     member = make_member(p.method, model, join(out, p.method), optim=p.optim, device=device,
-                         meta={"arch": p.arch, "config": to_dict(cfg)})
+                         meta={"arch": p.arch, "config": to_dict(cfg), "trains": what})
+    if resume and checkpoint.exists(member.checkpoint) and checkpoint.load(member.checkpoint).get("trains") != what:
+        log.warning("%s is an epoch checkpoint of other pre-training settings (pretrain section, shards or views); "
+                    "pre-training %s starts again", member.checkpoint, p.name)
+        resume = False
     objective: Objective = (
         create_objective("moco", model=member.model, queue=Queue(p.queue, p.dim, device, p.seed),
                          momentum=p.key_momentum, temperature=p.temperature, shuffle_bn=p.shuffle_bn,
@@ -90,7 +107,7 @@ def run(cfg: RunConfig, storage: Storage, *, resume: bool = False, progress: boo
                     progress=progress, on_epoch=on_epoch)
     if rank == 0:
         encoder = model.cpu()
-        extra = {"pretrain": to_dict(p), "data": cfg.data.train, "metrics": metrics, "arch": p.arch}
+        extra = {"pretrain": to_dict(p), "data": cfg.data.train, "trains": what, "metrics": metrics, "arch": p.arch}
         if p.method == "moco":
             save_moco_checkpoint(encoder, path, **extra)
         else:  # a timm state dict: backbone keys plus the classifier under the timm name (dropped on load)

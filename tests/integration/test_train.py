@@ -192,6 +192,25 @@ def test_moco_pretraining_makes_a_loadable_teacher(prepared) -> None:
     assert pretrain_stage.run(cfg, storage, progress=False).skipped is True  # made once
 
 
+def test_pretraining_is_reused_and_resumed_only_for_the_same_views(prepared, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    _, storage, _ = prepared
+    a = _cfg(prepared, "pretrain.name=views-test", "pretrain.optim.epochs=1")
+    pretrain_stage.run(a, storage, progress=False)
+    assert pretrain_stage.run(a, storage, progress=False).skipped is True
+    # the same pretrain section over other views (no blur) is another teacher: made again
+    b = _cfg(prepared, "pretrain.name=views-test", "pretrain.optim.epochs=1", "cache.recipe.blur_p=0")
+    second = pretrain_stage.run(b, storage, progress=False)
+    assert second.skipped is False
+    # b's epoch checkpoint is not resumed under other settings: 2 epochs trained, not b's first plus one
+    c = _cfg(prepared, "pretrain.name=views-test", "pretrain.optim.epochs=2")
+    with caplog.at_level(logging.WARNING, logger="pipeline.pretrain"):
+        third = pretrain_stage.run(c, storage, resume=True, progress=False)
+    assert "epoch checkpoint of other pre-training settings" in caplog.text
+    assert len(third.metrics) == 2 and third.metrics[0]["loss"] != second.metrics[0]["loss"]
+
+
 def test_supervised_pretraining(prepared) -> None:
     _, storage, _ = prepared
     cfg = _cfg(prepared, "pretrain.name=sup-test", "pretrain.method=supervised", "pretrain.optim.epochs=3")
