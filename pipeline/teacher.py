@@ -14,6 +14,7 @@ each is ``seed teacher --shards ...`` on its own device, writing the same bytes 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import subprocess
 import sys
 import tempfile
@@ -28,7 +29,7 @@ import zarr
 
 from seed import cache
 from seed.augment import apply_batch
-from seed.views import P, draw_views
+from seed.views import P, blur_note, draw_views
 from seed.config import RunConfig, to_dict, write_run_files
 from seed.devices import autocast, data_workers, require_cpu_threads, resolve_device, set_cpu_threads
 from seed.errors import SeedError
@@ -38,6 +39,8 @@ from seed.decode import Decoder
 from seed.shards import DamagedShard, Sample, damage_handler, expand_urls, image_size, iter_shard, shard_lengths
 from seed.storage import Storage
 from seed.teachers import LoadReport, TeacherLoader, load_teacher
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +110,9 @@ def prepare(cfg: RunConfig, storage: Storage, teacher: Encoder, report: LoadRepo
             overwrite: bool = False) -> tuple[Plan, zarr.Group]:
     """Plan the stage and create (or re-open, checking the fingerprint) the cache."""
     plan = make_plan(cfg, storage, check_cache=not overwrite)
+    note = blur_note(cfg.cache.recipe, cfg.cache.resolution)
+    if note:
+        log.warning(note)
     device = resolve_device(cfg.cache.device)
     fields = fingerprint_fields(cfg, report, teacher.out_dim, plan)
     r = cfg.cache.resolution

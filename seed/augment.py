@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from seed.views import COL, COLUMNS, P, Recipe
+from seed.views import COL, COLUMNS, P, Recipe, blur_sigma_px
 
 _GRAY = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma, as torchvision's rgb_to_grayscale
 
@@ -220,8 +220,7 @@ def blur_kernel_size(recipe: Recipe, out: tuple[int, int]) -> int:
 
     Fixed by the recipe and size (not by the batch), so an image blurs the same in any batch.
     """
-    sigma_max = recipe.blur_sigma[1] * max(out) / recipe.blur_reference_size
-    k = 2 * math.ceil(3.0 * sigma_max) + 1
+    k = 2 * math.ceil(3.0 * blur_sigma_px(recipe, max(out))) + 1
     largest_odd = min(out) - (1 - min(out) % 2)  # reflect padding needs k // 2 < the image side
     return max(1, min(k, largest_odd))
 

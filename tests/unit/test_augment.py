@@ -9,7 +9,7 @@ import torch
 from torchvision.transforms.v2 import functional as TF
 
 from seed.augment import apply_batch, blur_kernel_size
-from seed.views import COL, COLUMNS, P, Recipe, draw_params, draw_views
+from seed.views import COL, COLUMNS, P, Recipe, blur_note, draw_params, draw_views
 
 RECIPE = Recipe()
 
@@ -179,3 +179,17 @@ def test_canvas_crops_equal_per_size_crops() -> None:
     assert (canvas - by_size).abs().max() < 1e-4
     two_per_call = A._crops_on_canvas(views, params, (64, 64), canvas_bytes=3 * 640 * 640 * 4 * 2)
     assert (two_per_call - by_size).abs().max() < 1e-4                      # other canvases, same views
+
+
+def test_a_blur_below_half_a_pixel_is_named_a_no_op() -> None:
+    # MoCo-v2's sigma (0.1-2 px of a 224 px view) scaled to 32 px: at most 0.29 px, a 3-tap kernel
+    note = blur_note(Recipe(), 32)
+    assert note is not None and "0.29 px" in note and "cache.recipe.blur_p: 0" in note
+    assert blur_kernel_size(Recipe(), (32, 32)) == 3
+    # no note where the blur acts, or where it is off
+    assert blur_note(Recipe(), 224) is None and blur_note(Recipe(), 112) is None  # 1.0 px at 112
+    assert blur_note(Recipe(blur_p=0.0), 32) is None
+    assert blur_note(Recipe(blur_reference_size=32), 32) is None
+    # the note's threshold is where a neighbour tap weighs e^-2 of the centre: 0.5 px
+    assert blur_note(Recipe(blur_sigma=(0.1, 0.5), blur_reference_size=32), 32) is None
+    assert blur_note(Recipe(blur_sigma=(0.1, 0.49), blur_reference_size=32), 32) is not None
