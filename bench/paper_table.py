@@ -9,8 +9,8 @@ Arms (every student is the same architecture trained for the same number of epoc
   teachers     MoCo-v2 ``resnet10t`` (Shuffle-BN) and a supervised ``resnet10t`` (cross-entropy), one run each;
   students     MoCo-v2 alone (MoCo's recipe: lr 0.03 x batch/256, Shuffle-BN); online SEED; cached SEED
                (default bank, ``train.view=random``) at V = 1, 2, 4, 8; at V = 4 rotating banks
-               (``bank.rotations``) and the FIFO queue of cached embeddings (``train.bank=queue``); cached
-               SEED (V = 4) from the supervised teacher;
+               (``bank.rotations``), a larger tau_T (``--tau-t``, 0.01) and the FIFO queue of cached
+               embeddings (``train.bank=queue``); cached SEED (V = 4) from the supervised teacher;
   amortisation two more student architectures from the V = 4 cache and online, seed 0 only.
 Each student arm runs every seed of ``--seeds``: seed s sets ``train.seed = bank.seed = s`` (teachers and
 caches are shared by all seeds). Columns: weighted kNN top-1 (k = 20) and linear-probe top-1 on the test
@@ -67,6 +67,7 @@ AMORTISE = ("resnet10t", "regnetx_002")  # with STUDENT: three students from one
 # lcnet_050 does not: its pooled features are ~1e-10 at init and its kNN stays at chance)
 AT_V = 4  # the cache of the bank comparisons, the supervised row and the amortisation rows
 SINGLE = ("raw-pixels", "teacher-moco", "teacher-supervised")  # one run by design (deterministic or shared)
+TAU_T = 1e-4  # SEED's teacher temperature, every arm's but the one that measures a larger one
 SIGMAS = 2.0  # the verdict rule's width: met / missed beyond 2 standard errors
 
 
@@ -203,10 +204,10 @@ class Bench:
                 "arch": STUDENT, "epochs": e, "train_s": seconds, "teacher_forwards": 0, **self.score(model.features)}
 
     def seed_row(self, arm: str, seed: int, teacher: str, mode: str, views: int = 0, bank: str = "fixed",
-                 rotations: int = 1, arch: str = STUDENT) -> dict[str, Any]:
+                 rotations: int = 1, arch: str = STUDENT, tau_t: float = TAU_T) -> dict[str, Any]:
         e = self.args.epochs
         over = [*self.teacher_overrides(teacher), f"train.mode={mode}", f"train.run={self.key}-{arm}-s{seed}",
-                f"train.seed={seed}", f"bank.seed={seed}", f"train.students=[{{arch: {arch}}}]"]
+                f"train.seed={seed}", f"bank.seed={seed}", f"train.students=[{{arch: {arch}}}]", f"bank.tau_t={tau_t}"]
         bank_s = pass_s = 0.0
         if mode == "cached":
             over += [f"cache.name={self.key}-{teacher}-v{views}", f"cache.views={views}", "train.view=random"]
@@ -234,10 +235,11 @@ class Bench:
         _, report = load_teacher(cfg.teacher)
         what = {"fixed": "", "queue": ", queue of cached embeddings"}.get(bank, "")
         what += f", {rotations} rotating banks" if rotations > 1 else ""
+        what += f", tau_T = {tau_t:g}" if tau_t != TAU_T else ""
         label = f"{mode} SEED" + (f", V = {views}{what}" if mode == "cached" else "")
         source = "MoCo-v2" if teacher == "moco" else "supervised"
         return {"name": f"{arch} by {label} from the {source} teacher", "group": "student", "teacher": teacher,
-                "mode": mode, "views": views, "bank": bank, "rotations": rotations, "arch": arch, "epochs": e,
+                "mode": mode, "views": views, "bank": bank, "rotations": rotations, "tau_t": tau_t, "arch": arch, "epochs": e,
                 "train_s": train_s, "bank_s": bank_s, "teacher_pass_s": pass_s, "teacher_forwards": forwards,
                 "teacher_sha256": report.sha256, **self.score(model.features)}
 
@@ -265,6 +267,8 @@ class Bench:
         arms.append(Arm(rot, seeds, lambda s: self.seed_row(rot, s, "moco", "cached", AT_V, rotations=a.rotations),
                         "" if rotations_supported() else
                         "bank.rotations is not a field of seed.config.BankConfig in this checkout (not built yet)"))
+        tau = f"cached-v{AT_V}-tau{a.tau_t:g}"
+        arms.append(Arm(tau, seeds, lambda s: self.seed_row(tau, s, "moco", "cached", AT_V, tau_t=a.tau_t)))
         arms.append(Arm(f"cached-v{AT_V}-queue", seeds,
                         lambda s: self.seed_row(f"cached-v{AT_V}-queue", s, "moco", "cached", AT_V, bank="queue")))
         arms.append(Arm(f"supervised-cached-v{AT_V}", seeds,
@@ -286,7 +290,7 @@ class Bench:
         return {"key": self.key, "limit": a.limit, "n_test": min(a.limit, 10_000), "per_shard": a.per_shard,
                 "epochs": a.epochs, "teacher_epochs": a.teacher_epochs,
                 "teacher_lr": self.config().pretrain.optim.base_lr, "supervised_epochs": a.supervised_epochs,
-                "bank": a.bank, "topk": a.topk, "shuffle_bn": a.shuffle_bn, "seeds": list(a.seeds),
+                "bank": a.bank, "topk": a.topk, "tau_t_large": a.tau_t, "shuffle_bn": a.shuffle_bn, "seeds": list(a.seeds),
                 "views": list(a.views), "rotations": a.rotations, "student": STUDENT, "teacher": TEACHER,
                 "amortise": [STUDENT, *AMORTISE], "at_v": AT_V, "command": command_line()}
 
@@ -358,6 +362,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bank", type=int, default=4096, help="bank size K (online and queue modes: queue length)")
     p.add_argument("--topk", type=int, default=64)
     p.add_argument("--rotations", type=int, default=4, help="R of the rotating-banks arm (bank.rotations)")
+    p.add_argument("--tau-t", type=float, default=0.01,
+                   help="tau_T of the arm that measures a larger teacher temperature (the top-k keeps 0.99 of its mass)")
     p.add_argument("--shuffle-bn", type=int, default=4, help="MoCo Shuffle-BN sub-batches (pretrain.shuffle_bn)")
     p.add_argument("--arms", nargs="+", default=None, help="only these arms (default: all; --quick: a subset)")
     args = p.parse_args(argv)
@@ -365,7 +371,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         args.limit, args.per_shard, args.epochs, args.teacher_epochs, args.supervised_epochs = 2000, 500, 1, 1, 1
         args.views, args.seeds, args.bank, args.topk, args.rotations = [1, 4], [0, 1], 256, 32, 2
         args.arms = args.arms or ["raw-pixels", "random", "teacher-moco", "teacher-supervised", "moco-only", "online",
-                                  "cached-v1", "cached-v4", "cached-v4-rot2", "cached-v4-queue", "supervised-cached-v4",
+                                  "cached-v1", "cached-v4", "cached-v4-rot2", "cached-v4-tau0.01", "cached-v4-queue",
+                                  "supervised-cached-v4",
                                   *(f"amort-{mode}-{arch}" for arch in AMORTISE for mode in ("cached", "online"))]
     quick_dir = Path(args.scratch)
     args.rows = args.rows or str(quick_dir / "rows" if args.quick else REPO / "docs" / "results" / "rows")
@@ -506,7 +513,7 @@ def targets(stats: dict[str, dict[str, Any]], settings: dict[str, Any]) -> list[
     for k in seed_arms(stats):
         s = stats[k]
         if s["mode"] == "cached" and s.get("teacher") == "moco" and s.get("views", 0) >= AT_V:
-            default = s.get("bank", "fixed") == "fixed" and s.get("rotations", 1) == 1
+            default = s.get("bank", "fixed") == "fixed" and s.get("rotations", 1) == 1 and s.get("tau_t", TAU_T) == TAU_T
             compare(f"{s['name']} not worse than online SEED", k, "online", 0.0, "not-worse", target=default)
     compare(f"MoCo-v2 teacher {TEACHER} above raw pixels", "teacher-moco", "raw-pixels", 0.0, "above")
     return out
@@ -546,8 +553,8 @@ def plot(stats: dict[str, dict[str, Any]], settings: dict[str, Any], path: Path)
                 ax.axhline(m, linestyle=style, color=color, alpha=0.7, label=label)
                 if stats[k][f"{metric}_sd"]:
                     ax.axhspan(m - err(stats[k]), m + err(stats[k]), color=color, alpha=0.1)
-        ax.set_xscale("log", base=2)
-        if vs:
+        if vs:  # a log axis needs points (a partial table may have only the reference lines)
+            ax.set_xscale("log", base=2)
             ax.set_xticks(vs, [str(v) for v in vs])
         ax.set_xlabel("views per image in the cache (V)")
         ax.set_title(title)
@@ -686,7 +693,7 @@ def render(rows_dir: Path, out: Path) -> None:
         teacher_epochs=settings.get("teacher_epochs"), teacher_lr=settings.get("teacher_lr", 0.06), sup_epochs=settings.get("supervised_epochs"),
         bank=settings.get("bank"), topk=settings.get("topk"), shuffle_bn=settings.get("shuffle_bn"),
         seeds=", ".join(map(str, settings.get("seeds", []))), rotations=settings.get("rotations"),
-        view_note=view_note, warn=warn, table=table_text(stats), png=png.name, sigmas=f"{SIGMAS:g}",
+        tau_large=f"{settings.get('tau_t_large', 0.01):g}", view_note=view_note, warn=warn, table=table_text(stats), png=png.name, sigmas=f"{SIGMAS:g}",
         checks="\n".join(line(t) for t in checks), amortisation=amortisation(rows, settings),
         recipe=recipe_text(json.loads(recipe_path.read_text()) if recipe_path.exists() else None, settings))
     if out.exists() and NOTES in out.read_text():  # hand-written analysis below the marker survives a re-run
@@ -716,7 +723,8 @@ an epoch replays, queue) and `bank.seed` (bank sampling) to s; the teachers, the
 sub-batches) and supervised cross-entropy ({sup_epochs} epochs; its 512-d pooled features are the embedding).
 MoCo-v2 alone trains the student with MoCo's recipe (lr 0.03 x batch/256, the same warm-up and cosine,
 Shuffle-BN over {shuffle_bn} sub-batches, queue K) for the students' {epochs} epochs. SEED: bank K = {bank},
-tau_S = 0.2, tau_T = 1e-4, top-{topk} cached targets; online SEED keeps a FIFO queue of K teacher embeddings
+tau_S = 0.2, tau_T = 1e-4 (one arm: {tau_large}; at 1e-4 the target is one-hot on the view's own embedding, so the
+loss is InfoNCE against the teacher's embedding of that view), top-{topk} cached targets; online SEED keeps a FIFO queue of K teacher embeddings
 as in the official code and draws a fresh view of every image every epoch; cached SEED replays a random one
 of the V stored views per image and epoch (`train.view=random`), against the default bank (one bank of K),
 {rotations} rotating banks (`bank.rotations`, bank epoch mod R) or a FIFO queue of the cached embeddings of
