@@ -106,10 +106,12 @@ class PixelSample:
     ``resolution`` px (``min(resolution, evaluation resolution)``).
 
     An image is in when its seeded key hash is among the ``max_images`` smallest of the split, so
-    the subsample is uniform, known before the pass ends, and the same for any worker count.
+    the subsample is uniform, known before the pass ends, and the same for any worker count. The
+    default keeps all of a Fashion-MNIST-sized split, so the baseline the teacher is held against
+    has the same memory bank as the teacher's kNN: 60,000 x 3 x 32 x 32 float32 is 737 MB.
     """
 
-    max_images: int = 10_000
+    max_images: int = 60_000
     resolution: int = 32
     seed: int = 0
 
