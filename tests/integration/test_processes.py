@@ -89,8 +89,6 @@ def test_torchrun_output_ends_when_torchrun_exits_though_a_child_holds_the_pipe(
 
 
 def test_an_interrupted_launcher_stops_torchruns_whole_group() -> None:
-    import os
-
     from pipeline.student import _lines, _stop
 
     proc = subprocess.Popen(["bash", "-c", "sleep 60 & echo $!; wait"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
