@@ -106,7 +106,8 @@ def _duration(run: FlowRun) -> str:
 
 def follow(client: SyncPrefectClient, flow_run_id: UUID, out: Callable[[str], None] = print, *, poll: float = 2.0,
            quiet: float = 5.0, waiting: float = 30.0) -> int:
-    """Print the run's header, then its log lines until it is final and ``quiet`` seconds pass without one.
+    """Print the run's header, then its log lines until it is final and ``quiet`` seconds pass without one
+    (counted from when it was first seen final at the earliest: its last lines are sent in batches).
 
     Returns 0 for a completed run, 1 otherwise. ``waiting``: say once when the run is still
     scheduled after this many seconds (no deployment server picked it up).
@@ -118,6 +119,7 @@ def follow(client: SyncPrefectClient, flow_run_id: UUID, out: Callable[[str], No
     newest: DateTime | None = None
     started = time.monotonic()
     last_line = started
+    final_at: float | None = None  # when the run was first seen final: its last log lines may still be on the way
     warned = False
     while True:
         run = client.read_flow_run(flow_run_id)
@@ -132,7 +134,8 @@ def follow(client: SyncPrefectClient, flow_run_id: UUID, out: Callable[[str], No
             last_line = now
         state = run.state
         if state is not None and state.is_final():
-            if now - last_line >= quiet:
+            final_at = final_at if final_at is not None else now
+            if now - max(last_line, final_at) >= quiet:
                 break
         elif not warned and state is not None and state.is_scheduled() and now - started >= waiting:
             warned = True

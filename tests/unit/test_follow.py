@@ -1,0 +1,53 @@
+"""flows.follow against a stand-in for the Prefect client: the run's last log lines, sent in a batch after
+it turned final, are still printed."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import uuid
+
+from prefect.client.schemas.objects import FlowRun, Log
+from prefect.states import Completed, Running
+
+from flows.follow import follow
+
+
+class _Client:
+    """Answers the three calls ``follow`` makes. The run runs for ``running`` reads, silent after its first
+    line; it is then final, and its last line arrives only ``late`` reads after that."""
+
+    def __init__(self, running: int, late: int):
+        self.run_id, self.reads, self.running, self.late = uuid.uuid4(), 0, running, late
+        t0 = dt.datetime.now(dt.timezone.utc)
+        self.first = self._log("== [5/5] evaluate: ...", t0)
+        self.last = self._log("evaluate: 4 encoders scored in 78 s", t0 + dt.timedelta(seconds=60))
+
+    def _log(self, message: str, at: dt.datetime) -> Log:
+        return Log(id=uuid.uuid4(), name="prefect.flow_runs", level=logging.INFO, message=message, timestamp=at,
+                   flow_run_id=self.run_id)
+
+    def read_flow_run(self, flow_run_id: uuid.UUID) -> FlowRun:
+        self.reads += 1
+        state = Running() if self.reads <= self.running else Completed()
+        return FlowRun(id=self.run_id, name="test-run", flow_id=uuid.uuid4(), state=state,
+                       total_run_time=dt.timedelta(seconds=70))
+
+    def read_flow_runs(self, **_: object) -> list[FlowRun]:
+        return []
+
+    def read_logs(self, *_: object, **__: object) -> list[Log]:
+        logs = [self.first]
+        if self.reads > self.running + self.late:
+            logs.append(self.last)
+        return logs
+
+
+def test_the_last_lines_sent_after_the_run_turned_final_are_printed() -> None:
+    # silent for 20 polls (far longer than quiet) while running, then final, the last line 2 reads later
+    client = _Client(running=20, late=2)
+    lines: list[str] = []
+    code = follow(client, client.run_id, lines.append, poll=0.005, quiet=0.05)  # type: ignore[arg-type]
+    text = "\n".join(lines)
+    assert code == 0 and "evaluate: 4 encoders scored in 78 s" in text, text
+    assert text.index("== [5/5] evaluate") < text.index("scored in 78 s") < text.index("flow run test-run: Completed")
