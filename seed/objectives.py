@@ -55,13 +55,9 @@ class Queue:
         self.rows[idx] = r[-n:]
         self.ptr = int((self.ptr + n) % K)
 
-    def own(self, rows: torch.Tensor) -> torch.Tensor | None:
-        """``[B, K]`` True where an entry is a view of the same image as a batch row (None when no row is known)."""
-        return self.own_mask(rows) if bool((rows >= 0).any()) else None
-
     def own_mask(self, rows: torch.Tensor) -> torch.Tensor:
-        """``own`` without the check that some row is known (rows of -1 match nothing)."""
-        return (rows[:, None] == self.rows[None, :]) & (rows[:, None] >= 0)
+        """``[B, K]`` True where an entry is a view of the same image as a batch row (rows of -1 match nothing)."""
+        return own_mask(rows, self.rows) & (rows[:, None] >= 0)
 
     def state_dict(self) -> dict[str, Any]:
         return {"data": self.data.cpu(), "ptr": self.ptr, "rows": self.rows.cpu()}
