@@ -112,7 +112,7 @@ class Bench:
         a = self.args
         return load_config(None, [f"data.train={self.data}/train/train-*.tar", f"data.test={self.data}/test/test-*.tar",
                                   "cache.resolution=32", "cache.recipe.blur_p=0", "cache.seed=0", f"bank.size={a.bank}",
-                                  f"bank.topk={a.topk}", "bank.tau_t=0.0001", f"train.students=[{{arch: {STUDENT}}}]",
+                                  f"bank.topk={a.topk}", f"bank.tau_t={TAU_T}", f"train.students=[{{arch: {STUDENT}}}]",
                                   f"train.optim.epochs={a.epochs}", "train.seed=0", f"pretrain.queue={a.bank}",
                                   *overrides])
 
@@ -239,7 +239,8 @@ class Bench:
         label = f"{mode} SEED" + (f", V = {views}{what}" if mode == "cached" else "")
         source = "MoCo-v2" if teacher == "moco" else "supervised"
         return {"name": f"{arch} by {label} from the {source} teacher", "group": "student", "teacher": teacher,
-                "mode": mode, "views": views, "bank": bank, "rotations": rotations, "tau_t": tau_t, "arch": arch, "epochs": e,
+                "mode": mode, "views": views, "bank": bank, "rotations": rotations, "tau_t": tau_t, "arch": arch,
+                "epochs": e,
                 "train_s": train_s, "bank_s": bank_s, "teacher_pass_s": pass_s, "teacher_forwards": forwards,
                 "teacher_sha256": report.sha256, **self.score(model.features)}
 
