@@ -8,6 +8,7 @@ import pytest
 import torch
 from torchvision.transforms.v2 import functional as TF
 
+from seed import augment as seed_augment
 from seed.augment import apply_batch, blur_kernel_size
 from seed.views import COL, COLUMNS, P, Recipe, blur_note, draw_params, draw_views
 
@@ -93,6 +94,26 @@ def test_replay_is_bit_exact_and_batch_independent() -> None:
     perm = torch.randperm(20, generator=g)
     shuffled = apply_batch([images[i] for i in perm], params[perm], RECIPE, 32)
     assert torch.equal(shuffled, a[perm])
+
+
+def test_views_at_224_px_are_batch_and_pass_independent_with_two_threads() -> None:
+    """At 224 px an image's pixel sums are large enough for torch to split one image's reduction across
+    threads, and the CPU path works a few views per pass: neither may change a view's bits."""
+    g = torch.Generator().manual_seed(3)
+    sizes = [(300, 400)] * 9 + [(333, 500)] * 5
+    images = [torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8) for h, w in sizes]
+    params = torch.from_numpy(np.stack([draw_params(RECIPE, seed=4, key=f"k{i}", view=0, height=h, width=w)
+                                        for i, (h, w) in enumerate(sizes)]))
+    assert (params[:, COL["jitter"]] > 0).sum() >= 8
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        batch = apply_batch(images, params, RECIPE, 224)
+        assert len(images) > max(1, seed_augment.CPU_PASS_BYTES // (3 * 224 * 224 * 4))  # several passes
+        for i in range(len(images)):
+            assert torch.equal(apply_batch([images[i]], params[i: i + 1], RECIPE, 224)[0], batch[i]), i
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _reference(image: torch.Tensor, row: np.ndarray, size: int, recipe: Recipe) -> torch.Tensor:
