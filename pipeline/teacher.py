@@ -14,12 +14,13 @@ each is ``seed teacher --shards ...`` on its own device, writing the same bytes 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, cast
 
 import numpy as np
@@ -39,6 +40,7 @@ from seed.decode import Decoder
 from seed.shards import DamagedShard, Sample, damage_handler, expand_urls, image_size, iter_shard, shard_lengths
 from seed.storage import Storage
 from seed.teachers import LoadReport, TeacherLoader, load_teacher
+from seed.workers import shard_workers
 
 log = logging.getLogger(__name__)
 
@@ -319,25 +321,12 @@ def _damage_record(damage: list[DamagedShard], meta: dict[str, np.ndarray], expe
             "last_key": str(meta["keys"][read - 1]) if read else None}
 
 
-class _WorkerShards(torch.utils.data.IterableDataset):
-    """The stage's input in worker processes: worker w of W takes ``shards[w::W]``, each shard whole,
-    so every row, view and batch is what one process makes (and, on the CPU, the cache the same bytes).
-    ``encoded``: the workers only read shards and draw views; the main process decodes on the GPU."""
-
-    def __init__(self, cfg: RunConfig, plan: Plan, shards: list[int], batch_size: int, encoded: bool):
-        self.cfg, self.plan, self.shards, self.batch_size, self.encoded = cfg, plan, shards, batch_size, encoded
-
-    def __iter__(self) -> Iterator[_Views | _Encoded | _ShardDone | SeedError]:
-        info = torch.utils.data.get_worker_info()
-        mine = self.shards if info is None else self.shards[info.id::info.num_workers]
-        try:
-            yield from _shard_items(self.cfg, self.plan, mine, self.batch_size, torch.device("cpu"), self.encoded)
-        except SeedError as exc:  # handed over as an item: the DataLoader would wrap it in its own traceback
-            yield exc
-
-
-def _as_is(item: Any) -> Any:
-    return item
+def _worker_items(cfg: RunConfig, plan: Plan, batch_size: int, encoded: bool,
+                  shards: Sequence[int]) -> Iterator[_Views | _Encoded | _ShardDone]:
+    """A worker's part of the stage's input, whole shards each, so every row, view and batch is what one
+    process makes (and, on the CPU, the cache the same bytes). ``encoded``: the worker only reads shards
+    and draws views; the main process decodes on the GPU."""
+    return _shard_items(cfg, plan, list(shards), batch_size, torch.device("cpu"), encoded)
 
 
 def _stream(cfg: RunConfig, plan: Plan, shards: list[int], batch_size: int, device: torch.device,
@@ -353,21 +342,13 @@ def _stream(cfg: RunConfig, plan: Plan, shards: list[int], batch_size: int, devi
         items = cast(Iterator[_Views | _ShardDone], _shard_items(cfg, plan, shards, batch_size, device))
         return prefetch(items, cfg.cache.prefetch)
     gpu = device.type == "cuda"
-    loader = torch.utils.data.DataLoader(
-        _WorkerShards(cfg, plan, shards, batch_size, encoded=gpu), batch_size=None, num_workers=workers,
-        collate_fn=_as_is, pin_memory=False, prefetch_factor=max(1, cfg.cache.prefetch))
-    items = (_raise_failure(it) for it in loader)
+    made = shard_workers(shards, functools.partial(_worker_items, cfg, plan, batch_size, gpu), workers=workers,
+                         depth=cfg.cache.prefetch)
     if not gpu:
-        return cast(Iterator[_Views | _ShardDone], items)
+        return cast(Iterator[_Views | _ShardDone], made)
     decoder = Decoder(device)
-    return prefetch((_decode_views(it, decoder, cfg, device) if isinstance(it, _Encoded) else it for it in items),
+    return prefetch((_decode_views(it, decoder, cfg, device) if isinstance(it, _Encoded) else it for it in made),
                     cfg.cache.prefetch)
-
-
-def _raise_failure(item: Any) -> Any:
-    if isinstance(item, SeedError):
-        raise item
-    return item
 
 
 def embed_shards(cfg: RunConfig, plan: Plan, group: zarr.Group, shards: list[int], teacher: Encoder, *, workers: int = 0,

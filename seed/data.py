@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -31,6 +31,7 @@ from seed.prefetch import prefetch
 from seed.decode import Decoder
 from seed.errors import SeedError
 from seed.shards import Damaged, DamagedShard, OnDamage, Sample, damage_handler, image_size, iter_shard
+from seed.workers import as_is, reraise
 
 if TYPE_CHECKING:
     import zarr
@@ -269,10 +270,6 @@ class _Jobs:
         return self.jobs
 
 
-def _as_is(item: Any) -> Any:  # batch_size=None: each item is already a batch
-    return item
-
-
 class Batches:
     """Makes each epoch's batches.
 
@@ -289,7 +286,7 @@ class Batches:
         self._jobs = _Jobs()
         self._loader = None if workers == 0 else torch.utils.data.DataLoader(
             _CollateJob(recipe, resolution), sampler=self._jobs, batch_size=None, num_workers=workers,
-            collate_fn=_as_is, prefetch_factor=max(1, depth), persistent_workers=True)
+            collate_fn=as_is, prefetch_factor=max(1, depth), persistent_workers=True)
 
     def epoch(self, urls: Sequence[str], order: Sequence[int], source: Source, epoch: int, *, batch_size: int,
               steps: int, seed: int, shuffle_buffer: int) -> Iterator[Batch]:
@@ -299,14 +296,7 @@ class Batches:
             decoder = Decoder(self.device)
             return prefetch((collate(j, self.recipe, self.resolution, decoder, self.device) for j in jobs), self.depth)
         self._jobs.jobs = prefetch(jobs, self.depth)  # reading shards overlaps the training step
-        return self._raising(iter(self._loader))
-
-    @staticmethod
-    def _raising(batches: Iterator[Batch | SeedError]) -> Iterator[Batch]:
-        for batch in batches:
-            if isinstance(batch, SeedError):
-                raise batch
-            yield batch
+        return reraise(iter(self._loader))
 
     def close(self) -> None:
         """Stop the worker processes now (they are persistent across epochs)."""

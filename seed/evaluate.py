@@ -18,6 +18,7 @@ are seeded; each score says which one it used.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import heapq
 import math
@@ -32,9 +33,9 @@ from seed.augment import apply_batch
 from seed.views import COL, P, Recipe
 from seed.decode import Decoder
 from seed.devices import autocast
-from seed.errors import SeedError
 from seed.prefetch import prefetch
 from seed.shards import Damaged, Sample, damage_handler, decode_image, iter_shard, lengths_from_info
+from seed.workers import shard_workers
 
 IDENTITY = Recipe()
 EVAL_BATCH = 256           # images per forward; a batch never spans two shards
@@ -181,27 +182,12 @@ def _make_chunk(shard: int, samples: list[Sample], decoder: Decoder | None, reso
     return _Chunk(shard, len(samples), np.zeros(0, np.int64), [], np.zeros(0, np.int64), samples=samples)
 
 
-class _WorkerShards(torch.utils.data.IterableDataset):
-    """Worker w of W reads ``shards[w::W]``, each shard whole; on the CPU it also decodes and resizes,
-    on CUDA it leaves the images encoded (the main process decodes them with nvJPEG)."""
-
-    def __init__(self, urls: Sequence[str], resolution: int, batch_size: int, decode: bool, damaged: Damaged):
-        self.urls, self.resolution, self.batch_size, self.decode = list(urls), resolution, batch_size, decode
-        self.damaged = damaged
-
-    def __iter__(self) -> Iterator[_Chunk | SeedError]:
-        info = torch.utils.data.get_worker_info()
-        shards = range(len(self.urls))
-        mine = shards if info is None else shards[info.id::info.num_workers]
-        decoder = Decoder(torch.device("cpu")) if self.decode else None
-        try:
-            yield from _shard_chunks(self.urls, mine, self.resolution, self.batch_size, decoder, self.damaged)
-        except SeedError as exc:  # handed over as an item: the DataLoader would wrap it in its own traceback
-            yield exc
-
-
-def _as_is(item: Any) -> Any:
-    return item
+def _worker_chunks(urls: Sequence[str], resolution: int, batch_size: int, decode: bool, damaged: Damaged,
+                   shards: Sequence[int]) -> Iterator[_Chunk]:
+    """A worker's shards, whole: on the CPU decoded and resized, on CUDA left encoded (the main process
+    decodes them with nvJPEG)."""
+    decoder = Decoder(torch.device("cpu")) if decode else None
+    return _shard_chunks(urls, shards, resolution, batch_size, decoder, damaged)
 
 
 def _chunks(urls: Sequence[str], resolution: int, device: torch.device, *, batch_size: int, workers: int,
@@ -217,21 +203,13 @@ def _chunks(urls: Sequence[str], resolution: int, device: torch.device, *, batch
                             depth)
         return
     gpu = device.type == "cuda"
-    loader = torch.utils.data.DataLoader(_WorkerShards(urls, resolution, batch_size, not gpu, damaged), batch_size=None,
-                                         num_workers=min(workers, len(urls)), collate_fn=_as_is,
-                                         prefetch_factor=max(1, depth))
-
-    def items() -> Iterator[_Chunk]:
-        for item in loader:
-            if isinstance(item, SeedError):
-                raise item
-            yield item
-
+    items = shard_workers(range(len(urls)), functools.partial(_worker_chunks, urls, resolution, batch_size, not gpu,
+                                                              damaged), workers=min(workers, len(urls)), depth=depth)
     if not gpu:
-        yield from items()
+        yield from items
         return
     decoder = Decoder(device)
-    yield from prefetch((_decode(c.shard, c.samples or [], decoder, resolution) for c in items()), depth)
+    yield from prefetch((_decode(c.shard, c.samples or [], decoder, resolution) for c in items), depth)
 
 
 class _PixelKeeper:
