@@ -45,7 +45,7 @@ class BankResult:
 
 def run(cfg: RunConfig, storage: Storage, *, progress: bool = True) -> BankResult:
     """Build (or confirm) the bank and targets of the configured cache."""
-    from tqdm import tqdm
+    from seed.report import progress_bar
 
     b = cfg.bank
     url = storage.cache_url(cfg.cache.name)
@@ -66,7 +66,7 @@ def run(cfg: RunConfig, storage: Storage, *, progress: bool = True) -> BankResul
     bank_store.remove(group)
     banks = B.sample_banks(np.flatnonzero(valid), V, b.size, b.seed, b.rotations)  # R x (K x 2 (row, view))
     n_views = int(valid.sum()) * V
-    with tqdm(total=n_views * b.rotations, unit="view", desc="bank targets" + (f" ({b.rotations} rotations)"
+    with progress_bar(total=n_views * b.rotations, unit="view", desc="bank targets" + (f" ({b.rotations} rotations)"
               if b.rotations > 1 else ""), disable=not progress, smoothing=0.1) as bar:  # closed before any error prints
         summaries = [_build(group, b, r, ids, valid, device, bar.update) for r, ids in enumerate(banks)]
     seconds = time.perf_counter() - start

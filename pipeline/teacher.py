@@ -427,7 +427,7 @@ def run(cfg: RunConfig, storage: Storage, *, overwrite: bool = False, shards: li
     ``shards``: only these input shards (one worker's part); ``finalize``: mark the cache complete
     when every shard is done (only the coordinator should: it writes the root attributes).
     """
-    from tqdm import tqdm
+    from seed.report import progress_bar
 
     teacher, report = load(cfg.teacher)
     plan, group = prepare(cfg, storage, teacher, report, overwrite=overwrite)
@@ -445,7 +445,7 @@ def run(cfg: RunConfig, storage: Storage, *, overwrite: bool = False, shards: li
     todo = [s for s in todo_all if s not in done]
     total_views = sum(plan.lengths[s] for s in todo) * cfg.cache.views
     workers = min(data_workers(cfg.cache.workers, device), len(todo))
-    with tqdm(total=total_views, unit="view", desc=f"teacher ({len(todo)} shards, {workers} workers)",
+    with progress_bar(total=total_views, unit="view", desc=f"teacher ({len(todo)} shards, {workers} workers)",
               disable=not progress, smoothing=0.1) as bar:  # closed before any error prints
         records = embed_shards(cfg, plan, group, todo, teacher, workers=workers, on_views=bar.update) if todo else {}
     totals = None
@@ -481,7 +481,7 @@ def run_processes(cfg: RunConfig, storage: Storage, n: int, *, overwrite: bool =
     failed process stops the others; the shards finished so far are kept, and a re-run embeds the
     rest. Each process's output goes to a log file named in the error.
     """
-    from tqdm import tqdm
+    from seed.report import progress_bar
 
     teacher, report = load(cfg.teacher)
     plan, group = prepare(cfg, storage, teacher, report, overwrite=overwrite)
@@ -498,7 +498,7 @@ def run_processes(cfg: RunConfig, storage: Storage, n: int, *, overwrite: bool =
             command = [sys.executable, "-m", "pipeline.cli", "teacher", "-c", config, "--storage", roots,
                        "--shards", ",".join(map(str, part)), "--set", f"cache.device={device}", "--quiet"]
             procs.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), log, device, part))
-        bar = tqdm(total=len(plan.urls), initial=len(done), unit="shard", disable=not progress,
+        bar = progress_bar(total=len(plan.urls), initial=len(done), unit="shard", disable=not progress,
                    desc=f"teacher ({len(parts)} processes: {', '.join(sorted(set(devices)))})")
         try:
             failed = _wait(procs, plan.cache_url, bar)

@@ -257,10 +257,10 @@ def extract_all(encoders: Mapping[str, Encode], urls: Sequence[str], resolution:
     also keep that subsample's images for the raw-pixel baseline. ``damaged``: ``data.damaged`` (``keep``
     scores the samples a damaged shard holds before its damage, with a warning naming it).
     """
-    from tqdm import tqdm
+    from seed.report import progress_bar
 
     lengths = lengths_from_info(list(urls))  # the total for the progress bar, when the shards say it
-    bar = tqdm(total=sum(lengths) if lengths else None, unit="img", desc=f"{desc} ({len(encoders)} encoders)",
+    bar = progress_bar(total=sum(lengths) if lengths else None, unit="img", desc=f"{desc} ({len(encoders)} encoders)",
                disable=not progress, smoothing=0.1)
     feats: dict[str, list[np.ndarray]] = {name: [] for name in encoders}
     order: list[tuple[int, int]] = []

@@ -3,10 +3,25 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from seed.storage import join, write_bytes, write_text
+
+
+# Seconds between progress-bar refreshes when stderr is not a terminal (a log file, CI, a Prefect worker):
+# tqdm's default, 0.1 s, appends a carriage-return update to the log ten times a second.
+LOG_REFRESH_S = 30.0
+
+
+def progress_bar(iterable: Iterable[Any] | None = None, **kwargs: Any) -> Any:
+    """A tqdm bar that refreshes every ``LOG_REFRESH_S`` seconds when stderr is not a terminal."""
+    from tqdm import tqdm
+
+    if not sys.stderr.isatty():
+        kwargs.setdefault("mininterval", LOG_REFRESH_S)
+    return tqdm(iterable, **kwargs)
 
 
 def save_figure(fig: Any, url: str) -> None:

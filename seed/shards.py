@@ -602,13 +602,13 @@ def _png(pixels: np.ndarray) -> bytes:
 def fashion_mnist_to_shards(out: str, *, source: str = FASHION_MNIST_DIR, per_shard: int = 1000,
                             limit: int | None = None, overwrite: bool = False, progress: bool = True) -> dict:
     """Convert Fashion-MNIST to ``out/train`` and ``out/test`` shards of ``KEY.png`` + ``KEY.cls``."""
-    from tqdm import tqdm
+    from seed.report import progress_bar
 
     data = {split: load_fashion_mnist(source, split, limit) for split in ("train", "test")}
 
     def samples(split: str) -> Iterator[tuple[str, bytes, str, int]]:
         images, labels = data[split]
-        for i in tqdm(range(len(images)), desc=f"fashion-mnist {split}", unit="img", disable=not progress):
+        for i in progress_bar(range(len(images)), desc=f"fashion-mnist {split}", unit="img", disable=not progress):
             yield f"fmnist-{split}-{i:06d}", _png(images[i]), "png", int(labels[i])
 
     return _write_splits({s: samples(s) for s in data}, out, per_shard, overwrite)
@@ -620,7 +620,7 @@ def imagefolder_to_shards(src: str, out: str, *, split: str = "train", per_shard
 
     Image bytes are stored as they are (no re-encoding); the key is ``<class>_<file stem>``.
     """
-    from tqdm import tqdm
+    from seed.report import progress_bar
 
     root = Path(src)
     if not root.is_dir():
@@ -636,7 +636,7 @@ def imagefolder_to_shards(src: str, out: str, *, split: str = "train", per_shard
     index = {c: i for i, c in enumerate(classes)}
 
     def samples() -> Iterator[tuple[str, bytes, str, int]]:
-        for c, p in tqdm(files, desc=f"imagefolder {split}", unit="img", disable=not progress):
+        for c, p in progress_bar(files, desc=f"imagefolder {split}", unit="img", disable=not progress):
             key = f"{c}_{p.stem}".replace(".", "_")
             yield key, p.read_bytes(), p.suffix.lower().lstrip("."), index[c]
 

@@ -149,7 +149,7 @@ def _epochs(members: Sequence[Member], objective: Objective, urls: Sequence[str]
 
     ``writers``: one TensorBoard ``SummaryWriter`` per member (rank 0 only) for the per-step scalars.
     """
-    from tqdm import tqdm
+    from seed.report import progress_bar
 
     o = loop.optim
     rank, world = join_process_group(device)
@@ -163,7 +163,7 @@ def _epochs(members: Sequence[Member], objective: Objective, urls: Sequence[str]
         totals = np.zeros(len(members))
         for m in members:
             m.model.train()
-        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{o.epochs}", unit="step", disable=not progress or rank != 0)
+        bar = progress_bar(total=steps, desc=f"epoch {epoch + 1}/{o.epochs}", unit="step", disable=not progress or rank != 0)
         data = maker.epoch(urls, order, source, epoch, batch_size=o.batch_size, steps=steps, seed=loop.seed,
                            shuffle_buffer=loop.loader.shuffle_buffer)
         done = 0

@@ -365,3 +365,20 @@ def test_cached_seed_takes_the_bank_of_the_batchs_rotation() -> None:
         expected = seed_loss(torch.nn.functional.normalize(model(x), dim=1), z_t, banks[r], 0.2, 0.05, own)
         assert torch.equal(ctx["own"], own)
         assert obj.loss(model, x, ctx, batch.labels).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_progress_bars_refresh_every_half_minute_into_a_log() -> None:
+    """Under pytest stderr is captured, as in a log file or a Prefect worker: a bar refreshes every
+    LOG_REFRESH_S seconds there, not ten times a second; a caller's own interval wins."""
+    import io
+
+    from seed.report import LOG_REFRESH_S, progress_bar
+
+    out = io.StringIO()
+    with progress_bar(total=1000, file=out) as bar:
+        assert bar.mininterval == LOG_REFRESH_S == 30.0
+        for _ in range(1000):
+            bar.update(1)
+    assert out.getvalue().count("\r") <= 3  # the first line, the last, and the close
+    with progress_bar(total=1, file=io.StringIO(), mininterval=0.5) as bar:
+        assert bar.mininterval == 0.5
