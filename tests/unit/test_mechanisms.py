@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 import threading
 import time
 from pathlib import Path
@@ -382,3 +383,24 @@ def test_progress_bars_refresh_every_half_minute_into_a_log() -> None:
     assert out.getvalue().count("\r") <= 3  # the first line, the last, and the close
     with progress_bar(total=1, file=io.StringIO(), mininterval=0.5) as bar:
         assert bar.mininterval == 0.5
+
+
+def _halves(shards: list[int]) -> Iterator[tuple[int, int]]:
+    for s in shards:
+        if s == 3:
+            raise SeedError("shard 3: unreadable")
+        yield from [(s, 0), (s, 1)]
+
+
+def test_shard_split_hands_a_seed_error_over_as_an_item_and_reraise_raises_it() -> None:
+    from seed.workers import ShardSplit, reraise
+
+    assert list(ShardSplit([0, 1, 2], _halves)) == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]
+    items = list(ShardSplit([2, 3, 4], _halves))  # what came before the error, then the error; nothing after
+    assert items[:2] == [(2, 0), (2, 1)] and len(items) == 3 and isinstance(items[2], SeedError)
+    seen = []
+    with pytest.raises(SeedError, match="shard 3: unreadable"):
+        for item in reraise(items):
+            seen.append(item)
+    assert seen == [(2, 0), (2, 1)]
+    assert list(reraise([(0, 0), (1, 0)])) == [(0, 0), (1, 0)]
