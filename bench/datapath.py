@@ -1,6 +1,6 @@
 """The CPU data path, side by side in one run: views/s of decode + augment, the stages against their compute.
 
-    python bench/datapath.py [--scratch DIR] [--n 2048] [--workers 1 2] [--quick]
+    python bench/datapath.py [--scratch DIR] [--n 2048] [--workers 1 2] [--sections abcd] [--quick]
 
 Everything runs on the CPU, in this process, with torch's default intra-op threads; RSS figures come
 from fresh child processes (``bench.common.child``). Teachers and students are random-init (the speed
@@ -370,6 +370,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=None, help="JPEG images for a and N for d (default 2048)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="DataLoader workers for a (0 is added)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to test the script (figures mean nothing)")
+    parser.add_argument("--sections", default="abcd", help="which sections to run, e.g. a (default abcd)")
     parser.add_argument("--rss-child", nargs="+", help=argparse.SUPPRESS)  # ROOT OVERRIDE... (internal)
     args = parser.parse_args()
     if args.rss_child:
@@ -387,9 +388,16 @@ def main() -> None:
     print(f"machine: {machine()}")
     print(f"scratch: {root}{'; QUICK SIZES: the figures mean nothing' if args.quick else ''}")
 
+    unknown = sorted(set(args.sections) - set("abcd"))
+    if unknown:
+        parser.error(f"--sections: unknown section(s) {', '.join(unknown)} (known: a, b, c, d)")
     jdir: list[Path] = []
-    section("a. Data path alone at 224 px (decode + view parameters + augment)",
-            lambda: jdir.append(sec_a(root, S, args.workers)))
+    if "a" in args.sections:
+        section("a. Data path alone at 224 px (decode + view parameters + augment)",
+                lambda: jdir.append(sec_a(root, S, args.workers)))
+    if not set(args.sections) & set("bcd"):
+        print(f"\ndone in {time.perf_counter() - t0:.0f} s")
+        return
 
     fm = shards(root, S.fm_images)
     r50_dir = jpeg_shards(root, S.r50_images, per_shard=S.r50_per_shard)
@@ -399,11 +407,14 @@ def main() -> None:
         make_setup(root, "r50-224", f"{r50_dir.name}/train-*.tar", "resnet50", 224, S.r50_views, S.r50_batch,
                    S.r50_images, S, S.student_batch_224, S.epochs_224),
     ]
-    section("b. Teacher stage against the pure forward",
-            lambda: sec_b(root, setups, {"r10t-32": S.r10t_pure_batches, "r50-224": S.r50_pure_batches}))
-    section("c. Student loop against the bare step", lambda: sec_c(root, setups, S))
-    section("d. Peak RSS of the student stage (fresh processes)",
-            lambda: sec_d(root, jdir[0] if jdir else jpeg_shards(root, S.n), S))
+    if "b" in args.sections or "c" in args.sections:  # c trains on b's caches (made by b when absent)
+        section("b. Teacher stage against the pure forward",
+                lambda: sec_b(root, setups, {"r10t-32": S.r10t_pure_batches, "r50-224": S.r50_pure_batches}))
+    if "c" in args.sections:
+        section("c. Student loop against the bare step", lambda: sec_c(root, setups, S))
+    if "d" in args.sections:
+        section("d. Peak RSS of the student stage (fresh processes)",
+                lambda: sec_d(root, jdir[0] if jdir else jpeg_shards(root, S.n), S))
     print(f"\ndone in {time.perf_counter() - t0:.0f} s")
 
 
