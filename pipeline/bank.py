@@ -67,7 +67,7 @@ def run(cfg: RunConfig, storage: Storage, *, progress: bool = True) -> BankResul
     banks = B.sample_banks(np.flatnonzero(valid), V, b.size, b.seed, b.rotations)  # R x (K x 2 (row, view))
     n_views = int(valid.sum()) * V
     with progress_bar(total=n_views * b.rotations, unit="view", desc="bank targets" + (f" ({b.rotations} rotations)"
-              if b.rotations > 1 else ""), disable=not progress, smoothing=0.1) as bar:  # closed before any error prints
+                      if b.rotations > 1 else ""), disable=not progress, smoothing=0.1) as bar:  # closed before any error prints
         summaries = [_build(group, b, r, ids, valid, device, bar.update) for r, ids in enumerate(banks)]
     seconds = time.perf_counter() - start
     search_s = sum(x["targets_seconds"] for x in summaries)

@@ -446,7 +446,7 @@ def run(cfg: RunConfig, storage: Storage, *, overwrite: bool = False, shards: li
     total_views = sum(plan.lengths[s] for s in todo) * cfg.cache.views
     workers = min(data_workers(cfg.cache.workers, device), len(todo))
     with progress_bar(total=total_views, unit="view", desc=f"teacher ({len(todo)} shards, {workers} workers)",
-              disable=not progress, smoothing=0.1) as bar:  # closed before any error prints
+                      disable=not progress, smoothing=0.1) as bar:  # closed before any error prints
         records = embed_shards(cfg, plan, group, todo, teacher, workers=workers, on_views=bar.update) if todo else {}
     totals = None
     if finalize and len(set(cache.done_shards(group))) == len(plan.urls):
@@ -499,7 +499,7 @@ def run_processes(cfg: RunConfig, storage: Storage, n: int, *, overwrite: bool =
                        "--shards", ",".join(map(str, part)), "--set", f"cache.device={device}", "--quiet"]
             procs.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), log, device, part))
         bar = progress_bar(total=len(plan.urls), initial=len(done), unit="shard", disable=not progress,
-                   desc=f"teacher ({len(parts)} processes: {', '.join(sorted(set(devices)))})")
+                           desc=f"teacher ({len(parts)} processes: {', '.join(sorted(set(devices)))})")
         try:
             failed = _wait(procs, plan.cache_url, bar)
         finally:

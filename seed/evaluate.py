@@ -261,7 +261,7 @@ def extract_all(encoders: Mapping[str, Encode], urls: Sequence[str], resolution:
 
     lengths = lengths_from_info(list(urls))  # the total for the progress bar, when the shards say it
     bar = progress_bar(total=sum(lengths) if lengths else None, unit="img", desc=f"{desc} ({len(encoders)} encoders)",
-               disable=not progress, smoothing=0.1)
+                       disable=not progress, smoothing=0.1)
     feats: dict[str, list[np.ndarray]] = {name: [] for name in encoders}
     order: list[tuple[int, int]] = []
     labels: list[np.ndarray] = []
