@@ -164,9 +164,9 @@ def _resized_crop(src: torch.Tensor, hw: torch.Tensor, canvas: tuple[int, int], 
     u = torch.where(flip, 1.0 - u, u)                                         # B x ow
     xs = (x0 + u * bw).clamp(x0 + 0.5, x0 + bw - 0.5)                          # B x ow, source pixel coordinates
     ys = (y0 + v * bh).clamp(y0 + 0.5, y0 + bh - 0.5)                          # B x oh
-    gx = (2.0 * xs / W - 1.0)[:, None, :].expand(B, oh, ow)                   # normalised, align_corners=False
-    gy = (2.0 * ys / H - 1.0)[:, :, None].expand(B, oh, ow)
-    grid = torch.stack([gx, gy], dim=-1)                                      # B x oh x ow x 2
+    grid = torch.empty(B, oh, ow, 2, device=src.device)                       # normalised, align_corners=False
+    grid[..., 0] = (2.0 * xs / W - 1.0)[:, None, :]                           # (filled by broadcasting: stacking
+    grid[..., 1] = (2.0 * ys / H - 1.0)[:, :, None]                           # two expanded planes cost 4x more)
     return F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
@@ -218,9 +218,11 @@ def _color_jitter(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
 
 def _adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """Hue rotation through HSV, as torchvision's tensor ``adjust_hue``; ``shift`` is ``[B]`` in [-0.5, 0.5]."""
-    r, g, b = x.unbind(dim=1)                                                 # B x H x W each
     maxc = x.amax(dim=1)                                                      # amax: no indices, 5x faster than max
     cr = maxc - x.amin(dim=1)
+    if not cr.any():  # grey images: no hue to rotate, and the formula below gives max - 0 * ramp, i.e. x clamped
+        return x.clamp(0.0, 1.0)
+    r, g, b = x.unbind(dim=1)                                                 # B x H x W each
     inv = 1.0 / torch.where(cr == 0, 1.0, cr)
     # torchvision's hr/hg/hb sum, written as one select: (g - b)/cr where red is the max, etc.
     h = torch.where(maxc == r, (g - b) * inv, torch.where(maxc == g, (b - r) * inv + 2.0, (r - g) * inv + 4.0))

@@ -26,7 +26,7 @@ import torch
 
 from seed import cache
 from seed.augment import apply_batch
-from seed.views import Recipe, draw_params
+from seed.views import Recipe, draw_views
 from seed.prefetch import prefetch
 from seed.decode import Decoder
 from seed.errors import SeedError
@@ -152,8 +152,8 @@ class FreshViews:
                 h, w = image_size(sample)
             except ValueError:
                 return None  # no readable image header: skipped (a body that fails later is an error)
-            params = np.stack([draw_params(self.recipe, seed=self.seed, key=sample.key, view=epoch * self.n_views + i,
-                                           height=h, width=w) for i in range(self.n_views)])
+            params = draw_views(self.recipe, seed=self.seed, key=sample.key, views=self.n_views,
+                                first=epoch * self.n_views, height=h, width=w)
             return Example(sample, (h, w), params, -1, sample.label, {})
 
         return make

@@ -110,16 +110,33 @@ def blur_note(recipe: Recipe, size: int) -> str | None:
             "or cache.recipe.blur_reference_size to the view size the sigma range is meant for")
 
 
+def _key_words(key: str) -> list[int]:
+    """The four 32-bit words of a key's 128-bit BLAKE2b digest: the key's part of every view's seed."""
+    return np.frombuffer(hashlib.blake2b(key.encode("utf-8"), digest_size=16).digest(), dtype="<u4").tolist()
+
+
 def view_rng(seed: int, key: str, view: int) -> np.random.Generator:
     """A generator that depends only on (seed, key, view): stable across processes and platforms."""
-    digest = hashlib.blake2b(key.encode("utf-8"), digest_size=16).digest()
-    words = np.frombuffer(digest, dtype="<u4").tolist()
+    return _rng(seed, view, _key_words(key))
+
+
+def _rng(seed: int, view: int, words: list[int]) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, view, *words])))
 
 
 def draw_params(recipe: Recipe, *, seed: int, key: str, view: int, height: int, width: int) -> np.ndarray:
-    """Draw one view's parameters for an image of ``height`` x ``width`` pixels: a float32 row of P."""
-    rng = view_rng(seed, key, view)
+    """Draw one view's parameters for an image of ``height`` x ``width`` pixels: a float32 row of P.
+
+    The random stream is the cache's contract (a stored row must be drawable again from its seed, key
+    and view): draws are consumed in this order, crop box, jitter on/off, jitter order, the three
+    jitter factors, hue, grayscale, blur on/off, blur sigma, solarise, flip. A uniform on [lo, hi) is
+    ``lo + (hi - lo) * u`` of one double ``u``, as numpy's ``Generator.uniform`` computes it, so the
+    doubles are drawn in one call (``tests/unit/test_augment.py`` pins the rows' bytes).
+    """
+    return _draw(recipe, view_rng(seed, key, view), height, width)
+
+
+def _draw(recipe: Recipe, rng: np.random.Generator, height: int, width: int) -> np.ndarray:
     row = np.zeros(P, dtype=np.float32)
 
     # RandomResizedCrop.get_params (torchvision), with the box normalised to the source size.
@@ -131,13 +148,13 @@ def draw_params(recipe: Recipe, *, seed: int, key: str, view: int, height: int, 
     # probability does not shift the draws of the operations after it.
     jitter = rng.random() < recipe.jitter_p
     order = rng.permutation(4)
-    factors = [rng.uniform(max(0.0, 1 - s), 1 + s) for s in (recipe.brightness, recipe.contrast, recipe.saturation)]
-    hue = rng.uniform(-recipe.hue, recipe.hue)
-    grayscale = rng.random() < recipe.grayscale_p
-    blur = rng.random() < recipe.blur_p
-    sigma = rng.uniform(*recipe.blur_sigma)
-    solarize = rng.random() < recipe.solarize_p
-    flip = rng.random() < recipe.flip_p
+    u = rng.random(9).tolist()
+    factors = [_uniform(max(0.0, 1 - s), 1 + s, x)
+               for s, x in zip((recipe.brightness, recipe.contrast, recipe.saturation), u[:3])]
+    hue = _uniform(-recipe.hue, recipe.hue, u[3])
+    grayscale, blur = u[4] < recipe.grayscale_p, u[5] < recipe.blur_p
+    sigma = _uniform(*recipe.blur_sigma, u[6])
+    solarize, flip = u[7] < recipe.solarize_p, u[8] < recipe.flip_p
 
     row[COL["flip"]] = float(flip)
     row[COL["jitter"]] = float(jitter)
@@ -153,13 +170,19 @@ def draw_params(recipe: Recipe, *, seed: int, key: str, view: int, height: int, 
     return row
 
 
+def _uniform(lo: float, hi: float, u: float) -> float:
+    """numpy's ``Generator.uniform(lo, hi)`` given its double ``u``: the same arithmetic, the same bits."""
+    return lo + (hi - lo) * u
+
+
 def _crop_box(rng: np.random.Generator, recipe: Recipe, height: int, width: int) -> tuple[int, int, int, int]:
     """torchvision ``RandomResizedCrop.get_params``: (top, left, h, w) in whole pixels."""
     area = height * width
     log_ratio = (math.log(recipe.crop_ratio[0]), math.log(recipe.crop_ratio[1]))
     for _ in range(10):
-        target_area = area * rng.uniform(*recipe.crop_scale)
-        aspect = math.exp(rng.uniform(*log_ratio))
+        u_scale, u_ratio = rng.random(2).tolist()
+        target_area = area * _uniform(*recipe.crop_scale, u_scale)
+        aspect = math.exp(_uniform(*log_ratio, u_ratio))
         w = int(round(math.sqrt(target_area * aspect)))
         h = int(round(math.sqrt(target_area / aspect)))
         if 0 < w <= width and 0 < h <= height:
@@ -177,6 +200,9 @@ def _crop_box(rng: np.random.Generator, recipe: Recipe, height: int, width: int)
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def draw_views(recipe: Recipe, *, seed: int, key: str, views: int, height: int, width: int) -> np.ndarray:
-    """All ``views`` rows of one image: float32 ``[views, P]``."""
-    return np.stack([draw_params(recipe, seed=seed, key=key, view=v, height=height, width=width) for v in range(views)])
+def draw_views(recipe: Recipe, *, seed: int, key: str, views: int, height: int, width: int,
+               first: int = 0) -> np.ndarray:
+    """Rows of views ``first .. first + views - 1`` of one image: float32 ``[views, P]``, each row the one
+    ``draw_params`` gives (the key is hashed once for all of them)."""
+    words = _key_words(key)
+    return np.stack([_draw(recipe, _rng(seed, v, words), height, width) for v in range(first, first + views)])
