@@ -20,8 +20,11 @@ Every stage goes through the pipeline's own functions (``pipeline.pretrain``, ``
 ``.student``). Each finished (arm, seed) is saved as ``<rows>/<settings>/<arm>-s<seed>.json`` (``--rows``,
 default ``docs/results/rows``, committed, so the table can be completed over several sessions); a re-run
 reads finished rows back and resumes unfinished stages (teacher shards, training epochs) from ``--scratch``
-(shards, caches, checkpoints; default ``.bench/paper-table``, git-ignored). Writes ``docs/results.md`` and
-``docs/results-accuracy-vs-views.png`` (``--quick`` keeps rows and output in the scratch directory).
+(shards, caches, checkpoints; default ``.bench/paper-table``, git-ignored). Every invocation, ``--arms`` ones
+included, re-renders ``docs/results.md`` and ``docs/results-accuracy-vs-views.png`` from all the row files of its
+settings; until every planned row exists, the page says which are missing (``--quick`` keeps rows and output
+in the scratch directory). The page's command is the table's, not the invocation's: its settings, without
+paths or ``--arms``.
 """
 
 from __future__ import annotations
@@ -83,6 +86,18 @@ def settings_key(a: argparse.Namespace) -> str:
 
 def rotations_supported() -> bool:
     return "rotations" in {f.name for f in dataclasses.fields(BankConfig)}
+
+
+def plan(views: list[int], rotations: int, tau_t: float, seeds: list[int]) -> list[tuple[str, tuple[int, ...]]]:
+    """Every arm of the table in running order, with the seeds it runs: what a complete table holds."""
+    every, first = tuple(seeds), (0,)  # one-run arms are seed 0's, whatever --seeds lists
+    arms = [("raw-pixels", first), ("random", every), ("teacher-moco", first), ("teacher-supervised", first),
+            ("moco-only", every), ("online", every), *((f"cached-v{v}", every) for v in views),
+            (f"cached-v{AT_V}-rot{rotations}", every), (f"cached-v{AT_V}-tau{tau_t:g}", every),
+            (f"cached-v{AT_V}-queue", every), (f"supervised-cached-v{AT_V}", every)]
+    for arch in AMORTISE:
+        arms += [(f"amort-cached-{arch}", first), (f"amort-online-{arch}", first)]
+    return arms
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,29 +271,29 @@ class Bench:
     # -- the table --------------------------------------------------------------------------------
     def arms(self) -> list[Arm]:
         a = self.args
-        seeds, first = tuple(a.seeds), (0,)  # one-run arms are seed 0's, whatever --seeds lists
-        arms = [Arm("raw-pixels", first, self.pixels_row), Arm("random", seeds, self.random_row),
-                Arm("teacher-moco", first, lambda s: self.teacher_row("moco")),
-                Arm("teacher-supervised", first, lambda s: self.teacher_row("supervised")),
-                Arm("moco-only", seeds, self.moco_only_row),
-                Arm("online", seeds, lambda s: self.seed_row("online", s, "moco", "online"))]
+        makers: dict[str, Callable[[int], dict[str, Any]]] = {
+            "raw-pixels": self.pixels_row, "random": self.random_row,
+            "teacher-moco": lambda s: self.teacher_row("moco"),
+            "teacher-supervised": lambda s: self.teacher_row("supervised"),
+            "moco-only": self.moco_only_row, "online": lambda s: self.seed_row("online", s, "moco", "online")}
         for v in a.views:
-            arms.append(Arm(f"cached-v{v}", seeds, lambda s, v=v: self.seed_row(f"cached-v{v}", s, "moco", "cached", v)))
-        rot = f"cached-v{AT_V}-rot{a.rotations}"
-        arms.append(Arm(rot, seeds, lambda s: self.seed_row(rot, s, "moco", "cached", AT_V, rotations=a.rotations),
-                        "" if rotations_supported() else
-                        "bank.rotations is not a field of seed.config.BankConfig in this checkout (not built yet)"))
-        tau = f"cached-v{AT_V}-tau{a.tau_t:g}"
-        arms.append(Arm(tau, seeds, lambda s: self.seed_row(tau, s, "moco", "cached", AT_V, tau_t=a.tau_t)))
-        arms.append(Arm(f"cached-v{AT_V}-queue", seeds,
-                        lambda s: self.seed_row(f"cached-v{AT_V}-queue", s, "moco", "cached", AT_V, bank="queue")))
-        arms.append(Arm(f"supervised-cached-v{AT_V}", seeds,
-                        lambda s: self.seed_row(f"supervised-cached-v{AT_V}", s, "supervised", "cached", AT_V)))
+            makers[f"cached-v{v}"] = lambda s, v=v: self.seed_row(f"cached-v{v}", s, "moco", "cached", v)
+        rot, tau = f"cached-v{AT_V}-rot{a.rotations}", f"cached-v{AT_V}-tau{a.tau_t:g}"
+        makers[rot] = lambda s: self.seed_row(rot, s, "moco", "cached", AT_V, rotations=a.rotations)
+        makers[tau] = lambda s: self.seed_row(tau, s, "moco", "cached", AT_V, tau_t=a.tau_t)
+        makers[f"cached-v{AT_V}-queue"] = lambda s: self.seed_row(f"cached-v{AT_V}-queue", s, "moco", "cached", AT_V,
+                                                                  bank="queue")
+        makers[f"supervised-cached-v{AT_V}"] = lambda s: self.seed_row(f"supervised-cached-v{AT_V}", s, "supervised",
+                                                                       "cached", AT_V)
         for arch in AMORTISE:
-            arms.append(Arm(f"amort-cached-{arch}", first, lambda s, arch=arch: self.seed_row(
-                f"amort-cached-{arch}", s, "moco", "cached", AT_V, arch=arch)))
-            arms.append(Arm(f"amort-online-{arch}", first, lambda s, arch=arch: self.seed_row(
-                f"amort-online-{arch}", s, "moco", "online", arch=arch)))
+            makers[f"amort-cached-{arch}"] = lambda s, arch=arch: self.seed_row(
+                f"amort-cached-{arch}", s, "moco", "cached", AT_V, arch=arch)
+            makers[f"amort-online-{arch}"] = lambda s, arch=arch: self.seed_row(
+                f"amort-online-{arch}", s, "moco", "online", arch=arch)
+        no_rotations = "" if rotations_supported() else \
+            "bank.rotations is not a field of seed.config.BankConfig in this checkout (not built yet)"
+        arms = [Arm(key, seeds, makers[key], no_rotations if key == rot else "")
+                for key, seeds in plan(a.views, a.rotations, a.tau_t, a.seeds)]
         if a.arms:
             unknown = sorted(set(a.arms) - {arm.key for arm in arms})
             if unknown:
@@ -293,7 +308,9 @@ class Bench:
                 "teacher_lr": self.config().pretrain.optim.base_lr, "supervised_epochs": a.supervised_epochs,
                 "bank": a.bank, "topk": a.topk, "tau_t_large": a.tau_t, "shuffle_bn": a.shuffle_bn, "seeds": list(a.seeds),
                 "views": list(a.views), "rotations": a.rotations, "student": STUDENT, "teacher": TEACHER,
-                "amortise": [STUDENT, *AMORTISE], "at_v": AT_V, "command": command_line()}
+                "amortise": [STUDENT, *AMORTISE], "at_v": AT_V, "command": command_line(a),
+                "plan": [[k, list(seeds)] for k, seeds in plan(a.views, a.rotations, a.tau_t, a.seeds)
+                         if not a.quick or k in QUICK_ARMS]}
 
 
 def measure_recipe(urls: list[str], recipe: Recipe, n: int = 1024, n_large: int = 128) -> dict[str, Any]:
@@ -337,10 +354,28 @@ def measure_recipe(urls: list[str], recipe: Recipe, n: int = 1024, n_large: int 
     return out
 
 
-def command_line() -> str:
-    script = Path(sys.argv[0]).resolve()
-    script_arg = str(script.relative_to(REPO)) if script.is_relative_to(REPO) else sys.argv[0]
-    return "python " + " ".join(shlex.quote(a) for a in [script_arg, *sys.argv[1:]])
+def command_line(args: argparse.Namespace) -> str:
+    """The command that measures this table: the settings that differ from the defaults, without the
+    options that only choose where files go or which rows this invocation runs."""
+    if args.quick:
+        return "python bench/paper_table.py --quick"
+    defaults = vars(parse([]))
+    shown = []
+    for name in SETTINGS_OPTIONS:
+        value = getattr(args, name)
+        if value != defaults[name]:
+            flag = "--" + name.replace("_", "-")
+            shown += [flag, *map(str, value)] if isinstance(value, list) else [flag, str(value)]
+    return "python " + " ".join(shlex.quote(a) for a in ["bench/paper_table.py", *shown])
+
+
+# The arms of a --quick run.
+QUICK_ARMS = ("raw-pixels", "random", "teacher-moco", "teacher-supervised", "moco-only", "online", "cached-v1",
+              "cached-v4", "cached-v4-rot2", "cached-v4-tau0.01", "cached-v4-queue", "supervised-cached-v4",
+              *(f"amort-{mode}-{arch}" for arch in AMORTISE for mode in ("cached", "online")))
+# The options that decide what the table measures (the others choose paths and which rows run now).
+SETTINGS_OPTIONS = ("limit", "per_shard", "epochs", "teacher_epochs", "supervised_epochs", "views", "seeds", "bank",
+                    "topk", "rotations", "tau_t", "shuffle_bn")
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -371,10 +406,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.limit, args.per_shard, args.epochs, args.teacher_epochs, args.supervised_epochs = 2000, 500, 1, 1, 1
         args.views, args.seeds, args.bank, args.topk, args.rotations = [1, 4], [0, 1], 256, 32, 2
-        args.arms = args.arms or ["raw-pixels", "random", "teacher-moco", "teacher-supervised", "moco-only", "online",
-                                  "cached-v1", "cached-v4", "cached-v4-rot2", "cached-v4-tau0.01", "cached-v4-queue",
-                                  "supervised-cached-v4",
-                                  *(f"amort-{mode}-{arch}" for arch in AMORTISE for mode in ("cached", "online"))]
+        args.arms = args.arms or list(QUICK_ARMS)
     quick_dir = Path(args.scratch)
     args.rows = args.rows or str(quick_dir / "rows" if args.quick else REPO / "docs" / "results" / "rows")
     args.out = args.out or str(quick_dir / "results.md" if args.quick else REPO / "docs" / "results.md")
@@ -592,6 +624,25 @@ def table_text(stats: dict[str, dict[str, Any]]) -> str:
                                  ("once", "teacher pass + bank (min)"), ("forwards", "teacher forwards")])
 
 
+def pending(rows: list[dict[str, Any]], settings: dict[str, Any]) -> str:
+    """The planned (arm, seed) rows that have no row file yet."""
+    have = {(r["arm"], r["seed"]) for r in rows}
+    planned = settings.get("plan") or (
+        plan(settings["views"], settings["rotations"], settings["tau_t_large"], settings["seeds"])
+        if {"views", "rotations", "tau_t_large", "seeds"} <= settings.keys() else [])
+    if not planned:
+        return "The settings file lists no plan, so the rows still to measure are not known."
+    missing = [(k, [s for s in seeds if (k, s) not in have]) for k, seeds in planned]
+    missing = [(k, seeds) for k, seeds in missing if seeds]
+    if not missing:
+        return "Every planned row is measured."
+    n = sum(len(seeds) for _, seeds in missing)
+    return (f"**The table is incomplete**: {n} planned rows have no row file yet, so the targets below that need "
+            "them are pending or absent. Not measured yet: "
+            + "; ".join(f"`{k}` (seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))})" for k, seeds in missing)
+            + ".")
+
+
 def amortisation(rows: list[dict[str, Any]], settings: dict[str, Any]) -> str:
     """Three students from one V = 4 cache against three online runs, seed 0's rows: teacher forwards and wall
     time in total."""
@@ -696,6 +747,7 @@ def render(rows_dir: Path, out: Path) -> None:
         seeds=", ".join(map(str, settings.get("seeds", []))), rotations=settings.get("rotations"),
         tau_large=f"{settings.get('tau_t_large', 0.01):g}", view_note=view_note, warn=warn, table=table_text(stats), png=png.name, sigmas=f"{SIGMAS:g}",
         checks="\n".join(line(t) for t in checks), amortisation=amortisation(rows, settings),
+        pending=pending(rows, settings),
         recipe=recipe_text(json.loads(recipe_path.read_text()) if recipe_path.exists() else None, settings))
     if out.exists() and NOTES in out.read_text():  # hand-written analysis below the marker survives a re-run
         text += "\n" + NOTES + out.read_text().split(NOTES, 1)[1]
@@ -735,6 +787,8 @@ test image, weighted kNN (k = 20, T = 0.07, cosine) and a logistic-regression pr
 it, its bank once per seed. Teacher forwards: online SEED spends N x epochs per run, a cache V x N once.
 
 {table}
+
+{pending}
 
 ![accuracy against V]({png})
 
