@@ -187,11 +187,13 @@ def _reference(image: torch.Tensor, row: np.ndarray, size: int, recipe: Recipe) 
     return x
 
 
-@pytest.mark.parametrize("size,src", [(32, (28, 28)), (48, (60, 45))])
-def test_batch_apply_matches_torchvision_per_image(size: int, src: tuple[int, int]) -> None:
+@pytest.mark.parametrize("size,src,grey", [(32, (28, 28), False), (48, (60, 45), False), (32, (28, 28), True)])
+def test_batch_apply_matches_torchvision_per_image(size: int, src: tuple[int, int], grey: bool) -> None:
     recipe = Recipe(blur_reference_size=32)  # strong blur at small sizes, so the blur path is exercised
     g = torch.Generator().manual_seed(1)
     images = [torch.randint(0, 256, (3, *src), generator=g, dtype=torch.uint8) for _ in range(64)]
+    if grey:  # three equal channels, as Fashion-MNIST's: the hue rotation takes its no-colour path
+        images = [im[:1].expand(3, -1, -1).contiguous() for im in images]
     rows = np.stack([draw_params(recipe, seed=2, key=f"k{i}", view=0, height=src[0], width=src[1]) for i in range(64)])
     assert rows[:, COL["blur_sigma"]].astype(bool).any() and rows[:, COL["grayscale"]].astype(bool).any()
     out = apply_batch(images, torch.from_numpy(rows), recipe, size)
@@ -200,6 +202,20 @@ def test_batch_apply_matches_torchvision_per_image(size: int, src: tuple[int, in
         # Flip is folded into the sampling grid here but applied last by torchvision; the blur is
         # symmetric and colour ops are pointwise, so both orders give the same image.
         assert torch.allclose(out[i], ref, atol=2e-5), (i, (out[i] - ref).abs().max().item(), rows[i])
+
+
+def test_hue_of_grey_images_is_bit_identical_to_the_colour_formula() -> None:
+    """A batch of grey images skips the HSV formula; in a batch with one colour image the formula runs for
+    every image. A grey image's hue rotation must be the same bits either way."""
+    g = torch.Generator().manual_seed(3)
+    grey = torch.rand(8, 1, 20, 20, generator=g).expand(-1, 3, -1, -1).contiguous()
+    grey[:, :, 0, 0] = 1.0 + 1e-7  # out of range: the clamp must act on both paths alike
+    colour = torch.rand(1, 3, 20, 20, generator=g)
+    shift = torch.linspace(-0.5, 0.5, 9)
+    alone = seed_augment._adjust_hue(grey.clone(), shift[:8])
+    mixed = seed_augment._adjust_hue(torch.cat([grey, colour]), shift)[:8]
+    assert alone.view(-1).view(torch.int32).equal(mixed.view(-1).view(torch.int32))
+    assert torch.equal(alone, grey.clamp(0.0, 1.0))
 
 
 def test_grayscale_sources_become_three_channels() -> None:
