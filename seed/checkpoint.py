@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from collections.abc import Callable
@@ -38,6 +39,11 @@ def save(obj: Any, url: str) -> None:
             torch.save(obj, f)
         storage.as_if_created(tmp)  # mkstemp makes it private (0600) whatever the umask
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch reports a full disk as RuntimeError("... file write failed")
+        Path(tmp).unlink(missing_ok=True)
+        free = shutil.disk_usage(path.parent).free
+        raise SeedError(f"could not write checkpoint {path} ({free / 2**20:.0f} MiB free on its disk; "
+                        f"the previous file, if any, is untouched): {e}") from e
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -300,6 +300,32 @@ def test_written_files_respect_the_umask(tmp_path: Path, mask: int) -> None:
     assert mode(tmp_path / "shards") == 0o777 & ~mask
 
 
+
+def test_a_failed_checkpoint_write_names_the_file_and_keeps_the_old_one(tmp_path: Path) -> None:
+    """A write that fails half-way (a full disk; here a file-size limit, which fails the same ``write``) surfaces
+    inside ``torch.save`` as a bare RuntimeError: the user gets a SeedError naming the checkpoint and the free
+    space, the previous checkpoint survives byte for byte and no temporary file is left behind."""
+    import resource
+    import signal
+
+    from seed import checkpoint
+    from seed.errors import SeedError
+
+    url = tmp_path / "runs" / "checkpoint.pt"
+    checkpoint.save({"epoch": 1}, str(url))
+    before = url.read_bytes()
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing us
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, limit[1]))
+    try:
+        with pytest.raises(SeedError, match=r"could not write checkpoint .*checkpoint\.pt \(\d+ MiB free"):
+            checkpoint.save({"epoch": 2, "w": torch.zeros(100_000)}, str(url))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert url.read_bytes() == before
+    assert sorted(p.name for p in url.parent.iterdir()) == ["checkpoint.pt"]
+
 # --- MoCo's Shuffle-BN --------------------------------------------------------------------------
 
 def _bn_model() -> torch.nn.Module:
