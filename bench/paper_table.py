@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import re
@@ -38,9 +39,8 @@ import shlex
 import sys
 import time
 import traceback
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -56,7 +56,7 @@ from pipeline.evaluate import random_student  # noqa: E402
 from seed.augment import apply_batch, blur_kernel_size  # noqa: E402
 from seed.checkpoint import load_student  # noqa: E402
 from seed import cache as cache_mod  # noqa: E402
-from seed.config import BankConfig, RunConfig, load_config  # noqa: E402
+from seed.config import RunConfig, load_config  # noqa: E402
 from seed.evaluate import extract, images, pixels, score  # noqa: E402
 from seed.report import save_figure  # noqa: E402
 from seed.shards import decode_image, expand_urls, iter_shard  # noqa: E402
@@ -84,30 +84,45 @@ def settings_key(a: argparse.Namespace) -> str:
             f"-bn{a.shuffle_bn}")
 
 
-def rotations_supported() -> bool:
-    return "rotations" in {f.name for f in dataclasses.fields(BankConfig)}
-
-
-def plan(views: list[int], rotations: int, tau_t: float, seeds: list[int]) -> list[tuple[str, tuple[int, ...]]]:
-    """Every arm of the table in running order, with the seeds it runs: what a complete table holds."""
-    every, first = tuple(seeds), (0,)  # one-run arms are seed 0's, whatever --seeds lists
-    arms = [("raw-pixels", first), ("random", every), ("teacher-moco", first), ("teacher-supervised", first),
-            ("moco-only", every), ("online", every), *((f"cached-v{v}", every) for v in views),
-            (f"cached-v{AT_V}-rot{rotations}", every), (f"cached-v{AT_V}-tau{tau_t:g}", every),
-            (f"cached-v{AT_V}-queue", every), (f"supervised-cached-v{AT_V}", every)]
-    for arch in AMORTISE:
-        arms += [(f"amort-cached-{arch}", first), (f"amort-online-{arch}", first)]
-    return arms
-
-
 @dataclasses.dataclass(frozen=True)
-class Arm:
-    """One row of the table: ``make(seed)`` measures it for one seed (``skip``: why it does not run)."""
+class Job:
+    """What an arm measures: ``kind`` is ``pixels``, ``random`` (the references), ``teacher``, ``moco-only`` or
+    ``seed`` (a SEED student; the other fields are its settings)."""
 
+    kind: str
+    teacher: str = "moco"
+    mode: str = ""
+    views: int = 0
+    bank: str = "fixed"
+    rotations: int = 1
+    arch: str = STUDENT
+    tau_t: float = TAU_T
+
+
+class Planned(NamedTuple):
     key: str
     seeds: tuple[int, ...]
-    make: Callable[[int], dict[str, Any]]
-    skip: str = ""
+    job: Job
+
+
+def plan(views: list[int], rotations: int, tau_t: float, seeds: list[int]) -> list[Planned]:
+    """Every arm of the table in running order, with the seeds it runs and what it measures: what a complete
+    table holds."""
+    every, first = tuple(seeds), (0,)  # one-run arms are seed 0's, whatever --seeds lists
+    cached = functools.partial(Job, "seed", mode="cached", views=AT_V)
+    arms = [Planned("raw-pixels", first, Job("pixels")), Planned("random", every, Job("random")),
+            Planned("teacher-moco", first, Job("teacher")),
+            Planned("teacher-supervised", first, Job("teacher", teacher="supervised")),
+            Planned("moco-only", every, Job("moco-only")), Planned("online", every, Job("seed", mode="online")),
+            *(Planned(f"cached-v{v}", every, cached(views=v)) for v in views),
+            Planned(f"cached-v{AT_V}-rot{rotations}", every, cached(rotations=rotations)),
+            Planned(f"cached-v{AT_V}-tau{tau_t:g}", every, cached(tau_t=tau_t)),
+            Planned(f"cached-v{AT_V}-queue", every, cached(bank="queue")),
+            Planned(f"supervised-cached-v{AT_V}", every, cached(teacher="supervised"))]
+    for arch in AMORTISE:
+        arms += [Planned(f"amort-cached-{arch}", first, cached(arch=arch)),
+                 Planned(f"amort-online-{arch}", first, Job("seed", mode="online", arch=arch))]
+    return arms
 
 
 class Bench:
@@ -167,19 +182,19 @@ class Bench:
         return {**score(tr, train_y, te, test_y).as_dict(), "eval_s": time.perf_counter() - t0}
 
     # -- rows -------------------------------------------------------------------------------------
-    def row(self, arm: str, seed: int, make: Callable[[int], dict[str, Any]]) -> dict[str, Any]:
-        """The saved row of (``arm``, ``seed``), or make it now and save it."""
-        path = self.rows_dir / f"{arm}-s{seed}.json"
+    def row(self, arm: Planned, seed: int) -> dict[str, Any]:
+        """The saved row of (``arm``, ``seed``), or measure it now and save it."""
+        path = self.rows_dir / f"{arm.key}-s{seed}.json"
         if path.exists():
             return json.loads(path.read_text())
-        log(f"row {arm} seed {seed}: start")
+        log(f"row {arm.key} seed {seed}: start")
         t0 = time.perf_counter()
-        row = {"arm": arm, "seed": seed, **make(seed), "machine": machine(),
+        row = {"arm": arm.key, "seed": seed, **self.measure(arm, seed), "machine": machine(),
                "invocation_s": round(time.perf_counter() - t0, 1)}
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(row, indent=1))
         tmp.replace(path)  # a row file is complete or absent
-        log(f"row {arm} seed {seed}: kNN {row['knn']:.2f}  linear {row['linear']:.2f}  "
+        log(f"row {arm.key} seed {seed}: kNN {row['knn']:.2f}  linear {row['linear']:.2f}  "
             f"{row['invocation_s'] / 60:.1f} min")
         return row
 
@@ -218,8 +233,9 @@ class Bench:
         return {"name": f"{STUDENT} by MoCo-v2 alone", "group": "student", "teacher": "none", "mode": "moco",
                 "arch": STUDENT, "epochs": e, "train_s": seconds, "teacher_forwards": 0, **self.score(model.features)}
 
-    def seed_row(self, arm: str, seed: int, teacher: str, mode: str, views: int = 0, bank: str = "fixed",
-                 rotations: int = 1, arch: str = STUDENT, tau_t: float = TAU_T) -> dict[str, Any]:
+    def seed_row(self, arm: str, seed: int, job: Job) -> dict[str, Any]:
+        teacher, mode, views, bank, rotations, arch, tau_t = (job.teacher, job.mode, job.views, job.bank,
+                                                              job.rotations, job.arch, job.tau_t)
         e = self.args.epochs
         over = [*self.teacher_overrides(teacher), f"train.mode={mode}", f"train.run={self.key}-{arm}-s{seed}",
                 f"train.seed={seed}", f"bank.seed={seed}", f"train.students=[{{arch: {arch}}}]", f"bank.tau_t={tau_t}"]
@@ -269,37 +285,28 @@ class Bench:
         return json.loads(path.read_text())
 
     # -- the table --------------------------------------------------------------------------------
-    def arms(self) -> list[Arm]:
+    def arms(self) -> list[Planned]:
         a = self.args
-        makers: dict[str, Callable[[int], dict[str, Any]]] = {
-            "raw-pixels": self.pixels_row, "random": self.random_row,
-            "teacher-moco": lambda s: self.teacher_row("moco"),
-            "teacher-supervised": lambda s: self.teacher_row("supervised"),
-            "moco-only": self.moco_only_row, "online": lambda s: self.seed_row("online", s, "moco", "online")}
-        for v in a.views:
-            makers[f"cached-v{v}"] = lambda s, v=v: self.seed_row(f"cached-v{v}", s, "moco", "cached", v)
-        rot, tau = f"cached-v{AT_V}-rot{a.rotations}", f"cached-v{AT_V}-tau{a.tau_t:g}"
-        makers[rot] = lambda s: self.seed_row(rot, s, "moco", "cached", AT_V, rotations=a.rotations)
-        makers[tau] = lambda s: self.seed_row(tau, s, "moco", "cached", AT_V, tau_t=a.tau_t)
-        makers[f"cached-v{AT_V}-queue"] = lambda s: self.seed_row(f"cached-v{AT_V}-queue", s, "moco", "cached", AT_V,
-                                                                  bank="queue")
-        makers[f"supervised-cached-v{AT_V}"] = lambda s: self.seed_row(f"supervised-cached-v{AT_V}", s, "supervised",
-                                                                       "cached", AT_V)
-        for arch in AMORTISE:
-            makers[f"amort-cached-{arch}"] = lambda s, arch=arch: self.seed_row(
-                f"amort-cached-{arch}", s, "moco", "cached", AT_V, arch=arch)
-            makers[f"amort-online-{arch}"] = lambda s, arch=arch: self.seed_row(
-                f"amort-online-{arch}", s, "moco", "online", arch=arch)
-        no_rotations = "" if rotations_supported() else \
-            "bank.rotations is not a field of seed.config.BankConfig in this checkout (not built yet)"
-        arms = [Arm(key, seeds, makers[key], no_rotations if key == rot else "")
-                for key, seeds in plan(a.views, a.rotations, a.tau_t, a.seeds)]
+        arms = plan(a.views, a.rotations, a.tau_t, a.seeds)
         if a.arms:
             unknown = sorted(set(a.arms) - {arm.key for arm in arms})
             if unknown:
                 raise SystemExit(f"paper_table: unknown arms {unknown} (known: {', '.join(arm.key for arm in arms)})")
             arms = [arm for arm in arms if arm.key in a.arms]
         return arms
+
+    def measure(self, arm: Planned, seed: int) -> dict[str, Any]:
+        """One (arm, seed) row, measured."""
+        job = arm.job
+        if job.kind == "pixels":
+            return self.pixels_row(seed)
+        if job.kind == "random":
+            return self.random_row(seed)
+        if job.kind == "teacher":
+            return self.teacher_row(job.teacher)
+        if job.kind == "moco-only":
+            return self.moco_only_row(seed)
+        return self.seed_row(arm.key, seed, job)
 
     def settings(self) -> dict[str, Any]:
         a = self.args
@@ -309,8 +316,8 @@ class Bench:
                 "bank": a.bank, "topk": a.topk, "tau_t_large": a.tau_t, "shuffle_bn": a.shuffle_bn, "seeds": list(a.seeds),
                 "views": list(a.views), "rotations": a.rotations, "student": STUDENT, "teacher": TEACHER,
                 "amortise": [STUDENT, *AMORTISE], "at_v": AT_V, "command": command_line(a),
-                "plan": [[k, list(seeds)] for k, seeds in plan(a.views, a.rotations, a.tau_t, a.seeds)
-                         if not a.quick or k in QUICK_ARMS]}
+                "plan": [[arm.key, list(arm.seeds)] for arm in plan(a.views, a.rotations, a.tau_t, a.seeds)
+                         if not a.quick or arm.key in QUICK_ARMS]}
 
 
 def measure_recipe(urls: list[str], recipe: Recipe, n: int = 1024, n_large: int = 128) -> dict[str, Any]:
@@ -426,15 +433,12 @@ def main() -> None:
     b.recipe()
     failed = []
     arms = b.arms()
-    for arm in arms:
-        if arm.skip:
-            log(f"row {arm.key}: skipped: {arm.skip}")
     for seed in sorted({s for arm in arms for s in arm.seeds}):  # every arm's first seed before any arm's second
         for arm in arms:
-            if arm.skip or seed not in arm.seeds:
+            if seed not in arm.seeds:
                 continue
             try:
-                b.row(arm.key, seed, arm.make)
+                b.row(arm, seed)
             except Exception:  # one broken arm must not stop hours of the others; reported at the end
                 log(f"row {arm.key} seed {seed}: FAILED\n{traceback.format_exc()}")
                 failed.append(f"{arm.key} seed {seed}")
@@ -627,9 +631,7 @@ def table_text(stats: dict[str, dict[str, Any]]) -> str:
 def pending(rows: list[dict[str, Any]], settings: dict[str, Any]) -> str:
     """The planned (arm, seed) rows that have no row file yet."""
     have = {(r["arm"], r["seed"]) for r in rows}
-    planned = settings.get("plan") or (
-        plan(settings["views"], settings["rotations"], settings["tau_t_large"], settings["seeds"])
-        if {"views", "rotations", "tau_t_large", "seeds"} <= settings.keys() else [])
+    planned = settings.get("plan")  # written by every measuring invocation
     if not planned:
         return "The settings file lists no plan, so the rows still to measure are not known."
     missing = [(k, [s for s in seeds if (k, s) not in have]) for k, seeds in planned]

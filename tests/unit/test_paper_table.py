@@ -110,11 +110,23 @@ def test_plan_and_the_recorded_command(pt: Any) -> None:
     """The plan is every arm in running order (one-run arms on seed 0 only); the command recorded for the page
     is the one that measures the table: settings that differ from the defaults, not paths or row selections."""
     arms = pt.plan([1, 4], 2, 0.01, [0, 1])
-    assert arms[:6] == [("raw-pixels", (0,)), ("random", (0, 1)), ("teacher-moco", (0,)), ("teacher-supervised", (0,)),
-                        ("moco-only", (0, 1)), ("online", (0, 1))]
-    assert [k for k, _ in arms[6:12]] == ["cached-v1", "cached-v4", "cached-v4-rot2", "cached-v4-tau0.01",
-                                          "cached-v4-queue", "supervised-cached-v4"]
-    assert arms[-1] == (f"amort-online-{pt.AMORTISE[-1]}", (0,))
+    assert [(a.key, a.seeds) for a in arms[:6]] == [("raw-pixels", (0,)), ("random", (0, 1)), ("teacher-moco", (0,)),
+                                                   ("teacher-supervised", (0,)), ("moco-only", (0, 1)),
+                                                   ("online", (0, 1))]
+    assert [a.key for a in arms[6:12]] == ["cached-v1", "cached-v4", "cached-v4-rot2", "cached-v4-tau0.01",
+                                           "cached-v4-queue", "supervised-cached-v4"]
+    assert arms[-1][:2] == (f"amort-online-{pt.AMORTISE[-1]}", (0,))
+    # each key names what it measures: the arm's settings are in its job, not rebuilt from the key
+    job = {a.key: a.job for a in arms}
+    assert job["teacher-supervised"] == pt.Job("teacher", teacher="supervised")
+    assert job["online"] == pt.Job("seed", mode="online")
+    assert job["cached-v1"] == pt.Job("seed", mode="cached", views=1)
+    assert job["cached-v4-rot2"] == pt.Job("seed", mode="cached", views=4, rotations=2)
+    assert job["cached-v4-tau0.01"] == pt.Job("seed", mode="cached", views=4, tau_t=0.01)
+    assert job["cached-v4-queue"] == pt.Job("seed", mode="cached", views=4, bank="queue")
+    assert job["supervised-cached-v4"] == pt.Job("seed", teacher="supervised", mode="cached", views=4)
+    assert job[f"amort-cached-{pt.AMORTISE[0]}"] == pt.Job("seed", mode="cached", views=4, arch=pt.AMORTISE[0])
+    assert job[f"amort-online-{pt.AMORTISE[0]}"] == pt.Job("seed", mode="online", arch=pt.AMORTISE[0])
     assert pt.command_line(pt.parse(["--scratch", "/tmp/x", "--rows", "/tmp/r", "--arms", "online"])) == \
         "python bench/paper_table.py"
     assert pt.command_line(pt.parse(["--epochs", "4", "--views", "1", "2", "--out", "/tmp/o.md"])) == \
