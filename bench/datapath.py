@@ -13,7 +13,9 @@ of a forward does not depend on the weights); images are real Fashion-MNIST.
      to 333-640 px sides, q90), against the pipeline a user would write: torchvision v2's MoCo-v2
      transform applied per image to PIL-decoded uint8 tensors, in a torch DataLoader with the same W
      workers (an IterableDataset splitting the shards by worker), batch 256. Each figure is one pass
-     over the images, timed from the first request (worker start-up included, as a user sees it).
+     over the images, timed from the first request (worker start-up included, as a user sees it); in
+     brackets, the same pass after its first round of W batches (``PassClock``: start-up, first
+     decodes and the shuffle buffer's fill left out, the rate a long epoch settles at).
   b  The teacher stage (``pipeline.teacher.run``) against the pure teacher forward (random batch,
      same size, threads and resolution): ``resnet10t`` at 32 px on Fashion-MNIST (V = 4, batch 256)
      and ``resnet50`` at 224 px on JPEG shards (V = 2, batch 64, few images), ``cache.workers`` 0 and 1.
@@ -133,19 +135,48 @@ def urls_of(directory: Path) -> list[str]:
 # a: the data path alone
 
 
-def project_views_per_s(urls: list[str], workers: int, S: Sizes) -> float:
+@dataclasses.dataclass(frozen=True)
+class Rate:
+    """Views/s of one pass: over the whole pass, and after its first round (one batch from each worker)."""
+    whole: float
+    steady: float
+
+
+class PassClock:
+    """Times one pass from the first request, and again from the end of its first round.
+
+    W workers fill their first batches side by side, so batches arrive in rounds of W: timing from the
+    first batch alone would count the rest of the first round as free. ``steady`` counts the views after
+    batch max(W, 1) over the time after it: start-up, first decodes and the shuffle buffer's fill left out.
+    """
+
+    def __init__(self, workers: int) -> None:
+        self.round = max(workers, 1)
+        self.start = time.perf_counter()
+        self.arrivals: list[tuple[float, int]] = []                       # (time, views so far)
+
+    def batch(self, views: int) -> None:
+        total = views + (self.arrivals[-1][1] if self.arrivals else 0)
+        self.arrivals.append((time.perf_counter(), total))
+
+    def rate(self) -> Rate:
+        assert len(self.arrivals) > self.round, f"a pass of {len(self.arrivals)} batches has no second round"
+        (t0, v0), (t1, v1) = self.arrivals[self.round - 1], self.arrivals[-1]
+        return Rate(v1 / (t1 - self.start), (v1 - v0) / (t1 - t0))
+
+
+def project_views_per_s(urls: list[str], workers: int, S: Sizes) -> Rate:
     """One pass of seed.data.Batches over FreshViews at 224 px, batches iterated and dropped."""
     recipe = Recipe()
     maker = Batches(recipe, 224, device=CPU, workers=workers, depth=2)
-    views = 0
-    t = time.perf_counter()
+    clock = PassClock(workers)
     for batch in maker.epoch(urls, list(range(len(urls))), FreshViews(recipe, seed=0), 0, batch_size=S.batch,
                              steps=S.n // S.batch, seed=0, shuffle_buffer=S.shuffle):
-        views += batch.x.shape[0]
-    seconds = time.perf_counter() - t
+        clock.batch(batch.x.shape[0])
+    rate = clock.rate()
     del maker                                                                 # stops the persistent workers
     gc.collect()
-    return views / seconds
+    return rate
 
 
 def moco_v2_torchvision() -> v2.Compose:
@@ -174,16 +205,15 @@ class TorchvisionShards(torch.utils.data.IterableDataset):
                 yield self.transform(decode_image(sample)), sample.label
 
 
-def torchvision_views_per_s(urls: list[str], workers: int, S: Sizes) -> float:
+def torchvision_views_per_s(urls: list[str], workers: int, S: Sizes) -> Rate:
     loader = torch.utils.data.DataLoader(TorchvisionShards(urls), batch_size=S.batch, num_workers=workers)
-    views = 0
-    t = time.perf_counter()
+    clock = PassClock(workers)
     for x, _ in loader:
-        views += x.shape[0]
-    seconds = time.perf_counter() - t
+        clock.batch(x.shape[0])
+    rate = clock.rate()
     del loader
     gc.collect()
-    return views / seconds
+    return rate
 
 
 def sec_a(root: Path, S: Sizes, worker_counts: list[int]) -> Path:
@@ -205,13 +235,18 @@ def sec_a(root: Path, S: Sizes, worker_counts: list[int]) -> Path:
     counts = sorted({0, *worker_counts})
     project = {w: project_views_per_s(urls, w, S) for w in counts}
     tv = {w: torchvision_views_per_s(urls, w, S) for w in counts}
+    print("views/s over the whole pass (start-up included); in brackets: after the first round of W batches\n")
     print("| W | seed Batches views/s | torchvision v2 per-image views/s | seed / torchvision |")
     print("|---|---|---|---|")
     for w in counts:
         what = " (seed: one background thread; torchvision: in the main process)" if w == 0 else ""
-        print(f"| {w}{what} | {project[w]:.1f} | {tv[w]:.1f} | {project[w] / tv[w]:.2f} |")
+        p, t = project[w], tv[w]
+        print(f"| {w}{what} | {p.whole:.1f} ({p.steady:.1f}) | {t.whole:.1f} ({t.steady:.1f}) | "
+              f"{p.whole / t.whole:.2f} ({p.steady / t.steady:.2f}) |")
     if 1 in project and 2 in project:
-        print(f"\nscaling W = 2 over W = 1: seed {project[2] / project[1]:.2f}x, torchvision {tv[2] / tv[1]:.2f}x")
+        p1, p2, t1, t2 = project[1], project[2], tv[1], tv[2]
+        print(f"\nscaling W = 2 over W = 1, whole pass (after the first round): seed {p2.whole / p1.whole:.2f}x "
+              f"({p2.steady / p1.steady:.2f}x), torchvision {t2.whole / t1.whole:.2f}x ({t2.steady / t1.steady:.2f}x)")
     return jdir
 
 
