@@ -150,17 +150,19 @@ class PassClock:
     batch max(W, 1) over the time after it: start-up, first decodes and the shuffle buffer's fill left out.
     """
 
-    def __init__(self, workers: int) -> None:
-        self.round = max(workers, 1)
-        self.start = time.perf_counter()
+    def __init__(self, workers: int, now: Callable[[], float] = time.perf_counter) -> None:
+        self.round, self.now = max(workers, 1), now
+        self.start = now()
         self.arrivals: list[tuple[float, int]] = []                       # (time, views so far)
 
     def batch(self, views: int) -> None:
         total = views + (self.arrivals[-1][1] if self.arrivals else 0)
-        self.arrivals.append((time.perf_counter(), total))
+        self.arrivals.append((self.now(), total))
 
     def rate(self) -> Rate:
-        assert len(self.arrivals) > self.round, f"a pass of {len(self.arrivals)} batches has no second round"
+        if len(self.arrivals) <= self.round:
+            raise ValueError(f"a pass of {len(self.arrivals)} batches from {self.round} workers has no second round: "
+                             "make it longer (--n)")
         (t0, v0), (t1, v1) = self.arrivals[self.round - 1], self.arrivals[-1]
         return Rate(v1 / (t1 - self.start), (v1 - v0) / (t1 - t0))
 
