@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 import subprocess
@@ -10,6 +11,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -84,6 +86,16 @@ def cache_and_bank(root: Path, shards: Path, checkpoint: Path, *extra: str) -> t
     teacher_stage.run(cfg, storage, progress=False)
     bank_stage.run(cfg, storage, progress=False)
     return cfg, storage
+
+
+def bench_script(name: str) -> ModuleType:
+    """Import ``bench/<name>.py`` (the bench folder is scripts, not a package) as module ``bench_<name>``."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", Path(__file__).resolve().parents[1] / "bench" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
 
 
 def free_port() -> int:

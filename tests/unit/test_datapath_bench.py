@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import bench_script
 
 
 @pytest.fixture(scope="module")
 def dp() -> Any:
-    spec = importlib.util.spec_from_file_location("datapath_bench", ROOT / "bench" / "datapath.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
+    return bench_script("datapath")
 
 
 def scripted(times: list[float]):

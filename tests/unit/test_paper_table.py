@@ -2,26 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import bench_script
 
 
 @pytest.fixture(scope="module")
 def pt() -> Any:
-    spec = importlib.util.spec_from_file_location("paper_table", ROOT / "bench" / "paper_table.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
+    return bench_script("paper_table")
 
 
 def test_mean_and_sample_sd(pt: Any) -> None:
