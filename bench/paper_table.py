@@ -234,19 +234,17 @@ class Bench:
                 "arch": STUDENT, "epochs": e, "train_s": seconds, "teacher_forwards": 0, **self.score(model.features)}
 
     def seed_row(self, arm: str, seed: int, job: Job) -> dict[str, Any]:
-        teacher, mode, views, bank, rotations, arch, tau_t = (job.teacher, job.mode, job.views, job.bank,
-                                                              job.rotations, job.arch, job.tau_t)
         e = self.args.epochs
-        over = [*self.teacher_overrides(teacher), f"train.mode={mode}", f"train.run={self.key}-{arm}-s{seed}",
-                f"train.seed={seed}", f"bank.seed={seed}", f"train.students=[{{arch: {arch}}}]", f"bank.tau_t={tau_t}"]
+        over = [*self.teacher_overrides(job.teacher), f"train.mode={job.mode}", f"train.run={self.key}-{arm}-s{seed}",
+                f"train.seed={seed}", f"bank.seed={seed}", f"train.students=[{{arch: {job.arch}}}]", f"bank.tau_t={job.tau_t}"]
         bank_s = pass_s = 0.0
-        if mode == "cached":
-            over += [f"cache.name={self.key}-{teacher}-v{views}", f"cache.views={views}", "train.view=random"]
-            over += ["train.bank=queue"] if bank == "queue" else []
-            over += [f"bank.rotations={rotations}"] if rotations > 1 else []
+        if job.mode == "cached":
+            over += [f"cache.name={self.key}-{job.teacher}-v{job.views}", f"cache.views={job.views}", "train.view=random"]
+            over += ["train.bank=queue"] if job.bank == "queue" else []
+            over += [f"bank.rotations={job.rotations}"] if job.rotations > 1 else []
             cfg = self.config(*over)
             teacher_stage.run(cfg, self.storage, progress=False)
-            if bank != "queue":  # the queue is filled from the cache while training: no bank stage
+            if job.bank != "queue":  # the queue is filled from the cache while training: no bank stage
                 bank_s = float(bank_stage.run(cfg, self.storage, progress=False).summary.get("seconds", 0.0))
             group = cache_mod.open_complete(self.storage.cache_url(cfg.cache.name))
             totals = group.attrs["totals"]  # the cache's own records: survive interruptions and reuse
@@ -260,18 +258,18 @@ class Bench:
                                 on_epoch=lambda ep, r: log(f"  {arm} seed {seed} epoch {ep + 1}: {r['images_per_s']} img/s, "
                                                            f"loss {next(iter(r['loss'].values())):.4f}"))
         train_s = sum(m["seconds"] for m in out.metrics) or time.perf_counter() - t0
-        if mode == "online":
+        if job.mode == "online":
             forwards = out.teacher_forwards
         model, _ = load_student(next(iter(out.students.values())))
         _, report = load_teacher(cfg.teacher)
-        what = {"fixed": "", "queue": ", queue of cached embeddings"}.get(bank, "")
-        what += f", {rotations} rotating banks" if rotations > 1 else ""
-        what += f", tau_T = {tau_t:g}" if tau_t != TAU_T else ""
-        label = f"{mode} SEED" + (f", V = {views}{what}" if mode == "cached" else "")
-        source = "MoCo-v2" if teacher == "moco" else "supervised"
-        return {"name": f"{arch} by {label} from the {source} teacher", "group": "student", "teacher": teacher,
-                "mode": mode, "views": views, "bank": bank, "rotations": rotations, "tau_t": tau_t, "arch": arch,
-                "epochs": e,
+        what = {"fixed": "", "queue": ", queue of cached embeddings"}.get(job.bank, "")
+        what += f", {job.rotations} rotating banks" if job.rotations > 1 else ""
+        what += f", tau_T = {job.tau_t:g}" if job.tau_t != TAU_T else ""
+        label = f"{job.mode} SEED" + (f", V = {job.views}{what}" if job.mode == "cached" else "")
+        source = "MoCo-v2" if job.teacher == "moco" else "supervised"
+        return {"name": f"{job.arch} by {label} from the {source} teacher", "group": "student", "teacher": job.teacher,
+                "mode": job.mode, "views": job.views, "bank": job.bank, "rotations": job.rotations, "tau_t": job.tau_t,
+                "arch": job.arch, "epochs": e,
                 "train_s": train_s, "bank_s": bank_s, "teacher_pass_s": pass_s, "teacher_forwards": forwards,
                 "teacher_sha256": report.sha256, **self.score(model.features)}
 
