@@ -15,15 +15,9 @@ LOG="$OUT/gpu.log"
 
 # 1. The wheels the machine lacks, into $SITE (no index, no dependency resolution); skipped when a
 #    previous command already installed them there.
-SITE="${GPU_SITE:-/tmp/site}"
 : > "$LOG"
-if ! PYTHONPATH="$SITE" python3 -c "import zarr, numcodecs, webdataset, donfig, msgspec, faiss" 2>/dev/null; then
-    if ! python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl 2>&1 | tee -a "$LOG"; then
-        echo "pip install failed; unpacking the wheels by hand" | tee -a "$LOG"
-        mkdir -p "$SITE"
-        for w in .whl/*.whl; do python3 -m zipfile -e "$w" "$SITE"; done
-    fi
-fi
+source bench/gpu_env.sh 2>&1 | tee -a "$LOG"   # (a subshell: what it exports is set again below)
+SITE="${GPU_SITE:-/tmp/site}"
 export PYTHONPATH="$SITE:$PWD"
 export PYTHONUNBUFFERED=1
 

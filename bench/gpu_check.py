@@ -40,6 +40,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -390,9 +391,30 @@ def sec_augment(st: Check, res: dict[str, Any]) -> None:
         ims, p = batches[0]
         ims_c = [im.cuda() for im in ims]
         p_c = p.cuda()
-        y = apply_batch(ims_c, p_c, recipe, r)                                  # warm-up
+        y = apply_batch(ims_c, p, recipe, r, "cuda")                            # warm-up; rows on the host
+        apply_batch(ims_c, p_c, recipe, r)
         res["cuda_output_device"] = str(y.device)
-        res["cuda_views_per_s"] = round(rate(lambda: apply_batch(ims_c, p_c, recipe, r), reps, S.aug_batch, "cuda"), 1)
+        res["cuda_views_per_s"] = round(rate(lambda: apply_batch(ims_c, p, recipe, r, "cuda"), reps, S.aug_batch, "cuda"), 1)
+        res["cuda_views_per_s_rows_on_gpu"] = round(rate(lambda: apply_batch(ims_c, p_c, recipe, r), reps, S.aug_batch,
+                                                         "cuda"), 1)
+        # Does the call wait for the GPU? Host syncs counted by torch's sync debug mode, and the time the call takes
+        # to return while the GPU is still busy with ~50 ms of earlier work (what the teacher's forward is to it).
+        for name, rows in (("rows_on_host", p), ("rows_on_gpu", p_c)):
+            torch.cuda.synchronize()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                try:
+                    apply_batch(ims_c, rows, recipe, r, "cuda")
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            res[f"host_syncs_{name}"] = sum("synchroniz" in str(w.message) for w in caught)
+            torch.cuda.synchronize()
+            torch.cuda._sleep(_busy_cycles(50.0))
+            t = time.perf_counter()
+            apply_batch(ims_c, rows, recipe, r, "cuda")
+            res[f"queue_ms_behind_busy_gpu_{name}"] = round((time.perf_counter() - t) * 1e3, 2)
+            torch.cuda.synchronize()
         if "cpu_views_per_s_1thread" in res:
             res["cuda_over_cpu_1thread"] = round(res["cuda_views_per_s"] / res["cpu_views_per_s_1thread"], 1)
         if "y" in cpu_out:
@@ -408,17 +430,27 @@ def sec_augment(st: Check, res: dict[str, Any]) -> None:
         n_img = math.ceil(S.aug_batch / S.views)
         if len(st.blobs) < n_img:
             raise RuntimeError(f"only {len(st.blobs)} encoded images kept by section c, need {n_img}")
-        p_c = batches[0][1].cuda()
+        p = batches[0][1]
 
         def once() -> None:
             ims = tvio.decode_jpeg(st.blobs[:n_img], device="cuda")
-            apply_batch([ims[i // S.views] for i in range(S.aug_batch)], p_c, recipe, r)
+            apply_batch([ims[i // S.views] for i in range(S.aug_batch)], p, recipe, r, "cuda")
 
         once()
         res["gpu_decode_plus_augment_views_per_s"] = round(rate(once, reps, S.aug_batch, "cuda"), 1)
 
     attempt(res, "cuda", cuda)
     attempt(res, "gpu_path", gpu_path)
+
+
+def _busy_cycles(ms: float) -> int:
+    """GPU clock cycles that ``torch.cuda._sleep`` spins for ``ms`` milliseconds (calibrated here)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.cuda._sleep(10_000_000)
+    end.record()
+    end.synchronize()
+    return int(10_000_000 * ms / start.elapsed_time(end))
 
 
 def _near_duplicates(z: torch.Tensor, cos: float, g: torch.Generator) -> torch.Tensor:

@@ -206,10 +206,10 @@ def _sized(sample: Sample) -> tuple[Sample, tuple[int, int]] | ValueError:
 
 def _augment(views: list[View], cfg: RunConfig, device: torch.device) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
     """``(x, rows, views)``: decoded views augmented on ``device``."""
-    params = torch.from_numpy(np.stack([p for _, p, _, _ in views])).to(device)
+    params = torch.from_numpy(np.stack([p for _, p, _, _ in views]))         # on the host: see apply_batch
     moved: dict[int, torch.Tensor] = {}                                       # each image once, not once per view
     images = [moved.setdefault(id(im), im.to(device)) for im, _, _, _ in views]
-    x = apply_batch(images, params, cfg.cache.recipe, cfg.cache.resolution)
+    x = apply_batch(images, params, cfg.cache.recipe, cfg.cache.resolution, device)
     return x, np.array([r for *_, r, _ in views]), np.array([v for *_, v in views])
 
 

@@ -43,40 +43,68 @@ def apply_batch(
     params: torch.Tensor,
     recipe: Recipe,
     size: int | tuple[int, int],
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """Apply view rows ``params [B, P]`` to ``B`` uint8 ``[3, h, w]`` images -> float ``[B, 3, *size]`` in [0, 1].
 
-    ``images`` may be a list (any sizes) or a uint8 tensor ``[B, 3, h, w]``. Runs on the device of
-    ``params``; the same inputs give bit-identical outputs on CPU.
+    ``images`` may be a list (any sizes) or a uint8 tensor ``[B, 3, h, w]``. Runs on ``device`` (default:
+    the device of ``params``); the same inputs give bit-identical outputs on CPU.
+
+    Pass ``params`` on the CPU with ``device="cuda"``: which views take which branch of the recipe
+    (jitter and its order, grayscale, blur, solarisation) is then read from the host rows, so the
+    batch's kernels are queued without once waiting for the GPU. (Rows already on the GPU cost one
+    copy back, a single wait.)
     """
     if len(images) != params.shape[0]:
         raise ValueError(f"apply_batch: {len(images)} images but {params.shape[0]} parameter rows")
     if params.shape[-1] != P:
         raise ValueError(f"apply_batch: parameter rows have {params.shape[-1]} columns, expected {P} ({COLUMNS})")
     out = _as_size(size)
-    if params.device.type == "cuda":
-        return _colour_and_blur(_crops_on_canvas(images, params, out), params, recipe, out)
+    target = params.device if device is None else torch.device(device)
+    host = params.cpu()                                                       # a no-op for rows on the CPU
+    if target.type == "cuda":
+        rows = _to_device(host, target)
+        return _colour_and_blur(_crops_on_canvas(images, rows, out), rows, host, recipe, out)
     # On the CPU, a few views at a time: each pass then stays in the core's cache instead of streaming
     # the whole batch through memory once per operation (which held two workers to one's speed).
-    x = torch.empty(len(images), 3, *out, device=params.device)
+    x = torch.empty(len(images), 3, *out, device=target)
     step = max(1, CPU_PASS_BYTES // (3 * out[0] * out[1] * 4))
     for start in range(0, len(images), step):
         part = slice(start, start + step)
-        x[part] = _colour_and_blur(_crops_by_size(images[part], params[part], out), params[part], recipe, out)
+        x[part] = _colour_and_blur(_crops_by_size(images[part], host[part], out), host[part], host[part], recipe, out)
     return x
 
 
-def _colour_and_blur(x: torch.Tensor, params: torch.Tensor, recipe: Recipe, out: tuple[int, int]) -> torch.Tensor:
-    """The colour operations, grayscale, blur and solarisation of cropped views ``x``, in place where possible."""
-    x = _color_jitter(x, params)
-    gray = params[:, COL["grayscale"]] > 0.5
-    if gray.any():
-        x[gray] = _grayscale(x[gray]).expand(-1, 3, -1, -1)
-    x = _gaussian_blur(x, params[:, COL["blur_sigma"]], recipe, out)
-    sol = params[:, COL["solarize"]] > 0.5
-    if sol.any():
-        xs = x[sol]
-        x[sol] = torch.where(xs >= recipe.solarize_threshold, 1.0 - xs, xs)
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` (on the host) on ``device``; to a GPU through pinned memory, so the copy does not wait for it."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def _rows(mask: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    """The views where the host ``mask`` is true, as indices on ``device``; None when there are none."""
+    if not bool(mask.any()):
+        return None
+    return _to_device(mask.nonzero().squeeze(1), device)
+
+
+def _colour_and_blur(x: torch.Tensor, params: torch.Tensor, host: torch.Tensor, recipe: Recipe,
+                     out: tuple[int, int]) -> torch.Tensor:
+    """The colour operations, grayscale, blur and solarisation of cropped views ``x``, in place.
+
+    ``params`` are the view rows on ``x``'s device (the factors), ``host`` the same rows on the CPU (the
+    branches). Views are picked by index (``index_select``, ``index_copy_``), never by a device mask.
+    """
+    x = _color_jitter(x, params, host)
+    gray = _rows(host[:, COL["grayscale"]] > 0.5, x.device)
+    if gray is not None:
+        x.index_copy_(0, gray, _grayscale(x.index_select(0, gray)).expand(-1, 3, -1, -1))
+    x = _gaussian_blur(x, params[:, COL["blur_sigma"]], host[:, COL["blur_sigma"]], recipe, out)
+    sol = _rows(host[:, COL["solarize"]] > 0.5, x.device)
+    if sol is not None:
+        xs = x.index_select(0, sol)
+        x.index_copy_(0, sol, torch.where(xs >= recipe.solarize_threshold, 1.0 - xs, xs))
     return x
 
 
@@ -137,8 +165,8 @@ def _crops_on_canvas(images: Sequence[torch.Tensor] | torch.Tensor, params: torc
         canvas = torch.zeros(len(distinct), 3, H, W, dtype=torch.uint8, device=device)
         for j, im in enumerate(distinct):
             canvas[j, :, : im.shape[-2], : im.shape[-1]] = im
-        which = torch.tensor([slot[id(im)] for im in chunk], device=device)
-        hw = torch.tensor([[im.shape[-2], im.shape[-1]] for im in chunk], dtype=torch.float32, device=device)
+        which = _to_device(torch.tensor([slot[id(im)] for im in chunk]), device)
+        hw = _to_device(torch.tensor([[im.shape[-2], im.shape[-1]] for im in chunk], dtype=torch.float32), device)
         src = canvas[which].float().div_(255.0)                               # b x 3 x H x W
         x[start:end] = _resized_crop(src, hw, (H, W), params[start:end].float(), out)
         start = end
@@ -201,18 +229,16 @@ def _adjust(op: int, x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     return _adjust_hue(x, factor)
 
 
-def _color_jitter(x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-    """ColorJitter with each image's own factors and operation order."""
-    on = params[:, COL["jitter"]] > 0.5
-    if not on.any():
-        return x
-    order = params[:, COL["order_0"] : COL["order_3"] + 1].round().long()      # B x 4
+def _color_jitter(x: torch.Tensor, params: torch.Tensor, host: torch.Tensor) -> torch.Tensor:
+    """ColorJitter with each image's own factors and operation order (``host``: the rows on the CPU)."""
+    on = host[:, COL["jitter"]] > 0.5
+    order = host[:, COL["order_0"] : COL["order_3"] + 1].round().long()        # B x 4
     factor_cols = (COL["brightness"], COL["contrast"], COL["saturation"], COL["hue"])
     for position in range(4):
         for op in range(4):
-            sel = on & (order[:, position] == op)
-            if sel.any():
-                x[sel] = _adjust(op, x[sel], params[sel, factor_cols[op]].float())
+            sel = _rows(on & (order[:, position] == op), x.device)
+            if sel is not None:
+                x.index_copy_(0, sel, _adjust(op, x.index_select(0, sel), params[sel, factor_cols[op]].float()))
     return x
 
 
@@ -220,7 +246,9 @@ def _adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """Hue rotation through HSV, as torchvision's tensor ``adjust_hue``; ``shift`` is ``[B]`` in [-0.5, 0.5]."""
     maxc = x.amax(dim=1)                                                      # amax: no indices, 5x faster than max
     cr = maxc - x.amin(dim=1)
-    if not cr.any():  # grey images: no hue to rotate, and the formula below gives max - 0 * ramp, i.e. x clamped
+    # Grey images: no hue to rotate, and the formula below gives max - 0 * ramp, i.e. x clamped. A shortcut
+    # on the CPU only: on a GPU, asking whether any pixel has colour would wait for the queued kernels.
+    if x.device.type == "cpu" and not cr.any():
         return x.clamp(0.0, 1.0)
     r, g, b = x.unbind(dim=1)                                                 # B x H x W each
     inv = 1.0 / torch.where(cr == 0, 1.0, cr)
@@ -248,12 +276,15 @@ def blur_kernel_size(recipe: Recipe, out: tuple[int, int]) -> int:
     return max(1, min(k, largest_odd))
 
 
-def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, recipe: Recipe, out: tuple[int, int]) -> torch.Tensor:
-    """Separable Gaussian blur with each image's sigma (0 = no blur), reflect padding, as torchvision's."""
-    sel = sigma > 0
-    if not sel.any():
+def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, host_sigma: torch.Tensor, recipe: Recipe,
+                   out: tuple[int, int]) -> torch.Tensor:
+    """Separable Gaussian blur with each image's sigma (0 = no blur), reflect padding, as torchvision's.
+
+    ``sigma`` is on ``x``'s device, ``host_sigma`` the same values on the CPU (which views blur)."""
+    sel = _rows(host_sigma > 0, x.device)
+    if sel is None:
         return x
-    xs = x[sel]                                                               # b x 3 x H x W
+    xs = x.index_select(0, sel)                                               # b x 3 x H x W
     b = xs.shape[0]
     k = blur_kernel_size(recipe, out)
     s = (sigma[sel].float() * max(out) / recipe.blur_reference_size).view(b, 1)  # b x 1, in output pixels
@@ -267,5 +298,5 @@ def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, recipe: Recipe, out: tu
     y = F.pad(y, (pad, pad, pad, pad), mode="reflect")
     y = F.conv2d(y, kernel.view(b * 3, 1, 1, k), groups=b * 3)                # horizontal
     y = F.conv2d(y, kernel.view(b * 3, 1, k, 1), groups=b * 3)                # vertical
-    x[sel] = y.view(b, 3, *xs.shape[-2:])
+    x.index_copy_(0, sel, y.view(b, 3, *xs.shape[-2:]))
     return x

@@ -226,7 +226,7 @@ def collate(items: list[Example], recipe: Recipe, resolution: int, decoder: Deco
     decoded = [im.to(device) for im in decoded]                              # once per image, not per view
     images = [decoded[i] for v in range(n_views) for i in range(len(items))]
     params = torch.from_numpy(np.concatenate([np.stack([it.params[v] for it in items]) for v in range(n_views)]))
-    x = apply_batch(images, params.to(device), recipe, resolution)
+    x = apply_batch(images, params, recipe, resolution, device)              # rows on the host: see apply_batch
     extra = {name: torch.from_numpy(np.stack([it.extra[name] for it in items])) for name in items[0].extra}
     return Batch(x, torch.tensor([it.row for it in items]), torch.tensor([it.label for it in items]), extra, n_views)
 

@@ -156,7 +156,7 @@ def _decode(shard: int, samples: list[Sample], decoder: Decoder, resolution: int
         if not isinstance(image, ValueError):
             kept.append(sample)
             decoded.append(image)
-    x = (apply_batch(decoded, identity_params(len(decoded)).to(decoder.device), IDENTITY, resolution) if decoded
+    x = (apply_batch(decoded, identity_params(len(decoded)), IDENTITY, resolution, decoder.device) if decoded
          else torch.empty(0, 3, resolution, resolution, device=decoder.device))
     return _Chunk(shard, len(samples), np.array([s.index for s in kept], dtype=np.int64), [s.key for s in kept],
                   np.array([s.label for s in kept], dtype=np.int64), x=x)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -174,19 +175,22 @@ def _epochs(members: Sequence[Member], objective: Objective, urls: Sequence[str]
                 x = batch.x.to(device, non_blocking=True)
                 if device.type == "cuda":
                     x = x.contiguous(memory_format=torch.channels_last)
-                labels = batch.labels.to(device)
+                labels = batch.labels.to(device, non_blocking=True)
                 for i, m in enumerate(members):
                     for group in m.optimizer.param_groups:
                         group["lr"] = float(lr[g])
                     with autocast(device):
                         loss = objective.loss(m.model, x, ctx, labels)
-                    if not torch.isfinite(loss):
-                        raise SeedError(f"non-finite loss ({loss.item()}) for {m.name} at epoch {epoch + 1}, step {step + 1}; "
-                                        f"stopped; the last good checkpoint is {m.checkpoint} (lower the learning rate?)")
                     m.optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     m.optimizer.step()
+                    # The step's one wait for the device, after its whole step is queued (checking the loss
+                    # before backward would stall the GPU between forward and backward). A non-finite loss
+                    # has updated the weights in memory only: the checkpoint on disk is the last good one.
                     value = loss.item()
+                    if not math.isfinite(value):
+                        raise SeedError(f"non-finite loss ({value}) for {m.name} at epoch {epoch + 1}, step {step + 1}; "
+                                        f"stopped; the last good checkpoint is {m.checkpoint} (lower the learning rate?)")
                     totals[i] += value
                     if writers:
                         writers[i].add_scalar("train/loss", value, g + 1)

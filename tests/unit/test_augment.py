@@ -141,6 +141,21 @@ def test_replay_is_bit_exact_and_batch_independent() -> None:
     perm = torch.randperm(20, generator=g)
     shuffled = apply_batch([images[i] for i in perm], params[perm], RECIPE, 32)
     assert torch.equal(shuffled, a[perm])
+    # Naming the device (as the stages do, with the rows on the host) changes nothing.
+    assert torch.equal(apply_batch(images, params, RECIPE, 32, device="cpu"), a)
+
+
+def test_the_gpu_path_gives_the_cpu_path_views() -> None:
+    """The CUDA path (every view cropped from one canvas, then the colour operations over the whole
+    batch, branches read from the host rows) run on the CPU: the same views as the CPU path, up to the
+    canvas's float rounding of the sampling grid."""
+    g = torch.Generator().manual_seed(1)
+    images = [torch.randint(0, 256, (3, 28 + i, 30 - i), generator=g, dtype=torch.uint8) for i in range(6)]
+    images = [im for im in images for _ in range(4)]                          # 4 views of each image
+    params = torch.from_numpy(np.concatenate([_rows(4, 28 + i, 30 - i, seed=i) for i in range(6)]))
+    assert (params[:, COL["jitter"]] > 0.5).any() and (params[:, COL["blur_sigma"]] > 0).any()
+    gpu_path = seed_augment._colour_and_blur(seed_augment._crops_on_canvas(images, params, (32, 32)), params, params, RECIPE, (32, 32))
+    assert torch.allclose(gpu_path, apply_batch(images, params, RECIPE, 32), atol=1e-5, rtol=0)
 
 
 def test_views_at_224_px_are_batch_and_pass_independent_with_two_threads() -> None:
