@@ -408,7 +408,9 @@ def sec_augment(st: Check, res: dict[str, Any]) -> None:
                     apply_batch(ims_c, rows, recipe, r, "cuda")
                 finally:
                     torch.cuda.set_sync_debug_mode("default")
-            res[f"host_syncs_{name}"] = sum("synchroniz" in str(w.message) for w in caught)
+            syncs = [w for w in caught if "synchroniz" in str(w.message)]
+            res[f"host_syncs_{name}"] = len(syncs)
+            res[f"host_sync_sites_{name}"] = sorted({f"{Path(w.filename).name}:{w.lineno}" for w in syncs})
             torch.cuda.synchronize()
             torch.cuda._sleep(_busy_cycles(50.0))
             t = time.perf_counter()

@@ -259,7 +259,7 @@ def _adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     # HSV -> RGB in closed form: channel n in (5, 3, 1) is v - v s clamp(min(k, 4 - k), 0, 1) with
     # k = (n + 6 h) mod 6 and v s = max - min. Same values as torchvision's six-way select, 5x cheaper.
     h6 = (h * 6.0).unsqueeze(1)                                               # B x 1 x H x W
-    n = torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1)
+    n = torch.arange(5.0, 0.0, -2.0, device=x.device).view(1, 3, 1, 1)        # 5, 3, 1, made on the device
     k = n + h6                                                                # B x 3 x H x W, in [1, 11)
     k = torch.where(k >= 6.0, k - 6.0, k)
     ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
@@ -292,7 +292,8 @@ def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, host_sigma: torch.Tenso
     grid = torch.linspace(-half, half, k, device=x.device)                    # k
     kernel = torch.exp(-0.5 * (grid / s) ** 2)                                # b x k
     kernel = kernel / kernel.sum(dim=1, keepdim=True)
-    kernel = kernel.repeat_interleave(3, dim=0)                               # 3b x k, one per channel
+    kernel = kernel[:, None, :].expand(b, 3, k).reshape(b * 3, k)             # 3b x k, one per channel (no
+                                                                              # repeat_interleave: it reads its size back)
     pad = k // 2
     y = xs.reshape(1, b * 3, *xs.shape[-2:])
     y = F.pad(y, (pad, pad, pad, pad), mode="reflect")
