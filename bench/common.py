@@ -3,6 +3,7 @@ JPEGs) and random teachers in a scratch directory."""
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import io
 import json
@@ -13,9 +14,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -152,3 +155,79 @@ def fashion_mnist_all(root: Path, per_shard: int = 1000) -> str:
     distinct images than the train split holds (K = 65,536)."""
     data = shards(root, 70_000, per_shard).absolute()
     return "::".join(str(data / split / f"{split}-*.tar") for split in ("train", "test"))
+
+
+class ThreadSampler:
+    """Where the watched threads of this process are (by name prefix: the main thread and this project's
+    threads), sampled every ``interval_s`` (``sys._current_frames``): a poor man's profiler that sees every
+    thread, including those waiting (in a lock, a ``.cpu()``, a queue).
+
+    A sample is counted under the thread's name and two frames: the innermost one (what it is doing right
+    now, often inside torch or the standard library) and the innermost frame of this project's code
+    (``seed/``, ``pipeline/``: who asked for it).
+
+        with ThreadSampler() as s:
+            work()
+        print(s.table(12))
+    """
+
+    def __init__(self, interval_s: float = 0.002, threads: tuple[str, ...] = ("MainThread", "seed")):
+        self.interval_s, self.threads = interval_s, threads                   # thread name prefixes to watch
+        self.counts: collections.Counter[tuple[str, str, str]] = collections.Counter()
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
+
+    def __enter__(self) -> ThreadSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @staticmethod
+    def _where(frame: Any) -> tuple[str, str]:
+        def name(f: Any) -> str:
+            return f"{Path(f.f_code.co_filename).name}:{f.f_code.co_name}:{f.f_lineno}"
+
+        inner, ours = name(frame), "-"
+        f = frame
+        while f is not None:
+            parts = Path(f.f_code.co_filename).parts
+            if "seed" in parts[-2:] or "pipeline" in parts[-2:]:
+                ours = name(f)
+                break
+            f = f.f_back
+        return inner, ours
+
+    def _run(self) -> None:
+        me = threading.get_ident()
+        while not self._stop.wait(self.interval_s):
+            names = {t.ident: t.name for t in threading.enumerate()}
+            self.samples += 1
+            for ident, frame in sys._current_frames().items():
+                name = names.get(ident, str(ident))
+                if ident != me and name.startswith(self.threads):
+                    self.counts[(name, *self._where(frame))] += 1
+
+    def table(self, rows: int = 15) -> str:
+        """The most frequent (thread, innermost frame, project frame) as a Markdown table, in % of samples."""
+        lines = ["| thread | innermost frame | project frame | % of samples |", "|---|---|---|---|"]
+        for (thread, inner, ours), n in self.counts.most_common(rows):
+            lines.append(f"| {thread} | {inner} | {ours} | {100 * n / max(self.samples, 1):.1f} |")
+        return "\n".join(lines)
+
+
+def gpu_busy_fraction(prof: Any, wall_us: float) -> float:
+    """Share of ``wall_us`` in which at least one GPU kernel or copy ran, from a ``torch.profiler`` trace
+    recorded with CUDA activity (kernels on several streams are merged, never counted twice)."""
+    from torch.autograd import DeviceType
+
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA)
+    busy, end = 0.0, float("-inf")
+    for a, b in spans:
+        if b > end:
+            busy += b - max(a, end)
+            end = b
+    return busy / wall_us if wall_us > 0 else 0.0

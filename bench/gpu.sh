@@ -6,7 +6,8 @@
 # Needs the git-ignored .whl/ folder, made by bench/gpu_wheels.sh (zarr, numcodecs, webdataset and their small requirements as
 # Python 3.12 wheels, plus fmnist-2048.npz): carry it to the machine with the working tree.
 # Writes $OUT/gpu.log (everything printed), $OUT/gpu.json and $OUT/gpu.md (rewritten after every
-# section, so a run cut short still leaves the figures it reached). Extra arguments go to gpu_check.py.
+# section, so a run cut short still leaves the figures it reached), $OUT/layouts.json and $OUT/workers.md.
+# Extra arguments go to gpu_check.py.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/gpu-check-out}"
@@ -48,5 +49,10 @@ rc=${PIPESTATUS[0]}
 echo "== gpu_check.py exit status $rc" | tee -a "$LOG"
 # 4. Do process layouts give the same cache on this GPU (view by view, and every view replayed)?
 timeout -k 10 "${GPU_LAYOUTS_TIMEOUT:-150}" python3 bench/gpu_layouts.py --out "$OUT" 2>&1 | grep -v Warning | tail -40 | tee -a "$LOG"
+# 5. Where the teacher stage's time goes at 16,384 views: its threads sampled, the GPU's busy share, and
+#    whether the interpreter's switch interval sets the pace (runs 6-9 of docs/benchmarks.md left that open).
+timeout -k 10 "${GPU_WORKERS_TIMEOUT:-150}" python3 bench/gpu_workers.py --copies 4 --workers 0 4 --sample \
+    --switch-interval 0.005 0.0005 > "$OUT/workers.md" 2>&1
+grep -E "^\| [0-9]|pure" "$OUT/workers.md" | tee -a "$LOG"
 [ -f "$OUT/gpu.md" ] && grep -v "^| _meta" "$OUT/gpu.md" | head -220
 exit "$rc"

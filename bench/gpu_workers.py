@@ -1,6 +1,7 @@
 """Teacher stage on a GPU against its worker count, on more shards than gpu_check uses.
 
     python3 bench/gpu_workers.py [--copies 4] [--workers 0 4 8 15] [--smoke]
+    python3 bench/gpu_workers.py --workers 0 4 --sample --switch-interval 0.005 0.0005
 
 ImageNet-shaped JPEG shards (``bench.common.jpeg_shards`` from ``.whl/fmnist-2048.npz``, 8 shards
 of 256), each copied ``--copies`` times under other names (the stage sees 8 x copies shards), then
@@ -8,11 +9,19 @@ of 256), each copied ``--copies`` times under other names (the stage sees 8 x co
 count: 0 = one background thread reads, decodes (nvJPEG) and augments (GPU); W > 0 = W processes
 read shards and draw views, and the GPU decodes and augments. Prints views/s over the whole run
 (teacher load and cache creation included) and the pure bf16 forward.
+
+``--sample``: where the process's threads are during each run (``bench.common.ThreadSampler``: the
+stage's main thread, its data thread) and, on CUDA, the share of the run in which the GPU computed
+(``torch.profiler``, kernels of all streams merged). ``--switch-interval``: one run per interpreter
+switch interval (``sys.setswitchinterval``; 5 ms by default), to see whether the threads' turns at
+the interpreter lock set the pace. The sampler itself waits for that lock, so it takes fewer samples
+than its 2 ms interval asks for when the other threads hold it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import sys
 import tempfile
@@ -24,7 +33,9 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from bench.common import jpeg_shards, machine, storage, teacher_checkpoint  # noqa: E402
+from bench.common import (  # noqa: E402
+    ThreadSampler, gpu_busy_fraction, jpeg_shards, machine, storage, teacher_checkpoint,
+)
 from bench.teacher_stage import pure_forward  # noqa: E402
 from pipeline import teacher as teacher_stage  # noqa: E402
 from seed.config import load_config  # noqa: E402
@@ -36,7 +47,12 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 4, 8, 15])
     parser.add_argument("--smoke", action="store_true", help="64 images, the CPU")
     parser.add_argument("--data", default=str(ROOT / ".whl" / "fmnist-2048.npz"))
+    parser.add_argument("--sample", action="store_true",
+                        help="also sample where this process's threads are, and (CUDA) how busy the GPU is")
+    parser.add_argument("--switch-interval", type=float, nargs="+", default=[sys.getswitchinterval()],
+                        help="the interpreter's thread switch interval(s) in s, one stage run each (default: as is)")
     args = parser.parse_args()
+    default_interval = sys.getswitchinterval()
     root = Path(tempfile.mkdtemp(prefix="seed-gpu-workers-"))
     n, per_shard = (64, 32) if args.smoke else (2048, 256)
     src = jpeg_shards(root, n, per_shard, source=args.data if Path(args.data).exists() else None)
@@ -50,18 +66,30 @@ def main() -> None:
     device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
     print(f"machine: {machine()}, {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}; "
           f"{count} shards of {per_shard} images, V = 2, resnet50 at 224 px, batch 256", flush=True)
-    print("\n| workers | views | seconds | views/s |\n|---|---|---|---|", flush=True)
+    print("\n| workers | switch interval, ms | views | seconds | views/s | GPU busy |\n|---|---|---|---|---|---|", flush=True)
     cfg = None
-    for w in args.workers:
+    profiles: list[str] = []
+    for w, interval in ((w, i) for w in args.workers for i in args.switch_interval):
         cfg = load_config(None, [f"data.train=many/train-{{000000..{count - 1:06d}}}.tar", "teacher.arch=resnet50",
                                  f"teacher.checkpoint={teacher_checkpoint(root, 'resnet50')}", "cache.views=2",
                                  "cache.resolution=224", "cache.batch_size=256", f"cache.device={device}",
                                  f"cache.workers={w}", f"cache.name=w{w}"])
-        t = time.perf_counter()
-        result = teacher_stage.run(cfg, storage(root), overwrite=True, progress=False)
-        seconds = time.perf_counter() - t
+        sys.setswitchinterval(interval)
+        with contextlib.ExitStack() as stack:
+            sampler = stack.enter_context(ThreadSampler()) if args.sample else None
+            prof = (stack.enter_context(torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]))
+                    if args.sample and device == "cuda" else None)
+            t = time.perf_counter()
+            result = teacher_stage.run(cfg, storage(root), overwrite=True, progress=False)
+            seconds = time.perf_counter() - t
+        sys.setswitchinterval(default_interval)
         views = result.totals["teacher_forwards"] if result.totals else 0
-        print(f"| {w} | {views} | {seconds:.2f} | {views / seconds:.0f} |", flush=True)
+        busy = f"{100 * gpu_busy_fraction(prof, seconds * 1e6):.0f} %" if prof is not None else "-"
+        print(f"| {w} | {1e3 * interval:g} | {views} | {seconds:.2f} | {views / seconds:.0f} | {busy} |", flush=True)
+        if sampler is not None:
+            profiles.append(f"\nworkers {w}, switch interval {1e3 * interval:g} ms: {sampler.samples} samples\n\n"
+                            + sampler.table(15))
+    print("\n".join(profiles), flush=True)
     if cfg is not None and device == "cuda":
         from seed.teachers import load_teacher
 
