@@ -2,7 +2,7 @@
 # timm preinstalled, no network): installs the wheels it lacks from the carried .whl/ folder (made by
 # bench/gpu_wheels.sh) into $SITE, once per machine, and puts $SITE on PYTHONPATH.
 SITE="${GPU_SITE:-/tmp/site}"
-if ! PYTHONPATH="$SITE" python3 -c "import zarr, numcodecs, webdataset, faiss" 2>/dev/null; then
+if ! PYTHONPATH="$SITE" python3 -c "import zarr, numcodecs, webdataset, faiss, pytest" 2>/dev/null; then
     if ! python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl; then
         echo "pip install failed; unpacking the wheels by hand"
         mkdir -p "$SITE"

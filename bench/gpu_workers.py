@@ -2,6 +2,7 @@
 
     python3 bench/gpu_workers.py [--copies 4] [--workers 0 4 8 15] [--smoke]
     python3 bench/gpu_workers.py --workers 0 4 --sample --switch-interval 0.005 0.0005
+    python3 bench/gpu_workers.py --workers 0 4 --sample --variant cache.cuda_graph=false --variant cache.cuda_graph=true
 
 ImageNet-shaped JPEG shards (``bench.common.jpeg_shards`` from ``.whl/fmnist-2048.npz``, 8 shards
 of 256), each copied ``--copies`` times under other names (the stage sees 8 x copies shards), then
@@ -15,7 +16,9 @@ stage's main thread, its data thread) and, on CUDA, the share of the run in whic
 (``torch.profiler``, kernels of all streams merged). ``--switch-interval``: one run per interpreter
 switch interval (``sys.setswitchinterval``; 5 ms by default), to see whether the threads' turns at
 the interpreter lock set the pace. The sampler itself waits for that lock, so it takes fewer samples
-than its 2 ms interval asks for when the other threads hold it.
+than its 2 ms interval asks for when the other threads hold it. ``--variant``: one run per given set of
+config overrides (comma-separated), e.g. the teacher forward eager against a CUDA graph; runs of all
+variants alternate within each worker count.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from bench.common import (  # noqa: E402
 )
 from bench.teacher_stage import pure_forward  # noqa: E402
 from pipeline import teacher as teacher_stage  # noqa: E402
+from seed import cache  # noqa: E402
 from seed.config import load_config  # noqa: E402
 
 
@@ -51,7 +55,10 @@ def main() -> None:
                         help="also sample where this process's threads are, and (CUDA) how busy the GPU is")
     parser.add_argument("--switch-interval", type=float, nargs="+", default=[sys.getswitchinterval()],
                         help="the interpreter's thread switch interval(s) in s, one stage run each (default: as is)")
+    parser.add_argument("--variant", action="append", default=None, metavar="KEY=VALUE[,KEY=VALUE]",
+                        help="config overrides of one run per worker count and interval (repeat for several; default: none)")
     args = parser.parse_args()
+    variants = [[kv for kv in v.split(",") if kv] for v in (args.variant or [""])]
     default_interval = sys.getswitchinterval()
     root = Path(tempfile.mkdtemp(prefix="seed-gpu-workers-"))
     n, per_shard = (64, 32) if args.smoke else (2048, 256)
@@ -66,14 +73,15 @@ def main() -> None:
     device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
     print(f"machine: {machine()}, {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}; "
           f"{count} shards of {per_shard} images, V = 2, resnet50 at 224 px, batch 256", flush=True)
-    print("\n| workers | switch interval, ms | views | seconds | views/s | GPU busy |\n|---|---|---|---|---|---|", flush=True)
+    print("\n| workers | switch interval, ms | variant | views | seconds | views/s | GPU busy | teacher forward |\n"
+          "|---|---|---|---|---|---|---|---|", flush=True)
     cfg = None
     profiles: list[str] = []
-    for w, interval in ((w, i) for w in args.workers for i in args.switch_interval):
+    for w, interval, variant in ((w, i, v) for w in args.workers for i in args.switch_interval for v in variants):
         cfg = load_config(None, [f"data.train=many/train-{{000000..{count - 1:06d}}}.tar", "teacher.arch=resnet50",
                                  f"teacher.checkpoint={teacher_checkpoint(root, 'resnet50')}", "cache.views=2",
                                  "cache.resolution=224", "cache.batch_size=256", f"cache.device={device}",
-                                 f"cache.workers={w}", f"cache.name=w{w}"])
+                                 f"cache.workers={w}", f"cache.name=w{w}", *variant])
         sys.setswitchinterval(interval)
         with contextlib.ExitStack() as stack:
             sampler = stack.enter_context(ThreadSampler()) if args.sample else None
@@ -85,9 +93,13 @@ def main() -> None:
         sys.setswitchinterval(default_interval)
         views = result.totals["teacher_forwards"] if result.totals else 0
         busy = f"{100 * gpu_busy_fraction(prof, seconds * 1e6):.0f} %" if prof is not None else "-"
-        print(f"| {w} | {1e3 * interval:g} | {views} | {seconds:.2f} | {views / seconds:.0f} | {busy} |", flush=True)
+        label = ", ".join(variant) or "-"
+        group = cache.open_group(result.cache)
+        modes = sorted({str((cache.shard_record(group, i) or {}).get("forward", "?")) for i in cache.done_shards(group)})
+        print(f"| {w} | {1e3 * interval:g} | {label} | {views} | {seconds:.2f} | {views / seconds:.0f} | {busy} | "
+              f"{', '.join(modes)} |", flush=True)
         if sampler is not None:
-            profiles.append(f"\nworkers {w}, switch interval {1e3 * interval:g} ms: {sampler.samples} samples\n\n"
+            profiles.append(f"\nworkers {w}, switch interval {1e3 * interval:g} ms, {label}: {sampler.samples} samples\n\n"
                             + sampler.table(15))
     print("\n".join(profiles), flush=True)
     if cfg is not None and device == "cuda":

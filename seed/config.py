@@ -79,6 +79,7 @@ class CacheConfig:
     device: str = "auto"
     cpu_threads: int = 0  # intra-op threads of CPU forwards, fixed per cache (0 = this machine's default)
     workers: int = -1  # decoding/augmentation processes, each owning whole shards (-1 = auto, see seed.devices)
+    cuda_graph: bool = True  # on CUDA, replay the teacher's forward as one CUDA graph (pipeline.teacher.Forward)
     recipe: Recipe = dataclasses.field(default_factory=Recipe)
 
 
