@@ -18,6 +18,7 @@ whether or not the run was resumed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Protocol
 
@@ -31,7 +32,7 @@ from seed.prefetch import prefetch
 from seed.decode import Decoder
 from seed.errors import SeedError
 from seed.shards import Damaged, DamagedShard, OnDamage, Sample, damage_handler, image_size, iter_shard
-from seed.workers import as_is, reraise
+from seed.workers import as_is, reraise, shard_workers
 
 if TYPE_CHECKING:
     import zarr
@@ -246,6 +247,13 @@ def _jobs(urls: Sequence[str], order: Sequence[int], source: Source, epoch: int,
                 return
 
 
+def _composed(urls: Sequence[str], source: Source, epoch: int, order: Sequence[int], *, batch_size: int, steps: int,
+              seed: int, shuffle_buffer: int) -> Iterator[list[Example]]:
+    """``_jobs`` with the shard order last: what the composing worker runs (``seed.workers.ShardSplit``
+    hands its one worker every shard, in order)."""
+    return _jobs(urls, order, source, epoch, batch_size=batch_size, steps=steps, seed=seed, shuffle_buffer=shuffle_buffer)
+
+
 class _CollateJob(torch.utils.data.Dataset):
     """Worker side: an index is one batch's examples; the item is that batch, decoded and augmented on the CPU."""
 
@@ -273,15 +281,26 @@ class _Jobs:
 class Batches:
     """Makes each epoch's batches.
 
-    The batches are composed here, in one process (seeded shard order, shuffle buffer of encoded
-    examples, grouping), so they are the same for any number of workers. On the CPU ``workers``
-    processes then decode and augment them (persistent across epochs); with none, a background
-    thread does. On CUDA a background thread always does, on the GPU (nvJPEG, device augmentation):
-    ``workers`` is not used there. ``depth`` batches are prepared ahead.
+    The batches are composed in one process (seeded shard order, shuffle buffer of encoded examples,
+    grouping), so they are the same for any number of workers. Two layouts:
+
+    - decode in workers (the CPU's default): composed in a background thread here; ``workers``
+      processes (persistent across epochs) decode and augment them; with none, the thread does.
+    - compose in a worker (``compose_in_worker``, CUDA's default when ``workers`` > 0): one worker
+      process per epoch reads the shards and composes the batches, still encoded; a background
+      thread here decodes (nvJPEG on CUDA) and augments them on ``device``. Reading shards, the
+      cached rows and the shuffle buffer are then off this process's interpreter lock, which the
+      training step's kernel launches need. It runs on any device (the tests use it on the CPU).
+
+    ``depth`` batches are prepared ahead.
     """
 
-    def __init__(self, recipe: Recipe, resolution: int, *, device: torch.device, workers: int, depth: int):
-        workers = workers if device.type == "cpu" else 0
+    def __init__(self, recipe: Recipe, resolution: int, *, device: torch.device, workers: int, depth: int,
+                 compose_in_worker: bool | None = None):
+        if compose_in_worker is None:
+            compose_in_worker = device.type == "cuda" and workers > 0
+        self.compose_in_worker = compose_in_worker
+        workers = 0 if compose_in_worker or device.type != "cpu" else workers
         self.recipe, self.resolution, self.device, self.workers, self.depth = recipe, resolution, device, workers, depth
         self._jobs = _Jobs()
         self._loader = None if workers == 0 else torch.utils.data.DataLoader(
@@ -290,6 +309,12 @@ class Batches:
 
     def epoch(self, urls: Sequence[str], order: Sequence[int], source: Source, epoch: int, *, batch_size: int,
               steps: int, seed: int, shuffle_buffer: int) -> Iterator[Batch]:
+        if self.compose_in_worker:
+            compose = functools.partial(_composed, urls, source, epoch, batch_size=batch_size, steps=steps, seed=seed,
+                                        shuffle_buffer=shuffle_buffer)
+            decoder = Decoder(self.device)
+            composed = shard_workers(order, compose, workers=1, depth=self.depth)
+            return prefetch((collate(j, self.recipe, self.resolution, decoder, self.device) for j in composed), self.depth)
         jobs = _jobs(urls, order, source, epoch, batch_size=batch_size, steps=steps, seed=seed,
                      shuffle_buffer=shuffle_buffer)
         if self._loader is None:

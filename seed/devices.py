@@ -102,7 +102,7 @@ def data_workers(setting: int, device: torch.device) -> int:
 
     On the CPU they read, decode and augment. On CUDA the GPU decodes (nvJPEG) and augments, so the
     teacher stage's workers only read shards and draw views, and training composes its batches in
-    this process and uses none (see ``seed.data.Batches``).
+    one worker process whenever the setting is not 0 (see ``seed.data.Batches``).
     """
     if setting >= 0:
         return setting

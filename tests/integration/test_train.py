@@ -13,11 +13,11 @@ import torch
 import pipeline.pretrain as pretrain_stage
 import pipeline.student as student_stage
 import pipeline.teacher as teacher_stage
-from seed import checkpoint
-from seed.data import CachedSource
+from seed import bank_store, checkpoint
+from seed.data import Batches, CachedSource, shard_order
 from seed.errors import SeedError
 from seed.objectives import CachedSeed
-from seed.shards import Sample
+from seed.shards import Sample, expand_urls
 from seed.teachers import load_teacher
 from tests.conftest import cache_and_bank, free_port, make_storage, small_config
 
@@ -140,6 +140,37 @@ def test_resume_equals_uninterrupted_whatever_the_workers(prepared) -> None:
     b = checkpoint.load(resumed.students["mobilenetv3_small_050"])["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [m["loss"] for m in resumed.metrics] == [m["loss"] for m in full.metrics]
+
+
+def test_batches_are_the_same_in_every_data_layout(prepared) -> None:
+    """Composed and decoded in this process, decoded by 2 workers, composed by a worker (CUDA's layout, here on
+    the CPU): the same two epochs of batches, to the bit (views, rows, labels, cached embeddings and targets)."""
+    cfg, storage, _ = prepared
+    urls = expand_urls(storage.resolve("shards", cfg.data.train))
+    group, banks = bank_store.open_banks(storage.cache_url(cfg.cache.name), cfg.bank)
+    source = CachedSource(group, banks, view="random", seed=3, dense=False)
+    cpu = torch.device("cpu")
+    layouts = {"thread": Batches(cfg.cache.recipe, cfg.cache.resolution, device=cpu, workers=0, depth=2),
+               "2 workers decode": Batches(cfg.cache.recipe, cfg.cache.resolution, device=cpu, workers=2, depth=2),
+               "a worker composes": Batches(cfg.cache.recipe, cfg.cache.resolution, device=cpu, workers=2, depth=2,
+                                            compose_in_worker=True)}
+    made: dict[str, list] = {}
+    try:
+        for name, maker in layouts.items():
+            made[name] = [b for epoch in range(2) for b in maker.epoch(
+                urls, shard_order(len(urls), epoch, 0), source, epoch, batch_size=50, steps=6, seed=0, shuffle_buffer=200)]
+    finally:
+        for maker in layouts.values():
+            maker.close()
+    assert layouts["a worker composes"].compose_in_worker and not layouts["thread"].compose_in_worker
+    first = made["thread"]
+    assert len(first) == 12 and first[0].extra.keys() >= {"z_t", "cols", "logp"}
+    assert not torch.equal(first[0].rows, first[6].rows)                 # the epochs differ
+    for name, batches in made.items():
+        assert len(batches) == len(first), name
+        for a, b in zip(first, batches):
+            assert torch.equal(a.x, b.x) and torch.equal(a.rows, b.rows) and torch.equal(a.labels, b.labels), name
+            assert a.extra.keys() == b.extra.keys() and all(torch.equal(a.extra[k], b.extra[k]) for k in a.extra), name
 
 
 class Exploding(CachedSeed):
