@@ -56,6 +56,7 @@ import torchvision.io as tvio
 
 from bench.common import jpeg_shards, storage as make_storage, teacher_checkpoint
 from pipeline import bank as bank_stage, student as student_stage, teacher as teacher_stage
+from seed import cache
 from seed.augment import apply_batch
 from seed.views import Recipe, draw_views
 from seed.bank import BankIndex, sparse_targets
@@ -592,6 +593,9 @@ def sec_teacher(st: Check, res: dict[str, Any], arch: str, resolution: int, budg
         res.update(stage_views=views, stage_wall_s=round(wall, 2), stage_views_per_s=round(views / wall, 1),
                    stage_shard_seconds=totals["stage_seconds"], stage_forward_seconds=totals["teacher_seconds"],
                    skipped_images=totals["skipped"])
+        group = cache.open_group(result.cache)
+        res["stage_forward"] = sorted({str((cache.shard_record(group, i) or {}).get("forward", "?"))
+                                       for i in cache.done_shards(group)})  # eager or cuda graph
         if arch == "resnet50" and workers == -1:
             st.r50_cfg = cfg
 
