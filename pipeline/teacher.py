@@ -41,7 +41,7 @@ from seed.decode import Decoder
 from seed.shards import DamagedShard, Sample, damage_handler, expand_urls, image_size, iter_shard, shard_lengths
 from seed.storage import Storage
 from seed.teachers import LoadReport, TeacherLoader, load_teacher
-from seed.workers import shard_workers
+from seed.workers import PackedSamples, shard_workers
 
 log = logging.getLogger(__name__)
 
@@ -309,10 +309,29 @@ class _Views:
 
 @dataclasses.dataclass
 class _Encoded:
-    """A batch of one shard's views with their images still encoded (made by a worker for the GPU)."""
+    """A batch of one shard's views with their images still encoded (made by a worker for the GPU).
+
+    Pickled (from the worker to this process) with the distinct images' bytes in one tensor
+    (``PackedSamples``), so they cross through shared memory; the V views of an image share it again.
+    """
 
     shard: int
     views: list[View]
+
+    def __getstate__(self) -> dict[str, Any]:
+        slot: dict[int, int] = {}
+        distinct: list[Sample] = []
+        for (sample, _), *_ in self.views:
+            if id(sample) not in slot:
+                slot[id(sample)] = len(distinct)
+                distinct.append(sample)
+        return {"shard": self.shard, "packed": PackedSamples.pack(distinct),
+                "views": [(slot[id(sample)], size, params, row, v) for (sample, size), params, row, v in self.views]}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        samples = state["packed"].unpack()
+        self.shard = state["shard"]
+        self.views = [((samples[i], size), params, row, v) for i, size, params, row, v in state["views"]]
 
 
 def _decode_views(item: _Encoded, decoder: Decoder, cfg: RunConfig, device: torch.device) -> _Views:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -32,7 +32,7 @@ from seed.prefetch import prefetch
 from seed.decode import Decoder
 from seed.errors import SeedError
 from seed.shards import Damaged, DamagedShard, OnDamage, Sample, damage_handler, image_size, iter_shard
-from seed.workers import as_is, reraise, shard_workers
+from seed.workers import PackedSamples, as_is, reraise, shard_workers
 
 if TYPE_CHECKING:
     import zarr
@@ -247,11 +247,31 @@ def _jobs(urls: Sequence[str], order: Sequence[int], source: Source, epoch: int,
                 return
 
 
+class _Composed:
+    """A composed batch's examples, pickled (from the composing worker to this process) with their images'
+    bytes in one tensor (``PackedSamples``), so they cross through shared memory."""
+
+    def __init__(self, examples: list[Example]):
+        self.examples = examples
+
+    def __getstate__(self) -> dict[str, Any]:
+        packed = PackedSamples.pack([ex.sample for ex in self.examples])
+        # the examples hold the packed (byte-less) samples: pickled once, shared by both lists
+        return {"packed": packed, "examples": [dataclasses.replace(ex, sample=sample)
+                                               for ex, sample in zip(self.examples, packed.samples)]}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.examples = [dataclasses.replace(ex, sample=sample)
+                         for ex, sample in zip(state["examples"], state["packed"].unpack())]
+
+
 def _composed(urls: Sequence[str], source: Source, epoch: int, order: Sequence[int], *, batch_size: int, steps: int,
-              seed: int, shuffle_buffer: int) -> Iterator[list[Example]]:
+              seed: int, shuffle_buffer: int) -> Iterator[_Composed]:
     """``_jobs`` with the shard order last: what the composing worker runs (``seed.workers.ShardSplit``
     hands its one worker every shard, in order)."""
-    return _jobs(urls, order, source, epoch, batch_size=batch_size, steps=steps, seed=seed, shuffle_buffer=shuffle_buffer)
+    for job in _jobs(urls, order, source, epoch, batch_size=batch_size, steps=steps, seed=seed,
+                     shuffle_buffer=shuffle_buffer):
+        yield _Composed(job)
 
 
 class _CollateJob(torch.utils.data.Dataset):
@@ -314,7 +334,8 @@ class Batches:
                                         shuffle_buffer=shuffle_buffer)
             decoder = Decoder(self.device)
             composed = shard_workers(order, compose, workers=1, depth=self.depth)
-            return prefetch((collate(j, self.recipe, self.resolution, decoder, self.device) for j in composed), self.depth)
+            return prefetch((collate(j.examples, self.recipe, self.resolution, decoder, self.device) for j in composed),
+                            self.depth)
         jobs = _jobs(urls, order, source, epoch, batch_size=batch_size, steps=steps, seed=seed,
                      shuffle_buffer=shuffle_buffer)
         if self._loader is None:

@@ -53,7 +53,7 @@ class Decoder:
                     out[i] = exc
         return [r if r is not None else ValueError("not decoded") for r in out]
 
-    def _nvjpeg(self, data: list[bytes]) -> list[torch.Tensor | None]:
+    def _nvjpeg(self, data: list[bytes | memoryview]) -> list[torch.Tensor | None]:
         """Batched GPU decode; images the GPU refuses come back as None (PIL then tries them).
 
         torchvision's CUDA decoder allocates its outputs on the calling stream and writes them from
@@ -66,7 +66,9 @@ class Decoder:
         """
         from torchvision.io import ImageReadMode, decode_jpeg
 
-        encoded = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in data]
+        # a writable view (seed.workers.PackedSamples) is used in place; bytes are copied (frombuffer needs writable)
+        encoded = [torch.frombuffer(b if isinstance(b, memoryview) and not b.readonly else bytearray(b), dtype=torch.uint8)
+                   for b in data]
         consumer = torch.cuda.current_stream(self.device)
         stream = _decode_stream(self.device)
         stream.wait_stream(consumer)

@@ -51,7 +51,7 @@ class Sample:
     """One raw sample of a shard: the encoded image bytes, its label and where it came from."""
 
     key: str
-    image: bytes | None  # None when the sample has no image member
+    image: bytes | memoryview | None  # None when the sample has no image member (a view: seed.workers.PackedSamples)
     ext: str
     label: int
     url: str

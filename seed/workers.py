@@ -9,12 +9,15 @@ a user needs.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
+import numpy as np
 import torch
 
 from seed.errors import SeedError
+from seed.shards import Sample
 
 T = TypeVar("T")
 
@@ -60,3 +63,38 @@ def shard_workers(shards: Sequence[int], make: Callable[[Sequence[int]], Iterabl
     loader = torch.utils.data.DataLoader(ShardSplit(shards, make), batch_size=None, num_workers=workers,
                                          collate_fn=as_is, prefetch_factor=max(1, depth))
     return reraise(loader)
+
+
+@dataclasses.dataclass
+class PackedSamples:
+    """Samples whose image bytes travel as one uint8 tensor: a DataLoader worker hands a tensor over through
+    shared memory, where a batch of ``bytes`` is pickled through a pipe and unpickled by the receiving
+    thread (128 ImageNet-sized JPEGs: about 9 ms of the main thread against 2.5 ms here).
+
+    ``pack`` keeps everything but the bytes in ``samples``; ``unpack`` gives the samples back, each
+    image a view of ``data`` (no copy). ``sizes[i]`` is -1 for a sample without an image.
+    """
+
+    samples: list[Sample]
+    data: torch.Tensor
+    sizes: np.ndarray
+
+    @classmethod
+    def pack(cls, samples: Sequence[Sample]) -> PackedSamples:
+        sizes = np.array([-1 if s.image is None else len(s.image) for s in samples], dtype=np.int64)
+        data = torch.empty(int(sizes.clip(min=0).sum()), dtype=torch.uint8)
+        if torch.utils.data.get_worker_info() is not None:
+            data.share_memory_()  # filled in place: handing it over then copies nothing
+        buf, at = data.numpy(), 0
+        for s, n in zip(samples, sizes):
+            if n > 0:
+                buf[at:at + n] = np.frombuffer(s.image, dtype=np.uint8)  # type: ignore[arg-type]
+                at += n
+        return cls([dataclasses.replace(s, image=None) for s in samples], data, sizes)
+
+    def unpack(self) -> list[Sample]:
+        view, at, out = self.data.numpy().data, 0, []                        # a memoryview of the tensor
+        for s, n in zip(self.samples, self.sizes.tolist()):
+            out.append(s if n < 0 else dataclasses.replace(s, image=view[at:at + n]))
+            at += max(n, 0)
+        return out

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import dataclasses
+import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from pipeline import teacher as teacher_stage
 from seed.augment import apply_batch
 from seed.views import Recipe
-from seed.data import Example, FreshViews, collate, examples
+from seed.data import Example, FreshViews, _Composed, collate, examples
 from seed.decode import Decoder
 from seed.errors import SeedError
 from seed.shards import Sample, decode_image, image_size, iter_shard
+from seed.workers import PackedSamples
 from tests.unit.test_shards import _encoded, foreign_tar
 
 CPU = torch.device("cpu")
@@ -90,3 +93,34 @@ def test_a_fresh_example_whose_data_does_not_decode_leaves_its_batch(tmp_path: P
     broken = Example(dataclasses.replace(samples[0], image=_encoded("JPEG", 1)[:40]), (12, 20), params, -1, 0, {})
     batch = collate([good[0], broken, good[1]], Recipe(), 16, Decoder(CPU))
     assert batch.x.shape[0] == 2 and batch.rows.tolist() == [-1, -1]
+
+
+def test_packed_samples_cross_a_pickle_as_one_tensor_and_decode_the_same(tmp_path: Path) -> None:
+    """Workers hand encoded images over as one uint8 tensor (shared memory in a DataLoader); the samples come
+    back equal, with or without an image, and decode to the same pixels. Views of one image stay shared."""
+    samples = _samples(tmp_path)
+    samples += [dataclasses.replace(samples[0], key="empty", image=b""), dataclasses.replace(samples[1], key="none", image=None)]
+    packed = PackedSamples.pack(samples)
+    assert packed.data.dtype == torch.uint8 and packed.data.numel() == sum(len(s.image or b"") for s in samples)
+    assert all(s.image is None for s in packed.samples)
+    back = pickle.loads(pickle.dumps(packed)).unpack()
+    assert [dataclasses.replace(s, image=None) for s in back] == [dataclasses.replace(s, image=None) for s in samples]
+    assert [None if s.image is None else bytes(s.image) for s in back] == [s.image for s in samples]
+    assert all(isinstance(s.image, memoryview) for s in back[:-1])                      # views, not copies
+    for a, b in zip(Decoder(CPU).decode(samples[:4]), Decoder(CPU).decode(back[:4])):
+        assert isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+
+    views = [((s, (12, 20)), np.full(3, v, np.float32), i, v) for i, s in enumerate(samples[:4]) for v in range(2)]
+    encoded = pickle.loads(pickle.dumps(teacher_stage._Encoded(3, views)))
+    assert encoded.shard == 3 and len(encoded.views) == 8
+    assert encoded.views[0][0][0] is encoded.views[1][0][0]                            # V views, one image
+    for ((a, size_a), pa, ra, va), ((b, size_b), pb, rb, vb) in zip(views, encoded.views):
+        assert bytes(b.image) == a.image and b.key == a.key and size_a == size_b
+        assert np.array_equal(pa, pb) and (ra, va) == (rb, vb)
+
+    got = list(examples([str(foreign_tar(tmp_path / "f2.tar"))], [0], FreshViews(Recipe(), seed=0), epoch=0, seed=0,
+                        shuffle_buffer=2))
+    composed = pickle.loads(pickle.dumps(_Composed(got))).examples
+    assert [ex.sample.key for ex in composed] == [ex.sample.key for ex in got]
+    assert [bytes(ex.sample.image) for ex in composed] == [ex.sample.image for ex in got]
+    assert all(np.array_equal(a.params, b.params) and a.size == b.size for a, b in zip(got, composed))
