@@ -168,6 +168,25 @@ def _epochs(members: Sequence[Member], objective: Objective, urls: Sequence[str]
         data = maker.epoch(urls, order, source, epoch, batch_size=o.batch_size, steps=steps, seed=loop.seed,
                            shuffle_buffer=loop.loader.shuffle_buffer)
         done = 0
+        queued: tuple[int, list[torch.Tensor]] | None = None  # the last step's losses, not yet read
+
+        def settle(step: int, losses: list[torch.Tensor]) -> None:
+            """Read a step's losses: stop at a non-finite one, else add them to the epoch's totals.
+
+            Read one step late, once the next step is queued, so the host queues step s + 1 while the
+            device still runs step s (reading at once made every step wait for the device, idle while
+            the next step's launches were made). A non-finite loss has then updated the weights in
+            memory for one more step, but only in memory: the checkpoint on disk is the last good one.
+            """
+            g = epoch * steps + step
+            for i, (m, value) in enumerate(zip(members, (loss.item() for loss in losses))):
+                if not math.isfinite(value):
+                    raise SeedError(f"non-finite loss ({value}) for {m.name} at epoch {epoch + 1}, step {step + 1}; "
+                                    f"stopped; the last good checkpoint is {m.checkpoint} (lower the learning rate?)")
+                totals[i] += value
+                if writers:
+                    writers[i].add_scalar("train/loss", value, g + 1)
+
         try:  # the bar closes before an error is printed, never after it
             for step, batch in enumerate(data):
                 g = epoch * steps + step
@@ -176,7 +195,8 @@ def _epochs(members: Sequence[Member], objective: Objective, urls: Sequence[str]
                 if device.type == "cuda":
                     x = x.contiguous(memory_format=torch.channels_last)
                 labels = batch.labels.to(device, non_blocking=True)
-                for i, m in enumerate(members):
+                losses = []
+                for m in members:
                     for group in m.optimizer.param_groups:
                         group["lr"] = float(lr[g])
                     with autocast(device):
@@ -184,20 +204,15 @@ def _epochs(members: Sequence[Member], objective: Objective, urls: Sequence[str]
                     m.optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     m.optimizer.step()
-                    # The step's one wait for the device, after its whole step is queued (checking the loss
-                    # before backward would stall the GPU between forward and backward). A non-finite loss
-                    # has updated the weights in memory only: the checkpoint on disk is the last good one.
-                    value = loss.item()
-                    if not math.isfinite(value):
-                        raise SeedError(f"non-finite loss ({value}) for {m.name} at epoch {epoch + 1}, step {step + 1}; "
-                                        f"stopped; the last good checkpoint is {m.checkpoint} (lower the learning rate?)")
-                    totals[i] += value
-                    if writers:
-                        writers[i].add_scalar("train/loss", value, g + 1)
+                    losses.append(loss.detach())
                 objective.after_step(ctx)
+                if queued is not None:
+                    settle(*queued)
+                queued = (step, losses)
                 done += 1
                 bar.update(1)
-                bar.set_postfix(loss=f"{totals[0] / done:.4f}", lr=f"{lr[g]:.4f}")
+                if done > 1:  # the losses read so far: every step's but the last
+                    bar.set_postfix(loss=f"{totals[0] / (done - 1):.4f}", lr=f"{lr[g]:.4f}")
                 now = time.perf_counter()
                 for w in writers:
                     w.add_scalar("train/lr", float(lr[g]), g + 1)
@@ -206,8 +221,10 @@ def _epochs(members: Sequence[Member], objective: Objective, urls: Sequence[str]
                 if report and done < steps and now - last_report >= PROGRESS_EVERY_S:
                     last_report = now
                     log.info("epoch %d/%d: step %d/%d (%d %%), %s, lr %.4g, %s images/s", epoch + 1, o.epochs, done, steps,
-                             100 * done // steps, losses_text(members, (totals / done).tolist()), lr[g],
+                             100 * done // steps, losses_text(members, (totals / max(done - 1, 1)).tolist()), lr[g],
                              f"{done * images / (now - t0):,.0f}")
+            if queued is not None:
+                settle(*queued)  # the epoch's last step, before anything is saved
         finally:
             bar.close()
         if done != steps:

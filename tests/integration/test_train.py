@@ -173,22 +173,29 @@ def test_batches_are_the_same_in_every_data_layout(prepared) -> None:
             assert a.extra.keys() == b.extra.keys() and all(torch.equal(a.extra[k], b.extra[k]) for k in a.extra), name
 
 
-class Exploding(CachedSeed):
-    """Cached SEED whose loss turns NaN at its ninth call: epoch 2, step 3 (6 steps an epoch)."""
+def exploding(after: int) -> type[CachedSeed]:
+    """Cached SEED whose loss turns NaN after ``after`` calls (6 steps an epoch)."""
 
-    calls = 0
+    class Exploding(CachedSeed):
+        calls = 0
 
-    def loss(self, model, x, ctx, labels):  # type: ignore[no-untyped-def]
-        Exploding.calls += 1
-        loss = super().loss(model, x, ctx, labels)
-        return loss * float("nan") if Exploding.calls > 8 else loss
+        def loss(self, model, x, ctx, labels):  # type: ignore[no-untyped-def]
+            Exploding.calls += 1
+            loss = super().loss(model, x, ctx, labels)
+            return loss * float("nan") if Exploding.calls > after else loss
+
+    return Exploding
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(prepared) -> None:
+@pytest.mark.parametrize("after,step,saved", [(8, "epoch 2, step 3", 1), (11, "epoch 2, step 6", 1), (5, "epoch 1, step 6", None)])
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(prepared, after: int, step: str, saved: int | None) -> None:
+    """Losses are read one step late; a NaN in an epoch's last step still stops the run before its checkpoint."""
     _, storage, _ = prepared
-    with pytest.raises(SeedError, match=r"non-finite loss .* epoch 2, step 3.*last good checkpoint"):
-        student_stage.run(_cfg(prepared, "train.run=nan"), storage, progress=False, objective=Exploding)
-    assert checkpoint.load(str(Path(storage.runs) / "nan" / "mobilenetv3_small_050" / "checkpoint.pt"))["epoch"] == 1
+    run = f"nan-{after}"
+    with pytest.raises(SeedError, match=rf"non-finite loss .* {step};.*last good checkpoint"):
+        student_stage.run(_cfg(prepared, f"train.run={run}"), storage, progress=False, objective=exploding(after))
+    path = Path(storage.runs) / run / "mobilenetv3_small_050" / "checkpoint.pt"
+    assert (checkpoint.load(str(path))["epoch"] if path.exists() else None) == saved
 
 
 def test_mismatched_or_missing_cache_is_refused(prepared, tmp_path: Path, shards_root: Path) -> None:
