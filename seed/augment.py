@@ -138,10 +138,17 @@ CANVAS_BYTES = 1 << 29
 
 def _crops_on_canvas(images: Sequence[torch.Tensor] | torch.Tensor, params: torch.Tensor,
                      out: tuple[int, int], canvas_bytes: int = CANVAS_BYTES) -> torch.Tensor:
-    """The CUDA path: every distinct image pasted once into the top-left corner of one zero canvas,
-    then one sampling call for all the views (a few dozen kernel launches instead of ten per source
-    size: on a GPU the launches, not the arithmetic, were the cost). Sampling positions are the same
-    as the per-size path's up to float rounding of the normalised grid (about 1e-7 of a pixel)."""
+    """The CUDA path: every distinct image pasted once into the top-left corner of one zero canvas, then
+    one sampling call per view rank (a few dozen kernel launches instead of ten per source size: on a
+    GPU the launches, not the arithmetic, were the cost). Sampling positions are the same as the
+    per-size path's up to float rounding of the normalised grid (about 1e-7 of a pixel).
+
+    The canvas holds each image once and is turned to float once: sampling call r takes the r-th view
+    of every image (an image with fewer views samples a stand-in, dropped), so no image is copied once
+    per view. On an H100 the canvas copied per view and its float passes were 45 % of the
+    augmentation's kernel time (docs/benchmarks.md, run 7); now the copy is gone and, at V views per
+    image, the float passes cover 1/V of the pixels. Each view's bits are those of a canvas copied per
+    view: sampling reads only its own image."""
     device = params.device
     if isinstance(images, torch.Tensor):
         images = list(images)
@@ -155,20 +162,31 @@ def _crops_on_canvas(images: Sequence[torch.Tensor] | torch.Tensor, params: torc
             if end > start and (end - start + 1) * 3 * h * w * 4 > canvas_bytes:
                 break
             H, W, end = h, w, end + 1
-        chunk = images[start:end]
         slot: dict[int, int] = {}                                             # id(image) -> canvas slot
         distinct: list[torch.Tensor] = []
-        for im in chunk:
-            if id(im) not in slot:
-                slot[id(im)] = len(distinct)
+        ranks: list[dict[int, int]] = []                                      # per rank r: slot -> its r-th view
+        for i, im in enumerate(images[start:end]):
+            j = slot.setdefault(id(im), len(distinct))
+            if j == len(distinct):
                 distinct.append(im)
+            r = sum(j in views for views in ranks)                            # views of this image so far
+            if r == len(ranks):
+                ranks.append({})
+            ranks[r][j] = i
         canvas = torch.zeros(len(distinct), 3, H, W, dtype=torch.uint8, device=device)
         for j, im in enumerate(distinct):
             canvas[j, :, : im.shape[-2], : im.shape[-1]] = im
-        which = _to_device(torch.tensor([slot[id(im)] for im in chunk]), device)
-        hw = _to_device(torch.tensor([[im.shape[-2], im.shape[-1]] for im in chunk], dtype=torch.float32), device)
-        src = canvas[which].float().div_(255.0)                               # b x 3 x H x W
-        x[start:end] = _resized_crop(src, hw, (H, W), params[start:end].float(), out)
+        src = canvas.float().div_(255.0)                                      # n x 3 x H x W
+        hw = _to_device(torch.tensor([[im.shape[-2], im.shape[-1]] for im in distinct], dtype=torch.float32), device)
+        rows = params[start:end].float()
+        first = [ranks[0][j] for j in range(len(distinct))]                   # every image's first view
+        for views in ranks:
+            pick = [views.get(j, first[j]) for j in range(len(distinct))]     # a stand-in where it has no r-th view
+            crops = _resized_crop(src, hw, (H, W), rows.index_select(0, _to_device(torch.tensor(pick), device)), out)
+            have = sorted(views)
+            if len(have) < len(distinct):
+                crops = crops.index_select(0, _to_device(torch.tensor(have), device))
+            x.index_copy_(0, _to_device(torch.tensor([start + views[j] for j in have]), device), crops)
         start = end
     return x
 

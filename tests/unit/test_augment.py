@@ -280,6 +280,32 @@ def test_canvas_crops_equal_per_size_crops() -> None:
     assert (two_per_call - by_size).abs().max() < 1e-4                      # other canvases, same views
 
 
+def test_canvas_crops_are_those_of_a_canvas_copied_per_view_to_the_bit() -> None:
+    """The CUDA path pastes each image once and samples view rank by rank; a canvas with one copy of the
+    image per view (the path before, written out here) gives the same bits, whatever the order of views."""
+    import seed.augment as A
+
+    g = torch.Generator().manual_seed(1)
+    sizes = [(375, 500), (333, 640), (500, 375), (28, 28), (640, 333)]
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g) for h, w in sizes]
+    orders = {"interleaved, 2-3 views each": [i % 5 for i in range(12)],
+              "V = 2, consecutive (the teacher stage)": [i // 2 for i in range(10)],
+              "one view each (training)": [3, 0, 4, 1, 2],
+              "one image, four views, then others": [2, 2, 2, 2, 0, 1]}
+    for name, order in orders.items():
+        views = [images[i] for i in order]
+        params = torch.from_numpy(np.concatenate([
+            draw_views(RECIPE, seed=2, key=f"k{i}", views=1, height=int(v.shape[-2]), width=int(v.shape[-1]))
+            for i, v in enumerate(views)]))
+        H, W = max(int(v.shape[-2]) for v in views), max(int(v.shape[-1]) for v in views)
+        canvas = torch.zeros(len(views), 3, H, W, dtype=torch.uint8)
+        for b, v in enumerate(views):
+            canvas[b, :, : v.shape[-2], : v.shape[-1]] = v
+        hw = torch.tensor([[v.shape[-2], v.shape[-1]] for v in views], dtype=torch.float32)
+        per_view = A._resized_crop(canvas.float().div_(255.0), hw, (H, W), params.float(), (48, 48))
+        assert torch.equal(A._crops_on_canvas(views, params, (48, 48)), per_view), name
+
+
 def test_a_blur_below_half_a_pixel_is_named_a_no_op() -> None:
     # MoCo-v2's sigma (0.1-2 px of a 224 px view) scaled to 32 px: at most 0.29 px, a 3-tap kernel
     note = blur_note(Recipe(), 32)
