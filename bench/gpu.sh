@@ -43,21 +43,22 @@ print("cuda", torch.version.cuda, "available", torch.cuda.is_available(),
 PY
 } 2>&1 | tee -a "$LOG"
 
-# 3. The check itself; a hard stop well inside the device budget (its own guard skips heavy sections after 420 s).
-timeout -k 10 "${GPU_CHECK_TIMEOUT:-480}" python3 bench/gpu_check.py --out "$OUT" "$@" 2>&1 | tee -a "$LOG"
-rc=${PIPESTATUS[0]}
-echo "== gpu_check.py exit status $rc" | tee -a "$LOG"
-# 3b. The unit tests that only run on CUDA (skipped on the CPU machines): the teacher forward as a CUDA graph,
-#     the bank's targets on the GPU.
+# 3. The unit tests that only run on CUDA (skipped on the CPU machines): the teacher forward as a CUDA graph,
+#    the bank's targets on the GPU.
 timeout -k 10 "${GPU_TESTS_TIMEOUT:-120}" python3 -m pytest -q -p no:cacheprovider -o addopts="" \
     tests/unit/test_teacher_forward.py "tests/unit/test_bank.py::test_cuda_targets_equal_cpu" 2>&1 | tail -15 | tee -a "$LOG"
-# 4. Do process layouts give the same cache on this GPU (view by view, and every view replayed)?
-timeout -k 10 "${GPU_LAYOUTS_TIMEOUT:-150}" python3 bench/gpu_layouts.py --out "$OUT" 2>&1 | grep -v Warning | tail -40 | tee -a "$LOG"
-# 5. Where the teacher stage's time goes at 16,384 views: its threads sampled and the GPU's busy share, with
+# 4. Where the teacher stage's time goes at 16,384 views: its threads sampled and the GPU's busy share, with
 #    the teacher's forward eager and as a CUDA graph (the graph takes its few hundred launches per batch off
 #    the interpreter lock the data thread needs; runs 6-9 of docs/benchmarks.md point at that lock).
 timeout -k 10 "${GPU_WORKERS_TIMEOUT:-150}" python3 bench/gpu_workers.py --copies 4 --workers 0 4 --sample \
     --variant cache.cuda_graph=false --variant cache.cuda_graph=true > "$OUT/workers.md" 2>&1
 grep -E "^\| [0-9]|pure" "$OUT/workers.md" | tee -a "$LOG"
+# 5. Do process layouts give the same cache on this GPU (view by view, and every view replayed)?
+timeout -k 10 "${GPU_LAYOUTS_TIMEOUT:-150}" python3 bench/gpu_layouts.py --out "$OUT" 2>&1 | grep -v Warning | tail -40 | tee -a "$LOG"
+# 6. The whole check, last, with what is left of the call (its own guard skips heavy sections after
+#    --guard seconds): the new figures above come back even when this one is cut short.
+timeout -k 10 "${GPU_CHECK_TIMEOUT:-240}" python3 bench/gpu_check.py --out "$OUT" "$@" 2>&1 | tee -a "$LOG"
+rc=${PIPESTATUS[0]}
+echo "== gpu_check.py exit status $rc" | tee -a "$LOG"
 [ -f "$OUT/gpu.md" ] && grep -v "^| _meta" "$OUT/gpu.md" | head -220
 exit "$rc"
