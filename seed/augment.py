@@ -145,8 +145,8 @@ def _crops_on_canvas(images: Sequence[torch.Tensor] | torch.Tensor, params: torc
 
     The canvas holds each image once and is turned to float once: sampling call r takes the r-th view
     of every image (an image with fewer views samples a stand-in, dropped), so no image is copied once
-    per view. On an H100 the canvas copied per view and its float passes were 45 % of the
-    augmentation's kernel time (docs/benchmarks.md, run 7); now the copy is gone and, at V views per
+    per view. On an H100 the canvas copied per view and its float passes took about 2.4 of the
+    augmentation's 8.3 ms of kernel time per 256 views (docs/benchmarks.md, run 7); now the copy is gone and, at V views per
     image, the float passes cover 1/V of the pixels. Each view's bits are those of a canvas copied per
     view: sampling reads only its own image."""
     device = params.device
