@@ -120,19 +120,25 @@ def test_killed_run_resumes_to_identical_cache(clean, tmp_path: Path, shards_roo
     _, _, clean_url = clean
     storage_file = _storage_file(tmp_path, shards_root)
     url = str(tmp_path / "caches" / "test.zarr")
-    proc = subprocess.Popen(_cli(storage_file, *_sets(moco_checkpoint), "--set", "cache.batch_size=16"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    output = tmp_path / "killed-run.log"
+    with open(output, "w") as log:
+        proc = subprocess.Popen(_cli(storage_file, *_sets(moco_checkpoint), "--set", "cache.batch_size=16"),
+                                stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 120
     while not (Path(url) / "progress" / "000000" / "zarr.json").exists():  # first shard done: kill mid-stage
-        assert proc.poll() is None and time.monotonic() < deadline, "teacher run ended before it could be killed"
+        assert proc.poll() is None and time.monotonic() < deadline, (
+            f"teacher run ended (exit {proc.poll()}) or took over 120 s before it could be killed; its output:\n"
+            + output.read_text()[-3000:])
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     g = zarr.open_group(url, mode="r")
-    assert g.attrs["status"] == "incomplete" and 1 <= len(cache.done_shards(g)) < 6
+    done = cache.done_shards(g)
+    assert g.attrs["status"] == "incomplete" and 1 <= len(done) < 6, (g.attrs["status"], done, output.read_text()[-3000:])
     with pytest.raises(SeedError, match="incomplete"):
         cache.open_complete(url)
-    subprocess.run(_cli(storage_file, *_sets(moco_checkpoint)), check=True, capture_output=True)
+    rerun = subprocess.run(_cli(storage_file, *_sets(moco_checkpoint)), capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-3000:]
     _assert_same(_arrays(url), _arrays(clean_url))
     assert zarr.open_group(url, mode="r").attrs["totals"]["valid"] == 600
 
