@@ -318,15 +318,19 @@ class _Encoded:
     shard: int
     views: list[View]
 
-    def __getstate__(self) -> dict[str, Any]:
+    def samples(self) -> tuple[list[Sample], list[int]]:
+        """The batch's distinct samples (an image's V views share one) and each view's index among them."""
         slot: dict[int, int] = {}
         distinct: list[Sample] = []
         for (sample, _), *_ in self.views:
-            if id(sample) not in slot:
-                slot[id(sample)] = len(distinct)
+            if slot.setdefault(id(sample), len(distinct)) == len(distinct):
                 distinct.append(sample)
+        return distinct, [slot[id(sample)] for (sample, _), *_ in self.views]
+
+    def __getstate__(self) -> dict[str, Any]:
+        distinct, slots = self.samples()
         return {"shard": self.shard, "packed": PackedSamples.pack(distinct),
-                "views": [(slot[id(sample)], size, params, row, v) for (sample, size), params, row, v in self.views]}
+                "views": [(i, size, params, row, v) for i, ((_, size), params, row, v) in zip(slots, self.views)]}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         samples = state["packed"].unpack()
@@ -340,14 +344,12 @@ def _decode_views(item: _Encoded, decoder: Decoder, cfg: RunConfig, device: torc
     An image whose header read but whose data does not decode, or decodes to another size than its
     header said, leaves the batch and is reported in ``failed`` (its row becomes a skipped sample).
     """
-    distinct: dict[int, Sample] = {}
-    for (sample, _), *_ in item.views:
-        distinct.setdefault(id(sample), sample)
-    decoded = dict(zip(distinct, decoder.decode(list(distinct.values()))))
+    distinct, slots = item.samples()
+    decoded = decoder.decode(distinct)
     ready: list[View] = []
     failed: dict[int, str] = {}
-    for (sample, size), params, row, v in item.views:
-        image = decoded[id(sample)]
+    for slot, ((sample, size), params, row, v) in zip(slots, item.views):
+        image = decoded[slot]
         if isinstance(image, ValueError):
             failed[row] = str(image)
         elif tuple(image.shape[-2:]) != tuple(size):

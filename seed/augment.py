@@ -146,9 +146,9 @@ def _crops_on_canvas(images: Sequence[torch.Tensor] | torch.Tensor, params: torc
     The canvas holds each image once and is turned to float once: sampling call r takes the r-th view
     of every image (an image with fewer views samples a stand-in, dropped), so no image is copied once
     per view. On an H100 the canvas copied per view and its float passes took about 2.4 of the
-    augmentation's 8.3 ms of kernel time per 256 views (docs/benchmarks.md, run 7); now the copy is gone and, at V views per
-    image, the float passes cover 1/V of the pixels. Each view's bits are those of a canvas copied per
-    view: sampling reads only its own image."""
+    augmentation's 8.3 ms of kernel time per 256 views (docs/benchmarks.md, run 7); now the copy is
+    gone and, at V views per image, the float passes cover 1/V of the pixels. Each view's bits are
+    those of a canvas copied per view: sampling reads only its own image."""
     device = params.device
     if isinstance(images, torch.Tensor):
         images = list(images)
@@ -164,15 +164,17 @@ def _crops_on_canvas(images: Sequence[torch.Tensor] | torch.Tensor, params: torc
             H, W, end = h, w, end + 1
         slot: dict[int, int] = {}                                             # id(image) -> canvas slot
         distinct: list[torch.Tensor] = []
+        seen: list[int] = []                                                  # per slot: its views so far
         ranks: list[dict[int, int]] = []                                      # per rank r: slot -> its r-th view
         for i, im in enumerate(images[start:end]):
             j = slot.setdefault(id(im), len(distinct))
             if j == len(distinct):
                 distinct.append(im)
-            r = sum(j in views for views in ranks)                            # views of this image so far
-            if r == len(ranks):
+                seen.append(0)
+            if seen[j] == len(ranks):
                 ranks.append({})
-            ranks[r][j] = i
+            ranks[seen[j]][j] = i
+            seen[j] += 1
         canvas = torch.zeros(len(distinct), 3, H, W, dtype=torch.uint8, device=device)
         for j, im in enumerate(distinct):
             canvas[j, :, : im.shape[-2], : im.shape[-1]] = im

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -480,7 +481,9 @@ def test_gpu_worker_path_reads_and_draws_in_workers_then_decodes_here(tmp_path: 
     cpu = torch.device("cpu")
     direct = list(stage._shard_items(cfg, plan, [0, 1], 64, cpu))
     encoded = list(stage._shard_items(cfg, plan, [0, 1], 64, cpu, encoded=True))
-    decoded = [stage._decode_views(it, Decoder(cpu), cfg, cpu) if isinstance(it, stage._Encoded) else it for it in encoded]
+    # each batch crosses a pickle, as from a worker (the images' bytes packed into one tensor)
+    decoded = [stage._decode_views(pickle.loads(pickle.dumps(it)), Decoder(cpu), cfg, cpu)
+               if isinstance(it, stage._Encoded) else it for it in encoded]
     views_a = [it for it in direct if isinstance(it, stage._Views)]
     views_b = [it for it in decoded if isinstance(it, stage._Views)]
     failed = [f for it in views_b for f in it.failed]
