@@ -6,7 +6,8 @@
 # Needs the git-ignored .whl/ folder, made by bench/gpu_wheels.sh (zarr, numcodecs, webdataset and their small requirements as
 # Python 3.12 wheels, plus fmnist-2048.npz): carry it to the machine with the working tree.
 # Writes $OUT/gpu.log (everything printed), $OUT/gpu.json and $OUT/gpu.md (rewritten after every
-# section, so a run cut short still leaves the figures it reached), $OUT/layouts.json and $OUT/workers.md.
+# section, so a run cut short still leaves the figures it reached), $OUT/layouts.json, $OUT/workers.md and
+# $OUT/jitter.md.
 # Extra arguments go to gpu_check.py.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -50,9 +51,14 @@ timeout -k 10 "${GPU_TESTS_TIMEOUT:-120}" python3 -m pytest -q -p no:cacheprovid
 # 4. Where the teacher stage's time goes at 16,384 views: its threads sampled and the GPU's busy share, with
 #    the teacher's forward eager and as a CUDA graph (the graph takes its few hundred launches per batch off
 #    the interpreter lock the data thread needs; runs 6-9 of docs/benchmarks.md point at that lock).
-timeout -k 10 "${GPU_WORKERS_TIMEOUT:-150}" python3 bench/gpu_workers.py --copies 4 --workers 0 4 --sample \
-    --variant cache.cuda_graph=false --variant cache.cuda_graph=true > "$OUT/workers.md" 2>&1
+#    The third variant adds the affine colour jitter (one matrix per view instead of a few dozen passes).
+timeout -k 10 "${GPU_WORKERS_TIMEOUT:-190}" python3 bench/gpu_workers.py --copies 4 --workers 0 4 --sample \
+    --variant cache.cuda_graph=false --variant cache.cuda_graph=true \
+    --variant cache.cuda_graph=true,cache.recipe.jitter_mode=affine > "$OUT/workers.md" 2>&1
 grep -E "^\| [0-9]|pure" "$OUT/workers.md" | tee -a "$LOG"
+# 4b. The two jitter modes' kernel time per 256 views at 224 px (the GPU's own budget: docs/benchmarks.md).
+timeout -k 10 "${GPU_JITTER_TIMEOUT:-60}" python3 bench/jitter_modes.py --device cuda > "$OUT/jitter.md" 2>&1
+tail -12 "$OUT/jitter.md" | tee -a "$LOG"
 # 5. Do process layouts give the same cache on this GPU (view by view, and every view replayed)?
 timeout -k 10 "${GPU_LAYOUTS_TIMEOUT:-150}" python3 bench/gpu_layouts.py --out "$OUT" 2>&1 | grep -v Warning | tail -40 | tee -a "$LOG"
 # 6. The whole check, last, with what is left of the call (its own guard skips heavy sections after

@@ -28,6 +28,7 @@ from seed.shards import Damaged, damage_handler, expand_urls, iter_shard, shard_
 from seed.storage import Storage, join
 from seed.teachers import save_moco_checkpoint
 from seed.train import Loop, make_member, train
+from seed.views import recipe_fields
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ def trains(cfg: RunConfig) -> dict[str, Any]:
     training shards, and the views it trains on (the recipe at the resolution). A finished export or an
     epoch checkpoint is reused only when this is the same."""
     return json.loads(json.dumps({"pretrain": outcome(cfg.pretrain), "data": cfg.data.train,
-                                  "recipe": dataclasses.asdict(cfg.cache.recipe), "resolution": cfg.cache.resolution}))
+                                  "recipe": recipe_fields(cfg.cache.recipe), "resolution": cfg.cache.resolution}))
 
 
 def num_classes(urls: list[str], damaged: Damaged = "stop") -> int:

@@ -31,7 +31,7 @@ import zarr
 
 from seed import cache
 from seed.augment import apply_batch
-from seed.views import P, blur_note, draw_views
+from seed.views import P, blur_note, draw_views, recipe_fields
 from seed.config import RunConfig, to_dict, write_run_files
 from seed.devices import autocast, data_workers, require_cpu_threads, resolve_device, set_cpu_threads
 from seed.errors import SeedError
@@ -102,7 +102,7 @@ def fingerprint_fields(cfg: RunConfig, report: LoadReport, dim: int, plan: Plan)
     return {
         "teacher": {"arch": t.arch, "checkpoint_sha256": report.sha256, "format": report.format,
                     "output": t.output, "small_input": t.small_input},
-        "recipe": to_dict(cfg.cache.recipe),
+        "recipe": recipe_fields(cfg.cache.recipe),
         "resolution": cfg.cache.resolution, "seed": cfg.cache.seed, "views": cfg.cache.views, "dim": dim,
         "shards": [u.rsplit("/", 1)[-1] for u in plan.urls], "shard_lengths": list(plan.lengths),
         "capacity": plan.capacity,

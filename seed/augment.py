@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -96,10 +97,13 @@ def _colour_and_blur(x: torch.Tensor, params: torch.Tensor, host: torch.Tensor, 
     ``params`` are the view rows on ``x``'s device (the factors), ``host`` the same rows on the CPU (the
     branches). Views are picked by index (``index_select``, ``index_copy_``), never by a device mask.
     """
-    x = _color_jitter(x, params, host)
-    gray = _rows(host[:, COL["grayscale"]] > 0.5, x.device)
-    if gray is not None:
-        x.index_copy_(0, gray, _grayscale(x.index_select(0, gray)).expand(-1, 3, -1, -1))
+    if recipe.jitter_mode == "affine":
+        x = _affine_colour(x, host)
+    else:
+        x = _color_jitter(x, params, host)
+        gray = _rows(host[:, COL["grayscale"]] > 0.5, x.device)
+        if gray is not None:
+            x.index_copy_(0, gray, _grayscale(x.index_select(0, gray)).expand(-1, 3, -1, -1))
     x = _gaussian_blur(x, params[:, COL["blur_sigma"]], host[:, COL["blur_sigma"]], recipe, out)
     sol = _rows(host[:, COL["solarize"]] > 0.5, x.device)
     if sol is not None:
@@ -284,6 +288,73 @@ def _adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     k = torch.where(k >= 6.0, k - 6.0, k)
     ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
     return (maxc.unsqueeze(1) - cr.unsqueeze(1) * ramp).clamp_(0.0, 1.0)
+
+
+# RGB -> YIQ (NTSC), with the luma row of ``_GRAY`` so that a hue rotation keeps the luma grayscale measures.
+_YIQ = np.array([_GRAY, (0.596, -0.274, -0.322), (0.211, -0.523, 0.312)])
+_LUMA = np.outer(np.ones(3), _GRAY)                                           # x -> its luma in all three channels
+
+
+def affine_maps(host: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Each view's colour jitter and grayscale as one affine map (``jitter_mode: affine``), from its row.
+
+    Returns float64 ``A, D`` ``[B, 3, 3]``: the view's colours become ``clamp(A x + D mu, 0, 1)`` with ``mu`` the
+    crop's mean colour. Brightness scales (``f I``), saturation blends with the luma (``f I + (1 - f) L``,
+    ``L`` the luma in all channels), the hue rotates the chroma plane of YIQ, grayscale is ``L``; contrast
+    scales and adds ``(1 - f)`` times the mean luma of the image so far, which is linear in ``mu`` (the ``D``
+    part). Composed in the view's drawn order, each operation multiplying from the left.
+    """
+    rows = host.numpy().astype(np.float64)
+    B = len(rows)
+    A = np.tile(np.eye(3), (B, 1, 1))
+    D = np.zeros((B, 3, 3))
+    on = rows[:, COL["jitter"]] > 0.5
+    for position in range(4):
+        op = np.rint(rows[:, COL[f"order_{position}"]]).astype(np.int64)
+        for code, column in enumerate(("brightness", "contrast", "saturation", "hue")):
+            sel = np.flatnonzero(on & (op == code))
+            if not len(sel):
+                continue
+            f = rows[sel, COL[column]][:, None, None]
+            if code == 0:
+                A[sel], D[sel] = f * A[sel], f * D[sel]
+            elif code == 1:   # mean luma of A x + D mu is g (A + D) mu: the offset gains (1 - f) L (A + D) mu
+                D[sel] = f * D[sel] + (1.0 - f) * (_LUMA @ (A[sel] + D[sel]))
+                A[sel] = f * A[sel]
+            else:
+                M = f * np.eye(3) + (1.0 - f) * _LUMA if code == 2 else _hue_rotation(rows[sel, COL["hue"]])
+                A[sel], D[sel] = M @ A[sel], M @ D[sel]
+    gray = np.flatnonzero(rows[:, COL["grayscale"]] > 0.5)
+    A[gray], D[gray] = _LUMA @ A[gray], _LUMA @ D[gray]
+    return A, D
+
+
+def _hue_rotation(shift: np.ndarray) -> np.ndarray:
+    """``[b, 3, 3]`` RGB maps rotating the YIQ chroma plane by ``shift`` of a turn, in the direction of
+    torchvision's HSV ``adjust_hue`` (a positive shift turns red towards yellow)."""
+    c, s = np.cos(2 * np.pi * shift), np.sin(2 * np.pi * shift)
+    R = np.zeros((len(shift), 3, 3))
+    R[:, 0, 0], R[:, 1, 1], R[:, 1, 2], R[:, 2, 1], R[:, 2, 2] = 1.0, c, s, -s, c
+    return np.linalg.inv(_YIQ) @ R @ _YIQ
+
+
+def _affine_colour(x: torch.Tensor, host: torch.Tensor) -> torch.Tensor:
+    """``clamp(A x + D mu, 0, 1)`` for each view of ``x [B, 3, H, W]`` (``affine_maps``): a handful of passes
+    over the batch, where the sequential jitter makes a few dozen and copies the views of each group.
+
+    Elementwise products and sums, one operation at a time (no fused multiply-add, no matrix product whose
+    blocking depends on the batch), so a view has the same bits in any batch."""
+    A, D = affine_maps(host)
+    B, _, H, W = x.shape
+    maps = _to_device(torch.from_numpy(np.concatenate([A, D], axis=1).astype(np.float32)), x.device)  # B x 6 x 3
+    a = maps[:, :3, :, None, None]                                            # B x 3 x 3 x 1 x 1
+    y = a[:, :, 0] * x[:, 0:1] + a[:, :, 1] * x[:, 1:2] + a[:, :, 2] * x[:, 2:3]
+    if D.any():                                                               # some view has contrast
+        mu = x.sum(dim=3).sum(dim=2).div_(H * W)                              # B x 3, the same order in any batch
+        d = maps[:, 3:]
+        offset = d[:, :, 0] * mu[:, 0:1] + d[:, :, 1] * mu[:, 1:2] + d[:, :, 2] * mu[:, 2:3]  # B x 3
+        y += offset[:, :, None, None]
+    return y.clamp_(0.0, 1.0)
 
 
 def blur_kernel_size(recipe: Recipe, out: tuple[int, int]) -> int:

@@ -26,10 +26,11 @@ from seed.augment import apply_batch
 from seed.decode import Decoder
 from seed.data import CachedSource, examples
 from seed.errors import SeedError
-from seed.inspect import describe, format_text, sample_views
+from seed.inspect import _replay, describe, format_text, sample_views
 from seed.shards import decode_image, iter_shard
 from seed.storage import Storage
 from seed.teachers import load_teacher
+from seed.views import COL, Recipe
 from tests.conftest import make_storage, small_config
 from tests.integration.fulldisk import FullDisk
 
@@ -181,6 +182,34 @@ def test_worker_processes_write_the_same_cache(clean, tmp_path: Path, shards_roo
     records = [cache.shard_record(zarr.open_group(summary.cache, mode="r"), s) for s in range(6)]
     assert [r["workers"] for r in records if r] == [workers] * 6
     _assert_same(_arrays(summary.cache), _arrays(clean_url))
+
+
+def test_affine_jitter_cache_replays_through_its_recorded_recipe(clean, tmp_path: Path, shards_root: Path,
+                                                                 moco_checkpoint: Path) -> None:
+    """A cache made with ``jitter_mode: affine`` records it; views replayed through the recorded recipe (as the
+    student stage and ``seed inspect`` read it) re-embed to the cached embeddings, and the sequential cache
+    of the same data refuses the affine config, naming the field."""
+    cfg, storage, _ = clean
+    with pytest.raises(SeedError, match=r"recipe\.jitter_mode"):
+        stage.run(small_config(moco_checkpoint, "cache.recipe.jitter_mode=affine", shards=SIX), storage, progress=False)
+    affine = small_config(moco_checkpoint, "cache.recipe.jitter_mode=affine", "cache.workers=2",
+                          shards="fm/train/train-{000000..000001}.tar")
+    url = stage.run(affine, make_storage(tmp_path, shards_root), progress=False).cache
+    g = zarr.open_group(url, mode="r")
+    assert g.attrs["fingerprint_fields"]["recipe"]["jitter_mode"] == "affine"
+    rows = np.arange(0, 200, 5)
+    views = rows % 2
+    params = g["augment"][:][rows, views]
+    assert (params[:, COL["jitter"]] > 0.5).sum() >= 20
+    replayed = _replay(g, rows, views)
+    teacher, _ = load_teacher(affine.teacher)
+    cached = torch.from_numpy(g["embeddings"][:][rows, views].astype(np.float32))
+    assert torch.allclose(stage.embed(teacher, replayed, torch.device("cpu")), cached, atol=2e-3)
+    # the same rows through the sequential recipe are other pixels (clamps in other places)
+    images = [decode_image(next(s for s in iter_shard(g.attrs["shard_urls"][r // 100]) if s.index == r % 100))
+              for r in rows]
+    sequential = apply_batch(images, torch.from_numpy(params), Recipe(), affine.cache.resolution)
+    assert (sequential - replayed).abs().max() > 1e-3
 
 
 def test_two_writers_equal_one(clean, tmp_path: Path, shards_root: Path, moco_checkpoint: Path) -> None:

@@ -12,9 +12,10 @@ from torchvision.transforms.v2 import functional as TF
 
 from seed import augment as seed_augment
 from seed.augment import apply_batch, blur_kernel_size
-from seed.views import COL, COLUMNS, P, Recipe, blur_note, draw_params, draw_views
+from seed.views import COL, COLUMNS, P, Recipe, blur_note, draw_params, draw_views, recipe_fields
 
 RECIPE = Recipe()
+AFFINE = Recipe(jitter_mode="affine")
 
 
 def _rows(n: int, h: int = 28, w: int = 28, seed: int = 0) -> np.ndarray:
@@ -125,27 +126,29 @@ def test_probabilities_match_the_recipe() -> None:
     assert (np.sort(orders, axis=1) == np.arange(4)).all() and len({tuple(o) for o in orders}) == 24
 
 
-def test_replay_is_bit_exact_and_batch_independent() -> None:
+@pytest.mark.parametrize("recipe", [RECIPE, AFFINE], ids=["sequential", "affine"])
+def test_replay_is_bit_exact_and_batch_independent(recipe: Recipe) -> None:
     g = torch.Generator().manual_seed(0)
     images = [torch.randint(0, 256, (3, 28, 28), generator=g, dtype=torch.uint8) for _ in range(16)]
     images += [torch.randint(0, 256, (3, 40, 33), generator=g, dtype=torch.uint8) for _ in range(4)]
     params = torch.from_numpy(np.concatenate([_rows(16), _rows(4, 40, 33, seed=1)]))
-    a = apply_batch(images, params, RECIPE, 32)
-    b = apply_batch(images, params, RECIPE, 32)
+    a = apply_batch(images, params, recipe, 32)
+    b = apply_batch(images, params, recipe, 32)
     assert a.shape == (20, 3, 32, 32) and a.dtype == torch.float32
     assert torch.equal(a, b)
     # The same image in another batch (other neighbours, another canvas size) gives the same bits.
     for i in (0, 5, 17):
-        alone = apply_batch([images[i]], params[i: i + 1], RECIPE, 32)
+        alone = apply_batch([images[i]], params[i: i + 1], recipe, 32)
         assert torch.equal(alone[0], a[i]), i
     perm = torch.randperm(20, generator=g)
-    shuffled = apply_batch([images[i] for i in perm], params[perm], RECIPE, 32)
+    shuffled = apply_batch([images[i] for i in perm], params[perm], recipe, 32)
     assert torch.equal(shuffled, a[perm])
     # Naming the device (as the stages do, with the rows on the host) changes nothing.
-    assert torch.equal(apply_batch(images, params, RECIPE, 32, device="cpu"), a)
+    assert torch.equal(apply_batch(images, params, recipe, 32, device="cpu"), a)
 
 
-def test_the_gpu_path_gives_the_cpu_path_views() -> None:
+@pytest.mark.parametrize("recipe", [RECIPE, AFFINE], ids=["sequential", "affine"])
+def test_the_gpu_path_gives_the_cpu_path_views(recipe: Recipe) -> None:
     """The CUDA path (every view cropped from one canvas, then the colour operations over the whole
     batch, branches read from the host rows) run on the CPU: the same views as the CPU path, up to the
     canvas's float rounding of the sampling grid."""
@@ -154,26 +157,27 @@ def test_the_gpu_path_gives_the_cpu_path_views() -> None:
     images = [im for im in images for _ in range(4)]                          # 4 views of each image
     params = torch.from_numpy(np.concatenate([_rows(4, 28 + i, 30 - i, seed=i) for i in range(6)]))
     assert (params[:, COL["jitter"]] > 0.5).any() and (params[:, COL["blur_sigma"]] > 0).any()
-    gpu_path = seed_augment._colour_and_blur(seed_augment._crops_on_canvas(images, params, (32, 32)), params, params, RECIPE, (32, 32))
-    assert torch.allclose(gpu_path, apply_batch(images, params, RECIPE, 32), atol=1e-5, rtol=0)
+    gpu_path = seed_augment._colour_and_blur(seed_augment._crops_on_canvas(images, params, (32, 32)), params, params, recipe, (32, 32))
+    assert torch.allclose(gpu_path, apply_batch(images, params, recipe, 32), atol=1e-5, rtol=0)
 
 
-def test_views_at_224_px_are_batch_and_pass_independent_with_two_threads() -> None:
+@pytest.mark.parametrize("recipe", [RECIPE, AFFINE], ids=["sequential", "affine"])
+def test_views_at_224_px_are_batch_and_pass_independent_with_two_threads(recipe: Recipe) -> None:
     """At 224 px an image's pixel sums are large enough for torch to split one image's reduction across
     threads, and the CPU path works a few views per pass: neither may change a view's bits."""
     g = torch.Generator().manual_seed(3)
     sizes = [(300, 400)] * 9 + [(333, 500)] * 5
     images = [torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8) for h, w in sizes]
-    params = torch.from_numpy(np.stack([draw_params(RECIPE, seed=4, key=f"k{i}", view=0, height=h, width=w)
+    params = torch.from_numpy(np.stack([draw_params(recipe, seed=4, key=f"k{i}", view=0, height=h, width=w)
                                         for i, (h, w) in enumerate(sizes)]))
     assert (params[:, COL["jitter"]] > 0).sum() >= 8
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        batch = apply_batch(images, params, RECIPE, 224)
+        batch = apply_batch(images, params, recipe, 224)
         assert len(images) > max(1, seed_augment.CPU_PASS_BYTES // (3 * 224 * 224 * 4))  # several passes
         for i in range(len(images)):
-            assert torch.equal(apply_batch([images[i]], params[i: i + 1], RECIPE, 224)[0], batch[i]), i
+            assert torch.equal(apply_batch([images[i]], params[i: i + 1], recipe, 224)[0], batch[i]), i
     finally:
         torch.set_num_threads(threads)
 
@@ -246,7 +250,8 @@ def test_grayscale_sources_become_three_channels() -> None:
     assert out.shape == (1, 3, 16, 16)
 
 
-@pytest.mark.parametrize("field,value", [("jitter_p", 1.5), ("crop_scale", (0.5, 0.2)), ("hue", 0.7), ("blur_sigma", (0.0, 1.0))])
+@pytest.mark.parametrize("field,value", [("jitter_p", 1.5), ("crop_scale", (0.5, 0.2)), ("hue", 0.7), ("blur_sigma", (0.0, 1.0)),
+                                         ("jitter_mode", "hsv")])
 def test_recipe_rejects_bad_values(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=field):
         Recipe(**{field: value})
@@ -318,3 +323,98 @@ def test_a_blur_below_half_a_pixel_is_named_a_no_op() -> None:
     # the note's threshold is where a neighbour tap weighs e^-2 of the centre: 0.5 px
     assert blur_note(Recipe(blur_sigma=(0.1, 0.5), blur_reference_size=32), 32) is None
     assert blur_note(Recipe(blur_sigma=(0.1, 0.49), blur_reference_size=32), 32) is not None
+
+
+# RGB -> YIQ as NTSC defines it, with torchvision's luma weights in the first row (written out again here).
+_YIQ_REF = torch.tensor([[0.2989, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=torch.float64)
+
+
+def _affine_reference(x: torch.Tensor, row: np.ndarray) -> torch.Tensor:
+    """``jitter_mode: affine`` on one cropped view ``[3, H, W]``, operation by operation in float64 and
+    unclamped, then clamped once: the definition the composed per-view matrices must meet."""
+    x = x.double()
+    luma = lambda im: torch.einsum("c,chw->hw", _YIQ_REF[0], im)            # noqa: E731
+    if row[COL["jitter"]]:
+        for k in range(4):
+            op = int(row[COL[f"order_{k}"]])
+            f = float(row[COL[("brightness", "contrast", "saturation", "hue")[op]]])
+            if op == 0:
+                x = f * x
+            elif op == 1:
+                x = f * x + (1 - f) * luma(x).mean()
+            elif op == 2:
+                x = f * x + (1 - f) * luma(x)
+            else:  # rotate the (I, Q) plane by -2 pi f: a positive shift turns red towards yellow, as in HSV
+                yiq = torch.einsum("ij,jhw->ihw", _YIQ_REF, x)
+                c, s = math.cos(2 * math.pi * f), math.sin(2 * math.pi * f)
+                yiq = torch.stack([yiq[0], c * yiq[1] + s * yiq[2], -s * yiq[1] + c * yiq[2]])
+                x = torch.einsum("ij,jhw->ihw", torch.linalg.inv(_YIQ_REF), yiq)
+    if row[COL["grayscale"]]:
+        x = luma(x).expand(3, -1, -1)
+    return x.clamp(0, 1).float()
+
+
+def test_affine_jitter_is_the_operations_composed_with_one_clamp() -> None:
+    """Each view's one matrix and offset give what its operations give applied one by one without clamps,
+    in its drawn order, on colour images (so saturation and hue act) and on grey ones."""
+    recipe = Recipe(jitter_mode="affine", blur_p=0.0)
+    g = torch.Generator().manual_seed(5)
+    images = [(_smooth(torch.rand(1, 3, 5, 4, generator=g), (40, 30))[0] * 255).to(torch.uint8) for _ in range(60)]
+    images += [im[:1].expand(3, -1, -1).contiguous() for im in images[:20]]
+    rows = np.stack([draw_params(recipe, seed=6, key=f"k{i}", view=0, height=40, width=30) for i in range(80)])
+    jittered = rows[:, COL["jitter"]] > 0.5
+    assert jittered.sum() > 40 and (rows[:, COL["grayscale"]] > 0.5).any()
+    out = apply_batch(images, torch.from_numpy(rows), recipe, 24)
+    plain = rows.copy()
+    plain[:, COL["jitter"]] = plain[:, COL["grayscale"]] = 0.0                 # the crop alone
+    crops = apply_batch(images, torch.from_numpy(plain), recipe, 24)
+    worst = max((out[i] - _affine_reference(crops[i], rows[i])).abs().max().item() for i in range(80))
+    assert worst < 2e-6, worst
+    # and it is not the sequential recipe: on colour images the two differ, by a few hundredths on average
+    gap = (out[:60][torch.from_numpy(jittered[:60])] - apply_batch(images[:60], torch.from_numpy(rows[:60]), RECIPE, 24)
+           [torch.from_numpy(jittered[:60])]).abs().mean().item()
+    assert 1e-3 < gap < 0.1, gap
+
+
+def _smooth(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Smooth colour images: a few random colours, bilinearly upsampled."""
+    return torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+def test_affine_hue_turns_the_way_torchvision_turns() -> None:
+    """A positive hue shift moves each colour's HSV hue up by about the shift, as torchvision's
+    ``adjust_hue`` does (the YIQ rotation is not HSV's, so about: within 0.05 of a turn here)."""
+    import colorsys
+
+    colours = [(0.8, 0.3, 0.3), (0.3, 0.7, 0.3), (0.3, 0.3, 0.8), (0.6, 0.5, 0.2)]
+    for shift in (0.1, -0.1):
+        maps, _ = seed_augment.affine_maps(torch.tensor(_hue_only_row(shift))[None])
+        for c in colours:
+            moved = np.clip(maps[0] @ np.array(c), 0, 1)
+            turned = (colorsys.rgb_to_hsv(*moved)[0] - colorsys.rgb_to_hsv(*c)[0] + 0.5) % 1 - 0.5
+            reference = TF.adjust_hue(torch.tensor(c).view(3, 1, 1), shift).flatten().tolist()
+            expected = (colorsys.rgb_to_hsv(*reference)[0] - colorsys.rgb_to_hsv(*c)[0] + 0.5) % 1 - 0.5
+            assert abs(turned - expected) < 0.05 and np.sign(turned) == np.sign(shift), (c, shift, turned, expected)
+        # a rotation of the chroma plane keeps the luma
+        assert np.allclose(np.array(seed_augment._GRAY) @ maps[0], seed_augment._GRAY, atol=1e-12)
+
+
+def _hue_only_row(shift: float) -> np.ndarray:
+    row = np.zeros(P, dtype=np.float32)
+    row[COL["jitter"]], row[COL["hue"]] = 1.0, shift
+    row[COL["brightness"]] = row[COL["contrast"]] = row[COL["saturation"]] = 1.0
+    row[COL["order_0"]: COL["order_3"] + 1] = (3, 0, 1, 2)
+    return row
+
+
+def test_the_sequential_recipe_keeps_the_fingerprint_of_caches_made_before_the_mode() -> None:
+    """Caches made before ``jitter_mode`` recorded a recipe without it: the sequential recipe leaves it out of
+    the fingerprint, and a recorded recipe without it reads back as sequential."""
+    from seed.config import from_dict
+
+    before = ["blur_p", "blur_reference_size", "blur_sigma", "brightness", "contrast", "crop_ratio", "crop_scale",
+              "flip_p", "grayscale_p", "hue", "jitter_p", "saturation", "solarize_p", "solarize_threshold"]
+    assert sorted(recipe_fields(RECIPE)) == before
+    assert recipe_fields(AFFINE)["jitter_mode"] == "affine"
+    for recipe in (RECIPE, AFFINE, Recipe(jitter_mode="affine", hue=0.2)):
+        assert from_dict(Recipe, recipe_fields(recipe), "recipe") == recipe

@@ -1,0 +1,118 @@
+"""The two colour-jitter modes of the recipe side by side: time, and how far apart their pixels are.
+
+    python bench/jitter_modes.py [--device cpu|cuda] [--rounds 5] [--size 224] [--views 256]
+
+On smooth colour images of ImageNet's sizes (a few random colours per image, bilinearly upsampled to
+sides of 333-640 px, so that saturation and hue act as on photographs), with MoCo-v2's rows at V = 2
+views per image: the median time of ``apply_batch`` with ``jitter_mode`` sequential and affine
+(alternating), of the colour stage alone on the same crops (``_colour_and_blur``), and on CUDA the
+colour stage's GPU kernel time under ``torch.profiler`` and its kernel count. Then the mean and the
+99th percentile of |sequential - affine| over the jittered views' pixels, in units of the [0, 1] range.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from bench.common import machine  # noqa: E402
+from seed import augment  # noqa: E402
+from seed.augment import apply_batch  # noqa: E402
+from seed.views import COL, Recipe, draw_views  # noqa: E402
+
+MODES = ("sequential", "affine")
+
+
+def colour_images(n: int, seed: int = 0) -> list[torch.Tensor]:
+    """``n`` uint8 ``[3, h, w]`` images, h and w in [333, 640]: 6 x 6 random colours, bilinearly upsampled."""
+    rng = np.random.default_rng(seed)
+    g = torch.Generator().manual_seed(seed)
+    return [(F.interpolate(torch.rand(1, 3, 6, 6, generator=g), size=(int(h), int(w)), mode="bilinear")[0] * 255)
+            .round().to(torch.uint8) for h, w in rng.integers(333, 641, size=(n, 2))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--views", type=int, default=256, help="views per batch (2 per image)")
+    args = parser.parse_args()
+    device, size, out = torch.device(args.device), args.size, (args.size, args.size)
+    recipes = {m: Recipe(jitter_mode=m) for m in MODES}
+    images = [im for im in colour_images(args.views // 2) for _ in range(2)]
+    rows = torch.from_numpy(np.concatenate([
+        draw_views(recipes["sequential"], seed=0, key=f"k{i // 2}", views=1, first=i % 2, height=int(im.shape[-2]),
+                   width=int(im.shape[-1])) for i, im in enumerate(images)]))
+    if device.type == "cuda":
+        images = [im.to(device) for im in images]
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def timed(fn) -> float:
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        return (time.perf_counter() - t) * 1e3
+
+    # The crops every mode starts from (the CUDA path's canvas crops on a GPU, the CPU path's otherwise).
+    crops = (augment._crops_on_canvas(images, rows.to(device), out) if device.type == "cuda"
+             else augment._crops_by_size(images, rows, out))
+    rows_here = rows.to(device)
+
+    def colour(mode: str) -> torch.Tensor:
+        return augment._colour_and_blur(crops.clone(), rows_here, rows, recipes[mode], out)
+
+    views = {m: apply_batch(images, rows, recipes[m], size, device) for m in MODES}   # warm-up, and the pixels
+    times: dict[str, dict[str, list[float]]] = {m: {"apply_batch": [], "colour stage": []} for m in MODES}
+    for _ in range(args.rounds):
+        for m in MODES:
+            times[m]["apply_batch"].append(timed(lambda: apply_batch(images, rows, recipes[m], size, device)))
+            times[m]["colour stage"].append(timed(lambda: colour(m)))
+    clone = timed(lambda: crops.clone())
+
+    print(f"machine: {machine()}, device {device}" + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else "")
+          + f"; {len(images)} views of {len(images) // 2} colour images at {size} px, median of {args.rounds} rounds, "
+          f"modes alternating; the colour stage includes a copy of the crops ({clone:.1f} ms)\n")
+    print("| step | sequential, ms | affine, ms | speed-up |\n|---|---|---|---|")
+    for step in ("apply_batch", "colour stage"):
+        s, a = (statistics.median(times[m][step]) for m in MODES)
+        print(f"| {step} | {s:.1f} | {a:.1f} | {s / a:.2f}x |", flush=True)
+    if device.type == "cuda":
+        from torch.autograd import DeviceType
+        from torch.profiler import ProfilerActivity, profile
+
+        print("\n| colour stage on the GPU | sequential | affine |\n|---|---|---|")
+        kernel_ms, kernels = {}, {}
+        for m in MODES:
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                colour(m)
+                sync()
+            spans = [e.time_range for e in prof.events() if e.device_type == DeviceType.CUDA]
+            kernel_ms[m] = sum(r.end - r.start for r in spans) / 1e3
+            kernels[m] = len(spans)
+        print(f"| GPU kernel time, ms | {kernel_ms['sequential']:.2f} | {kernel_ms['affine']:.2f} |")
+        print(f"| kernels (the copy of the crops included) | {kernels['sequential']} | {kernels['affine']} |")
+    jittered = rows[:, COL["jitter"]] > 0.5
+    gap = (views["sequential"] - views["affine"]).abs()[jittered.to(device)].flatten().float().cpu()
+    q = torch.quantile(gap[torch.randperm(len(gap), generator=torch.Generator().manual_seed(0))[:1 << 24]], 0.99)
+    print(f"\n|sequential - affine| over the {int(jittered.sum())} jittered views' pixels: mean {gap.mean():.4f}, "
+          f"p99 {q:.4f}, max {gap.max():.4f}; over the other views: "
+          f"{(views['sequential'] - views['affine']).abs()[~jittered.to(device)].max():.2e} at most")
+
+
+if __name__ == "__main__":
+    main()
