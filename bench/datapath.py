@@ -71,7 +71,7 @@ from pipeline import bank as bank_stage  # noqa: E402
 from pipeline import student as student_stage  # noqa: E402
 from pipeline import teacher as teacher_stage  # noqa: E402
 from seed.augment import apply_batch  # noqa: E402
-from seed.views import Recipe, draw_params  # noqa: E402
+from seed.views import JITTER_MODES, Recipe, draw_params  # noqa: E402
 from seed.config import RunConfig, load_config  # noqa: E402
 from seed.data import Batches, FreshViews  # noqa: E402
 from seed.models import mlp_encoder  # noqa: E402
@@ -167,9 +167,8 @@ class PassClock:
         return Rate(v1 / (t1 - self.start), (v1 - v0) / (t1 - t0))
 
 
-def project_views_per_s(urls: list[str], workers: int, S: Sizes) -> Rate:
+def project_views_per_s(urls: list[str], workers: int, S: Sizes, recipe: Recipe) -> Rate:
     """One pass of seed.data.Batches over FreshViews at 224 px, batches iterated and dropped."""
-    recipe = Recipe()
     maker = Batches(recipe, 224, device=CPU, workers=workers, depth=2)
     clock = PassClock(workers)
     for batch in maker.epoch(urls, list(range(len(urls))), FreshViews(recipe, seed=0), 0, batch_size=S.batch,
@@ -218,7 +217,7 @@ def torchvision_views_per_s(urls: list[str], workers: int, S: Sizes) -> Rate:
     return rate
 
 
-def sec_a(root: Path, S: Sizes, worker_counts: list[int]) -> Path:
+def sec_a(root: Path, S: Sizes, worker_counts: list[int], modes: list[str]) -> Path:
     jdir = jpeg_shards(root, S.n)
     urls = urls_of(jdir)
     gen = json.loads((jdir / "_info.json").read_text())["generation"]
@@ -235,20 +234,26 @@ def sec_a(root: Path, S: Sizes, worker_counts: list[int]) -> Path:
     moco_v2_torchvision()(image)
 
     counts = sorted({0, *worker_counts})
-    project = {w: project_views_per_s(urls, w, S) for w in counts}
+    project = {m: {w: project_views_per_s(urls, w, S, Recipe(jitter_mode=m)) for w in counts} for m in modes}
     tv = {w: torchvision_views_per_s(urls, w, S) for w in counts}
     print("views/s over the whole pass (start-up included); in brackets: after the first round of W batches\n")
-    print("| W | seed Batches views/s | torchvision v2 per-image views/s | seed / torchvision |")
-    print("|---|---|---|---|")
+    print(f"| W | {' | '.join(f'seed Batches views/s, jitter {m}' for m in modes)} | torchvision v2 per-image views/s | "
+          f"{' | '.join(f'seed ({m}) / torchvision' for m in modes)} |")
+    print("|---|" + "---|" * (2 * len(modes) + 1))
     for w in counts:
         what = " (seed: one background thread; torchvision: in the main process)" if w == 0 else ""
-        p, t = project[w], tv[w]
-        print(f"| {w}{what} | {p.whole:.1f} ({p.steady:.1f}) | {t.whole:.1f} ({t.steady:.1f}) | "
-              f"{p.whole / t.whole:.2f} ({p.steady / t.steady:.2f}) |")
-    if 1 in project and 2 in project:
-        p1, p2, t1, t2 = project[1], project[2], tv[1], tv[2]
-        print(f"\nscaling W = 2 over W = 1, whole pass (after the first round): seed {p2.whole / p1.whole:.2f}x "
-              f"({p2.steady / p1.steady:.2f}x), torchvision {t2.whole / t1.whole:.2f}x ({t2.steady / t1.steady:.2f}x)")
+        t = tv[w]
+        rates = " | ".join(f"{project[m][w].whole:.1f} ({project[m][w].steady:.1f})" for m in modes)
+        ratios = " | ".join(f"{project[m][w].whole / t.whole:.2f} ({project[m][w].steady / t.steady:.2f})" for m in modes)
+        print(f"| {w}{what} | {rates} | {t.whole:.1f} ({t.steady:.1f}) | {ratios} |")
+    if 1 in counts and 2 in counts:
+        print()
+        for m in modes:
+            p1, p2 = project[m][1], project[m][2]
+            print(f"scaling W = 2 over W = 1, whole pass (after the first round), seed with jitter {m}: "
+                  f"{p2.whole / p1.whole:.2f}x ({p2.steady / p1.steady:.2f}x)")
+        t1, t2 = tv[1], tv[2]
+        print(f"scaling W = 2 over W = 1, torchvision: {t2.whole / t1.whole:.2f}x ({t2.steady / t1.steady:.2f}x)")
     return jdir
 
 
@@ -283,23 +288,26 @@ def make_setup(root: Path, label: str, data_train: str, arch: str, resolution: i
         f"train.optim.epochs={epochs}", f"train.loader.shuffle_buffer={S.shuffle}", "train.device=cpu"))
 
 
-def sec_b(root: Path, setups: list[Setup], pure_batches: dict[str, int]) -> None:
-    print("| teacher | px | images | V | batch | cache.workers | stage views/s | pure forward views/s | stage / pure |")
-    print("|---|---|---|---|---|---|---|---|---|")
+def sec_b(root: Path, setups: list[Setup], pure_batches: dict[str, int], modes: list[str]) -> None:
+    print("| teacher | px | images | V | batch | cache.workers | jitter | stage views/s | pure forward views/s | stage / pure |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for s in setups:
         pure = None
         for workers in (0, 1):
-            cfg = s.config(f"cache.workers={workers}")
-            t = time.perf_counter()
-            result = teacher_stage.run(cfg, storage(root), overwrite=True, progress=False)
-            seconds = time.perf_counter() - t
-            assert result.totals is not None, f"{result.cache} not complete"
-            rate = result.totals["teacher_forwards"] / seconds
-            if pure is None:
-                pure = pure_forward(cfg, s.batch, s.resolution, pure_batches[s.label])
-            print(f"| {s.arch} | {s.resolution} | {s.images} | {s.views} | {s.batch} | {workers} | {rate:.1f} | "
-                  f"{pure:.1f} | {rate / pure:.2f} |", flush=True)
-        bank_stage.run(s.config(), storage(root), progress=False)             # for c
+            for mode in modes:  # one cache per mode; c trains on the sequential one
+                name = f"cache.name=datapath-{s.label}" + ("" if mode == "sequential" else f"-{mode}")
+                cfg = s.config(f"cache.workers={workers}", f"cache.recipe.jitter_mode={mode}", name)
+                t = time.perf_counter()
+                result = teacher_stage.run(cfg, storage(root), overwrite=True, progress=False)
+                seconds = time.perf_counter() - t
+                assert result.totals is not None, f"{result.cache} not complete"
+                rate = result.totals["teacher_forwards"] / seconds
+                if pure is None:
+                    pure = pure_forward(cfg, s.batch, s.resolution, pure_batches[s.label])
+                print(f"| {s.arch} | {s.resolution} | {s.images} | {s.views} | {s.batch} | {workers} | {mode} | "
+                      f"{rate:.1f} | {pure:.1f} | {rate / pure:.2f} |", flush=True)
+        if "sequential" in modes:
+            bank_stage.run(s.config(), storage(root), progress=False)         # for c
 
 
 def bare_step_ms(arch: str, batch: int, resolution: int, steps: int) -> float:
@@ -408,6 +416,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="DataLoader workers for a (0 is added)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to test the script (figures mean nothing)")
     parser.add_argument("--sections", default="abcd", help="which sections to run, e.g. a (default abcd)")
+    parser.add_argument("--jitter-mode", nargs="+", default=["sequential"], choices=JITTER_MODES,
+                        help="the recipe's jitter mode(s) of seed's rows in a, and of the teacher stage in b (default sequential)")
     parser.add_argument("--rss-child", nargs="+", help=argparse.SUPPRESS)  # ROOT OVERRIDE... (internal)
     args = parser.parse_args()
     if args.rss_child:
@@ -428,10 +438,12 @@ def main() -> None:
     unknown = sorted(set(args.sections) - set("abcd"))
     if unknown:
         parser.error(f"--sections: unknown section(s) {', '.join(unknown)} (known: a, b, c, d)")
+    if "c" in args.sections and "sequential" not in args.jitter_mode:
+        parser.error("section c trains on the sequential caches of b: add sequential to --jitter-mode")
     jdir: list[Path] = []
     if "a" in args.sections:
         section("a. Data path alone at 224 px (decode + view parameters + augment)",
-                lambda: jdir.append(sec_a(root, S, args.workers)))
+                lambda: jdir.append(sec_a(root, S, args.workers, args.jitter_mode)))
     if not set(args.sections) & set("bcd"):
         print(f"\ndone in {time.perf_counter() - t0:.0f} s")
         return
@@ -446,7 +458,8 @@ def main() -> None:
     ]
     if "b" in args.sections or "c" in args.sections:  # c trains on b's caches (made by b when absent)
         section("b. Teacher stage against the pure forward",
-                lambda: sec_b(root, setups, {"r10t-32": S.r10t_pure_batches, "r50-224": S.r50_pure_batches}))
+                lambda: sec_b(root, setups, {"r10t-32": S.r10t_pure_batches, "r50-224": S.r50_pure_batches},
+                              args.jitter_mode))
     if "c" in args.sections:
         section("c. Student loop against the bare step", lambda: sec_c(root, setups, S))
     if "d" in args.sections:

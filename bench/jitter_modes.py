@@ -4,10 +4,14 @@
 
 On smooth colour images of ImageNet's sizes (a few random colours per image, bilinearly upsampled to
 sides of 333-640 px, so that saturation and hue act as on photographs), with MoCo-v2's rows at V = 2
-views per image: the median time of ``apply_batch`` with ``jitter_mode`` sequential and affine
-(alternating), of the colour stage alone on the same crops (``_colour_and_blur``), and on CUDA the
-colour stage's GPU kernel time under ``torch.profiler`` and its kernel count. Then the mean and the
-99th percentile of |sequential - affine| over the jittered views' pixels, in units of the [0, 1] range.
+views per image, medians with the modes alternating:
+- ``apply_batch`` with ``jitter_mode`` sequential and affine, with MoCo-v2's blur and without it, and
+  the crops alone (no jitter, grayscale or blur): the differences are what the jitter costs;
+- the colour stage alone (``_colour_and_blur``) on the whole batch's crops, as the CUDA path runs it
+  (on the CPU, ``apply_batch`` works a few views at a time instead);
+- on CUDA, the colour stage's GPU kernel time under ``torch.profiler`` and its kernel count.
+Then the mean and the 99th percentile of |sequential - affine| over the jittered views' pixels, in
+units of the [0, 1] range.
 """
 
 from __future__ import annotations
@@ -76,19 +80,28 @@ def main() -> None:
     def colour(mode: str) -> torch.Tensor:
         return augment._colour_and_blur(crops.clone(), rows_here, rows, recipes[mode], out)
 
+    # The rows decide which branches a view takes (the recipe's probabilities only drew them): clear columns.
+    no_blur, plain_rows = rows.clone(), rows.clone()
+    no_blur[:, COL["blur_sigma"]] = 0.0
+    plain_rows[:, [COL["jitter"], COL["grayscale"], COL["blur_sigma"]]] = 0.0
     views = {m: apply_batch(images, rows, recipes[m], size, device) for m in MODES}   # warm-up, and the pixels
-    times: dict[str, dict[str, list[float]]] = {m: {"apply_batch": [], "colour stage": []} for m in MODES}
+    steps = ("apply_batch", "apply_batch, blur off", "colour stage, whole batch")
+    times: dict[str, dict[str, list[float]]] = {m: {step: [] for step in steps} for m in MODES}
+    plain: list[float] = []
     for _ in range(args.rounds):
         for m in MODES:
-            times[m]["apply_batch"].append(timed(lambda: apply_batch(images, rows, recipes[m], size, device)))
-            times[m]["colour stage"].append(timed(lambda: colour(m)))
+            times[m][steps[0]].append(timed(lambda: apply_batch(images, rows, recipes[m], size, device)))
+            times[m][steps[1]].append(timed(lambda: apply_batch(images, no_blur, recipes[m], size, device)))
+            times[m][steps[2]].append(timed(lambda: colour(m)))
+        plain.append(timed(lambda: apply_batch(images, plain_rows, recipes["sequential"], size, device)))
     clone = timed(lambda: crops.clone())
 
     print(f"machine: {machine()}, device {device}" + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else "")
           + f"; {len(images)} views of {len(images) // 2} colour images at {size} px, median of {args.rounds} rounds, "
-          f"modes alternating; the colour stage includes a copy of the crops ({clone:.1f} ms)\n")
+          f"modes alternating; apply_batch making the crops alone: {statistics.median(plain):.1f} ms; the colour "
+          f"stage includes a copy of the crops ({clone:.1f} ms)\n")
     print("| step | sequential, ms | affine, ms | speed-up |\n|---|---|---|---|")
-    for step in ("apply_batch", "colour stage"):
+    for step in steps:
         s, a = (statistics.median(times[m][step]) for m in MODES)
         print(f"| {step} | {s:.1f} | {a:.1f} | {s / a:.2f}x |", flush=True)
     if device.type == "cuda":

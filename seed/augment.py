@@ -348,12 +348,15 @@ def _affine_colour(x: torch.Tensor, host: torch.Tensor) -> torch.Tensor:
     B, _, H, W = x.shape
     maps = _to_device(torch.from_numpy(np.concatenate([A, D], axis=1).astype(np.float32)), x.device)  # B x 6 x 3
     a = maps[:, :3, :, None, None]                                            # B x 3 x 3 x 1 x 1
-    y = a[:, :, 0] * x[:, 0:1] + a[:, :, 1] * x[:, 1:2] + a[:, :, 2] * x[:, 2:3]
+    y = torch.mul(a[:, :, 0], x[:, 0:1])                                      # B x 3 x H x W
+    term = torch.mul(a[:, :, 1], x[:, 1:2])                                   # (two buffers for the whole sum:
+    y.add_(term)                                                              # a fresh one per product costs
+    y.add_(torch.mul(a[:, :, 2], x[:, 2:3], out=term))                        # page faults on the CPU)
     if D.any():                                                               # some view has contrast
         mu = x.sum(dim=3).sum(dim=2).div_(H * W)                              # B x 3, the same order in any batch
         d = maps[:, 3:]
         offset = d[:, :, 0] * mu[:, 0:1] + d[:, :, 1] * mu[:, 1:2] + d[:, :, 2] * mu[:, 2:3]  # B x 3
-        y += offset[:, :, None, None]
+        y.add_(offset[:, :, None, None])
     return y.clamp_(0.0, 1.0)
 
 
