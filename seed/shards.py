@@ -19,6 +19,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import struct
@@ -165,11 +166,112 @@ def _tar_members(stream: Any, url: str) -> Iterator[dict[str, Any]]:
     ``tarfile`` in stream mode ends silently at a header cut short or one that does not parse, and at
     the end of the input; a shard truncated by a failed copy would then look complete with fewer
     samples. Raises ``DamagedShard`` naming the shard, the byte offset and what was found there.
+
+    An uncompressed tar is read by ``_plain_members``, a compressed one by ``tarfile``; both read the
+    same members and stop at the same damage.
     """
+    first = stream.read(tarfile.BLOCKSIZE)
+    if first.startswith(_COMPRESSED):
+        yield from _tarfile_members(_Prefixed(first, stream), url)
+    else:
+        yield from _plain_members(first, stream, url)
+
+
+_COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")  # gzip, bzip2, xz: what tarfile's "r|*" unpacks
+_OCTAL = re.compile(rb" *([0-7]*) *(?:\0.*)?", re.S)  # a number field as tar writers write it
+_NUMBERS = ((100, 108), (108, 116), (116, 124), (124, 136), (136, 148), (329, 337), (337, 345))  # mode .. mtime, devices
+_SIZE = 3                                               # its index in _NUMBERS
+_EXTENDED = frozenset({tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.GNUTYPE_SPARSE, tarfile.XHDTYPE,
+                       tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE})
+
+
+class _Prefixed:
+    """A stream with ``head`` (bytes already read from it) put back in front."""
+
+    def __init__(self, head: bytes, raw: Any):
+        self.head, self.raw = head, raw
+
+    def read(self, size: int = -1) -> bytes:
+        if not self.head:
+            return self.raw.read(size)
+        if size < 0:
+            data, self.head = self.head + self.raw.read(), b""
+            return data
+        data, self.head = self.head[:size], self.head[size:]
+        return data + self.raw.read(size - len(data)) if len(data) < size else data
+
+
+def _header(block: bytes) -> tuple[str, int, bytes]:
+    """(name, size, type) of a tar header block, as ``tarfile.TarInfo.frombuf`` reads it, raising what it
+    raises (``tarfile.HeaderError``). Headers whose numbers are plain octal (what tar writers write) and whose
+    checksum is the usual unsigned one are read here, in a few microseconds; any other goes to ``frombuf``,
+    which takes three times as long."""
+    if len(block) == tarfile.BLOCKSIZE and block.count(0) != tarfile.BLOCKSIZE:
+        numbers = [_OCTAL.fullmatch(block, a, z) for a, z in _NUMBERS]
+        chksum = _OCTAL.fullmatch(block, 148, 156)
+        size = numbers[_SIZE]
+        if all(numbers) and size and chksum and int(chksum[1] or b"0", 8) == 256 + sum(block) - sum(block[148:156]):
+            kind = block[156:157]
+            name = block[:100].split(b"\0", 1)[0].decode(tarfile.ENCODING, "surrogateescape")
+            prefix = block[345:500].split(b"\0", 1)[0]
+            if kind == tarfile.AREGTYPE and name.endswith("/"):
+                kind = tarfile.DIRTYPE                                        # an old V7 directory
+            if kind == tarfile.DIRTYPE:
+                name = name.rstrip("/")
+            if prefix and kind not in tarfile.GNU_TYPES:
+                name = prefix.decode(tarfile.ENCODING, "surrogateescape") + "/" + name
+            return name, int(size[1] or b"0", 8), kind
+    info = tarfile.TarInfo.frombuf(block, tarfile.ENCODING, "surrogateescape")
+    return info.name, info.size, info.type
+
+
+def _plain_members(block: bytes, stream: Any, url: str) -> Iterator[dict[str, Any]]:
+    """``_tar_members`` of an uncompressed tar whose first block is ``block``: headers read by ``_header``,
+    members read and skipped as ``tarfile`` does in stream mode (regular files and unknown types have data,
+    directories, links and devices none), stopping where it stops. GNU long names, pax headers and sparse
+    files hand the rest of the archive to ``tarfile``. About three times faster than ``tarfile`` alone,
+    which parses every header field in Python."""
+    pos, last = 0, None                                                       # last: (name, header offset)
+    while True:
+        try:
+            name, size, kind = _header(block)
+        except tarfile.HeaderError as exc:
+            if pos == 0 and block.count(0) != tarfile.BLOCKSIZE:  # not a tar: what opening it with tarfile raises
+                raise tarfile.ReadError(str(exc) if block else "empty file") from None
+            break                                                  # (a zero block first: an empty tar)
+        if kind in _EXTENDED:
+            yield from _tarfile_members(_Prefixed(block, stream), url, base=pos, before=last)
+            return
+        last = (name, pos)
+        regular = kind in tarfile.REGULAR_TYPES
+        padded = -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE if regular or kind not in tarfile.SUPPORTED_TYPES else 0
+        data = stream.read(size if regular else padded)
+        if len(data) < (size if regular else padded):
+            raise _cut(url, name, pos)
+        if regular:
+            if not ("/" not in name and name.startswith("__") and name.endswith("__")):  # webdataset's metadata
+                yield {"fname": name, "data": data, "__url__": url}
+            if padded > size and len(stream.read(padded - size)) < padded - size:
+                raise _cut(url, name, pos)
+        pos += tarfile.BLOCKSIZE + padded
+        block = stream.read(tarfile.BLOCKSIZE)
+    _check_end(stream, url, pos, block, last[0] if last else None)
+
+
+def _cut(url: str, name: str, offset: int) -> DamagedShard:
+    return DamagedShard(f"{url}: damaged tar shard, unexpected end of data in member {name!r} (header at byte {offset}); "
+                        f"{_HOW_TO_PROCEED}", url=url, offset=offset, member=None)
+
+
+def _tarfile_members(stream: Any, url: str, base: int = 0,
+                     before: tuple[str, int] | None = None) -> Iterator[dict[str, Any]]:
+    """``_tar_members`` by ``tarfile``: compressed tars, and the rest of a plain one from byte ``base``
+    (where ``_plain_members`` met a header it leaves to ``tarfile``, after the member ``before``: its
+    name and header offset)."""
     tracked = _Tracked(stream, keep=4 * tarfile.RECORDSIZE)
-    tf = tarfile.open(fileobj=tracked, mode="r|*")  # type: ignore[call-overload]
     member = None
     try:
+        tf = tarfile.open(fileobj=tracked, mode="r|*")  # type: ignore[call-overload]
         for member in tf:
             if not member.isreg():
                 continue
@@ -179,14 +281,22 @@ def _tar_members(stream: Any, url: str) -> Iterator[dict[str, Any]]:
             yield {"fname": member.name, "data": data, "__url__": url}
             tf.members = []  # stream mode: do not keep every header
     except tarfile.ReadError as exc:
-        where = f"in member {member.name!r} (header at byte {member.offset})" if member is not None else "at its start"
-        raise DamagedShard(f"{url}: damaged tar shard, {exc} {where}; {_HOW_TO_PROCEED}", url=url,
-                           offset=member.offset if member is not None else 0, member=None) from exc
+        last = (member.name, base + member.offset) if member is not None else before
+        if last is None:
+            raise                                                             # not a tar at all
+        raise DamagedShard(f"{url}: damaged tar shard, {exc} in member {last[0]!r} (header at byte {last[1]}); "
+                           f"{_HOW_TO_PROCEED}", url=url, offset=last[1], member=None) from exc
     if getattr(tf.fileobj, "comptype", "tar") != "tar":
         return  # compressed: the decompressor checks its own end (a cut gzip raises EOFError)
     end = tf.offset                              # where tarfile looked for the next header and stopped
     tail = tracked.tail
     seen = tail[len(tail) - (tracked.pos - end):] if tracked.pos - end <= len(tail) else None
+    _check_end(stream, url, base + end, seen, member.name if member is not None else before[0] if before else None)
+
+
+def _check_end(stream: Any, url: str, end: int, seen: bytes | None, last: str | None) -> None:
+    """What follows the last member, from byte ``end`` (``seen``: the bytes from there already read, None when
+    unknown), must be the end marker: at least two zero blocks and nothing but zeros."""
     rest = b"".join(iter(lambda: stream.read(1 << 20), b""))
     after = (seen if seen is not None else b"x") + rest
     if len(after) < 2 * tarfile.BLOCKSIZE or after.strip(b"\0"):
@@ -194,9 +304,9 @@ def _tar_members(stream: Any, url: str) -> Iterator[dict[str, Any]]:
                 if len(after) < 2 * tarfile.BLOCKSIZE and not after.strip(b"\0")
                 else "what follows the last member read is neither a valid header nor the end marker "
                      "(a damaged header, or data after the end)")
-        last = f"after member {member.name!r}" if member is not None else "at its start"
-        raise DamagedShard(f"{url}: damaged tar shard at byte {end} {last}: {what}; {_HOW_TO_PROCEED}", url=url,
-                           offset=end, member=member.name if member is not None else None)
+        where = f"after member {last!r}" if last is not None else "at its start"
+        raise DamagedShard(f"{url}: damaged tar shard at byte {end} {where}: {what}; {_HOW_TO_PROCEED}", url=url,
+                           offset=end, member=last)
 
 
 def iter_shard(url: str, on_damage: OnDamage | None = None) -> Iterator[Sample]:

@@ -407,3 +407,75 @@ def test_a_killed_conversions_build_directory_is_removed_by_the_next(tmp_path: P
         (d / "train").mkdir(parents=True)
     fashion_mnist_to_shards(str(tmp_path / "fm"), source=shards.FASHION_MNIST_DIR, per_shard=50, limit=100)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["fm", live.name, other.name])
+
+
+def _writers_tars() -> dict[str, bytes]:
+    """Tars as writers make them: each of tarfile's formats (pax and GNU add extension headers for long or
+    non-ASCII names), every member type, sizes on and off block boundaries, webdataset metadata, gzip."""
+    out = {}
+    rng = np.random.default_rng(0)
+    for label, fmt in (("ustar", tarfile.USTAR_FORMAT), ("gnu", tarfile.GNU_FORMAT), ("pax", tarfile.PAX_FORMAT)):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+            _add(tar, "__info__", b"{}")
+            for i, size in enumerate((100, 0, 511, 512, 513, 3000)):
+                _add(tar, f"s{i}.jpg", rng.integers(0, 256, size, dtype=np.uint8).tobytes())
+                _add(tar, f"s{i}.cls", str(i).encode())
+            for kind in (tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.FIFOTYPE, tarfile.AREGTYPE):
+                info = tarfile.TarInfo("v7-directory/" if kind == tarfile.AREGTYPE else f"other-{kind.decode()}")
+                info.type, info.linkname = kind, "s0.jpg" if kind in (tarfile.SYMTYPE, tarfile.LNKTYPE) else ""
+                tar.addfile(info)
+            _add(tar, "deep/" * 25 + "long.png", b"long name" * 70)              # 133 characters
+            if fmt != tarfile.USTAR_FORMAT:
+                _add(tar, "n" * 120 + ".png", b"no slash to split at")
+            _add(tar, "späť/ü.jpg", b"non-ASCII name")
+            _add(tar, "last.cls", b"9")
+        out[label] = buf.getvalue()
+    with io.BytesIO() as raw:
+        with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
+            gz.write(out["pax"])
+        out["pax, gzip"] = raw.getvalue()
+    return out
+
+
+def _outcome(reader, data: bytes) -> tuple[list, tuple | None]:
+    """The members a reader hands out before it stops, and how it stopped (error type, message, offset)."""
+    got: list = []
+    try:
+        for m in reader(io.BytesIO(data), "shard.tar"):
+            got.append((m["fname"], m["data"]))
+    except (DamagedShard, tarfile.TarError, EOFError) as exc:
+        return got, (type(exc).__name__, str(exc), getattr(exc, "offset", None))
+    return got, None
+
+
+def test_the_plain_tar_reader_reads_what_tarfile_reads() -> None:
+    """seed reads uncompressed tars with its own header loop (tarfile's stream reader parses every field in
+    Python); tarfile, as the shards were read before, is the reference, for every writer's format."""
+    from seed.shards import _tar_members, _tarfile_members
+
+    tars = _writers_tars()
+    for label, data in tars.items():
+        got, stop = _outcome(_tar_members, data)
+        assert (got, stop) == _outcome(_tarfile_members, data), label
+        assert stop is None and len(got) == 15 + (label != "ustar"), label
+        assert ("deep/" * 25 + "long.png", b"long name" * 70) in got and ("späť/ü.jpg", b"non-ASCII name") in got
+
+
+def test_the_plain_tar_reader_stops_where_tarfile_stops() -> None:
+    """Cut anywhere, or one header byte changed anywhere: the same members before the damage, and the same
+    error, message and byte offset, as tarfile's reader."""
+    from seed.shards import _tar_members, _tarfile_members
+
+    tars = _writers_tars()
+    for label in ("ustar", "gnu", "pax"):
+        data = tars[label]
+        with tarfile.open(fileobj=io.BytesIO(data)) as t:
+            headers = [m.offset for m in t.getmembers()]
+        cases = {f"cut at {n}": data[:n] for n in range(0, len(data), 97)}
+        for h in headers[::3]:
+            for at in (0, 100, 124, 130, 148, 156, 257, 345):                  # name, size, checksum, type, magic, prefix
+                for value in (0x00, 0x37, 0xFF):
+                    cases[f"header {h} byte {at} = {value}"] = data[:h + at] + bytes([value]) + data[h + at + 1:]
+        for case, bad in cases.items():
+            assert _outcome(_tar_members, bad) == _outcome(_tarfile_members, bad), (label, case)
