@@ -1,0 +1,65 @@
+"""Reading shards: the tar reader of seed against tarfile's stream reader, per sample, in one process.
+
+    python bench/shard_read.py [--scratch DIR] [--n 4096] [--rounds 5]
+
+ImageNet-shaped shards (``bench.common.jpeg_shards``: ``KEY.jpg`` + ``KEY.cls``, 256 samples per shard,
+made once under ``--scratch``), read from the page cache: ``seed.shards._tarfile_members`` (tarfile in
+stream mode, how every shard was read before; still how compressed ones are), ``_tar_members`` (the
+plain-tar header loop for uncompressed shards) and ``iter_shard`` (members grouped into samples, labels
+parsed). Medians of ``--rounds`` passes, the readers alternating; microseconds per sample.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.common import jpeg_shards, machine  # noqa: E402
+from seed.shards import _tar_members, _tarfile_members, iter_shard  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scratch", default=None, help="where the shards are made (default: a new temporary directory)")
+    parser.add_argument("--n", type=int, default=4096)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+    root = Path(args.scratch or tempfile.mkdtemp(prefix="seed-shard-read-"))
+    urls = sorted(str(p) for p in jpeg_shards(root, args.n).glob("train-*.tar"))
+
+    def members(reader):
+        def run() -> int:
+            count = 0
+            for url in urls:
+                with open(url, "rb") as f:
+                    count += sum(1 for _ in reader(f, url))
+            return count // 2                                                 # two members per sample
+        return run
+
+    readers = {"tarfile stream (before; compressed shards)": members(_tarfile_members),
+               "seed's plain-tar reader (_tar_members)": members(_tar_members),
+               "iter_shard (samples, labels)": lambda: sum(1 for url in urls for _ in iter_shard(url))}
+    times: dict[str, list[float]] = {name: [] for name in readers}
+    counts = {name: fn() for name, fn in readers.items()}                     # warm-up: the page cache
+    assert len(set(counts.values())) == 1, counts
+    for _ in range(args.rounds):
+        for name, fn in readers.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    n = next(iter(counts.values()))
+    print(f"machine: {machine()}; {n} samples in {len(urls)} shards under {root}, median of {args.rounds} rounds\n")
+    print("| reader | us per sample |\n|---|---|")
+    for name, ts in times.items():
+        print(f"| {name} | {statistics.median(ts) / n * 1e6:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
