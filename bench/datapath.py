@@ -288,7 +288,27 @@ def make_setup(root: Path, label: str, data_train: str, arch: str, resolution: i
         f"train.optim.epochs={epochs}", f"train.loader.shuffle_buffer={S.shuffle}", "train.device=cpu"))
 
 
+def data_path_us(cfg: RunConfig, root: Path, batch: int) -> float:
+    """The stage's data path alone on one thread (read, decode, draw, augment; no forward), us per view."""
+    plan = teacher_stage.make_plan(cfg, storage(root), check_cache=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        t, views = time.perf_counter(), 0
+        for item in teacher_stage._shard_items(cfg, plan, list(range(len(plan.urls))), batch, CPU):
+            views += item.x.shape[0] if isinstance(item, teacher_stage._Views) else 0
+        return (time.perf_counter() - t) / views * 1e6
+    finally:
+        torch.set_num_threads(threads)
+
+
 def sec_b(root: Path, setups: list[Setup], pure_batches: dict[str, int], modes: list[str]) -> None:
+    rounds = [{(s.label, m): data_path_us(s.config(f"cache.recipe.jitter_mode={m}"), root, s.batch) for s in setups
+               for m in modes} for _ in range(3)]                           # modes alternating; the first warms up
+    alone = {k: min(r[k] for r in rounds) for k in rounds[0]}
+    print("The stage's data path alone, one thread (`_shard_items`: read, decode, draw, augment), us per view, "
+          "least of 3 passes: "
+          + "; ".join(f"{label} {mode} {us:.1f}" for (label, mode), us in alone.items()) + "\n")
     print("| teacher | px | images | V | batch | cache.workers | jitter | stage views/s | pure forward views/s | stage / pure |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for s in setups:
