@@ -50,6 +50,7 @@ import dataclasses
 import gc
 import json
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -217,7 +218,7 @@ def torchvision_views_per_s(urls: list[str], workers: int, S: Sizes) -> Rate:
     return rate
 
 
-def sec_a(root: Path, S: Sizes, worker_counts: list[int], modes: list[str]) -> Path:
+def sec_a(root: Path, S: Sizes, worker_counts: list[int], modes: list[str], rounds: int) -> Path:
     jdir = jpeg_shards(root, S.n)
     urls = urls_of(jdir)
     gen = json.loads((jdir / "_info.json").read_text())["generation"]
@@ -234,9 +235,20 @@ def sec_a(root: Path, S: Sizes, worker_counts: list[int], modes: list[str]) -> P
     moco_v2_torchvision()(image)
 
     counts = sorted({0, *worker_counts})
-    project = {m: {w: project_views_per_s(urls, w, S, Recipe(jitter_mode=m)) for w in counts} for m in modes}
-    tv = {w: torchvision_views_per_s(urls, w, S) for w in counts}
-    print("views/s over the whole pass (start-up included); in brackets: after the first round of W batches\n")
+    runs: dict[tuple[str, int], list[Rate]] = {}                             # (pipeline, W): one Rate per round
+    for _ in range(rounds):                                                   # every pipeline once per round
+        for w in counts:
+            for m in modes:
+                runs.setdefault((m, w), []).append(project_views_per_s(urls, w, S, Recipe(jitter_mode=m)))
+            runs.setdefault(("torchvision", w), []).append(torchvision_views_per_s(urls, w, S))
+
+    def med(key: tuple[str, int]) -> Rate:
+        return Rate(statistics.median(r.whole for r in runs[key]), statistics.median(r.steady for r in runs[key]))
+
+    project = {m: {w: med((m, w)) for w in counts} for m in modes}
+    tv = {w: med(("torchvision", w)) for w in counts}
+    print("views/s over the whole pass (start-up included); in brackets: after the first round of W batches"
+          + (f"; medians of {rounds} rounds" if rounds > 1 else "") + "\n")
     print(f"| W | {' | '.join(f'seed Batches views/s, jitter {m}' for m in modes)} | torchvision v2 per-image views/s | "
           f"{' | '.join(f'seed ({m}) / torchvision' for m in modes)} |")
     print("|---|" + "---|" * (2 * len(modes) + 1))
@@ -248,12 +260,12 @@ def sec_a(root: Path, S: Sizes, worker_counts: list[int], modes: list[str]) -> P
         print(f"| {w}{what} | {rates} | {t.whole:.1f} ({t.steady:.1f}) | {ratios} |")
     if 1 in counts and 2 in counts:
         print()
-        for m in modes:
-            p1, p2 = project[m][1], project[m][2]
-            print(f"scaling W = 2 over W = 1, whole pass (after the first round), seed with jitter {m}: "
-                  f"{p2.whole / p1.whole:.2f}x ({p2.steady / p1.steady:.2f}x)")
-        t1, t2 = tv[1], tv[2]
-        print(f"scaling W = 2 over W = 1, torchvision: {t2.whole / t1.whole:.2f}x ({t2.steady / t1.steady:.2f}x)")
+        for m in [*modes, "torchvision"]:
+            ratios = [(two.whole / one.whole, two.steady / one.steady) for one, two in zip(runs[(m, 1)], runs[(m, 2)])]
+            each = ", ".join(f"{a:.2f}x ({b:.2f}x)" for a, b in ratios)
+            what = f"seed with jitter {m}" if m != "torchvision" else m
+            print(f"scaling W = 2 over W = 1, whole pass (after the first round), {what}: "
+                  f"{each}{' in the rounds' if rounds > 1 else ''}")
     return jdir
 
 
@@ -436,6 +448,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="DataLoader workers for a (0 is added)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to test the script (figures mean nothing)")
     parser.add_argument("--sections", default="abcd", help="which sections to run, e.g. a (default abcd)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="a: passes of every pipeline, taking turns; medians are printed (default 1)")
     parser.add_argument("--jitter-mode", nargs="+", default=["sequential"], choices=JITTER_MODES,
                         help="the recipe's jitter mode(s) of seed's rows in a, and of the teacher stage in b (default sequential)")
     parser.add_argument("--rss-child", nargs="+", help=argparse.SUPPRESS)  # ROOT OVERRIDE... (internal)
@@ -463,7 +477,7 @@ def main() -> None:
     jdir: list[Path] = []
     if "a" in args.sections:
         section("a. Data path alone at 224 px (decode + view parameters + augment)",
-                lambda: jdir.append(sec_a(root, S, args.workers, args.jitter_mode)))
+                lambda: jdir.append(sec_a(root, S, args.workers, args.jitter_mode, args.rounds)))
     if not set(args.sections) & set("bcd"):
         print(f"\ndone in {time.perf_counter() - t0:.0f} s")
         return
