@@ -49,6 +49,7 @@ import argparse
 import dataclasses
 import gc
 import json
+import resource
 import shlex
 import statistics
 import subprocess
@@ -236,11 +237,21 @@ def sec_a(root: Path, S: Sizes, worker_counts: list[int], modes: list[str], roun
 
     counts = sorted({0, *worker_counts})
     runs: dict[tuple[str, int], list[Rate]] = {}                             # (pipeline, W): one Rate per round
+    cpu: dict[tuple[str, int], list[tuple[float, float]]] = {}                # and CPU us per view: here, workers
+    views = S.n // S.batch * S.batch
+
+    def measured(key: tuple[str, int], run: Callable[[], Rate]) -> None:
+        here, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        runs.setdefault(key, []).append(run())                                # (its workers have exited and been
+        spent = [b.ru_utime - a.ru_utime + b.ru_stime - a.ru_stime for a, b in (   # waited for when it returns)
+            (here, resource.getrusage(resource.RUSAGE_SELF)), (kids, resource.getrusage(resource.RUSAGE_CHILDREN)))]
+        cpu.setdefault(key, []).append((spent[0] / views * 1e6, spent[1] / views * 1e6))
+
     for _ in range(rounds):                                                   # every pipeline once per round
         for w in counts:
             for m in modes:
-                runs.setdefault((m, w), []).append(project_views_per_s(urls, w, S, Recipe(jitter_mode=m)))
-            runs.setdefault(("torchvision", w), []).append(torchvision_views_per_s(urls, w, S))
+                measured((m, w), lambda: project_views_per_s(urls, w, S, Recipe(jitter_mode=m)))
+            measured(("torchvision", w), lambda: torchvision_views_per_s(urls, w, S))
 
     def med(key: tuple[str, int]) -> Rate:
         return Rate(statistics.median(r.whole for r in runs[key]), statistics.median(r.steady for r in runs[key]))
@@ -258,6 +269,12 @@ def sec_a(root: Path, S: Sizes, worker_counts: list[int], modes: list[str], roun
         rates = " | ".join(f"{project[m][w].whole:.1f} ({project[m][w].steady:.1f})" for m in modes)
         ratios = " | ".join(f"{project[m][w].whole / t.whole:.2f} ({project[m][w].steady / t.steady:.2f})" for m in modes)
         print(f"| {w}{what} | {rates} | {t.whole:.1f} ({t.steady:.1f}) | {ratios} |")
+    print("\nCPU time per view, us (user + system; medians): this process / its workers together\n")
+    print(f"| W | {' | '.join(f'seed, jitter {m}' for m in modes)} | torchvision |\n|---|" + "---|" * (len(modes) + 1))
+    for w in counts:
+        cells = [f"{statistics.median(c[0] for c in cpu[(m, w)]):.0f} / {statistics.median(c[1] for c in cpu[(m, w)]):.0f}"
+                 for m in [*modes, "torchvision"]]
+        print(f"| {w} | {' | '.join(cells)} |")
     if 1 in counts and 2 in counts:
         print()
         for m in [*modes, "torchvision"]:
