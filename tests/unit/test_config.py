@@ -33,6 +33,7 @@ def test_yaml_and_overrides(tmp_path: Path) -> None:
     ("cache.views=0", "cache.views must be > 0"),
     ("teacher.output=logits", "teacher.output: expected one of"),
     ("cache.recipe.jitter_p=2", "jitter_p must be a probability"),
+    ("cache.recipe.jitter_mode=hsv", "recipe.jitter_mode must be one of sequential, affine, got .hsv."),
     ("cache.recipe.crop_scale=[0.2]", "cache.recipe.crop_scale: expected a list of 2"),
     ("bank.tau_t=0", "bank.tau_t must be > 0"),
     ("bank.tau_t=1e-4x", "bank.tau_t: expected a number, got '1e-4x'"),
