@@ -53,13 +53,13 @@ class Recipe:
     ``jitter_mode`` says how a view's colour jitter and grayscale are applied; both read the same rows:
     - ``"sequential"`` (default): torchvision's ``ColorJitter`` on float images, the four operations in
       the view's drawn order, each clamped to [0, 1], the hue rotated through HSV, then grayscale.
-    - ``"affine"``: the same operations composed into one 3x3 matrix plus offset per view and applied in
-      one pass, clamped once at the end; the hue is a rotation of the chroma plane in YIQ space and
+    - ``"affine"``: the same operations composed into one 3x3 matrix plus offset per view and applied
+      together, clamped once at the end; the hue is a rotation of the chroma plane in YIQ space and
       contrast blends with the mean luma of the unclamped image. Another recipe, not an approximation of
       the first to within rounding: on saturated colour images it moves the jittered views' pixels by 0.03
       of the range on average (``bench/jitter_modes.py``), and views without jitter not at all. It makes a
-      handful of passes over the batch where the sequential jitter makes a few dozen, and memory traffic is
-      what bounds augmentation on a GPU.
+      handful of elementwise passes over the batch where the sequential jitter makes a few dozen (and
+      copies each group of views out and back), which is where augmentation's GPU time goes.
     """
 
     crop_scale: tuple[float, float] = (0.2, 1.0)
