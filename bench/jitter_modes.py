@@ -9,7 +9,8 @@ views per image, medians with the modes alternating:
   the crops alone (no jitter, grayscale or blur): the differences are what the jitter costs;
 - the colour stage alone (``_colour_and_blur``) on the whole batch's crops, as the CUDA path runs it
   (on the CPU, ``apply_batch`` works a few views at a time instead);
-- on CUDA, the colour stage's GPU kernel time under ``torch.profiler`` and its kernel count.
+- on CUDA, the colour stage's GPU kernel time under ``torch.profiler`` and its kernel count; on any
+  device, the operators it calls from Python (its host work per batch).
 Then the mean and the 99th percentile of |sequential - affine| over the jittered views' pixels, in
 units of the [0, 1] range.
 """
@@ -119,6 +120,18 @@ def main() -> None:
             kernels[m] = len(spans)
         print(f"| GPU kernel time, ms | {kernel_ms['sequential']:.2f} | {kernel_ms['affine']:.2f} |")
         print(f"| kernels (the copy of the crops included) | {kernels['sequential']} | {kernels['affine']} |")
+    # Operators the colour stage calls (top-level aten ops): the host work per batch of the thread that also
+    # feeds the teacher (see the interpreter-lock figures in benchmarks.md). On a GPU most of them launch a
+    # kernel; a few work on the host rows (which views take a branch).
+    from torch.profiler import ProfilerActivity, profile
+
+    calls = {}
+    for m in MODES:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            colour(m)
+        calls[m] = sum(1 for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None)
+    print(f"\noperators called by the colour stage (a copy of the crops included): sequential {calls['sequential']}, "
+          f"affine {calls['affine']}")
     jittered = rows[:, COL["jitter"]] > 0.5
     gap = (views["sequential"] - views["affine"]).abs()[jittered.to(device)].flatten().float().cpu()
     q = torch.quantile(gap[torch.randperm(len(gap), generator=torch.Generator().manual_seed(0))[:1 << 24]], 0.99)
