@@ -194,6 +194,10 @@ def create(url: str, *, fields: dict[str, Any], capacity: int, n_shards: int, vi
     arr("labels", (N,), "int32", -1, ("row",))
     arr("valid", (N,), "bool", False, ("row",))
     arr("sizes", (N, 2), "int32", 0, ("row", "hw"))
+    # The records' parent, made now: a record is then one atomic write of its zarr.json. Made with the first
+    # record instead, the parent's zarr.json is written beside the child's, and a process killed between
+    # the two leaves a record that no reader sees (the shard is redone, but a record that exists would look lost).
+    group.create_group("progress")
     group.attrs["status"] = "incomplete"  # the arrays exist: shard writers may start
     return group
 

@@ -1,0 +1,36 @@
+"""The cache's completion records: what a process killed while writing them leaves behind."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from seed import cache
+
+
+def _cache(url: str) -> object:
+    return cache.create(url, fields={"test": 1}, capacity=4, n_shards=2, views=1, dim=2, attrs={})
+
+
+def test_a_record_counts_as_soon_as_its_own_file_is_written(tmp_path: Path) -> None:
+    """A shard's record is one atomic file write (zarr's local store writes a temporary file and renames it).
+    A process killed right after that write, before any other, must leave the shard done: the records'
+    parent group exists from the cache's creation, so no second write is needed for the record to be seen.
+    (Made with the first record, the parent's metadata was written beside the child's; a kill between the
+    two left a record no reader saw.)"""
+    made = str(tmp_path / "made.zarr")
+    group = _cache(made)
+    data = {"embeddings": np.zeros((4, 1, 2), np.float16), "augment": np.zeros((4, 1, cache.P), np.float32),
+            "keys": np.array(["a", "b", "c", "d"], dtype=object), "labels": np.zeros(4, np.int32),
+            "valid": np.ones(4, bool), "sizes": np.ones((4, 2), np.int32)}
+    cache.write_shard(group, 0, data, {"samples": 4})
+    killed = str(tmp_path / "killed.zarr")
+    _cache(killed)                                                            # a cache whose writer then died
+    record = Path(cache.progress_name(0), "zarr.json")
+    (Path(killed) / record).parent.mkdir(parents=True)
+    shutil.copy(Path(made) / record, Path(killed) / record)                  # the record's file alone
+    assert cache.done_shards(cache.open_group(killed)) == [0]
+    assert cache.shard_record(cache.open_group(killed), 0) == {"samples": 4, "done": True}
+    assert cache.done_shards(cache.open_group(made)) == [0]
