@@ -3,7 +3,8 @@
     python bench/shard_read.py [--scratch DIR] [--n 4096] [--rounds 5]
 
 ImageNet-shaped shards (``bench.common.jpeg_shards``: ``KEY.jpg`` + ``KEY.cls``, 256 samples per shard,
-made once under ``--scratch``), read from the page cache: ``seed.shards._tarfile_members`` (tarfile in
+made once under ``--scratch``), and the same samples written again by webdataset's ``TarWriter`` (a pax
+header before every member), read from the page cache: ``seed.shards._tarfile_members`` (tarfile in
 stream mode, how every shard was read before; still how compressed ones are), ``_tar_members`` (the
 plain-tar header loop for uncompressed shards) and ``iter_shard`` (members grouped into samples, labels
 parsed). Medians of ``--rounds`` passes, the readers alternating; microseconds per sample.
@@ -32,9 +33,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     root = Path(args.scratch or tempfile.mkdtemp(prefix="seed-shard-read-"))
-    urls = sorted(str(p) for p in jpeg_shards(root, args.n).glob("train-*.tar"))
+    ours = sorted(str(p) for p in jpeg_shards(root, args.n).glob("train-*.tar"))
+    theirs = rewritten(ours, root / f"webdataset-{args.n}")
 
-    def members(reader):
+    def members(reader, urls):
         def run() -> int:
             count = 0
             for url in urls:
@@ -43,22 +45,38 @@ def main() -> None:
             return count // 2                                                 # two members per sample
         return run
 
-    readers = {"tarfile stream (before; compressed shards)": members(_tarfile_members),
-               "seed's plain-tar reader (_tar_members)": members(_tar_members),
-               "iter_shard (samples, labels)": lambda: sum(1 for url in urls for _ in iter_shard(url))}
-    times: dict[str, list[float]] = {name: [] for name in readers}
-    counts = {name: fn() for name, fn in readers.items()}                     # warm-up: the page cache
+    readers = {}
+    for label, urls in (("seed's writer", ours), ("webdataset's writer", theirs)):
+        readers[(label, "tarfile stream (before; compressed shards)")] = members(_tarfile_members, urls)
+        readers[(label, "seed's plain-tar reader (_tar_members)")] = members(_tar_members, urls)
+        readers[(label, "iter_shard (samples, labels)")] = lambda urls=urls: sum(1 for u in urls for _ in iter_shard(u))
+    times: dict[tuple[str, str], list[float]] = {key: [] for key in readers}
+    counts = {key: fn() for key, fn in readers.items()}                       # warm-up: the page cache
     assert len(set(counts.values())) == 1, counts
     for _ in range(args.rounds):
-        for name, fn in readers.items():
+        for key, fn in readers.items():
             t = time.perf_counter()
             fn()
-            times[name].append(time.perf_counter() - t)
+            times[key].append(time.perf_counter() - t)
     n = next(iter(counts.values()))
-    print(f"machine: {machine()}; {n} samples in {len(urls)} shards under {root}, median of {args.rounds} rounds\n")
-    print("| reader | us per sample |\n|---|---|")
-    for name, ts in times.items():
-        print(f"| {name} | {statistics.median(ts) / n * 1e6:.1f} |")
+    print(f"machine: {machine()}; {n} samples in {len(ours)} shards under {root}, median of {args.rounds} rounds\n")
+    print("| shards written by | reader | us per sample |\n|---|---|---|")
+    for (label, name), ts in times.items():
+        print(f"| {label} | {name} | {statistics.median(ts) / n * 1e6:.1f} |")
+
+
+def rewritten(urls: list[str], out: Path) -> list[str]:
+    """The samples of ``urls`` written again by webdataset's ``TarWriter`` under ``out`` (once)."""
+    import webdataset
+
+    paths = [out / Path(u).name for u in urls]
+    if not all(p.exists() for p in paths):
+        out.mkdir(parents=True, exist_ok=True)
+        for url, path in zip(urls, paths):
+            with webdataset.TarWriter(str(path)) as writer:
+                for s in iter_shard(url):
+                    writer.write({"__key__": s.key, "jpg": s.image, "cls": str(s.label).encode()})
+    return [str(p) for p in paths]
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from webdataset import TarWriter
 
 from pipeline.cli import main
 from seed.errors import SeedError
@@ -429,8 +430,18 @@ def _writers_tars() -> dict[str, bytes]:
             if fmt != tarfile.USTAR_FORMAT:
                 _add(tar, "n" * 120 + ".png", b"no slash to split at")
             _add(tar, "späť/ü.jpg", b"non-ASCII name")
+            if fmt == tarfile.PAX_FORMAT:                                      # records a reader must apply
+                info = tarfile.TarInfo("sized.jpg")
+                info.size, info.pax_headers = 700, {"size": "700", "comment": "x", "path": "renamed/sized.jpg/"}
+                tar.addfile(info, io.BytesIO(b"z" * 700))
             _add(tar, "last.cls", b"9")
         out[label] = buf.getvalue()
+    buf = io.BytesIO()
+    with TarWriter(buf) as writer:                    # a pax header (its float mtime) before every member
+        for i in range(8):
+            writer.write({"__key__": f"wds{i}" if i != 5 else "deep/" * 25 + "wds5", "jpg": bytes(range(i * 70 % 256)) * 3,
+                          "cls": str(i).encode()})
+    out["webdataset"] = buf.getvalue()
     with io.BytesIO() as raw:
         with gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
             gz.write(out["pax"])
@@ -458,7 +469,12 @@ def test_the_plain_tar_reader_reads_what_tarfile_reads() -> None:
     for label, data in tars.items():
         got, stop = _outcome(_tar_members, data)
         assert (got, stop) == _outcome(_tarfile_members, data), label
-        assert stop is None and len(got) == 15 + (label != "ustar"), label
+        assert stop is None, label
+        if label == "webdataset":
+            assert len(got) == 16 and got[10][0] == "deep/" * 25 + "wds5.cls"
+            continue
+        assert len(got) == 15 + (label != "ustar") + label.startswith("pax"), label
+        assert ("renamed/sized.jpg", b"z" * 700) in got if label.startswith("pax") else True
         assert ("deep/" * 25 + "long.png", b"long name" * 70) in got and ("späť/ü.jpg", b"non-ASCII name") in got
 
 
@@ -468,14 +484,25 @@ def test_the_plain_tar_reader_stops_where_tarfile_stops() -> None:
     from seed.shards import _tar_members, _tarfile_members
 
     tars = _writers_tars()
-    for label in ("ustar", "gnu", "pax"):
+    for label in ("ustar", "gnu", "pax", "webdataset"):
         data = tars[label]
         with tarfile.open(fileobj=io.BytesIO(data)) as t:
             headers = [m.offset for m in t.getmembers()]
         cases = {f"cut at {n}": data[:n] for n in range(0, len(data), 97)}
         for h in headers[::3]:
-            for at in (0, 100, 124, 130, 148, 156, 257, 345):                  # name, size, checksum, type, magic, prefix
+            # name, size, checksum, type, magic, prefix; then, after a pax header, its records and the next header
+            for at in (0, 100, 124, 130, 148, 156, 257, 345, 512, 514, 520, 530, 1024 + 124, 1024 + 148, 1024 + 156):
                 for value in (0x00, 0x37, 0xFF):
                     cases[f"header {h} byte {at} = {value}"] = data[:h + at] + bytes([value]) + data[h + at + 1:]
         for case, bad in cases.items():
             assert _outcome(_tar_members, bad) == _outcome(_tarfile_members, bad), (label, case)
+    # a pax size that is not a number: tarfile takes it as 0, and what follows no longer parses
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        _add(tar, "a.cls", b"1")
+        info = tarfile.TarInfo("b.jpg")
+        info.size, info.pax_headers = 3, {"size": "abc"}
+        tar.addfile(info, io.BytesIO(b"abc"))
+        _add(tar, "c.cls", b"2")
+    got, stop = _outcome(_tar_members, buf.getvalue())
+    assert (got, stop) == _outcome(_tarfile_members, buf.getvalue()) and stop is not None and stop[0] == "DamagedShard"
