@@ -52,6 +52,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--views", type=int, default=256, help="views per batch (2 per image)")
+    parser.add_argument("--png", default=None, help="also draw 8 jittered views in both modes, and their difference")
     args = parser.parse_args()
     device, size, out = torch.device(args.device), args.size, (args.size, args.size)
     recipes = {m: Recipe(jitter_mode=m) for m in MODES}
@@ -133,6 +134,15 @@ def main() -> None:
     print(f"\noperators called by the colour stage (a copy of the crops included): sequential {calls['sequential']}, "
           f"affine {calls['affine']}")
     jittered = rows[:, COL["jitter"]] > 0.5
+    if args.png:
+        from torchvision.utils import save_image
+
+        picked = jittered.nonzero().squeeze(1)[:8].to(device)
+        seq, aff = views["sequential"][picked], views["affine"][picked]
+        rows_png = torch.cat([seq, aff, ((seq - aff).abs() * 4).clamp(0, 1)])           # difference x 4
+        save_image(F.interpolate(rows_png.float().cpu(), size=(112, 112), mode="area"), args.png, nrow=len(picked),
+                   padding=2, pad_value=1.0)
+        print(f"\n{args.png}: 8 jittered views, sequential (top), affine (middle), |difference| x 4 (bottom)")
     gap = (views["sequential"] - views["affine"]).abs()[jittered.to(device)].flatten().float().cpu()
     q = torch.quantile(gap[torch.randperm(len(gap), generator=torch.Generator().manual_seed(0))[:1 << 24]], 0.99)
     print(f"\n|sequential - affine| over the {int(jittered.sum())} jittered views' pixels: mean {gap.mean():.4f}, "
