@@ -184,7 +184,8 @@ _SIZE = 3                                               # its index in _NUMBERS
 _EXTENDED = frozenset({tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.GNUTYPE_SPARSE, tarfile.XHDTYPE,
                        tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE})
 _PAX = frozenset({tarfile.XHDTYPE, tarfile.SOLARIS_XHDTYPE})          # a pax header for the next member alone
-_PAX_RECORD = re.compile(rb"(\d+) ([^=]+)=")                           # tarfile's own pattern
+_PAX_RECORD = re.compile(rb"(\d+) ([^=]+)=")                           # tarfile's own patterns
+_PAX_CHARSET = re.compile(rb"\d+ hdrcharset=([^\n]+)\n")
 
 
 class _Prefixed:
@@ -288,7 +289,7 @@ def _pax_member(block: bytes, size: int, stream: Any) -> tuple[str, int, bytes, 
         name, size, kind = _header(following)
     except tarfile.HeaderError:
         return consumed
-    if kind in _EXTENDED or re.search(rb"\d+ hdrcharset=([^\n]+)\n", records):
+    if kind in _EXTENDED or _PAX_CHARSET.search(records):
         return consumed
     at = 0
     while (match := _PAX_RECORD.match(records, at)) is not None:
