@@ -442,10 +442,13 @@ def decode_image(sample: Sample) -> torch.Tensor:
                 grey = (np.asarray(im).astype(np.uint32).clip(0, 65535) >> 8).astype(np.uint8)
                 rgb = np.repeat(grey[..., None], 3, axis=2)
             else:
-                rgb = np.asarray(im.convert("RGB"))
+                rgb = np.asarray(im if im.mode == "RGB" else im.convert("RGB"))  # (convert would copy an RGB image)
     except Exception as exc:  # PIL raises many types for corrupt data
         raise ValueError(f"{sample.ext} does not decode: {type(exc).__name__}: {str(exc).split(' <')[0]}") from exc
-    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
+    out = torch.empty(3, rgb.shape[0], rgb.shape[1], dtype=torch.uint8)
+    with warnings.catch_warnings():  # a read-only array, only read: copied straight into the CHW tensor
+        warnings.simplefilter("ignore", UserWarning)
+        return out.copy_(torch.from_numpy(rgb).permute(2, 0, 1))
 
 
 def image_size(sample: Sample) -> tuple[int, int]:
