@@ -255,12 +255,12 @@ def _plain_members(block: bytes, stream: Any, url: str) -> Iterator[dict[str, An
             return
         last = (name, pos)
         regular = kind in tarfile.REGULAR_TYPES
-        padded = -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE if regular or kind not in tarfile.SUPPORTED_TYPES else 0
+        padded = _blocks(size) if regular or kind not in tarfile.SUPPORTED_TYPES else 0
         data = stream.read(size if regular else padded)
         if len(data) < (size if regular else padded):
             raise _cut(url, name, pos)
         if regular:
-            if not ("/" not in name and name.startswith("__") and name.endswith("__")):  # webdataset's metadata
+            if not _metadata(name):
                 yield {"fname": name, "data": data, "__url__": url}
             if padded > size and len(stream.read(padded - size)) < padded - size:
                 raise _cut(url, name, pos)
@@ -278,7 +278,7 @@ def _pax_member(block: bytes, size: int, stream: Any) -> tuple[str, int, bytes, 
     zero length), records or a next header cut short or damaged, and a next header that is itself an
     extension are left to ``tarfile``: then the bytes read so far are returned, to be handed over with it.
     """
-    padded = -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+    padded = _blocks(size)
     records = stream.read(padded)
     consumed = block + records
     if len(records) < padded:
@@ -314,6 +314,16 @@ def _pax_member(block: bytes, size: int, stream: Any) -> tuple[str, int, bytes, 
     return name, size, kind, tarfile.BLOCKSIZE + padded + tarfile.BLOCKSIZE
 
 
+def _blocks(size: int) -> int:
+    """Bytes that ``size`` bytes of member data take in a tar: whole blocks."""
+    return -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+
+
+def _metadata(name: str) -> bool:
+    """webdataset's metadata members (``__key__``-like names at the top level), which are not samples."""
+    return "/" not in name and name.startswith("__") and name.endswith("__")
+
+
 def _cut(url: str, name: str, offset: int) -> DamagedShard:
     return DamagedShard(f"{url}: damaged tar shard, unexpected end of data in member {name!r} (header at byte {offset}); "
                         f"{_HOW_TO_PROCEED}", url=url, offset=offset, member=None)
@@ -332,8 +342,8 @@ def _tarfile_members(stream: Any, url: str, base: int = 0,
             if not member.isreg():
                 continue
             data = tf.extractfile(member).read()
-            if "/" not in member.name and member.name.startswith("__") and member.name.endswith("__"):
-                continue  # webdataset's metadata members
+            if _metadata(member.name):
+                continue
             yield {"fname": member.name, "data": data, "__url__": url}
             tf.members = []  # stream mode: do not keep every header
     except tarfile.ReadError as exc:
