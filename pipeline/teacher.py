@@ -41,7 +41,7 @@ from seed.decode import Decoder
 from seed.shards import DamagedShard, Sample, damage_handler, expand_urls, image_size, iter_shard, shard_lengths
 from seed.storage import Storage
 from seed.teachers import LoadReport, TeacherLoader, load_teacher
-from seed.workers import PackedSamples, shard_workers
+from seed.workers import PackedSamples, SharedSlots, shard_workers
 
 log = logging.getLogger(__name__)
 
@@ -206,12 +206,15 @@ def _sized(sample: Sample) -> tuple[Sample, tuple[int, int]] | ValueError:
         return exc
 
 
-def _augment(views: list[View], cfg: RunConfig, device: torch.device) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
-    """``(x, rows, views)``: decoded views augmented on ``device``."""
+def _augment(views: list[View], cfg: RunConfig, device: torch.device,
+             slots: SharedSlots | None = None) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+    """``(x, rows, views)``: decoded views augmented on ``device`` (in one of a worker's ``slots`` when given)."""
     params = torch.from_numpy(np.stack([p for _, p, _, _ in views]))         # on the host: see apply_batch
     moved: dict[int, torch.Tensor] = {}                                       # each image once, not once per view
     images = [moved.setdefault(id(im), im.to(device)) for im, _, _, _ in views]
-    x = apply_batch(images, params, cfg.cache.recipe, cfg.cache.resolution, device)
+    r = cfg.cache.resolution
+    out = None if slots is None else slots.empty(len(views), 3, r, r)
+    x = apply_batch(images, params, cfg.cache.recipe, r, device, out)
     return x, np.array([r for *_, r, _ in views]), np.array([v for *_, v in views])
 
 
@@ -376,11 +379,11 @@ class _ShardDone:
 
 
 def _shard_items(cfg: RunConfig, plan: Plan, shards: list[int], batch_size: int, device: torch.device,
-                 encoded: bool = False) -> Iterator[_Views | _Encoded | _ShardDone]:
+                 encoded: bool = False, slots: SharedSlots | None = None) -> Iterator[_Views | _Encoded | _ShardDone]:
     """Every view batch of ``shards``, shard after shard, each shard closed by its ``_ShardDone``.
 
     ``encoded``: leave the images encoded (``_Encoded``: the main process decodes them on the GPU);
-    otherwise decode and augment here, on ``device``.
+    otherwise decode and augment here, on ``device`` (a worker's views into its ``slots``, sent by reference).
     """
     decoder = None if encoded else Decoder(device)
     cap, V = plan.capacity, cfg.cache.views
@@ -395,7 +398,11 @@ def _shard_items(cfg: RunConfig, plan: Plan, shards: list[int], batch_size: int,
         skipped: list[dict[str, str]] = []
         damage: list[DamagedShard] = []
         for views in _view_jobs(plan.urls[shard], plan.lengths[shard], cfg, batch_size, meta, skipped, decoder, damage):
-            yield _Encoded(shard, views) if encoded else _Views(shard, *_augment(views, cfg, device))
+            if encoded:
+                yield _Encoded(shard, views)
+            else:
+                made = _Views(shard, *_augment(views, cfg, device, slots))
+                yield made if slots is None else slots.send(made)
         meta["keys"] = meta["keys"].astype(str)
         yield _ShardDone(shard, meta, skipped, decoder.name if decoder is not None else "nvjpeg",
                          _damage_record(damage, meta, plan.lengths[shard]))
@@ -413,12 +420,12 @@ def _damage_record(damage: list[DamagedShard], meta: dict[str, np.ndarray], expe
             "last_key": str(meta["keys"][read - 1]) if read else None}
 
 
-def _worker_items(cfg: RunConfig, plan: Plan, batch_size: int, encoded: bool,
+def _worker_items(cfg: RunConfig, plan: Plan, batch_size: int, encoded: bool, slots: SharedSlots | None,
                   shards: Sequence[int]) -> Iterator[_Views | _Encoded | _ShardDone]:
     """A worker's part of the stage's input, whole shards each, so every row, view and batch is what one
     process makes (and, on the CPU, the cache the same bytes). ``encoded``: the worker only reads shards
     and draws views; the main process decodes on the GPU."""
-    return _shard_items(cfg, plan, list(shards), batch_size, torch.device("cpu"), encoded)
+    return _shard_items(cfg, plan, list(shards), batch_size, torch.device("cpu"), encoded, slots)
 
 
 def _stream(cfg: RunConfig, plan: Plan, shards: list[int], batch_size: int, device: torch.device,
@@ -434,8 +441,10 @@ def _stream(cfg: RunConfig, plan: Plan, shards: list[int], batch_size: int, devi
         items = cast(Iterator[_Views | _ShardDone], _shard_items(cfg, plan, shards, batch_size, device))
         return prefetch(items, cfg.cache.prefetch)
     gpu = device.type == "cuda"
-    made = shard_workers(shards, functools.partial(_worker_items, cfg, plan, batch_size, gpu), workers=workers,
-                         depth=cfg.cache.prefetch)
+    r, depth = cfg.cache.resolution, cfg.cache.prefetch
+    slots = None if gpu else SharedSlots.for_workers(workers, depth, batch_size * 3 * r * r * 4)
+    made = shard_workers(shards, functools.partial(_worker_items, cfg, plan, batch_size, gpu, slots), workers=workers,
+                         depth=depth, slots=slots)
     if not gpu:
         return cast(Iterator[_Views | _ShardDone], made)
     decoder = Decoder(device)

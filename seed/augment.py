@@ -45,11 +45,13 @@ def apply_batch(
     recipe: Recipe,
     size: int | tuple[int, int],
     device: torch.device | str | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Apply view rows ``params [B, P]`` to ``B`` uint8 ``[3, h, w]`` images -> float ``[B, 3, *size]`` in [0, 1].
 
     ``images`` may be a list (any sizes) or a uint8 tensor ``[B, 3, h, w]``. Runs on ``device`` (default:
-    the device of ``params``); the same inputs give bit-identical outputs on CPU.
+    the device of ``params``); the same inputs give bit-identical outputs on CPU. ``out``: on the CPU, a
+    contiguous float32 tensor of that shape to write the views into (a worker's shared buffer).
 
     Pass ``params`` on the CPU with ``device="cuda"``: which views take which branch of the recipe
     (jitter and its order, grayscale, blur, solarisation) is then read from the host rows, so the
@@ -60,19 +62,27 @@ def apply_batch(
         raise ValueError(f"apply_batch: {len(images)} images but {params.shape[0]} parameter rows")
     if params.shape[-1] != P:
         raise ValueError(f"apply_batch: parameter rows have {params.shape[-1]} columns, expected {P} ({COLUMNS})")
-    out = _as_size(size)
+    size_hw = _as_size(size)
     target = params.device if device is None else torch.device(device)
     host = params.cpu()                                                       # a no-op for rows on the CPU
     if target.type == "cuda":
+        if out is not None:
+            raise ValueError("apply_batch: out is for the CPU only")
         rows = _to_device(host, target)
-        return _colour_and_blur(_crops_on_canvas(images, rows, out), rows, host, recipe, out)
+        return _colour_and_blur(_crops_on_canvas(images, rows, size_hw), rows, host, recipe, size_hw)
+    shape = (len(images), 3, *size_hw)
+    if out is not None and (tuple(out.shape) != shape or out.dtype != torch.float32 or out.device != target
+                            or not out.is_contiguous()):
+        raise ValueError(f"apply_batch: out must be a contiguous float32 {list(shape)} tensor on {target}, "
+                         f"got {out.dtype} {list(out.shape)} on {out.device}")
     # On the CPU, a few views at a time: each pass then stays in the core's cache instead of streaming
     # the whole batch through memory once per operation (which held two workers to one's speed).
-    x = torch.empty(len(images), 3, *out, device=target)
-    step = max(1, CPU_PASS_BYTES // (3 * out[0] * out[1] * 4))
+    x = torch.empty(shape, device=target) if out is None else out
+    step = max(1, CPU_PASS_BYTES // (3 * size_hw[0] * size_hw[1] * 4))
     for start in range(0, len(images), step):
         part = slice(start, start + step)
-        x[part] = _colour_and_blur(_crops_by_size(images[part], host[part], out), host[part], host[part], recipe, out)
+        x[part] = _colour_and_blur(_crops_by_size(images[part], host[part], size_hw), host[part], host[part], recipe,
+                                   size_hw)
     return x
 
 

@@ -32,7 +32,7 @@ from seed.prefetch import prefetch
 from seed.decode import Decoder
 from seed.errors import SeedError
 from seed.shards import Damaged, DamagedShard, OnDamage, Sample, damage_handler, image_size, iter_shard
-from seed.workers import PackedSamples, as_is, reraise, shard_workers
+from seed.workers import PackedSamples, SharedSlots, as_is, reraise, shard_workers
 
 if TYPE_CHECKING:
     import zarr
@@ -71,6 +71,8 @@ MakeExample = Callable[[int, Sample], "Example | None"]
 class Source(Protocol):
     """What a training example carries besides its image, per input shard and epoch."""
 
+    n_views: int  # views per example
+
     def load(self, shard: int, epoch: int) -> MakeExample:
         """A function of (index in the shard, sample) -> the example, or None to skip the sample."""
         ...
@@ -85,6 +87,8 @@ class CachedSource:
 
     ``view``: ``cycle`` uses view ``(epoch + row) mod V``; ``random`` draws one from (seed, epoch, row).
     """
+
+    n_views = 1
 
     def __init__(self, group: zarr.Group, bank: Bank | Sequence[Bank] | None, *, view: str, seed: int, dense: bool):
         self.banks: list[Bank] = [] if bank is None else list(bank) if isinstance(bank, (list, tuple)) else [bank]  # type: ignore[list-item]
@@ -216,10 +220,10 @@ def decode_items(items: list[Example], decoder: Decoder) -> tuple[list[Example],
 
 
 def collate(items: list[Example], recipe: Recipe, resolution: int, decoder: Decoder,
-            device: torch.device | None = None) -> Batch:
+            device: torch.device | None = None, slots: SharedSlots | None = None) -> Batch:
     """Decode and augment the batch in one call each; views are laid out view-major (all first views, then second ...).
 
-    ``x`` is made on ``device`` (the model's; the CPU when None).
+    ``x`` is made on ``device`` (the model's; the CPU when None), in one of a worker's ``slots`` when given.
     """
     device = device or torch.device("cpu")
     n_views = items[0].params.shape[0]
@@ -227,7 +231,8 @@ def collate(items: list[Example], recipe: Recipe, resolution: int, decoder: Deco
     decoded = [im.to(device) for im in decoded]                              # once per image, not per view
     images = [decoded[i] for v in range(n_views) for i in range(len(items))]
     params = torch.from_numpy(np.concatenate([np.stack([it.params[v] for it in items]) for v in range(n_views)]))
-    x = apply_batch(images, params, recipe, resolution, device)              # rows on the host: see apply_batch
+    out = None if slots is None else slots.empty(len(images), 3, resolution, resolution)
+    x = apply_batch(images, params, recipe, resolution, device, out)         # rows on the host: see apply_batch
     extra = {name: torch.from_numpy(np.stack([it.extra[name] for it in items])) for name in items[0].extra}
     return Batch(x, torch.tensor([it.row for it in items]), torch.tensor([it.label for it in items]), extra, n_views)
 
@@ -280,10 +285,12 @@ class _CollateJob(torch.utils.data.Dataset):
     def __init__(self, recipe: Recipe, resolution: int):
         self.recipe, self.resolution = recipe, resolution
         self.decoder = Decoder(torch.device("cpu"))
+        self.slots: SharedSlots | None = None  # set before the workers start
 
     def __getitem__(self, items: list[Example]) -> Batch | SeedError:
         try:
-            return collate(items, self.recipe, self.resolution, self.decoder)
+            batch = collate(items, self.recipe, self.resolution, self.decoder, slots=self.slots)
+            return batch if self.slots is None else self.slots.send(batch)
         except SeedError as exc:  # handed back as an item: the DataLoader would wrap it in its own traceback
             return exc
 
@@ -305,7 +312,8 @@ class Batches:
     grouping), so they are the same for any number of workers. Two layouts:
 
     - decode in workers (the CPU's default): composed in a background thread here; ``workers``
-      processes (persistent across epochs) decode and augment them; with none, the thread does.
+      processes (persistent across epochs) decode and augment them, into shared buffers made for the
+      first epoch's batch size (``seed.workers.SharedSlots``); with none, the thread does.
     - compose in a worker (``compose_in_worker``, CUDA's default when ``workers`` > 0): one worker
       process per epoch reads the shards and composes the batches, still encoded; a background
       thread here decodes (nvJPEG on CUDA) and augments them on ``device``. Reading shards, the
@@ -323,8 +331,9 @@ class Batches:
         workers = 0 if compose_in_worker or device.type != "cpu" else workers
         self.recipe, self.resolution, self.device, self.workers, self.depth = recipe, resolution, device, workers, depth
         self._jobs = _Jobs()
+        self._collate = _CollateJob(recipe, resolution)
         self._loader = None if workers == 0 else torch.utils.data.DataLoader(
-            _CollateJob(recipe, resolution), sampler=self._jobs, batch_size=None, num_workers=workers,
+            self._collate, sampler=self._jobs, batch_size=None, num_workers=workers,
             collate_fn=as_is, prefetch_factor=max(1, depth), persistent_workers=True)
 
     def epoch(self, urls: Sequence[str], order: Sequence[int], source: Source, epoch: int, *, batch_size: int,
@@ -342,10 +351,16 @@ class Batches:
             decoder = Decoder(self.device)
             return prefetch((collate(j, self.recipe, self.resolution, decoder, self.device) for j in jobs), self.depth)
         self._jobs.jobs = prefetch(jobs, self.depth)  # reading shards overlaps the training step
-        return reraise(iter(self._loader))
+        if self._collate.slots is None:  # before the (persistent) workers start: sized by the first epoch
+            r = self.resolution
+            self._collate.slots = SharedSlots.for_workers(self.workers, self.depth,
+                                                          batch_size * source.n_views * 3 * r * r * 4)
+        slots = self._collate.slots
+        return (slots.receive(b) for b in reraise(iter(self._loader)))
 
     def close(self) -> None:
-        """Stop the worker processes now (they are persistent across epochs)."""
+        """Stop the worker processes now (they are persistent across epochs) and free their shared buffers."""
         iterator = getattr(self._loader, "_iterator", None)
         if iterator is not None:
             iterator._shutdown_workers()  # torch's own shutdown; the public way is to drop every reference
+        self._collate.slots = None

@@ -35,7 +35,7 @@ from seed.decode import Decoder
 from seed.devices import autocast
 from seed.prefetch import prefetch
 from seed.shards import Damaged, Sample, damage_handler, decode_image, iter_shard, lengths_from_info
-from seed.workers import shard_workers
+from seed.workers import SharedSlots, shard_workers
 
 IDENTITY = Recipe()
 EVAL_BATCH = 256           # images per forward; a batch never spans two shards
@@ -149,45 +149,51 @@ class _Chunk:
     samples: list[Sample] | None = None
 
 
-def _decode(shard: int, samples: list[Sample], decoder: Decoder, resolution: int) -> _Chunk:
-    """The batch's decodable images, resized whole to ``resolution`` on the decoder's device."""
+def _decode(shard: int, samples: list[Sample], decoder: Decoder, resolution: int,
+            slots: SharedSlots | None = None) -> _Chunk:
+    """The batch's decodable images, resized whole to ``resolution`` on the decoder's device (in one of a
+    worker's ``slots`` when given)."""
     kept, decoded = [], []
     for sample, image in zip(samples, decoder.decode(samples)):
         if not isinstance(image, ValueError):
             kept.append(sample)
             decoded.append(image)
-    x = (apply_batch(decoded, identity_params(len(decoded)), IDENTITY, resolution, decoder.device) if decoded
+    out = None if slots is None or not decoded else slots.empty(len(decoded), 3, resolution, resolution)
+    x = (apply_batch(decoded, identity_params(len(decoded)), IDENTITY, resolution, decoder.device, out) if decoded
          else torch.empty(0, 3, resolution, resolution, device=decoder.device))
     return _Chunk(shard, len(samples), np.array([s.index for s in kept], dtype=np.int64), [s.key for s in kept],
                   np.array([s.label for s in kept], dtype=np.int64), x=x)
 
 
 def _shard_chunks(urls: Sequence[str], shards: Sequence[int], resolution: int, batch_size: int,
-                  decoder: Decoder | None, damaged: Damaged = "stop") -> Iterator[_Chunk]:
+                  decoder: Decoder | None, damaged: Damaged = "stop",
+                  slots: SharedSlots | None = None) -> Iterator[_Chunk]:
     """The shards' samples in batches; decoded on ``decoder``'s device, or left encoded when it is None."""
     for shard in shards:
         pending: list[Sample] = []
         for sample in iter_shard(urls[shard], damage_handler(damaged)):
             pending.append(sample)
             if len(pending) == batch_size:
-                yield _make_chunk(shard, pending, decoder, resolution)
+                yield _make_chunk(shard, pending, decoder, resolution, slots)
                 pending = []
         if pending:
-            yield _make_chunk(shard, pending, decoder, resolution)
+            yield _make_chunk(shard, pending, decoder, resolution, slots)
 
 
-def _make_chunk(shard: int, samples: list[Sample], decoder: Decoder | None, resolution: int) -> _Chunk:
-    if decoder is not None:
-        return _decode(shard, samples, decoder, resolution)
-    return _Chunk(shard, len(samples), np.zeros(0, np.int64), [], np.zeros(0, np.int64), samples=samples)
+def _make_chunk(shard: int, samples: list[Sample], decoder: Decoder | None, resolution: int,
+                slots: SharedSlots | None) -> _Chunk:
+    if decoder is None:
+        return _Chunk(shard, len(samples), np.zeros(0, np.int64), [], np.zeros(0, np.int64), samples=samples)
+    chunk = _decode(shard, samples, decoder, resolution, slots)
+    return chunk if slots is None else slots.send(chunk)
 
 
 def _worker_chunks(urls: Sequence[str], resolution: int, batch_size: int, decode: bool, damaged: Damaged,
-                   shards: Sequence[int]) -> Iterator[_Chunk]:
-    """A worker's shards, whole: on the CPU decoded and resized, on CUDA left encoded (the main process
-    decodes them with nvJPEG)."""
+                   slots: SharedSlots | None, shards: Sequence[int]) -> Iterator[_Chunk]:
+    """A worker's shards, whole: on the CPU decoded and resized (into ``slots``), on CUDA left encoded (the
+    main process decodes them with nvJPEG)."""
     decoder = Decoder(torch.device("cpu")) if decode else None
-    return _shard_chunks(urls, shards, resolution, batch_size, decoder, damaged)
+    return _shard_chunks(urls, shards, resolution, batch_size, decoder, damaged, slots)
 
 
 def _chunks(urls: Sequence[str], resolution: int, device: torch.device, *, batch_size: int, workers: int,
@@ -203,8 +209,10 @@ def _chunks(urls: Sequence[str], resolution: int, device: torch.device, *, batch
                             depth)
         return
     gpu = device.type == "cuda"
+    workers = min(workers, len(urls))
+    slots = None if gpu else SharedSlots.for_workers(workers, depth, batch_size * 3 * resolution ** 2 * 4)
     items = shard_workers(range(len(urls)), functools.partial(_worker_chunks, urls, resolution, batch_size, not gpu,
-                                                              damaged), workers=min(workers, len(urls)), depth=depth)
+                                                              damaged, slots), workers=workers, depth=depth, slots=slots)
     if not gpu:
         yield from items
         return

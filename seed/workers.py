@@ -4,12 +4,14 @@ Worker w of W runs ``make(shards[w::W])``, so a shard is read by one process fro
 what it yields is what one process would make (the teacher stage's cache rows, the evaluation's
 features). A ``SeedError`` raised in a worker is handed over as an item and raised again here:
 torch's DataLoader would otherwise wrap it in a traceback of its own, burying the one-line message
-a user needs.
+a user needs. Large tensors cross in shared memory made once: float batches in ``SharedSlots``,
+encoded images packed into one tensor (``PackedSamples``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -55,14 +57,140 @@ def reraise(items: Iterable[T | SeedError]) -> Iterator[T]:
 
 
 def shard_workers(shards: Sequence[int], make: Callable[[Sequence[int]], Iterable[T]], *, workers: int,
-                  depth: int) -> Iterator[T]:
+                  depth: int, slots: SharedSlots | None = None) -> Iterator[T]:
     """What ``make`` yields for every shard, from ``workers`` processes, each ``depth`` items ahead.
 
-    Items of different workers interleave; each shard's items keep their order.
+    Items of different workers interleave; each shard's items keep their order. ``slots``: the buffers
+    ``make`` writes its tensors into (``SharedSlots.send``); they are received here.
     """
     loader = torch.utils.data.DataLoader(ShardSplit(shards, make), batch_size=None, num_workers=workers,
                                          collate_fn=as_is, prefetch_factor=max(1, depth))
-    return reraise(loader)
+    items = reraise(loader)
+    return items if slots is None else (slots.receive(item) for item in items)
+
+
+def shared_bytes(n: int) -> torch.Tensor:
+    """An uninitialised uint8 tensor of ``n`` bytes in shared memory, made there directly as torch's own collate
+    does (``share_memory_`` would copy it there, taking every page at once)."""
+    return torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(n))
+
+
+def _use_count(t: torch.Tensor) -> int:
+    """How many references this process holds to ``t``'s storage (every tensor viewing it counts)."""
+    return int(torch._C._storage_Use_Count(t.untyped_storage()._cdata))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SlotRef:
+    """A tensor a worker wrote into buffer ``index`` of a ``SharedSlots``, from its first byte. ``buffer``: the
+    buffer itself, sent once, with the first tensor written into it."""
+
+    index: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    buffer: torch.Tensor | None = None
+
+
+class SharedSlots:
+    """Shared-memory buffers that DataLoader workers write their batches into, sent to this process by index.
+
+    A tensor a worker returns the usual way costs both processes: the worker makes it in fresh memory
+    and copies it into a new shared-memory segment, and this process maps that segment and faults in
+    every 4 KB page it reads. For a batch of 256 float views at 224 px (154 MB) that is some tens of
+    milliseconds on each side, per batch. These buffers are made once and reused:
+
+    - a worker takes a free buffer of its own (``empty``; it makes the buffer the first time), writes
+      its batch into it and sends the item with the tensor replaced by a ``SlotRef`` (``send``; the
+      buffer itself crosses once, with its first batch);
+    - this process turns the reference back into a tensor viewing the buffer (``receive``), and frees
+      the buffer for its worker once no tensor here shares its storage any more: a batch the consumer
+      still holds, or any view of it, is never overwritten.
+
+    When no buffer is free or big enough, ``empty`` makes an ordinary tensor, which is sent as before:
+    the buffers save copies and never change what is received. Each worker has buffers of its own, so
+    taking one needs no lock: a flag is set only by the worker (on a free buffer of its own) and cleared
+    only here (on a buffer received and let go of). Make one per set of workers, before they start
+    (``for_workers``); only the flags are shared then. A worker makes only the buffers it needs at once
+    (torch reserves a shared-memory segment's pages when it makes it).
+    """
+
+    @classmethod
+    def for_workers(cls, workers: int, depth: int, nbytes: int) -> SharedSlots:
+        """Buffers of ``nbytes`` for ``workers`` each ``depth`` items ahead, and a consumer that holds one item at
+        a time: a worker's items in flight, and the consumer's three (the one it holds, the one before, which its
+        loop variable lets go of only when the next arrives, and the one being received)."""
+        return cls(workers, max(1, depth) + 3, nbytes)
+
+    def __init__(self, workers: int, per_worker: int, nbytes: int):
+        if not hasattr(torch._C, "_storage_Use_Count"):
+            per_worker = 0  # this process could not tell when a buffer is free: every tensor is sent as before
+        self.nbytes, self.per_worker = nbytes, per_worker
+        self.buffers: list[torch.Tensor | None] = [None] * (workers * per_worker)  # worker w's: w * per_worker ...
+        self.taken = torch.zeros(len(self.buffers), dtype=torch.uint8).share_memory_()  # set by empty, cleared here
+        self._unsent: set[int] = set()             # worker side: buffers made here and not yet sent
+        self._unused: dict[int, int] = {}          # this process's references to a buffer when nothing views it
+        self._held: list[int] = []                 # received, not yet freed
+
+    def empty(self, *shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Worker side: an uninitialised contiguous tensor in a free buffer of this worker's (or, with none free,
+        an ordinary one). Outside a worker, the first worker's buffers are used."""
+        nbytes = math.prod(shape) * dtype.itemsize
+        if 0 < nbytes <= self.nbytes:
+            info = torch.utils.data.get_worker_info()
+            first = (0 if info is None else info.id) * self.per_worker
+            taken = self.taken.numpy()
+            for i in range(first, min(first + self.per_worker, len(self.buffers))):
+                if taken[i] == 0:
+                    taken[i] = 1
+                    buffer = self.buffers[i]
+                    if buffer is None:
+                        buffer = self.buffers[i] = shared_bytes(self.nbytes)
+                        self._unsent.add(i)
+                    return buffer[:nbytes].view(dtype).view(shape)
+        return torch.empty(shape, dtype=dtype)
+
+    def _ref(self, t: torch.Tensor) -> SlotRef | torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        i = next((i for i, b in enumerate(self.buffers) if b is not None and b.data_ptr() == ptr), None)
+        if i is None or t.storage_offset() != 0 or not t.is_contiguous():
+            return t
+        if i in self._unsent:
+            self._unsent.discard(i)
+            return SlotRef(i, tuple(t.shape), t.dtype, self.buffers[i])
+        return SlotRef(i, tuple(t.shape), t.dtype)
+
+    def send(self, item: T) -> T:
+        """Worker side: ``item`` (a dataclass) with each tensor field that ``empty`` made replaced by its ``SlotRef``."""
+        refs = {f.name: self._ref(v) for f in dataclasses.fields(item)  # type: ignore[arg-type]
+                if isinstance(v := getattr(item, f.name), torch.Tensor)}
+        return dataclasses.replace(item, **{k: v for k, v in refs.items() if isinstance(v, SlotRef)})  # type: ignore[type-var]
+
+    def receive(self, item: T) -> T:
+        """This process: ``item`` with each ``SlotRef`` field replaced by a tensor viewing its buffer."""
+        self.reclaim()
+        if not dataclasses.is_dataclass(item):
+            return item
+        refs = {f.name: v for f in dataclasses.fields(item) if isinstance(v := getattr(item, f.name), SlotRef)}
+        for ref in refs.values():
+            if ref.buffer is not None:   # its first batch: keep the buffer (the same tensor here, when sent in-process)
+                self.buffers[ref.index] = ref.buffer
+                self._unused[ref.index] = _use_count(ref.buffer)
+            self._held.append(ref.index)
+        if not refs:
+            return item
+        return dataclasses.replace(item, **{k: self._view(r) for k, r in refs.items()})  # type: ignore[type-var]
+
+    def _view(self, ref: SlotRef) -> torch.Tensor:
+        buffer = self.buffers[ref.index]
+        assert buffer is not None, f"buffer {ref.index} was never received"
+        return buffer[:math.prod(ref.shape) * ref.dtype.itemsize].view(ref.dtype).view(ref.shape)
+
+    def reclaim(self) -> None:
+        """Free, for the workers, every received buffer that no tensor in this process views any more."""
+        done = [i for i in self._held if _use_count(self.buffers[i]) == self._unused[i]]  # type: ignore[arg-type]
+        if done:
+            self.taken.numpy()[done] = 0
+            self._held = [i for i in self._held if i not in done]
 
 
 @dataclasses.dataclass
@@ -82,9 +210,9 @@ class PackedSamples:
     @classmethod
     def pack(cls, samples: Sequence[Sample]) -> PackedSamples:
         sizes = np.array([-1 if s.image is None else len(s.image) for s in samples], dtype=np.int64)
-        data = torch.empty(int(sizes.clip(min=0).sum()), dtype=torch.uint8)
-        if torch.utils.data.get_worker_info() is not None:
-            data.share_memory_()  # filled in place: handing it over then copies nothing
+        n = int(sizes.clip(min=0).sum())
+        # in a worker, filled in shared memory: handing it over then copies nothing
+        data = shared_bytes(n) if torch.utils.data.get_worker_info() is not None else torch.empty(n, dtype=torch.uint8)
         buf, at = data.numpy(), 0
         for s, n in zip(samples, sizes):
             if n > 0:

@@ -173,6 +173,39 @@ def test_batches_are_the_same_in_every_data_layout(prepared) -> None:
             assert a.extra.keys() == b.extra.keys() and all(torch.equal(a.extra[k], b.extra[k]) for k in a.extra), name
 
 
+def test_worker_batches_reuse_shared_buffers_only_once_let_go(prepared) -> None:
+    """2 workers decode into shared buffers (``SharedSlots``) that a loop taking one batch at a time lets go of:
+    the buffers are reused, and every batch still equals the one thread's to the bit. (The test above holds
+    every batch, so there the buffers run out and ordinary tensors follow.)"""
+    cfg, storage, _ = prepared
+    urls = expand_urls(storage.resolve("shards", cfg.data.train))
+    group, banks = bank_store.open_banks(storage.cache_url(cfg.cache.name), cfg.bank)
+    source = CachedSource(group, banks, view="random", seed=3, dense=False)
+    cpu = torch.device("cpu")
+    thread = Batches(cfg.cache.recipe, cfg.cache.resolution, device=cpu, workers=0, depth=2)
+    workers = Batches(cfg.cache.recipe, cfg.cache.resolution, device=cpu, workers=2, depth=2)
+
+    def epoch(maker: Batches, e: int):  # type: ignore[no-untyped-def]
+        return maker.epoch(urls, shard_order(len(urls), e, 0), source, e, batch_size=50, steps=6, seed=0,
+                           shuffle_buffer=200)
+
+    expected = {e: [b.x for b in epoch(thread, e)] for e in range(2)}
+    seen: list[int | None] = []
+    try:
+        for e in range(2):
+            for i, batch in enumerate(epoch(workers, e)):
+                assert torch.equal(batch.x, expected[e][i]), (e, i)
+                slots = workers._collate.slots
+                assert slots is not None
+                ptr = batch.x.untyped_storage().data_ptr()
+                seen.append(next((j for j, b in enumerate(slots.buffers) if b is not None and b.data_ptr() == ptr), None))
+    finally:
+        workers.close()
+    # a worker has at most 2 batches in flight (the DataLoader's bound), and the loop holds one and the one before
+    assert len(seen) == 12 and len(slots.buffers) == 2 * (2 + 3) and None not in seen, seen
+    assert len(set(seen)) < len(seen), seen                              # buffers carried several batches
+
+
 def exploding(after: int) -> type[CachedSeed]:
     """Cached SEED whose loss turns NaN after ``after`` calls (6 steps an epoch)."""
 
