@@ -320,6 +320,7 @@ class _Encoded:
 
     shard: int
     views: list[View]
+    slots: SharedSlots | None = dataclasses.field(default=None, repr=False, compare=False)  # the worker's, to pack into
 
     def samples(self) -> tuple[list[Sample], list[int]]:
         """The batch's distinct samples (an image's V views share one) and each view's index among them."""
@@ -332,12 +333,12 @@ class _Encoded:
 
     def __getstate__(self) -> dict[str, Any]:
         distinct, slots = self.samples()
-        return {"shard": self.shard, "packed": PackedSamples.pack(distinct),
+        return {"shard": self.shard, "packed": PackedSamples.pack(distinct, self.slots),
                 "views": [(i, size, params, row, v) for i, ((_, size), params, row, v) in zip(slots, self.views)]}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         samples = state["packed"].unpack()
-        self.shard = state["shard"]
+        self.shard, self.slots = state["shard"], None
         self.views = [((samples[i], size), params, row, v) for i, size, params, row, v in state["views"]]
 
 
@@ -383,7 +384,8 @@ def _shard_items(cfg: RunConfig, plan: Plan, shards: list[int], batch_size: int,
     """Every view batch of ``shards``, shard after shard, each shard closed by its ``_ShardDone``.
 
     ``encoded``: leave the images encoded (``_Encoded``: the main process decodes them on the GPU);
-    otherwise decode and augment here, on ``device`` (a worker's views into its ``slots``, sent by reference).
+    otherwise decode and augment here, on ``device``. A worker's ``slots``: the shared buffers it writes the
+    views (or the images' bytes) into, sent by reference.
     """
     decoder = None if encoded else Decoder(device)
     cap, V = plan.capacity, cfg.cache.views
@@ -399,7 +401,7 @@ def _shard_items(cfg: RunConfig, plan: Plan, shards: list[int], batch_size: int,
         damage: list[DamagedShard] = []
         for views in _view_jobs(plan.urls[shard], plan.lengths[shard], cfg, batch_size, meta, skipped, decoder, damage):
             if encoded:
-                yield _Encoded(shard, views)
+                yield _Encoded(shard, views, slots)
             else:
                 made = _Views(shard, *_augment(views, cfg, device, slots))
                 yield made if slots is None else slots.send(made)
@@ -442,9 +444,10 @@ def _stream(cfg: RunConfig, plan: Plan, shards: list[int], batch_size: int, devi
         return prefetch(items, cfg.cache.prefetch)
     gpu = device.type == "cuda"
     r, depth = cfg.cache.resolution, cfg.cache.prefetch
-    slots = None if gpu else SharedSlots.for_workers(workers, depth, batch_size * 3 * r * r * 4)
+    # the views on the CPU; the batches' encoded bytes (of any size) for the GPU
+    slots = SharedSlots.for_workers(workers, depth, 0 if gpu else batch_size * 3 * r * r * 4)
     made = shard_workers(shards, functools.partial(_worker_items, cfg, plan, batch_size, gpu, slots), workers=workers,
-                         depth=depth, slots=slots)
+                         depth=depth)
     if not gpu:
         return cast(Iterator[_Views | _ShardDone], made)
     decoder = Decoder(device)

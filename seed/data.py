@@ -71,8 +71,6 @@ MakeExample = Callable[[int, Sample], "Example | None"]
 class Source(Protocol):
     """What a training example carries besides its image, per input shard and epoch."""
 
-    n_views: int  # views per example
-
     def load(self, shard: int, epoch: int) -> MakeExample:
         """A function of (index in the shard, sample) -> the example, or None to skip the sample."""
         ...
@@ -87,8 +85,6 @@ class CachedSource:
 
     ``view``: ``cycle`` uses view ``(epoch + row) mod V``; ``random`` draws one from (seed, epoch, row).
     """
-
-    n_views = 1
 
     def __init__(self, group: zarr.Group, bank: Bank | Sequence[Bank] | None, *, view: str, seed: int, dense: bool):
         self.banks: list[Bank] = [] if bank is None else list(bank) if isinstance(bank, (list, tuple)) else [bank]  # type: ignore[list-item]
@@ -256,27 +252,28 @@ class _Composed:
     """A composed batch's examples, pickled (from the composing worker to this process) with their images'
     bytes in one tensor (``PackedSamples``), so they cross through shared memory."""
 
-    def __init__(self, examples: list[Example]):
-        self.examples = examples
+    def __init__(self, examples: list[Example], slots: SharedSlots | None = None):
+        self.examples, self.slots = examples, slots  # the composing worker's buffers, to pack the bytes into
 
     def __getstate__(self) -> dict[str, Any]:
-        packed = PackedSamples.pack([ex.sample for ex in self.examples])
+        packed = PackedSamples.pack([ex.sample for ex in self.examples], self.slots)
         # the examples hold the packed (byte-less) samples: pickled once, shared by both lists
         return {"packed": packed, "examples": [dataclasses.replace(ex, sample=sample)
                                                for ex, sample in zip(self.examples, packed.samples)]}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        self.slots = None
         self.examples = [dataclasses.replace(ex, sample=sample)
                          for ex, sample in zip(state["examples"], state["packed"].unpack())]
 
 
 def _composed(urls: Sequence[str], source: Source, epoch: int, order: Sequence[int], *, batch_size: int, steps: int,
-              seed: int, shuffle_buffer: int) -> Iterator[_Composed]:
+              seed: int, shuffle_buffer: int, slots: SharedSlots) -> Iterator[_Composed]:
     """``_jobs`` with the shard order last: what the composing worker runs (``seed.workers.ShardSplit``
-    hands its one worker every shard, in order)."""
+    hands its one worker every shard, in order). The images' bytes cross in its ``slots``."""
     for job in _jobs(urls, order, source, epoch, batch_size=batch_size, steps=steps, seed=seed,
                      shuffle_buffer=shuffle_buffer):
-        yield _Composed(job)
+        yield _Composed(job, slots)
 
 
 class _CollateJob(torch.utils.data.Dataset):
@@ -312,8 +309,8 @@ class Batches:
     grouping), so they are the same for any number of workers. Two layouts:
 
     - decode in workers (the CPU's default): composed in a background thread here; ``workers``
-      processes (persistent across epochs) decode and augment them, into shared buffers made for the
-      first epoch's batch size (``seed.workers.SharedSlots``); with none, the thread does.
+      processes (persistent across epochs) decode and augment them, into shared buffers they reuse
+      (``seed.workers.SharedSlots``); with none, the thread does.
     - compose in a worker (``compose_in_worker``, CUDA's default when ``workers`` > 0): one worker
       process per epoch reads the shards and composes the batches, still encoded; a background
       thread here decodes (nvJPEG on CUDA) and augments them on ``device``. Reading shards, the
@@ -340,7 +337,7 @@ class Batches:
               steps: int, seed: int, shuffle_buffer: int) -> Iterator[Batch]:
         if self.compose_in_worker:
             compose = functools.partial(_composed, urls, source, epoch, batch_size=batch_size, steps=steps, seed=seed,
-                                        shuffle_buffer=shuffle_buffer)
+                                        shuffle_buffer=shuffle_buffer, slots=SharedSlots.for_workers(1, self.depth))
             decoder = Decoder(self.device)
             composed = shard_workers(order, compose, workers=1, depth=self.depth)
             return prefetch((collate(j.examples, self.recipe, self.resolution, decoder, self.device) for j in composed),
@@ -351,12 +348,9 @@ class Batches:
             decoder = Decoder(self.device)
             return prefetch((collate(j, self.recipe, self.resolution, decoder, self.device) for j in jobs), self.depth)
         self._jobs.jobs = prefetch(jobs, self.depth)  # reading shards overlaps the training step
-        if self._collate.slots is None:  # before the (persistent) workers start: sized by the first epoch
-            r = self.resolution
-            self._collate.slots = SharedSlots.for_workers(self.workers, self.depth,
-                                                          batch_size * source.n_views * 3 * r * r * 4)
-        slots = self._collate.slots
-        return (slots.receive(b) for b in reraise(iter(self._loader)))
+        if self._collate.slots is None:  # before the (persistent) workers start
+            self._collate.slots = SharedSlots.for_workers(self.workers, self.depth)
+        return reraise(iter(self._loader))
 
     def close(self) -> None:
         """Stop the worker processes now (they are persistent across epochs) and free their shared buffers."""

@@ -212,7 +212,7 @@ def _chunks(urls: Sequence[str], resolution: int, device: torch.device, *, batch
     workers = min(workers, len(urls))
     slots = None if gpu else SharedSlots.for_workers(workers, depth, batch_size * 3 * resolution ** 2 * 4)
     items = shard_workers(range(len(urls)), functools.partial(_worker_chunks, urls, resolution, batch_size, not gpu,
-                                                              damaged, slots), workers=workers, depth=depth, slots=slots)
+                                                              damaged, slots), workers=workers, depth=depth)
     if not gpu:
         yield from items
         return

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import uuid
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -57,16 +59,14 @@ def reraise(items: Iterable[T | SeedError]) -> Iterator[T]:
 
 
 def shard_workers(shards: Sequence[int], make: Callable[[Sequence[int]], Iterable[T]], *, workers: int,
-                  depth: int, slots: SharedSlots | None = None) -> Iterator[T]:
+                  depth: int) -> Iterator[T]:
     """What ``make`` yields for every shard, from ``workers`` processes, each ``depth`` items ahead.
 
-    Items of different workers interleave; each shard's items keep their order. ``slots``: the buffers
-    ``make`` writes its tensors into (``SharedSlots.send``); they are received here.
+    Items of different workers interleave; each shard's items keep their order.
     """
     loader = torch.utils.data.DataLoader(ShardSplit(shards, make), batch_size=None, num_workers=workers,
                                          collate_fn=as_is, prefetch_factor=max(1, depth))
-    items = reraise(loader)
-    return items if slots is None else (slots.receive(item) for item in items)
+    return reraise(loader)
 
 
 def shared_bytes(n: int) -> torch.Tensor:
@@ -82,60 +82,81 @@ def _use_count(t: torch.Tensor) -> int:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class SlotRef:
-    """A tensor a worker wrote into buffer ``index`` of a ``SharedSlots``, from its first byte. ``buffer``: the
-    buffer itself, sent once, with the first tensor written into it."""
+    """A tensor a worker wrote into buffer ``index`` of the ``SharedSlots`` named ``token``, from its first byte.
 
+    Unpickled, it is that tensor again: a view of the buffer in the receiving process. ``buffer``: the buffer
+    itself, sent with the first tensor written into it (and again when the worker made it anew, larger).
+    """
+
+    token: str
     index: int
     shape: tuple[int, ...]
     dtype: torch.dtype
     buffer: torch.Tensor | None = None
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _open_slot, (self.token, self.index, self.shape, self.dtype, self.buffer)
+
+
+_OPEN: weakref.WeakValueDictionary[str, SharedSlots] = weakref.WeakValueDictionary()  # this process's, by token
+
+
+def _open_slot(token: str, index: int, shape: tuple[int, ...], dtype: torch.dtype,
+               buffer: torch.Tensor | None) -> torch.Tensor:
+    slots = _OPEN.get(token)
+    if slots is None:
+        raise SeedError(f"a worker sent a batch in shared buffers ({token}) that this process no longer has")
+    return slots._open(index, shape, dtype, buffer)
+
 
 class SharedSlots:
-    """Shared-memory buffers that DataLoader workers write their batches into, sent to this process by index.
+    """Shared-memory buffers that DataLoader workers write their tensors into, sent to this process by index.
 
     A tensor a worker returns the usual way costs both processes: the worker makes it in fresh memory
     and copies it into a new shared-memory segment, and this process maps that segment and faults in
     every 4 KB page it reads. For a batch of 256 float views at 224 px (154 MB) that is some tens of
     milliseconds on each side, per batch. These buffers are made once and reused:
 
-    - a worker takes a free buffer of its own (``empty``; it makes the buffer the first time), writes
-      its batch into it and sends the item with the tensor replaced by a ``SlotRef`` (``send``; the
-      buffer itself crosses once, with its first batch);
-    - this process turns the reference back into a tensor viewing the buffer (``receive``), and frees
-      the buffer for its worker once no tensor here shares its storage any more: a batch the consumer
-      still holds, or any view of it, is never overwritten.
+    - a worker takes a free buffer of its own (``empty``), writes into it and sends ``ref`` of the
+      tensor in its place (``send`` does it for a dataclass's fields): a few numbers, and the buffer
+      itself the first time;
+    - unpickled here, the reference is the tensor again, a view of the buffer; the buffer goes back to
+      its worker once no tensor here shares its storage any more, so a batch the consumer still holds,
+      or any view of it, is never overwritten.
 
-    When no buffer is free or big enough, ``empty`` makes an ordinary tensor, which is sent as before:
-    the buffers save copies and never change what is received. Each worker has buffers of its own, so
-    taking one needs no lock: a flag is set only by the worker (on a free buffer of its own) and cleared
-    only here (on a buffer received and let go of). Make one per set of workers, before they start
-    (``for_workers``); only the flags are shared then. A worker makes only the buffers it needs at once
-    (torch reserves a shared-memory segment's pages when it makes it).
+    A worker makes a buffer when it first needs one, of at least ``nbytes`` (torch reserves a shared-memory
+    segment's pages when it makes it), and makes it anew, a quarter larger than asked, when a free one is
+    too small. With none free, ``empty`` makes an ordinary tensor, sent as before: the buffers save
+    copies and never change what is received. Each worker has buffers of its own, so taking one needs
+    no lock: a flag is set only by the worker (on a free buffer of its own) and cleared only here (on a
+    buffer received and let go of). Make one in the receiving process, before the workers start
+    (``for_workers``), and keep it while they run.
     """
 
     @classmethod
-    def for_workers(cls, workers: int, depth: int, nbytes: int) -> SharedSlots:
-        """Buffers of ``nbytes`` for ``workers`` each ``depth`` items ahead, and a consumer that holds one item at
-        a time: a worker's items in flight, and the consumer's three (the one it holds, the one before, which its
-        loop variable lets go of only when the next arrives, and the one being received)."""
+    def for_workers(cls, workers: int, depth: int, nbytes: int = 0) -> SharedSlots:
+        """Buffers for ``workers`` each ``depth`` items ahead, and a consumer that holds one item at a time: a
+        worker's items in flight, and the consumer's three (the one it holds, the one before, which its loop
+        variable lets go of only when the next arrives, and the one being received)."""
         return cls(workers, max(1, depth) + 3, nbytes)
 
-    def __init__(self, workers: int, per_worker: int, nbytes: int):
+    def __init__(self, workers: int, per_worker: int, nbytes: int = 0):
         if not hasattr(torch._C, "_storage_Use_Count"):
             per_worker = 0  # this process could not tell when a buffer is free: every tensor is sent as before
         self.nbytes, self.per_worker = nbytes, per_worker
+        self.token = uuid.uuid4().hex
         self.buffers: list[torch.Tensor | None] = [None] * (workers * per_worker)  # worker w's: w * per_worker ...
         self.taken = torch.zeros(len(self.buffers), dtype=torch.uint8).share_memory_()  # set by empty, cleared here
-        self._unsent: set[int] = set()             # worker side: buffers made here and not yet sent
+        self._unsent: set[int] = set()             # worker side: buffers made there and not yet sent
         self._unused: dict[int, int] = {}          # this process's references to a buffer when nothing views it
         self._held: list[int] = []                 # received, not yet freed
+        _OPEN[self.token] = self
 
     def empty(self, *shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Worker side: an uninitialised contiguous tensor in a free buffer of this worker's (or, with none free,
         an ordinary one). Outside a worker, the first worker's buffers are used."""
         nbytes = math.prod(shape) * dtype.itemsize
-        if 0 < nbytes <= self.nbytes:
+        if nbytes > 0:
             info = torch.utils.data.get_worker_info()
             first = (0 if info is None else info.id) * self.per_worker
             taken = self.taken.numpy()
@@ -143,47 +164,38 @@ class SharedSlots:
                 if taken[i] == 0:
                     taken[i] = 1
                     buffer = self.buffers[i]
-                    if buffer is None:
-                        buffer = self.buffers[i] = shared_bytes(self.nbytes)
+                    if buffer is None or buffer.numel() < nbytes:  # the first time exactly, then with room to grow
+                        room = 0 if buffer is None else nbytes // 4
+                        buffer = self.buffers[i] = shared_bytes(max(self.nbytes, nbytes + room))
                         self._unsent.add(i)
                     return buffer[:nbytes].view(dtype).view(shape)
         return torch.empty(shape, dtype=dtype)
 
-    def _ref(self, t: torch.Tensor) -> SlotRef | torch.Tensor:
+    def ref(self, t: torch.Tensor) -> SlotRef | torch.Tensor:
+        """Worker side: what to send for ``t``: its ``SlotRef`` when ``empty`` made it in a buffer, else ``t``."""
         ptr = t.untyped_storage().data_ptr()
         i = next((i for i, b in enumerate(self.buffers) if b is not None and b.data_ptr() == ptr), None)
         if i is None or t.storage_offset() != 0 or not t.is_contiguous():
             return t
-        if i in self._unsent:
-            self._unsent.discard(i)
-            return SlotRef(i, tuple(t.shape), t.dtype, self.buffers[i])
-        return SlotRef(i, tuple(t.shape), t.dtype)
+        first = i in self._unsent
+        self._unsent.discard(i)
+        return SlotRef(self.token, i, tuple(t.shape), t.dtype, self.buffers[i] if first else None)
 
     def send(self, item: T) -> T:
-        """Worker side: ``item`` (a dataclass) with each tensor field that ``empty`` made replaced by its ``SlotRef``."""
-        refs = {f.name: self._ref(v) for f in dataclasses.fields(item)  # type: ignore[arg-type]
+        """Worker side: ``item`` (a dataclass) with each of its tensors that ``empty`` made replaced by its ``SlotRef``."""
+        refs = {f.name: self.ref(v) for f in dataclasses.fields(item)  # type: ignore[arg-type]
                 if isinstance(v := getattr(item, f.name), torch.Tensor)}
         return dataclasses.replace(item, **{k: v for k, v in refs.items() if isinstance(v, SlotRef)})  # type: ignore[type-var]
 
-    def receive(self, item: T) -> T:
-        """This process: ``item`` with each ``SlotRef`` field replaced by a tensor viewing its buffer."""
+    def _open(self, index: int, shape: tuple[int, ...], dtype: torch.dtype, buffer: torch.Tensor | None) -> torch.Tensor:
         self.reclaim()
-        if not dataclasses.is_dataclass(item):
-            return item
-        refs = {f.name: v for f in dataclasses.fields(item) if isinstance(v := getattr(item, f.name), SlotRef)}
-        for ref in refs.values():
-            if ref.buffer is not None:   # its first batch: keep the buffer (the same tensor here, when sent in-process)
-                self.buffers[ref.index] = ref.buffer
-                self._unused[ref.index] = _use_count(ref.buffer)
-            self._held.append(ref.index)
-        if not refs:
-            return item
-        return dataclasses.replace(item, **{k: self._view(r) for k, r in refs.items()})  # type: ignore[type-var]
-
-    def _view(self, ref: SlotRef) -> torch.Tensor:
-        buffer = self.buffers[ref.index]
-        assert buffer is not None, f"buffer {ref.index} was never received"
-        return buffer[:math.prod(ref.shape) * ref.dtype.itemsize].view(ref.dtype).view(ref.shape)
+        if buffer is not None:     # a buffer's first batch (or a larger buffer in its place): keep it
+            self.buffers[index] = buffer
+            self._unused[index] = _use_count(buffer)
+        kept = self.buffers[index]
+        assert kept is not None, f"buffer {index} was never received"
+        self._held.append(index)
+        return kept[:math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
 
     def reclaim(self) -> None:
         """Free, for the workers, every received buffer that no tensor in this process views any more."""
@@ -197,28 +209,36 @@ class SharedSlots:
 class PackedSamples:
     """Samples whose image bytes travel as one uint8 tensor: a DataLoader worker hands a tensor over through
     shared memory, where a batch of ``bytes`` is pickled through a pipe and unpickled by the receiving
-    thread (128 ImageNet-sized JPEGs: about 9 ms of the main thread against 2.5 ms here).
+    thread (128 ImageNet-sized JPEGs: about 14 ms of the receiving thread, 6-7 ms as a new shared tensor,
+    1.3-1.8 ms in a reused buffer; ``bench/handover.py``).
 
     ``pack`` keeps everything but the bytes in ``samples``; ``unpack`` gives the samples back, each
-    image a view of ``data`` (no copy). ``sizes[i]`` is -1 for a sample without an image.
+    image a view of ``data`` (no copy). ``sizes[i]`` is -1 for a sample without an image. Packed with a
+    worker's ``slots``, the bytes go into one of its reused buffers and cross as its ``SlotRef``.
     """
 
     samples: list[Sample]
     data: torch.Tensor
     sizes: np.ndarray
+    slots: SharedSlots | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @classmethod
-    def pack(cls, samples: Sequence[Sample]) -> PackedSamples:
+    def pack(cls, samples: Sequence[Sample], slots: SharedSlots | None = None) -> PackedSamples:
         sizes = np.array([-1 if s.image is None else len(s.image) for s in samples], dtype=np.int64)
         n = int(sizes.clip(min=0).sum())
         # in a worker, filled in shared memory: handing it over then copies nothing
-        data = shared_bytes(n) if torch.utils.data.get_worker_info() is not None else torch.empty(n, dtype=torch.uint8)
+        data = (slots.empty(n, dtype=torch.uint8) if slots is not None else
+                shared_bytes(n) if torch.utils.data.get_worker_info() is not None else torch.empty(n, dtype=torch.uint8))
         buf, at = data.numpy(), 0
         for s, n in zip(samples, sizes):
             if n > 0:
                 buf[at:at + n] = np.frombuffer(s.image, dtype=np.uint8)  # type: ignore[arg-type]
                 at += n
-        return cls([dataclasses.replace(s, image=None) for s in samples], data, sizes)
+        return cls([dataclasses.replace(s, image=None) for s in samples], data, sizes, slots)
+
+    def __getstate__(self) -> dict[str, Any]:
+        data = self.data if self.slots is None else self.slots.ref(self.data)
+        return {"samples": self.samples, "data": data, "sizes": self.sizes, "slots": None}
 
     def unpack(self) -> list[Sample]:
         view, at, out = self.data.numpy().data, 0, []                        # a memoryview of the tensor

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import pickle
@@ -31,6 +32,7 @@ from seed.shards import decode_image, iter_shard
 from seed.storage import Storage
 from seed.teachers import load_teacher
 from seed.views import COL, Recipe
+from seed.workers import SharedSlots, shard_workers
 from tests.conftest import make_storage, small_config
 from tests.integration.fulldisk import FullDisk
 
@@ -531,3 +533,13 @@ def test_gpu_worker_path_reads_and_draws_in_workers_then_decodes_here(tmp_path: 
     stage._drop_failed(done, failed, emb)
     assert not done.meta["valid"][50] and np.isnan(emb[50]).all() and done.meta["valid"][49]
     assert [s["key"] for s in done.skipped] == ["fmnist-train-000150"]
+
+    # the same batches from 2 worker processes, each batch's bytes crossing in the worker's reused shared buffers
+    slots = SharedSlots.for_workers(2, 2)
+    made = shard_workers([0, 1], functools.partial(stage._worker_items, cfg, plan, 64, True, slots), workers=2, depth=2)
+    views_c = [stage._decode_views(it, Decoder(cpu), cfg, cpu) for it in made if isinstance(it, stage._Encoded)]
+    rows_c = np.concatenate([it.rows + 1000 * it.shard for it in views_c])
+    order_c = np.lexsort((np.concatenate([it.views for it in views_c]), rows_c))
+    assert torch.equal(torch.cat([it.x for it in views_c])[order_c], xb[order_b])
+    assert {row for it in views_c for row, _ in it.failed} == {50}
+    assert sum(b is not None for b in slots.buffers) >= 2                   # both workers' bytes came in buffers
