@@ -4,8 +4,8 @@ Worker w of W runs ``make(shards[w::W])``, so a shard is read by one process fro
 what it yields is what one process would make (the teacher stage's cache rows, the evaluation's
 features). A ``SeedError`` raised in a worker is handed over as an item and raised again here:
 torch's DataLoader would otherwise wrap it in a traceback of its own, burying the one-line message
-a user needs. Large tensors cross in shared memory made once: float batches in ``SharedSlots``,
-encoded images packed into one tensor (``PackedSamples``).
+a user needs. What a worker sends in bulk (float batches; a batch's encoded images, packed into one
+tensor by ``PackedSamples``) it writes into shared-memory buffers it reuses (``SharedSlots``).
 """
 
 from __future__ import annotations
