@@ -35,7 +35,7 @@ from seed.decode import Decoder
 from seed.devices import autocast
 from seed.prefetch import prefetch
 from seed.shards import Damaged, Sample, damage_handler, decode_image, iter_shard, lengths_from_info
-from seed.workers import SharedSlots, shard_workers
+from seed.workers import PackedSamples, SharedSlots, shard_workers
 
 IDENTITY = Recipe()
 EVAL_BATCH = 256           # images per forward; a batch never spans two shards
@@ -138,7 +138,8 @@ class Extracted:
 
 @dataclasses.dataclass
 class _Chunk:
-    """Up to ``EVAL_BATCH`` consecutive samples of one shard: decoded (``x``) or still encoded (``samples``)."""
+    """Up to ``EVAL_BATCH`` consecutive samples of one shard: decoded (``x``) or still encoded (``packed``: their
+    bytes in one tensor, in the worker's shared buffers)."""
 
     shard: int
     read: int                         # samples read, decodable or not (for progress)
@@ -146,7 +147,7 @@ class _Chunk:
     keys: list[str]
     labels: np.ndarray                # [b]
     x: torch.Tensor | None = None     # [b, 3, r, r] float in [0, 1]
-    samples: list[Sample] | None = None
+    packed: PackedSamples | None = None
 
 
 def _decode(shard: int, samples: list[Sample], decoder: Decoder, resolution: int,
@@ -183,7 +184,8 @@ def _shard_chunks(urls: Sequence[str], shards: Sequence[int], resolution: int, b
 def _make_chunk(shard: int, samples: list[Sample], decoder: Decoder | None, resolution: int,
                 slots: SharedSlots | None) -> _Chunk:
     if decoder is None:
-        return _Chunk(shard, len(samples), np.zeros(0, np.int64), [], np.zeros(0, np.int64), samples=samples)
+        return _Chunk(shard, len(samples), np.zeros(0, np.int64), [], np.zeros(0, np.int64),
+                      packed=PackedSamples.pack(samples, slots))
     chunk = _decode(shard, samples, decoder, resolution, slots)
     return chunk if slots is None else slots.send(chunk)
 
@@ -210,14 +212,16 @@ def _chunks(urls: Sequence[str], resolution: int, device: torch.device, *, batch
         return
     gpu = device.type == "cuda"
     workers = min(workers, len(urls))
-    slots = None if gpu else SharedSlots.for_workers(workers, depth, batch_size * 3 * resolution ** 2 * 4)
+    # the resized images on the CPU; the encoded bytes (of any size) for the GPU
+    slots = SharedSlots.for_workers(workers, depth, 0 if gpu else batch_size * 3 * resolution ** 2 * 4)
     items = shard_workers(range(len(urls)), functools.partial(_worker_chunks, urls, resolution, batch_size, not gpu,
                                                               damaged, slots), workers=workers, depth=depth)
     if not gpu:
         yield from items
         return
     decoder = Decoder(device)
-    yield from prefetch((_decode(c.shard, c.samples or [], decoder, resolution) for c in items), depth)
+    yield from prefetch((_decode(c.shard, c.packed.unpack() if c.packed else [], decoder, resolution) for c in items),
+                        depth)
 
 
 class _PixelKeeper:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -16,10 +17,13 @@ import pipeline.bank as bank_stage
 import pipeline.evaluate as evaluate_stage
 import pipeline.student as student_stage
 import pipeline.teacher as teacher_stage
+from seed.decode import Decoder
 from seed.errors import SeedError
-from seed.evaluate import PixelSample, extract, extract_all, images, knn_predict, linear_probe, score
+from seed.evaluate import (PixelSample, _decode, _shard_chunks, _worker_chunks, extract, extract_all, images,
+                           knn_predict, linear_probe, score)
 from seed.inspect import neighbours, plots
 from seed.shards import expand_urls
+from seed.workers import SharedSlots, shard_workers
 from tests.conftest import make_storage, small_config, tiny_encoder
 
 CPU = torch.device("cpu")
@@ -70,6 +74,26 @@ def test_streamed_features_with_workers_equal_in_memory_ones(shards_root: Path) 
     assert np.array_equal(streamed.labels, labels) and streamed.n == 500
     assert np.array_equal(streamed.features["teacher"], expected)
     assert np.allclose(streamed.features["head"], extract(encoder, batches, CPU), atol=1e-6)
+
+
+def test_the_gpu_layouts_encoded_chunks_cross_in_shared_buffers_and_decode_the_same(shards_root: Path) -> None:
+    """The evaluation's CUDA layout on the CPU: 2 workers only read, each batch's bytes cross in the worker's reused
+    shared buffers, and this process decodes: the same images and keys as the workers decoding themselves."""
+    urls = _split(shards_root, "train", 3)
+    slots = SharedSlots.for_workers(2, 2)
+    made = shard_workers(range(len(urls)), functools.partial(_worker_chunks, urls, 32, 64, False, "stop", slots),
+                         workers=2, depth=2)
+    decoded = {}
+    for c in made:
+        assert c.x is None and c.packed is not None
+        d = _decode(c.shard, c.packed.unpack(), Decoder(CPU), 32)
+        decoded[d.shard, int(d.index[0])] = d
+    direct = {(c.shard, int(c.index[0])): c for c in _shard_chunks(urls, range(len(urls)), 32, 64, Decoder(CPU))}
+    assert decoded.keys() == direct.keys() and len(direct) == 3 * 2
+    for key, c in direct.items():
+        assert c.x is not None and decoded[key].x is not None and torch.equal(decoded[key].x, c.x), key
+        assert decoded[key].keys == c.keys and np.array_equal(decoded[key].labels, c.labels), key
+    assert sum(b is not None for b in slots.buffers) >= 2                   # both workers' bytes came in buffers
 
 
 MEMORY_PROBE = """
