@@ -183,9 +183,10 @@ class SharedSlots:
 
     def send(self, item: T) -> T:
         """Worker side: ``item`` (a dataclass) with each of its tensors that ``empty`` made replaced by its ``SlotRef``."""
-        refs = {f.name: self.ref(v) for f in dataclasses.fields(item)  # type: ignore[arg-type]
+        sent = {f.name: self.ref(v) for f in dataclasses.fields(item)  # type: ignore[arg-type]
                 if isinstance(v := getattr(item, f.name), torch.Tensor)}
-        return dataclasses.replace(item, **{k: v for k, v in refs.items() if isinstance(v, SlotRef)})  # type: ignore[type-var]
+        refs = {k: v for k, v in sent.items() if isinstance(v, SlotRef)}
+        return dataclasses.replace(item, **refs) if refs else item  # type: ignore[type-var]
 
     def _open(self, index: int, shape: tuple[int, ...], dtype: torch.dtype, buffer: torch.Tensor | None) -> torch.Tensor:
         self.reclaim()
