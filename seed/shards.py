@@ -437,6 +437,13 @@ def _open(sample: Sample) -> Image.Image:
     return im
 
 
+# decode_image hands torch PIL's read-only pixel array, which it only reads (copied straight into the CHW tensor).
+# Filtered once here, for this module only: warnings.catch_warnings around each call would cost every image and
+# is not thread-safe (images are decoded in a background thread).
+_READ_ONLY = "The given NumPy array is not writable"
+warnings.filterwarnings("ignore", message=_READ_ONLY, category=UserWarning, module=__name__)
+
+
 def decode_image(sample: Sample) -> torch.Tensor:
     """Decode to a uint8 ``[3, h, w]`` tensor. Grayscale, palette and CMYK sources become RGB by PIL's
     conversion, alpha is dropped (as PIL's ``convert("RGB")`` and torchvision's loaders do), and 16-bit
@@ -456,9 +463,7 @@ def decode_image(sample: Sample) -> torch.Tensor:
     except Exception as exc:  # PIL raises many types for corrupt data
         raise ValueError(f"{sample.ext} does not decode: {type(exc).__name__}: {str(exc).split(' <')[0]}") from exc
     out = torch.empty(3, rgb.shape[0], rgb.shape[1], dtype=torch.uint8)
-    with warnings.catch_warnings():  # a read-only array, only read: copied straight into the CHW tensor
-        warnings.simplefilter("ignore", UserWarning)
-        return out.copy_(torch.from_numpy(rgb).permute(2, 0, 1))
+    return out.copy_(torch.from_numpy(rgb).permute(2, 0, 1))  # read-only (see _READ_ONLY), copied once into CHW
 
 
 def image_size(sample: Sample) -> tuple[int, int]:
