@@ -77,9 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     fm.add_argument("--source", default=None, help="directory of the idx(.gz) files (default: the Debian package's)")
     imf = kinds.add_parser("imagefolder", help="class-per-folder image tree -> shards", formatter_class=raw,
                            epilog=_examples("seed shards imagefolder ~/pictures/flowers --split train",
-                                            "seed shards imagefolder ~/pictures/flowers-val --split test --out data/shards/flowers"))
+                                            "seed shards imagefolder ~/pictures/flowers-val --split test --out data/shards/flowers",
+                                            "seed shards imagefolder ~/imagenet/train --per-shard 1250 --seed 1"))
     imf.add_argument("src", help="root directory with one sub-directory per class")
     imf.add_argument("--split", default="train", help="split name (sub-directory and shard prefix)")
+    imf.add_argument("--seed", type=int, default=0, help="seed of the order the images are written in (default 0)")
+    imf.add_argument("--no-shuffle", dest="shuffle", action="store_false",
+                     help="write the images class by class, as in the tree (each shard then holds one or two "
+                          "classes, and training batches only the classes in its shuffle buffer)")
     for p in (fm, imf):
         p.add_argument("--out", help="output directory or URL (default: <shards root>/<name>)")
         p.add_argument("--per-shard", type=int, default=1000, help="samples per shard (default 1000)")
@@ -209,7 +214,8 @@ def cmd_shards(args: argparse.Namespace) -> int:
     else:
         out = args.out or storage.resolve("shards", args.src.rstrip("/").rsplit("/", 1)[-1])
         info = shards.imagefolder_to_shards(args.src, out, split=args.split, per_shard=args.per_shard,
-                                            limit=args.limit, overwrite=args.overwrite)
+                                            limit=args.limit, overwrite=args.overwrite, shuffle=args.shuffle,
+                                            seed=args.seed)
     for name, split in info["splits"].items():
         print(f"{name}: {split['num_samples']} samples in {len(split['filenames'])} shards -> {out}/{name}/")
     return 0

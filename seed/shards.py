@@ -799,10 +799,16 @@ def fashion_mnist_to_shards(out: str, *, source: str = FASHION_MNIST_DIR, per_sh
 
 
 def imagefolder_to_shards(src: str, out: str, *, split: str = "train", per_shard: int = 1000,
-                          limit: int | None = None, overwrite: bool = False, progress: bool = True) -> dict:
+                          limit: int | None = None, overwrite: bool = False, progress: bool = True,
+                          shuffle: bool = True, seed: int = 0) -> dict:
     """Convert a class-per-folder tree (``SRC/<class>/<image>``) to shards; classes get sorted indices.
 
-    Image bytes are stored as they are (no re-encoding); the key is ``<class>_<file stem>``.
+    Image bytes are stored as they are (no re-encoding); the key is ``<class>_<file stem>``. ``shuffle``: the
+    images go into the shards in an order drawn from ``seed`` (the same tree and seed give the same shards),
+    so every shard holds a sample of all classes. In the tree's order, an ImageNet-style tree makes shards of
+    one class each, and a training epoch, which reads shards one after another through a shuffle buffer of
+    a few thousand images, would then draw each batch from a handful of classes. ``limit``: the first N
+    images of that order.
     """
     from seed.report import progress_bar
 
@@ -816,6 +822,8 @@ def imagefolder_to_shards(src: str, out: str, *, split: str = "train", per_shard
              if p.suffix.lower().lstrip(".") in IMAGE_EXTS]
     if not files:
         raise SeedError(f"{root} holds no images ({', '.join(IMAGE_EXTS)})")
+    if shuffle:
+        files = [files[i] for i in np.random.default_rng(seed).permutation(len(files))]
     files = files[:limit] if limit is not None else files
     index = {c: i for i, c in enumerate(classes)}
 
@@ -826,4 +834,5 @@ def imagefolder_to_shards(src: str, out: str, *, split: str = "train", per_shard
 
     info = _write_splits({split: samples()}, out, per_shard, overwrite)
     info["classes"] = classes
+    info["order"] = f"shuffled, seed {seed}" if shuffle else "class by class, as in the tree"
     return info

@@ -205,11 +205,39 @@ def test_imagefolder(tmp_path: Path) -> None:
         (tmp_path / "src" / c).mkdir(parents=True)
         for v in values:
             (tmp_path / "src" / c / f"im.{v}.jpg").write_bytes(_encoded("JPEG", v * 50))
-    info = imagefolder_to_shards(str(tmp_path / "src"), str(tmp_path / "out"), progress=False)
+    info = imagefolder_to_shards(str(tmp_path / "src"), str(tmp_path / "out"), progress=False, shuffle=False)
     samples = list(iter_shard(str(tmp_path / "out" / "train" / "train-000000.tar")))
-    assert info["classes"] == ["cat", "dog"]
+    assert info["classes"] == ["cat", "dog"] and info["order"] == "class by class, as in the tree"
     assert [(s.key, s.label, s.ext) for s in samples] == [("cat_im_1", 0, "jpg"), ("cat_im_2", 0, "jpg"), ("dog_im_3", 1, "jpg")]
     assert samples[2].image == (tmp_path / "src" / "dog" / "im.3.jpg").read_bytes()  # bytes kept as they are
+
+
+def test_imagefolder_shuffles_classes_across_shards(tmp_path: Path) -> None:
+    """A class-per-folder tree written in its own order gives shards of one class each; by default the
+    images go in a seeded order, so each shard holds several classes, every image exactly once, and the
+    same seed writes the same shards."""
+    classes = ["a", "b", "c", "d"]
+    for ci, c in enumerate(classes):
+        (tmp_path / "src" / c).mkdir(parents=True)
+        for i in range(12):
+            (tmp_path / "src" / c / f"{i}.jpg").write_bytes(_encoded("JPEG", 20 * ci + i))
+
+    def shards(name: str, **kw: object) -> list[list[tuple[str, int]]]:
+        info = imagefolder_to_shards(str(tmp_path / "src"), str(tmp_path / name), per_shard=12, progress=False, **kw)
+        assert info["splits"]["train"]["num_samples"] == 48
+        return [[(s.key, s.label) for s in iter_shard(str(u))] for u in sorted((tmp_path / name / "train").glob("*.tar"))]
+
+    in_tree = shards("tree", shuffle=False)
+    assert [{label for _, label in shard} for shard in in_tree] == [{0}, {1}, {2}, {3}]
+    mixed = shards("mixed")
+    assert all(len({label for _, label in shard}) >= 3 for shard in mixed)
+    assert sorted(k for shard in mixed for k in shard) == sorted(k for shard in in_tree for k in shard)
+    assert shards("again") == mixed and shards("other", seed=1) != mixed
+    assert all(s.image == (tmp_path / "src" / s.key[0] / f"{s.key[2:]}.jpg").read_bytes()
+               for u in (tmp_path / "mixed" / "train").glob("*.tar") for s in iter_shard(str(u)))
+    limited = imagefolder_to_shards(str(tmp_path / "src"), str(tmp_path / "few"), limit=8, progress=False)
+    assert limited["order"] == "shuffled, seed 0"
+    assert len({s.label for s in iter_shard(str(tmp_path / "few" / "train" / "train-000000.tar"))}) >= 3
 
 
 def test_cli_reports_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
