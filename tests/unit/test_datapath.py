@@ -124,3 +124,28 @@ def test_packed_samples_cross_a_pickle_as_one_tensor_and_decode_the_same(tmp_pat
     assert [ex.sample.key for ex in composed] == [ex.sample.key for ex in got]
     assert [bytes(ex.sample.image) for ex in composed] == [ex.sample.image for ex in got]
     assert all(np.array_equal(a.params, b.params) and a.size == b.size for a, b in zip(got, composed))
+
+
+def test_shards_sorted_by_class_are_named_before_training(fmnist_source: Path) -> None:
+    """Real Fashion-MNIST labels: in their own order (already mixed) and shuffled the check says nothing; sorted
+    by class, as an image tree written in its own order would give, it names the median shard's share and
+    what the shuffle buffer spans."""
+    from pipeline.student import shard_mix_note
+    from seed.shards import load_fashion_mnist
+
+    _, labels = load_fashion_mnist(fmnist_source, "train", limit=2000)
+    labels = labels.astype(np.int32)
+    valid = np.ones((20, 100), dtype=bool)
+    assert shard_mix_note(labels.reshape(20, 100), valid, 256) is None
+    assert shard_mix_note(np.random.default_rng(0).permutation(labels).reshape(20, 100), valid, 256) is None
+    note = shard_mix_note(np.sort(labels).reshape(20, 100), valid, 256)
+    assert note is not None and "in the median shard 100% of the images share one label" in note
+    assert "shuffle buffer of 256 images (about 2.6 shards)" in note
+    # many classes in random order: each label is rare everywhere, so nothing to say
+    many = np.random.default_rng(1).integers(0, 500, size=(40, 50)).astype(np.int32)
+    assert shard_mix_note(many, np.ones_like(many, dtype=bool), 256) is None
+    # two labels only, or none known (-1), or the sorted rows all invalid: nothing to say
+    two = np.sort(labels % 2).reshape(20, 100)
+    assert shard_mix_note(two, valid, 256) is None
+    assert shard_mix_note(np.full((20, 100), -1, np.int32), valid, 256) is None
+    assert shard_mix_note(np.sort(labels).reshape(20, 100), np.zeros_like(valid), 256) is None
