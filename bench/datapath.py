@@ -18,7 +18,10 @@ of a forward does not depend on the weights); images are real Fashion-MNIST.
      decodes and the shuffle buffer's fill left out, the rate a long epoch settles at).
   b  The teacher stage (``pipeline.teacher.run``) against the pure teacher forward (random batch,
      same size, threads and resolution): ``resnet10t`` at 32 px on Fashion-MNIST (V = 4, batch 256)
-     and ``resnet50`` at 224 px on JPEG shards (V = 2, batch 64, few images), ``cache.workers`` 0 and 1.
+     and ``resnet50`` at 224 px on JPEG shards (V = 2, batch 64, few images), in the ``--layouts`` asked for:
+     ``thread`` (``cache.workers=0``), ``inline`` (the same, with ``cache.prefetch=0``: the data path runs
+     between forwards, in the forward's thread), ``worker`` (``cache.workers=1``), ``auto`` (the defaults) and
+     ``procs`` (``seed teacher --procs`` with one process per core, started as subprocesses).
   c  The student loop (``pipeline.student.run``) with a bare objective (the same loop and data path, a
      loss that needs nothing from the cache) and with cached SEED, ``train.loader.workers`` 0 and 1,
      against the in-memory bare step (forward + backward + SGD on a fixed batch): at 32 px on b's
@@ -33,7 +36,7 @@ of a forward does not depend on the weights); images are real Fashion-MNIST.
 
 Sizes: the defaults are chosen for 10 to 15 minutes on a quiet 2-core CPU (under 25 when the machine
 is shared; estimated from --quick rates, not measured end to end): a 2,048 images x 6 passes
-(about 3 min); b 5,000 images x 4 views twice and 192 images x 2 views of resnet50 twice, the
+(about 3 min); b 6,000 images x 4 views twice and 192 images x 2 views of resnet50 twice, the
 slowest part at 3 to 10 views/s (about 3 to 5 min); c 19 steps of batch 256 at 32 px and 2 epochs of
 6 steps of batch 32 at 224 px, four loops each (about 2 min); d five fresh processes plus three small
 caches (about 3 min). Peak RSS is the child's own high-water mark (``bench.common.peak_rss_mb``).
@@ -76,6 +79,8 @@ from seed.augment import apply_batch  # noqa: E402
 from seed.views import JITTER_MODES, Recipe, draw_params  # noqa: E402
 from seed.config import RunConfig, load_config  # noqa: E402
 from seed.data import Batches, FreshViews  # noqa: E402
+from seed import cache  # noqa: E402
+from seed.devices import cpu_cores, data_workers, read_ahead  # noqa: E402
 from seed.models import mlp_encoder  # noqa: E402
 from seed.objectives import CachedSeed, ObjectiveFactory  # noqa: E402
 from seed.shards import decode_image, iter_shard  # noqa: E402
@@ -89,7 +94,7 @@ class Sizes:
     n: int = 2048                  # a: JPEG images (one pass each); d: N
     batch: int = 256               # a: batch
     shuffle: int = 256             # a, c: train.loader.shuffle_buffer
-    fm_images: int = 5000          # b, c: Fashion-MNIST images for resnet10t @ 32
+    fm_images: int = 6000          # b, c: Fashion-MNIST images for resnet10t @ 32 (shards of 1000: even shares for 2 or 3 procs)
     fm_views: int = 4
     fm_batch: int = 256
     r10t_pure_batches: int = 10
@@ -331,30 +336,67 @@ def data_path_us(cfg: RunConfig, root: Path, batch: int) -> float:
         torch.set_num_threads(threads)
 
 
-def sec_b(root: Path, setups: list[Setup], pure_batches: dict[str, int], modes: list[str]) -> None:
-    rounds = [{(s.label, m): data_path_us(s.config(f"cache.recipe.jitter_mode={m}"), root, s.batch) for s in setups
+# b's layouts of the teacher stage's data path: (cache.workers, cache.prefetch), the name printed; "procs" is
+# `seed teacher --procs <cores>` (pipeline.teacher.run_processes) with the automatic settings in each process
+LAYOUTS = {"auto": (-1, -1), "thread": (0, 2), "inline": (0, 0), "worker": (1, 2), "procs": (-1, -1)}
+
+
+def describe_auto() -> str:
+    """What the automatic settings choose for the teacher stage on this CPU, with this process's threads."""
+    threads = torch.get_num_threads()
+    workers = data_workers(-1, CPU, model_threads=threads)
+    depth = read_ahead(-1, CPU, workers, model_threads=threads)
+    return (f"{workers} workers" if workers else "no workers") + (f", {depth} batches ahead" if depth else ", inline")
+
+
+def sec_b(root: Path, setups: list[Setup], pure_batches: dict[str, int], modes: list[str], layouts: list[str],
+          rounds: int) -> None:
+    passes = [{(s.label, m): data_path_us(s.config(f"cache.recipe.jitter_mode={m}"), root, s.batch) for s in setups
                for m in modes} for _ in range(3)]                           # modes alternating; the first warms up
-    alone = {k: min(r[k] for r in rounds) for k in rounds[0]}
+    alone = {k: min(r[k] for r in passes) for k in passes[0]}
     print("The stage's data path alone, one thread (`_shard_items`: read, decode, draw, augment), us per view, "
           "least of 3 passes: "
           + "; ".join(f"{label} {mode} {us:.1f}" for (label, mode), us in alone.items()) + "\n")
-    print("| teacher | px | images | V | batch | cache.workers | jitter | stage views/s | pure forward views/s | stage / pure |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("Layouts: auto = the defaults (cache.workers and cache.prefetch -1: seed.devices.data_workers and read_ahead "
+          f"choose; here {describe_auto()}), thread = cache.workers 0, cache.prefetch 2 (one background thread reads, "
+          "decodes and augments), inline = the same work done between forwards in the forward's own thread "
+          f"(cache.prefetch 0), worker = cache.workers 1, procs = `seed teacher --procs {cpu_cores()}` (one process "
+          "per core, each pinned to it, one forward thread each: the cache's cpu_threads differs, so its bits do). "
+          "Steady: the views over the time from the first shard's start to the last one's end (process and teacher "
+          "start-up, cache layout and completion left out)"
+          + (f"; medians of {rounds} rounds, every row once per round" if rounds > 1 else "") + "\n")
+    print("| teacher | px | images | V | batch | layout | jitter | stage views/s | pure forward views/s | stage / pure |"
+          " steady / pure |" + (" stage / pure, each round |" if rounds > 1 else ""))
+    print("|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if rounds > 1 else ""))
     for s in setups:
-        pure = None
-        for workers in (0, 1):
-            for mode in modes:  # one cache per mode; c trains on the sequential one
-                name = f"cache.name=datapath-{s.label}" + ("" if mode == "sequential" else f"-{mode}")
-                cfg = s.config(f"cache.workers={workers}", f"cache.recipe.jitter_mode={mode}", name)
-                t = time.perf_counter()
-                result = teacher_stage.run(cfg, storage(root), overwrite=True, progress=False)
-                seconds = time.perf_counter() - t
-                assert result.totals is not None, f"{result.cache} not complete"
-                rate = result.totals["teacher_forwards"] / seconds
-                if pure is None:
-                    pure = pure_forward(cfg, s.batch, s.resolution, pure_batches[s.label])
-                print(f"| {s.arch} | {s.resolution} | {s.images} | {s.views} | {s.batch} | {workers} | {mode} | "
-                      f"{rate:.1f} | {pure:.1f} | {rate / pure:.2f} |", flush=True)
+        rates: dict[tuple[str, str], list[float]] = {}
+        steady: dict[tuple[str, str], list[float]] = {}
+        pures: list[float] = []
+        for _ in range(rounds):
+            for layout in layouts:
+                workers, depth = LAYOUTS[layout]
+                for mode in modes:  # one cache per mode; c trains on the sequential one
+                    name = f"cache.name=datapath-{s.label}" + ("" if mode == "sequential" else f"-{mode}")
+                    cfg = s.config(f"cache.workers={workers}", f"cache.prefetch={depth}", f"cache.recipe.jitter_mode={mode}",
+                                   name)
+                    t = time.perf_counter()
+                    result = (teacher_stage.run_processes(cfg, storage(root), cpu_cores(), overwrite=True, progress=False)
+                              if layout == "procs" else teacher_stage.run(cfg, storage(root), overwrite=True, progress=False))
+                    seconds = time.perf_counter() - t
+                    assert result.totals is not None, f"{result.cache} not complete"
+                    rates.setdefault((layout, mode), []).append(result.totals["teacher_forwards"] / seconds)
+                    group = cache.open_group(result.cache, "r")
+                    records = [cache.shard_record(group, i) or {} for i in range(result.shards)]
+                    span = max(r["finished_at"] for r in records) - min(r["finished_at"] - r["seconds"] for r in records)
+                    steady.setdefault((layout, mode), []).append(result.totals["teacher_forwards"] / span)
+            pures.append(pure_forward(s.config(), s.batch, s.resolution, pure_batches[s.label]))
+        pure = statistics.median(pures)
+        for (layout, mode), each in rates.items():
+            rate = statistics.median(each)
+            ratios = ", ".join(f"{r / p:.2f}" for r, p in zip(each, pures))
+            print(f"| {s.arch} | {s.resolution} | {s.images} | {s.views} | {s.batch} | {layout} | {mode} | "
+                  f"{rate:.1f} | {pure:.1f} | {rate / pure:.2f} | {statistics.median(steady[layout, mode]) / pure:.2f} |"
+                  + (f" {ratios} |" if rounds > 1 else ""), flush=True)
         if "sequential" in modes:
             bank_stage.run(s.config(), storage(root), progress=False)         # for c
 
@@ -466,7 +508,10 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to test the script (figures mean nothing)")
     parser.add_argument("--sections", default="abcd", help="which sections to run, e.g. a (default abcd)")
     parser.add_argument("--rounds", type=int, default=1,
-                        help="a: passes of every pipeline, taking turns; medians are printed (default 1)")
+                        help="a: passes of every pipeline, b: runs of every layout, taking turns; medians are "
+                             "printed (default 1)")
+    parser.add_argument("--layouts", nargs="+", default=["auto", "thread", "worker"], choices=list(LAYOUTS),
+                        help="b: the teacher stage's data-path layouts (default auto thread worker)")
     parser.add_argument("--jitter-mode", nargs="+", default=["sequential"], choices=JITTER_MODES,
                         help="the recipe's jitter mode(s) of seed's rows in a, and of the teacher stage in b (default sequential)")
     parser.add_argument("--rss-child", nargs="+", help=argparse.SUPPRESS)  # ROOT OVERRIDE... (internal)
@@ -510,7 +555,7 @@ def main() -> None:
     if "b" in args.sections or "c" in args.sections:  # c trains on b's caches (made by b when absent)
         section("b. Teacher stage against the pure forward",
                 lambda: sec_b(root, setups, {"r10t-32": S.r10t_pure_batches, "r50-224": S.r50_pure_batches},
-                              args.jitter_mode))
+                              args.jitter_mode, args.layouts, args.rounds))
     if "c" in args.sections:
         section("c. Student loop against the bare step", lambda: sec_c(root, setups, S))
     if "d" in args.sections:

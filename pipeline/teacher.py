@@ -4,7 +4,9 @@ Recipe per input shard: read each image, draw its V views, decode and augment th
 the teacher (bf16 autocast + channels_last on CUDA), L2-normalise, write the shard's rows, then its
 completion record. Reading, decoding and augmentation run ``cache.prefetch`` batches ahead: in
 ``cache.workers`` processes that each own whole shards (on CUDA they only read and draw, and a thread
-of this process decodes with nvJPEG and augments on the GPU), or with no workers in one thread.
+of this process decodes with nvJPEG and augments on the GPU), or with no workers in one thread. On a
+CPU whose cores the forward's threads fill, both are automatically off: the data path runs between
+forwards (``seed.devices.read_ahead``).
 The Prefect flow runs one task per shard with no workers (its parallelism is across shard tasks).
 
 ``run_processes`` spreads the shards over several processes on this node, one or more per GPU:
@@ -13,9 +15,11 @@ each is ``seed teacher --shards ...`` on its own device, writing the same bytes 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
+import os
 import subprocess
 import sys
 import tempfile
@@ -33,7 +37,8 @@ from seed import cache
 from seed.augment import apply_batch
 from seed.views import P, blur_note, draw_views, recipe_fields
 from seed.config import RunConfig, to_dict, write_run_files
-from seed.devices import autocast, data_workers, require_cpu_threads, resolve_device, set_cpu_threads
+from seed.devices import (autocast, cpu_core_ids, data_workers, read_ahead, require_cpu_threads, resolve_device,
+                          set_cpu_threads, split_cores)
 from seed.errors import SeedError
 from seed.models import Encoder
 from seed.prefetch import prefetch
@@ -431,19 +436,19 @@ def _worker_items(cfg: RunConfig, plan: Plan, batch_size: int, encoded: bool, sl
 
 
 def _stream(cfg: RunConfig, plan: Plan, shards: list[int], batch_size: int, device: torch.device,
-            workers: int) -> Iterator[_Views | _ShardDone]:
-    """Decoded, augmented view batches, made ``cfg.cache.prefetch`` ahead.
+            workers: int, depth: int) -> Iterator[_Views | _ShardDone]:
+    """Decoded, augmented view batches, made ``depth`` ahead.
 
     No workers: one background thread reads, decodes and augments on ``device`` (nvJPEG and the GPU
-    on CUDA). Workers on the CPU: each reads, decodes and augments whole shards. Workers on CUDA:
-    each reads whole shards and draws their views; a background thread of this process decodes
-    (nvJPEG) and augments on the GPU.
+    on CUDA), or with ``depth`` 0 this thread, between forwards. Workers on the CPU: each reads, decodes
+    and augments whole shards. Workers on CUDA: each reads whole shards and draws their views; a
+    background thread of this process decodes (nvJPEG) and augments on the GPU.
     """
     if workers == 0:
         items = cast(Iterator[_Views | _ShardDone], _shard_items(cfg, plan, shards, batch_size, device))
-        return prefetch(items, cfg.cache.prefetch)
+        return prefetch(items, depth)
     gpu = device.type == "cuda"
-    r, depth = cfg.cache.resolution, cfg.cache.prefetch
+    r = cfg.cache.resolution
     # the views on the CPU; the batches' encoded bytes (of any size) for the GPU
     slots = SharedSlots.for_workers(workers, depth, 0 if gpu else batch_size * 3 * r * r * 4)
     made = shard_workers(shards, functools.partial(_worker_items, cfg, plan, batch_size, gpu, slots), workers=workers,
@@ -452,7 +457,7 @@ def _stream(cfg: RunConfig, plan: Plan, shards: list[int], batch_size: int, devi
         return cast(Iterator[_Views | _ShardDone], made)
     decoder = Decoder(device)
     return prefetch((_decode_views(it, decoder, cfg, device) if isinstance(it, _Encoded) else it for it in made),
-                    cfg.cache.prefetch)
+                    depth)
 
 
 def embed_shards(cfg: RunConfig, plan: Plan, group: zarr.Group, shards: list[int], teacher: Encoder, *, workers: int = 0,
@@ -481,7 +486,8 @@ def embed_shards(cfg: RunConfig, plan: Plan, group: zarr.Group, shards: list[int
     started: dict[int, float] = {}
     records: dict[int, dict[str, Any]] = {}
     failed: dict[int, list[tuple[int, str]]] = {}
-    for item in _stream(cfg, plan, shards, batch_size, device, workers):
+    depth = read_ahead(cfg.cache.prefetch, device, workers, model_threads=_model_threads(device))
+    for item in _stream(cfg, plan, shards, batch_size, device, workers, depth):
         s = item.shard
         if s not in emb:  # the shard's first item
             emb[s] = np.full((cap, V, D), np.nan, dtype=np.float16)
@@ -509,6 +515,12 @@ def embed_shards(cfg: RunConfig, plan: Plan, group: zarr.Group, shards: list[int
         cache.write_shard(group, s, {**item.meta, "embeddings": emb.pop(s)}, record)
         records[s] = record
     return records
+
+
+def _model_threads(device: torch.device) -> int | None:
+    """The forward's intra-op threads on the CPU (the cache's ``cpu_threads`` once set), which take their cores
+    before the data path's workers and thread; None on CUDA."""
+    return torch.get_num_threads() if device.type == "cpu" else None
 
 
 def _drop_failed(done: _ShardDone, failed: list[tuple[int, str]], emb: np.ndarray) -> None:
@@ -551,7 +563,7 @@ def run(cfg: RunConfig, storage: Storage, *, overwrite: bool = False, shards: li
     done = set(cache.done_shards(group))
     todo = [s for s in todo_all if s not in done]
     total_views = sum(plan.lengths[s] for s in todo) * cfg.cache.views
-    workers = min(data_workers(cfg.cache.workers, device), len(todo))
+    workers = min(data_workers(cfg.cache.workers, device, model_threads=_model_threads(device)), len(todo))
     with progress_bar(total=total_views, unit="view", desc=f"teacher ({len(todo)} shards, {workers} workers)",
                       disable=not progress, smoothing=0.1) as bar:  # closed before any error prints
         records = embed_shards(cfg, plan, group, todo, teacher, workers=workers, on_views=bar.update) if todo else {}
@@ -583,6 +595,11 @@ def run_processes(cfg: RunConfig, storage: Storage, n: int, *, overwrite: bool =
                   load: TeacherLoader = load_teacher) -> TeacherResult:
     """The stage in ``n`` processes on this node (0 = one per visible GPU), each over every n-th shard left.
 
+    On the CPU each process is pinned to a share of this process's cores, and a new cache's forwards run
+    one thread per core of a share unless ``cache.cpu_threads`` says otherwise: processes that each run
+    their data path between their own forwards on their own cores, where one process's forward would
+    spread its threads over all the cores and its data path would take them from it.
+
     This process lays out the cache (``prepare``), starts ``seed teacher --shards ...`` per device
     from ``process_devices``, shows the shards done, and marks the cache complete once all are. A
     failed process stops the others; the shards finished so far are kept, and a re-run embeds the
@@ -590,21 +607,29 @@ def run_processes(cfg: RunConfig, storage: Storage, n: int, *, overwrite: bool =
     """
     from seed.report import progress_bar
 
+    devices = process_devices(cfg, n)
+    pin = devices[0] == "cpu" and hasattr(os, "sched_setaffinity")
+    shares = split_cores(cpu_core_ids(), len(devices)) if pin else None
+    if shares is not None and not cfg.cache.cpu_threads:  # a new cache's forwards: one thread per core of a share
+        cfg = dataclasses.replace(cfg, cache=dataclasses.replace(cfg.cache, cpu_threads=min(map(len, shares))))
     teacher, report = load(cfg.teacher)
     plan, group = prepare(cfg, storage, teacher, report, overwrite=overwrite)
     del teacher
     done = set(cache.done_shards(group))
     todo = [s for s in range(len(plan.urls)) if s not in done]
-    devices = process_devices(cfg, n)
-    parts = [(device, todo[i::len(devices)]) for i, device in enumerate(devices) if todo[i::len(devices)]]
+    parts = [(i, device, todo[i::len(devices)]) for i, device in enumerate(devices) if todo[i::len(devices)]]
     with tempfile.TemporaryDirectory(prefix="seed-teacher-") as tmp:
         config, roots = write_run_files(cfg, storage, tmp)
         procs = []
-        for i, (device, part) in enumerate(parts):
+        for i, device, part in parts:
             log = open(f"{tmp}/process-{i}.log", "w+")
             command = [sys.executable, "-m", "pipeline.cli", "teacher", "-c", config, "--storage", roots,
                        "--shards", ",".join(map(str, part)), "--set", f"cache.device={device}", "--quiet"]
-            procs.append((subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), log, device, part))
+            proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+            if shares is not None:  # before it starts its threads: its data path then sees the cores it has
+                with contextlib.suppress(ProcessLookupError):  # (unless it has already ended)
+                    os.sched_setaffinity(proc.pid, shares[i])
+            procs.append((proc, log, device, part))
         bar = progress_bar(total=len(plan.urls), initial=len(done), unit="shard", disable=not progress,
                            desc=f"teacher ({len(parts)} processes: {', '.join(sorted(set(devices)))})")
         try:

@@ -75,10 +75,10 @@ class CacheConfig:
     seed: int = 0
     batch_size: int = 256
     shard_capacity: int = 0
-    prefetch: int = 2
+    prefetch: int = -1  # batches made ahead of the forward (-1 = auto: seed.devices.read_ahead)
     device: str = "auto"
     cpu_threads: int = 0  # intra-op threads of CPU forwards, fixed per cache (0 = this machine's default)
-    workers: int = -1  # decoding/augmentation processes, each owning whole shards (-1 = auto, see seed.devices)
+    workers: int = -1  # decoding/augmentation processes, each owning whole shards (-1 = auto: seed.devices.data_workers)
     cuda_graph: bool = True  # on CUDA, replay the teacher's forward as one CUDA graph (pipeline.teacher.Forward)
     recipe: Recipe = dataclasses.field(default_factory=Recipe)
 
@@ -217,6 +217,8 @@ class RunConfig:
         _check_positive(self, "bank.topk", self.bank.topk)
         _check_positive(self, "bank.batch_size", self.bank.batch_size)
         _check_positive(self, "bank.tail_samples", self.bank.tail_samples)
+        if self.cache.prefetch < -1:
+            raise SeedError(f"cache.prefetch must be >= 0, or -1 for automatic, got {self.cache.prefetch}")
         if self.cache.cpu_threads < 0:
             raise SeedError(f"cache.cpu_threads must be >= 0 (0 = automatic), got {self.cache.cpu_threads}")
         for name, workers in (("cache", self.cache.workers), ("train.loader", self.train.loader.workers),

@@ -95,10 +95,43 @@ def autocast(device: torch.device) -> Any:
     return contextlib.nullcontext()
 
 
-def data_workers(setting: int, device: torch.device) -> int:
+def cpu_cores() -> int:
+    """The cores this process may run on: its CPU affinity where the platform has one, else all of them."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity on this platform
+        return os.cpu_count() or 1
+
+
+def cpu_core_ids() -> list[int]:
+    """The ids of the cores this process may run on (``cpu_cores`` of them); all cores where the platform has
+    no affinity."""
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:
+        return list(range(os.cpu_count() or 1))
+
+
+def split_cores(cores: list[int], n: int) -> list[list[int]] | None:
+    """``cores`` in ``n`` contiguous shares as even as can be, one per process; None when there are fewer cores
+    than processes (they then share all of them)."""
+    if n < 1 or len(cores) < n:
+        return None
+    size, extra = divmod(len(cores), n)
+    starts = [i * size + min(i, extra) for i in range(n + 1)]
+    return [cores[a:b] for a, b in zip(starts, starts[1:])]
+
+
+def data_workers(setting: int, device: torch.device, *, model_threads: int | None = None,
+                 cores: int | None = None) -> int:
     """Data-path processes for a stage on ``device``: when ``setting`` is -1 (automatic), half the cores,
     at most 8 on the CPU and 4 on CUDA, leaving the rest to the model's threads and this process; else
     ``setting``.
+
+    ``model_threads``: on the CPU, the intra-op threads of a forward that runs beside the workers (the
+    teacher stage's). They take their cores first; the workers get the cores left (none when the forward's
+    threads fill them: workers beside such a forward only take cores from it, see ``read_ahead``).
+    ``cores``: the cores to count (default: this process's, ``cpu_cores``).
 
     On the CPU they read, decode and augment. On CUDA the GPU decodes (nvJPEG) and augments, so the
     teacher stage's workers only read shards and draw views, and training composes its batches in
@@ -106,10 +139,34 @@ def data_workers(setting: int, device: torch.device) -> int:
     """
     if setting >= 0:
         return setting
-    half = max(1, (os.cpu_count() or 1) // 2)
+    cores = cpu_cores() if cores is None else cores
+    if device.type == "cpu" and model_threads is not None:
+        return min(8, max(0, cores - model_threads))
     # On CUDA the main process's decode-and-augment thread limits first: on an H200 with 16 cores,
     # 4 workers beat 8 and 15 (docs/benchmarks.md, "Teacher stage on a GPU against its worker count").
-    return min(4 if device.type == "cuda" else 8, half)
+    return min(4 if device.type == "cuda" else 8, max(1, cores // 2))
+
+
+READ_AHEAD = 2  # batches made ahead of the model when the setting is automatic and a thread can make them
+
+
+def read_ahead(setting: int, device: torch.device, workers: int, *, model_threads: int | None = None,
+               cores: int | None = None) -> int:
+    """Batches the data path makes ahead of the model: ``setting``, or when it is -1 (automatic)
+    ``READ_AHEAD``, except with no ``workers`` on a CPU whose cores the model's ``model_threads`` fill: 0,
+    the data path then runs between forwards, in the forward's thread.
+
+    A thread beside such a forward runs on the forward's cores: each time it does, one of the forward's
+    threads waits and the others wait for it at the next barrier. On a 2-core CPU the teacher stage at
+    32 px made 0.71 of the pure forward with a thread and 0.78 without (and 1.03 either way at 224 px,
+    where the data path is a small part of the forward; docs/benchmarks.md).
+    """
+    if setting >= 0:
+        return setting
+    cores = cpu_cores() if cores is None else cores
+    if device.type == "cpu" and workers == 0 and model_threads is not None and model_threads >= cores:
+        return 0
+    return READ_AHEAD
 
 
 def set_cpu_threads(n: int) -> None:

@@ -246,6 +246,36 @@ def test_devices_are_named_clearly() -> None:
     assert 1 <= data_workers(-1, torch.device("cuda")) <= 4
 
 
+def test_the_data_path_leaves_a_cpu_forward_its_cores() -> None:
+    """Automatic settings: a CPU forward's threads take their cores first; workers get the cores left, and
+    with none left and no workers the data path runs between forwards (read ahead 0). Explicit settings
+    stand; CUDA keeps its workers and read-ahead whatever the thread count."""
+    from seed.devices import READ_AHEAD, data_workers, read_ahead
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert data_workers(-1, cpu, model_threads=2, cores=2) == 0
+    assert data_workers(-1, cpu, model_threads=4, cores=16) == 8 and data_workers(-1, cpu, model_threads=12, cores=16) == 4
+    assert data_workers(-1, cpu, cores=2) == 1                                # no forward beside them: half the cores
+    assert data_workers(2, cpu, model_threads=2, cores=2) == 2
+    assert data_workers(-1, cuda, model_threads=None, cores=16) == 4
+    assert read_ahead(-1, cpu, 0, model_threads=2, cores=2) == 0
+    assert read_ahead(-1, cpu, 0, model_threads=1, cores=2) == READ_AHEAD   # a core is free for the thread
+    assert read_ahead(-1, cpu, 1, model_threads=2, cores=2) == READ_AHEAD   # the workers' batches ahead
+    assert read_ahead(-1, cuda, 0, model_threads=None, cores=1) == READ_AHEAD
+    assert read_ahead(3, cpu, 0, model_threads=2, cores=2) == 3 and read_ahead(0, cuda, 4) == 0
+    with pytest.raises(SeedError, match="cache.prefetch must be >= 0, or -1"):
+        load_config(None, ["cache.prefetch=-2"])
+
+
+def test_teacher_processes_on_the_cpu_take_even_shares_of_the_cores() -> None:
+    from seed.devices import split_cores
+
+    assert split_cores([0, 1], 2) == [[0], [1]]
+    assert split_cores([2, 3, 5, 6, 7, 9, 10], 3) == [[2, 3, 5], [6, 7], [9, 10]]   # this process's cores, in order
+    assert split_cores(list(range(16)), 4) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15]]
+    assert split_cores([0, 1], 3) is None and split_cores([0], 0) is None            # too few to split
+
+
 def test_each_local_rank_takes_its_own_gpu() -> None:
     from seed.devices import Launch, resolve_device
 
