@@ -510,6 +510,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1,
                         help="a: passes of every pipeline, b: runs of every layout, taking turns; medians are "
                              "printed (default 1)")
+    parser.add_argument("--fm-images", type=int, default=None,
+                        help="b, c: Fashion-MNIST images of the resnet10t setup at 32 px (default 6000)")
+    parser.add_argument("--setups", nargs="+", default=["r10t-32", "r50-224"], choices=["r10t-32", "r50-224"],
+                        help="b, c: which setups to run (default both)")
     parser.add_argument("--layouts", nargs="+", default=["auto", "thread", "worker"], choices=list(LAYOUTS),
                         help="b: the teacher stage's data-path layouts (default auto thread worker)")
     parser.add_argument("--jitter-mode", nargs="+", default=["sequential"], choices=JITTER_MODES,
@@ -522,6 +526,8 @@ def main() -> None:
     S = QUICK if args.quick else Sizes()
     if args.n is not None:
         S = dataclasses.replace(S, n=args.n)
+    if args.fm_images is not None:
+        S = dataclasses.replace(S, fm_images=args.fm_images)
     if S.n < S.batch:
         parser.error(f"--n must be at least the batch size {S.batch}")
     root = Path(args.scratch or tempfile.mkdtemp(prefix="seed-datapath-"))
@@ -544,14 +550,15 @@ def main() -> None:
         print(f"\ndone in {time.perf_counter() - t0:.0f} s")
         return
 
-    fm = shards(root, S.fm_images)
-    r50_dir = jpeg_shards(root, S.r50_images, per_shard=S.r50_per_shard)
-    setups = [
-        make_setup(root, "r10t-32", f"{fm.name}/train/train-*.tar", "resnet10t", 32, S.fm_views, S.fm_batch,
-                   S.fm_images, S, S.student_batch_32, S.epochs_32),
-        make_setup(root, "r50-224", f"{r50_dir.name}/train-*.tar", "resnet50", 224, S.r50_views, S.r50_batch,
-                   S.r50_images, S, S.student_batch_224, S.epochs_224),
-    ]
+    setups = []
+    if "r10t-32" in args.setups:
+        fm = shards(root, S.fm_images)
+        setups.append(make_setup(root, "r10t-32", f"{fm.name}/train/train-*.tar", "resnet10t", 32, S.fm_views,
+                                 S.fm_batch, S.fm_images, S, S.student_batch_32, S.epochs_32))
+    if "r50-224" in args.setups:
+        r50_dir = jpeg_shards(root, S.r50_images, per_shard=S.r50_per_shard)
+        setups.append(make_setup(root, "r50-224", f"{r50_dir.name}/train-*.tar", "resnet50", 224, S.r50_views,
+                                 S.r50_batch, S.r50_images, S, S.student_batch_224, S.epochs_224))
     if "b" in args.sections or "c" in args.sections:  # c trains on b's caches (made by b when absent)
         section("b. Teacher stage against the pure forward",
                 lambda: sec_b(root, setups, {"r10t-32": S.r10t_pure_batches, "r50-224": S.r50_pure_batches},

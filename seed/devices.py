@@ -95,21 +95,17 @@ def autocast(device: torch.device) -> Any:
     return contextlib.nullcontext()
 
 
-def cpu_cores() -> int:
-    """The cores this process may run on: its CPU affinity where the platform has one, else all of them."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # no affinity on this platform
-        return os.cpu_count() or 1
-
-
 def cpu_core_ids() -> list[int]:
-    """The ids of the cores this process may run on (``cpu_cores`` of them); all cores where the platform has
-    no affinity."""
+    """The ids of the cores this process may run on: its CPU affinity where the platform has one, else all."""
     try:
         return sorted(os.sched_getaffinity(0))
-    except AttributeError:
+    except AttributeError:  # no affinity on this platform
         return list(range(os.cpu_count() or 1))
+
+
+def cpu_cores() -> int:
+    """How many cores this process may run on (``cpu_core_ids``)."""
+    return len(cpu_core_ids())
 
 
 def split_cores(cores: list[int], n: int) -> list[list[int]] | None:

@@ -805,8 +805,8 @@ def imagefolder_to_shards(src: str, out: str, *, split: str = "train", per_shard
 
     Image bytes are stored as they are (no re-encoding); the key is ``<class>_<file stem>``. ``shuffle``: the
     images go into the shards in an order drawn from ``seed`` (the same tree and seed give the same shards),
-    so every shard holds a sample of all classes. In the tree's order, an ImageNet-style tree makes shards of
-    one class each, and a training epoch, which reads shards one after another through a shuffle buffer of
+    so each shard holds a random sample of the classes. In the tree's order, an ImageNet-style tree makes
+    shards of one or two classes each, and a training epoch, which reads shards one after another through a shuffle buffer of
     a few thousand images, would then draw each batch from a handful of classes. ``limit``: the first N
     images of that order.
     """
