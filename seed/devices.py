@@ -119,15 +119,17 @@ def split_cores(cores: list[int], n: int) -> list[list[int]] | None:
 
 
 def data_workers(setting: int, device: torch.device, *, model_threads: int | None = None,
-                 cores: int | None = None) -> int:
+                 cores: int | None = None, launch: Launch | None = None) -> int:
     """Data-path processes for a stage on ``device``: when ``setting`` is -1 (automatic), half the cores,
     at most 8 on the CPU and 4 on CUDA, leaving the rest to the model's threads and this process; else
-    ``setting``.
+    ``setting``. The cores are this process's share: ``torchrun``'s ranks on one node (``launch``, default
+    this process's) split them evenly, so 8 ranks on 16 cores take one worker each, not 4 (32 workers and
+    8 ranks on 16 cores).
 
     ``model_threads``: on the CPU, the intra-op threads of a forward that runs beside the workers (the
     teacher stage's). They take their cores first; the workers get the cores left (none when the forward's
     threads fill them: workers beside such a forward only take cores from it, see ``read_ahead``).
-    ``cores``: the cores to count (default: this process's, ``cpu_cores``).
+    ``cores``: the cores to share (default: this process's, ``cpu_cores``).
 
     On the CPU they read, decode and augment. On CUDA the GPU decodes (nvJPEG) and augments, so the
     teacher stage's workers only read shards and draw views, and training composes its batches in
@@ -135,7 +137,8 @@ def data_workers(setting: int, device: torch.device, *, model_threads: int | Non
     """
     if setting >= 0:
         return setting
-    cores = cpu_cores() if cores is None else cores
+    launch = Launch.from_env() if launch is None else launch
+    cores = max(1, (cpu_cores() if cores is None else cores) // max(1, launch.local_world))
     if device.type == "cpu" and model_threads is not None:
         return min(8, max(0, cores - model_threads))
     # On CUDA the main process's decode-and-augment thread limits first: on an H200 with 16 cores,

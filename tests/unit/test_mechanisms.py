@@ -250,7 +250,7 @@ def test_the_data_path_leaves_a_cpu_forward_its_cores() -> None:
     """Automatic settings: a CPU forward's threads take their cores first; workers get the cores left, and
     with none left and no workers the data path runs between forwards (read ahead 0). Explicit settings
     stand; CUDA keeps its workers and read-ahead whatever the thread count."""
-    from seed.devices import READ_AHEAD, data_workers, read_ahead
+    from seed.devices import READ_AHEAD, Launch, data_workers, read_ahead
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert data_workers(-1, cpu, model_threads=2, cores=2) == 0
@@ -258,6 +258,11 @@ def test_the_data_path_leaves_a_cpu_forward_its_cores() -> None:
     assert data_workers(-1, cpu, cores=2) == 1                                # no forward beside them: half the cores
     assert data_workers(2, cpu, model_threads=2, cores=2) == 2
     assert data_workers(-1, cuda, model_threads=None, cores=16) == 4
+    # torchrun's ranks on one node share its cores: each rank's workers come from its share
+    eight = Launch(rank=3, world=16, local_rank=3, local_world=8)
+    assert data_workers(-1, cuda, cores=16, launch=eight) == 1 and data_workers(-1, cuda, cores=96, launch=eight) == 4
+    assert data_workers(-1, cpu, cores=16, launch=Launch(local_world=4)) == 2
+    assert data_workers(-1, cuda, cores=4, launch=eight) == 1 and data_workers(5, cuda, cores=4, launch=eight) == 5
     assert read_ahead(-1, cpu, 0, model_threads=2, cores=2) == 0
     assert read_ahead(-1, cpu, 0, model_threads=1, cores=2) == READ_AHEAD   # a core is free for the thread
     assert read_ahead(-1, cpu, 1, model_threads=2, cores=2) == READ_AHEAD   # the workers' batches ahead
