@@ -27,7 +27,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,9 +46,6 @@ from seed.shards import expand_urls, shard_lengths
 from seed.storage import Storage, join, write_text
 from seed.teachers import TeacherLoader, load_teacher
 from seed.train import Loop, make_member, train
-
-if TYPE_CHECKING:
-    import zarr
 
 log = logging.getLogger(__name__)
 
@@ -85,38 +82,17 @@ def check_decode(attrs: dict[str, Any], decode: str, url: str) -> None:
                     "replayed views may differ from the cached ones by a grey level", url, made, decode)
 
 
-def shard_mix_note(labels: np.ndarray, valid: np.ndarray, shuffle_buffer: int) -> str | None:
-    """What to tell a user whose input shards look sorted by class, else None.
-
-    ``labels`` and ``valid`` are ``[shards, capacity]`` (the cache's rows). Training reads shards one after
-    another, in a seeded order, through a shuffle buffer of ``shuffle_buffer`` images, so a batch can only
-    mix the classes of the few shards in the buffer. The shards count as sorted when, in the median shard,
-    one label holds over half the images and over three times its share of the whole set (the most common
-    label's). A set with fewer than three labels, or none known, says nothing.
-    """
-    known = valid & (labels >= 0)
-    _, overall = np.unique(labels[known], return_counts=True)
-    if len(overall) < 3:
+def shard_mix_note(mix: cache.LabelMix | None, shuffle_buffer: int) -> str | None:
+    """What to tell a user whose input shards look sorted by class (``cache.LabelMix.sorted_by_class``), else
+    None: training reads the shards one after another, in a seeded order, through a shuffle buffer of
+    ``shuffle_buffer`` images, so a batch can only mix the classes of the few shards in the buffer."""
+    if mix is None or not mix.sorted_by_class:
         return None
-    common = overall.max() / overall.sum()
-    shares = [np.unique(row[ok], return_counts=True)[1].max() / ok.sum() for row, ok in zip(labels, known) if ok.sum() >= 10]
-    if not shares or (median := float(np.median(shares))) <= max(0.5, 3 * common):
-        return None
-    per_shard = known.sum() / max(1, np.count_nonzero(known.any(axis=1)))
-    return (f"the input shards look sorted by class: in the median shard {median:.0%} of the images share one label "
-            f"(over all shards, the most common label has {common:.0%}). Training reads the shards one after another "
-            f"through a shuffle buffer of {shuffle_buffer} images (about {shuffle_buffer / per_shard:.1f} shards), so each "
-            "batch holds the few classes of those shards. Write the shards in random order (`seed shards imagefolder` "
-            "does, by default), or raise train.loader.shuffle_buffer")
-
-
-def check_shard_mix(group: zarr.Group, shuffle_buffer: int, url: str) -> None:
-    """Warn when the cache's input shards look sorted by class (``shard_mix_note``)."""
-    capacity = int(cache.attributes(group)["capacity"])
-    note = shard_mix_note(cache.read(group, "labels").reshape(-1, capacity),
-                          cache.read(group, "valid").reshape(-1, capacity), shuffle_buffer)
-    if note is not None:
-        log.warning("%s: %s", url, note)
+    return (f"the input shards look sorted by class: in the median shard {mix.median_shard:.0%} of the images share "
+            f"one label (over all shards, the most common label has {mix.overall:.0%}). Training reads the shards one "
+            f"after another through a shuffle buffer of {shuffle_buffer} images (about "
+            f"{shuffle_buffer / mix.per_shard:.1f} shards), so each batch holds the few classes of those shards. Write "
+            "the shards in random order (`seed shards imagefolder` does, by default), or raise train.loader.shuffle_buffer")
 
 
 def run(cfg: RunConfig, storage: Storage, *, resume: bool = False, progress: bool = True,
@@ -166,8 +142,8 @@ def run(cfg: RunConfig, storage: Storage, *, resume: bool = False, progress: boo
         cached = source(group, banks or None, view=t.view, seed=t.seed, dense=dense)
         data, per_shard = cached, cached.valid_counts().tolist()
         check_decode(cache.attributes(group), Decoder(device).name, url)
-        if rank == 0:
-            check_shard_mix(group, t.loader.shuffle_buffer, url)
+        if rank == 0 and (note := shard_mix_note(cache.shard_label_mix(group), t.loader.shuffle_buffer)):
+            log.warning("%s: %s", url, note)
         meta |= {"cache_fingerprint": cache.attributes(group)["fingerprint"],
                  "bank_fingerprint": bank.fingerprint if bank is not None else "queue",
                  "cache": url, "teacher_forwards_cached": cache.attributes(group)["totals"]["teacher_forwards"]}

@@ -33,6 +33,7 @@ Format 1 caches (before checksums) still open, with a warning.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -312,3 +313,40 @@ def skipped_samples(group: zarr.Group) -> list[dict[str, Any]]:
         record = shard_record(group, s) or {}
         out += [{"shard": s, **item} for item in record.get("skipped", [])]
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelMix:
+    """How the labels spread over the input shards: the share of the most common label in the median shard
+    and over the whole set, the number of labels, and the mean images per shard (valid rows, known labels)."""
+
+    median_shard: float
+    overall: float
+    labels: int
+    per_shard: float
+
+    @property
+    def sorted_by_class(self) -> bool:
+        """In the median shard one label holds over half the images and over three times its share of the set.
+
+        Training reads shards one after another through a shuffle buffer of a few shards' images, so a batch
+        then holds the classes of those few shards."""
+        return self.median_shard > max(0.5, 3 * self.overall)
+
+
+def label_mix(labels: np.ndarray, valid: np.ndarray) -> LabelMix | None:
+    """``LabelMix`` of ``[shards, capacity]`` rows; None for fewer than three labels known (nothing to tell)."""
+    known = valid & (labels >= 0)
+    _, overall = np.unique(labels[known], return_counts=True)
+    shares = [np.unique(row[ok], return_counts=True)[1].max() / ok.sum() for row, ok in zip(labels, known) if ok.sum() >= 10]
+    if len(overall) < 3 or not shares:
+        return None
+    return LabelMix(float(np.median(shares)), float(overall.max() / overall.sum()), len(overall),
+                    float(known.sum() / np.count_nonzero(known.any(axis=1))))
+
+
+def shard_label_mix(group: zarr.Group) -> LabelMix | None:
+    """``label_mix`` of a cache's rows."""
+    capacity = int(attributes(group)["capacity"])
+    return label_mix(read(group, "labels").reshape(-1, capacity), read(group, "valid").reshape(-1, capacity))
+

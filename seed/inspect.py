@@ -8,6 +8,7 @@ with ``seed.augment``), inside the function: the rest stays light (numpy, zarr, 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import numpy as np
@@ -162,10 +163,15 @@ def describe(url: str, sample: int = 512) -> dict[str, Any]:
         "embedding_norms": _stats(norms),
         "pairwise_similarity": _stats(off),
         "sampled_views": len(emb),
+        "labels": _label_mix(cache.shard_label_mix(group)),
     }
     if bank_store.NAME in group:
         info["bank"] = dict(cache.subgroup(group, bank_store.NAME).attrs)
     return info
+
+
+def _label_mix(mix: cache.LabelMix | None) -> dict[str, Any] | None:
+    return None if mix is None else {**dataclasses.asdict(mix), "sorted_by_class": mix.sorted_by_class}
 
 
 def _size(n: float) -> str:
@@ -202,6 +208,12 @@ def format_text(info: dict[str, Any]) -> str:
     if info["totals"]:
         tot = info["totals"]
         lines.append(f"teacher      {tot['teacher_forwards']} forwards in {tot['teacher_seconds']:.1f} s")
+    mix = info.get("labels")
+    lines.append("labels       fewer than 3 known" if mix is None else
+                 f"labels       {mix['labels']} classes; the most common holds {mix['overall']:.0%} of all images and "
+                 f"{mix['median_shard']:.0%} of the median shard: "
+                 + ("shards LOOK SORTED BY CLASS, so training batches hold few classes (write the shards in random "
+                    "order: seed shards imagefolder does)" if mix["sorted_by_class"] else "shards mixed"))
     r = info["recipe"]
     lines.append("recipe       " + ", ".join(f"{k}={v}" for k, v in r.items()))
     for name in ("embedding_norms", "pairwise_similarity"):

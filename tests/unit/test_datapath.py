@@ -131,21 +131,27 @@ def test_shards_sorted_by_class_are_named_before_training(fmnist_source: Path) -
     by class, as an image tree written in its own order would give, it names the median shard's share and
     what the shuffle buffer spans."""
     from pipeline.student import shard_mix_note
+    from seed.cache import label_mix
     from seed.shards import load_fashion_mnist
 
     _, labels = load_fashion_mnist(fmnist_source, "train", limit=2000)
     labels = labels.astype(np.int32)
     valid = np.ones((20, 100), dtype=bool)
-    assert shard_mix_note(labels.reshape(20, 100), valid, 256) is None
-    assert shard_mix_note(np.random.default_rng(0).permutation(labels).reshape(20, 100), valid, 256) is None
-    note = shard_mix_note(np.sort(labels).reshape(20, 100), valid, 256)
-    assert note is not None and "in the median shard 100% of the images share one label" in note
-    assert "shuffle buffer of 256 images (about 2.6 shards)" in note
+
+    def note(rows: np.ndarray, ok: np.ndarray = valid) -> str | None:
+        return shard_mix_note(label_mix(rows, ok), 256)
+
+    assert note(labels.reshape(20, 100)) is None
+    assert note(np.random.default_rng(0).permutation(labels).reshape(20, 100)) is None
+    mixed = label_mix(labels.reshape(20, 100), valid)
+    assert mixed is not None and mixed.labels == 10 and 0.1 <= mixed.overall < mixed.median_shard < 0.3
+    sorted_note = note(np.sort(labels).reshape(20, 100))
+    assert sorted_note is not None and "in the median shard 100% of the images share one label" in sorted_note
+    assert "shuffle buffer of 256 images (about 2.6 shards)" in sorted_note
     # many classes in random order: each label is rare everywhere, so nothing to say
     many = np.random.default_rng(1).integers(0, 500, size=(40, 50)).astype(np.int32)
-    assert shard_mix_note(many, np.ones_like(many, dtype=bool), 256) is None
+    assert note(many, np.ones_like(many, dtype=bool)) is None
     # two labels only, or none known (-1), or the sorted rows all invalid: nothing to say
-    two = np.sort(labels % 2).reshape(20, 100)
-    assert shard_mix_note(two, valid, 256) is None
-    assert shard_mix_note(np.full((20, 100), -1, np.int32), valid, 256) is None
-    assert shard_mix_note(np.sort(labels).reshape(20, 100), np.zeros_like(valid), 256) is None
+    assert note(np.sort(labels % 2).reshape(20, 100)) is None
+    assert label_mix(np.full((20, 100), -1, np.int32), valid) is None
+    assert label_mix(np.sort(labels).reshape(20, 100), np.zeros_like(valid)) is None

@@ -136,6 +136,10 @@ def test_describe_and_text_report_cache_and_bank_bytes_apart(small: str) -> None
     assert f"{b['cache']['stored_per_view']:.1f} B stored per view" in text
     assert f"bank bytes   {b['bank']['stored_per_view']:.1f} B stored per view" in text
     assert info["rows"]["valid"] == 104 and info["skipped"]["count"] == 1 and info["sampled_views"] == 50
+    mix = info["labels"]                                                     # 4 labels drawn at random per row
+    assert mix["labels"] == 4 and not mix["sorted_by_class"] and f"{mix['median_shard']:.0%} of the median shard: shards mixed" in text
+    one_class = format_text({**info, "labels": {**mix, "median_shard": 1.0, "sorted_by_class": True}})
+    assert "100% of the median shard: shards LOOK SORTED BY CLASS" in one_class
 
 
 def test_bytes_without_a_bank(tmp_path: Path) -> None:
