@@ -37,8 +37,8 @@ from seed import cache
 from seed.augment import apply_batch
 from seed.views import P, blur_note, draw_views, recipe_fields
 from seed.config import RunConfig, to_dict, write_run_files
-from seed.devices import (autocast, cpu_core_ids, data_workers, read_ahead, require_cpu_threads, resolve_device,
-                          set_cpu_threads, split_cores)
+from seed.devices import (autocast, cpu_core_ids, cpu_cores, data_workers, read_ahead, require_cpu_threads,
+                          resolve_device, set_cpu_threads, split_cores)
 from seed.errors import SeedError
 from seed.models import Encoder
 from seed.prefetch import prefetch
@@ -509,7 +509,7 @@ def embed_shards(cfg: RunConfig, plan: Plan, group: zarr.Group, shards: list[int
             "skipped": item.skipped, "teacher_forwards": forwards.pop(s), "teacher_seconds": round(forward_s.pop(s), 4),
             "seconds": round(time.perf_counter() - started.pop(s), 4), "device": str(device), "decode": item.decode,
             "forward": forward.mode,
-            "workers": workers, "finished_at": round(time.time(), 3),
+            "workers": workers, "read_ahead": depth, "cores": cpu_cores(), "finished_at": round(time.time(), 3),
             **({"damaged": item.damaged} if item.damaged is not None else {}),
         }
         cache.write_shard(group, s, {**item.meta, "embeddings": emb.pop(s)}, record)

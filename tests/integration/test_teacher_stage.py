@@ -245,6 +245,19 @@ def test_two_processes_from_one_command_equal_one(clean, tmp_path: Path, shards_
     assert g.attrs["status"] == "complete"
     assert all(cache.shard_record(g, s)["device"] == "cpu" for s in range(6))
     _assert_same(_arrays(url), _arrays(clean_url))
+    cores = len(os.sched_getaffinity(0))
+    if cores >= 2:  # each process pinned to half the cores; its two forward threads leave the workers what is left
+        records = [cache.shard_record(g, s) for s in range(6)]
+        assert {r["cores"] for r in records} <= {cores // 2, cores - cores // 2}
+        assert all(r["workers"] == min(8, max(0, r["cores"] - 2)) for r in records)
+        assert all(r["read_ahead"] == 0 for r in records if r["cores"] <= 2)
+        # without cache.cpu_threads, a new cache's forwards take one thread per core of a process's share
+        pairs = list(zip(_sets(moco_checkpoint)[::2], _sets(moco_checkpoint)[1::2]))
+        sets = [x for flag, value in pairs if value not in ("cache.cpu_threads=2", "cache.name=test") for x in (flag, value)]
+        one = subprocess.run(_cli(storage_file, *sets, "--set", "cache.name=one-thread", "--procs", "2", "--quiet"),
+                             capture_output=True, text=True, timeout=600)
+        assert one.returncode == 0, one.stderr[-3000:]
+        assert zarr.open_group(str(tmp_path / "caches" / "one-thread.zarr"), mode="r").attrs["cpu_threads"] == cores // 2
     refused = subprocess.run(_cli(storage_file, *_sets(moco_checkpoint), "--procs", "2", "--shards", "0"),
                              capture_output=True, text=True)
     assert refused.returncode == 2 and "does not combine with --shards" in refused.stderr
