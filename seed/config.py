@@ -140,11 +140,12 @@ class OptimConfig:
 @dataclasses.dataclass(frozen=True)
 class LoaderConfig:
     """The training data path: a seeded shuffle buffer of ``shuffle_buffer`` encoded examples, batches
-    made ``prefetch`` ahead, decoded and augmented by ``workers`` processes (-1 = auto: see
-    ``seed.devices.data_workers``). The batches are the same for any number of workers."""
+    made ``prefetch`` ahead (-1 = auto: ``seed.devices.read_ahead``), decoded and augmented by ``workers``
+    processes (-1 = auto: ``seed.devices.data_workers``). The batches are the same for any number of
+    workers and any read-ahead."""
 
     shuffle_buffer: int = 2048
-    prefetch: int = 2
+    prefetch: int = -1
     workers: int = -1
 
 
@@ -227,8 +228,9 @@ class RunConfig:
                 raise SeedError(f"{name}.workers must be >= 0, or -1 for automatic, got {workers}")
         for name, loader in (("train.loader", self.train.loader), ("pretrain.loader", self.pretrain.loader)):
             _check_positive(self, f"{name}.shuffle_buffer", loader.shuffle_buffer)
-            if loader.prefetch < 0:
-                raise SeedError(f"{name}.prefetch must be >= 0 (0 = no read-ahead), got {loader.prefetch}")
+            if loader.prefetch < -1:
+                raise SeedError(f"{name}.prefetch must be >= 0 (0 = no read-ahead), or -1 for automatic, "
+                                f"got {loader.prefetch}")
         if self.train.nproc < 0:
             raise SeedError(f"train.nproc must be >= 0 (0 = one process per visible GPU), got {self.train.nproc}")
         if self.cache.shard_capacity < 0:

@@ -30,7 +30,7 @@ from seed import checkpoint
 from seed.views import Recipe
 from seed.config import LoaderConfig, OptimConfig
 from seed.data import Batches, Source, shard_order
-from seed.devices import autocast, data_workers, join_process_group
+from seed.devices import autocast, data_workers, join_process_group, read_ahead
 from seed.errors import SeedError
 from seed.objectives import Objective, unwrap
 from seed.schedules import warmup_cosine
@@ -105,8 +105,11 @@ def train(members: Sequence[Member], objective: Objective, urls: Sequence[str], 
     # a restart at step s drops the steps >= s that an interrupted attempt had written
     writers = [writer_class(tensorboard_dir(m.out), purge_step=start_epoch * steps + 1)
                for m in members] if writer_class is not None and rank == 0 else []
-    maker = Batches(loop.recipe, loop.resolution, device=device, depth=loop.loader.prefetch,
-                    workers=data_workers(loop.loader.workers, device))
+    # on the CPU the step's threads take their cores first (seed.devices.read_ahead)
+    threads = torch.get_num_threads() if device.type == "cpu" else None
+    workers = data_workers(loop.loader.workers, device, model_threads=threads)
+    maker = Batches(loop.recipe, loop.resolution, device=device, workers=workers,
+                    depth=read_ahead(loop.loader.prefetch, device, workers, model_threads=threads))
     try:
         return _epochs(members, objective, urls, source, loop, maker, device=device, steps=steps, lr=lr,
                        start_epoch=start_epoch, metrics=metrics, progress=progress, on_epoch=on_epoch, writers=writers)

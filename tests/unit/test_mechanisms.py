@@ -224,8 +224,8 @@ def test_loader_settings_are_checked_and_do_not_decide_reuse() -> None:
 
     with pytest.raises(SeedError, match="train.loader.shuffle_buffer must be > 0"):
         load_config(None, ["train.loader.shuffle_buffer=0"])
-    with pytest.raises(SeedError, match="pretrain.loader.prefetch must be >= 0"):
-        load_config(None, ["pretrain.loader.prefetch=-1"])
+    with pytest.raises(SeedError, match="pretrain.loader.prefetch must be >= 0 \\(0 = no read-ahead\\), or -1"):
+        load_config(None, ["pretrain.loader.prefetch=-2"])
     with pytest.raises(SeedError, match="cache.workers must be >= 0, or -1"):
         load_config(None, ["cache.workers=-2"])
     a = load_config(None, ["train.loader.workers=0", "train.device=cpu"]).train
