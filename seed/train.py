@@ -19,6 +19,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -102,7 +103,10 @@ def train(members: Sequence[Member], objective: Objective, urls: Sequence[str], 
     writer_class = tensorboard_writer(tensorboard, [m.out for m in members])
     start_epoch = _resume(members, objective) if resume else 0
     metrics: list[dict[str, Any]] = list(members[0].history)
-    # a restart at step s drops the steps >= s that an interrupted attempt had written
+    # a restart at step s drops the steps >= s that an interrupted attempt had written; a fresh run drops them all
+    if writer_class is not None and rank == 0 and start_epoch == 0:
+        for m in members:
+            _remove_event_files(tensorboard_dir(m.out))
     writers = [writer_class(tensorboard_dir(m.out), purge_step=start_epoch * steps + 1)
                for m in members] if writer_class is not None and rank == 0 else []
     # on the CPU the step's threads take their cores first (seed.devices.read_ahead)
@@ -117,6 +121,18 @@ def train(members: Sequence[Member], objective: Objective, urls: Sequence[str], 
         maker.close()
         for w in writers:
             w.close()
+
+
+def _remove_event_files(directory: str) -> None:
+    """Remove the event files a previous run left in ``directory`` (a local path: see ``tensorboard_writer``).
+
+    TensorBoard drops a restarted run's later steps (``purge_step``) only from files it read before the new
+    writer's, in name order, and a file's name holds its creation second and a per-process counter without
+    padding: the writer of a run started within the same second as the one it replaces (counter 10 after
+    9) could be read first, and the old steps shown after it. A fresh run's steps replace them all, so their
+    files go."""
+    for old in Path(directory).glob("events.out.tfevents.*"):
+        old.unlink(missing_ok=True)
 
 
 def tensorboard_dir(out: str) -> str:
