@@ -23,7 +23,8 @@ of a forward does not depend on the weights); images are real Fashion-MNIST.
      between forwards, in the forward's thread), ``worker`` (``cache.workers=1``), ``auto`` (the defaults) and
      ``procs`` (``seed teacher --procs`` with one process per core, started as subprocesses).
   c  The student loop (``pipeline.student.run``) with a bare objective (the same loop and data path, a
-     loss that needs nothing from the cache) and with cached SEED, ``train.loader.workers`` 0 and 1,
+     loss that needs nothing from the cache) and with cached SEED, ``train.loader.workers`` 0 and 1 (the
+     read-ahead automatic: with 0 workers on a CPU the step's threads fill, the data path runs inline),
      against the in-memory bare step (forward + backward + SGD on a fixed batch): at 32 px on b's
      ``resnet10t`` cache and at 224 px on b's ``resnet50`` cache. ms/step of the last epoch.
   d  Peak RSS of the student stage (fresh process, ``train.loader.workers=0`` so that everything is
