@@ -118,6 +118,13 @@ def split_cores(cores: list[int], n: int) -> list[list[int]] | None:
     return [cores[a:b] for a, b in zip(starts, starts[1:])]
 
 
+def core_share(cores: int | None = None, launch: Launch | None = None) -> int:
+    """This process's share of ``cores`` (default: ``cpu_cores``): ``torchrun``'s ranks on one node (``launch``,
+    default this process's) split them evenly, at least one each."""
+    launch = Launch.from_env() if launch is None else launch
+    return max(1, (cpu_cores() if cores is None else cores) // max(1, launch.local_world))
+
+
 def data_workers(setting: int, device: torch.device, *, model_threads: int | None = None,
                  cores: int | None = None, launch: Launch | None = None) -> int:
     """Data-path processes for a stage on ``device``: when ``setting`` is -1 (automatic), half the cores,
@@ -137,8 +144,7 @@ def data_workers(setting: int, device: torch.device, *, model_threads: int | Non
     """
     if setting >= 0:
         return setting
-    launch = Launch.from_env() if launch is None else launch
-    cores = max(1, (cpu_cores() if cores is None else cores) // max(1, launch.local_world))
+    cores = core_share(cores, launch)
     if device.type == "cpu" and model_threads is not None:
         return min(8, max(0, cores - model_threads))
     # On CUDA the main process's decode-and-augment thread limits first: on an H200 with 16 cores,
@@ -150,7 +156,7 @@ READ_AHEAD = 2  # batches made ahead of the model when the setting is automatic 
 
 
 def read_ahead(setting: int, device: torch.device, workers: int, *, model_threads: int | None = None,
-               cores: int | None = None) -> int:
+               cores: int | None = None, launch: Launch | None = None) -> int:
     """Batches the data path makes ahead of the model: ``setting``, or when it is -1 (automatic)
     ``READ_AHEAD``, except with no ``workers`` on a CPU whose cores the model's ``model_threads`` fill: 0,
     the data path then runs between forwards, in the forward's thread.
@@ -163,7 +169,7 @@ def read_ahead(setting: int, device: torch.device, workers: int, *, model_thread
     """
     if setting >= 0:
         return setting
-    cores = cpu_cores() if cores is None else cores
+    cores = core_share(cores, launch)  # as data_workers counts them
     if device.type == "cpu" and workers == 0 and model_threads is not None and model_threads >= cores:
         return 0
     return READ_AHEAD

@@ -268,6 +268,10 @@ def test_the_data_path_leaves_a_cpu_forward_its_cores() -> None:
     assert read_ahead(-1, cpu, 1, model_threads=2, cores=2) == READ_AHEAD   # the workers' batches ahead
     assert read_ahead(-1, cuda, 0, model_threads=None, cores=1) == READ_AHEAD
     assert read_ahead(3, cpu, 0, model_threads=2, cores=2) == 3 and read_ahead(0, cuda, 4) == 0
+    # two one-thread ranks on two cores: each rank's one core is full, so neither workers nor a thread
+    two = Launch(rank=1, world=2, local_rank=1, local_world=2)
+    assert data_workers(-1, cpu, model_threads=1, cores=2, launch=two) == 0
+    assert read_ahead(-1, cpu, 0, model_threads=1, cores=2, launch=two) == 0
     with pytest.raises(SeedError, match="cache.prefetch must be >= 0, or -1"):
         load_config(None, ["cache.prefetch=-2"])
 
