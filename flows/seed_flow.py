@@ -302,7 +302,8 @@ def evaluate(cfg_data: dict[str, Any], storage_file: str | None, include_teacher
     table = markdown_table(result.results, [("name", "encoder"), ("knn", "kNN top-1 (%)"), ("nn1", "1-NN (%)"),
                                             ("linear", "linear (%)"), ("probe", "probe"), ("init", "notes")])
     create_markdown_artifact(f"# Evaluation\n\n{table}\n\nReport: `{result.report}`\n", key="evaluation")
-    log.info("evaluate: %d encoders scored in %.0f s", len(result.results), result.seconds)
+    log.info("evaluate: %d encoders scored in %.0f s (%.0f s of it reading features)", len(result.results),
+             result.seconds, result.feature_seconds)
     width = max(len(r["name"]) for r in result.results)
     for r in result.results:
         log.info("%s  kNN %s %%  linear %s %%", r["name"].ljust(width), _percent(r.get("knn")), _percent(r.get("linear")))

@@ -22,7 +22,7 @@ import torch
 from seed import cache
 from seed import checkpoint
 from seed.config import RunConfig
-from seed.devices import data_workers, resolve_device
+from seed.devices import data_workers, read_ahead, resolve_device
 from seed.evaluate import PixelSample, extract_all, score
 from seed.models import Encoder, create_backbone, freeze
 from seed.report import write_report
@@ -33,12 +33,14 @@ from seed.teachers import TeacherLoader, load_teacher
 
 @dataclasses.dataclass(frozen=True)
 class EvaluationResult:
-    """One row per encoder (name, kind, kNN, 1-NN, linear, notes), the report's URL and the compute table."""
+    """One row per encoder (name, kind, kNN, 1-NN, linear, notes), the report's URL, the compute table, and the
+    stage's seconds: in all, and of them reading both splits' features (the rest loads encoders and scores)."""
 
     report: str
     results: list[dict[str, Any]]
     seconds: float
     compute: dict[str, Any]
+    feature_seconds: float = 0.0
 
 
 def random_student(arch: str, small_input: bool, seed: int) -> tuple[Encoder, str]:
@@ -83,12 +85,17 @@ def run(cfg: RunConfig, storage: Storage, *, include_teacher: bool = True, progr
         backbone, note = random_student(s.arch, s.small_input, cfg.train.seed + i)
         encoders[f"random {i}"] = backbone.to(device).features
         rows[f"random {i}"] = (f"{s.label} random", "baseline", note)
-    workers = data_workers(cfg.train.loader.workers, device)
+    # train.loader's layout; on the CPU the encoders' threads take their cores first (seed.devices.read_ahead)
+    threads = torch.get_num_threads() if device.type == "cpu" else None
+    workers = data_workers(cfg.train.loader.workers, device, model_threads=threads)
+    depth = read_ahead(cfg.train.loader.prefetch, device, workers, model_threads=threads)
     sample = PixelSample()  # fixed seed: the same subsample for every run of the protocol
+    t_features = time.perf_counter()
     train = extract_all(encoders, expand_urls(storage.resolve("shards", cfg.data.train)), res, device, workers=workers,
-                        pixels=sample, progress=progress, desc="evaluate train", damaged=cfg.data.damaged)
+                        depth=depth, pixels=sample, progress=progress, desc="evaluate train", damaged=cfg.data.damaged)
     test = extract_all(encoders, expand_urls(storage.resolve("shards", cfg.data.test)), res, device, workers=workers,
-                       pixels=sample, progress=progress, desc="evaluate test", damaged=cfg.data.damaged)
+                       depth=depth, pixels=sample, progress=progress, desc="evaluate test", damaged=cfg.data.damaged)
+    feature_seconds = time.perf_counter() - t_features
     del encoders
 
     results: list[dict[str, Any]] = []
@@ -125,4 +132,4 @@ def run(cfg: RunConfig, storage: Storage, *, include_teacher: bool = True, progr
                  "teacher": attrs["teacher"]["arch"], "fingerprint": attrs["fingerprint"][:12]}
     report = write_report(out, title=f"seed run {cfg.train.run}", results=results, cache=cache_row, metrics=metrics,
                           compute=compute)
-    return EvaluationResult(report, results, round(time.perf_counter() - t0, 1), compute)
+    return EvaluationResult(report, results, round(time.perf_counter() - t0, 1), compute, round(feature_seconds, 1))

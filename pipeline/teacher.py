@@ -591,14 +591,25 @@ def process_devices(cfg: RunConfig, n: int) -> list[str]:
     return [f"cuda:{i % count}" for i in range(n or count)]
 
 
+def process_cores(n: int, cores: list[int] | None = None) -> list[list[int]] | None:
+    """The cores each of ``n`` teacher processes is pinned to: ``cores`` (default: this process's) in ``n``
+    contiguous shares; None (no pinning) for one process, on a platform without CPU affinity, or with fewer
+    cores than processes."""
+    if n < 2 or not hasattr(os, "sched_setaffinity"):
+        return None
+    return split_cores(cpu_core_ids() if cores is None else cores, n)
+
+
 def run_processes(cfg: RunConfig, storage: Storage, n: int, *, overwrite: bool = False, progress: bool = True,
                   load: TeacherLoader = load_teacher) -> TeacherResult:
     """The stage in ``n`` processes on this node (0 = one per visible GPU), each over every n-th shard left.
 
-    On the CPU each process is pinned to a share of this process's cores, and a new cache's forwards run
-    one thread per core of a share unless ``cache.cpu_threads`` says otherwise: processes that each run
-    their data path between their own forwards on their own cores, where one process's forward would
-    spread its threads over all the cores and its data path would take them from it.
+    Each process is pinned to a share of this process's cores (``process_cores``), so that what it takes
+    automatically (data workers, and on the CPU its forward's threads) counts its share, as ``torchrun``'s
+    ranks count theirs: 8 GPU processes on a 16-core node take one worker each, not 4. On the CPU a new
+    cache's forwards run one thread per core of a share unless ``cache.cpu_threads`` says otherwise:
+    processes that each run their data path between their own forwards on their own cores, where one
+    process's forward would spread its threads over all the cores and its data path would take them from it.
 
     This process lays out the cache (``prepare``), starts ``seed teacher --shards ...`` per device
     from ``process_devices``, shows the shards done, and marks the cache complete once all are. A
@@ -608,9 +619,8 @@ def run_processes(cfg: RunConfig, storage: Storage, n: int, *, overwrite: bool =
     from seed.report import progress_bar
 
     devices = process_devices(cfg, n)
-    pin = devices[0] == "cpu" and hasattr(os, "sched_setaffinity")
-    shares = split_cores(cpu_core_ids(), len(devices)) if pin else None
-    if shares is not None and not cfg.cache.cpu_threads:  # a new cache's forwards: one thread per core of a share
+    shares = process_cores(len(devices))
+    if shares is not None and devices[0] == "cpu" and not cfg.cache.cpu_threads:  # one thread per core of a share
         cfg = dataclasses.replace(cfg, cache=dataclasses.replace(cfg.cache, cpu_threads=min(map(len, shares))))
     teacher, report = load(cfg.teacher)
     plan, group = prepare(cfg, storage, teacher, report, overwrite=overwrite)

@@ -260,7 +260,7 @@ class _PixelKeeper:
 
 
 def extract_all(encoders: Mapping[str, Encode], urls: Sequence[str], resolution: int, device: torch.device, *,
-                batch_size: int = EVAL_BATCH, workers: int = 0, pixels: PixelSample | None = None,
+                batch_size: int = EVAL_BATCH, workers: int = 0, depth: int = 2, pixels: PixelSample | None = None,
                 progress: bool = False, desc: str = "features", damaged: Damaged = "stop") -> Extracted:
     """Every encoder's features of every decodable image of ``urls``, in one pass over the shards.
 
@@ -281,7 +281,8 @@ def extract_all(encoders: Mapping[str, Encode], urls: Sequence[str], resolution:
     skipped = 0
     try:  # the bar closes before an error is printed, never after it
         with torch.inference_mode():
-            for chunk in _chunks(urls, resolution, device, batch_size=batch_size, workers=workers, damaged=damaged):
+            for chunk in _chunks(urls, resolution, device, batch_size=batch_size, workers=workers, depth=depth,
+                                 damaged=damaged):
                 bar.update(chunk.read)
                 skipped += chunk.read - len(chunk.labels)
                 if not len(chunk.labels):

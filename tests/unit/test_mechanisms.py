@@ -285,6 +285,21 @@ def test_teacher_processes_on_the_cpu_take_even_shares_of_the_cores() -> None:
     assert split_cores([0, 1], 3) is None and split_cores([0], 0) is None            # too few to split
 
 
+def test_teacher_processes_on_gpus_count_their_share_of_the_cores() -> None:
+    """`seed teacher --procs 8` on a 16-core node with 8 GPUs: each process is pinned to two cores, so its
+    automatic data workers are one, not the four a process that saw every core would start (32 on 16 cores)."""
+    from pipeline.teacher import process_cores
+    from seed.devices import data_workers
+
+    cuda = torch.device("cuda", 0)
+    shares = process_cores(8, list(range(16)))
+    assert shares == [[2 * i, 2 * i + 1] for i in range(8)]
+    assert [data_workers(-1, cuda, cores=len(s)) for s in shares] == [1] * 8
+    assert data_workers(-1, cuda, cores=16) == 4                                      # unpinned: every process takes 4
+    assert process_cores(1, list(range(16))) is None                                  # one process: left as it is
+    assert process_cores(4, [0, 1]) is None                                           # fewer cores than processes
+
+
 def test_each_local_rank_takes_its_own_gpu() -> None:
     from seed.devices import Launch, resolve_device
 
