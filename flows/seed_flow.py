@@ -1,4 +1,8 @@
-"""The ``seed`` Prefect flow: pretrain (if needed) -> teacher (a task per shard) -> bank -> students -> evaluation.
+"""The ``seed`` Prefect flow: pretrain (if needed) -> teacher -> bank -> students -> evaluation.
+
+The teacher stage runs as ``seed teacher`` does (one task: this process with its data workers, or
+``teacher_workers`` processes, one per GPU), or with ``dask_address`` as one task per shard on a Dask
+cluster.
 
 Every stage is idempotent at the data level: a stage whose output exists with a matching
 fingerprint is skipped with a log line, so ``seed/full`` re-runs only what changed, and
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import queue
 import threading
@@ -33,7 +38,6 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.futures import as_completed
 from prefect.logging.handlers import APILogHandler
-from prefect.task_runners import ThreadPoolTaskRunner
 
 from pipeline import bank as bank_stage
 from pipeline import evaluate as evaluate_stage
@@ -75,11 +79,11 @@ def shared_teacher(cfg: TeacherConfig, device: str = "") -> tuple[Encoder, LoadR
 
 @contextlib.contextmanager
 def task_device(setting: str) -> Iterator[str]:
-    """The device one shard task uses: with several GPUs in this process and ``cache.device`` auto or
-    cuda, a GPU no other task of this process holds (the tasks wait for one); else ``setting``.
+    """The device one shard task (the Dask layout) uses: with several GPUs in this process and ``cache.device``
+    auto or cuda, a GPU no other task of this process holds (the tasks wait for one); else ``setting``.
 
-    So ``teacher_workers`` = the GPU count runs one shard per GPU at a time. Dask workers pin one GPU
-    each by their environment (``CUDA_VISIBLE_DEVICES``): they see one GPU and take it.
+    So a Dask worker that sees several GPUs, with as many threads, runs one shard per GPU at a time. Dask
+    workers pinned to one GPU each by their environment (``CUDA_VISIBLE_DEVICES``) see one GPU and take it.
     """
     global _free_gpus
     if setting not in ("auto", "cuda") or torch.cuda.device_count() < 2:
@@ -170,9 +174,55 @@ def pretrain_teacher(cfg_data: dict[str, Any], storage_file: str | None) -> pret
     return result
 
 
+class ShardProgress:
+    """The teacher stage's progress as shards finish (``__call__`` takes each shard's completion record): the
+    progress artifact and a line ``teacher: 16/20 shards embedded (80 %), 3,042 views/s``, at most every
+    ``every`` seconds and for the last shard. (Each is a call to the Prefect server, made between the
+    stage's batches: once per shard they cost the demo's stage several percent.)"""
+
+    def __init__(self, log: Any, progress: UUID | None, total: int, before: int, every: float = 10.0):
+        self.log, self.progress, self.total, self.done, self.every = log, progress, total, before, every
+        self.views = 0
+        self.t0 = self.last = time.perf_counter()
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        self.done += 1
+        self.views += int(record["teacher_forwards"])
+        now = time.perf_counter()
+        if self.done == self.total or now - self.last >= self.every:
+            self.last = now
+            if self.progress is not None:
+                update_progress_artifact(self.progress, 100.0 * self.done / self.total,
+                                         description=f"teacher stage: {self.done} of {self.total} shards embedded")
+            self.log.info("teacher: %d/%d shards embedded (%d %%), %s views/s", self.done, self.total,
+                          100 * self.done // self.total, _rate(self.views, now - self.t0))
+
+
+@task(cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
+def embed_here(cfg_data: dict[str, Any], storage_file: str | None, processes: int, total: int, before: int,
+               progress: UUID | None) -> dict[str, Any]:
+    """The teacher stage on this machine, as ``seed teacher`` runs it: in this process, its data path in
+    ``cache.workers`` worker processes, or (``processes`` other than 1) as ``seed teacher --procs``, process i on
+    ``cuda:i`` (0: one per visible GPU; on the CPU, pinned shares of the cores). The cache's totals.
+
+    A crashed attempt is retried once; it, like a re-run, embeds only the shards without a completion record.
+    """
+    log = get_run_logger()
+    cfg, storage = _cfg(cfg_data), load_storage(storage_file)
+    report = ShardProgress(log, progress, total, before)
+    if processes == 1:
+        result = teacher_stage.run(cfg, storage, progress=False, on_shard=report,
+                                   load=functools.partial(shared_teacher, device=cfg.cache.device))
+    else:
+        log.info("teacher stage: %s (seed teacher --procs)", f"{processes} processes" if processes else "a process per GPU")
+        result = teacher_stage.run_processes(cfg, storage, processes, progress=False, on_shard=report)
+    assert result.totals is not None  # every shard is done: the stage marked the cache complete
+    return result.totals
+
+
 @task(cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5, task_run_name="teacher-shard-{shard}")
 def embed_shard(cfg_data: dict[str, Any], storage_file: str | None, plan: dict[str, Any], shard: int) -> dict[str, Any]:
-    """The teacher over one input shard; a task per shard, so shards can run on several workers or machines."""
+    """The teacher over one input shard: the Dask layout's task, so shards run on several machines."""
     cfg = _cfg(cfg_data)
     p = teacher_stage.Plan(**{**plan, "urls": tuple(plan["urls"]), "lengths": tuple(plan["lengths"])})
     group = cache.open_group(p.cache_url, "r+")
@@ -190,27 +240,15 @@ def embed_shard(cfg_data: dict[str, Any], storage_file: str | None, plan: dict[s
 @flow(name="seed-teacher-shards", log_prints=True)
 def teacher_shards(cfg_data: dict[str, Any], storage_file: str | None, plan: dict[str, Any], todo: list[int],
                    progress: UUID | None = None) -> int:
-    """Submit the shard tasks to this flow's task runner and report progress as they finish.
+    """Submit the shard tasks to this flow's task runner (Dask's) and report progress as they finish.
 
-    ``progress``: the parent flow's progress artifact, so it shows on the ``seed`` run's page. A
-    progress line is logged at most every 10 s (and for the last shard).
+    ``progress``: the parent flow's progress artifact, so it shows on the ``seed`` run's page.
     """
-    log = get_run_logger()
     total = len(plan["urls"])
-    before = total - len(todo)
+    report = ShardProgress(get_run_logger(), progress, total, total - len(todo))
     futures = [embed_shard.submit(cfg_data, storage_file, plan, s) for s in todo]
-    t0 = last = time.perf_counter()
-    views = 0
-    for n, future in enumerate(as_completed(futures), 1):
-        views += future.result()["teacher_forwards"]
-        done = before + n
-        if progress is not None:
-            update_progress_artifact(progress, 100.0 * done / total, description=f"teacher stage: {done} of {total} shards embedded")
-        now = time.perf_counter()
-        if n == len(todo) or now - last >= 10:
-            last = now
-            log.info("teacher: %d/%d shards embedded (%d %%), %s views/s", done, total, 100 * done // total,
-                     _rate(views, now - t0))
+    for future in as_completed(futures):
+        report(future.result())
     return len(futures)
 
 
@@ -231,11 +269,11 @@ def run_teacher(cfg: RunConfig, storage: Storage, storage_file: str | None, work
         from prefect_dask import DaskTaskRunner  # optional: pip install seed-distill[dask]
 
         runner: Any = DaskTaskRunner(address=dask_address)
+        teacher_shards.with_options(task_runner=runner)(to_dict(cfg), storage_file, dataclasses.asdict(plan), todo,
+                                                        progress)
+        totals = cache.finalize(cache.open_group(plan.cache_url, "r+"), plan.cache_url)
     else:
-        runner = ThreadPoolTaskRunner(max_workers=max(1, workers))
-    plan_data = dataclasses.asdict(plan)
-    teacher_shards.with_options(task_runner=runner)(to_dict(cfg), storage_file, plan_data, todo, progress)
-    totals = cache.finalize(cache.open_group(plan.cache_url, "r+"), plan.cache_url)
+        totals = embed_here(to_dict(cfg), storage_file, workers, len(plan.urls), len(done), progress)
     log.info("teacher stage complete: %s images (%s valid, %s skipped), %s teacher forwards (%s views/s in the "
              "forward) -> %s", f"{totals['samples']:,}", f"{totals['valid']:,}", f"{totals['skipped']:,}",
              f"{totals['teacher_forwards']:,}", _rate(totals["teacher_forwards"], totals["teacher_seconds"]), plan.cache_url)
@@ -351,8 +389,12 @@ def seed(config: str = DEFAULT_CONFIG, overrides: list[str] | None = None, stage
         config: run config YAML. overrides: ``section.field=value`` strings.
         stages: any of pretrain, teacher, bank, student, evaluate (default: all).
         run, student_arch, epochs: shortcuts for train.run, train.students, train.optim.epochs.
-        storage: storage.yaml (default: ./storage.yaml). teacher_workers: shard tasks at once.
-        dask_address: run the shard tasks on this Dask scheduler (several machines, one cache).
+        storage: storage.yaml (default: ./storage.yaml).
+        teacher_workers: teacher processes on this machine: 1, this one (its data path in ``cache.workers``
+            processes); N > 1, N processes, process i on ``cuda:i`` (on the CPU, pinned shares of the cores);
+            0, one per visible GPU.
+        dask_address: run the teacher stage as one task per shard on this Dask scheduler (several machines,
+            one cache); ``teacher_workers`` is then unused.
     """
     log = get_run_logger()
     stages = list(stages or ALL_STAGES)

@@ -7,7 +7,7 @@ completion record. Reading, decoding and augmentation run ``cache.prefetch`` bat
 of this process decodes with nvJPEG and augments on the GPU), or with no workers in one thread. On a
 CPU whose cores the forward's threads fill, both are automatically off: the data path runs between
 forwards (``seed.devices.read_ahead``).
-The Prefect flow runs one task per shard with no workers (its parallelism is across shard tasks).
+The Prefect flow runs ``run`` or ``run_processes`` in one task; on Dask, ``embed_shard`` per shard task.
 
 ``run_processes`` spreads the shards over several processes on this node, one or more per GPU:
 each is ``seed teacher --shards ...`` on its own device, writing the same bytes as one process.
@@ -461,8 +461,10 @@ def _stream(cfg: RunConfig, plan: Plan, shards: list[int], batch_size: int, devi
 
 
 def embed_shards(cfg: RunConfig, plan: Plan, group: zarr.Group, shards: list[int], teacher: Encoder, *, workers: int = 0,
-                 on_views: Callable[[int], Any] | None = None) -> dict[int, dict[str, Any]]:
-    """Run ``teacher`` over input shards; write each shard's rows, then its completion record, as it ends.
+                 on_views: Callable[[int], Any] | None = None,
+                 on_shard: Callable[[dict[str, Any]], Any] | None = None) -> dict[int, dict[str, Any]]:
+    """Run ``teacher`` over input shards; write each shard's rows, then its completion record, as it ends
+    (and hand the record to ``on_shard``).
 
     ``workers`` processes each own whole shards (on the CPU they read, decode and augment; on CUDA they
     read and draw views, and a thread here decodes and augments on the GPU); 0 = one background thread.
@@ -514,6 +516,8 @@ def embed_shards(cfg: RunConfig, plan: Plan, group: zarr.Group, shards: list[int
         }
         cache.write_shard(group, s, {**item.meta, "embeddings": emb.pop(s)}, record)
         records[s] = record
+        if on_shard is not None:
+            on_shard(record)
     return records
 
 
@@ -540,11 +544,13 @@ def embed_shard(cfg: RunConfig, plan: Plan, group: zarr.Group, shard: int, teach
 
 
 def run(cfg: RunConfig, storage: Storage, *, overwrite: bool = False, shards: list[int] | None = None,
-        finalize: bool = True, progress: bool = True, load: TeacherLoader = load_teacher) -> TeacherResult:
+        finalize: bool = True, progress: bool = True, load: TeacherLoader = load_teacher,
+        on_shard: Callable[[dict[str, Any]], Any] | None = None) -> TeacherResult:
     """The whole stage in this process: skip done shards, embed the rest, mark the cache complete.
 
     ``shards``: only these input shards (one worker's part); ``finalize``: mark the cache complete
-    when every shard is done (only the coordinator should: it writes the root attributes).
+    when every shard is done (only the coordinator should: it writes the root attributes); ``on_shard``:
+    called with each shard's completion record as the shard is written.
     """
     from seed.report import progress_bar
 
@@ -566,7 +572,8 @@ def run(cfg: RunConfig, storage: Storage, *, overwrite: bool = False, shards: li
     workers = min(data_workers(cfg.cache.workers, device, model_threads=_model_threads(device)), len(todo))
     with progress_bar(total=total_views, unit="view", desc=f"teacher ({len(todo)} shards, {workers} workers)",
                       disable=not progress, smoothing=0.1) as bar:  # closed before any error prints
-        records = embed_shards(cfg, plan, group, todo, teacher, workers=workers, on_views=bar.update) if todo else {}
+        records = embed_shards(cfg, plan, group, todo, teacher, workers=workers, on_views=bar.update,
+                               on_shard=on_shard) if todo else {}
     totals = None
     if finalize and len(set(cache.done_shards(group))) == len(plan.urls):
         totals = cache.finalize(group, plan.cache_url)
@@ -601,7 +608,8 @@ def process_cores(n: int, cores: list[int] | None = None) -> list[list[int]] | N
 
 
 def run_processes(cfg: RunConfig, storage: Storage, n: int, *, overwrite: bool = False, progress: bool = True,
-                  load: TeacherLoader = load_teacher) -> TeacherResult:
+                  load: TeacherLoader = load_teacher,
+                  on_shard: Callable[[dict[str, Any]], Any] | None = None) -> TeacherResult:
     """The stage in ``n`` processes on this node (0 = one per visible GPU), each over every n-th shard left.
 
     Each process is pinned to a share of this process's cores (``process_cores``), so that what it takes
@@ -614,7 +622,8 @@ def run_processes(cfg: RunConfig, storage: Storage, n: int, *, overwrite: bool =
     This process lays out the cache (``prepare``), starts ``seed teacher --shards ...`` per device
     from ``process_devices``, shows the shards done, and marks the cache complete once all are. A
     failed process stops the others; the shards finished so far are kept, and a re-run embeds the
-    rest. Each process's output goes to a log file named in the error.
+    rest. Each process's output goes to a log file named in the error. ``on_shard``: called here with
+    each shard's completion record once this process sees it.
     """
     from seed.report import progress_bar
 
@@ -643,7 +652,7 @@ def run_processes(cfg: RunConfig, storage: Storage, n: int, *, overwrite: bool =
         bar = progress_bar(total=len(plan.urls), initial=len(done), unit="shard", disable=not progress,
                            desc=f"teacher ({len(parts)} processes: {', '.join(sorted(set(devices)))})")
         try:
-            failed = _wait(procs, plan.cache_url, bar)
+            failed = _wait(procs, plan.cache_url, bar, done, on_shard)
         finally:
             bar.close()
             for proc, log, _, _ in procs:
@@ -662,11 +671,21 @@ def run_processes(cfg: RunConfig, storage: Storage, n: int, *, overwrite: bool =
     return TeacherResult(plan.cache_url, len(plan.urls), tuple(sorted(todo)), tuple(sorted(done)), totals)
 
 
-def _wait(procs: list[Any], url: str, bar: Any) -> Any:
-    """Wait for every process, advancing ``bar`` as shards complete; the first failed process, or None."""
+def _wait(procs: list[Any], url: str, bar: Any, seen: set[int],
+          on_shard: Callable[[dict[str, Any]], Any] | None) -> Any:
+    """Wait for every process, advancing ``bar`` and calling ``on_shard`` as shards complete (``seen``: those done
+    before); the first failed process, or None."""
+    seen = set(seen)
     while True:
         codes = [proc.poll() for proc, *_ in procs]
-        bar.update(len(cache.done_shards(cache.open_group(url, "r"))) - bar.n)
+        group = cache.open_group(url, "r")
+        done = cache.done_shards(group)
+        bar.update(len(done) - bar.n)
+        for s in sorted(set(done) - seen):
+            seen.add(s)
+            record = cache.shard_record(group, s)
+            if on_shard is not None and record is not None:
+                on_shard(record)
         bad = next((p for p, code in zip(procs, codes) if code not in (None, 0)), None)
         if bad is not None or all(code == 0 for code in codes):
             return bad

@@ -180,7 +180,7 @@ def set_cpu_threads(n: int) -> None:
 
     The split of a reduction across threads changes the last bits of a CPU forward, so every writer
     of one cache must use the same count. Threads are a process-wide setting: entry points call this
-    once (the Prefect shard tasks call it in each task, always with the cache's value, so threads
+    once (the Dask layout's shard tasks call it in each task, always with the cache's value, so threads
     never race to different counts); shard writers only check it (``require_cpu_threads``).
     """
     if n > 0 and torch.get_num_threads() != n:

@@ -12,6 +12,7 @@ import pytest
 import zarr
 
 from flows.seed_flow import seed
+from seed import cache
 from seed.errors import SeedError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -133,12 +134,40 @@ def test_dask_cluster_writes_the_same_cache_as_one_process(harness, tmp_path: Pa
     finally:
         os.environ.clear()
         os.environ.update(environ)
-    a = zarr.open_group(str(tmp_path / "caches" / "serial.zarr"), mode="r")
-    b = zarr.open_group(str(tmp_path / "caches" / "dask.zarr"), mode="r")
+    b = _assert_same_cache(tmp_path, "serial", "dask")
+    assert b.attrs["status"] == "complete" and b.attrs["totals"]["teacher_forwards"] == 600
+
+
+def _assert_same_cache(tmp_path: Path, one: str, other: str) -> zarr.Group:
+    a = zarr.open_group(str(tmp_path / "caches" / f"{one}.zarr"), mode="r")
+    b = zarr.open_group(str(tmp_path / "caches" / f"{other}.zarr"), mode="r")
     for name in ("embeddings", "augment", "keys", "labels", "valid"):
         x, y = a[name][:], b[name][:]
         assert (x.tobytes() == y.tobytes()) if x.dtype.kind == "f" else np.array_equal(x, y), name
-    assert b.attrs["status"] == "complete" and b.attrs["totals"]["teacher_forwards"] == 600
+    return b
+
+
+def test_teacher_workers_run_the_stage_in_processes_and_write_the_same_cache(harness, tmp_path: Path, storage_file: str,
+                                                                            moco_checkpoint: Path) -> None:
+    """``teacher_workers=2``: the flow's teacher stage runs as ``seed teacher --procs 2`` (two processes, each pinned
+    to its share of the cores), reports its shards as they finish, and writes the bytes of the default layout."""
+    config = str(ROOT / "configs" / "demo.yaml")
+    overrides = [*TINY, f"teacher.checkpoint={moco_checkpoint}", "cache.cpu_threads=2"]
+    seed(config=config, overrides=[*overrides, "cache.name=here"], storage=storage_file, stages=["teacher"])
+    state = seed(config=config, overrides=[*overrides, "cache.name=procs"], storage=storage_file, stages=["teacher"],
+                 teacher_workers=2, return_state=True)
+    assert state.result()["teacher"]["teacher_forwards"] == 600
+    procs = _assert_same_cache(tmp_path, "here", "procs")
+    here = zarr.open_group(str(tmp_path / "caches" / "here.zarr"), mode="r")
+    cores = len(os.sched_getaffinity(0))
+    assert {cache.shard_record(here, s)["cores"] for s in range(3)} == {cores}     # the flow's own process
+    if cores >= 2:
+        assert {cache.shard_record(procs, s)["cores"] for s in range(3)} <= {cores // 2, cores - cores // 2}
+    code, text, artifacts = _follow(state)
+    assert code == 0, text
+    assert "teacher stage: 2 processes (seed teacher --procs)" in text and "teacher: 3/3 shards embedded (100 %)" in text
+    progress = {a.key: a for a in artifacts if a.type == "progress"}
+    assert progress["teacher-progress"].data == 100.0
 
 
 def test_still_running_says_so_while_a_stage_without_progress_runs(caplog: pytest.LogCaptureFixture) -> None:
