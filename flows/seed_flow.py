@@ -401,6 +401,8 @@ def seed(config: str = DEFAULT_CONFIG, overrides: list[str] | None = None, stage
     unknown = sorted(set(stages) - set(ALL_STAGES))
     if unknown:
         raise ValueError(f"unknown stages {unknown}; choose from {ALL_STAGES}")
+    if teacher_workers < 0:
+        raise ValueError(f"teacher_workers must be >= 0 (0 = a teacher process per visible GPU), got {teacher_workers}")
     cfg = load_config(config, _overrides(overrides or [], run, student_arch, epochs))
     store = load_storage(storage)
     forward_library_logs()

@@ -118,6 +118,17 @@ def test_student_only_refuses_a_missing_cache(harness, storage_file: str) -> Non
     assert re.search(r"flow run \S+: Failed after \d+ s: .*no cache at .*absent\.zarr", text), text
 
 
+def test_bad_flow_parameters_are_refused_before_any_stage(harness, storage_file: str) -> None:
+    config = str(ROOT / "configs" / "demo.yaml")
+    for params, message in (({"teacher_workers": -1}, "teacher_workers must be >= 0"),
+                            ({"stages": ["teacher", "train"]}, r"unknown stages \['train'\]")):
+        state = seed(config=config, overrides=TINY, storage=storage_file, return_state=True, **params)
+        with pytest.raises(ValueError, match=message):
+            state.result()
+        code, text, _ = _follow(state)
+        assert code == 1 and "== [" not in text, text  # no stage started
+
+
 def test_dask_cluster_writes_the_same_cache_as_one_process(harness, tmp_path: Path, storage_file: str,
                                                            moco_checkpoint: Path) -> None:
     from distributed import LocalCluster
