@@ -161,17 +161,19 @@ def _assert_same_cache(tmp_path: Path, one: str, other: str) -> zarr.Group:
 def test_teacher_workers_run_the_stage_in_processes_and_write_the_same_cache(harness, tmp_path: Path, storage_file: str,
                                                                             moco_checkpoint: Path) -> None:
     """``teacher_workers=2``: the flow's teacher stage runs as ``seed teacher --procs 2`` (two processes, each pinned
-    to its share of the cores), reports its shards as they finish, and writes the bytes of the default layout."""
+    to its share of the cores), reports its shards as they finish, and writes the bytes of the default layout, here
+    with a data worker process started from the flow's task."""
     config = str(ROOT / "configs" / "demo.yaml")
     overrides = [*TINY, f"teacher.checkpoint={moco_checkpoint}", "cache.cpu_threads=2"]
-    seed(config=config, overrides=[*overrides, "cache.name=here"], storage=storage_file, stages=["teacher"])
+    seed(config=config, overrides=[*overrides, "cache.name=here", "cache.workers=1"], storage=storage_file,
+         stages=["teacher"])
     state = seed(config=config, overrides=[*overrides, "cache.name=procs"], storage=storage_file, stages=["teacher"],
                  teacher_workers=2, return_state=True)
     assert state.result()["teacher"]["teacher_forwards"] == 600
     procs = _assert_same_cache(tmp_path, "here", "procs")
     here = zarr.open_group(str(tmp_path / "caches" / "here.zarr"), mode="r")
     cores = len(os.sched_getaffinity(0))
-    assert {cache.shard_record(here, s)["cores"] for s in range(3)} == {cores}     # the flow's own process
+    assert {(cache.shard_record(here, s)["cores"], cache.shard_record(here, s)["workers"]) for s in range(3)} == {(cores, 1)}
     if cores >= 2:
         assert {cache.shard_record(procs, s)["cores"] for s in range(3)} <= {cores // 2, cores - cores // 2}
     code, text, artifacts = _follow(state)
