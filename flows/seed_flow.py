@@ -199,7 +199,7 @@ class ShardProgress:
 
 
 @task(cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
-def embed_here(cfg_data: dict[str, Any], storage_file: str | None, processes: int, total: int, before: int,
+def embed_here(cfg_data: dict[str, Any], storage_file: str | None, processes: int, total: int,
                progress: UUID | None) -> dict[str, Any]:
     """The teacher stage on this machine, as ``seed teacher`` runs it: in this process, its data path in
     ``cache.workers`` worker processes, or (``processes`` other than 1) as ``seed teacher --procs``, process i on
@@ -209,6 +209,7 @@ def embed_here(cfg_data: dict[str, Any], storage_file: str | None, processes: in
     """
     log = get_run_logger()
     cfg, storage = _cfg(cfg_data), load_storage(storage_file)
+    before = len(cache.done_shards(cache.open_group(storage.cache_url(cfg.cache.name), "r")))  # a retry counts its own
     report = ShardProgress(log, progress, total, before)
     if processes == 1:
         result = teacher_stage.run(cfg, storage, progress=False, on_shard=report,
@@ -273,7 +274,7 @@ def run_teacher(cfg: RunConfig, storage: Storage, storage_file: str | None, work
                                                         progress)
         totals = cache.finalize(cache.open_group(plan.cache_url, "r+"), plan.cache_url)
     else:
-        totals = embed_here(to_dict(cfg), storage_file, workers, len(plan.urls), len(done), progress)
+        totals = embed_here(to_dict(cfg), storage_file, workers, len(plan.urls), progress)
     log.info("teacher stage complete: %s images (%s valid, %s skipped), %s teacher forwards (%s views/s in the "
              "forward) -> %s", f"{totals['samples']:,}", f"{totals['valid']:,}", f"{totals['skipped']:,}",
              f"{totals['teacher_forwards']:,}", _rate(totals["teacher_forwards"], totals["teacher_seconds"]), plan.cache_url)
