@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from seed.errors import SeedError
+from seed.lifetime import exit_with_parent
 
 
 DISTRIBUTION = "seed-distill"  # the name in pyproject.toml, which `seed --version` reads the installed version of
@@ -397,6 +398,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    exit_with_parent()  # a process started by a stage (--procs, torchrun ranks) ends with it
     try:
         return COMMANDS[args.command](args)
     except SeedError as exc:

@@ -40,6 +40,7 @@ from seed.data import CachedSource, FreshViews, Source, rank_shards
 from seed.decode import Decoder
 from seed.devices import Launch, join_process_group, resolve_device
 from seed.errors import SeedError
+from seed.lifetime import child_env
 from seed.models import mlp_encoder
 from seed.objectives import ObjectiveFactory, Queue, create_objective
 from seed.shards import expand_urls, shard_lengths
@@ -259,8 +260,9 @@ def launch(cfg: RunConfig, storage: Storage, *, resume: bool = False,
         command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={n}",
                    "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "pipeline.cli", "student",
                    "-c", config, "--storage", roots, "--events", *(["--resume"] if resume else [])]
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n))),
-               "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")}  # one node: ranks meet on loopback
+        env = child_env({**os.environ,  # the ranks end with this process, even killed (seed.lifetime)
+                         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n))),
+                         "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")})  # one node: ranks meet on loopback
         tail: collections.deque[str] = collections.deque(maxlen=25)
         errors: list[str] = []  # the ranks' own one-line errors, which torchrun's report would push out of the tail
         # torchrun leads a process group of its own, so an interrupted launcher (Ctrl-C, a cancelled flow run)

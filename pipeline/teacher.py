@@ -40,6 +40,7 @@ from seed.config import RunConfig, to_dict, write_run_files
 from seed.devices import (autocast, cpu_core_ids, cpu_cores, data_workers, read_ahead, require_cpu_threads,
                           resolve_device, set_cpu_threads, split_cores)
 from seed.errors import SeedError
+from seed.lifetime import child_env
 from seed.models import Encoder
 from seed.prefetch import prefetch
 from seed.decode import Decoder
@@ -644,7 +645,7 @@ def run_processes(cfg: RunConfig, storage: Storage, n: int, *, overwrite: bool =
             log = open(f"{tmp}/process-{i}.log", "w+")
             command = [sys.executable, "-m", "pipeline.cli", "teacher", "-c", config, "--storage", roots,
                        "--shards", ",".join(map(str, part)), "--set", f"cache.device={device}", "--quiet"]
-            proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=child_env())  # ends with this one
             if shares is not None:  # before it starts its threads: its data path then sees the cores it has
                 with contextlib.suppress(ProcessLookupError):  # (unless it has already ended)
                     os.sched_setaffinity(proc.pid, shares[i])

@@ -234,6 +234,7 @@ def _kill_rank_one_after_first_epoch(checkpoint_file: Path, seen: dict) -> None:
         if b"LOCAL_RANK=1" in environ:
             os.kill(pid, signal.SIGKILL)
             seen["killed"] = pid
+            seen["parent"] = [v for v in environ if v.startswith(b"SEED_PARENT_PID=")]
             seen["state"] = checkpoint.load(str(checkpoint_file))
             return
 
@@ -255,6 +256,8 @@ def test_student_stage_on_two_ranks_resumes_after_a_rank_is_killed(harness, tmp_
     result = seed(config=config, overrides=overrides, storage=storage_file, stages=["student"])
     killer.join()
     assert "killed" in seen, "no rank was found to kill"
+    # through torchrun, each rank knows the launching process (this one), and would end with it (seed.lifetime)
+    assert seen["parent"] == [f"SEED_PARENT_PID={os.getpid()}".encode()]
     killed_at = seen["state"]["epoch"]
     assert 1 <= killed_at < 4  # killed mid-run: the retry had epochs left to train
     state = checkpoint.load(str(ckpt))

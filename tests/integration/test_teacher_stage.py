@@ -263,6 +263,50 @@ def test_two_processes_from_one_command_equal_one(clean, tmp_path: Path, shards_
     assert refused.returncode == 2 and "does not combine with --shards" in refused.stderr
 
 
+def _started_by(pid: int) -> dict[int, list[str]]:
+    """The live processes started with ``seed.lifetime.child_env`` by ``pid``, and their command lines."""
+    out: dict[int, list[str]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if f"SEED_PARENT_PID={pid}".encode() in (entry / "environ").read_bytes().split(b"\0"):
+                out[int(entry.name)] = (entry / "cmdline").read_bytes().decode().split("\0")
+        except OSError:
+            continue
+    return out
+
+
+def test_teacher_processes_end_when_their_launcher_is_killed(clean, tmp_path: Path, shards_root: Path,
+                                                             moco_checkpoint: Path) -> None:
+    """`seed teacher --procs 2` killed outright (SIGKILL: none of its clean-up runs): its two processes end on
+    their own within seconds (seed.lifetime) instead of running on, and the re-run completes the clean cache."""
+    _, _, clean_url = clean
+    storage_file = _storage_file(tmp_path, shards_root)
+    launcher = subprocess.Popen(_cli(storage_file, *_sets(moco_checkpoint), "--procs", "2", "--quiet"),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    children: dict[int, list[str]] = {}
+    while time.monotonic() < deadline and len(children) < 2:
+        children = {p: c for p, c in _started_by(launcher.pid).items() if "teacher" in c}
+        time.sleep(0.05)
+    assert len(children) == 2, children
+    launcher.kill()
+    launcher.wait()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and _started_by(launcher.pid):
+        time.sleep(0.2)
+    assert not _started_by(launcher.pid)       # the two processes and any data worker they had started
+    run_dir = Path(next(iter(children.values()))[next(iter(children.values())).index("-c") + 1]).parent
+    try:  # each said why it stopped, in its log (the launcher never got to remove its directory)
+        for log in sorted(run_dir.glob("process-*.log")):
+            assert f"the process that started this one (pid {launcher.pid}) has ended; stopping" in log.read_text()
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    rerun = subprocess.run(_cli(storage_file, *_sets(moco_checkpoint), "--procs", "2", "--quiet"), capture_output=True,
+                           text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    _assert_same(_arrays(str(tmp_path / "caches" / "test.zarr")), _arrays(clean_url))
+
+
 def test_disk_full_part_way_leaves_no_record_and_the_rerun_repairs_it(clean, tmp_path: Path, shards_root: Path) -> None:
     cfg, _, clean_url = clean
     fsspec.register_implementation("fulldisk", FullDisk, clobber=True)

@@ -480,3 +480,17 @@ def test_shard_split_hands_a_seed_error_over_as_an_item_and_reraise_raises_it() 
             seen.append(item)
     assert seen == [(2, 0), (2, 1)]
     assert list(reraise([(0, 0), (1, 0)])) == [(0, 0), (1, 0)]
+
+
+def test_processes_a_stage_starts_know_it_and_watch_only_another_process() -> None:
+    import os
+
+    from seed.lifetime import PARENT_ENV, alive, child_env, exit_with_parent
+
+    env = child_env({"PATH": "/bin"})
+    assert env == {"PATH": "/bin", PARENT_ENV: str(os.getpid())}
+    assert alive(os.getpid())
+    with open("/proc/sys/kernel/pid_max") as f:
+        assert not alive(int(f.read()) + 1)                                            # no process can have it
+    # this process was not started by a stage, or names itself: nothing to watch
+    assert os.environ.get(PARENT_ENV) is None and exit_with_parent() is None
