@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -396,17 +398,29 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler stopping the job, ``kill``), raised in the main thread as Ctrl-C is, so that the same
+    clean-up runs: processes the command started are stopped, temporary files removed, progress bars closed."""
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     exit_with_parent()  # a process started by a stage (--procs, torchrun ranks) ends with it
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         return COMMANDS[args.command](args)
     except SeedError as exc:
         print(f"seed: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("seed: interrupted; completed shards are kept, re-run to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        how = "terminated" if isinstance(exc, Terminated) else "interrupted"
+        print(f"seed: {how}; completed shards are kept, re-run to resume", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
     except OSError as exc:  # the machine, not the user: a full disk, a lost mount, a refused connection
         print(f"seed: error: {exc}; what was finished is kept, re-run once it is fixed", file=sys.stderr)
         return 1

@@ -307,6 +307,35 @@ def test_teacher_processes_end_when_their_launcher_is_killed(clean, tmp_path: Pa
     _assert_same(_arrays(str(tmp_path / "caches" / "test.zarr")), _arrays(clean_url))
 
 
+def test_a_terminated_launcher_stops_its_processes_and_cleans_up(tmp_path: Path, shards_root: Path,
+                                                                moco_checkpoint: Path) -> None:
+    """SIGTERM (a scheduler stopping the job) runs the clean-up Ctrl-C does: one line, exit 143, the processes it
+    started stopped and its temporary directory removed."""
+    storage_file = _storage_file(tmp_path, shards_root)
+    launcher = subprocess.Popen(_cli(storage_file, *_sets(moco_checkpoint), "--procs", "2", "--quiet"),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    children: dict[int, list[str]] = {}
+    while time.monotonic() < deadline and len(children) < 2:
+        children = {p: c for p, c in _started_by(launcher.pid).items() if "teacher" in c}
+        time.sleep(0.05)
+    assert len(children) == 2, children
+    run_dir = Path(next(iter(children.values()))[next(iter(children.values())).index("-c") + 1]).parent
+    launcher.send_signal(signal.SIGTERM)
+    _, err = launcher.communicate(timeout=60)
+    assert launcher.returncode == 143, err
+    assert err.strip().splitlines()[-1] == "seed: terminated; completed shards are kept, re-run to resume", err
+    assert "Traceback" not in err and not run_dir.exists()
+    assert not {p for p in children if Path(f"/proc/{p}").exists() and "Z" not in _state(p)}  # stopped, not left
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
+
+
 def test_disk_full_part_way_leaves_no_record_and_the_rerun_repairs_it(clean, tmp_path: Path, shards_root: Path) -> None:
     cfg, _, clean_url = clean
     fsspec.register_implementation("fulldisk", FullDisk, clobber=True)
