@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -409,8 +410,12 @@ def _terminated(signum: int, frame: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    exit_with_parent()  # a process started by a stage (--procs, torchrun ranks) ends with it
-    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+    launched = exit_with_parent() is not None  # a process started by a stage (--procs, torchrun ranks) ends with it
+    # SIGTERM as Ctrl-C, for commands a person or a scheduler started: the processes a stage starts keep SIGTERM's
+    # default, ending at once (torchrun stops a rank with it, which may be blocked in a collective, where a Python
+    # handler would only run once the call returned)
+    if (not launched and "LOCAL_RANK" not in os.environ and threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL):
         signal.signal(signal.SIGTERM, _terminated)
     try:
         return COMMANDS[args.command](args)
