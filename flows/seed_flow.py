@@ -234,8 +234,9 @@ def embed_shard(cfg_data: dict[str, Any], storage_file: str | None, plan: dict[s
         set_cpu_threads(teacher_stage.cpu_threads(group))
     with task_device(cfg.cache.device) as device:
         encoder, _ = shared_teacher(cfg.teacher, device)
+        workers = teacher_stage.shard_task_workers(cfg.cache.workers, resolve_device(device))
         return teacher_stage.embed_shard(dataclasses.replace(cfg, cache=dataclasses.replace(cfg.cache, device=device)),
-                                         p, group, shard, encoder)
+                                         p, group, shard, encoder, workers=workers)
 
 
 @flow(name="seed-teacher-shards", log_prints=True)

@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -539,9 +540,30 @@ def _drop_failed(done: _ShardDone, failed: list[tuple[int, str]], emb: np.ndarra
         done.skipped.append({"key": str(done.meta["keys"][row]), "reason": reason})
 
 
-def embed_shard(cfg: RunConfig, plan: Plan, group: zarr.Group, shard: int, teacher: Encoder) -> dict[str, Any]:
-    """One input shard in this process (a background thread decodes): the flow's unit of work."""
-    return embed_shards(cfg, plan, group, [shard], teacher, workers=0)[shard]
+def embed_shard(cfg: RunConfig, plan: Plan, group: zarr.Group, shard: int, teacher: Encoder, *,
+                workers: int = 0) -> dict[str, Any]:
+    """One input shard in this process: the Dask layout's unit of work. ``workers``: 1, a data worker process reads
+    the shard (``shard_task_workers``); 0, a background thread of this process."""
+    return embed_shards(cfg, plan, group, [shard], teacher, workers=min(workers, 1))[shard]
+
+
+_daemon_noted = False
+
+
+def shard_task_workers(setting: int, device: torch.device) -> int:
+    """Data worker processes for one shard's task (``embed_shard``): ``cache.workers`` as ``run`` resolves it, at most
+    one (a worker owns whole shards), and none in a daemonic process, which may not start processes: a Dask worker
+    is one unless started with ``DASK_DISTRIBUTED__WORKER__DAEMON=False`` (said once per process)."""
+    global _daemon_noted
+    workers = min(1, data_workers(setting, device, model_threads=_model_threads(device)))
+    if workers and multiprocessing.current_process().daemon:
+        if not _daemon_noted:
+            _daemon_noted = True
+            log.warning("this process is daemonic (a Dask worker by default) and may not start processes: its teacher "
+                        "shard tasks read their shards in a thread, not a data worker process; start the Dask workers "
+                        "with DASK_DISTRIBUTED__WORKER__DAEMON=False to give each task one")
+        return 0
+    return workers
 
 
 def run(cfg: RunConfig, storage: Storage, *, overwrite: bool = False, shards: list[int] | None = None,

@@ -131,6 +131,7 @@ def test_bad_flow_parameters_are_refused_before_any_stage(harness, storage_file:
 
 def test_dask_cluster_writes_the_same_cache_as_one_process(harness, tmp_path: Path, storage_file: str,
                                                            moco_checkpoint: Path) -> None:
+    import dask
     from distributed import LocalCluster
 
     overrides = [*TINY, f"teacher.checkpoint={moco_checkpoint}"]
@@ -138,15 +139,20 @@ def test_dask_cluster_writes_the_same_cache_as_one_process(harness, tmp_path: Pa
     seed(config=config, overrides=[*overrides, "cache.name=serial"], storage=storage_file, stages=["teacher"])
     environ = dict(os.environ)  # distributed sets OMP_NUM_THREADS=1 etc. in this process's environment
     try:
-        with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                          dashboard_address=None) as cluster:
-            seed(config=config, overrides=[*overrides, "cache.name=dask"], storage=storage_file, stages=["teacher"],
-                 dask_address=cluster.scheduler_address)
+        # Dask's default workers are daemonic, so a shard task may not start a data worker process: it reads in a
+        # thread; workers started non-daemonic give each task one (cache.workers=1: the CPU rule alone gives none)
+        for name, daemon in (("dask", True), ("dask-workers", False)):
+            with dask.config.set({"distributed.worker.daemon": daemon}), LocalCluster(
+                    n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None) as cluster:
+                seed(config=config, overrides=[*overrides, f"cache.name={name}", "cache.workers=1"], storage=storage_file,
+                     stages=["teacher"], dask_address=cluster.scheduler_address)
     finally:
         os.environ.clear()
         os.environ.update(environ)
-    b = _assert_same_cache(tmp_path, "serial", "dask")
-    assert b.attrs["status"] == "complete" and b.attrs["totals"]["teacher_forwards"] == 600
+    for name, workers in (("dask", 0), ("dask-workers", 1)):
+        b = _assert_same_cache(tmp_path, "serial", name)
+        assert b.attrs["status"] == "complete" and b.attrs["totals"]["teacher_forwards"] == 600
+        assert {cache.shard_record(b, s)["workers"] for s in range(3)} == {workers}, name
 
 
 def _assert_same_cache(tmp_path: Path, one: str, other: str) -> zarr.Group:
