@@ -36,7 +36,7 @@ import zarr
 
 from seed import cache
 from seed.augment import apply_batch
-from seed.views import P, blur_note, draw_views, recipe_fields
+from seed.views import P, blur_note, draw_many, recipe_fields
 from seed.config import RunConfig, to_dict, write_run_files
 from seed.devices import (autocast, cpu_core_ids, cpu_cores, data_workers, read_ahead, require_cpu_threads,
                           resolve_device, set_cpu_threads, split_cores)
@@ -185,6 +185,7 @@ def _view_jobs(url: str, shard_len: int, cfg: RunConfig, batch_size: int, meta: 
         if chunk[-1].index >= shard_len:
             raise SeedError(f"{url}: more samples than the {shard_len} planned; the shard changed since the cache was made")
         images: list[Any] = decoder.decode(chunk) if decoder is not None else [_sized(s) for s in chunk]
+        kept: list[tuple[Sample, Any, tuple[int, int]]] = []
         for sample, image in zip(chunk, images):
             meta["keys"][sample.index] = sample.key
             meta["labels"][sample.index] = sample.label
@@ -192,8 +193,12 @@ def _view_jobs(url: str, shard_len: int, cfg: RunConfig, batch_size: int, meta: 
                 skipped.append({"key": sample.key, "reason": str(image)})
                 continue
             h, w = image.shape[-2:] if isinstance(image, torch.Tensor) else image[1]
-            views = draw_views(c.recipe, seed=c.seed, key=sample.key, views=c.views, height=h, width=w)
-            meta["sizes"][sample.index] = (h, w)
+            kept.append((sample, image, (int(h), int(w))))
+        # the chunk's views drawn at once (the rows draw_views gives, image by image)
+        drawn = draw_many(c.recipe, seed=c.seed, keys=[s.key for s, _, _ in kept], sizes=[hw for _, _, hw in kept],
+                          views=c.views)
+        for (sample, image, hw), views in zip(kept, drawn):
+            meta["sizes"][sample.index] = hw
             meta["augment"][sample.index] = views
             meta["valid"][sample.index] = True
             pending += [(image, views[v], sample.index, v) for v in range(c.views)]

@@ -231,3 +231,85 @@ def draw_views(recipe: Recipe, *, seed: int, key: str, views: int, height: int, 
     ``draw_params`` gives (the key is hashed once for all of them)."""
     words = _key_words(key)
     return np.stack([_draw(recipe, _rng(seed, v, words), height, width) for v in range(first, first + views)])
+
+
+def draw_many(recipe: Recipe, *, seed: int, keys: list[str], sizes: list[tuple[int, int]], views: int,
+              first: int = 0) -> np.ndarray:
+    """``draw_views`` for many images at once: float32 ``[len(keys), views, P]``, the same rows to the bit.
+
+    Seeding a numpy generator per view (``SeedSequence`` hashing its words, then ``PCG64``) costs about
+    half of a view's draw. Here the hashing runs once for all the views, vectorised (``_pcg64_states``), and
+    one generator is set to each view's state in turn, so the draws themselves are numpy's own.
+    """
+    out = np.empty((len(keys), views, P), dtype=np.float32)
+    if not keys:
+        return out
+    if first + views > 1 << 32:  # a view index of two words would change the entropy's length: numpy's own seeding
+        return np.stack([draw_views(recipe, seed=seed, key=k, views=views, height=h, width=w, first=first)
+                         for k, (h, w) in zip(keys, sizes)])
+    entropy = np.array([[*_int_words(seed), v, *_key_words(k)] for k in keys for v in range(first, first + views)],
+                       dtype=np.uint32)
+    bits = np.random.PCG64(0)
+    rng = np.random.Generator(bits)
+    flat = out.reshape(-1, P)
+    for i, (state, inc) in enumerate(_pcg64_states(entropy)):
+        bits.state = {"bit_generator": "PCG64", "state": {"state": state, "inc": inc}, "has_uint32": 0, "uinteger": 0}
+        h, w = sizes[i // views]
+        flat[i] = _draw(recipe, rng, h, w)
+    return out
+
+
+# numpy's SeedSequence (numpy/random/bit_generator.pyx) and PCG64 seeding (pcg64.h), for ``draw_many``
+_MASK32, _MASK128 = (1 << 32) - 1, (1 << 128) - 1
+_INIT_A, _MULT_A, _INIT_B, _MULT_B = 0x43B0D7E5, 0x931E8875, 0x8B51F9DD, 0x58F38DED
+_MIX_MULT_L, _MIX_MULT_R, _XSHIFT, _POOL = 0xCA01F9DD, 0x4973F715, 16, 4
+_PCG_MULT = (2549297995355413924 << 64) + 4865540595714422341
+
+
+def _int_words(value: int) -> list[int]:
+    """A non-negative int as SeedSequence takes it: little-endian 32-bit words, at least one."""
+    words = [value & _MASK32]
+    while value >> 32:
+        value >>= 32
+        words.append(value & _MASK32)
+    return words
+
+
+def _pcg64_states(entropy: np.ndarray) -> list[tuple[int, int]]:
+    """``(state, inc)`` of ``PCG64(SeedSequence(row))`` for each row of ``entropy`` (uint32 ``[n, L]``), computed
+    for all rows at once: SeedSequence's hash of the row into a pool of four words, four 64-bit words drawn
+    from the pool, then PCG64's seeding (``tests/unit/test_augment.py`` checks it against numpy)."""
+    n, length = entropy.shape
+    const = [_INIT_A]
+
+    def hashmix(value: np.ndarray) -> np.ndarray:
+        value = value ^ np.uint32(const[0])
+        const[0] = (const[0] * _MULT_A) & _MASK32
+        value = value * np.uint32(const[0])
+        return value ^ (value >> np.uint32(_XSHIFT))
+
+    def mix(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        r: np.ndarray = np.subtract(x * np.uint32(_MIX_MULT_L), y * np.uint32(_MIX_MULT_R), dtype=np.uint32)
+        return r ^ (r >> np.uint32(_XSHIFT))
+
+    pool = [hashmix(entropy[:, i] if i < length else np.zeros(n, np.uint32)) for i in range(_POOL)]
+    for src in range(_POOL):
+        for dst in range(_POOL):
+            if src != dst:
+                pool[dst] = mix(pool[dst], hashmix(pool[src]))
+    for src in range(_POOL, length):
+        for dst in range(_POOL):
+            pool[dst] = mix(pool[dst], hashmix(entropy[:, src]))
+    const_b, words = _INIT_B, []
+    for i in range(8):  # generate_state(4, uint64): eight 32-bit words, cycling through the pool
+        value = pool[i % _POOL] ^ np.uint32(const_b)
+        const_b = (const_b * _MULT_B) & _MASK32
+        value = value * np.uint32(const_b)
+        words.append(value ^ (value >> np.uint32(_XSHIFT)))
+    w = np.stack(words, 1).astype(np.uint64)
+    states = []
+    for s0, s1, s2, s3 in (w[:, 0::2] | (w[:, 1::2] << np.uint64(32))).tolist():
+        initstate, inc = (s0 << 64) | s1, ((((s2 << 64) | s3) << 1) | 1) & _MASK128
+        # pcg_setseq_128_srandom_r: state 0 stepped (giving inc), plus initstate, stepped again
+        states.append((((inc + initstate) * _PCG_MULT + inc) & _MASK128, inc))
+    return states

@@ -77,6 +77,41 @@ def test_draw_matches_a_plain_reference_and_its_pinned_bytes() -> None:
     assert digest.hexdigest() == "5acf60ca5e21a9189cdd9c08ffd67106f09aa60d7a2aa0c190b2f4b8fb716f75"
 
 
+def test_drawing_many_images_at_once_gives_the_same_rows_and_the_same_pinned_bytes() -> None:
+    """``draw_many`` (the teacher stage's: numpy's seeding vectorised, numpy's draws) against the pinned stream:
+    the same 600 rows as above, byte for byte, and ``draw_views`` image by image for multi-word seeds, view
+    offsets and odd keys; its seeding against numpy's own ``PCG64(SeedSequence(...))`` state."""
+    from seed.views import _int_words, _pcg64_states, draw_many
+
+    recipe = Recipe(solarize_p=0.3)
+    digest = hashlib.sha256()
+    for seed in range(5):
+        idx = [i for i in range(300) if i % 5 == seed]
+        sizes = [[(28, 28), (375, 500), (7, 300), (1, 1)][i % 4] for i in idx]
+        rows = draw_many(recipe, seed=seed, keys=[f"n0144_{i}" for i in idx], sizes=sizes, views=2)
+        for i, r in zip(idx, rows):
+            h, w = sizes[idx.index(i)]
+            assert r.tobytes() == draw_views(recipe, seed=seed, key=f"n0144_{i}", views=2, height=h, width=w).tobytes()
+    for i in range(300):  # in the reference test's order
+        digest.update(draw_many(recipe, seed=i % 5, keys=[f"n0144_{i}"], sizes=[[(28, 28), (375, 500), (7, 300), (1, 1)][i % 4]],
+                                views=2).tobytes())
+    assert digest.hexdigest() == "5acf60ca5e21a9189cdd9c08ffd67106f09aa60d7a2aa0c190b2f4b8fb716f75"
+
+    rng = np.random.default_rng(0)
+    keys = ["", "a/b c", "ü" * 40, *(f"k{int(x)}" for x in rng.integers(0, 10**12, 30))]
+    sizes = [(int(h), int(w)) for h, w in rng.integers(1, 900, (len(keys), 2))]
+    for seed, first, views in ((0, 0, 4), (2**32, 6, 2), (2**70 + 9, 0, 1), (123, 2**31, 3)):
+        many = draw_many(RECIPE, seed=seed, keys=keys, sizes=sizes, views=views, first=first)
+        one = np.stack([draw_views(RECIPE, seed=seed, key=k, views=views, height=h, width=w, first=first)
+                        for k, (h, w) in zip(keys, sizes)])
+        assert many.tobytes() == one.tobytes(), (seed, first)
+    for seed in (0, 9, 2**40, 2**100):
+        entropy = [[*_int_words(seed), v, *map(int, rng.integers(0, 2**32, 4))] for v in (0, 1, 77, 2**32 - 1)]
+        for row, (state, inc) in zip(entropy, _pcg64_states(np.array(entropy, dtype=np.uint32))):
+            assert np.random.PCG64(np.random.SeedSequence([seed, *row[-5:]])).state["state"] == {"state": state, "inc": inc}
+    assert draw_many(RECIPE, seed=0, keys=[], sizes=[], views=2).shape == (0, 2, len(COLUMNS))
+
+
 def test_draw_does_not_depend_on_order() -> None:
     keys = [f"k{i}" for i in range(50)]
     forward = {k: draw_views(RECIPE, seed=0, key=k, views=4, height=28, width=28) for k in keys}
