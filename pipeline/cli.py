@@ -414,9 +414,19 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM as Ctrl-C, for commands a person or a scheduler started: the processes a stage starts keep SIGTERM's
     # default, ending at once (torchrun stops a rank with it, which may be blocked in a collective, where a Python
     # handler would only run once the call returned)
-    if (not launched and "LOCAL_RANK" not in os.environ and threading.current_thread() is threading.main_thread()
-            and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL):
+    handle = (not launched and "LOCAL_RANK" not in os.environ and threading.current_thread() is threading.main_thread()
+              and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)
+    if handle:
         signal.signal(signal.SIGTERM, _terminated)
+    try:
+        return _run(args)
+    finally:
+        if handle:  # main() called in a longer-lived process (a test, a script) leaves SIGTERM as it found it
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command, with user mistakes, interruptions and the machine's errors as one line and an exit code."""
     try:
         return COMMANDS[args.command](args)
     except SeedError as exc:
