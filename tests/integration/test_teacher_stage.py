@@ -275,6 +275,19 @@ def _started_by(pid: int) -> dict[int, list[str]]:
     return out
 
 
+def _two_teacher_processes(launcher: int) -> tuple[dict[int, list[str]], Path]:
+    """Wait for the two ``seed teacher --shards`` processes ``launcher`` starts: their command lines, and the
+    directory holding their run files and logs."""
+    deadline = time.monotonic() + 120
+    children: dict[int, list[str]] = {}
+    while time.monotonic() < deadline and len(children) < 2:
+        children = {p: c for p, c in _started_by(launcher).items() if "teacher" in c}
+        time.sleep(0.05)
+    assert len(children) == 2, children
+    command = next(iter(children.values()))
+    return children, Path(command[command.index("-c") + 1]).parent
+
+
 def test_teacher_processes_end_when_their_launcher_is_killed(clean, tmp_path: Path, shards_root: Path,
                                                              moco_checkpoint: Path) -> None:
     """`seed teacher --procs 2` killed outright (SIGKILL: none of its clean-up runs): its two processes end on
@@ -283,19 +296,13 @@ def test_teacher_processes_end_when_their_launcher_is_killed(clean, tmp_path: Pa
     storage_file = _storage_file(tmp_path, shards_root)
     launcher = subprocess.Popen(_cli(storage_file, *_sets(moco_checkpoint), "--procs", "2", "--quiet"),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    children: dict[int, list[str]] = {}
-    while time.monotonic() < deadline and len(children) < 2:
-        children = {p: c for p, c in _started_by(launcher.pid).items() if "teacher" in c}
-        time.sleep(0.05)
-    assert len(children) == 2, children
+    children, run_dir = _two_teacher_processes(launcher.pid)
     launcher.kill()
     launcher.wait()
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and _started_by(launcher.pid):
         time.sleep(0.2)
     assert not _started_by(launcher.pid)       # the two processes and any data worker they had started
-    run_dir = Path(next(iter(children.values()))[next(iter(children.values())).index("-c") + 1]).parent
     try:  # each said why it stopped, in its log (the launcher never got to remove its directory)
         for log in sorted(run_dir.glob("process-*.log")):
             assert f"the process that started this one (pid {launcher.pid}) has ended; stopping" in log.read_text()
@@ -314,13 +321,7 @@ def test_a_terminated_launcher_stops_its_processes_and_cleans_up(tmp_path: Path,
     storage_file = _storage_file(tmp_path, shards_root)
     launcher = subprocess.Popen(_cli(storage_file, *_sets(moco_checkpoint), "--procs", "2", "--quiet"),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    children: dict[int, list[str]] = {}
-    while time.monotonic() < deadline and len(children) < 2:
-        children = {p: c for p, c in _started_by(launcher.pid).items() if "teacher" in c}
-        time.sleep(0.05)
-    assert len(children) == 2, children
-    run_dir = Path(next(iter(children.values()))[next(iter(children.values())).index("-c") + 1]).parent
+    children, run_dir = _two_teacher_processes(launcher.pid)
     launcher.send_signal(signal.SIGTERM)
     _, err = launcher.communicate(timeout=60)
     assert launcher.returncode == 143, err
