@@ -247,7 +247,8 @@ def draw_many(recipe: Recipe, *, seed: int, keys: list[str], sizes: list[tuple[i
     if first + views > 1 << 32:  # a view index of two words would change the entropy's length: numpy's own seeding
         return np.stack([draw_views(recipe, seed=seed, key=k, views=views, height=h, width=w, first=first)
                          for k, (h, w) in zip(keys, sizes)])
-    entropy = np.array([[*_int_words(seed), v, *_key_words(k)] for k in keys for v in range(first, first + views)],
+    seed_words = _int_words(seed)
+    entropy = np.array([[*seed_words, v, *words] for words in map(_key_words, keys) for v in range(first, first + views)],
                        dtype=np.uint32)
     bits = np.random.PCG64(0)
     rng = np.random.Generator(bits)
