@@ -5,8 +5,9 @@
 
 After ``make demo`` give the demo's teacher: ``--set teacher.checkpoint=data/runs/demo-teacher-moco/teacher.pth``.
 Each round makes a new cache per layout (in a temporary caches root; shards and teacher as configured),
-the layouts taking turns, and prints each run's views/s over the whole stage, the teacher's forward alone
-(``teacher_seconds`` of the shard records) and their ratio. Layouts:
+the layouts taking turns, and prints each run's views/s over the whole stage, the views/s of the teacher's
+forward calls within it (``teacher_seconds`` of the shard records: not a pure forward, which would run alone)
+and the share of the stage's time those calls took. Layouts:
 
 - ``flow``: the ``seed`` flow with ``stages=["teacher"]`` on a local Prefect test server (started once);
 - ``stage``: ``pipeline.teacher.run`` in this process (what ``seed teacher`` runs), automatic workers.
@@ -72,9 +73,10 @@ def main() -> None:
                     rates[name].append(views / wall)
                     ratios[name].append(forward_s / wall)
                     print(f"round {r + 1}: {name} {views} views in {wall:.1f} s = {views / wall:,.0f} views/s; "
-                          f"forward alone {views / forward_s:,.0f} views/s; stage / forward {forward_s / wall:.2f}",
+                          f"in its forward calls {views / forward_s:,.0f} views/s, {forward_s / wall:.2f} of the time",
                           flush=True)
-    print("\n| layout | views/s, median (each round) | stage / its forward, median (each round) |\n|---|---|---|")
+    print("\n| layout | views/s, median (each round) | share of the time in forward calls, median (each round) |\n"
+          "|---|---|---|")
     for name in args.layouts:
         print(f"| {name} | {statistics.median(rates[name]):,.0f} ({', '.join(f'{x:,.0f}' for x in rates[name])}) "
               f"| {statistics.median(ratios[name]):.2f} ({', '.join(f'{x:.2f}' for x in ratios[name])}) |")
