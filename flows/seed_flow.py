@@ -66,7 +66,8 @@ _free_gpus: queue.SimpleQueue[int] | None = None
 
 
 def shared_teacher(cfg: TeacherConfig, device: str = "") -> tuple[Encoder, LoadReport]:
-    """One teacher per process, configuration and device: shard tasks in worker threads share it.
+    """One teacher per process, configuration and device: a flow run's stages, and the Dask shard tasks in a
+    worker's threads, share it.
 
     A module-level function (not an object holding the lock), so Dask pickles the tasks that call
     it by reference.
