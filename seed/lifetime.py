@@ -27,19 +27,18 @@ def child_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
 
 
 def alive(pid: int) -> bool:
-    """Whether process ``pid`` exists (a zombie, ended but not yet waited for, counts as gone)."""
+    """Whether process ``pid`` exists (where ``/proc`` says so, a zombie, ended but not yet waited for, counts as
+    gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        pass
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-    except OSError:  # no /proc: ask the kernel
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
+    except OSError:  # no /proc (macOS), or gone since
         return True
 
 
