@@ -9,7 +9,8 @@ of 256), each copied ``--copies`` times under other names (the stage sees 8 x co
 ``pipeline.teacher.run`` (random-init ``resnet50`` at 224 px, V = 2, batch 256) once per worker
 count: 0 = one background thread reads, decodes (nvJPEG) and augments (GPU); W > 0 = W processes
 read shards and draw views, and the GPU decodes and augments. Prints views/s over the whole run
-(teacher load and cache creation included) and the pure bf16 forward.
+(teacher load and cache creation included), the share of the shards' time the forward waited for its
+input (the records' ``input_wait_seconds``), and the pure bf16 forward.
 
 ``--sample``: where the process's threads are during each run (``bench.common.ThreadSampler``: the
 stage's main thread, its data thread) and, on CUDA, the share of the run in which the GPU computed
@@ -73,8 +74,8 @@ def main() -> None:
     device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
     print(f"machine: {machine()}, {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}; "
           f"{count} shards of {per_shard} images, V = 2, resnet50 at 224 px, batch 256", flush=True)
-    print("\n| workers | switch interval, ms | variant | views | seconds | views/s | GPU busy | teacher forward |\n"
-          "|---|---|---|---|---|---|---|---|", flush=True)
+    print("\n| workers | switch interval, ms | variant | views | seconds | views/s | GPU busy | forward waited for input "
+          "| teacher forward |\n|---|---|---|---|---|---|---|---|---|", flush=True)
     cfg = None
     profiles: list[str] = []
     for w, interval, variant in ((w, i, v) for w in args.workers for i in args.switch_interval for v in variants):
@@ -96,8 +97,11 @@ def main() -> None:
         label = ", ".join(variant) or "-"
         group = cache.open_group(result.cache)
         modes = sorted({str((cache.shard_record(group, i) or {}).get("forward", "?")) for i in cache.done_shards(group)})
+        tot = result.totals or {}
+        waited = (f"{100 * tot['input_wait_seconds'] / tot['stage_seconds']:.0f} %"
+                  if tot.get("input_wait_seconds") is not None and tot.get("stage_seconds") else "-")
         print(f"| {w} | {1e3 * interval:g} | {label} | {views} | {seconds:.2f} | {views / seconds:.0f} | {busy} | "
-              f"{', '.join(modes)} |", flush=True)
+              f"{waited} | {', '.join(modes)} |", flush=True)
         if sampler is not None:
             profiles.append(f"\nworkers {w}, switch interval {1e3 * interval:g} ms, {label}: {sampler.samples} samples\n\n"
                             + sampler.table(15))

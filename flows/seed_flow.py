@@ -48,7 +48,7 @@ from seed import cache
 from seed.config import RunConfig, TeacherConfig, from_dict, load_config, require_cache, to_dict
 from seed.devices import resolve_device, set_cpu_threads
 from seed.models import Encoder
-from seed.report import epoch_text, loss_text, markdown_table
+from seed.report import epoch_text, input_wait, loss_text, markdown_table
 from seed.storage import Storage, load_storage
 from seed.teachers import LoadReport, load_teacher
 
@@ -278,8 +278,9 @@ def run_teacher(cfg: RunConfig, storage: Storage, storage_file: str | None, work
     else:
         totals = embed_here(to_dict(cfg), storage_file, workers, len(plan.urls), progress)
     log.info("teacher stage complete: %s images (%s valid, %s skipped), %s teacher forwards (%s views/s in the "
-             "forward) -> %s", f"{totals['samples']:,}", f"{totals['valid']:,}", f"{totals['skipped']:,}",
-             f"{totals['teacher_forwards']:,}", _rate(totals["teacher_forwards"], totals["teacher_seconds"]), plan.cache_url)
+             "forward%s) -> %s", f"{totals['samples']:,}", f"{totals['valid']:,}", f"{totals['skipped']:,}",
+             f"{totals['teacher_forwards']:,}", _rate(totals["teacher_forwards"], totals["teacher_seconds"]),
+             input_wait(totals), plan.cache_url)
     return totals
 
 

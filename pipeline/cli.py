@@ -227,6 +227,7 @@ def cmd_shards(args: argparse.Namespace) -> int:
 
 def cmd_teacher(args: argparse.Namespace) -> int:
     from pipeline import teacher
+    from seed.report import input_wait
 
     cfg, storage = _run_config(args)
     try:
@@ -243,7 +244,7 @@ def cmd_teacher(args: argparse.Namespace) -> int:
         result = teacher.run(cfg, storage, overwrite=args.overwrite, shards=only, finalize=only is None,
                              progress=not args.quiet)
     print(f"cache {result.cache}: embedded {len(result.embedded)} shards, {len(result.skipped_done)} already done"
-          + (f"; complete: {result.totals}" if result.totals is not None
+          + (f"; complete: {result.totals}{input_wait(result.totals)}" if result.totals is not None
              else "; not complete yet (run seed teacher without --shards once all workers finish)"))
     return 0
 

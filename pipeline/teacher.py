@@ -495,12 +495,17 @@ def embed_shards(cfg: RunConfig, plan: Plan, group: zarr.Group, shards: list[int
     started: dict[int, float] = {}
     records: dict[int, dict[str, Any]] = {}
     failed: dict[int, list[tuple[int, str]]] = {}
+    waited: dict[int, float] = {}  # seconds this thread waited for the shard's batches after its first one
     depth = read_ahead(cfg.cache.prefetch, device, workers, model_threads=_model_threads(device))
+    asked = time.perf_counter()
     for item in _stream(cfg, plan, shards, batch_size, device, workers, depth):
+        got = time.perf_counter()
         s = item.shard
         if s not in emb:  # the shard's first item
             emb[s] = np.full((cap, V, D), np.nan, dtype=np.float16)
-            forwards[s], forward_s[s], started[s] = 0, 0.0, time.perf_counter()
+            forwards[s], forward_s[s], started[s], waited[s] = 0, 0.0, got, 0.0
+        else:
+            waited[s] += got - asked
         if isinstance(item, _Views):
             failed.setdefault(s, []).extend(item.failed)
             if len(item.rows):
@@ -511,11 +516,13 @@ def embed_shards(cfg: RunConfig, plan: Plan, group: zarr.Group, shards: list[int
                 emb[s][item.rows, item.views] = z.numpy().astype(np.float16)
             if on_views is not None:
                 on_views(len(item.rows) + item.dropped)
+            asked = time.perf_counter()
             continue
         _drop_failed(item, failed.pop(s, []), emb[s])
         record = {
             "url": plan.urls[s], "samples": plan.lengths[s], "valid": int(item.meta["valid"].sum()),
             "skipped": item.skipped, "teacher_forwards": forwards.pop(s), "teacher_seconds": round(forward_s.pop(s), 4),
+            "input_wait_seconds": round(waited.pop(s), 4),
             "seconds": round(time.perf_counter() - started.pop(s), 4), "device": str(device), "decode": item.decode,
             "forward": forward.mode,
             "workers": workers, "read_ahead": depth, "cores": cpu_cores(), "finished_at": round(time.time(), 3),
@@ -525,6 +532,7 @@ def embed_shards(cfg: RunConfig, plan: Plan, group: zarr.Group, shards: list[int
         records[s] = record
         if on_shard is not None:
             on_shard(record)
+        asked = time.perf_counter()
     return records
 
 

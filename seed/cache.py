@@ -281,6 +281,9 @@ def finalize(group: zarr.Group, url: str) -> dict[str, Any]:
         "teacher_forwards": sum(r["teacher_forwards"] for r in done),
         "teacher_seconds": round(sum(r["teacher_seconds"] for r in done), 3),
         "stage_seconds": round(sum(r["seconds"] for r in done), 3),
+        # None when a shard was written before the records had it
+        "input_wait_seconds": (round(sum(r["input_wait_seconds"] for r in done), 3)
+                               if all("input_wait_seconds" in r for r in done) else None),
         "damaged_shards": [s for s, r in enumerate(records) if r is not None and "damaged" in r],
     }
     if totals["damaged_shards"]:

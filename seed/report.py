@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from seed.storage import join, write_bytes, write_text
@@ -49,6 +49,21 @@ def epoch_text(stage: str, epoch: int, epochs: int, row: dict[str, Any]) -> str:
     """One finished epoch in words: ``student epoch 3/10: mobilenetv3_small_050 loss 6.672, 1,234 images/s, 62 s``."""
     losses = ", ".join(f"{name} loss {loss_text(value)}" for name, value in row["loss"].items())
     return f"{stage} epoch {epoch}/{epochs}: {losses}, {row['images_per_s']:,.0f} images/s, {row['seconds']:.0f} s"
+
+
+INPUT_BOUND = 0.3
+"""The share of its time waiting for input from which the teacher stage is called input-bound."""
+
+
+def input_wait(totals: Mapping[str, Any]) -> str:
+    """``"; waited ... for its input ..."``: how long the teacher stage's forward waited for its batches, as a
+    share of the shards' time (empty when the cache's records predate the figure)."""
+    wait, stage = totals.get("input_wait_seconds"), totals.get("stage_seconds")
+    if wait is None or not stage:
+        return ""
+    share = wait / stage
+    return (f"; waited {wait:.1f} s for its input ({share:.0%} of the shards' {stage:.1f} s"
+            + (": the data path set the pace, not the teacher" if share >= INPUT_BOUND else "") + ")")
 
 
 def accuracy_plot(results: Sequence[dict[str, Any]], url: str, title: str) -> None:

@@ -184,6 +184,13 @@ def test_worker_processes_write_the_same_cache(clean, tmp_path: Path, shards_roo
     records = [cache.shard_record(zarr.open_group(summary.cache, mode="r"), s) for s in range(6)]
     assert [r["workers"] for r in records if r] == [workers] * 6
     _assert_same(_arrays(summary.cache), _arrays(clean_url))
+    # how long the forward waited for its input: within each shard's time, beside the forward's
+    for r in records:
+        assert 0 <= r["input_wait_seconds"] and r["input_wait_seconds"] + r["teacher_seconds"] <= r["seconds"]
+        if r["read_ahead"] == 0:  # batches made inline, between forwards: the wait is the whole data path
+            assert r["input_wait_seconds"] > 0.5 * (r["seconds"] - r["teacher_seconds"]), r
+    assert summary.totals is not None
+    assert summary.totals["input_wait_seconds"] == pytest.approx(sum(r["input_wait_seconds"] for r in records), abs=1e-3)
 
 
 def test_affine_jitter_cache_replays_through_its_recorded_recipe(clean, tmp_path: Path, shards_root: Path,
