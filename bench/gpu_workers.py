@@ -3,14 +3,15 @@
     python3 bench/gpu_workers.py [--copies 4] [--workers 0 4 8 15] [--smoke]
     python3 bench/gpu_workers.py --workers 0 4 --sample --switch-interval 0.005 0.0005
     python3 bench/gpu_workers.py --workers 0 4 --sample --variant cache.cuda_graph=false --variant cache.cuda_graph=true
+    python3 bench/gpu_workers.py --workers 4 0 --switch-interval 0.005 0.0005 --per-shard 1024 --rounds 3
 
 ImageNet-shaped JPEG shards (``bench.common.jpeg_shards`` from ``.whl/fmnist-2048.npz``, 8 shards
 of 256), each copied ``--copies`` times under other names (the stage sees 8 x copies shards), then
 ``pipeline.teacher.run`` (random-init ``resnet50`` at 224 px, V = 2, batch 256) once per worker
 count: 0 = one background thread reads, decodes (nvJPEG) and augments (GPU); W > 0 = W processes
 read shards and draw views, and the GPU decodes and augments. Prints views/s over the whole run
-(teacher load and cache creation included), the share of the shards' time the forward waited for its
-input (the records' ``input_wait_seconds``), and the pure bf16 forward.
+(teacher load and cache creation included), the share of the stage's time it waited for its input
+(the cache totals' ``input_wait_seconds``), and the pure bf16 forward.
 
 ``--sample``: where the process's threads are during each run (``bench.common.ThreadSampler``: the
 stage's main thread, its data thread) and, on CUDA, the share of the run in which the GPU computed
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -58,11 +60,15 @@ def main() -> None:
                         help="the interpreter's thread switch interval(s) in s, one stage run each (default: as is)")
     parser.add_argument("--variant", action="append", default=None, metavar="KEY=VALUE[,KEY=VALUE]",
                         help="config overrides of one run per worker count and interval (repeat for several; default: none)")
+    parser.add_argument("--per-shard", type=int, default=256,
+                        help="images per shard (of the 2,048; ImageNet's webdataset shards hold about 1,000)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the whole grid this many times, in the same alternating order, and add medians")
     args = parser.parse_args()
     variants = [[kv for kv in v.split(",") if kv] for v in (args.variant or [""])]
     default_interval = sys.getswitchinterval()
     root = Path(tempfile.mkdtemp(prefix="seed-gpu-workers-"))
-    n, per_shard = (64, 32) if args.smoke else (2048, 256)
+    n, per_shard = (64, 32) if args.smoke else (2048, args.per_shard)
     src = jpeg_shards(root, n, per_shard, source=args.data if Path(args.data).exists() else None)
     data = root / "many"
     data.mkdir()
@@ -78,7 +84,9 @@ def main() -> None:
           "| teacher forward |\n|---|---|---|---|---|---|---|---|---|", flush=True)
     cfg = None
     profiles: list[str] = []
-    for w, interval, variant in ((w, i, v) for w in args.workers for i in args.switch_interval for v in variants):
+    rates: dict[tuple[int, float, str], list[float]] = {}
+    grid = [(w, i, v) for w in args.workers for i in args.switch_interval for v in variants]
+    for w, interval, variant in (run for _ in range(args.rounds) for run in grid):
         cfg = load_config(None, [f"data.train=many/train-{{000000..{count - 1:06d}}}.tar", "teacher.arch=resnet50",
                                  f"teacher.checkpoint={teacher_checkpoint(root, 'resnet50')}", "cache.views=2",
                                  "cache.resolution=224", "cache.batch_size=256", f"cache.device={device}",
@@ -98,14 +106,19 @@ def main() -> None:
         group = cache.open_group(result.cache)
         modes = sorted({str((cache.shard_record(group, i) or {}).get("forward", "?")) for i in cache.done_shards(group)})
         tot = result.totals or {}
-        waited = (f"{100 * tot['input_wait_seconds'] / tot['stage_seconds']:.0f} %"
+        waited = (f"{100 * tot['input_wait_seconds'] / (tot['stage_seconds'] + tot['first_batch_wait_seconds']):.0f} %"
                   if tot.get("input_wait_seconds") is not None and tot.get("stage_seconds") else "-")
         print(f"| {w} | {1e3 * interval:g} | {label} | {views} | {seconds:.2f} | {views / seconds:.0f} | {busy} | "
               f"{waited} | {', '.join(modes)} |", flush=True)
+        rates.setdefault((w, interval, label), []).append(views / seconds)
         if sampler is not None:
             profiles.append(f"\nworkers {w}, switch interval {1e3 * interval:g} ms, {label}: {sampler.samples} samples\n\n"
                             + sampler.table(15))
     print("\n".join(profiles), flush=True)
+    if args.rounds > 1:
+        print(f"\n| workers | switch interval, ms | variant | views/s, median of {args.rounds} | range |\n|---|---|---|---|---|")
+        for (w, interval, label), r in rates.items():
+            print(f"| {w} | {1e3 * interval:g} | {label} | {statistics.median(r):.0f} | {min(r):.0f}-{max(r):.0f} |")
     if cfg is not None and device == "cuda":
         from seed.teachers import load_teacher
 

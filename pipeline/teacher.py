@@ -495,7 +495,8 @@ def embed_shards(cfg: RunConfig, plan: Plan, group: zarr.Group, shards: list[int
     started: dict[int, float] = {}
     records: dict[int, dict[str, Any]] = {}
     failed: dict[int, list[tuple[int, str]]] = {}
-    waited: dict[int, float] = {}  # seconds this thread waited for the shard's batches after its first one
+    first_wait: dict[int, float] = {}  # seconds this thread waited for the shard's first batch
+    waited: dict[int, float] = {}      # and for its other batches
     depth = read_ahead(cfg.cache.prefetch, device, workers, model_threads=_model_threads(device))
     asked = time.perf_counter()
     for item in _stream(cfg, plan, shards, batch_size, device, workers, depth):
@@ -503,7 +504,7 @@ def embed_shards(cfg: RunConfig, plan: Plan, group: zarr.Group, shards: list[int
         s = item.shard
         if s not in emb:  # the shard's first item
             emb[s] = np.full((cap, V, D), np.nan, dtype=np.float16)
-            forwards[s], forward_s[s], started[s], waited[s] = 0, 0.0, got, 0.0
+            forwards[s], forward_s[s], started[s], waited[s], first_wait[s] = 0, 0.0, got, 0.0, got - asked
         else:
             waited[s] += got - asked
         if isinstance(item, _Views):
@@ -522,7 +523,7 @@ def embed_shards(cfg: RunConfig, plan: Plan, group: zarr.Group, shards: list[int
         record = {
             "url": plan.urls[s], "samples": plan.lengths[s], "valid": int(item.meta["valid"].sum()),
             "skipped": item.skipped, "teacher_forwards": forwards.pop(s), "teacher_seconds": round(forward_s.pop(s), 4),
-            "input_wait_seconds": round(waited.pop(s), 4),
+            "input_wait_seconds": round(waited.pop(s), 4), "first_batch_wait_seconds": round(first_wait.pop(s), 4),
             "seconds": round(time.perf_counter() - started.pop(s), 4), "device": str(device), "decode": item.decode,
             "forward": forward.mode,
             "workers": workers, "read_ahead": depth, "cores": cpu_cores(), "finished_at": round(time.time(), 3),

@@ -281,9 +281,12 @@ def finalize(group: zarr.Group, url: str) -> dict[str, Any]:
         "teacher_forwards": sum(r["teacher_forwards"] for r in done),
         "teacher_seconds": round(sum(r["teacher_seconds"] for r in done), 3),
         "stage_seconds": round(sum(r["seconds"] for r in done), 3),
-        # None when a shard was written before the records had it
-        "input_wait_seconds": (round(sum(r["input_wait_seconds"] for r in done), 3)
-                               if all("input_wait_seconds" in r for r in done) else None),
+        # the stage waiting for its input: within the shards' seconds, and before each shard's first batch
+        # (outside them); None when a shard was written before the records had them
+        "input_wait_seconds": (round(sum(r["input_wait_seconds"] + r["first_batch_wait_seconds"] for r in done), 3)
+                               if all("first_batch_wait_seconds" in r for r in done) else None),
+        "first_batch_wait_seconds": (round(sum(r["first_batch_wait_seconds"] for r in done), 3)
+                                     if all("first_batch_wait_seconds" in r for r in done) else None),
         "damaged_shards": [s for s, r in enumerate(records) if r is not None and "damaged" in r],
     }
     if totals["damaged_shards"]:

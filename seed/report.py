@@ -56,13 +56,14 @@ INPUT_BOUND = 0.3
 
 
 def input_wait(totals: Mapping[str, Any]) -> str:
-    """``"; waited ... for its input ..."``: how long the teacher stage's forward waited for its batches, as a
-    share of the shards' time (empty when the cache's records predate the figure)."""
-    wait, stage = totals.get("input_wait_seconds"), totals.get("stage_seconds")
-    if wait is None or not stage:
+    """``"; waited for its input ..."``: how long the teacher stage waited for its batches (cache totals), as a
+    share of its time: the shards' seconds and the waits for their first batches, which lie outside them
+    (empty when the cache's records predate the figures)."""
+    wait, first, stage = (totals.get(k) for k in ("input_wait_seconds", "first_batch_wait_seconds", "stage_seconds"))
+    if wait is None or first is None or stage is None or stage + first <= 0:
         return ""
-    share = wait / stage
-    return (f"; waited {wait:.1f} s for its input ({share:.0%} of the shards' {stage:.1f} s"
+    share = wait / (stage + first)
+    return (f"; waited for its input {wait:.1f} s of {stage + first:.1f} s ({share:.0%}"
             + (": the data path set the pace, not the teacher" if share >= INPUT_BOUND else "") + ")")
 
 

@@ -61,7 +61,7 @@ def make_cache(url: str, with_bank: bool = True) -> str:
         sizes = np.where(valid[:, None], 28, 0).astype(np.int32) * np.ones((CAP, 2), np.int32)
         record = {"samples": n, "valid": int(valid.sum()), "skipped": [{"key": str(keys[3]), "reason": "test"}] if s == 1 else [],
                   "teacher_forwards": int(valid.sum()) * V, "teacher_seconds": 0.1, "seconds": 0.2,
-                  "input_wait_seconds": 0.07}
+                  "input_wait_seconds": 0.07, "first_batch_wait_seconds": 0.03}
         cache.write_shard(group, s, {"embeddings": emb, "augment": aug, "keys": keys, "labels": labels, "valid": valid,
                                      "sizes": sizes}, record)
     cache.finalize(group, url)
@@ -141,14 +141,15 @@ def test_describe_and_text_report_cache_and_bank_bytes_apart(small: str) -> None
     assert mix["labels"] == 4 and not mix["sorted_by_class"] and f"{mix['median_shard']:.0%} of the median shard: shards mixed" in text
     one_class = format_text({**info, "labels": {**mix, "median_shard": 1.0, "sorted_by_class": True}})
     assert "100% of the median shard: shards LOOK SORTED BY CLASS" in one_class
-    # the teacher's wait for its input: 3 shards of 0.2 s, 0.07 s waiting each
-    assert info["totals"]["input_wait_seconds"] == 0.21 and info["totals"]["stage_seconds"] == 0.6
-    assert ("forwards in 0.3 s; waited 0.2 s for its input (35% of the shards' 0.6 s: the data path set the pace, "
+    # the teacher's wait for its input: 3 shards of 0.2 s with 0.07 s of waiting, and 0.03 s before each one
+    tot = info["totals"]
+    assert (tot["input_wait_seconds"], tot["first_batch_wait_seconds"], tot["stage_seconds"]) == (0.3, 0.09, 0.6)
+    assert ("forwards in 0.3 s; waited for its input 0.3 s of 0.7 s (43%: the data path set the pace, "
             "not the teacher)") in text
-    fed = format_text({**info, "totals": {**info["totals"], "input_wait_seconds": 0.06}})
-    assert "waited 0.1 s for its input (10% of the shards' 0.6 s)" in fed
-    older = format_text({**info, "totals": {**info["totals"], "input_wait_seconds": None}})  # records without it
-    assert "forwards in 0.3 s\n" in older and "waited" not in older
+    fed = format_text({**info, "totals": {**tot, "input_wait_seconds": 0.069}})
+    assert "waited for its input 0.1 s of 0.7 s (10%)" in fed
+    older = format_text({**info, "totals": {**tot, "input_wait_seconds": None, "first_batch_wait_seconds": None}})
+    assert "forwards in 0.3 s\n" in older and "waited" not in older  # records made before the figures
 
 
 def test_bytes_without_a_bank(tmp_path: Path) -> None:
