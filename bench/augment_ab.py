@@ -4,9 +4,10 @@
 
 Loads ``seed/augment.py`` as it was at ``--before`` (``git show``) beside this tree's module, then on
 ImageNet-sized random images (sides 333-640 px) crops 256 views at 224 px with each, alternating, for
-V = 2 views per image (the teacher stage's batches) and V = 1 (training's). Checks that both give the
-same bits and prints the median time of each. On the CPU the canvas path only runs in tests, so its
-times stand in for the memory traffic the path makes on a GPU.
+V = 2 views per image (the teacher stage's batches) and V = 1 (training's). Prints the median time of
+each, the torch operations each call dispatches (each one a launch or more on a GPU, where the host's
+launches are the path's cost) and the largest difference between their views. On the CPU this path only
+runs in tests, so its times stand in for the memory traffic the path makes on a GPU.
 """
 
 from __future__ import annotations
@@ -69,19 +70,38 @@ def main() -> None:
         return time.perf_counter() - t
 
     print(f"machine: {machine()}, device {device}; 256 views at 224 px, median of {args.rounds} rounds, alternating\n")
-    print(f"| views per image | {args.before}, ms | this tree, ms | speed-up | same bits |\n|---|---|---|---|---|")
+    print(f"| views per image | {args.before}, ms | this tree, ms | speed-up | torch operations, {args.before} / this tree "
+          "| largest difference |\n|---|---|---|---|---|---|")
+    crops_before, crops_after = before._crops_on_canvas, after._crops_on_canvas
     for V in (2, 1):
         views = [im for im in images(256 // V) for _ in range(V)]
         params = torch.from_numpy(np.concatenate([
             draw_views(Recipe(), seed=0, key=f"k{i}", views=1, height=int(v.shape[-2]), width=int(v.shape[-1]))
             for i, v in enumerate(views)])).to(device)
-        same = torch.equal(before._crops_on_canvas(views, params, (224, 224)), after._crops_on_canvas(views, params, (224, 224)))
+        diff = float((crops_before(views, params, (224, 224)) - crops_after(views, params, (224, 224))).abs().max())
+        ops = [operations(fn, views, params) for fn in (crops_before, crops_after)]
         t_before, t_after = [], []
         for _ in range(args.rounds):
-            t_before.append(timed(before._crops_on_canvas, views, params))
-            t_after.append(timed(after._crops_on_canvas, views, params))
+            t_before.append(timed(crops_before, views, params))
+            t_after.append(timed(crops_after, views, params))
         b, a = statistics.median(t_before) * 1e3, statistics.median(t_after) * 1e3
-        print(f"| {V} | {b:.1f} | {a:.1f} | {b / a:.2f}x | {same} |", flush=True)
+        print(f"| {V} | {b:.1f} | {a:.1f} | {b / a:.2f}x | {ops[0]} / {ops[1]} | {diff:.1e} |", flush=True)
+
+
+def operations(fn, views, params) -> int:
+    """The torch operations one call dispatches (views, copies and kernels alike)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn(views, params, (224, 224))
+    return Count.n
 
 
 if __name__ == "__main__":
