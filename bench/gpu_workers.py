@@ -4,7 +4,6 @@
     python3 bench/gpu_workers.py --workers 0 4 --sample --switch-interval 0.005 0.0005
     python3 bench/gpu_workers.py --workers 0 4 --sample --variant cache.cuda_graph=false --variant cache.cuda_graph=true
     python3 bench/gpu_workers.py --workers 4 0 --switch-interval 0.005 0.0005 --per-shard 1024 --rounds 3
-    python3 bench/gpu_workers.py --workers 4 --data-threads 1 2 --per-shard 1024 --rounds 3
 
 ImageNet-shaped JPEG shards (``bench.common.jpeg_shards`` from ``.whl/fmnist-2048.npz``, 8 shards
 of 256), each copied ``--copies`` times under other names (the stage sees 8 x copies shards), then
@@ -28,19 +27,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import shutil
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench.common import (  # noqa: E402
@@ -50,41 +46,6 @@ from bench.teacher_stage import pure_forward  # noqa: E402
 from pipeline import teacher as teacher_stage  # noqa: E402
 from seed import cache  # noqa: E402
 from seed.config import load_config  # noqa: E402
-
-
-def _threaded_stream(original: Any, threads: int) -> Any:
-    """``pipeline.teacher._stream`` with the worker layout's decoding and augmenting, which one thread of the
-    stage's process does, spread over ``threads`` threads, the batches in order. An experiment, not the
-    stage's code: it runs the encoded (GPU) worker layout on any device."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from seed.decode import Decoder
-    from seed.prefetch import prefetch
-    from seed.workers import SharedSlots, shard_workers
-
-    def stream(cfg: Any, plan: Any, shards: list[int], batch_size: int, device: torch.device, workers: int,
-               depth: int) -> Any:
-        if workers == 0:
-            return original(cfg, plan, shards, batch_size, device, workers, depth)
-        slots = SharedSlots.for_workers(workers, depth + threads)
-        made = shard_workers(shards, functools.partial(teacher_stage._worker_items, cfg, plan, batch_size, True, slots),
-                             workers=workers, depth=depth)
-        decoder = Decoder(device)
-
-        def decode(item: Any) -> Any:
-            return teacher_stage._decode_views(item, decoder, cfg, device) if isinstance(item, teacher_stage._Encoded) else item
-
-        def ordered() -> Any:
-            pool = ThreadPoolExecutor(threads, thread_name_prefix="seed-data")
-            try:
-                for future in prefetch((pool.submit(decode, it) for it in made), depth + threads):
-                    yield future.result()
-            finally:
-                pool.shutdown(wait=True, cancel_futures=True)
-
-        return ordered()
-
-    return stream
 
 
 def main() -> None:
@@ -101,9 +62,6 @@ def main() -> None:
                         help="config overrides of one run per worker count and interval (repeat for several; default: none)")
     parser.add_argument("--per-shard", type=int, default=256,
                         help="images per shard (of the 2,048; ImageNet's webdataset shards hold about 1,000)")
-    parser.add_argument("--data-threads", type=int, nargs="+", default=[1],
-                        help="threads that decode and augment the workers' batches in this process (an experiment: "
-                             "the stage has one; runs with more are checked against the first run of one)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="run the whole grid this many times, in the same alternating order, and add medians")
     args = parser.parse_args()
@@ -127,11 +85,8 @@ def main() -> None:
     cfg = None
     profiles: list[str] = []
     rates: dict[tuple[int, float, str], list[float]] = {}
-    reference: dict[int, Any] = {}  # per worker count: the embeddings of the first run with one data thread
-    grid = [(w, i, v, d) for w in args.workers for i in args.switch_interval for v in variants for d in args.data_threads
-            if d == 1 or w > 0]
-    original = teacher_stage._stream
-    for w, interval, variant, threads in (run for _ in range(args.rounds) for run in grid):
+    grid = [(w, i, v) for w in args.workers for i in args.switch_interval for v in variants]
+    for w, interval, variant in (run for _ in range(args.rounds) for run in grid):
         cfg = load_config(None, [f"data.train=many/train-{{000000..{count - 1:06d}}}.tar", "teacher.arch=resnet50",
                                  f"teacher.checkpoint={teacher_checkpoint(root, 'resnet50')}", "cache.views=2",
                                  "cache.resolution=224", "cache.batch_size=256", f"cache.device={device}",
@@ -141,30 +96,19 @@ def main() -> None:
             sampler = stack.enter_context(ThreadSampler()) if args.sample else None
             prof = (stack.enter_context(torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]))
                     if args.sample and device == "cuda" else None)
-            teacher_stage._stream = original if threads == 1 else _threaded_stream(original, threads)
             t = time.perf_counter()
-            try:
-                result = teacher_stage.run(cfg, storage(root), overwrite=True, progress=False)
-            finally:
-                teacher_stage._stream = original
+            result = teacher_stage.run(cfg, storage(root), overwrite=True, progress=False)
             seconds = time.perf_counter() - t
         sys.setswitchinterval(default_interval)
         views = result.totals["teacher_forwards"] if result.totals else 0
         busy = f"{100 * gpu_busy_fraction(prof, seconds * 1e6):.0f} %" if prof is not None else "-"
-        label = ", ".join([*variant, *([f"data threads {threads}"] if len(args.data_threads) > 1 else [])]) or "-"
+        label = ", ".join(variant) or "-"
         group = cache.open_group(result.cache)
-        emb = group["embeddings"][:]
-        check = ""
-        if threads == 1:
-            reference.setdefault(w, emb)
-        elif w in reference:
-            same = np.array_equal(emb, reference[w], equal_nan=True)
-            check = " (cache identical)" if same else f" (CACHE DIFFERS: {int((emb != reference[w]).any(-1).sum())} views)"
         modes = sorted({str((cache.shard_record(group, i) or {}).get("forward", "?")) for i in cache.done_shards(group)})
         tot = result.totals or {}
         waited = (f"{100 * tot['input_wait_seconds'] / (tot['stage_seconds'] + tot['first_batch_wait_seconds']):.0f} %"
                   if tot.get("input_wait_seconds") is not None and tot.get("stage_seconds") else "-")
-        print(f"| {w} | {1e3 * interval:g} | {label}{check} | {views} | {seconds:.2f} | {views / seconds:.0f} | {busy} | "
+        print(f"| {w} | {1e3 * interval:g} | {label} | {views} | {seconds:.2f} | {views / seconds:.0f} | {busy} | "
               f"{waited} | {', '.join(modes)} |", flush=True)
         rates.setdefault((w, interval, label), []).append(views / seconds)
         if sampler is not None:
