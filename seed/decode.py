@@ -2,8 +2,8 @@
 
 On CUDA, JPEG bytes go to ``torchvision.io.decode_jpeg(..., device="cuda")`` in one batched call;
 PNG, WebP and any JPEG the GPU decoder refuses (CMYK, progressive corner cases) fall back to PIL on
-the CPU. On the CPU every image is decoded by PIL, as ``seed.shards.decode_image`` always did, so
-CPU results are unchanged to the bit.
+the CPU. On the CPU every image is decoded by ``seed.shards.decode_image`` (PIL, or libpng for plain
+8-bit PNGs, the same pixels), so CPU results are unchanged to the bit.
 
 The two decoders may differ by a grey level in places (chroma upsampling and IDCT variants), so
 the path is recorded in the cache's preprocessing attributes (``decode``) and a student stage that
