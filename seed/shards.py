@@ -28,6 +28,7 @@ import tarfile
 import tempfile
 import time
 import warnings
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal
 from pathlib import Path
@@ -448,22 +449,28 @@ warnings.filterwarnings("ignore", message=_READ_ONLY, category=UserWarning, modu
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
+def _png_header(data: bytes | memoryview) -> tuple[int, int, int, int] | None:
+    """(height, width, bit depth, colour type) of a PNG's header chunk, when ``data`` starts with one that is
+    whole (its checksum right) and within ``MAX_PIXELS``; else None (PIL then reads it, or names the fault)."""
+    if len(data) < 33 or bytes(data[:8]) != _PNG_SIGNATURE or bytes(data[8:16]) != b"\0\0\0\rIHDR":
+        return None
+    width, height, depth, colour = struct.unpack_from(">IIBB", data, 16)
+    if struct.unpack_from(">I", data, 29)[0] != zlib.crc32(data[12:29]) or not 0 < width * height <= MAX_PIXELS:
+        return None
+    return height, width, depth, colour
+
+
 def _plain_png(data: bytes | memoryview) -> bool:
     """Whether ``data`` is a PNG whose pixels libpng (torchvision's ``decode_png``) gives exactly as PIL does: 8 bits
     per channel, greyscale or RGB, no transparency chunk, within ``MAX_PIXELS`` (the chunk headers up to the
     first image data are read; nothing is decoded). Palette, alpha, 16-bit and everything else go to PIL."""
-    if len(data) < 33 or bytes(data[:8]) != _PNG_SIGNATURE:
+    header = _png_header(data)
+    if header is None or header[2] != 8 or header[3] not in (0, 2):
         return False
-    pos = 8
+    pos = 33
     while pos + 8 <= len(data):
         length, kind = struct.unpack_from(">I4s", data, pos)
-        if pos == 8:
-            if kind != b"IHDR" or length != 13:
-                return False
-            width, height, depth, colour = struct.unpack_from(">IIBB", data, pos + 8)
-            if depth != 8 or colour not in (0, 2) or not 0 < width * height <= MAX_PIXELS:
-                return False
-        elif kind == b"tRNS":
+        if kind == b"tRNS":
             return False
         elif kind == b"IDAT":
             return True
@@ -516,7 +523,11 @@ def decode_image(sample: Sample) -> torch.Tensor:
 
 def image_size(sample: Sample) -> tuple[int, int]:
     """(height, width) from the image header alone (no pixel is decoded); ``ValueError`` when unreadable,
-    empty or over ``MAX_PIXELS``."""
+    empty or over ``MAX_PIXELS``. A PNG's header chunk is read here (0.3 us for Fashion-MNIST's, 5-8 through
+    PIL), any other image's by PIL."""
+    header = _png_header(sample.image) if sample.image else None
+    if header is not None:
+        return header[0], header[1]
     with _open(sample) as im:
         w, h = im.size
     return h, w

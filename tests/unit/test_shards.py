@@ -571,6 +571,15 @@ def test_plain_pngs_decode_to_the_pixels_pil_gives() -> None:
         assert not _plain_png(data), name
         assert torch.equal(decode_image(sample(data)), by_pil(data) if name != "16-bit" else torch.from_numpy(
             np.repeat(images[6][None], 3, axis=0))), name
+    # sizes from the PNG header chunk, as PIL reads them, for every kind; a header whose checksum is wrong goes to PIL
+    from seed.shards import image_size
+
+    tall = png(Image.fromarray(np.zeros((31, 17), np.uint8)))
+    for data in [*plain[:3], *others.values(), tall]:
+        assert image_size(sample(data)) == Image.open(io.BytesIO(data)).size[::-1]
+    bad_crc = tall[:29] + bytes([tall[29] ^ 1]) + tall[30:]
+    with pytest.raises(ValueError, match="^png does not decode"):
+        image_size(sample(bad_crc))
     cut = plain[40][: len(plain[40]) // 2]                                     # header whole, image data cut
     assert _plain_png(cut)
     with pytest.raises(ValueError, match="^png does not decode"):
