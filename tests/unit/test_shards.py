@@ -555,9 +555,20 @@ def test_plain_pngs_decode_to_the_pixels_pil_gives() -> None:
     def by_pil(data: bytes) -> torch.Tensor:
         return torch.from_numpy(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).copy()).permute(2, 0, 1)
 
+    def with_colour_chunks(data: bytes, channels: int) -> bytes:
+        """gamma, sRGB intent and significant bits after the header: neither decoder applies them."""
+        import struct
+        import zlib
+
+        def chunk(kind: bytes, body: bytes) -> bytes:
+            return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
+        return data[:33] + chunk(b"gAMA", struct.pack(">I", 45455)) + chunk(b"sRGB", b"\0") + chunk(b"sBIT", bytes([5] * channels)) + data[33:]
+
     rgb = np.stack([images[:32], images[32:], 255 - images[:32]], axis=-1)    # 32 colour images made of real ones
     plain = ([png(Image.fromarray(im)) for im in images] + [png(Image.fromarray(im)) for im in rgb]
-             + [png(Image.fromarray(images[0]), compress_level=0), png(Image.fromarray(rgb[1]), optimize=True)])
+             + [png(Image.fromarray(images[0]), compress_level=0), png(Image.fromarray(rgb[1]), optimize=True),
+                with_colour_chunks(png(Image.fromarray(images[7])), 1), with_colour_chunks(png(Image.fromarray(rgb[7])), 3)])
     for data in plain:
         assert _plain_png(data)
         out = decode_image(sample(data))
