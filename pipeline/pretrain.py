@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from seed import checkpoint
+from seed import cache, checkpoint
 from seed.config import PretrainConfig, RunConfig, TeacherConfig, outcome, to_dict
-from seed.data import FreshViews, rank_shards
+from seed.data import FreshViews, rank_shards, sampled_label_mix
 from seed.devices import join_process_group, resolve_device
 from seed.errors import SeedError
 from seed.models import Encoder, create_backbone, feature_dim, mlp_encoder
@@ -102,6 +102,9 @@ def run(cfg: RunConfig, storage: Storage, *, resume: bool = False, progress: boo
         if p.method == "moco" else create_objective("supervised"))
     source = FreshViews(cfg.cache.recipe, seed=p.seed + 7, n_views=objective.n_views, damaged=cfg.data.damaged)
     lengths = shard_lengths(urls, record=storage.shard_lengths_record(), damaged=cfg.data.damaged)
+    if rank == 0 and (note := cache.shard_mix_note(sampled_label_mix(urls, lengths), p.loader.shuffle_buffer,
+                                                   "pretrain.loader.shuffle_buffer")):
+        log.warning("%s: %s", cfg.data.train, note)
     rank_counts = [sum(lengths[i] for i in rank_shards(len(urls), r, world)) for r in range(world)]
     loop = Loop(optim=p.optim, loader=p.loader, seed=p.seed, resolution=cfg.cache.resolution, recipe=cfg.cache.recipe)
     metrics = train([member], objective, urls, source, rank_counts, loop, device=device, resume=resume,

@@ -83,19 +83,6 @@ def check_decode(attrs: dict[str, Any], decode: str, url: str) -> None:
                     "replayed views may differ from the cached ones by a grey level", url, made, decode)
 
 
-def shard_mix_note(mix: cache.LabelMix | None, shuffle_buffer: int) -> str | None:
-    """What to tell a user whose input shards look sorted by class (``cache.LabelMix.sorted_by_class``), else
-    None: training reads the shards one after another, in a seeded order, through a shuffle buffer of
-    ``shuffle_buffer`` images, so a batch can only mix the classes of the few shards in the buffer."""
-    if mix is None or not mix.sorted_by_class:
-        return None
-    return (f"the input shards look sorted by class: in the median shard {mix.median_shard:.0%} of the images share "
-            f"one label (over all shards, the most common label has {mix.overall:.0%}). Training reads the shards one "
-            f"after another through a shuffle buffer of {shuffle_buffer} images (about "
-            f"{shuffle_buffer / mix.per_shard:.1f} shards), so each batch holds the few classes of those shards. Write "
-            "the shards in random order (`seed shards imagefolder` does, by default), or raise train.loader.shuffle_buffer")
-
-
 def run(cfg: RunConfig, storage: Storage, *, resume: bool = False, progress: bool = True,
         on_epoch: Callable[[int, dict[str, Any]], None] | None = None, load: TeacherLoader = load_teacher,
         objective: ObjectiveFactory | None = None, source: type[CachedSource] = CachedSource) -> StudentResult:
@@ -143,7 +130,7 @@ def run(cfg: RunConfig, storage: Storage, *, resume: bool = False, progress: boo
         cached = source(group, banks or None, view=t.view, seed=t.seed, dense=dense)
         data, per_shard = cached, cached.valid_counts().tolist()
         check_decode(cache.attributes(group), Decoder(device).name, url)
-        if rank == 0 and (note := shard_mix_note(cache.shard_label_mix(group), t.loader.shuffle_buffer)):
+        if rank == 0 and (note := cache.shard_mix_note(cache.shard_label_mix(group), t.loader.shuffle_buffer)):
             log.warning("%s: %s", url, note)
         meta |= {"cache_fingerprint": cache.attributes(group)["fingerprint"],
                  "bank_fingerprint": bank.fingerprint if bank is not None else "queue",

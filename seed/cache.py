@@ -351,6 +351,20 @@ def label_mix(labels: np.ndarray, valid: np.ndarray) -> LabelMix | None:
                     float(known.sum() / np.count_nonzero(known.any(axis=1))))
 
 
+def shard_mix_note(mix: LabelMix | None, shuffle_buffer: int, setting: str = "train.loader.shuffle_buffer") -> str | None:
+    """What to tell a user whose input shards look sorted by class (``LabelMix.sorted_by_class``), else
+    None: training reads the shards one after another, in a seeded order, through a shuffle buffer of
+    ``shuffle_buffer`` images (the config's ``setting``), so a batch can only mix the classes of the few
+    shards in the buffer."""
+    if mix is None or not mix.sorted_by_class:
+        return None
+    return (f"the input shards look sorted by class: in the median shard {mix.median_shard:.0%} of the images share "
+            f"one label (over all shards, the most common label has {mix.overall:.0%}). Training reads the shards one "
+            f"after another through a shuffle buffer of {shuffle_buffer} images (about "
+            f"{shuffle_buffer / mix.per_shard:.1f} shards), so each batch holds the few classes of those shards. Write "
+            f"the shards in random order (`seed shards imagefolder` does, by default), or raise {setting}")
+
+
 def shard_label_mix(group: zarr.Group) -> LabelMix | None:
     """``label_mix`` of a cache's rows."""
     capacity = int(attributes(group)["capacity"])

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -136,6 +137,26 @@ class CachedSource:
             return Example(sample, (h, w), augment[index, v][None], base + index, sample.label, extra)
 
         return make
+
+
+def sampled_label_mix(urls: Sequence[str], lengths: Sequence[int], *, per_shard: int = 100,
+                      shards: int = 16) -> cache.LabelMix | None:
+    """``cache.label_mix`` of the first ``per_shard`` samples of at most ``shards`` shards spread over ``urls``:
+    whether the input shards look sorted by class, told before training from the labels of a few hundred
+    samples instead of a pass over the data (when a shard is sorted, its first images show it). ``lengths``:
+    the shards' sample counts. None when there is nothing to tell (fewer than three labels known) or a
+    sampled shard does not read (the stage then names what is wrong with it)."""
+    picks = sorted({round(i * (len(urls) - 1) / max(1, shards - 1)) for i in range(min(shards, len(urls)))})
+    labels = np.full((len(picks), per_shard), -1, dtype=np.int64)
+    valid = np.zeros((len(picks), per_shard), dtype=bool)
+    try:
+        for row, i in enumerate(picks):
+            for col, sample in enumerate(itertools.islice(iter_shard(urls[i]), per_shard)):
+                labels[row, col], valid[row, col] = sample.label, sample.image is not None
+    except (SeedError, OSError):
+        return None
+    mix = cache.label_mix(labels, valid)
+    return None if mix is None else dataclasses.replace(mix, per_shard=float(np.mean(lengths)))
 
 
 class FreshViews:

@@ -130,8 +130,7 @@ def test_shards_sorted_by_class_are_named_before_training(fmnist_source: Path) -
     """Real Fashion-MNIST labels: in their own order (already mixed) and shuffled the check says nothing; sorted
     by class, as an image tree written in its own order would give, it names the median shard's share and
     what the shuffle buffer spans."""
-    from pipeline.student import shard_mix_note
-    from seed.cache import label_mix
+    from seed.cache import label_mix, shard_mix_note
     from seed.shards import load_fashion_mnist
 
     _, labels = load_fashion_mnist(fmnist_source, "train", limit=2000)
@@ -155,3 +154,28 @@ def test_shards_sorted_by_class_are_named_before_training(fmnist_source: Path) -
     assert note(np.sort(labels % 2).reshape(20, 100)) is None
     assert label_mix(np.full((20, 100), -1, np.int32), valid) is None
     assert label_mix(np.sort(labels).reshape(20, 100), np.zeros_like(valid)) is None
+
+
+def test_pretraining_tells_class_sorted_shards_from_a_sample_of_their_labels(fmnist_source: Path, tmp_path: Path) -> None:
+    """Pre-training has no cache to read the labels from: ``sampled_label_mix`` reads the first images of a few
+    shards. Real Fashion-MNIST images in 20 shards of 100: sorted by class it says so (with the shards' true
+    size), in the data set's own order it says nothing; a shard that does not read leaves it silent."""
+    from seed.cache import shard_mix_note
+    from seed.data import sampled_label_mix
+    from seed.shards import _png, _write_split, load_fashion_mnist
+
+    images, labels = load_fashion_mnist(fmnist_source, "train", limit=2000)
+    for name, order in (("sorted", np.argsort(labels, kind="stable")), ("mixed", np.arange(2000))):
+        (tmp_path / name).mkdir()
+        _write_split(((f"{name}-{i:05d}", _png(images[i]), "png", int(labels[i])) for i in order), tmp_path / name,
+                     "train", 100)
+    urls = {name: sorted(str(p) for p in (tmp_path / name).glob("train-*.tar")) for name in ("sorted", "mixed")}
+    assert len(urls["sorted"]) == len(urls["mixed"]) == 20
+    mix = sampled_label_mix(urls["sorted"], [100] * 20, per_shard=30, shards=8)
+    assert mix is not None and mix.sorted_by_class and mix.median_shard == 1.0 and mix.per_shard == 100.0
+    note = shard_mix_note(mix, 256, "pretrain.loader.shuffle_buffer")
+    assert note is not None and "about 2.6 shards" in note and note.endswith("or raise pretrain.loader.shuffle_buffer")
+    mixed = sampled_label_mix(urls["mixed"], [100] * 20, per_shard=30, shards=8)
+    assert mixed is not None and not mixed.sorted_by_class and mixed.labels == 10
+    (tmp_path / "sorted" / "train-000000.tar").write_bytes(b"not a tar" * 100)
+    assert sampled_label_mix(urls["sorted"], [100] * 20, per_shard=30, shards=8) is None
