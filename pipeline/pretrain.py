@@ -24,7 +24,7 @@ from seed.devices import join_process_group, resolve_device
 from seed.errors import SeedError
 from seed.models import Encoder, create_backbone, feature_dim, mlp_encoder
 from seed.objectives import Objective, Queue, create_objective
-from seed.shards import Damaged, damage_handler, expand_urls, iter_shard, shard_lengths
+from seed.shards import Damaged, classes_from_info, damage_handler, expand_urls, iter_shard, shard_lengths
 from seed.storage import Storage, join
 from seed.teachers import save_moco_checkpoint
 from seed.train import Loop, make_member, train
@@ -59,6 +59,13 @@ def trains(cfg: RunConfig) -> dict[str, Any]:
 
 
 def num_classes(urls: list[str], damaged: Damaged = "stop") -> int:
+    """Largest label + 1: from the shards' ``_info.json`` when it records it (``seed shards`` does), else by
+    reading every shard (a pass over the whole set, with a log line saying so)."""
+    recorded = classes_from_info(urls)
+    if recorded is not None:
+        return recorded
+    log.info("counting the classes of %d shards: reading them all (no _info.json beside them records num_classes)",
+             len(urls))
     labels = {s.label for u in urls for s in iter_shard(u, damage_handler(damaged))}
     if -1 in labels or not labels:
         raise SeedError("supervised pre-training needs a label (.cls or .json) on every training sample")

@@ -661,9 +661,9 @@ def _save_record(record: str, new: dict[str, dict]) -> None:
         log.warning("could not save shard lengths to %s (%s); they will be counted again next time", record, exc)
 
 
-def lengths_from_info(urls: list[str]) -> list[int] | None:
-    """Samples per shard from the ``_info.json`` beside ``urls`` when there is one listing them all, else None
-    (no tar is opened)."""
+def _splits_listing(urls: list[str]) -> list[dict[str, Any]] | None:
+    """The splits of the ``_info.json`` beside ``urls`` that list them, when there is one listing them all,
+    else None (no tar is opened)."""
     parent = urls[0].rsplit("/", 1)[0]
     if any(u.rsplit("/", 1)[0] != parent for u in urls):
         return None
@@ -672,11 +672,32 @@ def lengths_from_info(urls: list[str]) -> list[int] | None:
             info = json.load(f)
     except (FileNotFoundError, json.JSONDecodeError, OSError):
         return None
+    names = {u.rsplit("/", 1)[-1] for u in urls}
+    splits = [split for split in info.get("splits", {}).values() if names & set(split.get("filenames", []))]
+    listed = set().union(*(split.get("filenames", []) for split in splits))
+    return splits if names <= listed else None
+
+
+def lengths_from_info(urls: list[str]) -> list[int] | None:
+    """Samples per shard from the ``_info.json`` beside ``urls`` when there is one listing them all, else None
+    (no tar is opened)."""
+    splits = _splits_listing(urls)
+    if splits is None:
+        return None
     known: dict[str, int] = {}
-    for split in info.get("splits", {}).values():
+    for split in splits:
         known.update(zip(split.get("filenames", []), split.get("shard_lengths", [])))
     names = [u.rsplit("/", 1)[-1] for u in urls]
     return [int(known[n]) for n in names] if all(n in known for n in names) else None
+
+
+def classes_from_info(urls: list[str]) -> int | None:
+    """The number of classes (largest label + 1) of the splits holding ``urls``, from the ``_info.json`` beside
+    them when it records one for each (``seed shards`` writes it when every sample has a label), else None."""
+    splits = _splits_listing(urls)
+    if not splits or any("num_classes" not in split for split in splits):
+        return None
+    return max(int(split["num_classes"]) for split in splits)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -688,7 +709,9 @@ def _write_split(samples: Iterable[tuple[str, bytes, str, int]], out_dir: Path, 
     filenames: list[str] = []
     lengths: list[int] = []
     tar: tarfile.TarFile | None = None
+    labels = (-1, -1)  # (smallest, largest) label written
     for i, (key, data, ext, label) in enumerate(samples):
+        labels = (label, label) if i == 0 else (min(labels[0], label), max(labels[1], label))
         if "." in key:
             raise SeedError(f"sample key {key!r} contains a dot; webdataset splits keys at the first dot")
         if i % per_shard == 0:
@@ -704,7 +727,8 @@ def _write_split(samples: Iterable[tuple[str, bytes, str, int]], out_dir: Path, 
         lengths[-1] += 1
     if tar is not None:
         tar.close()
-    return {"name": name, "num_samples": sum(lengths), "filenames": filenames, "shard_lengths": lengths}
+    split = {"name": name, "num_samples": sum(lengths), "filenames": filenames, "shard_lengths": lengths}
+    return split | ({"num_classes": labels[1] + 1} if labels[0] >= 0 else {})  # every sample labelled
 
 
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:

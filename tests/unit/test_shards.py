@@ -595,3 +595,31 @@ def test_plain_pngs_decode_to_the_pixels_pil_gives() -> None:
     assert _plain_png(cut)
     with pytest.raises(ValueError, match="^png does not decode"):
         decode_image(sample(cut))
+
+
+def test_the_class_count_is_recorded_when_shards_are_written_and_read_without_opening_them(tmp_path: Path) -> None:
+    """``seed shards`` records each split's ``num_classes`` (largest label + 1) when every sample has a label, and
+    supervised pre-training takes it from there instead of reading every shard; shards whose ``_info.json``
+    lacks it, or that it does not list, are read as before."""
+    from pipeline.pretrain import num_classes
+    from seed.shards import _write_split, classes_from_info
+
+    src = _fake_source(tmp_path / "src")
+    out = tmp_path / "out"
+    info = fashion_mnist_to_shards(str(out), source=str(src), per_shard=8, limit=20, progress=False)
+    labels = read_idx(src / "train-labels-idx1-ubyte.gz")[:20]
+    assert info["splits"]["train"]["num_classes"] == int(labels.max()) + 1
+    urls = sorted(str(u) for u in (out / "train").glob("*.tar"))
+    with tar_opens() as opened:
+        assert classes_from_info(urls) == num_classes(urls) == int(labels.max()) + 1
+        assert classes_from_info(urls[1:]) == int(labels.max()) + 1           # a subset: the split's count
+    assert opened == []
+    unrecorded = json.loads((out / "train" / "_info.json").read_text())
+    del unrecorded["splits"]["train"]["num_classes"]
+    (out / "train" / "_info.json").write_text(json.dumps(unrecorded))
+    with tar_opens() as opened:
+        assert classes_from_info(urls) is None and num_classes(urls) == int(labels.max()) + 1
+    assert sorted(opened) == sorted(os.path.basename(u) for u in urls)        # read them all
+    unlabelled = tmp_path / "unlabelled"
+    unlabelled.mkdir()
+    assert "num_classes" not in _write_split(iter([("a", b"x", "png", 3), ("b", b"y", "png", -1)]), unlabelled, "t", 8)
