@@ -46,6 +46,7 @@ from bench.teacher_stage import pure_forward  # noqa: E402
 from pipeline import teacher as teacher_stage  # noqa: E402
 from seed import cache  # noqa: E402
 from seed.config import load_config  # noqa: E402
+from seed.report import input_wait_share  # noqa: E402
 
 
 def main() -> None:
@@ -105,9 +106,8 @@ def main() -> None:
         label = ", ".join(variant) or "-"
         group = cache.open_group(result.cache)
         modes = sorted({str((cache.shard_record(group, i) or {}).get("forward", "?")) for i in cache.done_shards(group)})
-        tot = result.totals or {}
-        waited = (f"{100 * tot['input_wait_seconds'] / (tot['stage_seconds'] + tot['first_batch_wait_seconds']):.0f} %"
-                  if tot.get("input_wait_seconds") is not None and tot.get("stage_seconds") else "-")
+        shares = input_wait_share(result.totals or {})
+        waited = "-" if shares is None else f"{100 * shares[0] / shares[1]:.0f} %"
         print(f"| {w} | {1e3 * interval:g} | {label} | {views} | {seconds:.2f} | {views / seconds:.0f} | {busy} | "
               f"{waited} | {', '.join(modes)} |", flush=True)
         rates.setdefault((w, interval, label), []).append(views / seconds)

@@ -55,16 +55,24 @@ INPUT_BOUND = 0.3
 """The share of its time waiting for input from which the teacher stage is called input-bound."""
 
 
-def input_wait(totals: Mapping[str, Any]) -> str:
-    """``"; waited for its input ..."``: how long the teacher stage waited for its batches (cache totals), as a
-    share of its time: the shards' seconds and the waits for their first batches, which lie outside them
-    (empty when the cache's records predate the figures)."""
+def input_wait_share(totals: Mapping[str, Any]) -> tuple[float, float] | None:
+    """(seconds the teacher stage waited for its batches, its time), from the cache totals: its time is the
+    shards' seconds and the waits for their first batches, which lie outside them. None when the cache's
+    records predate the figures."""
     wait, first, stage = (totals.get(k) for k in ("input_wait_seconds", "first_batch_wait_seconds", "stage_seconds"))
     if wait is None or first is None or stage is None or stage + first <= 0:
+        return None
+    return float(wait), float(stage + first)
+
+
+def input_wait(totals: Mapping[str, Any]) -> str:
+    """``"; waited for its input ..."`` (``input_wait_share`` in words; empty without the figures)."""
+    shares = input_wait_share(totals)
+    if shares is None:
         return ""
-    share = wait / (stage + first)
-    return (f"; waited for its input {wait:.1f} s of {stage + first:.1f} s ({share:.0%}"
-            + (": the data path set the pace, not the teacher" if share >= INPUT_BOUND else "") + ")")
+    wait, span = shares
+    return (f"; waited for its input {wait:.1f} s of {span:.1f} s ({wait / span:.0%}"
+            + (": the data path set the pace, not the teacher" if wait / span >= INPUT_BOUND else "") + ")")
 
 
 def accuracy_plot(results: Sequence[dict[str, Any]], url: str, title: str) -> None:
