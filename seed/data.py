@@ -146,7 +146,8 @@ def sampled_label_mix(urls: Sequence[str], lengths: Sequence[int], *, per_shard:
     samples instead of a pass over the data (when a shard is sorted, its first images show it). ``lengths``:
     the shards' sample counts. None when there is nothing to tell (fewer than three labels known) or a
     sampled shard does not read (the stage then names what is wrong with it)."""
-    picks = sorted({round(i * (len(urls) - 1) / max(1, shards - 1)) for i in range(min(shards, len(urls)))})
+    n = min(shards, len(urls))
+    picks = sorted({round(i * (len(urls) - 1) / max(1, n - 1)) for i in range(n)})  # all of them when few
     labels = np.full((len(picks), per_shard), -1, dtype=np.int64)
     valid = np.zeros((len(picks), per_shard), dtype=bool)
     try:

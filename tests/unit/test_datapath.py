@@ -177,5 +177,7 @@ def test_pretraining_tells_class_sorted_shards_from_a_sample_of_their_labels(fmn
     assert note is not None and "about 2.6 shards" in note and note.endswith("or raise pretrain.loader.shuffle_buffer")
     mixed = sampled_label_mix(urls["mixed"], [100] * 20, per_shard=30, shards=8)
     assert mixed is not None and not mixed.sorted_by_class and mixed.labels == 10
+    (tmp_path / "mixed" / "train-000004.tar").write_bytes(b"not a tar" * 100)
+    assert sampled_label_mix(urls["mixed"][:5], [100] * 5, per_shard=30, shards=8) is None  # fewer: all are read
     (tmp_path / "sorted" / "train-000000.tar").write_bytes(b"not a tar" * 100)
     assert sampled_label_mix(urls["sorted"], [100] * 20, per_shard=30, shards=8) is None
