@@ -357,16 +357,21 @@ def test_info_json_keeps_priority_and_object_stores_use_their_markers(tmp_path: 
         mem.rm("/lengths-test", recursive=True)
 
 
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    """One PNG chunk: length, type, data, checksum."""
+    import struct
+    import zlib
+
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
 def _png_header(w: int, h: int) -> bytes:
     """A PNG whose header claims ``w`` x ``h`` pixels but holds almost no data (a decompression bomb's header)."""
     import struct
     import zlib
 
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b""))
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + _png_chunk(b"IDAT", zlib.compress(b"\0" * 16)) + _png_chunk(b"IEND", b""))
 
 
 def test_hostile_images_follow_stated_rules() -> None:
@@ -558,12 +563,9 @@ def test_plain_pngs_decode_to_the_pixels_pil_gives() -> None:
     def with_colour_chunks(data: bytes, channels: int) -> bytes:
         """gamma, sRGB intent and significant bits after the header: neither decoder applies them."""
         import struct
-        import zlib
 
-        def chunk(kind: bytes, body: bytes) -> bytes:
-            return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
-
-        return data[:33] + chunk(b"gAMA", struct.pack(">I", 45455)) + chunk(b"sRGB", b"\0") + chunk(b"sBIT", bytes([5] * channels)) + data[33:]
+        return (data[:33] + _png_chunk(b"gAMA", struct.pack(">I", 45455)) + _png_chunk(b"sRGB", b"\0")
+                + _png_chunk(b"sBIT", bytes([5] * channels)) + data[33:])
 
     rgb = np.stack([images[:32], images[32:], 255 - images[:32]], axis=-1)    # 32 colour images made of real ones
     plain = ([png(Image.fromarray(im)) for im in images] + [png(Image.fromarray(im)) for im in rgb]
