@@ -2,8 +2,9 @@
 
 Recipe: load every encoder (teacher, students, their random inits) -> one streaming pass over
 each split at the cache's resolution feeds them all the same batches and keeps only their pooled
-features and a bounded raw-pixel subsample (``seed.evaluate.extract_all``) -> score each encoder,
-dropping its features once scored -> write ``report.md`` + PNGs next to the run's checkpoints.
+features, on local disk (``TMPDIR``), and a bounded raw-pixel subsample (``seed.evaluate.extract_all``)
+-> score each encoder, giving its features' disk space back once it is scored -> write ``report.md``
++ PNGs next to the run's checkpoints.
 ``include_teacher=False`` (the student-only re-run) never loads the teacher: it reuses the
 teacher's scores saved by an earlier evaluation of the same cache.
 """
@@ -23,7 +24,7 @@ from seed import cache
 from seed import checkpoint
 from seed.config import RunConfig
 from seed.devices import data_workers, read_ahead, resolve_device
-from seed.evaluate import PixelSample, extract_all, score
+from seed.evaluate import PixelSample, Rows, extract_all, score
 from seed.models import Encoder, create_backbone, freeze
 from seed.report import write_report
 from seed.shards import expand_urls
@@ -100,7 +101,7 @@ def run(cfg: RunConfig, storage: Storage, *, include_teacher: bool = True, progr
 
     results: list[dict[str, Any]] = []
 
-    def add(name: str, kind: str, tr: np.ndarray, tr_y: np.ndarray, te: np.ndarray, te_y: np.ndarray, note: str,
+    def add(name: str, kind: str, tr: Rows, tr_y: np.ndarray, te: Rows, te_y: np.ndarray, note: str,
             center: bool = False) -> None:
         results.append({"name": name, "kind": kind, "init": note, "dim": int(tr.shape[1]),
                         **score(tr, tr_y, te, te_y, center=center, device=device).as_dict()})
@@ -116,8 +117,11 @@ def run(cfg: RunConfig, storage: Storage, *, include_teacher: bool = True, progr
         if saved and saved.get("cache_fingerprint") == attrs["fingerprint"]:
             results.append({k: v for k, v in saved.items() if k != "cache_fingerprint"} | {"init": "scores from the full run"})
     for key, (name, kind, note) in rows.items():
-        # pop: an encoder's features are released once it is scored
-        add(name, kind, train.features.pop(key), train.labels, test.features.pop(key), test.labels, note)
+        # an encoder's feature files give their disk space back once it is scored
+        tr, te = train.features.pop(key), test.features.pop(key)
+        add(name, kind, tr, train.labels, te, test.labels, note)
+        tr.close()
+        te.close()
         if key == "teacher":
             write_text(teacher_file, json.dumps({"cache_fingerprint": attrs["fingerprint"], **results[-1]}, indent=1))
     out = storage.run_dir(cfg.train.run)

@@ -2,28 +2,35 @@
 
 Features come from one pass over a split's shards that feeds every encoder the same batches:
 decode -> the whole image resized to the evaluation resolution (no crop, no flip, no colour
-change) -> each encoder's features, of which only the float32 rows are kept (``extract_all``).
-Memory grows with N only by the N x d features; no image is kept except the raw-pixel baseline's
-bounded, seeded subsample (``PixelSample``).
+change) -> each encoder's features, of which only the float32 rows are kept (``extract_all``), on
+local disk (``FeatureFile``: unnamed temporary files, under ``TMPDIR``), not in memory. So memory does
+not grow with N: no image is kept except the raw-pixel baseline's bounded, seeded subsample
+(``PixelSample``), and no feature row except those a score is reading.
 
 kNN follows the InstDisc/DINO protocol: cosine similarity on L2-normalised features, the k = 20
-nearest training images vote with weight exp(sim / 0.07); 1-NN is reported beside it. Queries go
-through an exact inner-product index in batches, so the n_test x k neighbours are the only large
-result. The linear probe is multinomial logistic regression on standardised features: full-batch
-L-BFGS while the standardised training set is small (n x d <= ``LBFGS_MAX_ELEMENTS``), mini-batch
-Adam on the same objective beyond (``SGD_EPOCHS`` epochs, on the GPU when there is one). Both
+nearest training images vote with weight exp(sim / 0.07); 1-NN is reported beside it. The training
+rows go through exact inner-product indexes a block at a time (512 MiB of float32 each), every
+block searched by every query batch and the neighbours merged, so one block, one query batch and
+the n_test x k neighbours are all it holds. The linear probe is multinomial logistic regression on
+standardised features: full-batch L-BFGS while the standardised training set is small
+(n x d <= ``LBFGS_MAX_ELEMENTS``, read into memory), mini-batch Adam on the same objective beyond
+(``SGD_EPOCHS`` epochs, on the GPU when there is one, each batch read from disk). Both
 are seeded; each score says which one it used.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import hashlib
 import heapq
 import math
+import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import IO, Any, Union
 
 import numpy as np
 import torch
@@ -33,6 +40,7 @@ from seed.augment import apply_batch
 from seed.views import COL, P, Recipe
 from seed.decode import Decoder
 from seed.devices import autocast
+from seed.errors import SeedError
 from seed.prefetch import prefetch
 from seed.shards import Damaged, Sample, damage_handler, decode_image, iter_shard, lengths_from_info
 from seed.workers import PackedSamples, SharedSlots, shard_workers
@@ -98,6 +106,134 @@ def pixels(batches: Sequence[torch.Tensor]) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
+# Feature rows on local disk
+
+
+def _pread_into(fd: int, out: np.ndarray, offset: int) -> None:
+    """Fill ``out`` (C-contiguous) with the file's bytes from ``offset``; a short file is an error."""
+    view, done = out.data.cast("B"), 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got == 0:
+            raise OSError(errno.EIO, f"feature file ended {len(view) - done} bytes early")
+        done += got
+
+
+class FeatureFile:
+    """An encoder's feature rows, float32 ``[n, d]``, in an unnamed temporary file on local disk.
+
+    Read back by row ranges (``x[a:b]``) or row indices (``x[idx]``, each run of consecutive rows in one
+    read) into new arrays, through ``os.pread``: the rows live in the page cache, and a reader holds only
+    what it asked for. ``np.asarray(x)`` reads them all. The file has no name, so it takes no disk space
+    once this object is closed or collected, or its process ends, however it ends.
+    """
+
+    ndim = 2
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, file: IO[bytes], n: int, d: int):
+        self.file, self.shape = file, (n, d)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return self.shape[0] * self.shape[1] * 4
+
+    def __getitem__(self, key: slice | np.ndarray | Sequence[int]) -> np.ndarray:
+        n, d = self.shape
+        if isinstance(key, slice):
+            start, stop, step = key.indices(n)
+            if step != 1:
+                raise IndexError("a FeatureFile reads row ranges with step 1 only")
+            out = np.empty((max(0, stop - start), d), np.float32)
+            if len(out):
+                _pread_into(self.file.fileno(), out, start * d * 4)
+            return out
+        idx = np.asarray(key)
+        if idx.ndim != 1 or (idx.size and idx.dtype.kind not in "iu"):
+            raise IndexError(f"a FeatureFile takes a slice or a 1-d array of row indices, got {idx.dtype} of shape {idx.shape}")
+        if idx.size and (idx.min() < 0 or idx.max() >= n):
+            raise IndexError(f"row index out of range for {n} rows")
+        out = np.empty((len(idx), d), np.float32)
+        breaks = np.flatnonzero(np.diff(idx) != 1) + 1 if len(idx) else np.zeros(0, np.int64)
+        for a, b in zip([0, *breaks.tolist()], [*breaks.tolist(), len(idx)]):
+            if b > a:
+                _pread_into(self.file.fileno(), out[a:b], int(idx[a]) * d * 4)
+        return out
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        rows = self[:]
+        return rows if dtype is None else rows.astype(dtype)
+
+    def close(self) -> None:
+        """Give the disk space back; the rows cannot be read afterwards."""
+        self.file.close()
+
+
+Rows = Union[np.ndarray, FeatureFile]  # what the scores read: rows held in memory, or on disk
+
+
+class _FeatureWriter:
+    """One encoder's rows, appended as batches arrive (in any shard order) to an unnamed file in ``directory``."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self.file = tempfile.TemporaryFile(dir=directory)
+        self.width: int | None = None
+        self.n = 0
+
+    def append(self, rows: np.ndarray) -> None:
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        self.width = rows.shape[1]
+        _write(self.file, rows, self.directory)
+        self.n += len(rows)
+
+    def finish(self, sizes: Sequence[int], rank: Sequence[int]) -> FeatureFile:
+        """The rows with their blocks (``sizes``, in arrival order) put in ``rank`` order: the file as it is when
+        they arrived in that order (no workers), else a copy made block by block."""
+        d = self.width or 0
+        self.file.flush()
+        if list(rank) == sorted(rank):
+            return FeatureFile(self.file, self.n, d)
+        arrived = FeatureFile(self.file, self.n, d)
+        starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        ordered = tempfile.TemporaryFile(dir=self.directory)
+        try:
+            for i in rank:
+                _write(ordered, arrived[int(starts[i]): int(starts[i + 1])], self.directory)
+            ordered.flush()
+        except BaseException:
+            ordered.close()
+            raise
+        finally:
+            arrived.close()
+        return FeatureFile(ordered, self.n, d)
+
+
+def _write(file: IO[bytes], rows: np.ndarray, directory: str) -> None:
+    try:
+        file.write(rows.data.cast("B"))
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise SeedError(f"evaluation features: no space left in {directory} (the local disk they are written to); "
+                            "point TMPDIR at a local disk with more room") from None
+        raise
+
+
+def _check_room(directory: str, n: int, widths: Sequence[int], copy: bool) -> None:
+    """Refuse before the pass when ``directory``'s disk cannot hold ``n`` rows of every width (plus a copy of the
+    widest when blocks must be put in order)."""
+    need = n * 4 * (sum(widths) + (max(widths, default=0) if copy else 0))
+    free = shutil.disk_usage(directory).free
+    if need > free:
+        raise SeedError(f"evaluation features need about {need / 1e9:.1f} GB of local disk ({n} images x "
+                        f"{sum(widths)} floats) and {directory} has {free / 1e9:.1f} GB free; point TMPDIR at a "
+                        "local disk with more room")
+
+
+# ---------------------------------------------------------------------------------------------
 # Streaming extraction
 
 
@@ -124,7 +260,7 @@ class PixelSample:
 class Extracted:
     """One split's features, in shard order (tar order within a shard): undecodable samples left out."""
 
-    features: dict[str, np.ndarray]   # encoder name -> [n, d] float32
+    features: dict[str, FeatureFile]  # encoder name -> [n, d] float32 rows on local disk
     labels: np.ndarray                # [n] int64
     pixels: np.ndarray | None         # [m, 3 * r * r] float32 in [0, 1]: the baseline's subsample, shard order
     pixel_labels: np.ndarray | None   # [m]
@@ -261,20 +397,25 @@ class _PixelKeeper:
 
 def extract_all(encoders: Mapping[str, Encode], urls: Sequence[str], resolution: int, device: torch.device, *,
                 batch_size: int = EVAL_BATCH, workers: int = 0, depth: int = 2, pixels: PixelSample | None = None,
-                progress: bool = False, desc: str = "features", damaged: Damaged = "stop") -> Extracted:
+                progress: bool = False, desc: str = "features", damaged: Damaged = "stop",
+                directory: str | None = None) -> Extracted:
     """Every encoder's features of every decodable image of ``urls``, in one pass over the shards.
 
     Each batch is decoded and resized once and goes through all ``encoders`` (bf16 autocast on CUDA);
-    only the float32 feature rows are kept, in shard order whatever the worker count. ``pixels``:
-    also keep that subsample's images for the raw-pixel baseline. ``damaged``: ``data.damaged`` (``keep``
-    scores the samples a damaged shard holds before its damage, with a warning naming it).
+    only the float32 feature rows are kept, written to unnamed files in ``directory`` (default: the
+    temporary directory, ``TMPDIR``) and put in shard order whatever the worker count. When the shards
+    say how many samples they hold, a disk without room for the rows is refused at the first batch.
+    ``pixels``: also keep that subsample's images for the raw-pixel baseline. ``damaged``: ``data.damaged``
+    (``keep`` scores the samples a damaged shard holds before its damage, with a warning naming it).
     """
     from seed.report import progress_bar
 
-    lengths = lengths_from_info(list(urls))  # the total for the progress bar, when the shards say it
+    directory = directory or tempfile.gettempdir()
+    lengths = lengths_from_info(list(urls))  # the total for the progress bar and the room check, when the shards say it
     bar = progress_bar(total=sum(lengths) if lengths else None, unit="img", desc=f"{desc} ({len(encoders)} encoders)",
                        disable=not progress, smoothing=0.1)
-    feats: dict[str, list[np.ndarray]] = {name: [] for name in encoders}
+    writers = {name: _FeatureWriter(directory) for name in encoders}
+    features: dict[str, FeatureFile] = {}
     order: list[tuple[int, int]] = []
     labels: list[np.ndarray] = []
     keeper = _PixelKeeper(pixels, resolution) if pixels is not None else None
@@ -290,21 +431,27 @@ def extract_all(encoders: Mapping[str, Encode], urls: Sequence[str], resolution:
                 assert chunk.x is not None
                 x = chunk.x.to(device)
                 with autocast(device):
-                    for name, fn in encoders.items():
-                        feats[name].append(fn(x).float().cpu().numpy())
+                    rows = {name: fn(x).float().cpu().numpy() for name, fn in encoders.items()}
+                if not order and lengths:
+                    _check_room(directory, sum(lengths), [r.shape[1] for r in rows.values()], copy=workers > 0)
+                for name, r in rows.items():
+                    writers[name].append(r)
                 if keeper is not None:
                     keeper.offer(chunk, x)
                 order.append((chunk.shard, int(chunk.index[0])))
                 labels.append(chunk.labels)
+        rank = sorted(range(len(order)), key=order.__getitem__)
+        sizes = [len(y) for y in labels]
+        for name in encoders:
+            features[name] = writers.pop(name).finish(sizes, rank)
+    except BaseException:
+        for w in writers.values():
+            w.file.close()
+        for f in features.values():
+            f.close()
+        raise
     finally:
         bar.close()
-    rank = sorted(range(len(order)), key=order.__getitem__)
-    features = {}
-    for name in encoders:
-        parts = feats.pop(name)
-        features[name] = (np.concatenate([parts[i] for i in rank]) if parts
-                          else np.zeros((0, 0), np.float32))
-        del parts
     y = np.concatenate([labels[i] for i in rank]) if labels else np.zeros(0, np.int64)
     px, py = keeper.result() if keeper is not None else (None, None)
     return Extracted(features, y, px, py, keeper.resolution if keeper is not None else 0, skipped)
@@ -356,18 +503,18 @@ class _TorchFlatIP:
         return best_s.cpu().numpy(), best_i.cpu().numpy()
 
 
-def _flat_ip(d: int, device: torch.device | None) -> tuple[Any, Any]:
-    """An exact inner-product index: FAISS on the GPU when it was built with GPU support and ``device``
-    is CUDA (with the resources object that must outlive it), torch on the GPU when FAISS has no GPU
-    support, FAISS on the CPU otherwise."""
+def _flat_ip(d: int, device: torch.device | None) -> Callable[[], Any]:
+    """A maker of empty exact inner-product indexes: FAISS on the GPU when it was built with GPU support
+    and ``device`` is CUDA (all sharing one resources object, which the maker keeps alive), torch on the
+    GPU when FAISS has no GPU support, FAISS on the CPU otherwise."""
     import faiss
 
     if device is not None and device.type == "cuda":
         if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
             res = faiss.StandardGpuResources()
-            return faiss.index_cpu_to_gpu(res, device.index or 0, faiss.IndexFlatIP(d)), res
-        return _TorchFlatIP(device), None
-    return faiss.IndexFlatIP(d), None
+            return lambda: faiss.index_cpu_to_gpu(res, device.index or 0, faiss.IndexFlatIP(d))
+        return lambda: _TorchFlatIP(device)
+    return lambda: faiss.IndexFlatIP(d)
 
 
 @dataclasses.dataclass
@@ -381,27 +528,42 @@ class Scores:
         return dataclasses.asdict(self)
 
 
-def knn_predict(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray, *, k: int = 20, t: float = 0.07,
+def knn_predict(train: Rows, train_labels: np.ndarray, test: Rows, *, k: int = 20, t: float = 0.07,
                 n_classes: int | None = None, center: bool = False, batch_size: int = QUERY_BATCH,
-                device: torch.device | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(weighted-kNN predictions, 1-NN predictions) by cosine similarity through a FAISS flat index.
+                block: int | None = None, device: torch.device | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(weighted-kNN predictions, 1-NN predictions) by cosine similarity through exact inner-product indexes.
 
-    The index holds the normalised training rows (added ``batch_size`` at a time, so no normalised
-    copy of the whole set is made besides the index); queries are searched ``batch_size`` at a time.
+    The normalised training rows go into an index ``block`` rows at a time (default: 512 MiB of float32,
+    ``LBFGS_MAX_ELEMENTS / d`` rows; all of a Fashion-MNIST-sized set), added ``batch_size`` at a time; every
+    query batch of ``batch_size`` searches each block, and the blocks' neighbours are merged per query. So one
+    block, one query batch and the n_test x k neighbours are held, whatever the number of training rows.
     """
-    mean = train.mean(axis=0, keepdims=True) if center else None  # centred features: subtract the training mean
+    import faiss
+
+    n, d = train.shape
+    k = min(k, n)  # fewer training rows than k: every one is a neighbour
+    mean = _moments(train, std=False)[0].astype(np.float32)[None] if center else None  # centred: minus the training mean
 
     def prepared(x: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(_normalise(x - mean if mean is not None else x), dtype=np.float32)
 
-    index, _res = _flat_ip(train.shape[1], device)
-    for rows in _rows(len(train), batch_size):
-        index.add(prepared(train[rows]))
+    queries = _rows(len(test), batch_size)
+    heaps = [faiss.ResultHeap(q.stop - q.start, k, keep_max=True) for q in queries]
+    new_index = _flat_ip(d, device)
+    for part in _rows(n, block or max(batch_size, LBFGS_MAX_ELEMENTS // max(d, 1))):
+        index = new_index()
+        for rows in _rows(part.stop - part.start, batch_size):
+            index.add(prepared(train[part.start + rows.start: part.start + rows.stop]))
+        for heap, rows in zip(heaps, queries):
+            sims, idx = index.search(prepared(test[rows]), k)                # b x k, rows of this block
+            heap.add_result(sims, np.where(idx >= 0, idx + part.start, -1))
+        del index
     n_classes = n_classes or int(train_labels.max()) + 1
     weighted = np.zeros(len(test), np.int64)
     nearest = np.zeros(len(test), np.int64)
-    for rows in _rows(len(test), batch_size):
-        sims, idx = index.search(prepared(test[rows]), k)                    # b x k
+    for heap, rows in zip(heaps, queries):
+        heap.finalize()
+        sims, idx = heap.D, heap.I
         votes = np.zeros((len(sims), n_classes))
         np.add.at(votes, (np.arange(len(sims))[:, None], train_labels[idx]), np.exp(sims / t))
         weighted[rows], nearest[rows] = votes.argmax(axis=1), train_labels[idx[:, 0]]
@@ -417,7 +579,7 @@ def probe_name(method: str) -> str:
     return "full-batch L-BFGS" if method == "lbfgs" else f"mini-batch Adam, {SGD_EPOCHS} epochs"
 
 
-def linear_probe(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray, *, seed: int = 0, weight_decay: float = 1e-4,
+def linear_probe(train: Rows, train_labels: np.ndarray, test: Rows, *, seed: int = 0, weight_decay: float = 1e-4,
                  max_iter: int = 200, method: str = "auto", device: torch.device | None = None) -> np.ndarray:
     """Predictions of a logistic-regression probe on standardised features.
 
@@ -430,6 +592,7 @@ def linear_probe(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray, 
                           device=device or torch.device("cpu"))
     if method != "lbfgs":
         raise ValueError(f"unknown probe method {method!r} (expected auto, lbfgs or sgd)")
+    train, test = np.asarray(train), np.asarray(test)  # full batch: at most LBFGS_MAX_ELEMENTS training floats
     torch.manual_seed(seed)
     mean, std = train.mean(axis=0), train.std(axis=0) + 1e-6
     xtr = torch.from_numpy(((train - mean) / std).astype(np.float32))
@@ -450,19 +613,23 @@ def linear_probe(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray, 
         return model(xte).argmax(dim=1).numpy()
 
 
-def _moments(x: np.ndarray, rows: int = 8192) -> tuple[np.ndarray, np.ndarray]:
-    """Per-column mean and standard deviation, two passes in float64 over row blocks (no full-size copy)."""
+def _moments(x: Rows, std: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column mean and standard deviation (or only the mean: ``std=False`` returns zeros for it), two
+    passes in float64 over blocks of 2^22 floats (no full-size copy)."""
+    rows = max(1, (1 << 22) // max(x.shape[1], 1))
     total = np.zeros(x.shape[1])
     for r in _rows(len(x), rows):
         total += x[r].sum(axis=0, dtype=np.float64)
     mean = total / len(x)
+    if not std:
+        return mean, np.zeros_like(mean)
     sq = np.zeros(x.shape[1])
     for r in _rows(len(x), rows):
         sq += ((x[r] - mean) ** 2).sum(axis=0)
     return mean, np.sqrt(sq / len(x))
 
 
-def _sgd_probe(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray, *, seed: int, weight_decay: float,
+def _sgd_probe(train: Rows, train_labels: np.ndarray, test: Rows, *, seed: int, weight_decay: float,
                device: torch.device, epochs: int = SGD_EPOCHS, batch_size: int = SGD_BATCH, lr: float = SGD_LR) -> np.ndarray:
     """Mini-batch Adam: ``epochs`` passes in seeded orders, ``batch_size`` rows a step, learning rate
     cosine-decayed from ``lr`` to 0. Each batch is gathered from the host rows and standardised on
@@ -495,7 +662,7 @@ def _sgd_probe(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray, *,
     return out
 
 
-def score(train: np.ndarray, train_labels: np.ndarray, test: np.ndarray, test_labels: np.ndarray, *,
+def score(train: Rows, train_labels: np.ndarray, test: Rows, test_labels: np.ndarray, *,
           center: bool = False, seed: int = 0, device: torch.device | None = None) -> Scores:
     """kNN, 1-NN and linear-probe top-1 (%) of one encoder's features; the probe as ``probe_method`` picks it."""
     weighted, nearest = knn_predict(train, train_labels, test, center=center, device=device)

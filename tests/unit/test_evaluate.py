@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from seed.evaluate import (LBFGS_MAX_ELEMENTS, PixelSample, extract, extract_all, images, knn_predict, linear_probe,
-                           probe_method, probe_name)
+from seed.errors import SeedError
+from seed.evaluate import (LBFGS_MAX_ELEMENTS, FeatureFile, PixelSample, _check_room, _FeatureWriter, _write, extract,
+                           extract_all, images, knn_predict, linear_probe, probe_method, probe_name)
 from seed.shards import FASHION_MNIST_DIR, expand_urls, fashion_mnist_to_shards, iter_shard, load_fashion_mnist
 
 CPU = torch.device("cpu")
@@ -49,10 +52,61 @@ def fm_pixels() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 def test_batched_knn_equals_one_search(fm_pixels, center: bool) -> None:
     train, train_y, test, test_y = fm_pixels
     reference = _knn_in_one_search(train, train_y, test, center=center)
-    for batch in (64, 333, 100_000):  # train rows added and queries searched that many at a time
-        weighted, nearest = knn_predict(train, train_y, test, center=center, batch_size=batch)
-        assert np.array_equal(weighted, reference[0]) and np.array_equal(nearest, reference[1]), batch
+    # train rows added and queries searched `batch` at a time, in indexes of `block` training rows merged per query
+    for batch, block in ((64, None), (333, None), (100_000, None), (64, 300), (333, 700), (500, 1999)):
+        weighted, nearest = knn_predict(train, train_y, test, center=center, batch_size=batch, block=block)
+        assert np.array_equal(weighted, reference[0]) and np.array_equal(nearest, reference[1]), (batch, block)
     assert (reference[0] == test_y).mean() > 0.7  # pixels of Fashion-MNIST: well above the 10 % of chance
+
+
+def test_knn_with_fewer_training_rows_than_k_counts_each_once(fm_pixels) -> None:
+    train, train_y, test, _ = fm_pixels
+    weighted, nearest = knn_predict(train[:5], train_y[:5], test[:50], k=20)
+    alone, _ = knn_predict(train[:5], train_y[:5], test[:50], k=5)
+    assert np.array_equal(weighted, alone) and set(nearest) <= set(train_y[:5].tolist())
+
+
+def test_feature_rows_on_disk_read_back_like_an_array(tmp_path) -> None:
+    """Blocks arriving out of shard order are put in order; ranges, index runs and whole reads give the rows."""
+    rng = np.random.default_rng(0)
+    blocks = [rng.standard_normal((n, 6)).astype(np.float32) for n in (3, 5, 1, 4)]
+    writer = _FeatureWriter(str(tmp_path))
+    for b in blocks:
+        writer.append(b)
+    rank = [2, 0, 3, 1]                                   # the arrival indices in shard order
+    rows = writer.finish([len(b) for b in blocks], rank)
+    expected = np.concatenate([blocks[i] for i in rank])
+    assert isinstance(rows, FeatureFile) and rows.shape == (13, 6) and len(rows) == 13 and rows.nbytes == 13 * 6 * 4
+    assert list(tmp_path.iterdir()) == []                 # unnamed files: nothing to clean up, even after a crash
+    assert np.array_equal(np.asarray(rows), expected) and np.array_equal(rows[4:9], expected[4:9])
+    assert rows[12:40].shape == (1, 6) and rows[5:5].shape == (0, 6)
+    for idx in ([0, 1, 2, 7, 8, 12], [9, 3, 4, 3], [], np.arange(13)):
+        assert np.array_equal(rows[np.asarray(idx, dtype=np.int64)], expected[np.asarray(idx, dtype=np.int64)]), idx
+    with pytest.raises(IndexError, match="out of range"):
+        rows[np.array([13])]
+    with pytest.raises(IndexError, match="step 1"):
+        rows[::2]
+    in_order = _FeatureWriter(str(tmp_path))              # arrived in shard order: the file as written
+    in_order.append(expected)
+    assert np.array_equal(np.asarray(in_order.finish([13], [0])), expected)
+    rows.close()
+    with pytest.raises(ValueError):
+        rows[0:1]
+
+
+def test_a_full_disk_is_named_before_and_while_features_are_written(tmp_path) -> None:
+    _check_room(str(tmp_path), 1000, [512, 1024], copy=True)   # 6 MB: there is room
+    with pytest.raises(SeedError, match=rf"need about 8192\.0 GB .*{tmp_path}.*TMPDIR"):
+        _check_room(str(tmp_path), 10**9, [1024, 1024], copy=False)
+    with pytest.raises(SeedError, match=r"need about 12288\.0 GB"):
+        _check_room(str(tmp_path), 10**9, [1024, 1024], copy=True)   # and a copy of the widest, to put blocks in order
+
+    class Full(io.BytesIO):
+        def write(self, data) -> int:  # type: ignore[override]
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(SeedError, match=rf"no space left in {tmp_path}.*TMPDIR"):
+        _write(Full(), np.zeros((2, 3), np.float32), str(tmp_path))
 
 
 def test_probe_choice_is_a_threshold_on_n_times_d(fm_pixels) -> None:
@@ -97,6 +151,26 @@ def test_streamed_features_equal_in_memory_ones(small_shards: list[str]) -> None
     assert np.array_equal(out.features["conv"], expected)             # same batches' pixels, the same forward
     assert np.allclose(out.features["twice"], 2 * expected)
     assert out.pixels is None
+
+
+def test_a_pass_whose_features_cannot_fit_is_refused_at_its_first_batch(small_shards: list[str], tmp_path) -> None:
+    """The shards' _info.json says how many images come: rows that would not fit the disk are refused before the
+    pass goes on, and the files already written leave nothing behind."""
+    import json
+    import shutil
+
+    urls = []
+    for url in small_shards[:3]:
+        urls.append(str(tmp_path / Path(url).name))
+        shutil.copy(url, urls[-1])
+    (tmp_path / "_info.json").write_text(json.dumps({"splits": {"train": {
+        "filenames": [Path(u).name for u in urls], "shard_lengths": [10**12, 10**12, 10**12]}}}))
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    wide = lambda x: x.flatten(1)  # noqa: E731
+    with pytest.raises(SeedError, match=rf"need about .* GB of local disk \(3000000000000 images x 3072 floats\) and {scratch}"):
+        extract_all({"wide": wide}, urls, 32, CPU, directory=str(scratch))
+    assert list(scratch.iterdir()) == []
 
 
 def test_pixel_subsample_is_the_lowest_key_hashes(small_shards: list[str]) -> None:
