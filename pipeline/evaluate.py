@@ -104,7 +104,8 @@ def run(cfg: RunConfig, storage: Storage, *, include_teacher: bool = True, progr
     def add(name: str, kind: str, tr: Rows, tr_y: np.ndarray, te: Rows, te_y: np.ndarray, note: str,
             center: bool = False) -> None:
         results.append({"name": name, "kind": kind, "init": note, "dim": int(tr.shape[1]),
-                        **score(tr, tr_y, te, te_y, center=center, device=device).as_dict()})
+                        **score(tr, tr_y, te, te_y, center=center, device=device, progress=progress,
+                                name=name).as_dict()})
 
     assert train.pixels is not None and train.pixel_labels is not None
     assert test.pixels is not None and test.pixel_labels is not None

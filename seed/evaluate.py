@@ -530,15 +530,19 @@ class Scores:
 
 def knn_predict(train: Rows, train_labels: np.ndarray, test: Rows, *, k: int = 20, t: float = 0.07,
                 n_classes: int | None = None, center: bool = False, batch_size: int = QUERY_BATCH,
-                block: int | None = None, device: torch.device | None = None) -> tuple[np.ndarray, np.ndarray]:
+                block: int | None = None, device: torch.device | None = None, progress: bool = False,
+                desc: str = "kNN") -> tuple[np.ndarray, np.ndarray]:
     """(weighted-kNN predictions, 1-NN predictions) by cosine similarity through exact inner-product indexes.
 
     The normalised training rows go into an index ``block`` rows at a time (default: 512 MiB of float32,
     ``LBFGS_MAX_ELEMENTS / d`` rows; all of a Fashion-MNIST-sized set), added ``batch_size`` at a time; every
     query batch of ``batch_size`` searches each block, and the blocks' neighbours are merged per query. So one
     block, one query batch and the n_test x k neighbours are held, whatever the number of training rows.
+    ``progress``: a bar over the training rows searched.
     """
     import faiss
+
+    from seed.report import progress_bar
 
     n, d = train.shape
     k = min(k, n)  # fewer training rows than k: every one is a neighbour
@@ -550,14 +554,16 @@ def knn_predict(train: Rows, train_labels: np.ndarray, test: Rows, *, k: int = 2
     queries = _rows(len(test), batch_size)
     heaps = [faiss.ResultHeap(q.stop - q.start, k, keep_max=True) for q in queries]
     new_index = _flat_ip(d, device)
-    for part in _rows(n, block or max(batch_size, LBFGS_MAX_ELEMENTS // max(d, 1))):
-        index = new_index()
-        for rows in _rows(part.stop - part.start, batch_size):
-            index.add(prepared(train[part.start + rows.start: part.start + rows.stop]))
-        for heap, rows in zip(heaps, queries):
-            sims, idx = index.search(prepared(test[rows]), k)                # b x k, rows of this block
-            heap.add_result(sims, np.where(idx >= 0, idx + part.start, -1))
-        del index
+    with progress_bar(total=n, unit="row", desc=desc, disable=not progress) as bar:
+        for part in _rows(n, block or max(batch_size, LBFGS_MAX_ELEMENTS // max(d, 1))):
+            index = new_index()
+            for rows in _rows(part.stop - part.start, batch_size):
+                index.add(prepared(train[part.start + rows.start: part.start + rows.stop]))
+            for heap, rows in zip(heaps, queries):
+                sims, idx = index.search(prepared(test[rows]), k)                # b x k, rows of this block
+                heap.add_result(sims, np.where(idx >= 0, idx + part.start, -1))
+            del index
+            bar.update(part.stop - part.start)
     n_classes = n_classes or int(train_labels.max()) + 1
     weighted = np.zeros(len(test), np.int64)
     nearest = np.zeros(len(test), np.int64)
@@ -580,16 +586,18 @@ def probe_name(method: str) -> str:
 
 
 def linear_probe(train: Rows, train_labels: np.ndarray, test: Rows, *, seed: int = 0, weight_decay: float = 1e-4,
-                 max_iter: int = 200, method: str = "auto", device: torch.device | None = None) -> np.ndarray:
+                 max_iter: int = 200, method: str = "auto", device: torch.device | None = None, progress: bool = False,
+                 desc: str = "linear probe") -> np.ndarray:
     """Predictions of a logistic-regression probe on standardised features.
 
     ``method``: ``lbfgs`` (full batch, on the CPU), ``sgd`` (mini-batch Adam, on ``device``), or
-    ``auto`` (``probe_method``). Both minimise cross-entropy + ``weight_decay`` x ||W||^2.
+    ``auto`` (``probe_method``). Both minimise cross-entropy + ``weight_decay`` x ||W||^2. ``progress``: a bar
+    over Adam's epochs.
     """
     method = probe_method(*train.shape) if method == "auto" else method
     if method == "sgd":
         return _sgd_probe(train, train_labels, test, seed=seed, weight_decay=weight_decay,
-                          device=device or torch.device("cpu"))
+                          device=device or torch.device("cpu"), progress=progress, desc=desc)
     if method != "lbfgs":
         raise ValueError(f"unknown probe method {method!r} (expected auto, lbfgs or sgd)")
     train, test = np.asarray(train), np.asarray(test)  # full batch: at most LBFGS_MAX_ELEMENTS training floats
@@ -630,7 +638,8 @@ def _moments(x: Rows, std: bool = True) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _sgd_probe(train: Rows, train_labels: np.ndarray, test: Rows, *, seed: int, weight_decay: float,
-               device: torch.device, epochs: int = SGD_EPOCHS, batch_size: int = SGD_BATCH, lr: float = SGD_LR) -> np.ndarray:
+               device: torch.device, epochs: int = SGD_EPOCHS, batch_size: int = SGD_BATCH, lr: float = SGD_LR,
+               progress: bool = False, desc: str = "linear probe") -> np.ndarray:
     """Mini-batch Adam: ``epochs`` passes in seeded orders, ``batch_size`` rows a step, learning rate
     cosine-decayed from ``lr`` to 0. Each batch is gathered from the host rows and standardised on
     ``device``, so only the model and one batch live there."""
@@ -644,7 +653,9 @@ def _sgd_probe(train: Rows, train_labels: np.ndarray, test: Rows, *, seed: int, 
     model = nn.Linear(train.shape[1], n_classes).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * math.ceil(len(train) / batch_size))
-    for _ in range(epochs):
+    from seed.report import progress_bar
+
+    for _ in progress_bar(range(epochs), unit="epoch", desc=desc, disable=not progress):
         perm = torch.randperm(len(train), generator=gen).numpy()
         for start in range(0, len(train), batch_size):
             idx = np.sort(perm[start:start + batch_size])  # sorted: contiguous reads from the host rows
@@ -663,10 +674,14 @@ def _sgd_probe(train: Rows, train_labels: np.ndarray, test: Rows, *, seed: int, 
 
 
 def score(train: Rows, train_labels: np.ndarray, test: Rows, test_labels: np.ndarray, *,
-          center: bool = False, seed: int = 0, device: torch.device | None = None) -> Scores:
-    """kNN, 1-NN and linear-probe top-1 (%) of one encoder's features; the probe as ``probe_method`` picks it."""
-    weighted, nearest = knn_predict(train, train_labels, test, center=center, device=device)
+          center: bool = False, seed: int = 0, device: torch.device | None = None, progress: bool = False,
+          name: str = "") -> Scores:
+    """kNN, 1-NN and linear-probe top-1 (%) of one encoder's features; the probe as ``probe_method`` picks it.
+    ``progress``: bars over the kNN's training rows and the mini-batch probe's epochs, named after ``name``."""
+    weighted, nearest = knn_predict(train, train_labels, test, center=center, device=device, progress=progress,
+                                    desc=f"kNN {name}".strip())
     method = probe_method(*train.shape)
-    linear = linear_probe(train, train_labels, test, seed=seed, method=method, device=device)
+    linear = linear_probe(train, train_labels, test, seed=seed, method=method, device=device, progress=progress,
+                          desc=f"linear probe {name}".strip())
     acc = lambda pred: float((pred == test_labels).mean() * 100)  # noqa: E731
     return Scores(knn=acc(weighted), nn1=acc(nearest), linear=acc(linear), probe=probe_name(method))
