@@ -139,11 +139,13 @@ def test_killed_stage_reruns_to_the_uninterrupted_result(reference, tmp_path: Pa
     _root(root)                                                                # paths in the config point here
     startup, work = seconds[stage]
     delay = startup + work * fraction                                          # into the stage's own work
+    scratch = tmp_path / "tmpdir"                                              # the killed process's TMPDIR
+    scratch.mkdir()
     for _ in range(3):  # the machine is shared: a run faster than the reference is tried again, killed sooner
         for path in _outputs(root, stage):
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         proc = subprocess.Popen(_command(root, stage, False), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                env={**os.environ, "OMP_NUM_THREADS": "2"})
+                                env={**os.environ, "OMP_NUM_THREADS": "2", "TMPDIR": str(scratch)})
         time.sleep(delay)
         if proc.poll() is None:
             break
@@ -151,6 +153,8 @@ def test_killed_stage_reruns_to_the_uninterrupted_result(reference, tmp_path: Pa
     assert proc.poll() is None, f"{stage} finished before every kill point tried; the kill missed it"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    if stage == "evaluate":  # the feature rows were in unnamed files: nothing is left behind
+        assert list(scratch.iterdir()) == []
     stdout = _run(root, stage, again=True)
     assert _state(root, stage, stdout) == states[stage]
     if stage == "shards":  # the killed conversion's build directory is gone too
