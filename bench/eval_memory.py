@@ -73,6 +73,7 @@ def main() -> None:
     ap.add_argument("--widths", type=int, nargs="+", default=[4096, 4096, 4096], help="feature width of each encoder")
     ap.add_argument("--before", default=None, help="a tree of the commit before the change, run beside this one")
     ap.add_argument("--rows", default=str(ROOT / "docs/results/eval-memory"), help="where each finished run is saved")
+    ap.add_argument("--plot", default=str(ROOT / "docs/eval-memory.png"), help="peak RSS against N, from the rows")
     ap.add_argument("--probe", nargs=3, metavar=("TREE", "SHARDS", "N"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.probe:
@@ -89,6 +90,7 @@ def main() -> None:
     print("| tree | N | widths | features, GB | peak RSS, MB (after extraction / whole run) | extract, s | score, s | "
           "kNN / 1-NN / linear (probe), per encoder |")
     print("|---|---|---|---|---|---|---|---|")
+    done: list[dict] = []
     for n in args.n:
         for side, tree in trees:
             row_file = out / f"{side}-n{n}-w{'-'.join(map(str, args.widths))}.json"
@@ -105,6 +107,36 @@ def main() -> None:
             print(f"| {side} | {n:,} | {'+'.join(map(str, row['widths']))} | {row['features_gb']} | "
                   f"{row['peak_after_extract_mb']:,} / {row['peak_mb']:,} | {row['extract_s']} | {row['score_s']} | "
                   f"{scores} |", flush=True)
+            done.append(row)
+    plot(done, args.plot)
+
+
+def plot(rows: list[dict], png: str) -> None:
+    """Peak RSS of the whole run and of the extraction against N, one line per tree."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for side, colour in (("before", "tab:red"), ("after", "tab:blue")):
+        mine = sorted((r for r in rows if r["tree"] == side), key=lambda r: r["n"])
+        if not mine:
+            continue
+        n = [r["n"] for r in mine]
+        label = "rows in memory (before)" if side == "before" else "rows on disk (after)"
+        ax.plot(n, [r["peak_mb"] / 1024 for r in mine], "o-", color=colour, label=f"{label}: whole run")
+        ax.plot(n, [r["peak_after_extract_mb"] / 1024 for r in mine], "s--", color=colour, alpha=0.6,
+                label=f"{label}: extraction")
+    ax.plot(n, [r["features_gb"] * 1e9 / 2**30 for r in mine], ":", color="grey", label="the feature rows themselves")
+    ax.set_xlabel("training images N (+ 5,000 test), three 4,096-d encoders")
+    ax.set_ylabel("peak RSS, GiB")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title("Evaluation's peak memory (bench/eval_memory.py)", fontsize=9)
+    fig.savefig(png, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    print(f"plot: {png}")
 
 
 if __name__ == "__main__":

@@ -600,11 +600,14 @@ def linear_probe(train: Rows, train_labels: np.ndarray, test: Rows, *, seed: int
                           device=device or torch.device("cpu"), progress=progress, desc=desc)
     if method != "lbfgs":
         raise ValueError(f"unknown probe method {method!r} (expected auto, lbfgs or sgd)")
-    train, test = np.asarray(train), np.asarray(test)  # full batch: at most LBFGS_MAX_ELEMENTS training floats
     torch.manual_seed(seed)
-    mean, std = train.mean(axis=0), train.std(axis=0) + 1e-6
-    xtr = torch.from_numpy(((train - mean) / std).astype(np.float32))
-    xte = torch.from_numpy(((test - mean) / std).astype(np.float32))
+    # full batch, at most LBFGS_MAX_ELEMENTS training floats: read once and standardised in place
+    xtr, xte = _float32_copy(train), _float32_copy(test)
+    mean, std = xtr.mean(axis=0), xtr.std(axis=0) + 1e-6
+    for x in (xtr, xte):
+        x -= mean
+        x /= std
+    xtr, xte = torch.from_numpy(xtr), torch.from_numpy(xte)
     y = torch.from_numpy(train_labels)
     n_classes = int(train_labels.max()) + 1
     model = nn.Linear(xtr.shape[1], n_classes)
@@ -619,6 +622,11 @@ def linear_probe(train: Rows, train_labels: np.ndarray, test: Rows, *, seed: int
     opt.step(closure)
     with torch.no_grad():
         return model(xte).argmax(dim=1).numpy()
+
+
+def _float32_copy(x: Rows) -> np.ndarray:
+    """The rows as a float32 array the caller may change: a ``FeatureFile``'s read is one already."""
+    return x[:] if isinstance(x, FeatureFile) else np.array(x, dtype=np.float32)
 
 
 def _moments(x: Rows, std: bool = True) -> tuple[np.ndarray, np.ndarray]:
