@@ -602,12 +602,12 @@ def linear_probe(train: Rows, train_labels: np.ndarray, test: Rows, *, seed: int
         raise ValueError(f"unknown probe method {method!r} (expected auto, lbfgs or sgd)")
     torch.manual_seed(seed)
     # full batch, at most LBFGS_MAX_ELEMENTS training floats: read once and standardised in place
-    xtr, xte = _float32_copy(train), _float32_copy(test)
-    mean, std = xtr.mean(axis=0), xtr.std(axis=0) + 1e-6
-    for x in (xtr, xte):
+    rows_tr, rows_te = _float32_copy(train), _float32_copy(test)
+    mean, std = rows_tr.mean(axis=0), rows_tr.std(axis=0) + 1e-6
+    for x in (rows_tr, rows_te):
         x -= mean
         x /= std
-    xtr, xte = torch.from_numpy(xtr), torch.from_numpy(xte)
+    xtr, xte = torch.from_numpy(rows_tr), torch.from_numpy(rows_te)
     y = torch.from_numpy(train_labels)
     n_classes = int(train_labels.max()) + 1
     model = nn.Linear(xtr.shape[1], n_classes)
