@@ -94,6 +94,26 @@ def test_feature_rows_on_disk_read_back_like_an_array(tmp_path) -> None:
         rows[0:1]
 
 
+def test_scores_of_rows_on_disk_equal_those_of_rows_in_memory(fm_pixels, tmp_path) -> None:
+    """kNN (in blocks), both probes and the centred kNN read a FeatureFile as they read an array: the same predictions."""
+    train, train_y, test, _ = fm_pixels
+
+    def on_disk(rows: np.ndarray) -> FeatureFile:
+        writer = _FeatureWriter(str(tmp_path))
+        for part in np.array_split(rows, 7):
+            writer.append(part)
+        return writer.finish([len(p) for p in np.array_split(rows, 7)], list(range(7)))
+
+    tr, te = on_disk(train), on_disk(test)
+    for center, block in ((False, None), (False, 300), (True, 700)):
+        assert all(np.array_equal(a, b) for a, b in zip(knn_predict(tr, train_y, te, center=center, block=block),
+                                                         knn_predict(train, train_y, test, center=center, block=block)))
+    few = on_disk(train[:500])
+    for method in ("lbfgs", "sgd"):
+        assert np.array_equal(linear_probe(few, train_y[:500], te, method=method),
+                              linear_probe(train[:500], train_y[:500], test, method=method)), method
+
+
 def test_a_full_disk_is_named_before_and_while_features_are_written(tmp_path) -> None:
     _check_room(str(tmp_path), 1000, [512, 1024], copy=True)   # 6 MB: there is room
     with pytest.raises(SeedError, match=rf"need about 8192\.0 GB .*{tmp_path}.*TMPDIR"):
