@@ -14,7 +14,8 @@ The run's log reads as a transcript (``flows.follow`` prints it in a terminal): 
 (``== [2/5] teacher: ...``), progress (teacher shards done of total, training steps and epochs with
 their losses) and each stage's outcome in words; the library's own ``seed.*`` log lines (the
 training loop's progress) and ``pipeline.*`` warnings go to the run's log too. Progress artifacts
-(``pretrain-progress``, ``teacher-progress``, ``student-progress``) belong to the flow run.
+(``pretrain-progress``, ``teacher-progress``, ``student-progress``, ``evaluation-progress``) belong to the
+flow run.
 """
 
 from __future__ import annotations
@@ -121,30 +122,6 @@ def forward_library_logs() -> None:
             handler.addFilter(_in_run)
             logger.addHandler(handler)
     logging.getLogger("seed").setLevel(logging.INFO)
-
-
-@contextlib.contextmanager
-def still_running(log: Any, what: str, every: float = 60.0) -> Iterator[None]:
-    """While the block runs, log ``<what>: still running, 2 min so far`` every ``every`` seconds: for a stage
-    that reports no progress of its own (evaluation), so a follower sees it is alive.
-
-    The line comes from a thread of its own; ``log`` (a run logger) carries the run's ids, so it
-    still reaches the run's log.
-    """
-    stop = threading.Event()
-    t0 = time.perf_counter()
-
-    def tick() -> None:
-        while not stop.wait(every):
-            log.info("%s: still running, %d min so far", what, round((time.perf_counter() - t0) / 60))
-
-    thread = threading.Thread(target=tick, name=f"still-running-{what}", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
 
 
 def _epochs(n: int) -> str:
@@ -335,12 +312,39 @@ def train_students(cfg_data: dict[str, Any], storage_file: str | None) -> studen
     return result
 
 
+class PhaseProgress:
+    """The evaluation's progress, told (what, done, total, unit) after each step of each phase (a split's features,
+    an encoder's kNN, its probe): the progress artifact and a line ``evaluate: train features (4 encoders):
+    12,800 of 20,000 images (64 %)``, at most every ``every`` seconds, and at a phase's end when that phase
+    had a line of its own (short phases stay silent)."""
+
+    def __init__(self, log: Any, progress: UUID | None, every: float = 10.0):
+        self.log, self.progress, self.every = log, progress, every
+        self.what, self.spoken = "", False
+        self.last = time.perf_counter()
+
+    def __call__(self, what: str, done: int, total: int | None, unit: str) -> None:
+        if what != self.what:
+            self.what, self.spoken = what, False
+        now = time.perf_counter()
+        end = total is not None and done >= total
+        if now - self.last < self.every and not (end and self.spoken):
+            return
+        self.last, self.spoken = now, True
+        of = f"{done:,} of {total:,} {unit} ({100 * done // total} %)" if total else f"{done:,} {unit}"
+        if self.progress is not None:
+            update_progress_artifact(self.progress, 100.0 * done / total if total else 0.0,
+                                     description=f"evaluation: {what}, {of}")
+        self.log.info("evaluate: %s: %s", what, of)
+
+
 @task(cache_policy=NO_CACHE)
 def evaluate(cfg_data: dict[str, Any], storage_file: str | None, include_teacher: bool) -> evaluate_stage.EvaluationResult:
     log = get_run_logger()
-    with still_running(log, "evaluate"):
-        result = evaluate_stage.run(_cfg(cfg_data), load_storage(storage_file), include_teacher=include_teacher,
-                                    progress=False, load=shared_teacher)
+    progress = _progress("evaluation-progress", "evaluation: loading the encoders")
+    result = evaluate_stage.run(_cfg(cfg_data), load_storage(storage_file), include_teacher=include_teacher,
+                                progress=False, load=shared_teacher, on_progress=PhaseProgress(log, progress))
+    update_progress_artifact(progress, 100.0, description=f"evaluation: {len(result.results)} encoders scored")
     table = markdown_table(result.results, [("name", "encoder"), ("knn", "kNN top-1 (%)"), ("nn1", "1-NN (%)"),
                                             ("linear", "linear (%)"), ("probe", "probe"), ("init", "notes")])
     create_markdown_artifact(f"# Evaluation\n\n{table}\n\nReport: `{result.report}`\n", key="evaluation")
@@ -367,8 +371,7 @@ def stage_texts(cfg: RunConfig) -> dict[str, str]:
                    f"-> cache {cfg.cache.name}",
         "bank": f"a bank of {cfg.bank.size:,} cached views and the top-{cfg.bank.topk} teacher targets of every view",
         "student": f"{', '.join(s.label for s in t.students)}, {_epochs(t.optim.epochs)} {how}, run {t.run}",
-        "evaluate": "features of the train and test images for every encoder, kNN and linear probes, the report "
-                    "(no progress of its own: a 'still running' line a minute)",
+        "evaluate": "features of the train and test images for every encoder, kNN and linear probes, the report",
     }
 
 

@@ -26,7 +26,7 @@ from seed.config import RunConfig
 from seed.devices import data_workers, read_ahead, resolve_device
 from seed.evaluate import PixelSample, Rows, extract_all, score
 from seed.models import Encoder, create_backbone, freeze
-from seed.report import write_report
+from seed.report import OnProgress, write_report
 from seed.shards import expand_urls
 from seed.storage import Storage, read_json, write_text
 from seed.teachers import TeacherLoader, load_teacher
@@ -59,8 +59,11 @@ def random_student(arch: str, small_input: bool, seed: int) -> tuple[Encoder, st
 
 
 def run(cfg: RunConfig, storage: Storage, *, include_teacher: bool = True, progress: bool = True,
-        load: TeacherLoader = load_teacher) -> EvaluationResult:
-    """Score raw pixels, the teacher (or its saved scores), each student and its random init; write the report."""
+        load: TeacherLoader = load_teacher, on_progress: OnProgress | None = None) -> EvaluationResult:
+    """Score raw pixels, the teacher (or its saved scores), each student and its random init; write the report.
+
+    ``progress``: bars over each split's images and each encoder's scoring; ``on_progress``: told the same,
+    (what, done, total, unit) after each step (``seed.report.Progress``)."""
     t0 = time.perf_counter()
     device = resolve_device(cfg.train.device)
     url = storage.cache_url(cfg.cache.name)
@@ -93,9 +96,11 @@ def run(cfg: RunConfig, storage: Storage, *, include_teacher: bool = True, progr
     sample = PixelSample()  # fixed seed: the same subsample for every run of the protocol
     t_features = time.perf_counter()
     train = extract_all(encoders, expand_urls(storage.resolve("shards", cfg.data.train)), res, device, workers=workers,
-                        depth=depth, pixels=sample, progress=progress, desc="evaluate train", damaged=cfg.data.damaged)
+                        depth=depth, pixels=sample, progress=progress, desc="train features", damaged=cfg.data.damaged,
+                        on_progress=on_progress)
     test = extract_all(encoders, expand_urls(storage.resolve("shards", cfg.data.test)), res, device, workers=workers,
-                       depth=depth, pixels=sample, progress=progress, desc="evaluate test", damaged=cfg.data.damaged)
+                       depth=depth, pixels=sample, progress=progress, desc="test features", damaged=cfg.data.damaged,
+                       on_progress=on_progress)
     feature_seconds = time.perf_counter() - t_features
     del encoders
 
@@ -105,7 +110,7 @@ def run(cfg: RunConfig, storage: Storage, *, include_teacher: bool = True, progr
             center: bool = False) -> None:
         results.append({"name": name, "kind": kind, "init": note, "dim": int(tr.shape[1]),
                         **score(tr, tr_y, te, te_y, center=center, device=device, progress=progress,
-                                name=name).as_dict()})
+                                name=name, on_progress=on_progress).as_dict()})
 
     assert train.pixels is not None and train.pixel_labels is not None
     assert test.pixels is not None and test.pixel_labels is not None

@@ -42,6 +42,7 @@ from seed.decode import Decoder
 from seed.devices import autocast
 from seed.errors import SeedError
 from seed.prefetch import prefetch
+from seed.report import OnProgress, Progress
 from seed.shards import Damaged, Sample, damage_handler, decode_image, iter_shard, lengths_from_info
 from seed.workers import PackedSamples, SharedSlots, shard_workers
 
@@ -398,7 +399,7 @@ class _PixelKeeper:
 def extract_all(encoders: Mapping[str, Encode], urls: Sequence[str], resolution: int, device: torch.device, *,
                 batch_size: int = EVAL_BATCH, workers: int = 0, depth: int = 2, pixels: PixelSample | None = None,
                 progress: bool = False, desc: str = "features", damaged: Damaged = "stop",
-                directory: str | None = None) -> Extracted:
+                directory: str | None = None, on_progress: OnProgress | None = None) -> Extracted:
     """Every encoder's features of every decodable image of ``urls``, in one pass over the shards.
 
     Each batch is decoded and resized once and goes through all ``encoders`` (bf16 autocast on CUDA);
@@ -407,13 +408,12 @@ def extract_all(encoders: Mapping[str, Encode], urls: Sequence[str], resolution:
     say how many samples they hold, a disk without room for the rows is refused at the first batch.
     ``pixels``: also keep that subsample's images for the raw-pixel baseline. ``damaged``: ``data.damaged``
     (``keep`` scores the samples a damaged shard holds before its damage, with a warning naming it).
+    ``progress``: a bar over the images read; ``on_progress``: told the same (``seed.report.Progress``).
     """
-    from seed.report import progress_bar
-
     directory = directory or tempfile.gettempdir()
     lengths = lengths_from_info(list(urls))  # the total for the progress bar and the room check, when the shards say it
-    bar = progress_bar(total=sum(lengths) if lengths else None, unit="img", desc=f"{desc} ({len(encoders)} encoders)",
-                       disable=not progress, smoothing=0.1)
+    what = f"{desc} ({len(encoders)} encoder{'' if len(encoders) == 1 else 's'})"
+    bar = Progress(what, sum(lengths) if lengths else None, "images", show=progress, report=on_progress, smoothing=0.1)
     writers = {name: _FeatureWriter(directory) for name in encoders}
     features: dict[str, FeatureFile] = {}
     order: list[tuple[int, int]] = []
@@ -531,18 +531,16 @@ class Scores:
 def knn_predict(train: Rows, train_labels: np.ndarray, test: Rows, *, k: int = 20, t: float = 0.07,
                 n_classes: int | None = None, center: bool = False, batch_size: int = QUERY_BATCH,
                 block: int | None = None, device: torch.device | None = None, progress: bool = False,
-                desc: str = "kNN") -> tuple[np.ndarray, np.ndarray]:
+                desc: str = "kNN", on_progress: OnProgress | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(weighted-kNN predictions, 1-NN predictions) by cosine similarity through exact inner-product indexes.
 
     The normalised training rows go into an index ``block`` rows at a time (default: 512 MiB of float32,
     ``LBFGS_MAX_ELEMENTS / d`` rows; all of a Fashion-MNIST-sized set), added ``batch_size`` at a time; every
     query batch of ``batch_size`` searches each block, and the blocks' neighbours are merged per query. So one
     block, one query batch and the n_test x k neighbours are held, whatever the number of training rows.
-    ``progress``: a bar over the training rows searched.
+    ``progress``: a bar over the training rows searched; ``on_progress``: told the same.
     """
     import faiss
-
-    from seed.report import progress_bar
 
     n, d = train.shape
     k = min(k, n)  # fewer training rows than k: every one is a neighbour
@@ -554,7 +552,7 @@ def knn_predict(train: Rows, train_labels: np.ndarray, test: Rows, *, k: int = 2
     queries = _rows(len(test), batch_size)
     heaps = [faiss.ResultHeap(q.stop - q.start, k, keep_max=True) for q in queries]
     new_index = _flat_ip(d, device)
-    with progress_bar(total=n, unit="row", desc=desc, disable=not progress) as bar:
+    with Progress(desc, n, "training rows", show=progress, report=on_progress) as bar:
         for part in _rows(n, block or max(batch_size, LBFGS_MAX_ELEMENTS // max(d, 1))):
             index = new_index()
             for rows in _rows(part.stop - part.start, batch_size):
@@ -587,17 +585,18 @@ def probe_name(method: str) -> str:
 
 def linear_probe(train: Rows, train_labels: np.ndarray, test: Rows, *, seed: int = 0, weight_decay: float = 1e-4,
                  max_iter: int = 200, method: str = "auto", device: torch.device | None = None, progress: bool = False,
-                 desc: str = "linear probe") -> np.ndarray:
+                 desc: str = "linear probe", on_progress: OnProgress | None = None) -> np.ndarray:
     """Predictions of a logistic-regression probe on standardised features.
 
     ``method``: ``lbfgs`` (full batch, on the CPU), ``sgd`` (mini-batch Adam, on ``device``), or
     ``auto`` (``probe_method``). Both minimise cross-entropy + ``weight_decay`` x ||W||^2. ``progress``: a bar
-    over Adam's epochs.
+    over Adam's epochs, or L-BFGS's evaluations of the objective (at most 1.25 x ``max_iter``); ``on_progress``:
+    told the same.
     """
     method = probe_method(*train.shape) if method == "auto" else method
     if method == "sgd":
         return _sgd_probe(train, train_labels, test, seed=seed, weight_decay=weight_decay,
-                          device=device or torch.device("cpu"), progress=progress, desc=desc)
+                          device=device or torch.device("cpu"), progress=progress, desc=desc, on_progress=on_progress)
     if method != "lbfgs":
         raise ValueError(f"unknown probe method {method!r} (expected auto, lbfgs or sgd)")
     torch.manual_seed(seed)
@@ -617,9 +616,12 @@ def linear_probe(train: Rows, train_labels: np.ndarray, test: Rows, *, seed: int
         opt.zero_grad()
         loss = nn.functional.cross_entropy(model(xtr), y) + weight_decay * model.weight.pow(2).sum()
         loss.backward()
+        bar.update()
         return loss
 
-    opt.step(closure)
+    # L-BFGS stops at max_iter iterations or its default max_eval, 1.25 x max_iter evaluations: the bar's bound
+    with Progress(desc, max_iter * 5 // 4, "evaluations", show=progress, report=on_progress) as bar:
+        opt.step(closure)
     with torch.no_grad():
         return model(xte).argmax(dim=1).numpy()
 
@@ -647,7 +649,7 @@ def _moments(x: Rows, std: bool = True) -> tuple[np.ndarray, np.ndarray]:
 
 def _sgd_probe(train: Rows, train_labels: np.ndarray, test: Rows, *, seed: int, weight_decay: float,
                device: torch.device, epochs: int = SGD_EPOCHS, batch_size: int = SGD_BATCH, lr: float = SGD_LR,
-               progress: bool = False, desc: str = "linear probe") -> np.ndarray:
+               progress: bool = False, desc: str = "linear probe", on_progress: OnProgress | None = None) -> np.ndarray:
     """Mini-batch Adam: ``epochs`` passes in seeded orders, ``batch_size`` rows a step, learning rate
     cosine-decayed from ``lr`` to 0. Each batch is gathered from the host rows and standardised on
     ``device``, so only the model and one batch live there."""
@@ -661,9 +663,8 @@ def _sgd_probe(train: Rows, train_labels: np.ndarray, test: Rows, *, seed: int, 
     model = nn.Linear(train.shape[1], n_classes).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * math.ceil(len(train) / batch_size))
-    from seed.report import progress_bar
-
-    for _ in progress_bar(range(epochs), unit="epoch", desc=desc, disable=not progress):
+    bar = Progress(desc, epochs, "epochs", show=progress, report=on_progress)
+    for _ in range(epochs):
         perm = torch.randperm(len(train), generator=gen).numpy()
         for start in range(0, len(train), batch_size):
             idx = np.sort(perm[start:start + batch_size])  # sorted: contiguous reads from the host rows
@@ -673,6 +674,8 @@ def _sgd_probe(train: Rows, train_labels: np.ndarray, test: Rows, *, seed: int, 
             loss.backward()
             opt.step()
             sched.step()
+        bar.update()
+    bar.close()
     out = np.zeros(len(test), np.int64)
     with torch.no_grad():
         for r in _rows(len(test), QUERY_BATCH):
@@ -683,13 +686,14 @@ def _sgd_probe(train: Rows, train_labels: np.ndarray, test: Rows, *, seed: int, 
 
 def score(train: Rows, train_labels: np.ndarray, test: Rows, test_labels: np.ndarray, *,
           center: bool = False, seed: int = 0, device: torch.device | None = None, progress: bool = False,
-          name: str = "") -> Scores:
+          name: str = "", on_progress: OnProgress | None = None) -> Scores:
     """kNN, 1-NN and linear-probe top-1 (%) of one encoder's features; the probe as ``probe_method`` picks it.
-    ``progress``: bars over the kNN's training rows and the mini-batch probe's epochs, named after ``name``."""
+    ``progress``: bars over the kNN's training rows and the probe's steps, named after ``name``; ``on_progress``:
+    told the same."""
     weighted, nearest = knn_predict(train, train_labels, test, center=center, device=device, progress=progress,
-                                    desc=f"kNN {name}".strip())
+                                    desc=f"kNN {name}".strip(), on_progress=on_progress)
     method = probe_method(*train.shape)
     linear = linear_probe(train, train_labels, test, seed=seed, method=method, device=device, progress=progress,
-                          desc=f"linear probe {name}".strip())
+                          desc=f"linear probe {name}".strip(), on_progress=on_progress)
     acc = lambda pred: float((pred == test_labels).mean() * 100)  # noqa: E731
     return Scores(knn=acc(weighted), nn1=acc(nearest), linear=acc(linear), probe=probe_name(method))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from seed.storage import join, write_bytes, write_text
@@ -22,6 +22,35 @@ def progress_bar(iterable: Iterable[Any] | None = None, **kwargs: Any) -> Any:
     if not sys.stderr.isatty():
         kwargs.setdefault("mininterval", LOG_REFRESH_S)
     return tqdm(iterable, **kwargs)
+
+
+# Told of a stretch of work's progress after each step: (what, done, total or None, unit).
+OnProgress = Callable[[str, int, "int | None", str], None]
+
+
+class Progress:
+    """One stretch of work's progress, shown two ways: a tqdm bar (``show``) and ``report`` called after each
+    step with (what, done, total, unit), for a caller that shows it elsewhere (the flow's log and artifacts)."""
+
+    def __init__(self, what: str, total: int | None, unit: str, *, show: bool = False,
+                 report: OnProgress | None = None, **bar: Any):
+        self.what, self.total, self.unit, self.report, self.done = what, total, unit, report, 0
+        self.bar = progress_bar(total=total, unit=unit, desc=what, disable=not show, **bar)
+
+    def update(self, n: int = 1) -> None:
+        self.bar.update(n)
+        self.done += n
+        if self.report is not None:
+            self.report(self.what, self.done, self.total, self.unit)
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
 
 
 def save_figure(fig: Any, url: str) -> None:

@@ -83,10 +83,12 @@ def test_full_then_student_only(harness, tmp_path: Path, storage_file: str) -> N
     for noise in ("{'", "Finished in state Completed", "Created task run", "prefect.flow-run"):
         assert noise not in text, (noise, text)
     progress = {a.key: a for a in artifacts if a.type == "progress"}
-    assert set(progress) == {"pretrain-progress", "teacher-progress", "student-progress"}  # all on the run's own page
+    assert set(progress) == {"pretrain-progress", "teacher-progress", "student-progress",
+                             "evaluation-progress"}  # all on the run's own page
     assert all(a.data == 100.0 for a in progress.values())
     assert progress["teacher-progress"].description == "teacher stage: 3 of 3 shards embedded"
     assert progress["student-progress"].description == "student run flow: 1 of 1 epochs"
+    assert progress["evaluation-progress"].description == "evaluation: 4 encoders scored"
 
     teacher_file = Path(first["pretrain"])
     teacher_file.rename(teacher_file.with_suffix(".away"))  # the student deployment must not need the teacher
@@ -187,22 +189,6 @@ def test_teacher_workers_run_the_stage_in_processes_and_write_the_same_cache(har
     assert "teacher stage: 2 processes (seed teacher --procs)" in text and "teacher: 3/3 shards embedded (100 %)" in text
     progress = {a.key: a for a in artifacts if a.type == "progress"}
     assert progress["teacher-progress"].data == 100.0
-
-
-def test_still_running_says_so_while_a_stage_without_progress_runs(caplog: pytest.LogCaptureFixture) -> None:
-    import logging
-    import time
-
-    from flows.seed_flow import still_running
-
-    logger = logging.getLogger("tests.still_running")
-    with caplog.at_level(logging.INFO, logger=logger.name):
-        with still_running(logger, "evaluate", every=0.05):
-            time.sleep(0.3)
-        during = len(caplog.records)
-        time.sleep(0.15)
-    assert during >= 3 and len(caplog.records) == during  # and none once the block is done
-    assert {r.getMessage() for r in caplog.records} == {"evaluate: still running, 0 min so far"}
 
 
 def _descendants(pid: int) -> list[int]:

@@ -114,6 +114,26 @@ def test_scores_of_rows_on_disk_equal_those_of_rows_in_memory(fm_pixels, tmp_pat
                               linear_probe(train[:500], train_y[:500], test, method=method)), method
 
 
+def test_progress_is_told_of_every_step_up_to_each_phase_total(small_shards: list[str], fm_pixels) -> None:
+    told: list[tuple[str, int, int | None, str]] = []
+    record = lambda *a: told.append(a)  # noqa: E731
+    extract_all({"flat": lambda x: x.flatten(1)}, small_shards, 16, CPU, batch_size=50, desc="train features",
+                on_progress=record)
+    assert {t[0] for t in told} == {"train features (1 encoder)"} and told[-1][1] == 123   # samples read, decodable or not
+    assert [t[1] for t in told] == sorted(t[1] for t in told) and {t[3] for t in told} == {"images"}
+    train, train_y, test, _ = (a[:600] for a in fm_pixels)
+    told.clear()
+    knn_predict(train, train_y, test, block=250, on_progress=record, desc="kNN pixels")
+    assert told == [("kNN pixels", 200, 600, "training rows"), ("kNN pixels", 400, 600, "training rows"),
+                    ("kNN pixels", 600, 600, "training rows")]
+    told.clear()
+    linear_probe(train, train_y, test, method="sgd", on_progress=record, desc="probe")
+    assert told == [("probe", e, 30, "epochs") for e in range(1, 31)]
+    told.clear()
+    linear_probe(train, train_y, test, method="lbfgs", on_progress=record, desc="probe", max_iter=20)
+    assert 1 < len(told) <= 25 and told[-1][1] == len(told) and told[0][2] == 25   # evaluations, at most 1.25 x max_iter
+
+
 def test_a_full_disk_is_named_before_and_while_features_are_written(tmp_path) -> None:
     _check_room(str(tmp_path), 1000, [512, 1024], copy=True)   # 6 MB: there is room
     with pytest.raises(SeedError, match=rf"need about 8192\.0 GB .*{tmp_path}.*TMPDIR"):

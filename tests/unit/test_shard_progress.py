@@ -1,5 +1,6 @@
-"""The teacher stage's progress in the flow (``flows.seed_flow.ShardProgress``): shards counted from those done
-before, views summed from the records, a line at most every ``every`` seconds and always for the last shard."""
+"""Progress in the flow. The teacher stage's (``flows.seed_flow.ShardProgress``): shards counted from those done
+before, views summed from the records, a line at most every ``every`` seconds and always for the last shard. The
+evaluation's (``PhaseProgress``): a line at most every ``every`` seconds, and a phase's end when it had a line."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import logging
 
 import pytest
 
-from flows.seed_flow import ShardProgress
+from flows.seed_flow import PhaseProgress, ShardProgress
 
 
 def test_progress_counts_from_the_shards_done_before_and_always_reports_the_last(
@@ -29,3 +30,35 @@ def test_progress_counts_from_the_shards_done_before_and_always_reports_the_last
     assert [r.getMessage().split(",")[0] for r in caplog.records] == [
         "teacher: 1/4 shards embedded (25 %)", "teacher: 2/4 shards embedded (50 %)",
         "teacher: 3/4 shards embedded (75 %)", "teacher: 4/4 shards embedded (100 %)"]
+
+
+def test_evaluation_progress_is_throttled_and_ends_the_phases_it_spoke_of(caplog: pytest.LogCaptureFixture) -> None:
+    logger = logging.getLogger("tests.phase_progress")
+    with caplog.at_level(logging.INFO, logger=logger.name):
+        quiet = PhaseProgress(logger, None, every=3600.0)   # nothing is due: short phases stay silent
+        for done in (100, 200, 300):
+            quiet("train features (2 encoders)", done, 300, "images")
+        quiet("linear probe teacher", 30, 30, "epochs")
+    assert caplog.records == []
+
+    with caplog.at_level(logging.INFO, logger=logger.name):
+        chatty = PhaseProgress(logger, None, every=0.0)
+        chatty("train features (2 encoders)", 12_800, 20_000, "images")
+        chatty("train features (2 encoders)", 20_000, 20_000, "images")
+        chatty("test features (2 encoders)", 256, None, "images")          # shards that do not say their length
+        chatty("kNN teacher", 20_000, 20_000, "training rows")
+    assert [r.getMessage() for r in caplog.records] == [
+        "evaluate: train features (2 encoders): 12,800 of 20,000 images (64 %)",
+        "evaluate: train features (2 encoders): 20,000 of 20,000 images (100 %)",
+        "evaluate: test features (2 encoders): 256 images",
+        "evaluate: kNN teacher: 20,000 of 20,000 training rows (100 %)"]
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger=logger.name):
+        ends = PhaseProgress(logger, None, every=3600.0)
+        ends.last -= 7200                                                    # the first step is due
+        ends("kNN student 0", 5, 40, "training rows")
+        ends("kNN student 0", 20, 40, "training rows")                      # not due
+        ends("kNN student 0", 40, 40, "training rows")                      # the end of a phase that spoke
+    assert [r.getMessage() for r in caplog.records] == [
+        "evaluate: kNN student 0: 5 of 40 training rows (12 %)", "evaluate: kNN student 0: 40 of 40 training rows (100 %)"]
