@@ -622,6 +622,7 @@ def linear_probe(train: Rows, train_labels: np.ndarray, test: Rows, *, seed: int
     # L-BFGS stops at max_iter iterations or its default max_eval, 1.25 x max_iter evaluations: the bar's bound
     with Progress(desc, max_iter * 5 // 4, "evaluations", show=progress, report=on_progress) as bar:
         opt.step(closure)
+        bar.finish()
     with torch.no_grad():
         return model(xte).argmax(dim=1).numpy()
 

@@ -43,6 +43,14 @@ class Progress:
         if self.report is not None:
             self.report(self.what, self.done, self.total, self.unit)
 
+    def finish(self) -> None:
+        """The work ended before its total (a bound, not a count): the total becomes what was done, so the bar
+        and the last report read 100 %."""
+        self.total = self.bar.total = self.done
+        self.bar.refresh()
+        if self.report is not None:
+            self.report(self.what, self.done, self.total, self.unit)
+
     def close(self) -> None:
         self.bar.close()
 
