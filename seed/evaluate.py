@@ -25,6 +25,7 @@ import errno
 import functools
 import hashlib
 import heapq
+import logging
 import math
 import os
 import shutil
@@ -45,6 +46,8 @@ from seed.prefetch import prefetch
 from seed.report import OnProgress, Progress
 from seed.shards import Damaged, Sample, damage_handler, decode_image, iter_shard, lengths_from_info
 from seed.workers import PackedSamples, SharedSlots, shard_workers
+
+log = logging.getLogger(__name__)
 
 IDENTITY = Recipe()
 EVAL_BATCH = 256           # images per forward; a batch never spans two shards
@@ -223,15 +226,50 @@ def _write(file: IO[bytes], rows: np.ndarray, directory: str) -> None:
         raise
 
 
-def _check_room(directory: str, n: int, widths: Sequence[int], copy: bool) -> None:
-    """Refuse before the pass when ``directory``'s disk cannot hold ``n`` rows of every width (plus a copy of the
-    widest when blocks must be put in order)."""
-    need = n * 4 * (sum(widths) + (max(widths, default=0) if copy else 0))
-    free = shutil.disk_usage(directory).free
-    if need > free:
-        raise SeedError(f"evaluation features need about {need / 1e9:.1f} GB of local disk ({n} images x "
-                        f"{sum(widths)} floats) and {directory} has {free / 1e9:.1f} GB free; point TMPDIR at a "
-                        "local disk with more room")
+def _check_disk(directory: str, n: int | None, widths: Sequence[int], copy: bool) -> None:
+    """Before the pass goes on: refuse when ``directory``'s disk cannot hold ``n`` rows of every width (plus a copy
+    of the widest when blocks must be put in order), and warn (once per directory) when it is a filesystem kept in
+    memory, where the rows would take the memory they were moved out of. ``n`` None: not known, no room check."""
+    need = None if n is None else n * 4 * (sum(widths) + (max(widths, default=0) if copy else 0))
+    if need is not None:
+        free = shutil.disk_usage(directory).free
+        if need > free:
+            raise SeedError(f"evaluation features need about {need / 1e9:.1f} GB of local disk ({n} images x "
+                            f"{sum(widths)} floats) and {directory} has {free / 1e9:.1f} GB free; point TMPDIR at "
+                            "a local disk with more room")
+    kind = memory_filesystem(directory)
+    if kind and directory not in _WARNED:
+        _WARNED.add(directory)
+        size = "" if need is None else f" (about {need / 1e9:.1f} GB)"
+        log.warning("evaluation features: %s is a %s, kept in memory, so the feature rows%s take memory there, "
+                    "not disk; point TMPDIR at a directory on a local disk", directory, kind, size)
+
+
+_WARNED: set[str] = set()
+
+
+def memory_filesystem(directory: str, mounts: str | None = None) -> str | None:
+    """``tmpfs`` or ``ramfs`` when ``directory`` lies on such a filesystem (its contents held in memory), else None.
+
+    The filesystem is the one mounted at the longest mount point above the directory's real path, read from
+    ``mounts`` (the text of ``/proc/self/mounts``, read when not given; None where there is no such file).
+    """
+    if mounts is None:
+        try:
+            with open("/proc/self/mounts") as f:
+                mounts = f.read()
+        except OSError:
+            return None
+    path = os.path.realpath(directory)
+    point, kind = "", ""
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        mount = fields[1].replace("\\040", " ")  # the mounts file writes a space in a path as \040
+        if (path == mount or path.startswith(mount.rstrip("/") + "/")) and len(mount) >= len(point):
+            point, kind = mount, fields[2]
+    return kind if kind in ("tmpfs", "ramfs") else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -432,8 +470,9 @@ def extract_all(encoders: Mapping[str, Encode], urls: Sequence[str], resolution:
                 x = chunk.x.to(device)
                 with autocast(device):
                     rows = {name: fn(x).float().cpu().numpy() for name, fn in encoders.items()}
-                if not order and lengths:
-                    _check_room(directory, sum(lengths), [r.shape[1] for r in rows.values()], copy=workers > 0)
+                if not order:
+                    _check_disk(directory, sum(lengths) if lengths else None, [r.shape[1] for r in rows.values()],
+                                copy=workers > 0)
                 for name, r in rows.items():
                     writers[name].append(r)
                 if keeper is not None:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from seed.errors import SeedError
-from seed.evaluate import (LBFGS_MAX_ELEMENTS, FeatureFile, PixelSample, _check_room, _FeatureWriter, _write, extract,
+from seed.evaluate import (LBFGS_MAX_ELEMENTS, FeatureFile, PixelSample, _check_disk, _FeatureWriter, _write, extract,
                            extract_all, images, knn_predict, linear_probe, probe_method, probe_name)
 from seed.shards import FASHION_MNIST_DIR, expand_urls, fashion_mnist_to_shards, iter_shard, load_fashion_mnist
 
@@ -136,11 +136,13 @@ def test_progress_is_told_of_every_step_up_to_each_phase_total(small_shards: lis
 
 
 def test_a_full_disk_is_named_before_and_while_features_are_written(tmp_path) -> None:
-    _check_room(str(tmp_path), 1000, [512, 1024], copy=True)   # 6 MB: there is room
+    _check_disk(str(tmp_path), 1000, [512, 1024], copy=True)   # 6 MB: there is room
     with pytest.raises(SeedError, match=rf"need about 8192\.0 GB .*{tmp_path}.*TMPDIR"):
-        _check_room(str(tmp_path), 10**9, [1024, 1024], copy=False)
+        _check_disk(str(tmp_path), 10**9, [1024, 1024], copy=False)
     with pytest.raises(SeedError, match=r"need about 12288\.0 GB"):
-        _check_room(str(tmp_path), 10**9, [1024, 1024], copy=True)   # and a copy of the widest, to put blocks in order
+        _check_disk(str(tmp_path), 10**9, [1024, 1024], copy=True)   # and a copy of the widest, to put blocks in order
+
+    _check_disk(str(tmp_path), None, [1024], copy=True)               # N not known: no room check
 
     class Full(io.BytesIO):
         def write(self, data) -> int:  # type: ignore[override]
@@ -148,6 +150,32 @@ def test_a_full_disk_is_named_before_and_while_features_are_written(tmp_path) ->
 
     with pytest.raises(SeedError, match=rf"no space left in {tmp_path}.*TMPDIR"):
         _write(Full(), np.zeros((2, 3), np.float32), str(tmp_path))
+
+
+def test_a_directory_kept_in_memory_is_told_apart_by_its_mount(tmp_path, small_shards: list[str], caplog) -> None:
+    import logging
+
+    from seed.evaluate import memory_filesystem
+
+    mounts = ("/dev/vda / ext4 rw 0 0\ntmpfs /tmp tmpfs rw 0 0\n/dev/vdb /tmp/big\\040disk xfs rw 0 0\n"
+              "tmpfs /dev/shm tmpfs rw 0 0\nnone /ram ramfs rw 0 0\n")
+    assert memory_filesystem("/tmp/x", mounts) == "tmpfs" and memory_filesystem("/ram", mounts) == "ramfs"
+    assert memory_filesystem("/tmp/big disk/features", mounts) is None        # the longest mount point decides
+    assert memory_filesystem("/tmpfoo", mounts) is None and memory_filesystem("/work", mounts) is None
+    # on this machine: /dev/shm is a tmpfs, the pytest directory is not
+    assert memory_filesystem("/dev/shm") == "tmpfs" and memory_filesystem(str(tmp_path)) is None
+    shm = Path("/dev/shm") / f"seed-test-{tmp_path.name}"
+    shm.mkdir()
+    try:
+        with caplog.at_level(logging.WARNING, logger="seed.evaluate"):
+            extract_all({"flat": lambda x: x.flatten(1)}, small_shards[:1], 16, CPU, directory=str(shm))
+            extract_all({"flat": lambda x: x.flatten(1)}, small_shards[:1], 16, CPU, directory=str(tmp_path))
+            extract_all({"flat": lambda x: x.flatten(1)}, small_shards[:1], 16, CPU, directory=str(shm))
+        warned = [r.getMessage() for r in caplog.records]
+        assert len(warned) == 1 and f"{shm} is a tmpfs, kept in memory" in warned[0] and "TMPDIR" in warned[0]
+        assert "(about 0.0 GB)" in warned[0]                                  # the shards' _info.json gave N
+    finally:
+        shm.rmdir()
 
 
 def test_probe_choice_is_a_threshold_on_n_times_d(fm_pixels) -> None:
