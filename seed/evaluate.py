@@ -3,7 +3,7 @@
 Features come from one pass over a split's shards that feeds every encoder the same batches:
 decode -> the whole image resized to the evaluation resolution (no crop, no flip, no colour
 change) -> each encoder's features, of which only the float32 rows are kept (``extract_all``), on
-local disk (``FeatureFile``: unnamed temporary files, under ``TMPDIR``), not in memory. So memory does
+local disk (``seed.features``: unnamed temporary files, under ``TMPDIR``), not in memory. So memory does
 not grow with N: no image is kept except the raw-pixel baseline's bounded, seeded subsample
 (``PixelSample``), and no feature row except those a score is reading.
 
@@ -21,17 +21,13 @@ are seeded; each score says which one it used.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import functools
 import hashlib
 import heapq
-import logging
 import math
-import os
-import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import IO, Any, Union
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,13 +37,11 @@ from seed.augment import apply_batch
 from seed.views import COL, P, Recipe
 from seed.decode import Decoder
 from seed.devices import autocast
-from seed.errors import SeedError
+from seed.features import FeatureFile, Rows, check_disk, FeatureWriter
 from seed.prefetch import prefetch
 from seed.report import OnProgress, Progress
 from seed.shards import Damaged, Sample, damage_handler, decode_image, iter_shard, lengths_from_info
 from seed.workers import PackedSamples, SharedSlots, shard_workers
-
-log = logging.getLogger(__name__)
 
 IDENTITY = Recipe()
 EVAL_BATCH = 256           # images per forward; a batch never spans two shards
@@ -107,169 +101,6 @@ def extract(fn: Encode, batches: Sequence[torch.Tensor], device: torch.device) -
 def pixels(batches: Sequence[torch.Tensor]) -> np.ndarray:
     """The raw-pixel baseline's features of batches held in memory: flattened images."""
     return torch.cat([x.flatten(1) for x in batches]).numpy()
-
-
-# ---------------------------------------------------------------------------------------------
-# Feature rows on local disk
-
-
-def _pread_into(fd: int, out: np.ndarray, offset: int) -> None:
-    """Fill ``out`` (C-contiguous) with the file's bytes from ``offset``; a short file is an error."""
-    view, done = out.data.cast("B"), 0
-    while done < len(view):
-        got = os.preadv(fd, [view[done:]], offset + done)
-        if got == 0:
-            raise OSError(errno.EIO, f"feature file ended {len(view) - done} bytes early")
-        done += got
-
-
-class FeatureFile:
-    """An encoder's feature rows, float32 ``[n, d]``, in an unnamed temporary file on local disk.
-
-    Read back by row ranges (``x[a:b]``) or row indices (``x[idx]``, each run of consecutive rows in one
-    read) into new arrays, through ``os.pread``: the rows live in the page cache, and a reader holds only
-    what it asked for. ``np.asarray(x)`` reads them all. The file has no name, so it takes no disk space
-    once this object is closed or collected, or its process ends, however it ends.
-    """
-
-    ndim = 2
-    dtype = np.dtype(np.float32)
-
-    def __init__(self, file: IO[bytes], n: int, d: int):
-        self.file, self.shape = file, (n, d)
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    @property
-    def nbytes(self) -> int:
-        return self.shape[0] * self.shape[1] * 4
-
-    def __getitem__(self, key: slice | np.ndarray | Sequence[int]) -> np.ndarray:
-        n, d = self.shape
-        if isinstance(key, slice):
-            start, stop, step = key.indices(n)
-            if step != 1:
-                raise IndexError("a FeatureFile reads row ranges with step 1 only")
-            out = np.empty((max(0, stop - start), d), np.float32)
-            if len(out):
-                _pread_into(self.file.fileno(), out, start * d * 4)
-            return out
-        idx = np.asarray(key)
-        if idx.ndim != 1 or (idx.size and idx.dtype.kind not in "iu"):
-            raise IndexError(f"a FeatureFile takes a slice or a 1-d array of row indices, got {idx.dtype} of shape {idx.shape}")
-        if idx.size and (idx.min() < 0 or idx.max() >= n):
-            raise IndexError(f"row index out of range for {n} rows")
-        out = np.empty((len(idx), d), np.float32)
-        breaks = np.flatnonzero(np.diff(idx) != 1) + 1 if len(idx) else np.zeros(0, np.int64)
-        for a, b in zip([0, *breaks.tolist()], [*breaks.tolist(), len(idx)]):
-            if b > a:
-                _pread_into(self.file.fileno(), out[a:b], int(idx[a]) * d * 4)
-        return out
-
-    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
-        rows = self[:]
-        return rows if dtype is None else rows.astype(dtype)
-
-    def close(self) -> None:
-        """Give the disk space back; the rows cannot be read afterwards."""
-        self.file.close()
-
-
-Rows = Union[np.ndarray, FeatureFile]  # what the scores read: rows held in memory, or on disk
-
-
-class _FeatureWriter:
-    """One encoder's rows, appended as batches arrive (in any shard order) to an unnamed file in ``directory``."""
-
-    def __init__(self, directory: str):
-        self.directory = directory
-        self.file = tempfile.TemporaryFile(dir=directory)
-        self.width: int | None = None
-        self.n = 0
-
-    def append(self, rows: np.ndarray) -> None:
-        rows = np.ascontiguousarray(rows, dtype=np.float32)
-        self.width = rows.shape[1]
-        _write(self.file, rows, self.directory)
-        self.n += len(rows)
-
-    def finish(self, sizes: Sequence[int], rank: Sequence[int]) -> FeatureFile:
-        """The rows with their blocks (``sizes``, in arrival order) put in ``rank`` order: the file as it is when
-        they arrived in that order (no workers), else a copy made block by block."""
-        d = self.width or 0
-        self.file.flush()
-        if list(rank) == sorted(rank):
-            return FeatureFile(self.file, self.n, d)
-        arrived = FeatureFile(self.file, self.n, d)
-        starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        ordered = tempfile.TemporaryFile(dir=self.directory)
-        try:
-            for i in rank:
-                _write(ordered, arrived[int(starts[i]): int(starts[i + 1])], self.directory)
-            ordered.flush()
-        except BaseException:
-            ordered.close()
-            raise
-        finally:
-            arrived.close()
-        return FeatureFile(ordered, self.n, d)
-
-
-def _write(file: IO[bytes], rows: np.ndarray, directory: str) -> None:
-    try:
-        file.write(rows.data.cast("B"))
-    except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            raise SeedError(f"evaluation features: no space left in {directory} (the local disk they are written to); "
-                            "point TMPDIR at a local disk with more room") from None
-        raise
-
-
-def _check_disk(directory: str, n: int | None, widths: Sequence[int], copy: bool) -> None:
-    """Before the pass goes on: refuse when ``directory``'s disk cannot hold ``n`` rows of every width (plus a copy
-    of the widest when blocks must be put in order), and warn (once per directory) when it is a filesystem kept in
-    memory, where the rows would take the memory they were moved out of. ``n`` None: not known, no room check."""
-    need = None if n is None else n * 4 * (sum(widths) + (max(widths, default=0) if copy else 0))
-    if need is not None:
-        free = shutil.disk_usage(directory).free
-        if need > free:
-            raise SeedError(f"evaluation features need about {need / 1e9:.1f} GB of local disk ({n} images x "
-                            f"{sum(widths)} floats) and {directory} has {free / 1e9:.1f} GB free; point TMPDIR at "
-                            "a local disk with more room")
-    kind = memory_filesystem(directory)
-    if kind and directory not in _WARNED:
-        _WARNED.add(directory)
-        size = "" if need is None else f" (about {need / 1e9:.1f} GB)"
-        log.warning("evaluation features: %s is a %s, kept in memory, so the feature rows%s take memory there, "
-                    "not disk; point TMPDIR at a directory on a local disk", directory, kind, size)
-
-
-_WARNED: set[str] = set()
-
-
-def memory_filesystem(directory: str, mounts: str | None = None) -> str | None:
-    """``tmpfs`` or ``ramfs`` when ``directory`` lies on such a filesystem (its contents held in memory), else None.
-
-    The filesystem is the one mounted at the longest mount point above the directory's real path, read from
-    ``mounts`` (the text of ``/proc/self/mounts``, read when not given; None where there is no such file).
-    """
-    if mounts is None:
-        try:
-            with open("/proc/self/mounts") as f:
-                mounts = f.read()
-        except OSError:
-            return None
-    path = os.path.realpath(directory)
-    point, kind = "", ""
-    for line in mounts.splitlines():
-        fields = line.split()
-        if len(fields) < 3:
-            continue
-        mount = fields[1].replace("\\040", " ")  # the mounts file writes a space in a path as \040
-        if (path == mount or path.startswith(mount.rstrip("/") + "/")) and len(mount) >= len(point):
-            point, kind = mount, fields[2]
-    return kind if kind in ("tmpfs", "ramfs") else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,7 +283,7 @@ def extract_all(encoders: Mapping[str, Encode], urls: Sequence[str], resolution:
     lengths = lengths_from_info(list(urls))  # the total for the progress bar and the room check, when the shards say it
     what = f"{desc} ({len(encoders)} encoder{'' if len(encoders) == 1 else 's'})"
     bar = Progress(what, sum(lengths) if lengths else None, "images", show=progress, report=on_progress, smoothing=0.1)
-    writers = {name: _FeatureWriter(directory) for name in encoders}
+    writers = {name: FeatureWriter(directory) for name in encoders}
     features: dict[str, FeatureFile] = {}
     order: list[tuple[int, int]] = []
     labels: list[np.ndarray] = []
@@ -471,7 +302,7 @@ def extract_all(encoders: Mapping[str, Encode], urls: Sequence[str], resolution:
                 with autocast(device):
                     rows = {name: fn(x).float().cpu().numpy() for name, fn in encoders.items()}
                 if not order:
-                    _check_disk(directory, sum(lengths) if lengths else None, [r.shape[1] for r in rows.values()],
+                    check_disk(directory, sum(lengths) if lengths else None, [r.shape[1] for r in rows.values()],
                                 copy=workers > 0)
                 for name, r in rows.items():
                     writers[name].append(r)

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from seed.errors import SeedError
-from seed.evaluate import (LBFGS_MAX_ELEMENTS, FeatureFile, PixelSample, _check_disk, _FeatureWriter, _write, extract,
-                           extract_all, images, knn_predict, linear_probe, probe_method, probe_name)
+from seed.evaluate import (LBFGS_MAX_ELEMENTS, PixelSample, extract, extract_all, images, knn_predict, linear_probe,
+                           probe_method, probe_name)
+from seed.features import FeatureFile, FeatureWriter, _write, check_disk, memory_filesystem
 from seed.shards import FASHION_MNIST_DIR, expand_urls, fashion_mnist_to_shards, iter_shard, load_fashion_mnist
 
 CPU = torch.device("cpu")
@@ -70,7 +71,7 @@ def test_feature_rows_on_disk_read_back_like_an_array(tmp_path) -> None:
     """Blocks arriving out of shard order are put in order; ranges, index runs and whole reads give the rows."""
     rng = np.random.default_rng(0)
     blocks = [rng.standard_normal((n, 6)).astype(np.float32) for n in (3, 5, 1, 4)]
-    writer = _FeatureWriter(str(tmp_path))
+    writer = FeatureWriter(str(tmp_path))
     for b in blocks:
         writer.append(b)
     rank = [2, 0, 3, 1]                                   # the arrival indices in shard order
@@ -86,7 +87,7 @@ def test_feature_rows_on_disk_read_back_like_an_array(tmp_path) -> None:
         rows[np.array([13])]
     with pytest.raises(IndexError, match="step 1"):
         rows[::2]
-    in_order = _FeatureWriter(str(tmp_path))              # arrived in shard order: the file as written
+    in_order = FeatureWriter(str(tmp_path))              # arrived in shard order: the file as written
     in_order.append(expected)
     assert np.array_equal(np.asarray(in_order.finish([13], [0])), expected)
     rows.close()
@@ -99,7 +100,7 @@ def test_scores_of_rows_on_disk_equal_those_of_rows_in_memory(fm_pixels, tmp_pat
     train, train_y, test, _ = fm_pixels
 
     def on_disk(rows: np.ndarray) -> FeatureFile:
-        writer = _FeatureWriter(str(tmp_path))
+        writer = FeatureWriter(str(tmp_path))
         for part in np.array_split(rows, 7):
             writer.append(part)
         return writer.finish([len(p) for p in np.array_split(rows, 7)], list(range(7)))
@@ -136,13 +137,13 @@ def test_progress_is_told_of_every_step_up_to_each_phase_total(small_shards: lis
 
 
 def test_a_full_disk_is_named_before_and_while_features_are_written(tmp_path) -> None:
-    _check_disk(str(tmp_path), 1000, [512, 1024], copy=True)   # 6 MB: there is room
+    check_disk(str(tmp_path), 1000, [512, 1024], copy=True)   # 6 MB: there is room
     with pytest.raises(SeedError, match=rf"need about 8192\.0 GB .*{tmp_path}.*TMPDIR"):
-        _check_disk(str(tmp_path), 10**9, [1024, 1024], copy=False)
+        check_disk(str(tmp_path), 10**9, [1024, 1024], copy=False)
     with pytest.raises(SeedError, match=r"need about 12288\.0 GB"):
-        _check_disk(str(tmp_path), 10**9, [1024, 1024], copy=True)   # and a copy of the widest, to put blocks in order
+        check_disk(str(tmp_path), 10**9, [1024, 1024], copy=True)   # and a copy of the widest, to put blocks in order
 
-    _check_disk(str(tmp_path), None, [1024], copy=True)               # N not known: no room check
+    check_disk(str(tmp_path), None, [1024], copy=True)               # N not known: no room check
 
     class Full(io.BytesIO):
         def write(self, data) -> int:  # type: ignore[override]
@@ -155,8 +156,6 @@ def test_a_full_disk_is_named_before_and_while_features_are_written(tmp_path) ->
 def test_a_directory_kept_in_memory_is_told_apart_by_its_mount(tmp_path, small_shards: list[str], caplog) -> None:
     import logging
 
-    from seed.evaluate import memory_filesystem
-
     mounts = ("/dev/vda / ext4 rw 0 0\ntmpfs /tmp tmpfs rw 0 0\n/dev/vdb /tmp/big\\040disk xfs rw 0 0\n"
               "tmpfs /dev/shm tmpfs rw 0 0\nnone /ram ramfs rw 0 0\n")
     assert memory_filesystem("/tmp/x", mounts) == "tmpfs" and memory_filesystem("/ram", mounts) == "ramfs"
@@ -167,7 +166,7 @@ def test_a_directory_kept_in_memory_is_told_apart_by_its_mount(tmp_path, small_s
     shm = Path("/dev/shm") / f"seed-test-{tmp_path.name}"
     shm.mkdir()
     try:
-        with caplog.at_level(logging.WARNING, logger="seed.evaluate"):
+        with caplog.at_level(logging.WARNING, logger="seed.features"):
             extract_all({"flat": lambda x: x.flatten(1)}, small_shards[:1], 16, CPU, directory=str(shm))
             extract_all({"flat": lambda x: x.flatten(1)}, small_shards[:1], 16, CPU, directory=str(tmp_path))
             extract_all({"flat": lambda x: x.flatten(1)}, small_shards[:1], 16, CPU, directory=str(shm))

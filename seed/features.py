@@ -1,0 +1,183 @@
+"""Feature rows on local disk: an encoder's float32 ``[n, d]`` rows in an unnamed temporary file.
+
+The evaluation (``seed.evaluate``) writes every encoder's rows here as batches arrive and its scores read
+them back by row ranges and row indices, so its memory does not grow with N. The files have no name
+(``tempfile.TemporaryFile``): their space returns when they are closed, collected, or their process ends,
+however it ends. They go to ``TMPDIR``'s disk, which is checked before a pass for room (when N is known) and
+for being a filesystem kept in memory (a tmpfs), where the rows would take memory after all.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from typing import IO, Any, Union
+
+import numpy as np
+
+from seed.errors import SeedError
+
+log = logging.getLogger(__name__)
+
+
+def _pread_into(fd: int, out: np.ndarray, offset: int) -> None:
+    """Fill ``out`` (C-contiguous) with the file's bytes from ``offset``; a short file is an error."""
+    view, done = out.data.cast("B"), 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got == 0:
+            raise OSError(errno.EIO, f"feature file ended {len(view) - done} bytes early")
+        done += got
+
+
+class FeatureFile:
+    """An encoder's feature rows, float32 ``[n, d]``, in an unnamed temporary file on local disk.
+
+    Read back by row ranges (``x[a:b]``) or row indices (``x[idx]``, each run of consecutive rows in one
+    read) into new arrays, through ``os.pread``: the rows live in the page cache, and a reader holds only
+    what it asked for. ``np.asarray(x)`` reads them all. The file has no name, so it takes no disk space
+    once this object is closed or collected, or its process ends, however it ends.
+    """
+
+    ndim = 2
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, file: IO[bytes], n: int, d: int):
+        self.file, self.shape = file, (n, d)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return self.shape[0] * self.shape[1] * 4
+
+    def __getitem__(self, key: slice | np.ndarray | Sequence[int]) -> np.ndarray:
+        n, d = self.shape
+        if isinstance(key, slice):
+            start, stop, step = key.indices(n)
+            if step != 1:
+                raise IndexError("a FeatureFile reads row ranges with step 1 only")
+            out = np.empty((max(0, stop - start), d), np.float32)
+            if len(out):
+                _pread_into(self.file.fileno(), out, start * d * 4)
+            return out
+        idx = np.asarray(key)
+        if idx.ndim != 1 or (idx.size and idx.dtype.kind not in "iu"):
+            raise IndexError(f"a FeatureFile takes a slice or a 1-d array of row indices, got {idx.dtype} of shape {idx.shape}")
+        if idx.size and (idx.min() < 0 or idx.max() >= n):
+            raise IndexError(f"row index out of range for {n} rows")
+        out = np.empty((len(idx), d), np.float32)
+        breaks = np.flatnonzero(np.diff(idx) != 1) + 1 if len(idx) else np.zeros(0, np.int64)
+        for a, b in zip([0, *breaks.tolist()], [*breaks.tolist(), len(idx)]):
+            if b > a:
+                _pread_into(self.file.fileno(), out[a:b], int(idx[a]) * d * 4)
+        return out
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        rows = self[:]
+        return rows if dtype is None else rows.astype(dtype)
+
+    def close(self) -> None:
+        """Give the disk space back; the rows cannot be read afterwards."""
+        self.file.close()
+
+
+Rows = Union[np.ndarray, FeatureFile]  # what the scores read: rows held in memory, or on disk
+
+
+class FeatureWriter:
+    """One encoder's rows, appended as batches arrive (in any shard order) to an unnamed file in ``directory``."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self.file = tempfile.TemporaryFile(dir=directory)
+        self.width: int | None = None
+        self.n = 0
+
+    def append(self, rows: np.ndarray) -> None:
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        self.width = rows.shape[1]
+        _write(self.file, rows, self.directory)
+        self.n += len(rows)
+
+    def finish(self, sizes: Sequence[int], rank: Sequence[int]) -> FeatureFile:
+        """The rows with their blocks (``sizes``, in arrival order) put in ``rank`` order: the file as it is when
+        they arrived in that order (no workers), else a copy made block by block."""
+        d = self.width or 0
+        self.file.flush()
+        if list(rank) == sorted(rank):
+            return FeatureFile(self.file, self.n, d)
+        arrived = FeatureFile(self.file, self.n, d)
+        starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        ordered = tempfile.TemporaryFile(dir=self.directory)
+        try:
+            for i in rank:
+                _write(ordered, arrived[int(starts[i]): int(starts[i + 1])], self.directory)
+            ordered.flush()
+        except BaseException:
+            ordered.close()
+            raise
+        finally:
+            arrived.close()
+        return FeatureFile(ordered, self.n, d)
+
+
+def _write(file: IO[bytes], rows: np.ndarray, directory: str) -> None:
+    try:
+        file.write(rows.data.cast("B"))
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise SeedError(f"evaluation features: no space left in {directory} (the local disk they are written to); "
+                            "point TMPDIR at a local disk with more room") from None
+        raise
+
+
+def check_disk(directory: str, n: int | None, widths: Sequence[int], copy: bool) -> None:
+    """Before the pass goes on: refuse when ``directory``'s disk cannot hold ``n`` rows of every width (plus a copy
+    of the widest when blocks must be put in order), and warn (once per directory) when it is a filesystem kept in
+    memory, where the rows would take the memory they were moved out of. ``n`` None: not known, no room check."""
+    need = None if n is None else n * 4 * (sum(widths) + (max(widths, default=0) if copy else 0))
+    if need is not None:
+        free = shutil.disk_usage(directory).free
+        if need > free:
+            raise SeedError(f"evaluation features need about {need / 1e9:.1f} GB of local disk ({n} images x "
+                            f"{sum(widths)} floats) and {directory} has {free / 1e9:.1f} GB free; point TMPDIR at "
+                            "a local disk with more room")
+    kind = memory_filesystem(directory)
+    if kind and directory not in _WARNED:
+        _WARNED.add(directory)
+        size = "" if need is None else f" (about {need / 1e9:.1f} GB)"
+        log.warning("evaluation features: %s is a %s, kept in memory, so the feature rows%s take memory there, "
+                    "not disk; point TMPDIR at a directory on a local disk", directory, kind, size)
+
+
+_WARNED: set[str] = set()
+
+
+def memory_filesystem(directory: str, mounts: str | None = None) -> str | None:
+    """``tmpfs`` or ``ramfs`` when ``directory`` lies on such a filesystem (its contents held in memory), else None.
+
+    The filesystem is the one mounted at the longest mount point above the directory's real path, read from
+    ``mounts`` (the text of ``/proc/self/mounts``, read when not given; None where there is no such file).
+    """
+    if mounts is None:
+        try:
+            with open("/proc/self/mounts") as f:
+                mounts = f.read()
+        except OSError:
+            return None
+    path = os.path.realpath(directory)
+    point, kind = "", ""
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        mount = fields[1].replace("\\040", " ")  # the mounts file writes a space in a path as \040
+        if (path == mount or path.startswith(mount.rstrip("/") + "/")) and len(mount) >= len(point):
+            point, kind = mount, fields[2]
+    return kind if kind in ("tmpfs", "ramfs") else None
