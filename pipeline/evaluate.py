@@ -24,7 +24,8 @@ from seed import cache
 from seed import checkpoint
 from seed.config import RunConfig
 from seed.devices import data_workers, read_ahead, resolve_device
-from seed.evaluate import PixelSample, Rows, extract_all, score
+from seed.evaluate import PixelSample, extract_all, score
+from seed.features import Rows
 from seed.models import Encoder, create_backbone, freeze
 from seed.report import OnProgress, write_report
 from seed.shards import expand_urls
