@@ -299,8 +299,9 @@ def extract_all(encoders: Mapping[str, Encode], urls: Sequence[str], resolution:
                     continue
                 assert chunk.x is not None
                 x = chunk.x.to(device)
-                with autocast(device):
-                    rows = {name: fn(x).float().cpu().numpy() for name, fn in encoders.items()}
+                with autocast(device):  # every encoder's forward queued before the first copy back waits for one
+                    outs = {name: fn(x).float() for name, fn in encoders.items()}
+                rows = {name: out.cpu().numpy() for name, out in outs.items()}
                 if not order:
                     check_disk(directory, sum(lengths) if lengths else None, [r.shape[1] for r in rows.values()],
                                 copy=workers > 0)
