@@ -344,7 +344,7 @@ def evaluate(cfg_data: dict[str, Any], storage_file: str | None, include_teacher
     progress = _progress("evaluation-progress", "evaluation: loading the encoders")
     result = evaluate_stage.run(_cfg(cfg_data), load_storage(storage_file), include_teacher=include_teacher,
                                 progress=False, load=shared_teacher, on_progress=PhaseProgress(log, progress))
-    update_progress_artifact(progress, 100.0, description=f"evaluation: {len(result.results)} encoders scored")
+    update_progress_artifact(progress, 100.0, description=f"evaluation: {len(result.results)} rows in the report")
     table = markdown_table(result.results, [("name", "encoder"), ("knn", "kNN top-1 (%)"), ("nn1", "1-NN (%)"),
                                             ("linear", "linear (%)"), ("probe", "probe"), ("init", "notes")])
     create_markdown_artifact(f"# Evaluation\n\n{table}\n\nReport: `{result.report}`\n", key="evaluation")

@@ -11,6 +11,7 @@ teacher's scores saved by an earlier evaluation of the same cache.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
@@ -96,41 +97,42 @@ def run(cfg: RunConfig, storage: Storage, *, include_teacher: bool = True, progr
     depth = read_ahead(cfg.train.loader.prefetch, device, workers, model_threads=threads)
     sample = PixelSample()  # fixed seed: the same subsample for every run of the protocol
     t_features = time.perf_counter()
-    train = extract_all(encoders, expand_urls(storage.resolve("shards", cfg.data.train)), res, device, workers=workers,
-                        depth=depth, pixels=sample, progress=progress, desc="train features", damaged=cfg.data.damaged,
-                        on_progress=on_progress)
-    test = extract_all(encoders, expand_urls(storage.resolve("shards", cfg.data.test)), res, device, workers=workers,
-                       depth=depth, pixels=sample, progress=progress, desc="test features", damaged=cfg.data.damaged,
-                       on_progress=on_progress)
-    feature_seconds = time.perf_counter() - t_features
-    del encoders
+    with contextlib.ExitStack() as held:  # the feature files give their disk space back however this ends
+        train = held.enter_context(extract_all(
+            encoders, expand_urls(storage.resolve("shards", cfg.data.train)), res, device, workers=workers, depth=depth,
+            pixels=sample, progress=progress, desc="train features", damaged=cfg.data.damaged, on_progress=on_progress))
+        test = held.enter_context(extract_all(
+            encoders, expand_urls(storage.resolve("shards", cfg.data.test)), res, device, workers=workers, depth=depth,
+            pixels=sample, progress=progress, desc="test features", damaged=cfg.data.damaged, on_progress=on_progress))
+        feature_seconds = time.perf_counter() - t_features
+        del encoders
 
-    results: list[dict[str, Any]] = []
+        results: list[dict[str, Any]] = []
 
-    def add(name: str, kind: str, tr: Rows, tr_y: np.ndarray, te: Rows, te_y: np.ndarray, note: str,
-            center: bool = False) -> None:
-        results.append({"name": name, "kind": kind, "init": note, "dim": int(tr.shape[1]),
-                        **score(tr, tr_y, te, te_y, center=center, device=device, progress=progress,
-                                name=name, on_progress=on_progress).as_dict()})
+        def add(name: str, kind: str, tr: Rows, tr_y: np.ndarray, te: Rows, te_y: np.ndarray, note: str,
+                center: bool = False) -> None:
+            results.append({"name": name, "kind": kind, "init": note, "dim": int(tr.shape[1]),
+                            **score(tr, tr_y, te, te_y, center=center, device=device, progress=progress,
+                                    name=name, on_progress=on_progress).as_dict()})
 
-    assert train.pixels is not None and train.pixel_labels is not None
-    assert test.pixels is not None and test.pixel_labels is not None
-    add("raw pixels", "baseline", train.pixels, train.pixel_labels, test.pixels, test.pixel_labels,
-        f"centred, {train.pixel_resolution} px, {len(train.pixels)} of {train.n} train and "
-        f"{len(test.pixels)} of {test.n} test images", center=True)
-    teacher_file = storage.teacher_scores(cfg.cache.name)
-    if not include_teacher:
-        saved = read_json(teacher_file)
-        if saved and saved.get("cache_fingerprint") == attrs["fingerprint"]:
-            results.append({k: v for k, v in saved.items() if k != "cache_fingerprint"} | {"init": "scores from the full run"})
-    for key, (name, kind, note) in rows.items():
-        # an encoder's feature files give their disk space back once it is scored
-        tr, te = train.features.pop(key), test.features.pop(key)
-        add(name, kind, tr, train.labels, te, test.labels, note)
-        tr.close()
-        te.close()
-        if key == "teacher":
-            write_text(teacher_file, json.dumps({"cache_fingerprint": attrs["fingerprint"], **results[-1]}, indent=1))
+        assert train.pixels is not None and train.pixel_labels is not None
+        assert test.pixels is not None and test.pixel_labels is not None
+        add("raw pixels", "baseline", train.pixels, train.pixel_labels, test.pixels, test.pixel_labels,
+            f"centred, {train.pixel_resolution} px, {len(train.pixels)} of {train.n} train and "
+            f"{len(test.pixels)} of {test.n} test images", center=True)
+        teacher_file = storage.teacher_scores(cfg.cache.name)
+        if not include_teacher:
+            saved = read_json(teacher_file)
+            if saved and saved.get("cache_fingerprint") == attrs["fingerprint"]:
+                results.append({k: v for k, v in saved.items() if k != "cache_fingerprint"} | {"init": "scores from the full run"})
+        for key, (name, kind, note) in rows.items():
+            # an encoder's feature files give their disk space back once it is scored
+            tr, te = train.features[key], test.features[key]
+            add(name, kind, tr, train.labels, te, test.labels, note)
+            tr.close()
+            te.close()
+            if key == "teacher":
+                write_text(teacher_file, json.dumps({"cache_fingerprint": attrs["fingerprint"], **results[-1]}, indent=1))
     out = storage.run_dir(cfg.train.run)
     totals = attrs.get("totals", {})
     n_valid = totals.get("valid", 0)

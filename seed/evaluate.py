@@ -141,6 +141,17 @@ class Extracted:
     def n(self) -> int:
         return len(self.labels)
 
+    def close(self) -> None:
+        """Give every encoder's feature file its disk space back (those closed already stay closed)."""
+        for rows in self.features.values():
+            rows.close()
+
+    def __enter__(self) -> Extracted:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
 
 @dataclasses.dataclass
 class _Chunk:
@@ -273,7 +284,7 @@ def extract_all(encoders: Mapping[str, Encode], urls: Sequence[str], resolution:
 
     Each batch is decoded and resized once and goes through all ``encoders`` (bf16 autocast on CUDA);
     only the float32 feature rows are kept, written to unnamed files in ``directory`` (default: the
-    temporary directory, ``TMPDIR``) and put in shard order whatever the worker count. When the shards
+    temporary directory, ``TMPDIR``) and read in shard order whatever the worker count. When the shards
     say how many samples they hold, a disk without room for the rows is refused at the first batch.
     ``pixels``: also keep that subsample's images for the raw-pixel baseline. ``damaged``: ``data.damaged``
     (``keep`` scores the samples a damaged shard holds before its damage, with a warning naming it).
@@ -283,13 +294,15 @@ def extract_all(encoders: Mapping[str, Encode], urls: Sequence[str], resolution:
     lengths = lengths_from_info(list(urls))  # the total for the progress bar and the room check, when the shards say it
     what = f"{desc} ({len(encoders)} encoder{'' if len(encoders) == 1 else 's'})"
     bar = Progress(what, sum(lengths) if lengths else None, "images", show=progress, report=on_progress, smoothing=0.1)
-    writers = {name: FeatureWriter(directory) for name in encoders}
+    writers: dict[str, FeatureWriter] = {}
     features: dict[str, FeatureFile] = {}
     order: list[tuple[int, int]] = []
     labels: list[np.ndarray] = []
     keeper = _PixelKeeper(pixels, resolution) if pixels is not None else None
     skipped = 0
     try:  # the bar closes before an error is printed, never after it
+        for name in encoders:
+            writers[name] = FeatureWriter(directory)
         with torch.inference_mode():
             for chunk in _chunks(urls, resolution, device, batch_size=batch_size, workers=workers, depth=depth,
                                  damaged=damaged):
@@ -302,9 +315,8 @@ def extract_all(encoders: Mapping[str, Encode], urls: Sequence[str], resolution:
                 with autocast(device):  # every encoder's forward queued before the first copy back waits for one
                     outs = {name: fn(x).float() for name, fn in encoders.items()}
                 rows = {name: out.cpu().numpy() for name, out in outs.items()}
-                if not order:
-                    check_disk(directory, sum(lengths) if lengths else None, [r.shape[1] for r in rows.values()],
-                                copy=workers > 0)
+                if not order and rows:
+                    check_disk(directory, sum(lengths) if lengths else None, [r.shape[1] for r in rows.values()])
                 for name, r in rows.items():
                     writers[name].append(r)
                 if keeper is not None:
@@ -405,8 +417,9 @@ def knn_predict(train: Rows, train_labels: np.ndarray, test: Rows, *, k: int = 2
                 desc: str = "kNN", on_progress: OnProgress | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(weighted-kNN predictions, 1-NN predictions) by cosine similarity through exact inner-product indexes.
 
-    The normalised training rows go into an index ``block`` rows at a time (default: 512 MiB of float32,
-    ``LBFGS_MAX_ELEMENTS / d`` rows; all of a Fashion-MNIST-sized set), added ``batch_size`` at a time; every
+    The normalised training rows go into an index ``block`` rows at a time (default: ``LBFGS_MAX_ELEMENTS / d``
+    rows, 512 MiB of float32, but at least ``batch_size``; all of a Fashion-MNIST-sized set), added ``batch_size``
+    at a time; every
     query batch of ``batch_size`` searches each block, and the blocks' neighbours are merged per query. So one
     block, one query batch and the n_test x k neighbours are held, whatever the number of training rows.
     ``progress``: a bar over the training rows searched; ``on_progress``: told the same.
@@ -461,7 +474,7 @@ def linear_probe(train: Rows, train_labels: np.ndarray, test: Rows, *, seed: int
 
     ``method``: ``lbfgs`` (full batch, on the CPU), ``sgd`` (mini-batch Adam, on ``device``), or
     ``auto`` (``probe_method``). Both minimise cross-entropy + ``weight_decay`` x ||W||^2. ``progress``: a bar
-    over Adam's epochs, or L-BFGS's evaluations of the objective (at most 1.25 x ``max_iter``); ``on_progress``:
+    over Adam's epochs, or L-BFGS's evaluations of the objective (at most 1.25 x ``max_iter`` + 25); ``on_progress``:
     told the same.
     """
     method = probe_method(*train.shape) if method == "auto" else method
@@ -490,8 +503,9 @@ def linear_probe(train: Rows, train_labels: np.ndarray, test: Rows, *, seed: int
         bar.update()
         return loss
 
-    # L-BFGS stops at max_iter iterations or its default max_eval, 1.25 x max_iter evaluations: the bar's bound
-    with Progress(desc, max_iter * 5 // 4, "evaluations", show=progress, report=on_progress) as bar:
+    # torch's L-BFGS stops after the iteration that reaches max_iter iterations or its default max_eval
+    # (1.25 x max_iter) evaluations, and one iteration's line search makes at most 25 (max_ls): the bar's bound
+    with Progress(desc, max_iter * 5 // 4 + 25, "evaluations", show=progress, report=on_progress) as bar:
         opt.step(closure)
         bar.finish()
     with torch.no_grad():
@@ -535,19 +549,19 @@ def _sgd_probe(train: Rows, train_labels: np.ndarray, test: Rows, *, seed: int, 
     model = nn.Linear(train.shape[1], n_classes).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * math.ceil(len(train) / batch_size))
-    bar = Progress(desc, epochs, "epochs", show=progress, report=on_progress)
-    for _ in range(epochs):
-        perm = torch.randperm(len(train), generator=gen).numpy()
-        for start in range(0, len(train), batch_size):
-            idx = np.sort(perm[start:start + batch_size])  # sorted: contiguous reads from the host rows
-            x = (torch.from_numpy(train[idx]).to(device, torch.float32) - mean) / std
-            loss = nn.functional.cross_entropy(model(x), labels[idx].to(device)) + weight_decay * model.weight.pow(2).sum()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-        bar.update()
-    bar.close()
+    with Progress(desc, epochs, "epochs", show=progress, report=on_progress) as bar:
+        for _ in range(epochs):
+            perm = torch.randperm(len(train), generator=gen).numpy()
+            for start in range(0, len(train), batch_size):
+                idx = np.sort(perm[start:start + batch_size])  # sorted: contiguous reads from the host rows
+                x = (torch.from_numpy(train[idx]).to(device, torch.float32) - mean) / std
+                loss = (nn.functional.cross_entropy(model(x), labels[idx].to(device))
+                        + weight_decay * model.weight.pow(2).sum())
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+            bar.update()
     out = np.zeros(len(test), np.int64)
     with torch.no_grad():
         for r in _rows(len(test), QUERY_BATCH):

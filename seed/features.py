@@ -9,12 +9,13 @@ for being a filesystem kept in memory (a tmpfs), where the rows would take memor
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import IO, Any, Union
 
 import numpy as np
@@ -37,17 +38,19 @@ def _pread_into(fd: int, out: np.ndarray, offset: int) -> None:
 class FeatureFile:
     """An encoder's feature rows, float32 ``[n, d]``, in an unnamed temporary file on local disk.
 
-    Read back by row ranges (``x[a:b]``) or row indices (``x[idx]``, each run of consecutive rows in one
-    read) into new arrays, through ``os.pread``: the rows live in the page cache, and a reader holds only
-    what it asked for. ``np.asarray(x)`` reads them all. The file has no name, so it takes no disk space
-    once this object is closed or collected, or its process ends, however it ends.
+    Read back by row ranges (``x[a:b]``) or row indices (``x[idx]``) into new arrays, through ``os.pread``,
+    each run of rows that lie one after another in the file in one read: the rows live in the page cache,
+    and a reader holds only what it asked for. ``np.asarray(x)`` reads them all. ``order``: the file row of
+    each row (rows written in another order than they are read, as batches from several workers arrive);
+    None when they are the same. The file has no name, so it takes no disk space once this object is closed
+    or collected, or its process ends, however it ends.
     """
 
     ndim = 2
     dtype = np.dtype(np.float32)
 
-    def __init__(self, file: IO[bytes], n: int, d: int):
-        self.file, self.shape = file, (n, d)
+    def __init__(self, file: IO[bytes], n: int, d: int, order: np.ndarray | None = None):
+        self.file, self.shape, self.order = file, (n, d), order
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -62,6 +65,8 @@ class FeatureFile:
             start, stop, step = key.indices(n)
             if step != 1:
                 raise IndexError("a FeatureFile reads row ranges with step 1 only")
+            if self.order is not None:
+                return self._gather(self.order[start:stop])
             out = np.empty((max(0, stop - start), d), np.float32)
             if len(out):
                 _pread_into(self.file.fileno(), out, start * d * 4)
@@ -69,16 +74,24 @@ class FeatureFile:
         idx = np.asarray(key)
         if idx.ndim != 1 or (idx.size and idx.dtype.kind not in "iu"):
             raise IndexError(f"a FeatureFile takes a slice or a 1-d array of row indices, got {idx.dtype} of shape {idx.shape}")
+        idx = idx.astype(np.int64)
         if idx.size and (idx.min() < 0 or idx.max() >= n):
             raise IndexError(f"row index out of range for {n} rows")
-        out = np.empty((len(idx), d), np.float32)
-        breaks = np.flatnonzero(np.diff(idx) != 1) + 1 if len(idx) else np.zeros(0, np.int64)
-        for a, b in zip([0, *breaks.tolist()], [*breaks.tolist(), len(idx)]):
+        return self._gather(idx if self.order is None else self.order[idx])
+
+    def _gather(self, rows: np.ndarray) -> np.ndarray:
+        """The file's rows ``rows`` (int64), in that order, one read per run of consecutive file rows."""
+        d = self.shape[1]
+        out = np.empty((len(rows), d), np.float32)
+        breaks = (np.flatnonzero(np.diff(rows) != 1) + 1).tolist() if len(rows) else []
+        for a, b in zip([0, *breaks], [*breaks, len(rows)]):
             if b > a:
-                _pread_into(self.file.fileno(), out[a:b], int(idx[a]) * d * 4)
+                _pread_into(self.file.fileno(), out[a:b], int(rows[a]) * d * 4)
         return out
 
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        if copy is False:
+            raise ValueError("a FeatureFile's rows are on disk: reading them makes a copy")
         rows = self[:]
         return rows if dtype is None else rows.astype(dtype)
 
@@ -95,53 +108,51 @@ class FeatureWriter:
 
     def __init__(self, directory: str):
         self.directory = directory
-        self.file = tempfile.TemporaryFile(dir=directory)
+        with _disk_errors(directory):
+            self.file = tempfile.TemporaryFile(dir=directory)
         self.width: int | None = None
         self.n = 0
 
     def append(self, rows: np.ndarray) -> None:
+        if rows.ndim != 2 or (self.width is not None and rows.shape[1] != self.width):
+            raise ValueError(f"feature rows must be [batch, width] with one width throughout: got {list(rows.shape)}"
+                             + (f" after width {self.width}" if self.width is not None else ""))
         rows = np.ascontiguousarray(rows, dtype=np.float32)
         self.width = rows.shape[1]
-        _write(self.file, rows, self.directory)
+        with _disk_errors(self.directory):
+            self.file.write(rows.data.cast("B"))
         self.n += len(rows)
 
     def finish(self, sizes: Sequence[int], rank: Sequence[int]) -> FeatureFile:
-        """The rows with their blocks (``sizes``, in arrival order) put in ``rank`` order: the file as it is when
-        they arrived in that order (no workers), else a copy made block by block."""
-        d = self.width or 0
-        self.file.flush()
-        if list(rank) == sorted(rank):
-            return FeatureFile(self.file, self.n, d)
-        arrived = FeatureFile(self.file, self.n, d)
-        starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        ordered = tempfile.TemporaryFile(dir=self.directory)
-        try:
-            for i in rank:
-                _write(ordered, arrived[int(starts[i]): int(starts[i + 1])], self.directory)
-            ordered.flush()
-        except BaseException:
-            ordered.close()
-            raise
-        finally:
-            arrived.close()
-        return FeatureFile(ordered, self.n, d)
+        """The rows, read in ``rank`` order of their blocks (``sizes``, in arrival order): the file as written, with
+        the file row of each row when the blocks arrived in another order (no copy is made)."""
+        with _disk_errors(self.directory):
+            self.file.flush()
+        order = None
+        if list(rank) != sorted(rank):
+            starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+            order = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in rank]) if len(rank) else None
+        return FeatureFile(self.file, self.n, self.width or 0, order)
 
 
-def _write(file: IO[bytes], rows: np.ndarray, directory: str) -> None:
+@contextlib.contextmanager
+def _disk_errors(directory: str) -> Iterator[None]:
+    """A full disk (``ENOSPC``, from a write or from the flush of a buffered one) as one line naming ``directory``
+    and ``TMPDIR``."""
     try:
-        file.write(rows.data.cast("B"))
+        yield
     except OSError as exc:
         if exc.errno == errno.ENOSPC:
-            raise SeedError(f"evaluation features: no space left in {directory} (the local disk they are written to); "
-                            "point TMPDIR at a local disk with more room") from None
+            raise SeedError(f"evaluation features: no space left in {directory} (the local disk they are written "
+                            "to); point TMPDIR at a local disk with more room") from None
         raise
 
 
-def check_disk(directory: str, n: int | None, widths: Sequence[int], copy: bool) -> None:
-    """Before the pass goes on: refuse when ``directory``'s disk cannot hold ``n`` rows of every width (plus a copy
-    of the widest when blocks must be put in order), and warn (once per directory) when it is a filesystem kept in
-    memory, where the rows would take the memory they were moved out of. ``n`` None: not known, no room check."""
-    need = None if n is None else n * 4 * (sum(widths) + (max(widths, default=0) if copy else 0))
+def check_disk(directory: str, n: int | None, widths: Sequence[int]) -> None:
+    """Before the pass goes on: refuse when ``directory``'s disk cannot hold ``n`` rows of every width, and warn
+    (once per directory) when it is a filesystem kept in memory, where the rows would take the memory they were
+    moved out of. ``n`` None: not known, no room check."""
+    need = None if n is None else n * 4 * sum(widths)
     if need is not None:
         free = shutil.disk_usage(directory).free
         if need > free:

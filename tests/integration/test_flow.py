@@ -88,7 +88,7 @@ def test_full_then_student_only(harness, tmp_path: Path, storage_file: str) -> N
     assert all(a.data == 100.0 for a in progress.values())
     assert progress["teacher-progress"].description == "teacher stage: 3 of 3 shards embedded"
     assert progress["student-progress"].description == "student run flow: 1 of 1 epochs"
-    assert progress["evaluation-progress"].description == "evaluation: 4 encoders scored"
+    assert progress["evaluation-progress"].description == "evaluation: 4 rows in the report"
 
     teacher_file = Path(first["pretrain"])
     teacher_file.rename(teacher_file.with_suffix(".away"))  # the student deployment must not need the teacher
