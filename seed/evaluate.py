@@ -537,8 +537,8 @@ def _sgd_probe(train: Rows, train_labels: np.ndarray, test: Rows, *, seed: int, 
                device: torch.device, epochs: int = SGD_EPOCHS, batch_size: int = SGD_BATCH, lr: float = SGD_LR,
                progress: bool = False, desc: str = "linear probe", on_progress: OnProgress | None = None) -> np.ndarray:
     """Mini-batch Adam: ``epochs`` passes in seeded orders, ``batch_size`` rows a step, learning rate
-    cosine-decayed from ``lr`` to 0. Each batch is gathered from the host rows and standardised on
-    ``device``, so only the model and one batch live there."""
+    cosine-decayed from ``lr`` to 0. Each batch is gathered from the rows (in memory, or read from their
+    file) and standardised on ``device``, so only the model and one batch live there."""
     gen = torch.Generator().manual_seed(seed)
     mean_np, std_np = _moments(train)
     mean = torch.from_numpy(mean_np).float().to(device)
