@@ -127,7 +127,9 @@ def plot(rows: list[dict], png: str) -> None:
         ax.plot(n, [r["peak_mb"] / 1024 for r in mine], "o-", color=colour, label=f"{label}: whole run")
         ax.plot(n, [r["peak_after_extract_mb"] / 1024 for r in mine], "s--", color=colour, alpha=0.6,
                 label=f"{label}: extraction")
-    ax.plot(n, [r["features_gb"] * 1e9 / 2**30 for r in mine], ":", color="grey", label="the feature rows themselves")
+    sizes = sorted({(r["n"], r["features_gb"]) for r in rows})
+    ax.plot([n for n, _ in sizes], [gb * 1e9 / 2**30 for _, gb in sizes], ":", color="grey",
+            label="the feature rows themselves")
     ax.set_xlabel("training images N (+ 5,000 test), three 4,096-d encoders")
     ax.set_ylabel("peak RSS, GiB")
     ax.set_ylim(bottom=0)

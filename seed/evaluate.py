@@ -428,7 +428,7 @@ def knn_predict(train: Rows, train_labels: np.ndarray, test: Rows, *, k: int = 2
 
     n, d = train.shape
     k = min(k, n)  # fewer training rows than k: every one is a neighbour
-    mean = _moments(train, std=False)[0].astype(np.float32)[None] if center else None  # centred: minus the training mean
+    mean = _mean(train).astype(np.float32)[None] if center else None  # centred: minus the training mean
 
     def prepared(x: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(_normalise(x - mean if mean is not None else x), dtype=np.float32)
@@ -517,18 +517,24 @@ def _float32_copy(x: Rows) -> np.ndarray:
     return x[:] if isinstance(x, FeatureFile) else np.array(x, dtype=np.float32)
 
 
-def _moments(x: Rows, std: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Per-column mean and standard deviation (or only the mean: ``std=False`` returns zeros for it), two
-    passes in float64 over blocks of 2^22 floats (no full-size copy)."""
-    rows = max(1, (1 << 22) // max(x.shape[1], 1))
+def _blocks(x: Rows) -> list[slice]:
+    """Row blocks of 2^22 floats: what the column statistics read at a time (no full-size copy)."""
+    return _rows(len(x), max(1, (1 << 22) // max(x.shape[1], 1)))
+
+
+def _mean(x: Rows) -> np.ndarray:
+    """Per-column mean, summed in float64 over row blocks."""
     total = np.zeros(x.shape[1])
-    for r in _rows(len(x), rows):
+    for r in _blocks(x):
         total += x[r].sum(axis=0, dtype=np.float64)
-    mean = total / len(x)
-    if not std:
-        return mean, np.zeros_like(mean)
+    return total / len(x)
+
+
+def _moments(x: Rows) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column mean and standard deviation, two passes in float64 over row blocks."""
+    mean = _mean(x)
     sq = np.zeros(x.shape[1])
-    for r in _rows(len(x), rows):
+    for r in _blocks(x):
         sq += ((x[r] - mean) ** 2).sum(axis=0)
     return mean, np.sqrt(sq / len(x))
 

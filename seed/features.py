@@ -131,7 +131,7 @@ class FeatureWriter:
         order = None
         if list(rank) != sorted(rank):
             starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-            order = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in rank]) if len(rank) else None
+            order = np.concatenate([np.arange(starts[i], starts[i + 1]) for i in rank])
         return FeatureFile(self.file, self.n, self.width or 0, order)
 
 
