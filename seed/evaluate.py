@@ -560,13 +560,15 @@ def _sgd_probe(train: Rows, train_labels: np.ndarray, test: Rows, *, seed: int, 
             perm = torch.randperm(len(train), generator=gen).numpy()
             for start in range(0, len(train), batch_size):
                 idx = np.sort(perm[start:start + batch_size])  # sorted: contiguous reads from the host rows
-                x = (torch.from_numpy(train[idx]).to(device, torch.float32) - mean) / std
+                # the gathered rows are a fresh array (index arrays copy): standardised in place, no temporaries
+                x = torch.from_numpy(train[idx]).to(device, torch.float32).sub_(mean).div_(std)
                 loss = (nn.functional.cross_entropy(model(x), labels[idx].to(device))
                         + weight_decay * model.weight.pow(2).sum())
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 sched.step()
+                del x, loss  # before the next batch is read: one batch in memory at a time
             bar.update()
     out = np.zeros(len(test), np.int64)
     with torch.no_grad():
