@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -39,6 +40,8 @@ if TYPE_CHECKING:
     import zarr
 
     from seed.bank_store import Bank
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -70,7 +73,14 @@ MakeExample = Callable[[int, Sample], "Example | None"]
 
 
 class Source(Protocol):
-    """What a training example carries besides its image, per input shard and epoch."""
+    """What a training example carries besides its image, per input shard and epoch.
+
+    ``exact_counts``: whether the per-shard counts the epoch is planned from are exactly the examples the
+    source makes (a cache's valid rows), or only an upper bound (samples counted in the tar, some of which
+    have no readable image and are skipped).
+    """
+
+    exact_counts: bool
 
     def load(self, shard: int, epoch: int) -> MakeExample:
         """A function of (index in the shard, sample) -> the example, or None to skip the sample."""
@@ -86,6 +96,8 @@ class CachedSource:
 
     ``view``: ``cycle`` uses view ``(epoch + row) mod V``; ``random`` draws one from (seed, epoch, row).
     """
+
+    exact_counts = True  # the cache's valid rows
 
     def __init__(self, group: zarr.Group, bank: Bank | Sequence[Bank] | None, *, view: str, seed: int, dense: bool):
         self.banks: list[Bank] = [] if bank is None else list(bank) if isinstance(bank, (list, tuple)) else [bank]  # type: ignore[list-item]
@@ -163,6 +175,8 @@ def sampled_label_mix(urls: Sequence[str], lengths: Sequence[int], *, per_shard:
 class FreshViews:
     """``n_views`` new views per image and epoch, drawn from (seed, key, epoch * n_views + i)."""
 
+    exact_counts = False  # counted in the tar: a sample without a readable image header is counted, then skipped
+
     def __init__(self, recipe: Recipe, *, seed: int, n_views: int = 1, damaged: Damaged = "stop"):
         self.recipe, self.seed, self.n_views, self.damaged = recipe, seed, n_views, damaged
 
@@ -219,14 +233,16 @@ def decode_items(items: list[Example], decoder: Decoder) -> tuple[list[Example],
 
     A cached example (``row >= 0``) decoded at the teacher stage: if it does not decode now, or not to
     the size its views were drawn for, the shard changed since, and that is an error. A fresh example
-    (no cache) was only checked by its header: one whose data does not decode is left out of its
-    batch, as an undecodable sample is skipped everywhere else.
+    (no cache) was only checked by its header: one whose data does not decode is skipped, as an
+    undecodable sample is everywhere else, and its place in the batch goes to the batch's first examples
+    again (with a warning naming it), so that every batch keeps its size: DDP ranks gather equal batches.
     """
-    kept, images = [], []
+    kept, images, failed = [], [], []
     for it, image in zip(items, decoder.decode([it.sample for it in items])):
         where = f"{it.sample.url}: sample {it.sample.key!r}"
         if isinstance(image, ValueError) or tuple(image.shape[-2:]) != it.size:
             if it.row < 0:
+                failed.append(f"{where} ({image if isinstance(image, ValueError) else 'another size than its header'})")
                 continue
             if isinstance(image, ValueError):
                 raise SeedError(f"{where} does not decode any more ({image}); did the shard change?")
@@ -234,6 +250,14 @@ def decode_items(items: list[Example], decoder: Decoder) -> tuple[list[Example],
                             "did the shard change?")
         kept.append(it)
         images.append(image)
+    if failed:
+        if not kept:
+            raise SeedError(f"no image of a batch of {len(items)} decodes; the first: {failed[0]}")
+        log.warning("skipped %d image(s) that do not decode, their places in the batch repeating its first "
+                    "examples: %s", len(failed), "; ".join(failed))
+        for j in range(len(failed)):
+            kept.append(kept[j])
+            images.append(images[j])
     return kept, images
 
 
@@ -257,10 +281,20 @@ def collate(items: list[Example], recipe: Recipe, resolution: int, decoder: Deco
 
 def _jobs(urls: Sequence[str], order: Sequence[int], source: Source, epoch: int, *, batch_size: int, steps: int,
           seed: int, shuffle_buffer: int) -> Iterator[list[Example]]:
-    """The epoch's batches as lists of encoded examples: exactly ``steps`` full ones (DDP ranks must agree)."""
+    """The epoch's batches as lists of encoded examples: exactly ``steps`` full ones (DDP ranks must agree).
+
+    A source whose counts are only an upper bound (``exact_counts`` false) may run short of ``steps`` batches
+    by the samples it skipped: up to ``TOP_UP`` of the epoch's examples (and at least one batch) are then made
+    again from the start of the same epoch's stream, with a warning. A larger shortfall, or any with a cache,
+    leaves the epoch short, which the training loop reports as an error.
+    """
     items: list[Example] = []
     made = 0
-    for ex in examples(urls, order, source, epoch, seed=seed, shuffle_buffer=shuffle_buffer):
+    stream = examples(urls, order, source, epoch, seed=seed, shuffle_buffer=shuffle_buffer)
+    if not source.exact_counts:
+        stream = _topped_up(stream, lambda: examples(urls, order, source, epoch, seed=seed, shuffle_buffer=shuffle_buffer),
+                            steps * batch_size, batch_size)
+    for ex in stream:
         items.append(ex)
         if len(items) == batch_size:
             yield items
@@ -268,6 +302,25 @@ def _jobs(urls: Sequence[str], order: Sequence[int], source: Source, epoch: int,
             made += 1
             if made == steps:
                 return
+
+
+TOP_UP = 0.05  # the share of an epoch's examples a source without exact counts may make again
+
+
+def _topped_up(stream: Iterator[Example], again: Callable[[], Iterator[Example]], wanted: int,
+               batch_size: int) -> Iterator[Example]:
+    """``stream``, then, when it ends before ``wanted`` examples by at most ``TOP_UP`` of them (or one batch),
+    the missing ones from ``again()`` (the same stream from its start)."""
+    n = 0
+    for ex in stream:
+        n += 1
+        yield ex
+    short = wanted - n
+    if 0 < short <= max(batch_size, int(TOP_UP * wanted)):
+        log.warning("the shards gave %d examples, %d fewer than counted (samples without a readable image are "
+                    "counted, then skipped): the epoch's first %d examples are used again to complete its %d batches",
+                    n, short, short, wanted // batch_size)
+        yield from itertools.islice(again(), short)
 
 
 class _Composed:

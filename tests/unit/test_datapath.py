@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -13,12 +14,12 @@ import torch
 from pipeline import teacher as teacher_stage
 from seed.augment import apply_batch
 from seed.views import Recipe
-from seed.data import Example, FreshViews, _Composed, collate, examples
+from seed.data import Example, FreshViews, _Composed, _jobs, collate, examples
 from seed.decode import Decoder
 from seed.errors import SeedError
-from seed.shards import Sample, decode_image, image_size, iter_shard
+from seed.shards import Sample, decode_image, image_size, iter_shard, shard_lengths
 from seed.workers import PackedSamples
-from tests.unit.test_shards import _encoded, foreign_tar
+from tests.unit.test_shards import _add, _encoded, foreign_tar
 
 CPU = torch.device("cpu")
 
@@ -84,15 +85,48 @@ def test_a_sample_that_changed_since_its_views_were_drawn_is_named(tmp_path: Pat
         collate([corrupt], Recipe(), 16, Decoder(CPU))
 
 
-def test_a_fresh_example_whose_data_does_not_decode_leaves_its_batch(tmp_path: Path) -> None:
-    """Without a cache only the header was checked: such an image is skipped, as everywhere else."""
+def test_a_fresh_example_whose_data_does_not_decode_gives_its_place_to_the_first(tmp_path: Path,
+                                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """Without a cache only the header was checked: such an image is skipped, as everywhere else, and the batch
+    keeps its size (DDP ranks gather equal batches) with the batch's first example again, named in a warning."""
     samples = _samples(tmp_path)
     params = np.zeros((1, 17), np.float32)
     params[0, 2] = params[0, 3] = 1.0                                        # the whole image
-    good = [Example(s, (12, 20), params, -1, 0, {}) for s in samples]
-    broken = Example(dataclasses.replace(samples[0], image=_encoded("JPEG", 1)[:40]), (12, 20), params, -1, 0, {})
-    batch = collate([good[0], broken, good[1]], Recipe(), 16, Decoder(CPU))
-    assert batch.x.shape[0] == 2 and batch.rows.tolist() == [-1, -1]
+    good = [Example(s, (12, 20), params, -1, label, {}) for label, s in enumerate(samples)]
+    broken = Example(dataclasses.replace(samples[0], key="broken", image=_encoded("JPEG", 1)[:40]), (12, 20), params,
+                     -1, 9, {})
+    with caplog.at_level("WARNING", logger="seed.data"):
+        batch = collate([good[1], broken, good[2]], Recipe(), 16, Decoder(CPU))
+    assert batch.x.shape[0] == 3 and batch.rows.tolist() == [-1, -1, -1] and batch.labels.tolist() == [1, 2, 1]
+    assert torch.equal(batch.x[2], batch.x[0]) and not torch.equal(batch.x[1], batch.x[0])
+    assert "sample 'broken'" in caplog.text
+    with pytest.raises(SeedError, match="no image of a batch of 2 decodes; the first: .*sample 'broken'"):
+        collate([broken, broken], Recipe(), 16, Decoder(CPU))
+
+
+def _tar_with_a_sample_without_image(path: Path, n: int) -> str:
+    """``n`` samples; the second has a label and no image (counted in the tar, skipped when read)."""
+    with tarfile.open(path, "w") as tar:
+        for i in range(n):
+            if i != 1:
+                _add(tar, f"s{i}.png", _encoded("PNG", 10 * i, "L"))
+            _add(tar, f"s{i}.cls", str(i).encode())
+    return str(path)
+
+
+def test_an_epoch_short_by_skipped_samples_is_completed_from_its_start(tmp_path: Path) -> None:
+    """Online sources plan an epoch from the tar's count, which includes samples they skip: the stream is
+    completed from the epoch's first examples (up to TOP_UP of it, at least one batch), so every rank makes
+    exactly its planned steps; beyond that the epoch stays short (the training loop's error)."""
+    url = _tar_with_a_sample_without_image(tmp_path / "s.tar", 6)
+    assert shard_lengths([url]) == [6]
+    source = FreshViews(Recipe(), seed=0)
+    stream = [ex.sample.key for ex in examples([url], [0], source, 0, seed=0, shuffle_buffer=2)]
+    assert len(stream) == 5 and "s1" not in stream
+    jobs = list(_jobs([url], [0], source, 0, batch_size=3, steps=2, seed=0, shuffle_buffer=2))
+    assert [[ex.sample.key for ex in j] for j in jobs] == [stream[:3], stream[3:] + stream[:1]]
+    # the same shard planned for 4 steps: 7 examples missing, more than one batch and TOP_UP: not made up
+    assert len(list(_jobs([url], [0], source, 0, batch_size=3, steps=4, seed=0, shuffle_buffer=2))) == 1
 
 
 def test_packed_samples_cross_a_pickle_as_one_tensor_and_decode_the_same(tmp_path: Path) -> None:
