@@ -40,6 +40,7 @@ from seed.storage import is_url, join, local_path, write_text
 log = logging.getLogger(__name__)
 
 PROGRESS_EVERY_S = 30.0  # the least time between two progress log lines of an epoch (no progress bar)
+UNUSED_WARNING = 0.1  # the share of an epoch's examples left out by uneven ranks that is worth a warning
 TENSORBOARD_EXTRA = "pip install 'seed-distill[tensorboard]'"
 
 
@@ -96,12 +97,20 @@ def train(members: Sequence[Member], objective: Objective, urls: Sequence[str], 
     o = loop.optim
     rank, world = join_process_group(device)
     steps = min(rank_counts) // o.batch_size
+    if min(rank_counts) == 0:
+        raise SeedError(f"{len(urls)} shard(s) for {world} ranks: a rank has no examples (ranks take whole shards); "
+                        "use fewer ranks (train.nproc) or more shards")
     if steps == 0:
         raise SeedError(f"batch size {o.batch_size} is larger than the {min(rank_counts)} examples of a rank; "
                         "lower the batch size (optim.batch_size)")
+    if rank == 0 and sum(rank_counts) - world * min(rank_counts) > UNUSED_WARNING * sum(rank_counts):
+        log.warning("each epoch trains on at most %d of the %d examples: every rank makes the steps of the smallest "
+                    "(%d examples in its share of %d shards over %d ranks); a shard count divisible by the ranks, "
+                    "of similar sizes, evens them", world * min(rank_counts), sum(rank_counts), min(rank_counts),
+                    len(urls), world)
     lr = warmup_cosine(o.base_lr * o.batch_size * world / 256, o.epochs, steps, o.warmup_epochs)
     writer_class = tensorboard_writer(tensorboard, [m.out for m in members])
-    start_epoch = _resume(members, objective) if resume else 0
+    start_epoch = _resume(members, objective, {"world": world, "steps_per_epoch": steps}) if resume else 0
     metrics: list[dict[str, Any]] = list(members[0].history)
     # a restart at step s drops the steps >= s that an interrupted attempt had written; a fresh run drops them all
     if writer_class is not None and rank == 0 and start_epoch == 0:
@@ -258,7 +267,7 @@ def _epochs(members: Sequence[Member], objective: Objective, urls: Sequence[str]
             w.add_scalar("epoch/loss", float(totals[i] / steps), (epoch + 1) * steps)  # the epoch's mean, at its last step
             w.flush()
         if rank == 0:
-            _save(members, objective, epoch, metrics)
+            _save(members, objective, epoch, metrics, {"world": world, "steps_per_epoch": steps})
         if on_epoch is not None and rank == 0:
             on_epoch(epoch, row)
         if dist.is_initialized():
@@ -271,33 +280,43 @@ def losses_text(members: Sequence[Member], losses: Sequence[float]) -> str:
     return ", ".join(f"{m.name} loss {v:#.4g}" for m, v in zip(members, losses))
 
 
-def _save(members: Sequence[Member], objective: Objective, epoch: int, metrics: list[dict[str, Any]]) -> None:
+def _save(members: Sequence[Member], objective: Objective, epoch: int, metrics: list[dict[str, Any]],
+          layout: dict[str, int]) -> None:
+    """Every member's checkpoint after ``epoch``, with the run's ``layout`` (ranks and steps per epoch)."""
     for m in members:
         checkpoint.save_training(m.checkpoint, model=unwrap(m.model), optimizer=m.optimizer, epoch=epoch + 1,
-                                 objective=objective.state_dict(), metrics=metrics, meta=m.meta)
+                                 objective=objective.state_dict(), metrics=metrics, meta={**m.meta, **layout})
         write_text(join(m.out, "metrics.jsonl"), "".join(
             json.dumps({"epoch": r["epoch"], "loss": r["loss"][m.name], "lr_end": r["lr_end"], "seconds": r["seconds"],
                         "images_per_s": r["images_per_s"], "teacher_forwards": r["teacher_forwards"]}) + "\n"
             for r in metrics))
 
 
-def _resume(members: Sequence[Member], objective: Objective) -> int:
-    """Load every member's last checkpoint; all must stand at the same epoch. Returns the epoch to start."""
+def _resume(members: Sequence[Member], objective: Objective, layout: dict[str, int]) -> int:
+    """Load every member's last checkpoint; all must stand at the same epoch, made with this ``layout`` (ranks
+    and steps per epoch: they set the learning rate's scale and schedule, and each rank's shards). Returns the
+    epoch to start."""
+    present = [checkpoint.exists(m.checkpoint) for m in members]
+    if not any(present):
+        return 0
+    if not all(present):
+        _mismatch(members, f"{[m.name for m, p in zip(members, present) if not p]} have none")
     epochs: set[int] = set()
     for m in members:
-        if not checkpoint.exists(m.checkpoint):
-            if epochs:
-                _mismatch(members)
-            return 0
         state = checkpoint.load_training(m.checkpoint, model=unwrap(m.model), optimizer=m.optimizer, meta=m.meta)
+        was = {key: state[key] for key in layout if key in state}  # (checkpoints of older versions have none)
+        if was and was != {key: layout[key] for key in was}:
+            raise SeedError(f"{m.checkpoint}: cannot resume: it was trained on {was.get('world', '?')} rank(s) of "
+                            f"{was.get('steps_per_epoch', '?')} steps an epoch, this run has {layout['world']} of "
+                            f"{layout['steps_per_epoch']} (the learning rate, the schedule and each rank's shards would "
+                            f"change); resume with train.nproc={was.get('world', '?')} and the same shards, or start again")
         objective.load_state_dict(state["objective"])
         m.history = list(state.get("metrics", []))
         epochs.add(int(state["epoch"]))
     if len(epochs) > 1:
-        _mismatch(members)
-    return epochs.pop() if epochs else 0
+        _mismatch(members, f"they stand at epochs {sorted(epochs)}")
+    return epochs.pop()
 
 
-def _mismatch(members: Sequence[Member]) -> None:
-    raise SeedError(f"cannot resume: the checkpoints of {[m.name for m in members]} stand at different epochs; "
-                    "train them separately or start again")
+def _mismatch(members: Sequence[Member], why: str) -> None:
+    raise SeedError(f"cannot resume {[m.name for m in members]} together: {why}; train them separately or start again")

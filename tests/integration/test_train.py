@@ -113,6 +113,12 @@ def test_two_students_share_one_data_pass(prepared) -> None:
     for name in two.students:
         losses = _losses(two, name)
         assert losses[-1] < losses[0], (name, losses)
+    # they resume together or not at all: one without its checkpoint is named (whichever comes first)
+    Path(two.students["mobilenetv3_small_050"]).unlink()
+    with pytest.raises(SeedError, match=r"cannot resume \['mobilenetv3_small_050', 'r10'\] together: "
+                                        r"\['mobilenetv3_small_050'\] have none"):
+        student_stage.run(_cfg(prepared, "train.run=two", "train.students=[{arch: mobilenetv3_small_050}, "
+                               "{arch: resnet10t, name: r10}]"), storage, resume=True, progress=False)
 
 
 class _Stop(Exception):
@@ -133,7 +139,12 @@ def test_resume_equals_uninterrupted_whatever_the_workers(prepared) -> None:
         student_stage.run(_cfg(prepared, "train.run=cut", "train.optim.epochs=2", "train.loader.workers=2"), storage,
                           progress=False, on_epoch=stop_after_first)
     cut = checkpoint.load(str(Path(storage.runs) / "cut" / "mobilenetv3_small_050" / "checkpoint.pt"))
-    assert cut["epoch"] == 1
+    assert cut["epoch"] == 1 and (cut["world"], cut["steps_per_epoch"]) == (1, 6)
+    # another batch size would continue another schedule, from other learning rates: refused, naming both
+    with pytest.raises(SeedError, match=r"cannot resume: it was trained on 1 rank\(s\) of 6 steps an epoch, this run "
+                                        r"has 1 of 4"):
+        student_stage.run(_cfg(prepared, "train.run=cut", "train.optim.epochs=2", "train.optim.batch_size=75"),
+                          storage, resume=True, progress=False)
     resumed = student_stage.run(_cfg(prepared, "train.run=cut", "train.optim.epochs=2", "train.loader.workers=1"),
                                 storage, resume=True, progress=False)
     a = checkpoint.load(full.students["mobilenetv3_small_050"])["model"]
