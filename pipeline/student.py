@@ -179,9 +179,10 @@ def _checkpoints(cfg: RunConfig, storage: Storage) -> list[dict[str, Any]] | Non
                            else bank_store.open_bank(url, cfg.bank))
         except SeedError:
             return None
+    urls = [storage.student_checkpoint(cfg.train.run, s.label) for s in cfg.train.students]
+    checkpoint.settle(urls)  # their save at an epoch's end, if a kill cut it short
     states = []
-    for s in cfg.train.students:
-        url = storage.student_checkpoint(cfg.train.run, s.label)
+    for url in urls:
         if not checkpoint.exists(url):
             return None
         state = checkpoint.load(url)

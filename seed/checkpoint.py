@@ -8,11 +8,12 @@ run's metadata (config, cache and bank fingerprints, architecture).
 from __future__ import annotations
 
 import io
+import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import fsspec
@@ -23,6 +24,9 @@ from seed.errors import SeedError
 from seed.models import Encoder, freeze, mlp_encoder
 from seed.storage import is_url, local_path
 
+log = logging.getLogger(__name__)
+
+PENDING = ".next"  # a checkpoint written whole but not yet moved into place (``save_together``)
 
 def save(obj: Any, url: str) -> None:
     """Write ``obj`` with ``torch.save`` so that ``url`` holds either the old or the new file, never half."""
@@ -51,6 +55,55 @@ def save(obj: Any, url: str) -> None:
 
 def exists(url: str) -> bool:
     return storage.exists(url)
+
+
+def save_together(states: Sequence[tuple[str, Any]]) -> None:
+    """Write checkpoints that belong together (the students of one run after the same epoch) so that a process
+    killed at any point leaves the old set, or a new set that ``settle`` completes: each is first written whole
+    beside its place (``<url>.next``), then all are moved in. One checkpoint is simply saved."""
+    if len(states) == 1:
+        save(states[0][1], states[0][0])
+        return
+    for url, state in states:
+        save(state, url + PENDING)
+    for url, _ in states:
+        _move(url + PENDING, url)
+
+
+def settle(urls: Sequence[str]) -> None:
+    """Finish or undo a ``save_together`` of ``urls`` that a killed process left part-way.
+
+    When every checkpoint's newest version (``<url>.next`` where there is one) stands at the same epoch, the
+    new set was written whole and only its moves were cut short: the pending ones are moved in. Otherwise the
+    new set was never all written, and the pending ones are removed: the checkpoints in place are the old set.
+    """
+    pending = {u for u in urls if exists(u + PENDING)}
+    if not pending:
+        return
+
+    def epoch(url: str) -> int | None:
+        return int(load(url)["epoch"]) if exists(url) else None
+
+    newest = {epoch(u + PENDING) if u in pending else epoch(u) for u in urls}
+    complete = len(newest) == 1 and None not in newest
+    for url in sorted(pending):
+        if complete:
+            _move(url + PENDING, url)
+        else:
+            fs, path = storage.filesystem(url + PENDING)
+            fs.rm_file(path)
+    log.warning("checkpoints of %d students were being written when their process ended: %s", len(urls),
+                f"completed at epoch {newest.pop()}" if complete else "the unfinished new set was removed, the old kept")
+
+
+def _move(src: str, dst: str) -> None:
+    """Move a whole file into place: a rename on a file system, a copy of the object then its removal on a store."""
+    if not is_url(src):
+        os.replace(local_path(src), local_path(dst))
+        return
+    fs, path = storage.filesystem(src)
+    fs.copy(path, storage.filesystem(dst)[1])
+    fs.rm_file(path)
 
 
 def _safe_globals() -> list[Callable[..., Any] | tuple[Callable[..., Any], str]]:
@@ -105,11 +158,11 @@ def load(url: str) -> dict[str, Any]:
     return torch_load(url)
 
 
-def save_training(url: str, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
-                  objective: dict[str, Any], metrics: list[dict[str, Any]], meta: dict[str, Any]) -> None:
-    """A resumable checkpoint after ``epoch`` epochs (1-based count of finished epochs)."""
-    save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "objective": objective,
-          "rng": torch.get_rng_state(), "metrics": metrics, **meta}, url)
+def training_state(*, model: torch.nn.Module, optimizer: torch.optim.Optimizer, epoch: int, objective: dict[str, Any],
+                   metrics: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
+    """What a resumable checkpoint after ``epoch`` epochs (1-based count of finished epochs) holds."""
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "objective": objective,
+            "rng": torch.get_rng_state(), "metrics": metrics, **meta}
 
 
 def load_training(url: str, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,

@@ -282,10 +282,12 @@ def losses_text(members: Sequence[Member], losses: Sequence[float]) -> str:
 
 def _save(members: Sequence[Member], objective: Objective, epoch: int, metrics: list[dict[str, Any]],
           layout: dict[str, int]) -> None:
-    """Every member's checkpoint after ``epoch``, with the run's ``layout`` (ranks and steps per epoch)."""
+    """Every member's checkpoint after ``epoch``, with the run's ``layout`` (ranks and steps per epoch), written
+    together: a kill between two members' writes cannot leave them an epoch apart (``checkpoint.save_together``)."""
+    checkpoint.save_together([(m.checkpoint, checkpoint.training_state(
+        model=unwrap(m.model), optimizer=m.optimizer, epoch=epoch + 1, objective=objective.state_dict(),
+        metrics=metrics, meta={**m.meta, **layout})) for m in members])
     for m in members:
-        checkpoint.save_training(m.checkpoint, model=unwrap(m.model), optimizer=m.optimizer, epoch=epoch + 1,
-                                 objective=objective.state_dict(), metrics=metrics, meta={**m.meta, **layout})
         write_text(join(m.out, "metrics.jsonl"), "".join(
             json.dumps({"epoch": r["epoch"], "loss": r["loss"][m.name], "lr_end": r["lr_end"], "seconds": r["seconds"],
                         "images_per_s": r["images_per_s"], "teacher_forwards": r["teacher_forwards"]}) + "\n"
@@ -296,6 +298,10 @@ def _resume(members: Sequence[Member], objective: Objective, layout: dict[str, i
     """Load every member's last checkpoint; all must stand at the same epoch, made with this ``layout`` (ranks
     and steps per epoch: they set the learning rate's scale and schedule, and each rank's shards). Returns the
     epoch to start."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        checkpoint.settle([m.checkpoint for m in members])  # a save of several members that a kill cut short
+    if dist.is_initialized():
+        dist.barrier()
     present = [checkpoint.exists(m.checkpoint) for m in members]
     if not any(present):
         return 0

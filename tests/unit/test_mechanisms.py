@@ -494,3 +494,37 @@ def test_processes_a_stage_starts_know_it_and_watch_only_another_process() -> No
         assert not alive(int(f.read()) + 1)                                            # no process can have it
     # this process was not started by a stage, or names itself: nothing to watch
     assert os.environ.get(PARENT_ENV) is None and exit_with_parent() is None
+
+
+@pytest.mark.parametrize("root", ["local", "memory://together"])
+def test_students_saved_together_resume_together_wherever_the_save_was_cut(tmp_path: Path, root: str) -> None:
+    """``save_together`` writes every checkpoint whole as ``.next`` before moving any in; ``settle`` finishes a
+    save cut during the moves and undoes one cut while the new set was still being written. Each cut point is
+    laid out on disk (or an fsspec store) as the save leaves it, then settled."""
+    from seed import checkpoint
+    base = str(tmp_path) if root == "local" else f"{root}/{tmp_path.name}"
+    a, b = f"{base}/a/checkpoint.pt", f"{base}/b/checkpoint.pt"
+
+    def epochs() -> list:
+        return [checkpoint.load(u)["epoch"] if checkpoint.exists(u) else None for u in (a, b)]
+
+    def pending() -> list[bool]:
+        return [checkpoint.exists(u + checkpoint.PENDING) for u in (a, b)]
+
+    checkpoint.save_together([(a, {"epoch": 1}), (b, {"epoch": 1})])
+    assert epochs() == [1, 1] and pending() == [False, False]
+    checkpoint.save({"epoch": 2}, a + checkpoint.PENDING)                  # cut while the new set was written
+    checkpoint.settle([a, b])
+    assert epochs() == [1, 1] and pending() == [False, False]
+    checkpoint.save({"epoch": 2}, a)                                       # cut between the moves: a moved in,
+    checkpoint.save({"epoch": 2}, b + checkpoint.PENDING)                  # b still pending
+    checkpoint.settle([a, b])
+    assert epochs() == [2, 2] and pending() == [False, False]
+    checkpoint.save({"epoch": 3}, a + checkpoint.PENDING)                  # both written, none moved
+    checkpoint.save({"epoch": 3}, b + checkpoint.PENDING)
+    checkpoint.settle([a, b])
+    assert epochs() == [3, 3] and pending() == [False, False]
+    c = f"{base}/c/checkpoint.pt"                                           # a first save cut: nothing in place
+    checkpoint.save({"epoch": 1}, c + checkpoint.PENDING)
+    checkpoint.settle([a, b, c])
+    assert epochs() == [3, 3] and not checkpoint.exists(c) and not checkpoint.exists(c + checkpoint.PENDING)
