@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 PENDING = ".next"  # a checkpoint written whole but not yet moved into place (``save_together``)
 
+
 def save(obj: Any, url: str) -> None:
     """Write ``obj`` with ``torch.save`` so that ``url`` holds either the old or the new file, never half."""
     if is_url(url):
