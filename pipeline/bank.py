@@ -63,8 +63,10 @@ def run(cfg: RunConfig, storage: Storage, *, progress: bool = True) -> BankResul
     start = time.perf_counter()
     device = resolve_device(cfg.cache.device)                              # BankConfig has no device of its own
     valid = cache.read(group, "valid")
-    bank_store.remove(group)
+    # everything that can refuse the parameters, before the bank in place is removed
     banks = B.sample_banks(np.flatnonzero(valid), V, b.size, b.seed, b.rotations)  # R x (K x 2 (row, view))
+    B.check_topk(min(b.topk, b.size), b.index, device)
+    bank_store.remove(group)
     n_views = int(valid.sum()) * V
     with progress_bar(total=n_views * b.rotations, unit="view", desc="bank targets" + (f" ({b.rotations} rotations)"
                       if b.rotations > 1 else ""), disable=not progress, smoothing=0.1) as bar:  # closed before any error prints
@@ -77,7 +79,7 @@ def run(cfg: RunConfig, storage: Storage, *, progress: bool = True) -> BankResul
                "seconds": round(seconds, 3), "targets_seconds": round(search_s, 3),
                "views_per_s": round(n_views * b.rotations / max(search_s, 1e-9), 1),
                "fidelity": summaries[0]["fidelity"]}
-    for r, part in enumerate(summaries):  # the first rotation last: it says the whole bank is complete
+    for r, part in enumerate(summaries):  # readers check every rotation's status
         bank_store.complete(cache.subgroup(group, bank_store.node_name(r)),
                             {**summary, "fidelity": part["fidelity"]} if r == 0 else part)
     return BankResult(url, False, summary)
@@ -93,7 +95,6 @@ def _build(group: zarr.Group, b: BankConfig, rotation: int, ids: np.ndarray, val
                         hnsw_m=b.hnsw_m, ef_search=b.ef_search, seed=b.seed)
     bank = bank_store.create(group, b, ids, vectors, index.serialize(), rotation)
     exact = b.exact_normaliser
-    rng = np.random.default_rng(b.seed + 1 + 1000 * rotation)
     bank_rows = ids[:, 0]
     search_s = 0.0
     for s in range(n_shards):
@@ -108,6 +109,8 @@ def _build(group: zarr.Group, b: BankConfig, rotation: int, ids: np.ndarray, val
             q_rows = np.repeat(local + s * cap, V)
             for lo in range(0, len(z), b.batch_size):
                 t0 = time.perf_counter()
+                # the sampled normaliser's tail sample: one per shard and rotation, whatever the batch size
+                rng = np.random.default_rng([b.seed + 1, rotation, s])
                 cols, logp, mass = B.sparse_targets(z[lo: lo + b.batch_size], q_rows[lo: lo + b.batch_size], index,
                                                     bank_rows, topk=b.topk, tau=b.tau_t, exact_normaliser=exact,
                                                     tail_samples=b.tail_samples, rng=rng)

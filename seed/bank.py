@@ -58,6 +58,22 @@ def sample_banks(valid_rows: np.ndarray, views: int, size: int, seed: int, rotat
     return out
 
 
+def faiss_on_gpu(kind: str, device: torch.device) -> bool:
+    """Whether a ``BankIndex`` of ``kind`` on ``device`` searches with FAISS on the GPU (flat and IVF indexes,
+    on CUDA, with a FAISS built with GPU support)."""
+    if device.type != "cuda" or kind not in ("flat", "ivf"):
+        return False
+    import faiss
+
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def check_topk(topk: int, kind: str, device: torch.device) -> None:
+    """Refuse a ``topk`` that FAISS's GPU search cannot return (at most 2048)."""
+    if topk > 2048 and faiss_on_gpu(kind, device):
+        raise SeedError(f"bank.topk={topk}: FAISS GPU search is limited to k <= 2048; use bank.index=torch")
+
+
 LOGITS_BUDGET = 256 << 20  # bytes of one chunk's float32 logits: 1,023 rows of the 1 + K columns at K = 65,536
 
 
@@ -128,8 +144,7 @@ class BankIndex:
             index.hnsw.efSearch = ef_search
         self.cpu_index = index
         self.index = index
-        if self.device.type == "cuda" and kind in ("flat", "ivf") and hasattr(faiss, "StandardGpuResources") \
-                and faiss.get_num_gpus() > 0:
+        if faiss_on_gpu(kind, self.device):
             self.gpu_res = faiss.StandardGpuResources()
             self.index = faiss.index_cpu_to_gpu(self.gpu_res, self.device.index or 0, index)
             self.on_gpu = True
@@ -146,8 +161,8 @@ class BankIndex:
                 q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).to(self.device)
                 sims, pos = topk_chunked(q, self.bank_t, k, max_logits_bytes)
             return sims.cpu().numpy(), pos.cpu().numpy()
-        if self.on_gpu and k > 2048:
-            raise SeedError(f"bank.topk={k}: FAISS GPU search is limited to k <= 2048; use bank.index=torch")
+        if self.on_gpu:
+            check_topk(k, self.kind, self.device)
         sims, pos = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
         return sims, pos
 

@@ -83,14 +83,35 @@ def test_rebuild_touches_only_the_bank(teacher_cache) -> None:
 def test_bank_larger_than_cache_and_incomplete_cache_are_refused(teacher_cache, tmp_path: Path, shards_root: Path,
                                                                  moco_checkpoint: Path) -> None:
     cfg, storage = teacher_cache
+    bank_stage.run(cfg, storage, progress=False)
     with pytest.raises(SeedError, match="bank.size=5000 is larger than the 300 valid images"):
         bank_stage.run(small_config(moco_checkpoint, "bank.size=5000"), storage, progress=False)
+    # refused before anything is removed: the bank in place stays complete and current
+    assert bank_stage.run(cfg, storage, progress=False).skipped is True
     storage2 = make_storage(tmp_path, shards_root)
     teacher_stage.run(cfg, storage2, shards=[0], progress=False)                # 1 of 3 shards
     with pytest.raises(SeedError, match=r"incomplete \(1 of 3 shards done\)"):
         bank_stage.run(cfg, storage2, progress=False)
     with pytest.raises(SeedError, match="no cache at"):
         bank_stage.run(small_config(moco_checkpoint, "cache.name=absent"), storage2, progress=False)
+
+
+def test_sampled_normaliser_targets_do_not_depend_on_the_batch_size(teacher_cache) -> None:
+    """The batch size is not a bank field (it only sets how much is searched at once): the sampled normaliser's
+    tail sample is drawn per shard and rotation, so the stored targets are the same at any batch size."""
+    cfg, storage = teacher_cache
+    url = storage.cache_url(cfg.cache.name)
+    stored = []
+    for batch_size in (100, 37):
+        bank_store.remove(zarr.open_group(url, mode="r+"))
+        summary = bank_stage.run(small_config(cfg.teacher.checkpoint, "bank.size=128", "bank.topk=8", "bank.tau_t=0.05",
+                                              "bank.index=hnsw", "bank.tail_samples=8", f"bank.batch_size={batch_size}"),
+                                 storage, progress=False).summary
+        bank = zarr.open_group(url, mode="r")["bank"]
+        stored.append((bank["indices"][:], bank["logp"][:], bank["mass"][:], summary["normaliser"]))
+    (i1, l1, m1, n1), (i2, l2, m2, n2) = stored
+    assert n1 == n2 == "sampled" and np.array_equal(i1, i2)
+    assert np.array_equal(l1, l2, equal_nan=True) and np.array_equal(m1, m2, equal_nan=True)
 
 
 def test_torch_index_stage_equals_flat(teacher_cache) -> None:
