@@ -106,9 +106,13 @@ def make_plan(cfg: RunConfig, storage: Storage, *, check_cache: bool = False) ->
 def fingerprint_fields(cfg: RunConfig, report: LoadReport, dim: int, plan: Plan) -> dict[str, Any]:
     """What determines the cached values (see ``seed.cache``): not paths, not batch size or device."""
     t = cfg.teacher
+    # settings that pick other weights or another head from the same file; named only when not the default,
+    # so the caches made before they were fingerprinted keep theirs
+    chosen = {k: v for k, v, default in (("dino_weights", t.dino_weights, "teacher"),
+                                         ("head_activation", t.head_activation, "auto")) if v != default}
     return {
         "teacher": {"arch": t.arch, "checkpoint_sha256": report.sha256, "format": report.format,
-                    "output": t.output, "small_input": t.small_input},
+                    "output": t.output, "small_input": t.small_input, **chosen},
         "recipe": recipe_fields(cfg.cache.recipe),
         "resolution": cfg.cache.resolution, "seed": cfg.cache.seed, "views": cfg.cache.views, "dim": dim,
         "shards": [u.rsplit("/", 1)[-1] for u in plan.urls], "shard_lengths": list(plan.lengths),

@@ -238,6 +238,10 @@ class RunConfig:
             raise SeedError(f"cache.shard_capacity must be >= 0 (0 = automatic), got {self.cache.shard_capacity}")
         if not self.bank.tau_t > 0:
             raise SeedError(f"bank.tau_t must be > 0, got {self.bank.tau_t}")
+        for name, value in (("cache.seed", self.cache.seed), ("bank.seed", self.bank.seed),
+                            ("train.seed", self.train.seed), ("pretrain.seed", self.pretrain.seed)):
+            if value < 0:  # numpy's seeding takes non-negative integers only
+                raise SeedError(f"{name} must be >= 0, got {value}")
         for name in ("epochs", "batch_size"):
             _check_positive(self, f"train.optim.{name}", getattr(self.train.optim, name))
             _check_positive(self, f"pretrain.optim.{name}", getattr(self.pretrain.optim, name))

@@ -130,6 +130,7 @@ class CachedSource:
         augment = cache.read(self.group, "augment", rows)                    # cap x V x P
         emb = cache.read(self.group, "embeddings", rows)                     # cap x V x D
         sizes = cache.read(self.group, "sizes", rows)                        # cap x 2, decoded (h, w)
+        keys = cache.read(self.group, "keys", rows)                          # cap: what each row was made from
         # rotating banks: this epoch's bank is rotation epoch mod R; each example says which (its targets' bank)
         rotation = epoch % len(self.banks) if self.banks else 0
         targets = {} if self.dense or not self.banks else self.banks[rotation].targets(rows)
@@ -142,6 +143,10 @@ class CachedSource:
         def make(index: int, sample: Sample) -> Example | None:
             if not valid[index]:
                 return None  # skipped at the teacher stage (undecodable)
+            if keys[index] != sample.key:  # rows pair with samples by position: the same names, other contents
+                raise SeedError(f"{sample.url}: sample {index} is {sample.key!r}, but the cache's row {base + index} "
+                                f"was made from {str(keys[index])!r}; the shard changed since the cache was made "
+                                "(rebuild it: seed teacher --overwrite)")
             v = views[index]
             extra = {"z_t": emb[index, v].astype(np.float32), "rotation": np.int64(rotation)}
             extra.update({name: arr[index, v] for name, arr in targets.items()})

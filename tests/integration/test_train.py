@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
+import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,7 @@ from seed.data import Batches, CachedSource, shard_order
 from seed.errors import SeedError
 from seed.objectives import CachedSeed
 from seed.shards import Sample, expand_urls
+from seed.storage import Storage
 from seed.teachers import load_teacher
 from tests.conftest import cache_and_bank, free_port, make_storage, small_config
 
@@ -250,6 +254,23 @@ def test_mismatched_or_missing_cache_is_refused(prepared, tmp_path: Path, shards
         student_stage.run(_cfg(prepared, "cache.name=nothing"), storage, progress=False)
     with pytest.raises(SeedError, match="was made from 3 shards"):
         student_stage.run(_cfg(prepared, "data.train=fm/train/train-{000000..000001}.tar"), storage, progress=False)
+    # the same shard names and counts, other contents (the first shard's samples in reverse order): the
+    # fingerprint cannot tell, the rows' keys do
+    moved = tmp_path / "reordered"
+    shutil.copytree(shards_root / "fm", moved / "fm")
+    first = moved / "fm/train/train-000000.tar"
+    with tarfile.open(first) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]  # type: ignore[union-attr]
+    by_key: dict[str, list] = {}
+    for m, data in members:
+        by_key.setdefault(m.name.split(".", 1)[0], []).append((m, data))
+    with tarfile.open(first, "w") as tar:
+        for key in reversed(list(by_key)):
+            for m, data in by_key[key]:
+                tar.addfile(m, io.BytesIO(data))
+    reordered = Storage(shards=str(moved), caches=storage.caches, runs=str(tmp_path / "runs"), reports=storage.reports)
+    with pytest.raises(SeedError, match=r"train-000000.tar: sample 0 is '.*', but the cache's row 0 was made from"):
+        student_stage.run(_cfg(prepared, "train.run=reordered"), reordered, progress=False)
     other = make_storage(tmp_path, shards_root)
     teacher_stage.run(prepared[0], other, progress=False)  # a cache without a bank
     with pytest.raises(SeedError, match="no bank yet"):

@@ -186,3 +186,10 @@ def test_missing_cache_names_the_caches_there_and_their_configs(tmp_path: Path) 
     assert f"made.zarr (complete; pass -c {configs / 'a.yaml'})" in message
     assert "elsewhere.zarr (incomplete; its run config is attributes.config in elsewhere.zarr/zarr.json)" in message
     assert require_cache(load_config(None, ["cache.name=made"]), storage, configs) == storage.cache_url("made")
+
+
+@pytest.mark.parametrize("key", ["cache.seed", "bank.seed", "train.seed", "pretrain.seed"])
+def test_negative_seeds_are_refused_by_name(key: str) -> None:
+    """numpy's seeding takes non-negative integers only (the views' vectorised seeding would loop on -1)."""
+    with pytest.raises(SeedError, match=rf"{key} must be >= 0, got -1"):
+        load_config(None, [f"{key}=-1"])

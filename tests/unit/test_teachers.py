@@ -168,3 +168,25 @@ def test_unreadable_checkpoints(tmp_path: Path) -> None:
         load_teacher(TeacherConfig(checkpoint=str(tmp_path / "junk.pth")))
     with pytest.raises(SeedError, match="teacher.checkpoint is not set"):
         load_teacher(TeacherConfig())
+
+
+def test_settings_that_pick_other_weights_or_heads_are_in_the_cache_fingerprint() -> None:
+    """``teacher.dino_weights`` and ``teacher.head_activation`` change the embeddings of the same checkpoint
+    file, so they change the cache's fingerprint; at their defaults the fields are those of older caches."""
+    from pipeline.teacher import Plan, fingerprint_fields
+    from seed.cache import fingerprint
+    from seed.config import load_config
+    from seed.teachers import LoadReport
+
+    report = LoadReport("dino", "ab" * 32, [], [], [])
+    plan = Plan("mem://c", ("s/train-000000.tar",), (10,), 10)
+
+    def fields(*overrides: str) -> dict:
+        return fingerprint_fields(load_config(None, list(overrides)), report, 32, plan)
+
+    default = fields()
+    assert "dino_weights" not in default["teacher"] and "head_activation" not in default["teacher"]
+    prints = {fingerprint(f) for f in (default, fields("teacher.dino_weights=student"),
+                                       fields("teacher.head_activation=gelu"))}
+    assert len(prints) == 3
+    assert fields("teacher.dino_weights=teacher", "teacher.head_activation=auto") == default
