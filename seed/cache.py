@@ -33,12 +33,15 @@ Format 1 caches (before checksums) still open, with a warning.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
+import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -47,6 +50,7 @@ import zarr.errors
 
 from seed.views import COLUMNS, P
 from seed.errors import SeedError
+from seed.storage import is_url, local_path
 
 log = logging.getLogger(__name__)
 
@@ -163,26 +167,72 @@ def create(url: str, *, fields: dict[str, Any], capacity: int, n_shards: int, vi
     """Create the cache (or open it when one with the same fingerprint exists) and return the group.
 
     A cache with another fingerprint is refused, naming the differing fields, unless ``overwrite``.
-    Safe to call from several processes at once: the loser of the creation race waits for the
-    winner to finish laying out the arrays.
+    Safe to call from several processes at once (several ``seed teacher --shards`` starting together):
+    on a file system one of them claims the creation (``_creation_claim``) and the others wait for it to
+    finish laying out the arrays; every one of them then works with the attributes stored (the forward's
+    batch size and threads among them), not with its own.
     """
     fp = fingerprint(fields)
     if exists(url) and not overwrite:
-        group = open_group(url, "r+")
-        check_fingerprint(group, fields, url)
-        _wait_ready(group, url, wait_s)
-        return group
+        return _open_when_ready(url, fields, wait_s)
     N = n_shards * capacity
+    with _creation_claim(url, overwrite) as mine:
+        if not mine:
+            return _open_when_ready(url, fields, wait_s)
+        try:
+            group = _lay_out(url, overwrite, capacity, views, dim, N, attributes={
+                "format": FORMAT, "format_version": FORMAT_VERSION, "status": "creating",
+                "fingerprint": fp, "fingerprint_fields": fields, "capacity": capacity, "n_shards": n_shards,
+                "N": N, "V": views, "D": dim, "P": P, "augment_columns": list(COLUMNS),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **attrs,
+            })
+        except (zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError, FileExistsError):
+            return _open_when_ready(url, fields, wait_s)  # made by another process meanwhile
+    return group
+
+
+@contextlib.contextmanager
+def _creation_claim(url: str, overwrite: bool) -> Iterator[bool]:
+    """Whether this process lays out the cache at ``url``: on a file system, the one that creates the file
+    ``.<name>.creating`` beside it (exclusively), removed once the arrays exist; ``overwrite`` takes over a
+    claim left by a creator that died. An object store has no exclusive create: every caller tries, and the
+    arrays' creation tells the late ones (``ContainsArrayError``)."""
+    if is_url(url):
+        yield True
+        return
+    path = Path(local_path(url))
+    claim = path.parent / f".{path.name}.creating"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if overwrite:
+        claim.unlink(missing_ok=True)
     try:
-        group = zarr.open_group(url, mode="w" if overwrite else "w-", use_consolidated=False, attributes={
-            "format": FORMAT, "format_version": FORMAT_VERSION, "status": "creating",
-            "fingerprint": fp, "fingerprint_fields": fields, "capacity": capacity, "n_shards": n_shards,
-            "N": N, "V": views, "D": dim, "P": P, "augment_columns": list(COLUMNS),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **attrs,
-        })
-    except (zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError, FileExistsError):
-        return create(url, fields=fields, capacity=capacity, n_shards=n_shards, views=views, dim=dim,
-                      attrs=attrs, overwrite=False, wait_s=wait_s)
+        os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    except FileExistsError:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        claim.unlink(missing_ok=True)
+
+
+def _open_when_ready(url: str, fields: Mapping[str, Any], wait_s: float) -> zarr.Group:
+    """The cache another process is creating (or has created), once its arrays exist, with the attributes
+    stored; its fingerprint checked."""
+    deadline = time.monotonic() + wait_s
+    while not exists(url):
+        if time.monotonic() > deadline:
+            raise SeedError(f"{url}: cache still being created after {wait_s:.0f} s (a crashed creator? use --overwrite)")
+        time.sleep(0.2)
+    check_fingerprint(open_group(url, "r"), fields, url)
+    _wait_ready(open_group(url, "r"), url, wait_s)
+    return open_group(url, "r+")
+
+
+def _lay_out(url: str, overwrite: bool, capacity: int, views: int, dim: int, N: int,
+             attributes: dict[str, Any]) -> zarr.Group:
+    """The cache's group and its empty arrays; its status ``incomplete`` once they all exist."""
+    group = zarr.open_group(url, mode="w" if overwrite else "w-", use_consolidated=False, attributes=attributes)
 
     def arr(name: str, shape: tuple[int, ...], dtype: Any, fill: Any, dims: tuple[str, ...]) -> None:
         group.create_array(name, shape=shape, dtype=dtype, chunks=(capacity, *shape[1:]), fill_value=fill,

@@ -639,3 +639,40 @@ def test_gpu_worker_path_reads_and_draws_in_workers_then_decodes_here(tmp_path: 
     assert torch.equal(torch.cat([it.x for it in views_c])[order_c], xb[order_b])
     assert {row for it in views_c for row, _ in it.failed} == {50}
     assert sum(b is not None for b in slots.buffers) >= 2                   # both workers' bytes came in buffers
+
+
+def _create_at_once(url: str, barrier, results, who: int) -> None:  # type: ignore[no-untyped-def]
+    barrier.wait()
+    try:
+        group = cache.create(url, fields={"a": 1}, capacity=4, n_shards=3, views=2, dim=3, attrs={"who": who}, wait_s=20)
+        results.put((who, "ok", cache.attributes(group)["who"]))
+    except BaseException as exc:  # noqa: BLE001 (reported to the test)
+        results.put((who, f"{type(exc).__name__}: {exc}", None))
+
+
+def test_processes_creating_one_cache_at_once_all_use_the_one_made(tmp_path: Path) -> None:
+    """Several `seed teacher --shards` starting together on a new cache: one lays it out, the others wait for it,
+    and every one works with the attributes stored (the forward's batch size and threads come from them). Before
+    the creation was claimed, most such starts crashed one process (ContainsArrayError) or left two in memory."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    for trial in range(6):
+        url = str(tmp_path / f"c{trial}.zarr")
+        barrier, results = ctx.Barrier(3), ctx.Queue()
+        procs = [ctx.Process(target=_create_at_once, args=(url, barrier, results, i)) for i in range(3)]
+        for p in procs:
+            p.start()
+        out = sorted(results.get(timeout=60) for _ in procs)
+        for p in procs:
+            p.join()
+        stored = cache.attributes(cache.open_group(url))
+        assert stored["status"] == "incomplete" and [o[1:] for o in out] == [("ok", stored["who"])] * 3, (trial, out)
+    assert not list(tmp_path.glob(".*.creating"))  # the claims are gone
+    # a claim left by a creator that died: the others wait, then say so; --overwrite takes it over
+    url = str(tmp_path / "orphan.zarr")
+    (tmp_path / ".orphan.zarr.creating").touch()
+    with pytest.raises(SeedError, match="still being created after 1 s .*use --overwrite"):
+        cache.create(url, fields={"a": 1}, capacity=4, n_shards=3, views=2, dim=3, attrs={}, wait_s=1)
+    group = cache.create(url, fields={"a": 1}, capacity=4, n_shards=3, views=2, dim=3, attrs={}, overwrite=True)
+    assert cache.attributes(group)["status"] == "incomplete" and not (tmp_path / ".orphan.zarr.creating").exists()
