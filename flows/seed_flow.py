@@ -71,11 +71,19 @@ def shared_teacher(cfg: TeacherConfig, device: str = "") -> tuple[Encoder, LoadR
     worker's threads, share it.
 
     A module-level function (not an object holding the lock), so Dask pickles the tasks that call
-    it by reference.
+    it by reference. With a ``device``, the teacher is moved there (and on CUDA to channels-last) once, here,
+    as the teacher stage would: a first conversion swaps the parameters' storage, which must not happen
+    while another task's thread replays a CUDA graph that reads them.
     """
     with _loading:
         if (cfg, device) not in _loaded:
-            _loaded[(cfg, device)] = load_teacher(cfg)
+            encoder, report = load_teacher(cfg)
+            if device:
+                dev = resolve_device(device)
+                encoder.to(dev)
+                if dev.type == "cuda":
+                    encoder.to(memory_format=torch.channels_last)
+            _loaded[(cfg, device)] = encoder, report
         return _loaded[(cfg, device)]
 
 

@@ -27,7 +27,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, cast
+from typing import IO, Any, cast
 
 import numpy as np
 import torch
@@ -146,6 +146,12 @@ def prepare(cfg: RunConfig, storage: Storage, teacher: Encoder, report: LoadRepo
                                                "std": teacher.std.flatten().tolist(),
                                                "views": "replayed from augment rows (seed.augment)"},
                          })
+    made = cache.attributes(group).get("preprocessing", {}).get("decode")
+    if made is not None and made != Decoder(device).name:
+        log.warning("%s was begun decoding with %s; this run decodes with %s on %s, so its shards are embedded "
+                    "otherwise than the others (CUDA decodes with nvJPEG and computes in bfloat16, the CPU decodes "
+                    "with PIL and computes in float32): finish it on the kind of device it was begun on",
+                    plan.cache_url, made, Decoder(device).name, device)
     return plan, group
 
 
@@ -663,8 +669,8 @@ def run_processes(cfg: RunConfig, storage: Storage, n: int, *, overwrite: bool =
     This process lays out the cache (``prepare``), starts ``seed teacher --shards ...`` per device
     from ``process_devices``, shows the shards done, and marks the cache complete once all are. A
     failed process stops the others; the shards finished so far are kept, and a re-run embeds the
-    rest. Each process's output goes to a log file named in the error. ``on_shard``: called here with
-    each shard's completion record once this process sees it.
+    rest. Each process's output goes to a temporary log file, whose last lines the error quotes.
+    ``on_shard``: called here with each shard's completion record once this process sees it.
     """
     from seed.report import progress_bar
 
@@ -680,30 +686,34 @@ def run_processes(cfg: RunConfig, storage: Storage, n: int, *, overwrite: bool =
     parts = [(i, device, todo[i::len(devices)]) for i, device in enumerate(devices) if todo[i::len(devices)]]
     with tempfile.TemporaryDirectory(prefix="seed-teacher-") as tmp:
         config, roots = write_run_files(cfg, storage, tmp)
-        procs = []
-        for i, device, part in parts:
-            log = open(f"{tmp}/process-{i}.log", "w+")
-            command = [sys.executable, "-m", "pipeline.cli", "teacher", "-c", config, "--storage", roots,
-                       "--shards", ",".join(map(str, part)), "--set", f"cache.device={device}", "--quiet"]
-            proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=child_env())  # ends with this one
-            if shares is not None:  # before it starts its threads: its data path then sees the cores it has
-                with contextlib.suppress(ProcessLookupError):  # (unless it has already ended)
-                    os.sched_setaffinity(proc.pid, shares[i])
-            procs.append((proc, log, device, part))
+        procs: list[tuple[subprocess.Popen[bytes], IO[str], str, list[int]]] = []
         bar = progress_bar(total=len(plan.urls), initial=len(done), unit="shard", disable=not progress,
                            desc=f"teacher ({len(parts)} processes: {', '.join(sorted(set(devices)))})")
-        try:
+        try:  # every process started is stopped, also when a later one fails to start
+            for i, device, part in parts:
+                output = open(f"{tmp}/process-{i}.log", "w+")
+                command = [sys.executable, "-m", "pipeline.cli", "teacher", "-c", config, "--storage", roots,
+                           "--shards", ",".join(map(str, part)), "--set", f"cache.device={device}", "--quiet"]
+                try:
+                    proc = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=child_env())
+                except BaseException:
+                    output.close()
+                    raise
+                procs.append((proc, output, device, part))  # it ends with this process, however that ends
+                if shares is not None:  # before it starts its threads: its data path then sees the cores it has
+                    with contextlib.suppress(ProcessLookupError):  # (unless it has already ended)
+                        os.sched_setaffinity(proc.pid, shares[i])
             failed = _wait(procs, plan.cache_url, bar, done, on_shard)
         finally:
             bar.close()
-            for proc, log, _, _ in procs:
+            for proc, out, _, _ in procs:
                 if proc.poll() is None:
                     proc.kill()
                     proc.wait()
-                log.close()
+                out.close()
         if failed is not None:
-            proc, log, device, part = failed
-            with open(log.name) as f:
+            proc, out, device, part = failed
+            with open(out.name) as f:
                 tail = f.read().splitlines()[-20:]
             raise SeedError(f"teacher process on {device} (shards {part}) failed with exit code {proc.returncode}; "
                             "shards finished so far are kept, re-run to embed the rest; last lines:\n" + "\n".join(tail))

@@ -388,6 +388,20 @@ def test_other_config_is_refused_with_fields_named(clean, tmp_path: Path, moco_c
         stage.run(cfg, storage, shards=[6], progress=False)
 
 
+def test_a_cache_begun_on_another_kind_of_device_is_named(clean, tmp_path: Path, shards_root: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """A cache begun on a GPU (nvJPEG, bfloat16) and continued on the CPU would mix both in its rows: said."""
+    cfg, _, url = clean
+    other = make_storage(tmp_path, shards_root)
+    copy = other.cache_url(cfg.cache.name)
+    shutil.copytree(url, copy)
+    group = zarr.open_group(copy, mode="r+")
+    group.attrs["preprocessing"] = {**group.attrs["preprocessing"], "decode": "nvjpeg"}  # as if begun on CUDA
+    with caplog.at_level("WARNING", logger="pipeline.teacher"):
+        stage.run(cfg, other, progress=False)
+    assert "was begun decoding with nvjpeg; this run decodes with pil on cpu" in caplog.text
+
+
 def test_overwrite_replaces_a_foreign_cache(tmp_path: Path, shards_root: Path, moco_checkpoint: Path) -> None:
     storage = make_storage(tmp_path, shards_root)
     stage.run(small_config(moco_checkpoint, "cache.views=1", shards="fm/train/train-000000.tar"), storage, progress=False)
