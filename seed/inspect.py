@@ -574,9 +574,13 @@ def verify(url: str) -> dict[str, Any]:
     if a.get("format_version", 0) < cache.FORMAT_VERSION:
         problems.append(f"format {a.get('format_version')} has no chunk checksums: damaged chunks may read as data")
     arrays = {name: cache.array(group, name) for name in cache.ARRAYS}
-    bank = cache.subgroup(group, bank_store.NAME) if bank_store.NAME in group else None
-    targets = {name: cache.array(bank, name) for name in ("indices", "logp", "mass")} if bank is not None else {}
-    complete_bank = bank is not None and cache.attributes(bank).get("status") == "complete"
+    # every rotation's bank (bank, bank-1, ...), named as their arrays are in the problems
+    banks = {} if bank_store.NAME not in group else {
+        bank_store.node_name(r): cache.subgroup(group, bank_store.node_name(r)) for r in range(bank_store.rotations(group))
+        if bank_store.node_name(r) in group}
+    targets = {f"{node}/{name}": cache.array(bank, name) for node, bank in banks.items()
+               for name in ("indices", "logp", "mass")}
+    complete = {node for node, bank in banks.items() if cache.attributes(bank).get("status") == "complete"}
     done = set(cache.done_shards(group))
     valid_all = np.zeros(n_shards * cap, dtype=bool)                    # one bool a row: for the bank's entries
     chunks = 0
@@ -584,29 +588,30 @@ def verify(url: str) -> dict[str, Any]:
         block = slice(s * cap, (s + 1) * cap)
         rows = {name: _read_block(arr, block, name, problems) for name, arr in arrays.items()}
         for name, arr in targets.items():
-            rows[f"bank/{name}"] = _read_block(arr, block, f"bank/{name}", problems)
+            rows[name] = _read_block(arr, block, name, problems)
         chunks += len(rows)
         if rows["valid"] is not None:
             valid_all[block] = rows["valid"]
         if s in done:
             _check_shard(s, cache.shard_record(group, s) or {}, rows, V, problems)
-        mass = rows.get("bank/mass")
-        if complete_bank and mass is not None and rows["valid"] is not None:
-            m = mass[rows["valid"]]
-            if not (np.isfinite(m) & (m >= 0) & (m <= 1.0001)).all():
-                problems.append(f"bank/mass: shard {s} has valid rows without targets (or a mass outside [0, 1])")
+        for node in sorted(complete):
+            mass = rows.get(f"{node}/mass")
+            if mass is not None and rows["valid"] is not None:
+                m = mass[rows["valid"]]
+                if not (np.isfinite(m) & (m >= 0) & (m <= 1.0001)).all():
+                    problems.append(f"{node}/mass: shard {s} has valid rows without targets (or a mass outside [0, 1])")
     if a.get("status") == "complete" and len(done) != n_shards:
         problems.append(f"marked complete but {len(done)} of {n_shards} shards have a record")
-    if bank is not None:
+    for node, bank in banks.items():
         entries = {}
         for name in ("ids", "vectors"):
             arr = cache.array(bank, name)
-            parts = [_read_block(arr, b, f"bank/{name}", problems) for b in _chunks_of(arr)]
+            parts = [_read_block(arr, b, f"{node}/{name}", problems) for b in _chunks_of(arr)]
             chunks += len(parts)
             entries[name] = None if any(x is None for x in parts) else np.concatenate([x for x in parts if x is not None])
         ids = entries["ids"]
         if ids is not None:
             entry_rows = ids[:, 0]
             if ((entry_rows < 0) | (entry_rows >= len(valid_all))).any() or not valid_all[entry_rows].all():
-                problems.append("bank/ids: entries that are not valid rows of the cache")
+                problems.append(f"{node}/ids: entries that are not valid rows of the cache")
     return {"problems": problems, "chunks": chunks, "shards": len(done)}

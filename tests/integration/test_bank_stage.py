@@ -171,6 +171,14 @@ def test_rotating_banks_are_disjoint_each_with_its_own_targets_and_students_use_
     on_disk = sum(f.stat().st_size for n in ("bank", "bank-1") for f in (Path(summary.cache) / n).rglob("*") if f.is_file())
     counted = describe(summary.cache)["bytes"]["bank"]
     assert counted["rotations"] == 2 and counted["stored"] == on_disk
+    # verify reads every rotation: a damaged chunk of the second one's targets is named
+    assert verify(summary.cache)["problems"] == []
+    chunk = Path(summary.cache) / "bank-1" / "logp" / "c" / "1" / "0" / "0"  # rows 100-199
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    problems = verify(summary.cache)["problems"]
+    assert len(problems) == 1 and problems[0].startswith("bank-1/logp: chunk 1 (rows 100-199) is damaged"), problems
     one = small_config(cfg.teacher.checkpoint, "bank.size=64", "bank.topk=8", "bank.tau_t=0.05")
     bank_stage.run(one, storage, progress=False)
     assert "bank-1" not in zarr.open_group(summary.cache, mode="r")
