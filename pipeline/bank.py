@@ -122,7 +122,7 @@ def _build(group: zarr.Group, b: BankConfig, rotation: int, ids: np.ndarray, val
                 on_views(len(cols))
         bank_store.write_targets(bank, rows, out_idx, out_logp, out_mass)
     return {"targets_seconds": round(search_s, 3), "faiss_gpu": index.on_gpu,
-            "fidelity": measure_fidelity(group, bank, index, b, exact)}
+            "fidelity": measure_fidelity(group, bank, index, b)}
 
 
 def _flat_positions(local: np.ndarray, V: int) -> np.ndarray:
@@ -130,7 +130,7 @@ def _flat_positions(local: np.ndarray, V: int) -> np.ndarray:
     return (local[:, None] * V + np.arange(V)[None, :]).reshape(-1)
 
 
-def measure_fidelity(group: zarr.Group, bank: zarr.Group, index: B.BankIndex, b: BankConfig, exact: bool) -> dict[str, Any]:
+def measure_fidelity(group: zarr.Group, bank: zarr.Group, index: B.BankIndex, b: BankConfig) -> dict[str, Any]:
     """Captured mass over all views; KL(dense || sparse) and (approximate indices) recall on a sample.
 
     The dense reference runs on ``index.device`` in row chunks (``_FIDELITY_BYTES`` of float32 logits
@@ -166,7 +166,7 @@ def measure_fidelity(group: zarr.Group, bank: zarr.Group, index: B.BankIndex, b:
             del dense
     out: dict[str, Any] = {"mass": B.stats(mass), "kl": B.stats(kl), "sample": int(n),
                            "stored_minus_true_mass": B.stats(m - true_mass)}
-    if b.index in ("ivf", "hnsw"):
+    if b.index in ("ivf", "hnsw") and n:
         _, approx = index.search(z, b.topk)
         with torch.no_grad():
             _, exact_t = B.topk_chunked(torch.from_numpy(z).to(dev), index.bank_t, min(b.topk, K))

@@ -121,8 +121,14 @@ def seed_loss_sparse(z_s: torch.Tensor, z_t: torch.Tensor, bank: torch.Tensor, c
 
 
 def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau: float = 0.2) -> torch.Tensor:
-    """MoCo's InfoNCE (He et al. 2020, ``moco/builder.py``): positives at column 0 (a scalar)."""
-    l_pos = (q * k).sum(dim=1, keepdim=True)                                  # N x 1
-    l_neg = q @ queue.T                                                       # N x K
-    logits = torch.cat([l_pos, l_neg], dim=1) / tau                           # N x (1 + K)
+    """MoCo's InfoNCE (He et al. 2020, ``moco/builder.py``): positives at column 0 (a scalar).
+
+    Logits in float32 whatever the autocast state, as ``dplus_logits``: under bf16 autocast the negatives'
+    product alone would be rounded (about 0.02 of noise in a logit at tau = 0.2), the positives not.
+    """
+    with torch.autocast(q.device.type, enabled=False):
+        q, k, queue = q.float(), k.float(), queue.float()
+        l_pos = (q * k).sum(dim=1, keepdim=True)                              # N x 1
+        l_neg = q @ queue.T                                                   # N x K
+        logits = torch.cat([l_pos, l_neg], dim=1) / tau                       # N x (1 + K)
     return torch.nn.functional.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))

@@ -164,3 +164,6 @@ def test_info_nce_matches_reference() -> None:
         m = max(logits)
         expected -= logits[0] - m - math.log(sum(math.exp(v - m) for v in logits))
     assert info_nce(q, k, queue, 0.2).item() == pytest.approx(expected / 5, rel=1e-6)
+    # under bf16 autocast (the CUDA training step's; the CPU's here) the logits stay float32: the same loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert info_nce(q.float(), k.float(), queue.float(), 0.2).item() == pytest.approx(expected / 5, rel=1e-6)
