@@ -301,7 +301,8 @@ def _sampled_log_normaliser(z: torch.Tensor, rows: torch.Tensor, logits: torch.T
 def sparse_to_dense(cols: np.ndarray, logp: np.ndarray, mass: np.ndarray, width: int,
                     excluded: np.ndarray | None = None) -> np.ndarray:
     """A sparse target as a dense distribution ``[B, width]``: the top-k probabilities, and the
-    uncaptured mass spread evenly over the other allowed columns (what the loss assumes)."""
+    uncaptured mass spread evenly over the other allowed columns (the loss's ``uniform`` tail rule; the
+    fidelity's KL is measured against this target, whichever rule training uses)."""
     B = len(cols)
     p = np.zeros((B, width), dtype=np.float64)
     allowed = np.ones((B, width), dtype=bool) if excluded is None else ~excluded
