@@ -34,11 +34,11 @@ import torch
 import yaml
 
 from seed import bank_store, cache, checkpoint
-from seed.views import Recipe
+from seed.views import Recipe, recipe_fields
 from seed.config import RunConfig, from_dict, outcome, to_dict, write_run_files
 from seed.data import CachedSource, FreshViews, Source, rank_shards
 from seed.decode import Decoder
-from seed.devices import Launch, join_process_group, resolve_device
+from seed.devices import Launch, cpu_cores, join_process_group, resolve_device
 from seed.errors import SeedError
 from seed.lifetime import child_env
 from seed.models import mlp_encoder
@@ -101,7 +101,7 @@ def run(cfg: RunConfig, storage: Storage, *, resume: bool = False, progress: boo
     device = resolve_device(t.device)
     rank, world = join_process_group(device)
     urls = expand_urls(storage.resolve("shards", cfg.data.train))
-    meta: dict[str, Any] = {"mode": t.mode, "config": to_dict(cfg)}
+    meta: dict[str, Any] = {"mode": t.mode, "config": to_dict(cfg), "against": trained_against(cfg)}
     tau_t = t.tau_t or cfg.bank.tau_t
     data: Source
     if t.mode == "cached":
@@ -161,9 +161,27 @@ def run(cfg: RunConfig, storage: Storage, *, resume: bool = False, progress: boo
                          sum(r["teacher_forwards"] for r in metrics))
 
 
+def trained_against(cfg: RunConfig) -> dict[str, Any]:
+    """What the students learn from beyond the ``train`` section and the cache's and bank's fingerprints: the
+    teacher temperature in force and, with a queue (``train.bank=queue``, online SEED), its length; online,
+    the teacher and the views it is shown."""
+    t = cfg.train
+    out: dict[str, Any] = {"tau_t": t.tau_t or cfg.bank.tau_t}
+    if t.mode != "cached" or t.bank == "queue":
+        out["queue"] = t.queue or cfg.bank.size
+    if t.mode != "cached":
+        out |= {"teacher": to_dict(cfg.teacher), "recipe": recipe_fields(cfg.cache.recipe),
+                "resolution": cfg.cache.resolution, "views_seed": cfg.cache.seed}
+    return json.loads(json.dumps(out))
+
+
 def _matches(state: dict[str, Any], cfg: RunConfig, group: Any, bank: Any) -> bool:
-    """A checkpoint made with this training config (and, cached, this cache and bank)."""
+    """A checkpoint made with this training config (and, cached, this cache and bank), against the same
+    teacher temperature, queue and (online) teacher (``trained_against``; checkpoints made before it was
+    recorded are judged by the rest)."""
     if outcome(state.get("config", {}).get("train", {})) != outcome(cfg.train):
+        return False
+    if "against" in state and state["against"] != trained_against(cfg):
         return False
     return group is None or (state.get("cache_fingerprint") == cache.attributes(group)["fingerprint"]
                              and state.get("bank_fingerprint") == (bank.fingerprint if bank is not None else "queue"))
@@ -249,7 +267,8 @@ def launch(cfg: RunConfig, storage: Storage, *, resume: bool = False,
                    "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "pipeline.cli", "student",
                    "-c", config, "--storage", roots, "--events", *(["--resume"] if resume else [])]
         env = child_env({**os.environ,  # the ranks end with this process, even killed (seed.lifetime)
-                         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n))),
+                         # each rank's share of the cores this process may use (its affinity: Slurm, taskset)
+                         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, cpu_cores() // n))),
                          "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")})  # one node: ranks meet on loopback
         tail: collections.deque[str] = collections.deque(maxlen=25)
         errors: list[str] = []  # the ranks' own one-line errors, which torchrun's report would push out of the tail

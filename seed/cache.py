@@ -131,8 +131,9 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def diff_fields(stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
-    """Names of the fingerprint fields that differ, with both values, e.g. ``teacher.arch: resnet18 != resnet50``."""
+def diff_fields(stored: Mapping[str, Any], wanted: Mapping[str, Any], holder: str = "cache") -> list[str]:
+    """Names of the fingerprint fields that differ, with both values, e.g. ``teacher.arch: cache has 'resnet18',
+    config wants 'resnet50'`` (``holder``: what holds ``stored``)."""
     a, b = _flatten(stored), _flatten(wanted)
     out = []
     for name in sorted(set(a) | set(b)):
@@ -140,7 +141,7 @@ def diff_fields(stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[st
             va, vb = a.get(name, "<absent>"), b.get(name, "<absent>")
             if isinstance(va, list) and isinstance(vb, list) and len(va) > 4:
                 va, vb = f"{len(va)} entries", f"{len(vb)} entries" if len(va) != len(vb) else "other entries"
-            out.append(f"{name}: cache has {va!r}, config wants {vb!r}")
+            out.append(f"{name}: {holder} has {va!r}, config wants {vb!r}")
     return out
 
 

@@ -177,6 +177,11 @@ def load_training(url: str, *, model: torch.nn.Module, optimizer: torch.optim.Op
     for key in ("cache_fingerprint", "bank_fingerprint", "dim", "arch"):
         if key in meta and state.get(key) != meta[key]:
             raise SeedError(f"{url}: cannot resume, {key} differs (checkpoint {state.get(key)!r}, now {meta[key]!r})")
+    if "against" in meta and "against" in state and state["against"] != meta["against"]:  # (older ones have none)
+        from seed.cache import diff_fields
+
+        raise SeedError(f"{url}: cannot resume, it was trained against something else: "
+                        f"{'; '.join(diff_fields(state['against'], meta['against'], 'checkpoint'))}")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"])

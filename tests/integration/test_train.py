@@ -77,6 +77,12 @@ def test_queue_mode_trains_from_the_cache_alone(prepared) -> None:
     assert state["bank_fingerprint"] == "queue" and state["objective"]["queue"]["rows"].max() >= 0
     done = student_stage.completed(cfg, storage)
     assert done is not None and done.skipped
+    # the queue's temperature comes from bank.tau_t: another one is another run, not this finished one
+    other = _cfg(prepared, "train.bank=queue", "train.queue=128", "bank.size=32", "bank.tau_t=0.01", "train.run=queue")
+    assert student_stage.completed(other, storage) is None and student_stage.resumable(other, storage) == 0
+    with pytest.raises(SeedError, match=r"cannot resume, it was trained against something else: "
+                                        r"tau_t: checkpoint has 0.05, config wants 0.01"):
+        student_stage.run(other, storage, resume=True, progress=False, load=forbidden)  # type: ignore[arg-type]
 
 
 def test_cached_training_never_builds_the_teacher(prepared, tmp_path: Path) -> None:
