@@ -211,6 +211,7 @@ def embed_here(cfg_data: dict[str, Any], storage_file: str | None, processes: in
 def embed_shard(cfg_data: dict[str, Any], storage_file: str | None, plan: dict[str, Any], shard: int) -> dict[str, Any]:
     """The teacher over one input shard: the Dask layout's task, so shards run on several machines."""
     cfg = _cfg(cfg_data)
+    load_storage(storage_file)  # its storage options (an object store's endpoint, credentials) in this worker process
     p = teacher_stage.Plan(**{**plan, "urls": tuple(plan["urls"]), "lengths": tuple(plan["lengths"])})
     group = cache.open_group(p.cache_url, "r+")
     done = cache.shard_record(group, shard)
@@ -243,6 +244,8 @@ def teacher_shards(cfg_data: dict[str, Any], storage_file: str | None, plan: dic
 def run_teacher(cfg: RunConfig, storage: Storage, storage_file: str | None, workers: int,
                 dask_address: str | None) -> dict[str, Any]:
     log = get_run_logger()
+    if workers != 1 and not dask_address:  # as seed teacher --procs: a new cache records its processes' threads
+        cfg = teacher_stage.processes_config(cfg, workers)
     plan, group = teacher_stage.prepare(cfg, storage, *shared_teacher(cfg.teacher, cfg.cache.device))
     done = set(cache.done_shards(group))
     todo = [s for s in range(len(plan.urls)) if s not in done]
@@ -442,7 +445,7 @@ def seed(config: str = DEFAULT_CONFIG, overrides: list[str] | None = None, stage
     if "pretrain" in planned:
         banner("pretrain")
         made = pretrain_teacher(to_dict(cfg), storage)
-        cfg = dataclasses.replace(cfg, teacher=made.teacher)
+        cfg = dataclasses.replace(cfg, teacher=pretrain_stage.with_pretrained(cfg.teacher, made.teacher))
         result["pretrain"] = made.checkpoint
     if "teacher" in stages:
         banner("teacher")

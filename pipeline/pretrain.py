@@ -50,6 +50,15 @@ def teacher_config(cfg: RunConfig, path: str) -> TeacherConfig:
                          output="head" if p.method == "moco" else "pooled", small_input=p.small_input)
 
 
+def with_pretrained(asked: TeacherConfig, made: TeacherConfig) -> TeacherConfig:
+    """The teacher section of a run that pre-trains its teacher: what pre-training decides (architecture,
+    checkpoint, format, stem) from ``made``; everything else as ``asked`` (head activation, key checks), and
+    the pooled features when asked for them instead of a MoCo teacher's head."""
+    output = "pooled" if asked.output == "pooled" else made.output
+    return dataclasses.replace(asked, arch=made.arch, checkpoint=made.checkpoint, format=made.format,
+                               small_input=made.small_input, output=output)
+
+
 def trains(cfg: RunConfig) -> dict[str, Any]:
     """What decides the teacher pre-training makes: its section (less device and data-path settings), the
     training shards, and the views it trains on (the recipe at the resolution). A finished export or an

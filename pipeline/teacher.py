@@ -654,6 +654,18 @@ def process_cores(n: int, cores: list[int] | None = None) -> list[list[int]] | N
     return split_cores(cpu_core_ids() if cores is None else cores, n)
 
 
+def processes_config(cfg: RunConfig, n: int, cores: list[int] | None = None) -> RunConfig:
+    """``cfg`` as ``n`` teacher processes on this node run it: on the CPU, with the forward's threads unset
+    (``cache.cpu_threads`` 0), one thread per core of a process's share of the cores (``cores``, default this
+    process's). What a new cache records, so whatever lays the cache out first (this stage, or the flow before
+    it) must use it."""
+    devices = process_devices(cfg, n)
+    shares = process_cores(len(devices), cores)
+    if shares is None or devices[0] != "cpu" or cfg.cache.cpu_threads:
+        return cfg
+    return dataclasses.replace(cfg, cache=dataclasses.replace(cfg.cache, cpu_threads=min(map(len, shares))))
+
+
 def run_processes(cfg: RunConfig, storage: Storage, n: int, *, overwrite: bool = False, progress: bool = True,
                   load: TeacherLoader = load_teacher,
                   on_shard: Callable[[dict[str, Any]], Any] | None = None) -> TeacherResult:
@@ -676,8 +688,7 @@ def run_processes(cfg: RunConfig, storage: Storage, n: int, *, overwrite: bool =
 
     devices = process_devices(cfg, n)
     shares = process_cores(len(devices))
-    if shares is not None and devices[0] == "cpu" and not cfg.cache.cpu_threads:  # one thread per core of a share
-        cfg = dataclasses.replace(cfg, cache=dataclasses.replace(cfg.cache, cpu_threads=min(map(len, shares))))
+    cfg = processes_config(cfg, n)
     teacher, report = load(cfg.teacher)
     plan, group = prepare(cfg, storage, teacher, report, overwrite=overwrite)
     del teacher

@@ -193,3 +193,8 @@ def test_negative_seeds_are_refused_by_name(key: str) -> None:
     """numpy's seeding takes non-negative integers only (the views' vectorised seeding would loop on -1)."""
     with pytest.raises(SeedError, match=rf"{key} must be >= 0, got -1"):
         load_config(None, [f"{key}=-1"])
+
+
+def test_an_override_whose_value_is_not_yaml_is_named() -> None:
+    with pytest.raises(SeedError, match=r"override 'train.students=\[\{arch: x\}': the value is not valid YAML"):
+        load_config(None, ["train.students=[{arch: x}"])

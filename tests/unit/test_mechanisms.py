@@ -528,3 +528,17 @@ def test_students_saved_together_resume_together_wherever_the_save_was_cut(tmp_p
     checkpoint.save({"epoch": 1}, c + checkpoint.PENDING)
     checkpoint.settle([a, b, c])
     assert epochs() == [3, 3] and not checkpoint.exists(c) and not checkpoint.exists(c + checkpoint.PENDING)
+
+
+def test_teacher_processes_on_the_cpu_record_one_thread_per_core_of_their_share() -> None:
+    """What a new cache records as its forward's threads when N CPU processes make it (seed teacher --procs N, or the
+    flow's teacher_workers=N, which lays the cache out before starting them): one per core of a share."""
+    from pipeline.teacher import processes_config
+
+    cfg = load_config(None, ["cache.device=cpu"])
+    cores = [0, 1, 2, 3]
+    assert processes_config(cfg, 2, cores).cache.cpu_threads == 2
+    assert processes_config(cfg, 4, cores).cache.cpu_threads == 1
+    assert processes_config(cfg, 1, cores).cache.cpu_threads == 0                     # one process: as it is
+    explicit = load_config(None, ["cache.device=cpu", "cache.cpu_threads=3"])
+    assert processes_config(explicit, 2, cores).cache.cpu_threads == 3                # asked for: kept

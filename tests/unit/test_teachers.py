@@ -190,3 +190,18 @@ def test_settings_that_pick_other_weights_or_heads_are_in_the_cache_fingerprint(
                                        fields("teacher.head_activation=gelu"))}
     assert len(prints) == 3
     assert fields("teacher.dino_weights=teacher", "teacher.head_activation=auto") == default
+
+
+def test_a_pretrained_teacher_keeps_the_teacher_settings_pretraining_does_not_decide() -> None:
+    """The flow pre-trains the teacher, then embeds with it: architecture, checkpoint, format and stem come from
+    pre-training; the head activation, key checks and a request for pooled features stay the user's."""
+    from pipeline.pretrain import teacher_config, with_pretrained
+    from seed.config import load_config
+
+    cfg = load_config(None, ["pretrain.arch=resnet18", "teacher.arch=resnet50", "teacher.output=pooled",
+                             "teacher.head_activation=gelu", "teacher.allow_unexpected_keys=true"])
+    made = teacher_config(cfg, "/runs/teacher.pth")
+    section = with_pretrained(cfg.teacher, made)
+    assert (section.arch, section.checkpoint, section.format) == ("resnet18", "/runs/teacher.pth", made.format)
+    assert (section.output, section.head_activation, section.allow_unexpected_keys) == ("pooled", "gelu", True)
+    assert with_pretrained(load_config(None, []).teacher, made).output == made.output  # the default: MoCo's head
