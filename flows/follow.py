@@ -23,11 +23,13 @@ from collections.abc import Callable
 from typing import Any
 from uuid import UUID
 
+import httpx
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterParentFlowRunId, LogFilter, LogFilterFlowRunId,
                                             LogFilterTimestamp)
 from prefect.client.schemas.objects import FlowRun, Log
 from prefect.client.schemas.sorting import LogSort
+from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_API_URL
 from prefect.types import DateTime
 from prefect.utilities.urls import url_for
@@ -169,13 +171,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--poll", type=float, default=2.0, help="seconds between two reads of the API (default 2)")
     args = parser.parse_args(argv)
     if bool(args.flow_run) == bool(args.deployment):
-        parser.error("give a flow run id or --deployment, not both")
+        parser.error("give a flow run id or --deployment (one of the two)")
+    try:
+        run_id = UUID(args.flow_run) if args.flow_run else None
+    except ValueError:
+        print(f"follow: {args.flow_run!r} is not a flow run id (a UUID)", file=sys.stderr)
+        return 2
     with get_client(sync_client=True) as client:
-        if args.deployment:
-            deployment = client.read_deployment_by_name(args.deployment)
-            run = client.create_flow_run_from_deployment(deployment.id, parameters=dict(map(parse_param, args.param)))
-        else:
-            run = client.read_flow_run(UUID(args.flow_run))
+        try:
+            if args.deployment:
+                deployment = client.read_deployment_by_name(args.deployment)
+                run = client.create_flow_run_from_deployment(deployment.id,
+                                                             parameters=dict(map(parse_param, args.param)))
+            else:
+                assert run_id is not None
+                run = client.read_flow_run(run_id)
+        except ObjectNotFound:
+            what = f"deployment {args.deployment}" if args.deployment else f"flow run {args.flow_run}"
+            print(f"follow: no {what} on the Prefect server at {client.api_url} (make demo registers seed/full and "
+                  "seed/student)", file=sys.stderr)
+            return 2
+        except httpx.HTTPError as exc:
+            print(f"follow: cannot reach the Prefect server at {client.api_url} ({type(exc).__name__}); is it "
+                  "running (make demo starts it), and PREFECT_API_URL set?", file=sys.stderr)
+            return 2
         try:
             return follow(client, run.id, poll=args.poll)
         except KeyboardInterrupt:

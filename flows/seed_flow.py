@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import os
 import queue
 import threading
 import time
@@ -50,7 +51,7 @@ from seed.config import RunConfig, TeacherConfig, from_dict, load_config, requir
 from seed.devices import resolve_device, set_cpu_threads
 from seed.models import Encoder
 from seed.report import epoch_text, input_wait, loss_text, markdown_table
-from seed.storage import Storage, load_storage
+from seed.storage import Storage, is_url, load_storage
 from seed.teachers import LoadReport, load_teacher
 
 ALL_STAGES = ["pretrain", "teacher", "bank", "student", "evaluate"]
@@ -61,7 +62,7 @@ def _cfg(data: dict[str, Any]) -> RunConfig:
     return from_dict(RunConfig, data)
 
 
-_loaded: dict[tuple[TeacherConfig, str], tuple[Encoder, LoadReport]] = {}
+_loaded: dict[tuple[TeacherConfig, str, Any], tuple[Encoder, LoadReport]] = {}
 _loading = threading.Lock()
 _free_gpus: queue.SimpleQueue[int] | None = None
 
@@ -75,16 +76,29 @@ def shared_teacher(cfg: TeacherConfig, device: str = "") -> tuple[Encoder, LoadR
     as the teacher stage would: a first conversion swaps the parameters' storage, which must not happen
     while another task's thread replays a CUDA graph that reads them.
     """
+    key = (cfg, device, _file_identity(cfg.checkpoint))  # a checkpoint rewritten at its path is loaded again
     with _loading:
-        if (cfg, device) not in _loaded:
+        if key not in _loaded:
             encoder, report = load_teacher(cfg)
             if device:
                 dev = resolve_device(device)
                 encoder.to(dev)
                 if dev.type == "cuda":
                     encoder.to(memory_format=torch.channels_last)
-            _loaded[(cfg, device)] = encoder, report
-        return _loaded[(cfg, device)]
+            _loaded[key] = encoder, report
+        return _loaded[key]
+
+
+def _file_identity(path: str | None) -> Any:
+    """What tells a rewritten file at ``path`` from the one before: its size and modification time (None for no
+    checkpoint or one not on a local file system: a URL is taken as it was first read)."""
+    if not path or is_url(path):
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
 
 
 @contextlib.contextmanager
@@ -387,12 +401,12 @@ def stage_texts(cfg: RunConfig) -> dict[str, str]:
 
 
 def _overrides(overrides: list[str], run: str | None, student_arch: str | None, epochs: int | None) -> list[str]:
-    out = list(overrides)
-    if run:
+    out = list(overrides)  # the shortcuts after them: a shortcut given wins (an empty or zero one is refused)
+    if run is not None:
         out.append(f"train.run={run}")
-    if student_arch:
+    if student_arch is not None:
         out.append(f"train.students=[{{arch: {student_arch}}}]")
-    if epochs:
+    if epochs is not None:
         out.append(f"train.optim.epochs={epochs}")
     return out
 
@@ -406,7 +420,8 @@ def seed(config: str = DEFAULT_CONFIG, overrides: list[str] | None = None, stage
     Args:
         config: run config YAML. overrides: ``section.field=value`` strings.
         stages: any of pretrain, teacher, bank, student, evaluate (default: all).
-        run, student_arch, epochs: shortcuts for train.run, train.students, train.optim.epochs.
+        run, student_arch, epochs: shortcuts for train.run, train.students, train.optim.epochs (applied after
+            ``overrides``).
         storage: storage.yaml (default: ./storage.yaml).
         teacher_workers: teacher processes on this machine: 1, this one (its data path in ``cache.workers``
             processes); N > 1, N processes, process i on ``cuda:i`` (on the CPU, pinned shares of the cores);

@@ -51,3 +51,10 @@ def test_the_last_lines_sent_after_the_run_turned_final_are_printed() -> None:
     text = "\n".join(lines)
     assert code == 0 and "evaluate: 4 encoders scored in 78 s" in text, text
     assert text.index("== [5/5] evaluate") < text.index("scored in 78 s") < text.index("flow run test-run: Completed")
+
+
+def test_a_flow_run_id_that_is_no_uuid_is_one_line_and_exit_2(capsys) -> None:  # type: ignore[no-untyped-def]
+    from flows.follow import main
+
+    assert main(["not-a-uuid"]) == 2
+    assert capsys.readouterr().err == "follow: 'not-a-uuid' is not a flow run id (a UUID)\n"

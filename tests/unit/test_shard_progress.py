@@ -62,3 +62,43 @@ def test_evaluation_progress_is_throttled_and_ends_the_phases_it_spoke_of(caplog
         ends("kNN student 0", 40, 40, "training rows")                      # the end of a phase that spoke
     assert [r.getMessage() for r in caplog.records] == [
         "evaluate: kNN student 0: 5 of 40 training rows (12 %)", "evaluate: kNN student 0: 40 of 40 training rows (100 %)"]
+
+
+def test_the_flows_shortcut_parameters_come_after_the_overrides_and_empty_ones_are_refused() -> None:
+    """``seed(run=..., student_arch=..., epochs=...)``: a shortcut given wins over ``overrides``; an empty or zero
+    one is refused by the config's own checks instead of being dropped silently."""
+    from flows.seed_flow import _overrides
+    from seed.config import load_config
+    from seed.errors import SeedError
+
+    cfg = load_config(None, _overrides(["train.run=a", "train.optim.epochs=2"], "b", None, 5))
+    assert (cfg.train.run, cfg.train.optim.epochs) == ("b", 5)
+    assert load_config(None, _overrides(["train.run=a"], None, None, None)).train.run == "a"
+    for run, arch, epochs, message in (("", None, None, "train.run"), (None, "", None, "arch"),
+                                       (None, None, 0, "train.optim.epochs must be > 0")):
+        with pytest.raises(SeedError, match=message):
+            load_config(None, _overrides([], run, arch, epochs))
+
+
+def test_the_shared_teacher_is_loaded_again_when_its_file_is_rewritten(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Dask workers outlive runs: a teacher checkpoint rewritten at the same path (pre-training run again with other
+    settings) is loaded again, not served from the copy the worker loaded before."""
+    import os
+
+    import timm
+    import torch
+
+    from flows.seed_flow import shared_teacher
+    from seed.config import TeacherConfig
+
+    path = tmp_path / "teacher.pth"
+    torch.save(timm.create_model("resnet10t", pretrained=False, num_classes=0).state_dict(), path)
+    cfg = TeacherConfig(arch="resnet10t", checkpoint=str(path), format="timm", output="pooled")
+    first, _ = shared_teacher(cfg)
+    assert shared_teacher(cfg)[0] is first                                     # the same file: the same copy
+    torch.manual_seed(1)
+    torch.save(timm.create_model("resnet10t", pretrained=False, num_classes=0).state_dict(), path)
+    os.utime(path, ns=(0, os.stat(path).st_mtime_ns + 1_000_000))              # a later modification time for sure
+    second, _ = shared_teacher(cfg)
+    assert second is not first
+    assert not torch.equal(next(second.parameters()), next(first.parameters()))
