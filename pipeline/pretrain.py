@@ -59,11 +59,13 @@ def with_pretrained(asked: TeacherConfig, made: TeacherConfig) -> TeacherConfig:
                                small_input=made.small_input, output=output)
 
 
-def trains(cfg: RunConfig) -> dict[str, Any]:
+def trains(cfg: RunConfig, urls: list[str], lengths: list[int]) -> dict[str, Any]:
     """What decides the teacher pre-training makes: its section (less device and data-path settings), the
-    training shards, and the views it trains on (the recipe at the resolution). A finished export or an
-    epoch checkpoint is reused only when this is the same."""
+    training shards (their pattern, file names and sample counts, as the teacher cache's fingerprint has them:
+    another storage root with the same layout is other data), and the views it trains on (the recipe at the
+    resolution). A finished export or an epoch checkpoint is reused only when this is the same."""
     return json.loads(json.dumps({"pretrain": outcome(cfg.pretrain), "data": cfg.data.train,
+                                  "shards": [u.rsplit("/", 1)[-1] for u in urls], "shard_lengths": list(lengths),
                                   "recipe": recipe_fields(cfg.cache.recipe), "resolution": cfg.cache.resolution}))
 
 
@@ -95,14 +97,15 @@ def run(cfg: RunConfig, storage: Storage, *, resume: bool = False, progress: boo
     p = cfg.pretrain
     out = storage.resolve("runs", p.name)
     path = storage.pretrained_teacher(p.name)
-    what = trains(cfg)
+    urls = expand_urls(storage.resolve("shards", cfg.data.train))
+    lengths = shard_lengths(urls, record=storage.shard_lengths_record(), damaged=cfg.data.damaged)
+    what = trains(cfg, urls, lengths)
     if checkpoint.exists(path):
         done = checkpoint.load(path)
         if done.get("trains") == what:
             return PretrainResult(path, True, teacher_config(cfg, path), done.get("metrics", []))
     device = resolve_device(p.device)
     rank, world = join_process_group(device)
-    urls = expand_urls(storage.resolve("shards", cfg.data.train))
     torch.manual_seed(p.seed)
     model = build(p, num_classes(urls, cfg.data.damaged) if p.method == "supervised" else 0)
     member = make_member(p.method, model, join(out, p.method), optim=p.optim, device=device,
@@ -117,7 +120,6 @@ def run(cfg: RunConfig, storage: Storage, *, resume: bool = False, progress: boo
                          seed=p.seed)
         if p.method == "moco" else create_objective("supervised"))
     source = FreshViews(cfg.cache.recipe, seed=p.seed + 7, n_views=objective.n_views, damaged=cfg.data.damaged)
-    lengths = shard_lengths(urls, record=storage.shard_lengths_record(), damaged=cfg.data.damaged)
     if rank == 0 and (note := cache.shard_mix_note(sampled_label_mix(urls, lengths), p.loader.shuffle_buffer,
                                                    "pretrain.loader.shuffle_buffer")):
         log.warning("%s: %s", cfg.data.train, note)

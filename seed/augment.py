@@ -8,8 +8,10 @@ Applying works on a whole batch in one call: the crop, resize and flip become on
 per image (``grid_sample``), the colour operations are tensor arithmetic over the batch. This is
 one ``grid_sample`` call per batch instead of a Python call chain per image.
 Differences from the PIL pipeline, on purpose: colour operations run on float tensors in [0, 1]
-(no uint8 rounding between them) and the resize is bilinear without antialiasing (pre-shrink very
-large sources at decode time when that matters).
+(no uint8 rounding between them) and the resize is bilinear without antialiasing (torchvision's
+``antialias=False``), where PIL's shrinking resize filters: a crop shrunk by a large factor (a
+multi-megapixel source) aliases, and ImageNet-sized views differ from PIL's by about 2 grey levels
+(median; docs/design.md, Augmentation). Nothing pre-shrinks the sources.
 
 Example:
     >>> import torch
@@ -155,14 +157,16 @@ def _crops_on_canvas(images: Sequence[torch.Tensor] | torch.Tensor, params: torc
     """The CUDA path: every distinct image pasted once into the top-left corner of one zero canvas, then
     one sampling call per view rank (a few dozen kernel launches instead of ten per source size: on a
     GPU the launches, not the arithmetic, were the cost). Sampling positions are the same as the
-    per-size path's up to float rounding of the normalised grid (about 1e-7 of a pixel).
+    per-size path's up to float rounding of the grid normalised to the canvas's width W (about W x 6e-8 of a
+    pixel, so a view's last bits depend on the widest image in its batch; and at a box's edge the sampling may
+    take a trace of the canvas's zero padding: up to 1.25e-4 next to a 4,000 px image, measured).
 
     The canvas holds each image once and is turned to float once: sampling call r takes the r-th view
     of every image (an image with fewer views samples a stand-in, dropped), so no image is copied once
     per view. On an H100 the canvas copied per view and its float passes took about 2.4 of the
     augmentation's 8.3 ms of kernel time per 256 views (docs/benchmarks.md, run 7); now the copy is
     gone and, at V views per image, the float passes cover 1/V of the pixels. Each view's bits are
-    those of a canvas copied per view: sampling reads only its own image."""
+    those of a canvas copied per view."""
     device = params.device
     if isinstance(images, torch.Tensor):
         images = list(images)

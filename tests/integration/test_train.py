@@ -308,6 +308,19 @@ def test_pretraining_is_reused_and_resumed_only_for_the_same_views(prepared, cap
     a = _cfg(prepared, "pretrain.name=views-test", "pretrain.optim.epochs=1")
     pretrain_stage.run(a, storage, progress=False)
     assert pretrain_stage.run(a, storage, progress=False).skipped is True
+    # the same pattern under another shards root, whose first shard holds other samples: other data, made again
+    other_root = Path(storage.runs).parent / "other-shards"
+    shutil.copytree(Path(storage.shards) / "fm", other_root / "fm")
+    first = other_root / "fm/train/train-000000.tar"
+    with tarfile.open(first) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]  # type: ignore[union-attr]
+    with tarfile.open(first, "w") as tar:
+        for m, data in members[: len(members) // 2]:  # its first half of samples
+            tar.addfile(m, io.BytesIO(data))
+    (other_root / "fm/train/_info.json").unlink(missing_ok=True)
+    elsewhere = Storage(shards=str(other_root), caches=storage.caches, runs=storage.runs, reports=storage.reports)
+    assert pretrain_stage.run(a, elsewhere, progress=False).skipped is False
+    assert pretrain_stage.run(a, storage, progress=False).skipped is False  # back: the export is elsewhere's now
     # the same pretrain section over other views (no blur) is another teacher: made again
     b = _cfg(prepared, "pretrain.name=views-test", "pretrain.optim.epochs=1", "cache.recipe.blur_p=0")
     second = pretrain_stage.run(b, storage, progress=False)
