@@ -12,6 +12,7 @@ decode is reported by ``decode_image`` and skipped by the caller; the teacher st
 
 from __future__ import annotations
 
+import bz2
 import collections
 import dataclasses
 import functools
@@ -19,6 +20,7 @@ import gzip
 import io
 import json
 import logging
+import lzma
 import os
 import re
 import shutil
@@ -169,17 +171,21 @@ def _tar_members(stream: Any, url: str) -> Iterator[dict[str, Any]]:
     the end of the input; a shard truncated by a failed copy would then look complete with fewer
     samples. Raises ``DamagedShard`` naming the shard, the byte offset and what was found there.
 
-    An uncompressed tar is read by ``_plain_members``, a compressed one by ``tarfile``; both read the
-    same members and stop at the same damage.
+    A compressed tar (gzip, bzip2, xz) is decompressed as it is read and then read as an uncompressed one, end
+    check included: a tar cut short inside a compressed stream that was finished around it (``tar c | gzip``
+    with tar killed) is damage like any other. A compressed stream cut short raises ``EOFError``.
     """
     first = stream.read(tarfile.BLOCKSIZE)
-    if first.startswith(_COMPRESSED):
-        yield from _tarfile_members(_Prefixed(first, stream), url)
-    else:
-        yield from _plain_members(first, stream, url)
+    for magic, unpack in _COMPRESSED.items():
+        if first.startswith(magic):
+            stream = unpack(_Prefixed(first, stream))
+            first = stream.read(tarfile.BLOCKSIZE)
+            break
+    yield from _plain_members(first, stream, url)
 
 
-_COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")  # gzip, bzip2, xz: what tarfile's "r|*" unpacks
+_COMPRESSED: dict[bytes, Callable[[Any], Any]] = {  # what tarfile's "r|*" unpacks
+    b"\x1f\x8b": lambda f: gzip.GzipFile(fileobj=f, mode="rb"), b"BZh": bz2.BZ2File, b"\xfd7zXZ\x00": lzma.LZMAFile}
 _OCTAL = re.compile(rb" *([0-7]*) *(?:\0.*)?", re.S)  # a number field as tar writers write it
 _NUMBERS = ((100, 108), (108, 116), (116, 124), (124, 136), (136, 148), (329, 337), (337, 345))  # mode .. mtime, devices
 _SIZE = 3                                               # its index in _NUMBERS
@@ -355,7 +361,7 @@ def _tarfile_members(stream: Any, url: str, base: int = 0,
         raise DamagedShard(f"{url}: damaged tar shard, {exc} in member {last[0]!r} (header at byte {last[1]}); "
                            f"{_HOW_TO_PROCEED}", url=url, offset=last[1], member=None) from exc
     if getattr(tf.fileobj, "comptype", "tar") != "tar":
-        return  # compressed: the decompressor checks its own end (a cut gzip raises EOFError)
+        return  # compressed bytes given (``_tar_members`` decompresses first): their tail is not the tar's
     end = tf.offset                              # where tarfile looked for the next header and stopped
     tail = tracked.tail
     seen = tail[len(tail) - (tracked.pos - end):] if tracked.pos - end <= len(tail) else None

@@ -625,3 +625,22 @@ def test_the_class_count_is_recorded_when_shards_are_written_and_read_without_op
     unlabelled = tmp_path / "unlabelled"
     unlabelled.mkdir()
     assert "num_classes" not in _write_split(iter([("a", b"x", "png", 3), ("b", b"y", "png", -1)]), unlabelled, "t", 8)
+
+
+@pytest.mark.parametrize("compress", ["gzip", "bz2", "xz"])
+def test_a_tar_cut_short_inside_a_complete_compressed_stream_is_damaged(tmp_path: Path, compress: str) -> None:
+    """`tar c | gzip` with tar killed: gzip still ends its stream properly around a cut tar. The tar inside is
+    checked for its end marker as an uncompressed one is (before, such a shard read as complete, shorter)."""
+    import bz2
+    import lzma
+
+    good = _writers_tars()["ustar"]
+    with tarfile.open(fileobj=io.BytesIO(good)) as t:
+        cut_at = t.getmembers()[6].offset                                   # at a header: nothing looks wrong
+    pack = {"gzip": lambda b: gzip.compress(b, mtime=0), "bz2": bz2.compress, "xz": lzma.compress}[compress]
+    whole, cut = tmp_path / "whole.tar", tmp_path / "cut.tar"
+    whole.write_bytes(pack(good))
+    cut.write_bytes(pack(good[:cut_at]))
+    assert len(list(iter_shard(str(whole)))) > 3
+    with pytest.raises(DamagedShard, match=r"cut.tar: damaged tar shard at byte \d+ after member .*cut short"):
+        list(iter_shard(str(cut)))
