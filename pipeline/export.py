@@ -294,6 +294,9 @@ def timm_config(item: _Loaded, description: dict[str, Any]) -> dict[str, Any]:
 def _write_export(item: _Loaded, directory: str, run_dir: str, *, fmt: str, head: bool) -> StudentExport:
     description = describe(item, run_dir, head=head)
     config = timm_config(item, description) if fmt == "timm" else description
+    # config.json last, and an earlier one gone first: a complete config.json describes the files beside it,
+    # also when this export is cut short (a re-export killed part-way leaves no config at all)
+    _remove(join(directory, CONFIG))
     written = [join(directory, WEIGHTS)]
     write_bytes(written[0], _safetensors(item.model.backbone.state_dict()))
     if head:

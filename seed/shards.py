@@ -175,13 +175,33 @@ def _tar_members(stream: Any, url: str) -> Iterator[dict[str, Any]]:
     check included: a tar cut short inside a compressed stream that was finished around it (``tar c | gzip``
     with tar killed) is damage like any other. A compressed stream cut short raises ``EOFError``.
     """
+    stream = _Exact(stream)
     first = stream.read(tarfile.BLOCKSIZE)
     for magic, unpack in _COMPRESSED.items():
         if first.startswith(magic):
-            stream = unpack(_Prefixed(first, stream))
+            stream = _Exact(unpack(_Prefixed(first, stream)))
             first = stream.read(tarfile.BLOCKSIZE)
             break
     yield from _plain_members(first, stream, url)
+
+
+class _Exact:
+    """A stream whose ``read(n)`` returns n bytes unless the stream ends first: the reader takes a short read
+    for a cut, where some streams (fsspec's HTTP stream, decompressors) return what they have at hand."""
+
+    def __init__(self, raw: Any):
+        self.raw = raw
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.raw.read(size)
+        if size < 0 or len(data) >= size or not data:
+            return data
+        parts = [data]
+        got = len(data)
+        while got < size and (more := self.raw.read(size - got)):
+            parts.append(more)
+            got += len(more)
+        return b"".join(parts)
 
 
 _COMPRESSED: dict[bytes, Callable[[Any], Any]] = {  # what tarfile's "r|*" unpacks
@@ -725,7 +745,9 @@ def _write_split(samples: Iterable[tuple[str, bytes, str, int]], out_dir: Path, 
                 tar.close()
             filenames.append(f"{name}-{len(filenames):06d}.tar")
             lengths.append(0)
-            tar = tarfile.open(out_dir / filenames[-1], "w", format=tarfile.USTAR_FORMAT)
+            # pax: a plain header where the member's fields fit (the same bytes as ustar), an extended one where a
+            # long or non-ASCII name does not (ustar refuses names past about 100 characters)
+            tar = tarfile.open(out_dir / filenames[-1], "w", format=tarfile.PAX_FORMAT)
         assert tar is not None
         _add_member(tar, f"{key}.{ext}", data)
         if label >= 0:
@@ -757,8 +779,10 @@ def publish(tmp: Path, out: str, overwrite: bool) -> None:
         fs.put(str(tmp), path, recursive=True)
 
 
-def _write_splits(splits: dict[str, Iterable[tuple[str, bytes, str, int]]], out: str, per_shard: int, overwrite: bool) -> dict:
-    """Write each split to ``out/<split>/`` with an ``_info.json`` (timm's layout), atomically."""
+def _write_splits(splits: dict[str, Iterable[tuple[str, bytes, str, int]]], out: str, per_shard: int, overwrite: bool,
+                  extra: dict | None = None) -> dict:
+    """Write each split to ``out/<split>/`` with an ``_info.json`` (timm's layout; ``extra`` added to the top-level
+    one), atomically."""
     if per_shard <= 0:
         raise SeedError(f"--per-shard must be > 0, got {per_shard}")
     parent = _local_tmp_parent(out)
@@ -766,7 +790,8 @@ def _write_splits(splits: dict[str, Iterable[tuple[str, bytes, str, int]]], out:
     tmp = Path(tempfile.mkdtemp(prefix=f"{_BUILD_PREFIX}{socket.gethostname()}-{os.getpid()}-", dir=parent))
     as_if_created(tmp, directory=True)  # mkdtemp makes it private; the published directory should not be
     try:
-        info: dict = {"name": os.path.basename(out.rstrip("/")), "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "splits": {}}
+        info: dict = {"name": os.path.basename(out.rstrip("/")), "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                      **(extra or {}), "splits": {}}
         for name, samples in splits.items():
             (tmp / name).mkdir()
             split = _write_split(samples, tmp / name, name, per_shard)
@@ -787,10 +812,11 @@ _BUILD_PREFIX = ".seed-shards-"
 def _remove_stale_builds(parent: Path) -> None:
     """Remove what killed conversions left in ``parent``: build directories named after this host and a
     process that no longer runs (a build of another host, or of a live process, is left alone)."""
-    host = socket.gethostname()
-    for path in parent.glob(f"{_BUILD_PREFIX}{host}-*-*"):
-        pid = path.name[len(_BUILD_PREFIX) + len(host) + 1:].split("-", 1)[0]
-        if not pid.isdigit() or _alive(int(pid)):
+    # the whole name matched: the glob host-*-* would also take the builds of host "node-4190000" on host "node"
+    mine = re.compile(re.escape(_BUILD_PREFIX + socket.gethostname()) + r"-(\d+)-[^-]+")
+    for path in parent.glob(f"{_BUILD_PREFIX}*"):
+        match = mine.fullmatch(path.name)
+        if match is None or _alive(int(pid := match[1])):
             continue
         log.info("removing %s, left by a conversion that was stopped (process %s)", path, pid)
         shutil.rmtree(path, ignore_errors=True)
@@ -915,13 +941,18 @@ def imagefolder_to_shards(src: str, out: str, *, split: str = "train", per_shard
         files = [files[i] for i in np.random.default_rng(seed).permutation(len(files))]
     files = files[:limit] if limit is not None else files
     index = {c: i for i, c in enumerate(classes)}
+    keys: dict[str, Path] = {}
+    for c, p in files:  # one sample per key: x.jpg and x.png, or a.b.png and a_b.png, would make one key twice
+        key = f"{c}_{p.stem}".replace(".", "_")
+        if key in keys:
+            raise SeedError(f"{keys[key]} and {p} would both be sample {key!r} (a key is <class>_<file stem>, dots "
+                            "made underscores); rename one of them")
+        keys[key] = p
 
     def samples() -> Iterator[tuple[str, bytes, str, int]]:
         for c, p in progress_bar(files, desc=f"imagefolder {split}", unit="img", disable=not progress):
             key = f"{c}_{p.stem}".replace(".", "_")
             yield key, p.read_bytes(), p.suffix.lower().lstrip("."), index[c]
 
-    info = _write_splits({split: samples()}, out, per_shard, overwrite)
-    info["classes"] = classes
-    info["order"] = f"shuffled, seed {seed}" if shuffle else "class by class, as in the tree"
-    return info
+    order = f"shuffled, seed {seed}" if shuffle else "class by class, as in the tree"
+    return _write_splits({split: samples()}, out, per_shard, overwrite, extra={"classes": classes, "order": order})

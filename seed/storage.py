@@ -354,6 +354,9 @@ def load_storage(explicit: str | None = None) -> Storage:
             raise SeedError(f"{path}: storage_options for {name} given twice (in the root and at the top level)")
         if opts or top.get(name):
             options[name] = opts or top[name]
-        roots[name] = value if is_url(value) or os.path.isabs(value) else str((base / value).resolve())
+        if not is_url(value):  # a path (file:// taken off), relative ones to the storage file's directory
+            value = local_path(value)
+            value = value if os.path.isabs(value) else str((base / value).resolve())
+        roots[name] = value
     check_options(roots, {**{k: v for k, v in top.items() if k not in options}, **options}, str(path))
     return Storage(**roots, storage_options=options)

@@ -68,6 +68,9 @@ def test_storage_roots(tmp_path: Path) -> None:
     assert s.runs == str(tmp_path / "data" / "runs")
     assert s.resolve("caches", "x.zarr") == "s3://bucket/caches/x.zarr"
     assert s.resolve("shards", "/abs/x.tar") == "/abs/x.tar"
+    (tmp_path / "file.yaml").write_text("shards: file:///data/shards\ncaches: file://rel/caches\n")
+    f = load_storage(str(tmp_path / "file.yaml"))                       # file:// is a path: absolute, or relative
+    assert f.shards == "/data/shards" and f.caches == str(tmp_path / "rel" / "caches")
     (tmp_path / "bad.yaml").write_text("shardz: x\n")
     with pytest.raises(SeedError, match="unknown storage root"):
         load_storage(str(tmp_path / "bad.yaml"))

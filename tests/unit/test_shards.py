@@ -210,6 +210,18 @@ def test_imagefolder(tmp_path: Path) -> None:
     assert info["classes"] == ["cat", "dog"] and info["order"] == "class by class, as in the tree"
     assert [(s.key, s.label, s.ext) for s in samples] == [("cat_im_1", 0, "jpg"), ("cat_im_2", 0, "jpg"), ("dog_im_3", 1, "jpg")]
     assert samples[2].image == (tmp_path / "src" / "dog" / "im.3.jpg").read_bytes()  # bytes kept as they are
+    on_disk = json.loads((tmp_path / "out" / "_info.json").read_text())     # the class names are written down
+    assert on_disk["classes"] == ["cat", "dog"] and on_disk["order"] == "class by class, as in the tree"
+    # a name too long for a plain tar header is written with an extended one, and read back
+    long = "x" * 150
+    (tmp_path / "src" / "dog" / f"{long}.jpg").write_bytes(_encoded("JPEG", 9))
+    imagefolder_to_shards(str(tmp_path / "src"), str(tmp_path / "long"), progress=False, shuffle=False)
+    assert f"dog_{long}" in [s.key for s in iter_shard(str(tmp_path / "long" / "train" / "train-000000.tar"))]
+    # two files that would be one key are refused before anything is written
+    (tmp_path / "src" / "cat" / "im.1.png").write_bytes(_encoded("PNG", 7))
+    with pytest.raises(SeedError, match=r"im\.1\.jpg and .*im\.1\.png would both be sample 'cat_im_1'"):
+        imagefolder_to_shards(str(tmp_path / "src"), str(tmp_path / "twice"), progress=False)
+    assert not (tmp_path / "twice").exists()
 
 
 def test_imagefolder_shuffles_classes_across_shards(tmp_path: Path) -> None:
@@ -437,10 +449,11 @@ def test_a_killed_conversions_build_directory_is_removed_by_the_next(tmp_path: P
     left = tmp_path / f".seed-shards-{host}-{dead.pid}-abc123"       # a conversion killed on this host
     live = tmp_path / f".seed-shards-{host}-{os.getpid()}-def456"    # one still running here
     other = tmp_path / f".seed-shards-elsewhere-{dead.pid}-ghi789"   # another host's, on a shared disk
-    for d in (left, live, other):
+    longer = tmp_path / f".seed-shards-{host}-4190000-{dead.pid}-jkl0"  # host "<this host>-4190000"'s, running
+    for d in (left, live, other, longer):
         (d / "train").mkdir(parents=True)
     fashion_mnist_to_shards(str(tmp_path / "fm"), source=shards.FASHION_MNIST_DIR, per_shard=50, limit=100)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["fm", live.name, other.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["fm", live.name, other.name, longer.name])
 
 
 def _writers_tars() -> dict[str, bytes]:
@@ -644,3 +657,21 @@ def test_a_tar_cut_short_inside_a_complete_compressed_stream_is_damaged(tmp_path
     assert len(list(iter_shard(str(whole)))) > 3
     with pytest.raises(DamagedShard, match=r"cut.tar: damaged tar shard at byte \d+ after member .*cut short"):
         list(iter_shard(str(cut)))
+
+
+def test_a_stream_that_returns_short_reads_is_read_whole() -> None:
+    """fsspec's HTTP stream (no Content-Length) returns what it has at hand, not what was asked: that is no cut."""
+    from seed.shards import _tar_members
+
+    class Trickle:
+        def __init__(self, data: bytes):
+            self.data, self.at = data, 0
+
+        def read(self, size: int = -1) -> bytes:
+            n = len(self.data) - self.at if size < 0 else min(size, 700)
+            out, self.at = self.data[self.at:self.at + n], self.at + n
+            return out
+
+    for label, data in _writers_tars().items():
+        expected = [(m["fname"], m["data"]) for m in _tar_members(io.BytesIO(data), "shard.tar")]
+        assert [(m["fname"], m["data"]) for m in _tar_members(Trickle(data), "shard.tar")] == expected, label
