@@ -766,17 +766,30 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def publish(tmp: Path, out: str, overwrite: bool) -> None:
-    """Move a finished local directory to ``out`` (local or fsspec URL); nothing partial is left there."""
+    """Move a finished local directory to ``out`` (local or fsspec URL); nothing that looks complete is left
+    there part-way. Locally a rename (an earlier output is renamed aside first and removed once the new one is
+    in place: a kill between the two leaves it as ``.<name>.replaced-<pid>``). To an object store the shards
+    go first, then each split's ``_info.json``, then the top-level one: a cut upload has no listing that
+    names shards it lacks."""
     fs, _, (path,) = fsspec.get_fs_token_paths(out)
-    if fs.exists(path):
-        if not overwrite and fs.ls(path):
-            raise SeedError(f"{out} exists and is not empty; pass --overwrite to replace it")
-        fs.rm(path, recursive=True)
+    exists = fs.exists(path)
+    if exists and not overwrite and fs.ls(path):
+        raise SeedError(f"{out} exists and is not empty; pass --overwrite to replace it")
     if not is_url(out):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
+        aside = Path(path).parent / f".{Path(path).name}.replaced-{os.getpid()}" if exists else None
+        if aside is not None:
+            os.replace(path, aside)
         os.replace(tmp, path)
-    else:
-        fs.put(str(tmp), path, recursive=True)
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+        return
+    if exists:
+        fs.rm(path, recursive=True)
+    files = sorted((p for p in tmp.rglob("*") if p.is_file()),
+                   key=lambda p: (p.name == INFO_FILE, p.parent == tmp, str(p)))  # shards, split listings, top
+    for f in files:
+        fs.put_file(str(f), f"{path}/{f.relative_to(tmp).as_posix()}")
 
 
 def _write_splits(splits: dict[str, Iterable[tuple[str, bytes, str, int]]], out: str, per_shard: int, overwrite: bool,

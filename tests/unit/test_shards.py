@@ -675,3 +675,20 @@ def test_a_stream_that_returns_short_reads_is_read_whole() -> None:
     for label, data in _writers_tars().items():
         expected = [(m["fname"], m["data"]) for m in _tar_members(io.BytesIO(data), "shard.tar")]
         assert [(m["fname"], m["data"]) for m in _tar_members(Trickle(data), "shard.tar")] == expected, label
+
+
+def test_published_shards_replace_an_earlier_output_and_reach_an_object_store_whole(tmp_path: Path) -> None:
+    from seed import shards
+
+    local = tmp_path / "fm"
+    fashion_mnist_to_shards(str(local), source=shards.FASHION_MNIST_DIR, per_shard=50, limit=100)
+    first = (local / "train" / "train-000000.tar").read_bytes()
+    fashion_mnist_to_shards(str(local), source=shards.FASHION_MNIST_DIR, per_shard=50, limit=100, overwrite=True)
+    assert (local / "train" / "train-000000.tar").read_bytes() == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fm"]             # the earlier output renamed aside, gone
+    url = "memory://publish-test/fm"
+    fashion_mnist_to_shards(url, source=shards.FASHION_MNIST_DIR, per_shard=50, limit=100)
+    mem = fsspec.filesystem("memory")
+    here = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
+    there = sorted(p.split("/publish-test/fm/", 1)[1] for p in mem.find("/publish-test/fm"))
+    assert there == here and mem.cat_file("/publish-test/fm/train/train-000000.tar") == first
