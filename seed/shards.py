@@ -89,8 +89,16 @@ def _label(fields: dict[str, bytes]) -> int:
     if "json" in fields:
         meta = json.loads(fields["json"])
         for name in ("label", "cls", "class", "target"):
-            if isinstance(meta, dict) and isinstance(meta.get(name), int):
-                return int(meta[name])
+            if not isinstance(meta, dict) or name not in meta:
+                continue
+            value = meta[name]  # a class index: 3, 3.0 or "3"; anything else is a label that cannot be read
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+                return int(value)
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+            raise ValueError(f"json {name}={value!r} is not a class index")
     return -1
 
 

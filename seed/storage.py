@@ -26,6 +26,7 @@ import json
 import os
 import re
 import uuid
+from urllib.parse import urlsplit
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -57,7 +58,9 @@ def join(base: str, *parts: str) -> str:
 
 # Option names that hold a credential (s3fs key/secret/token, gcsfs token, adlfs account_key, sas_token,
 # connection_string, client_secret, ...): refused in storage.yaml, which is shared and committed.
-_SECRET_WORDS = {"key", "secret", "token", "password", "passwd", "credential", "credentials", "connection"}
+_SECRET_WORDS = {"key", "secret", "token", "password", "passwd", "credential", "credentials", "connection", "auth",
+                 "authorization", "apikey", "passphrase"}
+_SECRET_PARTS = ("secret", "password", "token", "apikey", "passphrase", "authorization")  # inside a longer name too
 # gcsfs's ``token`` also names an access mode, which is no secret.
 _TOKEN_MODES = {"anon", "google_default", "cloud", "browser", "cache"}
 
@@ -68,7 +71,7 @@ def _secret_option(options: Mapping[str, Any], prefix: str = "") -> str | None:
         words = set(re.split(r"[^a-z0-9]+", str(name).lower()))
         if str(name).lower() == "token" and value in _TOKEN_MODES:
             continue
-        if words & _SECRET_WORDS or any(w in str(name).lower() for w in ("secret", "password", "token")):
+        if words & _SECRET_WORDS or any(w in str(name).lower() for w in _SECRET_PARTS):
             return f"{prefix}{name}"
         if isinstance(value, Mapping):
             inner = _secret_option(value, f"{prefix}{name}.")
@@ -84,6 +87,10 @@ def protocol(url: str) -> str:
 
 def check_options(roots: Mapping[str, str], options: Mapping[str, Any], where: str) -> None:
     """Refuse storage options fsspec could not apply as written, or that hold a secret (one line, naming the root)."""
+    for name, url in roots.items():
+        if is_url(url) and urlsplit(url).password is not None:
+            raise SeedError(f"{where}: the {name} root's URL holds a password; secrets never go in storage.yaml: give "
+                            "credentials through the environment")
     for name, opts in options.items():
         if name not in ROOTS:
             raise SeedError(f"{where}: storage_options for unknown root {name!r} (known: {', '.join(ROOTS)})")

@@ -136,10 +136,17 @@ def _refused(tmp_path: Path, data: dict) -> str:
     ({"client_kwargs": {"aws_session_token": "x"}}, "client_kwargs.aws_session_token"),
     ({"account_key": "x"}, "account_key"),
     ({"password": "x"}, "password"),
+    ({"headers": {"Authorization": "Bearer x"}}, "headers.Authorization"),
+    ({"apikey": "x"}, "apikey"),
+    ({"passphrase": "x"}, "passphrase"),
 ])
 def test_secrets_in_storage_yaml_are_refused(tmp_path: Path, options: dict, name: str) -> None:
     message = _refused(tmp_path, {"caches": {"url": "s3://b/caches", "storage_options": options}})
     assert f"caches.storage_options.{name} looks like a secret" in message and "environment" in message
+
+
+def test_a_password_in_a_root_url_is_refused(tmp_path: Path) -> None:
+    assert "the caches root's URL holds a password" in _refused(tmp_path, {"caches": "https://user:pw@example.org/c"})
 
 
 def test_other_mistakes_are_refused_naming_the_root(tmp_path: Path) -> None:

@@ -692,3 +692,20 @@ def test_published_shards_replace_an_earlier_output_and_reach_an_object_store_wh
     here = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
     there = sorted(p.split("/publish-test/fm/", 1)[1] for p in mem.find("/publish-test/fm"))
     assert there == here and mem.cat_file("/publish-test/fm/train/train-000000.tar") == first
+
+
+def test_json_labels_are_class_indices_or_named_errors(tmp_path: Path) -> None:
+    """A .json label of 3, 3.0 or "3" is class 3; true, 2.5 or "cat" is a label that cannot be read (named), not
+    class 1 or an unlabelled sample; a .json without a label field leaves the sample unlabelled."""
+    def shard(meta: object) -> str:
+        path = tmp_path / f"s{len(list(tmp_path.iterdir()))}.tar"
+        with tarfile.open(path, "w") as tar:
+            _add(tar, "a.png", _encoded("PNG", 1, "L"))
+            _add(tar, "a.json", json.dumps(meta).encode())
+        return str(path)
+
+    for meta, label in (({"label": 3}, 3), ({"label": 3.0}, 3), ({"cls": "3"}, 3), ({"other": 1}, -1)):
+        assert [s.label for s in iter_shard(shard(meta))] == [label], meta
+    for meta in ({"label": True}, {"label": 2.5}, {"target": "cat"}):
+        with pytest.raises(SeedError, match=r"sample 'a' has an unreadable label .*is not a class index"):
+            list(iter_shard(shard(meta)))
