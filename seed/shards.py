@@ -647,6 +647,7 @@ def _identities(urls: list[str]) -> list[dict[str, str | int] | None]:
     out: list[dict[str, str | int] | None] = [None] * len(urls)
     for indices in by_dir.values():
         fs, path = fsspec.core.url_to_fs(urls[indices[0]])
+        fs.invalidate_cache(path.rsplit("/", 1)[0] or "/")  # a cached listing (s3fs) would keep a rewritten shard's old ETag
         try:
             listing = {str(e["name"]).rstrip("/").rsplit("/", 1)[-1]: e
                        for e in fs.ls(path.rsplit("/", 1)[0] or "/", detail=True)}
