@@ -187,9 +187,9 @@ def main(argv: list[str] | None = None) -> int:
                 assert run_id is not None
                 run = client.read_flow_run(run_id)
         except ObjectNotFound:
-            what = f"deployment {args.deployment}" if args.deployment else f"flow run {args.flow_run}"
-            print(f"follow: no {what} on the Prefect server at {client.api_url} (make demo registers seed/full and "
-                  "seed/student)", file=sys.stderr)
+            what = (f"deployment {args.deployment} (make demo registers seed/full and seed/student)" if args.deployment
+                    else f"flow run {args.flow_run}")
+            print(f"follow: the Prefect server at {client.api_url} has no {what}", file=sys.stderr)
             return 2
         except httpx.HTTPError as exc:
             print(f"follow: cannot reach the Prefect server at {client.api_url} ({type(exc).__name__}); is it "
