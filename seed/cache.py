@@ -221,13 +221,18 @@ def _open_when_ready(url: str, fields: Mapping[str, Any], wait_s: float) -> zarr
     """The cache another process is creating (or has created), once its arrays exist, with the attributes
     stored; its fingerprint checked."""
     deadline = time.monotonic() + wait_s
-    while not exists(url):
+    checked = False
+    while True:
+        if exists(url):
+            group = open_group(url, "r")
+            if not checked:
+                check_fingerprint(group, fields, url)
+                checked = True
+            if attributes(group).get("status") != "creating":
+                return open_group(url, "r+")
         if time.monotonic() > deadline:
             raise SeedError(f"{url}: cache still being created after {wait_s:.0f} s (a crashed creator? use --overwrite)")
         time.sleep(0.2)
-    check_fingerprint(open_group(url, "r"), fields, url)
-    _wait_ready(open_group(url, "r"), url, wait_s)
-    return open_group(url, "r+")
 
 
 def _lay_out(url: str, overwrite: bool, capacity: int, views: int, dim: int, N: int,
@@ -252,15 +257,6 @@ def _lay_out(url: str, overwrite: bool, capacity: int, views: int, dim: int, N: 
     group.create_group("progress")
     group.attrs["status"] = "incomplete"  # the arrays exist: shard writers may start
     return group
-
-
-def _wait_ready(group: zarr.Group, url: str, wait_s: float) -> None:
-    deadline = time.monotonic() + wait_s
-    while attributes(group).get("status") == "creating":
-        if time.monotonic() > deadline:
-            raise SeedError(f"{url}: cache still being created after {wait_s:.0f} s (a crashed creator? use --overwrite)")
-        time.sleep(0.5)
-        group = open_group(url, "r")
 
 
 _warned: set[str] = set()

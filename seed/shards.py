@@ -972,9 +972,9 @@ def imagefolder_to_shards(src: str, out: str, *, split: str = "train", per_shard
         keys[key] = p
 
     def samples() -> Iterator[tuple[str, bytes, str, int]]:
-        for c, p in progress_bar(files, desc=f"imagefolder {split}", unit="img", disable=not progress):
-            key = f"{c}_{p.stem}".replace(".", "_")
-            yield key, p.read_bytes(), p.suffix.lower().lstrip("."), index[c]
+        for key, p in progress_bar(keys.items(), total=len(keys), desc=f"imagefolder {split}", unit="img",
+                                   disable=not progress):
+            yield key, p.read_bytes(), p.suffix.lower().lstrip("."), index[p.parent.name]
 
     order = f"shuffled, seed {seed}" if shuffle else "class by class, as in the tree"
     return _write_splits({split: samples()}, out, per_shard, overwrite, extra={"classes": classes, "order": order})
