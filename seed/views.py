@@ -22,8 +22,10 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import math
+from typing import TypeVar
 
 import numpy as np
 
@@ -195,8 +197,12 @@ def _draw(recipe: Recipe, rng: np.random.Generator, height: int, width: int) -> 
     return row
 
 
-def _uniform(lo: float, hi: float, u: float) -> float:
-    """numpy's ``Generator.uniform(lo, hi)`` given its double ``u``: the same arithmetic, the same bits."""
+_Doubles = TypeVar("_Doubles", float, np.ndarray)
+
+
+def _uniform(lo: float, hi: float, u: _Doubles) -> _Doubles:
+    """numpy's ``Generator.uniform(lo, hi)`` given its double ``u`` (or an array of them): the same arithmetic,
+    the same bits."""
     return lo + (hi - lo) * u
 
 
@@ -214,7 +220,11 @@ def _crop_box(rng: np.random.Generator, recipe: Recipe, height: int, width: int)
             top = int(rng.integers(0, height - h + 1))
             left = int(rng.integers(0, width - w + 1))
             return top, left, h, w
-    # Fallback to a central crop, as torchvision does.
+    return _central_box(recipe, height, width)
+
+
+def _central_box(recipe: Recipe, height: int, width: int) -> tuple[int, int, int, int]:
+    """torchvision's fallback when no try fits: the largest central box within the ratio range."""
     in_ratio = width / height
     if in_ratio < recipe.crop_ratio[0]:
         w, h = width, int(round(width / recipe.crop_ratio[0]))
@@ -237,34 +247,208 @@ def draw_many(recipe: Recipe, *, seed: int, keys: list[str], sizes: list[tuple[i
               first: int = 0) -> np.ndarray:
     """``draw_views`` for many images at once: float32 ``[len(keys), views, P]``, the same rows to the bit.
 
-    Seeding a numpy generator per view (``SeedSequence`` hashing its words, then ``PCG64``) costs about
-    half of a view's draw. Here the hashing runs once for all the views, vectorised (``_pcg64_states``), and
-    one generator is set to each view's state in turn, so the draws themselves are numpy's own.
+    Drawing one view at a time costs about 10 us, mostly numpy's per-call overhead on single numbers. Here
+    every view's generator runs at once (``_Streams``: numpy's ``SeedSequence`` seeding and ``PCG64`` stream
+    computed on arrays of generators), and each step of the draw, crop box, jitter order, factors, is one
+    array operation over all the views that take it, in the order ``_draw`` consumes the stream.
     """
     out = np.empty((len(keys), views, P), dtype=np.float32)
-    if not keys:
+    if not keys or not views:
         return out
-    if first + views > 1 << 32:  # a view index of two words would change the entropy's length: numpy's own seeding
-        return np.stack([draw_views(recipe, seed=seed, key=k, views=views, height=h, width=w, first=first)
-                         for k, (h, w) in zip(keys, sizes)])
-    seed_words = _int_words(seed)
-    entropy = np.array([[*seed_words, v, *words] for words in map(_key_words, keys) for v in range(first, first + views)],
-                       dtype=np.uint32)
-    bits = np.random.PCG64(0)
-    rng = np.random.Generator(bits)
-    flat = out.reshape(-1, P)
-    for i, (state, inc) in enumerate(_pcg64_states(entropy)):
-        bits.state = {"bit_generator": "PCG64", "state": {"state": state, "inc": inc}, "has_uint32": 0, "uinteger": 0}
-        h, w = sizes[i // views]
-        flat[i] = _draw(recipe, rng, h, w)
+    words = [_key_words(k) for k in keys]
+    if first + views > 1 << 32:  # a view index of two words: entropy rows of several lengths, numpy's own seeding
+        seeded = [np.random.PCG64(np.random.SeedSequence([seed, v, *w])).state["state"]
+                  for w in words for v in range(first, first + views)]
+        streams = _Streams.from_ints([s["state"] for s in seeded], [s["inc"] for s in seeded])
+    else:
+        seed_words = _int_words(seed)
+        entropy = np.array([[*seed_words, v, *w] for w in words for v in range(first, first + views)], dtype=np.uint32)
+        streams = _Streams(*_pcg64_states(entropy))
+    hw = np.repeat(np.array(sizes, dtype=np.int64).reshape(-1, 2), views, axis=0)
+    out.reshape(-1, P)[:] = _draw_rows(recipe, streams, hw[:, 0], hw[:, 1])
     return out
 
 
-# numpy's SeedSequence (numpy/random/bit_generator.pyx) and PCG64 seeding (pcg64.h), for ``draw_many``
-_MASK32, _MASK128 = (1 << 32) - 1, (1 << 128) - 1
+def _draw_rows(recipe: Recipe, g: _Streams, height: np.ndarray, width: np.ndarray) -> np.ndarray:
+    """``_draw`` for every generator of ``g`` at once: float32 ``[n, P]``; ``height``, ``width``: int64 ``[n]``."""
+    n = len(height)
+    everyone = np.arange(n)
+    row = np.zeros((n, P), dtype=np.float32)
+
+    # the crop box: up to 10 tries of (scale, log-ratio), as _crop_box
+    top, left, h, w = (np.zeros(n, dtype=np.int64) for _ in range(4))
+    area = height * width
+    lo, hi = recipe.crop_scale
+    log_lo, log_hi = math.log(recipe.crop_ratio[0]), math.log(recipe.crop_ratio[1])
+    todo = everyone
+    for _ in range(10):
+        if not len(todo):
+            break
+        u = g.doubles(todo, 2)
+        target_area = area[todo] * (lo + (hi - lo) * u[:, 0])
+        # math.exp, as _crop_box: numpy's exp may differ from the C library's in the last bit
+        aspect = np.array([math.exp(x) for x in (log_lo + (log_hi - log_lo) * u[:, 1]).tolist()])
+        tw = np.rint(np.sqrt(target_area * aspect)).astype(np.int64)
+        th = np.rint(np.sqrt(target_area / aspect)).astype(np.int64)
+        fits = (tw > 0) & (tw <= width[todo]) & (th > 0) & (th <= height[todo])
+        took = todo[fits]
+        h[took], w[took] = th[fits], tw[fits]
+        top[took] = g.integers(took, height[took] - h[took] + 1)
+        left[took] = g.integers(took, width[took] - w[took] + 1)
+        todo = todo[~fits]
+    for i in todo.tolist():  # no try fitted: torchvision's central crop (draws nothing)
+        top[i], left[i], h[i], w[i] = _central_box(recipe, int(height[i]), int(width[i]))
+    row[:, COL["crop_x0"]], row[:, COL["crop_y0"]] = left / width, top / height
+    row[:, COL["crop_w"]], row[:, COL["crop_h"]] = w / width, h / height
+
+    jitter = g.doubles(everyone, 1)[:, 0] < recipe.jitter_p
+    order = g.permutations(everyone, 4)
+    u = g.doubles(everyone, 9)
+    row[:, COL["flip"]] = u[:, 8] < recipe.flip_p
+    row[:, COL["jitter"]] = jitter
+    for k, (name, s) in enumerate((("brightness", recipe.brightness), ("contrast", recipe.contrast),
+                                   ("saturation", recipe.saturation))):
+        row[:, COL[name]] = np.where(jitter, _uniform(max(0.0, 1 - s), 1 + s, u[:, k]), 1.0)
+    row[:, COL["hue"]] = np.where(jitter, _uniform(-recipe.hue, recipe.hue, u[:, 3]), 0.0)
+    row[:, COL["order_0"] : COL["order_3"] + 1] = order
+    row[:, COL["grayscale"]] = u[:, 4] < recipe.grayscale_p
+    row[:, COL["blur_sigma"]] = np.where(u[:, 5] < recipe.blur_p, _uniform(*recipe.blur_sigma, u[:, 6]), 0.0)
+    row[:, COL["solarize"]] = u[:, 7] < recipe.solarize_p
+    return row
+
+
+# numpy's SeedSequence (numpy/random/bit_generator.pyx) and PCG64 (pcg64.h), for ``draw_many``
+_MASK32, _MASK64, _MASK128 = (1 << 32) - 1, (1 << 64) - 1, (1 << 128) - 1
 _INIT_A, _MULT_A, _INIT_B, _MULT_B = 0x43B0D7E5, 0x931E8875, 0x8B51F9DD, 0x58F38DED
 _MIX_MULT_L, _MIX_MULT_R, _XSHIFT, _POOL = 0xCA01F9DD, 0x4973F715, 16, 4
 _PCG_MULT = (2549297995355413924 << 64) + 4865540595714422341
+_LO32, _SH32 = np.uint64(_MASK32), np.uint64(32)  # the low half's mask, the halves' shift
+
+_Pair = tuple[np.ndarray, np.ndarray]
+"""A 128-bit unsigned integer per element, as its (high, low) 64-bit halves: two uint64 arrays."""
+
+
+def _split(values: list[int]) -> _Pair:
+    return (np.array([v >> 64 for v in values], dtype=np.uint64),
+            np.array([v & _MASK64 for v in values], dtype=np.uint64))
+
+
+def _mul128(a: _Pair, b: _Pair) -> _Pair:
+    """``a * b mod 2^128``, elementwise (broadcasting), on 32-bit limbs: no product exceeds 64 bits."""
+    (ah, al), (bh, bl) = a, b
+    a0, a1, b0, b1 = al & _LO32, al >> _SH32, bl & _LO32, bl >> _SH32
+    p00, p01, p10 = a0 * b0, a0 * b1, a1 * b0
+    mid = (p00 >> _SH32) + (p01 & _LO32) + (p10 & _LO32)
+    low = (p00 & _LO32) | (mid << _SH32)
+    high = a1 * b1 + (p01 >> _SH32) + (p10 >> _SH32) + (mid >> _SH32) + ah * bl + al * bh
+    return high, low
+
+
+def _add128(a: _Pair, b: _Pair) -> _Pair:
+    low = a[1] + b[1]
+    return a[0] + b[0] + (low < a[1]), low
+
+
+@functools.lru_cache(maxsize=8)
+def _jumps(start: int, stop: int) -> tuple[_Pair, _Pair]:
+    """For steps ``k`` in ``[start, stop)``: ``M^k`` and ``1 + M + ... + M^(k-1)`` mod 2^128 (``M`` PCG64's
+    multiplier), which take a seed's state and increment to its ``k``-th state in one step."""
+    steps = range(start, stop)
+    powers = [pow(_PCG_MULT, k, 1 << 128) for k in steps]
+    # (M^k - 1) / (M - 1), exact: M^k taken mod (M - 1) 2^128 keeps the quotient's low 128 bits
+    sums = [(pow(_PCG_MULT, k, (_PCG_MULT - 1) << 128) - 1) // (_PCG_MULT - 1) for k in steps]
+    return _split(powers), _split(sums)
+
+
+class _Streams:
+    """The PCG64 generators of many views, stepped together: numpy's ``Generator`` calls the draw makes
+    (``random``, ``integers(0, high)``, ``permutation``), each over a chosen subset of the generators.
+
+    PCG64 is a 128-bit linear congruential state with an XSL-RR output. The ``k``-th state after the seed is
+    ``M^k s + (M^(k-1) + ... + 1) inc``, so the outputs are computed a block of steps at a time for every
+    generator; each generator reads its own stream from its own position. 32-bit draws halve one 64-bit output
+    and keep the other half for the next 32-bit draw, as numpy's ``PCG64`` does.
+    """
+
+    BLOCK = 24  # steps computed at a time: a view's usual draw takes 15
+
+    def __init__(self, state: _Pair, inc: _Pair) -> None:
+        self.state, self.inc = (state[0][:, None], state[1][:, None]), (inc[0][:, None], inc[1][:, None])
+        n = len(state[0])
+        self.raw = np.empty((n, 0), dtype=np.uint64)
+        self.pos = np.zeros(n, dtype=np.int64)
+        self.has32 = np.zeros(n, dtype=bool)
+        self.half = np.zeros(n, dtype=np.uint64)
+
+    @classmethod
+    def from_ints(cls, states: list[int], incs: list[int]) -> _Streams:
+        return cls(_split(states), _split(incs))
+
+    def _extend(self, need: int) -> None:
+        done = self.raw.shape[1]
+        powers, sums = _jumps(done + 1, max(need, done + self.BLOCK) + 1)
+        hi, lo = _add128(_mul128(self.state, powers), _mul128(self.inc, sums))
+        x = hi ^ lo                                                           # XSL-RR: xor the halves,
+        r = hi >> np.uint64(58)                                               # rotate right by the top 6 bits
+        self.raw = np.concatenate([self.raw, (x >> r) | (x << ((np.uint64(64) - r) & np.uint64(63)))], axis=1)
+
+    def next64(self, who: np.ndarray, count: int = 1) -> np.ndarray:
+        """The next ``count`` 64-bit outputs of generators ``who``: uint64 ``[len(who), count]``."""
+        at = self.pos[who][:, None] + np.arange(count)
+        if len(who) and at.max() >= self.raw.shape[1]:
+            self._extend(int(at.max()) + 1)
+        self.pos[who] += count
+        return self.raw[who[:, None], at]
+
+    def doubles(self, who: np.ndarray, count: int) -> np.ndarray:
+        """``Generator.random(count)`` of each of ``who``: float64 ``[len(who), count]`` in [0, 1)."""
+        return (self.next64(who, count) >> np.uint64(11)) * (1.0 / 9007199254740992.0)
+
+    def next32(self, who: np.ndarray) -> np.ndarray:
+        """One 32-bit draw of each of ``who`` (uint64): the kept half where there is one, else a new output's
+        low half, keeping its high half."""
+        out = np.empty(len(who), dtype=np.uint64)
+        kept = self.has32[who]
+        out[kept] = self.half[who[kept]]
+        fresh = who[~kept]
+        value = self.next64(fresh)[:, 0]
+        out[~kept] = value & _LO32
+        self.half[fresh] = value >> _SH32
+        self.has32[who] = ~kept
+        return out
+
+    def integers(self, who: np.ndarray, high: np.ndarray) -> np.ndarray:
+        """``Generator.integers(0, high)`` of each of ``who`` (``high`` from 1 to 2^32 - 1): Lemire's bounded
+        32-bit draw with numpy's rejection threshold; a range of one value draws nothing."""
+        out = np.zeros(len(who), dtype=np.int64)
+        draw = np.flatnonzero(high > 1)
+        span = high[draw].astype(np.uint64)                                   # the range, high - 0
+        m = self.next32(who[draw]) * span
+        threshold = (np.uint64(_MASK32) - (span - np.uint64(1))) % span
+        redo = np.flatnonzero((m & _LO32) < threshold)
+        while len(redo):
+            m[redo] = self.next32(who[draw[redo]]) * span[redo]
+            redo = redo[(m[redo] & _LO32) < threshold[redo]]
+        out[draw] = (m >> _SH32).astype(np.int64)
+        return out
+
+    def permutations(self, who: np.ndarray, n: int) -> np.ndarray:
+        """``Generator.permutation(n)`` of each of ``who``: int64 ``[len(who), n]``; Fisher-Yates from the end,
+        each index a masked 32-bit draw redrawn until it is in range (numpy's ``random_interval``)."""
+        perm = np.tile(np.arange(n, dtype=np.int64), (len(who), 1))
+        rows = np.arange(len(who))
+        for i in range(n - 1, 0, -1):
+            mask = np.uint64((1 << i.bit_length()) - 1)
+            j = self.next32(who) & mask
+            redo = np.flatnonzero(j > np.uint64(i))
+            while len(redo):
+                j[redo] = self.next32(who[redo]) & mask
+                redo = redo[j[redo] > np.uint64(i)]
+            j = j.astype(np.int64)
+            swapped = perm[rows, j]
+            perm[rows, j] = perm[rows, i]
+            perm[rows, i] = swapped
+        return perm
 
 
 def _int_words(value: int) -> list[int]:
@@ -276,7 +460,7 @@ def _int_words(value: int) -> list[int]:
     return words
 
 
-def _pcg64_states(entropy: np.ndarray) -> list[tuple[int, int]]:
+def _pcg64_states(entropy: np.ndarray) -> tuple[_Pair, _Pair]:
     """``(state, inc)`` of ``PCG64(SeedSequence(row))`` for each row of ``entropy`` (uint32 ``[n, L]``), computed
     for all rows at once: SeedSequence's hash of the row into a pool of four words, four 64-bit words drawn
     from the pool, then PCG64's seeding (``tests/unit/test_augment.py`` checks it against numpy)."""
@@ -308,9 +492,9 @@ def _pcg64_states(entropy: np.ndarray) -> list[tuple[int, int]]:
         value = value * np.uint32(const_b)
         words.append(value ^ (value >> np.uint32(_XSHIFT)))
     w = np.stack(words, 1).astype(np.uint64)
-    states = []
-    for s0, s1, s2, s3 in (w[:, 0::2] | (w[:, 1::2] << np.uint64(32))).tolist():
-        initstate, inc = (s0 << 64) | s1, ((((s2 << 64) | s3) << 1) | 1) & _MASK128
-        # pcg_setseq_128_srandom_r: state 0 stepped (giving inc), plus initstate, stepped again
-        states.append((((inc + initstate) * _PCG_MULT + inc) & _MASK128, inc))
-    return states
+    s = w[:, 0::2] | (w[:, 1::2] << _SH32)                                     # four 64-bit words per row
+    initstate = (s[:, 0], s[:, 1])
+    inc = ((s[:, 2] << np.uint64(1)) | (s[:, 3] >> np.uint64(63)), (s[:, 3] << np.uint64(1)) | np.uint64(1))
+    # pcg_setseq_128_srandom_r: state 0 stepped (giving inc), plus initstate, stepped again
+    state = _add128(_mul128(_add128(inc, initstate), _split([_PCG_MULT])), inc)
+    return state, inc

@@ -107,9 +107,44 @@ def test_drawing_many_images_at_once_gives_the_same_rows_and_the_same_pinned_byt
         assert many.tobytes() == one.tobytes(), (seed, first)
     for seed in (0, 9, 2**40, 2**100):
         entropy = [[*_int_words(seed), v, *map(int, rng.integers(0, 2**32, 4))] for v in (0, 1, 77, 2**32 - 1)]
-        for row, (state, inc) in zip(entropy, _pcg64_states(np.array(entropy, dtype=np.uint32))):
-            assert np.random.PCG64(np.random.SeedSequence([seed, *row[-5:]])).state["state"] == {"state": state, "inc": inc}
+        (state_hi, state_lo), (inc_hi, inc_lo) = _pcg64_states(np.array(entropy, dtype=np.uint32))
+        for i, row in enumerate(entropy):
+            assert np.random.PCG64(np.random.SeedSequence([seed, *row[-5:]])).state["state"] == {
+                "state": int(state_hi[i]) << 64 | int(state_lo[i]), "inc": int(inc_hi[i]) << 64 | int(inc_lo[i])}
     assert draw_many(RECIPE, seed=0, keys=[], sizes=[], views=2).shape == (0, 2, len(COLUMNS))
+
+
+def test_many_generators_stepped_together_give_numpys_numbers() -> None:
+    """``draw_many``'s generators (``seed.views._Streams``) against numpy's ``Generator`` on the same seeds, call
+    for call: doubles, bounded integers over ranges up to 2^32 - 1 (where Lemire's draw rejects about half the
+    time), permutations (whose masked draws reject), 32-bit halves kept between calls, streams read past the
+    first block of steps, and each generator called a different number of times."""
+    from seed.views import _Streams
+
+    n = 40
+    seeds = [np.random.PCG64(np.random.SeedSequence([7, i])) for i in range(n)]
+    state = [s.state["state"] for s in seeds]
+    ours = _Streams.from_ints([s["state"] for s in state], [s["inc"] for s in state])
+    theirs = [np.random.Generator(s) for s in seeds]
+    pick = np.random.default_rng(1)
+    for step in range(60):
+        who = np.flatnonzero(pick.random(n) < 0.7)
+        kind = step % 4
+        if kind == 0:
+            got, want = ours.doubles(who, 3), np.stack([theirs[i].random(3) for i in who])
+        elif kind == 1:
+            high = pick.integers(1, 2**32, len(who))
+            high[::5] = 1                                                     # one value: nothing drawn
+            got = ours.integers(who, high)
+            want = np.array([theirs[i].integers(0, h) for i, h in zip(who, high)])
+        elif kind == 2:
+            got, want = ours.permutations(who, 6), np.stack([theirs[i].permutation(6) for i in who])
+        else:
+            high = pick.integers(1, 50, len(who))
+            got = ours.integers(who, high)
+            want = np.array([theirs[i].integers(0, h) for i, h in zip(who, high)])
+        assert got.tolist() == want.tolist(), step
+    assert ours.raw.shape[1] > _Streams.BLOCK                                 # past the first block
 
 
 def test_draw_does_not_depend_on_order() -> None:
