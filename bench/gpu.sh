@@ -51,9 +51,12 @@ timeout -k 10 "${GPU_TESTS_TIMEOUT:-120}" python3 -m pytest -q -p no:cacheprovid
 # 4. What holds the teacher stage back (runs 10-13 of docs/benchmarks.md: the data thread; the forward waits for
 #    its input). At ImageNet's shard size (about 1,000 images), 3 rounds taking turns, the interpreter's switch
 #    interval at its default (5 ms) and at 0.5 ms: does the data thread wait for the interpreter lock each time
-#    one of its few hundred torch calls per batch returns? The table gives the forward's wait for input per run.
-timeout -k 10 "${GPU_WORKERS_TIMEOUT:-190}" python3 bench/gpu_workers.py --copies 4 --per-shard 1024 --workers 4 0 \
-    --switch-interval 0.005 0.0005 --rounds 3 > "$OUT/workers.md" 2>&1
+#    one of its few hundred torch calls per batch returns? And 2 and 4 processes sharing the GPU (seed teacher
+#    --procs), each with its own data thread and interpreter lock: on an H200 at V = 8 (run 5) they reached 0.9 of
+#    one process, before the decoder's stream and the CUDA graph; at V = 2 the data thread carries 4x the images.
+#    The table gives the forward's wait for input per run.
+timeout -k 10 "${GPU_WORKERS_TIMEOUT:-250}" python3 bench/gpu_workers.py --copies 4 --per-shard 1024 --workers 4 0 \
+    --switch-interval 0.005 0.0005 --procs 2 4 --rounds 3 > "$OUT/workers.md" 2>&1
 grep -E "^\| [0-9]|pure" "$OUT/workers.md" | tee -a "$LOG"
 # 4b. The two jitter modes' kernel time per 256 views at 224 px (the GPU's own budget: docs/benchmarks.md).
 timeout -k 10 "${GPU_JITTER_TIMEOUT:-60}" python3 bench/jitter_modes.py --device cuda > "$OUT/jitter.md" 2>&1

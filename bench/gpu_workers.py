@@ -4,6 +4,7 @@
     python3 bench/gpu_workers.py --workers 0 4 --sample --switch-interval 0.005 0.0005
     python3 bench/gpu_workers.py --workers 0 4 --sample --variant cache.cuda_graph=false --variant cache.cuda_graph=true
     python3 bench/gpu_workers.py --workers 4 0 --switch-interval 0.005 0.0005 --per-shard 1024 --rounds 3
+    python3 bench/gpu_workers.py --workers 4 --procs 2 4 --per-shard 1024 --rounds 3
 
 ImageNet-shaped JPEG shards (``bench.common.jpeg_shards`` from ``.whl/fmnist-2048.npz``, 8 shards
 of 256), each copied ``--copies`` times under other names (the stage sees 8 x copies shards), then
@@ -20,7 +21,10 @@ switch interval (``sys.setswitchinterval``; 5 ms by default), to see whether the
 the interpreter lock set the pace. The sampler itself waits for that lock, so it takes fewer samples
 than its 2 ms interval asks for when the other threads hold it. ``--variant``: one run per given set of
 config overrides (comma-separated), e.g. the teacher forward eager against a CUDA graph; runs of all
-variants alternate within each worker count.
+variants alternate within each worker count. ``--procs``: also the stage as ``seed teacher --procs N``
+(``pipeline.teacher.run_processes``) with N processes sharing the one GPU, each with its own data thread and
+interpreter lock (and its automatic workers on its share of the cores); one run per N and round, after the
+in-process runs, at the default switch interval.
 """
 
 from __future__ import annotations
@@ -63,6 +67,8 @@ def main() -> None:
                         help="config overrides of one run per worker count and interval (repeat for several; default: none)")
     parser.add_argument("--per-shard", type=int, default=256,
                         help="images per shard (of the 2,048; ImageNet's webdataset shards hold about 1,000)")
+    parser.add_argument("--procs", type=int, nargs="*", default=[],
+                        help="also run the stage in N processes sharing the GPU (seed teacher --procs N), per N")
     parser.add_argument("--rounds", type=int, default=1,
                         help="run the whole grid this many times, in the same alternating order, and add medians")
     args = parser.parse_args()
@@ -86,19 +92,23 @@ def main() -> None:
     cfg = None
     profiles: list[str] = []
     rates: dict[tuple[int, float, str], list[float]] = {}
-    grid = [(w, i, v) for w in args.workers for i in args.switch_interval for v in variants]
-    for w, interval, variant in (run for _ in range(args.rounds) for run in grid):
+    # (workers, switch interval, variant, processes); processes 0: the stage in this process
+    grid = [(w, i, v, 0) for w in args.workers for i in args.switch_interval for v in variants]
+    grid += [(-1, default_interval, v, n) for n in args.procs for v in variants]
+    for w, interval, variant, procs in (run for _ in range(args.rounds) for run in grid):
         cfg = load_config(None, [f"data.train=many/train-{{000000..{count - 1:06d}}}.tar", "teacher.arch=resnet50",
                                  f"teacher.checkpoint={teacher_checkpoint(root, 'resnet50')}", "cache.views=2",
-                                 "cache.resolution=224", "cache.batch_size=256", f"cache.device={device}",
-                                 f"cache.workers={w}", f"cache.name=w{w}", *variant])
+                                 "cache.resolution=224", "cache.batch_size=256",
+                                 f"cache.device={'cuda' if procs and device == 'cuda' else device}",
+                                 f"cache.workers={w}", f"cache.name=w{w}-p{procs}", *variant])
         sys.setswitchinterval(interval)
         with contextlib.ExitStack() as stack:
-            sampler = stack.enter_context(ThreadSampler()) if args.sample else None
+            sampler = stack.enter_context(ThreadSampler()) if args.sample and not procs else None
             prof = (stack.enter_context(torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]))
-                    if args.sample and device == "cuda" else None)
+                    if args.sample and device == "cuda" and not procs else None)
             t = time.perf_counter()
-            result = teacher_stage.run(cfg, storage(root), overwrite=True, progress=False)
+            result = (teacher_stage.run_processes(cfg, storage(root), procs, overwrite=True, progress=False) if procs
+                      else teacher_stage.run(cfg, storage(root), overwrite=True, progress=False))
             seconds = time.perf_counter() - t
         sys.setswitchinterval(default_interval)
         views = result.totals["teacher_forwards"] if result.totals else 0
@@ -108,11 +118,12 @@ def main() -> None:
         modes = sorted({str((cache.shard_record(group, i) or {}).get("forward", "?")) for i in cache.done_shards(group)})
         shares = input_wait_share(result.totals or {})
         waited = "-" if shares is None else f"{100 * shares[0] / shares[1]:.0f} %"
-        print(f"| {w} | {1e3 * interval:g} | {label} | {views} | {seconds:.2f} | {views / seconds:.0f} | {busy} | "
+        layout = f"{procs} processes, auto" if procs else str(w)
+        print(f"| {layout} | {1e3 * interval:g} | {label} | {views} | {seconds:.2f} | {views / seconds:.0f} | {busy} | "
               f"{waited} | {', '.join(modes)} |", flush=True)
-        rates.setdefault((w, interval, label), []).append(views / seconds)
+        rates.setdefault((layout, interval, label), []).append(views / seconds)
         if sampler is not None:
-            profiles.append(f"\nworkers {w}, switch interval {1e3 * interval:g} ms, {label}: {sampler.samples} samples\n\n"
+            profiles.append(f"\nworkers {layout}, switch interval {1e3 * interval:g} ms, {label}: {sampler.samples} samples\n\n"
                             + sampler.table(15))
     print("\n".join(profiles), flush=True)
     if args.rounds > 1:
