@@ -81,6 +81,12 @@ class Recipe:
     jitter_mode: str = "sequential"
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # numpy scalars (a recipe built in code) as Python numbers: float32
+            value = getattr(self, f.name)   # fields would round the draws' arithmetic differently per path
+            if isinstance(value, tuple):
+                object.__setattr__(self, f.name, tuple(v.item() if isinstance(v, np.generic) else v for v in value))
+            elif isinstance(value, np.generic):
+                object.__setattr__(self, f.name, value.item())
         if self.jitter_mode not in JITTER_MODES:
             raise ValueError(f"recipe.jitter_mode must be one of {', '.join(JITTER_MODES)}, got {self.jitter_mode!r}")
         for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p"):
@@ -265,6 +271,9 @@ def draw_many(recipe: Recipe, *, seed: int, keys: list[str], sizes: list[tuple[i
         entropy = np.array([[*seed_words, v, *w] for w in words for v in range(first, first + views)], dtype=np.uint32)
         streams = _Streams(*_pcg64_states(entropy))
     hw = np.repeat(np.array(sizes, dtype=np.int64).reshape(-1, 2), views, axis=0)
+    if hw.min() < 1 or hw.max() >= 1 << 31:  # (the bounded draws here are numpy's 32-bit ones)
+        i = int(np.flatnonzero((hw < 1).any(axis=1) | (hw >= 1 << 31).any(axis=1))[0]) // views
+        raise ValueError(f"draw_many: image {keys[i]!r} is {sizes[i][0]} x {sizes[i][1]} px; sides must be 1 to 2^31 - 1")
     out.reshape(-1, P)[:] = _draw_rows(recipe, streams, hw[:, 0], hw[:, 1])
     return out
 
@@ -318,7 +327,7 @@ def _draw_rows(recipe: Recipe, g: _Streams, height: np.ndarray, width: np.ndarra
 
 
 # numpy's SeedSequence (numpy/random/bit_generator.pyx) and PCG64 (pcg64.h), for ``draw_many``
-_MASK32, _MASK64, _MASK128 = (1 << 32) - 1, (1 << 64) - 1, (1 << 128) - 1
+_MASK32, _MASK64 = (1 << 32) - 1, (1 << 64) - 1
 _INIT_A, _MULT_A, _INIT_B, _MULT_B = 0x43B0D7E5, 0x931E8875, 0x8B51F9DD, 0x58F38DED
 _MIX_MULT_L, _MIX_MULT_R, _XSHIFT, _POOL = 0xCA01F9DD, 0x4973F715, 16, 4
 _PCG_MULT = (2549297995355413924 << 64) + 4865540595714422341
@@ -329,12 +338,15 @@ _Pair = tuple[np.ndarray, np.ndarray]
 
 
 def _split(values: list[int]) -> _Pair:
-    return (np.array([v >> 64 for v in values], dtype=np.uint64),
-            np.array([v & _MASK64 for v in values], dtype=np.uint64))
+    hi, lo = (np.array([v >> 64 for v in values], dtype=np.uint64), np.array([v & _MASK64 for v in values], dtype=np.uint64))
+    hi.flags.writeable = lo.flags.writeable = False                         # (kept in _jumps's cache)
+    return hi, lo
 
 
 def _mul128(a: _Pair, b: _Pair) -> _Pair:
-    """``a * b mod 2^128``, elementwise (broadcasting), on 32-bit limbs: no product exceeds 64 bits."""
+    """``a * b mod 2^128``, elementwise (broadcasting). The low halves' full 128-bit product is built from
+    32-bit limbs (no partial product exceeds 64 bits); the cross products ``ah bl`` and ``al bh`` only reach the
+    high half, so their wrap mod 2^64 is what is wanted."""
     (ah, al), (bh, bl) = a, b
     a0, a1, b0, b1 = al & _LO32, al >> _SH32, bl & _LO32, bl >> _SH32
     p00, p01, p10 = a0 * b0, a0 * b1, a1 * b0
@@ -453,6 +465,8 @@ class _Streams:
 
 def _int_words(value: int) -> list[int]:
     """A non-negative int as SeedSequence takes it: little-endian 32-bit words, at least one."""
+    if value < 0:
+        raise ValueError(f"seed must be >= 0, got {value}")
     words = [value & _MASK32]
     while value >> 32:
         value >>= 32

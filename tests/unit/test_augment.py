@@ -78,9 +78,10 @@ def test_draw_matches_a_plain_reference_and_its_pinned_bytes() -> None:
 
 
 def test_drawing_many_images_at_once_gives_the_same_rows_and_the_same_pinned_bytes() -> None:
-    """``draw_many`` (the teacher stage's: numpy's seeding vectorised, numpy's draws) against the pinned stream:
-    the same 600 rows as above, byte for byte, and ``draw_views`` image by image for multi-word seeds, view
-    offsets and odd keys; its seeding against numpy's own ``PCG64(SeedSequence(...))`` state."""
+    """``draw_many`` (the teacher stage's: every view's seeding and stream computed on arrays) against the pinned
+    stream: the same 600 rows as above, byte for byte, and ``draw_views`` image by image for multi-word seeds,
+    view offsets (past 2^32: numpy's seeding) and odd keys; its seeding against numpy's own
+    ``PCG64(SeedSequence(...))`` state; sizes it cannot draw for, and recipes of numpy scalars."""
     from seed.views import _int_words, _pcg64_states, draw_many
 
     recipe = Recipe(solarize_p=0.3)
@@ -100,7 +101,7 @@ def test_drawing_many_images_at_once_gives_the_same_rows_and_the_same_pinned_byt
     rng = np.random.default_rng(0)
     keys = ["", "a/b c", "ü" * 40, *(f"k{int(x)}" for x in rng.integers(0, 10**12, 30))]
     sizes = [(int(h), int(w)) for h, w in rng.integers(1, 900, (len(keys), 2))]
-    for seed, first, views in ((0, 0, 4), (2**32, 6, 2), (2**70 + 9, 0, 1), (123, 2**31, 3)):
+    for seed, first, views in ((0, 0, 4), (2**32, 6, 2), (2**70 + 9, 0, 1), (123, 2**31, 3), (5, 2**32 - 2, 4)):
         many = draw_many(RECIPE, seed=seed, keys=keys, sizes=sizes, views=views, first=first)
         one = np.stack([draw_views(RECIPE, seed=seed, key=k, views=views, height=h, width=w, first=first)
                         for k, (h, w) in zip(keys, sizes)])
@@ -112,6 +113,14 @@ def test_drawing_many_images_at_once_gives_the_same_rows_and_the_same_pinned_byt
             assert np.random.PCG64(np.random.SeedSequence([seed, *row[-5:]])).state["state"] == {
                 "state": int(state_hi[i]) << 64 | int(state_lo[i]), "inc": int(inc_hi[i]) << 64 | int(inc_lo[i])}
     assert draw_many(RECIPE, seed=0, keys=[], sizes=[], views=2).shape == (0, 2, len(COLUMNS))
+    for bad in ((5, 0), (2**31, 7)):
+        with pytest.raises(ValueError, match="'b' is .* sides must be"):
+            draw_many(RECIPE, seed=0, keys=["a", "b"], sizes=[(3, 3), bad], views=2)
+    f32 = Recipe(crop_scale=(np.float32(0.2), np.float32(1.0)), brightness=np.float32(0.4), hue=np.float64(0.1))
+    assert type(f32.brightness) is float and type(f32.crop_scale[0]) is float
+    many = draw_many(f32, seed=1, keys=keys, sizes=sizes, views=2)
+    assert many.tobytes() == np.stack([draw_views(f32, seed=1, key=k, views=2, height=h, width=w)
+                                       for k, (h, w) in zip(keys, sizes)]).tobytes()
 
 
 def test_many_generators_stepped_together_give_numpys_numbers() -> None:
