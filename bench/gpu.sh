@@ -6,8 +6,8 @@
 # Needs the git-ignored .whl/ folder, made by bench/gpu_wheels.sh (zarr, numcodecs, webdataset and their small requirements as
 # Python 3.12 wheels, plus fmnist-2048.npz): carry it to the machine with the working tree.
 # Writes $OUT/gpu.log (everything printed), $OUT/gpu.json and $OUT/gpu.md (rewritten after every
-# section, so a run cut short still leaves the figures it reached), $OUT/layouts.json, $OUT/workers.md and
-# $OUT/jitter.md.
+# section, so a run cut short still leaves the figures it reached), $OUT/layouts.json, $OUT/workers.md,
+# $OUT/jitter.md and $OUT/budget.md.
 # Extra arguments go to gpu_check.py.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -61,6 +61,10 @@ grep -E "^\| [0-9]|pure" "$OUT/workers.md" | tee -a "$LOG"
 # 4b. The two jitter modes' kernel time per 256 views at 224 px (the GPU's own budget: docs/benchmarks.md).
 timeout -k 10 "${GPU_JITTER_TIMEOUT:-60}" python3 bench/jitter_modes.py --device cuda > "$OUT/jitter.md" 2>&1
 tail -12 "$OUT/jitter.md" | tee -a "$LOG"
+# 4c. The GPU's own budget: GPU time of nvJPEG, apply_batch (both modes) and the forward for one batch, and the
+#    ceiling of stage / pure forward they allow when they run one after another on the one GPU.
+timeout -k 10 "${GPU_BUDGET_TIMEOUT:-60}" python3 bench/gpu_budget.py > "$OUT/budget.md" 2>&1
+tail -16 "$OUT/budget.md" | tee -a "$LOG"
 # 5. Do process layouts give the same cache on this GPU (view by view, and every view replayed)?
 timeout -k 10 "${GPU_LAYOUTS_TIMEOUT:-150}" python3 bench/gpu_layouts.py --out "$OUT" 2>&1 | grep -v Warning | tail -40 | tee -a "$LOG"
 # 6. The whole check, last, with what is left of the call (its own guard skips heavy sections after
