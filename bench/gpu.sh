@@ -8,7 +8,7 @@
 # Writes $OUT/gpu.log (everything printed), $OUT/gpu.json and $OUT/gpu.md (rewritten after every
 # section, so a run cut short still leaves the figures it reached), $OUT/layouts.json, $OUT/workers.md,
 # $OUT/jitter.md and $OUT/budget.md.
-# Extra arguments go to gpu_check.py.
+# Extra arguments go to gpu_check.py. GPU_STEPS picks steps (below); GPU_<STEP>_TIMEOUT caps each.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/gpu-check-out}"
@@ -44,33 +44,50 @@ print("cuda", torch.version.cuda, "available", torch.cuda.is_available(),
 PY
 } 2>&1 | tee -a "$LOG"
 
-# 3. The unit tests that only run on CUDA (skipped on the CPU machines): the teacher forward as a CUDA graph,
-#    the bank's targets on the GPU.
-timeout -k 10 "${GPU_TESTS_TIMEOUT:-120}" python3 -m pytest -q -p no:cacheprovider -o addopts="" \
-    tests/unit/test_teacher_forward.py "tests/unit/test_bank.py::test_cuda_targets_equal_cpu" 2>&1 | tail -15 | tee -a "$LOG"
-# 4. What holds the teacher stage back (runs 10-13 of docs/benchmarks.md: the data thread; the forward waits for
-#    its input). At ImageNet's shard size (about 1,000 images), 3 rounds taking turns, the interpreter's switch
-#    interval at its default (5 ms) and at 0.5 ms: does the data thread wait for the interpreter lock each time
-#    one of its few hundred torch calls per batch returns? And 2 and 4 processes sharing the GPU (seed teacher
-#    --procs), each with its own data thread and interpreter lock: on an H200 at V = 8 (run 5) they reached 0.9 of
-#    one process, before the decoder's stream and the CUDA graph; at V = 2 the data thread carries 4x the images.
-#    The table gives the forward's wait for input per run.
-timeout -k 10 "${GPU_WORKERS_TIMEOUT:-250}" python3 bench/gpu_workers.py --copies 4 --per-shard 1024 --workers 4 0 \
-    --switch-interval 0.005 0.0005 --procs 2 4 --rounds 3 > "$OUT/workers.md" 2>&1
-grep -E "^\| [0-9]|pure" "$OUT/workers.md" | tee -a "$LOG"
-# 4b. The two jitter modes' kernel time per 256 views at 224 px (the GPU's own budget: docs/benchmarks.md).
-timeout -k 10 "${GPU_JITTER_TIMEOUT:-60}" python3 bench/jitter_modes.py --device cuda > "$OUT/jitter.md" 2>&1
-tail -12 "$OUT/jitter.md" | tee -a "$LOG"
-# 4c. The GPU's own budget: GPU time of nvJPEG, apply_batch (both modes) and the forward for one batch, and the
-#    ceiling of stage / pure forward they allow when they run one after another on the one GPU.
-timeout -k 10 "${GPU_BUDGET_TIMEOUT:-60}" python3 bench/gpu_budget.py > "$OUT/budget.md" 2>&1
-tail -16 "$OUT/budget.md" | tee -a "$LOG"
-# 5. Do process layouts give the same cache on this GPU (view by view, and every view replayed)?
-timeout -k 10 "${GPU_LAYOUTS_TIMEOUT:-150}" python3 bench/gpu_layouts.py --out "$OUT" 2>&1 | grep -v Warning | tail -40 | tee -a "$LOG"
-# 6. The whole check, last, with what is left of the call (its own guard skips heavy sections after
+# GPU_STEPS: which of the steps below to run (default: all, in this order), e.g. GPU_STEPS="tests budget workers".
+STEPS=" ${GPU_STEPS:-tests budget workers jitter layouts check} "
+want() { [[ "$STEPS" == *" $1 "* ]]; }
+rc=0
+
+# 3. tests: the unit tests that only run on CUDA (skipped on the CPU machines): the teacher forward as a CUDA
+#    graph, the bank's targets on the GPU.
+if want tests; then
+    timeout -k 10 "${GPU_TESTS_TIMEOUT:-120}" python3 -m pytest -q -p no:cacheprovider -o addopts="" \
+        tests/unit/test_teacher_forward.py "tests/unit/test_bank.py::test_cuda_targets_equal_cpu" 2>&1 | tail -15 | tee -a "$LOG"
+fi
+# 4. budget: the GPU's own budget: GPU time of nvJPEG, apply_batch (both jitter modes) and the forward for one
+#    batch, and the ceiling of stage / pure forward they allow when they run one after another on the one GPU.
+if want budget; then
+    timeout -k 10 "${GPU_BUDGET_TIMEOUT:-60}" python3 bench/gpu_budget.py > "$OUT/budget.md" 2>&1
+    tail -16 "$OUT/budget.md" | tee -a "$LOG"
+fi
+# 5. workers: what holds the teacher stage back (runs 10-13 of docs/benchmarks.md: the data thread; the forward
+#    waits for its input). At ImageNet's shard size (about 1,000 images), 3 rounds taking turns, the interpreter's
+#    switch interval at its default (5 ms) and at 0.5 ms: does the data thread wait for the interpreter lock each
+#    time one of its few hundred torch calls per batch returns? And 2 and 4 processes sharing the GPU (seed
+#    teacher --procs), each with its own data thread and interpreter lock: on an H200 at V = 8 (run 5) they reached
+#    0.9 of one process, before the decoder's stream and the CUDA graph; at V = 2 the data thread carries 4x the
+#    images. The table gives the forward's wait for input per run.
+if want workers; then
+    timeout -k 10 "${GPU_WORKERS_TIMEOUT:-250}" python3 bench/gpu_workers.py --copies 4 --per-shard 1024 --workers 4 0 \
+        --switch-interval 0.005 0.0005 --procs 2 4 --rounds 3 > "$OUT/workers.md" 2>&1
+    grep -E "^\| [0-9]|pure" "$OUT/workers.md" | tee -a "$LOG"
+fi
+# 6. jitter: the two jitter modes' colour stage, kernel time per 256 views at 224 px.
+if want jitter; then
+    timeout -k 10 "${GPU_JITTER_TIMEOUT:-60}" python3 bench/jitter_modes.py --device cuda > "$OUT/jitter.md" 2>&1
+    tail -12 "$OUT/jitter.md" | tee -a "$LOG"
+fi
+# 7. layouts: do process layouts give the same cache on this GPU (view by view, and every view replayed)?
+if want layouts; then
+    timeout -k 10 "${GPU_LAYOUTS_TIMEOUT:-150}" python3 bench/gpu_layouts.py --out "$OUT" 2>&1 | grep -v Warning | tail -40 | tee -a "$LOG"
+fi
+# 8. check: the whole check, last, with what is left of the call (its own guard skips heavy sections after
 #    --guard seconds): the new figures above come back even when this one is cut short.
-timeout -k 10 "${GPU_CHECK_TIMEOUT:-240}" python3 bench/gpu_check.py --out "$OUT" "$@" 2>&1 | tee -a "$LOG"
-rc=${PIPESTATUS[0]}
-echo "== gpu_check.py exit status $rc" | tee -a "$LOG"
-[ -f "$OUT/gpu.md" ] && grep -v "^| _meta" "$OUT/gpu.md" | head -220
+if want check; then
+    timeout -k 10 "${GPU_CHECK_TIMEOUT:-240}" python3 bench/gpu_check.py --out "$OUT" "$@" 2>&1 | tee -a "$LOG"
+    rc=${PIPESTATUS[0]}
+    echo "== gpu_check.py exit status $rc" | tee -a "$LOG"
+    [ -f "$OUT/gpu.md" ] && grep -v "^| _meta" "$OUT/gpu.md" | head -220
+fi
 exit "$rc"
