@@ -12,6 +12,15 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/gpu-check-out}"
+# GPU_STEPS: which of the steps 3-8 below to run, space-separated (default: all, in this order), e.g.
+# GPU_STEPS="tests budget workers". A name not among them stops the script before anything is installed.
+ALL_STEPS="tests budget workers jitter layouts check"
+STEPS=" ${GPU_STEPS:-$ALL_STEPS} "
+for step in $STEPS; do
+    [[ " $ALL_STEPS " == *" $step "* ]] || { echo "GPU_STEPS: unknown step '$step' (steps: $ALL_STEPS)" >&2; exit 2; }
+done
+[[ -n "${STEPS// /}" ]] || { echo "GPU_STEPS names no step (steps: $ALL_STEPS)" >&2; exit 2; }
+want() { [[ "$STEPS" == *" $1 "* ]]; }
 mkdir -p "$OUT"
 LOG="$OUT/gpu.log"
 
@@ -44,9 +53,6 @@ print("cuda", torch.version.cuda, "available", torch.cuda.is_available(),
 PY
 } 2>&1 | tee -a "$LOG"
 
-# GPU_STEPS: which of the steps below to run (default: all, in this order), e.g. GPU_STEPS="tests budget workers".
-STEPS=" ${GPU_STEPS:-tests budget workers jitter layouts check} "
-want() { [[ "$STEPS" == *" $1 "* ]]; }
 rc=0
 
 # 3. tests: the unit tests that only run on CUDA (skipped on the CPU machines): the teacher forward as a CUDA
@@ -54,12 +60,14 @@ rc=0
 if want tests; then
     timeout -k 10 "${GPU_TESTS_TIMEOUT:-120}" python3 -m pytest -q -p no:cacheprovider -o addopts="" \
         tests/unit/test_teacher_forward.py "tests/unit/test_bank.py::test_cuda_targets_equal_cpu" 2>&1 | tail -15 | tee -a "$LOG"
+    echo "== tests exit status ${PIPESTATUS[0]}" | tee -a "$LOG"
 fi
 # 4. budget: the GPU's own budget: GPU time of nvJPEG, apply_batch (both jitter modes) and the forward for one
 #    batch, and the ceiling of stage / pure forward they allow when they run one after another on the one GPU.
 if want budget; then
     timeout -k 10 "${GPU_BUDGET_TIMEOUT:-60}" python3 bench/gpu_budget.py > "$OUT/budget.md" 2>&1
-    tail -16 "$OUT/budget.md" | tee -a "$LOG"
+    echo "== budget exit status $?" >> "$OUT/budget.md"
+    tee -a "$LOG" < "$OUT/budget.md"
 fi
 # 5. workers: what holds the teacher stage back (runs 10-13 of docs/benchmarks.md: the data thread; the forward
 #    waits for its input). At ImageNet's shard size (about 1,000 images), 3 rounds taking turns, the interpreter's
@@ -69,18 +77,22 @@ fi
 #    0.9 of one process, before the decoder's stream and the CUDA graph; at V = 2 the data thread carries 4x the
 #    images. The table gives the forward's wait for input per run.
 if want workers; then
-    timeout -k 10 "${GPU_WORKERS_TIMEOUT:-250}" python3 bench/gpu_workers.py --copies 4 --per-shard 1024 --workers 4 0 \
+    timeout -k 10 "${GPU_WORKERS_TIMEOUT:-330}" python3 bench/gpu_workers.py --copies 4 --per-shard 1024 --workers 4 0 \
         --switch-interval 0.005 0.0005 --procs 2 4 --rounds 3 > "$OUT/workers.md" 2>&1
+    echo "== workers exit status $?" >> "$OUT/workers.md"
+    grep -E "^== " "$OUT/workers.md" | tee -a "$LOG"
     grep -E "^\| [0-9]|pure" "$OUT/workers.md" | tee -a "$LOG"
 fi
 # 6. jitter: the two jitter modes' colour stage, kernel time per 256 views at 224 px.
 if want jitter; then
     timeout -k 10 "${GPU_JITTER_TIMEOUT:-60}" python3 bench/jitter_modes.py --device cuda > "$OUT/jitter.md" 2>&1
-    tail -12 "$OUT/jitter.md" | tee -a "$LOG"
+    echo "== jitter exit status $?" >> "$OUT/jitter.md"
+    tail -13 "$OUT/jitter.md" | tee -a "$LOG"
 fi
 # 7. layouts: do process layouts give the same cache on this GPU (view by view, and every view replayed)?
 if want layouts; then
     timeout -k 10 "${GPU_LAYOUTS_TIMEOUT:-150}" python3 bench/gpu_layouts.py --out "$OUT" 2>&1 | grep -v Warning | tail -40 | tee -a "$LOG"
+    echo "== layouts exit status ${PIPESTATUS[0]}" | tee -a "$LOG"
 fi
 # 8. check: the whole check, last, with what is left of the call (its own guard skips heavy sections after
 #    --guard seconds): the new figures above come back even when this one is cut short.

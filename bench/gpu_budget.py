@@ -6,8 +6,10 @@ On one GPU the teacher stage decodes its JPEGs (nvJPEG), augments the views (``a
 (the teacher's forward) on the same device. This measures, for one batch of 256 views at 224 px (128
 ImageNet-shaped JPEGs from ``.whl/fmnist-2048.npz``, V = 2, MoCo-v2's rows from ``draw_many``), the GPU
 time of each part under ``torch.profiler``: the kernels and copies it ran, summed (its work, whatever else
-the GPU could have done beside it), and the wall time of the call with the GPU synchronised after it:
-- nvJPEG's decode of the 128 images (``seed.decode.Decoder``);
+the GPU could have done beside it; with the number of GPU events, which a profiler that lost its events
+would show as 0), and the wall time of the call with the GPU synchronised after it:
+- nvJPEG's decode of the 128 images (``seed.decode.Decoder``; on GPUs with hardware JPEG engines, such as
+  the H100, baseline JPEGs decode there, outside the kernel time, so its wall time and images/s matter too);
 - ``apply_batch`` with each jitter mode (``sequential``, the default, and ``affine``);
 - the stage's forward (``pipeline.teacher.Forward``: a random-init ``resnet50``, bf16, channels_last), as
   a CUDA graph and eagerly.
@@ -22,6 +24,7 @@ leaves the GPU's units idle.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -31,6 +34,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# Profiler sessions one after another: without this, a session started soon after another ended can record no
+# GPU events on some CUDA/kineto versions (kineto keeps CUPTI set up between sessions with it)
+os.environ.setdefault("TEARDOWN_CUPTI", "0")
 
 import torch  # noqa: E402
 
@@ -46,30 +52,32 @@ from seed.views import Recipe, draw_many  # noqa: E402
 MODES = ("sequential", "affine")
 
 
-def gpu_and_wall_ms(fn: Callable[[], object], device: torch.device, rounds: int) -> tuple[float | None, float]:
-    """(GPU kernel and copy time, wall time) of one ``fn()``, ms, medians over ``rounds`` calls after two
-    warm-up calls; the GPU time is None on the CPU."""
+def gpu_and_wall_ms(fn: Callable[[], object], device: torch.device,
+                    rounds: int) -> tuple[float | None, float, float | None]:
+    """(GPU kernel and copy time, wall time, GPU events) of one ``fn()``: the wall time a median over ``rounds``
+    calls after two warm-up calls; the GPU time and event count the mean over ``rounds`` calls under one profiler
+    session (None on the CPU)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(2):
         fn()
     sync()
-    walls, gpus = [], []
+    walls = []
     for _ in range(rounds):
         t = time.perf_counter()
         fn()
         sync()
         walls.append((time.perf_counter() - t) * 1e3)
-    if device.type == "cuda":
-        from torch.autograd import DeviceType
-        from torch.profiler import ProfilerActivity, profile
+    if device.type != "cuda":
+        return None, statistics.median(walls), None
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
 
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(rounds):
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                fn()
-                sync()
-            gpus.append(sum(e.time_range.end - e.time_range.start for e in prof.events()
-                            if e.device_type == DeviceType.CUDA) / 1e3)
-    return (statistics.median(gpus) if gpus else None), statistics.median(walls)
+            fn()
+        sync()
+    spans = [e.time_range.end - e.time_range.start for e in prof.events() if e.device_type == DeviceType.CUDA]
+    return sum(spans) / 1e3 / rounds, statistics.median(walls), len(spans) / rounds
 
 
 def main() -> None:
@@ -97,12 +105,19 @@ def main() -> None:
     if device.type == "cuda":
         teacher = teacher.to(memory_format=torch.channels_last)
     x = apply_batch(per_view, rows["sequential"], Recipe(), size, device)
+    if device.type == "cuda":  # the profiler set up before any graph is captured (a graph made before it, then
+        from torch.profiler import ProfilerActivity, profile  # replayed under it, has crashed some versions)
+
+        with profile(activities=[ProfilerActivity.CUDA]):
+            torch.ones(1, device=device).add_(1)
+            torch.cuda.synchronize()
     forwards = {"CUDA graph": Forward(teacher, device, batch_size=views, resolution=size, graph=True),
                 "eager": Forward(teacher, device, batch_size=views, resolution=size, graph=False)}
 
-    parts: dict[str, tuple[float | None, float]] = {
-        "nvJPEG decode, 128 images" if device.type == "cuda" else f"decode (PIL), {views // 2} images":
-            gpu_and_wall_ms(lambda: decoder.decode(samples), device, args.rounds)}
+    decode_name = (f"nvJPEG decode, {views // 2} images (the hardware JPEG engines' work is not in the kernel time)"
+                   if device.type == "cuda" else f"decode (PIL), {views // 2} images")
+    parts: dict[str, tuple[float | None, float, float | None]] = {
+        decode_name: gpu_and_wall_ms(lambda: decoder.decode(samples), device, args.rounds)}
     for m in MODES:
         parts[f"apply_batch, {m}"] = gpu_and_wall_ms(
             lambda m=m: apply_batch(per_view, rows[m], Recipe(jitter_mode=m), size, device), device, args.rounds)
@@ -112,11 +127,14 @@ def main() -> None:
 
     gpu_name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"machine: {machine()}, {gpu_name}; one batch of {views} views at {size} px ({views // 2} JPEGs, V = 2), "
-          f"medians of {args.rounds} calls after 2 warm-up calls\n")
-    print("| part | GPU kernels and copies, ms | wall, ms (GPU synchronised) |\n|---|---|---|")
-    for name, (gpu, wall) in parts.items():
-        print(f"| {name} | {'-' if gpu is None else f'{gpu:.2f}'} | {wall:.2f} |")
-    decode = next(iter(parts.values()))
+          f"after 2 warm-up calls: wall times the median of {args.rounds} calls, GPU times the mean of {args.rounds} calls "
+          "under one profiler session\n")
+    print("| part | GPU kernels and copies, ms | GPU events per call | wall, ms (GPU synchronised) |\n|---|---|---|---|")
+    for name, (gpu, wall, events) in parts.items():
+        print(f"| {name} | {'-' if gpu is None else f'{gpu:.2f}'} | {'-' if events is None else f'{events:.0f}'} "
+              f"| {wall:.2f} |")
+    decode = parts[decode_name]
+    print(f"\ndecode: {views // 2 / decode[1] * 1e3:.0f} images/s by the wall clock")
     pick = 0 if device.type == "cuda" else 1                                  # GPU time, or wall on the CPU
     print(f"\nceiling of the stage / pure forward when the parts run one after another on the "
           f"{'GPU (kernel time)' if pick == 0 else 'CPU (wall time: the script tested, not a budget)'}:\n")

@@ -12,7 +12,9 @@ of 256), each copied ``--copies`` times under other names (the stage sees 8 x co
 count: 0 = one background thread reads, decodes (nvJPEG) and augments (GPU); W > 0 = W processes
 read shards and draw views, and the GPU decodes and augments. Prints views/s over the whole run
 (teacher load and cache creation included), the share of the stage's time it waited for its input
-(the cache totals' ``input_wait_seconds``), and the pure bf16 forward.
+(the cache totals' ``input_wait_seconds``), and the pure bf16 forward (first, so that a run cut short by a
+time limit has it). "steady" counts from the first shard's first batch asked for to the last shard's end,
+leaving out start-up: the teacher's load and the cache's creation, and for ``--procs`` the processes' own.
 
 ``--sample``: where the process's threads are during each run (``bench.common.ThreadSampler``: the
 stage's main thread, its data thread) and, on CUDA, the share of the run in which the GPU computed
@@ -49,8 +51,31 @@ from bench.common import (  # noqa: E402
 from bench.teacher_stage import pure_forward  # noqa: E402
 from pipeline import teacher as teacher_stage  # noqa: E402
 from seed import cache  # noqa: E402
-from seed.config import load_config  # noqa: E402
+from seed.config import RunConfig, load_config  # noqa: E402
 from seed.report import input_wait_share  # noqa: E402
+from seed.teachers import load_teacher  # noqa: E402
+
+
+def pure_rate(cfg: RunConfig, device: str) -> float:
+    """Views/s of the teacher's bare forward at batch 256, 224 px (bf16, channels_last on CUDA)."""
+    if device != "cuda":
+        return pure_forward(cfg, 256, 224, 1)
+    teacher, _ = load_teacher(cfg.teacher)
+    teacher = teacher.to("cuda").to(memory_format=torch.channels_last)
+    x = torch.rand(256, 3, 224, 224, device="cuda").contiguous(memory_format=torch.channels_last)
+
+    def fwd() -> None:
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+            teacher(x).float()
+
+    for _ in range(3):
+        fwd()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(10):
+        fwd()
+    torch.cuda.synchronize()
+    return 2560 / (time.perf_counter() - t)
 
 
 def main() -> None:
@@ -72,6 +97,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1,
                         help="run the whole grid this many times, in the same alternating order, and add medians")
     args = parser.parse_args()
+    if any(n < 1 for n in args.procs):
+        parser.error("--procs takes process counts from 1")
     variants = [[kv for kv in v.split(",") if kv] for v in (args.variant or [""])]
     default_interval = sys.getswitchinterval()
     root = Path(tempfile.mkdtemp(prefix="seed-gpu-workers-"))
@@ -87,20 +114,27 @@ def main() -> None:
     device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
     print(f"machine: {machine()}, {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}; "
           f"{count} shards of {per_shard} images, V = 2, resnet50 at 224 px, batch 256", flush=True)
-    print("\n| workers | switch interval, ms | variant | views | seconds | views/s | GPU busy | forward waited for input "
-          "| teacher forward |\n|---|---|---|---|---|---|---|---|---|", flush=True)
-    cfg = None
+
+    def config(w: int, procs: int, variant: list[str]) -> RunConfig:
+        return load_config(None, [f"data.train=many/train-{{000000..{count - 1:06d}}}.tar", "teacher.arch=resnet50",
+                                  f"teacher.checkpoint={teacher_checkpoint(root, 'resnet50')}", "cache.views=2",
+                                  "cache.resolution=224", "cache.batch_size=256",
+                                  f"cache.device={'cuda' if procs and device == 'cuda' else device}",
+                                  f"cache.workers={w}", f"cache.name=w{w}-p{procs}", *variant])
+
+    # the pure forward first: a run cut short by its time limit still has it
+    print(f"\npure {'bf16 ' if device == 'cuda' else ''}forward: {pure_rate(config(0, 0, []), device):.0f} views/s", flush=True)
+    if device == "cuda":
+        torch.cuda.empty_cache()                                              # (the teacher above is gone)
+    print("\n| workers | switch interval, ms | variant | views | seconds | views/s | steady views/s | GPU busy "
+          "| forward waited for input | teacher forward |\n|---|---|---|---|---|---|---|---|---|---|", flush=True)
     profiles: list[str] = []
-    rates: dict[tuple[int, float, str], list[float]] = {}
+    rates: dict[tuple[str, float, str], list[tuple[float, float]]] = {}
     # (workers, switch interval, variant, processes); processes 0: the stage in this process
     grid = [(w, i, v, 0) for w in args.workers for i in args.switch_interval for v in variants]
     grid += [(-1, default_interval, v, n) for n in args.procs for v in variants]
     for w, interval, variant, procs in (run for _ in range(args.rounds) for run in grid):
-        cfg = load_config(None, [f"data.train=many/train-{{000000..{count - 1:06d}}}.tar", "teacher.arch=resnet50",
-                                 f"teacher.checkpoint={teacher_checkpoint(root, 'resnet50')}", "cache.views=2",
-                                 "cache.resolution=224", "cache.batch_size=256",
-                                 f"cache.device={'cuda' if procs and device == 'cuda' else device}",
-                                 f"cache.workers={w}", f"cache.name=w{w}-p{procs}", *variant])
+        cfg = config(w, procs, variant)
         sys.setswitchinterval(interval)
         with contextlib.ExitStack() as stack:
             sampler = stack.enter_context(ThreadSampler()) if args.sample and not procs else None
@@ -115,42 +149,29 @@ def main() -> None:
         busy = f"{100 * gpu_busy_fraction(prof, seconds * 1e6):.0f} %" if prof is not None else "-"
         label = ", ".join(variant) or "-"
         group = cache.open_group(result.cache)
-        modes = sorted({str((cache.shard_record(group, i) or {}).get("forward", "?")) for i in cache.done_shards(group)})
+        records = [cache.shard_record(group, i) or {} for i in cache.done_shards(group)]
+        modes = sorted({str(r.get("forward", "?")) for r in records})
+        # from the first shard's first batch asked for (teacher loaded, graph captured) to the last shard's end:
+        # leaves out the processes' start-up, which a whole --procs run pays once more per process
+        start = min(r["finished_at"] - r["seconds"] - r.get("first_batch_wait_seconds", 0.0) for r in records)
+        steady = views / max(1e-9, max(r["finished_at"] for r in records) - start)
         shares = input_wait_share(result.totals or {})
         waited = "-" if shares is None else f"{100 * shares[0] / shares[1]:.0f} %"
         layout = f"{procs} processes, auto" if procs else str(w)
-        print(f"| {layout} | {1e3 * interval:g} | {label} | {views} | {seconds:.2f} | {views / seconds:.0f} | {busy} | "
-              f"{waited} | {', '.join(modes)} |", flush=True)
-        rates.setdefault((layout, interval, label), []).append(views / seconds)
+        print(f"| {layout} | {1e3 * interval:g} | {label} | {views} | {seconds:.2f} | {views / seconds:.0f} | {steady:.0f} "
+              f"| {busy} | {waited} | {', '.join(modes)} |", flush=True)
+        rates.setdefault((layout, interval, label), []).append((views / seconds, steady))
         if sampler is not None:
             profiles.append(f"\nworkers {layout}, switch interval {1e3 * interval:g} ms, {label}: {sampler.samples} samples\n\n"
                             + sampler.table(15))
     print("\n".join(profiles), flush=True)
     if args.rounds > 1:
-        print(f"\n| workers | switch interval, ms | variant | views/s, median of {args.rounds} | range |\n|---|---|---|---|---|")
-        for (w, interval, label), r in rates.items():
-            print(f"| {w} | {1e3 * interval:g} | {label} | {statistics.median(r):.0f} | {min(r):.0f}-{max(r):.0f} |")
-    if cfg is not None and device == "cuda":
-        from seed.teachers import load_teacher
-
-        teacher, _ = load_teacher(cfg.teacher)
-        teacher = teacher.to("cuda").to(memory_format=torch.channels_last)
-        x = torch.rand(256, 3, 224, 224, device="cuda").contiguous(memory_format=torch.channels_last)
-
-        def fwd() -> None:
-            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
-                teacher(x).float()
-
-        for _ in range(3):
-            fwd()
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(10):
-            fwd()
-        torch.cuda.synchronize()
-        print(f"\npure bf16 forward: {2560 / (time.perf_counter() - t):.0f} views/s", flush=True)
-    elif cfg is not None:
-        print(f"\npure forward: {pure_forward(cfg, 256, 224, 1):.0f} views/s", flush=True)
+        print(f"\n| workers | switch interval, ms | variant | views/s, median of {args.rounds} (range) "
+              "| steady views/s, median (range) |\n|---|---|---|---|---|")
+        for (layout, interval, label), r in rates.items():
+            whole, steady_ = [a for a, _ in r], [b for _, b in r]
+            print(f"| {layout} | {1e3 * interval:g} | {label} | {statistics.median(whole):.0f} ({min(whole):.0f}-{max(whole):.0f}) "
+                  f"| {statistics.median(steady_):.0f} ({min(steady_):.0f}-{max(steady_):.0f}) |")
     shutil.rmtree(root, ignore_errors=True)
 
 
