@@ -219,12 +219,17 @@ class ThreadSampler:
         return "\n".join(lines)
 
 
+def gpu_spans(prof: Any) -> list[tuple[float, float]]:
+    """``(start, end)``, us, of every GPU kernel and copy in a ``torch.profiler`` trace recorded with CUDA activity."""
+    from torch.autograd import DeviceType
+
+    return [(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA]
+
+
 def gpu_busy_fraction(prof: Any, wall_us: float) -> float:
     """Share of ``wall_us`` in which at least one GPU kernel or copy ran, from a ``torch.profiler`` trace
     recorded with CUDA activity (kernels on several streams are merged, never counted twice)."""
-    from torch.autograd import DeviceType
-
-    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA)
+    spans = sorted(gpu_spans(prof))
     busy, end = 0.0, float("-inf")
     for a, b in spans:
         if b > end:

@@ -40,7 +40,7 @@ os.environ.setdefault("TEARDOWN_CUPTI", "0")
 
 import torch  # noqa: E402
 
-from bench.common import jpeg_shards, machine, teacher_checkpoint  # noqa: E402
+from bench.common import gpu_spans, jpeg_shards, machine, teacher_checkpoint  # noqa: E402
 from pipeline.teacher import Forward  # noqa: E402
 from seed.augment import apply_batch  # noqa: E402
 from seed.config import load_config  # noqa: E402
@@ -69,15 +69,14 @@ def gpu_and_wall_ms(fn: Callable[[], object], device: torch.device,
         walls.append((time.perf_counter() - t) * 1e3)
     if device.type != "cuda":
         return None, statistics.median(walls), None
-    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(rounds):
             fn()
         sync()
-    spans = [e.time_range.end - e.time_range.start for e in prof.events() if e.device_type == DeviceType.CUDA]
-    return sum(spans) / 1e3 / rounds, statistics.median(walls), len(spans) / rounds
+    spans = gpu_spans(prof)
+    return sum(b - a for a, b in spans) / 1e3 / rounds, statistics.median(walls), len(spans) / rounds
 
 
 def main() -> None:

@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from bench.common import machine  # noqa: E402
+from bench.common import gpu_spans, machine  # noqa: E402
 from seed import augment  # noqa: E402
 from seed.augment import apply_batch  # noqa: E402
 from seed.views import COL, Recipe, draw_views  # noqa: E402
@@ -107,7 +107,6 @@ def main() -> None:
         s, a = (statistics.median(times[m][step]) for m in MODES)
         print(f"| {step} | {s:.1f} | {a:.1f} | {s / a:.2f}x |", flush=True)
     if device.type == "cuda":
-        from torch.autograd import DeviceType
         from torch.profiler import ProfilerActivity, profile
 
         print("\n| colour stage on the GPU | sequential | affine |\n|---|---|---|")
@@ -116,8 +115,8 @@ def main() -> None:
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 colour(m)
                 sync()
-            spans = [e.time_range for e in prof.events() if e.device_type == DeviceType.CUDA]
-            kernel_ms[m] = sum(r.end - r.start for r in spans) / 1e3
+            spans = gpu_spans(prof)
+            kernel_ms[m] = sum(b - a for a, b in spans) / 1e3
             kernels[m] = len(spans)
         print(f"| GPU kernel time, ms | {kernel_ms['sequential']:.2f} | {kernel_ms['affine']:.2f} |")
         print(f"| kernels (the copy of the crops included) | {kernels['sequential']} | {kernels['affine']} |")
