@@ -287,16 +287,15 @@ def _draw_rows(recipe: Recipe, g: _Streams, height: np.ndarray, width: np.ndarra
     # the crop box: up to 10 tries of (scale, log-ratio), as _crop_box
     top, left, h, w = (np.zeros(n, dtype=np.int64) for _ in range(4))
     area = height * width
-    lo, hi = recipe.crop_scale
     log_lo, log_hi = math.log(recipe.crop_ratio[0]), math.log(recipe.crop_ratio[1])
     todo = everyone
     for _ in range(10):
         if not len(todo):
             break
         u = g.doubles(todo, 2)
-        target_area = area[todo] * (lo + (hi - lo) * u[:, 0])
+        target_area = area[todo] * _uniform(*recipe.crop_scale, u[:, 0])
         # math.exp, as _crop_box: numpy's exp may differ from the C library's in the last bit
-        aspect = np.array([math.exp(x) for x in (log_lo + (log_hi - log_lo) * u[:, 1]).tolist()])
+        aspect = np.array([math.exp(x) for x in _uniform(log_lo, log_hi, u[:, 1]).tolist()])
         tw = np.rint(np.sqrt(target_area * aspect)).astype(np.int64)
         th = np.rint(np.sqrt(target_area / aspect)).astype(np.int64)
         fits = (tw > 0) & (tw <= width[todo]) & (th > 0) & (th <= height[todo])
