@@ -48,6 +48,7 @@ def apply_batch(
     size: int | tuple[int, int],
     device: torch.device | str | None = None,
     out: torch.Tensor | None = None,
+    fused_colour: bool = False,
 ) -> torch.Tensor:
     """Apply view rows ``params [B, P]`` to ``B`` uint8 ``[3, h, w]`` images -> float ``[B, 3, *size]`` in [0, 1].
 
@@ -59,6 +60,10 @@ def apply_batch(
     (jitter and its order, grayscale, blur, solarisation) is then read from the host rows, so the
     batch's kernels are queued without once waiting for the GPU. (Rows already on the GPU cost one
     copy back, a single wait.)
+
+    ``fused_colour``: on CUDA, the sequential jitter and grayscale as two Triton kernels over the batch
+    (``seed.colour_kernels``) instead of a few dozen passes of torch operations: the same views up to float
+    rounding; the torch operations where the kernels cannot run. Ignored on the CPU, whose views stay bit-exact.
     """
     if len(images) != params.shape[0]:
         raise ValueError(f"apply_batch: {len(images)} images but {params.shape[0]} parameter rows")
@@ -71,7 +76,7 @@ def apply_batch(
         if out is not None:
             raise ValueError("apply_batch: out is for the CPU only")
         rows = _to_device(host, target)
-        return _colour_and_blur(_crops_on_canvas(images, rows, size_hw), rows, host, recipe, size_hw)
+        return _colour_and_blur(_crops_on_canvas(images, rows, size_hw), rows, host, recipe, size_hw, fused_colour)
     shape = (len(images), 3, *size_hw)
     if out is not None and (tuple(out.shape) != shape or out.dtype != torch.float32 or out.device != target
                             or not out.is_contiguous()):
@@ -103,15 +108,16 @@ def _rows(mask: torch.Tensor, device: torch.device) -> torch.Tensor | None:
 
 
 def _colour_and_blur(x: torch.Tensor, params: torch.Tensor, host: torch.Tensor, recipe: Recipe,
-                     out: tuple[int, int]) -> torch.Tensor:
+                     out: tuple[int, int], fused: bool = False) -> torch.Tensor:
     """The colour operations, grayscale, blur and solarisation of cropped views ``x``, in place.
 
     ``params`` are the view rows on ``x``'s device (the factors), ``host`` the same rows on the CPU (the
     branches). Views are picked by index (``index_select``, ``index_copy_``), never by a device mask.
+    ``fused``: the sequential jitter and grayscale through ``seed.colour_kernels`` where it runs.
     """
     if recipe.jitter_mode == "affine":
         x = _affine_colour(x, host)
-    else:
+    elif not (fused and _run_colour_kernels(x, params, host)):              # (the kernels: jitter and grayscale)
         x = _color_jitter(x, params, host)
         gray = _rows(host[:, COL["grayscale"]] > 0.5, x.device)
         if gray is not None:
@@ -267,16 +273,32 @@ def _adjust(op: int, x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     return _adjust_hue(x, factor)
 
 
+_FACTORS = [COL["brightness"], COL["contrast"], COL["saturation"], COL["hue"]]
+
+
+def jitter_codes(host: torch.Tensor) -> torch.Tensor:
+    """``seed.colour_kernels``' int32 ``[B, 6]`` codes from the view rows on the host: the operation at each of
+    the four positions (-1 for a view without jitter), the position of the contrast (4: none), grayscale."""
+    ops = torch.where(host[:, COL["jitter"], None] > 0.5, host[:, COL["order_0"] : COL["order_3"] + 1].round().long(), -1)
+    contrast_at = torch.where(ops == 1, torch.arange(4), 4).amin(dim=1, keepdim=True)
+    return torch.cat([ops, contrast_at, (host[:, COL["grayscale"], None] > 0.5).long()], dim=1).int()
+
+
+def _run_colour_kernels(x: torch.Tensor, params: torch.Tensor, host: torch.Tensor) -> bool:
+    from seed import colour_kernels  # imports Triton: only when asked for
+
+    return colour_kernels.run(x, params[:, _FACTORS].float(), _to_device(jitter_codes(host), x.device))
+
+
 def _color_jitter(x: torch.Tensor, params: torch.Tensor, host: torch.Tensor) -> torch.Tensor:
     """ColorJitter with each image's own factors and operation order (``host``: the rows on the CPU)."""
     on = host[:, COL["jitter"]] > 0.5
     order = host[:, COL["order_0"] : COL["order_3"] + 1].round().long()        # B x 4
-    factor_cols = (COL["brightness"], COL["contrast"], COL["saturation"], COL["hue"])
     for position in range(4):
         for op in range(4):
             sel = _rows(on & (order[:, position] == op), x.device)
             if sel is not None:
-                x.index_copy_(0, sel, _adjust(op, x.index_select(0, sel), params[sel, factor_cols[op]].float()))
+                x.index_copy_(0, sel, _adjust(op, x.index_select(0, sel), params[sel, _FACTORS[op]].float()))
     return x
 
 

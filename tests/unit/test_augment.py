@@ -240,6 +240,23 @@ def test_the_gpu_path_gives_the_cpu_path_views(recipe: Recipe) -> None:
     assert torch.allclose(gpu_path, apply_batch(images, params, recipe, 32), atol=1e-5, rtol=0)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the fused colour kernels (seed.colour_kernels)")
+def test_fused_colour_kernels_give_the_tensor_paths_views_on_cuda() -> None:
+    """On the GPU: ``fused_colour`` runs the jitter as Triton kernels (not the fallback), with the tensor path's
+    views up to float rounding, at 224 px (49 blocks of pixels a view) and at 32 px."""
+    from seed import colour_kernels
+
+    g = torch.Generator().manual_seed(6)
+    for size, sizes in ((224, [(300 + 7 * i, 400 - 5 * i) for i in range(40)]), (32, [(28, 28)] * 64)):
+        images = [torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8).cuda() for h, w in sizes]
+        params = torch.from_numpy(np.stack([draw_params(RECIPE, seed=7, key=f"k{i}", view=0, height=h, width=w)
+                                            for i, (h, w) in enumerate(sizes)]))
+        fused = apply_batch(images, params, RECIPE, size, "cuda", fused_colour=True)
+        assert colour_kernels.unavailable() is None
+        tensor_path = apply_batch(images, params, RECIPE, size, "cuda")
+        assert torch.allclose(fused, tensor_path, atol=1e-5, rtol=0), (fused - tensor_path).abs().max().item()
+
+
 @pytest.mark.parametrize("recipe", [RECIPE, AFFINE], ids=["sequential", "affine"])
 def test_views_at_224_px_are_batch_and_pass_independent_with_two_threads(recipe: Recipe) -> None:
     """At 224 px an image's pixel sums are large enough for torch to split one image's reduction across

@@ -1,0 +1,75 @@
+"""The fused colour kernels (``seed.colour_kernels``, CUDA) against the tensor path, under Triton's interpreter on
+the CPU; and the tensor path where they cannot run. Each in its own process: the interpreter is chosen when
+Triton is imported."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+_PROBE = """
+import json, sys, logging
+import numpy as np, torch
+from seed import augment, colour_kernels
+from seed.views import COL, Recipe, draw_params
+logging.basicConfig(level=logging.WARNING)
+g = torch.Generator().manual_seed(5)
+sizes = [(60 + 7 * (i % 5), 50 + 3 * (i % 7)) for i in range(72)]
+images = [torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8) for h, w in sizes]
+images[:8] = [im[:1].expand(3, -1, -1).contiguous() for im in images[:8]]       # grey sources too
+recipe = Recipe()
+host = torch.from_numpy(np.stack([draw_params(recipe, seed=9, key=f"k{i}", view=i % 4, height=h, width=w)
+                                  for i, (h, w) in enumerate(sizes)]))
+out = (40, 40)                                                                   # 1,600 px: two blocks, the last partial
+crops = augment._crops_by_size(images, host, out)
+tensor_path = augment._colour_and_blur(crops.clone(), host, host, recipe, out)
+fused = augment._colour_and_blur(crops.clone(), host, host, recipe, out, fused=True)
+codes = augment.jitter_codes(host)
+no_contrast = codes[:, 4] == 4
+same = [bool(torch.equal(a, b)) for a, b in zip(fused, tensor_path)]
+json.dump({"unavailable": colour_kernels.unavailable(), "max_diff": (fused - tensor_path).abs().max().item(),
+           "contrast_at": torch.bincount(codes[:, 4].long(), minlength=5).tolist(),
+           "grey_views": int(codes[:, 5].sum()), "jitter_off": int((codes[:, 0] < 0).sum()),
+           "same_without_contrast": all(s for s, n in zip(same, no_contrast) if n), "same": sum(same)}, sys.stdout)
+"""
+
+
+def _probe(interpret: bool) -> tuple[dict, str]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    done = subprocess.run([sys.executable, "-c", _PROBE], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout), done.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                    reason="needs Triton (installed with torch's CUDA wheels): its interpreter runs the kernels")
+def test_the_kernels_give_the_tensor_paths_views() -> None:
+    """Every order of the four operations, the contrast at each position and none, views without jitter, grey
+    views and grey sources: the kernels' views are the tensor path's, to the bit where the view has no contrast
+    (whose mean they sum in another order)."""
+    result, _ = _probe(interpret=True)
+    assert result["unavailable"] is None                                      # the kernels ran
+    assert min(result["contrast_at"]) > 0 and result["grey_views"] > 0 and result["jitter_off"] > 0, result
+    assert result["max_diff"] <= 2e-6, result
+    assert result["same_without_contrast"], result
+
+
+def test_without_the_kernels_the_views_are_the_tensor_paths() -> None:
+    """On the CPU with Triton compiling for a GPU, the kernels cannot run: one warning naming the setting, and the
+    tensor path's views to the bit."""
+    result, stderr = _probe(interpret=False)
+    assert result["unavailable"], result
+    assert result["max_diff"] == 0.0 and result["same"] == 72, result
+    assert "fused_colour" in stderr and "the jitter runs as torch operations" in stderr, stderr[-2000:]
+    assert stderr.count("fused_colour") == 1, stderr[-2000:]
