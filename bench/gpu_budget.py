@@ -10,7 +10,8 @@ the GPU could have done beside it; with the number of GPU events, which a profil
 would show as 0), and the wall time of the call with the GPU synchronised after it:
 - nvJPEG's decode of the 128 images (``seed.decode.Decoder``; on GPUs with hardware JPEG engines, such as
   the H100, baseline JPEGs decode there, outside the kernel time, so its wall time and images/s matter too);
-- ``apply_batch`` with each jitter mode (``sequential``, the default, and ``affine``);
+- ``apply_batch`` with each jitter mode (``sequential``, the default, and ``affine``), and the sequential one with
+  ``fused_colour`` (its jitter as two Triton kernels, ``seed.colour_kernels``; compiled in the warm-up calls);
 - the stage's forward (``pipeline.teacher.Forward``: a random-init ``resnet50``, bf16, channels_last), as
   a CUDA graph and eagerly.
 Run one after another on the GPU, the stage's views/s can be at most ``forward / (decode + augmentation +
@@ -50,6 +51,9 @@ from seed.teachers import load_teacher  # noqa: E402
 from seed.views import Recipe, draw_many  # noqa: E402
 
 MODES = ("sequential", "affine")
+# the augmentations measured: (label, jitter mode, fused_colour)
+AUGMENTATIONS = (("sequential", "sequential", False), ("sequential, fused colour kernels", "sequential", True),
+                 ("affine", "affine", False))
 
 
 def gpu_and_wall_ms(fn: Callable[[], object], device: torch.device,
@@ -117,9 +121,10 @@ def main() -> None:
                    if device.type == "cuda" else f"decode (PIL), {views // 2} images")
     parts: dict[str, tuple[float | None, float, float | None]] = {
         decode_name: gpu_and_wall_ms(lambda: decoder.decode(samples), device, args.rounds)}
-    for m in MODES:
-        parts[f"apply_batch, {m}"] = gpu_and_wall_ms(
-            lambda m=m: apply_batch(per_view, rows[m], Recipe(jitter_mode=m), size, device), device, args.rounds)
+    for label, m, fused in AUGMENTATIONS:
+        parts[f"apply_batch, {label}"] = gpu_and_wall_ms(
+            lambda m=m, fused=fused: apply_batch(per_view, rows[m], Recipe(jitter_mode=m), size, device,
+                                                 fused_colour=fused), device, args.rounds)
     for name, forward in forwards.items():
         if forward.mode == ("cuda graph" if name == "CUDA graph" else "eager"):
             parts[f"forward, {name}"] = gpu_and_wall_ms(lambda f=forward: f(x), device, args.rounds)
@@ -132,19 +137,24 @@ def main() -> None:
     for name, (gpu, wall, events) in parts.items():
         print(f"| {name} | {'-' if gpu is None else f'{gpu:.2f}'} | {'-' if events is None else f'{events:.0f}'} "
               f"| {wall:.2f} |")
+    if device.type == "cuda":
+        from seed import colour_kernels
+
+        why = colour_kernels.unavailable()
+        print("\nfused colour kernels: " + ("ran" if why is None else f"did NOT run ({why}): their row is the tensor path"))
     decode = parts[decode_name]
     print(f"\ndecode: {views // 2 / decode[1] * 1e3:.0f} images/s by the wall clock")
     pick = 0 if device.type == "cuda" else 1                                  # GPU time, or wall on the CPU
     print(f"\nceiling of the stage / pure forward when the parts run one after another on the "
           f"{'GPU (kernel time)' if pick == 0 else 'CPU (wall time: the script tested, not a budget)'}:\n")
-    print("| forward | jitter mode | decode + augmentation, ms | forward, ms | ceiling |\n|---|---|---|---|---|")
+    print("| forward | augmentation | decode + augmentation, ms | forward, ms | ceiling |\n|---|---|---|---|---|")
     for name in forwards:
         if f"forward, {name}" not in parts:
             continue
         fwd = parts[f"forward, {name}"][pick] or 0.0
-        for m in MODES:
-            rest = (decode[pick] or 0.0) + (parts[f"apply_batch, {m}"][pick] or 0.0)
-            print(f"| {name} | {m} | {rest:.2f} | {fwd:.2f} | {fwd / (fwd + rest):.2f} |")
+        for label, _, _ in AUGMENTATIONS:
+            rest = (decode[pick] or 0.0) + (parts[f"apply_batch, {label}"][pick] or 0.0)
+            print(f"| {name} | {label} | {rest:.2f} | {fwd:.2f} | {fwd / (fwd + rest):.2f} |")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,16 @@
-"""The two colour-jitter modes of the recipe side by side: time, and how far apart their pixels are.
+"""The two colour-jitter modes of the recipe side by side: time, and how far apart their pixels are; and the
+sequential one through the fused colour kernels (``fused_colour``, CUDA).
 
     python bench/jitter_modes.py [--device cpu|cuda] [--rounds 5] [--size 224] [--views 256]
+    TRITON_INTERPRET=1 python bench/jitter_modes.py --device cpu --size 32 --rounds 1   # the kernels, interpreted
 
 On smooth colour images of ImageNet's sizes (a few random colours per image, bilinearly upsampled to
 sides of 333-640 px, so that saturation and hue act as on photographs), with MoCo-v2's rows at V = 2
 views per image, medians with the modes alternating:
-- ``apply_batch`` with ``jitter_mode`` sequential and affine, with MoCo-v2's blur and without it, and
-  the crops alone (no jitter, grayscale or blur): the differences are what the jitter costs;
+- ``apply_batch`` with ``jitter_mode`` sequential and affine, and sequential with ``fused_colour`` (its jitter as
+  two Triton kernels; on the CPU only under Triton's interpreter, otherwise the tensor path after a warning), with
+  MoCo-v2's blur and without it, and the crops alone (no jitter, grayscale or blur): the differences are what
+  the jitter costs;
 - the colour stage alone (``_colour_and_blur``) on the whole batch's crops, as the CUDA path runs it
   (on the CPU, ``apply_batch`` works a few views at a time instead);
 - on CUDA, the colour stage's GPU kernel time under ``torch.profiler`` and its kernel count; on any
@@ -36,6 +40,8 @@ from seed.augment import apply_batch  # noqa: E402
 from seed.views import COL, Recipe, draw_views  # noqa: E402
 
 MODES = ("sequential", "affine")
+# what is measured: label -> (jitter mode, fused_colour)
+VARIANTS = {"sequential": ("sequential", False), "fused": ("sequential", True), "affine": ("affine", False)}
 
 
 def colour_images(n: int, seed: int = 0) -> list[torch.Tensor]:
@@ -79,22 +85,27 @@ def main() -> None:
              else augment._crops_by_size(images, rows, out))
     rows_here = rows.to(device)
 
-    def colour(mode: str) -> torch.Tensor:
-        return augment._colour_and_blur(crops.clone(), rows_here, rows, recipes[mode], out)
+    def colour(variant: str) -> torch.Tensor:
+        mode, fused = VARIANTS[variant]
+        return augment._colour_and_blur(crops.clone(), rows_here, rows, recipes[mode], out, fused)
+
+    def augmented(variant: str, rows: torch.Tensor) -> torch.Tensor:
+        mode, fused = VARIANTS[variant]
+        return apply_batch(images, rows, recipes[mode], size, device, fused_colour=fused)
 
     # The rows decide which branches a view takes (the recipe's probabilities only drew them): clear columns.
     no_blur, plain_rows = rows.clone(), rows.clone()
     no_blur[:, COL["blur_sigma"]] = 0.0
     plain_rows[:, [COL["jitter"], COL["grayscale"], COL["blur_sigma"]]] = 0.0
-    views = {m: apply_batch(images, rows, recipes[m], size, device) for m in MODES}   # warm-up, and the pixels
+    views = {v: augmented(v, rows) for v in VARIANTS}                       # warm-up (compiles), and the pixels
     steps = ("apply_batch", "apply_batch, blur off", "colour stage, whole batch")
-    times: dict[str, dict[str, list[float]]] = {m: {step: [] for step in steps} for m in MODES}
+    times: dict[str, dict[str, list[float]]] = {v: {step: [] for step in steps} for v in VARIANTS}
     plain: list[float] = []
     for _ in range(args.rounds):
-        for m in MODES:
-            times[m][steps[0]].append(timed(lambda: apply_batch(images, rows, recipes[m], size, device)))
-            times[m][steps[1]].append(timed(lambda: apply_batch(images, no_blur, recipes[m], size, device)))
-            times[m][steps[2]].append(timed(lambda: colour(m)))
+        for v in VARIANTS:
+            times[v][steps[0]].append(timed(lambda: augmented(v, rows)))
+            times[v][steps[1]].append(timed(lambda: augmented(v, no_blur)))
+            times[v][steps[2]].append(timed(lambda: colour(v)))
         plain.append(timed(lambda: apply_batch(images, plain_rows, recipes["sequential"], size, device)))
     clone = timed(lambda: crops.clone())
 
@@ -102,36 +113,42 @@ def main() -> None:
           + f"; {len(images)} views of {len(images) // 2} colour images at {size} px, median of {args.rounds} rounds, "
           f"modes alternating; apply_batch making the crops alone: {statistics.median(plain):.1f} ms; the colour "
           f"stage includes a copy of the crops ({clone:.1f} ms)\n")
-    print("| step | sequential, ms | affine, ms | speed-up |\n|---|---|---|---|")
+    from seed import colour_kernels
+
+    why = colour_kernels.unavailable()
+    print("fused colour kernels: " + ("ran" if why is None else f"did NOT run ({why}): 'fused' is the tensor path")
+          + ("; on the CPU apply_batch ignores fused_colour, so only the colour stage's 'fused' row ran them (under "
+             "Triton's interpreter: its time means nothing)" if device.type == "cpu" and why is None else "") + "\n")
+    print("| step | sequential, ms | fused, ms | affine, ms | speed-up, fused | speed-up, affine |\n|---|---|---|---|---|---|")
     for step in steps:
-        s, a = (statistics.median(times[m][step]) for m in MODES)
-        print(f"| {step} | {s:.1f} | {a:.1f} | {s / a:.2f}x |", flush=True)
+        s, f, a = (statistics.median(times[v][step]) for v in VARIANTS)
+        print(f"| {step} | {s:.1f} | {f:.1f} | {a:.1f} | {s / f:.2f}x | {s / a:.2f}x |", flush=True)
     if device.type == "cuda":
         from torch.profiler import ProfilerActivity, profile
 
-        print("\n| colour stage on the GPU | sequential | affine |\n|---|---|---|")
+        print("\n| colour stage on the GPU | sequential | fused | affine |\n|---|---|---|---|")
         kernel_ms, kernels = {}, {}
-        for m in MODES:
+        for v in VARIANTS:
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                colour(m)
+                colour(v)
                 sync()
             spans = gpu_spans(prof)
-            kernel_ms[m] = sum(b - a for a, b in spans) / 1e3
-            kernels[m] = len(spans)
-        print(f"| GPU kernel time, ms | {kernel_ms['sequential']:.2f} | {kernel_ms['affine']:.2f} |")
-        print(f"| kernels (the copy of the crops included) | {kernels['sequential']} | {kernels['affine']} |")
+            kernel_ms[v] = sum(b - a for a, b in spans) / 1e3
+            kernels[v] = len(spans)
+        print("| GPU kernel time, ms | " + " | ".join(f"{kernel_ms[v]:.2f}" for v in VARIANTS) + " |")
+        print("| kernels (the copy of the crops included) | " + " | ".join(str(kernels[v]) for v in VARIANTS) + " |")
     # Operators the colour stage calls (top-level aten ops): the host work per batch of the thread that also
     # feeds the teacher (see the interpreter-lock figures in benchmarks.md). On a GPU most of them launch a
     # kernel; a few work on the host rows (which views take a branch).
     from torch.profiler import ProfilerActivity, profile
 
     calls = {}
-    for m in MODES:
+    for v in VARIANTS:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            colour(m)
-        calls[m] = sum(1 for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None)
-    print(f"\noperators called by the colour stage (a copy of the crops included): sequential {calls['sequential']}, "
-          f"affine {calls['affine']}")
+            colour(v)
+        calls[v] = sum(1 for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None)
+    print("\noperators called by the colour stage (a copy of the crops included; the fused kernels' launches not "
+          "counted): " + ", ".join(f"{v} {calls[v]}" for v in VARIANTS))
     jittered = rows[:, COL["jitter"]] > 0.5
     if args.png:
         from torchvision.utils import save_image
