@@ -73,3 +73,22 @@ def test_without_the_kernels_the_views_are_the_tensor_paths() -> None:
     assert result["max_diff"] == 0.0 and result["same"] == 72, result
     assert "fused_colour" in stderr and "the jitter runs as torch operations" in stderr, stderr[-2000:]
     assert stderr.count("fused_colour") == 1, stderr[-2000:]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton (installed with torch's CUDA wheels)")
+@pytest.mark.parametrize("arch", [80, 90], ids=["A100", "H100"])
+def test_the_kernels_compile_for_data_centre_gpus(arch: int) -> None:
+    """The interpreter runs what the compiler may refuse (a branch giving a value two types, an operation the
+    GPU lacks): both kernels compile to a GPU binary here, without a GPU, as Triton does on the first call."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from seed import colour_kernels
+
+    types = {"codes_ptr": "*i32", "N": "i32", "BLOCK": "constexpr"}
+    for kernel in (colour_kernels._luma_sums, colour_kernels._jitter):
+        signature = {name: types.get(name, "*fp32") for name in kernel.arg_names}
+        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs={"BLOCK": colour_kernels.BLOCK}),
+                                  target=GPUTarget("cuda", arch, 32))
+        assert compiled.asm["cubin"] and compiled.metadata.name == kernel.__name__
