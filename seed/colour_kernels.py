@@ -21,6 +21,7 @@ interpreter on the CPU.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 
@@ -153,8 +154,10 @@ def run(x: torch.Tensor, factors: torch.Tensor, codes: torch.Tensor) -> bool:
     N = H * W
     grid = (B, triton.cdiv(N, BLOCK))                                        # (a grid's first axis has no 65,535 cap)
     factors, codes = factors.float().contiguous(), codes.to(torch.int32).contiguous()
+    device = torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
     try:
-        with _lock:  # the first call compiles; one compilation at a time
+        # the first call compiles, one compilation at a time; Triton launches on the current device
+        with _lock, device:
             sums = torch.zeros(B, grid[1], dtype=torch.float32, device=x.device)
             _luma_sums[grid](x, factors, codes, sums, N, BLOCK=BLOCK)
             mean = sums.sum(dim=1).div_(N)
