@@ -89,17 +89,21 @@ if triton is not None:
         return r, g, b
 
     @triton.jit
+    def _block(x_ptr, view, blk, N, BLOCK: tl.constexpr):
+        """Block ``blk`` of view ``view``'s pixels: their addresses in the red plane, which are in the image, r, g, b."""
+        offs = blk * BLOCK + tl.arange(0, BLOCK)
+        inside = offs < N
+        at = x_ptr + view.to(tl.int64) * 3 * N + offs
+        return (at, inside, tl.load(at, mask=inside, other=0.0), tl.load(at + N, mask=inside, other=0.0),
+                tl.load(at + 2 * N, mask=inside, other=0.0))
+
+    @triton.jit
     def _luma_sums(x_ptr, factors_ptr, codes_ptr, sums_ptr, N, BLOCK: tl.constexpr):
         """Program (view, block): the block's luma after the view's operations before its contrast."""
         view, blk = tl.program_id(0), tl.program_id(1)
         contrast_at = tl.load(codes_ptr + view * 6 + 4)
         if contrast_at < 4:                                                   # (a view with none keeps its 0)
-            offs = blk * BLOCK + tl.arange(0, BLOCK)
-            inside = offs < N
-            base = x_ptr + view.to(tl.int64) * 3 * N
-            r = tl.load(base + offs, mask=inside, other=0.0)
-            g = tl.load(base + N + offs, mask=inside, other=0.0)
-            b = tl.load(base + 2 * N + offs, mask=inside, other=0.0)
+            _, inside, r, g, b = _block(x_ptr, view, blk, N, BLOCK)
             f_bright = tl.load(factors_ptr + view * 4)
             f_sat, f_hue = tl.load(factors_ptr + view * 4 + 2), tl.load(factors_ptr + view * 4 + 3)
             for position in tl.static_range(3):
@@ -112,12 +116,7 @@ if triton is not None:
     def _jitter(x_ptr, factors_ptr, codes_ptr, mean_ptr, N, BLOCK: tl.constexpr):
         """Program (view, block): the view's four operations in its order, then grayscale, in place."""
         view, blk = tl.program_id(0), tl.program_id(1)
-        offs = blk * BLOCK + tl.arange(0, BLOCK)
-        inside = offs < N
-        base = x_ptr + view.to(tl.int64) * 3 * N
-        r = tl.load(base + offs, mask=inside, other=0.0)
-        g = tl.load(base + N + offs, mask=inside, other=0.0)
-        b = tl.load(base + 2 * N + offs, mask=inside, other=0.0)
+        at, inside, r, g, b = _block(x_ptr, view, blk, N, BLOCK)
         f_bright, f_contrast = tl.load(factors_ptr + view * 4), tl.load(factors_ptr + view * 4 + 1)
         f_sat, f_hue = tl.load(factors_ptr + view * 4 + 2), tl.load(factors_ptr + view * 4 + 3)
         mean = tl.load(mean_ptr + view)
@@ -127,9 +126,9 @@ if triton is not None:
         if tl.load(codes_ptr + view * 6 + 5) != 0:                            # grayscale
             r = _luma(r, g, b)
             g, b = r, r
-        tl.store(base + offs, r, mask=inside)
-        tl.store(base + N + offs, g, mask=inside)
-        tl.store(base + 2 * N + offs, b, mask=inside)
+        tl.store(at, r, mask=inside)
+        tl.store(at + N, g, mask=inside)
+        tl.store(at + 2 * N, b, mask=inside)
 
 
 _failed: str | None = None
