@@ -137,7 +137,7 @@ def prepare(cfg: RunConfig, storage: Storage, teacher: Encoder, report: LoadRepo
                              # writer uses these
                              "cpu_threads": cfg.cache.cpu_threads or torch.get_num_threads(),
                              "batch_size": cfg.cache.batch_size, "cuda_graph": cfg.cache.cuda_graph,
-                             "fused_colour": cfg.cache.fused_colour,
+                             "fused_augment": cfg.cache.fused_augment,
                              "teacher": {"arch": cfg.teacher.arch, "checkpoint": cfg.teacher.checkpoint,
                                          "format": report.format, "output": cfg.teacher.output,
                                          "dropped_keys": report.dropped[:50]},
@@ -237,7 +237,7 @@ def _augment(views: list[View], cfg: RunConfig, device: torch.device,
     images = [moved.setdefault(id(im), im.to(device)) for im, _, _, _ in views]
     r = cfg.cache.resolution
     out = None if slots is None else slots.empty(len(views), 3, r, r)
-    x = apply_batch(images, params, cfg.cache.recipe, r, device, out, fused_colour=cfg.cache.fused_colour)
+    x = apply_batch(images, params, cfg.cache.recipe, r, device, out, fused_augment=cfg.cache.fused_augment)
     return x, np.array([r for *_, r, _ in views]), np.array([v for *_, v in views])
 
 

@@ -48,7 +48,7 @@ def apply_batch(
     size: int | tuple[int, int],
     device: torch.device | str | None = None,
     out: torch.Tensor | None = None,
-    fused_colour: bool = False,
+    fused_augment: bool = False,
 ) -> torch.Tensor:
     """Apply view rows ``params [B, P]`` to ``B`` uint8 ``[3, h, w]`` images -> float ``[B, 3, *size]`` in [0, 1].
 
@@ -61,9 +61,9 @@ def apply_batch(
     batch's kernels are queued without once waiting for the GPU. (Rows already on the GPU cost one
     copy back, a single wait.)
 
-    ``fused_colour``: on CUDA, the sequential jitter and grayscale as two Triton kernels over the batch
-    (``seed.colour_kernels``) instead of a few dozen passes of torch operations: the same views up to float
-    rounding; the torch operations where the kernels cannot run. Ignored on the CPU, whose views stay bit-exact.
+    ``fused_augment``: on CUDA, the crops and the sequential jitter and grayscale as three Triton kernels over
+    the batch (``seed.augment_kernels``) instead of hundreds of torch calls: the same views up to float rounding;
+    the torch operations where the kernels cannot run. Ignored on the CPU, whose views stay bit-exact.
     """
     if len(images) != params.shape[0]:
         raise ValueError(f"apply_batch: {len(images)} images but {params.shape[0]} parameter rows")
@@ -76,7 +76,10 @@ def apply_batch(
         if out is not None:
             raise ValueError("apply_batch: out is for the CPU only")
         rows = _to_device(host, target)
-        return _colour_and_blur(_crops_on_canvas(images, rows, size_hw), rows, host, recipe, size_hw, fused_colour)
+        x = _kernel_crops(images, rows, size_hw, target) if fused_augment else None
+        if x is None:
+            x = _crops_on_canvas(images, rows, size_hw)
+        return _colour_and_blur(x, rows, host, recipe, size_hw, fused_augment)
     shape = (len(images), 3, *size_hw)
     if out is not None and (tuple(out.shape) != shape or out.dtype != torch.float32 or out.device != target
                             or not out.is_contiguous()):
@@ -113,11 +116,11 @@ def _colour_and_blur(x: torch.Tensor, params: torch.Tensor, host: torch.Tensor, 
 
     ``params`` are the view rows on ``x``'s device (the factors), ``host`` the same rows on the CPU (the
     branches). Views are picked by index (``index_select``, ``index_copy_``), never by a device mask.
-    ``fused``: the sequential jitter and grayscale through ``seed.colour_kernels`` where it runs.
+    ``fused``: the sequential jitter and grayscale through ``seed.augment_kernels`` where it runs.
     """
     if recipe.jitter_mode == "affine":
         x = _affine_colour(x, host)
-    elif not (fused and _run_colour_kernels(x, params, host)):              # (the kernels: jitter and grayscale)
+    elif not (fused and _kernel_jitter(x, params, host)):                   # (the kernels: jitter and grayscale)
         x = _color_jitter(x, params, host)
         gray = _rows(host[:, COL["grayscale"]] > 0.5, x.device)
         if gray is not None:
@@ -156,6 +159,26 @@ def _crops_by_size(images: Sequence[torch.Tensor] | torch.Tensor, params: torch.
 
 # Float canvas memory per sampling call on CUDA; larger batches of large images are split.
 CANVAS_BYTES = 1 << 29
+
+
+_BOX = [COL["crop_x0"], COL["crop_y0"], COL["crop_w"], COL["crop_h"], COL["flip"]]
+
+
+def _kernel_crops(images: Sequence[torch.Tensor] | torch.Tensor, params: torch.Tensor, out: tuple[int, int],
+                  device: torch.device) -> torch.Tensor | None:
+    """The CUDA path's crops by ``seed.augment_kernels``: every distinct image once, each view sampled from its
+    own; None where the kernels cannot run."""
+    from seed import augment_kernels  # imports Triton: only when asked for
+
+    slot: dict[int, int] = {}                                                 # id(image) -> its index
+    distinct: list[torch.Tensor] = []
+    image_of = []
+    for im in images:
+        j = slot.setdefault(id(im), len(distinct))
+        if j == len(distinct):
+            distinct.append(im.to(device))
+        image_of.append(j)
+    return augment_kernels.crops(distinct, image_of, params, _BOX, out)
 
 
 def _crops_on_canvas(images: Sequence[torch.Tensor] | torch.Tensor, params: torch.Tensor,
@@ -277,17 +300,17 @@ _FACTORS = [COL["brightness"], COL["contrast"], COL["saturation"], COL["hue"]]
 
 
 def jitter_codes(host: torch.Tensor) -> torch.Tensor:
-    """``seed.colour_kernels``' int32 ``[B, 6]`` codes from the view rows on the host: the operation at each of
+    """``seed.augment_kernels``' int32 ``[B, 6]`` codes from the view rows on the host: the operation at each of
     the four positions (-1 for a view without jitter), the position of the contrast (4: none), grayscale."""
     ops = torch.where(host[:, COL["jitter"], None] > 0.5, host[:, COL["order_0"] : COL["order_3"] + 1].round().long(), -1)
     contrast_at = torch.where(ops == 1, torch.arange(4), 4).amin(dim=1, keepdim=True)
     return torch.cat([ops, contrast_at, (host[:, COL["grayscale"], None] > 0.5).long()], dim=1).int()
 
 
-def _run_colour_kernels(x: torch.Tensor, params: torch.Tensor, host: torch.Tensor) -> bool:
-    from seed import colour_kernels  # imports Triton: only when asked for
+def _kernel_jitter(x: torch.Tensor, params: torch.Tensor, host: torch.Tensor) -> bool:
+    from seed import augment_kernels  # imports Triton: only when asked for
 
-    return colour_kernels.run(x, params[:, _FACTORS].float(), _to_device(jitter_codes(host), x.device))
+    return augment_kernels.jitter(x, params[:, _FACTORS].float(), _to_device(jitter_codes(host), x.device))
 
 
 def _color_jitter(x: torch.Tensor, params: torch.Tensor, host: torch.Tensor) -> torch.Tensor:

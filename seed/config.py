@@ -80,7 +80,7 @@ class CacheConfig:
     cpu_threads: int = 0  # intra-op threads of CPU forwards, fixed per cache (0 = this machine's default)
     workers: int = -1  # decoding/augmentation processes, each owning whole shards (-1 = auto: seed.devices.data_workers)
     cuda_graph: bool = True  # on CUDA, replay the teacher's forward as one CUDA graph (pipeline.teacher.Forward)
-    fused_colour: bool = False  # on CUDA, the sequential jitter as two Triton kernels (seed.colour_kernels)
+    fused_augment: bool = False  # on CUDA, crops and the sequential jitter as Triton kernels (seed.augment_kernels)
     recipe: Recipe = dataclasses.field(default_factory=Recipe)
 
 
@@ -144,13 +144,13 @@ class LoaderConfig:
     made ``prefetch`` ahead (-1 = auto: ``seed.devices.read_ahead``), decoded and augmented by ``workers``
     processes (-1 = auto: ``seed.devices.data_workers``). The batches are the same for any number of
     workers and any read-ahead. The evaluation stage reads ``train.loader``'s ``workers`` and ``prefetch``
-    too (decoding and resizing for every encoder's forward). ``fused_colour``: on CUDA, the views' sequential
-    jitter as two Triton kernels (``seed.colour_kernels``; the same views up to float rounding)."""
+    too (decoding and resizing for every encoder's forward). ``fused_augment``: on CUDA, the views' crops and
+    sequential jitter as Triton kernels (``seed.augment_kernels``; the same views up to float rounding)."""
 
     shuffle_buffer: int = 2048
     prefetch: int = -1
     workers: int = -1
-    fused_colour: bool = False
+    fused_augment: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

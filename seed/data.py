@@ -267,11 +267,11 @@ def decode_items(items: list[Example], decoder: Decoder) -> tuple[list[Example],
 
 
 def collate(items: list[Example], recipe: Recipe, resolution: int, decoder: Decoder,
-            device: torch.device | None = None, slots: SharedSlots | None = None, fused_colour: bool = False) -> Batch:
+            device: torch.device | None = None, slots: SharedSlots | None = None, fused_augment: bool = False) -> Batch:
     """Decode and augment the batch in one call each; views are laid out view-major (all first views, then second ...).
 
     ``x`` is made on ``device`` (the model's; the CPU when None), in one of a worker's ``slots`` when given.
-    ``fused_colour``: see ``apply_batch``.
+    ``fused_augment``: see ``apply_batch``.
     """
     device = device or torch.device("cpu")
     n_views = items[0].params.shape[0]
@@ -280,7 +280,7 @@ def collate(items: list[Example], recipe: Recipe, resolution: int, decoder: Deco
     images = [decoded[i] for v in range(n_views) for i in range(len(items))]
     params = torch.from_numpy(np.concatenate([np.stack([it.params[v] for it in items]) for v in range(n_views)]))
     out = None if slots is None else slots.empty(len(images), 3, resolution, resolution)
-    x = apply_batch(images, params, recipe, resolution, device, out, fused_colour)  # rows on the host: see apply_batch
+    x = apply_batch(images, params, recipe, resolution, device, out, fused_augment)  # rows on the host: see apply_batch
     extra = {name: torch.from_numpy(np.stack([it.extra[name] for it in items])) for name in items[0].extra}
     return Batch(x, torch.tensor([it.row for it in items]), torch.tensor([it.label for it in items]), extra, n_views)
 
@@ -398,18 +398,18 @@ class Batches:
       cached rows and the shuffle buffer are then off this process's interpreter lock, which the
       training step's kernel launches need. It runs on any device (the tests use it on the CPU).
 
-    ``depth`` batches are prepared ahead. ``fused_colour``: see ``apply_batch`` (on CUDA only: workers augment on
+    ``depth`` batches are prepared ahead. ``fused_augment``: see ``apply_batch`` (on CUDA only: workers augment on
     the CPU).
     """
 
     def __init__(self, recipe: Recipe, resolution: int, *, device: torch.device, workers: int, depth: int,
-                 compose_in_worker: bool | None = None, fused_colour: bool = False):
+                 compose_in_worker: bool | None = None, fused_augment: bool = False):
         if compose_in_worker is None:
             compose_in_worker = device.type == "cuda" and workers > 0
         self.compose_in_worker = compose_in_worker
         workers = 0 if compose_in_worker or device.type != "cpu" else workers
         self.recipe, self.resolution, self.device, self.workers, self.depth = recipe, resolution, device, workers, depth
-        self.fused_colour = fused_colour
+        self.fused_augment = fused_augment
         self._jobs = _Jobs()
         self._collate = _CollateJob(recipe, resolution)
         self._loader = None if workers == 0 else torch.utils.data.DataLoader(
@@ -424,12 +424,12 @@ class Batches:
             decoder = Decoder(self.device)
             composed = shard_workers(order, compose, workers=1, depth=self.depth)
             return prefetch((collate(j.examples, self.recipe, self.resolution, decoder, self.device,
-                                     fused_colour=self.fused_colour) for j in composed), self.depth)
+                                     fused_augment=self.fused_augment) for j in composed), self.depth)
         jobs = _jobs(urls, order, source, epoch, batch_size=batch_size, steps=steps, seed=seed,
                      shuffle_buffer=shuffle_buffer)
         if self._loader is None:
             decoder = Decoder(self.device)
-            return prefetch((collate(j, self.recipe, self.resolution, decoder, self.device, fused_colour=self.fused_colour)
+            return prefetch((collate(j, self.recipe, self.resolution, decoder, self.device, fused_augment=self.fused_augment)
                              for j in jobs), self.depth)
         self._jobs.jobs = prefetch(jobs, self.depth)  # reading shards overlaps the training step
         if self._collate.slots is None:  # before the (persistent) workers start

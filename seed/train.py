@@ -123,7 +123,7 @@ def train(members: Sequence[Member], objective: Objective, urls: Sequence[str], 
     workers = data_workers(loop.loader.workers, device, model_threads=threads)
     maker = Batches(loop.recipe, loop.resolution, device=device, workers=workers,
                     depth=read_ahead(loop.loader.prefetch, device, workers, model_threads=threads),
-                    fused_colour=loop.loader.fused_colour)
+                    fused_augment=loop.loader.fused_augment)
     try:
         return _epochs(members, objective, urls, source, loop, maker, device=device, steps=steps, lr=lr,
                        start_epoch=start_epoch, metrics=metrics, progress=progress, on_epoch=on_epoch, writers=writers)

@@ -1,6 +1,6 @@
-"""The fused colour kernels (``seed.colour_kernels``, CUDA) against the tensor path, under Triton's interpreter on
-the CPU; and the tensor path where they cannot run. Each in its own process: the interpreter is chosen when
-Triton is imported."""
+"""The augmentation kernels (``seed.augment_kernels``, CUDA) against the tensor path, under Triton's interpreter on
+the CPU; the tensor path where they cannot run; and the kernels compiled for GPUs. The first two each in a
+process of its own: the interpreter is chosen when Triton is imported."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 _PROBE = """
 import json, sys, logging
 import numpy as np, torch
-from seed import augment, colour_kernels
+from seed import augment, augment_kernels
 from seed.views import COL, Recipe, draw_params
 logging.basicConfig(level=logging.WARNING)
 g = torch.Generator().manual_seed(5)
@@ -35,7 +35,17 @@ fused = augment._colour_and_blur(crops.clone(), host, host, recipe, out, fused=T
 codes = augment.jitter_codes(host)
 no_contrast = codes[:, 4] == 4
 same = [bool(torch.equal(a, b)) for a, b in zip(fused, tensor_path)]
-json.dump({"unavailable": colour_kernels.unavailable(), "max_diff": (fused - tensor_path).abs().max().item(),
+# crops: 3 views of each of 24 images (the same tensors), a rectangular output
+per_view = [im for im in images[:24] for _ in range(3)]
+rows = torch.from_numpy(np.stack([draw_params(recipe, seed=3, key=f"k{i // 3}", view=i % 3, height=int(im.shape[1]),
+                                              width=int(im.shape[2])) for i, im in enumerate(per_view)]))
+kernel_crops = augment._kernel_crops(per_view, rows, (36, 44), torch.device("cpu"))
+per_size = augment._crops_by_size(per_view, rows, (36, 44))
+canvas = augment._crops_on_canvas(per_view, rows, (36, 44))
+json.dump({"crops_ran": kernel_crops is not None, "flips": int((rows[:, COL["flip"]] > 0.5).sum()),
+           "crops_vs_per_size": None if kernel_crops is None else (kernel_crops - per_size).abs().max().item(),
+           "canvas_vs_per_size": (canvas - per_size).abs().max().item(),
+           "unavailable": augment_kernels.unavailable(), "max_diff": (fused - tensor_path).abs().max().item(),
            "contrast_at": torch.bincount(codes[:, 4].long(), minlength=5).tolist(),
            "grey_views": int(codes[:, 5].sum()), "jitter_off": int((codes[:, 0] < 0).sum()),
            "same_without_contrast": all(s for s, n in zip(same, no_contrast) if n), "same": sum(same)}, sys.stdout)
@@ -63,16 +73,20 @@ def test_the_kernels_give_the_tensor_paths_views() -> None:
     assert min(result["contrast_at"]) > 0 and result["grey_views"] > 0 and result["jitter_off"] > 0, result
     assert result["max_diff"] <= 2e-6, result
     assert result["same_without_contrast"], result
+    # the crops: each view sampled from its own image, as the CPU path's per-size call up to float rounding, and
+    # no further from it than the canvas path is
+    assert result["crops_ran"] and 0 < result["flips"] < 72, result
+    assert result["crops_vs_per_size"] <= max(1e-5, result["canvas_vs_per_size"]), result
 
 
 def test_without_the_kernels_the_views_are_the_tensor_paths() -> None:
     """On the CPU with Triton compiling for a GPU, the kernels cannot run: one warning naming the setting, and the
     tensor path's views to the bit."""
     result, stderr = _probe(interpret=False)
-    assert result["unavailable"], result
+    assert result["unavailable"] and not result["crops_ran"], result
     assert result["max_diff"] == 0.0 and result["same"] == 72, result
-    assert "fused_colour" in stderr and "the jitter runs as torch operations" in stderr, stderr[-2000:]
-    assert stderr.count("fused_colour") == 1, stderr[-2000:]
+    assert "fused_augment" in stderr and "the views are made by torch operations" in stderr, stderr[-2000:]
+    assert stderr.count("fused_augment") == 1, stderr[-2000:]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton (installed with torch's CUDA wheels)")
@@ -84,11 +98,12 @@ def test_the_kernels_compile_for_data_centre_gpus(arch: int) -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from seed import colour_kernels
+    from seed import augment_kernels
 
-    types = {"codes_ptr": "*i32", "N": "i32", "BLOCK": "constexpr"}
-    for kernel in (colour_kernels._luma_sums, colour_kernels._jitter):
+    types = {"src_ptr": "*u8", "starts_ptr": "*i64", "sizes_ptr": "*i64", "image_of_ptr": "*i64", "codes_ptr": "*i32",
+             "N": "i32", "OH": "i32", "OW": "i32", "BLOCK": "constexpr"}
+    for kernel in (augment_kernels._crops, augment_kernels._luma_sums, augment_kernels._jitter):
         signature = {name: types.get(name, "*fp32") for name in kernel.arg_names}
-        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs={"BLOCK": colour_kernels.BLOCK}),
+        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs={"BLOCK": augment_kernels.BLOCK}),
                                   target=GPUTarget("cuda", arch, 32))
         assert compiled.asm["cubin"] and compiled.metadata.name == kernel.__name__
