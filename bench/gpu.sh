@@ -56,15 +56,15 @@ PY
 rc=0
 
 # 3. tests: the unit tests that only run on CUDA (skipped on the CPU machines): the teacher forward as a CUDA
-#    graph, the bank's targets on the GPU, the fused colour kernels against the tensor path.
+#    graph, the bank's targets on the GPU, the augmentation kernels against the CPU path.
 if want tests; then
     timeout -k 10 "${GPU_TESTS_TIMEOUT:-120}" python3 -m pytest -q -p no:cacheprovider -o addopts="" \
         tests/unit/test_teacher_forward.py "tests/unit/test_bank.py::test_cuda_targets_equal_cpu" \
-        "tests/unit/test_augment.py::test_fused_colour_kernels_give_the_tensor_paths_views_on_cuda" 2>&1 | tail -15 | tee -a "$LOG"
+        "tests/unit/test_augment.py::test_augmentation_kernels_give_the_cpu_paths_views_on_cuda" 2>&1 | tail -15 | tee -a "$LOG"
     echo "== tests exit status ${PIPESTATUS[0]}" | tee -a "$LOG"
 fi
 # 4. budget: the GPU's own budget: GPU time of nvJPEG, apply_batch (both jitter modes; the sequential one also
-#    with fused_colour, its jitter as two Triton kernels) and the forward for one
+#    with fused_augment, crops and jitter as Triton kernels) and the forward for one
 #    batch, and the ceiling of stage / pure forward they allow when they run one after another on the one GPU.
 if want budget; then
     timeout -k 10 "${GPU_BUDGET_TIMEOUT:-60}" python3 bench/gpu_budget.py > "$OUT/budget.md" 2>&1
@@ -73,14 +73,14 @@ if want budget; then
 fi
 # 5. workers: what holds the teacher stage back (runs 10-13 of docs/benchmarks.md: the data thread; the forward
 #    waits for its input). At ImageNet's shard size (about 1,000 images), 3 rounds taking turns, the jitter as
-#    torch operations (a few hundred calls per batch on the data thread) and as two Triton kernels
-#    (cache.fused_colour). And 2 and 4 processes sharing the GPU (seed
+#    torch operations (several hundred calls per batch on the data thread) and as three Triton kernels
+#    (cache.fused_augment). And 2 and 4 processes sharing the GPU (seed
 #    teacher --procs), each with its own data thread and interpreter lock: on an H200 at V = 8 (run 5) they reached
 #    0.9 of one process, before the decoder's stream and the CUDA graph; at V = 2 the data thread carries 4x the
 #    images. The table gives the forward's wait for input per run.
 if want workers; then
     timeout -k 10 "${GPU_WORKERS_TIMEOUT:-330}" python3 bench/gpu_workers.py --copies 4 --per-shard 1024 --workers 4 0 \
-        --variant cache.fused_colour=false --variant cache.fused_colour=true --procs 2 4 --rounds 3 > "$OUT/workers.md" 2>&1
+        --variant cache.fused_augment=false --variant cache.fused_augment=true --procs 2 4 --rounds 3 > "$OUT/workers.md" 2>&1
     echo "== workers exit status $?" >> "$OUT/workers.md"
     grep -E "^== " "$OUT/workers.md" | tee -a "$LOG"
     grep -E "^\| [0-9]|pure" "$OUT/workers.md" | tee -a "$LOG"

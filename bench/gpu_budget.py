@@ -11,7 +11,8 @@ would show as 0), and the wall time of the call with the GPU synchronised after 
 - nvJPEG's decode of the 128 images (``seed.decode.Decoder``; on GPUs with hardware JPEG engines, such as
   the H100, baseline JPEGs decode there, outside the kernel time, so its wall time and images/s matter too);
 - ``apply_batch`` with each jitter mode (``sequential``, the default, and ``affine``), and the sequential one with
-  ``fused_colour`` (its jitter as two Triton kernels, ``seed.colour_kernels``; compiled in the warm-up calls);
+  ``fused_augment`` (crops and jitter as Triton kernels, ``seed.augment_kernels``; compiled in the warm-up calls),
+  and the affine one with it (its crops by a kernel);
 - the stage's forward (``pipeline.teacher.Forward``: a random-init ``resnet50``, bf16, channels_last), as
   a CUDA graph and eagerly.
 Run one after another on the GPU, the stage's views/s can be at most ``forward / (decode + augmentation +
@@ -51,9 +52,9 @@ from seed.teachers import load_teacher  # noqa: E402
 from seed.views import Recipe, draw_many  # noqa: E402
 
 MODES = ("sequential", "affine")
-# the augmentations measured: (label, jitter mode, fused_colour)
-AUGMENTATIONS = (("sequential", "sequential", False), ("sequential, fused colour kernels", "sequential", True),
-                 ("affine", "affine", False))
+# the augmentations measured: (label, jitter mode, fused_augment)
+AUGMENTATIONS = (("sequential", "sequential", False), ("sequential, fused kernels", "sequential", True),
+                 ("affine", "affine", False), ("affine, fused crops", "affine", True))
 
 
 def gpu_and_wall_ms(fn: Callable[[], object], device: torch.device,
@@ -124,7 +125,7 @@ def main() -> None:
     for label, m, fused in AUGMENTATIONS:
         parts[f"apply_batch, {label}"] = gpu_and_wall_ms(
             lambda m=m, fused=fused: apply_batch(per_view, rows[m], Recipe(jitter_mode=m), size, device,
-                                                 fused_colour=fused), device, args.rounds)
+                                                 fused_augment=fused), device, args.rounds)
     for name, forward in forwards.items():
         if forward.mode == ("cuda graph" if name == "CUDA graph" else "eager"):
             parts[f"forward, {name}"] = gpu_and_wall_ms(lambda f=forward: f(x), device, args.rounds)
@@ -138,10 +139,10 @@ def main() -> None:
         print(f"| {name} | {'-' if gpu is None else f'{gpu:.2f}'} | {'-' if events is None else f'{events:.0f}'} "
               f"| {wall:.2f} |")
     if device.type == "cuda":
-        from seed import colour_kernels
+        from seed import augment_kernels
 
-        why = colour_kernels.unavailable()
-        print("\nfused colour kernels: " + ("ran" if why is None else f"did NOT run ({why}): their row is the tensor path"))
+        why = augment_kernels.unavailable()
+        print("\naugmentation kernels: " + ("ran" if why is None else f"did NOT run ({why}): the fused rows are the tensor path"))
     decode = parts[decode_name]
     print(f"\ndecode: {views // 2 / decode[1] * 1e3:.0f} images/s by the wall clock")
     pick = 0 if device.type == "cuda" else 1                                  # GPU time, or wall on the CPU

@@ -1,5 +1,5 @@
 """The two colour-jitter modes of the recipe side by side: time, and how far apart their pixels are; and the
-sequential one through the fused colour kernels (``fused_colour``, CUDA).
+sequential one through the augmentation kernels (``fused_augment``, CUDA).
 
     python bench/jitter_modes.py [--device cpu|cuda] [--rounds 5] [--size 224] [--views 256]
     TRITON_INTERPRET=1 python bench/jitter_modes.py --device cpu --size 32 --rounds 1   # the kernels, interpreted
@@ -7,10 +7,10 @@ sequential one through the fused colour kernels (``fused_colour``, CUDA).
 On smooth colour images of ImageNet's sizes (a few random colours per image, bilinearly upsampled to
 sides of 333-640 px, so that saturation and hue act as on photographs), with MoCo-v2's rows at V = 2
 views per image, medians with the modes alternating:
-- ``apply_batch`` with ``jitter_mode`` sequential and affine, and sequential with ``fused_colour`` (its jitter as
-  two Triton kernels; on the CPU only under Triton's interpreter, otherwise the tensor path after a warning), with
-  MoCo-v2's blur and without it, and the crops alone (no jitter, grayscale or blur): the differences are what
-  the jitter costs;
+- ``apply_batch`` with ``jitter_mode`` sequential and affine, and sequential with ``fused_augment`` (crops and
+  jitter as Triton kernels on CUDA; ``apply_batch`` ignores it on the CPU, where only the colour stage's row
+  runs the jitter kernels, under Triton's interpreter), with MoCo-v2's blur and without it, and the crops alone
+  (no jitter, grayscale or blur): the differences are what the jitter costs;
 - the colour stage alone (``_colour_and_blur``) on the whole batch's crops, as the CUDA path runs it
   (on the CPU, ``apply_batch`` works a few views at a time instead);
 - on CUDA, the colour stage's GPU kernel time under ``torch.profiler`` and its kernel count; on any
@@ -40,7 +40,7 @@ from seed.augment import apply_batch  # noqa: E402
 from seed.views import COL, Recipe, draw_views  # noqa: E402
 
 MODES = ("sequential", "affine")
-# what is measured: label -> (jitter mode, fused_colour)
+# what is measured: label -> (jitter mode, fused_augment)
 VARIANTS = {"sequential": ("sequential", False), "fused": ("sequential", True), "affine": ("affine", False)}
 
 
@@ -91,7 +91,7 @@ def main() -> None:
 
     def augmented(variant: str, rows: torch.Tensor) -> torch.Tensor:
         mode, fused = VARIANTS[variant]
-        return apply_batch(images, rows, recipes[mode], size, device, fused_colour=fused)
+        return apply_batch(images, rows, recipes[mode], size, device, fused_augment=fused)
 
     # The rows decide which branches a view takes (the recipe's probabilities only drew them): clear columns.
     no_blur, plain_rows = rows.clone(), rows.clone()
@@ -113,11 +113,11 @@ def main() -> None:
           + f"; {len(images)} views of {len(images) // 2} colour images at {size} px, median of {args.rounds} rounds, "
           f"modes alternating; apply_batch making the crops alone: {statistics.median(plain):.1f} ms; the colour "
           f"stage includes a copy of the crops ({clone:.1f} ms)\n")
-    from seed import colour_kernels
+    from seed import augment_kernels
 
-    why = colour_kernels.unavailable()
-    print("fused colour kernels: " + ("ran" if why is None else f"did NOT run ({why}): 'fused' is the tensor path")
-          + ("; on the CPU apply_batch ignores fused_colour, so only the colour stage's 'fused' row ran them (under "
+    why = augment_kernels.unavailable()
+    print("augmentation kernels: " + ("ran" if why is None else f"did NOT run ({why}): 'fused' is the tensor path")
+          + ("; on the CPU apply_batch ignores fused_augment, so only the colour stage's 'fused' row ran them (under "
              "Triton's interpreter: its time means nothing)" if device.type == "cpu" and why is None else "") + "\n")
     print("| step | sequential, ms | fused, ms | affine, ms | speed-up, fused | speed-up, affine |\n|---|---|---|---|---|---|")
     for step in steps:
