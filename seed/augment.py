@@ -170,6 +170,8 @@ def _kernel_crops(images: Sequence[torch.Tensor] | torch.Tensor, params: torch.T
     own; None where the kernels cannot run."""
     from seed import augment_kernels  # imports Triton: only when asked for
 
+    if len(images) == 0:
+        return None
     slot: dict[int, int] = {}                                                 # id(image) -> its index
     distinct: list[torch.Tensor] = []
     image_of = []

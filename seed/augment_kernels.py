@@ -191,13 +191,13 @@ def crops(images: list[torch.Tensor], image_of: list[int], params: torch.Tensor,
     crop_h and flip). None (nothing done) where the kernels cannot run here."""
     if _MISSING or _failed:
         return None
+    if not images:
+        raise ValueError("augment kernels: no images")
     device = images[0].device
     if any(im.dtype != torch.uint8 or im.dim() != 3 or im.shape[0] != 3 or im.device != device for im in images):
         raise ValueError("augment kernels: the images must be uint8 [3, h, w] tensors on one device")
     B, (oh, ow) = len(image_of), out
     x = torch.empty(B, 3, oh, ow, device=device)
-    if B == 0:
-        return x
     sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
     starts = [0]
     for h, w in sizes[:-1]:
