@@ -36,6 +36,7 @@ export PYTHONUNBUFFERED=1
 {
     echo "== $(date -u '+%Y-%m-%d %H:%M:%S') UTC, $(nproc) CPUs, $(hostname)"
     nvidia-smi -L || echo "nvidia-smi not available"
+    echo "C compiler (Triton builds its launcher with it): $(command -v cc gcc | head -1 || true)"
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader 2>/dev/null || true
     python3 - <<'PY'
 import importlib, sys
