@@ -133,8 +133,8 @@ def prepare(cfg: RunConfig, storage: Storage, teacher: Encoder, report: LoadRepo
     group = cache.create(plan.cache_url, fields=fields, capacity=plan.capacity, n_shards=len(plan.urls),
                          views=cfg.cache.views, dim=teacher.out_dim, overwrite=overwrite, attrs={
                              "config": to_dict(cfg), "shard_urls": list(plan.urls),
-                             # batch size, CPU threads and the CUDA graph fix the forward's last bits: every
-                             # writer uses these
+                             # batch size, CPU threads, the CUDA graph and the augmentation kernels fix the
+                             # views' and the forward's last bits: every writer uses these
                              "cpu_threads": cfg.cache.cpu_threads or torch.get_num_threads(),
                              "batch_size": cfg.cache.batch_size, "cuda_graph": cfg.cache.cuda_graph,
                              "fused_augment": cfg.cache.fused_augment,
@@ -493,6 +493,10 @@ def embed_shards(cfg: RunConfig, plan: Plan, group: zarr.Group, shards: list[int
     device = resolve_device(cfg.cache.device)
     if device.type == "cpu":
         require_cpu_threads(cpu_threads(group), plan.cache_url)
+    # the augmentation kernels move a view's last bits on the GPU: every writer of the cache uses the recorded choice
+    recorded = cache.attributes(group).get("fused_augment")
+    if recorded is not None and bool(recorded) != cfg.cache.fused_augment:
+        cfg = dataclasses.replace(cfg, cache=dataclasses.replace(cfg.cache, fused_augment=bool(recorded)))
     teacher.to(device)
     if device.type == "cuda":
         teacher.to(memory_format=torch.channels_last)

@@ -76,7 +76,7 @@ def apply_batch(
         if out is not None:
             raise ValueError("apply_batch: out is for the CPU only")
         rows = _to_device(host, target)
-        x = _kernel_crops(images, rows, size_hw, target) if fused_augment else None
+        x = _kernel_crops(images, host, size_hw, target) if fused_augment else None
         if x is None:
             x = _crops_on_canvas(images, rows, size_hw)
         return _colour_and_blur(x, rows, host, recipe, size_hw, fused_augment)
@@ -164,13 +164,13 @@ CANVAS_BYTES = 1 << 29
 _BOX = [COL["crop_x0"], COL["crop_y0"], COL["crop_w"], COL["crop_h"], COL["flip"]]
 
 
-def _kernel_crops(images: Sequence[torch.Tensor] | torch.Tensor, params: torch.Tensor, out: tuple[int, int],
+def _kernel_crops(images: Sequence[torch.Tensor] | torch.Tensor, host: torch.Tensor, out: tuple[int, int],
                   device: torch.device) -> torch.Tensor | None:
-    """The CUDA path's crops by ``seed.augment_kernels``: every distinct image once, each view sampled from its
-    own; None where the kernels cannot run."""
+    """The CUDA path's crops by ``seed.augment_kernels`` (``host``: the view rows on the CPU): every distinct image
+    once, each view sampled from its own; None where the kernels cannot run."""
     from seed import augment_kernels  # imports Triton: only when asked for
 
-    if len(images) == 0:
+    if len(images) == 0 or augment_kernels.unavailable():
         return None
     slot: dict[int, int] = {}                                                 # id(image) -> its index
     distinct: list[torch.Tensor] = []
@@ -180,7 +180,8 @@ def _kernel_crops(images: Sequence[torch.Tensor] | torch.Tensor, params: torch.T
         if j == len(distinct):
             distinct.append(im.to(device))
         image_of.append(j)
-    return augment_kernels.crops(distinct, image_of, params, _BOX, out)
+    # the boxes from the host rows: indexing rows on the GPU by a list would copy the list there and wait
+    return augment_kernels.crops(distinct, image_of, _to_device(host[:, _BOX].float().contiguous(), device), out)
 
 
 def _crops_on_canvas(images: Sequence[torch.Tensor] | torch.Tensor, params: torch.Tensor,
@@ -312,7 +313,10 @@ def jitter_codes(host: torch.Tensor) -> torch.Tensor:
 def _kernel_jitter(x: torch.Tensor, params: torch.Tensor, host: torch.Tensor) -> bool:
     from seed import augment_kernels  # imports Triton: only when asked for
 
-    return augment_kernels.jitter(x, params[:, _FACTORS].float(), _to_device(jitter_codes(host), x.device))
+    if augment_kernels.unavailable():
+        return False
+    return augment_kernels.jitter(x, _to_device(host[:, _FACTORS].float().contiguous(), x.device),
+                                  _to_device(jitter_codes(host), x.device))
 
 
 def _color_jitter(x: torch.Tensor, params: torch.Tensor, host: torch.Tensor) -> torch.Tensor:

@@ -184,11 +184,11 @@ _failed: str | None = None
 _lock = threading.Lock()
 
 
-def crops(images: list[torch.Tensor], image_of: list[int], params: torch.Tensor, boxes: list[int],
-          out: tuple[int, int]) -> torch.Tensor | None:
+def crops(images: list[torch.Tensor], image_of: list[int], boxes: torch.Tensor, out: tuple[int, int]
+          ) -> torch.Tensor | None:
     """Views ``[B, 3, *out]`` float32 in [0, 1]: view ``b``'s box of ``images[image_of[b]]`` (uint8 ``[3, h, w]``
-    on the GPU), from its row ``params[b]`` (on the GPU; ``boxes`` the columns of crop_x0, crop_y0, crop_w,
-    crop_h and flip). None (nothing done) where the kernels cannot run here."""
+    on the GPU), from ``boxes [B, 5]`` float32 on the same device (each view's crop_x0, crop_y0, crop_w, crop_h
+    and flip). None (nothing done) where the kernels cannot run here."""
     if _MISSING or _failed:
         return None
     if not images:
@@ -197,6 +197,8 @@ def crops(images: list[torch.Tensor], image_of: list[int], params: torch.Tensor,
     if any(im.dtype != torch.uint8 or im.dim() != 3 or im.shape[0] != 3 or im.device != device for im in images):
         raise ValueError("augment kernels: the images must be uint8 [3, h, w] tensors on one device")
     B, (oh, ow) = len(image_of), out
+    if tuple(boxes.shape) != (B, BOX):
+        raise ValueError(f"augment kernels: boxes must be [{B}, {BOX}], got {list(boxes.shape)}")
     x = torch.empty(B, 3, oh, ow, device=device)
     sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
     starts = [0]
@@ -207,9 +209,8 @@ def crops(images: list[torch.Tensor], image_of: list[int], params: torch.Tensor,
     table = table.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else table.to(device)
     n = len(images)
     flat = torch.cat([im.reshape(-1) for im in images])                      # the images end to end
-    box = params[:, boxes].float().contiguous()
     if not _launch(device, lambda: _crops[(B, triton.cdiv(oh * ow, BLOCK))](
-            flat, table[:n], table[n: 3 * n], table[3 * n:], box, x, oh, ow, BLOCK=BLOCK)):
+            flat, table[:n], table[n: 3 * n], table[3 * n:], boxes.contiguous(), x, oh, ow, BLOCK=BLOCK)):
         return None
     return x
 
@@ -226,6 +227,9 @@ def jitter(x: torch.Tensor, factors: torch.Tensor, codes: torch.Tensor) -> bool:
         raise ValueError(f"augment kernels: x must be a contiguous float32 [B, 3, H, W] tensor, got {x.dtype} "
                          f"{list(x.shape)}")
     B, _, H, W = x.shape
+    if tuple(factors.shape) != (B, 4) or tuple(codes.shape) != (B, CODES):
+        raise ValueError(f"augment kernels: factors must be [{B}, 4] and codes [{B}, {CODES}], got "
+                         f"{list(factors.shape)} and {list(codes.shape)}")
     if B == 0:
         return True
     N = H * W
@@ -242,18 +246,22 @@ def jitter(x: torch.Tensor, factors: torch.Tensor, codes: torch.Tensor) -> bool:
 
 def _launch(device: torch.device, launch: Callable[[], None]) -> bool:
     """``launch()`` on ``device`` (Triton launches on the current one); False, with one warning for the process,
-    where it fails: no C compiler for Triton's launcher, an unsupported GPU, ... (the first call compiles)."""
+    where it fails: no C compiler for Triton's launcher, an unsupported GPU, ... (the first call compiles). Out of
+    GPU memory is raised as it is: it says nothing about the kernels."""
     global _failed
-    if _failed:
-        return False
-    try:
-        with _lock, (torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()):
-            launch()
-    except Exception as exc:
-        _failed = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-        log.warning("fused_augment: the augmentation kernels do not run on %s (%s); the views are made by torch "
-                    "operations", device, _failed)
-        return False
+    with _lock:                                                               # one compilation at a time
+        if _failed:
+            return False
+        try:
+            with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+                launch()
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:
+            _failed = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+            log.warning("fused_augment: the augmentation kernels do not run on %s (%s); the views are made by torch "
+                        "operations", device, _failed)
+            return False
     return True
 
 

@@ -374,14 +374,14 @@ def write_run_files(cfg: RunConfig, storage: Storage, directory: str | Path) -> 
 
 def outcome(section: Any) -> dict[str, Any]:
     """A train or pretrain section as plain data without the settings that cannot change what training
-    produces (device, TensorBoard logging, data-path workers and read-ahead): what decides whether a
-    finished run is reused."""
+    produces (device, TensorBoard logging, data-path workers and read-ahead, the augmentation kernels, which
+    change views by float rounding as the device does): what decides whether a finished run is reused."""
     data = to_dict(section) if dataclasses.is_dataclass(section) else dict(section)
     data.pop("device", None)
     data.pop("tensorboard", None)  # logging, not training: switching it never retrains a finished run
     loader = data.get("loader")
     if isinstance(loader, dict):
-        data["loader"] = {k: v for k, v in loader.items() if k not in ("workers", "prefetch")}
+        data["loader"] = {k: v for k, v in loader.items() if k not in ("workers", "prefetch", "fused_augment")}
     return data
 
 

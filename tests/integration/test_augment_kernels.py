@@ -28,6 +28,9 @@ images[:8] = [im[:1].expand(3, -1, -1).contiguous() for im in images[:8]]       
 recipe = Recipe()
 host = torch.from_numpy(np.stack([draw_params(recipe, seed=9, key=f"k{i}", view=i % 4, height=h, width=w)
                                   for i, (h, w) in enumerate(sizes)]))
+# hue shifts at and next to the ends of their range, and next to 0 (the recipe draws at most 0.1)
+host[8:16, COL["jitter"]] = 1.0
+host[8:16, COL["hue"]] = torch.tensor([0.5, -0.5, 0.49999997, -0.49999997, 1e-8, -1e-8, 0.25, -0.25], dtype=host.dtype)
 out = (40, 40)                                                                   # 1,600 px: two blocks, the last partial
 crops = augment._crops_by_size(images, host, out)
 tensor_path = augment._colour_and_blur(crops.clone(), host, host, recipe, out)
@@ -66,8 +69,8 @@ def _probe(interpret: bool) -> tuple[dict, str]:
                     reason="needs Triton (installed with torch's CUDA wheels): its interpreter runs the kernels")
 def test_the_kernels_give_the_tensor_paths_views() -> None:
     """Every order of the four operations, the contrast at each position and none, views without jitter, grey
-    views and grey sources: the kernels' views are the tensor path's, to the bit where the view has no contrast
-    (whose mean they sum in another order)."""
+    views and grey sources, hue shifts of +-0.5 and next to it: the kernels' views are the tensor path's, to the
+    bit where the view has no contrast (whose mean they sum in another order)."""
     result, _ = _probe(interpret=True)
     assert result["unavailable"] is None                                      # the kernels ran
     assert min(result["contrast_at"]) > 0 and result["grey_views"] > 0 and result["jitter_off"] > 0, result

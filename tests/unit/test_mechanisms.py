@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from seed import cache
-from seed.config import load_config
+from seed.config import load_config, to_dict
 from seed.data import rank_shards, shard_order
 from seed.errors import SeedError
 from seed.models import mlp_from_state_dict, mlp_head
@@ -229,8 +229,13 @@ def test_loader_settings_are_checked_and_do_not_decide_reuse() -> None:
     with pytest.raises(SeedError, match="cache.workers must be >= 0, or -1"):
         load_config(None, ["cache.workers=-2"])
     a = load_config(None, ["train.loader.workers=0", "train.device=cpu"]).train
-    b = load_config(None, ["train.loader.workers=3", "train.loader.prefetch=5"]).train
+    b = load_config(None, ["train.loader.workers=3", "train.loader.prefetch=5", "train.loader.fused_augment=true"]).train
     assert outcome(a) == outcome(b) and outcome(a) != outcome(load_config(None, ["train.loader.shuffle_buffer=7"]).train)
+    # a section saved before the augmentation kernels (no fused_augment) still decides the same: no retraining
+    saved = to_dict(a)
+    del saved["loader"]["fused_augment"]
+    assert outcome(saved) == outcome(a)
+    assert outcome(load_config(None, []).pretrain) == outcome(load_config(None, ["pretrain.loader.fused_augment=true"]).pretrain)
 
 
 def test_devices_are_named_clearly() -> None:
