@@ -315,8 +315,11 @@ def _kernel_jitter(x: torch.Tensor, params: torch.Tensor, host: torch.Tensor) ->
 
     if augment_kernels.unavailable():
         return False
+    codes = jitter_codes(host)
+    if not ((codes[:, 0] >= 0).any() or codes[:, 5].any()):                  # no view jitters or turns grey
+        return True
     return augment_kernels.jitter(x, _to_device(host[:, _FACTORS].float().contiguous(), x.device),
-                                  _to_device(jitter_codes(host), x.device))
+                                  _to_device(codes, x.device), contrast=bool((codes[:, 4] < 4).any()))
 
 
 def _color_jitter(x: torch.Tensor, params: torch.Tensor, host: torch.Tensor) -> torch.Tensor:

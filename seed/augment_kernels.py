@@ -215,11 +215,12 @@ def crops(images: list[torch.Tensor], image_of: list[int], boxes: torch.Tensor, 
     return x
 
 
-def jitter(x: torch.Tensor, factors: torch.Tensor, codes: torch.Tensor) -> bool:
+def jitter(x: torch.Tensor, factors: torch.Tensor, codes: torch.Tensor, contrast: bool = True) -> bool:
     """The jitter and grayscale of ``x`` (contiguous float32 ``[B, 3, H, W]`` in [0, 1]), in place.
 
     ``factors``: float32 ``[B, 4]`` (brightness, contrast, saturation, hue); ``codes``: int32 ``[B, 6]`` (see
-    ``CODES``), both on ``x``'s device. False (nothing done) where the kernels cannot run here.
+    ``CODES``), both on ``x``'s device; ``contrast``: whether any view has one (without, no luma sums are
+    needed). False (nothing done) where the kernels cannot run here.
     """
     if _MISSING or _failed:
         return False
@@ -235,11 +236,12 @@ def jitter(x: torch.Tensor, factors: torch.Tensor, codes: torch.Tensor) -> bool:
     N = H * W
     grid = (B, triton.cdiv(N, BLOCK))                                        # (a grid's first axis has no 65,535 cap)
     factors, codes = factors.float().contiguous(), codes.to(torch.int32).contiguous()
-    sums = torch.zeros(B, grid[1], dtype=torch.float32, device=x.device)
+    sums = torch.zeros(B, grid[1] if contrast else 1, dtype=torch.float32, device=x.device)
 
     def launch() -> None:
-        _luma_sums[grid](x, factors, codes, sums, N, BLOCK=BLOCK)
-        _jitter[grid](x, factors, codes, sums.sum(dim=1).div_(N), N, BLOCK=BLOCK)
+        if contrast:
+            _luma_sums[grid](x, factors, codes, sums, N, BLOCK=BLOCK)
+        _jitter[grid](x, factors, codes, sums.sum(dim=1).div_(N) if contrast else sums[:, 0], N, BLOCK=BLOCK)
 
     return _launch(x.device, launch)
 

@@ -38,6 +38,10 @@ fused = augment._colour_and_blur(crops.clone(), host, host, recipe, out, fused=T
 codes = augment.jitter_codes(host)
 no_contrast = codes[:, 4] == 4
 same = [bool(torch.equal(a, b)) for a, b in zip(fused, tensor_path)]
+no_jitter = host.clone()                                                         # grayscale only: no luma sums
+no_jitter[:, COL["jitter"]] = 0.0
+grey_only_same = bool(torch.equal(augment._colour_and_blur(crops.clone(), no_jitter, no_jitter, recipe, out, fused=True),
+                                  augment._colour_and_blur(crops.clone(), no_jitter, no_jitter, recipe, out)))
 # crops: 3 views of each of 24 images (the same tensors), a rectangular output
 per_view = [im for im in images[:24] for _ in range(3)]
 rows = torch.from_numpy(np.stack([draw_params(recipe, seed=3, key=f"k{i // 3}", view=i % 3, height=int(im.shape[1]),
@@ -45,7 +49,7 @@ rows = torch.from_numpy(np.stack([draw_params(recipe, seed=3, key=f"k{i // 3}", 
 kernel_crops = augment._kernel_crops(per_view, rows, (36, 44), torch.device("cpu"))
 per_size = augment._crops_by_size(per_view, rows, (36, 44))
 canvas = augment._crops_on_canvas(per_view, rows, (36, 44))
-json.dump({"crops_ran": kernel_crops is not None, "flips": int((rows[:, COL["flip"]] > 0.5).sum()),
+json.dump({"crops_ran": kernel_crops is not None, "grey_only_same": grey_only_same, "flips": int((rows[:, COL["flip"]] > 0.5).sum()),
            "crops_vs_per_size": None if kernel_crops is None else (kernel_crops - per_size).abs().max().item(),
            "canvas_vs_per_size": (canvas - per_size).abs().max().item(),
            "unavailable": augment_kernels.unavailable(), "max_diff": (fused - tensor_path).abs().max().item(),
@@ -75,7 +79,7 @@ def test_the_kernels_give_the_tensor_paths_views() -> None:
     assert result["unavailable"] is None                                      # the kernels ran
     assert min(result["contrast_at"]) > 0 and result["grey_views"] > 0 and result["jitter_off"] > 0, result
     assert result["max_diff"] <= 2e-6, result
-    assert result["same_without_contrast"], result
+    assert result["same_without_contrast"] and result["grey_only_same"], result
     # the crops: each view sampled from its own image, as the CPU path's per-size call up to float rounding, and
     # no further from it than the canvas path is
     assert result["crops_ran"] and 0 < result["flips"] < 72, result
