@@ -100,10 +100,12 @@ def run(cfg: RunConfig, storage: Storage, *, include_teacher: bool = True, progr
     with contextlib.ExitStack() as held:  # the feature files give their disk space back however this ends
         train = held.enter_context(extract_all(
             encoders, expand_urls(storage.resolve("shards", cfg.data.train)), res, device, workers=workers, depth=depth,
-            pixels=sample, progress=progress, desc="train features", damaged=cfg.data.damaged, on_progress=on_progress))
+            pixels=sample, progress=progress, desc="train features", damaged=cfg.data.damaged, on_progress=on_progress,
+            fused_augment=cfg.train.loader.fused_augment))
         test = held.enter_context(extract_all(
             encoders, expand_urls(storage.resolve("shards", cfg.data.test)), res, device, workers=workers, depth=depth,
-            pixels=sample, progress=progress, desc="test features", damaged=cfg.data.damaged, on_progress=on_progress))
+            pixels=sample, progress=progress, desc="test features", damaged=cfg.data.damaged, on_progress=on_progress,
+            fused_augment=cfg.train.loader.fused_augment))
         feature_seconds = time.perf_counter() - t_features
         del encoders
 

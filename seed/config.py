@@ -143,9 +143,10 @@ class LoaderConfig:
     """The training data path: a seeded shuffle buffer of ``shuffle_buffer`` encoded examples, batches
     made ``prefetch`` ahead (-1 = auto: ``seed.devices.read_ahead``), decoded and augmented by ``workers``
     processes (-1 = auto: ``seed.devices.data_workers``). The batches are the same for any number of
-    workers and any read-ahead. The evaluation stage reads ``train.loader``'s ``workers`` and ``prefetch``
-    too (decoding and resizing for every encoder's forward). ``fused_augment``: on CUDA, the views' crops and
-    sequential jitter as Triton kernels (``seed.augment_kernels``; the same views up to float rounding)."""
+    workers and any read-ahead. ``fused_augment``: on CUDA, the views' crops and sequential jitter as Triton
+    kernels (``seed.augment_kernels``; the same views up to float rounding). The evaluation stage reads
+    ``train.loader``'s ``workers``, ``prefetch`` and ``fused_augment`` too (decoding and resizing for every
+    encoder's forward)."""
 
     shuffle_buffer: int = 2048
     prefetch: int = -1

@@ -168,16 +168,17 @@ class _Chunk:
 
 
 def _decode(shard: int, samples: list[Sample], decoder: Decoder, resolution: int,
-            slots: SharedSlots | None = None) -> _Chunk:
+            slots: SharedSlots | None = None, fused_augment: bool = False) -> _Chunk:
     """The batch's decodable images, resized whole to ``resolution`` on the decoder's device (in one of a
-    worker's ``slots`` when given)."""
+    worker's ``slots`` when given; ``fused_augment``: see ``apply_batch``)."""
     kept, decoded = [], []
     for sample, image in zip(samples, decoder.decode(samples)):
         if not isinstance(image, ValueError):
             kept.append(sample)
             decoded.append(image)
     out = None if slots is None or not decoded else slots.empty(len(decoded), 3, resolution, resolution)
-    x = (apply_batch(decoded, identity_params(len(decoded)), IDENTITY, resolution, decoder.device, out) if decoded
+    x = (apply_batch(decoded, identity_params(len(decoded)), IDENTITY, resolution, decoder.device, out, fused_augment)
+         if decoded
          else torch.empty(0, 3, resolution, resolution, device=decoder.device))
     return _Chunk(shard, len(samples), np.array([s.index for s in kept], dtype=np.int64), [s.key for s in kept],
                   np.array([s.label for s in kept], dtype=np.int64), x=x)
@@ -185,25 +186,25 @@ def _decode(shard: int, samples: list[Sample], decoder: Decoder, resolution: int
 
 def _shard_chunks(urls: Sequence[str], shards: Sequence[int], resolution: int, batch_size: int,
                   decoder: Decoder | None, damaged: Damaged = "stop",
-                  slots: SharedSlots | None = None) -> Iterator[_Chunk]:
+                  slots: SharedSlots | None = None, fused_augment: bool = False) -> Iterator[_Chunk]:
     """The shards' samples in batches; decoded on ``decoder``'s device, or left encoded when it is None."""
     for shard in shards:
         pending: list[Sample] = []
         for sample in iter_shard(urls[shard], damage_handler(damaged)):
             pending.append(sample)
             if len(pending) == batch_size:
-                yield _make_chunk(shard, pending, decoder, resolution, slots)
+                yield _make_chunk(shard, pending, decoder, resolution, slots, fused_augment)
                 pending = []
         if pending:
-            yield _make_chunk(shard, pending, decoder, resolution, slots)
+            yield _make_chunk(shard, pending, decoder, resolution, slots, fused_augment)
 
 
 def _make_chunk(shard: int, samples: list[Sample], decoder: Decoder | None, resolution: int,
-                slots: SharedSlots | None) -> _Chunk:
+                slots: SharedSlots | None, fused_augment: bool = False) -> _Chunk:
     if decoder is None:
         return _Chunk(shard, len(samples), np.zeros(0, np.int64), [], np.zeros(0, np.int64),
                       packed=PackedSamples.pack(samples, slots))
-    chunk = _decode(shard, samples, decoder, resolution, slots)
+    chunk = _decode(shard, samples, decoder, resolution, slots, fused_augment)
     return chunk if slots is None else slots.send(chunk)
 
 
@@ -216,7 +217,7 @@ def _worker_chunks(urls: Sequence[str], resolution: int, batch_size: int, decode
 
 
 def _chunks(urls: Sequence[str], resolution: int, device: torch.device, *, batch_size: int, workers: int,
-            depth: int = 2, damaged: Damaged = "stop") -> Iterator[_Chunk]:
+            depth: int = 2, damaged: Damaged = "stop", fused_augment: bool = False) -> Iterator[_Chunk]:
     """Decoded batches of every shard, in no particular order (the caller restores shard order).
 
     No workers: one background thread reads, decodes and resizes on ``device``. Workers on the CPU
@@ -224,8 +225,8 @@ def _chunks(urls: Sequence[str], resolution: int, device: torch.device, *, batch
     decodes (nvJPEG) and resizes on the GPU.
     """
     if workers == 0:
-        yield from prefetch(_shard_chunks(urls, range(len(urls)), resolution, batch_size, Decoder(device), damaged),
-                            depth)
+        yield from prefetch(_shard_chunks(urls, range(len(urls)), resolution, batch_size, Decoder(device), damaged,
+                                          fused_augment=fused_augment), depth)
         return
     gpu = device.type == "cuda"
     workers = min(workers, len(urls))
@@ -237,8 +238,8 @@ def _chunks(urls: Sequence[str], resolution: int, device: torch.device, *, batch
         yield from items
         return
     decoder = Decoder(device)
-    yield from prefetch((_decode(c.shard, c.packed.unpack() if c.packed else [], decoder, resolution) for c in items),
-                        depth)
+    yield from prefetch((_decode(c.shard, c.packed.unpack() if c.packed else [], decoder, resolution,
+                                 fused_augment=fused_augment) for c in items), depth)
 
 
 class _PixelKeeper:
@@ -279,7 +280,8 @@ class _PixelKeeper:
 def extract_all(encoders: Mapping[str, Encode], urls: Sequence[str], resolution: int, device: torch.device, *,
                 batch_size: int = EVAL_BATCH, workers: int = 0, depth: int = 2, pixels: PixelSample | None = None,
                 progress: bool = False, desc: str = "features", damaged: Damaged = "stop",
-                directory: str | None = None, on_progress: OnProgress | None = None) -> Extracted:
+                directory: str | None = None, on_progress: OnProgress | None = None,
+                fused_augment: bool = False) -> Extracted:
     """Every encoder's features of every decodable image of ``urls``, in one pass over the shards.
 
     Each batch is decoded and resized once and goes through all ``encoders`` (bf16 autocast on CUDA);
@@ -289,6 +291,7 @@ def extract_all(encoders: Mapping[str, Encode], urls: Sequence[str], resolution:
     ``pixels``: also keep that subsample's images for the raw-pixel baseline. ``damaged``: ``data.damaged``
     (``keep`` scores the samples a damaged shard holds before its damage, with a warning naming it).
     ``progress``: a bar over the images read; ``on_progress``: told the same (``seed.report.Progress``).
+    ``fused_augment``: on CUDA, the images resized by a Triton kernel (see ``apply_batch``).
     """
     directory = directory or tempfile.gettempdir()
     lengths = lengths_from_info(list(urls))  # the total for the progress bar and the room check, when the shards say it
@@ -305,7 +308,7 @@ def extract_all(encoders: Mapping[str, Encode], urls: Sequence[str], resolution:
             writers[name] = FeatureWriter(directory)
         with torch.inference_mode():
             for chunk in _chunks(urls, resolution, device, batch_size=batch_size, workers=workers, depth=depth,
-                                 damaged=damaged):
+                                 damaged=damaged, fused_augment=fused_augment):
                 bar.update(chunk.read)
                 skipped += chunk.read - len(chunk.labels)
                 if not len(chunk.labels):
