@@ -68,7 +68,7 @@ fi
 #    with fused_augment, crops and jitter as Triton kernels) and the forward for one
 #    batch, and the ceiling of stage / pure forward they allow when they run one after another on the one GPU.
 if want budget; then
-    timeout -k 10 "${GPU_BUDGET_TIMEOUT:-60}" python3 bench/gpu_budget.py > "$OUT/budget.md" 2>&1
+    timeout -k 10 "${GPU_BUDGET_TIMEOUT:-120}" python3 bench/gpu_budget.py > "$OUT/budget.md" 2>&1
     echo "== budget exit status $?" >> "$OUT/budget.md"
     tee -a "$LOG" < "$OUT/budget.md"
 fi
@@ -88,7 +88,7 @@ if want workers; then
 fi
 # 6. jitter: the two jitter modes' colour stage, kernel time per 256 views at 224 px.
 if want jitter; then
-    timeout -k 10 "${GPU_JITTER_TIMEOUT:-60}" python3 bench/jitter_modes.py --device cuda > "$OUT/jitter.md" 2>&1
+    timeout -k 10 "${GPU_JITTER_TIMEOUT:-90}" python3 bench/jitter_modes.py --device cuda > "$OUT/jitter.md" 2>&1
     echo "== jitter exit status $?" >> "$OUT/jitter.md"
     tail -13 "$OUT/jitter.md" | tee -a "$LOG"
 fi
