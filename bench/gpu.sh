@@ -92,9 +92,11 @@ if want jitter; then
     echo "== jitter exit status $?" >> "$OUT/jitter.md"
     tail -13 "$OUT/jitter.md" | tee -a "$LOG"
 fi
-# 7. layouts: do process layouts give the same cache on this GPU (view by view, and every view replayed)?
+# 7. layouts: do process layouts give the same cache on this GPU (view by view, and every view replayed)? With
+#    the augmentation kernels (the tensor path's layouts were byte-identical in runs 5-9), and a student
+#    replaying them with the tensor path.
 if want layouts; then
-    timeout -k 10 "${GPU_LAYOUTS_TIMEOUT:-150}" python3 bench/gpu_layouts.py --out "$OUT" 2>&1 | grep -v Warning | tail -40 | tee -a "$LOG"
+    timeout -k 10 "${GPU_LAYOUTS_TIMEOUT:-150}" python3 bench/gpu_layouts.py --out "$OUT" --set cache.fused_augment=true 2>&1 | grep -v Warning | tail -40 | tee -a "$LOG"
     echo "== layouts exit status ${PIPESTATUS[0]}" | tee -a "$LOG"
 fi
 # 8. check: the whole check, last, with what is left of the call (its own guard skips heavy sections after

@@ -1,13 +1,15 @@
 """Do process layouts change the teacher cache on a GPU? Per-view comparison of caches made by
 different layouts of the same config, and a replay of every cached view.
 
-    python3 bench/gpu_layouts.py [--out DIR] [--data .whl/fmnist-2048.npz]
+    python3 bench/gpu_layouts.py [--out DIR] [--data .whl/fmnist-2048.npz] [--set cache.fused_augment=true]
 
 Makes the JPEG shards and a random resnet50 (as bench/gpu_check.py), then the same cache five ways:
 in this process with 4 workers (twice), with no workers (one thread), and through
 ``run_processes`` with one and two processes. For each pair it prints the per-view cosine (min,
 how many views under 0.999) and the largest element difference; then it re-embeds every cached
-view of two of the caches through the student's data path and compares with what is stored.
+view of two of the caches through the student's data path and compares with what is stored: with the
+cache's ``fused_augment``, and the first cache also with the other choice (what a student that augments
+differently from its teacher stage costs). ``--set``: config overrides for every cache (repeatable).
 On the CPU (``--device cpu``) the layouts are expected to be byte-identical.
 """
 
@@ -45,7 +47,7 @@ def compare(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
             "max_abs": float(np.abs(x - y).max()), "identical": bool(np.array_equal(x, y))}
 
 
-def replay(cfg, url: str, device: torch.device) -> dict[str, float]:
+def replay(cfg, url: str, device: torch.device, fused_augment: bool) -> dict[str, float]:
     """Re-embed every cached view of ``url`` through the student's data path and compare."""
     from pipeline.teacher import embed
     from seed.data import CachedSource, collate
@@ -66,7 +68,8 @@ def replay(cfg, url: str, device: torch.device) -> dict[str, float]:
             items = [ex for smp in iter_shard(shard_url) if (ex := make(smp.index, smp)) is not None]
             for lo in range(0, len(items), 256):
                 part = items[lo: lo + 256]
-                batch = collate(part, cfg.cache.recipe, cfg.cache.resolution, Decoder(device), device)
+                batch = collate(part, cfg.cache.recipe, cfg.cache.resolution, Decoder(device), device,
+                                fused_augment=fused_augment)
                 z = embed(teacher, batch.x, device)
                 cached = torch.stack([torch.from_numpy(it.extra["z_t"]) for it in part]).float()
                 cos = torch.nn.functional.cosine_similarity(z, cached, dim=1)
@@ -80,6 +83,7 @@ def main() -> None:
     parser.add_argument("--data", default=str(ROOT / ".whl" / "fmnist-2048.npz"))
     parser.add_argument("--images", type=int, default=2048)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -93,8 +97,9 @@ def main() -> None:
     base = load_config(None, [
         f"data.train=jpeg/train-{{000000..{n_shards - 1:06d}}}.tar", "teacher.arch=resnet50",
         f"teacher.checkpoint={teacher_checkpoint(root, 'resnet50')}", "cache.views=2", "cache.resolution=224",
-        "cache.batch_size=256", f"cache.device={'auto' if device.type == 'cuda' else 'cpu'}"])
-    results: dict[str, object] = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
+        "cache.batch_size=256", f"cache.device={'auto' if device.type == 'cuda' else 'cpu'}", *args.set])
+    results: dict[str, object] = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                                  "overrides": args.set}
     urls: dict[str, str] = {}
 
     def made(name: str, run) -> None:
@@ -115,10 +120,12 @@ def main() -> None:
         results[f"in_process_a_vs_{name}"] = compare(ref, embeddings(urls[name]))
         print(name, results[f"in_process_a_vs_{name}"], flush=True)
     results["procs1_vs_procs2"] = compare(embeddings(urls["procs1"]), embeddings(urls["procs2"]))
-    for name in ("in_process_a", "procs1"):
+    fused = base.cache.fused_augment
+    for name, student_fused in (("in_process_a", fused), ("procs1", fused), ("in_process_a", not fused)):
         cfg = dataclasses.replace(base, cache=dataclasses.replace(base.cache, name=name))
-        results[f"replay_{name}"] = replay(cfg, urls[name], device)
-        print("replay", name, results[f"replay_{name}"], flush=True)
+        key = f"replay_{name}" + ("" if student_fused == fused else f"_student_fused_augment_{student_fused}")
+        results[key] = replay(cfg, urls[name], device, student_fused)
+        print(key, results[key], flush=True)
     (out / "layouts.json").write_text(json.dumps(results, indent=1))
     print(json.dumps(results, indent=1))
 
