@@ -48,6 +48,8 @@ for m in ("torch", "torchvision", "timm", "numpy", "PIL", "fsspec", "yaml", "zar
         print(f"{m} {getattr(mod, '__version__', '?')}  {getattr(mod, '__file__', '')}")
     except Exception as exc:
         print(f"{m} NOT IMPORTABLE: {type(exc).__name__}: {exc}")
+import os, sysconfig
+print("Python.h (Triton's launcher needs it):", os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))
 import torch
 print("cuda", torch.version.cuda, "available", torch.cuda.is_available(),
       torch.cuda.get_device_name() if torch.cuda.is_available() else "")
