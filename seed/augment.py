@@ -61,9 +61,10 @@ def apply_batch(
     batch's kernels are queued without once waiting for the GPU. (Rows already on the GPU cost one
     copy back, a single wait.)
 
-    ``fused_augment``: on CUDA, the crops and the sequential jitter and grayscale as three Triton kernels over
-    the batch (``seed.augment_kernels``) instead of hundreds of torch calls: the same views up to float rounding;
-    the torch operations where the kernels cannot run. Ignored on the CPU, whose views stay bit-exact.
+    ``fused_augment``: on CUDA, the crops, the sequential jitter and grayscale, the blur and the solarisation as
+    five Triton kernels over the batch (``seed.augment_kernels``) instead of hundreds of torch calls: the same
+    views up to float rounding; the torch operations where the kernels cannot run. Ignored on the CPU, whose
+    views stay bit-exact.
     """
     if len(images) != params.shape[0]:
         raise ValueError(f"apply_batch: {len(images)} images but {params.shape[0]} parameter rows")
@@ -116,7 +117,8 @@ def _colour_and_blur(x: torch.Tensor, params: torch.Tensor, host: torch.Tensor, 
 
     ``params`` are the view rows on ``x``'s device (the factors), ``host`` the same rows on the CPU (the
     branches). Views are picked by index (``index_select``, ``index_copy_``), never by a device mask.
-    ``fused``: the sequential jitter and grayscale through ``seed.augment_kernels`` where it runs.
+    ``fused``: the sequential jitter and grayscale, the blur and the solarisation through ``seed.augment_kernels``
+    where they run.
     """
     if recipe.jitter_mode == "affine":
         x = _affine_colour(x, host)
@@ -125,6 +127,8 @@ def _colour_and_blur(x: torch.Tensor, params: torch.Tensor, host: torch.Tensor, 
         gray = _rows(host[:, COL["grayscale"]] > 0.5, x.device)
         if gray is not None:
             x.index_copy_(0, gray, _grayscale(x.index_select(0, gray)).expand(-1, 3, -1, -1))
+    if fused and _kernel_blur(x, host, recipe, out):                         # blur and solarisation
+        return x
     x = _gaussian_blur(x, params[:, COL["blur_sigma"]], host[:, COL["blur_sigma"]], recipe, out)
     sol = _rows(host[:, COL["solarize"]] > 0.5, x.device)
     if sol is not None:
@@ -438,6 +442,32 @@ def blur_kernel_size(recipe: Recipe, out: tuple[int, int]) -> int:
     return max(1, min(k, largest_odd))
 
 
+def _blur_taps(sigma: torch.Tensor, recipe: Recipe, out: tuple[int, int]) -> torch.Tensor:
+    """Each view's normalised Gaussian taps ``[b, k]`` for its ``sigma [b]`` (in the recipe's reference pixels)."""
+    k = blur_kernel_size(recipe, out)
+    s = (sigma.float() * max(out) / recipe.blur_reference_size).view(-1, 1)  # b x 1, in output pixels
+    half = (k - 1) * 0.5
+    grid = torch.linspace(-half, half, k, device=sigma.device)               # k
+    kernel = torch.exp(-0.5 * (grid / s) ** 2)                                # b x k
+    return kernel / kernel.sum(dim=1, keepdim=True)
+
+
+def _kernel_blur(x: torch.Tensor, host: torch.Tensor, recipe: Recipe, out: tuple[int, int]) -> bool:
+    """Blur and solarisation by ``seed.augment_kernels``; False where the kernels cannot run."""
+    from seed import augment_kernels  # imports Triton: only when asked for
+
+    if augment_kernels.unavailable():
+        return False
+    sigma, solarize = host[:, COL["blur_sigma"]], (host[:, COL["solarize"]] > 0.5).int()
+    if not ((sigma > 0).any() or solarize.any()):
+        return True
+    taps = torch.full((len(host), blur_kernel_size(recipe, out)), -1.0)     # -1: no blur
+    blurred = sigma > 0
+    if blurred.any():
+        taps[blurred] = _blur_taps(sigma[blurred], recipe, out)
+    return augment_kernels.blur(x, _to_device(taps, x.device), _to_device(solarize, x.device), recipe.solarize_threshold)
+
+
 def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, host_sigma: torch.Tensor, recipe: Recipe,
                    out: tuple[int, int]) -> torch.Tensor:
     """Separable Gaussian blur with each image's sigma (0 = no blur), reflect padding, as torchvision's.
@@ -449,11 +479,7 @@ def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, host_sigma: torch.Tenso
     xs = x.index_select(0, sel)                                               # b x 3 x H x W
     b = xs.shape[0]
     k = blur_kernel_size(recipe, out)
-    s = (sigma[sel].float() * max(out) / recipe.blur_reference_size).view(b, 1)  # b x 1, in output pixels
-    half = (k - 1) * 0.5
-    grid = torch.linspace(-half, half, k, device=x.device)                    # k
-    kernel = torch.exp(-0.5 * (grid / s) ** 2)                                # b x k
-    kernel = kernel / kernel.sum(dim=1, keepdim=True)
+    kernel = _blur_taps(sigma[sel], recipe, out)                              # b x k
     kernel = kernel[:, None, :].expand(b, 3, k).reshape(b * 3, k)             # 3b x k, one per channel (no
                                                                               # repeat_interleave: it reads its size back)
     pad = k // 2

@@ -1,4 +1,4 @@
-"""The CUDA path's crops and sequential colour jitter as Triton kernels: three launches per batch of views.
+"""The CUDA path's augmentation as Triton kernels: five launches per batch of views.
 
 ``seed.augment``'s tensor code augments a batch on a GPU with a few hundred to a thousand torch calls: four per
 image to paste it into a shared canvas, a sampling call per view rank, and the jitter as torch operations over
@@ -11,15 +11,17 @@ docs/benchmarks.md). Every call is issued by the data thread, which set the teac
 2. ``_luma_sums``: each view's pixels through the jitter's operations drawn before its contrast, summed as luma
    per block of pixels (a view applies each operation once, so its one contrast needs one mean);
 3. ``_jitter``: each view's pixels through its four operations in its drawn order, the contrast with that
-   mean, then grayscale, written back in place.
+   mean, then grayscale, written back in place;
+4. ``_blur_rows`` and ``_blur_columns``: the separable Gaussian blur with each view's taps and reflect padding
+   (through a buffer between the passes), then solarisation, in place.
 
 The formulas are ``seed.augment``'s, written per pixel: the views equal the tensor path's up to float rounding
-(coordinates not normalised to a canvas, the mean summed in another order, and on the GPU fused multiply-adds
-and CUDA's division). ``tests/integration/test_augment_kernels.py`` checks them against it under Triton's
+(coordinates not normalised to a canvas, the mean and the blur's taps summed in another order, and on the GPU
+fused multiply-adds and CUDA's division). ``tests/integration/test_augment_kernels.py`` checks them against it under Triton's
 interpreter on the CPU, and compiles them for two GPU architectures.
 
-``crops`` returns None and ``jitter`` False, after one warning naming why, where Triton is missing or the
-kernels do not compile; ``seed.augment`` then runs the tensor path.
+``crops`` returns None and ``jitter`` and ``blur`` False, after one warning naming why, where Triton is missing
+or the kernels do not compile; ``seed.augment`` then runs the tensor path.
 """
 
 from __future__ import annotations
@@ -180,6 +182,57 @@ if triton is not None:
         tl.store(at + 2 * N, b, mask=inside)
 
 
+    @triton.jit
+    def _reflect(i, n):
+        """Index ``i`` in [-n + 1, 2n - 2] reflected into [0, n - 1], as ``F.pad(mode="reflect")``."""
+        i = tl.where(i < 0, -i, i)
+        return tl.where(i >= n, 2 * n - 2 - i, i)
+
+    @triton.jit
+    def _blur_rows(x_ptr, weights_ptr, tmp_ptr, H, W, K: tl.constexpr, BLOCK: tl.constexpr):
+        """Program (view, block): the horizontal pass of a view's blur (weights ``[K]`` a view; a view whose first
+        weight is negative has no blur), into ``tmp``."""
+        view, blk = tl.program_id(0), tl.program_id(1)
+        if tl.load(weights_ptr + view * K) >= 0.0:
+            offs = blk * BLOCK + tl.arange(0, BLOCK)
+            inside = offs < H * W
+            i, j = offs // W, offs % W
+            base = view.to(tl.int64) * 3 * H * W
+            for c in tl.static_range(3):
+                acc = tl.zeros((BLOCK,), dtype=tl.float32)
+                for t in tl.static_range(K):
+                    src = i * W + _reflect(j + t - K // 2, W)
+                    acc += tl.load(weights_ptr + view * K + t) * tl.load(x_ptr + base + c * H * W + src, mask=inside,
+                                                                         other=0.0)
+                tl.store(tmp_ptr + base + c * H * W + offs, acc, mask=inside)
+
+    @triton.jit
+    def _blur_columns(x_ptr, weights_ptr, tmp_ptr, solarize_ptr, threshold, H, W, K: tl.constexpr,
+                      BLOCK: tl.constexpr):
+        """Program (view, block): the vertical pass of a view's blur from ``tmp`` into ``x``, then its
+        solarisation (``solarize``: 0/1 a view); a view with neither is left as it is."""
+        view, blk = tl.program_id(0), tl.program_id(1)
+        blur = tl.load(weights_ptr + view * K) >= 0.0
+        solarize = tl.load(solarize_ptr + view) != 0
+        if blur | solarize:
+            offs = blk * BLOCK + tl.arange(0, BLOCK)
+            inside = offs < H * W
+            i, j = offs // W, offs % W
+            base = view.to(tl.int64) * 3 * H * W
+            for c in tl.static_range(3):
+                if blur:
+                    v = tl.zeros((BLOCK,), dtype=tl.float32)
+                    for t in tl.static_range(K):
+                        src = _reflect(i + t - K // 2, H) * W + j
+                        v += tl.load(weights_ptr + view * K + t) * tl.load(tmp_ptr + base + c * H * W + src,
+                                                                           mask=inside, other=0.0)
+                else:
+                    v = tl.load(x_ptr + base + c * H * W + offs, mask=inside, other=0.0)
+                if solarize:
+                    v = tl.where(v >= threshold, 1.0 - v, v)
+                tl.store(x_ptr + base + c * H * W + offs, v, mask=inside)
+
+
 _failed: str | None = None
 _lock = threading.Lock()
 
@@ -242,6 +295,34 @@ def jitter(x: torch.Tensor, factors: torch.Tensor, codes: torch.Tensor, contrast
         if contrast:
             _luma_sums[grid](x, factors, codes, sums, N, BLOCK=BLOCK)
         _jitter[grid](x, factors, codes, sums.sum(dim=1).div_(N) if contrast else sums[:, 0], N, BLOCK=BLOCK)
+
+    return _launch(x.device, launch)
+
+
+def blur(x: torch.Tensor, weights: torch.Tensor, solarize: torch.Tensor, threshold: float) -> bool:
+    """The separable Gaussian blur (reflect padding) and solarisation of ``x`` (contiguous float32
+    ``[B, 3, H, W]``), in place. ``weights``: float32 ``[B, K]``, each view's normalised taps (K odd, K // 2 < H
+    and W; -1 in a view's first tap: no blur); ``solarize``: int32 ``[B]``, 1 where the view is solarised at
+    ``threshold``; both on ``x``'s device. False (nothing done) where the kernels cannot run here."""
+    if _MISSING or _failed:
+        return False
+    if x.dtype != torch.float32 or not x.is_contiguous() or x.dim() != 4 or x.shape[1] != 3:
+        raise ValueError(f"augment kernels: x must be a contiguous float32 [B, 3, H, W] tensor, got {x.dtype} "
+                         f"{list(x.shape)}")
+    B, _, H, W = x.shape
+    K = int(weights.shape[1])
+    if tuple(weights.shape) != (B, K) or tuple(solarize.shape) != (B,) or K % 2 == 0 or K // 2 >= min(H, W):
+        raise ValueError(f"augment kernels: weights must be [{B}, K] with K odd and K // 2 < {min(H, W)}, and "
+                         f"solarize [{B}]; got {list(weights.shape)} and {list(solarize.shape)}")
+    if B == 0:
+        return True
+    grid = (B, triton.cdiv(H * W, BLOCK))
+    weights, solarize = weights.float().contiguous(), solarize.to(torch.int32).contiguous()
+    tmp = torch.empty_like(x)
+
+    def launch() -> None:
+        _blur_rows[grid](x, weights, tmp, H, W, K=K, BLOCK=BLOCK)
+        _blur_columns[grid](x, weights, tmp, solarize, float(threshold), H, W, K=K, BLOCK=BLOCK)
 
     return _launch(x.device, launch)
 

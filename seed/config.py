@@ -80,7 +80,7 @@ class CacheConfig:
     cpu_threads: int = 0  # intra-op threads of CPU forwards, fixed per cache (0 = this machine's default)
     workers: int = -1  # decoding/augmentation processes, each owning whole shards (-1 = auto: seed.devices.data_workers)
     cuda_graph: bool = True  # on CUDA, replay the teacher's forward as one CUDA graph (pipeline.teacher.Forward)
-    fused_augment: bool = False  # on CUDA, crops and the sequential jitter as Triton kernels (seed.augment_kernels)
+    fused_augment: bool = False  # on CUDA, the views made by Triton kernels (seed.augment_kernels)
     recipe: Recipe = dataclasses.field(default_factory=Recipe)
 
 
@@ -143,8 +143,8 @@ class LoaderConfig:
     """The training data path: a seeded shuffle buffer of ``shuffle_buffer`` encoded examples, batches
     made ``prefetch`` ahead (-1 = auto: ``seed.devices.read_ahead``), decoded and augmented by ``workers``
     processes (-1 = auto: ``seed.devices.data_workers``). The batches are the same for any number of
-    workers and any read-ahead. ``fused_augment``: on CUDA, the views' crops and sequential jitter as Triton
-    kernels (``seed.augment_kernels``; the same views up to float rounding). The evaluation stage reads
+    workers and any read-ahead. ``fused_augment``: on CUDA, the views made by Triton kernels (crops, jitter,
+    blur; ``seed.augment_kernels``; the same views up to float rounding). The evaluation stage reads
     ``train.loader``'s ``workers``, ``prefetch`` and ``fused_augment`` too (decoding and resizing for every
     encoder's forward)."""
 

@@ -33,15 +33,36 @@ host[8:16, COL["jitter"]] = 1.0
 host[8:16, COL["hue"]] = torch.tensor([0.5, -0.5, 0.49999997, -0.49999997, 1e-8, -1e-8, 0.25, -0.25], dtype=host.dtype)
 out = (40, 40)                                                                   # 1,600 px: two blocks, the last partial
 crops = augment._crops_by_size(images, host, out)
-tensor_path = augment._colour_and_blur(crops.clone(), host, host, recipe, out)
-fused = augment._colour_and_blur(crops.clone(), host, host, recipe, out, fused=True)
+
+
+def tensor_jitter(x, rows):
+    x = augment._color_jitter(x, rows, rows)
+    gray = augment._rows(rows[:, COL["grayscale"]] > 0.5, x.device)
+    if gray is not None:
+        x.index_copy_(0, gray, augment._grayscale(x.index_select(0, gray)).expand(-1, 3, -1, -1))
+    return x
+
+
+tensor_path = tensor_jitter(crops.clone(), host)
+fused = crops.clone()
+jitter_ran = augment._kernel_jitter(fused, host, host)
 codes = augment.jitter_codes(host)
 no_contrast = codes[:, 4] == 4
 same = [bool(torch.equal(a, b)) for a, b in zip(fused, tensor_path)]
 no_jitter = host.clone()                                                         # grayscale only: no luma sums
 no_jitter[:, COL["jitter"]] = 0.0
-grey_only_same = bool(torch.equal(augment._colour_and_blur(crops.clone(), no_jitter, no_jitter, recipe, out, fused=True),
-                                  augment._colour_and_blur(crops.clone(), no_jitter, no_jitter, recipe, out)))
+grey_only = crops.clone()
+augment._kernel_jitter(grey_only, no_jitter, no_jitter)
+grey_only_same = bool(torch.equal(grey_only, tensor_jitter(crops.clone(), no_jitter)))
+# the whole colour stage on 24 views: jitter, then a strong blur (17 taps at 40 px) and solarisation of every
+# third view (the interpreter takes its time over 17 taps)
+strong = Recipe(blur_reference_size=32)
+stage_rows = host[8:32].clone()
+stage_rows[::3, COL["solarize"]] = 1.0
+whole_tensor = augment._colour_and_blur(crops[8:32].clone(), stage_rows, stage_rows, strong, out)
+whole_fused = augment._colour_and_blur(crops[8:32].clone(), stage_rows, stage_rows, strong, out, fused=True)
+blur_only = augment._colour_and_blur(crops[8:32].clone(), no_jitter[8:32], no_jitter[8:32], strong, out, fused=True)
+blur_only_tensor = augment._colour_and_blur(crops[8:32].clone(), no_jitter[8:32], no_jitter[8:32], strong, out)
 # crops: 3 views of each of 24 images (the same tensors), a rectangular output
 per_view = [im for im in images[:24] for _ in range(3)]
 rows = torch.from_numpy(np.stack([draw_params(recipe, seed=3, key=f"k{i // 3}", view=i % 3, height=int(im.shape[1]),
@@ -49,7 +70,10 @@ rows = torch.from_numpy(np.stack([draw_params(recipe, seed=3, key=f"k{i // 3}", 
 kernel_crops = augment._kernel_crops(per_view, rows, (36, 44), torch.device("cpu"))
 per_size = augment._crops_by_size(per_view, rows, (36, 44))
 canvas = augment._crops_on_canvas(per_view, rows, (36, 44))
-json.dump({"crops_ran": kernel_crops is not None, "grey_only_same": grey_only_same, "flips": int((rows[:, COL["flip"]] > 0.5).sum()),
+json.dump({"jitter_ran": jitter_ran, "crops_ran": kernel_crops is not None, "grey_only_same": grey_only_same,
+           "taps": augment.blur_kernel_size(strong, out), "blurred": int((stage_rows[:, COL["blur_sigma"]] > 0).sum()),
+           "whole_diff": (whole_fused - whole_tensor).abs().max().item(),
+           "blur_only_diff": (blur_only - blur_only_tensor).abs().max().item(), "flips": int((rows[:, COL["flip"]] > 0.5).sum()),
            "crops_vs_per_size": None if kernel_crops is None else (kernel_crops - per_size).abs().max().item(),
            "canvas_vs_per_size": (canvas - per_size).abs().max().item(),
            "unavailable": augment_kernels.unavailable(), "max_diff": (fused - tensor_path).abs().max().item(),
@@ -76,10 +100,14 @@ def test_the_kernels_give_the_tensor_paths_views() -> None:
     views and grey sources, hue shifts of +-0.5 and next to it: the kernels' views are the tensor path's, to the
     bit where the view has no contrast (whose mean they sum in another order)."""
     result, _ = _probe(interpret=True)
-    assert result["unavailable"] is None                                      # the kernels ran
+    assert result["unavailable"] is None and result["jitter_ran"]             # the kernels ran
     assert min(result["contrast_at"]) > 0 and result["grey_views"] > 0 and result["jitter_off"] > 0, result
     assert result["max_diff"] <= 2e-6, result
     assert result["same_without_contrast"] and result["grey_only_same"], result
+    # blur (a strong one, reflecting at the edges) and solarisation: the taps summed in another order than the
+    # convolution's
+    assert result["taps"] == 17 and 4 < result["blurred"] < 20, result
+    assert result["blur_only_diff"] <= 1e-6 and result["whole_diff"] <= 5e-6, result
     # the crops: each view sampled from its own image, as the CPU path's per-size call up to float rounding, and
     # no further from it than the canvas path is
     assert result["crops_ran"] and 0 < result["flips"] < 72, result
@@ -88,10 +116,10 @@ def test_the_kernels_give_the_tensor_paths_views() -> None:
 
 def test_without_the_kernels_the_views_are_the_tensor_paths() -> None:
     """On the CPU with Triton compiling for a GPU, the kernels cannot run: one warning naming the setting, and the
-    tensor path's views to the bit."""
+    colour stage gives the tensor path's views to the bit."""
     result, stderr = _probe(interpret=False)
-    assert result["unavailable"] and not result["crops_ran"], result
-    assert result["max_diff"] == 0.0 and result["same"] == 72, result
+    assert result["unavailable"] and not result["crops_ran"] and not result["jitter_ran"], result
+    assert result["whole_diff"] == 0.0 and result["blur_only_diff"] == 0.0, result
     assert "fused_augment" in stderr and "the views are made by torch operations" in stderr, stderr[-2000:]
     assert stderr.count("fused_augment") == 1, stderr[-2000:]
 
@@ -100,7 +128,7 @@ def test_without_the_kernels_the_views_are_the_tensor_paths() -> None:
 @pytest.mark.parametrize("arch", [80, 90], ids=["A100", "H100"])
 def test_the_kernels_compile_for_data_centre_gpus(arch: int) -> None:
     """The interpreter runs what the compiler may refuse (a branch giving a value two types, an operation the
-    GPU lacks): both kernels compile to a GPU binary here, without a GPU, as Triton does on the first call."""
+    GPU lacks): every kernel compiles to a GPU binary here, without a GPU, as Triton does on the first call."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -108,9 +136,13 @@ def test_the_kernels_compile_for_data_centre_gpus(arch: int) -> None:
     from seed import augment_kernels
 
     types = {"src_ptr": "*u8", "starts_ptr": "*i64", "sizes_ptr": "*i64", "image_of_ptr": "*i64", "codes_ptr": "*i32",
-             "N": "i32", "OH": "i32", "OW": "i32", "BLOCK": "constexpr"}
-    for kernel in (augment_kernels._crops, augment_kernels._luma_sums, augment_kernels._jitter):
+             "solarize_ptr": "*i32", "threshold": "fp32", "N": "i32", "OH": "i32", "OW": "i32", "H": "i32", "W": "i32",
+             "BLOCK": "constexpr", "K": "constexpr"}
+    for kernel in (augment_kernels._crops, augment_kernels._luma_sums, augment_kernels._jitter,
+                   augment_kernels._blur_rows, augment_kernels._blur_columns):
         signature = {name: types.get(name, "*fp32") for name in kernel.arg_names}
-        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs={"BLOCK": augment_kernels.BLOCK}),
+        constants = {name: value for name, value in (("BLOCK", augment_kernels.BLOCK), ("K", 17))
+                     if name in kernel.arg_names}
+        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants),
                                   target=GPUTarget("cuda", arch, 32))
         assert compiled.asm["cubin"] and compiled.metadata.name == kernel.__name__
