@@ -76,7 +76,7 @@ if want budget; then
 fi
 # 5. workers: what holds the teacher stage back (runs 10-13 of docs/benchmarks.md: the data thread; the forward
 #    waits for its input). At ImageNet's shard size (about 1,000 images), 3 rounds taking turns, the jitter as
-#    torch operations (several hundred calls per batch on the data thread) and as three Triton kernels
+#    torch operations (over a thousand aten operations per batch from the data thread) and as Triton kernels
 #    (cache.fused_augment). And 2 and 4 processes sharing the GPU (seed
 #    teacher --procs), each with its own data thread and interpreter lock: on an H200 at V = 8 (run 5) they reached
 #    0.9 of one process, before the decoder's stream and the CUDA graph; at V = 2 the data thread carries 4x the

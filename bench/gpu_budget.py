@@ -11,8 +11,8 @@ would show as 0), and the wall time of the call with the GPU synchronised after 
 - nvJPEG's decode of the 128 images (``seed.decode.Decoder``; on GPUs with hardware JPEG engines, such as
   the H100, baseline JPEGs decode there, outside the kernel time, so its wall time and images/s matter too);
 - ``apply_batch`` with each jitter mode (``sequential``, the default, and ``affine``), and the sequential one with
-  ``fused_augment`` (crops and jitter as Triton kernels, ``seed.augment_kernels``; compiled in the warm-up calls),
-  and the affine one with it (its crops by a kernel);
+  ``fused_augment`` (crops, jitter and blur as Triton kernels, ``seed.augment_kernels``; compiled in the warm-up
+  calls), and the affine one with it (its crops and blur by kernels);
 - the stage's forward (``pipeline.teacher.Forward``: a random-init ``resnet50``, bf16, channels_last), as
   a CUDA graph and eagerly.
 Run one after another on the GPU, the stage's views/s can be at most ``forward / (decode + augmentation +
@@ -54,7 +54,7 @@ from seed.views import Recipe, draw_many  # noqa: E402
 MODES = ("sequential", "affine")
 # the augmentations measured: (label, jitter mode, fused_augment)
 AUGMENTATIONS = (("sequential", "sequential", False), ("sequential, fused kernels", "sequential", True),
-                 ("affine", "affine", False), ("affine, fused crops", "affine", True))
+                 ("affine", "affine", False), ("affine, fused crops and blur", "affine", True))
 
 
 def gpu_and_wall_ms(fn: Callable[[], object], device: torch.device,

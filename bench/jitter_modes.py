@@ -7,10 +7,10 @@ sequential one through the augmentation kernels (``fused_augment``, CUDA).
 On smooth colour images of ImageNet's sizes (a few random colours per image, bilinearly upsampled to
 sides of 333-640 px, so that saturation and hue act as on photographs), with MoCo-v2's rows at V = 2
 views per image, medians with the modes alternating:
-- ``apply_batch`` with ``jitter_mode`` sequential and affine, and sequential with ``fused_augment`` (crops and
-  jitter as Triton kernels on CUDA; ``apply_batch`` ignores it on the CPU, where only the colour stage's row
-  runs the jitter kernels, under Triton's interpreter), with MoCo-v2's blur and without it, and the crops alone
-  (no jitter, grayscale or blur): the differences are what the jitter costs;
+- ``apply_batch`` with ``jitter_mode`` sequential and affine, and sequential with ``fused_augment`` (crops,
+  jitter and blur as Triton kernels on CUDA; ``apply_batch`` ignores it on the CPU, where only the colour
+  stage's row runs the kernels, under Triton's interpreter), with MoCo-v2's blur and without it, and the crops
+  alone (no jitter, grayscale or blur): the differences are what the jitter costs;
 - the colour stage alone (``_colour_and_blur``) on the whole batch's crops, as the CUDA path runs it
   (on the CPU, ``apply_batch`` works a few views at a time instead);
 - on CUDA, the colour stage's GPU kernel time under ``torch.profiler`` and its kernel count; on any
