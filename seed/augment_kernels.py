@@ -279,9 +279,7 @@ def jitter(x: torch.Tensor, factors: torch.Tensor, codes: torch.Tensor, contrast
     """
     if _MISSING or _failed:
         return False
-    if x.dtype != torch.float32 or not x.is_contiguous() or x.dim() != 4 or x.shape[1] != 3:
-        raise ValueError(f"augment kernels: x must be a contiguous float32 [B, 3, H, W] tensor, got {x.dtype} "
-                         f"{list(x.shape)}")
+    _check_views(x)
     B, _, H, W = x.shape
     if tuple(factors.shape) != (B, 4) or tuple(codes.shape) != (B, CODES):
         raise ValueError(f"augment kernels: factors must be [{B}, 4] and codes [{B}, {CODES}], got "
@@ -308,9 +306,7 @@ def blur(x: torch.Tensor, weights: torch.Tensor, solarize: torch.Tensor, thresho
     ``threshold``; both on ``x``'s device. False (nothing done) where the kernels cannot run here."""
     if _MISSING or _failed:
         return False
-    if x.dtype != torch.float32 or not x.is_contiguous() or x.dim() != 4 or x.shape[1] != 3:
-        raise ValueError(f"augment kernels: x must be a contiguous float32 [B, 3, H, W] tensor, got {x.dtype} "
-                         f"{list(x.shape)}")
+    _check_views(x)
     B, _, H, W = x.shape
     K = int(weights.shape[1])
     if tuple(weights.shape) != (B, K) or tuple(solarize.shape) != (B,) or K % 2 == 0 or K // 2 >= min(H, W):
@@ -327,6 +323,12 @@ def blur(x: torch.Tensor, weights: torch.Tensor, solarize: torch.Tensor, thresho
         _blur_columns[grid](x, weights, tmp, solarize, float(threshold), H, W, K=K, BLOCK=BLUR_BLOCK)
 
     return _launch(x.device, launch)
+
+
+def _check_views(x: torch.Tensor) -> None:
+    if x.dtype != torch.float32 or not x.is_contiguous() or x.dim() != 4 or x.shape[1] != 3:
+        raise ValueError(f"augment kernels: x must be a contiguous float32 [B, 3, H, W] tensor, got {x.dtype} "
+                         f"{list(x.shape)}")
 
 
 def _launch(device: torch.device, launch: Callable[[], None]) -> bool:
