@@ -122,7 +122,7 @@ def _colour_and_blur(x: torch.Tensor, params: torch.Tensor, host: torch.Tensor, 
     """
     if recipe.jitter_mode == "affine":
         x = _affine_colour(x, host)
-    elif not (fused and _kernel_jitter(x, params, host)):                   # (the kernels: jitter and grayscale)
+    elif not (fused and _kernel_jitter(x, host)):                           # (the kernels: jitter and grayscale)
         x = _color_jitter(x, params, host)
         gray = _rows(host[:, COL["grayscale"]] > 0.5, x.device)
         if gray is not None:
@@ -314,7 +314,7 @@ def jitter_codes(host: torch.Tensor) -> torch.Tensor:
     return torch.cat([ops, contrast_at, (host[:, COL["grayscale"], None] > 0.5).long()], dim=1).int()
 
 
-def _kernel_jitter(x: torch.Tensor, params: torch.Tensor, host: torch.Tensor) -> bool:
+def _kernel_jitter(x: torch.Tensor, host: torch.Tensor) -> bool:
     from seed import augment_kernels  # imports Triton: only when asked for
 
     if augment_kernels.unavailable():

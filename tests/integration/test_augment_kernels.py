@@ -45,14 +45,14 @@ def tensor_jitter(x, rows):
 
 tensor_path = tensor_jitter(crops.clone(), host)
 fused = crops.clone()
-jitter_ran = augment._kernel_jitter(fused, host, host)
+jitter_ran = augment._kernel_jitter(fused, host)
 codes = augment.jitter_codes(host)
 no_contrast = codes[:, 4] == 4
 same = [bool(torch.equal(a, b)) for a, b in zip(fused, tensor_path)]
 no_jitter = host.clone()                                                         # grayscale only: no luma sums
 no_jitter[:, COL["jitter"]] = 0.0
 grey_only = crops.clone()
-augment._kernel_jitter(grey_only, no_jitter, no_jitter)
+augment._kernel_jitter(grey_only, no_jitter)
 grey_only_same = bool(torch.equal(grey_only, tensor_jitter(crops.clone(), no_jitter)))
 # the whole colour stage on 24 views of 36 x 44 px (rows and columns not to be swapped): jitter, then a strong
 # blur (19 taps) and solarisation of every third view (the interpreter takes its time over 19 taps)
