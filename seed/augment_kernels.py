@@ -259,9 +259,11 @@ def crops(images: list[torch.Tensor], image_of: list[int], boxes: torch.Tensor, 
     starts = [0]
     for h, w in sizes[:-1]:
         starts.append(starts[-1] + 3 * h * w)
+    from seed.augment import _to_device  # (seed.augment imports this module only when asked for)
+
     # one copy to the GPU: the images' starts, sizes and each view's image
-    table = torch.tensor(starts + [v for hw in sizes for v in hw] + list(image_of), dtype=torch.int64)
-    table = table.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else table.to(device)
+    table = _to_device(torch.tensor(starts + [v for hw in sizes for v in hw] + list(image_of), dtype=torch.int64),
+                       device)
     n = len(images)
     flat = torch.cat([im.reshape(-1) for im in images])                      # the images end to end
     if not _launch(device, lambda: _crops[(B, triton.cdiv(oh * ow, BLOCK))](
