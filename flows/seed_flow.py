@@ -49,6 +49,7 @@ from pipeline import teacher as teacher_stage
 from seed import cache
 from seed.config import RunConfig, TeacherConfig, from_dict, load_config, require_cache, to_dict
 from seed.devices import resolve_device, set_cpu_threads
+from seed.errors import Crashed, SeedError
 from seed.models import Encoder
 from seed.report import epoch_text, input_wait, loss_text, markdown_table
 from seed.storage import Storage, is_url, load_storage
@@ -60,6 +61,21 @@ DEFAULT_CONFIG = "configs/demo.yaml"
 
 def _cfg(data: dict[str, Any]) -> RunConfig:
     return from_dict(RunConfig, data)
+
+
+def retry_a_crash(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect's retry condition for the stages' tasks: retry a crash (a killed rank or process, a lost
+    connection, a full disk since cleared), not a user's mistake (a ``SeedError``), which fails the same way
+    again. A ``Crashed`` process is retried: what it finished is kept and the retry continues from there."""
+    try:
+        state.result()
+    except Crashed:
+        return True
+    except SeedError:
+        return False
+    except BaseException:
+        return True
+    return True
 
 
 _loaded: dict[tuple[TeacherConfig, str, Any], tuple[Encoder, LoadReport]] = {}
@@ -198,7 +214,7 @@ class ShardProgress:
                           100 * self.done // self.total, _rate(self.views, now - self.t0))
 
 
-@task(cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
+@task(cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5, retry_condition_fn=retry_a_crash)
 def embed_here(cfg_data: dict[str, Any], storage_file: str | None, processes: int, total: int,
                progress: UUID | None) -> dict[str, Any]:
     """The teacher stage on this machine, as ``seed teacher`` runs it: in this process, its data path in
@@ -221,7 +237,7 @@ def embed_here(cfg_data: dict[str, Any], storage_file: str | None, processes: in
     return result.totals
 
 
-@task(cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5, task_run_name="teacher-shard-{shard}")
+@task(cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5, retry_condition_fn=retry_a_crash, task_run_name="teacher-shard-{shard}")
 def embed_shard(cfg_data: dict[str, Any], storage_file: str | None, plan: dict[str, Any], shard: int) -> dict[str, Any]:
     """The teacher over one input shard: the Dask layout's task, so shards run on several machines."""
     cfg = _cfg(cfg_data)
@@ -300,7 +316,7 @@ def build_bank(cfg_data: dict[str, Any], storage_file: str | None) -> bank_stage
     return result
 
 
-@task(cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
+@task(cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5, retry_condition_fn=retry_a_crash)
 def train_students(cfg_data: dict[str, Any], storage_file: str | None) -> student_stage.StudentResult:
     """The students, in this process or, with ``train.nproc`` > 1, in ranks started by torchrun.
 

@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from seed.errors import SeedError
+from seed.errors import Crashed, SeedError
 from seed.lifetime import exit_with_parent
 
 
@@ -430,6 +430,9 @@ def _run(args: argparse.Namespace) -> int:
     """The command, with user mistakes, interruptions and the machine's errors as one line and an exit code."""
     try:
         return COMMANDS[args.command](args)
+    except Crashed as exc:  # a process it started crashed: the machine's failure, not the user's
+        print(f"seed: error: {exc}", file=sys.stderr)
+        return 1
     except SeedError as exc:
         print(f"seed: error: {exc}", file=sys.stderr)
         return 2

@@ -20,12 +20,12 @@ import logging
 import os
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -39,7 +39,7 @@ from seed.config import RunConfig, from_dict, outcome, to_dict, write_run_files
 from seed.data import CachedSource, FreshViews, Source, rank_shards
 from seed.decode import Decoder
 from seed.devices import Launch, cpu_cores, join_process_group, resolve_device
-from seed.errors import SeedError
+from seed.errors import Crashed, SeedError
 from seed.lifetime import child_env
 from seed.models import mlp_encoder
 from seed.objectives import ObjectiveFactory, Queue, create_objective
@@ -263,8 +263,11 @@ def launch(cfg: RunConfig, storage: Storage, *, resume: bool = False,
     n = processes(cfg)
     with tempfile.TemporaryDirectory(prefix="seed-student-") as tmp:
         config, roots = write_run_files(cfg, storage, tmp)
+        # torchrun's rendezvous store binds a port of its own choosing (port 0) on loopback, and so does the store
+        # it hands the ranks: no port is picked before it is bound, so launches at the same moment cannot collide
         command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={n}",
-                   "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "pipeline.cli", "student",
+                   "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0", f"--rdzv-id=seed-{uuid.uuid4().hex}",
+                   "--local-addr=127.0.0.1", "-m", "pipeline.cli", "student",
                    "-c", config, "--storage", roots, "--events", *(["--resume"] if resume else [])]
         env = child_env({**os.environ,  # the ranks end with this process, even killed (seed.lifetime)
                          # each rank's share of the cores this process may use (its affinity: Slurm, taskset)
@@ -290,8 +293,8 @@ def launch(cfg: RunConfig, storage: Storage, *, resume: bool = False,
         except BaseException:
             _stop(proc)
             raise
-        if proc.returncode != 0:
-            raise SeedError(f"the student stage's {n} processes failed (torchrun exit code {proc.returncode}); "
+        if proc.returncode != 0:  # a rank's own error is the user's to fix; without one, a rank crashed
+            raise (SeedError if errors else Crashed)(f"the student stage's {n} processes failed (torchrun exit code {proc.returncode}); "
                             "epoch checkpoints so far are kept for a resume; "
                             + ("\n".join(dict.fromkeys(errors)) if errors else "last lines:\n" + "\n".join(tail)))
     states = _checkpoints(cfg, storage)
@@ -351,10 +354,3 @@ def _stop(proc: subprocess.Popen, wait: float = 30.0) -> None:
         proc.wait()
     except ProcessLookupError:
         pass
-
-
-def _free_port() -> int:
-    """A TCP port free on the loopback interface now, for torchrun's rendezvous store."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])

@@ -120,6 +120,59 @@ def test_student_only_refuses_a_missing_cache(harness, storage_file: str) -> Non
     assert re.search(r"flow run \S+: Failed after \d+ s: .*no cache at .*absent\.zarr", text), text
 
 
+def test_a_crash_is_retried_and_a_user_mistake_is_not(harness) -> None:
+    """The stages' retry condition in Prefect's own task engine: one attempt for a ``SeedError``, two for a crashed
+    process or any other failure."""
+    from prefect import flow, task
+
+    from flows.seed_flow import retry_a_crash
+    from seed.errors import Crashed
+
+    attempts: list[str] = []
+
+    @task(retries=1, retry_delay_seconds=0, retry_condition_fn=retry_a_crash)
+    def fails(error: Exception) -> None:
+        attempts.append(type(error).__name__)
+        raise error
+
+    @flow
+    def run(error: Exception) -> None:
+        fails(error)
+
+    for error in (SeedError("a foreign cache"), Crashed("a rank was killed"), OSError("no space left")):
+        assert run(error, return_state=True).is_failed()
+    assert attempts == ["SeedError", "Crashed", "Crashed", "OSError", "OSError"]
+
+
+def test_a_damaged_shard_fails_the_teacher_task_once(harness, tmp_path: Path, shards_root: Path,
+                                                     moco_checkpoint: Path) -> None:
+    """A user's mistake inside a stage's task (a shard cut short, ``data.damaged=fail``) is reported after one
+    attempt: a retry would read the same damaged file."""
+    import shutil
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    data = tmp_path / "shards" / "fm" / "train"
+    data.mkdir(parents=True)
+    for name in ("train-000000.tar", "train-000001.tar", "train-000002.tar", "_info.json"):
+        shutil.copy(shards_root / "fm" / "train" / name, data)
+    cut = data / "train-000001.tar"
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2 + 300])
+    storage_file = tmp_path / "storage.yaml"
+    storage_file.write_text(f"shards: {tmp_path / 'shards'}\ncaches: {tmp_path}/caches\nruns: {tmp_path}/runs\n"
+                            f"reports: {tmp_path}/reports\n")
+    state = seed(config=str(ROOT / "configs" / "demo.yaml"),
+                 overrides=[*TINY, f"teacher.checkpoint={moco_checkpoint}", "cache.name=cut"],
+                 storage=str(storage_file), stages=["teacher"], return_state=True)
+    with pytest.raises(SeedError, match="damaged tar shard"):
+        state.result()
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    teacher = [r for r in runs if r.name.startswith("embed_here")]
+    assert len(teacher) == 1 and teacher[0].run_count == 1, [(r.name, r.run_count) for r in runs]
+
+
 def test_bad_flow_parameters_are_refused_before_any_stage(harness, storage_file: str) -> None:
     config = str(ROOT / "configs" / "demo.yaml")
     for params, message in (({"teacher_workers": -1}, "teacher_workers must be >= 0"),

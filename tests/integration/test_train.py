@@ -380,6 +380,34 @@ def test_two_process_gloo_run(prepared, tmp_path: Path) -> None:
     assert state["epoch"] == 2 and [m["steps"] for m in state["metrics"]] == [4, 4]
 
 
+def test_two_launches_at_once_on_one_node_both_train(prepared) -> None:
+    """``seed student`` with ``train.nproc=2`` started twice at the same moment on one node: torchrun's stores bind
+    ports of their own choosing, so neither launch can take the port the other picked."""
+    import threading
+
+    _, storage, _ = prepared
+    results: dict[str, object] = {}
+
+    def launch(run: str) -> None:
+        try:
+            results[run] = student_stage.launch(_cfg(prepared, "train.device=cpu", "train.nproc=2", f"train.run={run}",
+                                                     "train.optim.epochs=1", "train.optim.batch_size=25"),
+                                                storage, on_line=lambda line: None)
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            results[run] = exc
+
+    threads = [threading.Thread(target=launch, args=(run,)) for run in ("at-once-a", "at-once-b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert sorted(results) == ["at-once-a", "at-once-b"], results
+    for run, result in results.items():
+        assert isinstance(result, student_stage.StudentResult), (run, result)
+        state = checkpoint.load(str(result.students["mobilenetv3_small_050"]))
+        assert state["epoch"] == 1 and state["metrics"][0]["steps"] == 4, (run, state["metrics"])
+
+
 def test_nproc_must_match_the_launch(prepared) -> None:
     _, storage, _ = prepared
     with pytest.raises(SeedError, match=r"train.nproc=3 asks for 3 processes on this node but this one is one of 1; run `seed student`"):
