@@ -45,7 +45,8 @@ from seed.lifetime import child_env
 from seed.models import Encoder
 from seed.prefetch import prefetch
 from seed.decode import Decoder
-from seed.shards import DamagedShard, Sample, damage_handler, expand_urls, image_size, iter_shard, shard_lengths
+from seed.shards import (DamagedShard, Sample, count_samples, damage_handler, expand_urls, image_size, iter_shard,
+                         shard_lengths)
 from seed.storage import Storage
 from seed.teachers import LoadReport, TeacherLoader, load_teacher
 from seed.workers import PackedSamples, SharedSlots, shard_workers
@@ -121,8 +122,9 @@ def fingerprint_fields(cfg: RunConfig, report: LoadReport, dim: int, plan: Plan)
 
 
 def prepare(cfg: RunConfig, storage: Storage, teacher: Encoder, report: LoadReport, *,
-            overwrite: bool = False) -> tuple[Plan, zarr.Group]:
-    """Plan the stage and create (or re-open, checking the fingerprint) the cache."""
+            overwrite: bool = False, shards: list[int] | None = None) -> tuple[Plan, zarr.Group]:
+    """Plan the stage and create (or re-open, checking the fingerprint) the cache; take back the records of
+    damaged shards since repaired among ``shards`` (those this run embeds; None: all)."""
     plan = make_plan(cfg, storage, check_cache=not overwrite)
     note = blur_note(cfg.cache.recipe, cfg.cache.resolution)
     if note:
@@ -153,7 +155,33 @@ def prepare(cfg: RunConfig, storage: Storage, teacher: Encoder, report: LoadRepo
                     "otherwise than the others (CUDA decodes with nvJPEG and computes in bfloat16, the CPU decodes "
                     "with PIL and computes in float32): finish it on the kind of device it was begun on",
                     plan.cache_url, made, Decoder(device).name, device)
+    reopen_repaired(plan, group, shards)
     return plan, group
+
+
+def reopen_repaired(plan: Plan, group: zarr.Group, shards: list[int] | None = None) -> list[int]:
+    """The shards recorded as damaged (``data.damaged=keep``) whose files now read whole, among ``shards``
+    (None: all): their records are taken back so this run embeds them again (``cache.reopen_shards``). Each
+    such shard's headers are read on every run (no image is decoded); a shard still damaged stays done as
+    recorded."""
+    repaired = []
+    for s, damage in cache.damaged_shards(group).items():
+        if shards is not None and s not in shards:
+            continue
+        try:
+            n = count_samples(plan.urls[s])
+        except DamagedShard:
+            continue
+        if n != plan.lengths[s]:  # the plan counted the damaged copy, and the rows were laid out for that count
+            raise SeedError(f"{plan.urls[s]}: recorded as damaged in {plan.cache_url}, it now reads whole with {n} "
+                            f"samples where the cache has rows for {plan.lengths[s]}; rebuild the cache with "
+                            "--overwrite (or name another cache)")
+        log.warning("%s: recorded as damaged (%s of %s samples read), it now reads whole; embedding it again "
+                    "(the cache gets a new revision: a bank made from it is built again)",
+                    plan.urls[s], damage["read"], damage["expected"])
+        repaired.append(s)
+    cache.reopen_shards(group, repaired, "repaired: the shard recorded as damaged reads whole")
+    return repaired
 
 
 def cpu_threads(group: zarr.Group) -> int:
@@ -607,7 +635,7 @@ def run(cfg: RunConfig, storage: Storage, *, overwrite: bool = False, shards: li
     from seed.report import progress_bar
 
     teacher, report = load(cfg.teacher)
-    plan, group = prepare(cfg, storage, teacher, report, overwrite=overwrite)
+    plan, group = prepare(cfg, storage, teacher, report, overwrite=overwrite, shards=shards)
     device = resolve_device(cfg.cache.device)
     if device.type == "cpu":
         set_cpu_threads(cpu_threads(group))

@@ -15,7 +15,7 @@ mass           [N, V]      float32     probability mass the top-k capture
 
 Attributes: ``format_version``, ``status`` (``building`` until every row block and the fidelity
 measurement are written, then ``complete``), ``fingerprint`` and ``fields`` (the cache's
-fingerprint plus every bank parameter that changes the stored values), ``rotation`` and the build
+fingerprint and revision plus every bank parameter that changes the stored values), ``rotation`` and the build
 summary. The bank is derived data: one built with other parameters is deleted and rebuilt, the
 teacher's arrays are never touched.
 
@@ -44,11 +44,16 @@ _NOT_FIELDS = ("batch_size", "kl_sample")
 
 
 def fields(group: zarr.Group, b: BankConfig) -> dict[str, Any]:
-    """What determines the bank and its targets: the cache's fingerprint and the bank parameters."""
+    """What determines the bank and its targets: the cache's fingerprint, its revision (new with each
+    cache made and each time shards are embedded again: the rows, not only the configuration) and the
+    bank parameters."""
     params = {k: v for k, v in to_dict(b).items() if k not in _NOT_FIELDS}
     if params.get("rotations") == 1:
         del params["rotations"]  # one bank is what every bank was before rotations: those stay current
-    return {"cache_fingerprint": cache.attributes(group)["fingerprint"], **params}
+    a = cache.attributes(group)
+    # caches made before revisions have none until their rows change: their banks stay current
+    revision = {"cache_revision": a["revision"]} if "revision" in a else {}
+    return {"cache_fingerprint": a["fingerprint"], **revision, **params}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,8 +16,9 @@ sizes          [N, 2]      int32         decoded source (height, width)
 Every array is chunked ``capacity`` rows deep, so two input shards never share a chunk and shard
 writers (threads, processes, machines) never read-modify-write each other's data. A shard writer
 writes its chunks first and its completion record ``progress/<shard>`` (a group whose attributes
-hold counts, skipped samples and timings) last; only the coordinator writes the root attributes,
-once when creating the cache and once when marking it complete. A crash therefore leaves either a
+hold counts, skipped samples and timings) last; only the coordinator writes the root attributes:
+when creating the cache, when marking it complete, and when it takes back the records of shards to
+embed again (a damaged shard since repaired: ``reopen_shards``, which gives the cache a new ``revision``). A crash therefore leaves either a
 shard with a record and all its data, or a shard without a record that the next run redoes.
 
 The **fingerprint** hashes what determines the cached values: teacher identity (architecture,
@@ -40,6 +41,7 @@ import json
 import logging
 import os
 import time
+import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -185,7 +187,8 @@ def create(url: str, *, fields: dict[str, Any], capacity: int, n_shards: int, vi
                 "format": FORMAT, "format_version": FORMAT_VERSION, "status": "creating",
                 "fingerprint": fp, "fingerprint_fields": fields, "capacity": capacity, "n_shards": n_shards,
                 "N": N, "V": views, "D": dim, "P": P, "augment_columns": list(COLUMNS),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **attrs,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "revision": uuid.uuid4().hex, **attrs,  # a new one whenever the rows change (``reopen_shards``)
             })
         except (zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError, FileExistsError):
             return _open_when_ready(url, fields, wait_s)  # made by another process meanwhile
@@ -358,6 +361,26 @@ def open_complete(url: str, mode: Mode = "r") -> zarr.Group:
 def damaged_shards(group: zarr.Group) -> dict[int, dict[str, Any]]:
     """The shards recorded as damaged (kept by ``data.damaged=keep``): what was read and what was lost."""
     return {s: r["damaged"] for s in done_shards(group) if "damaged" in (r := shard_record(group, s) or {})}
+
+
+def reopen_shards(group: zarr.Group, shards: list[int], why: str) -> None:
+    """Take ``shards``' completion records back, so the teacher stage embeds them again (a damaged shard
+    whose file was repaired), and give the cache a new ``revision``: a bank made from the old rows names
+    the revision (``seed.bank_store.fields``) and is no longer current. The history goes to ``reopened``.
+
+    The root attributes first: killed before the records are gone, the next run finds the same shards
+    and reopens them again.
+    """
+    if not shards:
+        return
+    a = attributes(group)
+    history = list(a.get("reopened", [])) + [
+        {"shard": s, "why": why, "record": shard_record(group, s), "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        for s in shards]
+    group.update_attributes({"status": "incomplete", "revision": uuid.uuid4().hex, "reopened": history})
+    for s in shards:
+        with contextlib.suppress(KeyError):  # taken back meanwhile by another process embedding it
+            del group[progress_name(s)]
 
 
 def skipped_samples(group: zarr.Group) -> list[dict[str, Any]]:

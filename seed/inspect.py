@@ -151,7 +151,7 @@ def describe(url: str, sample: int = 512) -> dict[str, Any]:
     info: dict[str, Any] = {
         "cache": url,
         "format": a["format"], "format_version": a["format_version"], "status": a.get("status"),
-        "fingerprint": a["fingerprint"], "teacher": a.get("teacher"),
+        "fingerprint": a["fingerprint"], "revision": a.get("revision"), "teacher": a.get("teacher"),
         "recipe": a["fingerprint_fields"]["recipe"], "resolution": a["fingerprint_fields"]["resolution"],
         "seed": a["fingerprint_fields"]["seed"], "preprocessing": a.get("preprocessing"),
         "N": N, "V": V, "D": D, "P": P, "capacity": a["capacity"],
@@ -159,6 +159,7 @@ def describe(url: str, sample: int = 512) -> dict[str, Any]:
         "rows": {"valid": valid_rows, "padding_or_skipped": N - valid_rows},
         "skipped": {"count": len(skipped), "first": skipped[:10]},
         "damaged_shards": {str(s): d for s, d in cache.damaged_shards(group).items()},
+        "reopened": [{"shard": r["shard"], "why": r["why"], "at": r["at"]} for r in a.get("reopened", [])],
         "bytes": byte_counts(group, url, valid_rows * V),
         "totals": a.get("totals"),
         "embedding_norms": _stats(norms),
@@ -198,6 +199,9 @@ def format_text(info: dict[str, Any]) -> str:
                   f"{d['lost'] if d['lost'] is not None else 'an unknown number (its size was scanned)'}; "
                   f"damage at byte {d['offset']} after key {d['last_key']!r}"
                   for s, d in info["damaged_shards"].items()),
+        *([f"reopened     {len(info['reopened'])} shards embedded again, revision {info['revision']}"
+           + "".join(f"\n               shard {r['shard']} at {r['at']}: {r['why']}" for r in info["reopened"])]
+          if info["reopened"] else []),
         f"size         {_size(b['on_disk'])} on disk: cache {_size(b['cache']['stored'])}"
         + (f", bank {_size(b['bank']['stored'])}" if "bank" in b else ", no bank"),
         f"cache bytes  {b['cache']['stored_per_view']:.1f} B stored per view, {b['cache']['raw_per_view']:.1f} B raw "

@@ -22,10 +22,11 @@ import torch
 import zarr
 
 from pipeline import teacher as stage
-from seed import cache
+from seed import bank_store, cache
 from seed.augment import apply_batch
 from seed.decode import Decoder
 from seed.data import CachedSource, examples
+from seed.config import load_config
 from seed.errors import SeedError
 from seed.inspect import _replay, describe, format_text, sample_views
 from seed.shards import decode_image, iter_shard
@@ -488,6 +489,45 @@ def test_a_shard_cut_short_stops_the_stage_naming_it(tmp_path: Path, shards_root
     cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
     with pytest.raises(SeedError, match="the shard changed since the cache was made"):
         list(examples(urls, [1], source, 0, seed=0, shuffle_buffer=16))
+
+    # A bank made from these rows, then the teacher run again: the shard, still damaged, stays done as recorded
+    bank_sets = [*sets, "--set", "bank.size=64", "--set", "bank.topk=8"]
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "bank", "--storage", str(storage_file), *bank_sets],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    b = load_config(None, bank_sets[1::2]).bank
+    assert bank_store.current(g, b) == (True, "")
+    revision = g.attrs["revision"]
+    out = subprocess.run(_cli(storage_file, *sets, "--quiet"), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    g = zarr.open_group(str(tmp_path / "caches" / "cut.zarr"), mode="r")
+    assert list(cache.damaged_shards(g)) == [1] and g.attrs["revision"] == revision and "reopened" not in g.attrs
+
+    # The shard copied again whole: the next run (data.damaged at its default) finds that it reads whole and embeds
+    # it again. The cache then equals one made from the whole shards, and the bank made from the damaged rows is
+    # no longer current: the cache's revision changed.
+    shutil.copy(shards_root / "fm" / "train" / "train-000001.tar", cut)
+    out = subprocess.run(_cli(storage_file, *sets), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"{cut}: recorded as damaged ({read} of 100 samples read), it now reads whole" in out.stderr
+    g = zarr.open_group(str(tmp_path / "caches" / "cut.zarr"), mode="r")
+    assert g.attrs["status"] == "complete" and cache.damaged_shards(g) == {} and g.attrs["totals"]["valid"] == 300
+    assert [(r["shard"], r["record"]["damaged"]["read"]) for r in g.attrs["reopened"]] == [(1, read)]
+    assert g.attrs["revision"] != revision
+    text = format_text(describe(str(tmp_path / "caches" / "cut.zarr")))
+    assert "damaged      0 shards" in text and "reopened     1 shards embedded again" in text
+    assert "shard 1 at " in text and "repaired: the shard recorded as damaged reads whole" in text
+    (tmp_path / "whole").mkdir()
+    reference = _storage_file(tmp_path / "whole", shards_root)
+    out = subprocess.run(_cli(reference, *sets, "--set", "cache.name=whole", "--quiet"), capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    whole_cache = zarr.open_group(str(tmp_path / "whole" / "caches" / "whole.zarr"), mode="r")
+    for name in cache.ARRAYS:
+        x, y = cache.read(g, name), cache.read(whole_cache, name)
+        assert (x.tobytes() == y.tobytes()) if x.dtype.kind == "f" else np.array_equal(x, y), name
+    current, why = bank_store.current(g, b)
+    assert not current and "cache_revision" in why
 
 
 def test_hostile_samples_are_skipped_or_converted_by_rule_and_never_shift_rows(tmp_path: Path, moco_checkpoint: Path) -> None:
