@@ -169,23 +169,39 @@ _BOX = [COL["crop_x0"], COL["crop_y0"], COL["crop_w"], COL["crop_h"], COL["flip"
 
 
 def _kernel_crops(images: Sequence[torch.Tensor] | torch.Tensor, host: torch.Tensor, out: tuple[int, int],
-                  device: torch.device) -> torch.Tensor | None:
-    """The CUDA path's crops by ``seed.augment_kernels`` (``host``: the view rows on the CPU): every distinct image
-    once, each view sampled from its own; None where the kernels cannot run."""
+                  device: torch.device, copy_bytes: int = CANVAS_BYTES) -> torch.Tensor | None:
+    """The CUDA path's crops by ``seed.augment_kernels`` (``host``: the view rows on the CPU): each view sampled
+    from its own image, the batch's distinct images copied end to end once per launch; None where the kernels
+    cannot run. Views go in order, as many per launch as ``copy_bytes`` of their distinct images allow (at
+    least one), so full-size images (evaluation's) do not double the batch's memory on the GPU. A view's bits do
+    not depend on the views launched with it."""
     from seed import augment_kernels  # imports Triton: only when asked for
 
     if len(images) == 0 or augment_kernels.unavailable():
         return None
-    slot: dict[int, int] = {}                                                 # id(image) -> its index
-    distinct: list[torch.Tensor] = []
-    image_of = []
-    for im in images:
-        j = slot.setdefault(id(im), len(distinct))
-        if j == len(distinct):
-            distinct.append(im.to(device))
-        image_of.append(j)
     # the boxes from the host rows: indexing rows on the GPU by a list would copy the list there and wait
-    return augment_kernels.crops(distinct, image_of, _to_device(host[:, _BOX].float().contiguous(), device), out)
+    boxes = _to_device(host[:, _BOX].float().contiguous(), device)
+    x = torch.empty(len(images), 3, *out, device=device)                      # B x 3 x oh x ow
+    start = 0
+    while start < len(images):
+        slot: dict[int, int] = {}                                             # id(image) -> its index
+        distinct: list[torch.Tensor] = []
+        image_of: list[int] = []
+        size, end = 0, start
+        while end < len(images):
+            im = images[end]
+            if id(im) not in slot:
+                if distinct and size + im.numel() > copy_bytes:
+                    break
+                slot[id(im)] = len(distinct)
+                distinct.append(im.to(device))
+                size += im.numel()
+            image_of.append(slot[id(im)])
+            end += 1
+        if not augment_kernels.crops(distinct, image_of, boxes[start:end], out, into=x[start:end]):
+            return None
+        start = end
+    return x
 
 
 def _crops_on_canvas(images: Sequence[torch.Tensor] | torch.Tensor, params: torch.Tensor,

@@ -239,13 +239,14 @@ _failed: str | None = None
 _lock = threading.Lock()
 
 
-def crops(images: list[torch.Tensor], image_of: list[int], boxes: torch.Tensor, out: tuple[int, int]
-          ) -> torch.Tensor | None:
-    """Views ``[B, 3, *out]`` float32 in [0, 1]: view ``b``'s box of ``images[image_of[b]]`` (uint8 ``[3, h, w]``
-    on the GPU), from ``boxes [B, 5]`` float32 on the same device (each view's crop_x0, crop_y0, crop_w, crop_h
-    and flip). None (nothing done) where the kernels cannot run here."""
+def crops(images: list[torch.Tensor], image_of: list[int], boxes: torch.Tensor, out: tuple[int, int],
+          into: torch.Tensor) -> bool:
+    """Views float32 in [0, 1] written to ``into`` (contiguous ``[B, 3, *out]``): view ``b``'s box of
+    ``images[image_of[b]]`` (uint8 ``[3, h, w]`` on the GPU), from ``boxes [B, 5]`` float32 on the same device
+    (each view's crop_x0, crop_y0, crop_w, crop_h and flip). False (nothing done) where the kernels cannot run
+    here."""
     if _MISSING or _failed:
-        return None
+        return False
     if not images:
         raise ValueError("augment kernels: no images")
     device = images[0].device
@@ -254,7 +255,8 @@ def crops(images: list[torch.Tensor], image_of: list[int], boxes: torch.Tensor, 
     B, (oh, ow) = len(image_of), out
     if tuple(boxes.shape) != (B, BOX):
         raise ValueError(f"augment kernels: boxes must be [{B}, {BOX}], got {list(boxes.shape)}")
-    x = torch.empty(B, 3, oh, ow, device=device)
+    if tuple(into.shape) != (B, 3, oh, ow) or into.dtype != torch.float32 or not into.is_contiguous():
+        raise ValueError(f"augment kernels: the views go to a contiguous float32 [{B}, 3, {oh}, {ow}] tensor")
     sizes = [(int(im.shape[-2]), int(im.shape[-1])) for im in images]
     starts = [0]
     for h, w in sizes[:-1]:
@@ -266,10 +268,8 @@ def crops(images: list[torch.Tensor], image_of: list[int], boxes: torch.Tensor, 
                        device)
     n = len(images)
     flat = torch.cat([im.reshape(-1) for im in images])                      # the images end to end
-    if not _launch(device, lambda: _crops[(B, triton.cdiv(oh * ow, BLOCK))](
-            flat, table[:n], table[n: 3 * n], table[3 * n:], boxes.contiguous(), x, oh, ow, BLOCK=BLOCK)):
-        return None
-    return x
+    return _launch(device, lambda: _crops[(B, triton.cdiv(oh * ow, BLOCK))](
+        flat, table[:n], table[n: 3 * n], table[3 * n:], boxes.contiguous(), into, oh, ow, BLOCK=BLOCK))
 
 
 def jitter(x: torch.Tensor, factors: torch.Tensor, codes: torch.Tensor, contrast: bool = True) -> bool:

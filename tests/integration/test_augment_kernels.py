@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 _PROBE = """
 import json, sys, logging
 import numpy as np, torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from seed import augment, augment_kernels
 from seed.views import COL, Recipe, draw_params
 logging.basicConfig(level=logging.WARNING)
@@ -69,12 +70,26 @@ per_view = [im for im in images[:24] for _ in range(3)]
 rows = torch.from_numpy(np.stack([draw_params(recipe, seed=3, key=f"k{i // 3}", view=i % 3, height=int(im.shape[1]),
                                               width=int(im.shape[2])) for i, im in enumerate(per_view)]))
 kernel_crops = augment._kernel_crops(per_view, rows, (36, 44), torch.device("cpu"))
+# the same views launched one image at a time (a launch holds at least one image, whatever its bytes)
+
+
+class Copies(TorchDispatchMode):  # each launch copies its images end to end: one cat
+    n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        Copies.n += func is torch.ops.aten.cat.default
+        return func(*args, **(kwargs or {}))
+
+
+with Copies():
+    split_crops = augment._kernel_crops(per_view, rows, (36, 44), torch.device("cpu"), copy_bytes=1)
 per_size = augment._crops_by_size(per_view, rows, (36, 44))
 canvas = augment._crops_on_canvas(per_view, rows, (36, 44))
 json.dump({"jitter_ran": jitter_ran, "crops_ran": kernel_crops is not None, "grey_only_same": grey_only_same,
            "taps": augment.blur_kernel_size(strong, wide), "blurred": int((stage_rows[:, COL["blur_sigma"]] > 0).sum()),
            "whole_diff": (whole_fused - whole_tensor).abs().max().item(),
            "blur_only_diff": (blur_only - blur_only_tensor).abs().max().item(), "flips": int((rows[:, COL["flip"]] > 0.5).sum()),
+           "split_launches": Copies.n, "split_same": None if split_crops is None else bool(torch.equal(split_crops, kernel_crops)),
            "crops_vs_per_size": None if kernel_crops is None else (kernel_crops - per_size).abs().max().item(),
            "canvas_vs_per_size": (canvas - per_size).abs().max().item(),
            "unavailable": augment_kernels.unavailable(), "max_diff": (fused - tensor_path).abs().max().item(),
@@ -112,6 +127,8 @@ def test_the_kernels_give_the_tensor_paths_views() -> None:
     # the crops: each view sampled from its own image, as the CPU path's per-size call up to float rounding, and
     # no further from it than the canvas path is
     assert result["crops_ran"] and 0 < result["flips"] < 72, result
+    # launched one image at a time (24 launches), every view to the bit
+    assert result["split_same"] and result["split_launches"] == 24, result
     assert result["crops_vs_per_size"] <= max(1e-5, result["canvas_vs_per_size"]), result
 
 
