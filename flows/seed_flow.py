@@ -49,7 +49,7 @@ from pipeline import teacher as teacher_stage
 from seed import cache
 from seed.config import RunConfig, TeacherConfig, from_dict, load_config, require_cache, to_dict
 from seed.devices import resolve_device, set_cpu_threads
-from seed.errors import Crashed, SeedError
+from seed.errors import MachineError, SeedError
 from seed.models import Encoder
 from seed.report import epoch_text, input_wait, loss_text, markdown_table
 from seed.storage import Storage, is_url, load_storage
@@ -64,12 +64,13 @@ def _cfg(data: dict[str, Any]) -> RunConfig:
 
 
 def retry_a_crash(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect's retry condition for the stages' tasks: retry a crash (a killed rank or process, a lost
-    connection, a full disk since cleared), not a user's mistake (a ``SeedError``), which fails the same way
-    again. A ``Crashed`` process is retried: what it finished is kept and the retry continues from there."""
+    """Prefect's retry condition for the stages' tasks: retry the machine's failures (a killed rank or process,
+    a lost connection, a full disk since cleared: ``MachineError``, ``OSError``, anything else), not a user's
+    mistake (a ``SeedError``), which fails the same way again. What the failed attempt finished is kept and
+    the retry continues from there."""
     try:
         state.result()
-    except Crashed:
+    except MachineError:
         return True
     except SeedError:
         return False

@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from seed.errors import Crashed, SeedError
+from seed.errors import MachineError, SeedError
 from seed.lifetime import exit_with_parent
 
 
@@ -290,8 +290,13 @@ def cmd_student(args: argparse.Namespace) -> int:
                                 on_epoch=lambda e, row: print(epoch_text("student", e + 1, cfg.train.optim.epochs, row),
                                                               flush=True))
     elif args.events:
-        result = student.run(cfg, storage, resume=args.resume, progress=False,
-                             on_epoch=lambda e, row: print(student.epoch_event(e, row), flush=True))
+        try:
+            result = student.run(cfg, storage, resume=args.resume, progress=False,
+                                 on_epoch=lambda e, row: print(student.epoch_event(e, row), flush=True))
+        except SeedError as exc:  # tell the launcher that this rank stopped on a user's mistake: no retry
+            if not isinstance(exc, MachineError):
+                print(student.MISTAKE, flush=True)
+            raise
     else:
         result = student.run(cfg, storage, resume=args.resume)
     if Launch.from_env().rank != 0 or args.events:
@@ -430,7 +435,7 @@ def _run(args: argparse.Namespace) -> int:
     """The command, with user mistakes, interruptions and the machine's errors as one line and an exit code."""
     try:
         return COMMANDS[args.command](args)
-    except Crashed as exc:  # a process it started crashed: the machine's failure, not the user's
+    except MachineError as exc:  # the machine's failure (a process it started crashed, a full disk), not the user's
         print(f"seed: error: {exc}", file=sys.stderr)
         return 1
     except SeedError as exc:

@@ -39,7 +39,7 @@ from seed.config import RunConfig, from_dict, outcome, to_dict, write_run_files
 from seed.data import CachedSource, FreshViews, Source, rank_shards
 from seed.decode import Decoder
 from seed.devices import Launch, cpu_cores, join_process_group, resolve_device
-from seed.errors import Crashed, SeedError
+from seed.errors import MachineError, SeedError
 from seed.lifetime import child_env
 from seed.models import mlp_encoder
 from seed.objectives import ObjectiveFactory, Queue, create_objective
@@ -242,6 +242,7 @@ def processes(cfg: RunConfig) -> int:
 
 
 EVENT = "seed-epoch "  # the line prefix of a rank-0 epoch report under ``launch``
+MISTAKE = "seed-mistake"  # a rank's line under ``launch`` saying it stopped on a user's mistake (a ``SeedError``)
 
 
 def epoch_event(epoch: int, row: dict[str, Any]) -> str:
@@ -272,9 +273,12 @@ def launch(cfg: RunConfig, storage: Storage, *, resume: bool = False,
         env = child_env({**os.environ,  # the ranks end with this process, even killed (seed.lifetime)
                          # each rank's share of the cores this process may use (its affinity: Slurm, taskset)
                          "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, cpu_cores() // n))),
-                         "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")})  # one node: ranks meet on loopback
+                         "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo"),  # one node: ranks meet on loopback
+                         # the ranks use the store torchrun bound (set to 1, torchrun would pick a port free and bind it later)
+                         "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "0"})
         tail: collections.deque[str] = collections.deque(maxlen=25)
         errors: list[str] = []  # the ranks' own one-line errors, which torchrun's report would push out of the tail
+        mistakes = 0  # ranks that stopped on a user's mistake (their one-line error is among ``errors``)
         # torchrun leads a process group of its own, so an interrupted launcher (Ctrl-C, a cancelled flow run)
         # can stop it, and it stops its ranks
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
@@ -286,6 +290,9 @@ def launch(cfg: RunConfig, storage: Storage, *, resume: bool = False,
                     if on_epoch is not None:
                         on_epoch(int(event["epoch"]), event["row"])
                     continue
+                if line == MISTAKE:
+                    mistakes += 1
+                    continue
                 tail.append(line)
                 if line.startswith("seed: error:"):
                     errors.append(line)
@@ -293,8 +300,8 @@ def launch(cfg: RunConfig, storage: Storage, *, resume: bool = False,
         except BaseException:
             _stop(proc)
             raise
-        if proc.returncode != 0:  # a rank's own error is the user's to fix; without one, a rank crashed
-            raise (SeedError if errors else Crashed)(f"the student stage's {n} processes failed (torchrun exit code {proc.returncode}); "
+        if proc.returncode != 0:  # a rank's mistake is the user's to fix; otherwise the machine failed (killed, OSError)
+            raise (SeedError if mistakes else MachineError)(f"the student stage's {n} processes failed (torchrun exit code {proc.returncode}); "
                             "epoch checkpoints so far are kept for a resume; "
                             + ("\n".join(dict.fromkeys(errors)) if errors else "last lines:\n" + "\n".join(tail)))
     states = _checkpoints(cfg, storage)

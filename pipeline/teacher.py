@@ -40,7 +40,7 @@ from seed.views import P, blur_note, draw_many, recipe_fields
 from seed.config import RunConfig, to_dict, write_run_files
 from seed.devices import (autocast, cpu_core_ids, cpu_cores, data_workers, read_ahead, require_cpu_threads,
                           resolve_device, set_cpu_threads, split_cores)
-from seed.errors import Crashed, SeedError
+from seed.errors import MachineError, SeedError
 from seed.lifetime import child_env
 from seed.models import Encoder
 from seed.prefetch import prefetch
@@ -760,7 +760,7 @@ def run_processes(cfg: RunConfig, storage: Storage, n: int, *, overwrite: bool =
             with open(out.name) as f:
                 tail = f.read().splitlines()[-20:]
             # exit code 2: the process reported a mistake of the user's (``pipeline.cli``); anything else is a crash
-            error = SeedError if proc.returncode == 2 else Crashed
+            error = SeedError if proc.returncode == 2 else MachineError
             raise error(f"teacher process on {device} (shards {part}) failed with exit code {proc.returncode}; "
                         "shards finished so far are kept, re-run to embed the rest; last lines:\n" + "\n".join(tail))
     group = cache.open_group(plan.cache_url, "r+")

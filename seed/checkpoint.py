@@ -20,7 +20,7 @@ import fsspec
 import torch
 
 from seed import storage
-from seed.errors import SeedError
+from seed.errors import MachineError, SeedError
 from seed.models import Encoder, freeze, mlp_encoder
 from seed.storage import is_url, local_path
 
@@ -47,7 +47,7 @@ def save(obj: Any, url: str) -> None:
     except (OSError, RuntimeError) as e:  # torch reports a full disk as RuntimeError("... file write failed")
         Path(tmp).unlink(missing_ok=True)
         free = shutil.disk_usage(path.parent).free
-        raise SeedError(f"could not write checkpoint {path} ({free / 2**20:.0f} MiB free on its disk; "
+        raise MachineError(f"could not write checkpoint {path} ({free / 2**20:.0f} MiB free on its disk; "
                         f"the previous file, if any, is untouched): {e}") from e
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

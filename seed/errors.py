@@ -1,4 +1,4 @@
-"""The exception types for what a user can act on: the CLI prints their message on one line and exits 2."""
+"""The exception types a command reports on one line: ``SeedError`` (exit 2) and ``MachineError`` (exit 1)."""
 
 
 class SeedError(Exception):
@@ -9,7 +9,8 @@ class SeedError(Exception):
     """
 
 
-class Crashed(SeedError):
-    """A process a stage started ended without a mistake of its own to report (killed, out of memory, a
-    crash). What it finished is kept and a re-run continues from there, so the flow retries it once.
+class MachineError(SeedError):
+    """The machine's failure, not the input's: a process of the stage that ended without a mistake of its own
+    to report (killed, out of memory, a crash), a disk that filled. What was finished is kept and a re-run
+    continues from there, so the flow retries it once.
     """

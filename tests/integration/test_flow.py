@@ -126,7 +126,7 @@ def test_a_crash_is_retried_and_a_user_mistake_is_not(harness) -> None:
     from prefect import flow, task
 
     from flows.seed_flow import retry_a_crash
-    from seed.errors import Crashed
+    from seed.errors import MachineError
 
     attempts: list[str] = []
 
@@ -139,9 +139,9 @@ def test_a_crash_is_retried_and_a_user_mistake_is_not(harness) -> None:
     def run(error: Exception) -> None:
         fails(error)
 
-    for error in (SeedError("a foreign cache"), Crashed("a rank was killed"), OSError("no space left")):
+    for error in (SeedError("a foreign cache"), MachineError("a rank was killed"), OSError("no space left")):
         assert run(error, return_state=True).is_failed()
-    assert attempts == ["SeedError", "Crashed", "Crashed", "OSError", "OSError"]
+    assert attempts == ["SeedError", "MachineError", "MachineError", "OSError", "OSError"]
 
 
 def test_a_damaged_shard_fails_the_teacher_task_once(harness, tmp_path: Path, shards_root: Path,

@@ -408,6 +408,19 @@ def test_two_launches_at_once_on_one_node_both_train(prepared) -> None:
         assert state["epoch"] == 1 and state["metrics"][0]["steps"] == 4, (run, state["metrics"])
 
 
+def test_a_ranks_mistake_is_the_users_and_not_the_machines(prepared) -> None:
+    """Ranks that stop on a user's mistake (here a bank built with other parameters, which only the ranks open)
+    fail the launch with a ``SeedError`` quoting their line, which the flow does not retry; a rank killed or
+    failing on the machine (``MachineError``) is retried (``tests/integration/test_flow.py``)."""
+    from seed.errors import MachineError
+
+    _, storage, _ = prepared
+    cfg = _cfg(prepared, "train.device=cpu", "train.nproc=2", "train.run=mistake", "bank.topk=4")
+    with pytest.raises(SeedError, match="the bank was built with other parameters") as caught:
+        student_stage.launch(cfg, storage, on_line=lambda line: None)
+    assert not isinstance(caught.value, MachineError)
+
+
 def test_nproc_must_match_the_launch(prepared) -> None:
     _, storage, _ = prepared
     with pytest.raises(SeedError, match=r"train.nproc=3 asks for 3 processes on this node but this one is one of 1; run `seed student`"):

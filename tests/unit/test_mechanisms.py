@@ -368,7 +368,7 @@ def test_a_failed_checkpoint_write_names_the_file_and_keeps_the_old_one(tmp_path
     import signal
 
     from seed import checkpoint
-    from seed.errors import SeedError
+    from seed.errors import MachineError
 
     url = tmp_path / "runs" / "checkpoint.pt"
     checkpoint.save({"epoch": 1}, str(url))
@@ -377,7 +377,7 @@ def test_a_failed_checkpoint_write_names_the_file_and_keeps_the_old_one(tmp_path
     handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing us
     resource.setrlimit(resource.RLIMIT_FSIZE, (4096, limit[1]))
     try:
-        with pytest.raises(SeedError, match=r"could not write checkpoint .*checkpoint\.pt \(\d+ MiB free"):
+        with pytest.raises(MachineError, match=r"could not write checkpoint .*checkpoint\.pt \(\d+ MiB free"):
             checkpoint.save({"epoch": 2, "w": torch.zeros(100_000)}, str(url))
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, limit)
