@@ -132,7 +132,10 @@ def run(cfg: RunConfig, storage: Storage, *, resume: bool = False, progress: boo
         check_decode(cache.attributes(group), Decoder(device).name, url)
         if rank == 0 and (note := cache.shard_mix_note(cache.shard_label_mix(group), t.loader.shuffle_buffer)):
             log.warning("%s: %s", url, note)
-        meta |= {"cache_fingerprint": cache.attributes(group)["fingerprint"],
+        # the revision changes with the rows (a repaired shard embedded again), which a queue-mode student reads too
+        revision = cache.attributes(group).get("revision")
+        meta |= {**({"cache_revision": revision} if revision is not None else {}),
+                 "cache_fingerprint": cache.attributes(group)["fingerprint"],
                  "bank_fingerprint": bank.fingerprint if bank is not None else "queue",
                  "cache": url, "teacher_forwards_cached": cache.attributes(group)["totals"]["teacher_forwards"]}
     else:
@@ -184,6 +187,7 @@ def _matches(state: dict[str, Any], cfg: RunConfig, group: Any, bank: Any) -> bo
     if "against" in state and state["against"] != trained_against(cfg):
         return False
     return group is None or (state.get("cache_fingerprint") == cache.attributes(group)["fingerprint"]
+                             and state.get("cache_revision") == cache.attributes(group).get("revision")
                              and state.get("bank_fingerprint") == (bank.fingerprint if bank is not None else "queue"))
 
 

@@ -122,9 +122,10 @@ def fingerprint_fields(cfg: RunConfig, report: LoadReport, dim: int, plan: Plan)
 
 
 def prepare(cfg: RunConfig, storage: Storage, teacher: Encoder, report: LoadReport, *,
-            overwrite: bool = False, shards: list[int] | None = None) -> tuple[Plan, zarr.Group]:
-    """Plan the stage and create (or re-open, checking the fingerprint) the cache; take back the records of
-    damaged shards since repaired among ``shards`` (those this run embeds; None: all)."""
+            overwrite: bool = False, coordinator: bool = True) -> tuple[Plan, zarr.Group]:
+    """Plan the stage and create (or re-open, checking the fingerprint) the cache. The ``coordinator`` (a run
+    over every shard, not a ``--shards`` worker: it alone writes the root attributes) also takes back the
+    records of damaged shards since repaired (``reopen_repaired``)."""
     plan = make_plan(cfg, storage, check_cache=not overwrite)
     note = blur_note(cfg.cache.recipe, cfg.cache.resolution)
     if note:
@@ -155,22 +156,25 @@ def prepare(cfg: RunConfig, storage: Storage, teacher: Encoder, report: LoadRepo
                     "otherwise than the others (CUDA decodes with nvJPEG and computes in bfloat16, the CPU decodes "
                     "with PIL and computes in float32): finish it on the kind of device it was begun on",
                     plan.cache_url, made, Decoder(device).name, device)
-    reopen_repaired(plan, group, shards)
+    if coordinator:
+        reopen_repaired(plan, group)
     return plan, group
 
 
-def reopen_repaired(plan: Plan, group: zarr.Group, shards: list[int] | None = None) -> list[int]:
-    """The shards recorded as damaged (``data.damaged=keep``) whose files now read whole, among ``shards``
-    (None: all): their records are taken back so this run embeds them again (``cache.reopen_shards``). Each
-    such shard's headers are read on every run (no image is decoded); a shard still damaged stays done as
-    recorded."""
+def reopen_repaired(plan: Plan, group: zarr.Group) -> list[int]:
+    """The shards recorded as damaged (``data.damaged=keep``) whose files now read whole: their records are
+    taken back so this run embeds them again (``cache.reopen_shards``). Each such shard is read through on
+    every run (its images are not decoded); one still damaged, or that cannot be read now (a missing file, a
+    store that does not answer), stays done as recorded."""
     repaired = []
     for s, damage in cache.damaged_shards(group).items():
-        if shards is not None and s not in shards:
-            continue
         try:
             n = count_samples(plan.urls[s])
         except DamagedShard:
+            continue
+        except (SeedError, OSError) as exc:
+            log.warning("%s: recorded as damaged; could not read it to see whether it was repaired (%s); it stays "
+                        "as recorded", plan.urls[s], exc)
             continue
         if n != plan.lengths[s]:  # the plan counted the damaged copy, and the rows were laid out for that count
             raise SeedError(f"{plan.urls[s]}: recorded as damaged in {plan.cache_url}, it now reads whole with {n} "
@@ -635,7 +639,7 @@ def run(cfg: RunConfig, storage: Storage, *, overwrite: bool = False, shards: li
     from seed.report import progress_bar
 
     teacher, report = load(cfg.teacher)
-    plan, group = prepare(cfg, storage, teacher, report, overwrite=overwrite, shards=shards)
+    plan, group = prepare(cfg, storage, teacher, report, overwrite=overwrite, coordinator=shards is None)
     device = resolve_device(cfg.cache.device)
     if device.type == "cpu":
         set_cpu_threads(cpu_threads(group))

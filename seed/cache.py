@@ -366,7 +366,9 @@ def damaged_shards(group: zarr.Group) -> dict[int, dict[str, Any]]:
 def reopen_shards(group: zarr.Group, shards: list[int], why: str) -> None:
     """Take ``shards``' completion records back, so the teacher stage embeds them again (a damaged shard
     whose file was repaired), and give the cache a new ``revision``: a bank made from the old rows names
-    the revision (``seed.bank_store.fields``) and is no longer current. The history goes to ``reopened``.
+    the revision (``seed.bank_store.fields``), as students' checkpoints do, and is no longer current. The
+    history (each shard's damage record) goes to ``reopened``. The coordinator's call only: it writes the root
+    attributes.
 
     The root attributes first: killed before the records are gone, the next run finds the same shards
     and reopens them again.
@@ -375,8 +377,8 @@ def reopen_shards(group: zarr.Group, shards: list[int], why: str) -> None:
         return
     a = attributes(group)
     history = list(a.get("reopened", [])) + [
-        {"shard": s, "why": why, "record": shard_record(group, s), "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        for s in shards]
+        {"shard": s, "why": why, "damaged": (shard_record(group, s) or {}).get("damaged"),
+         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())} for s in shards]
     group.update_attributes({"status": "incomplete", "revision": uuid.uuid4().hex, "reopened": history})
     for s in shards:
         with contextlib.suppress(KeyError):  # taken back meanwhile by another process embedding it

@@ -174,7 +174,7 @@ def load_training(url: str, *, model: torch.nn.Module, optimizer: torch.optim.Op
     rest. The RNG state is restored here too.
     """
     state = load(url)
-    for key in ("cache_fingerprint", "bank_fingerprint", "dim", "arch"):
+    for key in ("cache_fingerprint", "cache_revision", "bank_fingerprint", "dim", "arch"):
         if key in meta and state.get(key) != meta[key]:
             raise SeedError(f"{url}: cannot resume, {key} differs (checkpoint {state.get(key)!r}, now {meta[key]!r})")
     if "against" in meta and "against" in state and state["against"] != meta["against"]:  # (older ones have none)

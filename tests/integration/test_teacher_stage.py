@@ -512,7 +512,7 @@ def test_a_shard_cut_short_stops_the_stage_naming_it(tmp_path: Path, shards_root
     assert f"{cut}: recorded as damaged ({read} of 100 samples read), it now reads whole" in out.stderr
     g = zarr.open_group(str(tmp_path / "caches" / "cut.zarr"), mode="r")
     assert g.attrs["status"] == "complete" and cache.damaged_shards(g) == {} and g.attrs["totals"]["valid"] == 300
-    assert [(r["shard"], r["record"]["damaged"]["read"]) for r in g.attrs["reopened"]] == [(1, read)]
+    assert [(r["shard"], r["damaged"]["read"]) for r in g.attrs["reopened"]] == [(1, read)]
     assert g.attrs["revision"] != revision
     text = format_text(describe(str(tmp_path / "caches" / "cut.zarr")))
     assert "damaged      0 shards" in text and "reopened     1 shards embedded again" in text

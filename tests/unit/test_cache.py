@@ -34,3 +34,34 @@ def test_a_record_counts_as_soon_as_its_own_file_is_written(tmp_path: Path) -> N
     assert cache.done_shards(cache.open_group(killed)) == [0]
     assert cache.shard_record(cache.open_group(killed), 0) == {"samples": 4, "done": True}
     assert cache.done_shards(cache.open_group(made)) == [0]
+
+
+def test_a_cache_made_again_has_a_new_revision_which_its_bank_names(tmp_path: Path) -> None:
+    """Made again with ``--overwrite`` under the same configuration, or with shards taken back to embed again,
+    a cache gets a new revision: its fingerprint (the configuration) stays, the bank's fields change, so a bank
+    of the old rows is not current. A cache made before revisions keeps its bank's fields until it gets one."""
+    from seed import bank_store
+    from seed.config import BankConfig
+
+    url = str(tmp_path / "c.zarr")
+    group = cache.create(url, fields={"test": 1}, capacity=4, n_shards=2, views=1, dim=2, attrs={})
+    first = cache.attributes(group)
+    again = cache.create(url, fields={"test": 1}, capacity=4, n_shards=2, views=1, dim=2, attrs={}, overwrite=True)
+    second = cache.attributes(again)
+    assert first["fingerprint"] == second["fingerprint"] and first["revision"] != second["revision"]
+    b = BankConfig()
+    assert bank_store.fields(again, b)["cache_revision"] == second["revision"]
+
+    data = {"embeddings": np.zeros((4, 1, 2), np.float16), "augment": np.zeros((4, 1, cache.P), np.float32),
+            "keys": np.array(["a", "b", "c", "d"], dtype=object), "labels": np.zeros(4, np.int32),
+            "valid": np.ones(4, bool), "sizes": np.ones((4, 2), np.int32)}
+    cache.write_shard(again, 0, data, {"samples": 4, "damaged": {"read": 4}})
+    before = bank_store.fields(again, b)
+    cache.reopen_shards(again, [0], "repaired")
+    assert cache.done_shards(again) == [] and cache.attributes(again)["status"] == "incomplete"
+    assert cache.attributes(again)["reopened"][0]["damaged"] == {"read": 4}
+    assert bank_store.fields(again, b)["cache_revision"] != before["cache_revision"]
+
+    old = cache.create(str(tmp_path / "old.zarr"), fields={"test": 1}, capacity=4, n_shards=2, views=1, dim=2, attrs={})
+    del old.attrs["revision"]                                                  # as a cache made before revisions
+    assert "cache_revision" not in bank_store.fields(cache.open_group(str(tmp_path / "old.zarr")), b)
