@@ -238,7 +238,8 @@ def embed_here(cfg_data: dict[str, Any], storage_file: str | None, processes: in
     return result.totals
 
 
-@task(cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5, retry_condition_fn=retry_a_crash, task_run_name="teacher-shard-{shard}")
+@task(cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5, retry_condition_fn=retry_a_crash,
+      task_run_name="teacher-shard-{shard}")
 def embed_shard(cfg_data: dict[str, Any], storage_file: str | None, plan: dict[str, Any], shard: int) -> dict[str, Any]:
     """The teacher over one input shard: the Dask layout's task, so shards run on several machines."""
     cfg = _cfg(cfg_data)

@@ -304,10 +304,12 @@ def launch(cfg: RunConfig, storage: Storage, *, resume: bool = False,
         except BaseException:
             _stop(proc)
             raise
-        if proc.returncode != 0:  # a rank's mistake is the user's to fix; otherwise the machine failed (killed, OSError)
-            raise (SeedError if mistakes else MachineError)(f"the student stage's {n} processes failed (torchrun exit code {proc.returncode}); "
-                            "epoch checkpoints so far are kept for a resume; "
-                            + ("\n".join(dict.fromkeys(errors)) if errors else "last lines:\n" + "\n".join(tail)))
+        if proc.returncode != 0:
+            # a rank's mistake is the user's to fix; otherwise the machine failed (a rank killed, an OSError)
+            error = SeedError if mistakes else MachineError
+            raise error(f"the student stage's {n} processes failed (torchrun exit code {proc.returncode}); "
+                        "epoch checkpoints so far are kept for a resume; "
+                        + ("\n".join(dict.fromkeys(errors)) if errors else "last lines:\n" + "\n".join(tail)))
     states = _checkpoints(cfg, storage)
     if states is None:
         raise SeedError(f"torchrun finished but run {cfg.train.run} has no checkpoint of this config for every student")
