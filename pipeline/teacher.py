@@ -124,8 +124,9 @@ def fingerprint_fields(cfg: RunConfig, report: LoadReport, dim: int, plan: Plan)
 def prepare(cfg: RunConfig, storage: Storage, teacher: Encoder, report: LoadReport, *,
             overwrite: bool = False, coordinator: bool = True) -> tuple[Plan, zarr.Group]:
     """Plan the stage and create (or re-open, checking the fingerprint) the cache. The ``coordinator`` (a run
-    over every shard, not a ``--shards`` worker: it alone writes the root attributes) also takes back the
-    records of damaged shards since repaired (``reopen_repaired``)."""
+    over every shard, not a ``--shards`` worker: it alone writes the root attributes) also removes what killed
+    writers left half-written (``cache.remove_stale_partials``) and takes back the records of damaged shards
+    since repaired (``reopen_repaired``)."""
     plan = make_plan(cfg, storage, check_cache=not overwrite)
     note = blur_note(cfg.cache.recipe, cfg.cache.resolution)
     if note:
@@ -157,6 +158,7 @@ def prepare(cfg: RunConfig, storage: Storage, teacher: Encoder, report: LoadRepo
                     "with PIL and computes in float32): finish it on the kind of device it was begun on",
                     plan.cache_url, made, Decoder(device).name, device)
     if coordinator:
+        cache.remove_stale_partials(plan.cache_url)
         reopen_repaired(plan, group)
     return plan, group
 

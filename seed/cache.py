@@ -363,6 +363,38 @@ def damaged_shards(group: zarr.Group) -> dict[int, dict[str, Any]]:
     return {s: r["damaged"] for s in done_shards(group) if "damaged" in (r := shard_record(group, s) or {})}
 
 
+STALE_PARTIAL_S = 600.0  # a live writer's temporary file exists for milliseconds
+
+
+def remove_stale_partials(url: str, older_than: float = STALE_PARTIAL_S) -> int:
+    """Remove the metadata a killed writer left half-written: zarr's local store writes ``zarr.<id>.partial``
+    and renames it into place, so a kill between the two leaves the temporary file, and zarr warns about it
+    ("not recognized as a component of a Zarr hierarchy") whenever its group is listed. Those in the root, in
+    ``progress`` and in its shard directories are removed when older than ``older_than`` seconds, with the shard
+    directories that leaves empty (a record never written; the shard has no record and is redone). The
+    coordinator's call only; local caches only (an object store's write is one PUT). Returns the files removed.
+    """
+    if is_url(url):
+        return 0
+    root, now, removed = Path(local_path(url)), time.time(), 0
+    emptied = set()
+    for path in [*root.glob("zarr.*.partial"), *root.glob("progress/zarr.*.partial"),
+                 *root.glob("progress/*/zarr.*.partial")]:
+        with contextlib.suppress(FileNotFoundError):
+            if now - path.stat().st_mtime > older_than:
+                path.unlink()
+                removed += 1
+                emptied.add(path.parent)
+    for shard in root.glob("progress/*"):
+        with contextlib.suppress(OSError):  # not empty, or gone meanwhile
+            if shard.is_dir() and (shard in emptied or now - shard.stat().st_mtime > older_than) \
+                    and not any(shard.iterdir()):
+                shard.rmdir()
+    if removed:
+        log.warning("%s: removed %d half-written metadata file(s) a killed run left", url, removed)
+    return removed
+
+
 def reopen_shards(group: zarr.Group, shards: list[int], why: str) -> None:
     """Take ``shards``' completion records back, so the teacher stage embeds them again (a damaged shard
     whose file was repaired), and give the cache a new ``revision``: a bank made from the old rows names

@@ -65,3 +65,41 @@ def test_a_cache_made_again_has_a_new_revision_which_its_bank_names(tmp_path: Pa
     old = cache.create(str(tmp_path / "old.zarr"), fields={"test": 1}, capacity=4, n_shards=2, views=1, dim=2, attrs={})
     del old.attrs["revision"]                                                  # as a cache made before revisions
     assert "cache_revision" not in bank_store.fields(cache.open_group(str(tmp_path / "old.zarr")), b)
+
+
+def test_metadata_a_killed_writer_left_half_written_is_removed_once_stale(tmp_path: Path) -> None:
+    """zarr's local store writes ``zarr.<id>.partial`` and renames it: a kill between the two leaves the file, and
+    zarr warns about it at every listing of its group. Stale ones go (with a shard directory left empty); a live
+    writer's fresh one stays."""
+    import os
+    import time
+    import warnings
+
+    url = str(tmp_path / "c.zarr")
+    group = _cache(url)
+    data = {"embeddings": np.zeros((4, 1, 2), np.float16), "augment": np.zeros((4, 1, cache.P), np.float32),
+            "keys": np.array(["a", "b", "c", "d"], dtype=object), "labels": np.zeros(4, np.int32),
+            "valid": np.ones(4, bool), "sizes": np.ones((4, 2), np.int32)}
+    cache.write_shard(group, 0, data, {"samples": 4})
+    root = Path(url)
+    (root / "progress" / "000001").mkdir()
+    stale = [root / "zarr.a.partial", root / "progress" / "zarr.b.partial", root / "progress" / "000001" / "zarr.c.partial"]
+    fresh = root / "progress" / "000000" / "zarr.d.partial"
+    old = time.time() - 2 * cache.STALE_PARTIAL_S
+    for path in [*stale, fresh]:
+        path.write_text("{")
+    for path in [*stale, root / "progress" / "000001"]:
+        os.utime(path, (old, old))
+
+    def warned() -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            g = cache.open_group(url, "r")
+            assert cache.done_shards(g) == [0]
+            list(g.groups())
+        return [str(w.message) for w in caught]
+
+    assert any("zarr.b.partial" in w for w in warned()) and any("000001" in w for w in warned())
+    assert cache.remove_stale_partials(url) == 3
+    assert not any(p.exists() for p in stale) and not (root / "progress" / "000001").exists() and fresh.exists()
+    assert warned() == []
