@@ -369,19 +369,20 @@ STALE_PARTIAL_S = 600.0  # a live writer's temporary file exists for millisecond
 def remove_stale_partials(url: str, older_than: float = STALE_PARTIAL_S) -> int:
     """Remove the metadata a killed writer left half-written: zarr's local store writes ``zarr.<id>.partial``
     and renames it into place, so a kill between the two leaves the temporary file, and zarr warns about it
-    ("not recognized as a component of a Zarr hierarchy") whenever its group is listed. Those in the root, in
-    ``progress`` and in its shard directories are removed when older than ``older_than`` seconds, with the shard
-    directories that leaves empty (a record never written; the shard has no record and is redone). The
-    coordinator's call only; local caches only (an object store's write is one PUT). Returns the files removed.
+    ("not recognized as a component of a Zarr hierarchy") whenever its group is listed. Those in the root and in
+    ``progress`` are removed whatever their age: only the coordinator (the caller) writes those. Those in a
+    shard's directory (its record, written by whichever process embeds the shard) are removed when older than
+    ``older_than`` seconds, with the shard directories that leaves empty (a record never written: the shard is
+    redone). Local caches only (an object store's write is one PUT). Returns the files removed.
     """
     if is_url(url):
         return 0
     root, now, removed = Path(local_path(url)), time.time(), 0
     emptied = set()
-    for path in [*root.glob("zarr.*.partial"), *root.glob("progress/zarr.*.partial"),
-                 *root.glob("progress/*/zarr.*.partial")]:
+    mine = [*root.glob("zarr.*.partial"), *root.glob("progress/zarr.*.partial")]
+    for path in [*mine, *root.glob("progress/*/zarr.*.partial")]:
         with contextlib.suppress(FileNotFoundError):
-            if now - path.stat().st_mtime > older_than:
+            if path in mine or now - path.stat().st_mtime > older_than:
                 path.unlink()
                 removed += 1
                 emptied.add(path.parent)

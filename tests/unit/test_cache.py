@@ -69,7 +69,8 @@ def test_a_cache_made_again_has_a_new_revision_which_its_bank_names(tmp_path: Pa
 
 def test_metadata_a_killed_writer_left_half_written_is_removed_once_stale(tmp_path: Path) -> None:
     """zarr's local store writes ``zarr.<id>.partial`` and renames it: a kill between the two leaves the file, and
-    zarr warns about it at every listing of its group. Stale ones go (with a shard directory left empty); a live
+    zarr warns about it at every listing of its group. The root's and ``progress``'s go at once (only the
+    coordinator writes them); in a shard's directory, stale ones go (with the directory, left empty) and a live
     writer's fresh one stays."""
     import os
     import time
@@ -88,7 +89,7 @@ def test_metadata_a_killed_writer_left_half_written_is_removed_once_stale(tmp_pa
     old = time.time() - 2 * cache.STALE_PARTIAL_S
     for path in [*stale, fresh]:
         path.write_text("{")
-    for path in [*stale, root / "progress" / "000001"]:
+    for path in [stale[2], root / "progress" / "000001"]:                   # the root's and progress's: fresh, yet
         os.utime(path, (old, old))
 
     def warned() -> list[str]:
