@@ -14,6 +14,13 @@ def _cache(url: str) -> object:
     return cache.create(url, fields={"test": 1}, capacity=4, n_shards=2, views=1, dim=2, attrs={})
 
 
+def _rows() -> dict[str, np.ndarray]:
+    """One shard's rows of a cache made by ``_cache``."""
+    return {"embeddings": np.zeros((4, 1, 2), np.float16), "augment": np.zeros((4, 1, cache.P), np.float32),
+            "keys": np.array(["a", "b", "c", "d"], dtype=object), "labels": np.zeros(4, np.int32),
+            "valid": np.ones(4, bool), "sizes": np.ones((4, 2), np.int32)}
+
+
 def test_a_record_counts_as_soon_as_its_own_file_is_written(tmp_path: Path) -> None:
     """A shard's record is one atomic file write (zarr's local store writes a temporary file and renames it).
     A process killed right after that write, before any other, must leave the shard done: the records'
@@ -22,9 +29,7 @@ def test_a_record_counts_as_soon_as_its_own_file_is_written(tmp_path: Path) -> N
     two left a record no reader saw.)"""
     made = str(tmp_path / "made.zarr")
     group = _cache(made)
-    data = {"embeddings": np.zeros((4, 1, 2), np.float16), "augment": np.zeros((4, 1, cache.P), np.float32),
-            "keys": np.array(["a", "b", "c", "d"], dtype=object), "labels": np.zeros(4, np.int32),
-            "valid": np.ones(4, bool), "sizes": np.ones((4, 2), np.int32)}
+    data = _rows()
     cache.write_shard(group, 0, data, {"samples": 4})
     killed = str(tmp_path / "killed.zarr")
     _cache(killed)                                                            # a cache whose writer then died
@@ -44,17 +49,14 @@ def test_a_cache_made_again_has_a_new_revision_which_its_bank_names(tmp_path: Pa
     from seed.config import BankConfig
 
     url = str(tmp_path / "c.zarr")
-    group = cache.create(url, fields={"test": 1}, capacity=4, n_shards=2, views=1, dim=2, attrs={})
-    first = cache.attributes(group)
+    first = cache.attributes(_cache(url))
     again = cache.create(url, fields={"test": 1}, capacity=4, n_shards=2, views=1, dim=2, attrs={}, overwrite=True)
     second = cache.attributes(again)
     assert first["fingerprint"] == second["fingerprint"] and first["revision"] != second["revision"]
     b = BankConfig()
     assert bank_store.fields(again, b)["cache_revision"] == second["revision"]
 
-    data = {"embeddings": np.zeros((4, 1, 2), np.float16), "augment": np.zeros((4, 1, cache.P), np.float32),
-            "keys": np.array(["a", "b", "c", "d"], dtype=object), "labels": np.zeros(4, np.int32),
-            "valid": np.ones(4, bool), "sizes": np.ones((4, 2), np.int32)}
+    data = _rows()
     cache.write_shard(again, 0, data, {"samples": 4, "damaged": {"read": 4}})
     before = bank_store.fields(again, b)
     cache.reopen_shards(again, [0], "repaired")
@@ -78,9 +80,7 @@ def test_metadata_a_killed_writer_left_half_written_is_removed_once_stale(tmp_pa
 
     url = str(tmp_path / "c.zarr")
     group = _cache(url)
-    data = {"embeddings": np.zeros((4, 1, 2), np.float16), "augment": np.zeros((4, 1, cache.P), np.float32),
-            "keys": np.array(["a", "b", "c", "d"], dtype=object), "labels": np.zeros(4, np.int32),
-            "valid": np.ones(4, bool), "sizes": np.ones((4, 2), np.int32)}
+    data = _rows()
     cache.write_shard(group, 0, data, {"samples": 4})
     root = Path(url)
     (root / "progress" / "000001").mkdir()
