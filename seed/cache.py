@@ -363,26 +363,27 @@ def damaged_shards(group: zarr.Group) -> dict[int, dict[str, Any]]:
     return {s: r["damaged"] for s in done_shards(group) if "damaged" in (r := shard_record(group, s) or {})}
 
 
-STALE_PARTIAL_S = 600.0  # a live writer's temporary file exists for milliseconds
+STALE_PARTIAL_S = 60.0  # a live writer's temporary metadata file exists for milliseconds
 
 
 def remove_stale_partials(url: str, older_than: float = STALE_PARTIAL_S) -> int:
     """Remove the metadata a killed writer left half-written: zarr's local store writes ``zarr.<id>.partial``
     and renames it into place, so a kill between the two leaves the temporary file, and zarr warns about it
-    ("not recognized as a component of a Zarr hierarchy") whenever its group is listed. Those in the root and in
-    ``progress`` are removed whatever their age: only the coordinator (the caller) writes those. Those in a
-    shard's directory (its record, written by whichever process embeds the shard) are removed when older than
-    ``older_than`` seconds, with the shard directories that leaves empty (a record never written: the shard is
-    redone). Local caches only (an object store's write is one PUT). Returns the files removed.
+    ("not recognized as a component of a Zarr hierarchy") whenever its group is listed. Every process that
+    writes a shard's record makes such files for a moment in the root and ``progress`` too (zarr's check that the
+    parent groups exist writes one and finds the target there), so those in the root, in ``progress`` and in the
+    shard directories are removed only when older than ``older_than`` seconds, with the shard directories that
+    leaves empty (a record never written: the shard is redone). Local caches only (an object store's write is one
+    PUT). Returns the files removed.
     """
     if is_url(url):
         return 0
     root, now, removed = Path(local_path(url)), time.time(), 0
     emptied = set()
-    mine = [*root.glob("zarr.*.partial"), *root.glob("progress/zarr.*.partial")]
-    for path in [*mine, *root.glob("progress/*/zarr.*.partial")]:
+    for path in [*root.glob("zarr.*.partial"), *root.glob("progress/zarr.*.partial"),
+                 *root.glob("progress/*/zarr.*.partial")]:
         with contextlib.suppress(FileNotFoundError):
-            if path in mine or now - path.stat().st_mtime > older_than:
+            if now - path.stat().st_mtime > older_than:
                 path.unlink()
                 removed += 1
                 emptied.add(path.parent)
