@@ -18,8 +18,9 @@ writers (threads, processes, machines) never read-modify-write each other's data
 writes its chunks first and its completion record ``progress/<shard>`` (a group whose attributes
 hold counts, skipped samples and timings) last; only the coordinator writes the root attributes:
 when creating the cache, when marking it complete, and when it takes back the records of shards to
-embed again (a damaged shard since repaired: ``reopen_shards``, which gives the cache a new ``revision``). A crash therefore leaves either a
-shard with a record and all its data, or a shard without a record that the next run redoes.
+embed again (a damaged shard since repaired: ``reopen_shards``, which gives the cache a new
+``revision``). A crash therefore leaves either a shard with a record and all its data, or a shard
+without a record that the next run redoes.
 
 The **fingerprint** hashes what determines the cached values: teacher identity (architecture,
 checkpoint sha256, format, output, small-input stem), augmentation recipe, resolution, seed, V, D,
@@ -415,7 +416,7 @@ def reopen_shards(group: zarr.Group, shards: list[int], why: str) -> None:
          "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())} for s in shards]
     group.update_attributes({"status": "incomplete", "revision": uuid.uuid4().hex, "reopened": history})
     for s in shards:
-        with contextlib.suppress(KeyError):  # taken back meanwhile by another process embedding it
+        with contextlib.suppress(KeyError):  # gone already
             del group[progress_name(s)]
 
 

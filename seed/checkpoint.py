@@ -48,7 +48,7 @@ def save(obj: Any, url: str) -> None:
         Path(tmp).unlink(missing_ok=True)
         free = shutil.disk_usage(path.parent).free
         raise MachineError(f"could not write checkpoint {path} ({free / 2**20:.0f} MiB free on its disk; "
-                        f"the previous file, if any, is untouched): {e}") from e
+                           f"the previous file, if any, is untouched): {e}") from e
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
