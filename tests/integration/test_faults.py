@@ -4,7 +4,7 @@ A reference run makes each stage's output once through the CLI (shards -> pretra
 bank -> student -> evaluate, on real Fashion-MNIST, tiny sizes). For each stage and each of two
 kill points (drawn with a fixed seed as fractions of the reference stage's work, after the seconds
 its imports take, so a failure reproduces), a fresh root gets the earlier stages' outputs, the stage is started and SIGKILLed at
-that point, then run again as a user would (``--resume`` where the stage has one); its output must
+that point (a run that ends before it, the reference having been timed under load, gives the next try its own time), then run again as a user would (``--resume`` where the stage has one); its output must
 equal the reference's: the same bytes for the cache, bank and shards, the same weights for
 training, the same scores for evaluation.
 """
@@ -141,15 +141,19 @@ def test_killed_stage_reruns_to_the_uninterrupted_result(reference, tmp_path: Pa
     delay = startup + work * fraction                                          # into the stage's own work
     scratch = tmp_path / "tmpdir"                                              # the killed process's TMPDIR
     scratch.mkdir()
-    for _ in range(3):  # the machine is shared: a run faster than the reference is tried again, killed sooner
-        for path in _outputs(root, stage):
+    for _ in range(4):  # the machine is shared: a run faster than the reference is timed, and the next one is
+        for path in _outputs(root, stage):  # killed at the same fraction of that run's own work
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        t = time.monotonic()
         proc = subprocess.Popen(_command(root, stage, False), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 env={**os.environ, "OMP_NUM_THREADS": "2", "TMPDIR": str(scratch)})
-        time.sleep(delay)
-        if proc.poll() is None:
+        try:
+            proc.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
             break
-        delay = startup * 0.8 + (delay - startup * 0.8) * 0.6
+        took = time.monotonic() - t
+        startup = min(startup, 0.5 * took)
+        delay = startup + 0.9 * fraction * (took - startup)
     assert proc.poll() is None, f"{stage} finished before every kill point tried; the kill missed it"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
