@@ -223,17 +223,19 @@ def embed_here(cfg_data: dict[str, Any], storage_file: str | None, processes: in
     ``cuda:i`` (0: one per visible GPU; on the CPU, pinned shares of the cores). The cache's totals.
 
     A crashed attempt is retried once; it, like a re-run, embeds only the shards without a completion record.
+    The flow's ``run_teacher`` has tidied the cache and taken back repaired shards (``teacher_stage.prepare``),
+    so this does not again.
     """
     log = get_run_logger()
     cfg, storage = _cfg(cfg_data), load_storage(storage_file)
     before = len(cache.done_shards(cache.open_group(storage.cache_url(cfg.cache.name), "r")))  # a retry counts its own
     report = ShardProgress(log, progress, total, before)
     if processes == 1:
-        result = teacher_stage.run(cfg, storage, progress=False, on_shard=report,
+        result = teacher_stage.run(cfg, storage, progress=False, on_shard=report, tidy=False,
                                    load=functools.partial(shared_teacher, device=cfg.cache.device))
     else:
         log.info("teacher stage: %s (seed teacher --procs)", f"{processes} processes" if processes else "a process per GPU")
-        result = teacher_stage.run_processes(cfg, storage, processes, progress=False, on_shard=report)
+        result = teacher_stage.run_processes(cfg, storage, processes, progress=False, on_shard=report, tidy=False)
     assert result.totals is not None  # every shard is done: the stage marked the cache complete
     return result.totals
 

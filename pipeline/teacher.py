@@ -631,17 +631,18 @@ def shard_task_workers(setting: int, device: torch.device) -> int:
 
 def run(cfg: RunConfig, storage: Storage, *, overwrite: bool = False, shards: list[int] | None = None,
         finalize: bool = True, progress: bool = True, load: TeacherLoader = load_teacher,
-        on_shard: Callable[[dict[str, Any]], Any] | None = None) -> TeacherResult:
+        on_shard: Callable[[dict[str, Any]], Any] | None = None, tidy: bool = True) -> TeacherResult:
     """The whole stage in this process: skip done shards, embed the rest, mark the cache complete.
 
     ``shards``: only these input shards (one worker's part); ``finalize``: mark the cache complete
     when every shard is done (only the coordinator should: it writes the root attributes); ``on_shard``:
-    called with each shard's completion record as the shard is written.
+    called with each shard's completion record as the shard is written; ``tidy``: as the coordinator, remove
+    stale partial files and take back repaired shards (``prepare``; False where the caller has just done it).
     """
     from seed.report import progress_bar
 
     teacher, report = load(cfg.teacher)
-    plan, group = prepare(cfg, storage, teacher, report, overwrite=overwrite, coordinator=shards is None)
+    plan, group = prepare(cfg, storage, teacher, report, overwrite=overwrite, coordinator=shards is None and tidy)
     device = resolve_device(cfg.cache.device)
     if device.type == "cpu":
         set_cpu_threads(cpu_threads(group))
@@ -707,7 +708,7 @@ def processes_config(cfg: RunConfig, n: int, cores: list[int] | None = None) -> 
 
 def run_processes(cfg: RunConfig, storage: Storage, n: int, *, overwrite: bool = False, progress: bool = True,
                   load: TeacherLoader = load_teacher,
-                  on_shard: Callable[[dict[str, Any]], Any] | None = None) -> TeacherResult:
+                  on_shard: Callable[[dict[str, Any]], Any] | None = None, tidy: bool = True) -> TeacherResult:
     """The stage in ``n`` processes on this node (0 = one per visible GPU), each over every n-th shard left.
 
     Each process is pinned to a share of this process's cores (``process_cores``), so that what it takes
@@ -721,7 +722,8 @@ def run_processes(cfg: RunConfig, storage: Storage, n: int, *, overwrite: bool =
     from ``process_devices``, shows the shards done, and marks the cache complete once all are. A
     failed process stops the others; the shards finished so far are kept, and a re-run embeds the
     rest. Each process's output goes to a temporary log file, whose last lines the error quotes.
-    ``on_shard``: called here with each shard's completion record once this process sees it.
+    ``on_shard``: called here with each shard's completion record once this process sees it; ``tidy``: as
+    ``run``'s.
     """
     from seed.report import progress_bar
 
@@ -729,7 +731,7 @@ def run_processes(cfg: RunConfig, storage: Storage, n: int, *, overwrite: bool =
     shares = process_cores(len(devices))
     cfg = processes_config(cfg, n)
     teacher, report = load(cfg.teacher)
-    plan, group = prepare(cfg, storage, teacher, report, overwrite=overwrite)
+    plan, group = prepare(cfg, storage, teacher, report, overwrite=overwrite, coordinator=tidy)
     del teacher
     done = set(cache.done_shards(group))
     todo = [s for s in range(len(plan.urls)) if s not in done]
