@@ -41,6 +41,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Mapping
@@ -314,7 +315,13 @@ def write_shard(group: zarr.Group, shard: int, data: Mapping[str, np.ndarray], r
     rows = slice(shard * cap, (shard + 1) * cap)
     for name in ARRAYS:
         array(group, name)[rows] = data[name]
-    group.create_group(progress_name(shard), overwrite=True, attributes={**record, "done": True})
+    for attempt in range(3):  # the coordinator may remove the record's empty directory as this recreates it
+        try:
+            group.create_group(progress_name(shard), overwrite=True, attributes={**record, "done": True})
+            return
+        except FileNotFoundError:
+            if attempt == 2:
+                raise
 
 
 def finalize(group: zarr.Group, url: str) -> dict[str, Any]:
@@ -373,29 +380,47 @@ def remove_stale_partials(url: str, older_than: float = STALE_PARTIAL_S) -> int:
     ("not recognized as a component of a Zarr hierarchy") whenever its group is listed. Every process that
     writes a shard's record makes such files for a moment in the root and ``progress`` too (zarr's check that the
     parent groups exist writes one and finds the target there), so those in the root, in ``progress`` and in the
-    shard directories are removed only when older than ``older_than`` seconds, with the shard directories that
-    leaves empty (a record never written: the shard is redone). Local caches only (an object store's write is one
-    PUT). Returns the files removed.
+    shard directories are removed only when older than ``older_than`` seconds, by the clock that stamps the
+    cache's files (a file server's, on a network file system), with the shard directories that leaves empty (a
+    record never written: the shard is redone; a worker whose record write meets its directory gone writes it
+    again, ``write_shard``). A file that cannot be removed is named in a warning and left. Local caches only
+    (an object store's write is one PUT). Returns the files removed.
     """
     if is_url(url):
         return 0
-    root, now, removed = Path(local_path(url)), time.time(), 0
-    emptied = set()
+    root, removed, left = Path(local_path(url)), 0, []
+    now, emptied = _files_clock(root), set()
     for path in [*root.glob("zarr.*.partial"), *root.glob("progress/zarr.*.partial"),
                  *root.glob("progress/*/zarr.*.partial")]:
-        with contextlib.suppress(FileNotFoundError):
+        try:
             if now - path.stat().st_mtime > older_than:
                 path.unlink()
                 removed += 1
                 emptied.add(path.parent)
-    for shard in root.glob("progress/*"):
+        except FileNotFoundError:  # its writer's rename took it, or another run removed it
+            pass
+        except OSError as exc:
+            left.append(f"{path.relative_to(root)} ({exc.strerror or exc})")
+    for shard in root.glob("progress/[0-9]*"):  # the shards' directories
         with contextlib.suppress(OSError):  # not empty, or gone meanwhile
             if shard.is_dir() and (shard in emptied or now - shard.stat().st_mtime > older_than) \
                     and not any(shard.iterdir()):
                 shard.rmdir()
     if removed:
         log.warning("%s: removed %d half-written metadata file(s) a killed run left", url, removed)
+    if left:
+        log.warning("%s: could not remove half-written metadata a killed run left: %s; zarr warns about each until "
+                    "it is removed", url, ", ".join(left))
     return removed
+
+
+def _files_clock(root: Path) -> float:
+    """Now, as the file system under ``root`` stamps a new file (the local clock if it cannot be asked)."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".seed-clock-") as probe:
+            return os.fstat(probe.fileno()).st_mtime
+    except OSError:
+        return time.time()
 
 
 def reopen_shards(group: zarr.Group, shards: list[int], why: str) -> None:
@@ -406,14 +431,18 @@ def reopen_shards(group: zarr.Group, shards: list[int], why: str) -> None:
     attributes.
 
     The root attributes first: killed before the records are gone, the next run finds the same shards
-    and reopens them again.
+    and reopens them again, without a second history entry for the same record (its ``finished_at``).
     """
     if not shards:
         return
-    a = attributes(group)
-    history = list(a.get("reopened", [])) + [
-        {"shard": s, "why": why, "damaged": (shard_record(group, s) or {}).get("damaged"),
-         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())} for s in shards]
+    history = list(attributes(group).get("reopened", []))
+    seen = {(h["shard"], h.get("finished_at")) for h in history}
+    for s in shards:
+        record = shard_record(group, s) or {}
+        if (s, record.get("finished_at")) not in seen:
+            history.append({"shard": s, "why": why, "damaged": record.get("damaged"),
+                            "finished_at": record.get("finished_at"),
+                            "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     group.update_attributes({"status": "incomplete", "revision": uuid.uuid4().hex, "reopened": history})
     for s in shards:
         with contextlib.suppress(KeyError):  # gone already

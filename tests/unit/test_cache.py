@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from seed import cache
 
@@ -69,7 +70,23 @@ def test_a_cache_made_again_has_a_new_revision_which_its_bank_names(tmp_path: Pa
     assert "cache_revision" not in bank_store.fields(cache.open_group(str(tmp_path / "old.zarr")), b)
 
 
-def test_metadata_a_killed_writer_left_half_written_is_removed_once_stale(tmp_path: Path) -> None:
+def test_a_reopen_killed_before_the_records_went_is_not_written_into_the_history_twice(tmp_path: Path) -> None:
+    """``reopen_shards`` writes the root's history, then removes the records: killed in between, the next run
+    reopens the same record again, and the history keeps one entry for it; a later damage of the shard, a record
+    of its own, gets its own entry."""
+    group = _cache(str(tmp_path / "c.zarr"))
+    record = {"samples": 4, "damaged": {"read": 2}, "finished_at": 1.0}
+    for _ in range(2):                                                         # the records outlived the first
+        cache.write_shard(group, 0, _rows(), record)
+        cache.reopen_shards(group, [0], "repaired")
+    cache.write_shard(group, 0, _rows(), {**record, "finished_at": 2.0})       # damaged again, later
+    cache.reopen_shards(group, [0], "repaired")
+    assert [(h["shard"], h["finished_at"]) for h in cache.attributes(group)["reopened"]] == [(0, 1.0), (0, 2.0)]
+    assert cache.done_shards(group) == []
+
+
+def test_metadata_a_killed_writer_left_half_written_is_removed_once_stale(tmp_path: Path,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
     """zarr's local store writes ``zarr.<id>.partial`` and renames it: a kill between the two leaves the file, and
     zarr warns about it at every listing of its group. Stale ones go (with a shard directory left empty); a live
     writer's fresh one stays, in a shard's directory and in the root, where every record's write makes one for a
@@ -83,14 +100,17 @@ def test_metadata_a_killed_writer_left_half_written_is_removed_once_stale(tmp_pa
     data = _rows()
     cache.write_shard(group, 0, data, {"samples": 4})
     root = Path(url)
-    (root / "progress" / "000001").mkdir()
+    for shard in ("000001", "000002", "000003"):
+        (root / "progress" / shard).mkdir()
     stale = [root / "zarr.a.partial", root / "progress" / "zarr.b.partial", root / "progress" / "000001" / "zarr.c.partial"]
     fresh = [root / "progress" / "000000" / "zarr.d.partial", root / "zarr.e.partial"]
+    stuck = root / "progress" / "zarr.f.partial"                              # stale, and cannot be unlinked
+    stuck.mkdir()
     old = time.time() - 2 * cache.STALE_PARTIAL_S
     for path in [*stale, *fresh]:
         path.write_text("{")
-    for path in [*stale, root / "progress" / "000001"]:
-        os.utime(path, (old, old))
+    for path in [*stale, stuck, root / "progress" / "000002"]:               # 000002: an old empty directory,
+        os.utime(path, (old, old))                                            # 000003: a writer's, just made
 
     def warned() -> list[str]:
         with warnings.catch_warnings(record=True) as caught:
@@ -101,8 +121,11 @@ def test_metadata_a_killed_writer_left_half_written_is_removed_once_stale(tmp_pa
         return [str(w.message) for w in caught]
 
     assert any("zarr.b.partial" in w for w in warned()) and any("000001" in w for w in warned())
-    assert cache.remove_stale_partials(url) == 3
-    assert not any(p.exists() for p in stale) and not (root / "progress" / "000001").exists()
-    assert all(p.exists() for p in fresh)
-    fresh[1].unlink()                                                         # (its writer's rename would take it)
+    with caplog.at_level("WARNING", logger="seed.cache"):
+        assert cache.remove_stale_partials(url) == 3
+    assert "could not remove" in caplog.text and "progress/zarr.f.partial" in caplog.text
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in fresh)
+    assert sorted(p.name for p in (root / "progress").iterdir()) == ["000000", "000003", "zarr.f.partial", "zarr.json"]
+    for path in (fresh[1], root / "progress" / "000003", stuck):             # (their writers would finish them)
+        path.rmdir() if path.is_dir() else path.unlink()
     assert warned() == []
