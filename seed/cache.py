@@ -377,7 +377,8 @@ STALE_PARTIAL_S = 60.0  # a live writer's temporary metadata file exists for mil
 def remove_stale_partials(url: str, older_than: float = STALE_PARTIAL_S) -> int:
     """Remove the metadata a killed writer left half-written: zarr's local store writes ``zarr.<id>.partial``
     and renames it into place, so a kill between the two leaves the temporary file, and zarr warns about it
-    ("not recognized as a component of a Zarr hierarchy") whenever its group is listed. Every process that
+    ("not recognized as a component of a Zarr hierarchy") whenever its group is listed; a data chunk's write
+    (``<chunk>.<id>.partial``) leaves one too, not warned of but a chunk's size on disk. Every process that
     writes a shard's record makes such files for a moment in the root and ``progress`` too (zarr's check that the
     parent groups exist writes one and finds the target there), so those in the root, in ``progress`` and in the
     shard directories are removed only when older than ``older_than`` seconds, by the clock that stamps the
@@ -390,8 +391,9 @@ def remove_stale_partials(url: str, older_than: float = STALE_PARTIAL_S) -> int:
         return 0
     root, removed, left = Path(local_path(url)), 0, []
     now, emptied = _files_clock(root), set()
+    chunks = [*root.glob("*/c/**/*.partial"), *root.glob("bank/*/c/**/*.partial")]  # not warned of, but disk
     for path in [*root.glob("zarr.*.partial"), *root.glob("progress/zarr.*.partial"),
-                 *root.glob("progress/*/zarr.*.partial")]:
+                 *root.glob("progress/*/zarr.*.partial"), *chunks]:
         try:
             if now - path.stat().st_mtime > older_than:
                 path.unlink()
@@ -407,10 +409,10 @@ def remove_stale_partials(url: str, older_than: float = STALE_PARTIAL_S) -> int:
                     and not any(shard.iterdir()):
                 shard.rmdir()
     if removed:
-        log.warning("%s: removed %d half-written metadata file(s) a killed run left", url, removed)
+        log.warning("%s: removed %d half-written file(s) a killed run left", url, removed)
     if left:
-        log.warning("%s: could not remove half-written metadata a killed run left: %s; zarr warns about each until "
-                    "it is removed", url, ", ".join(left))
+        log.warning("%s: could not remove half-written files a killed run left: %s; zarr warns about the metadata "
+                    "ones until they are removed", url, ", ".join(left))
     return removed
 
 

@@ -88,9 +88,9 @@ def test_a_reopen_killed_before_the_records_went_is_not_written_into_the_history
 def test_metadata_a_killed_writer_left_half_written_is_removed_once_stale(tmp_path: Path,
                                                                          caplog: pytest.LogCaptureFixture) -> None:
     """zarr's local store writes ``zarr.<id>.partial`` and renames it: a kill between the two leaves the file, and
-    zarr warns about it at every listing of its group. Stale ones go (with a shard directory left empty); a live
-    writer's fresh one stays, in a shard's directory and in the root, where every record's write makes one for a
-    moment."""
+    zarr warns about it at every listing of its group. Stale ones go (with a shard directory left empty, and a data
+    chunk's ``<chunk>.<id>.partial``); a live writer's fresh one stays, in a shard's directory, beside a chunk and
+    in the root, where every record's write makes one for a moment."""
     import os
     import time
     import warnings
@@ -102,8 +102,10 @@ def test_metadata_a_killed_writer_left_half_written_is_removed_once_stale(tmp_pa
     root = Path(url)
     for shard in ("000001", "000002", "000003"):
         (root / "progress" / shard).mkdir()
-    stale = [root / "zarr.a.partial", root / "progress" / "zarr.b.partial", root / "progress" / "000001" / "zarr.c.partial"]
-    fresh = [root / "progress" / "000000" / "zarr.d.partial", root / "zarr.e.partial"]
+    chunk = next(p for p in (root / "embeddings" / "c").rglob("*") if p.is_file())  # shard 0's rows
+    stale = [root / "zarr.a.partial", root / "progress" / "zarr.b.partial", root / "progress" / "000001" / "zarr.c.partial",
+             chunk.with_suffix(".g.partial")]
+    fresh = [root / "progress" / "000000" / "zarr.d.partial", root / "zarr.e.partial", chunk.with_suffix(".h.partial")]
     stuck = root / "progress" / "zarr.f.partial"                              # stale, and cannot be unlinked
     stuck.mkdir()
     old = time.time() - 2 * cache.STALE_PARTIAL_S
@@ -122,7 +124,7 @@ def test_metadata_a_killed_writer_left_half_written_is_removed_once_stale(tmp_pa
 
     assert any("zarr.b.partial" in w for w in warned()) and any("000001" in w for w in warned())
     with caplog.at_level("WARNING", logger="seed.cache"):
-        assert cache.remove_stale_partials(url) == 3
+        assert cache.remove_stale_partials(url) == 4
     assert "could not remove" in caplog.text and "progress/zarr.f.partial" in caplog.text
     assert not any(p.exists() for p in stale) and all(p.exists() for p in fresh)
     assert sorted(p.name for p in (root / "progress").iterdir()) == ["000000", "000003", "zarr.f.partial", "zarr.json"]
