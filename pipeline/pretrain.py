@@ -69,6 +69,19 @@ def trains(cfg: RunConfig, urls: list[str], lengths: list[int]) -> dict[str, Any
                                   "recipe": recipe_fields(cfg.cache.recipe), "resolution": cfg.cache.resolution}))
 
 
+VIEW_SEED_OFFSET = 7  # pre-training's views are drawn from pretrain.seed + 7, in the cache's (seed, key, view) space
+
+
+def view_overlap_note(cfg: RunConfig) -> str | None:
+    """A warning when pre-training would draw the very views the cache then embeds: both draw view ``i`` of an
+    image from (seed, key, i), pre-training from ``pretrain.seed + 7`` and the cache from ``cache.seed``."""
+    if cfg.pretrain.seed + VIEW_SEED_OFFSET != cfg.cache.seed:
+        return None
+    return (f"pretrain.seed {cfg.pretrain.seed} and cache.seed {cfg.cache.seed}: pre-training draws its views from "
+            f"pretrain.seed + {VIEW_SEED_OFFSET}, so the teacher is pre-trained on the very views the cache then "
+            "embeds (its first views of every image); choose another cache.seed or pretrain.seed")
+
+
 def num_classes(urls: list[str], damaged: Damaged = "stop") -> int:
     """Largest label + 1: from the shards' ``_info.json`` when it records it (``seed shards`` does), else by
     reading every shard (a pass over the whole set, with a log line saying so)."""
@@ -119,7 +132,10 @@ def run(cfg: RunConfig, storage: Storage, *, resume: bool = False, progress: boo
                          momentum=p.key_momentum, temperature=p.temperature, shuffle_bn=p.shuffle_bn,
                          seed=p.seed)
         if p.method == "moco" else create_objective("supervised"))
-    source = FreshViews(cfg.cache.recipe, seed=p.seed + 7, n_views=objective.n_views, damaged=cfg.data.damaged)
+    source = FreshViews(cfg.cache.recipe, seed=p.seed + VIEW_SEED_OFFSET, n_views=objective.n_views,
+                        damaged=cfg.data.damaged)
+    if rank == 0 and (note := view_overlap_note(cfg)):
+        log.warning(note)
     if rank == 0 and (note := cache.shard_mix_note(sampled_label_mix(urls, lengths), p.loader.shuffle_buffer,
                                                    "pretrain.loader.shuffle_buffer")):
         log.warning("%s: %s", cfg.data.train, note)

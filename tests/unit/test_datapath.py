@@ -215,3 +215,24 @@ def test_pretraining_tells_class_sorted_shards_from_a_sample_of_their_labels(fmn
     assert sampled_label_mix(urls["mixed"][:5], [100] * 5, per_shard=30, shards=8) is None  # fewer: all are read
     (tmp_path / "sorted" / "train-000000.tar").write_bytes(b"not a tar" * 100)
     assert sampled_label_mix(urls["sorted"], [100] * 20, per_shard=30, shards=8) is None
+
+
+def test_pretraining_that_would_draw_the_caches_views_is_warned_of(tmp_path: Path) -> None:
+    """Pre-training draws view i of an image from (pretrain.seed + 7, key, i), the cache from (cache.seed, key, i):
+    with cache.seed = pretrain.seed + 7 the teacher is pre-trained on the very views the cache embeds (shown
+    here on a real sample's rows), and pre-training says so; with other seeds the views differ and it does not."""
+    from pipeline.pretrain import view_overlap_note
+    from seed.config import load_config
+    from seed.views import draw_views
+
+    sample = _samples(tmp_path)[0]
+    h, w = image_size(sample)
+    for pretrain_seed, cache_seed in ((0, 7), (3, 10), (0, 0), (0, 8)):
+        cfg = load_config(None, [f"pretrain.seed={pretrain_seed}", f"cache.seed={cache_seed}"])
+        pretraining = FreshViews(cfg.cache.recipe, seed=cfg.pretrain.seed + 7, n_views=2).load(0, 0)(0, sample)
+        cached = draw_views(cfg.cache.recipe, seed=cfg.cache.seed, key=sample.key, views=2, height=h, width=w)
+        assert pretraining is not None
+        same = np.array_equal(pretraining.params, cached)
+        note = view_overlap_note(cfg)
+        assert same == (note is not None), (pretrain_seed, cache_seed)
+        assert note is None or ("pretrain.seed 0 and cache.seed 7" in note or "pretrain.seed 3 and cache.seed 10" in note)
