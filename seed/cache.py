@@ -152,16 +152,22 @@ def diff_fields(stored: Mapping[str, Any], wanted: Mapping[str, Any], holder: st
 Mode = Literal["r", "r+", "a", "w", "w-"]
 
 
+def _store(url: str) -> str:
+    """What zarr opens for ``url``: a local path as a path (zarr's local store: a ``file://`` URL would go through
+    fsspec, which does not make the directories a new cache needs), anything else as its URL."""
+    return url if is_url(url) else local_path(url)
+
+
 def open_group(url: str, mode: Mode = "r") -> zarr.Group:
     try:
-        return zarr.open_group(url, mode=mode, use_consolidated=False)
+        return zarr.open_group(_store(url), mode=mode, use_consolidated=False)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
         raise SeedError(f"no cache at {url}") from exc
 
 
 def exists(url: str) -> bool:
     try:
-        zarr.open_group(url, mode="r", use_consolidated=False)
+        zarr.open_group(_store(url), mode="r", use_consolidated=False)
         return True
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
         return False
@@ -243,7 +249,8 @@ def _open_when_ready(url: str, fields: Mapping[str, Any], wait_s: float) -> zarr
 def _lay_out(url: str, overwrite: bool, capacity: int, views: int, dim: int, N: int,
              attributes: dict[str, Any]) -> zarr.Group:
     """The cache's group and its empty arrays; its status ``incomplete`` once they all exist."""
-    group = zarr.open_group(url, mode="w" if overwrite else "w-", use_consolidated=False, attributes=attributes)
+    group = zarr.open_group(_store(url), mode="w" if overwrite else "w-", use_consolidated=False,
+                            attributes=attributes)
 
     def arr(name: str, shape: tuple[int, ...], dtype: Any, fill: Any, dims: tuple[str, ...]) -> None:
         group.create_array(name, shape=shape, dtype=dtype, chunks=(capacity, *shape[1:]), fill_value=fill,

@@ -131,3 +131,13 @@ def test_metadata_a_killed_writer_left_half_written_is_removed_once_stale(tmp_pa
     for path in (fresh[1], root / "progress" / "000003", stuck):             # (their writers would finish them)
         path.rmdir() if path.is_dir() else path.unlink()
     assert warned() == []
+
+
+def test_a_cache_named_by_a_file_url_is_the_cache_at_its_path(tmp_path: Path) -> None:
+    """``file://`` roots in storage.yaml name local caches: a new one is laid out (before, zarr opened the URL
+    through fsspec, which made no directories, and creation failed), and it is the cache at the plain path."""
+    url = f"file://{tmp_path}/new/c.zarr"
+    group = _cache(url)
+    cache.write_shard(group, 1, _rows(), {"samples": 4})
+    assert cache.exists(url) and cache.done_shards(cache.open_group(str(tmp_path / "new" / "c.zarr"))) == [1]
+    assert cache.attributes(cache.open_group(url))["status"] == "incomplete"
