@@ -420,6 +420,35 @@ def test_two_launches_at_once_on_one_node_both_train(prepared) -> None:
         assert state["epoch"] == 1 and state["metrics"][0]["steps"] == 4, (run, state["metrics"])
 
 
+def test_torchrun_by_hand_across_two_nodes_trains_what_one_node_does(prepared, tmp_path: Path) -> None:
+    """The README's launch across nodes: a torchrun per node (here two on one machine, meeting at node 0's store on
+    loopback), one rank each, ``train.nproc=1`` (ranks per node). The two ranks take the shards and batches that two
+    ranks of ``train.nproc=2`` on one node take, and train the same weights to the bit."""
+    import os
+
+    from seed.config import write_run_files
+
+    _, storage, _ = prepared
+    sets = ("train.device=cpu", "train.optim.epochs=2", "train.optim.batch_size=25")
+    one = student_stage.launch(_cfg(prepared, *sets, "train.nproc=2", "train.run=one-node"), storage,
+                               on_line=lambda line: None)
+    config, roots = write_run_files(_cfg(prepared, *sets, "train.nproc=1", "train.run=two-nodes"), storage, tmp_path)
+    port = free_port()
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                               f"--node_rank={node}", "--master_addr=127.0.0.1", f"--master_port={port}", "-m",
+                               "pipeline.cli", "student", "-c", config, "--storage", roots],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"})
+             for node in (0, 1)]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(out[-2000:] for out in outputs)
+    ours = checkpoint.load(str(one.students["mobilenetv3_small_050"]))
+    theirs = checkpoint.load(str(storage.student_checkpoint("two-nodes", "mobilenetv3_small_050")))
+    assert theirs["epoch"] == ours["epoch"] == 2 and theirs["world"] == 2
+    assert [m["loss"] for m in theirs["metrics"]] == [m["loss"] for m in ours["metrics"]]
+    assert all(torch.equal(theirs["model"][k], v) for k, v in ours["model"].items())
+
+
 def test_a_ranks_mistake_is_the_users_and_not_the_machines(prepared) -> None:
     """Ranks that stop on a user's mistake (here a bank built with other parameters, which only the ranks open)
     fail the launch with a ``SeedError`` quoting their line, which the flow does not retry; a rank killed or
