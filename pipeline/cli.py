@@ -9,6 +9,7 @@ imported inside the commands so that ``seed --help``, ``seed --version``, ``seed
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import signal
@@ -25,6 +26,19 @@ DISTRIBUTION = "seed-distill"  # the name in pyproject.toml, which `seed --versi
 DEMO = "configs/demo.yaml"
 DEMO_TEACHER = "data/runs/demo-teacher-moco/teacher.pth"  # what the demo's pre-training writes
 DEMO_CACHE = "data/caches/demo-fashion-mnist.zarr"
+
+
+def _count(least: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least ``least`` (argparse names the flag and exits 2 otherwise)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"expected an integer of at least {least}, got {value}")
+        return value
+    return parse
 
 
 def _examples(*lines: str) -> str:
@@ -91,8 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "classes, and training batches only the classes in its shuffle buffer)")
     for p in (fm, imf):
         p.add_argument("--out", help="output directory or URL (default: <shards root>/<name>)")
-        p.add_argument("--per-shard", type=int, default=1000, help="samples per shard (default 1000)")
-        p.add_argument("--limit", type=int, default=None, help="convert only the first N samples of each split")
+        p.add_argument("--per-shard", type=_count(1), default=1000, help="samples per shard (default 1000)")
+        p.add_argument("--limit", type=_count(1), default=None, help="convert only the first N samples of each split")
         p.add_argument("--overwrite", action="store_true", help="replace an existing output")
         p.add_argument("--storage", help="storage.yaml")
 
@@ -104,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common_run(teacher)
     teacher.add_argument("--overwrite", action="store_true", help="replace a cache made with another configuration")
     teacher.add_argument("--shards", help="only these input shard indices, e.g. 0,1,5 (the cache completes when all are done)")
-    teacher.add_argument("--procs", type=int, metavar="N",
+    teacher.add_argument("--procs", type=_count(0), metavar="N",
                          help="split the shards over N processes on this node, one per GPU on CUDA (0 = one per "
                               "visible GPU); the same cache as one process")
     teacher.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -147,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
                                               f"seed inspect {DEMO_CACHE} --verify"))
     inspect.add_argument("cache", help="cache path or URL (a Zarr group)")
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
-    inspect.add_argument("--sample", type=int, default=512, help="views sampled for norm and similarity statistics")
+    inspect.add_argument("--sample", type=_count(0), default=512, help="views sampled for norm and similarity statistics")
     inspect.add_argument("--neighbours", metavar="KEY", help="write a PNG of KEY's cached views and nearest bank entries")
     inspect.add_argument("--out", help="PNG path for --neighbours (default: ./<KEY>-neighbours.png)")
     inspect.add_argument("--plots", metavar="DIR", help="write PNGs: the own view's margin over the nearest other "
@@ -231,12 +245,12 @@ def cmd_teacher(args: argparse.Namespace) -> int:
 
     cfg, storage = _run_config(args)
     try:
-        only = [int(s) for s in args.shards.split(",")] if args.shards else None
+        only = [int(s) for s in args.shards.split(",")] if args.shards is not None else None
     except ValueError:
         raise SeedError(f"--shards {args.shards!r}: expected shard indices separated by commas, e.g. 0,2,4") from None
     if args.procs is not None:
-        if only is not None or args.procs < 0:
-            raise SeedError("--procs N (N >= 0) splits all shards itself; it does not combine with --shards")
+        if only is not None:
+            raise SeedError("--procs N splits all shards itself; it does not combine with --shards")
         result = teacher.run_processes(cfg, storage, args.procs, overwrite=args.overwrite, progress=not args.quiet)
     else:
         # A --shards worker leaves the root attributes to the coordinator (one writer for zarr.json):
@@ -445,9 +459,25 @@ def _run(args: argparse.Namespace) -> int:
         how = "terminated" if isinstance(exc, Terminated) else "interrupted"
         print(f"seed: {how}; completed shards are kept, re-run to resume", file=sys.stderr)
         return 143 if isinstance(exc, Terminated) else 130
-    except OSError as exc:  # the machine, not the user: a full disk, a lost mount, a refused connection
+    except OSError as exc:
+        if exc.errno in PATH_MISTAKES:  # a path given (a flag, a storage root) that is not what was expected
+            print(f"seed: error: {exc}: {PATH_MISTAKES[exc.errno]}", file=sys.stderr)
+            return 2
+        # the machine, not the user: a full disk, a lost mount, a refused connection
         print(f"seed: error: {exc}; what was finished is kept, re-run once it is fixed", file=sys.stderr)
         return 1
+
+
+PATH_MISTAKES = {  # errno: what the user is told, for an OSError that says a path given is not what was expected
+    errno.ENOENT: "expected an existing file or directory there",
+    errno.EISDIR: "expected a file there, not a directory",
+    errno.ENOTDIR: "expected a directory there (or a path under one), not a file",
+    errno.EEXIST: "expected nothing there, or a directory: a file is in the way",
+    errno.EACCES: "no permission there; check the path and its owner",
+    errno.EPERM: "not permitted there; check the path and its owner",
+    errno.EROFS: "a read-only file system there; choose a writable path (storage.yaml's roots, --out)",
+    errno.ENAMETOOLONG: "the path is too long",
+}
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ import zarr.errors
 
 from seed.views import COLUMNS, P
 from seed.errors import SeedError
-from seed.storage import is_url, local_path
+from seed.storage import check_protocol, is_url, local_path
 
 log = logging.getLogger(__name__)
 
@@ -159,10 +159,14 @@ def _store(url: str) -> str:
 
 
 def open_group(url: str, mode: Mode = "r") -> zarr.Group:
+    check_protocol(url, "cache")
     try:
         return zarr.open_group(_store(url), mode=mode, use_consolidated=False)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
         raise SeedError(f"no cache at {url}") from exc
+    except (zarr.errors.ContainsArrayError, zarr.errors.NodeTypeValidationError) as exc:
+        raise SeedError(f"{url} is an array (one of a cache's, say), not a cache: expected the cache's directory, "
+                        "the one that holds embeddings/ and progress/") from exc
 
 
 def exists(url: str) -> bool:

@@ -68,7 +68,12 @@ def expand_urls(spec: str | Iterable[str]) -> list[str]:
     parts = spec.split("::") if isinstance(spec, str) else list(spec)
     urls: list[str] = []
     for part in parts:
-        for url in braceexpand.braceexpand(part):
+        try:
+            expanded = list(braceexpand.braceexpand(part))
+        except ValueError as exc:  # braceexpand.UnbalancedBracesError
+            raise SeedError(f"shard pattern {part!r}: {exc}; expected balanced braces, e.g. "
+                            "train-{000000..000099}.tar") from None
+        for url in expanded:
             if any(c in url for c in "*?["):
                 fs, _, paths = fsspec.get_fs_token_paths(url)
                 matches = sorted(paths)

@@ -85,9 +85,26 @@ def protocol(url: str) -> str:
     return url.split("://", 1)[0] if is_url(url) else "file"
 
 
+def check_protocol(url: str, where: str) -> None:
+    """Refuse a URL whose protocol fsspec does not know, or whose package is not installed (``gs://`` without
+    gcsfs), in one line naming ``where`` it was given, before any stage starts."""
+    if not is_url(url):
+        return
+    for part in url.split("::"):  # a chained URL: simplecache::s3://bucket/key
+        name = part.split("://", 1)[0]
+        try:
+            fsspec.get_filesystem_class(name)
+        except ImportError as exc:
+            raise SeedError(f"{where}: {url}: the {name}:// protocol needs a package that is not installed ({exc})") from None
+        except ValueError:
+            raise SeedError(f"{where}: {url}: unknown protocol {name}:// (expected a path, or a URL fsspec knows: "
+                            "s3://, gs://, az://, memory://, file://, ...)") from None
+
+
 def check_options(roots: Mapping[str, str], options: Mapping[str, Any], where: str) -> None:
     """Refuse storage options fsspec could not apply as written, or that hold a secret (one line, naming the root)."""
     for name, url in roots.items():
+        check_protocol(url, f"{where}: root {name}")
         if is_url(url) and urlsplit(url).password is not None:
             raise SeedError(f"{where}: the {name} root's URL holds a password; secrets never go in storage.yaml: give "
                             "credentials through the environment")

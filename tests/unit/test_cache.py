@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from seed import cache
+from seed.errors import SeedError
 
 
 def _cache(url: str) -> object:
@@ -141,3 +142,10 @@ def test_a_cache_named_by_a_file_url_is_the_cache_at_its_path(tmp_path: Path) ->
     cache.write_shard(group, 1, _rows(), {"samples": 4})
     assert cache.exists(url) and cache.done_shards(cache.open_group(str(tmp_path / "new" / "c.zarr"))) == [1]
     assert cache.attributes(cache.open_group(url))["status"] == "incomplete"
+
+
+def test_an_array_of_a_cache_named_as_the_cache_is_refused_in_one_line(tmp_path: Path) -> None:
+    """``seed inspect data/caches/demo.zarr/embeddings``: the path of one of the cache's arrays, not a traceback."""
+    _cache(str(tmp_path / "c.zarr"))
+    with pytest.raises(SeedError, match=r"c.zarr/embeddings is an array .* not a cache: expected the cache's directory"):
+        cache.open_group(str(tmp_path / "c.zarr" / "embeddings"))

@@ -103,6 +103,27 @@ def test_config_mistakes_are_one_line(capsys: pytest.CaptureFixture[str]) -> Non
     assert done.value.code == 2 and "invalid choice: 'cifar'" in capsys.readouterr().err
 
 
+def test_path_and_number_mistakes_are_the_users(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A path that is not what was expected (a directory for a file) is the user's mistake: exit 2, the path and
+    what was expected, not the machine's "re-run once it is fixed" (exit 1); counts below their least are refused by
+    the parser, naming the flag; an empty --shards is not "every shard"."""
+    assert main(["config", "-c", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("seed: error: [Errno 21] Is a directory") and str(tmp_path) in err
+    assert "expected a file there" in err and "re-run" not in err
+    for argv, flag in ((["shards", "fashion-mnist", "--limit", "-1"], "--limit"),
+                       (["shards", "fashion-mnist", "--per-shard", "0"], "--per-shard"),
+                       (["inspect", str(tmp_path), "--sample", "-5"], "--sample"),
+                       (["teacher", "--procs", "-1"], "--procs")):
+        with pytest.raises(SystemExit) as done:
+            main(argv)
+        err = capsys.readouterr().err
+        assert done.value.code == 2 and f"argument {flag}" in err and "expected an integer of at least" in err, err
+    (tmp_path / "storage.yaml").write_text(f"caches: {tmp_path}/caches\n")
+    assert main(["teacher", "--shards", "", "--storage", str(tmp_path / "storage.yaml")]) == 2
+    assert capsys.readouterr().err.startswith("seed: error: --shards '': expected shard indices")
+
+
 def test_export_options() -> None:
     args = build_parser().parse_args(["export", "demo", "-c", DEMO, "--student", "s", "--format", "timm", "--head",
                                       "--out", "d", "--set", "train.run=x", "--storage", "st.yaml"])

@@ -76,6 +76,13 @@ def test_storage_roots(tmp_path: Path) -> None:
         load_storage(str(tmp_path / "bad.yaml"))
     with pytest.raises(SeedError, match="storage file not found"):
         load_storage(str(tmp_path / "missing.yaml"))
+    # a protocol fsspec does not know, or whose package is missing, is refused when the file is read, naming the root
+    (tmp_path / "scheme.yaml").write_text("shards: nosuch://x/shards\n")
+    with pytest.raises(SeedError, match=r"scheme.yaml: root shards: nosuch://x/shards: unknown protocol nosuch://"):
+        load_storage(str(tmp_path / "scheme.yaml"))
+    (tmp_path / "chain.yaml").write_text("caches: simplecache::nosuch://x/caches\n")
+    with pytest.raises(SeedError, match=r"root caches: .*unknown protocol nosuch://"):
+        load_storage(str(tmp_path / "chain.yaml"))
 
 
 # --- provenance, templates and the missing-cache message (seed config, issue 16) ---

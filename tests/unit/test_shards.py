@@ -129,6 +129,8 @@ def test_brace_patterns_globs_and_fsspec_urls(tmp_path: Path) -> None:
     assert urls == ["memory:///bucket/shard-000.tar"] or urls == ["memory://bucket/shard-000.tar"]
     assert [s.key for s in iter_shard(urls[0])] == ["n01440764_10026", "sub/dir/img_b", "img_c", "img_d"]
     assert [s.key for s in iter_shard(f"file://{braces[1]}")][-1] == "img_d"
+    with pytest.raises(SeedError, match=r"shard pattern '.*part-\{000..002.tar': Unbalanced braces.*expected balanced"):
+        expand_urls(str(tmp_path / "part-{000..002.tar"))
 
 
 def test_empty_and_truncated_tars_give_clear_errors(tmp_path: Path) -> None:
