@@ -358,6 +358,14 @@ def finalize(group: zarr.Group, url: str) -> dict[str, Any]:
                                      if all("first_batch_wait_seconds" in r for r in done) else None),
         "damaged_shards": [s for s, r in enumerate(records) if r is not None and "damaged" in r],
     }
+    first = next(({**k, "url": r.get("url", "?")} for r in done for k in r["skipped"]), None)
+    if first is not None:
+        said = f"first: {first['key']!r} in {first.get('url', '?')}: {first['reason']}"
+        if not totals["valid"]:
+            raise SeedError(f"{url}: none of the {totals['samples']} samples has an image that reads ({said}); the "
+                            "cache stays incomplete: check data.train (its shards' members), then re-run with --overwrite")
+        log.warning("%s: %d of %d samples skipped, their images unreadable (%s); seed inspect lists them", url,
+                    totals["skipped"], totals["samples"], said)
     if totals["damaged_shards"]:
         log.warning("%s: complete with %d damaged shard(s) kept by data.damaged=keep (%s): seed inspect lists what "
                     "was lost", url, len(totals["damaged_shards"]), ", ".join(map(str, totals["damaged_shards"][:10])))

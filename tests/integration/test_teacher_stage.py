@@ -414,17 +414,31 @@ def test_overwrite_replaces_a_foreign_cache(tmp_path: Path, shards_root: Path, m
 
 
 def test_undecodable_images_are_skipped_named_and_do_not_shift_rows(tmp_path: Path, shards_root: Path,
-                                                                    moco_checkpoint: Path) -> None:
+                                                                    moco_checkpoint: Path,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """Two images that do not decode are skipped, named, and said at the end; shards none of whose images decode
+    leave the cache incomplete, in one line, rather than complete and empty."""
     shutil.copy(shards_root / "fm" / "train" / "train-000000.tar", tmp_path / "a-000.tar")
-    with tarfile.open(shards_root / "fm" / "train" / "train-000001.tar") as src, tarfile.open(tmp_path / "a-001.tar", "w") as dst:
+    with tarfile.open(shards_root / "fm" / "train" / "train-000001.tar") as src, tarfile.open(tmp_path / "a-001.tar", "w") as dst, \
+            tarfile.open(tmp_path / "b-000.tar", "w") as bad:
         for member in src.getmembers():
             data = src.extractfile(member).read()  # type: ignore[union-attr]
+            if member.name.endswith(".png") and member.name < "fmnist-train-000110":
+                member.size = 40  # a truncated PNG
+                bad.addfile(member, __import__("io").BytesIO(data[:40]))
+            elif member.name < "fmnist-train-000110":
+                bad.addfile(member, __import__("io").BytesIO(data))
             if member.name in ("fmnist-train-000105.png", "fmnist-train-000150.png"):
-                data = data[:40]  # a truncated PNG
+                data = data[:40]
             member.size = len(data)
             dst.addfile(member, __import__("io").BytesIO(data))
     storage = make_storage(tmp_path, tmp_path)
-    summary = stage.run(small_config(moco_checkpoint, shards="a-{000..001}.tar"), storage, progress=False)
+    with caplog.at_level("WARNING", logger="seed.cache"):
+        summary = stage.run(small_config(moco_checkpoint, shards="a-{000..001}.tar"), storage, progress=False)
+    assert "2 of 200 samples skipped, their images unreadable (first: 'fmnist-train-000105' in " in caplog.text
+    with pytest.raises(SeedError, match=r"none of the 10 samples has an image that reads \(first: 'fmnist-train-000100'"):
+        stage.run(small_config(moco_checkpoint, "cache.name=unreadable", shards="b-000.tar"), storage, progress=False)
+    assert zarr.open_group(str(tmp_path / "caches" / "unreadable.zarr"), mode="r").attrs["status"] == "incomplete"
     g = zarr.open_group(summary.cache, mode="r")
     skipped = cache.skipped_samples(g)
     assert [s["key"] for s in skipped] == ["fmnist-train-000105", "fmnist-train-000150"]
