@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -24,6 +25,7 @@ import torch
 from seed import cache
 from seed import checkpoint
 from seed.config import RunConfig
+from seed.errors import SeedError
 from seed.devices import data_workers, read_ahead, resolve_device
 from seed.evaluate import PixelSample, extract_all, score
 from seed.features import Rows
@@ -32,6 +34,8 @@ from seed.report import OnProgress, write_report
 from seed.shards import expand_urls
 from seed.storage import Storage, read_json, write_text
 from seed.teachers import TeacherLoader, load_teacher
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +77,11 @@ def run(cfg: RunConfig, storage: Storage, *, include_teacher: bool = True, progr
     attrs = cache.attributes(group)
     res = int(attrs["fingerprint_fields"]["resolution"])
     dim = int(attrs["D"])
+    missing = [s.label for s in cfg.train.students if not checkpoint.exists(storage.student_checkpoint(cfg.train.run, s.label))]
+    if missing:  # before any encoder loads or any image is read: a report without them would look complete
+        raise SeedError(f"run {cfg.train.run}: no checkpoint of student(s) {', '.join(missing)} under "
+                        f"{storage.run_dir(cfg.train.run)}; train them first (seed student with the same config), or "
+                        "name the run they were trained in (train.run)")
     # every encoder first, so one pass over each split feeds them all: (name, kind, note) by feature key
     encoders: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
     rows: dict[str, tuple[str, str, str]] = {}
@@ -82,12 +91,10 @@ def run(cfg: RunConfig, storage: Storage, *, include_teacher: bool = True, progr
         rows["teacher"] = (f"teacher {cfg.teacher.arch}", "teacher", "pooled backbone features")
     metrics: list[dict[str, Any]] = []
     for i, s in enumerate(cfg.train.students):
-        ckpt_url = storage.student_checkpoint(cfg.train.run, s.label)
-        if checkpoint.exists(ckpt_url):
-            model, state = checkpoint.load_student(ckpt_url)
-            metrics = state.get("metrics", metrics)
-            encoders[f"student {i}"] = model.to(device).features
-            rows[f"student {i}"] = (f"{s.label} ({state.get('mode', 'cached')} SEED)", "student", f"{state['epoch']} epochs")
+        model, state = checkpoint.load_student(storage.student_checkpoint(cfg.train.run, s.label))
+        metrics = state.get("metrics", metrics)
+        encoders[f"student {i}"] = model.to(device).features
+        rows[f"student {i}"] = (f"{s.label} ({state.get('mode', 'cached')} SEED)", "student", f"{state['epoch']} epochs")
         backbone, note = random_student(s.arch, s.small_input, cfg.train.seed + i)
         encoders[f"random {i}"] = backbone.to(device).features
         rows[f"random {i}"] = (f"{s.label} random", "baseline", note)
@@ -127,6 +134,10 @@ def run(cfg: RunConfig, storage: Storage, *, include_teacher: bool = True, progr
             saved = read_json(teacher_file)
             if saved and saved.get("cache_fingerprint") == attrs["fingerprint"]:
                 results.append({k: v for k, v in saved.items() if k != "cache_fingerprint"} | {"init": "scores from the full run"})
+            else:
+                log.warning("%s: no teacher scores saved for cache %s (%s); the report has no teacher row: evaluate "
+                            "once without --no-teacher", teacher_file, cfg.cache.name,
+                            "none saved" if not saved else "saved for another cache of that name")
         for key, (name, kind, note) in rows.items():
             # an encoder's feature files give their disk space back once it is scored
             tr, te = train.features[key], test.features[key]

@@ -199,6 +199,29 @@ def test_evaluation_report(trained) -> None:
     assert len(teacher_rows) == 1 and teacher_rows[0]["knn"] == summary.results[1]["knn"]
 
 
+def test_evaluation_refuses_a_run_without_its_students_and_says_when_no_teacher_scores_are_saved(
+        trained, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A run name with no trained students (a typo in train.run) is refused before any image is read, naming the
+    students and the run's directory, rather than a report of baselines alone that looks complete; a student-only
+    re-run with no saved teacher scores says the report has no teacher row."""
+    import dataclasses
+
+    cfg, storage = trained
+
+    def forbidden(*_: object) -> None:
+        raise AssertionError("teacher loaded")
+
+    typo = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, run="tinyy"))
+    with pytest.raises(SeedError, match=r"run tinyy: no checkpoint of student\(s\) mobilenetv3_small_050 under .*tinyy"):
+        evaluate_stage.run(typo, storage, progress=False, load=forbidden)  # type: ignore[arg-type]
+    assert not (Path(storage.run_dir("tinyy")) / "report.md").exists()
+    elsewhere = dataclasses.replace(storage, reports=str(tmp_path / "reports"))   # no teacher scores saved there
+    with caplog.at_level("WARNING", logger="pipeline.evaluate"):
+        result = evaluate_stage.run(cfg, elsewhere, include_teacher=False, progress=False, load=forbidden)  # type: ignore[arg-type]
+    assert "no teacher scores saved for cache" in caplog.text and "the report has no teacher row" in caplog.text
+    assert [r["kind"] for r in result.results] == ["baseline", "student", "baseline"]
+
+
 def test_inspect_neighbours_and_plots(trained, tmp_path: Path) -> None:
     cfg, storage = trained
     url = storage.cache_url(cfg.cache.name)
