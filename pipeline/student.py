@@ -100,6 +100,8 @@ def run(cfg: RunConfig, storage: Storage, *, resume: bool = False, progress: boo
                         f"train.nproc={launched.local_world}")
     device = resolve_device(t.device)
     rank, world = join_process_group(device)
+    if resume:
+        _check_resume(cfg, storage, say=rank == 0)
     urls = expand_urls(storage.resolve("shards", cfg.data.train))
     meta: dict[str, Any] = {"mode": t.mode, "config": to_dict(cfg), "against": trained_against(cfg)}
     tau_t = t.tau_t or cfg.bank.tau_t
@@ -176,6 +178,26 @@ def trained_against(cfg: RunConfig) -> dict[str, Any]:
         out |= {"teacher": to_dict(cfg.teacher), "recipe": recipe_fields(cfg.cache.recipe),
                 "resolution": cfg.cache.resolution, "views_seed": cfg.cache.seed}
     return json.loads(json.dumps(out))
+
+
+def _check_resume(cfg: RunConfig, storage: Storage, say: bool) -> None:
+    """Before ``--resume`` touches the run (its ``config.yaml`` included): refuse checkpoints made with other
+    training settings (``outcome`` of the ``train`` section: the learning rate, tau_s, epochs ...), which would
+    continue another run, or report a finished one, under this config's name; say when there is nothing to
+    resume. (What the students trained against, the cache, bank and teacher, is checked as each is loaded.)"""
+    found = False
+    for s in cfg.train.students:
+        url = storage.student_checkpoint(cfg.train.run, s.label)
+        if not checkpoint.exists(url):
+            continue
+        found = True
+        was = checkpoint.load(url).get("config", {}).get("train")
+        if was is not None and outcome(was) != outcome(cfg.train):  # (checkpoints of older versions have none)
+            diffs = cache.diff_fields({"train": outcome(was)}, {"train": outcome(cfg.train)}, "checkpoint")
+            raise SeedError(f"{url}: cannot resume, it was trained with other settings: {'; '.join(diffs)}; resume "
+                            "with its settings, or start again without --resume (or under another train.run)")
+    if not found and say:
+        log.warning("--resume: run %s has no checkpoint yet; training from the first epoch", cfg.train.run)
 
 
 def _matches(state: dict[str, Any], cfg: RunConfig, group: Any, bank: Any) -> bool:

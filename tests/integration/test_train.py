@@ -162,11 +162,17 @@ def test_resume_equals_uninterrupted_whatever_the_workers(prepared) -> None:
                           progress=False, on_epoch=stop_after_first)
     cut = checkpoint.load(str(Path(storage.runs) / "cut" / "mobilenetv3_small_050" / "checkpoint.pt"))
     assert cut["epoch"] == 1 and (cut["world"], cut["steps_per_epoch"]) == (1, 6)
-    # another batch size would continue another schedule, from other learning rates: refused, naming both
-    with pytest.raises(SeedError, match=r"cannot resume: it was trained on 1 rank\(s\) of 6 steps an epoch, this run "
-                                        r"has 1 of 4"):
-        student_stage.run(_cfg(prepared, "train.run=cut", "train.optim.epochs=2", "train.optim.batch_size=75"),
-                          storage, resume=True, progress=False)
+    # another batch size would continue another schedule, from other learning rates: refused, naming both, before
+    # the run's config.yaml is touched; so is another tau_s
+    config = Path(storage.runs) / "cut" / "config.yaml"
+    before = config.read_bytes()
+    for setting, named in (("train.optim.batch_size=75", "train.optim.batch_size: checkpoint has 50, config wants 75"),
+                           ("train.tau_s=0.5", "train.tau_s: checkpoint has 0.2, config wants 0.5")):
+        with pytest.raises(SeedError, match=r"checkpoint.pt: cannot resume, it was trained with other settings: "
+                                            + named.replace(".", r"\.")):
+            student_stage.run(_cfg(prepared, "train.run=cut", "train.optim.epochs=2", setting), storage, resume=True,
+                              progress=False)
+    assert config.read_bytes() == before
     resumed = student_stage.run(_cfg(prepared, "train.run=cut", "train.optim.epochs=2", "train.loader.workers=1"),
                                 storage, resume=True, progress=False)
     a = checkpoint.load(full.students["mobilenetv3_small_050"])["model"]
