@@ -392,6 +392,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if "=" not in item:
             raise SeedError(f"override {item!r} must look like section.field=value")
         path, raw = item.split("=", 1)
+        if not path.strip():
+            raise SeedError(f"override {item!r} names no field before '=': it must look like section.field=value")
         node = data
         parts = path.strip().split(".")
         for part in parts[:-1]:
@@ -402,7 +404,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node[parts[-1]] = yaml.safe_load(raw)
         except yaml.YAMLError as exc:
             problem = str(getattr(exc, "problem", None) or exc).splitlines()[0]
-            raise SeedError(f"override {item!r}: the value is not valid YAML ({problem})") from None
+            raise SeedError(f"override {item!r}: the value is not valid YAML ({problem}); a text value with braces, "
+                            f"commas or colons goes in YAML quotes: --set '{path.strip()}=\"...\"'") from None
     return data
 
 

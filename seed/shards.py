@@ -785,10 +785,7 @@ def publish(tmp: Path, out: str, overwrite: bool) -> None:
     in place: a kill between the two leaves it as ``.<name>.replaced-<pid>``). To an object store the shards
     go first, then each split's ``_info.json``, then the top-level one: a cut upload has no listing that
     names shards it lacks."""
-    fs, _, (path,) = fsspec.get_fs_token_paths(out)
-    exists = fs.exists(path)
-    if exists and not overwrite and fs.ls(path):
-        raise SeedError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    fs, path, exists = _check_out(out, overwrite)
     if not is_url(out):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         aside = Path(path).parent / f".{Path(path).name}.replaced-{os.getpid()}" if exists else None
@@ -806,12 +803,23 @@ def publish(tmp: Path, out: str, overwrite: bool) -> None:
         fs.put_file(str(f), f"{path}/{f.relative_to(tmp).as_posix()}")
 
 
+def _check_out(out: str, overwrite: bool) -> tuple[Any, str, bool]:
+    """``out``'s file system, path and whether it exists; refused when it holds something and ``overwrite`` is off
+    (checked before a conversion starts, and again as it is published)."""
+    fs, _, (path,) = fsspec.get_fs_token_paths(out)
+    exists = fs.exists(path)
+    if exists and not overwrite and fs.ls(path):
+        raise SeedError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    return fs, path, exists
+
+
 def _write_splits(splits: dict[str, Iterable[tuple[str, bytes, str, int]]], out: str, per_shard: int, overwrite: bool,
                   extra: dict | None = None) -> dict:
     """Write each split to ``out/<split>/`` with an ``_info.json`` (timm's layout; ``extra`` added to the top-level
     one), atomically."""
     if per_shard <= 0:
         raise SeedError(f"--per-shard must be > 0, got {per_shard}")
+    _check_out(out, overwrite)  # before the conversion, not after it
     parent = _local_tmp_parent(out)
     _remove_stale_builds(Path(parent or tempfile.gettempdir()))
     tmp = Path(tempfile.mkdtemp(prefix=f"{_BUILD_PREFIX}{socket.gethostname()}-{os.getpid()}-", dir=parent))

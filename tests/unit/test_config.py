@@ -38,6 +38,7 @@ def test_yaml_and_overrides(tmp_path: Path) -> None:
     ("bank.tau_t=0", "bank.tau_t must be > 0"),
     ("bank.tau_t=1e-4x", "bank.tau_t: expected a number, got '1e-4x'"),
     ("nonsense", "section.field=value"),
+    ("=3", "override '=3' names no field before '='"),
 ])
 def test_bad_fields_are_named(override: str, message: str) -> None:
     with pytest.raises(SeedError, match=message.replace("[", r"\[")):
@@ -206,5 +207,6 @@ def test_negative_seeds_are_refused_by_name(key: str) -> None:
 
 
 def test_an_override_whose_value_is_not_yaml_is_named() -> None:
-    with pytest.raises(SeedError, match=r"override 'train.students=\[\{arch: x\}': the value is not valid YAML"):
+    with pytest.raises(SeedError, match=r"override 'train.students=\[\{arch: x\}': the value is not valid YAML .*"
+                                        r"goes in YAML quotes: --set 'train.students=\"...\"'"):
         load_config(None, ["train.students=[{arch: x}"])
