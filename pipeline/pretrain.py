@@ -127,6 +127,8 @@ def run(cfg: RunConfig, storage: Storage, *, resume: bool = False, progress: boo
         log.warning("%s is an epoch checkpoint of other pre-training settings (pretrain section, shards or views); "
                     "pre-training %s starts again", member.checkpoint, p.name)
         resume = False
+    elif resume and rank == 0 and not checkpoint.exists(member.checkpoint):
+        log.warning("--resume: pre-training %s has no epoch checkpoint yet; training from the first epoch", p.name)
     objective: Objective = (
         create_objective("moco", model=member.model, queue=Queue(p.queue, p.dim, device, p.seed),
                          momentum=p.key_momentum, temperature=p.temperature, shuffle_bn=p.shuffle_bn,
