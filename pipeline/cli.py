@@ -468,14 +468,11 @@ def _run(args: argparse.Namespace) -> int:
         return 1
 
 
-PATH_MISTAKES = {  # errno: what the user is told, for an OSError that says a path given is not what was expected
-    errno.ENOENT: "expected an existing file or directory there",
+PATH_MISTAKES = {  # errno: what the user is told, for an OSError that says a path given has the wrong shape (not
+    # ENOENT, EACCES or EROFS: a vanished mount, an expired ticket or a disk remounted read-only are the machine's)
     errno.EISDIR: "expected a file there, not a directory",
     errno.ENOTDIR: "expected a directory there (or a path under one), not a file",
     errno.EEXIST: "expected nothing there, or a directory: a file is in the way",
-    errno.EACCES: "no permission there; check the path and its owner",
-    errno.EPERM: "not permitted there; check the path and its owner",
-    errno.EROFS: "a read-only file system there; choose a writable path (storage.yaml's roots, --out)",
     errno.ENAMETOOLONG: "the path is too long",
 }
 

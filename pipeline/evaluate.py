@@ -136,7 +136,7 @@ def run(cfg: RunConfig, storage: Storage, *, include_teacher: bool = True, progr
                 results.append({k: v for k, v in saved.items() if k != "cache_fingerprint"} | {"init": "scores from the full run"})
             else:
                 log.warning("%s: no teacher scores saved for cache %s (%s); the report has no teacher row: evaluate "
-                            "once without --no-teacher", teacher_file, cfg.cache.name,
+                            "once with the teacher (seed evaluate without --no-teacher)", teacher_file, cfg.cache.name,
                             "none saved" if not saved else "saved for another cache of that name")
         for key, (name, kind, note) in rows.items():
             # an encoder's feature files give their disk space back once it is scored

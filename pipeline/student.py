@@ -192,8 +192,10 @@ def _check_resume(cfg: RunConfig, storage: Storage, say: bool) -> None:
             continue
         found = True
         was = checkpoint.load(url).get("config", {}).get("train")
-        if was is not None and outcome(was) != outcome(cfg.train):  # (checkpoints of older versions have none)
-            diffs = cache.diff_fields({"train": outcome(was)}, {"train": outcome(cfg.train)}, "checkpoint")
+        # the settings both name (a checkpoint of an older version has fewer or other ones, and none before 0.2)
+        diffs = cache.diff_fields({"train": outcome(was)}, {"train": outcome(cfg.train)}, "checkpoint",
+                                  common=True) if was is not None else []
+        if diffs:
             raise SeedError(f"{url}: cannot resume, it was trained with other settings: {'; '.join(diffs)}; resume "
                             "with its settings, or start again without --resume (or under another train.run)")
     if not found and say:

@@ -135,12 +135,14 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def diff_fields(stored: Mapping[str, Any], wanted: Mapping[str, Any], holder: str = "cache") -> list[str]:
+def diff_fields(stored: Mapping[str, Any], wanted: Mapping[str, Any], holder: str = "cache", *,
+                common: bool = False) -> list[str]:
     """Names of the fingerprint fields that differ, with both values, e.g. ``teacher.arch: cache has 'resnet18',
-    config wants 'resnet50'`` (``holder``: what holds ``stored``)."""
+    config wants 'resnet50'`` (``holder``: what holds ``stored``; ``common``: only fields both have, as when
+    ``stored`` was written by a version with fewer or other fields)."""
     a, b = _flatten(stored), _flatten(wanted)
     out = []
-    for name in sorted(set(a) | set(b)):
+    for name in sorted(set(a) & set(b) if common else set(a) | set(b)):
         if a.get(name) != b.get(name):
             va, vb = a.get(name, "<absent>"), b.get(name, "<absent>")
             if isinstance(va, list) and isinstance(vb, list) and len(va) > 4:
@@ -359,11 +361,15 @@ def finalize(group: zarr.Group, url: str) -> dict[str, Any]:
         "damaged_shards": [s for s, r in enumerate(records) if r is not None and "damaged" in r],
     }
     first = next(({**k, "url": r.get("url", "?")} for r in done for k in r["skipped"]), None)
+    said = f"first: {first['key']!r} in {first.get('url', '?')}: {first['reason']}" if first is not None else \
+        "the damaged shards kept none"
+    if not totals["valid"]:
+        if attributes(group).get("status") == "complete":  # marked so by a version that allowed it
+            group.update_attributes({"status": "incomplete"})
+        raise SeedError(f"{url}: none of the {totals['samples']} samples has an image that reads ({said}); the "
+                        "cache stays incomplete: check data.train (its shards' members), then run the teacher stage "
+                        "again with --overwrite (seed teacher)")
     if first is not None:
-        said = f"first: {first['key']!r} in {first.get('url', '?')}: {first['reason']}"
-        if not totals["valid"]:
-            raise SeedError(f"{url}: none of the {totals['samples']} samples has an image that reads ({said}); the "
-                            "cache stays incomplete: check data.train (its shards' members), then re-run with --overwrite")
         log.warning("%s: %d of %d samples skipped, their images unreadable (%s); seed inspect lists them", url,
                     totals["skipped"], totals["samples"], said)
     if totals["damaged_shards"]:
@@ -410,7 +416,7 @@ def remove_stale_partials(url: str, older_than: float = STALE_PARTIAL_S) -> int:
         return 0
     root, removed, left = Path(local_path(url)), 0, []
     now, emptied = _files_clock(root), set()
-    chunks = [*root.glob("*/c/**/*.partial"), *root.glob("bank/*/c/**/*.partial")]  # not warned of, but disk
+    chunks = [*root.glob("*/c/**/*.partial"), *root.glob("bank*/*/c/**/*.partial")]  # not warned of, but disk
     for path in [*root.glob("zarr.*.partial"), *root.glob("progress/zarr.*.partial"),
                  *root.glob("progress/*/zarr.*.partial"), *chunks]:
         try:
@@ -438,7 +444,8 @@ def remove_stale_partials(url: str, older_than: float = STALE_PARTIAL_S) -> int:
 def _files_clock(root: Path) -> float:
     """Now, as the file system under ``root`` stamps a new file (the local clock if it cannot be asked)."""
     try:
-        with tempfile.NamedTemporaryFile(dir=root, prefix=".seed-clock-") as probe:
+        # named as zarr's temporary files are, so that a kill during its moment leaves what this function removes
+        with tempfile.NamedTemporaryFile(dir=root, prefix="zarr.seed-clock-", suffix=".partial") as probe:
             return os.fstat(probe.fileno()).st_mtime
     except OSError:
         return time.time()

@@ -85,9 +85,10 @@ def protocol(url: str) -> str:
     return url.split("://", 1)[0] if is_url(url) else "file"
 
 
-def check_protocol(url: str, where: str) -> None:
-    """Refuse a URL whose protocol fsspec does not know, or whose package is not installed (``gs://`` without
-    gcsfs), in one line naming ``where`` it was given, before any stage starts."""
+def check_protocol(url: str, where: str, *, installed: bool = True) -> None:
+    """Refuse a URL whose protocol fsspec does not know, in one line naming ``where`` it was given, and (with
+    ``installed``, where the URL is about to be used) one whose package is not installed (``gs://`` without
+    gcsfs). storage.yaml's roots are checked for the first when the file is read, for both when one is used."""
     if not is_url(url):
         return
     for part in url.split("::"):  # a chained URL: simplecache::s3://bucket/key
@@ -95,7 +96,9 @@ def check_protocol(url: str, where: str) -> None:
         try:
             fsspec.get_filesystem_class(name)
         except ImportError as exc:
-            raise SeedError(f"{where}: {url}: the {name}:// protocol needs a package that is not installed ({exc})") from None
+            if installed:
+                raise SeedError(f"{where}: {url}: the {name}:// protocol needs a package that is not installed "
+                                f"({exc})") from None
         except ValueError:
             raise SeedError(f"{where}: {url}: unknown protocol {name}:// (expected a path, or a URL fsspec knows: "
                             "s3://, gs://, az://, memory://, file://, ...)") from None
@@ -104,10 +107,10 @@ def check_protocol(url: str, where: str) -> None:
 def check_options(roots: Mapping[str, str], options: Mapping[str, Any], where: str) -> None:
     """Refuse storage options fsspec could not apply as written, or that hold a secret (one line, naming the root)."""
     for name, url in roots.items():
-        check_protocol(url, f"{where}: root {name}")
         if is_url(url) and urlsplit(url).password is not None:
             raise SeedError(f"{where}: the {name} root's URL holds a password; secrets never go in storage.yaml: give "
                             "credentials through the environment")
+        check_protocol(url, f"{where}: root {name}", installed=False)
     for name, opts in options.items():
         if name not in ROOTS:
             raise SeedError(f"{where}: storage_options for unknown root {name!r} (known: {', '.join(ROOTS)})")
@@ -172,6 +175,7 @@ class Storage:
             raise SeedError(f"unknown storage root {root!r} (known: {', '.join(ROOTS)})")
         if is_url(path) or os.path.isabs(local_path(path)):
             return path
+        check_protocol(getattr(self, root), f"storage root {root}")  # its package, now that it is used
         return join(getattr(self, root), path)
 
     def cache_url(self, name: str) -> str:

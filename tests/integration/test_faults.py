@@ -151,6 +151,7 @@ def test_killed_stage_reruns_to_the_uninterrupted_result(reference, tmp_path: Pa
             proc.wait(timeout=delay)
         except subprocess.TimeoutExpired:
             break
+        assert proc.returncode == 0, f"{stage} failed before its kill point (exit {proc.returncode})"
         took = time.monotonic() - t
         startup = min(startup, 0.5 * took)
         delay = startup + 0.9 * fraction * (took - startup)

@@ -173,6 +173,11 @@ def test_resume_equals_uninterrupted_whatever_the_workers(prepared) -> None:
             student_stage.run(_cfg(prepared, "train.run=cut", "train.optim.epochs=2", setting), storage, resume=True,
                               progress=False)
     assert config.read_bytes() == before
+    # a checkpoint of a version whose train section lacked a setting resumes on the settings both name
+    path = str(Path(storage.runs) / "cut" / "mobilenetv3_small_050" / "checkpoint.pt")
+    state = checkpoint.load(path)
+    del state["config"]["train"]["tail"]
+    checkpoint.save(state, path)
     resumed = student_stage.run(_cfg(prepared, "train.run=cut", "train.optim.epochs=2", "train.loader.workers=1"),
                                 storage, resume=True, progress=False)
     a = checkpoint.load(full.students["mobilenetv3_small_050"])["model"]
