@@ -450,10 +450,10 @@ def _run(args: argparse.Namespace) -> int:
     try:
         return COMMANDS[args.command](args)
     except MachineError as exc:  # the machine's failure (a process it started crashed, a full disk), not the user's
-        print(f"seed: error: {exc}", file=sys.stderr)
+        sys.stderr.write(f"seed: error: {exc}\n")  # one write: ranks share a pipe
         return 1
     except SeedError as exc:
-        print(f"seed: error: {exc}", file=sys.stderr)
+        sys.stderr.write(f"seed: error: {exc}\n")  # one write: ranks share a pipe
         return 2
     except KeyboardInterrupt as exc:
         how = "terminated" if isinstance(exc, Terminated) else "interrupted"
@@ -461,10 +461,10 @@ def _run(args: argparse.Namespace) -> int:
         return 143 if isinstance(exc, Terminated) else 130
     except OSError as exc:
         if exc.errno in PATH_MISTAKES:  # a path given (a flag, a storage root) that is not what was expected
-            print(f"seed: error: {exc}: {PATH_MISTAKES[exc.errno]}", file=sys.stderr)
+            sys.stderr.write(f"seed: error: {exc}: {PATH_MISTAKES[exc.errno]}\n")
             return 2
         # the machine, not the user: a full disk, a lost mount, a refused connection
-        print(f"seed: error: {exc}; what was finished is kept, re-run once it is fixed", file=sys.stderr)
+        sys.stderr.write(f"seed: error: {exc}; what was finished is kept, re-run once it is fixed\n")
         return 1
 
 
