@@ -72,6 +72,12 @@ def trains(cfg: RunConfig, urls: list[str], lengths: list[int]) -> dict[str, Any
 VIEW_SEED_OFFSET = 7  # pre-training's views are drawn from pretrain.seed + 7, in the cache's (seed, key, view) space
 
 
+def pretraining_views(cfg: RunConfig, n_views: int) -> FreshViews:
+    """The views pre-training trains on: ``n_views`` new ones per image and epoch, from ``pretrain.seed + 7``."""
+    return FreshViews(cfg.cache.recipe, seed=cfg.pretrain.seed + VIEW_SEED_OFFSET, n_views=n_views,
+                      damaged=cfg.data.damaged)
+
+
 def view_overlap_note(cfg: RunConfig) -> str | None:
     """A warning when pre-training would draw the very views the cache then embeds: both draw view ``i`` of an
     image from (seed, key, i), pre-training from ``pretrain.seed + 7`` and the cache from ``cache.seed``."""
@@ -134,8 +140,7 @@ def run(cfg: RunConfig, storage: Storage, *, resume: bool = False, progress: boo
                          momentum=p.key_momentum, temperature=p.temperature, shuffle_bn=p.shuffle_bn,
                          seed=p.seed)
         if p.method == "moco" else create_objective("supervised"))
-    source = FreshViews(cfg.cache.recipe, seed=p.seed + VIEW_SEED_OFFSET, n_views=objective.n_views,
-                        damaged=cfg.data.damaged)
+    source = pretraining_views(cfg, objective.n_views)
     if rank == 0 and (note := view_overlap_note(cfg)):
         log.warning(note)
     if rank == 0 and (note := cache.shard_mix_note(sampled_label_mix(urls, lengths), p.loader.shuffle_buffer,

@@ -221,7 +221,7 @@ def test_pretraining_that_would_draw_the_caches_views_is_warned_of(tmp_path: Pat
     """Pre-training draws view i of an image from (pretrain.seed + 7, key, i), the cache from (cache.seed, key, i):
     with cache.seed = pretrain.seed + 7 the teacher is pre-trained on the very views the cache embeds (shown
     here on a real sample's rows), and pre-training says so; with other seeds the views differ and it does not."""
-    from pipeline.pretrain import view_overlap_note
+    from pipeline.pretrain import pretraining_views, view_overlap_note
     from seed.config import load_config
     from seed.views import draw_views
 
@@ -229,7 +229,7 @@ def test_pretraining_that_would_draw_the_caches_views_is_warned_of(tmp_path: Pat
     h, w = image_size(sample)
     for pretrain_seed, cache_seed in ((0, 7), (3, 10), (0, 0), (0, 8)):
         cfg = load_config(None, [f"pretrain.seed={pretrain_seed}", f"cache.seed={cache_seed}"])
-        pretraining = FreshViews(cfg.cache.recipe, seed=cfg.pretrain.seed + 7, n_views=2).load(0, 0)(0, sample)
+        pretraining = pretraining_views(cfg, 2).load(0, 0)(0, sample)                # what pre-training draws
         cached = draw_views(cfg.cache.recipe, seed=cfg.cache.seed, key=sample.key, views=2, height=h, width=w)
         assert pretraining is not None
         same = np.array_equal(pretraining.params, cached)
