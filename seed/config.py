@@ -254,6 +254,18 @@ class RunConfig:
         labels = [s.label for s in self.train.students]
         if len(set(labels)) != len(labels):
             raise SeedError(f"train.students: names must differ (got {labels}); set name: for repeated architectures")
+        names = [("cache.name", self.cache.name), ("train.run", self.train.run), ("pretrain.name", self.pretrain.name)]
+        names += [(f"train.students[{i}].name", s.label) for i, s in enumerate(self.train.students)]
+        for key, text in names:
+            _check_name(key, text)
+
+
+def _check_name(name: str, value: str) -> None:
+    """A name that becomes a path under a storage root stays under it: relative, no ``..``, no empty part."""
+    parts = value.replace("\\", "/").split("/")
+    if not value or value.startswith("/") or any(part in ("", ".", "..") for part in parts):
+        raise SeedError(f"{name} must be a name under its storage root (sub-directories with '/'; no '..' or '.' "
+                        f"part, no empty part, no leading '/'), got {value!r}")
 
 
 def _check_positive(_: object, name: str, value: int) -> None:

@@ -210,3 +210,19 @@ def test_an_override_whose_value_is_not_yaml_is_named() -> None:
     with pytest.raises(SeedError, match=r"override 'train.students=\[\{arch: x\}': the value is not valid YAML .*"
                                         r"goes in YAML quotes: --set 'train.students=\"...\"'"):
         load_config(None, ["train.students=[{arch: x}"])
+
+
+@pytest.mark.parametrize("override, key", [("cache.name=../elsewhere", "cache.name"), ("cache.name=/tmp/x", "cache.name"),
+                                           ("train.run=a/../../b", "train.run"), ("train.run=''", "train.run"),
+                                           ("pretrain.name=a//b", "pretrain.name"), ("pretrain.name=./a", "pretrain.name"),
+                                           ("train.students=[{arch: resnet18, name: ..}]", r"train.students\[0\].name"),
+                                           (r"cache.name=a\..\b", "cache.name")])
+def test_names_that_would_leave_their_storage_root_are_refused(override: str, key: str, tmp_path: Path) -> None:
+    """Names become paths under a storage root (``<caches>/<cache.name>.zarr``, ``<runs>/<train.run>/<student>``):
+    one that climbs out of it, or starts at ``/``, would write beside or far from the root."""
+    with pytest.raises(SeedError, match=rf"{key} must be a name under its storage root .* got "):
+        load_config(None, [override])
+    storage = Storage(*(str(tmp_path / root) for root in ("shards", "caches", "runs", "reports")))
+    cfg = load_config(None, ["cache.name=ablation/tau-0.1", "train.run=runs-2026/a.b"])  # sub-directories are names
+    assert Path(storage.cache_url(cfg.cache.name)).resolve().is_relative_to(tmp_path / "caches")
+    assert Path(storage.run_dir(cfg.train.run)).resolve().is_relative_to(tmp_path / "runs")
