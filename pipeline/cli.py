@@ -386,7 +386,7 @@ def cmd_config(args: argparse.Namespace) -> int:
     from seed.config import format_resolved, resolve_config, template
 
     if args.template and args.config:
-        raise SeedError("seed config: --template and -c both name a config; give one")
+        raise SeedError("--template and -c both name a config; give one")
     if args.template and not args.overrides:
         print(template(args.template), end="")
         return 0

@@ -95,7 +95,7 @@ def test_config_prints_the_resolved_config_with_origins(capsys: pytest.CaptureFi
 
 def test_config_mistakes_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["config", "--template", "imagenet", "-c", str(ROOT / DEMO)]) == 2
-    assert capsys.readouterr().err == "seed: error: seed config: --template and -c both name a config; give one\n"
+    assert capsys.readouterr().err == "seed: error: --template and -c both name a config; give one\n"
     assert main(["config", "--set", "cache.viewz=2"]) == 2
     assert capsys.readouterr().err.startswith("seed: error: unknown config key cache.viewz")
     with pytest.raises(SystemExit) as done:
