@@ -958,7 +958,9 @@ def imagefolder_to_shards(src: str, out: str, *, split: str = "train", per_shard
     so each shard holds a random sample of the classes. In the tree's order, an ImageNet-style tree makes
     shards of one or two classes each, and a training epoch, which reads shards one after another through a shuffle buffer of
     a few thousand images, would then draw each batch from a handful of classes. ``limit``: the first N
-    images of that order.
+    images of that order. A file whose header does not read as an image (empty, another format under an image
+    extension, over ``MAX_PIXELS``) is skipped with a warning and listed under ``skipped`` in ``_info.json``;
+    pixels are not decoded here (a JPEG cut short is named and skipped by the teacher stage).
     """
     from seed.report import progress_bar
 
@@ -984,10 +986,24 @@ def imagefolder_to_shards(src: str, out: str, *, split: str = "train", per_shard
                             "made underscores); rename one of them")
         keys[key] = p
 
+    skipped: list[dict[str, str]] = []  # filled as the shards are written, before _info.json is
+
     def samples() -> Iterator[tuple[str, bytes, str, int]]:
         for key, p in progress_bar(keys.items(), total=len(keys), desc=f"imagefolder {split}", unit="img",
                                    disable=not progress):
-            yield key, p.read_bytes(), p.suffix.lower().lstrip("."), index[p.parent.name]
+            data, ext = p.read_bytes(), p.suffix.lower().lstrip(".")
+            try:  # the header only (no pixel decoded): not an image, empty, or over MAX_PIXELS
+                image_size(Sample(key, data, ext, 0, str(p), 0))
+            except ValueError as exc:
+                log.warning("%s: skipped, %s", p, exc)
+                skipped.append({"file": str(p), "reason": str(exc)})
+                continue
+            yield key, data, ext, index[p.parent.name]
 
     order = f"shuffled, seed {seed}" if shuffle else "class by class, as in the tree"
-    return _write_splits({split: samples()}, out, per_shard, overwrite, extra={"classes": classes, "order": order})
+    info = _write_splits({split: samples()}, out, per_shard, overwrite,
+                         extra={"classes": classes, "order": order, "skipped": skipped})
+    if skipped:
+        log.warning("%s: %d of %d images skipped, their headers unreadable (the first: %s; all in %s/%s)", src,
+                    len(skipped), len(keys), skipped[0]["file"], out, INFO_FILE)
+    return info

@@ -7,8 +7,10 @@ import gzip
 import io
 import json
 import os
+import struct
 import sys
 import tarfile
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -224,6 +226,34 @@ def test_imagefolder(tmp_path: Path) -> None:
     with pytest.raises(SeedError, match=r"im\.1\.jpg and .*im\.1\.png would both be sample 'cat_im_1'"):
         imagefolder_to_shards(str(tmp_path / "src"), str(tmp_path / "twice"), progress=False)
     assert not (tmp_path / "twice").exists()
+
+
+def test_imagefolder_skips_files_that_are_not_images_and_names_them(tmp_path: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """A tree holds what its extensions claim only mostly: an empty file, a text file named .jpg and a header past
+    the pixel limit are left out (each named, in the log and in ``_info.json``), and the rest is written."""
+    (tmp_path / "src" / "cat").mkdir(parents=True)
+    good = _encoded("JPEG", 40)
+    (tmp_path / "src" / "cat" / "good.jpg").write_bytes(good)
+    (tmp_path / "src" / "cat" / "empty.jpg").write_bytes(b"")
+    (tmp_path / "src" / "cat" / "html.jpg").write_bytes(b"<html>404 Not Found</html>")
+    bomb = bytearray(_encoded("PNG", 3))
+    bomb[16:24] = struct.pack(">II", 20_000, 20_000)           # a header claiming 400 M pixels, its checksum mended
+    bomb[29:33] = struct.pack(">I", zlib.crc32(bytes(bomb[12:29])))
+    (tmp_path / "src" / "cat" / "bomb.png").write_bytes(bytes(bomb))
+    with caplog.at_level("WARNING", logger="seed.shards"):
+        info = imagefolder_to_shards(str(tmp_path / "src"), str(tmp_path / "out"), progress=False, shuffle=False)
+    samples = list(iter_shard(str(tmp_path / "out" / "train" / "train-000000.tar")))
+    assert [(s.key, s.image) for s in samples] == [("cat_good", good)] and info["splits"]["train"]["num_samples"] == 1
+    on_disk = json.loads((tmp_path / "out" / "_info.json").read_text())
+    assert [Path(s["file"]).name for s in on_disk["skipped"]] == ["bomb.png", "empty.jpg", "html.jpg"]
+    assert "over the limit" in on_disk["skipped"][0]["reason"] and "empty" in on_disk["skipped"][1]["reason"]
+    assert "does not decode" in on_disk["skipped"][2]["reason"]
+    assert "3 of 4 images skipped" in caplog.text and "html.jpg: skipped" in caplog.text
+    (tmp_path / "src" / "cat" / "good.jpg").unlink()                 # nothing left: refused, nothing written
+    with pytest.raises(SeedError, match="split 'train' has no samples"):
+        imagefolder_to_shards(str(tmp_path / "src"), str(tmp_path / "none"), progress=False)
+    assert not (tmp_path / "none").exists()
 
 
 def test_imagefolder_shuffles_classes_across_shards(tmp_path: Path) -> None:
