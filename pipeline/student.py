@@ -101,7 +101,7 @@ def run(cfg: RunConfig, storage: Storage, *, resume: bool = False, progress: boo
     device = resolve_device(t.device)
     rank, world = join_process_group(device)
     if resume:
-        _check_resume(cfg, storage, say=rank == 0)
+        _check_resume(cfg, storage, rank, world)
     urls = expand_urls(storage.resolve("shards", cfg.data.train))
     meta: dict[str, Any] = {"mode": t.mode, "config": to_dict(cfg), "against": trained_against(cfg)}
     tau_t = t.tau_t or cfg.bank.tau_t
@@ -180,11 +180,25 @@ def trained_against(cfg: RunConfig) -> dict[str, Any]:
     return json.loads(json.dumps(out))
 
 
-def _check_resume(cfg: RunConfig, storage: Storage, say: bool) -> None:
+def _check_resume(cfg: RunConfig, storage: Storage, rank: int, world: int) -> None:
     """Before ``--resume`` touches the run (its ``config.yaml`` included): refuse checkpoints made with other
     training settings (``outcome`` of the ``train`` section: the learning rate, tau_s, epochs ...), which would
     continue another run, or report a finished one, under this config's name; say when there is nothing to
-    resume. (What the students trained against, the cache, bank and teacher, is checked as each is loaded.)"""
+    resume. (What the students trained against, the cache, bank and teacher, is checked as each is loaded.)
+
+    Rank 0 reads the checkpoints (one read of each, not one a rank: they hold the optimiser's state too) and
+    hands its verdict to the others, so every rank stops on the same one-line error."""
+    problem = _resume_problem(cfg, storage) if rank == 0 else None
+    if world > 1:
+        verdict = [problem]
+        torch.distributed.broadcast_object_list(verdict, src=0)
+        problem = verdict[0]
+    if problem is not None:
+        raise SeedError(problem)
+
+
+def _resume_problem(cfg: RunConfig, storage: Storage) -> str | None:
+    """Why this run's checkpoints cannot be resumed under ``cfg`` (``_check_resume``); None when they can."""
     found = False
     for s in cfg.train.students:
         url = storage.student_checkpoint(cfg.train.run, s.label)
@@ -196,10 +210,11 @@ def _check_resume(cfg: RunConfig, storage: Storage, say: bool) -> None:
         diffs = cache.diff_fields({"train": outcome(was)}, {"train": outcome(cfg.train)}, "checkpoint",
                                   common=True) if was is not None else []
         if diffs:
-            raise SeedError(f"{url}: cannot resume, it was trained with other settings: {'; '.join(diffs)}; resume "
-                            "with its settings, or start again without --resume (or under another train.run)")
-    if not found and say:
+            return (f"{url}: cannot resume, it was trained with other settings: {'; '.join(diffs)}; resume "
+                    "with its settings, or start again without --resume (or under another train.run)")
+    if not found:
         log.warning("--resume: run %s has no checkpoint yet; training from the first epoch", cfg.train.run)
+    return None
 
 
 def _matches(state: dict[str, Any], cfg: RunConfig, group: Any, bank: Any) -> bool:

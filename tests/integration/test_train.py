@@ -473,6 +473,28 @@ def test_a_ranks_mistake_is_the_users_and_not_the_machines(prepared) -> None:
     assert not isinstance(caught.value, MachineError)
 
 
+def test_resuming_on_two_ranks_over_other_settings_is_refused_once_and_touches_nothing(prepared) -> None:
+    """Rank 0 alone reads the checkpoints to check a ``--resume`` (one read, not one a rank) and hands its
+    verdict to the other rank: both stop on the one-line error (no rank's traceback), the launch fails as the
+    user's mistake, and the run's files are as they were."""
+    from seed.errors import MachineError
+
+    _, storage, _ = prepared
+    student_stage.run(_cfg(prepared, "train.run=refused", "train.optim.epochs=1"), storage, progress=False)
+    run = Path(storage.runs) / "refused"
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    lines: list[str] = []
+    cfg = _cfg(prepared, "train.device=cpu", "train.nproc=2", "train.run=refused", "train.optim.epochs=1",
+               "train.tau_s=0.5")
+    with pytest.raises(SeedError, match=r"cannot resume, it was trained with other settings: .*train\.tau_s: checkpoint has 0\.2") as caught:
+        student_stage.launch(cfg, storage, resume=True, on_line=lines.append)
+    assert not isinstance(caught.value, MachineError)
+    assert not any(line.startswith("[rank") for line in lines), lines          # no rank's traceback (a rank left
+    assert sum(line.startswith("seed: error:") for line in lines) == 2, lines   # alone meets a closed connection)
+    assert str(caught.value).count("cannot resume") == 1                # quoted once
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
 def test_nproc_must_match_the_launch(prepared) -> None:
     _, storage, _ = prepared
     with pytest.raises(SeedError, match=r"train.nproc=3 asks for 3 processes on this node but this one is one of 1; run `seed student`"):
