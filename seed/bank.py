@@ -68,6 +68,24 @@ def faiss_on_gpu(kind: str, device: torch.device) -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
+def ivf_list_count(K: int, ivf_lists: int = 0) -> int:
+    """The IVF index's lists over a bank of ``K``: ``ivf_lists``, or 4 sqrt(K) when 0."""
+    return ivf_lists or max(1, int(4 * math.sqrt(K)))
+
+
+def ivf_shortfall(topk: int, K: int, ivf_lists: int, nprobe: int) -> str | None:
+    """Why an IVF search of ``nprobe`` lists cannot return ``topk`` entries (it reads about nprobe x K / lists
+    bank entries, and pads the rest of the top-k with -1), with the ``nprobe`` that would; None when it can."""
+    lists = ivf_list_count(K, ivf_lists)
+    read = min(K, nprobe * K / lists)
+    if topk <= read:
+        return None
+    need = min(lists, math.ceil(2 * topk * lists / K))  # twice the top-k: lists are not all the same size
+    return (f"bank.topk={topk} with bank.index=ivf reads about {int(read)} bank entries a view (bank.nprobe={nprobe} "
+            f"of {lists} lists over K={K}): the rest of each top-k would be empty columns; set bank.nprobe={need} "
+            "or more, or use bank.index=flat or torch")
+
+
 def check_topk(topk: int, kind: str, device: torch.device) -> None:
     """Refuse a ``topk`` that FAISS's GPU search cannot return (at most 2048)."""
     if topk > 2048 and faiss_on_gpu(kind, device):
@@ -75,11 +93,22 @@ def check_topk(topk: int, kind: str, device: torch.device) -> None:
 
 
 LOGITS_BUDGET = 256 << 20  # bytes of one chunk's float32 logits: 1,023 rows of the 1 + K columns at K = 65,536
+# A chunk's [rows, 1 + topk] arrays (similarities, positions, masks, logits, columns, their sort order and
+# gathers: about ten, half of them int64) counted in float32 columns per top-k entry, so that a large top-k
+# sizes the chunk when it outweighs the [rows, K] logits or the sampled normaliser's [rows, m] arrays
+TOPK_COLUMNS = 20
 
 
 def chunk_rows(width: int, max_logits_bytes: int = LOGITS_BUDGET) -> int:
     """Rows per chunk so that a ``[rows, width]`` float32 array fits in ``max_logits_bytes`` (at least 1)."""
     return max(1, max_logits_bytes // (4 * max(1, width)))
+
+
+def targets_chunk_rows(K: int, topk: int, tail_samples: int, dense: bool, max_logits_bytes: int = LOGITS_BUDGET) -> int:
+    """Rows per chunk of ``sparse_targets``: its widest arrays within ``max_logits_bytes``: the ``[rows, 1 + K]``
+    logits (``dense``: the exact normaliser or the torch search), else the sampled normaliser's four
+    ``[rows, tail_samples]`` arrays; or the top-k's own (``TOPK_COLUMNS x (1 + topk)``) when wider."""
+    return chunk_rows(max(K + 1 if dense else 4 * min(tail_samples, K), TOPK_COLUMNS * (1 + topk)), max_logits_bytes)
 
 
 def bank_logits(q: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
@@ -127,7 +156,7 @@ class BankIndex:
         elif kind == "flat":
             index = faiss.IndexFlatIP(D)
         elif kind == "ivf":
-            nlist = ivf_lists or max(1, int(4 * math.sqrt(K)))
+            nlist = ivf_list_count(K, ivf_lists)
             index = faiss.IndexIVFFlat(faiss.IndexFlatIP(D), D, nlist, faiss.METRIC_INNER_PRODUCT)
             index.cp.seed = seed
             index.train(self.vectors)
@@ -197,10 +226,11 @@ def sparse_targets(z: np.ndarray, q_rows: np.ndarray, index: BankIndex, bank_row
     the search included; with FAISS all but the search. The batch is processed in chunks of rows
     whose ``[rows, K]`` float32 logits take at most ``max_logits_bytes`` (default ``LOGITS_BUDGET``,
     256 MiB: 1,023 rows at K = 65,536); a chunk's working memory is about 1.3x that (its logits
-    and a boolean own-image mask), so any batch size fits. With the sampled normaliser and a FAISS
-    index no ``[rows, K]`` array is made: chunks are sized so that the four ``[rows, tail_samples]``
-    arrays it keeps fit instead. Results do not depend on the chunking (up to the matmul's float
-    rounding); the tail sample is drawn once per call from ``rng``.
+    and a boolean own-image mask). With the sampled normaliser and a FAISS index no ``[rows, K]``
+    array is made: chunks are sized so that the four ``[rows, tail_samples]`` arrays it keeps fit
+    instead. Where ``TOPK_COLUMNS x (1 + topk)`` is wider than either, the top-k's own arrays size the
+    chunk. The FAISS search runs a chunk at a time too, so any batch size fits. Results do not depend
+    on the chunking (up to the matmul's float rounding); the tail sample is drawn once per call from ``rng``.
     """
     B, K = len(z), len(index.vectors)
     dev = index.device
@@ -208,9 +238,7 @@ def sparse_targets(z: np.ndarray, q_rows: np.ndarray, index: BankIndex, bank_row
     m = min(tail_samples, K)
     sample = None if exact_normaliser else \
         torch.from_numpy(np.sort((rng or np.random.default_rng(0)).choice(K, size=m, replace=False)))
-    step = chunk_rows(K + 1 if dense else 4 * m, max_logits_bytes)         # sampled: ~4 [rows, m] arrays live
-    if index.kind != "torch":
-        found = index.search(z, topk)                                         # FAISS bounds its own memory
+    step = targets_chunk_rows(K, topk, m, dense, max_logits_bytes)
     with torch.no_grad(), torch.autocast(dev.type, enabled=False):
         zt = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32)).to(dev)
         rows_t = torch.from_numpy(np.asarray(q_rows, dtype=np.int64)).to(dev)
@@ -229,8 +257,9 @@ def sparse_targets(z: np.ndarray, q_rows: np.ndarray, index: BankIndex, bank_row
                     log_z = _exact_log_normaliser(zc, rc, l_neg, bank_rows_t, tau)
                 del l_neg
             else:
-                sims = torch.from_numpy(found[0][lo: lo + step].astype(np.float32)).to(dev)
-                pos = torch.from_numpy(found[1][lo: lo + step].astype(np.int64)).to(dev)
+                found = index.search(z[lo: lo + step], topk)                  # [c, topk]: FAISS blocks its own work
+                sims = torch.from_numpy(found[0].astype(np.float32)).to(dev)
+                pos = torch.from_numpy(found[1].astype(np.int64)).to(dev)
                 if exact_normaliser:
                     log_z = _exact_log_normaliser(zc, rc, bank_logits(zc, index.bank_t), bank_rows_t, tau)
             logits, cols = _ordered_columns(zc, rc, sims, pos, bank_rows_t, tau, topk)
@@ -274,10 +303,12 @@ def _exact_log_normaliser(z: torch.Tensor, rows: torch.Tensor, l_neg: torch.Tens
 def _sampled_log_normaliser(z: torch.Tensor, rows: torch.Tensor, logits: torch.Tensor, cols: torch.Tensor,
                             sample_vecs: torch.Tensor, bank_rows: torch.Tensor, tau: float,
                             sample: torch.Tensor) -> torch.Tensor:
-    """log Z = logsumexp(top-k) (+) log((K' - k') / m' * sum of a uniform tail sample).
+    """log Z = own logit (+) logsumexp(bank entries in the top-k) (+) log((K' - k') / m' * sum of a uniform
+    tail sample).
 
-    ``sample``: sorted distinct bank positions, the same for every chunk of a call; ``sample_vecs``
-    their vectors ``[m, D]``.
+    The own view's logit counts whether or not it made the top-k (near-duplicates in the bank can push
+    it out of a small one); ``sample``: sorted distinct bank positions, the same for every chunk of a call;
+    ``sample_vecs`` their vectors ``[m, D]``.
     """
     K, m = len(bank_rows), len(sample)
     s = bank_logits(z, sample_vecs) / tau                                     # c x m
@@ -289,13 +320,16 @@ def _sampled_log_normaliser(z: torch.Tensor, rows: torch.Tensor, logits: torch.T
     own = own_mask(rows, bank_rows[sample])                                   # c x m
     tail = s.masked_fill(in_topk | own, float("-inf"))
     n_tail_sample = (~(in_topk | own)).sum(dim=1).clamp(min=1)                # c
-    n_topk_bank = torch.isfinite(logits).sum(dim=1) - 1                       # c (bank entries kept; own is finite)
+    bank_kept = torch.isfinite(logits) & (cols > 0)                           # c x k: the bank entries kept
+    n_topk_bank = bank_kept.sum(dim=1)                                        # c
     sorted_rows = torch.sort(bank_rows).values
     n_own = (torch.searchsorted(sorted_rows, rows, right=True) - torch.searchsorted(sorted_rows, rows))   # c
     n_tail = (K - n_topk_bank - n_own).clamp(min=0)                           # c
     log_tail = torch.logsumexp(tail, dim=1) + torch.log(n_tail.float() / n_tail_sample.float())
     log_tail = torch.where(n_tail > 0, log_tail, torch.full_like(log_tail, float("-inf")))
-    return torch.logaddexp(torch.logsumexp(logits, dim=1), log_tail)
+    l_pos = (z * z).sum(dim=1) / tau                                          # c: the own view, always in D+
+    in_list = torch.logsumexp(logits.masked_fill(~bank_kept, float("-inf")), dim=1)
+    return torch.logaddexp(torch.logaddexp(l_pos, in_list), log_tail)
 
 
 def sparse_to_dense(cols: np.ndarray, logp: np.ndarray, mass: np.ndarray, width: int,

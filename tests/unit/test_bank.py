@@ -176,3 +176,58 @@ def test_cuda_targets_equal_cpu(exact: bool) -> None:
     (cc, cl, cm), (gc, gl, gm) = out
     assert np.array_equal(cc, gc)
     assert np.allclose(cl, gl, atol=2e-3, rtol=1e-6) and np.allclose(cm, gm, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_the_own_view_counts_in_the_normaliser_when_a_near_duplicate_pushes_it_out_of_the_top_k(kind: str) -> None:
+    """A bank entry more similar to a view than the view itself (the view stored in float16 has a norm under
+    1; the entry is its direction): with ``topk=1`` the entry takes the only column. The own view is still
+    in D+, so both normalisers give the entry its dense log-probability (the sampled one with a tail sample of
+    the whole bank, which makes its estimate exact), not 0."""
+    bank = _unit(50, 16, 14)
+    z = (bank[:3] * 0.999).astype(np.float32)                 # |z|^2 = 0.998 < z . bank[i] = 0.999
+    rows, bank_rows = np.array([100, 101, 102]), np.arange(50)
+    ref = reference_targets(z, rows, bank, bank_rows, 0.05)
+    for exact in (True, False):
+        cols, logp, mass = B.sparse_targets(z, rows, B.BankIndex(bank, kind), bank_rows, topk=1, tau=0.05,
+                                            exact_normaliser=exact, tail_samples=50, rng=np.random.default_rng(0))
+        assert cols[:, 0].tolist() == [1, 2, 3]
+        expected = [ref[i][i + 1] for i in range(3)]
+        assert np.allclose(logp[:, 0], expected, atol=1e-4), (exact, logp[:, 0], expected)
+        assert np.all(mass < 0.99)
+
+
+def test_a_large_top_k_sizes_the_chunks_and_the_search_runs_a_chunk_at_a_time() -> None:
+    """With the sampled normaliser the chunk was sized by the tail sample alone, and FAISS searched the whole
+    batch at once: a large top-k made [batch, topk] arrays whatever the budget. The same targets come out of
+    one-row chunks as of one chunk."""
+    z, rows, bank, bank_rows = _targets_case()
+    index = B.BankIndex(bank, "flat")
+
+    def run(budget: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return B.sparse_targets(z, rows, index, bank_rows, topk=300, tau=0.05, exact_normaliser=False,
+                                tail_samples=20, rng=np.random.default_rng(3), max_logits_bytes=budget)
+
+    # the chunk's rows x (1 + topk) entries stay within the budget, at K = 65,536 as here
+    for K, topk, m, dense in ((65_536, 4096, 1024, False), (65_536, 4096, 1024, True), (600, 300, 20, False)):
+        n = B.targets_chunk_rows(K, topk, m, dense)
+        assert n * B.TOPK_COLUMNS * (1 + topk) * 4 <= B.LOGITS_BUDGET and n * (K + 1 if dense else 4 * m) * 4 <= B.LOGITS_BUDGET
+    assert B.targets_chunk_rows(65_536, 64, 1024, True) == 1023                 # at the defaults, the logits decide
+    assert B.targets_chunk_rows(600, 300, 20, False, 7 * 4 * B.TOPK_COLUMNS * 301) == 7
+    whole, seven = run(1 << 30), run(7 * 4 * B.TOPK_COLUMNS * 301)
+    assert np.array_equal(whole[0], seven[0])
+    assert np.allclose(whole[1], seven[1], atol=1e-5) and np.allclose(whole[2], seven[2], atol=1e-6)
+
+
+def test_an_ivf_search_too_narrow_for_the_top_k_is_named_with_the_nprobe_that_fills_it() -> None:
+    """IVF reads about nprobe x K / lists bank entries a view: past that, the top-k is padded with -1. The stage
+    warns with a ``bank.nprobe`` that fills it, and that setting does (all but a few columns found)."""
+    bank, q = _unit(4096, 32, 15), _unit(40, 32, 16)
+    assert B.ivf_shortfall(64, 4096, 0, 16) is None                        # the defaults: 256 entries read
+    message = B.ivf_shortfall(1024, 4096, 0, 16)
+    assert message is not None and "reads about 256 bank entries a view (bank.nprobe=16 of 256 lists" in message
+    need = int(message.split("set bank.nprobe=")[1].split()[0])
+    assert need == 128 and B.ivf_shortfall(1024, 4096, 0, need) is None
+    narrow = B.BankIndex(bank, "ivf", nprobe=16).search(q, 1024)[1]
+    wide = B.BankIndex(bank, "ivf", nprobe=need).search(q, 1024)[1]
+    assert (narrow < 0).mean() > 0.5 and (wide < 0).mean() < 0.01, ((narrow < 0).mean(), (wide < 0).mean())
