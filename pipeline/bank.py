@@ -66,6 +66,9 @@ def run(cfg: RunConfig, storage: Storage, *, progress: bool = True) -> BankResul
     # everything that can refuse the parameters, before the bank in place is removed
     banks = B.sample_banks(np.flatnonzero(valid), V, b.size, b.seed, b.rotations)  # R x (K x 2 (row, view))
     B.check_topk(min(b.topk, b.size), b.index, device)
+    shortfall = B.ivf_shortfall(b.topk, b.size, b.ivf_lists, b.nprobe) if b.index == "ivf" else None
+    if shortfall is not None:
+        log.warning("%s", shortfall)
     bank_store.remove(group)
     n_views = int(valid.sum()) * V
     with progress_bar(total=n_views * b.rotations, unit="view", desc="bank targets" + (f" ({b.rotations} rotations)"
@@ -97,15 +100,18 @@ def _build(group: zarr.Group, b: BankConfig, rotation: int, ids: np.ndarray, val
     exact = b.exact_normaliser
     bank_rows = ids[:, 0]
     search_s = 0.0
+    sample = FidelitySample.draw(valid, V, D, b)
     for s in range(n_shards):
         rows = slice(s * cap, (s + 1) * cap)
         ok = valid[rows]
         out_idx = np.full((cap, V, b.topk), -1, np.int32)
         out_logp = np.full((cap, V, b.topk), np.nan, np.float16)
         out_mass = np.full((cap, V), np.nan, np.float32)
+        embeddings = None
         if ok.any():
             local = np.flatnonzero(ok)
-            z = cache.read(group, "embeddings", rows)[local].astype(np.float32).reshape(-1, D)   # n*V x D
+            embeddings = cache.read(group, "embeddings", rows)                                     # cap x V x D
+            z = embeddings[local].astype(np.float32).reshape(-1, D)                               # n*V x D
             q_rows = np.repeat(local + s * cap, V)
             for lo in range(0, len(z), b.batch_size):
                 t0 = time.perf_counter()
@@ -120,9 +126,11 @@ def _build(group: zarr.Group, b: BankConfig, rotation: int, ids: np.ndarray, val
                 out_logp.reshape(-1, b.topk)[_flat_positions(local, V)[flat]] = logp.astype(np.float16)
                 out_mass.reshape(-1)[_flat_positions(local, V)[flat]] = mass
                 on_views(len(cols))
+        if embeddings is not None:
+            sample.take(s * cap, embeddings, out_idx, out_logp, out_mass)
         bank_store.write_targets(bank, rows, out_idx, out_logp, out_mass)
     return {"targets_seconds": round(search_s, 3), "faiss_gpu": index.on_gpu,
-            "fidelity": measure_fidelity(group, bank, index, b)}
+            "fidelity": measure_fidelity(bank, index, b, sample)}
 
 
 def _flat_positions(local: np.ndarray, V: int) -> np.ndarray:
@@ -130,26 +138,50 @@ def _flat_positions(local: np.ndarray, V: int) -> np.ndarray:
     return (local[:, None] * V + np.arange(V)[None, :]).reshape(-1)
 
 
-def measure_fidelity(group: zarr.Group, bank: zarr.Group, index: B.BankIndex, b: BankConfig) -> dict[str, Any]:
-    """Captured mass over all views; KL(dense || sparse) and (approximate indices) recall on a sample.
+@dataclasses.dataclass
+class FidelitySample:
+    """The views the fidelity is measured on (``bank.kl_sample`` of them, drawn from ``bank.seed + 2``, sorted
+    by row) with their embeddings and stored targets, copied as each shard's targets are made: reading them
+    back afterwards would decode a whole chunk (one input shard's rows) for each sampled row, about the
+    whole target store again at ImageNet scale."""
+
+    rows: np.ndarray
+    views: np.ndarray
+    z: np.ndarray       # n x D float32 (the float16 embeddings, as the targets were computed from)
+    cols: np.ndarray    # n x topk int32
+    logp: np.ndarray    # n x topk float32 (the float16 values stored)
+    mass: np.ndarray    # n float32
+
+    @classmethod
+    def draw(cls, valid: np.ndarray, V: int, D: int, b: BankConfig) -> FidelitySample:
+        valid_rows = np.flatnonzero(valid)
+        rng = np.random.default_rng(b.seed + 2)
+        n = min(b.kl_sample, len(valid_rows) * V)
+        pick = rng.choice(len(valid_rows) * V, size=n, replace=False)
+        rows, views = valid_rows[pick // V], pick % V
+        order = np.argsort(rows, kind="stable")
+        return cls(rows[order], views[order], np.zeros((n, D), np.float32), np.full((n, b.topk), -1, np.int32),
+                   np.full((n, b.topk), np.nan, np.float32), np.full(n, np.nan, np.float32))
+
+    def take(self, first_row: int, embeddings: np.ndarray, cols: np.ndarray, logp: np.ndarray,
+             mass: np.ndarray) -> None:
+        """Copy the sampled views among the block of rows from ``first_row`` (its arrays ``[cap, V, ...]``)."""
+        lo, hi = np.searchsorted(self.rows, [first_row, first_row + len(embeddings)])
+        r, v = self.rows[lo:hi] - first_row, self.views[lo:hi]
+        self.z[lo:hi] = embeddings[r, v]
+        self.cols[lo:hi], self.logp[lo:hi], self.mass[lo:hi] = cols[r, v], logp[r, v], mass[r, v]
+
+
+def measure_fidelity(bank: zarr.Group, index: B.BankIndex, b: BankConfig, sample: FidelitySample) -> dict[str, Any]:
+    """Captured mass over all views; KL(dense || sparse) and (approximate indices) recall on ``sample``.
 
     The dense reference runs on ``index.device`` in row chunks (``_FIDELITY_BYTES`` of float32 logits
     each: the float64 arrays built from them are a few times larger), so any bank size fits.
     """
     mass = cache.read(bank, "mass")
     mass = mass[np.isfinite(mass)]
-    valid_rows = np.flatnonzero(cache.read(group, "valid"))
-    V = int(cache.attributes(group)["V"])
-    rng = np.random.default_rng(b.seed + 2)
-    n = min(b.kl_sample, len(valid_rows) * V)
-    pick = rng.choice(len(valid_rows) * V, size=n, replace=False)
-    rows, views = valid_rows[pick // V], pick % V
-    order = np.argsort(rows, kind="stable")
-    rows, views = rows[order], views[order]
-    z = cache.read_rows(group, "embeddings", rows)[np.arange(n), views].astype(np.float32)   # n x D
-    cols = cache.read_rows(bank, "indices", rows)[np.arange(n), views]
-    logp = cache.read_rows(bank, "logp", rows)[np.arange(n), views].astype(np.float32)
-    m = cache.read_rows(bank, "mass", rows)[np.arange(n), views]
+    rows, z, cols, logp, m = sample.rows, sample.z, sample.cols, sample.logp, sample.mass
+    n = len(rows)
     dev = index.device
     bank_rows = torch.from_numpy(cache.read(bank, "ids", (slice(None), 0)).astype(np.int64)).to(dev)
     K = len(index.vectors)

@@ -10,6 +10,7 @@ import zarr
 
 import pipeline.teacher as teacher_stage
 from pipeline import bank as bank_stage
+from seed import bank as B
 from seed import bank_store
 from seed.errors import SeedError
 from seed.inspect import verify
@@ -53,6 +54,12 @@ def test_stage_targets_match_reference_and_exclude_own(teacher_cache) -> None:
     # log-probabilities allow a hair below 0); > 0 because top-8 of 129 columns miss mass at tau_T = 0.05
     assert fid["kl"]["min"] > -1e-4 and fid["kl"]["mean"] > 1e-6
     assert abs(fid["stored_minus_true_mass"]["mean"]) < 1e-3
+    # the fidelity's sample, copied shard by shard as the targets were made, is what the store holds: measured
+    # again from the stored arrays, the fidelity is the same to the bit
+    sample = bank_stage.FidelitySample.draw(g["valid"][:], 2, emb.shape[2], cfg.bank)
+    sample.take(0, g["embeddings"][:], all_cols, bank["logp"][:], bank["mass"][:])
+    index = B.BankIndex(bank["vectors"][:].astype(np.float32), "flat")
+    assert bank_stage.measure_fidelity(bank, index, cfg.bank, sample) == fid
     assert bank.attrs["status"] == "complete"
     checked = verify(summary.cache)  # every chunk of cache and bank reads back; records match the data
     assert checked["problems"] == [] and checked["chunks"] > 10 and checked["shards"] == 3
