@@ -37,6 +37,7 @@ from seed.augment import apply_batch
 from seed.views import COL, P, Recipe
 from seed.decode import Decoder
 from seed.devices import autocast
+from seed.errors import SeedError
 from seed.features import FeatureFile, Rows, check_disk, FeatureWriter
 from seed.prefetch import prefetch
 from seed.report import OnProgress, Progress
@@ -313,6 +314,10 @@ def extract_all(encoders: Mapping[str, Encode], urls: Sequence[str], resolution:
                 skipped += chunk.read - len(chunk.labels)
                 if not len(chunk.labels):
                     continue
+                if chunk.labels.min() < 0:  # a vote for class -1 would go to the last class; the probe would fail
+                    key = chunk.keys[int(np.argmax(chunk.labels < 0))]
+                    raise SeedError(f"{urls[chunk.shard]}: sample {key!r} has no label (a .cls member, or .json with "
+                                    "'label'); the evaluation scores classes, so every train and test sample needs one")
                 assert chunk.x is not None
                 x = chunk.x.to(device)
                 with autocast(device):  # every encoder's forward queued before the first copy back waits for one
@@ -461,9 +466,17 @@ def knn_predict(train: Rows, train_labels: np.ndarray, test: Rows, *, k: int = 2
     return weighted, nearest
 
 
-def probe_method(n: int, d: int) -> str:
-    """``lbfgs`` while the standardised training set (n x d float32) is at most ``LBFGS_MAX_ELEMENTS``, else ``sgd``."""
-    return "lbfgs" if n * d <= LBFGS_MAX_ELEMENTS else "sgd"
+def probe_method(n: int, d: int, classes: int = 0) -> str:
+    """``lbfgs`` while the full batch's widest float32 arrays, the standardised training set (n x d) and its
+    logits (n x classes, and their gradient), stay within ``LBFGS_MAX_ELEMENTS``, else ``sgd``. A report picks
+    one for all its encoders (``score``'s ``method``): the two probes' scores differ by a point or two."""
+    return "lbfgs" if n * max(d, classes) <= LBFGS_MAX_ELEMENTS else "sgd"
+
+
+def _scale(std: np.ndarray) -> np.ndarray:
+    """Standardisation's divisor: ``std + 1e-6``, or 1 for a column constant on the training rows (a dead
+    channel), whose test values would otherwise be multiplied by a million."""
+    return np.where(std < 1e-6, 1.0, std + 1e-6).astype(std.dtype)
 
 
 def probe_name(method: str) -> str:
@@ -480,7 +493,7 @@ def linear_probe(train: Rows, train_labels: np.ndarray, test: Rows, *, seed: int
     over Adam's epochs, or L-BFGS's evaluations of the objective (at most 1.25 x ``max_iter`` + 25); ``on_progress``:
     told the same.
     """
-    method = probe_method(*train.shape) if method == "auto" else method
+    method = probe_method(len(train), train.shape[1], int(train_labels.max()) + 1) if method == "auto" else method
     if method == "sgd":
         return _sgd_probe(train, train_labels, test, seed=seed, weight_decay=weight_decay,
                           device=device or torch.device("cpu"), progress=progress, desc=desc, on_progress=on_progress)
@@ -489,7 +502,7 @@ def linear_probe(train: Rows, train_labels: np.ndarray, test: Rows, *, seed: int
     torch.manual_seed(seed)
     # full batch, at most LBFGS_MAX_ELEMENTS training floats: read once and standardised in place
     rows_tr, rows_te = _float32_copy(train), _float32_copy(test)
-    mean, std = rows_tr.mean(axis=0), rows_tr.std(axis=0) + 1e-6
+    mean, std = rows_tr.mean(axis=0), _scale(rows_tr.std(axis=0))
     for x in (rows_tr, rows_te):
         x -= mean
         x /= std
@@ -551,7 +564,7 @@ def _sgd_probe(train: Rows, train_labels: np.ndarray, test: Rows, *, seed: int, 
     gen = torch.Generator().manual_seed(seed)
     mean_np, std_np = _moments(train)
     mean = torch.from_numpy(mean_np).float().to(device)
-    std = torch.from_numpy(std_np + 1e-6).float().to(device)
+    std = torch.from_numpy(_scale(std_np)).float().to(device)
     labels = torch.from_numpy(train_labels)
     n_classes = int(train_labels.max()) + 1
     torch.manual_seed(seed)
@@ -583,13 +596,14 @@ def _sgd_probe(train: Rows, train_labels: np.ndarray, test: Rows, *, seed: int, 
 
 def score(train: Rows, train_labels: np.ndarray, test: Rows, test_labels: np.ndarray, *,
           center: bool = False, seed: int = 0, device: torch.device | None = None, progress: bool = False,
-          name: str = "", on_progress: OnProgress | None = None) -> Scores:
-    """kNN, 1-NN and linear-probe top-1 (%) of one encoder's features; the probe as ``probe_method`` picks it.
-    ``progress``: bars over the kNN's training rows and the probe's steps, named after ``name``; ``on_progress``:
-    told the same."""
+          name: str = "", on_progress: OnProgress | None = None, method: str = "auto") -> Scores:
+    """kNN, 1-NN and linear-probe top-1 (%) of one encoder's features; the probe ``method`` (``lbfgs``, ``sgd``,
+    or ``auto``: as ``probe_method`` picks it for these features; a report passes the one it picked for all its
+    encoders). ``progress``: bars over the kNN's training rows and the probe's steps, named after ``name``;
+    ``on_progress``: told the same."""
     weighted, nearest = knn_predict(train, train_labels, test, center=center, device=device, progress=progress,
                                     desc=f"kNN {name}".strip(), on_progress=on_progress)
-    method = probe_method(*train.shape)
+    method = probe_method(len(train), train.shape[1], int(train_labels.max()) + 1) if method == "auto" else method
     linear = linear_probe(train, train_labels, test, seed=seed, method=method, device=device, progress=progress,
                           desc=f"linear probe {name}".strip(), on_progress=on_progress)
     acc = lambda pred: float((pred == test_labels).mean() * 100)  # noqa: E731

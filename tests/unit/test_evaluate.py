@@ -194,6 +194,8 @@ def test_probe_choice_is_a_threshold_on_n_times_d(fm_pixels) -> None:
     assert probe_method(1_281_167, 2048) == "sgd"          # ImageNet-1k streams
     assert probe_method(LBFGS_MAX_ELEMENTS, 1) == "lbfgs" and probe_method(LBFGS_MAX_ELEMENTS + 1, 1) == "sgd"
     assert probe_name("lbfgs") == "full-batch L-BFGS" and probe_name("sgd").startswith("mini-batch Adam")
+    # the logits count too: 1,000 classes over 512-d features make n x 1,000 floats, and their gradient
+    assert probe_method(200_000, 512, 10) == "lbfgs" and probe_method(200_000, 512, 1000) == "sgd"
     train, train_y, test, _ = fm_pixels
     with pytest.raises(ValueError, match="unknown probe method"):
         linear_probe(train, train_y, test, method="newton")
@@ -316,3 +318,60 @@ def test_the_random_baseline_is_normalised_as_the_students() -> None:
         assert torch.allclose(encoder.features(x), plain((x - mean) / std), atol=1e-5)
         assert not torch.allclose(encoder.features(x), plain(x), atol=1e-3)
     assert "normalised as the students" in note
+
+
+@pytest.mark.parametrize("method", ["lbfgs", "sgd"])
+def test_a_channel_constant_on_the_training_rows_does_not_blow_up_the_test_rows(fm_pixels, method: str) -> None:
+    """Standardising divided a column constant on the training rows (a dead channel) by 1e-6: a test image
+    where it fires at 0.01 got a feature of 10,000 and a prediction made by that column alone. Such a column is
+    now divided by 1, and the probe scores as it does on the features without it."""
+    train, train_y, test, test_y = fm_pixels
+    train, test = train[:1000, ::4].copy(), test[:, ::4].copy()               # 196 pixels
+    train_y = train_y[:1000]
+    without = linear_probe(train, train_y, test, method=method, max_iter=50)
+    train_d = np.concatenate([train, np.zeros((len(train), 1), np.float32)], axis=1)
+    test_d = np.concatenate([test, np.full((len(test), 1), 0.01, np.float32)], axis=1)
+    with_dead = linear_probe(train_d, train_y, test_d, method=method, max_iter=50)
+    accuracy = lambda pred: (pred == test_y).mean()  # noqa: E731
+    assert accuracy(without) > 0.6 and abs(accuracy(with_dead) - accuracy(without)) < 0.03, (accuracy(with_dead),
+                                                                                            accuracy(without))
+
+
+def test_a_sample_without_a_label_stops_the_pass_naming_it(tmp_path: Path, small_shards: list[str]) -> None:
+    """A vote for label -1 went to the last class, and the probe failed after the whole pass: the pass stops
+    at the first unlabelled sample, naming its shard and key."""
+    shard = tmp_path / "unlabelled.tar"
+    good = list(iter_shard(small_shards[0]))[:2]
+    with tarfile.open(shard, "w") as tar:
+        _add(tar, "a.png", good[0].image or b"")
+        _add(tar, "a.cls", str(good[0].label).encode())
+        _add(tar, "b.png", good[1].image or b"")                              # no label
+    with pytest.raises(SeedError, match=rf"{shard}: sample 'b' has no label"):
+        extract_all({"flat": lambda x: x.flatten(1)}, [str(shard)], 16, CPU)
+
+
+def test_splits_sharing_shards_or_numbering_classes_apart_are_refused(tmp_path: Path) -> None:
+    """The evaluation's checks before any image is read: a test shard in the training split, and two splits made
+    by ``seed shards imagefolder`` from trees with other class folders (each numbers its own)."""
+    from PIL import Image
+
+    from pipeline.evaluate import _check_splits
+    from seed.shards import imagefolder_to_shards
+
+    urls = [str(tmp_path / f"s-{i}.tar") for i in range(3)]
+    with pytest.raises(SeedError, match=r"share 1 shard\(s\) \(.*s-2\.tar\): a test image would be its own"):
+        _check_splits(urls, urls[2:])
+    for split, classes in (("train", ["cat", "dog", "emu"]), ("test", ["cat", "emu"]), ("same", ["cat", "dog", "emu"])):
+        for c in classes:
+            (tmp_path / split / c).mkdir(parents=True)
+            buf = io.BytesIO()
+            Image.new("RGB", (8, 8), (len(c) * 40, 0, 0)).save(buf, "PNG")
+            (tmp_path / split / c / "a.png").write_bytes(buf.getvalue())
+        imagefolder_to_shards(str(tmp_path / split), str(tmp_path / f"{split}-shards"), split="train" if split != "test"
+                              else "test", progress=False)
+    train = expand_urls(str(tmp_path / "train-shards/train/train-000000.tar"))
+    test = expand_urls(str(tmp_path / "test-shards/test/test-000000.tar"))
+    with pytest.raises(SeedError, match=r"number their classes differently: label 1 is 'dog' in the train split "
+                                        r"and 'emu' in the test split \(3 and 2 classes"):
+        _check_splits(train, test)
+    _check_splits(train, expand_urls(str(tmp_path / "same-shards/train/train-000000.tar")))   # the same folders: fine
