@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import time
@@ -27,13 +28,13 @@ from seed import checkpoint
 from seed.config import RunConfig
 from seed.errors import SeedError
 from seed.devices import data_workers, read_ahead, resolve_device
-from seed.evaluate import PixelSample, extract_all, score
+from seed.evaluate import PixelSample, extract_all, probe_method, probe_name, score
 from seed.features import Rows
 from seed.models import Encoder, create_backbone, freeze
 from seed.report import OnProgress, write_report
-from seed.shards import expand_urls
+from seed.shards import class_names, expand_urls
 from seed.storage import Storage, read_json, write_text
-from seed.teachers import TeacherLoader, load_teacher
+from seed.teachers import LoadReport, TeacherLoader, load_teacher
 
 log = logging.getLogger(__name__)
 
@@ -82,19 +83,25 @@ def run(cfg: RunConfig, storage: Storage, *, include_teacher: bool = True, progr
         raise SeedError(f"run {cfg.train.run}: no checkpoint of student(s) {', '.join(missing)} under "
                         f"{storage.run_dir(cfg.train.run)}; train them first (seed student with the same config), or "
                         "name the run they were trained in (train.run)")
+    train_urls = expand_urls(storage.resolve("shards", cfg.data.train))
+    test_urls = expand_urls(storage.resolve("shards", cfg.data.test))
+    _check_splits(train_urls, test_urls)
     # every encoder first, so one pass over each split feeds them all: (name, kind, note) by feature key
     encoders: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
     rows: dict[str, tuple[str, str, str]] = {}
     if include_teacher:
-        teacher, _ = load(cfg.teacher)
+        teacher, loaded = load(cfg.teacher)
+        _check_teacher(cfg, loaded, attrs, url)
         encoders["teacher"] = teacher.to(device).features
         rows["teacher"] = (f"teacher {cfg.teacher.arch}", "teacher", "pooled backbone features")
     metrics: list[dict[str, Any]] = []
     for i, s in enumerate(cfg.train.students):
-        model, state = checkpoint.load_student(storage.student_checkpoint(cfg.train.run, s.label))
+        path = storage.student_checkpoint(cfg.train.run, s.label)
+        model, state = checkpoint.load_student(path)
         metrics = state.get("metrics", metrics)
         encoders[f"student {i}"] = model.to(device).features
-        rows[f"student {i}"] = (f"{s.label} ({state.get('mode', 'cached')} SEED)", "student", f"{state['epoch']} epochs")
+        rows[f"student {i}"] = (f"{s.label} ({state.get('mode', 'cached')} SEED)", "student",
+                                _student_note(path, state, cfg, attrs))
         backbone, note = random_student(s.arch, s.small_input, cfg.train.seed + i)
         encoders[f"random {i}"] = backbone.to(device).features
         rows[f"random {i}"] = (f"{s.label} random", "baseline", note)
@@ -106,38 +113,47 @@ def run(cfg: RunConfig, storage: Storage, *, include_teacher: bool = True, progr
     t_features = time.perf_counter()
     with contextlib.ExitStack() as held:  # the feature files give their disk space back however this ends
         train = held.enter_context(extract_all(
-            encoders, expand_urls(storage.resolve("shards", cfg.data.train)), res, device, workers=workers, depth=depth,
+            encoders, train_urls, res, device, workers=workers, depth=depth,
             pixels=sample, progress=progress, desc="train features", damaged=cfg.data.damaged, on_progress=on_progress,
             fused_augment=cfg.train.loader.fused_augment))
         test = held.enter_context(extract_all(
-            encoders, expand_urls(storage.resolve("shards", cfg.data.test)), res, device, workers=workers, depth=depth,
+            encoders, test_urls, res, device, workers=workers, depth=depth,
             pixels=sample, progress=progress, desc="test features", damaged=cfg.data.damaged, on_progress=on_progress,
             fused_augment=cfg.train.loader.fused_augment))
         feature_seconds = time.perf_counter() - t_features
         del encoders
 
         results: list[dict[str, Any]] = []
+        assert train.pixels is not None and train.pixel_labels is not None
+        assert test.pixels is not None and test.pixel_labels is not None
+        # one probe for every row, so that their linear scores compare: L-BFGS unless the largest would not fit
+        classes = int(train.labels.max()) + 1 if train.n else 1
+        shapes = [train.pixels.shape] + [train.features[key].shape for key in rows]
+        method = "sgd" if any(probe_method(n, d, classes) == "sgd" for n, d in shapes) else "lbfgs"
+        protocol = {"test_shards": _digest(test_urls), "n_test": test.n, "probe": probe_name(method), "resolution": res}
 
         def add(name: str, kind: str, tr: Rows, tr_y: np.ndarray, te: Rows, te_y: np.ndarray, note: str,
                 center: bool = False) -> None:
             results.append({"name": name, "kind": kind, "init": note, "dim": int(tr.shape[1]),
                             **score(tr, tr_y, te, te_y, center=center, device=device, progress=progress,
-                                    name=name, on_progress=on_progress).as_dict()})
+                                    name=name, on_progress=on_progress, method=method).as_dict()})
 
-        assert train.pixels is not None and train.pixel_labels is not None
-        assert test.pixels is not None and test.pixel_labels is not None
         add("raw pixels", "baseline", train.pixels, train.pixel_labels, test.pixels, test.pixel_labels,
             f"centred, {train.pixel_resolution} px, {len(train.pixels)} of {train.n} train and "
             f"{len(test.pixels)} of {test.n} test images", center=True)
         teacher_file = storage.teacher_scores(cfg.cache.name)
         if not include_teacher:
             saved = read_json(teacher_file)
-            if saved and saved.get("cache_fingerprint") == attrs["fingerprint"]:
-                results.append({k: v for k, v in saved.items() if k != "cache_fingerprint"} | {"init": "scores from the full run"})
+            if saved and saved.get("cache_fingerprint") == attrs["fingerprint"] and saved.get("protocol") == protocol:
+                results.append({k: v for k, v in saved.items() if k not in ("cache_fingerprint", "protocol")}
+                               | {"init": "scores from the full run"})
             else:
+                why = ("none saved" if not saved else "saved for another cache of that name"
+                       if saved.get("cache_fingerprint") != attrs["fingerprint"] else
+                       "saved for another test split, resolution or linear probe")
                 log.warning("%s: no teacher scores saved for cache %s (%s); the report has no teacher row: evaluate "
                             "once with the teacher (seed evaluate without --no-teacher)", teacher_file, cfg.cache.name,
-                            "none saved" if not saved else "saved for another cache of that name")
+                            why)
         for key, (name, kind, note) in rows.items():
             # an encoder's feature files give their disk space back once it is scored
             tr, te = train.features[key], test.features[key]
@@ -145,7 +161,8 @@ def run(cfg: RunConfig, storage: Storage, *, include_teacher: bool = True, progr
             tr.close()
             te.close()
             if key == "teacher":
-                write_text(teacher_file, json.dumps({"cache_fingerprint": attrs["fingerprint"], **results[-1]}, indent=1))
+                write_text(teacher_file, json.dumps({"cache_fingerprint": attrs["fingerprint"], "protocol": protocol,
+                                                     **results[-1]}, indent=1))
     out = storage.run_dir(cfg.train.run)
     totals = attrs.get("totals", {})
     n_valid = totals.get("valid", 0)
@@ -159,3 +176,52 @@ def run(cfg: RunConfig, storage: Storage, *, include_teacher: bool = True, progr
     report = write_report(out, title=f"seed run {cfg.train.run}", results=results, cache=cache_row, metrics=metrics,
                           compute=compute)
     return EvaluationResult(report, results, round(time.perf_counter() - t0, 1), compute, round(feature_seconds, 1))
+
+
+def _check_splits(train: list[str], test: list[str]) -> None:
+    """Before any image is read: the splits share no shard (a test image would be its own nearest neighbour),
+    and where ``seed shards imagefolder`` recorded both splits' class names, they number the classes alike
+    (each split numbers its own folders: a class missing from one shifts every label after it)."""
+    shared = sorted(set(train) & set(test))
+    if shared:
+        raise SeedError(f"data.train and data.test share {len(shared)} shard(s) ({', '.join(shared[:3])}"
+                        f"{', ...' if len(shared) > 3 else ''}): a test image would be its own nearest neighbour; "
+                        "evaluate on a held-out split")
+    a, b = class_names(train), class_names(test)
+    if a is not None and b is not None and a != b:
+        differ = next(i for i in range(min(len(a), len(b)) + 1) if i >= min(len(a), len(b)) or a[i] != b[i])
+        raise SeedError(f"data.train and data.test number their classes differently: label {differ} is "
+                        f"{a[differ] if differ < len(a) else 'missing'!r} in the train split and "
+                        f"{b[differ] if differ < len(b) else 'missing'!r} in the test split ({len(a)} and {len(b)} "
+                        "classes, from their _info.json); make both splits from trees with the same class folders")
+
+
+def _check_teacher(cfg: RunConfig, report: LoadReport, attrs: dict[str, Any], url: str) -> None:
+    """The teacher scored is the one the cache was made with (the report's cache table describes it, and its
+    scores are saved for the cache's later student-only reports)."""
+    made = attrs["fingerprint_fields"]["teacher"]
+    if (cfg.teacher.arch, report.sha256) != (made.get("arch"), made.get("checkpoint_sha256")):
+        raise SeedError(f"teacher.checkpoint {cfg.teacher.checkpoint or '(none)'} ({cfg.teacher.arch}, sha256 "
+                        f"{report.sha256[:12]}) is not the teacher cache {url} was made with ({made.get('arch')}, "
+                        f"sha256 {str(made.get('checkpoint_sha256'))[:12]}); name that teacher, or the cache made with "
+                        "this one (cache.name)")
+
+
+def _student_note(path: str, state: dict[str, Any], cfg: RunConfig, attrs: dict[str, Any]) -> str:
+    """A student's row note: its epochs, and "unfinished" (with a warning) when it stopped before
+    ``train.optim.epochs``. A student trained against another cache of this name is refused: the report
+    describes this one."""
+    made_from = state.get("cache_fingerprint")
+    if made_from is not None and made_from != attrs["fingerprint"]:
+        raise SeedError(f"{path}: trained against another cache (fingerprint {str(made_from)[:12]}) than "
+                        f"{cfg.cache.name} ({attrs['fingerprint'][:12]}); train it again, or name its cache")
+    epochs, planned = int(state["epoch"]), cfg.train.optim.epochs
+    if epochs < planned:
+        log.warning("%s: stopped after %d of %d epochs; its row says so (seed student --resume finishes it)", path,
+                    epochs, planned)
+        return f"{epochs} of {planned} epochs (unfinished)"
+    return f"{epochs} epochs"
+
+
+def _digest(urls: list[str]) -> str:
+    return hashlib.sha256("\n".join(urls).encode()).hexdigest()[:16]

@@ -740,6 +740,23 @@ def classes_from_info(urls: list[str]) -> int | None:
     return max(int(split["num_classes"]) for split in splits)
 
 
+def class_names(urls: list[str]) -> list[str] | None:
+    """The class names, in label order, that ``seed shards imagefolder`` recorded for the shards ``urls``: the
+    ``classes`` of the ``_info.json`` one level above their directory, when it lists them all; else None."""
+    parent = urls[0].rsplit("/", 1)[0] if urls else ""
+    if "/" not in parent or any(u.rsplit("/", 1)[0] != parent for u in urls):
+        return None
+    try:
+        with fsspec.open(f"{parent.rsplit('/', 1)[0]}/{INFO_FILE}", "r") as f:
+            info = json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError, OSError):
+        return None
+    names = {u.rsplit("/", 1)[-1] for u in urls}
+    listed = set().union(*(split.get("filenames", []) for split in info.get("splits", {}).values()))
+    classes = info.get("classes")
+    return [str(c) for c in classes] if isinstance(classes, list) and names <= listed else None
+
+
 # ---------------------------------------------------------------------------------------------
 # Writing
 

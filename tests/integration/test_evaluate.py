@@ -17,6 +17,7 @@ import pipeline.bank as bank_stage
 import pipeline.evaluate as evaluate_stage
 import pipeline.student as student_stage
 import pipeline.teacher as teacher_stage
+from seed import checkpoint
 from seed.decode import Decoder
 from seed.errors import SeedError
 from seed.evaluate import (PixelSample, _decode, _shard_chunks, _worker_chunks, extract, extract_all, images,
@@ -219,6 +220,46 @@ def test_evaluation_refuses_a_run_without_its_students_and_says_when_no_teacher_
     with caplog.at_level("WARNING", logger="pipeline.evaluate"):
         result = evaluate_stage.run(cfg, elsewhere, include_teacher=False, progress=False, load=forbidden)  # type: ignore[arg-type]
     assert "no teacher scores saved for cache" in caplog.text and "the report has no teacher row" in caplog.text
+    assert [r["kind"] for r in result.results] == ["baseline", "student", "baseline"]
+
+
+def test_evaluation_refuses_what_the_report_would_misdescribe_and_marks_unfinished_students(
+        trained, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Before any image is read: a test split sharing shards with the training split, a teacher other than the
+    cache's, a student trained against another cache of the name. An unfinished student is scored with its row
+    saying so; saved teacher scores are reused only for the same test split (and probe, and resolution)."""
+    import dataclasses
+    import shutil
+
+    cfg, storage = trained
+
+    def forbidden(*_: object) -> None:
+        raise AssertionError("teacher loaded")
+
+    shared = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, test=cfg.data.train))
+    with pytest.raises(SeedError, match=r"data.train and data.test share 3 shard\(s\)"):
+        evaluate_stage.run(shared, storage, progress=False, load=forbidden)  # type: ignore[arg-type]
+    other = tmp_path / "other-teacher.pth"
+    state = torch.load(cfg.teacher.checkpoint, weights_only=False)
+    torch.save({**state, "note": "the same weights, another file"}, other)
+    with pytest.raises(SeedError, match=r"other-teacher.pth \(resnet10t, sha256 [0-9a-f]{12}\) is not the teacher cache"):
+        evaluate_stage.run(dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, checkpoint=str(other))),
+                           storage, progress=False)
+    shutil.copytree(storage.run_dir(cfg.train.run), storage.run_dir("moved"))
+    path = storage.student_checkpoint("moved", "mobilenetv3_small_050")
+    moved = checkpoint.load(path)
+    checkpoint.save({**moved, "cache_fingerprint": "f" * 64}, path)
+    with pytest.raises(SeedError, match=r"checkpoint.pt: trained against another cache \(fingerprint ffffffffffff\)"):
+        evaluate_stage.run(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, run="moved")), storage,
+                           include_teacher=False, progress=False, load=forbidden)  # type: ignore[arg-type]
+    evaluate_stage.run(cfg, storage, progress=False)                              # the teacher's scores saved
+    planned = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, optim=dataclasses.replace(cfg.train.optim, epochs=2)),
+                                  data=dataclasses.replace(cfg.data, test="fm/test/test-000000.tar"))
+    with caplog.at_level("WARNING", logger="pipeline.evaluate"):
+        result = evaluate_stage.run(planned, storage, include_teacher=False, progress=False, load=forbidden)  # type: ignore[arg-type]
+    assert [r["init"] for r in result.results if r["kind"] == "student"] == ["1 of 2 epochs (unfinished)"]
+    assert "stopped after 1 of 2 epochs" in caplog.text
+    assert "saved for another test split, resolution or linear probe" in caplog.text
     assert [r["kind"] for r in result.results] == ["baseline", "student", "baseline"]
 
 
