@@ -56,6 +56,29 @@ def fields(group: zarr.Group, b: BankConfig) -> dict[str, Any]:
     return {"cache_fingerprint": a["fingerprint"], **revision, **params}
 
 
+# Parameters an index kind never reads, and the tail sample an exact normaliser never draws
+_UNREAD = {"flat": ("ivf_lists", "nprobe", "hnsw_m", "ef_search"), "torch": ("ivf_lists", "nprobe", "hnsw_m", "ef_search"),
+           "ivf": ("hnsw_m", "ef_search"), "hnsw": ("ivf_lists", "nprobe")}
+
+
+def _what_counts(f: dict[str, Any]) -> dict[str, Any]:
+    """``fields`` less the parameters the bank's index and normaliser do not read, the normaliser resolved
+    (``auto`` is ``exact`` for flat and torch): two banks whose fields agree here hold the same targets."""
+    out = {k: v for k, v in f.items() if k not in _UNREAD.get(str(f.get("index")), ())}
+    if out.get("normaliser") == "auto":
+        out["normaliser"] = "exact" if out.get("index") in ("flat", "torch") else "sampled"
+    if out.get("normaliser") == "exact":
+        out.pop("tail_samples", None)
+    return out
+
+
+def same_targets(stored: dict[str, Any], fingerprint: str, want: dict[str, Any]) -> bool:
+    """Whether a bank stored with ``fields`` ``stored`` and ``fingerprint`` holds the targets ``want`` asks for:
+    the same fingerprint, or fields differing only in what its index and normaliser do not read (changing
+    ``bank.nprobe`` of a flat bank, say, rebuilt it to the same bytes)."""
+    return fingerprint == cache.fingerprint(want) or (bool(stored) and _what_counts(stored) == _what_counts(want))
+
+
 @dataclasses.dataclass(frozen=True)
 class Bank:
     """A complete bank, read-only: its entries and the cached targets of any row block."""
@@ -130,7 +153,7 @@ def open_banks(url: str, expect: BankConfig | None = None) -> tuple[zarr.Group, 
                             f"reads {', '.join(map(str, READABLE_VERSIONS))}); run the bank stage again to rebuild it")
         if a.get("status") != "complete":
             raise SeedError(f"{url}: the bank is incomplete (status {a.get('status')!r}); run the bank stage again")
-        if expect is not None and a["fingerprint"] != cache.fingerprint(fields(group, expect)):
+        if expect is not None and not same_targets(a.get("fields", {}), a["fingerprint"], fields(group, expect)):
             diffs = cache.diff_fields(a["fields"], fields(group, expect))
             raise SeedError(f"{url}: the bank was built with other parameters: {'; '.join(diffs)}; run the bank stage")
         banks.append(Bank(node))
@@ -150,7 +173,7 @@ def current(group: zarr.Group, b: BankConfig) -> tuple[bool, str]:
             return False, f"format version {old.get('format_version')}"
         if old.get("status") != "complete":
             return False, "incomplete"
-        if old.get("fingerprint") != cache.fingerprint(want):
+        if not same_targets(old.get("fields", {}), old.get("fingerprint", ""), want):
             return False, "; ".join(cache.diff_fields(old.get("fields", {}), want))
     return True, ""
 

@@ -75,6 +75,17 @@ def test_rebuild_touches_only_the_bank(teacher_cache) -> None:
     Path(cfg.teacher.checkpoint).rename(moved := Path(str(cfg.teacher.checkpoint) + ".away"))
     try:  # the teacher's file is gone: the bank stage never needs it
         assert bank_stage.run(cfg, storage, progress=False).skipped is True
+        # what the flat index and its exact normaliser never read leaves the bank current (a rebuild would give
+        # the same bytes); the same settings on an index that reads them do not
+        sets = ("bank.size=128", "bank.topk=8", "bank.tau_t=0.05")
+        for unread in ("bank.nprobe=3", "bank.ivf_lists=5", "bank.hnsw_m=8", "bank.ef_search=9", "bank.tail_samples=7",
+                       "bank.normaliser=exact"):
+            same = small_config(cfg.teacher.checkpoint, *sets, unread)
+            assert bank_stage.run(same, storage, progress=False).skipped is True, unread
+            bank_store.open_bank(url, same.bank)
+        assert not bank_store.current(g0 := zarr.open_group(url, mode="r"), small_config(
+            cfg.teacher.checkpoint, *sets, "bank.normaliser=sampled").bank)[0]
+        assert not bank_store.current(g0, small_config(cfg.teacher.checkpoint, *sets, "bank.index=ivf").bank)[0]
         other = small_config(cfg.teacher.checkpoint, "bank.size=64", "bank.topk=4", "bank.tau_t=0.05")
         summary = bank_stage.run(other, storage, progress=False)
     finally:
