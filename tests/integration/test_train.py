@@ -17,7 +17,7 @@ import pipeline.pretrain as pretrain_stage
 import pipeline.student as student_stage
 import pipeline.teacher as teacher_stage
 from seed import bank_store, checkpoint
-from seed.data import Batches, CachedSource, shard_order
+from seed.data import Batches, CachedSource, examples, shard_order
 from seed.errors import SeedError
 from seed.objectives import CachedSeed
 from seed.shards import Sample, expand_urls
@@ -215,6 +215,63 @@ def test_batches_are_the_same_in_every_data_layout(prepared) -> None:
         for a, b in zip(first, batches):
             assert torch.equal(a.x, b.x) and torch.equal(a.rows, b.rows) and torch.equal(a.labels, b.labels), name
             assert a.extra.keys() == b.extra.keys() and all(torch.equal(a.extra[k], b.extra[k]) for k in a.extra), name
+
+
+def test_closing_stops_an_epoch_left_part_way_though_its_failure_is_kept(prepared) -> None:
+    """A step that fails part-way through an epoch leaves the epoch's generator suspended; a caller that keeps the
+    exception (a flow's state, a retry) keeps it alive, and with it the prefetching thread and, where a worker
+    composes the batches, that process and its shuffle buffer. ``close`` stops them now."""
+    import multiprocessing
+    import threading
+    import time
+
+    cfg, storage, _ = prepared
+    urls = expand_urls(storage.resolve("shards", cfg.data.train))
+    group, banks = bank_store.open_banks(storage.cache_url(cfg.cache.name), cfg.bank)
+    source = CachedSource(group, banks, view="random", seed=3, dense=False)
+
+    def alive() -> tuple[int, int]:
+        return (len(multiprocessing.active_children()),
+                sum(t.name == "seed-prefetch" and t.is_alive() for t in threading.enumerate()))
+
+    for compose in (True, False):
+        maker = Batches(cfg.cache.recipe, cfg.cache.resolution, device=torch.device("cpu"), workers=2, depth=2,
+                        compose_in_worker=compose)
+        kept = []
+        try:
+            for i, _ in enumerate(maker.epoch(urls, shard_order(len(urls), 0, 0), source, 0, batch_size=10, steps=25,
+                                              seed=0, shuffle_buffer=50)):
+                if i == 2:
+                    raise RuntimeError("a failed step")
+        except RuntimeError as exc:
+            kept.append(exc)                                                 # its traceback holds the epoch
+        assert alive() != (0, 0), compose
+        maker.close()
+        for _ in range(50):
+            if alive() == (0, 0):
+                break
+            time.sleep(0.1)
+        assert alive() == (0, 0), (compose, alive())
+        assert kept
+
+
+def test_a_shard_grown_past_its_rows_is_named(prepared, tmp_path: Path, shards_root: Path) -> None:
+    """Samples appended to a shard after its cache was made have no row: the first is named (it was an
+    ``IndexError``)."""
+    cfg, storage, _ = prepared
+    grown = tmp_path / "train-000000.tar"
+    shutil.copy(shards_root / "fm/train/train-000000.tar", grown)
+    with tarfile.open(shards_root / "fm/train/train-000001.tar") as src:
+        extra = [(m, src.extractfile(m).read()) for m in src.getmembers()][:10]  # type: ignore[union-attr]
+    with tarfile.open(grown, "a") as tar:
+        for m, data in extra:
+            m.name = "more-" + m.name
+            tar.addfile(m, io.BytesIO(data))
+    group, banks = bank_store.open_banks(storage.cache_url(cfg.cache.name), cfg.bank)
+    source = CachedSource(group, banks, view="cycle", seed=0, dense=False)
+    urls = [str(grown)] + expand_urls(storage.resolve("shards", cfg.data.train))[1:]
+    with pytest.raises(SeedError, match=r"train-000000.tar: sample 100 \('more-.*'\) is past the 100 rows the cache holds"):
+        list(examples(urls, [0], source, 0, seed=0, shuffle_buffer=16))
 
 
 def test_worker_batches_reuse_shared_buffers_only_once_let_go(prepared) -> None:
