@@ -701,18 +701,30 @@ def _save_record(record: str, new: dict[str, dict]) -> None:
         log.warning("could not save shard lengths to %s (%s); they will be counted again next time", record, exc)
 
 
-def _splits_listing(urls: list[str]) -> list[dict[str, Any]] | None:
-    """The splits of the ``_info.json`` beside ``urls`` that list them, when there is one listing them all,
-    else None (no tar is opened)."""
+def _info_of(urls: list[str], above: bool = False) -> tuple[dict[str, Any], set[str]] | None:
+    """The ``_info.json`` in the directory holding all of ``urls`` (``above``: in its parent, where
+    ``seed shards`` writes the top-level one), and the shards' file names; None when the shards are in
+    several directories or there is no such file."""
+    if not urls:
+        return None
     parent = urls[0].rsplit("/", 1)[0]
-    if any(u.rsplit("/", 1)[0] != parent for u in urls):
+    if any(u.rsplit("/", 1)[0] != parent for u in urls) or (above and "/" not in parent):
         return None
     try:
-        with fsspec.open(f"{parent}/{INFO_FILE}", "r") as f:
+        with fsspec.open(f"{parent.rsplit('/', 1)[0] if above else parent}/{INFO_FILE}", "r") as f:
             info = json.load(f)
     except (FileNotFoundError, json.JSONDecodeError, OSError):
         return None
-    names = {u.rsplit("/", 1)[-1] for u in urls}
+    return info, {u.rsplit("/", 1)[-1] for u in urls}
+
+
+def _splits_listing(urls: list[str]) -> list[dict[str, Any]] | None:
+    """The splits of the ``_info.json`` beside ``urls`` that list them, when there is one listing them all,
+    else None (no tar is opened)."""
+    found = _info_of(urls)
+    if found is None:
+        return None
+    info, names = found
     splits = [split for split in info.get("splits", {}).values() if names & set(split.get("filenames", []))]
     listed = set().union(*(split.get("filenames", []) for split in splits))
     return splits if names <= listed else None
@@ -743,15 +755,10 @@ def classes_from_info(urls: list[str]) -> int | None:
 def class_names(urls: list[str]) -> list[str] | None:
     """The class names, in label order, that ``seed shards imagefolder`` recorded for the shards ``urls``: the
     ``classes`` of the ``_info.json`` one level above their directory, when it lists them all; else None."""
-    parent = urls[0].rsplit("/", 1)[0] if urls else ""
-    if "/" not in parent or any(u.rsplit("/", 1)[0] != parent for u in urls):
+    found = _info_of(urls, above=True)
+    if found is None:
         return None
-    try:
-        with fsspec.open(f"{parent.rsplit('/', 1)[0]}/{INFO_FILE}", "r") as f:
-            info = json.load(f)
-    except (FileNotFoundError, json.JSONDecodeError, OSError):
-        return None
-    names = {u.rsplit("/", 1)[-1] for u in urls}
+    info, names = found
     listed = set().union(*(split.get("filenames", []) for split in info.get("splits", {}).values()))
     classes = info.get("classes")
     return [str(c) for c in classes] if isinstance(classes, list) and names <= listed else None
