@@ -189,7 +189,7 @@ def _check_splits(train: list[str], test: list[str]) -> None:
                         "evaluate on a held-out split")
     a, b = class_names(train), class_names(test)
     if a is not None and b is not None and a != b:
-        differ = next(i for i in range(min(len(a), len(b)) + 1) if i >= min(len(a), len(b)) or a[i] != b[i])
+        differ = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
         raise SeedError(f"data.train and data.test number their classes differently: label {differ} is "
                         f"{a[differ] if differ < len(a) else 'missing'!r} in the train split and "
                         f"{b[differ] if differ < len(b) else 'missing'!r} in the test split ({len(a)} and {len(b)} "
