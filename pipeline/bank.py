@@ -3,7 +3,8 @@
 Recipe: sample K (row, view) entries (R disjoint sets of them with ``bank.rotations = R``) -> for each,
 build the index -> for each input shard's row block, compute the sparse targets of its valid views ->
 measure fidelity on a sample against the dense distribution -> mark the bank complete. Everything lives in the cache's ``bank`` sub-group; the
-teacher's arrays are only read. A bank with other parameters is rebuilt (it is derived data).
+teacher's arrays are only read. A bank with other parameters is rebuilt (it is derived data); a build of the
+same parameters cut short (killed, a full disk) resumes from the row blocks it recorded, with the index it stored.
 
 Device: ``cache.device`` (``auto``: CUDA when present). With ``bank.index=torch`` the whole targets
 pass runs there; with FAISS all but the search (unless faiss-gpu is installed). ``bank.batch_size``
@@ -57,8 +58,6 @@ def run(cfg: RunConfig, storage: Storage, *, progress: bool = True) -> BankResul
     if up_to_date:
         log.info("bank of %s is complete with the same parameters; skipping", url)
         return BankResult(url, True, dict(cache.subgroup(group, bank_store.NAME).attrs))
-    if reason != "no bank":
-        log.info("rebuilding the bank of %s (%s); the teacher cache is kept", url, reason)
 
     start = time.perf_counter()
     device = resolve_device(cfg.cache.device)                              # BankConfig has no device of its own
@@ -69,7 +68,12 @@ def run(cfg: RunConfig, storage: Storage, *, progress: bool = True) -> BankResul
     shortfall = B.ivf_shortfall(b.topk, b.size, b.ivf_lists, b.nprobe) if b.index == "ivf" else None
     if shortfall is not None:
         log.warning("%s", shortfall)
-    bank_store.remove(group)
+    if bank_store.resumable(group, b, banks):
+        log.info("resuming the bank of %s: a build of the same parameters was cut short", url)
+    else:
+        if reason != "no bank":
+            log.info("rebuilding the bank of %s (%s); the teacher cache is kept", url, reason)
+        bank_store.remove(group)
     n_views = int(valid.sum()) * V
     with progress_bar(total=n_views * b.rotations, unit="view", desc="bank targets" + (f" ({b.rotations} rotations)"
                       if b.rotations > 1 else ""), disable=not progress, smoothing=0.1) as bar:  # closed before any error prints
@@ -91,23 +95,37 @@ def run(cfg: RunConfig, storage: Storage, *, progress: bool = True) -> BankResul
 def _build(group: zarr.Group, b: BankConfig, rotation: int, ids: np.ndarray, valid: np.ndarray, device: torch.device,
            on_views: Any) -> dict[str, Any]:
     """One bank rotation: its index, every valid view's sparse targets over it and their fidelity (the
-    rotation's status stays ``building``: ``run`` completes them all at the end)."""
+    rotation's status stays ``building``: ``run`` completes them all at the end). A rotation laid out by a
+    build cut short keeps its index and the row blocks it recorded; the others are made now."""
     V, D, cap, n_shards = (int(cache.attributes(group)[k]) for k in ("V", "D", "capacity", "n_shards"))
     vectors = cache.read_rows(group, "embeddings", ids[:, 0])[np.arange(len(ids)), ids[:, 1]]   # K x D, float16
+    resumed = bank_store.node_name(rotation) in group  # ``run`` checked its parameters and entries
+    bank = cache.subgroup(group, bank_store.node_name(rotation)) if resumed else None
+    stored = cache.read(bank, "faiss_index") if bank is not None and "faiss_index" in bank else None
     index = B.BankIndex(vectors.astype(np.float32), b.index, device=device, ivf_lists=b.ivf_lists, nprobe=b.nprobe,
-                        hnsw_m=b.hnsw_m, ef_search=b.ef_search, seed=b.seed)
-    bank = bank_store.create(group, b, ids, vectors, index.serialize(), rotation)
+                        hnsw_m=b.hnsw_m, ef_search=b.ef_search, seed=b.seed, serialized=stored)  # the index it stored
+    if bank is None:
+        bank = bank_store.create(group, b, ids, vectors, index.serialize(), rotation)
+    done = bank_store.done_blocks(bank)
     exact = b.exact_normaliser
     bank_rows = ids[:, 0]
-    search_s = 0.0
+    search_s = sum(float(r.get("targets_seconds", 0.0)) for r in done.values())
     sample = FidelitySample.draw(valid, V, D, b)
     for s in range(n_shards):
         rows = slice(s * cap, (s + 1) * cap)
         ok = valid[rows]
+        if s in done:  # written before the cut: its views count as made; the fidelity's sampled ones read back
+            on_views(int(ok.sum()) * V)
+            if sample.wants(s * cap, cap):
+                t = bank_store.Bank(bank).targets(rows)
+                sample.take(s * cap, cache.read(group, "embeddings", rows), t["cols"], t["logp"],
+                            bank_store.Bank(bank).mass(rows))
+            continue
         out_idx = np.full((cap, V, b.topk), -1, np.int32)
         out_logp = np.full((cap, V, b.topk), np.nan, np.float16)
         out_mass = np.full((cap, V), np.nan, np.float32)
         embeddings = None
+        shard_s = 0.0
         if ok.any():
             local = np.flatnonzero(ok)
             embeddings = cache.read(group, "embeddings", rows)                                     # cap x V x D
@@ -120,7 +138,7 @@ def _build(group: zarr.Group, b: BankConfig, rotation: int, ids: np.ndarray, val
                 cols, logp, mass = B.sparse_targets(z[lo: lo + b.batch_size], q_rows[lo: lo + b.batch_size], index,
                                                     bank_rows, topk=b.topk, tau=b.tau_t, exact_normaliser=exact,
                                                     tail_samples=b.tail_samples, rng=rng)
-                search_s += time.perf_counter() - t0
+                shard_s += time.perf_counter() - t0
                 flat = slice(lo, lo + len(cols))
                 out_idx.reshape(-1, b.topk)[_flat_positions(local, V)[flat]] = cols
                 out_logp.reshape(-1, b.topk)[_flat_positions(local, V)[flat]] = logp.astype(np.float16)
@@ -128,7 +146,9 @@ def _build(group: zarr.Group, b: BankConfig, rotation: int, ids: np.ndarray, val
                 on_views(len(cols))
         if embeddings is not None:
             sample.take(s * cap, embeddings, out_idx, out_logp, out_mass)
-        bank_store.write_targets(bank, rows, out_idx, out_logp, out_mass)
+        search_s += shard_s
+        bank_store.write_targets(bank, rows, out_idx, out_logp, out_mass, shard=s,
+                                 record={"views": int(ok.sum()) * V, "targets_seconds": round(shard_s, 3)})
     return {"targets_seconds": round(search_s, 3), "faiss_gpu": index.on_gpu,
             "fidelity": measure_fidelity(bank, index, b, sample)}
 
@@ -162,6 +182,11 @@ class FidelitySample:
         order = np.argsort(rows, kind="stable")
         return cls(rows[order], views[order], np.zeros((n, D), np.float32), np.full((n, b.topk), -1, np.int32),
                    np.full((n, b.topk), np.nan, np.float32), np.full(n, np.nan, np.float32))
+
+    def wants(self, first_row: int, rows: int) -> bool:
+        """Whether any sampled view lies in the block of ``rows`` rows from ``first_row``."""
+        lo, hi = np.searchsorted(self.rows, [first_row, first_row + rows])
+        return bool(hi > lo)
 
     def take(self, first_row: int, embeddings: np.ndarray, cols: np.ndarray, logp: np.ndarray,
              mass: np.ndarray) -> None:

@@ -13,10 +13,12 @@ logp           [N, V, k]   float16     their log p_T under the full distribution
 mass           [N, V]      float32     probability mass the top-k capture
 =============  ==========  ==========  ===============================================================
 
-Attributes: ``format_version``, ``status`` (``building`` until every row block and the fidelity
-measurement are written, then ``complete``), ``fingerprint`` and ``fields`` (the cache's
+Attributes: ``format_version``, ``status`` (``creating`` while the arrays are laid out, ``building`` until
+every row block and the fidelity measurement are written, then ``complete``), ``fingerprint`` and ``fields`` (the cache's
 fingerprint and revision plus every bank parameter that changes the stored values), ``rotation`` and the build
-summary. The bank is derived data: one built with other parameters is deleted and rebuilt, the
+summary. Each input shard's row block, once written, gets a record ``progress/{shard:06d}`` (its views and
+seconds): a build cut short resumes from the blocks it recorded when run again with the same parameters and
+the same bank entries. The bank is derived data: one built with other parameters is deleted and rebuilt, the
 teacher's arrays are never touched.
 
 Rotating banks (``bank.rotations = R`` > 1): R disjoint banks, each with its own targets, in the
@@ -39,6 +41,7 @@ from seed.errors import SeedError
 FORMAT_VERSION = 2  # 2: every chunk checksummed (crc32c); 1 still opens for training
 READABLE_VERSIONS = (1, 2)
 NAME = "bank"
+_PROGRESS = "progress"  # the sub-group of the row blocks' records
 # Bank parameters that do not change the stored values (how fast, and how much is measured).
 _NOT_FIELDS = ("batch_size", "kl_sample")
 
@@ -178,11 +181,35 @@ def current(group: zarr.Group, b: BankConfig) -> tuple[bool, str]:
     return True, ""
 
 
+def _rotation_nodes(group: zarr.Group) -> list[str]:
+    return [name for name, _ in group.groups()
+            if name == NAME or (name.startswith(f"{NAME}-") and name[len(NAME) + 1:].isdigit())]
+
+
 def remove(group: zarr.Group) -> None:
     """Delete every rotation of the bank (before a rebuild: a stale rotation must not outlive its first)."""
-    for name, _ in list(group.groups()):
-        if name == NAME or (name.startswith(f"{NAME}-") and name[len(NAME) + 1:].isdigit()):
-            del group[name]
+    for name in _rotation_nodes(group):
+        del group[name]
+
+
+def resumable(group: zarr.Group, b: BankConfig, banks: list[np.ndarray]) -> bool:
+    """Whether the bank in place is a build of these parameters cut short, to be resumed: its first rotations
+    (at least the first) laid out, none complete, each with the targets ``b`` asks for and the entries of
+    ``banks`` (the ``[K, 2]`` (row, view) arrays this build draws), no rotation beyond ``b.rotations``."""
+    names = _rotation_nodes(group)
+    if not names or len(names) > b.rotations or sorted(names) != sorted(node_name(r) for r in range(len(names))):
+        return False
+    want = fields(group, b)
+    for r in range(len(names)):
+        node = cache.subgroup(group, node_name(r))
+        a = cache.attributes(node)
+        if (a.get("format_version") != FORMAT_VERSION or a.get("status") != "building"
+                or not all(name in node for name in ("ids", "indices", "logp", "mass"))
+                or not same_targets(a.get("fields", {}), a.get("fingerprint", ""), want)):
+            return False
+        if not np.array_equal(cache.read(node, "ids").astype(np.int64), banks[r]):
+            return False
+    return True
 
 
 def create(group: zarr.Group, b: BankConfig, ids: np.ndarray, vectors: np.ndarray,
@@ -193,7 +220,7 @@ def create(group: zarr.Group, b: BankConfig, ids: np.ndarray, vectors: np.ndarra
     f = fields(group, b)
     N, V, cap = (int(cache.attributes(group)[k]) for k in ("N", "V", "capacity"))
     K, D = vectors.shape
-    bank = group.create_group(node_name(rotation), attributes={"format_version": FORMAT_VERSION, "status": "building",
+    bank = group.create_group(node_name(rotation), attributes={"format_version": FORMAT_VERSION, "status": "creating",
                                                                "fingerprint": cache.fingerprint(f), "fields": f,
                                                                "rotation": rotation})
     crc = cache.checksummed
@@ -207,14 +234,27 @@ def create(group: zarr.Group, b: BankConfig, ids: np.ndarray, vectors: np.ndarra
     bank.create_array("logp", shape=(N, V, b.topk), dtype="float16", chunks=(cap, V, b.topk), fill_value=np.nan,
                       compressors=crc(np.float16))
     bank.create_array("mass", shape=(N, V), dtype="float32", chunks=(cap, V), fill_value=np.nan, compressors=crc(np.float32))
+    bank.update_attributes({"status": "building"})  # laid out: from here on a build cut short resumes
     return bank
 
 
-def write_targets(bank: zarr.Group, rows: slice, cols: np.ndarray, logp: np.ndarray, mass: np.ndarray) -> None:
-    """One input shard's row block of targets (each array's chunk, exactly)."""
+def write_targets(bank: zarr.Group, rows: slice, cols: np.ndarray, logp: np.ndarray, mass: np.ndarray,
+                  shard: int | None = None, record: dict[str, Any] | None = None) -> None:
+    """One input shard's row block of targets (each array's chunk, exactly), then, with ``shard``, its record
+    (``record`` plus ``done``): a block is done only once all three arrays are written."""
     cache.array(bank, "indices")[rows] = cols
     cache.array(bank, "logp")[rows] = logp.astype(np.float16)
     cache.array(bank, "mass")[rows] = mass
+    if shard is not None:
+        bank.create_group(f"{_PROGRESS}/{shard:06d}", overwrite=True, attributes={**(record or {}), "done": True})
+
+
+def done_blocks(bank: zarr.Group) -> dict[int, dict[str, Any]]:
+    """The records of the row blocks written so far, by input shard."""
+    if _PROGRESS not in bank:
+        return {}
+    records = {int(name): cache.attributes(node) for name, node in cache.subgroup(bank, _PROGRESS).groups()}
+    return {s: r for s, r in records.items() if r.get("done")}
 
 
 def complete(bank: zarr.Group, summary: dict[str, Any]) -> None:

@@ -202,3 +202,58 @@ def test_rotating_banks_are_disjoint_each_with_its_own_targets_and_students_use_
     assert "bank-1" not in zarr.open_group(summary.cache, mode="r")
     with pytest.raises(SeedError, match="bank.size=200 x bank.rotations=2 is larger than the 300 valid images"):
         bank_stage.run(small_config(cfg.teacher.checkpoint, "bank.size=200", "bank.rotations=2"), storage, progress=False)
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_a_build_cut_short_resumes_from_its_recorded_blocks_to_the_uninterrupted_bank(teacher_cache, kind: str,
+                                                                                      caplog) -> None:
+    """A bank whose build stopped after its first shard's block (status ``building``, later blocks unrecorded and
+    half-written) resumes: the recorded block is kept as stored, the others are made again to the uninterrupted
+    build's bytes. Other parameters or other entries rebuild it instead."""
+    cfg, storage = teacher_cache
+    cfg = small_config(cfg.teacher.checkpoint, "bank.size=128", "bank.topk=8", "bank.tau_t=0.05",
+                       "bank.batch_size=100", f"bank.index={kind}", "bank.tail_samples=16")
+    url = storage.cache_url(cfg.cache.name)
+    bank_store.remove(zarr.open_group(url, mode="r+"))
+    bank_stage.run(cfg, storage, progress=False)
+    g = zarr.open_group(url, mode="r+")
+    node = g["bank"]
+    names = ("indices", "logp", "mass")
+    reference = {k: node[k][:] for k in names}
+    cap = int(g.attrs["capacity"])
+    assert sorted(bank_store.done_blocks(node)) == [0, 1, 2]
+
+    # the cut: block 0 recorded (its mass marked, to see that it is not made again), block 1 half-written, 2 not
+    node.update_attributes({"status": "building"})
+    for s in (1, 2):
+        del node[f"progress/{s:06d}"]
+    node["mass"][:cap] = np.where(np.isfinite(reference["mass"][:cap]), 0.5, np.nan)
+    node["indices"][cap: 2 * cap] = 0
+    node["logp"][2 * cap:] = np.nan
+    assert bank_store.resumable(g, cfg.bank, B.sample_banks(np.flatnonzero(g["valid"][:]), 2, 128, 0, 1))
+    other = small_config(cfg.teacher.checkpoint, "bank.size=128", "bank.topk=8", "bank.tau_t=0.05", "bank.seed=1",
+                         f"bank.index={kind}")
+    assert not bank_store.resumable(g, other.bank, B.sample_banks(np.flatnonzero(g["valid"][:]), 2, 128, 1, 1))
+
+    with caplog.at_level("INFO", logger="pipeline.bank"):
+        result = bank_stage.run(cfg, storage, progress=False)
+    assert result.skipped is False and "resuming the bank" in caplog.text
+    node = zarr.open_group(url, mode="r")["bank"]
+    assert node.attrs["status"] == "complete" and sorted(bank_store.done_blocks(node)) == [0, 1, 2]
+    mass = node["mass"][:]
+    assert np.array_equal(mass[:cap], np.where(np.isfinite(reference["mass"][:cap]), 0.5, np.nan), equal_nan=True)
+    for k in names:  # the blocks made again: the uninterrupted build's bytes
+        assert np.array_equal(node[k][cap:], reference[k][cap:], equal_nan=True), k
+    # the fidelity's sampled views of the kept block were read back from the store (its marked mass shows)
+    sample = bank_stage.FidelitySample.draw(g["valid"][:], 2, g["embeddings"].shape[2], cfg.bank)
+    sample.take(0, g["embeddings"][:], node["indices"][:], node["logp"][:], mass)
+    assert (sample.mass[sample.rows < cap] == 0.5).all() and (sample.rows < cap).any()
+    index = B.BankIndex(node["vectors"][:].astype(np.float32), kind,
+                        serialized=node["faiss_index"][:], ef_search=cfg.bank.ef_search)
+    assert bank_stage.measure_fidelity(node, index, cfg.bank, sample) == node.attrs["fidelity"]
+
+    # a cut build of other parameters is not resumed: rebuilt from nothing, every block made
+    zarr.open_group(url, mode="r+")["bank"].update_attributes({"status": "building"})
+    bank_stage.run(other, storage, progress=False)
+    node = zarr.open_group(url, mode="r")["bank"]
+    assert node.attrs["fields"]["seed"] == 1 and not (node["mass"][:cap] == 0.5).any()
