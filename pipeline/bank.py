@@ -26,7 +26,7 @@ import zarr
 from seed import bank as B
 from seed import bank_store, cache
 from seed.config import BankConfig, RunConfig
-from seed.devices import resolve_device
+from seed.devices import resolve_device, tf32_forced
 from seed.errors import SeedError
 from seed.storage import Storage
 
@@ -68,6 +68,9 @@ def run(cfg: RunConfig, storage: Storage, *, progress: bool = True) -> BankResul
     shortfall = B.ivf_shortfall(b.topk, b.size, b.ivf_lists, b.nprobe) if b.index == "ivf" else None
     if shortfall is not None:
         log.warning("%s", shortfall)
+    if device.type == "cuda" and tf32_forced():
+        log.warning("NVIDIA_TF32_OVERRIDE=1 forces TF32 on the GPU's float32 products: at bank.tau_t=%g the targets' "
+                    "logits may move by about %.0f; unset it for this stage", b.tau_t, 1e-3 / b.tau_t)
     if bank_store.resumable(group, b, banks):
         log.info("resuming the bank of %s: a build of the same parameters was cut short", url)
     else:

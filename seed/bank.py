@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from seed.devices import ieee_float32
 from seed.errors import SeedError
 from seed.loss import dplus_logits, own_mask
 
@@ -112,8 +113,9 @@ def targets_chunk_rows(K: int, topk: int, tail_samples: int, dense: bool, max_lo
 
 
 def bank_logits(q: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
-    """``q @ bank.T`` in float32 whatever the autocast state (bf16 would merge near-duplicates at tau_T = 1e-4)."""
-    with torch.autocast(q.device.type, enabled=False):
+    """``q @ bank.T`` in IEEE float32 whatever the autocast state or TF32 setting (bf16 would merge near-duplicates
+    at tau_T = 1e-4; TF32 would move logits by about 10)."""
+    with torch.autocast(q.device.type, enabled=False), ieee_float32():
         return q.float() @ bank.float().T
 
 

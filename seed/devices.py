@@ -95,6 +95,33 @@ def autocast(device: torch.device) -> Any:
     return contextlib.nullcontext()
 
 
+@contextlib.contextmanager
+def ieee_float32() -> Any:
+    """Float32 matmuls in IEEE float32 inside, whatever the process asked for outside (restored on exit).
+
+    ``torch.set_float32_matmul_precision("high")`` (or ``fp32_precision = "tf32"``) lets cuBLAS, and oneDNN on
+    CPUs that have it, round float32 products to TF32's 10-bit mantissa: a relative error of about 1e-3 in a
+    cosine, about 10 in a logit at tau_T = 1e-4, enough to reorder a teacher's top-k. The SEED logits are
+    made inside this. ``NVIDIA_TF32_OVERRIDE=1`` in the environment forces TF32 below torch and cannot be undone
+    here (``tf32_forced`` tells it).
+    """
+    backends = [b for b in (torch.backends.cuda.matmul, getattr(torch.backends.mkldnn, "matmul", None))
+                if b is not None and hasattr(b, "fp32_precision")]
+    saved = [b.fp32_precision for b in backends]
+    for b in backends:
+        b.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        for b, value in zip(backends, saved):
+            b.fp32_precision = value
+
+
+def tf32_forced(env: Mapping[str, str] | None = None) -> bool:
+    """Whether ``NVIDIA_TF32_OVERRIDE=1`` forces TF32 on every float32 cuBLAS product of this process."""
+    return (os.environ if env is None else env).get("NVIDIA_TF32_OVERRIDE") == "1"
+
+
 def cpu_core_ids() -> list[int]:
     """The ids of the cores this process may run on: its CPU affinity where the platform has one, else all."""
     try:

@@ -24,6 +24,8 @@ from typing import Literal
 
 import torch
 
+from seed.devices import ieee_float32
+
 
 def own_mask(rows: torch.Tensor, bank_rows: torch.Tensor) -> torch.Tensor:
     """``[B, K]`` True where bank entry j is a view of row i's own image (excluded from D+ for that row)."""
@@ -33,10 +35,10 @@ def own_mask(rows: torch.Tensor, bank_rows: torch.Tensor) -> torch.Tensor:
 def dplus_logits(z: torch.Tensor, z_t: torch.Tensor, bank: torch.Tensor, own: torch.Tensor | None = None) -> torch.Tensor:
     """Similarities of ``z`` to D+ = [z_T ; bank]: ``[B, 1 + K]``, own-image bank columns at -inf.
 
-    Always float32, whatever the autocast state: at tau_T = 1e-4 a bf16 product rounds a
+    Always IEEE float32, whatever the autocast state or TF32 setting: at tau_T = 1e-4 a bf16 product rounds a
     near-duplicate neighbour (cosine 0.9988) up to the positive's 1.0 and splits p_T between them.
     """
-    with torch.autocast(z.device.type, enabled=False):
+    with torch.autocast(z.device.type, enabled=False), ieee_float32():
         z, z_t, bank = z.float(), z_t.float(), bank.float()
         l_pos = (z * z_t).sum(dim=1, keepdim=True)                            # B x 1: against the teacher's own view
         l_neg = z @ bank.T                                                    # B x K: against the bank

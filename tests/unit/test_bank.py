@@ -178,6 +178,48 @@ def test_cuda_targets_equal_cpu(exact: bool) -> None:
     assert np.allclose(cl, gl, atol=2e-3, rtol=1e-6) and np.allclose(cm, gm, atol=1e-4)
 
 
+def test_the_seed_logits_run_in_ieee_float32_whatever_the_process_asked_for_and_its_setting_is_restored() -> None:
+    """A process that asked for TF32 matmuls (``set_float32_matmul_precision("high")``) gets IEEE float32 inside
+    ``ieee_float32`` (the bank's and the loss's logits are made there) and its own setting back on exit, also when
+    the body raises. On this CPU TF32 would not change a product; the CUDA test below measures it."""
+    from seed.devices import ieee_float32
+
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "tf32"
+        with ieee_float32():
+            assert matmul.fp32_precision == "ieee"
+        assert matmul.fp32_precision == "tf32"
+        with pytest.raises(RuntimeError, match="inside"), ieee_float32():
+            raise RuntimeError("inside")
+        assert matmul.fp32_precision == "tf32"
+    finally:
+        matmul.fp32_precision = before
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bank_logits_stay_ieee_float32_when_the_process_asks_for_tf32() -> None:
+    """At tau_T = 1e-4 a TF32 product (about 1e-3 off in a cosine) moves a logit by about 10: with TF32 asked
+    for, ``bank_logits`` on the GPU stays within float32 rounding of a float64 reference."""
+    from seed.devices import ieee_float32
+
+    q, bank = torch.from_numpy(_unit(256, 128, 1)), torch.from_numpy(_unit(4096, 128, 2))
+    ref = q.double() @ bank.double().T
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "tf32"
+        got = B.bank_logits(q.cuda(), bank.cuda()).cpu().double()
+        loose = (q.cuda() @ bank.cuda().T).cpu().double()                   # the same product, TF32 as asked
+        with ieee_float32():
+            assert matmul.fp32_precision == "ieee"
+    finally:
+        matmul.fp32_precision = before
+    assert (got - ref).abs().max() < 1e-5
+    assert (loose - ref).abs().max() > 1e-4  # the check above can fail: TF32 is in effect outside the guard
+
+
 @pytest.mark.parametrize("kind", ["flat", "hnsw"])
 def test_the_own_view_counts_in_the_normaliser_when_a_near_duplicate_pushes_it_out_of_the_top_k(kind: str) -> None:
     """A bank entry more similar to a view than the view itself (the view stored in float16 has a norm under
