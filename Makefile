@@ -52,5 +52,5 @@ bench: venv data
 paper-table: venv data
 	$(BIN)/python bench/paper_table.py
 
-clean:
+clean: stop
 	rm -rf $(VENV) data .prefect

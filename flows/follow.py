@@ -29,7 +29,7 @@ from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterParentFl
                                             LogFilterTimestamp)
 from prefect.client.schemas.objects import FlowRun, Log
 from prefect.client.schemas.sorting import LogSort
-from prefect.exceptions import ObjectNotFound
+from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
 from prefect.settings import PREFECT_API_URL
 from prefect.types import DateTime
 from prefect.utilities.urls import url_for
@@ -107,12 +107,13 @@ def _duration(run: FlowRun) -> str:
 
 
 def follow(client: SyncPrefectClient, flow_run_id: UUID, out: Callable[[str], None] = print, *, poll: float = 2.0,
-           quiet: float = 5.0, waiting: float = 30.0) -> int:
+           quiet: float = 5.0, waiting: float = 30.0, give_up: float | None = None) -> int:
     """Print the run's header, then its log lines until it is final and ``quiet`` seconds pass without one
     (counted from when it was first seen final at the earliest: its last lines are sent in batches).
 
     Returns 0 for a completed run, 1 otherwise. ``waiting``: say once when the run is still
-    scheduled after this many seconds (no deployment server picked it up).
+    scheduled after this many seconds (no deployment server picked it up); ``give_up``: stop following and
+    return 1 when it is still scheduled after this many (None: follow on; a busy server may start it later).
     """
     run = client.read_flow_run(flow_run_id)
     out(f"flow run {run.name} ({run.id})")
@@ -139,9 +140,15 @@ def follow(client: SyncPrefectClient, flow_run_id: UUID, out: Callable[[str], No
             final_at = final_at if final_at is not None else now
             if now - max(last_line, final_at) >= quiet:
                 break
-        elif not warned and state is not None and state.is_scheduled() and now - started >= waiting:
-            warned = True
-            out(f"(still {state.name} after {waiting:.0f} s: is the deployment server running? `python -m flows.serve`)")
+        elif state is not None and state.is_scheduled():
+            if give_up is not None and now - started >= give_up:
+                out(f"\nflow run {run.name}: still {state.name} after {give_up:.0f} s; no deployment server took it "
+                    f"(none is running, or it is busy with another run; this one stays scheduled: cancel it with "
+                    f"prefect flow-run cancel {run.id})")
+                return 1
+            if not warned and now - started >= waiting:
+                warned = True
+                out(f"(still {state.name} after {waiting:.0f} s: is the deployment server running? `python -m flows.serve`)")
         time.sleep(poll)
     assert state is not None
     if state.is_completed():
@@ -169,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deployment", help="start a run of this deployment (flow/deployment, e.g. seed/full) and follow it")
     parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="a parameter of the new run")
     parser.add_argument("--poll", type=float, default=2.0, help="seconds between two reads of the API (default 2)")
+    parser.add_argument("--give-up", type=float, default=None, metavar="SECONDS",
+                        help="exit 1 when the run is still scheduled after this long (default: wait)")
     args = parser.parse_args(argv)
     if bool(args.flow_run) == bool(args.deployment):
         parser.error("give a flow run id or --deployment (one of the two)")
@@ -176,6 +185,15 @@ def main(argv: list[str] | None = None) -> int:
         run_id = UUID(args.flow_run) if args.flow_run else None
     except ValueError:
         print(f"follow: {args.flow_run!r} is not a flow run id (a UUID)", file=sys.stderr)
+        return 2
+    if args.deployment and "/" not in args.deployment:
+        print(f"follow: --deployment {args.deployment!r} must look like flow/deployment (seed/full, seed/student)",
+              file=sys.stderr)
+        return 2
+    if not PREFECT_API_URL.value():
+        # without it the client would start a throw-away server of its own, which knows no deployment or run
+        print("follow: PREFECT_API_URL is not set; point it at the Prefect server (make demo uses "
+              "http://127.0.0.1:4200/api)", file=sys.stderr)
         return 2
     with get_client(sync_client=True) as client:
         try:
@@ -191,12 +209,20 @@ def main(argv: list[str] | None = None) -> int:
                     else f"flow run {args.flow_run}")
             print(f"follow: the Prefect server at {client.api_url} has no {what}", file=sys.stderr)
             return 2
+        except PrefectHTTPStatusError as exc:  # the server answered: it refused the request (parameters, say)
+            try:
+                detail = exc.response.json().get("detail", exc.response.text)
+            except ValueError:
+                detail = exc.response.text
+            print(f"follow: the Prefect server at {client.api_url} refused it (HTTP {exc.response.status_code}): {detail}",
+                  file=sys.stderr)
+            return 2
         except httpx.HTTPError as exc:
             print(f"follow: cannot reach the Prefect server at {client.api_url} ({type(exc).__name__}); is it "
                   "running (make demo starts it), and PREFECT_API_URL set?", file=sys.stderr)
             return 2
         try:
-            return follow(client, run.id, poll=args.poll)
+            return follow(client, run.id, poll=args.poll, give_up=args.give_up)
         except KeyboardInterrupt:
             print(f"\nstopped following; the run goes on: {ui_link(run.id)}\n"
                   f"cancel it with: prefect flow-run cancel {run.id}", file=sys.stderr)

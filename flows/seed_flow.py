@@ -23,16 +23,18 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import logging
 import os
 import queue
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any, cast
+from typing import Annotated, Any, Literal, cast
 from uuid import UUID
 
 import torch
+from pydantic import Field
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
                                update_progress_artifact)
@@ -56,6 +58,7 @@ from seed.storage import Storage, is_url, load_storage
 from seed.teachers import LoadReport, load_teacher
 
 ALL_STAGES = ["pretrain", "teacher", "bank", "student", "evaluate"]
+Stage = Literal["pretrain", "teacher", "bank", "student", "evaluate"]  # the flow's parameter schema names them
 DEFAULT_CONFIG = "configs/demo.yaml"
 
 
@@ -147,13 +150,35 @@ def _progress(key: str, description: str) -> UUID:
     return cast(UUID, create_progress_artifact(0.0, key=key, description=description))
 
 
-def _in_run(_: logging.LogRecord) -> bool:
-    return FlowRunContext.get() is not None or TaskRunContext.get() is not None
+_current_run: list[UUID] = []  # the flow run that last routed the library's logs in this process
+
+
+def _in_run(record: logging.LogRecord) -> bool:
+    """Whether a library line goes to a run's log: from a run's own thread, or from a thread the library started
+    (a data prefetcher, whose context has no run) while a run of this process routes them, to that run."""
+    if FlowRunContext.get() is not None or TaskRunContext.get() is not None:
+        return True
+    if _current_run:
+        record.flow_run_id = _current_run[0]
+        return True
+    return False
+
+
+def _user_mistake_without_traceback(record: logging.LogRecord) -> bool:
+    """Prefect's engines log a run's exception with its traceback; a ``SeedError`` (a user's mistake, said in
+    one line) keeps the line and loses the traceback."""
+    if record.exc_info and isinstance(record.exc_info[1], SeedError):
+        record.exc_info, record.exc_text = None, None
+    return True
 
 
 def forward_library_logs() -> None:
     """Send the library's log lines (``seed.*`` from INFO: training progress; ``pipeline.*`` warnings)
-    to the current run's log, once per process; lines logged outside a run context are not sent."""
+    to the current flow run's log, handlers added once per process; lines logged outside any run are not sent.
+    And log a user's mistake (``SeedError``) in the run without a traceback."""
+    run = FlowRunContext.get()
+    if run is not None and run.flow_run is not None:
+        _current_run[:] = [run.flow_run.id]
     for name in ("seed", "pipeline"):
         logger = logging.getLogger(name)
         if not any(isinstance(h, APILogHandler) for h in logger.handlers):
@@ -161,6 +186,10 @@ def forward_library_logs() -> None:
             handler.addFilter(_in_run)
             logger.addHandler(handler)
     logging.getLogger("seed").setLevel(logging.INFO)
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logger = logging.getLogger(name)
+        if _user_mistake_without_traceback not in logger.filters:
+            logger.addFilter(_user_mistake_without_traceback)
 
 
 def _epochs(n: int) -> str:
@@ -171,9 +200,16 @@ def _rate(count: float, seconds: float) -> str:
     return f"{count / seconds:,.0f}" if seconds > 0 else "-"
 
 
-@task(cache_policy=NO_CACHE)
+def _retrying() -> bool:
+    """Whether this task run is a retry (Prefect's second attempt after a crash)."""
+    ctx = TaskRunContext.get()
+    return ctx is not None and ctx.task_run.run_count > 1
+
+
+@task(cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5, retry_condition_fn=retry_a_crash)
 def pretrain_teacher(cfg_data: dict[str, Any], storage_file: str | None) -> pretrain_stage.PretrainResult:
-    """MoCo-v2 pre-training when the config names no teacher checkpoint (reused when already made)."""
+    """MoCo-v2 pre-training when the config names no teacher checkpoint (reused when already made). A crashed
+    attempt is retried once, from the last epoch checkpoint of the same settings."""
     log = get_run_logger()
     cfg = _cfg(cfg_data)
     epochs = cfg.pretrain.optim.epochs
@@ -184,7 +220,7 @@ def pretrain_teacher(cfg_data: dict[str, Any], storage_file: str | None) -> pret
                                  description=f"pre-training {cfg.pretrain.name}: {epoch + 1} of {epochs} epochs")
         log.info(epoch_text("pretrain", epoch + 1, epochs, row))
 
-    result = pretrain_stage.run(cfg, load_storage(storage_file), progress=False, on_epoch=on_epoch)
+    result = pretrain_stage.run(cfg, load_storage(storage_file), resume=_retrying(), progress=False, on_epoch=on_epoch)
     if result.skipped:
         update_progress_artifact(progress, 100.0, description=f"pre-training {cfg.pretrain.name}: reused")
     log.info(("reusing the teacher made earlier: " if result.skipped else "teacher written: ") + result.checkpoint)
@@ -306,8 +342,9 @@ def run_teacher(cfg: RunConfig, storage: Storage, storage_file: str | None, work
     return totals
 
 
-@task(cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5, retry_condition_fn=retry_a_crash)
 def build_bank(cfg_data: dict[str, Any], storage_file: str | None) -> bank_stage.BankResult:
+    """The bank stage; a crashed attempt is retried once and resumes from the target blocks it recorded."""
     log = get_run_logger()
     result = bank_stage.run(_cfg(cfg_data), load_storage(storage_file), progress=False)
     s = result.summary
@@ -383,8 +420,9 @@ class PhaseProgress:
         self.log.info("evaluate: %s: %s", what, of)
 
 
-@task(cache_policy=NO_CACHE)
+@task(cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5, retry_condition_fn=retry_a_crash)
 def evaluate(cfg_data: dict[str, Any], storage_file: str | None, include_teacher: bool) -> evaluate_stage.EvaluationResult:
+    """The evaluation; a crashed attempt is retried once (from the start: it writes its report last)."""
     log = get_run_logger()
     progress = _progress("evaluation-progress", "evaluation: loading the encoders")
     result = evaluate_stage.run(_cfg(cfg_data), load_storage(storage_file), include_teacher=include_teacher,
@@ -425,21 +463,23 @@ def _overrides(overrides: list[str], run: str | None, student_arch: str | None, 
     if run is not None:
         out.append(f"train.run={run}")
     if student_arch is not None:
-        out.append(f"train.students=[{{arch: {student_arch}}}]")
+        out.append(f"train.students=[{{arch: {json.dumps(student_arch)}}}]")  # quoted: any text stays one name
     if epochs is not None:
         out.append(f"train.optim.epochs={epochs}")
     return out
 
 
 @flow(name="seed", log_prints=True)
-def seed(config: str = DEFAULT_CONFIG, overrides: list[str] | None = None, stages: list[str] | None = None,
-         run: str | None = None, student_arch: str | None = None, epochs: int | None = None,
-         storage: str | None = None, teacher_workers: int = 1, dask_address: str | None = None) -> dict[str, Any]:
+def seed(config: str = DEFAULT_CONFIG, overrides: list[str] | None = None,
+         stages: Annotated[list[Stage], Field(min_length=1)] | None = None,
+         run: str | None = None, student_arch: str | None = None, epochs: Annotated[int, Field(ge=1)] | None = None,
+         storage: str | None = None, teacher_workers: Annotated[int, Field(ge=0)] = 1,
+         dask_address: str | None = None) -> dict[str, Any]:
     """SEED with a run-once teacher cache.
 
     Args:
         config: run config YAML. overrides: ``section.field=value`` strings.
-        stages: any of pretrain, teacher, bank, student, evaluate (default: all).
+        stages: one or more of pretrain, teacher, bank, student, evaluate (default: all).
         run, student_arch, epochs: shortcuts for train.run, train.students, train.optim.epochs (applied after
             ``overrides``).
         storage: storage.yaml (default: ./storage.yaml).
@@ -448,25 +488,25 @@ def seed(config: str = DEFAULT_CONFIG, overrides: list[str] | None = None, stage
             0, one per visible GPU.
         dask_address: run the teacher stage as one task per shard on this Dask scheduler (several machines,
             one cache); ``teacher_workers`` is then unused.
+
+    The parameters are checked against their types when a run is created (an unknown stage, an empty list of
+    stages, ``epochs`` below 1, ``teacher_workers`` below 0 are refused by the Prefect server, before any run).
     """
     log = get_run_logger()
-    stages = list(stages or ALL_STAGES)
-    unknown = sorted(set(stages) - set(ALL_STAGES))
-    if unknown:
-        raise ValueError(f"unknown stages {unknown}; choose from {ALL_STAGES}")
-    if teacher_workers < 0:
-        raise ValueError(f"teacher_workers must be >= 0 (0 = a teacher process per visible GPU), got {teacher_workers}")
+    wanted: list[str] = list(stages or ALL_STAGES)
+    if dask_address and teacher_workers != 1:
+        log.warning("teacher_workers=%d is not used with dask_address: the Dask workers run the shards", teacher_workers)
     cfg = load_config(config, _overrides(overrides or [], run, student_arch, epochs))
     store = load_storage(storage)
     forward_library_logs()
-    planned = [s for s in ALL_STAGES if s in stages and (s != "pretrain" or not cfg.teacher.checkpoint)]
+    planned = [s for s in ALL_STAGES if s in wanted and (s != "pretrain" or not cfg.teacher.checkpoint)]
     texts = stage_texts(cfg)
     log.info("seed run %s (%s): %s", cfg.train.run, config, " -> ".join(planned))
 
     def banner(stage: str) -> None:
         log.info("== [%d/%d] %s: %s", planned.index(stage) + 1, len(planned), stage, texts[stage])
 
-    checked = "teacher" in stages
+    checked = "teacher" in wanted
 
     def need_cache() -> None:
         """Before the first stage that reads a cache this run did not make: one line naming the caches
@@ -476,34 +516,34 @@ def seed(config: str = DEFAULT_CONFIG, overrides: list[str] | None = None, stage
             require_cache(cfg, store)
             checked = True
 
-    result: dict[str, Any] = {"stages": stages}
+    result: dict[str, Any] = {"stages": wanted}
     if "pretrain" in planned:
         banner("pretrain")
         made = pretrain_teacher(to_dict(cfg), storage)
         cfg = dataclasses.replace(cfg, teacher=pretrain_stage.with_pretrained(cfg.teacher, made.teacher))
         result["pretrain"] = made.checkpoint
-    if "teacher" in stages:
+    if "teacher" in wanted:
         banner("teacher")
         result["teacher"] = run_teacher(cfg, store, storage, teacher_workers, dask_address)
         url = store.cache_url(cfg.cache.name)
         info = cache.attributes(cache.open_group(url, "r"))
         create_table_artifact([{"cache": url, "N": info["N"], "V": info["V"], "D": info["D"], **info["totals"]}],
                               key="cache-summary", description="teacher cache")
-    if "bank" in stages:
+    if "bank" in wanted:
         banner("bank")
         need_cache()
         built = build_bank(to_dict(cfg), storage)
         result["bank"] = {"skipped": built.skipped, **{k: v for k, v in built.summary.items() if k != "fields"}}
-    if "student" in stages:
+    if "student" in wanted:
         banner("student")
         need_cache()
         trained = train_students(to_dict(cfg), storage)
         result["student"] = {"run": trained.run, "students": trained.students, "skipped": trained.skipped,
                              "teacher_forwards": trained.teacher_forwards}
-    if "evaluate" in stages:
+    if "evaluate" in wanted:
         banner("evaluate")
         need_cache()
-        include_teacher = "teacher" in stages and bool(cfg.teacher.checkpoint)
+        include_teacher = "teacher" in wanted and bool(cfg.teacher.checkpoint)
         scored = evaluate(to_dict(cfg), storage, include_teacher)
         result["evaluation"] = {"report": scored.report, "results": scored.results}
         log.info("report: %s", scored.report)

@@ -4,7 +4,9 @@
 
 ``seed/full`` runs every stage, skipping complete ones; ``seed/student`` runs the student and
 evaluation stages only (it refuses a missing, incomplete or mismatched cache, and never loads the
-teacher). Runs start in this process's working directory, so relative paths resolve there.
+teacher). Runs start in this process's working directory, so relative paths resolve there. One run at a
+time: a run started while another is going waits, scheduled, until it ends (two runs would share the
+machine's GPUs and could write the same cache or run directory at once).
 """
 
 from typing import cast
@@ -28,4 +30,4 @@ def deployments() -> list[RunnerDeployment]:
 
 
 if __name__ == "__main__":
-    serve(*deployments())
+    serve(*deployments(), limit=1)

@@ -5,6 +5,7 @@ set -euo pipefail
 source "$(dirname "$0")/prefect-env.sh"
 cd "$ROOT"
 CONFIG=${SEED_CONFIG:-configs/demo.yaml}
+case "$CONFIG" in /*) ;; *) CONFIG=$ROOT/$CONFIG ;; esac
 start=$(date +%s)
 
 echo "== 1/4 data: Fashion-MNIST -> webdataset shards"
@@ -21,7 +22,11 @@ else
     # setsid: the server and its workers form one process group, stopped through the recorded pid
     setsid nohup "$BIN/prefect" server start --host 127.0.0.1 --port "$PORT" > "$PREFECT_HOME/server.log" 2>&1 &
     echo $! > "$PREFECT_HOME/server.pid"
-    for _ in $(seq 1 300); do healthy && break; sleep 1; done
+    for _ in $(seq 1 300); do
+        healthy && break
+        alive "$PREFECT_HOME/server.pid" || { echo "Prefect server exited; see $PREFECT_HOME/server.log" >&2; exit 1; }
+        sleep 1
+    done
     healthy || { echo "Prefect server did not come up; see $PREFECT_HOME/server.log" >&2; exit 1; }
 fi
 
@@ -32,12 +37,17 @@ else
     setsid nohup "$BIN/python" -m flows.serve > "$PREFECT_HOME/serve.log" 2>&1 &
     echo $! > "$PREFECT_HOME/serve.pid"
 fi
-for _ in $(seq 1 120); do "$BIN/prefect" deployment inspect seed/full > /dev/null 2>&1 && break; sleep 2; done
+# the deployments stay registered from an earlier demo: the serve process itself must be up to take the run
+for _ in $(seq 1 120); do
+    alive "$PREFECT_HOME/serve.pid" || { echo "the deployment server exited; see $PREFECT_HOME/serve.log" >&2; exit 1; }
+    "$BIN/prefect" deployment inspect seed/full > /dev/null 2>&1 && break
+    sleep 2
+done
 
 echo "== 4/4 run seed/full and follow its log (stages, progress, losses; the UI shows the same)"
 # flows.follow starts the deployment run through the Prefect client and prints the run's own log lines
 # until it ends; it exits 1 when the run fails. Ctrl-C stops following, not the run.
-if ! "$BIN/python" -m flows.follow --deployment seed/full --param "config=$ROOT/$CONFIG"; then
+if ! "$BIN/python" -m flows.follow --deployment seed/full --param "config=$CONFIG" --give-up 600; then
     echo "seed/full did not complete; the deployment server's output is in $PREFECT_HOME/serve.log" >&2
     exit 1
 fi
@@ -54,9 +64,9 @@ if [ -x "$BIN/tensorboard" ]; then
     echo "TensorBoard: $BIN/tensorboard --logdir $run   (per-step loss, lr, images/s of every student)"
 fi
 echo
-sed -n '/^## Accuracy/,/^!\[accuracy\]/p' "$report" | grep '^|'
+sed -n '/^## Accuracy/,/^!\[accuracy\]/p' "$report" | grep '^|' || true
 echo
-sed -n '/^## Student training/,/^!\[loss\]/p' "$report" | grep '^|'
+sed -n '/^## Student training/,/^!\[loss\]/p' "$report" | grep '^|' || true
 echo
 echo "students only (no teacher):  PREFECT_API_URL=$PREFECT_API_URL $BIN/python -m flows.follow --deployment seed/student --param student_arch=resnet10t --param run=r10t"
 echo "stop the servers:            make stop"

@@ -117,6 +117,12 @@ def test_student_only_refuses_a_missing_cache(harness, storage_file: str) -> Non
     code, text, _ = _follow(state)
     assert code == 1 and "== [1/1] student: " in text
     assert "Traceback" not in text and text.count("no cache at") == 1, text  # said once, before any task runs
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    with get_client(sync_client=True) as client:  # the run's own log (the UI's): the mistake without a traceback
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    assert any("no cache at" in log.message for log in logs) and not any("Traceback" in log.message for log in logs)
     assert re.search(r"flow run \S+: Failed after \d+ s: .*no cache at .*absent\.zarr", text), text
 
 
@@ -174,11 +180,17 @@ def test_a_damaged_shard_fails_the_teacher_task_once(harness, tmp_path: Path, sh
 
 
 def test_bad_flow_parameters_are_refused_before_any_stage(harness, storage_file: str) -> None:
+    """Checked against the flow's parameter types (the same schema the Prefect server checks a deployment run's
+    parameters against when the run is created)."""
+    from prefect.exceptions import ParameterTypeError
+
     config = str(ROOT / "configs" / "demo.yaml")
-    for params, message in (({"teacher_workers": -1}, "teacher_workers must be >= 0"),
-                            ({"stages": ["teacher", "train"]}, r"unknown stages \['train'\]")):
+    for params, message in (({"teacher_workers": -1}, "teacher_workers: Input should be greater than or equal to 0"),
+                            ({"stages": ["teacher", "train"]}, r"stages.1: Input should be 'pretrain', 'teacher'"),
+                            ({"stages": []}, "stages: List should have at least 1 item"),
+                            ({"epochs": 0}, "epochs: Input should be greater than or equal to 1")):
         state = seed(config=config, overrides=TINY, storage=storage_file, return_state=True, **params)
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(ParameterTypeError, match=message):
             state.result()
         code, text, _ = _follow(state)
         assert code == 1 and "== [" not in text, text  # no stage started
@@ -312,3 +324,46 @@ def test_student_stage_on_two_ranks_resumes_after_a_rank_is_killed(harness, tmp_
     assert state["metrics"][:killed_at] == seen["state"]["metrics"]
     # 3 shards split 2 + 1 between the ranks: min(200, 100) // 25 = 4 steps an epoch
     assert all(m["steps"] == 4 for m in state["metrics"])
+
+
+def test_parameters_a_deployment_run_cannot_take_are_refused_by_the_server_in_one_line(harness, capsys) -> None:
+    """``flows.follow --deployment seed/full --param teacher_workers=-1``: the server checks the parameters
+    against the flow's types when it creates the run and refuses (HTTP 409); follow says what it refused,
+    in one line, instead of calling the server unreachable."""
+    from flows.follow import main
+    from flows.serve import deployments
+
+    for deployment in deployments():
+        deployment.apply()
+    for param, refused in (("teacher_workers=-1", "teacher_workers"), ('stages=["student", "train"]', "stages")):
+        assert main(["--deployment", "seed/full", "--param", param]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("follow: the Prefect server at ") and "refused it (HTTP 409)" in err, err
+        assert refused in err and "cannot reach" not in err and err.count("\n") == 1, err
+
+
+def test_library_lines_logged_from_a_thread_of_the_run_reach_its_log(harness) -> None:
+    """The data path logs from threads it starts (the prefetcher: a damaged sample kept, say); those threads have
+    no Prefect run context, and their lines still reach the run's log (the UI, flows.follow)."""
+    import logging
+    import threading
+
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogHandler
+
+    from flows.seed_flow import forward_library_logs
+
+    @flow
+    def with_a_thread() -> None:
+        forward_library_logs()
+        worker = threading.Thread(target=lambda: logging.getLogger("seed.shards").warning("kept a damaged sample"))
+        worker.start()
+        worker.join()
+
+    state = with_a_thread(return_state=True)
+    APILogHandler().flush()
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    assert any(log.message == "kept a damaged sample" for log in logs), [log.message for log in logs]

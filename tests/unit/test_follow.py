@@ -58,3 +58,42 @@ def test_a_flow_run_id_that_is_no_uuid_is_one_line_and_exit_2(capsys) -> None:  
 
     assert main(["not-a-uuid"]) == 2
     assert capsys.readouterr().err == "follow: 'not-a-uuid' is not a flow run id (a UUID)\n"
+
+
+class _NeverStarted(_Client):
+    """A run no deployment server takes: scheduled for ever."""
+
+    def read_flow_run(self, flow_run_id: uuid.UUID) -> FlowRun:
+        from prefect.states import Scheduled
+
+        return FlowRun(id=self.run_id, name="lonely-run", flow_id=uuid.uuid4(), state=Scheduled(),
+                       total_run_time=dt.timedelta(0))
+
+    def read_logs(self, *_: object, **__: object) -> list[Log]:
+        return []
+
+
+def test_a_run_no_server_takes_is_given_up_when_asked_and_the_exit_says_so() -> None:
+    client = _NeverStarted(running=0, late=0)
+    lines: list[str] = []
+    code = follow(client, client.run_id, lines.append, poll=0.005, waiting=0.02, give_up=0.1)  # type: ignore[arg-type]
+    text = "\n".join(lines)
+    assert code == 1 and "is the deployment server running?" in text
+    assert "flow run lonely-run: still Scheduled after 0 s; no deployment server took it" in text
+    assert f"prefect flow-run cancel {client.run_id}" in text
+
+
+def test_no_server_address_and_a_malformed_deployment_name_are_one_line_and_exit_2(capsys) -> None:  # type: ignore[no-untyped-def]
+    """Without PREFECT_API_URL the client would start a throw-away server of its own (which has no deployment
+    and no run): refused before any client is made."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.follow import main
+
+    assert main(["--deployment", "seed-full"]) == 2
+    assert capsys.readouterr().err == ("follow: --deployment 'seed-full' must look like flow/deployment "
+                                       "(seed/full, seed/student)\n")
+    with temporary_settings(updates={PREFECT_API_URL: None}):
+        assert main(["--deployment", "seed/full"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("follow: PREFECT_API_URL is not set") and err.count("\n") == 1
