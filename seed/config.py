@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
 import importlib.resources
 import re
 import types
@@ -249,8 +250,33 @@ class RunConfig:
         for name in ("epochs", "batch_size"):
             _check_positive(self, f"train.optim.{name}", getattr(self.train.optim, name))
             _check_positive(self, f"pretrain.optim.{name}", getattr(self.pretrain.optim, name))
+        for name, value in (("bank.rotations", self.bank.rotations), ("bank.nprobe", self.bank.nprobe),
+                            ("bank.hnsw_m", self.bank.hnsw_m), ("bank.ef_search", self.bank.ef_search),
+                            ("pretrain.dim", self.pretrain.dim), ("pretrain.queue", self.pretrain.queue)):
+            _check_positive(self, name, value)
+        for name, value in (("bank.ivf_lists", self.bank.ivf_lists), ("bank.kl_sample", self.bank.kl_sample),
+                            ("train.queue", self.train.queue)):
+            if value < 0:
+                raise SeedError(f"{name} must be >= 0, got {value}")
+        for name, value, low, strict in (("train.tau_s", self.train.tau_s, 0.0, True),
+                                         ("train.tau_t", self.train.tau_t, 0.0, False),
+                                         ("pretrain.temperature", self.pretrain.temperature, 0.0, True)):
+            if not math.isfinite(value) or value < low or (strict and value == low):
+                raise SeedError(f"{name} must be {'>' if strict else '>='} {low:g}, got {value}")
+        if not 0 <= self.pretrain.key_momentum <= 1:
+            raise SeedError(f"pretrain.key_momentum must be within [0, 1], got {self.pretrain.key_momentum}")
+        for section, o in (("train.optim", self.train.optim), ("pretrain.optim", self.pretrain.optim)):
+            for name in ("base_lr", "weight_decay", "warmup_epochs"):
+                value = getattr(o, name)
+                if not math.isfinite(value) or value < 0:
+                    raise SeedError(f"{section}.{name} must be >= 0, got {value}")
+            if not 0 <= o.momentum < 1:
+                raise SeedError(f"{section}.momentum must be within [0, 1), got {o.momentum}")
         if not self.train.students:
             raise SeedError("train.students must list at least one student")
+        for i, student in enumerate(self.train.students):
+            if not str(student.arch or "").strip():
+                raise SeedError(f"train.students[{i}].arch must name a timm architecture, got {student.arch!r}")
         labels = [s.label for s in self.train.students]
         if len(set(labels)) != len(labels):
             raise SeedError(f"train.students: names must differ (got {labels}); set name: for repeated architectures")

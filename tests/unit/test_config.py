@@ -37,6 +37,17 @@ def test_yaml_and_overrides(tmp_path: Path) -> None:
     ("cache.recipe.crop_scale=[0.2]", "cache.recipe.crop_scale: expected a list of 2"),
     ("bank.tau_t=0", "bank.tau_t must be > 0"),
     ("bank.tau_t=1e-4x", "bank.tau_t: expected a number, got '1e-4x'"),
+    ("bank.rotations=0", "bank.rotations must be > 0, got 0"),
+    ("bank.nprobe=0", "bank.nprobe must be > 0"),
+    ("bank.kl_sample=-1", "bank.kl_sample must be >= 0"),
+    ("train.tau_s=-0.2", "train.tau_s must be > 0, got -0.2"),
+    ("train.tau_t=-1e-4", "train.tau_t must be >= 0"),
+    ("train.queue=-5", "train.queue must be >= 0"),
+    ("pretrain.key_momentum=1.5", "pretrain.key_momentum must be within .0, 1."),
+    ("train.optim.weight_decay=-1e-3", "train.optim.weight_decay must be >= 0"),
+    ("pretrain.optim.momentum=1", "pretrain.optim.momentum must be within .0, 1."),
+    ("train.optim.warmup_epochs=-1", "train.optim.warmup_epochs must be >= 0"),
+    ('train.students=[{arch: ""}]', "train.students.0..arch must name a timm architecture, got ''"),
     ("nonsense", "section.field=value"),
     ("=3", "override '=3' names no field before '='"),
 ])
@@ -47,8 +58,8 @@ def test_bad_fields_are_named(override: str, message: str) -> None:
 
 def test_exponents_without_a_dot_are_numbers() -> None:
     """YAML 1.1 reads ``1e-4`` as a string; in a float field it means the number (``1.0e-4`` always did)."""
-    cfg = load_config(None, ["bank.tau_t=1e-5", "train.tau_s=2E-1", "train.optim.weight_decay=-1e-3"])
-    assert (cfg.bank.tau_t, cfg.train.tau_s, cfg.train.optim.weight_decay) == (1e-5, 0.2, -1e-3)
+    cfg = load_config(None, ["bank.tau_t=1e-5", "train.tau_s=2E-1", "train.optim.weight_decay=1e-3"])
+    assert (cfg.bank.tau_t, cfg.train.tau_s, cfg.train.optim.weight_decay) == (1e-5, 0.2, 1e-3)
     with pytest.raises(SeedError, match="cache.views: expected an integer, got '1e3'"):
         load_config(None, ["cache.views=1e3"])  # integers stay strict
 

@@ -74,7 +74,7 @@ def test_the_flows_shortcut_parameters_come_after_the_overrides_and_empty_ones_a
     cfg = load_config(None, _overrides(["train.run=a", "train.optim.epochs=2"], "b", None, 5))
     assert (cfg.train.run, cfg.train.optim.epochs) == ("b", 5)
     assert load_config(None, _overrides(["train.run=a"], None, None, None)).train.run == "a"
-    for run, arch, epochs, message in (("", None, None, "train.run"), (None, "", None, "arch"),
+    for run, arch, epochs, message in (("", None, None, "train.run"), (None, "", None, "train.students.0..arch must name"),
                                        (None, None, 0, "train.optim.epochs must be > 0")):
         with pytest.raises(SeedError, match=message):
             load_config(None, _overrides([], run, arch, epochs))
