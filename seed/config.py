@@ -258,18 +258,17 @@ class RunConfig:
                             ("train.queue", self.train.queue)):
             if value < 0:
                 raise SeedError(f"{name} must be >= 0, got {value}")
-        for name, value, low, strict in (("train.tau_s", self.train.tau_s, 0.0, True),
-                                         ("train.tau_t", self.train.tau_t, 0.0, False),
-                                         ("pretrain.temperature", self.pretrain.temperature, 0.0, True)):
-            if not math.isfinite(value) or value < low or (strict and value == low):
-                raise SeedError(f"{name} must be {'>' if strict else '>='} {low:g}, got {value}")
+        for name, temperature, strict in (("train.tau_s", self.train.tau_s, True), ("train.tau_t", self.train.tau_t, False),
+                                          ("pretrain.temperature", self.pretrain.temperature, True)):
+            if not math.isfinite(temperature) or temperature < 0 or (strict and temperature == 0):
+                raise SeedError(f"{name} must be {'>' if strict else '>='} 0, got {temperature}")
         if not 0 <= self.pretrain.key_momentum <= 1:
             raise SeedError(f"pretrain.key_momentum must be within [0, 1], got {self.pretrain.key_momentum}")
         for section, o in (("train.optim", self.train.optim), ("pretrain.optim", self.pretrain.optim)):
             for name in ("base_lr", "weight_decay", "warmup_epochs"):
-                value = getattr(o, name)
-                if not math.isfinite(value) or value < 0:
-                    raise SeedError(f"{section}.{name} must be >= 0, got {value}")
+                rate = float(getattr(o, name))
+                if not math.isfinite(rate) or rate < 0:
+                    raise SeedError(f"{section}.{name} must be >= 0, got {rate}")
             if not 0 <= o.momentum < 1:
                 raise SeedError(f"{section}.momentum must be within [0, 1), got {o.momentum}")
         if not self.train.students:
