@@ -42,7 +42,7 @@ from seed.devices import (autocast, cpu_core_ids, cpu_cores, data_workers, read_
                           resolve_device, set_cpu_threads, split_cores)
 from seed.errors import MachineError, SeedError
 from seed.lifetime import child_env
-from seed.models import Encoder
+from seed.models import Encoder, freeze
 from seed.prefetch import prefetch
 from seed.decode import Decoder
 from seed.shards import (DamagedShard, Sample, count_samples, damage_handler, expand_urls, image_size, iter_shard,
@@ -52,6 +52,7 @@ from seed.teachers import LoadReport, TeacherLoader, load_teacher
 from seed.workers import PackedSamples, SharedSlots, shard_workers
 
 log = logging.getLogger(__name__)
+_told_recorded: dict[str, bool] = {}  # caches whose recorded settings this process has named against the config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,7 +269,10 @@ def _augment(views: list[View], cfg: RunConfig, device: torch.device,
     """``(x, rows, views)``: decoded views augmented on ``device`` (in one of a worker's ``slots`` when given)."""
     params = torch.from_numpy(np.stack([p for _, p, _, _ in views]))         # on the host: see apply_batch
     moved: dict[int, torch.Tensor] = {}                                       # each image once, not once per view
-    images = [moved.setdefault(id(im), im.to(device)) for im, _, _, _ in views]
+    for im, _, _, _ in views:
+        if id(im) not in moved:
+            moved[id(im)] = im.to(device)
+    images = [moved[id(im)] for im, _, _, _ in views]
     r = cfg.cache.resolution
     out = None if slots is None else slots.empty(len(views), 3, r, r)
     x = apply_batch(images, params, cfg.cache.recipe, r, device, out, fused_augment=cfg.cache.fused_augment)
@@ -528,16 +532,25 @@ def embed_shards(cfg: RunConfig, plan: Plan, group: zarr.Group, shards: list[int
     if device.type == "cpu":
         require_cpu_threads(cpu_threads(group), plan.cache_url)
     # the augmentation kernels move a view's last bits on the GPU: every writer of the cache uses the recorded choice
-    recorded = cache.attributes(group).get("fused_augment")
+    attrs = cache.attributes(group)
+    recorded = attrs.get("fused_augment")
     if recorded is not None and bool(recorded) != cfg.cache.fused_augment:
         cfg = dataclasses.replace(cfg, cache=dataclasses.replace(cfg.cache, fused_augment=bool(recorded)))
+    batch_size = int(attrs.get("batch_size", cfg.cache.batch_size))
+    graph = bool(attrs.get("cuda_graph", cfg.cache.cuda_graph))
+    if not _told_recorded.get(plan.cache_url):
+        _told_recorded[plan.cache_url] = True  # once per cache and process, not per shard task
+        for name, setting, used in (("cache.batch_size", cfg.cache.batch_size, batch_size),
+                                    ("cache.cuda_graph", cfg.cache.cuda_graph, graph)):
+            if setting != used:
+                log.warning("%s=%s: this cache was begun with %s, which every writer of it uses (it fixes the "
+                            "forward's last bits); to change it, make the cache again (--overwrite)", name, setting, used)
     teacher.to(device)
+    freeze(teacher)  # eval mode whoever loaded it: a training-mode BatchNorm would mix the rows of a batch
     if device.type == "cuda":
         teacher.to(memory_format=torch.channels_last)
     cap, V, D = plan.capacity, cfg.cache.views, teacher.out_dim
-    batch_size = int(cache.attributes(group).get("batch_size", cfg.cache.batch_size))
-    forward = Forward(teacher, device, batch_size=batch_size, resolution=cfg.cache.resolution,
-                      graph=bool(cache.attributes(group).get("cuda_graph", cfg.cache.cuda_graph)))
+    forward = Forward(teacher, device, batch_size=batch_size, resolution=cfg.cache.resolution, graph=graph)
     emb: dict[int, np.ndarray] = {}
     forwards: dict[int, int] = {}
     forward_s: dict[int, float] = {}
@@ -562,6 +575,11 @@ def embed_shards(cfg: RunConfig, plan: Plan, group: zarr.Group, shards: list[int
                 t0 = time.perf_counter()
                 z = forward(item.x)
                 forward_s[s] += time.perf_counter() - t0
+                if not torch.isfinite(z).all():  # stored as valid, NaN rows would look like embeddings to every later stage
+                    bad = sorted({int(r) for r in item.rows[~torch.isfinite(z).all(dim=1).numpy()]})
+                    raise SeedError(f"{plan.urls[s]}: the teacher gave non-finite embeddings for {len(bad)} of "
+                                    f"{len(item.rows)} views of a batch (rows {bad[:5]} of the shard); check the teacher's "
+                                    f"weights ({cfg.teacher.checkpoint or cfg.teacher.arch}); nothing of this shard is written")
                 forwards[s] += len(item.rows)
                 emb[s][item.rows, item.views] = z.numpy().astype(np.float16)
             if on_views is not None:
@@ -638,8 +656,14 @@ def run(cfg: RunConfig, storage: Storage, *, overwrite: bool = False, shards: li
     when every shard is done (only the coordinator should: it writes the root attributes); ``on_shard``:
     called with each shard's completion record as the shard is written; ``tidy``: as the coordinator, remove
     stale partial files and take back repaired shards (``prepare``; False where the caller has just done it).
+    ``overwrite`` and ``shards`` do not combine: each worker would remove the cache the others are writing.
     """
     from seed.report import progress_bar
+
+    if overwrite and shards is not None:
+        raise SeedError("--overwrite does not combine with --shards: every worker would delete the cache the others "
+                        "are writing; make the cache again once (seed teacher --overwrite, or delete it), then start "
+                        "the --shards workers")
 
     teacher, report = load(cfg.teacher)
     plan, group = prepare(cfg, storage, teacher, report, overwrite=overwrite, coordinator=shards is None and tidy)

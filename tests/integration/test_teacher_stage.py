@@ -174,6 +174,49 @@ def test_crash_between_chunk_writes_resumes_to_identical_cache(clean, tmp_path: 
     _assert_same(_arrays(summary.cache), _arrays(clean_url))
 
 
+def test_a_teacher_loaded_in_training_mode_writes_the_eval_caches_bytes(clean, tmp_path: Path, shards_root: Path) -> None:
+    """Whoever loads the teacher, the stage runs it in eval mode: a training-mode BatchNorm would normalise each
+    batch by its own statistics (a view's embedding would depend on its batch-mates)."""
+    cfg, _, clean_url = clean
+    storage = make_storage(tmp_path, shards_root)
+
+    def in_training_mode(teacher_cfg):
+        encoder, report = load_teacher(teacher_cfg)
+        return encoder.train(), report
+
+    summary = stage.run(cfg, storage, progress=False, load=in_training_mode)
+    _assert_same(_arrays(summary.cache), _arrays(clean_url))
+
+
+def test_a_teacher_giving_non_finite_embeddings_stops_the_stage_naming_the_shard(clean, tmp_path: Path,
+                                                                                shards_root: Path) -> None:
+    """Weights with a NaN (a diverged pre-training, a damaged file that still loads) would be stored as valid
+    embeddings; the stage stops at the first such batch, naming its shard, and writes no record for it."""
+    cfg, _, _ = clean
+    storage = make_storage(tmp_path, shards_root)
+
+    def diverged(teacher_cfg):
+        encoder, report = load_teacher(teacher_cfg)
+        with torch.no_grad():
+            next(encoder.parameters()).fill_(float("nan"))
+        return encoder, report
+
+    with pytest.raises(SeedError, match=r"train-000000\.tar: the teacher gave non-finite embeddings for \d+ of \d+ "
+                                        r"views .*nothing of this shard is written"):
+        stage.run(cfg, storage, progress=False, load=diverged)
+    assert cache.done_shards(zarr.open_group(storage.cache_url(cfg.cache.name), mode="r")) == []
+
+
+def test_overwrite_with_shards_is_refused_before_anything_is_touched(clean) -> None:
+    """Each --shards worker with --overwrite would delete the cache the other workers are writing."""
+    cfg, storage, url = clean
+    before = _arrays(url)
+    with pytest.raises(SeedError, match="--overwrite does not combine with --shards"):
+        stage.run(cfg, storage, overwrite=True, shards=[0], progress=False)
+    _assert_same(_arrays(url), before)
+    assert zarr.open_group(url, mode="r").attrs["status"] == "complete"
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_worker_processes_write_the_same_cache(clean, tmp_path: Path, shards_root: Path, workers: int) -> None:
     """The reference ran with one worker process; 0 (a thread) and 2 processes, each owning whole
