@@ -47,7 +47,7 @@ from seed import checkpoint
 from seed.config import RunConfig
 from seed.errors import SeedError
 from seed.models import Encoder
-from seed.storage import Storage, is_url, join, local_path, write_bytes
+from seed.storage import Storage, is_url, join, local_path, write_bytes, yaml_problem
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def students_of(run_dir: str) -> list[str]:
     except FileNotFoundError as exc:
         raise SeedError(f"no student run at {run_dir}: {url} not found (train students first: seed student)") from exc
     except yaml.YAMLError as exc:
-        raise SeedError(f"{url}: not valid YAML ({exc})") from exc
+        raise SeedError(yaml_problem(exc, url)) from None
     train = data.get("train") if isinstance(data, dict) else None
     students = train.get("students") if isinstance(train, dict) else None
     if not isinstance(students, list) or not all(isinstance(s, dict) and s.get("arch") for s in students):
@@ -182,10 +182,7 @@ def _load(run_dir: str, name: str, fmt: str) -> _Loaded:
     url = join(run_dir, name, "checkpoint.pt")
     if not checkpoint.exists(url):
         raise SeedError(f"student {name} has no checkpoint: {url} not found (it has not finished an epoch yet)")
-    try:
-        model, state = checkpoint.load_student(url)
-    except KeyError as exc:
-        raise SeedError(f"{url}: not a student checkpoint (no {exc.args[0]!r} entry)") from exc
+    model, state = checkpoint.load_student(url)  # a file that is no student checkpoint is named there
     changes = timm_changes(state["arch"], model.backbone)
     if fmt == "timm" and changes:
         what = "; ".join(_change_text(c) for c in changes)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -182,16 +183,40 @@ def load_training(url: str, *, model: torch.nn.Module, optimizer: torch.optim.Op
 
         raise SeedError(f"{url}: cannot resume, it was trained against something else: "
                         f"{'; '.join(diff_fields(state['against'], meta['against'], 'checkpoint'))}")
-    model.load_state_dict(state["model"])
+    load_weights(model, state["model"], url, "the model it resumes")
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"])
     return state
 
 
+def load_weights(model: torch.nn.Module, weights: Any, url: str, what: str) -> None:
+    """``model.load_state_dict(weights)``, a mismatch said in one line naming ``url``, ``what`` the checkpoint says
+    it holds and the first keys missing, unexpected or of another shape (a checkpoint edited by hand, another
+    model's, or a timm release that renamed its parameters)."""
+    try:
+        result = model.load_state_dict(weights, strict=False)
+    except RuntimeError as exc:  # shapes differ: torch names them in its message, one line per parameter
+        found = re.findall(r"size mismatch for (\S+): copying a param with shape torch.Size\((\[[^\]]*\])\) from "
+                           r"checkpoint, the shape in current model is torch.Size\((\[[^\]]*\])\)", str(exc))
+        shapes = [f"{name} is {a} in the file, {b} in the model" for name, a, b in found[:2]]
+        raise SeedError(f"{url}: its weights do not fit {what}: "
+                        + ("; ".join(shapes) + (f" (and {len(found) - 2} more of another shape)" if len(found) > 2 else "")
+                           if found else str(exc).splitlines()[0])) from None
+    if result.missing_keys or result.unexpected_keys:
+        parts = [f"{len(keys)} {kind} (first: {keys[0]})" for kind, keys in
+                 (("missing", result.missing_keys), ("unexpected", result.unexpected_keys)) if keys]
+        raise SeedError(f"{url}: its weights do not fit {what}: parameters {', '.join(parts)}")
+
+
 def load_student(url: str) -> tuple[Encoder, dict[str, Any]]:
     """The frozen student encoder saved at ``url`` by the student stage, and the checkpoint's contents."""
     state = load(url)
-    model = mlp_encoder(state["arch"], int(state["dim"]), small_input=bool(state.get("small_input", False)))
-    model.load_state_dict(state["model"])
+    try:
+        arch, dim, small = state["arch"], int(state["dim"]), bool(state.get("small_input", False))
+        weights = state["model"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SeedError(f"{url}: not a student checkpoint of this project (no valid {exc} entry)") from None
+    model = mlp_encoder(arch, dim, small_input=small)
+    load_weights(model, weights, url, f"a {arch} student with a head of dim {dim}")
     freeze(model)
     return model, state

@@ -231,5 +231,18 @@ def test_bad_requests_name_the_run_student_checkpoint_or_format(trained: Trained
     with pytest.raises(SeedError, match=re.escape(f"student {MNV3} has no checkpoint: {missing} not found")):
         export.run(trained.cfg, trained.storage, run=str(empty))  # a path works as well as a name
     checkpoint.save({"model": {}, "epoch": 1}, str(missing))  # e.g. a teacher, not a student
-    with pytest.raises(SeedError, match=re.escape(f"{missing}: not a student checkpoint (no 'arch' entry)")):
+    with pytest.raises(SeedError, match=re.escape(f"{missing}: not a student checkpoint of this project (no valid 'arch' entry)")):
+        export.run(trained.cfg, trained.storage, run="empty")
+    # a student checkpoint whose weights do not fit what it says it holds (edited, another model's, a timm that
+    # renamed parameters): one line naming the file and the first mismatch, for export and evaluation alike
+    good = checkpoint.load(str(trained.storage.student_checkpoint("r", MNV3)))
+    for change, message in (({"dim": 8}, r"dim 8: head\.2\.weight is \[16, \d+\] in the file, \[8, \d+\] in the model"),
+                            ({"arch": "resnet10t"}, r"resnet10t student .* in the model .*\(and \d+ more of another shape\)$")):
+        checkpoint.save({**good, **change}, str(missing))
+        with pytest.raises(SeedError, match=re.escape(f"{missing}: its weights do not fit a ") + ".*" + message):
+            export.run(trained.cfg, trained.storage, run="empty")
+    renamed = {("renamed." + k if k == "head.0.weight" else k): v for k, v in good["model"].items()}
+    checkpoint.save({**good, "model": renamed}, str(missing))
+    with pytest.raises(SeedError, match=re.escape("parameters 1 missing (first: head.0.weight), 1 unexpected "
+                                                  "(first: renamed.head.0.weight)")):
         export.run(trained.cfg, trained.storage, run="empty")
