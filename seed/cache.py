@@ -98,7 +98,11 @@ def _damaged(exc: ValueError, arr: zarr.Array, where: str) -> SeedError | None:
 
 def read(group: zarr.Group, name: str, selection: Any = slice(None)) -> np.ndarray:
     """``group[name][selection]`` as a numpy array (basic indexing: slices and integers)."""
-    arr = array(group, name)
+    return read_array(array(group, name), selection)
+
+
+def read_array(arr: zarr.Array, selection: Any = slice(None)) -> np.ndarray:
+    """``arr[selection]`` as a numpy array; a chunk that fails its checksum is one line naming the array."""
     try:
         return np.asarray(arr[selection])
     except ValueError as exc:
@@ -169,6 +173,9 @@ def open_group(url: str, mode: Mode = "r") -> zarr.Group:
     except (zarr.errors.ContainsArrayError, zarr.errors.NodeTypeValidationError) as exc:
         raise SeedError(f"{url} is an array (one of a cache's, say), not a cache: expected the cache's directory, "
                         "the one that holds embeddings/ and progress/") from exc
+    except ValueError as exc:  # metadata that is not JSON (a cut copy), or not zarr's
+        raise SeedError(f"{url}: its zarr.json cannot be read as Zarr metadata ({str(exc).splitlines()[0]}); "
+                        "the cache is damaged (a cut copy?)") from None
 
 
 def exists(url: str) -> bool:

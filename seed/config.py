@@ -562,7 +562,10 @@ def require_cache(cfg: RunConfig, storage: Storage, configs: str | Path = "confi
             naming.setdefault(f"{name}.zarr", []).append(str(file))
     described = []
     for stem in found[:6]:
-        attrs = (read_json(join(storage.caches, stem, "zarr.json")) or {}).get("attributes", {})
+        try:
+            attrs = (read_json(join(storage.caches, stem, "zarr.json")) or {}).get("attributes", {})
+        except SeedError:  # a damaged cache beside the one asked for must not hide the others
+            attrs = {"status": "its zarr.json is damaged"}
         files = naming.get(stem)
         how = (f"; pass -c {' or -c '.join(files)}" if files
                else f"; its run config is attributes.config in {stem}/zarr.json" if "config" in attrs else "")

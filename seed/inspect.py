@@ -61,7 +61,8 @@ def raw_bytes(arr: zarr.Array) -> int:
     """What an array holds uncompressed: shape x item size; for variable-length strings (``keys``) the
     UTF-8 bytes of its values, read one chunk at a time."""
     if arr.dtype.kind in "OTU":
-        return sum(len(str(x).encode()) for block in _chunks_of(arr) for x in np.asarray(arr[block]).ravel())
+        return sum(len(str(x).encode()) for block in _chunks_of(arr)
+                   for x in np.asarray(cache.read_array(arr, block)).ravel())
     return int(np.prod(arr.shape, dtype=np.int64)) * int(arr.dtype.itemsize)
 
 

@@ -314,6 +314,8 @@ def read_json(url: str) -> Any:
             return json.load(f)
     except FileNotFoundError:
         return None
+    except ValueError as exc:  # JSONDecodeError, or bytes that are no text
+        raise SeedError(f"{url}: not valid JSON ({exc}); the file is damaged or half-written") from None
 
 
 def exists(url: str) -> bool:
@@ -332,10 +334,18 @@ def load_yaml(path: str | Path, kind: str) -> dict[str, Any]:
     try:
         data = yaml.safe_load(p.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise SeedError(f"{p}: not valid YAML ({exc})") from exc
+        raise SeedError(yaml_problem(exc, str(p))) from None
     if not isinstance(data, dict):
         raise SeedError(f"{p}: expected a mapping at the top level of the {kind} file, got {type(data).__name__}")
     return data
+
+
+def yaml_problem(exc: yaml.YAMLError, where: str) -> str:
+    """A YAML parse error in one line: ``file:line:column: not valid YAML: problem``."""
+    mark = getattr(exc, "problem_mark", None)
+    place = f"{where}:{mark.line + 1}:{mark.column + 1}" if mark is not None else where
+    problem = str(getattr(exc, "problem", None) or exc).splitlines()[0]
+    return f"{place}: not valid YAML: {problem}"
 
 
 def find_storage_file(explicit: str | None = None) -> Path | None:

@@ -71,6 +71,10 @@ def test_missing_and_invalid_files(tmp_path: Path) -> None:
     bad.write_text("- a list\n")
     with pytest.raises(SeedError, match="mapping"):
         load_config(bad)
+    bad.write_text("train:\n  run: demo\n   tau_s: 0.2\n")  # indented one space too far: a parse error, one line
+    with pytest.raises(SeedError) as caught:
+        load_config(bad)
+    assert str(caught.value) == f"{bad}:3:9: not valid YAML: mapping values are not allowed here"
 
 
 def test_storage_roots(tmp_path: Path) -> None:

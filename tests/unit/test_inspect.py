@@ -216,3 +216,33 @@ def test_plots_write_the_informative_pngs(small: str, tmp_path: Path) -> None:
             im.verify()
     bare = make_cache(str(tmp_path / "bare.zarr"), with_bank=False)
     assert sorted(Path(p).name for p in plots(bare, str(tmp_path / "bare-plots"))) == ["neighbour_similarity.png", "pca.png"]
+
+
+def test_a_damaged_zarr_json_or_keys_chunk_is_one_line_and_a_damaged_neighbour_does_not_hide_the_others(
+        small: str, tmp_path: Path) -> None:
+    """A cache copied short (its zarr.json cut) or with a flipped byte in its keys: ``seed inspect`` says which
+    file in one line (before: a JSONDecodeError or checksum traceback); and the list of caches ``require_cache``
+    gives when the asked-for one is missing still names the others."""
+    import shutil
+
+    from seed.config import load_config, require_cache
+    from seed.errors import SeedError
+    from seed.storage import Storage
+
+    caches = tmp_path / "caches"
+    cut, flipped = caches / "cut.zarr", caches / "flipped.zarr"
+    shutil.copytree(small, cut)
+    shutil.copytree(small, flipped)
+    text = (cut / "zarr.json").read_text()
+    (cut / "zarr.json").write_text(text[: len(text) // 2])
+    with pytest.raises(SeedError, match=r"cut\.zarr: its zarr\.json cannot be read as Zarr metadata .*damaged"):
+        describe(str(cut))
+    chunk = next(p for p in sorted((flipped / "keys" / "c").rglob("*")) if p.is_file())
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(SeedError, match=r"keys: a chunk of rows .* does not match its checksum"):
+        describe(str(flipped))
+    storage = Storage(shards=str(tmp_path), caches=str(caches), runs=str(tmp_path), reports=str(tmp_path))
+    with pytest.raises(SeedError, match=r"no cache at .*absent\.zarr.*cut\.zarr \(its zarr\.json is damaged\).*flipped\.zarr \(complete"):
+        require_cache(load_config(None, ["cache.name=absent"]), storage)
