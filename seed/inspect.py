@@ -561,6 +561,19 @@ def _check_shard(s: int, record: dict[str, Any], rows: dict[str, np.ndarray | No
         problems.append(f"{where}: valid rows without replay parameters")
 
 
+def _missing_chunks(arrays: dict[str, zarr.Array], shard: int, files: set[str], problems: list[str]) -> None:
+    """Name the arrays whose chunk of ``shard`` is not stored (``files``: the paths under the cache). Zarr reads an
+    absent chunk as its fill value, so a lost file would pass for an empty block; called for shards with valid
+    rows, whose chunks cannot all be fill (``labels`` can: all -1 for an unlabelled set, and is not asked)."""
+    for name, arr in arrays.items():
+        if name.rsplit("/", 1)[-1] == "labels":
+            continue
+        key = f"{arr.path}/{arr.metadata.encode_chunk_key((shard,) + (0,) * (arr.ndim - 1))}"
+        if key not in files:
+            problems.append(f"{name}: chunk {shard} (rows {shard * arr.chunks[0]}-{(shard + 1) * arr.chunks[0] - 1}) "
+                            "is missing: it would read as empty rows")
+
+
 def verify(url: str) -> dict[str, Any]:
     """Read every chunk of the cache (and its bank), then check the completion records against the data.
 
@@ -569,9 +582,13 @@ def verify(url: str) -> dict[str, Any]:
     embeddings of unit norm (float16 rounding allowed) and replay parameters; other rows empty. For
     the bank: entries pointing at valid rows, finite targets in [0, 1] for valid rows. Returns
     ``{"problems": [...], "chunks": n, "shards": n}``; no problem means the cache reads back as it
-    was written.
+    was written. Chunks a finished shard with valid rows must have and that are not stored are named (zarr would
+    read them as fill values), from one listing of the cache's files.
     """
     group = cache.open_group(url, "r")
+    fs, path = filesystem(url)
+    root = path.rstrip("/")
+    files = {name[len(root):].strip("/") for name in fs.find(root)}
     cache.check_format(group, url)
     a = cache.attributes(group)
     cap, V, n_shards = int(a["capacity"]), int(a["V"]), int(a["n_shards"])
@@ -597,19 +614,32 @@ def verify(url: str) -> dict[str, Any]:
         chunks += len(rows)
         if rows["valid"] is not None:
             valid_all[block] = rows["valid"]
+        has_valid = rows["valid"] is not None and bool(rows["valid"].any())
         if s in done:
             _check_shard(s, cache.shard_record(group, s) or {}, rows, V, problems)
+            if has_valid:
+                _missing_chunks(arrays, s, files, problems)
         for node in sorted(complete):
-            mass = rows.get(f"{node}/mass")
+            if has_valid:
+                _missing_chunks({k: v for k, v in targets.items() if k.startswith(f"{node}/")}, s, files, problems)
+            mass, best, best_logp = rows.get(f"{node}/mass"), rows.get(f"{node}/indices"), rows.get(f"{node}/logp")
             if mass is not None and rows["valid"] is not None:
                 m = mass[rows["valid"]]
                 if not (np.isfinite(m) & (m >= 0) & (m <= 1.0001)).all():
                     problems.append(f"{node}/mass: shard {s} has valid rows without targets (or a mass outside [0, 1])")
+            # every valid view's best target (the first column) is a column of D+ with a log-probability
+            if best is not None and best_logp is not None and rows["valid"] is not None:
+                ok = (best[rows["valid"]][..., 0] >= 0) & np.isfinite(best_logp[rows["valid"]][..., 0])
+                if not ok.all():
+                    problems.append(f"{node}/indices, logp: shard {s} has {int((~ok).sum())} valid views without a "
+                                    "first target")
     if a.get("status") == "complete" and len(done) != n_shards:
         problems.append(f"marked complete but {len(done)} of {n_shards} shards have a record")
     for node, bank in banks.items():
         entries = {}
-        for name in ("ids", "vectors"):
+        for name in ("ids", "vectors", "faiss_index"):
+            if name == "faiss_index" and name not in bank:  # bank.index=torch stores none
+                continue
             arr = cache.array(bank, name)
             parts = [_read_block(arr, b, f"{node}/{name}", problems) for b in _chunks_of(arr)]
             chunks += len(parts)

@@ -257,3 +257,24 @@ def test_a_build_cut_short_resumes_from_its_recorded_blocks_to_the_uninterrupted
     bank_stage.run(other, storage, progress=False)
     node = zarr.open_group(url, mode="r")["bank"]
     assert node.attrs["fields"]["seed"] == 1 and not (node["mass"][:cap] == 0.5).any()
+
+
+def test_verify_names_lost_target_chunks_and_a_damaged_index(teacher_cache, tmp_path: Path) -> None:
+    """``seed inspect --verify`` on a bank copied short: a lost ``logp`` chunk (it would read as NaN targets for a
+    whole shard) and a flipped byte in the stored FAISS index are both named."""
+    import shutil
+
+    cfg, storage = teacher_cache
+    bank_stage.run(cfg, storage, progress=False)
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(storage.cache_url(cfg.cache.name), copy)
+    assert verify(str(copy))["problems"] == []
+    (copy / "bank" / "logp" / "c" / "1" / "0" / "0").unlink()
+    index = next(p for p in (copy / "bank" / "faiss_index" / "c").rglob("*") if p.is_file())
+    data = bytearray(index.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    index.write_bytes(bytes(data))
+    problems = verify(str(copy))["problems"]
+    assert any("bank/logp: chunk 1 (rows 100-199) is missing" in p for p in problems), problems
+    assert any("bank/indices, logp: shard 1 has" in p and "without a first target" in p for p in problems), problems
+    assert any(p.startswith("bank/faiss_index: chunk 0") and "is damaged" in p for p in problems), problems

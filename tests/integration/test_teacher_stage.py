@@ -666,6 +666,9 @@ def test_checksums_catch_a_damaged_copy_and_verify_names_it(clean, tmp_path: Pat
     np.testing.assert_array_equal(cache.read(g, "embeddings", slice(0, 200)), zarr.open_group(url, mode="r")["embeddings"][:200])
     g = zarr.open_group(str(copy), mode="r+")
     g["valid"][5] = False                                                      # data that no longer matches shard 0's record
+    # chunks lost from a copy: zarr would read them as fill values (empty keys, zero sizes) without a word
+    (copy / "sizes" / "c" / "1" / "0").unlink()
+    (copy / "keys" / "c" / "3").unlink()
     bad = verify()
     assert bad.returncode == 1
     lines = bad.stdout.strip().splitlines()
@@ -673,6 +676,8 @@ def test_checksums_catch_a_damaged_copy_and_verify_names_it(clean, tmp_path: Pat
     assert any("augment: chunk 4 (rows 400-499) is damaged" in line for line in lines), lines
     assert any("shard 0 (train-000000.tar): its record says 100 valid rows, the data has 99" in line for line in lines), lines
     assert any("rows marked invalid hold embeddings" in line for line in lines), lines
+    assert any("sizes: chunk 1 (rows 100-199) is missing" in line for line in lines), lines
+    assert any("keys: chunk 3 (rows 300-399) is missing" in line for line in lines), lines
 
 
 def test_a_cache_of_format_1_still_opens(clean, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
