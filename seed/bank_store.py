@@ -253,7 +253,16 @@ def done_blocks(bank: zarr.Group) -> dict[int, dict[str, Any]]:
     """The records of the row blocks written so far, by input shard."""
     if _PROGRESS not in bank:
         return {}
-    records = {int(name): cache.attributes(node) for name, node in cache.subgroup(bank, _PROGRESS).groups()}
+    try:
+        records = {int(name): cache.attributes(node) for name, node in cache.subgroup(bank, _PROGRESS).groups()}
+    except ValueError:  # a record left empty by a host crash: read them one by one, that block made again
+        mass = cache.array(bank, "mass")
+        records = {}
+        for s in range(-(-int(mass.shape[0]) // int(mass.chunks[0]))):
+            try:
+                records[s] = cache.attributes(bank[f"{_PROGRESS}/{s:06d}"])
+            except (KeyError, ValueError):
+                continue
     return {s: r for s, r in records.items() if r.get("done")}
 
 

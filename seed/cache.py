@@ -313,10 +313,15 @@ def progress_name(shard: int) -> str:
 
 
 def shard_record(group: zarr.Group, shard: int) -> dict[str, Any] | None:
-    """The completion record of a shard, or None when it is not done."""
+    """The completion record of a shard, or None when it is not done (or its record does not parse: a host that
+    crashed as it was written can leave it empty; the shard is then embedded again, which rewrites it)."""
     try:
         node = group[progress_name(shard)]
     except KeyError:
+        return None
+    except ValueError as exc:
+        log.warning("the completion record of shard %d (%s) does not parse (%s): the shard counts as not done",
+                    shard, progress_name(shard), str(exc).splitlines()[0])
         return None
     attrs = dict(node.attrs)
     return attrs if attrs.get("done") else None
@@ -326,7 +331,10 @@ def done_shards(group: zarr.Group) -> list[int]:
     if "progress" not in group:
         return []
     progress = subgroup(group, "progress")
-    return sorted(int(name) for name, node in progress.groups() if attributes(node).get("done"))
+    try:
+        return sorted(int(name) for name, node in progress.groups() if attributes(node).get("done"))
+    except ValueError:  # a record that does not parse: read them one by one, that one counted as not done
+        return [s for s in range(int(attributes(group)["n_shards"])) if shard_record(group, s) is not None]
 
 
 def write_shard(group: zarr.Group, shard: int, data: Mapping[str, np.ndarray], record: dict[str, Any]) -> None:

@@ -416,6 +416,15 @@ def _check_end(stream: Any, url: str, end: int, seen: bytes | None, last: str | 
                            offset=end, member=last)
 
 
+def _text_key(key: str) -> str:
+    """A member name's key as text every stage stores and compares alike: names that are not UTF-8 (a Latin-1
+    tar, say; read with surrogate escapes) get their odd bytes as ``\\xe9`` escapes, not lone surrogates that
+    neither the cache's string arrays nor a hash can take."""
+    if key.isascii():
+        return key
+    return key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def iter_shard(url: str, on_damage: OnDamage | None = None) -> Iterator[Sample]:
     """Samples of one tar shard in tar order. A damaged (truncated, corrupt) tar raises ``DamagedShard``
     naming it, unless ``on_damage`` is given (``damage_handler``): then the samples read whole before the
@@ -426,7 +435,7 @@ def iter_shard(url: str, on_damage: OnDamage | None = None) -> Iterator[Sample]:
             members = _tar_members(stream, url)
             try:
                 for index, fields in enumerate(tariterators.group_by_keys(members)):
-                    key = fields["__key__"]
+                    key = _text_key(fields["__key__"])
                     ext = next((e for e in IMAGE_EXTS if e in fields), "")
                     try:
                         label = _label(fields)

@@ -43,6 +43,22 @@ def test_a_record_counts_as_soon_as_its_own_file_is_written(tmp_path: Path) -> N
     assert cache.done_shards(cache.open_group(made)) == [0]
 
 
+def test_a_record_left_empty_by_a_host_crash_counts_as_not_done_and_is_rewritten(tmp_path: Path, caplog) -> None:
+    """A host that loses power can leave a renamed, never-flushed record empty: that shard counts as not done
+    (named in a warning) instead of every later run failing to parse it; writing the shard again replaces it."""
+    url = str(tmp_path / "c.zarr")
+    group = _cache(url)
+    for shard in (0, 1):
+        cache.write_shard(group, shard, _rows(), {"samples": 4})
+    (Path(url) / cache.progress_name(1) / "zarr.json").write_text("")
+    group = cache.open_group(url)
+    with caplog.at_level("WARNING", logger="seed.cache"):
+        assert cache.done_shards(group) == [0] and cache.shard_record(group, 1) is None
+    assert "the completion record of shard 1 (progress/000001) does not parse" in caplog.text
+    cache.write_shard(cache.open_group(url, "r+"), 1, _rows(), {"samples": 4})
+    assert cache.done_shards(cache.open_group(url)) == [0, 1]
+
+
 def test_a_cache_made_again_has_a_new_revision_which_its_bank_names(tmp_path: Path) -> None:
     """Made again with ``--overwrite`` under the same configuration, or with shards taken back to embed again,
     a cache gets a new revision: its fingerprint (the configuration) stays, the bank's fields change, so a bank

@@ -461,6 +461,11 @@ def test_odd_and_repeated_keys(tmp_path: Path) -> None:
     assert [(s.key, s.ext) for s in samples] == [("dir/sub/x y", "png"), ("ünï çødé", "png"), ("a", ""),
                                                  ("dup", "png"), ("other", "png"), ("dup", "png")]
     assert [s.index for s in samples] == list(range(6))
+    # a Latin-1 tar (names that are not UTF-8): the odd byte becomes a \xe9 escape, text a cache can store
+    with tarfile.open(tmp_path / "latin.tar", "w", format=tarfile.USTAR_FORMAT, encoding="latin-1") as tar:
+        _add(tar, "café.png", png)
+    (latin,) = iter_shard(str(tmp_path / "latin.tar"))
+    assert latin.key == "caf\\xe9" and latin.key.encode("utf-8") == b"caf\\xe9"
     with tarfile.open(tmp_path / "twice.tar", "w") as tar:  # one key twice in a row: refused by name
         for name in ("a.png", "a.cls", "a.png"):
             _add(tar, name, png if name.endswith("png") else b"1")
