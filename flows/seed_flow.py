@@ -53,7 +53,7 @@ from seed.config import RunConfig, TeacherConfig, from_dict, load_config, requir
 from seed.devices import resolve_device, set_cpu_threads
 from seed.errors import MachineError, SeedError
 from seed.models import Encoder
-from seed.report import epoch_text, input_wait, loss_text, markdown_table
+from seed.report import epoch_text, loss_text, markdown_table, teacher_totals_text
 from seed.storage import Storage, is_url, load_storage
 from seed.teachers import LoadReport, load_teacher
 
@@ -335,10 +335,7 @@ def run_teacher(cfg: RunConfig, storage: Storage, storage_file: str | None, work
         totals = cache.finalize(cache.open_group(plan.cache_url, "r+"), plan.cache_url)
     else:
         totals = embed_here(to_dict(cfg), storage_file, workers, len(plan.urls), progress)
-    log.info("teacher stage complete: %s images (%s valid, %s skipped), %s teacher forwards (%s views/s in the "
-             "forward%s) -> %s", f"{totals['samples']:,}", f"{totals['valid']:,}", f"{totals['skipped']:,}",
-             f"{totals['teacher_forwards']:,}", _rate(totals["teacher_forwards"], totals["teacher_seconds"]),
-             input_wait(totals), plan.cache_url)
+    log.info("teacher stage complete: %s -> %s", teacher_totals_text(totals), plan.cache_url)
     return totals
 
 

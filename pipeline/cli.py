@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     fm.add_argument("--source", default=None, help="directory of the idx(.gz) files (default: the Debian package's)")
     imf = kinds.add_parser("imagefolder", help="class-per-folder image tree -> shards", formatter_class=raw,
                            epilog=_examples("seed shards imagefolder ~/pictures/flowers --split train",
-                                            "seed shards imagefolder ~/pictures/flowers-val --split test --out data/shards/flowers",
+                                            "seed shards imagefolder ~/pictures/flowers-val --split test --out data/shards/flowers-test",
                                             "seed shards imagefolder ~/imagenet/train --per-shard 1250 --seed 1"))
     imf.add_argument("src", help="root directory with one sub-directory per class")
     imf.add_argument("--split", default="train", help="split name (sub-directory and shard prefix)")
@@ -107,7 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", help="output directory or URL (default: <shards root>/<name>)")
         p.add_argument("--per-shard", type=_count(1), default=1000, help="samples per shard (default 1000)")
         p.add_argument("--limit", type=_count(1), default=None, help="convert only the first N samples of each split")
-        p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+        p.add_argument("--overwrite", action="store_true",
+                       help="replace an existing output, all of it (every split in it): give each split of an image "
+                            "folder its own --out")
         p.add_argument("--storage", help="storage.yaml")
 
     teacher = sub.add_parser("teacher", help="run the teacher once over V views of every image into the cache",
@@ -241,7 +243,7 @@ def cmd_shards(args: argparse.Namespace) -> int:
 
 def cmd_teacher(args: argparse.Namespace) -> int:
     from pipeline import teacher
-    from seed.report import input_wait
+    from seed.report import teacher_totals_text
 
     cfg, storage = _run_config(args)
     try:
@@ -258,7 +260,7 @@ def cmd_teacher(args: argparse.Namespace) -> int:
         result = teacher.run(cfg, storage, overwrite=args.overwrite, shards=only, finalize=only is None,
                              progress=not args.quiet)
     print(f"cache {result.cache}: embedded {len(result.embedded)} shards, {len(result.skipped_done)} already done"
-          + (f"; complete: {result.totals}{input_wait(result.totals)}" if result.totals is not None
+          + (f"; complete: {teacher_totals_text(result.totals)}" if result.totals is not None
              else "; not complete yet (run seed teacher without --shards once all workers finish)"))
     return 0
 

@@ -102,3 +102,12 @@ def test_the_shared_teacher_is_loaded_again_when_its_file_is_rewritten(tmp_path)
     second, _ = shared_teacher(cfg)
     assert second is not first
     assert not torch.equal(next(second.parameters()), next(first.parameters()))
+
+
+def test_a_complete_caches_totals_read_as_words_for_the_cli_and_the_flow() -> None:
+    from seed.report import teacher_totals_text
+
+    totals = {"samples": 20000, "valid": 19998, "skipped": 2, "teacher_forwards": 39996, "teacher_seconds": 20.0,
+              "input_wait_seconds": 1.0, "first_batch_wait_seconds": 0.5, "stage_seconds": 29.5}
+    assert teacher_totals_text(totals) == ("20,000 images (19,998 valid, 2 skipped), 39,996 teacher forwards (2,000 "
+                                           "views/s in the forward; waited for its input 1.0 s of 30.0 s (3%))")
