@@ -52,6 +52,7 @@ from seed.teachers import LoadReport, TeacherLoader, load_teacher
 from seed.workers import PackedSamples, SharedSlots, shard_workers
 
 log = logging.getLogger(__name__)
+_RECORDS_EVERY_S = 2.0  # how often run_processes lists the records its processes write (progress only)
 _told_recorded: dict[str, bool] = {}  # caches whose recorded settings this process has named against the config
 
 
@@ -805,17 +806,26 @@ def _wait(procs: list[Any], url: str, bar: Any, seen: set[int],
     """Wait for every process, advancing ``bar`` and calling ``on_shard`` as shards complete (``seen``: those done
     before); the first failed process, or None."""
     seen = set(seen)
+    listed_at = 0.0
     while True:
         codes = [proc.poll() for proc, *_ in procs]
-        group = cache.open_group(url, "r")
-        done = cache.done_shards(group)
-        bar.update(len(done) - bar.n)
-        for s in sorted(set(done) - seen):
-            seen.add(s)
-            record = cache.shard_record(group, s)
-            if on_shard is not None and record is not None:
-                on_shard(record)
         bad = next((p for p, code in zip(procs, codes) if code not in (None, 0)), None)
-        if bad is not None or all(code == 0 for code in codes):
+        finished = bad is not None or all(code == 0 for code in codes)
+        if finished or time.monotonic() - listed_at >= _RECORDS_EVERY_S:
+            listed_at = time.monotonic()
+            try:  # one listing, then only the new records read: not every record every time
+                new = sorted(cache.listed_records(url) - seen)
+                group = cache.open_group(url, "r") if new else None
+                for s in new:
+                    record = cache.shard_record(group, s) if group is not None else None
+                    if record is None:
+                        continue  # its directory listed before its file was written: the next round reads it
+                    seen.add(s)
+                    bar.update(1)
+                    if on_shard is not None:
+                        on_shard(record)
+            except OSError as exc:  # the store failed one round (a connection reset): progress only, the processes go on
+                log.debug("listing the records of %s failed (%s); trying again", url, exc)
+        if finished:
             return bad
         time.sleep(0.5)

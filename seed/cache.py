@@ -54,7 +54,7 @@ import zarr.errors
 
 from seed.views import COLUMNS, P
 from seed.errors import SeedError
-from seed.storage import check_protocol, is_url, local_path
+from seed.storage import check_protocol, filesystem, is_url, local_path
 
 log = logging.getLogger(__name__)
 
@@ -325,6 +325,19 @@ def shard_record(group: zarr.Group, shard: int) -> dict[str, Any] | None:
         return None
     attrs = dict(node.attrs)
     return attrs if attrs.get("done") else None
+
+
+def listed_records(url: str) -> set[int]:
+    """The shards with a record directory under the cache at ``url``, from one listing of ``progress/`` (no record
+    read: a record may still be on its way, ``shard_record`` says). For polling a cache others are writing: a
+    thousand records cost one request, not a thousand."""
+    fs, path = filesystem(url)
+    try:
+        names = fs.ls(f"{path.rstrip('/')}/progress", detail=False)
+    except FileNotFoundError:
+        return set()
+    last = (str(n).rstrip("/").rsplit("/", 1)[-1] for n in names)
+    return {int(n) for n in last if n.isdigit()}
 
 
 def done_shards(group: zarr.Group) -> list[int]:

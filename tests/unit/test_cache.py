@@ -55,6 +55,8 @@ def test_a_record_left_empty_by_a_host_crash_counts_as_not_done_and_is_rewritten
     with caplog.at_level("WARNING", logger="seed.cache"):
         assert cache.done_shards(group) == [0] and cache.shard_record(group, 1) is None
     assert "the completion record of shard 1 (progress/000001) does not parse" in caplog.text
+    assert cache.listed_records(url) == {0, 1}  # a listing reads no record (run_processes' progress polls it)
+    assert cache.listed_records(str(tmp_path / "none.zarr")) == set()
     cache.write_shard(cache.open_group(url, "r+"), 1, _rows(), {"samples": 4})
     assert cache.done_shards(cache.open_group(url)) == [0, 1]
 
