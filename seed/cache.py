@@ -340,14 +340,24 @@ def listed_records(url: str) -> set[int]:
     return {int(n) for n in last if n.isdigit()}
 
 
-def done_shards(group: zarr.Group) -> list[int]:
+def records(group: zarr.Group) -> dict[int, dict[str, Any]]:
+    """Every done shard's completion record, by shard, each read once."""
     if "progress" not in group:
-        return []
+        return {}
     progress = subgroup(group, "progress")
     try:
-        return sorted(int(name) for name, node in progress.groups() if attributes(node).get("done"))
+        found = {int(name): attributes(node) for name, node in progress.groups()}
+        return {s: found[s] for s in sorted(found) if found[s].get("done")}
     except ValueError:  # a record that does not parse: read them one by one, that one counted as not done
-        return [s for s in range(int(attributes(group)["n_shards"])) if shard_record(group, s) is not None]
+        out = {}
+        for s in range(int(attributes(group)["n_shards"])):
+            if (record := shard_record(group, s)) is not None:
+                out[s] = record
+        return out
+
+
+def done_shards(group: zarr.Group) -> list[int]:
+    return list(records(group))
 
 
 def write_shard(group: zarr.Group, shard: int, data: Mapping[str, np.ndarray], record: dict[str, Any]) -> None:
@@ -419,9 +429,11 @@ def open_complete(url: str, mode: Mode = "r") -> zarr.Group:
     return group
 
 
-def damaged_shards(group: zarr.Group) -> dict[int, dict[str, Any]]:
-    """The shards recorded as damaged (kept by ``data.damaged=keep``): what was read and what was lost."""
-    return {s: r["damaged"] for s in done_shards(group) if "damaged" in (r := shard_record(group, s) or {})}
+def damaged_shards(group: zarr.Group, done: dict[int, dict[str, Any]] | None = None) -> dict[int, dict[str, Any]]:
+    """The shards recorded as damaged (kept by ``data.damaged=keep``): what was read and what was lost
+    (``done``: the done shards' records, when already read)."""
+    done = records(group) if done is None else done
+    return {s: r["damaged"] for s, r in done.items() if "damaged" in r}
 
 
 STALE_PARTIAL_S = 60.0  # a live writer's temporary metadata file exists for milliseconds
@@ -505,12 +517,10 @@ def reopen_shards(group: zarr.Group, shards: list[int], why: str) -> None:
             del group[progress_name(s)]
 
 
-def skipped_samples(group: zarr.Group) -> list[dict[str, Any]]:
-    out = []
-    for s in done_shards(group):
-        record = shard_record(group, s) or {}
-        out += [{"shard": s, **item} for item in record.get("skipped", [])]
-    return out
+def skipped_samples(group: zarr.Group, done: dict[int, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """The samples the done shards skipped (``done``: their records, when already read)."""
+    done = records(group) if done is None else done
+    return [{"shard": s, **item} for s, record in done.items() for item in record.get("skipped", [])]
 
 
 @dataclasses.dataclass(frozen=True)

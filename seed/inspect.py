@@ -9,6 +9,7 @@ with ``seed.augment``), inside the function: the rest stays light (numpy, zarr, 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,7 @@ from seed.errors import SeedError
 from seed.report import input_wait
 from seed.storage import filesystem, is_url
 
+log = logging.getLogger(__name__)
 
 def _use_storage(url: str) -> None:
     """A URL cache is read with the storage options of ``$SEED_STORAGE`` or ``./storage.yaml`` when no
@@ -142,8 +144,9 @@ def describe(url: str, sample: int = 512) -> dict[str, Any]:
     cache.check_format(group, url)
     a = cache.attributes(group)
     N, V, D, P = (int(a[k]) for k in ("N", "V", "D", "P"))
-    done = cache.done_shards(group)
-    skipped = cache.skipped_samples(group)
+    records = cache.records(group)  # each record read once (on object storage, a request each)
+    done = list(records)
+    skipped = cache.skipped_samples(group, records)
     valid_rows = int(np.count_nonzero(cache.read(group, "valid")))
     emb, rows = sample_views(group, sample)
     norms = np.linalg.norm(emb, axis=1) if len(emb) else np.zeros(0)
@@ -159,7 +162,7 @@ def describe(url: str, sample: int = 512) -> dict[str, Any]:
         "shards": {"done": len(done), "total": int(a["n_shards"])},
         "rows": {"valid": valid_rows, "padding_or_skipped": N - valid_rows},
         "skipped": {"count": len(skipped), "first": skipped[:10]},
-        "damaged_shards": {str(s): d for s, d in cache.damaged_shards(group).items()},
+        "damaged_shards": {str(s): d for s, d in cache.damaged_shards(group, records).items()},
         "reopened": [{"shard": r["shard"], "why": r["why"], "at": r["at"]} for r in a.get("reopened", [])],
         "bytes": byte_counts(group, url, valid_rows * V),
         "totals": a.get("totals"),
@@ -241,11 +244,12 @@ def format_text(info: dict[str, Any]) -> str:
 
 def require_key(group: zarr.Group, key: str, url: str) -> int:
     """The row of a sample key, or a clear error."""
-    keys = cache.read(group, "keys")
-    hits = np.flatnonzero(keys == key)
-    if len(hits) == 0:
-        raise SeedError(f"{url}: no sample with key {key!r}")
-    return int(hits[0])
+    arr = cache.array(group, "keys")
+    for block in _chunks_of(arr):  # a shard's block at a time, stopping at the first hit (1.28M keys at ImageNet)
+        hits = np.flatnonzero(cache.read_array(arr, block) == key)
+        if len(hits):
+            return int(block.start + hits[0])
+    raise SeedError(f"{url}: no sample with key {key!r}")
 
 
 def _replay(group: zarr.Group, rows: np.ndarray, views: np.ndarray) -> Any:
@@ -269,9 +273,12 @@ def _replay(group: zarr.Group, rows: np.ndarray, views: np.ndarray) -> Any:
         need: dict[int, list[int]] = {}
         for i in positions:
             need.setdefault(int(rows[i]) % cap, []).append(i)
-        for sample in iter_shard(urls[shard]):
+        last = max(need)
+        for sample in iter_shard(urls[shard]):  # read up to the last sample wanted, not the whole shard
             for i in need.get(sample.index, []):
                 images[i] = decode_image(sample)
+            if sample.index >= last:
+                break
     params = torch.from_numpy(cache.read_rows(group, "augment", np.asarray(rows))[np.arange(len(rows)), np.asarray(views)])
     missing = [int(rows[i]) for i, im in enumerate(images) if im is None]
     if missing:
@@ -519,6 +526,13 @@ def plots(url: str, out_dir: str, sample: int = 2000) -> list[str]:
     ax.set_ylabel(f"PC 2 ({share[1]:.0%})" if len(share) > 1 else "PC 2")
     ax.set_title(f"teacher embeddings of {len(rows)} cached views, first two principal components", fontsize=8)
     save(fig, "pca.png")
+    if bank is None:  # the bank's two plots were not drawn: ones left from an earlier bank would look current
+        for name in ("margin.png", "topk_mass.png"):
+            fs, old = filesystem(join(out_dir, name))
+            if fs.exists(old):
+                fs.rm(old)
+                log.warning("%s removed: it was drawn from a bank this cache no longer has complete", old)
+        log.warning("%s has no complete bank: margin.png and topk_mass.png are drawn only with one (seed bank)", url)
     return written
 
 
@@ -603,7 +617,8 @@ def verify(url: str) -> dict[str, Any]:
     targets = {f"{node}/{name}": cache.array(bank, name) for node, bank in banks.items()
                for name in ("indices", "logp", "mass")}
     complete = {node for node, bank in banks.items() if cache.attributes(bank).get("status") == "complete"}
-    done = set(cache.done_shards(group))
+    records = cache.records(group)
+    done = set(records)
     valid_all = np.zeros(n_shards * cap, dtype=bool)                    # one bool a row: for the bank's entries
     chunks = 0
     for s in range(n_shards):
@@ -616,7 +631,7 @@ def verify(url: str) -> dict[str, Any]:
             valid_all[block] = rows["valid"]
         has_valid = rows["valid"] is not None and bool(rows["valid"].any())
         if s in done:
-            _check_shard(s, cache.shard_record(group, s) or {}, rows, V, problems)
+            _check_shard(s, records[s], rows, V, problems)
             if has_valid:
                 _missing_chunks(arrays, s, files, problems)
         for node in sorted(complete):

@@ -216,6 +216,9 @@ def test_plots_write_the_informative_pngs(small: str, tmp_path: Path) -> None:
             im.verify()
     bare = make_cache(str(tmp_path / "bare.zarr"), with_bank=False)
     assert sorted(Path(p).name for p in plots(bare, str(tmp_path / "bare-plots"))) == ["neighbour_similarity.png", "pca.png"]
+    # the same folder as a cache with a bank: its bank plots would look like this cache's; they are removed
+    again = plots(bare, str(tmp_path / "plots"))
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == sorted(Path(p).name for p in again)
 
 
 def test_a_damaged_zarr_json_or_keys_chunk_is_one_line_and_a_damaged_neighbour_does_not_hide_the_others(
