@@ -164,6 +164,13 @@ def _in_run(record: logging.LogRecord) -> bool:
     return False
 
 
+def stop_forwarding(flow: Any = None, flow_run: Any = None, state: Any = None) -> None:
+    """The end of the run that forwarded the library's lines (a flow's state hook: flow, flow run, state): lines
+    from threads are no longer its, and outside a run are not sent (a process that goes on, a test or a script
+    calling flows in turn, would otherwise send them to a finished run, through a server that may be gone)."""
+    _current_run.clear()
+
+
 def _user_mistake_without_traceback(record: logging.LogRecord) -> bool:
     """Prefect's engines log a run's exception with its traceback; a ``SeedError`` (a user's mistake, said in
     one line) keeps the line and loses the traceback."""
@@ -175,7 +182,8 @@ def _user_mistake_without_traceback(record: logging.LogRecord) -> bool:
 def forward_library_logs() -> None:
     """Send the library's log lines (``seed.*`` from INFO: training progress; ``pipeline.*`` warnings)
     to the current flow run's log, handlers added once per process; lines logged outside any run are not sent.
-    And log a user's mistake (``SeedError``) in the run without a traceback."""
+    And log a user's mistake (``SeedError``) in the run without a traceback. The flow calls ``stop_forwarding``
+    as it ends (its state hooks)."""
     run = FlowRunContext.get()
     if run is not None and run.flow_run is not None:
         _current_run[:] = [run.flow_run.id]
@@ -466,7 +474,8 @@ def _overrides(overrides: list[str], run: str | None, student_arch: str | None, 
     return out
 
 
-@flow(name="seed", log_prints=True)
+@flow(name="seed", log_prints=True, on_completion=[stop_forwarding], on_failure=[stop_forwarding],
+      on_cancellation=[stop_forwarding], on_crashed=[stop_forwarding])
 def seed(config: str = DEFAULT_CONFIG, overrides: list[str] | None = None,
          stages: Annotated[list[Stage], Field(min_length=1)] | None = None,
          run: str | None = None, student_arch: str | None = None, epochs: Annotated[int, Field(ge=1)] | None = None,

@@ -353,9 +353,9 @@ def test_library_lines_logged_from_a_thread_of_the_run_reach_its_log(harness) ->
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
     from prefect.logging.handlers import APILogHandler
 
-    from flows.seed_flow import forward_library_logs
+    from flows.seed_flow import _current_run, forward_library_logs, stop_forwarding
 
-    @flow
+    @flow(on_completion=[stop_forwarding])
     def with_a_thread() -> None:
         forward_library_logs()
         worker = threading.Thread(target=lambda: logging.getLogger("seed.shards").warning("kept a damaged sample"))
@@ -367,3 +367,4 @@ def test_library_lines_logged_from_a_thread_of_the_run_reach_its_log(harness) ->
     with get_client(sync_client=True) as client:
         logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))
     assert any(log.message == "kept a damaged sample" for log in logs), [log.message for log in logs]
+    assert _current_run == []  # after the run, a thread's line goes to no run (no server needed to drop it)
