@@ -216,8 +216,9 @@ def _retrying() -> bool:
 
 @task(cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5, retry_condition_fn=retry_a_crash)
 def pretrain_teacher(cfg_data: dict[str, Any], storage_file: str | None) -> pretrain_stage.PretrainResult:
-    """MoCo-v2 pre-training when the config names no teacher checkpoint (reused when already made). A crashed
-    attempt is retried once, from the last epoch checkpoint of the same settings."""
+    """MoCo-v2 pre-training when the config names no teacher checkpoint (reused when already made). A pre-training
+    of the same settings that stopped part-way (a crashed attempt, retried once, or an earlier run of the flow)
+    continues from its last epoch checkpoint."""
     log = get_run_logger()
     cfg = _cfg(cfg_data)
     epochs = cfg.pretrain.optim.epochs
@@ -228,7 +229,11 @@ def pretrain_teacher(cfg_data: dict[str, Any], storage_file: str | None) -> pret
                                  description=f"pre-training {cfg.pretrain.name}: {epoch + 1} of {epochs} epochs")
         log.info(epoch_text("pretrain", epoch + 1, epochs, row))
 
-    result = pretrain_stage.run(cfg, load_storage(storage_file), resume=_retrying(), progress=False, on_epoch=on_epoch)
+    storage = load_storage(storage_file)
+    start = pretrain_stage.resumable(cfg, storage)
+    if start:
+        log.info("pre-training %s continues from its epoch %d checkpoint", cfg.pretrain.name, start)
+    result = pretrain_stage.run(cfg, storage, resume=start > 0 or _retrying(), progress=False, on_epoch=on_epoch)
     if result.skipped:
         update_progress_artifact(progress, 100.0, description=f"pre-training {cfg.pretrain.name}: reused")
     log.info(("reusing the teacher made earlier: " if result.skipped else "teacher written: ") + result.checkpoint)

@@ -110,6 +110,19 @@ def build(p: PretrainConfig, n_classes: int = 0) -> Encoder:
     return Encoder.for_backbone(backbone, nn.Linear(feature_dim(backbone), n_classes))
 
 
+def resumable(cfg: RunConfig, storage: Storage) -> int:
+    """The epoch an interrupted pre-training of these settings can continue from (0: none, or it finished)."""
+    p = cfg.pretrain
+    url = join(storage.resolve("runs", p.name), p.method, "checkpoint.pt")
+    if not checkpoint.exists(url):
+        return 0
+    urls = expand_urls(storage.resolve("shards", cfg.data.train))
+    state = checkpoint.load(url)
+    lengths = shard_lengths(urls, record=storage.shard_lengths_record(), damaged=cfg.data.damaged)
+    epoch = int(state.get("epoch", 0))
+    return epoch if state.get("trains") == trains(cfg, urls, lengths) and epoch < p.optim.epochs else 0
+
+
 def run(cfg: RunConfig, storage: Storage, *, resume: bool = False, progress: bool = True,
         on_epoch: Callable[[int, dict[str, Any]], None] | None = None) -> PretrainResult:
     """Train and export the teacher; a finished export with the same config is reused."""
@@ -135,6 +148,9 @@ def run(cfg: RunConfig, storage: Storage, *, resume: bool = False, progress: boo
         resume = False
     elif resume and rank == 0 and not checkpoint.exists(member.checkpoint):
         log.warning("--resume: pre-training %s has no epoch checkpoint yet; training from the first epoch", p.name)
+    elif not resume and rank == 0 and (start := resumable(cfg, storage)):
+        log.warning("pre-training %s stopped after epoch %d of %d with these settings; starting again from the first "
+                    "epoch as asked (pass --resume to continue, the flow does)", p.name, start, p.optim.epochs)
     objective: Objective = (
         create_objective("moco", model=member.model, queue=Queue(p.queue, p.dim, device, p.seed),
                          momentum=p.key_momentum, temperature=p.temperature, shuffle_bn=p.shuffle_bn,

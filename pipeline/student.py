@@ -45,7 +45,7 @@ from seed.models import mlp_encoder
 from seed.objectives import ObjectiveFactory, Queue, create_objective
 from seed.shards import expand_urls, shard_lengths
 from seed.storage import Storage, join, write_text
-from seed.teachers import TeacherLoader, load_teacher
+from seed.teachers import TeacherLoader, file_sha256, load_teacher
 from seed.train import Loop, make_member, train
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,9 @@ def run(cfg: RunConfig, storage: Storage, *, resume: bool = False, progress: boo
     rank, world = join_process_group(device)
     if resume:
         _check_resume(cfg, storage, rank, world)
+    elif rank == 0 and (start := resumable(cfg, storage)):
+        log.warning("student run %s stopped after epoch %d of %d with these settings; training again from the first "
+                    "epoch as asked (pass --resume to continue; the flow does)", t.run, start, t.optim.epochs)
     urls = expand_urls(storage.resolve("shards", cfg.data.train))
     meta: dict[str, Any] = {"mode": t.mode, "config": to_dict(cfg), "against": trained_against(cfg)}
     tau_t = t.tau_t or cfg.bank.tau_t
@@ -198,7 +201,9 @@ def _check_resume(cfg: RunConfig, storage: Storage, rank: int, world: int) -> No
 
 
 def _resume_problem(cfg: RunConfig, storage: Storage) -> str | None:
-    """Why this run's checkpoints cannot be resumed under ``cfg`` (``_check_resume``); None when they can."""
+    """Why this run's checkpoints cannot be resumed under ``cfg`` (``_check_resume``); None when they can. A save
+    that a kill cut short is settled first, so what is judged is what the run would resume."""
+    checkpoint.settle([storage.student_checkpoint(cfg.train.run, s.label) for s in cfg.train.students])
     found = False
     for s in cfg.train.students:
         url = storage.student_checkpoint(cfg.train.run, s.label)
@@ -225,6 +230,13 @@ def _matches(state: dict[str, Any], cfg: RunConfig, group: Any, bank: Any) -> bo
         return False
     if "against" in state and state["against"] != trained_against(cfg):
         return False
+    # online: the teacher's file itself (its config names a path, which pre-training may rewrite in place)
+    if group is None and state.get("teacher_sha256") and cfg.teacher.checkpoint:
+        try:
+            if file_sha256(cfg.teacher.checkpoint) != state["teacher_sha256"]:
+                return False
+        except OSError:
+            return False
     return group is None or (state.get("cache_fingerprint") == cache.attributes(group)["fingerprint"]
                              and state.get("cache_revision") == cache.attributes(group).get("revision")
                              and state.get("bank_fingerprint") == (bank.fingerprint if bank is not None else "queue"))

@@ -21,7 +21,7 @@ import fsspec
 import torch
 
 from seed import storage
-from seed.errors import MachineError, SeedError
+from seed.errors import MachineError, SeedError, machine_failure
 from seed.models import Encoder, freeze, mlp_encoder
 from seed.storage import is_url, local_path
 
@@ -43,8 +43,11 @@ def save(obj: Any, url: str) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())  # on the disk before the rename: a host crash must not leave an empty file in place
         storage.as_if_created(tmp)  # mkstemp makes it private (0600) whatever the umask
         os.replace(tmp, path)
+        storage.sync_path(str(path.parent))  # and the rename itself
     except (OSError, RuntimeError) as e:  # torch reports a full disk as RuntimeError("... file write failed")
         Path(tmp).unlink(missing_ok=True)
         free = shutil.disk_usage(path.parent).free
@@ -102,6 +105,7 @@ def _move(src: str, dst: str) -> None:
     """Move a whole file into place: a rename on a file system, a copy of the object then its removal on a store."""
     if not is_url(src):
         os.replace(local_path(src), local_path(dst))
+        storage.sync_path(os.path.dirname(local_path(dst)) or ".")
         return
     fs, path = storage.filesystem(src)
     fs.copy(path, storage.filesystem(dst)[1])
@@ -136,6 +140,11 @@ def torch_load(url: str, what: str = "checkpoint") -> Any:
             return torch.load(f, map_location="cpu", weights_only=True)
     except FileNotFoundError as exc:
         raise SeedError(f"{what} not found: {url}") from exc
+    except OSError as exc:
+        if machine_failure(exc):  # a connection reset reading from object storage: a re-run reads it again
+            raise MachineError(f"{url}: reading the {what} failed ({type(exc).__name__}: {exc}): the storage or the "
+                               "network failed, not the file") from exc
+        raise SeedError(f"{url}: {_why_unreadable(url, exc)}") from exc
     except Exception as exc:  # unpickling errors come in many types
         raise SeedError(f"{url}: {_why_unreadable(url, exc)}") from exc
 
@@ -175,7 +184,7 @@ def load_training(url: str, *, model: torch.nn.Module, optimizer: torch.optim.Op
     rest. The RNG state is restored here too.
     """
     state = load(url)
-    for key in ("cache_fingerprint", "cache_revision", "bank_fingerprint", "dim", "arch"):
+    for key in ("cache_fingerprint", "cache_revision", "bank_fingerprint", "teacher_sha256", "dim", "arch"):
         if key in meta and state.get(key) != meta[key]:
             raise SeedError(f"{url}: cannot resume, {key} differs (checkpoint {state.get(key)!r}, now {meta[key]!r})")
     if "against" in meta and "against" in state and state["against"] != meta["against"]:  # (older ones have none)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import bz2
 import collections
 import dataclasses
-import errno
 import functools
 import gzip
 import io
@@ -43,7 +42,7 @@ import torch
 from PIL import Image
 from webdataset import tariterators
 
-from seed.errors import MachineError, SeedError
+from seed.errors import MachineError, SeedError, machine_failure
 from seed.storage import as_if_created, is_url, write_bytes
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -456,17 +455,13 @@ def iter_shard(url: str, on_damage: OnDamage | None = None) -> Iterator[Sample]:
         raise SeedError(f"{url}: member {member!r} appears twice in one sample (the same key twice in a row); "
                         "each sample's members must appear once, together") from exc
     except OSError as exc:
-        if isinstance(exc, (ConnectionError, TimeoutError)) or exc.errno in _TRANSIENT:
+        if machine_failure(exc):
             raise MachineError(f"{url}: reading the shard failed ({type(exc).__name__}: {exc}): the storage or the "
                                "network failed, not the shard; a re-run reads it again") from exc
         raise SeedError(f"{url}: not a readable tar shard ({type(exc).__name__}: {exc})") from exc
     except (tarfile.TarError, EOFError) as exc:
         raise SeedError(f"{url}: not a readable tar shard ({type(exc).__name__}: {exc})") from exc
 
-
-# errno values of a read that failed for the machine's reasons (a disk, a connection), which a retry may not meet
-_TRANSIENT = {errno.EIO, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED, errno.ECONNREFUSED, errno.EHOSTUNREACH,
-              errno.ENETUNREACH, errno.ENETDOWN, errno.EPIPE}
 
 MAX_PIXELS = 89_478_485  # PIL's own warning threshold (about 9,459 x 9,459): larger headers are refused
 

@@ -296,7 +296,9 @@ def write_bytes(url: str, data: bytes) -> None:
     try:
         with fs.open(tmp, "wb") as f:
             f.write(data)
+        sync_path(tmp)  # on the disk before the rename: a host crash must not leave an empty file in place
         fs.mv(tmp, path)
+        sync_path(parent)  # and the rename itself
     except BaseException:
         if fs.exists(tmp):
             fs.rm_file(tmp)
@@ -305,6 +307,21 @@ def write_bytes(url: str, data: bytes) -> None:
 
 def write_text(url: str, text: str) -> None:
     write_bytes(url, text.encode())
+
+
+def sync_path(path: str) -> None:
+    """fsync a local file or directory (a directory: so that a rename in it survives a host crash), where the
+    file system allows it; one that refuses leaves it as durable as it makes it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def read_json(url: str) -> Any:

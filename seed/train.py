@@ -211,7 +211,7 @@ def _epochs(members: Sequence[Member], objective: Objective, urls: Sequence[str]
             for i, (m, value) in enumerate(zip(members, (loss.item() for loss in losses))):
                 if not math.isfinite(value):
                     raise SeedError(f"non-finite loss ({value}) for {m.name} at epoch {epoch + 1}, step {step + 1}; "
-                                    f"stopped; the last good checkpoint is {m.checkpoint} (lower the learning rate?)")
+                                    f"stopped; {_last_good(m)} (lower the learning rate?)")
                 totals[i] += value
                 if writers:
                     writers[i].add_scalar("train/loss", value, g + 1)
@@ -258,6 +258,13 @@ def _epochs(members: Sequence[Member], objective: Objective, urls: Sequence[str]
             bar.close()
         if done != steps:
             raise SeedError(f"epoch {epoch + 1}: the shards gave {done} batches, {steps} expected (did the shards change?)")
+        if dist.is_initialized():  # the epoch's loss over every rank's shards, not rank 0's alone
+            on = device if dist.get_backend() == "nccl" else torch.device("cpu")
+            summed = torch.tensor(totals, dtype=torch.float64, device=on)
+            dist.all_reduce(summed)
+            totals = summed.cpu().numpy() / world
+        if rank == 0:
+            _check_finite(members, epoch)
         seconds = time.perf_counter() - t0
         row = {"epoch": epoch + 1, "steps": steps, "lr_end": float(lr[(epoch + 1) * steps - 1]), "seconds": round(seconds, 2),
                "images_per_s": round(steps * o.batch_size * world / seconds, 1),
@@ -281,18 +288,42 @@ def losses_text(members: Sequence[Member], losses: Sequence[float]) -> str:
     return ", ".join(f"{m.name} loss {v:#.4g}" for m, v in zip(members, losses))
 
 
+def _check_finite(members: Sequence[Member], epoch: int) -> None:
+    """Refuse to save weights that are not finite. Each rank reads only its own losses: with DDP one rank's
+    non-finite gradient at an epoch's last step leaves every rank's weights non-finite while rank 0's loss is
+    finite (and on one rank, a finite loss can still make a non-finite update)."""
+    for m in members:
+        params = list(unwrap(m.model).parameters())
+        if bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+            continue
+        bad = [name for name, p in unwrap(m.model).named_parameters() if not bool(torch.isfinite(p).all())]
+        raise SeedError(f"non-finite weights for {m.name} after epoch {epoch + 1} ({len(bad)} tensors, the first "
+                        f"{bad[0]}: a rank's loss or gradient was not finite); stopped before saving; {_last_good(m)} "
+                        "(lower the learning rate?)")
+
+
+def _last_good(m: Member) -> str:
+    """Where a stopped run stands: its last checkpoint (from the epoch before), or none yet."""
+    if checkpoint.exists(m.checkpoint):
+        return f"the last good checkpoint is {m.checkpoint}"
+    return f"no checkpoint was written yet ({m.checkpoint})"
+
+
 def _save(members: Sequence[Member], objective: Objective, epoch: int, metrics: list[dict[str, Any]],
           layout: dict[str, int]) -> None:
     """Every member's checkpoint after ``epoch``, with the run's ``layout`` (ranks and steps per epoch), written
-    together: a kill between two members' writes cannot leave them an epoch apart (``checkpoint.save_together``)."""
-    checkpoint.save_together([(m.checkpoint, checkpoint.training_state(
-        model=unwrap(m.model), optimizer=m.optimizer, epoch=epoch + 1, objective=objective.state_dict(),
-        metrics=metrics, meta={**m.meta, **layout})) for m in members])
+    together: a kill between two members' writes cannot leave them an epoch apart (``checkpoint.save_together``).
+    Each ``metrics.jsonl`` (rewritten whole from the metrics) goes first: a kill after it and before the
+    checkpoints leaves a line the resumed epoch rewrites, where the other order could leave a finished run's
+    file a line short for good."""
     for m in members:
         write_text(join(m.out, "metrics.jsonl"), "".join(
             json.dumps({"epoch": r["epoch"], "loss": r["loss"][m.name], "lr_end": r["lr_end"], "seconds": r["seconds"],
                         "images_per_s": r["images_per_s"], "teacher_forwards": r["teacher_forwards"]}) + "\n"
             for r in metrics))
+    checkpoint.save_together([(m.checkpoint, checkpoint.training_state(
+        model=unwrap(m.model), optimizer=m.optimizer, epoch=epoch + 1, objective=objective.state_dict(),
+        metrics=metrics, meta={**m.meta, **layout})) for m in members])
 
 
 def _resume(members: Sequence[Member], objective: Objective, layout: dict[str, int]) -> int:

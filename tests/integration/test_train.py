@@ -326,10 +326,36 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(prepared, afte
     """Losses are read one step late; a NaN in an epoch's last step still stops the run before its checkpoint."""
     _, storage, _ = prepared
     run = f"nan-{after}"
-    with pytest.raises(SeedError, match=rf"non-finite loss .* {step};.*last good checkpoint"):
+    where = "the last good checkpoint is" if saved else "no checkpoint was written yet"
+    with pytest.raises(SeedError, match=rf"non-finite loss .* {step};.*{where}"):
         student_stage.run(_cfg(prepared, f"train.run={run}"), storage, progress=False, objective=exploding(after))
     path = Path(storage.runs) / run / "mobilenetv3_small_050" / "checkpoint.pt"
     assert (checkpoint.load(str(path))["epoch"] if path.exists() else None) == saved
+
+
+def test_a_finite_loss_with_a_non_finite_update_at_the_last_step_is_not_saved_as_finished(prepared) -> None:
+    """The loss of the run's very last step is finite but its gradient is not (what another rank's NaN does to
+    every rank's weights through DDP's averaged gradients): the weights are checked before the checkpoint, so the
+    run stops at epoch 1's checkpoint instead of saving NaN weights as a finished run."""
+    _, storage, _ = prepared
+
+    class Poisoned(CachedSeed):
+        calls = 0
+
+        def loss(self, model, x, ctx, labels):  # type: ignore[no-untyped-def]
+            Poisoned.calls += 1
+            loss = super().loss(model, x, ctx, labels)
+            if Poisoned.calls == 12:  # epoch 2, step 6 of 6: finite forward, NaN backward (0 x d sqrt(u)/du at u = 0)
+                p = next(model.parameters())
+                loss = loss + 0.0 * torch.sqrt((p - p.detach()).pow(2).sum())
+            return loss
+
+    cfg = _cfg(prepared, "train.run=poisoned")
+    with pytest.raises(SeedError, match=r"non-finite weights for mobilenetv3_small_050 after epoch 2 .*stopped before "
+                                        r"saving; the last good checkpoint is"):
+        student_stage.run(cfg, storage, progress=False, objective=Poisoned)
+    path = Path(storage.runs) / "poisoned" / "mobilenetv3_small_050" / "checkpoint.pt"
+    assert checkpoint.load(str(path))["epoch"] == 1 and student_stage.completed(cfg, storage) is None
 
 
 def test_mismatched_or_missing_cache_is_refused(prepared, tmp_path: Path, shards_root: Path) -> None:
@@ -411,6 +437,30 @@ def test_pretraining_is_reused_and_resumed_only_for_the_same_views(prepared, cap
         third = pretrain_stage.run(c, storage, resume=True, progress=False)
     assert "epoch checkpoint of other pre-training settings" in caplog.text
     assert len(third.metrics) == 2 and third.metrics[0]["loss"] != second.metrics[0]["loss"]
+
+
+def test_an_interrupted_pretraining_is_resumable_for_its_own_settings_and_starting_over_says_so(
+        prepared, caplog: pytest.LogCaptureFixture) -> None:
+    """Pre-training stopped after epoch 1 of 2 (a preemption): ``resumable`` gives 1 for its settings (the flow then
+    continues it), 0 for others; ``seed pretrain`` without --resume starts over, and says what it gives up."""
+    import logging
+
+    class Stop(Exception):
+        pass
+
+    def stop(epoch: int, row: dict) -> None:
+        raise Stop
+
+    _, storage, _ = prepared
+    a = _cfg(prepared, "pretrain.name=cut", "pretrain.optim.epochs=2")
+    with pytest.raises(Stop):
+        pretrain_stage.run(a, storage, progress=False, on_epoch=stop)
+    assert pretrain_stage.resumable(a, storage) == 1
+    assert pretrain_stage.resumable(_cfg(prepared, "pretrain.name=cut", "pretrain.optim.epochs=2",
+                                         "pretrain.seed=3"), storage) == 0
+    with caplog.at_level(logging.WARNING, logger="pipeline.pretrain"), pytest.raises(Stop):
+        pretrain_stage.run(a, storage, progress=False, on_epoch=stop)
+    assert "pre-training cut stopped after epoch 1 of 2 with these settings; starting again" in caplog.text
 
 
 def test_supervised_pretraining(prepared) -> None:

@@ -12,6 +12,7 @@ import json
 import logging
 import re
 import shutil
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -246,3 +247,27 @@ def test_bad_requests_name_the_run_student_checkpoint_or_format(trained: Trained
     with pytest.raises(SeedError, match=re.escape("parameters 1 missing (first: head.0.weight), 1 unexpected "
                                                   "(first: renamed.head.0.weight)")):
         export.run(trained.cfg, trained.storage, run="empty")
+
+
+def test_an_online_run_resumes_only_against_the_same_teacher_file(trained: Trained) -> None:
+    """Online students learn from the teacher file: one rewritten at the same path (pre-training run again) is
+    another teacher, so the interrupted run is not continued against it, by the flow or by --resume."""
+    from seed.config import StudentConfig
+
+    t = trained.cfg.train
+    half = dataclasses.replace(trained.cfg, train=dataclasses.replace(
+        t, run="half", optim=dataclasses.replace(t.optim, epochs=2), students=(StudentConfig(arch=MNV3),)))
+    assert student_stage.resumable(half, trained.storage) == 1
+    path = trained.root / "teacher.pth"
+    before = path.read_bytes()
+    try:
+        other = tiny_encoder(dim=16)
+        with torch.no_grad():
+            for p in other.parameters():
+                p.add_(0.01)
+        save_moco_checkpoint(other, path, arch="resnet10t")
+        assert student_stage.resumable(half, trained.storage) == 0
+        with pytest.raises(SeedError, match="cannot resume, teacher_sha256 differs"):
+            student_stage.run(half, trained.storage, resume=True, progress=False)
+    finally:
+        path.write_bytes(before)
