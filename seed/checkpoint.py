@@ -137,7 +137,10 @@ def torch_load(url: str, what: str = "checkpoint") -> Any:
     full unpickling. A file holding anything else is refused in one line naming the file and the types."""
     try:
         with fsspec.open(url, "rb") as f, torch.serialization.safe_globals(_safe_globals()):
-            return torch.load(f, map_location="cpu", weights_only=True)
+            # from object storage, the bytes first: torch's reader seeks about the file (a request each) and turns a
+            # connection reset inside it into an error of its own, which would read as a damaged file
+            source = io.BytesIO(f.read()) if is_url(url) else f
+            return torch.load(source, map_location="cpu", weights_only=True)
     except FileNotFoundError as exc:
         raise SeedError(f"{what} not found: {url}") from exc
     except OSError as exc:

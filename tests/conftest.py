@@ -125,3 +125,51 @@ def s3_endpoint() -> Iterator[str]:
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def flaky_url(path: Path, after: int | None = 1024) -> str:
+    """``path`` as a ``flaky://`` URL: the local file, whose reads fail with ``ConnectionResetError`` once ``after``
+    bytes were read (a connection to object storage reset mid-read; None: at once, as it is opened). An fsspec
+    file system registered for it."""
+    import io
+
+    import fsspec
+    from fsspec.implementations.local import LocalFileSystem
+
+    class Reset(io.RawIOBase):
+        def __init__(self, inner: io.BufferedReader) -> None:
+            self.inner = inner
+
+        def readable(self) -> bool:
+            return True
+
+        def seekable(self) -> bool:
+            return True
+
+        def seek(self, offset: int, whence: int = 0) -> int:
+            return self.inner.seek(offset, whence)
+
+        def tell(self) -> int:
+            return self.inner.tell()
+
+        def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def]
+            if after is not None and self.inner.tell() >= after:
+                raise ConnectionResetError(104, "Connection reset by peer")
+            data = self.inner.read(min(len(buffer), 512))
+            buffer[: len(data)] = data
+            return len(data)
+
+    class Flaky(LocalFileSystem):
+        protocol = ("flaky",)
+
+        @classmethod
+        def _strip_protocol(cls, path: str) -> str:  # type: ignore[override]
+            return LocalFileSystem._strip_protocol(str(path).removeprefix("flaky://"))
+
+        def _open(self, path, mode="rb", **kwargs):  # type: ignore[no-untyped-def]
+            if after is None:
+                raise ConnectionResetError(104, "Connection reset by peer")
+            return io.BufferedReader(Reset(open(path, "rb")))
+
+    fsspec.register_implementation("flaky", Flaky, clobber=True)
+    return f"flaky://{path}"

@@ -452,41 +452,14 @@ def test_hostile_images_follow_stated_rules() -> None:
 def test_a_read_the_network_cut_is_the_machines_failure_and_a_tar_that_is_none_the_users(tmp_path: Path) -> None:
     """A connection reset part-way through a shard (object storage, one of a thousand reads) is a ``MachineError``,
     which the flow retries; an unreadable file stays the user's ``SeedError``, which it does not."""
-    import fsspec
-    from fsspec.implementations.local import LocalFileSystem
-
     from seed.errors import MachineError
+    from tests.conftest import flaky_url
 
-    class Reset(io.RawIOBase):
-        def __init__(self, inner: io.BufferedReader) -> None:
-            self.inner = inner
-
-        def readable(self) -> bool:
-            return True
-
-        def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def]
-            if self.inner.tell() > 1024:
-                raise ConnectionResetError(104, "Connection reset by peer")
-            data = self.inner.read(min(len(buffer), 512))
-            buffer[: len(data)] = data
-            return len(data)
-
-    class Flaky(LocalFileSystem):
-        protocol = ("flaky",)
-
-        @classmethod
-        def _strip_protocol(cls, path: str) -> str:  # type: ignore[override]
-            return LocalFileSystem._strip_protocol(str(path).removeprefix("flaky://"))
-
-        def _open(self, path, mode="rb", **kwargs):  # type: ignore[no-untyped-def]
-            return io.BufferedReader(Reset(open(path, "rb")))
-
-    fsspec.register_implementation("flaky", Flaky, clobber=True)
     with tarfile.open(tmp_path / "s.tar", "w") as tar:
         for i in range(4):
             _add(tar, f"k{i}.png", _encoded("PNG", i))
     with pytest.raises(MachineError, match=r"s\.tar: reading the shard failed \(ConnectionResetError: .*a re-run reads it again"):
-        list(iter_shard(f"flaky://{tmp_path / 's.tar'}"))
+        list(iter_shard(flaky_url(tmp_path / "s.tar")))
     (tmp_path / "dir.tar").mkdir()
     with pytest.raises(SeedError) as caught:
         list(iter_shard(str(tmp_path / "dir.tar")))

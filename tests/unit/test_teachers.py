@@ -205,3 +205,22 @@ def test_a_pretrained_teacher_keeps_the_teacher_settings_pretraining_does_not_de
     assert (section.arch, section.checkpoint, section.format) == ("resnet18", "/runs/teacher.pth", made.format)
     assert (section.output, section.head_activation, section.allow_unexpected_keys) == ("pooled", "gelu", True)
     assert with_pretrained(load_config(None, []).teacher, made).output == made.output  # the default: MoCo's head
+
+
+def test_a_checkpoint_read_the_network_cuts_is_the_machines_failure(tmp_path: Path) -> None:
+    """A connection reset as a checkpoint is opened or part-way through (object storage after a preemption) is a
+    ``MachineError``, which the flow retries; a file that is no checkpoint stays the user's ``SeedError``."""
+    from seed import checkpoint
+    from seed.errors import MachineError, SeedError
+    from tests.conftest import flaky_url
+
+    path = tmp_path / "c.pt"
+    checkpoint.save({"weights": torch.zeros(4096)}, str(path))
+    with pytest.raises(MachineError, match=r"c\.pt: reading the checkpoint failed \(ConnectionResetError"):
+        checkpoint.load(flaky_url(path, after=None))                # refused as it is opened
+    with pytest.raises(MachineError, match=r"c\.pt: reading the checkpoint failed \(ConnectionResetError"):
+        checkpoint.load(flaky_url(path, after=4096))                # reset part-way through
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SeedError) as caught:
+        checkpoint.load(str(tmp_path / "bad.pt"))
+    assert not isinstance(caught.value, MachineError)
