@@ -28,8 +28,9 @@ DEMO_TEACHER = "data/runs/demo-teacher-moco/teacher.pth"  # what the demo's pre-
 DEMO_CACHE = "data/caches/demo-fashion-mnist.zarr"
 
 
-def _count(least: int) -> Callable[[str], int]:
-    """An argparse type: an integer of at least ``least`` (argparse names the flag and exits 2 otherwise)."""
+def _count(least: int, most: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer of at least ``least`` (and at most ``most``; argparse names the flag and exits
+    2 otherwise)."""
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -37,6 +38,8 @@ def _count(least: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
         if value < least:
             raise argparse.ArgumentTypeError(f"expected an integer of at least {least}, got {value}")
+        if most is not None and value > most:
+            raise argparse.ArgumentTypeError(f"expected an integer of at most {most:,}, got {value:,}")
         return value
     return parse
 
@@ -163,16 +166,19 @@ def build_parser() -> argparse.ArgumentParser:
                                               f"seed inspect {DEMO_CACHE} --verify"))
     inspect.add_argument("cache", help="cache path or URL (a Zarr group)")
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
-    inspect.add_argument("--sample", type=_count(0), default=512, help="views sampled for norm and similarity statistics")
-    inspect.add_argument("--neighbours", metavar="KEY", help="write a PNG of KEY's cached views and nearest bank entries")
+    inspect.add_argument("--sample", type=_count(0, 20_000), default=512,
+                         help="views sampled for norm and similarity statistics (at most 20,000: their n x n "
+                              "similarities are held in memory)")
+    mode = inspect.add_mutually_exclusive_group()  # one report a call; the plain description without them
+    mode.add_argument("--neighbours", metavar="KEY", help="write a PNG of KEY's cached views and nearest bank entries")
     inspect.add_argument("--out", help="PNG path for --neighbours (default: ./<KEY>-neighbours.png)")
-    inspect.add_argument("--plots", metavar="DIR", help="write PNGs: the own view's margin over the nearest other "
-                                                      "image, the top-k mass by rank, neighbour similarities, a PCA scatter")
+    mode.add_argument("--plots", metavar="DIR", help="write PNGs: the own view's margin over the nearest other "
+                                                   "image, the top-k mass by rank, neighbour similarities, a PCA scatter")
     inspect.add_argument("--storage", help="storage.yaml whose storage_options read a URL cache "
                                            "(default: $SEED_STORAGE or ./storage.yaml)")
-    inspect.add_argument("--verify", action="store_true",
-                         help="read every chunk (checksums) and check the completion records against the data; "
-                              "exit 1 naming each problem")
+    mode.add_argument("--verify", action="store_true",
+                      help="read every chunk (checksums) and check the completion records against the data; "
+                           "exit 1 naming each problem")
 
     config = sub.add_parser("config", help="print a commented config template, or a resolved config with each "
                                            "value's origin", formatter_class=raw,
@@ -352,6 +358,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     if args.storage:
         load_storage(args.storage)  # its storage_options apply to the cache's URL
+    if args.out and not args.neighbours:
+        raise SeedError("--out names the PNG of --neighbours KEY; give --neighbours too")
+    if args.json and args.plots:
+        raise SeedError("--json does not combine with --plots, which writes PNGs (it prints their paths)")
 
     if args.verify:
         report = verify(args.cache)
@@ -360,7 +370,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         for problem in report["problems"] if not args.json else []:
             print(f"{args.cache}: {problem}")
         if not report["problems"] and not args.json:
-            print(f"{args.cache}: verified {report['chunks']} chunks and {report['shards']} shard records: no problem")
+            unfinished = ("" if report["status"] == "complete" else
+                          f" (the cache is not complete: {report['shards']} of {report['n_shards']} shards done)")
+            print(f"{args.cache}: verified {report['chunks']} chunks and {report['shards']} shard records: no problem"
+                  + unfinished)
         return 1 if report["problems"] else 0
 
     if args.neighbours:

@@ -595,8 +595,8 @@ def verify(url: str) -> dict[str, Any]:
     N. Per finished shard: the recorded number of valid rows; valid rows with a key, finite
     embeddings of unit norm (float16 rounding allowed) and replay parameters; other rows empty. For
     the bank: entries pointing at valid rows, finite targets in [0, 1] for valid rows. Returns
-    ``{"problems": [...], "chunks": n, "shards": n}``; no problem means the cache reads back as it
-    was written. Chunks a finished shard with valid rows must have and that are not stored are named (zarr would
+    ``{"problems": [...], "chunks": n, "shards": n, "n_shards": n, "status": ...}``; no problem means the cache
+    reads back as it was written. Chunks a finished shard with valid rows must have and that are not stored are named (zarr would
     read them as fill values), from one listing of the cache's files.
     """
     group = cache.open_group(url, "r")
@@ -664,4 +664,4 @@ def verify(url: str) -> dict[str, Any]:
             entry_rows = ids[:, 0]
             if ((entry_rows < 0) | (entry_rows >= len(valid_all))).any() or not valid_all[entry_rows].all():
                 problems.append(f"{node}/ids: entries that are not valid rows of the cache")
-    return {"problems": problems, "chunks": chunks, "shards": len(done)}
+    return {"problems": problems, "chunks": chunks, "shards": len(done), "n_shards": n_shards, "status": a.get("status")}

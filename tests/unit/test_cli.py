@@ -148,3 +148,20 @@ def test_stage_without_config_names_the_demo_cache(command: str, tmp_path: Path,
     default = load_config(None).cache.name
     assert err == (f"seed: error: no cache at {tmp_path / 'caches' / default}.zarr (cache.name={default}); caches there: "
                    f"{demo_name}.zarr (complete; pass -c {os.path.join('configs', 'demo.yaml')})\n")
+
+
+def test_inspect_modes_do_not_combine_and_flags_of_another_mode_are_refused(capsys: pytest.CaptureFixture[str],
+                                                                            tmp_path: Path) -> None:
+    """One report a call: --neighbours, --plots and --verify exclude each other (argparse, exit 2); --out without
+    --neighbours and --json with --plots are refused in one line rather than ignored; --sample is bounded."""
+    cache = str(tmp_path / "c.zarr")
+    with pytest.raises(SystemExit) as exit_:
+        main(["inspect", cache, "--verify", "--plots", str(tmp_path)])
+    assert exit_.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+    assert main(["inspect", cache, "--out", str(tmp_path / "x.png")]) == 2
+    assert capsys.readouterr().err == "seed: error: --out names the PNG of --neighbours KEY; give --neighbours too\n"
+    assert main(["inspect", cache, "--json", "--plots", str(tmp_path)]) == 2
+    assert "--json does not combine with --plots" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["inspect", cache, "--sample", "100000"])
+    assert "expected an integer of at most 20,000, got 100,000" in capsys.readouterr().err
