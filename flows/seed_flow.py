@@ -109,6 +109,17 @@ def shared_teacher(cfg: TeacherConfig, device: str = "") -> tuple[Encoder, LoadR
         return _loaded[key]
 
 
+def release_device_teachers() -> None:
+    """Drop the teachers ``shared_teacher`` moved to a device (the teacher stage's): the stages after it load
+    their own copy where they need one, and a teacher left on the GPU would hold its memory through the
+    students' training."""
+    with _loading:
+        for key in [k for k in _loaded if k[1]]:
+            del _loaded[key]
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _file_identity(path: str | None) -> Any:
     """What tells a rewritten file at ``path`` from the one before: its size and modification time (None for no
     checkpoint or one not on a local file system: a URL is taken as it was first read)."""
@@ -340,7 +351,11 @@ def run_teacher(cfg: RunConfig, storage: Storage, storage_file: str | None, work
         log.info("teacher stage: %d of %d shards already done; embedding the other %d", len(done), len(plan.urls), len(todo))
     progress = _progress("teacher-progress", f"teacher stage: {len(done)} of {len(plan.urls)} shards embedded")
     if dask_address:
-        from prefect_dask import DaskTaskRunner  # optional: pip install seed-distill[dask]
+        try:
+            from prefect_dask import DaskTaskRunner  # optional: pip install seed-distill[dask]
+        except ImportError as exc:
+            raise SeedError(f"dask_address={dask_address} needs prefect-dask, which is not installed: "
+                            "pip install 'seed-distill[dask]'") from exc
 
         runner: Any = DaskTaskRunner(address=dask_address)
         teacher_shards.with_options(task_runner=runner)(to_dict(cfg), storage_file, dataclasses.asdict(plan), todo,
@@ -536,6 +551,7 @@ def seed(config: str = DEFAULT_CONFIG, overrides: list[str] | None = None,
     if "teacher" in wanted:
         banner("teacher")
         result["teacher"] = run_teacher(cfg, store, storage, teacher_workers, dask_address)
+        release_device_teachers()
         url = store.cache_url(cfg.cache.name)
         info = cache.attributes(cache.open_group(url, "r"))
         create_table_artifact([{"cache": url, "N": info["N"], "V": info["V"], "D": info["D"], **info["totals"]}],

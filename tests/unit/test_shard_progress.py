@@ -102,6 +102,12 @@ def test_the_shared_teacher_is_loaded_again_when_its_file_is_rewritten(tmp_path)
     second, _ = shared_teacher(cfg)
     assert second is not first
     assert not torch.equal(next(second.parameters()), next(first.parameters()))
+    # the teacher stage's copy, moved to its device, is dropped after the stage; the plain one stays
+    from flows.seed_flow import release_device_teachers
+
+    on_device, _ = shared_teacher(cfg, "cpu")
+    release_device_teachers()
+    assert shared_teacher(cfg)[0] is second and shared_teacher(cfg, "cpu")[0] is not on_device
 
 
 def test_a_complete_caches_totals_read_as_words_for_the_cli_and_the_flow() -> None:
