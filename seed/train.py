@@ -111,6 +111,13 @@ def train(members: Sequence[Member], objective: Objective, urls: Sequence[str], 
     lr = warmup_cosine(o.base_lr * o.batch_size * world / 256, o.epochs, steps, o.warmup_epochs)
     writer_class = tensorboard_writer(tensorboard, [m.out for m in members])
     start_epoch = _resume(members, objective, {"world": world, "steps_per_epoch": steps}) if resume else 0
+    if resume and dist.is_initialized():  # each rank read the checkpoints itself: they must have read the same ones
+        epochs: list[Any] = [None] * world
+        dist.all_gather_object(epochs, start_epoch)
+        if len(set(epochs)) > 1:
+            raise SeedError(f"the ranks resumed from different epochs (rank by rank: {epochs}): they do not see the "
+                            "same checkpoints, so the runs root is not one file system or bucket for every node; "
+                            "point every node's storage.yaml at a shared runs root")
     metrics: list[dict[str, Any]] = list(members[0].history)
     # a restart at step s drops the steps >= s that an interrupted attempt had written; a fresh run drops them all
     if writer_class is not None and rank == 0 and start_epoch == 0:

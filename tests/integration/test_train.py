@@ -567,6 +567,41 @@ def test_torchrun_by_hand_across_two_nodes_trains_what_one_node_does(prepared, t
     assert all(torch.equal(theirs["model"][k], v) for k, v in ours["model"].items())
 
 
+def test_nodes_that_see_different_checkpoints_refuse_to_resume(prepared, tmp_path: Path) -> None:
+    """Two nodes whose storage.yaml name different runs roots (not one shared file system): node 0 finds the run's
+    epoch-1 checkpoint, node 1 none. Resuming, the ranks compare the epochs they read and both stop in one line,
+    instead of training from different epochs and weights."""
+    import os
+
+    from seed.config import write_run_files
+    from seed.storage import Storage
+
+    _, storage, _ = prepared
+    sets = ("train.device=cpu", "train.optim.batch_size=25", "train.run=split")
+    student_stage.launch(_cfg(prepared, *sets, "train.nproc=2", "train.optim.epochs=1"), storage, on_line=lambda line: None)
+    cfg = _cfg(prepared, *sets, "train.nproc=1", "train.optim.epochs=2")
+    path = str(storage.student_checkpoint("split", "mobilenetv3_small_050"))
+    state = checkpoint.load(path)  # as if made by these two nodes (the same 2 ranks), stopped after epoch 1 of 2
+    state["config"]["train"]["nproc"], state["config"]["train"]["optim"]["epochs"] = 1, 2
+    checkpoint.save(state, path)
+    elsewhere = Storage(shards=storage.shards, caches=storage.caches, runs=str(tmp_path / "runs-b"),
+                        reports=storage.reports)
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    files = [write_run_files(cfg, s, str(tmp_path / name)) for s, name in ((storage, "a"), (elsewhere, "b"))]
+    port = free_port()
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                               f"--node_rank={node}", "--master_addr=127.0.0.1", f"--master_port={port}", "-m",
+                               "pipeline.cli", "student", "-c", config, "--storage", roots, "--resume"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"})
+             for node, (config, roots) in enumerate(files)]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert all(node.returncode != 0 for node in nodes), outputs
+    assert all("the ranks resumed from different epochs (rank by rank: [1, 0])" in out for out in outputs), outputs
+    assert checkpoint.load(path)["epoch"] == 1
+
+
 def test_a_ranks_mistake_is_the_users_and_not_the_machines(prepared) -> None:
     """Ranks that stop on a user's mistake (here a bank built with other parameters, which only the ranks open)
     fail the launch with a ``SeedError`` quoting their line, which the flow does not retry; a rank killed or
