@@ -666,17 +666,18 @@ def run(cfg: RunConfig, storage: Storage, *, overwrite: bool = False, shards: li
                         "are writing; make the cache again once (seed teacher --overwrite, or delete it), then start "
                         "the --shards workers")
 
+    if shards is not None:  # before the teacher is loaded and the shards counted
+        n = len(expand_urls(storage.resolve("shards", cfg.data.train)))
+        bad = sorted({s for s in shards if not 0 <= s < n})
+        twice = sorted({s for s in shards if shards.count(s) > 1})
+        if bad or twice:
+            raise SeedError(f"--shards: {'indices out of range 0..' + str(n - 1) + ': ' + str(bad) if bad else ''}"
+                            f"{'; ' if bad and twice else ''}{'repeated: ' + str(twice) if twice else ''}")
     teacher, report = load(cfg.teacher)
     plan, group = prepare(cfg, storage, teacher, report, overwrite=overwrite, coordinator=shards is None and tidy)
     device = resolve_device(cfg.cache.device)
     if device.type == "cpu":
         set_cpu_threads(cpu_threads(group))
-    if shards is not None:
-        bad = sorted({s for s in shards if not 0 <= s < len(plan.urls)})
-        twice = sorted({s for s in shards if shards.count(s) > 1})
-        if bad or twice:
-            raise SeedError(f"--shards: {'indices out of range 0..' + str(len(plan.urls) - 1) + ': ' + str(bad) if bad else ''}"
-                            f"{'; ' if bad and twice else ''}{'repeated: ' + str(twice) if twice else ''}")
     todo_all = range(len(plan.urls)) if shards is None else shards
     done = set(cache.done_shards(group))
     todo = [s for s in todo_all if s not in done]

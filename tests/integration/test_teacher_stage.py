@@ -426,10 +426,13 @@ def test_other_config_is_refused_with_fields_named(clean, tmp_path: Path, moco_c
     assert zarr.open_group(url, mode="r").attrs["status"] == "complete"  # untouched
     # the same config is a no-op: every shard is already done
     assert stage.run(cfg, storage, progress=False).embedded == ()
+    def never(_):  # type: ignore[no-untyped-def]  # refused before the teacher is loaded or a shard counted
+        raise AssertionError("the teacher was loaded")
+
     with pytest.raises(SeedError, match=r"--shards: repeated: \[1\]"):
-        stage.run(cfg, storage, shards=[1, 1], progress=False)
+        stage.run(cfg, storage, shards=[1, 1], progress=False, load=never)
     with pytest.raises(SeedError, match=r"--shards: indices out of range 0\.\.5: \[6\]"):
-        stage.run(cfg, storage, shards=[6], progress=False)
+        stage.run(cfg, storage, shards=[6], progress=False, load=never)
 
 
 def test_a_cache_begun_on_another_kind_of_device_is_named(clean, tmp_path: Path, shards_root: Path,
