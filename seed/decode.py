@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
@@ -24,6 +25,7 @@ import torch
 from seed.shards import Sample, decode_image
 
 JPEG_EXTS = ("jpg", "jpeg")
+log = logging.getLogger(__name__)
 
 
 class Decoder:
@@ -31,7 +33,7 @@ class Decoder:
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.gpu = device.type == "cuda"
+        self.gpu = device.type == "cuda" and nvjpeg_available()
 
     @property
     def name(self) -> str:
@@ -89,6 +91,21 @@ class Decoder:
         return images
 
 
+def nvjpeg_available() -> bool:
+    """Whether this torchvision has ``decode_jpeg`` (it deprecates its decoders: one that drops it leaves the GPU
+    path to PIL, said once, rather than failing at the first batch)."""
+    global _warned
+    try:
+        from torchvision.io import decode_jpeg  # noqa: F401
+    except ImportError as exc:
+        if not _warned:
+            _warned = True
+            log.warning("torchvision.io.decode_jpeg is not available (%s): images decode with PIL on the CPU", exc)
+        return False
+    return True
+
+
+_warned = False
 _streams: dict[torch.device, torch.cuda.Stream] = {}
 
 
