@@ -442,7 +442,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         except yaml.YAMLError as exc:
             problem = str(getattr(exc, "problem", None) or exc).splitlines()[0]
             raise SeedError(f"override {item!r}: the value is not valid YAML ({problem}); a text value with braces, "
-                            f"commas or colons goes in YAML quotes: --set '{path.strip()}=\"...\"'") from None
+                            f"commas or colons goes in YAML quotes (--set '{path.strip()}=\"...\"'), a list or mapping "
+                            f"in YAML's flow style (--set 'train.students=[{{arch: resnet18}}]')") from None
     return data
 
 

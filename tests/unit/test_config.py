@@ -223,7 +223,8 @@ def test_negative_seeds_are_refused_by_name(key: str) -> None:
 
 def test_an_override_whose_value_is_not_yaml_is_named() -> None:
     with pytest.raises(SeedError, match=r"override 'train.students=\[\{arch: x\}': the value is not valid YAML .*"
-                                        r"goes in YAML quotes: --set 'train.students=\"...\"'"):
+                                        r"goes in YAML quotes \(--set 'train.students=\"...\"'\), a list or mapping "
+                                        r"in YAML's flow style \(--set 'train.students=\[\{arch: resnet18\}\]'\)"):
         load_config(None, ["train.students=[{arch: x}"])
 
 
