@@ -17,7 +17,12 @@ fi
 
 echo "== 2/4 Prefect server on 127.0.0.1:$PORT (state in $PREFECT_HOME)"
 if healthy; then
-    echo "server already up"
+    if alive "$PREFECT_HOME/server.pid"; then
+        echo "server already up (pid $(cat "$PREFECT_HOME/server.pid"))"
+    else  # another checkout's or user's: its state is not in this PREFECT_HOME
+        echo "WARNING: a Prefect server this demo did not start answers on 127.0.0.1:$PORT; using it (set" \
+             "SEED_PREFECT_PORT to give this checkout its own)" >&2
+    fi
 else
     # setsid: the server and its workers form one process group, stopped through the recorded pid
     setsid nohup "$BIN/prefect" server start --host 127.0.0.1 --port "$PORT" > "$PREFECT_HOME/server.log" 2>&1 &
