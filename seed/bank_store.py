@@ -41,7 +41,6 @@ from seed.errors import SeedError
 FORMAT_VERSION = 2  # 2: every chunk checksummed (crc32c); 1 still opens for training
 READABLE_VERSIONS = (1, 2)
 NAME = "bank"
-_PROGRESS = "progress"  # the sub-group of the row blocks' records
 # Bank parameters that do not change the stored values (how fast, and how much is measured).
 _NOT_FIELDS = ("batch_size", "kl_sample")
 
@@ -246,24 +245,13 @@ def write_targets(bank: zarr.Group, rows: slice, cols: np.ndarray, logp: np.ndar
     cache.array(bank, "logp")[rows] = logp.astype(np.float16)
     cache.array(bank, "mass")[rows] = mass
     if shard is not None:
-        bank.create_group(f"{_PROGRESS}/{shard:06d}", overwrite=True, attributes={**(record or {}), "done": True})
+        bank.create_group(cache.progress_name(shard), overwrite=True, attributes={**(record or {}), "done": True})
 
 
 def done_blocks(bank: zarr.Group) -> dict[int, dict[str, Any]]:
-    """The records of the row blocks written so far, by input shard."""
-    if _PROGRESS not in bank:
-        return {}
-    try:
-        records = {int(name): cache.attributes(node) for name, node in cache.subgroup(bank, _PROGRESS).groups()}
-    except ValueError:  # a record left empty by a host crash: read them one by one, that block made again
-        mass = cache.array(bank, "mass")
-        records = {}
-        for s in range(-(-int(mass.shape[0]) // int(mass.chunks[0]))):
-            try:
-                records[s] = cache.attributes(bank[f"{_PROGRESS}/{s:06d}"])
-            except (KeyError, ValueError):
-                continue
-    return {s: r for s, r in records.items() if r.get("done")}
+    """The records of the row blocks written so far, by input shard (as the cache's shards are recorded)."""
+    mass = cache.array(bank, "mass")
+    return cache.records(bank, count=-(-int(mass.shape[0]) // int(mass.chunks[0])))
 
 
 def complete(bank: zarr.Group, summary: dict[str, Any]) -> None:

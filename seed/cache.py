@@ -314,7 +314,7 @@ def progress_name(shard: int) -> str:
 
 def shard_record(group: zarr.Group, shard: int) -> dict[str, Any] | None:
     """The completion record of a shard, or None when it is not done (or its record does not parse: a host that
-    crashed as it was written can leave it empty; the shard is then embedded again, which rewrites it)."""
+    crashed as it was written can leave it empty; the shard is then made again, which rewrites it)."""
     try:
         node = group[progress_name(shard)]
     except KeyError:
@@ -340,8 +340,10 @@ def listed_records(url: str) -> set[int]:
     return {int(n) for n in last if n.isdigit()}
 
 
-def records(group: zarr.Group) -> dict[int, dict[str, Any]]:
-    """Every done shard's completion record, by shard, each read once."""
+def records(group: zarr.Group, count: int | None = None) -> dict[int, dict[str, Any]]:
+    """Every done shard's completion record under ``group``'s ``progress/``, by shard, each read once (``count``:
+    how many shards there can be, the cache's ``n_shards`` by default; a bank's target blocks are recorded the
+    same way). A record that does not parse counts as not done (``shard_record``)."""
     if "progress" not in group:
         return {}
     progress = subgroup(group, "progress")
@@ -349,11 +351,8 @@ def records(group: zarr.Group) -> dict[int, dict[str, Any]]:
         found = {int(name): attributes(node) for name, node in progress.groups()}
         return {s: found[s] for s in sorted(found) if found[s].get("done")}
     except ValueError:  # a record that does not parse: read them one by one, that one counted as not done
-        out = {}
-        for s in range(int(attributes(group)["n_shards"])):
-            if (record := shard_record(group, s)) is not None:
-                out[s] = record
-        return out
+        n = int(attributes(group)["n_shards"]) if count is None else count
+        return {s: record for s in range(n) if (record := shard_record(group, s)) is not None}
 
 
 def done_shards(group: zarr.Group) -> list[int]:
