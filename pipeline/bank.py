@@ -120,9 +120,9 @@ def _build(group: zarr.Group, b: BankConfig, rotation: int, ids: np.ndarray, val
         if s in done:  # written before the cut: its views count as made; the fidelity's sampled ones read back
             on_views(int(ok.sum()) * V)
             if sample.wants(s * cap, cap):
-                t = bank_store.Bank(bank).targets(rows)
-                sample.take(s * cap, cache.read(group, "embeddings", rows), t["cols"], t["logp"],
-                            bank_store.Bank(bank).mass(rows))
+                kept = bank_store.Bank(bank)
+                t = kept.targets(rows)
+                sample.take(s * cap, cache.read(group, "embeddings", rows), t["cols"], t["logp"], kept.mass(rows))
             continue
         out_idx = np.full((cap, V, b.topk), -1, np.int32)
         out_logp = np.full((cap, V, b.topk), np.nan, np.float16)

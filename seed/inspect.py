@@ -596,8 +596,8 @@ def verify(url: str) -> dict[str, Any]:
     embeddings of unit norm (float16 rounding allowed) and replay parameters; other rows empty. For
     the bank: entries pointing at valid rows, finite targets in [0, 1] for valid rows. Returns
     ``{"problems": [...], "chunks": n, "shards": n, "n_shards": n, "status": ...}``; no problem means the cache
-    reads back as it was written. Chunks a finished shard with valid rows must have and that are not stored are named (zarr would
-    read them as fill values), from one listing of the cache's files.
+    reads back as it was written. Chunks a finished shard with valid rows must have and that are not stored are
+    named (zarr would read them as fill values), from one listing of the cache's files.
     """
     group = cache.open_group(url, "r")
     fs, path = filesystem(url)
