@@ -481,6 +481,20 @@ def _run(args: argparse.Namespace) -> int:
         # the machine, not the user: a full disk, a lost mount, a refused connection
         sys.stderr.write(f"seed: error: {exc}; what was finished is kept, re-run once it is fixed\n")
         return 1
+    except Exception as exc:
+        if not _no_credentials(exc):
+            raise
+        sys.stderr.write(f"seed: error: object storage: {exc} (botocore {type(exc).__name__}); give credentials as "
+                         "boto does (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, ~/.aws/credentials, or "
+                         "storage_options in storage.yaml)\n")
+        return 2
+
+
+def _no_credentials(exc: BaseException) -> bool:
+    """Whether ``exc`` is botocore's word that no (or only part of the) credentials were found: the user's to
+    give, said in one line (s3fs lets it through as it is)."""
+    return type(exc).__module__.startswith("botocore") and type(exc).__name__ in ("NoCredentialsError",
+                                                                                   "PartialCredentialsError")
 
 
 PATH_MISTAKES = {  # errno: what the user is told, for an OSError that says a path given has the wrong shape (not

@@ -54,3 +54,22 @@ def test_pipeline_on_s3(s3_env: str, shards_root: Path, moco_checkpoint: Path) -
     info = describe(url)
     assert info["bytes"]["on_disk"] > 0 and info["shards"] == {"done": 3, "total": 3}
     assert not any(k.startswith("AWS") for k in str(group.attrs.asdict()))  # no credentials in the cache
+
+
+def test_no_credentials_for_object_storage_is_one_line(s3_endpoint: str) -> None:
+    """``seed inspect s3://...`` with no credentials anywhere boto looks: one line saying where to give them,
+    exit 2 (before, botocore's traceback of about 80 lines, exit 1)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env |= {"AWS_ENDPOINT_URL": s3_endpoint, "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
+            "AWS_SHARED_CREDENTIALS_FILE": os.devnull, "AWS_CONFIG_FILE": os.devnull}
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "inspect", "s3://seed-test/caches/x.zarr"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines() == [
+        "seed: error: object storage: Unable to locate credentials (botocore NoCredentialsError); give credentials "
+        "as boto does (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, ~/.aws/credentials, or storage_options in "
+        "storage.yaml)"], out.stderr
