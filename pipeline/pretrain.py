@@ -110,17 +110,19 @@ def build(p: PretrainConfig, n_classes: int = 0) -> Encoder:
     return Encoder.for_backbone(backbone, nn.Linear(feature_dim(backbone), n_classes))
 
 
-def resumable(cfg: RunConfig, storage: Storage) -> int:
-    """The epoch an interrupted pre-training of these settings can continue from (0: none, or it finished)."""
+def resumable(cfg: RunConfig, storage: Storage, what: dict[str, Any] | None = None) -> int:
+    """The epoch an interrupted pre-training of these settings can continue from (0: none, or it finished);
+    ``what``: its ``trains``, when the caller has them."""
     p = cfg.pretrain
     url = join(storage.resolve("runs", p.name), p.method, "checkpoint.pt")
     if not checkpoint.exists(url):
         return 0
-    urls = expand_urls(storage.resolve("shards", cfg.data.train))
+    if what is None:
+        urls = expand_urls(storage.resolve("shards", cfg.data.train))
+        what = trains(cfg, urls, shard_lengths(urls, record=storage.shard_lengths_record(), damaged=cfg.data.damaged))
     state = checkpoint.load(url)
-    lengths = shard_lengths(urls, record=storage.shard_lengths_record(), damaged=cfg.data.damaged)
     epoch = int(state.get("epoch", 0))
-    return epoch if state.get("trains") == trains(cfg, urls, lengths) and epoch < p.optim.epochs else 0
+    return epoch if state.get("trains") == what and epoch < p.optim.epochs else 0
 
 
 def run(cfg: RunConfig, storage: Storage, *, resume: bool = False, progress: bool = True,
@@ -148,7 +150,7 @@ def run(cfg: RunConfig, storage: Storage, *, resume: bool = False, progress: boo
         resume = False
     elif resume and rank == 0 and not checkpoint.exists(member.checkpoint):
         log.warning("--resume: pre-training %s has no epoch checkpoint yet; training from the first epoch", p.name)
-    elif not resume and rank == 0 and (start := resumable(cfg, storage)):
+    elif not resume and rank == 0 and (start := resumable(cfg, storage, what)):
         log.warning("pre-training %s stopped after epoch %d of %d with these settings; starting again from the first "
                     "epoch as asked (pass --resume to continue, the flow does)", p.name, start, p.optim.epochs)
     objective: Objective = (
