@@ -229,7 +229,7 @@ def _retrying() -> bool:
 def pretrain_teacher(cfg_data: dict[str, Any], storage_file: str | None) -> pretrain_stage.PretrainResult:
     """MoCo-v2 pre-training when the config names no teacher checkpoint (reused when already made). A pre-training
     of the same settings that stopped part-way (a crashed attempt, retried once, or an earlier run of the flow)
-    continues from its last epoch checkpoint."""
+    continues from its last checkpoint (an epoch's end, or a step inside one)."""
     log = get_run_logger()
     cfg = _cfg(cfg_data)
     epochs = cfg.pretrain.optim.epochs
@@ -243,8 +243,8 @@ def pretrain_teacher(cfg_data: dict[str, Any], storage_file: str | None) -> pret
     storage = load_storage(storage_file)
     start = pretrain_stage.resumable(cfg, storage)
     if start:
-        log.info("pre-training %s continues from its epoch %d checkpoint", cfg.pretrain.name, start)
-    result = pretrain_stage.run(cfg, storage, resume=start > 0 or _retrying(), progress=False, on_epoch=on_epoch)
+        log.info("pre-training %s continues from its checkpoint at %s", cfg.pretrain.name, start)
+    result = pretrain_stage.run(cfg, storage, resume=bool(start) or _retrying(), progress=False, on_epoch=on_epoch)
     if result.skipped:
         update_progress_artifact(progress, 100.0, description=f"pre-training {cfg.pretrain.name}: reused")
     log.info(("reusing the teacher made earlier: " if result.skipped else "teacher written: ") + result.checkpoint)
@@ -387,7 +387,8 @@ def train_students(cfg_data: dict[str, Any], storage_file: str | None) -> studen
     """The students, in this process or, with ``train.nproc`` > 1, in ranks started by torchrun.
 
     A crashed attempt (a rank killed, a node rebooted) is retried once by Prefect; every attempt,
-    and every re-run of the flow, continues from the last epoch checkpoint of the same config.
+    and every re-run of the flow, continues from the last checkpoint of the same config (an epoch's end, or a
+    step inside one: ``train.checkpoint_steps``).
     """
     log = get_run_logger()
     cfg, storage = _cfg(cfg_data), load_storage(storage_file)
@@ -398,8 +399,8 @@ def train_students(cfg_data: dict[str, Any], storage_file: str | None) -> studen
         return done
     start = student_stage.resumable(cfg, storage)
     if start:
-        log.info("student stage: run %s continues from its epoch %d checkpoints", cfg.train.run, start)
-    progress = _progress("student-progress", f"student run {cfg.train.run}: {start} of {epochs} epochs")
+        log.info("student stage: run %s continues from its checkpoints at %s", cfg.train.run, start)
+    progress = _progress("student-progress", f"student run {cfg.train.run}: {start.epoch} of {epochs} epochs")
 
     def on_epoch(epoch: int, row: dict[str, Any]) -> None:
         update_progress_artifact(progress, 100.0 * (epoch + 1) / epochs,
@@ -409,9 +410,9 @@ def train_students(cfg_data: dict[str, Any], storage_file: str | None) -> studen
     nproc = student_stage.processes(cfg)
     if nproc > 1:
         log.info("student stage: %d processes (torchrun)", nproc)
-        result = student_stage.launch(cfg, storage, resume=start > 0, on_epoch=on_epoch, on_line=log.info)
+        result = student_stage.launch(cfg, storage, resume=bool(start), on_epoch=on_epoch, on_line=log.info)
     else:
-        result = student_stage.run(cfg, storage, resume=start > 0, progress=False, on_epoch=on_epoch, load=shared_teacher)
+        result = student_stage.run(cfg, storage, resume=bool(start), progress=False, on_epoch=on_epoch, load=shared_teacher)
     create_table_artifact([{"epoch": m["epoch"], "seconds": m["seconds"], "images_per_s": m["images_per_s"],
                             "teacher_forwards": m["teacher_forwards"], **{f"loss {k}": loss_text(v) for k, v in m["loss"].items()}}
                            for m in result.metrics], key="student-metrics", description=f"run {cfg.train.run}")

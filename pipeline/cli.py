@@ -140,7 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
                                               f"seed student -c {DEMO} --set train.run=online --set train.mode=online "
                                               f"--set teacher.checkpoint={DEMO_TEACHER}"))
     _common_run(student)
-    student.add_argument("--resume", action="store_true", help="continue from the last epoch checkpoints")
+    student.add_argument("--resume", action="store_true",
+                         help="continue from the last checkpoints (every epoch's end, and every train.checkpoint_steps "
+                              "steps)")
     student.add_argument("--events", action="store_true",
                          help="print one machine-readable line per finished epoch instead of progress bars "
                               "(how the ranks report to a launcher)")
@@ -150,7 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                f"seed pretrain -c {DEMO} --set pretrain.method=supervised --set pretrain.name=demo-teacher-sup",
                                                f"seed pretrain -c {DEMO} --resume"))
     _common_run(pretrain)
-    pretrain.add_argument("--resume", action="store_true", help="continue from the last epoch checkpoint")
+    pretrain.add_argument("--resume", action="store_true",
+                          help="continue from the last checkpoint (every epoch's end, and every "
+                               "pretrain.checkpoint_steps steps)")
 
     evaluate = sub.add_parser("evaluate", help="kNN and linear probe of teacher, students and baselines; writes the report",
                               formatter_class=raw, epilog=_examples(

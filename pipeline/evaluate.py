@@ -217,9 +217,10 @@ def _student_note(path: str, state: dict[str, Any], cfg: RunConfig, attrs: dict[
                         f"{cfg.cache.name} ({attrs['fingerprint'][:12]}); train it again, or name its cache")
     epochs, planned = int(state["epoch"]), cfg.train.optim.epochs
     if epochs < planned:
-        log.warning("%s: stopped after %d of %d epochs; its row says so (seed student --resume finishes it)", path,
-                    epochs, planned)
-        return f"{epochs} of {planned} epochs (unfinished)"
+        steps = int(state.get("step", 0))  # a checkpoint written inside the next epoch
+        done = f"{epochs} of {planned} epochs" + (f" and {steps:,} steps" if steps else "")
+        log.warning("%s: stopped after %s; its row says so (seed student --resume finishes it)", path, done)
+        return f"{done} (unfinished)"
     return f"{epochs} epochs"
 
 

@@ -191,7 +191,8 @@ def _load(run_dir: str, name: str, fmt: str) -> _Loaded:
                         "export it with format safetensors, whose config.json lists these changes")
     epochs = _planned_epochs(state)
     if int(state["epoch"]) < epochs:
-        log.warning("%s: exporting epoch %d of %d (the run has not finished)", url, int(state["epoch"]), epochs)
+        log.warning("%s: exporting %s of a %d-epoch run (the run has not finished)", url,
+                    checkpoint.Position.of(state), epochs)
     return _Loaded(name, url, model, state, changes)
 
 

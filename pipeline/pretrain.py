@@ -9,6 +9,7 @@ MoCo-v2-only student baseline that SEED is compared against.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 from collections.abc import Callable
@@ -18,12 +19,13 @@ import torch
 from torch import nn
 
 from seed import cache, checkpoint
+from seed.checkpoint import Position
 from seed.config import PretrainConfig, RunConfig, TeacherConfig, outcome, to_dict
 from seed.data import FreshViews, rank_shards, sampled_label_mix
 from seed.devices import join_process_group, resolve_device
 from seed.errors import SeedError
 from seed.models import Encoder, create_backbone, feature_dim, mlp_encoder
-from seed.objectives import Objective, Queue, create_objective
+from seed.objectives import Objective, ObjectiveFactory, Queue, create_objective
 from seed.shards import Damaged, classes_from_info, damage_handler, expand_urls, iter_shard, shard_lengths
 from seed.storage import Storage, join
 from seed.teachers import save_moco_checkpoint
@@ -110,24 +112,26 @@ def build(p: PretrainConfig, n_classes: int = 0) -> Encoder:
     return Encoder.for_backbone(backbone, nn.Linear(feature_dim(backbone), n_classes))
 
 
-def resumable(cfg: RunConfig, storage: Storage, what: dict[str, Any] | None = None) -> int:
-    """The epoch an interrupted pre-training of these settings can continue from (0: none, or it finished);
+def resumable(cfg: RunConfig, storage: Storage, what: dict[str, Any] | None = None) -> Position:
+    """Where an interrupted pre-training of these settings can continue from (false: none, or it finished);
     ``what``: its ``trains``, when the caller has them."""
     p = cfg.pretrain
     url = join(storage.resolve("runs", p.name), p.method, "checkpoint.pt")
     if not checkpoint.exists(url):
-        return 0
+        return Position()
     if what is None:
         urls = expand_urls(storage.resolve("shards", cfg.data.train))
         what = trains(cfg, urls, shard_lengths(urls, record=storage.shard_lengths_record(), damaged=cfg.data.damaged))
     state = checkpoint.load(url)
-    epoch = int(state.get("epoch", 0))
-    return epoch if state.get("trains") == what and epoch < p.optim.epochs else 0
+    at = Position.of(state)
+    return at if state.get("trains") == what and at.epoch < p.optim.epochs else Position()
 
 
 def run(cfg: RunConfig, storage: Storage, *, resume: bool = False, progress: bool = True,
-        on_epoch: Callable[[int, dict[str, Any]], None] | None = None) -> PretrainResult:
-    """Train and export the teacher; a finished export with the same config is reused."""
+        on_epoch: Callable[[int, dict[str, Any]], None] | None = None,
+        objective: ObjectiveFactory | None = None) -> PretrainResult:
+    """Train and export the teacher; a finished export with the same config is reused. ``objective`` replaces the
+    registered class of ``pretrain.method`` (the tests' way to stop a run at a chosen step)."""
     p = cfg.pretrain
     out = storage.resolve("runs", p.name)
     path = storage.pretrained_teacher(p.name)
@@ -145,28 +149,29 @@ def run(cfg: RunConfig, storage: Storage, *, resume: bool = False, progress: boo
     member = make_member(p.method, model, join(out, p.method), optim=p.optim, device=device,
                          meta={"arch": p.arch, "config": to_dict(cfg), "trains": what})
     if resume and checkpoint.exists(member.checkpoint) and checkpoint.load(member.checkpoint).get("trains") != what:
-        log.warning("%s is an epoch checkpoint of other pre-training settings (pretrain section, shards or views); "
+        log.warning("%s is a checkpoint of other pre-training settings (pretrain section, shards or views); "
                     "pre-training %s starts again", member.checkpoint, p.name)
         resume = False
     elif resume and rank == 0 and not checkpoint.exists(member.checkpoint):
-        log.warning("--resume: pre-training %s has no epoch checkpoint yet; training from the first epoch", p.name)
+        log.warning("--resume: pre-training %s has no checkpoint yet; training from the first epoch", p.name)
     elif not resume and rank == 0 and (start := resumable(cfg, storage, what)):
-        log.warning("pre-training %s stopped after epoch %d of %d with these settings; starting again from the first "
+        log.warning("pre-training %s stopped at %s of %d with these settings; starting again from the first "
                     "epoch as asked (pass --resume to continue, the flow does)", p.name, start, p.optim.epochs)
-    objective: Objective = (
-        create_objective("moco", model=member.model, queue=Queue(p.queue, p.dim, device, p.seed),
-                         momentum=p.key_momentum, temperature=p.temperature, shuffle_bn=p.shuffle_bn,
-                         seed=p.seed)
-        if p.method == "moco" else create_objective("supervised"))
-    source = pretraining_views(cfg, objective.n_views)
+    make = objective or functools.partial(create_objective, p.method)
+    method: Objective = (
+        make(model=member.model, queue=Queue(p.queue, p.dim, device, p.seed), momentum=p.key_momentum,
+             temperature=p.temperature, shuffle_bn=p.shuffle_bn, seed=p.seed)
+        if p.method == "moco" else make())
+    source = pretraining_views(cfg, method.n_views)
     if rank == 0 and (note := view_overlap_note(cfg)):
         log.warning(note)
     if rank == 0 and (note := cache.shard_mix_note(sampled_label_mix(urls, lengths), p.loader.shuffle_buffer,
                                                    "pretrain.loader.shuffle_buffer")):
         log.warning("%s: %s", cfg.data.train, note)
     rank_counts = [sum(lengths[i] for i in rank_shards(len(urls), r, world)) for r in range(world)]
-    loop = Loop(optim=p.optim, loader=p.loader, seed=p.seed, resolution=cfg.cache.resolution, recipe=cfg.cache.recipe)
-    metrics = train([member], objective, urls, source, rank_counts, loop, device=device, resume=resume,
+    loop = Loop(optim=p.optim, loader=p.loader, seed=p.seed, resolution=cfg.cache.resolution, recipe=cfg.cache.recipe,
+                checkpoint_steps=p.checkpoint_steps)
+    metrics = train([member], method, urls, source, rank_counts, loop, device=device, resume=resume,
                     progress=progress, on_epoch=on_epoch)
     if rank == 0:
         encoder = model.cpu()

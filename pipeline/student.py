@@ -34,6 +34,7 @@ import torch
 import yaml
 
 from seed import bank_store, cache, checkpoint
+from seed.checkpoint import Position
 from seed.views import Recipe, recipe_fields
 from seed.config import RunConfig, from_dict, outcome, to_dict, write_run_files
 from seed.data import CachedSource, FreshViews, Source, rank_shards
@@ -103,7 +104,7 @@ def run(cfg: RunConfig, storage: Storage, *, resume: bool = False, progress: boo
     if resume:
         _check_resume(cfg, storage, rank, world)
     elif rank == 0 and (start := resumable(cfg, storage)):
-        log.warning("student run %s stopped after epoch %d of %d with these settings; training again from the first "
+        log.warning("student run %s stopped at %s of %d with these settings; training again from the first "
                     "epoch as asked (pass --resume to continue; the flow does)", t.run, start, t.optim.epochs)
     urls = expand_urls(storage.resolve("shards", cfg.data.train))
     meta: dict[str, Any] = {"mode": t.mode, "config": to_dict(cfg), "against": trained_against(cfg)}
@@ -160,7 +161,8 @@ def run(cfg: RunConfig, storage: Storage, *, resume: bool = False, progress: boo
         members.append(make_member(s.label, model, join(out, s.label), optim=t.optim, device=device,
                                    meta={**meta, "arch": s.arch, "small_input": s.small_input, "dim": dim}))
     rank_counts = [sum(per_shard[i] for i in rank_shards(len(urls), r, world)) for r in range(world)]
-    loop = Loop(optim=t.optim, loader=t.loader, seed=t.seed, resolution=resolution, recipe=recipe)
+    loop = Loop(optim=t.optim, loader=t.loader, seed=t.seed, resolution=resolution, recipe=recipe,
+                checkpoint_steps=t.checkpoint_steps)
     if rank == 0:
         write_text(join(out, "config.yaml"), yaml.safe_dump(to_dict(cfg), sort_keys=True))
     metrics = train(members, obj, urls, data, rank_counts, loop, device=device, resume=resume,
@@ -277,18 +279,18 @@ def completed(cfg: RunConfig, storage: Storage) -> StudentResult | None:
                          skipped=True)
 
 
-def resumable(cfg: RunConfig, storage: Storage) -> int:
-    """The epoch a crashed or interrupted run of this config can continue from (0: start afresh).
+def resumable(cfg: RunConfig, storage: Storage) -> Position:
+    """Where a crashed or interrupted run of this config can continue from (false: start afresh).
 
-    Every student must have a checkpoint of this config (and cache and bank) at the same epoch,
+    Every student must have a checkpoint of this config (and cache and bank) at the same position,
     short of ``optim.epochs``.
     """
     states = _checkpoints(cfg, storage)
-    epochs = {int(s.get("epoch", 0)) for s in states or []}
-    if len(epochs) != 1:
-        return 0
-    epoch = epochs.pop()
-    return epoch if epoch < cfg.train.optim.epochs else 0
+    positions = {Position.of(s) for s in states or []}
+    if len(positions) != 1:
+        return Position()
+    at = positions.pop()
+    return at if at.epoch < cfg.train.optim.epochs else Position()
 
 
 def processes(cfg: RunConfig) -> int:

@@ -1,12 +1,14 @@
 """Checkpoints: written atomically (temp file, then rename or single PUT) on local paths or fsspec URLs.
 
 A training checkpoint holds everything a run needs to continue exactly: model, optimiser, the
-objective's state (queues, key encoder), the epoch, the RNG state, the metrics so far and the
-run's metadata (config, cache and bank fingerprints, architecture).
+objective's state (queues, key encoder), where it stands (``Position``: the epochs finished, and the
+steps of the next one for a checkpoint written inside an epoch), the RNG state, the metrics so far and
+the run's metadata (config, cache and bank fingerprints, architecture).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import os
@@ -28,6 +30,25 @@ from seed.storage import is_url, local_path
 log = logging.getLogger(__name__)
 
 PENDING = ".next"  # a checkpoint written whole but not yet moved into place (``save_together``)
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Position:
+    """Where a training checkpoint stands: ``epoch`` epochs finished and ``step`` steps of the next one (0 for
+    a checkpoint written at an epoch's end). False for a run that has not begun."""
+
+    epoch: int = 0
+    step: int = 0
+
+    @classmethod
+    def of(cls, state: dict[str, Any]) -> Position:
+        return cls(int(state.get("epoch", 0)), int(state.get("step", 0)))
+
+    def __bool__(self) -> bool:
+        return self.epoch > 0 or self.step > 0
+
+    def __str__(self) -> str:
+        return f"epoch {self.epoch}" if self.step == 0 else f"step {self.step:,} of epoch {self.epoch + 1}"
 
 
 def save(obj: Any, url: str) -> None:
@@ -78,18 +99,18 @@ def save_together(states: Sequence[tuple[str, Any]]) -> None:
 def settle(urls: Sequence[str]) -> None:
     """Finish or undo a ``save_together`` of ``urls`` that a killed process left part-way.
 
-    When every checkpoint's newest version (``<url>.next`` where there is one) stands at the same epoch, the
-    new set was written whole and only its moves were cut short: the pending ones are moved in. Otherwise the
+    When every checkpoint's newest version (``<url>.next`` where there is one) stands at the same epoch and step,
+    the new set was written whole and only its moves were cut short: the pending ones are moved in. Otherwise the
     new set was never all written, and the pending ones are removed: the checkpoints in place are the old set.
     """
     pending = {u for u in urls if exists(u + PENDING)}
     if not pending:
         return
 
-    def epoch(url: str) -> int | None:
-        return int(load(url)["epoch"]) if exists(url) else None
+    def position(url: str) -> Position | None:
+        return Position.of(load(url)) if exists(url) else None
 
-    newest = {epoch(u + PENDING) if u in pending else epoch(u) for u in urls}
+    newest = {position(u + PENDING) if u in pending else position(u) for u in urls}
     complete = len(newest) == 1 and None not in newest
     for url in sorted(pending):
         if complete:
@@ -172,11 +193,14 @@ def load(url: str) -> dict[str, Any]:
     return torch_load(url)
 
 
-def training_state(*, model: torch.nn.Module, optimizer: torch.optim.Optimizer, epoch: int, objective: dict[str, Any],
-                   metrics: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
-    """What a resumable checkpoint after ``epoch`` epochs (1-based count of finished epochs) holds."""
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch, "objective": objective,
-            "rng": torch.get_rng_state(), "metrics": metrics, **meta}
+def training_state(*, model: torch.nn.Module, optimizer: torch.optim.Optimizer, at: Position, objective: dict[str, Any],
+                   metrics: list[dict[str, Any]], meta: dict[str, Any],
+                   partial: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a resumable checkpoint ``at`` a position holds. Inside an epoch, ``partial`` is what the epoch's
+    metrics row needs of its steps so far (their summed losses, seconds and teacher forwards)."""
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": at.epoch, "step": at.step,
+            "objective": objective, "rng": torch.get_rng_state(), "metrics": metrics,
+            **({"partial": partial} if at.step else {}), **meta}
 
 
 def load_training(url: str, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,

@@ -182,6 +182,8 @@ class TrainConfig:
     nproc: int = 1  # processes on this node (torchrun; one per GPU on CUDA); 0 = one per visible GPU
     # per-step TensorBoard event files in <run>/<student>/tb/; None = when installed and the runs root is local
     tensorboard: bool | None = None
+    # a resumable checkpoint every this many steps inside an epoch too (0 = at epochs' ends only)
+    checkpoint_steps: int = 1000
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     loader: LoaderConfig = dataclasses.field(default_factory=LoaderConfig)
 
@@ -203,6 +205,7 @@ class PretrainConfig:
     shuffle_bn: int = 0
     seed: int = 0
     device: str = "auto"
+    checkpoint_steps: int = 1000  # as train.checkpoint_steps
     optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(epochs=3, base_lr=0.06))
     loader: LoaderConfig = dataclasses.field(default_factory=LoaderConfig)
 
@@ -255,7 +258,8 @@ class RunConfig:
                             ("pretrain.dim", self.pretrain.dim), ("pretrain.queue", self.pretrain.queue)):
             _check_positive(self, name, value)
         for name, value in (("bank.ivf_lists", self.bank.ivf_lists), ("bank.kl_sample", self.bank.kl_sample),
-                            ("train.queue", self.train.queue)):
+                            ("train.queue", self.train.queue), ("train.checkpoint_steps", self.train.checkpoint_steps),
+                            ("pretrain.checkpoint_steps", self.pretrain.checkpoint_steps)):
             if value < 0:
                 raise SeedError(f"{name} must be >= 0, got {value}")
         for name, temperature, strict in (("train.tau_s", self.train.tau_s, True), ("train.tau_t", self.train.tau_t, False),
@@ -412,11 +416,13 @@ def write_run_files(cfg: RunConfig, storage: Storage, directory: str | Path) -> 
 
 def outcome(section: Any) -> dict[str, Any]:
     """A train or pretrain section as plain data without the settings that cannot change what training
-    produces (device, TensorBoard logging, data-path workers and read-ahead, the augmentation kernels, which
-    change views by float rounding as the device does): what decides whether a finished run is reused."""
+    produces (device, TensorBoard logging, how often checkpoints are written, data-path workers and read-ahead,
+    the augmentation kernels, which change views by float rounding as the device does): what decides whether a
+    finished run is reused."""
     data = to_dict(section) if dataclasses.is_dataclass(section) else dict(section)
     data.pop("device", None)
     data.pop("tensorboard", None)  # logging, not training: switching it never retrains a finished run
+    data.pop("checkpoint_steps", None)
     loader = data.get("loader")
     if isinstance(loader, dict):
         data["loader"] = {k: v for k, v in loader.items() if k not in ("workers", "prefetch", "fused_augment")}

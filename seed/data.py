@@ -292,8 +292,9 @@ def collate(items: list[Example], recipe: Recipe, resolution: int, decoder: Deco
 
 
 def _jobs(urls: Sequence[str], order: Sequence[int], source: Source, epoch: int, *, batch_size: int, steps: int,
-          seed: int, shuffle_buffer: int) -> Iterator[list[Example]]:
-    """The epoch's batches as lists of encoded examples: exactly ``steps`` full ones (DDP ranks must agree).
+          seed: int, shuffle_buffer: int, skip: int = 0) -> Iterator[list[Example]]:
+    """The epoch's batches as lists of encoded examples: exactly ``steps`` full ones (DDP ranks must agree), less
+    the first ``skip`` (made, not yielded: a run resumed inside the epoch goes on with the batches that follow).
 
     A source whose counts are only an upper bound (``exact_counts`` false) may run short of ``steps`` batches
     by the samples it skipped: up to ``TOP_UP`` of the epoch's examples (and at least one batch) are then made
@@ -309,9 +310,10 @@ def _jobs(urls: Sequence[str], order: Sequence[int], source: Source, epoch: int,
     for ex in stream:
         items.append(ex)
         if len(items) == batch_size:
-            yield items
-            items = []
             made += 1
+            if made > skip:
+                yield items
+            items = []
             if made == steps:
                 return
 
@@ -355,11 +357,11 @@ class _Composed:
 
 
 def _composed(urls: Sequence[str], source: Source, epoch: int, order: Sequence[int], *, batch_size: int, steps: int,
-              seed: int, shuffle_buffer: int, slots: SharedSlots) -> Iterator[_Composed]:
+              seed: int, shuffle_buffer: int, skip: int, slots: SharedSlots) -> Iterator[_Composed]:
     """``_jobs`` with the shard order last: what the composing worker runs (``seed.workers.ShardSplit``
     hands its one worker every shard, in order). The images' bytes cross in its ``slots``."""
     for job in _jobs(urls, order, source, epoch, batch_size=batch_size, steps=steps, seed=seed,
-                     shuffle_buffer=shuffle_buffer):
+                     shuffle_buffer=shuffle_buffer, skip=skip):
         yield _Composed(job, slots)
 
 
@@ -424,17 +426,19 @@ class Batches:
             collate_fn=as_is, prefetch_factor=max(1, depth), persistent_workers=True)
 
     def epoch(self, urls: Sequence[str], order: Sequence[int], source: Source, epoch: int, *, batch_size: int,
-              steps: int, seed: int, shuffle_buffer: int) -> Iterator[Batch]:
+              steps: int, seed: int, shuffle_buffer: int, skip: int = 0) -> Iterator[Batch]:
+        """The epoch's ``steps`` batches less its first ``skip`` (``_jobs``)."""
         if self.compose_in_worker:
             compose = functools.partial(_composed, urls, source, epoch, batch_size=batch_size, steps=steps, seed=seed,
-                                        shuffle_buffer=shuffle_buffer, slots=SharedSlots.for_workers(1, self.depth))
+                                        shuffle_buffer=shuffle_buffer, skip=skip,
+                                        slots=SharedSlots.for_workers(1, self.depth))
             decoder = Decoder(self.device)
             composed = shard_workers(order, compose, workers=1, depth=self.depth)
             self._epoch = prefetch((collate(j.examples, self.recipe, self.resolution, decoder, self.device,
                                             fused_augment=self.fused_augment) for j in composed), self.depth)
             return self._epoch
         jobs = _jobs(urls, order, source, epoch, batch_size=batch_size, steps=steps, seed=seed,
-                     shuffle_buffer=shuffle_buffer)
+                     shuffle_buffer=shuffle_buffer, skip=skip)
         if self._loader is None:
             decoder = Decoder(self.device)
             self._epoch = prefetch((collate(j, self.recipe, self.resolution, decoder, self.device,

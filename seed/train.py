@@ -1,8 +1,8 @@
 """One training loop for cached SEED, online SEED, MoCo-v2 and supervised teachers.
 
 The loop owns what every method shares: the data pass, per-step learning rates (warm-up then
-cosine), SGD, autocast on CUDA, DDP, checkpoints every epoch, resume, metrics, and the stop on a
-non-finite loss. An objective (``seed.objectives``) owns what differs. Several models (students)
+cosine), SGD, autocast on CUDA, DDP, checkpoints (every epoch, and every ``Loop.checkpoint_steps``
+steps inside one), resume, metrics, and the stop on a non-finite loss. An objective (``seed.objectives``) owns what differs. Several models (students)
 train on the same decoded batches.
 
 Metrics: ``<member.out>/metrics.jsonl`` (one line per epoch), and, when TensorBoard is installed
@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from seed import checkpoint
+from seed.checkpoint import Position
 from seed.views import Recipe
 from seed.config import LoaderConfig, OptimConfig
 from seed.data import Batches, Source, shard_order
@@ -62,13 +63,20 @@ class Member:
 
 @dataclasses.dataclass(frozen=True)
 class Loop:
-    """What one training run needs besides its models, objective and data: schedule and data path."""
+    """What one training run needs besides its models, objective and data: schedule and data path.
+
+    ``checkpoint_steps``: a checkpoint every this many steps inside an epoch as well as at its end (0: at
+    its end only). A run resumed from one reads past the epoch's batches already trained on (their shards
+    are read and their examples made, but nothing is decoded), so it continues on the batches an
+    uninterrupted run would have had.
+    """
 
     optim: OptimConfig
     loader: LoaderConfig
     seed: int
     resolution: int
     recipe: Recipe
+    checkpoint_steps: int = 0
 
 
 def make_member(name: str, model: nn.Module, out: str, *, optim: OptimConfig, device: torch.device,
@@ -90,7 +98,8 @@ def train(members: Sequence[Member], objective: Objective, urls: Sequence[str], 
     """Train ``members`` for ``loop.optim.epochs`` on ``urls``; returns the per-epoch metrics.
 
     ``rank_counts[r]`` is the number of examples rank r sees per epoch (DDP ranks need the same
-    number of steps). Checkpoints go to ``<member.out>/checkpoint.pt`` after every epoch.
+    number of steps). Checkpoints go to ``<member.out>/checkpoint.pt`` after every epoch (and every
+    ``loop.checkpoint_steps`` steps).
     ``tensorboard``: True writes TensorBoard event files (an error when the package is missing),
     False does not, None writes them when the package is installed and the outputs are local.
     """
@@ -110,20 +119,22 @@ def train(members: Sequence[Member], objective: Objective, urls: Sequence[str], 
                     len(urls), world)
     lr = warmup_cosine(o.base_lr * o.batch_size * world / 256, o.epochs, steps, o.warmup_epochs)
     writer_class = tensorboard_writer(tensorboard, [m.out for m in members])
-    start_epoch = _resume(members, objective, {"world": world, "steps_per_epoch": steps}) if resume else 0
+    start, partial = (_resume(members, objective, {"world": world, "steps_per_epoch": steps}) if resume
+                      else (Position(), None))
     if resume and dist.is_initialized():  # each rank read the checkpoints itself: they must have read the same ones
-        epochs: list[Any] = [None] * world
-        dist.all_gather_object(epochs, start_epoch)
-        if len(set(epochs)) > 1:
-            raise SeedError(f"the ranks resumed from different epochs (rank by rank: {epochs}): they do not see the "
-                            "same checkpoints, so the runs root is not one file system or bucket for every node; "
-                            "point every node's storage.yaml at a shared runs root")
+        positions: list[Any] = [None] * world
+        dist.all_gather_object(positions, start)
+        if len(set(positions)) > 1:
+            raise SeedError(f"the ranks resumed from different checkpoints (rank by rank: "
+                            f"{', '.join(map(str, positions))}): they do not see the same checkpoints, so the runs root "
+                            "is not one file system or bucket for every node; point every node's storage.yaml at a "
+                            "shared runs root")
     metrics: list[dict[str, Any]] = list(members[0].history)
     # a restart at step s drops the steps >= s that an interrupted attempt had written; a fresh run drops them all
-    if writer_class is not None and rank == 0 and start_epoch == 0:
+    if writer_class is not None and rank == 0 and not start:
         for m in members:
             _remove_event_files(tensorboard_dir(m.out))
-    writers = [writer_class(tensorboard_dir(m.out), purge_step=start_epoch * steps + 1)
+    writers = [writer_class(tensorboard_dir(m.out), purge_step=start.epoch * steps + start.step + 1)
                for m in members] if writer_class is not None and rank == 0 else []
     # on the CPU the step's threads take their cores first (seed.devices.read_ahead)
     threads = torch.get_num_threads() if device.type == "cpu" else None
@@ -133,7 +144,8 @@ def train(members: Sequence[Member], objective: Objective, urls: Sequence[str], 
                     fused_augment=loop.loader.fused_augment)
     try:
         return _epochs(members, objective, urls, source, loop, maker, device=device, steps=steps, lr=lr,
-                       start_epoch=start_epoch, metrics=metrics, progress=progress, on_epoch=on_epoch, writers=writers)
+                       start=start, partial=partial, metrics=metrics, progress=progress, on_epoch=on_epoch,
+                       writers=writers)
     finally:
         maker.close()
         for w in writers:
@@ -180,9 +192,11 @@ def tensorboard_writer(setting: bool | None, outs: Sequence[str]) -> Any:
 
 def _epochs(members: Sequence[Member], objective: Objective, urls: Sequence[str], source: Source,
             loop: Loop, maker: Batches, *, device: torch.device, steps: int,
-            lr: np.ndarray, start_epoch: int, metrics: list[dict[str, Any]], progress: bool,
-            on_epoch: Callable[[int, dict[str, Any]], None] | None, writers: Sequence[Any] = ()) -> list[dict[str, Any]]:
-    """The epochs from ``start_epoch`` on, with their checkpoints, metrics and ``on_epoch`` calls.
+            lr: np.ndarray, start: Position, partial: dict[str, Any] | None, metrics: list[dict[str, Any]],
+            progress: bool, on_epoch: Callable[[int, dict[str, Any]], None] | None,
+            writers: Sequence[Any] = ()) -> list[dict[str, Any]]:
+    """The epochs from ``start`` on, with their checkpoints, metrics and ``on_epoch`` calls. ``partial``: what a
+    checkpoint inside ``start``'s epoch kept of its steps (``training_state``).
 
     ``writers``: one TensorBoard ``SummaryWriter`` per member (rank 0 only) for the per-step scalars.
     """
@@ -192,18 +206,25 @@ def _epochs(members: Sequence[Member], objective: Objective, urls: Sequence[str]
     rank, world = join_process_group(device)
     images = o.batch_size * world  # per step, over all ranks
     report = not progress and rank == 0
-    for epoch in range(start_epoch, o.epochs):
-        t0 = time.perf_counter()
-        last_step = last_report = t0
-        forwards0 = objective.teacher_forwards
+    for epoch in range(start.epoch, o.epochs):
+        first = start.step if epoch == start.epoch else 0  # the steps a checkpoint inside this epoch had made
+        carried = partial if first and partial is not None else {}
+        t0 = time.perf_counter() - float(carried.get("seconds", 0.0))
+        last_step = last_report = time.perf_counter()
+        forwards0 = objective.teacher_forwards - int(carried.get("teacher_forwards", 0))
         order = shard_order(len(urls), epoch, loop.seed, rank, world)
-        totals = np.zeros(len(members))
+        # this rank's summed losses; a resumed epoch starts from the mean over ranks of those before the checkpoint
+        totals = np.array(carried["losses"], dtype=np.float64) if carried else np.zeros(len(members))
         for m in members:
             m.model.train()
-        bar = progress_bar(total=steps, desc=f"epoch {epoch + 1}/{o.epochs}", unit="step", disable=not progress or rank != 0)
+        bar = progress_bar(total=steps, initial=first, desc=f"epoch {epoch + 1}/{o.epochs}", unit="step",
+                           disable=not progress or rank != 0)
+        if first and rank == 0:
+            log.info("epoch %d continues at step %d of %d: reading past the batches trained on before (not decoding "
+                     "them)", epoch + 1, first + 1, steps)
         data = maker.epoch(urls, order, source, epoch, batch_size=o.batch_size, steps=steps, seed=loop.seed,
-                           shuffle_buffer=loop.loader.shuffle_buffer)
-        done = 0
+                           shuffle_buffer=loop.loader.shuffle_buffer, skip=first)
+        done = first
         queued: tuple[int, list[torch.Tensor]] | None = None  # the last step's losses, not yet read
 
         def settle(step: int, losses: list[torch.Tensor]) -> None:
@@ -224,7 +245,7 @@ def _epochs(members: Sequence[Member], objective: Objective, urls: Sequence[str]
                     writers[i].add_scalar("train/loss", value, g + 1)
 
         try:  # the bar closes before an error is printed, never after it
-            for step, batch in enumerate(data):
+            for step, batch in enumerate(data, start=first):
                 g = epoch * steps + step
                 ctx = objective.prepare(batch, device)
                 x = batch.x.to(device, non_blocking=True)
@@ -247,7 +268,16 @@ def _epochs(members: Sequence[Member], objective: Objective, urls: Sequence[str]
                 queued = (step, losses)
                 done += 1
                 bar.update(1)
-                if done > 1:  # the losses read so far: every step's but the last
+                if loop.checkpoint_steps and done % loop.checkpoint_steps == 0 and done < steps:
+                    settle(*queued)
+                    queued = None
+                    _save_inside(members, objective, Position(epoch, done), metrics, device=device, steps=steps,
+                                 partial={"losses": _mean_over_ranks(totals, device).tolist(),
+                                          "seconds": time.perf_counter() - t0,
+                                          "teacher_forwards": int(objective.teacher_forwards - forwards0)})
+                    if report:
+                        log.info("epoch %d/%d: checkpoint at step %d", epoch + 1, o.epochs, done)
+                if done > first + 1:  # the losses read so far: every step's but the last
                     bar.set_postfix(loss=f"{totals[0] / (done - 1):.4f}", lr=f"{lr[g]:.4f}")
                 now = time.perf_counter()
                 for w in writers:
@@ -265,13 +295,9 @@ def _epochs(members: Sequence[Member], objective: Objective, urls: Sequence[str]
             bar.close()
         if done != steps:
             raise SeedError(f"epoch {epoch + 1}: the shards gave {done} batches, {steps} expected (did the shards change?)")
-        if dist.is_initialized():  # the epoch's loss over every rank's shards, not rank 0's alone
-            on = device if dist.get_backend() == "nccl" else torch.device("cpu")
-            summed = torch.tensor(totals, dtype=torch.float64, device=on)
-            dist.all_reduce(summed)
-            totals = summed.cpu().numpy() / world
+        totals = _mean_over_ranks(totals, device)  # the epoch's loss over every rank's shards, not rank 0's alone
         if rank == 0:
-            _check_finite(members, epoch)
+            _check_finite(members, f"after epoch {epoch + 1}")
         seconds = time.perf_counter() - t0
         row = {"epoch": epoch + 1, "steps": steps, "lr_end": float(lr[(epoch + 1) * steps - 1]), "seconds": round(seconds, 2),
                "images_per_s": round(steps * o.batch_size * world / seconds, 1),
@@ -282,7 +308,7 @@ def _epochs(members: Sequence[Member], objective: Objective, urls: Sequence[str]
             w.add_scalar("epoch/loss", float(totals[i] / steps), (epoch + 1) * steps)  # the epoch's mean, at its last step
             w.flush()
         if rank == 0:
-            _save(members, objective, epoch, metrics, {"world": world, "steps_per_epoch": steps})
+            _save(members, objective, Position(epoch + 1), metrics, {"world": world, "steps_per_epoch": steps})
         if on_epoch is not None and rank == 0:
             on_epoch(epoch, row)
         if dist.is_initialized():
@@ -295,7 +321,26 @@ def losses_text(members: Sequence[Member], losses: Sequence[float]) -> str:
     return ", ".join(f"{m.name} loss {v:#.4g}" for m, v in zip(members, losses))
 
 
-def _check_finite(members: Sequence[Member], epoch: int) -> None:
+def _mean_over_ranks(totals: np.ndarray, device: torch.device) -> np.ndarray:
+    """Each rank's ``totals`` averaged over the ranks (``totals`` itself with one process)."""
+    if not dist.is_initialized():
+        return totals
+    on = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    summed = torch.tensor(totals, dtype=torch.float64, device=on)
+    dist.all_reduce(summed)
+    return summed.cpu().numpy() / dist.get_world_size()
+
+
+def _save_inside(members: Sequence[Member], objective: Objective, at: Position, metrics: list[dict[str, Any]], *,
+                 device: torch.device, steps: int, partial: dict[str, Any]) -> None:
+    """A checkpoint ``at`` a step inside an epoch (rank 0 writes it; every rank calls this, at the same step)."""
+    rank, world = join_process_group(device)
+    if rank == 0:
+        _check_finite(members, f"at {at}")
+        _save(members, objective, at, metrics, {"world": world, "steps_per_epoch": steps}, partial)
+
+
+def _check_finite(members: Sequence[Member], when: str) -> None:
     """Refuse to save weights that are not finite. Each rank reads only its own losses: with DDP one rank's
     non-finite gradient at an epoch's last step leaves every rank's weights non-finite while rank 0's loss is
     finite (and on one rank, a finite loss can still make a non-finite update)."""
@@ -304,7 +349,7 @@ def _check_finite(members: Sequence[Member], epoch: int) -> None:
         if bool(torch.stack([torch.isfinite(p).all() for p in params]).all()):
             continue
         bad = [name for name, p in unwrap(m.model).named_parameters() if not bool(torch.isfinite(p).all())]
-        raise SeedError(f"non-finite weights for {m.name} after epoch {epoch + 1} ({len(bad)} tensors, the first "
+        raise SeedError(f"non-finite weights for {m.name} {when} ({len(bad)} tensors, the first "
                         f"{bad[0]}: a rank's loss or gradient was not finite); stopped before saving; {_last_good(m)} "
                         "(lower the learning rate?)")
 
@@ -316,37 +361,39 @@ def _last_good(m: Member) -> str:
     return f"no checkpoint was written yet ({m.checkpoint})"
 
 
-def _save(members: Sequence[Member], objective: Objective, epoch: int, metrics: list[dict[str, Any]],
-          layout: dict[str, int]) -> None:
-    """Every member's checkpoint after ``epoch``, with the run's ``layout`` (ranks and steps per epoch), written
-    together: a kill between two members' writes cannot leave them an epoch apart (``checkpoint.save_together``).
-    Each ``metrics.jsonl`` (rewritten whole from the metrics) goes first: a kill after it and before the
-    checkpoints leaves a line the resumed epoch rewrites, where the other order could leave a finished run's
-    file a line short for good."""
-    for m in members:
+def _save(members: Sequence[Member], objective: Objective, at: Position, metrics: list[dict[str, Any]],
+          layout: dict[str, int], partial: dict[str, Any] | None = None) -> None:
+    """Every member's checkpoint ``at`` a position, with the run's ``layout`` (ranks and steps per epoch), written
+    together: a kill between two members' writes cannot leave them apart (``checkpoint.save_together``).
+    At an epoch's end each ``metrics.jsonl`` (rewritten whole from the metrics) goes first: a kill after it and
+    before the checkpoints leaves a line the resumed epoch rewrites, where the other order could leave a
+    finished run's file a line short for good."""
+    for m in members if not at.step else ():
         write_text(join(m.out, "metrics.jsonl"), "".join(
             json.dumps({"epoch": r["epoch"], "loss": r["loss"][m.name], "lr_end": r["lr_end"], "seconds": r["seconds"],
                         "images_per_s": r["images_per_s"], "teacher_forwards": r["teacher_forwards"]}) + "\n"
             for r in metrics))
     checkpoint.save_together([(m.checkpoint, checkpoint.training_state(
-        model=unwrap(m.model), optimizer=m.optimizer, epoch=epoch + 1, objective=objective.state_dict(),
-        metrics=metrics, meta={**m.meta, **layout})) for m in members])
+        model=unwrap(m.model), optimizer=m.optimizer, at=at, objective=objective.state_dict(),
+        metrics=metrics, meta={**m.meta, **layout}, partial=partial)) for m in members])
 
 
-def _resume(members: Sequence[Member], objective: Objective, layout: dict[str, int]) -> int:
-    """Load every member's last checkpoint; all must stand at the same epoch, made with this ``layout`` (ranks
+def _resume(members: Sequence[Member], objective: Objective,
+            layout: dict[str, int]) -> tuple[Position, dict[str, Any] | None]:
+    """Load every member's last checkpoint; all must stand at the same position, made with this ``layout`` (ranks
     and steps per epoch: they set the learning rate's scale and schedule, and each rank's shards). Returns the
-    epoch to start."""
+    position to start from and, inside an epoch, what the checkpoint kept of its steps."""
     if not dist.is_initialized() or dist.get_rank() == 0:
         checkpoint.settle([m.checkpoint for m in members])  # a save of several members that a kill cut short
     if dist.is_initialized():
         dist.barrier()
     present = [checkpoint.exists(m.checkpoint) for m in members]
     if not any(present):
-        return 0
+        return Position(), None
     if not all(present):
         _mismatch(members, f"{[m.name for m, p in zip(members, present) if not p]} have none")
-    epochs: set[int] = set()
+    positions: set[Position] = set()
+    partial = None
     for m in members:
         state = checkpoint.load_training(m.checkpoint, model=unwrap(m.model), optimizer=m.optimizer, meta=m.meta)
         was = {key: state[key] for key in layout if key in state}  # (checkpoints of older versions have none)
@@ -357,10 +404,11 @@ def _resume(members: Sequence[Member], objective: Objective, layout: dict[str, i
                             f"change); resume with train.nproc={was.get('world', '?')} and the same shards, or start again")
         objective.load_state_dict(state["objective"])
         m.history = list(state.get("metrics", []))
-        epochs.add(int(state["epoch"]))
-    if len(epochs) > 1:
-        _mismatch(members, f"they stand at epochs {sorted(epochs)}")
-    return epochs.pop()
+        positions.add(Position.of(state))
+        partial = state.get("partial")
+    if len(positions) > 1:
+        _mismatch(members, f"they stand at {', '.join(map(str, sorted(positions)))}")
+    return positions.pop(), partial
 
 
 def _mismatch(members: Sequence[Member], why: str) -> None:

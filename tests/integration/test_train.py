@@ -17,6 +17,7 @@ import pipeline.pretrain as pretrain_stage
 import pipeline.student as student_stage
 import pipeline.teacher as teacher_stage
 from seed import bank_store, checkpoint
+from seed.checkpoint import Position
 from seed.data import Batches, CachedSource, examples, shard_order
 from seed.errors import SeedError
 from seed.objectives import CachedSeed
@@ -79,7 +80,7 @@ def test_queue_mode_trains_from_the_cache_alone(prepared) -> None:
     assert done is not None and done.skipped
     # the queue's temperature comes from bank.tau_t: another one is another run, not this finished one
     other = _cfg(prepared, "train.bank=queue", "train.queue=128", "bank.size=32", "bank.tau_t=0.01", "train.run=queue")
-    assert student_stage.completed(other, storage) is None and student_stage.resumable(other, storage) == 0
+    assert student_stage.completed(other, storage) is None and not student_stage.resumable(other, storage)
     with pytest.raises(SeedError, match=r"cannot resume, it was trained against something else: "
                                         r"tau_t: checkpoint has 0.05, config wants 0.01"):
         student_stage.run(other, storage, resume=True, progress=False, load=forbidden)  # type: ignore[arg-type]
@@ -91,7 +92,7 @@ def test_queue_mode_trains_from_the_cache_alone(prepared) -> None:
     revision = cache.attributes(group)["revision"]
     group.update_attributes({"revision": "rows embedded again"})
     try:
-        assert student_stage.completed(cfg, storage) is None and student_stage.resumable(cfg, storage) == 0
+        assert student_stage.completed(cfg, storage) is None and not student_stage.resumable(cfg, storage)
     finally:
         group.update_attributes({"revision": revision})
     assert student_stage.completed(cfg, storage) is not None
@@ -184,6 +185,38 @@ def test_resume_equals_uninterrupted_whatever_the_workers(prepared) -> None:
     b = checkpoint.load(resumed.students["mobilenetv3_small_050"])["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [m["loss"] for m in resumed.metrics] == [m["loss"] for m in full.metrics]
+
+    # a run cut inside an epoch (a preemption at step 5 of epoch 2, after the checkpoint of step 4) continues at
+    # the step of its last checkpoint on the batches the uninterrupted run had: the same weights and losses
+    inside = ("train.run=inside", "train.optim.epochs=2", "train.checkpoint_steps=4")
+    with pytest.raises(_Stop):
+        student_stage.run(_cfg(prepared, *inside, "train.loader.workers=2"), storage, progress=False,
+                          objective=_crashing(after=6 + 5))
+    path = str(Path(storage.runs) / "inside" / "mobilenetv3_small_050" / "checkpoint.pt")
+    assert checkpoint.Position.of(checkpoint.load(path)) == Position(1, 4)
+    assert student_stage.resumable(_cfg(prepared, *inside), storage) == Position(1, 4)
+    # how often checkpoints are written is no training setting: another value resumes the run
+    resumed = student_stage.run(_cfg(prepared, *inside, "train.checkpoint_steps=0", "train.loader.workers=1"),
+                                storage, resume=True, progress=False)
+    b = checkpoint.load(resumed.students["mobilenetv3_small_050"])["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [m["loss"] for m in resumed.metrics] == [m["loss"] for m in full.metrics]
+    assert [m["epoch"] for m in resumed.metrics] == [1, 2]
+
+
+def _crashing(after: int) -> type[CachedSeed]:
+    """Cached SEED that stops the run (``_Stop``) once ``after`` steps are done."""
+
+    class Crashing(CachedSeed):
+        steps = 0
+
+        def after_step(self, ctx):  # type: ignore[no-untyped-def]
+            super().after_step(ctx)
+            Crashing.steps += 1
+            if Crashing.steps == after:
+                raise _Stop
+
+    return Crashing
 
 
 def test_batches_are_the_same_in_every_data_layout(prepared) -> None:
@@ -407,6 +440,47 @@ def test_moco_pretraining_makes_a_loadable_teacher(prepared) -> None:
     assert pretrain_stage.run(cfg, storage, progress=False).skipped is True  # made once
 
 
+def test_moco_pretraining_cut_inside_an_epoch_resumes_to_the_same_teacher(prepared) -> None:
+    """MoCo's state beyond the weights (key encoder, queue and its pointer, the Shuffle-BN permutation's step) is in
+    the checkpoint written inside an epoch: a run cut at step 5 of epoch 2 and resumed from step 4 ends with the
+    uninterrupted run's weights, key encoder and queue, and its losses."""
+    from seed.objectives import MocoV2
+
+    _, storage, _ = prepared
+    sets = ("pretrain.optim.epochs=2", "pretrain.checkpoint_steps=4", "pretrain.shuffle_bn=2")
+    full = pretrain_stage.run(_cfg(prepared, "pretrain.name=moco-whole", *sets), storage, progress=False)
+
+    class Crashing(MocoV2):
+        steps = 0
+
+        def after_step(self, ctx):  # type: ignore[no-untyped-def]
+            super().after_step(ctx)
+            Crashing.steps += 1
+            if Crashing.steps == 6 + 5:  # 300 images an epoch in batches of 50
+                raise _Stop
+
+    cut = _cfg(prepared, "pretrain.name=moco-cut", *sets)
+    with pytest.raises(_Stop):
+        pretrain_stage.run(cut, storage, progress=False, objective=Crashing)
+    assert pretrain_stage.resumable(cut, storage) == Position(1, 4)
+    resumed = pretrain_stage.run(cut, storage, resume=True, progress=False)
+    a, b = (checkpoint.load(str(Path(storage.runs) / name / "moco" / "checkpoint.pt")) for name in ("moco-whole", "moco-cut"))
+    assert Position.of(a) == Position.of(b) == Position(2)
+    for key in ("model", "objective"):
+        flat_a, flat_b = (dict(_flatten(x[key])) for x in (a, b))
+        assert flat_a.keys() == flat_b.keys() and all(torch.equal(flat_a[k], flat_b[k]) for k in flat_a), key
+    assert [m["loss"] for m in resumed.metrics] == [m["loss"] for m in full.metrics]
+
+
+def _flatten(state, prefix: str = ""):  # type: ignore[no-untyped-def]
+    """(dotted name, tensor) pairs of a nested state dict; other values as one-element tensors."""
+    for k, v in state.items():
+        if isinstance(v, dict):
+            yield from _flatten(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v if isinstance(v, torch.Tensor) else torch.tensor(v)
+
+
 def test_pretraining_is_reused_and_resumed_only_for_the_same_views(prepared, caplog: pytest.LogCaptureFixture) -> None:
     import logging
 
@@ -435,7 +509,7 @@ def test_pretraining_is_reused_and_resumed_only_for_the_same_views(prepared, cap
     c = _cfg(prepared, "pretrain.name=views-test", "pretrain.optim.epochs=2")
     with caplog.at_level(logging.WARNING, logger="pipeline.pretrain"):
         third = pretrain_stage.run(c, storage, resume=True, progress=False)
-    assert "epoch checkpoint of other pre-training settings" in caplog.text
+    assert "is a checkpoint of other pre-training settings" in caplog.text
     assert len(third.metrics) == 2 and third.metrics[0]["loss"] != second.metrics[0]["loss"]
 
 
@@ -455,12 +529,12 @@ def test_an_interrupted_pretraining_is_resumable_for_its_own_settings_and_starti
     a = _cfg(prepared, "pretrain.name=cut", "pretrain.optim.epochs=2")
     with pytest.raises(Stop):
         pretrain_stage.run(a, storage, progress=False, on_epoch=stop)
-    assert pretrain_stage.resumable(a, storage) == 1
+    assert pretrain_stage.resumable(a, storage) == Position(1)
     assert pretrain_stage.resumable(_cfg(prepared, "pretrain.name=cut", "pretrain.optim.epochs=2",
-                                         "pretrain.seed=3"), storage) == 0
+                                         "pretrain.seed=3"), storage) == Position()
     with caplog.at_level(logging.WARNING, logger="pipeline.pretrain"), pytest.raises(Stop):
         pretrain_stage.run(a, storage, progress=False, on_epoch=stop)
-    assert "pre-training cut stopped after epoch 1 of 2 with these settings; starting again" in caplog.text
+    assert "pre-training cut stopped at epoch 1 of 2 with these settings; starting again" in caplog.text
 
 
 def test_supervised_pretraining(prepared) -> None:
@@ -494,7 +568,7 @@ def test_two_process_gloo_run(prepared, tmp_path: Path) -> None:
     sets = []
     for s in ("data.train=fm/train/train-{000000..000002}.tar", f"teacher.checkpoint={ckpt}", "cache.views=2",
               "cache.batch_size=64", "cache.cpu_threads=2", "cache.name=test", *TRAIN, "train.optim.epochs=2", "train.optim.batch_size=25",
-              "train.device=cpu", "train.nproc=2"):
+              "train.device=cpu", "train.nproc=2", "train.checkpoint_steps=2"):
         sets += ["--set", s]
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
                              "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(probe), "student",
@@ -506,8 +580,9 @@ def test_two_process_gloo_run(prepared, tmp_path: Path) -> None:
     assert probes == [{"rank": 0, "local_rank": 0, "would_use": "cuda:0"}, {"rank": 1, "local_rank": 1, "would_use": "cuda:1"}]
     assert sum(line.startswith("run ") for line in result.stdout.splitlines()) == 1  # rank 0 alone reports the run
     state = checkpoint.load(str(tmp_path / "runs" / "demo" / "mobilenetv3_small_050" / "checkpoint.pt"))
-    # 3 shards split 2 + 1 between the ranks: min(200, 100) // 25 = 4 steps an epoch, on each rank
-    assert state["epoch"] == 2 and [m["steps"] for m in state["metrics"]] == [4, 4]
+    # 3 shards split 2 + 1 between the ranks: min(200, 100) // 25 = 4 steps an epoch, on each rank; the checkpoints
+    # at step 2 of each epoch (every rank at the same step: the losses so far are averaged over them) did not stop it
+    assert state["epoch"] == 2 and [m["steps"] for m in state["metrics"]] == [4, 4] and state["step"] == 0
 
 
 def test_two_launches_at_once_on_one_node_both_train(prepared) -> None:
@@ -598,7 +673,7 @@ def test_nodes_that_see_different_checkpoints_refuse_to_resume(prepared, tmp_pat
              for node, (config, roots) in enumerate(files)]
     outputs = [node.communicate(timeout=300)[0] for node in nodes]
     assert all(node.returncode != 0 for node in nodes), outputs
-    assert all("the ranks resumed from different epochs (rank by rank: [1, 0])" in out for out in outputs), outputs
+    assert all("the ranks resumed from different checkpoints (rank by rank: epoch 1, epoch 0)" in out for out in outputs), outputs
     assert checkpoint.load(path)["epoch"] == 1
 
 

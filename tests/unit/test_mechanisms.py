@@ -533,6 +533,11 @@ def test_students_saved_together_resume_together_wherever_the_save_was_cut(tmp_p
     checkpoint.save({"epoch": 1}, c + checkpoint.PENDING)
     checkpoint.settle([a, b, c])
     assert epochs() == [3, 3] and not checkpoint.exists(c) and not checkpoint.exists(c + checkpoint.PENDING)
+    # checkpoints inside an epoch: the same epoch, another step is another set
+    checkpoint.save_together([(a, {"epoch": 3, "step": 1000}), (b, {"epoch": 3, "step": 1000})])
+    checkpoint.save({"epoch": 3, "step": 2000}, a + checkpoint.PENDING)    # cut while the new set was written
+    checkpoint.settle([a, b])
+    assert [checkpoint.load(u)["step"] for u in (a, b)] == [1000, 1000] and pending() == [False, False]
 
 
 def test_teacher_processes_on_the_cpu_record_one_thread_per_core_of_their_share() -> None:
