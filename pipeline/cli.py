@@ -458,7 +458,13 @@ def main(argv: list[str] | None = None) -> int:
     if handle:
         signal.signal(signal.SIGTERM, _terminated)
     try:
-        return _run(args)
+        code = _run(args)
+        # every rank finished together; after an error a rank may be alone, and leaving would wait for the others
+        if code == 0 and "torch.distributed" in sys.modules:  # (the CLI imports torch only for commands that use it)
+            from seed.devices import leave_process_group
+
+            leave_process_group()
+        return code
     finally:
         if handle:  # main() called in a longer-lived process (a test, a script) leaves SIGTERM as it found it
             signal.signal(signal.SIGTERM, signal.SIG_DFL)

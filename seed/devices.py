@@ -88,6 +88,13 @@ def join_process_group(device: torch.device) -> tuple[int, int]:
     return 0, 1
 
 
+def leave_process_group() -> None:
+    """Destroy the process group ``join_process_group`` joined, if any: NCCL asks for it before a process exits
+    (its pending operations finish first; torch warns otherwise). Called once every rank has finished."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def autocast(device: torch.device) -> Any:
     """bf16 autocast on CUDA (the backbones' convolutions and matmuls); a no-op context on the CPU."""
     if device.type == "cuda":

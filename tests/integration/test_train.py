@@ -549,13 +549,16 @@ def test_supervised_pretraining(prepared) -> None:
 
 PROBE = """
 import json, sys
+import torch.distributed as dist
 from seed.devices import Launch, resolve_device
 from pipeline.cli import main
 launch = Launch.from_env()
 # the device this rank would take on a node with two GPUs (a fake count: this machine has none)
 print("probe " + json.dumps({"rank": launch.rank, "local_rank": launch.local_rank,
                              "would_use": str(resolve_device("auto", cuda_count=2))}), flush=True)
-sys.exit(main(sys.argv[1:]))
+code = main(sys.argv[1:])
+print("left the process group" if not dist.is_initialized() else "still in the process group", flush=True)
+sys.exit(code)
 """
 
 
@@ -579,6 +582,8 @@ def test_two_process_gloo_run(prepared, tmp_path: Path) -> None:
                     key=lambda p: p["rank"])
     assert probes == [{"rank": 0, "local_rank": 0, "would_use": "cuda:0"}, {"rank": 1, "local_rank": 1, "would_use": "cuda:1"}]
     assert sum(line.startswith("run ") for line in result.stdout.splitlines()) == 1  # rank 0 alone reports the run
+    # a finished command leaves the process group (NCCL asks for it at exit: pending operations finish first)
+    assert result.stdout.count("left the process group") == 2, result.stdout[-2000:]
     state = checkpoint.load(str(tmp_path / "runs" / "demo" / "mobilenetv3_small_050" / "checkpoint.pt"))
     # 3 shards split 2 + 1 between the ranks: min(200, 100) // 25 = 4 steps an epoch, on each rank; the checkpoints
     # at step 2 of each epoch (every rank at the same step: the losses so far are averaged over them) did not stop it
