@@ -29,7 +29,7 @@ import pipeline.export as export
 import pipeline.student as student_stage
 from seed import checkpoint
 from seed.checkpoint import Position
-from seed.config import RunConfig, load_config
+from seed.config import RunConfig, StudentConfig, load_config
 from seed.errors import SeedError
 from seed.evaluate import images
 from seed.shards import fashion_mnist_to_shards, load_fashion_mnist
@@ -250,10 +250,30 @@ def test_bad_requests_name_the_run_student_checkpoint_or_format(trained: Trained
         export.run(trained.cfg, trained.storage, run="empty")
 
 
+def test_a_run_started_again_without_resume_says_what_it_gives_up(trained: Trained,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """``seed student`` without --resume over a run stopped part-way with these settings trains from the first
+    epoch, as asked, and says so with where the run stood (the flow resumes it). Stopped here at its first step,
+    before any checkpoint: the shared run keeps its epoch 1."""
+    from seed.objectives import OnlineSeed
+
+    class StopAtOnce(OnlineSeed):
+        def prepare(self, batch, device):  # type: ignore[no-untyped-def]
+            raise _Interrupt
+
+    t = trained.cfg.train
+    half = dataclasses.replace(trained.cfg, train=dataclasses.replace(
+        t, run="half", optim=dataclasses.replace(t.optim, epochs=2), students=(StudentConfig(arch=MNV3),)))
+    with caplog.at_level(logging.WARNING, logger="pipeline.student"), pytest.raises(_Interrupt):
+        student_stage.run(half, trained.storage, progress=False, objective=StopAtOnce)
+    assert "student run half stopped at epoch 1 of 2 with these settings; training again from the first epoch" \
+        in caplog.text
+    assert student_stage.resumable(half, trained.storage) == Position(1)
+
+
 def test_an_online_run_resumes_only_against_the_same_teacher_file(trained: Trained) -> None:
     """Online students learn from the teacher file: one rewritten at the same path (pre-training run again) is
     another teacher, so the interrupted run is not continued against it, by the flow or by --resume."""
-    from seed.config import StudentConfig
 
     t = trained.cfg.train
     half = dataclasses.replace(trained.cfg, train=dataclasses.replace(
