@@ -274,7 +274,6 @@ def test_a_run_started_again_without_resume_says_what_it_gives_up(trained: Train
 def test_an_online_run_resumes_only_against_the_same_teacher_file(trained: Trained) -> None:
     """Online students learn from the teacher file: one rewritten at the same path (pre-training run again) is
     another teacher, so the interrupted run is not continued against it, by the flow or by --resume."""
-
     t = trained.cfg.train
     half = dataclasses.replace(trained.cfg, train=dataclasses.replace(
         t, run="half", optim=dataclasses.replace(t.optim, epochs=2), students=(StudentConfig(arch=MNV3),)))
