@@ -90,6 +90,11 @@ class Source(Protocol):
         """What reading ``shard`` does at damage (``seed.shards.iter_shard``): None raises ``DamagedShard``."""
         ...
 
+    def rows(self, shard: int) -> np.ndarray | None:
+        """The sample indices of ``shard`` it makes examples of, in order, when they are known without reading
+        the shard (a cache's valid rows); None otherwise. Lets a resumed epoch skip shards it need not read."""
+        ...
+
 
 class CachedSource:
     """Per input shard, the cached rows: which view to use and its replay/teacher data.
@@ -105,6 +110,7 @@ class CachedSource:
         self.capacity = int(cache.attributes(group)["capacity"])
         self.V = int(cache.attributes(group)["V"])
         self.damaged = cache.damaged_shards(group)
+        self._valid: np.ndarray | None = None  # the whole column, read once by ``rows``
 
     def on_damage(self, shard: int) -> OnDamage | None:
         """A shard the teacher stage recorded as damaged (``data.damaged=keep``) reads up to the same damage
@@ -119,6 +125,11 @@ class CachedSource:
                                 f"{record['offset']}; the shard changed since the cache was made") from exc
 
         return recorded
+
+    def rows(self, shard: int) -> np.ndarray:
+        if self._valid is None:
+            self._valid = np.asarray(cache.read(self.group, "valid"), dtype=bool)
+        return np.flatnonzero(self._valid[shard * self.capacity:(shard + 1) * self.capacity])
 
     def valid_counts(self) -> np.ndarray:
         valid = cache.read(self.group, "valid")
@@ -194,6 +205,9 @@ class FreshViews:
     def on_damage(self, shard: int) -> OnDamage | None:
         return damage_handler(self.damaged)
 
+    def rows(self, shard: int) -> None:
+        return None  # a sample without a readable image header is skipped: known only by reading it
+
     def load(self, shard: int, epoch: int) -> MakeExample:
         def make(index: int, sample: Sample) -> Example | None:
             try:
@@ -219,13 +233,34 @@ def shard_order(n_shards: int, epoch: int, seed: int, rank: int = 0, world: int 
 
 
 def examples(urls: Sequence[str], order: Sequence[int], source: Source, epoch: int, *, seed: int,
-             shuffle_buffer: int) -> Iterator[Example]:
-    """Examples of the given shards through a seeded shuffle buffer."""
+             shuffle_buffer: int, skip: int = 0) -> Iterator[Example]:
+    """Examples of the given shards through a seeded shuffle buffer, less the first ``skip``.
+
+    When the source knows its rows without reading the shards (``Source.rows``: a cache), the stream is
+    fast-forwarded by counting (``_fast_forward``): only the shards whose examples the shuffle buffer holds
+    at that point are read (about the last ``shuffle_buffer / shard size`` x a few of them), not every shard
+    before it. Otherwise the first ``skip`` examples are made and dropped.
+    """
     rng = rng_for(seed, epoch, 2 * 10**6)
     buffer: list[Example] = []
-    for shard in order:
+    start, after = 0, -1  # the shard (position in ``order``) to read from, past its sample ``after``
+    if skip:
+        at = _fast_forward(order, source, rng, shuffle_buffer, skip)
+        if at is None:
+            yield from itertools.islice(examples(urls, order, source, epoch, seed=seed, shuffle_buffer=shuffle_buffer),
+                                        skip, None)
+            return
+        start, after, ghosts, flushed = at
+        buffer = _materialise(urls, source, epoch, ghosts[flushed or 0:])
+        if flushed is not None:  # the skip ends inside the final flush: the rest of the shuffled buffer
+            yield from buffer
+            return
+    for position in range(start, len(order)):
+        shard = order[position]
         make = source.load(shard, epoch)
         for sample in iter_shard(urls[shard], source.on_damage(shard)):
+            if position == start and sample.index <= after:
+                continue  # in the stream before the skip
             ex = make(sample.index, sample)
             if ex is None:
                 continue
@@ -237,6 +272,58 @@ def examples(urls: Sequence[str], order: Sequence[int], source: Source, epoch: i
             yield ex
     rng.shuffle(buffer)
     yield from buffer
+
+
+Ghost = tuple[int, int]  # an example known by (shard, sample index) alone
+
+
+def _fast_forward(order: Sequence[int], source: Source, rng: np.random.Generator, shuffle_buffer: int,
+                  skip: int) -> tuple[int, int, list[Ghost], int | None] | None:
+    """``examples``' shuffle buffer run on (shard, index) pairs, from ``Source.rows``, until ``skip`` examples
+    have left it: ``(position in order, last sample index read there, the buffer, None)``, or, when the skip
+    ends in the final flush, ``(len(order), -1, the shuffled buffer, how many of it were yielded)``. ``rng`` is
+    left where ``examples`` would have it. None when the source does not know its rows."""
+    rows = [source.rows(shard) for shard in order]
+    if any(r is None for r in rows):
+        return None
+    buffer: list[Ghost] = []
+    taken = 0
+    for position, (shard, indices) in enumerate(zip(order, rows)):
+        for index in indices.tolist():  # type: ignore[union-attr]
+            if len(buffer) < shuffle_buffer:
+                buffer.append((shard, index))
+                continue
+            buffer[int(rng.integers(0, len(buffer)))] = (shard, index)
+            taken += 1
+            if taken == skip:
+                return position, index, buffer, None
+    rng.shuffle(buffer)
+    if skip - taken > len(buffer):
+        raise SeedError(f"cannot skip {skip} examples of an epoch of {taken + len(buffer)}")
+    return len(order), -1, buffer, skip - taken
+
+
+def _materialise(urls: Sequence[str], source: Source, epoch: int, ghosts: list[Ghost]) -> list[Example]:
+    """The examples of ``ghosts``, in their order, each of their shards read once (up to the last one needed)."""
+    wanted: dict[int, set[int]] = {}
+    for shard, index in ghosts:
+        wanted.setdefault(shard, set()).add(index)
+    made: dict[Ghost, Example] = {}
+    for shard, indices in wanted.items():
+        make, last = source.load(shard, epoch), max(indices)
+        for sample in iter_shard(urls[shard], source.on_damage(shard)):
+            if sample.index in indices:
+                ex = make(sample.index, sample)
+                if ex is not None:
+                    made[shard, sample.index] = ex
+            if sample.index >= last:
+                break
+    missing = [g for g in ghosts if g not in made]
+    if missing:
+        shard, index = missing[0]
+        raise SeedError(f"{urls[shard]}: sample {index} makes no example although its row is valid; the shard "
+                        "changed since the cache was made (rebuild it: seed teacher --overwrite)")
+    return [made[g] for g in ghosts]
 
 
 def decode_items(items: list[Example], decoder: Decoder) -> tuple[list[Example], list[torch.Tensor]]:
@@ -302,8 +389,11 @@ def _jobs(urls: Sequence[str], order: Sequence[int], source: Source, epoch: int,
     leaves the epoch short, which the training loop reports as an error.
     """
     items: list[Example] = []
-    made = 0
-    stream = examples(urls, order, source, epoch, seed=seed, shuffle_buffer=shuffle_buffer)
+    # the stream leaves out the skipped batches' examples itself when the source's counts are exact (a cache:
+    # ``examples`` fast-forwards); otherwise their batches are made here and dropped
+    ahead = skip if source.exact_counts else 0
+    made = ahead
+    stream = examples(urls, order, source, epoch, seed=seed, shuffle_buffer=shuffle_buffer, skip=ahead * batch_size)
     if not source.exact_counts:
         stream = _topped_up(stream, lambda: examples(urls, order, source, epoch, seed=seed, shuffle_buffer=shuffle_buffer),
                             steps * batch_size, batch_size)

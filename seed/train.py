@@ -66,9 +66,9 @@ class Loop:
     """What one training run needs besides its models, objective and data: schedule and data path.
 
     ``checkpoint_steps``: a checkpoint every this many steps inside an epoch as well as at its end (0: at
-    its end only). A run resumed from one reads past the epoch's batches already trained on (their shards
-    are read and their examples made, but nothing is decoded), so it continues on the batches an
-    uninterrupted run would have had.
+    its end only). A run resumed from one continues on the batches an uninterrupted run would have had
+    (``Batches.epoch``'s ``skip``: nothing of the skipped ones is decoded, and from a cache only the shards
+    the shuffle buffer still holds are read).
     """
 
     optim: OptimConfig
@@ -220,8 +220,8 @@ def _epochs(members: Sequence[Member], objective: Objective, urls: Sequence[str]
         bar = progress_bar(total=steps, initial=first, desc=f"epoch {epoch + 1}/{o.epochs}", unit="step",
                            disable=not progress or rank != 0)
         if first and rank == 0:
-            log.info("epoch %d continues at step %d of %d: reading past the batches trained on before (not decoding "
-                     "them)", epoch + 1, first + 1, steps)
+            log.info("epoch %d continues at step %d of %d, on the batches an uninterrupted run has there", epoch + 1,
+                     first + 1, steps)
         data = maker.epoch(urls, order, source, epoch, batch_size=o.batch_size, steps=steps, seed=loop.seed,
                            shuffle_buffer=loop.loader.shuffle_buffer, skip=first)
         done = first

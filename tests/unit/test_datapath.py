@@ -236,3 +236,51 @@ def test_pretraining_that_would_draw_the_caches_views_is_warned_of(tmp_path: Pat
         note = view_overlap_note(cfg)
         assert same == (note is not None), (pretrain_seed, cache_seed)
         assert note is None or ("pretrain.seed 0 and cache.seed 7" in note or "pretrain.seed 3 and cache.seed 10" in note)
+
+
+class _KnownRows:
+    """A source whose rows are known without reading its shards, as a cache's are: every sample whose index is
+    not a multiple of 7 makes an example (the others as invalid rows). Counts the shards it loads."""
+
+    exact_counts = True
+
+    def __init__(self) -> None:
+        self.loaded: list[int] = []
+
+    def rows(self, shard: int) -> np.ndarray:
+        return np.array([i for i in range(12) if i % 7])
+
+    def on_damage(self, shard: int) -> None:
+        return None
+
+    def load(self, shard: int, epoch: int):  # type: ignore[no-untyped-def]
+        self.loaded.append(shard)
+
+        def make(index: int, sample: Sample) -> Example | None:
+            return None if index % 7 == 0 else Example(sample, (1, 1), np.zeros((1, 1)), shard * 100 + index, 0, {})
+
+        return make
+
+
+@pytest.mark.parametrize("buffer", [5, 30])
+def test_a_resumed_epoch_fast_forwards_to_the_examples_an_uninterrupted_one_makes(tmp_path: Path, buffer: int) -> None:
+    """Skipping the first examples of an epoch (a run resumed inside it) gives exactly the rest of the
+    uninterrupted stream, wherever the skip ends (inside a shard, at its end, in the final flush, at the last
+    example), and reads only the shards whose examples are still in the shuffle buffer."""
+    urls = []
+    for s in range(6):
+        with tarfile.open(tmp_path / f"s{s}.tar", "w") as tar:
+            for i in range(12):
+                _add(tar, f"k{s}-{i:02d}.cls", str(i).encode())
+        urls.append(str(tmp_path / f"s{s}.tar"))
+    order = [3, 0, 5, 1, 4, 2]
+    whole = [ex.row for ex in examples(urls, order, _KnownRows(), 2, seed=4, shuffle_buffer=buffer)]
+    assert len(whole) == 6 * 10
+    for skip in (1, 9, 10, 37, 60 - buffer, 60 - buffer + 2, 59, 60):
+        source = _KnownRows()
+        rest = [ex.row for ex in examples(urls, order, source, 2, seed=4, shuffle_buffer=buffer, skip=skip)]
+        assert rest == whole[skip:], (skip, buffer)
+    # late in a small buffer's epoch: the first shards in order left the buffer long before, and are not read
+    source = _KnownRows()
+    list(examples(urls, order, source, 2, seed=4, shuffle_buffer=5, skip=50))
+    assert order[0] not in source.loaded and len(source.loaded) < 6
