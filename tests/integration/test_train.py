@@ -221,7 +221,8 @@ def _crashing(after: int) -> type[CachedSeed]:
 
 def test_batches_are_the_same_in_every_data_layout(prepared) -> None:
     """Composed and decoded in this process, decoded by 2 workers, composed by a worker (CUDA's layout, here on
-    the CPU): the same two epochs of batches, to the bit (views, rows, labels, cached embeddings and targets)."""
+    the CPU): the same two epochs of batches, to the bit (views, rows, labels, cached embeddings and targets), and
+    the same last batches of an epoch resumed part-way."""
     cfg, storage, _ = prepared
     urls = expand_urls(storage.resolve("shards", cfg.data.train))
     group, banks = bank_store.open_banks(storage.cache_url(cfg.cache.name), cfg.bank)
@@ -236,12 +237,17 @@ def test_batches_are_the_same_in_every_data_layout(prepared) -> None:
         for name, maker in layouts.items():
             made[name] = [b for epoch in range(2) for b in maker.epoch(
                 urls, shard_order(len(urls), epoch, 0), source, epoch, batch_size=50, steps=6, seed=0, shuffle_buffer=200)]
+            # an epoch resumed after its fourth step (a checkpoint inside it): its last two batches
+            made[name] += list(maker.epoch(urls, shard_order(len(urls), 1, 0), source, 1, batch_size=50, steps=6, seed=0,
+                                           shuffle_buffer=200, skip=4))
     finally:
         for maker in layouts.values():
             maker.close()
     assert layouts["a worker composes"].compose_in_worker and not layouts["thread"].compose_in_worker
     first = made["thread"]
-    assert len(first) == 12 and first[0].extra.keys() >= {"z_t", "cols", "logp"}
+    assert len(first) == 14 and first[0].extra.keys() >= {"z_t", "cols", "logp"}
+    assert all(torch.equal(first[10 + i].x, first[12 + i].x) and torch.equal(first[10 + i].rows, first[12 + i].rows)
+               for i in range(2))
     assert not torch.equal(first[0].rows, first[6].rows)                 # the epochs differ
     for name, batches in made.items():
         assert len(batches) == len(first), name
