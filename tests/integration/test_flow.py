@@ -274,7 +274,7 @@ def _descendants(pid: int) -> list[int]:
 
 
 def _kill_rank_one_after_first_epoch(checkpoint_file: Path, seen: dict) -> None:
-    """Wait for the first epoch's checkpoint, then SIGKILL the torchrun rank with LOCAL_RANK=1."""
+    """Wait for the first checkpoint, then SIGKILL the torchrun rank with LOCAL_RANK=1."""
     import signal
     import time
 
@@ -297,31 +297,37 @@ def _kill_rank_one_after_first_epoch(checkpoint_file: Path, seen: dict) -> None:
 
 
 def test_student_stage_on_two_ranks_resumes_after_a_rank_is_killed(harness, tmp_path: Path, storage_file: str,
-                                                                     moco_checkpoint: Path) -> None:
+                                                                     moco_checkpoint: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    import logging
     import threading
 
     from seed import checkpoint
 
     config = str(ROOT / "configs" / "demo.yaml")
     overrides = [*TINY, f"teacher.checkpoint={moco_checkpoint}", "cache.views=2", "train.nproc=2", "train.device=cpu",
-                 "train.optim.epochs=4", "train.optim.batch_size=25", "train.students=[{arch: resnet10t}]"]
+                 "train.optim.epochs=4", "train.optim.batch_size=25", "train.students=[{arch: resnet10t}]",
+                 "train.checkpoint_steps=2"]
     seed(config=config, overrides=overrides, storage=storage_file, stages=["teacher", "bank"])
     ckpt = tmp_path / "runs" / "flow" / "resnet10t" / "checkpoint.pt"
     seen: dict = {}
     killer = threading.Thread(target=_kill_rank_one_after_first_epoch, args=(ckpt, seen))
     killer.start()
-    result = seed(config=config, overrides=overrides, storage=storage_file, stages=["student"])
+    with caplog.at_level(logging.INFO):
+        result = seed(config=config, overrides=overrides, storage=storage_file, stages=["student"])
     killer.join()
     assert "killed" in seen, "no rank was found to kill"
     # through torchrun, each rank knows the launching process (this one), and would end with it (seed.lifetime)
     assert seen["parent"] == [f"SEED_PARENT_PID={os.getpid()}".encode()]
-    killed_at = seen["state"]["epoch"]
-    assert 1 <= killed_at < 4  # killed mid-run: the retry had epochs left to train
+    # killed once the first checkpoint was written, at step 2 of epoch 1 (train.checkpoint_steps) or later
+    killed_at = checkpoint.Position.of(seen["state"])
+    assert checkpoint.Position(0, 2) <= killed_at < checkpoint.Position(4)  # the retry had steps left to train
     state = checkpoint.load(str(ckpt))
     assert result["student"]["skipped"] is False and state["epoch"] == 4
     assert [m["epoch"] for m in state["metrics"]] == [1, 2, 3, 4]
     # the retry continued from the checkpoint (the rows before the kill are the first attempt's), not from epoch 0
-    assert state["metrics"][:killed_at] == seen["state"]["metrics"]
+    assert state["metrics"][:killed_at.epoch] == seen["state"]["metrics"]
+    assert f"run flow continues from its checkpoints at {killed_at}" in caplog.text, caplog.text[-3000:]
     # 3 shards split 2 + 1 between the ranks: min(200, 100) // 25 = 4 steps an epoch
     assert all(m["steps"] == 4 for m in state["metrics"])
 
