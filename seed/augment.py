@@ -26,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 
 import numpy as np
@@ -38,7 +39,27 @@ _GRAY = (0.2989, 0.587, 0.114)  # ITU-R 601-2 luma, as torchvision's rgb_to_gray
 
 
 def _as_size(size: int | tuple[int, int]) -> tuple[int, int]:
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    """``(h, w)`` of an output size given as one side or two (Python, numpy or torch integers), both >= 1."""
+    try:
+        hw = (operator.index(size),) * 2 if not isinstance(size, (tuple, list)) else tuple(map(operator.index, size))
+    except TypeError:
+        hw = ()
+    if len(hw) != 2 or min(hw) < 1:
+        raise ValueError(f"apply_batch: size must be a side or (height, width) of integers >= 1, got {size!r}")
+    return hw[0], hw[1]
+
+
+def _check_images(images: Sequence[torch.Tensor] | torch.Tensor) -> None:
+    """Every image is uint8 ``[3, h, w]`` (a float image would be scaled by 1/255 once more on the CPU and cut to
+    integers on the GPU: views near black, different on each device)."""
+    if isinstance(images, torch.Tensor):
+        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"apply_batch: images must be uint8 [B, 3, h, w], got {images.dtype} "
+                             f"{list(images.shape)}")
+        return
+    for i, im in enumerate(images):
+        if im.dtype != torch.uint8 or im.dim() != 3 or im.shape[0] != 3:
+            raise ValueError(f"apply_batch: image {i} must be uint8 [3, h, w], got {im.dtype} {list(im.shape)}")
 
 
 def apply_batch(
@@ -70,6 +91,7 @@ def apply_batch(
         raise ValueError(f"apply_batch: {len(images)} images but {params.shape[0]} parameter rows")
     if params.shape[-1] != P:
         raise ValueError(f"apply_batch: parameter rows have {params.shape[-1]} columns, expected {P} ({COLUMNS})")
+    _check_images(images)
     size_hw = _as_size(size)
     target = params.device if device is None else torch.device(device)
     host = params.cpu()                                                       # a no-op for rows on the CPU
@@ -182,6 +204,7 @@ def _kernel_crops(images: Sequence[torch.Tensor] | torch.Tensor, host: torch.Ten
     # the boxes from the host rows: indexing rows on the GPU by a list would copy the list there and wait
     boxes = _to_device(host[:, _BOX].float().contiguous(), device)
     x = torch.empty(len(images), 3, *out, device=device)                      # B x 3 x oh x ow
+    images = list(images)  # each image kept alive while its id() stands for it (a tensor's rows are made anew)
     start = 0
     while start < len(images):
         slot: dict[int, int] = {}                                             # id(image) -> its index
@@ -449,7 +472,10 @@ def _affine_colour(x: torch.Tensor, host: torch.Tensor) -> torch.Tensor:
 
 
 def blur_kernel_size(recipe: Recipe, out: tuple[int, int]) -> int:
-    """Odd kernel size covering 3 sigma of the recipe's largest blur at this output size.
+    """Odd kernel size covering 3 sigma of the recipe's largest blur at this output size, at most the output's
+    shorter side: a blur wider than about a sixth of that side is cut there (a weaker blur than drawn; not at
+    the default recipe at 32 or 224 px, whose kernels are 3 and 13 wide). Cached views replay with this rule,
+    so it stays as caches were made with it.
 
     Fixed by the recipe and size (not by the batch), so an image blurs the same in any batch.
     """

@@ -77,6 +77,10 @@ class Decoder:
         with torch.cuda.stream(stream):
             try:
                 images: list[torch.Tensor | None] = list(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device))
+            except torch.OutOfMemoryError:  # (a RuntimeError too) not the images' fault: PIL decodes this batch
+                _say_once("nvJPEG ran out of GPU memory: a batch decodes with PIL on the CPU (slower); a smaller "
+                          "batch or read-ahead leaves it room")
+                images = [None] * len(encoded)
             except RuntimeError:  # one bad image fails the batch: try them one by one
                 images = []
                 for e in encoded:
@@ -106,6 +110,14 @@ def nvjpeg_available() -> bool:
 
 
 _warned = False
+_said: set[str] = set()
+
+
+def _say_once(text: str) -> None:
+    """Log a warning the first time in this process, not at every batch."""
+    if text not in _said:
+        _said.add(text)
+        log.warning(text)
 _streams: dict[torch.device, torch.cuda.Stream] = {}
 
 

@@ -97,18 +97,18 @@ class Recipe:
         if not 0.0 < lo <= hi <= 1.0:
             raise ValueError(f"recipe.crop_scale must satisfy 0 < min <= max <= 1, got {self.crop_scale}")
         lo, hi = self.crop_ratio
-        if not 0.0 < lo <= hi:
-            raise ValueError(f"recipe.crop_ratio must satisfy 0 < min <= max, got {self.crop_ratio}")
-        for name in ("brightness", "contrast", "saturation"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"recipe.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 < lo <= hi < math.inf:
+            raise ValueError(f"recipe.crop_ratio must satisfy 0 < min <= max (finite), got {self.crop_ratio}")
+        for name in ("brightness", "contrast", "saturation"):  # (NaN fails every comparison: refused too)
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ValueError(f"recipe.{name} must be finite and >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.hue <= 0.5:
             raise ValueError(f"recipe.hue must be in [0, 0.5], got {self.hue}")
         lo, hi = self.blur_sigma
-        if not 0.0 < lo <= hi:
-            raise ValueError(f"recipe.blur_sigma must satisfy 0 < min <= max, got {self.blur_sigma}")
-        if self.blur_reference_size <= 0:
-            raise ValueError(f"recipe.blur_reference_size must be > 0, got {self.blur_reference_size}")
+        if not 0.0 < lo <= hi < math.inf:
+            raise ValueError(f"recipe.blur_sigma must satisfy 0 < min <= max (finite), got {self.blur_sigma}")
+        if not 0 < self.blur_reference_size < math.inf:
+            raise ValueError(f"recipe.blur_reference_size must be finite and > 0, got {self.blur_reference_size}")
 
 
 def recipe_fields(recipe: Recipe) -> dict[str, object]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 
 import numpy as np
 import pytest
@@ -523,3 +524,23 @@ def test_the_sequential_recipe_keeps_the_fingerprint_of_caches_made_before_the_m
     assert recipe_fields(AFFINE)["jitter_mode"] == "affine"
     for recipe in (RECIPE, AFFINE, Recipe(jitter_mode="affine", hue=0.2)):
         assert from_dict(Recipe, recipe_fields(recipe), "recipe") == recipe
+
+
+def test_apply_batch_refuses_what_is_not_a_uint8_rgb_image_or_a_size() -> None:
+    """A float image (``ToTensor``'s) would be scaled by 1/255 once more on the CPU and cut to integers on the GPU:
+    refused, naming the image; so are other channel counts and sizes that are not positive integers. numpy and
+    torch integers are sizes."""
+    rows = torch.from_numpy(draw_views(Recipe(), seed=0, key="k", views=1, height=9, width=9))
+    good = torch.randint(0, 256, (3, 9, 9), dtype=torch.uint8)
+    for image, named in ((good.float() / 255, "image 0 must be uint8 [3, h, w], got torch.float32 [3, 9, 9]"),
+                         (good[:1], "image 0 must be uint8 [3, h, w], got torch.uint8 [1, 9, 9]")):
+        with pytest.raises(ValueError, match=re.escape(named)):
+            apply_batch([image], rows, Recipe(), 8)
+    with pytest.raises(ValueError, match=r"images must be uint8 \[B, 3, h, w\], got torch.float32"):
+        apply_batch(good[None].float(), rows, Recipe(), 8)
+    for size in (0, (8, 0), 8.0, "8"):
+        with pytest.raises(ValueError, match="size must be a side or .height, width. of integers >= 1"):
+            apply_batch([good], rows, Recipe(), size)  # type: ignore[arg-type]
+    x = apply_batch([good], rows, Recipe(), 8)
+    assert torch.equal(apply_batch([good], rows, Recipe(), np.int64(8)), x)  # type: ignore[arg-type]
+    assert torch.equal(apply_batch([good], rows, Recipe(), torch.tensor(8)), x)  # type: ignore[arg-type]
