@@ -427,7 +427,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     result = export.run(cfg, storage, run=args.run, student=args.student, fmt=args.fmt, head=args.head, out=args.out)
     for s in result.students:
         state = "" if s.finished else ", unfinished"
-        print(f"{s.student} (epoch {s.epoch} of {s.epochs}{state}, {result.format}): {', '.join(s.files)}")
+        print(f"{s.student} ({s.position}{state}, {result.format}): {', '.join(s.files)}")
     return 0
 
 

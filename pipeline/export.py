@@ -67,10 +67,16 @@ class StudentExport:
     files: list[str]
     epoch: int
     epochs: int  # the run's optim.epochs
+    step: int = 0  # steps of the next epoch, for a checkpoint written inside one
 
     @property
     def finished(self) -> bool:
         return self.epoch >= self.epochs
+
+    @property
+    def position(self) -> str:
+        """``epoch 2 of 3`` or ``step 400 of epoch 3 of 3``."""
+        return f"{checkpoint.Position(self.epoch, self.step)} of {self.epochs}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,6 +240,7 @@ def describe(item: _Loaded, run_dir: str, *, head: bool) -> dict[str, Any]:
         "student": item.name,
         "checkpoint": item.url,
         "epoch": epoch,
+        "step": int(state.get("step", 0)),  # steps of the next epoch (0: the checkpoint ends an epoch)
         "epochs": epochs,
         "finished": epoch >= epochs,
         "mode": state.get("mode"),
@@ -281,7 +288,8 @@ def timm_config(item: _Loaded, description: dict[str, Any]) -> dict[str, Any]:
         "pool_size": None,
         "first_conv": default.get("first_conv"),
         "classifier": default.get("classifier"),
-        "description": f"SEED student {item.name}, epoch {description['epoch']} of {description['epochs']}, "
+        "description": f"SEED student {item.name}, "
+                       f"{checkpoint.Position(description['epoch'], description['step'])} of {description['epochs']}, "
                        f"pooled features ({description['feature_dim']}-d)",
     }
     return {"architecture": pretrained_cfg.pop("architecture"), "num_classes": 0,
@@ -304,7 +312,7 @@ def _write_export(item: _Loaded, directory: str, run_dir: str, *, fmt: str, head
         _remove(join(directory, HEAD))  # an earlier export's head no longer matches this backbone
     written.append(join(directory, CONFIG))
     write_bytes(written[-1], (json.dumps(config, indent=2) + "\n").encode())
-    return StudentExport(item.name, directory, written, description["epoch"], description["epochs"])
+    return StudentExport(item.name, directory, written, description["epoch"], description["epochs"], description["step"])
 
 
 def _safetensors(state: dict[str, torch.Tensor]) -> bytes:

@@ -113,8 +113,9 @@ def build(p: PretrainConfig, n_classes: int = 0) -> Encoder:
 
 
 def resumable(cfg: RunConfig, storage: Storage, what: dict[str, Any] | None = None) -> Position:
-    """Where an interrupted pre-training of these settings can continue from (false: none, or it finished);
-    ``what``: its ``trains``, when the caller has them."""
+    """Where an interrupted pre-training of these settings can continue from (false: none); a checkpoint of its
+    last epoch whose teacher was not exported counts (the run then only exports it). ``what``: its ``trains``,
+    when the caller has them."""
     p = cfg.pretrain
     url = join(storage.resolve("runs", p.name), p.method, "checkpoint.pt")
     if not checkpoint.exists(url):
@@ -124,7 +125,13 @@ def resumable(cfg: RunConfig, storage: Storage, what: dict[str, Any] | None = No
         what = trains(cfg, urls, shard_lengths(urls, record=storage.shard_lengths_record(), damaged=cfg.data.damaged))
     state = checkpoint.load(url)
     at = Position.of(state)
-    return at if state.get("trains") == what and at.epoch < p.optim.epochs else Position()
+    if state.get("trains") != what or at.epoch > p.optim.epochs:
+        return Position()
+    if at.epoch == p.optim.epochs:  # finished training: resumable only while its export is missing
+        export = storage.pretrained_teacher(p.name)
+        if checkpoint.exists(export) and checkpoint.load(export).get("trains") == what:
+            return Position()
+    return at
 
 
 def run(cfg: RunConfig, storage: Storage, *, resume: bool = False, progress: bool = True,

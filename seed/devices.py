@@ -92,6 +92,7 @@ def leave_process_group() -> None:
     """Destroy the process group ``join_process_group`` joined, if any: NCCL asks for it before a process exits
     (its pending operations finish first; torch warns otherwise). Called once every rank has finished."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # every rank done (rank 0 may still write an export), then each leaves on its own
         dist.destroy_process_group()
 
 

@@ -213,8 +213,10 @@ def _epochs(members: Sequence[Member], objective: Objective, urls: Sequence[str]
         last_step = last_report = time.perf_counter()
         forwards0 = objective.teacher_forwards - int(carried.get("teacher_forwards", 0))
         order = shard_order(len(urls), epoch, loop.seed, rank, world)
-        # this rank's summed losses; a resumed epoch starts from the mean over ranks of those before the checkpoint
-        totals = np.array(carried["losses"], dtype=np.float64) if carried else np.zeros(len(members))
+        # this rank's summed losses (a resumed epoch starts from this rank's sums before the checkpoint), over the
+        # ``read`` steps whose losses were read
+        totals = np.array(carried["losses"][rank], dtype=np.float64) if carried else np.zeros(len(members))
+        read = first
         for m in members:
             m.model.train()
         bar = progress_bar(total=steps, initial=first, desc=f"epoch {epoch + 1}/{o.epochs}", unit="step",
@@ -235,7 +237,9 @@ def _epochs(members: Sequence[Member], objective: Objective, urls: Sequence[str]
             the next step's launches were made). A non-finite loss has then updated the weights in
             memory for one more step, but only in memory: the checkpoint on disk is the last good one.
             """
+            nonlocal read
             g = epoch * steps + step
+            read += 1
             for i, (m, value) in enumerate(zip(members, (loss.item() for loss in losses))):
                 if not math.isfinite(value):
                     raise SeedError(f"non-finite loss ({value}) for {m.name} at epoch {epoch + 1}, step {step + 1}; "
@@ -272,13 +276,13 @@ def _epochs(members: Sequence[Member], objective: Objective, urls: Sequence[str]
                     settle(*queued)
                     queued = None
                     _save_inside(members, objective, Position(epoch, done), metrics, device=device, steps=steps,
-                                 partial={"losses": _mean_over_ranks(totals, device).tolist(),
+                                 partial={"losses": _by_rank(totals, device).tolist(),
                                           "seconds": time.perf_counter() - t0,
                                           "teacher_forwards": int(objective.teacher_forwards - forwards0)})
                     if report:
                         log.info("epoch %d/%d: checkpoint at step %d", epoch + 1, o.epochs, done)
-                if done > first + 1:  # the losses read so far: every step's but the last
-                    bar.set_postfix(loss=f"{totals[0] / (done - 1):.4f}", lr=f"{lr[g]:.4f}")
+                if read:  # the losses read so far: every step's but the last (all of them after a checkpoint)
+                    bar.set_postfix(loss=f"{totals[0] / read:.4f}", lr=f"{lr[g]:.4f}")
                 now = time.perf_counter()
                 for w in writers:
                     w.add_scalar("train/lr", float(lr[g]), g + 1)
@@ -287,7 +291,7 @@ def _epochs(members: Sequence[Member], objective: Objective, urls: Sequence[str]
                 if report and done < steps and now - last_report >= PROGRESS_EVERY_S:
                     last_report = now
                     log.info("epoch %d/%d: step %d/%d (%d %%), %s, lr %.4g, %s images/s", epoch + 1, o.epochs, done, steps,
-                             100 * done // steps, losses_text(members, (totals / max(done - 1, 1)).tolist()), lr[g],
+                             100 * done // steps, losses_text(members, (totals / max(read, 1)).tolist()), lr[g],
                              f"{done * images / (now - t0):,.0f}")
             if queued is not None:
                 settle(*queued)  # the epoch's last step, before anything is saved
@@ -319,6 +323,17 @@ def _epochs(members: Sequence[Member], objective: Objective, urls: Sequence[str]
 def losses_text(members: Sequence[Member], losses: Sequence[float]) -> str:
     """``moco loss 6.672`` (4 significant digits, as ``seed.report.loss_text``), one per member, comma-separated."""
     return ", ".join(f"{m.name} loss {v:#.4g}" for m, v in zip(members, losses))
+
+
+def _by_rank(totals: np.ndarray, device: torch.device) -> np.ndarray:
+    """Every rank's ``totals``, in rank order: ``[world, len(totals)]`` (one row with one process)."""
+    if not dist.is_initialized():
+        return totals[None]
+    on = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    mine = torch.tensor(totals, dtype=torch.float64, device=on)
+    rows = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(rows, mine)
+    return torch.stack(rows).cpu().numpy()
 
 
 def _mean_over_ranks(totals: np.ndarray, device: torch.device) -> np.ndarray:

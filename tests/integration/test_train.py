@@ -541,6 +541,13 @@ def test_an_interrupted_pretraining_is_resumable_for_its_own_settings_and_starti
     with caplog.at_level(logging.WARNING, logger="pipeline.pretrain"), pytest.raises(Stop):
         pretrain_stage.run(a, storage, progress=False, on_epoch=stop)
     assert "pre-training cut stopped at epoch 1 of 2 with these settings; starting again" in caplog.text
+    # stopped after its last epoch's checkpoint, before the teacher was exported: the resume only exports it
+    with pytest.raises(Stop):
+        pretrain_stage.run(a, storage, resume=True, progress=False, on_epoch=lambda e, r: stop(e, r) if e == 1 else None)
+    assert pretrain_stage.resumable(a, storage) == Position(2)
+    done = pretrain_stage.run(a, storage, resume=True, progress=False, on_epoch=stop)  # no epoch left to stop in
+    assert not done.skipped and [m["epoch"] for m in done.metrics] == [1, 2]
+    assert not pretrain_stage.resumable(a, storage)  # exported: nothing to resume
 
 
 def test_supervised_pretraining(prepared) -> None:

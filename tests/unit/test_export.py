@@ -215,6 +215,16 @@ def test_an_unfinished_run_is_exported_with_its_epoch(trained: Trained, caplog: 
     config = json.loads(Path(done.directory, "config.json").read_text())
     assert (config["seed"]["epoch"], config["seed"]["epochs"], config["seed"]["finished"]) == (1, 2, False)
     assert "epoch 1 of 2" in config["pretrained_cfg"]["description"]
+    # the same weights as if checkpointed at step 3 of epoch 2 (train.checkpoint_steps): said so, not "epoch 1"
+    inside = trained.root / "runs" / "inside" / MNV3
+    inside.mkdir(parents=True)
+    shutil.copy(trained.root / "runs" / "half" / "config.yaml", inside.parent / "config.yaml")
+    state = checkpoint.load(str(trained.root / "runs" / "half" / MNV3 / "checkpoint.pt"))
+    checkpoint.save({**state, "step": 3}, str(inside / "checkpoint.pt"))
+    (done,) = export.run(trained.cfg, trained.storage, run="inside").students
+    config = json.loads(Path(done.directory, "config.json").read_text())
+    assert (config["seed"]["epoch"], config["seed"]["step"], done.position) == (1, 3, "step 3 of epoch 2 of 2")
+    assert "step 3 of epoch 2 of 2" in config["pretrained_cfg"]["description"]
 
 
 def test_bad_requests_name_the_run_student_checkpoint_or_format(trained: Trained) -> None:
