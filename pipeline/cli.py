@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  f"seed teacher -c {DEMO} --set teacher.checkpoint={DEMO_TEACHER} --set cache.name=demo-parts --shards 0,2,4"))
     _common_run(teacher)
     teacher.add_argument("--overwrite", action="store_true", help="replace a cache made with another configuration")
-    teacher.add_argument("--shards", help="only these input shard indices, e.g. 0,1,5 (the cache completes when all are done)")
+    teacher.add_argument("--shards", help="only these input shard indices, e.g. 0,1,5 (one worker's part; a later seed teacher "
+                              "without --shards marks the cache complete once all are done)")
     teacher.add_argument("--procs", type=_count(0), metavar="N",
                          help="split the shards over N processes on this node, one per GPU on CUDA (0 = one per "
                               "visible GPU); the same cache as one process")
