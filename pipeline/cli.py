@@ -483,7 +483,9 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     except KeyboardInterrupt as exc:
         how = "terminated" if isinstance(exc, Terminated) else "interrupted"
-        print(f"seed: {how}; completed shards are kept, re-run to resume", file=sys.stderr)
+        kept = ("its last checkpoint is kept; re-run with --resume to continue" if args.command in ("student", "pretrain")
+                else "completed shards are kept, re-run to resume")
+        print(f"seed: {how}; {kept}", file=sys.stderr)
         return 143 if isinstance(exc, Terminated) else 130
     except OSError as exc:
         if exc.errno in PATH_MISTAKES:  # a path given (a flag, a storage root) that is not what was expected
