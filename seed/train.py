@@ -2,8 +2,8 @@
 
 The loop owns what every method shares: the data pass, per-step learning rates (warm-up then
 cosine), SGD, autocast on CUDA, DDP, checkpoints (every epoch, and every ``Loop.checkpoint_steps``
-steps inside one), resume, metrics, and the stop on a non-finite loss. An objective (``seed.objectives``) owns what differs. Several models (students)
-train on the same decoded batches.
+steps inside one), resume, metrics, and the stop on a non-finite loss. An objective
+(``seed.objectives``) owns what differs. Several models (students) train on the same decoded batches.
 
 Metrics: ``<member.out>/metrics.jsonl`` (one line per epoch), and, when TensorBoard is installed
 (the ``tensorboard`` extra) or asked for, per-step loss, learning rate and throughput as event files
@@ -338,12 +338,8 @@ def _by_rank(totals: np.ndarray, device: torch.device) -> np.ndarray:
 
 def _mean_over_ranks(totals: np.ndarray, device: torch.device) -> np.ndarray:
     """Each rank's ``totals`` averaged over the ranks (``totals`` itself with one process)."""
-    if not dist.is_initialized():
-        return totals
-    on = device if dist.get_backend() == "nccl" else torch.device("cpu")
-    summed = torch.tensor(totals, dtype=torch.float64, device=on)
-    dist.all_reduce(summed)
-    return summed.cpu().numpy() / dist.get_world_size()
+    rows = _by_rank(totals, device)
+    return rows.sum(axis=0) / len(rows)
 
 
 def _save_inside(members: Sequence[Member], objective: Objective, at: Position, metrics: list[dict[str, Any]], *,
@@ -383,7 +379,8 @@ def _save(members: Sequence[Member], objective: Objective, at: Position, metrics
     At an epoch's end each ``metrics.jsonl`` (rewritten whole from the metrics) goes first: a kill after it and
     before the checkpoints leaves a line the resumed epoch rewrites, where the other order could leave a
     finished run's file a line short for good."""
-    for m in members if not at.step else ():
+    lines = [] if at.step else members  # inside an epoch there is no row to add
+    for m in lines:
         write_text(join(m.out, "metrics.jsonl"), "".join(
             json.dumps({"epoch": r["epoch"], "loss": r["loss"][m.name], "lr_end": r["lr_end"], "seconds": r["seconds"],
                         "images_per_s": r["images_per_s"], "teacher_forwards": r["teacher_forwards"]}) + "\n"
