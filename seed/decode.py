@@ -98,18 +98,14 @@ class Decoder:
 def nvjpeg_available() -> bool:
     """Whether this torchvision has ``decode_jpeg`` (it deprecates its decoders: one that drops it leaves the GPU
     path to PIL, said once, rather than failing at the first batch)."""
-    global _warned
     try:
         from torchvision.io import decode_jpeg  # noqa: F401
     except ImportError as exc:
-        if not _warned:
-            _warned = True
-            log.warning("torchvision.io.decode_jpeg is not available (%s): images decode with PIL on the CPU", exc)
+        _say_once(f"torchvision.io.decode_jpeg is not available ({exc}): images decode with PIL on the CPU")
         return False
     return True
 
 
-_warned = False
 _said: set[str] = set()
 
 
