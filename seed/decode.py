@@ -18,7 +18,7 @@ Example:
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -32,8 +32,10 @@ class Decoder:
     """Decodes samples to uint8 ``[3, h, w]`` tensors (on the GPU for JPEGs when ``device`` is CUDA)."""
 
     def __init__(self, device: torch.device):
+        if device.type == "cuda" and device.index is None:  # one key per GPU for the probe and the stream
+            device = torch.device("cuda", torch.cuda.current_device())
         self.device = device
-        self.gpu = device.type == "cuda" and nvjpeg_available()
+        self.gpu = device.type == "cuda" and nvjpeg_available(device)
 
     @property
     def name(self) -> str:
@@ -95,15 +97,56 @@ class Decoder:
         return images
 
 
-def nvjpeg_available() -> bool:
-    """Whether this torchvision has ``decode_jpeg`` (it deprecates its decoders: one that drops it leaves the GPU
-    path to PIL, said once, rather than failing at the first batch)."""
+def nvjpeg_available(device: torch.device) -> bool:
+    """Whether ``decode_jpeg`` decodes on ``device``: a small JPEG is decoded there once per process and compared
+    with PIL's pixels. An import alone would not tell: a torchvision built without nvJPEG imports ``decode_jpeg``
+    and fails at the first batch, and every batch would then fall back to PIL while the cache recorded ``nvjpeg``.
+    A device that fails the probe leaves JPEGs to PIL, said once."""
+    if device not in _probed:
+        try:
+            from torchvision.io import decode_jpeg
+        except ImportError as exc:
+            _say_once(f"torchvision.io.decode_jpeg is not available ({exc}): images decode with PIL on the CPU")
+            _probed[device] = False
+        else:
+            _probed[device] = _decodes_like_pil(device, decode_jpeg)
+    return _probed[device]
+
+
+_probed: dict[torch.device, bool] = {}
+_PROBE_TOLERANCE = 16  # grey levels: the decoders' chroma upsampling and IDCT differ by one or two; a broken one by more
+
+
+def _decodes_like_pil(device: torch.device, decode_jpeg: Callable[..., torch.Tensor]) -> bool:
+    """Decode a 16 x 24 gradient JPEG with ``decode_jpeg`` on ``device``; True when its pixels are PIL's (within
+    :data:`_PROBE_TOLERANCE`). Otherwise says why, once, and returns False."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from torchvision.io import ImageReadMode
+
+    y, x = np.mgrid[0:16, 0:24]
+    rgb = np.stack([x * 10, y * 15, 255 - x * 5 - y * 5], axis=-1).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG", quality=90)
+    expected = torch.from_numpy(np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))).permute(2, 0, 1)
     try:
-        from torchvision.io import decode_jpeg  # noqa: F401
-    except ImportError as exc:
-        _say_once(f"torchvision.io.decode_jpeg is not available ({exc}): images decode with PIL on the CPU")
+        if device.type == "cuda":  # once per process: nothing of the probe's overlaps the work that follows
+            torch.cuda.synchronize(device)
+        got = decode_jpeg(torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8), mode=ImageReadMode.RGB,
+                          device=device).cpu()
+    except RuntimeError as exc:
+        _say_once(f"decode_jpeg does not decode on {device} ({exc}): JPEGs decode with PIL on the CPU")
         return False
-    return True
+    if got.shape != expected.shape:
+        unlike = f"to shape {tuple(got.shape)}, not {tuple(expected.shape)}"
+    elif (diff := int((got.int() - expected.int()).abs().max())) > _PROBE_TOLERANCE:
+        unlike = f"{diff} grey levels away from PIL's pixels (at most {_PROBE_TOLERANCE} expected)"
+    else:
+        return True
+    _say_once(f"decode_jpeg on {device} decodes a test image {unlike}: JPEGs decode with PIL on the CPU")
+    return False
 
 
 _said: set[str] = set()

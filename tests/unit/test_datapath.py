@@ -36,6 +36,35 @@ def test_cpu_decoder_is_pil_to_the_bit(tmp_path: Path) -> None:
         assert isinstance(image, torch.Tensor) and torch.equal(image, decode_image(sample))
 
 
+def test_the_gpu_decoder_is_chosen_by_decoding_a_jpeg_not_by_importing_it(caplog: pytest.LogCaptureFixture) -> None:
+    """A torchvision built without nvJPEG imports ``decode_jpeg`` and fails at the first batch: the probe decodes a
+    JPEG on the device and compares it with PIL's pixels, and a decoder that refuses it or gets it wrong is not
+    used (said once, naming why). torchvision's own decoder on the CPU passes."""
+    from torchvision.io import decode_jpeg
+
+    from seed import decode
+
+    assert decode.nvjpeg_available(CPU) and decode._probed[CPU] is True       # decoded once, remembered
+
+    def refuses(data: torch.Tensor, **kw: object) -> torch.Tensor:
+        raise RuntimeError("torchvision not compiled with nvJPEG support")
+
+    def mirrors(data: torch.Tensor, **kw: object) -> torch.Tensor:
+        return decode_jpeg(data, **kw).flip(-1)
+
+    def halves(data: torch.Tensor, **kw: object) -> torch.Tensor:
+        return decode_jpeg(data, **kw)[..., ::2]
+
+    with caplog.at_level("WARNING", logger="seed.decode"):
+        assert decode._decodes_like_pil(CPU, decode_jpeg)
+        assert not decode._decodes_like_pil(CPU, refuses)
+        assert not decode._decodes_like_pil(CPU, mirrors)
+        assert not decode._decodes_like_pil(CPU, halves)
+    assert "(torchvision not compiled with nvJPEG support): JPEGs decode with PIL" in caplog.text
+    assert "grey levels away from PIL's pixels (at most 16 expected)" in caplog.text
+    assert "to shape (3, 16, 12), not (3, 16, 24)" in caplog.text
+
+
 def test_decoder_reports_undecodable_samples_in_place(tmp_path: Path) -> None:
     good = _samples(tmp_path)[0]
     broken = dataclasses.replace(good, key="broken", image=good.image[:30] if good.image else None)
