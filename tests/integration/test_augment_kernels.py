@@ -55,16 +55,16 @@ no_jitter[:, COL["jitter"]] = 0.0
 grey_only = crops.clone()
 augment._kernel_jitter(grey_only, no_jitter)
 grey_only_same = bool(torch.equal(grey_only, tensor_jitter(crops.clone(), no_jitter)))
-# the whole colour stage on 24 views of 36 x 44 px (rows and columns not to be swapped): jitter, then a strong
+# the whole colour stage on 12 views of 36 x 44 px (rows and columns not to be swapped): jitter, then a strong
 # blur (19 taps) and solarisation of every third view (the interpreter takes its time over 19 taps)
 strong, wide = Recipe(blur_reference_size=32), (36, 44)
-stage_rows = host[8:32].clone()
+stage_rows = host[8:20].clone()
 stage_rows[::3, COL["solarize"]] = 1.0
-wide_crops = augment._crops_by_size(images[8:32], host[8:32], wide)
+wide_crops = augment._crops_by_size(images[8:20], host[8:20], wide)
 whole_tensor = augment._colour_and_blur(wide_crops.clone(), stage_rows, stage_rows, strong, wide)
 whole_fused = augment._colour_and_blur(wide_crops.clone(), stage_rows, stage_rows, strong, wide, fused=True)
-blur_only = augment._colour_and_blur(wide_crops.clone(), no_jitter[8:32], no_jitter[8:32], strong, wide, fused=True)
-blur_only_tensor = augment._colour_and_blur(wide_crops.clone(), no_jitter[8:32], no_jitter[8:32], strong, wide)
+blur_only = augment._colour_and_blur(wide_crops.clone(), no_jitter[8:20], no_jitter[8:20], strong, wide, fused=True)
+blur_only_tensor = augment._colour_and_blur(wide_crops.clone(), no_jitter[8:20], no_jitter[8:20], strong, wide)
 # crops: 3 views of each of 24 images (the same tensors), a rectangular output
 per_view = [im for im in images[:24] for _ in range(3)]
 rows = torch.from_numpy(np.stack([draw_params(recipe, seed=3, key=f"k{i // 3}", view=i % 3, height=int(im.shape[1]),
@@ -122,7 +122,7 @@ def test_the_kernels_give_the_tensor_paths_views() -> None:
     assert result["same_without_contrast"] and result["grey_only_same"], result
     # blur (a strong one, reflecting at the edges, on views wider than tall) and solarisation: the taps summed in
     # another order than the convolution's
-    assert result["taps"] == 19 and 4 < result["blurred"] < 20, result
+    assert result["taps"] == 19 and 2 < result["blurred"] < 10, result
     assert result["blur_only_diff"] <= 1e-6 and result["whole_diff"] <= 5e-6, result
     # the crops: each view sampled from its own image, as the CPU path's per-size call up to float rounding, and
     # no further from it than the canvas path is
