@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import logging
@@ -192,71 +193,79 @@ def create(url: str, *, fields: dict[str, Any], capacity: int, n_shards: int, vi
 
     A cache with another fingerprint is refused, naming the differing fields, unless ``overwrite``.
     Safe to call from several processes at once (several ``seed teacher --shards`` starting together):
-    on a file system one of them claims the creation (``_creation_claim``) and the others wait for it to
-    finish laying out the arrays; every one of them then works with the attributes stored (the forward's
-    batch size and threads among them), not with its own.
+    on a file system the one holding the creation lock (``_creation_lock``) lays out the arrays and the
+    others wait for it; every one of them then works with the attributes stored (the forward's batch size
+    and threads among them), not with its own. A creator killed while laying out leaves a cache whose
+    status is still ``creating`` (no shard writer starts before the arrays exist, so it holds no data): on a
+    file system the next caller gets the lock the dead creator's kernel released and lays it out again; on
+    an object store, where nothing tells a dead creator from a slow one, callers wait ``wait_s`` and say so.
     """
-    fp = fingerprint(fields)
-    if exists(url) and not overwrite:
-        return _open_when_ready(url, fields, wait_s)
     N = n_shards * capacity
-    with _creation_claim(url, overwrite) as mine:
-        if not mine:
-            return _open_when_ready(url, fields, wait_s)
-        try:
-            group = _lay_out(url, overwrite, capacity, views, dim, N, attributes={
-                "format": FORMAT, "format_version": FORMAT_VERSION, "status": "creating",
-                "fingerprint": fp, "fingerprint_fields": fields, "capacity": capacity, "n_shards": n_shards,
-                "N": N, "V": views, "D": dim, "P": P, "augment_columns": list(COLUMNS),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "revision": uuid.uuid4().hex, **attrs,  # a new one whenever the rows change (``reopen_shards``)
-            })
-        except (zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError, FileExistsError):
-            return _open_when_ready(url, fields, wait_s)  # made by another process meanwhile
-    return group
+    deadline = time.monotonic() + wait_s
+    while True:
+        with _creation_lock(url) as lock:
+            if lock != "busy":
+                status = attributes(open_group(url, "r")).get("status") if exists(url) else None
+                if status is None or overwrite or (status == "creating" and lock == "held"):
+                    if status is not None and not overwrite:  # a dead creator's: of this run, or refused
+                        check_fingerprint(open_group(url, "r"), fields, url)
+                    try:
+                        return _lay_out(url, status is not None or overwrite, capacity, views, dim, N, attributes={
+                            "format": FORMAT, "format_version": FORMAT_VERSION, "status": "creating",
+                            "fingerprint": fingerprint(fields), "fingerprint_fields": fields, "capacity": capacity,
+                            "n_shards": n_shards, "N": N, "V": views, "D": dim, "P": P,
+                            "augment_columns": list(COLUMNS),
+                            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                            "revision": uuid.uuid4().hex,  # a new one whenever the rows change (``reopen_shards``)
+                            **attrs,
+                        })
+                    except (zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError, FileExistsError):
+                        pass  # an object store: made by another process meanwhile; wait for its arrays
+                elif status != "creating":
+                    group = open_group(url, "r")
+                    check_fingerprint(group, fields, url)
+                    return open_group(url, "r+")
+        if time.monotonic() > deadline:
+            raise SeedError(f"{url}: cache still being created by another process after {wait_s:.0f} s (if none is "
+                              "running, as when a creator on object storage crashed, use --overwrite)")
+        time.sleep(0.2)
 
 
 @contextlib.contextmanager
-def _creation_claim(url: str, overwrite: bool) -> Iterator[bool]:
-    """Whether this process lays out the cache at ``url``: on a file system, the one that creates the file
-    ``.<name>.creating`` beside it (exclusively), removed once the arrays exist; ``overwrite`` takes over a
-    claim left by a creator that died. An object store has no exclusive create: every caller tries, and the
-    arrays' creation tells the late ones (``ContainsArrayError``)."""
+def _creation_lock(url: str) -> Iterator[Literal["held", "busy", "none"]]:
+    """Whether this process may lay out the cache at ``url``. On a file system: ``held`` while it holds an
+    exclusive ``flock`` on ``.<name>.creating`` beside the cache, ``busy`` while another process does. The
+    kernel releases a lock when its holder dies, so a creator killed part-way never blocks the next run. The
+    file is removed once the cache's arrays exist; a lock taken on a file removed meanwhile is retried, so
+    two holders never both see a cache without its arrays. An object store has no locks (``none``): every
+    caller tries, and the arrays' creation tells the late ones (``ContainsGroupError``)."""
     if is_url(url):
-        yield True
+        yield "none"
         return
     path = Path(local_path(url))
     claim = path.parent / f".{path.name}.creating"
     path.parent.mkdir(parents=True, exist_ok=True)
-    if overwrite:
-        claim.unlink(missing_ok=True)
+    fd = os.open(claim, os.O_CREAT | os.O_RDWR, 0o644)
     try:
-        os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-    except FileExistsError:
-        yield False
-        return
-    try:
-        yield True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield "busy"
+            return
+        try:
+            same = os.fstat(fd).st_ino == os.stat(claim).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:  # removed (and perhaps made again) by a holder that finished: look again
+            yield "busy"
+            return
+        try:
+            yield "held"
+        finally:
+            if exists(url) and attributes(open_group(url, "r")).get("status") != "creating":
+                claim.unlink(missing_ok=True)
     finally:
-        claim.unlink(missing_ok=True)
-
-
-def _open_when_ready(url: str, fields: Mapping[str, Any], wait_s: float) -> zarr.Group:
-    """The cache another process is creating (or has created), once its arrays exist, with the attributes
-    stored; its fingerprint checked."""
-    deadline = time.monotonic() + wait_s
-    checked = False
-    while True:
-        if exists(url):
-            group = open_group(url, "r")
-            if not checked:
-                check_fingerprint(group, fields, url)
-                checked = True
-            if attributes(group).get("status") != "creating":
-                return open_group(url, "r+")
-        if time.monotonic() > deadline:
-            raise SeedError(f"{url}: cache still being created after {wait_s:.0f} s (a crashed creator? use --overwrite)")
-        time.sleep(0.2)
+        os.close(fd)  # releases the lock
 
 
 def _lay_out(url: str, overwrite: bool, capacity: int, views: int, dim: int, N: int,

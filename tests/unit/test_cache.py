@@ -167,3 +167,41 @@ def test_an_array_of_a_cache_named_as_the_cache_is_refused_in_one_line(tmp_path:
     _cache(str(tmp_path / "c.zarr"))
     with pytest.raises(SeedError, match=r"c.zarr/embeddings is an array .* not a cache: expected the cache's directory"):
         cache.open_group(str(tmp_path / "c.zarr" / "embeddings"))
+
+
+def test_a_creator_killed_while_laying_out_the_cache_does_not_block_the_next_run(tmp_path: Path) -> None:
+    """A teacher stage killed between the cache's first attribute and its last array leaves a cache whose status
+    is ``creating`` and its ``.<name>.creating`` file. While the creator lives (its lock held: here, this test's
+    descriptor), the next caller waits and then says so; once it is gone (the kernel releases its lock: here, the
+    descriptor closed) the next caller lays the cache out again at once. A dead creator's cache of another
+    configuration is refused, naming the field, as any other cache is."""
+    import fcntl
+    import os
+
+    import zarr
+
+    url = str(tmp_path / "c.zarr")
+    half = zarr.open_group(url, mode="w-", attributes={"format": cache.FORMAT, "format_version": cache.FORMAT_VERSION,
+                                                        "status": "creating", "fingerprint": cache.fingerprint({"test": 1}),
+                                                        "fingerprint_fields": {"test": 1}})
+    half.create_array("embeddings", shape=(8, 1, 2), dtype="float16", chunks=(4, 1, 2))  # the rest never came
+    claim = tmp_path / ".c.zarr.creating"
+    creator = os.open(claim, os.O_CREAT | os.O_RDWR)
+    fcntl.flock(creator, fcntl.LOCK_EX)
+    with pytest.raises(SeedError, match=r"c\.zarr: cache still being created by another process after 0 s .*use --overwrite"):
+        cache.create(url, fields={"test": 1}, capacity=4, n_shards=2, views=1, dim=2, attrs={}, wait_s=0.3)
+    os.close(creator)                                                          # the creator dies
+
+    group = _cache(url)
+    assert cache.attributes(group)["status"] == "incomplete"
+    assert {name for name, _ in group.arrays()} == {"embeddings", "augment", "keys", "labels", "valid", "sizes"}
+    cache.write_shard(group, 1, _rows(), {"samples": 4})                      # a usable cache
+    assert cache.done_shards(cache.open_group(url)) == [1] and not claim.exists()
+    assert cache.attributes(_cache(url))["revision"] == cache.attributes(group)["revision"]  # opened, not made again
+
+    other = str(tmp_path / "o.zarr")
+    zarr.open_group(other, mode="w-", attributes={"format": cache.FORMAT, "format_version": cache.FORMAT_VERSION,
+                                                  "status": "creating", "fingerprint": cache.fingerprint({"test": 2}),
+                                                  "fingerprint_fields": {"test": 2}})
+    with pytest.raises(SeedError, match=r"different configuration.*test"):
+        _cache(other)
