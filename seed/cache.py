@@ -203,9 +203,13 @@ def create(url: str, *, fields: dict[str, Any], capacity: int, n_shards: int, vi
     N = n_shards * capacity
     deadline = time.monotonic() + wait_s
     while True:
+        status = _status(url)
+        if status not in (None, "creating") and not overwrite:  # made: no lock needed (nor a writable directory)
+            check_fingerprint(open_group(url, "r"), fields, url)
+            return open_group(url, "r+")
         with _creation_lock(url) as lock:
             if lock != "busy":
-                status = attributes(open_group(url, "r")).get("status") if exists(url) else None
+                status = _status(url)
                 if status is None or overwrite or (status == "creating" and lock == "held"):
                     if status is not None and not overwrite:  # a dead creator's: of this run, or refused
                         check_fingerprint(open_group(url, "r"), fields, url)
@@ -222,13 +226,17 @@ def create(url: str, *, fields: dict[str, Any], capacity: int, n_shards: int, vi
                     except (zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError, FileExistsError):
                         pass  # an object store: made by another process meanwhile; wait for its arrays
                 elif status != "creating":
-                    group = open_group(url, "r")
-                    check_fingerprint(group, fields, url)
+                    check_fingerprint(open_group(url, "r"), fields, url)
                     return open_group(url, "r+")
         if time.monotonic() > deadline:
             raise SeedError(f"{url}: cache still being created by another process after {wait_s:.0f} s (if none is "
                               "running, as when a creator on object storage crashed, use --overwrite)")
         time.sleep(0.2)
+
+
+def _status(url: str) -> str | None:
+    """The cache's ``status`` attribute; None when there is no cache at ``url``."""
+    return attributes(open_group(url, "r")).get("status") if exists(url) else None
 
 
 @contextlib.contextmanager
@@ -262,7 +270,7 @@ def _creation_lock(url: str) -> Iterator[Literal["held", "busy", "none"]]:
         try:
             yield "held"
         finally:
-            if exists(url) and attributes(open_group(url, "r")).get("status") != "creating":
+            if _status(url) not in (None, "creating"):
                 claim.unlink(missing_ok=True)
     finally:
         os.close(fd)  # releases the lock
