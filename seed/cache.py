@@ -226,8 +226,7 @@ def create(url: str, *, fields: dict[str, Any], capacity: int, n_shards: int, vi
                     except (zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError, FileExistsError):
                         pass  # an object store: made by another process meanwhile; wait for its arrays
                 elif status != "creating":
-                    check_fingerprint(open_group(url, "r"), fields, url)
-                    return open_group(url, "r+")
+                    continue  # made meanwhile: opened at the top of the loop
         if time.monotonic() > deadline:
             raise SeedError(f"{url}: cache still being created by another process after {wait_s:.0f} s (if none is "
                               "running, as when a creator on object storage crashed, use --overwrite)")
