@@ -27,9 +27,9 @@ data: $(FMNIST)
 ## make test: install everything, then lint, type-check (beside the unit tier: one core each), the integration tier
 test: venv data
 	$(BIN)/ruff check --select F --no-cache seed pipeline flows bench tests
-	$(BIN)/python -m mypy > .mypy.out 2>&1 & mypy=$$!; \
+	typing=$$(mktemp); $(BIN)/python -m mypy > $$typing 2>&1 & mypy=$$!; \
 	    $(BIN)/python -m pytest -q tests/unit; unit=$$?; \
-	    wait $$mypy; typed=$$?; cat .mypy.out; rm -f .mypy.out; test $$unit = 0 && test $$typed = 0
+	    wait $$mypy; typed=$$?; cat $$typing; rm -f $$typing; test $$unit = 0 && test $$typed = 0
 	$(BIN)/python -m pytest -q --durations=8 tests/integration
 
 ## make unit: the fast tier alone (no subprocess, no server; under a minute): run it after every change
