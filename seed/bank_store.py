@@ -1,6 +1,7 @@
 """The bank store: the instance bank and cached teacher targets, a ``bank`` sub-group of the cache.
 
-Layout (K bank entries, N cache rows, V views, k = ``bank.topk``; rows chunked like the cache):
+Layout (K bank entries, N cache rows, V views, k = ``bank.topk``; rows chunked like the cache, ``indices`` and
+``logp`` also one view deep, as the cache's embeddings, so a student epoch reads the one view it uses):
 
 =============  ==========  ==========  ===============================================================
 array          shape       dtype       meaning
@@ -103,9 +104,11 @@ class Bank:
         """``[K, D]`` float32 unit vectors (stored as float16)."""
         return cache.read(self.group, "vectors").astype(np.float32)
 
-    def targets(self, rows: slice) -> dict[str, np.ndarray]:
-        """The sparse targets of a row block: ``cols`` ``[n, V, k]`` int32 and ``logp`` ``[n, V, k]`` float16."""
-        return {"cols": cache.read(self.group, "indices", rows), "logp": cache.read(self.group, "logp", rows)}
+    def targets(self, rows: slice, view: int | None = None) -> dict[str, np.ndarray]:
+        """The sparse targets of a row block: ``cols`` ``[n, V, k]`` int32 and ``logp`` ``[n, V, k]`` float16; of
+        its view ``view`` alone (``[n, k]``, reading only that view's chunks) when given."""
+        where = rows if view is None else (rows, view)
+        return {"cols": cache.read(self.group, "indices", where), "logp": cache.read(self.group, "logp", where)}
 
     def mass(self, rows: slice | None = None) -> np.ndarray:
         return cache.read(self.group, "mass", rows if rows is not None else slice(None))
@@ -228,9 +231,9 @@ def create(group: zarr.Group, b: BankConfig, ids: np.ndarray, vectors: np.ndarra
     if serialized_index is not None:
         bank.create_array("faiss_index", data=serialized_index, chunks=(len(serialized_index),),
                           compressors=crc(np.float16))  # opaque bytes: checksum only
-    bank.create_array("indices", shape=(N, V, b.topk), dtype="int32", chunks=(cap, V, b.topk), fill_value=-1,
+    bank.create_array("indices", shape=(N, V, b.topk), dtype="int32", chunks=(cap, 1, b.topk), fill_value=-1,
                       compressors=crc(np.int32))
-    bank.create_array("logp", shape=(N, V, b.topk), dtype="float16", chunks=(cap, V, b.topk), fill_value=np.nan,
+    bank.create_array("logp", shape=(N, V, b.topk), dtype="float16", chunks=(cap, 1, b.topk), fill_value=np.nan,
                       compressors=crc(np.float16))
     bank.create_array("mass", shape=(N, V), dtype="float32", chunks=(cap, V), fill_value=np.nan, compressors=crc(np.float32))
     bank.update_attributes({"status": "building"})  # laid out: from here on a build cut short resumes
@@ -239,7 +242,7 @@ def create(group: zarr.Group, b: BankConfig, ids: np.ndarray, vectors: np.ndarra
 
 def write_targets(bank: zarr.Group, rows: slice, cols: np.ndarray, logp: np.ndarray, mass: np.ndarray,
                   shard: int | None = None, record: dict[str, Any] | None = None) -> None:
-    """One input shard's row block of targets (each array's chunk, exactly), then, with ``shard``, its record
+    """One input shard's row block of targets (each array's chunks of it, exactly), then, with ``shard``, its record
     (``record`` plus ``done``): a block is done only once all three arrays are written."""
     cache.array(bank, "indices")[rows] = cols
     cache.array(bank, "logp")[rows] = logp.astype(np.float16)

@@ -14,7 +14,9 @@ sizes          [N, 2]      int32         decoded source (height, width)
 =============  ==========  ============  ==========================================================
 
 Every array is chunked ``capacity`` rows deep, so two input shards never share a chunk and shard
-writers (threads, processes, machines) never read-modify-write each other's data. A shard writer
+writers (threads, processes, machines) never read-modify-write each other's data. ``embeddings`` is also
+chunked one view deep: a student uses one view of a row block per epoch and reads only that view's chunk
+(1/V of the bytes). A shard writer
 writes its chunks first and its completion record ``progress/<shard>`` (a group whose attributes
 hold counts, skipped samples and timings) last; only the coordinator writes the root attributes:
 when creating the cache, when marking it complete, and when it takes back the records of shards to
@@ -281,12 +283,14 @@ def _lay_out(url: str, overwrite: bool, capacity: int, views: int, dim: int, N: 
     group = zarr.open_group(_store(url), mode="w" if overwrite else "w-", use_consolidated=False,
                             attributes=attributes)
 
-    def arr(name: str, shape: tuple[int, ...], dtype: Any, fill: Any, dims: tuple[str, ...]) -> None:
-        group.create_array(name, shape=shape, dtype=dtype, chunks=(capacity, *shape[1:]), fill_value=fill,
+    def arr(name: str, shape: tuple[int, ...], dtype: Any, fill: Any, dims: tuple[str, ...],
+            chunks: tuple[int, ...] | None = None) -> None:
+        group.create_array(name, shape=shape, dtype=dtype, chunks=chunks or (capacity, *shape[1:]), fill_value=fill,
                            compressors=checksummed(np.float16 if dtype == "float16" else np.uint8),
                            dimension_names=dims)
 
-    arr("embeddings", (N, views, dim), "float16", np.nan, ("row", "view", "dim"))  # floats barely compress
+    # floats barely compress; one view a chunk: what a student epoch reads of a row block
+    arr("embeddings", (N, views, dim), "float16", np.nan, ("row", "view", "dim"), chunks=(capacity, 1, dim))
     arr("augment", (N, views, P), "float32", np.nan, ("row", "view", "param"))
     arr("keys", (N,), str, "", ("row",))
     arr("labels", (N,), "int32", -1, ("row",))
@@ -376,7 +380,7 @@ def done_shards(group: zarr.Group) -> list[int]:
 
 
 def write_shard(group: zarr.Group, shard: int, data: Mapping[str, np.ndarray], record: dict[str, Any]) -> None:
-    """Write one shard's rows (each array's chunk, exactly), then its completion record."""
+    """Write one shard's rows (each array's chunks of them, exactly), then its completion record."""
     cap = int(attributes(group)["capacity"])
     rows = slice(shard * cap, (shard + 1) * cap)
     for name in ARRAYS:

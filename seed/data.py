@@ -99,7 +99,11 @@ class Source(Protocol):
 class CachedSource:
     """Per input shard, the cached rows: which view to use and its replay/teacher data.
 
-    ``view``: ``cycle`` uses view ``(epoch + row) mod V``; ``random`` draws one from (seed, epoch, row).
+    One view per row block and epoch: ``cycle`` uses view ``(epoch + shard) mod V``; ``random`` draws one from
+    (seed, epoch, shard). A block then reads only that view's chunks of the embeddings and targets (1/V of the
+    bytes). Each image still gets its own view of every epoch from the same distribution as a draw per image
+    would give it: its V views are independent draws, so which index two images share says nothing about
+    their views.
     """
 
     exact_counts = True  # the cache's valid rows
@@ -138,18 +142,18 @@ class CachedSource:
     def load(self, shard: int, epoch: int) -> MakeExample:
         rows = slice(shard * self.capacity, (shard + 1) * self.capacity)
         valid = cache.read(self.group, "valid", rows)
-        augment = cache.read(self.group, "augment", rows)                    # cap x V x P
-        emb = cache.read(self.group, "embeddings", rows)                     # cap x V x D
+        if self.view == "cycle":
+            v = (epoch + shard) % self.V
+        else:
+            v = int(rng_for(self.seed, epoch, shard).integers(0, self.V))
+        augment = cache.read(self.group, "augment", (rows, v))               # cap x P
+        emb = cache.read(self.group, "embeddings", (rows, v))                # cap x D
         sizes = cache.read(self.group, "sizes", rows)                        # cap x 2, decoded (h, w)
         keys = cache.read(self.group, "keys", rows)                          # cap: what each row was made from
         # rotating banks: this epoch's bank is rotation epoch mod R; each example says which (its targets' bank)
         rotation = epoch % len(self.banks) if self.banks else 0
-        targets = {} if self.dense or not self.banks else self.banks[rotation].targets(rows)
+        targets = {} if self.dense or not self.banks else self.banks[rotation].targets(rows, v)   # cap x k each
         base = shard * self.capacity
-        if self.view == "cycle":
-            views = (epoch + base + np.arange(self.capacity)) % self.V
-        else:
-            views = rng_for(self.seed, epoch, shard).integers(0, self.V, size=self.capacity)
 
         def make(index: int, sample: Sample) -> Example | None:
             if index >= self.capacity:  # the shard grew past the rows the cache holds for it
@@ -162,13 +166,12 @@ class CachedSource:
                 raise SeedError(f"{sample.url}: sample {index} is {sample.key!r}, but the cache's row {base + index} "
                                 f"was made from {str(keys[index])!r}; the shard changed since the cache was made "
                                 "(rebuild it: seed teacher --overwrite)")
-            v = views[index]
-            # copies: a view into the shard's arrays would keep them whole for as long as the example waits in
-            # the shuffle buffer (about 4.5 MB a shard at V = 8, top-64)
-            extra = {"z_t": emb[index, v].astype(np.float32), "rotation": np.int64(rotation)}
-            extra.update({name: arr[index, v].copy() for name, arr in targets.items()})
+            # copies: a view into the block's arrays would keep them whole for as long as the example waits in
+            # the shuffle buffer
+            extra = {"z_t": emb[index].astype(np.float32), "rotation": np.int64(rotation)}
+            extra.update({name: arr[index].copy() for name, arr in targets.items()})
             h, w = (int(s) for s in sizes[index])
-            return Example(sample, (h, w), augment[index, v][None].copy(), base + index, sample.label, extra)
+            return Example(sample, (h, w), augment[index][None].copy(), base + index, sample.label, extra)
 
         return make
 

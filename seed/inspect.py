@@ -582,10 +582,13 @@ def _missing_chunks(arrays: dict[str, zarr.Array], shard: int, files: set[str], 
     for name, arr in arrays.items():
         if name.rsplit("/", 1)[-1] == "labels":
             continue
-        key = f"{arr.path}/{arr.metadata.encode_chunk_key((shard,) + (0,) * (arr.ndim - 1))}"
-        if key not in files:
-            problems.append(f"{name}: chunk {shard} (rows {shard * arr.chunks[0]}-{(shard + 1) * arr.chunks[0] - 1}) "
-                            "is missing: it would read as empty rows")
+        # every chunk of the row block (``embeddings``, ``indices`` and ``logp`` have one per view)
+        lost = [rest for rest in np.ndindex(*arr.cdata_shape[1:])
+                if f"{arr.path}/{arr.metadata.encode_chunk_key((shard, *rest))}" not in files]
+        if lost:
+            views = f", views {', '.join(str(r[0]) for r in lost)}" if arr.chunks[1:2] == (1,) else ""
+            problems.append(f"{name}: chunk {shard} (rows {shard * arr.chunks[0]}-{(shard + 1) * arr.chunks[0] - 1}"
+                            f"{views}) is missing: it would read as empty rows")
 
 
 def verify(url: str) -> dict[str, Any]:

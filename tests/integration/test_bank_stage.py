@@ -182,7 +182,7 @@ def test_rotating_banks_are_disjoint_each_with_its_own_targets_and_students_use_
         from seed.shards import iter_shard
         ex = make(0, next(iter_shard(storage.resolve("shards", "fm/train/train-000000.tar"))))
         assert ex is not None and int(ex.extra["rotation"]) == epoch % 2
-        v = (epoch + 0) % 2                                           # cycle: view (epoch + row) mod V
+        v = (epoch + 0) % 2                                           # cycle: view (epoch + shard) mod V
         assert np.array_equal(ex.extra["cols"], g[["bank", "bank-1"][epoch % 2]]["indices"][0, v])
     from seed.inspect import describe
 
@@ -260,6 +260,49 @@ def test_a_build_cut_short_resumes_from_its_recorded_blocks_to_the_uninterrupted
     assert node.attrs["fields"]["seed"] == 1 and not (node["mass"][:cap] == 0.5).any()
 
 
+def test_a_student_epoch_reads_one_view_of_each_row_block(teacher_cache, tmp_path: Path) -> None:
+    """A row block's epoch uses one view of all its rows (``cycle``: (epoch + shard) mod V; ``random``: one drawn
+    per block) and reads only that view's chunks of the embeddings and targets: with the other view's chunks
+    damaged in a copy, the block's examples are those of the original; the epoch that uses it fails on its
+    checksum."""
+    import shutil
+
+    from seed.data import CachedSource
+    from seed.shards import iter_shard
+
+    cfg, storage = teacher_cache
+    bank_stage.run(cfg, storage, progress=False)
+    url = storage.cache_url(cfg.cache.name)
+    g = zarr.open_group(url, mode="r")
+    assert g["embeddings"].chunks == (100, 1, 32) and g["bank"]["logp"].chunks == (100, 1, 8)
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(url, copy)
+    shard, samples = 1, list(iter_shard(storage.resolve("shards", "fm/train/train-000001.tar")))
+    for array in ("embeddings", "bank/indices", "bank/logp"):
+        chunk = copy / array / "c" / str(shard) / "0" / "0"                     # view 0 of rows 100-199
+        data = bytearray(chunk.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        chunk.write_bytes(bytes(data))
+
+    def examples(at: str, epoch: int, view: str = "cycle") -> list:
+        group, banks = bank_store.open_banks(at, cfg.bank)
+        make = CachedSource(group, banks, view=view, seed=0, dense=False).load(shard, epoch)
+        return [make(i, sample) for i, sample in enumerate(samples)]
+
+    emb, cols = g["embeddings"][100:200], g["bank"]["indices"][100:200]
+    got, want = examples(str(copy), 0), examples(url, 0)                      # cycle: view (0 + 1) mod 2 = 1
+    assert len(got) == 100 and all(e is not None for e in got)
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert np.array_equal(a.extra["z_t"], emb[i, 1].astype(np.float32)) and np.array_equal(a.extra["cols"], cols[i, 1])
+        assert all(np.array_equal(a.extra[k], b.extra[k]) for k in ("z_t", "cols", "logp")) and np.array_equal(a.params, b.params)
+    with pytest.raises(SeedError, match="does not match its checksum"):
+        examples(str(copy), 1)                                               # view (1 + 1) mod 2 = 0: damaged
+    for epoch in range(4):                                                   # random: one view for the whole block
+        picked = {int(np.flatnonzero((emb[i].astype(np.float32) == e.extra["z_t"]).all(axis=1))[0])
+                  for i, e in enumerate(examples(url, epoch, "random"))}
+        assert len(picked) == 1
+
+
 def test_verify_names_lost_target_chunks_and_a_damaged_index(teacher_cache, tmp_path: Path) -> None:
     """``seed inspect --verify`` on a bank copied short: a lost ``logp`` chunk (it would read as NaN targets for a
     whole shard) and a flipped byte in the stored FAISS index are both named."""
@@ -276,6 +319,6 @@ def test_verify_names_lost_target_chunks_and_a_damaged_index(teacher_cache, tmp_
     data[len(data) // 2] ^= 0x10
     index.write_bytes(bytes(data))
     problems = verify(str(copy))["problems"]
-    assert any("bank/logp: chunk 1 (rows 100-199) is missing" in p for p in problems), problems
+    assert any("bank/logp: chunk 1 (rows 100-199, views 0) is missing" in p for p in problems), problems
     assert any("bank/indices, logp: shard 1 has" in p and "without a first target" in p for p in problems), problems
     assert any(p.startswith("bank/faiss_index: chunk 0") and "is damaged" in p for p in problems), problems

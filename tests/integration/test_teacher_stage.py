@@ -70,7 +70,8 @@ def test_cache_contract(clean) -> None:
     assert a["format"] == cache.FORMAT and a["status"] == "complete" and a["N"] == 600 and a["V"] == 2 and a["D"] == 32
     assert g["embeddings"].dtype == np.float16 and g["embeddings"].shape == (600, 2, 32)
     assert g["augment"].shape == (600, 2, a["P"]) and len(a["augment_columns"]) == a["P"]
-    assert g["embeddings"].chunks[0] == a["capacity"] == 100  # one chunk row-block per input shard
+    # one chunk row-block per input shard, and one view deep (what a student epoch reads of a block)
+    assert g["embeddings"].chunks == (a["capacity"], 1, 32) and a["capacity"] == 100
     assert a["preprocessing"]["input_size"] == [3, 32, 32] and len(a["preprocessing"]["mean"]) == 3
     assert a["totals"]["teacher_forwards"] == 1200 and a["totals"]["valid"] == 600
     emb = g["embeddings"][:].astype(np.float32)
@@ -672,6 +673,7 @@ def test_checksums_catch_a_damaged_copy_and_verify_names_it(clean, tmp_path: Pat
     # chunks lost from a copy: zarr would read them as fill values (empty keys, zero sizes) without a word
     (copy / "sizes" / "c" / "1" / "0").unlink()
     (copy / "keys" / "c" / "3").unlink()
+    (copy / "embeddings" / "c" / "5" / "1" / "0").unlink()                    # one view's chunk of a row block
     bad = verify()
     assert bad.returncode == 1
     lines = bad.stdout.strip().splitlines()
@@ -681,6 +683,7 @@ def test_checksums_catch_a_damaged_copy_and_verify_names_it(clean, tmp_path: Pat
     assert any("rows marked invalid hold embeddings" in line for line in lines), lines
     assert any("sizes: chunk 1 (rows 100-199) is missing" in line for line in lines), lines
     assert any("keys: chunk 3 (rows 300-399) is missing" in line for line in lines), lines
+    assert any("embeddings: chunk 5 (rows 500-599, views 1) is missing" in line for line in lines), lines
 
 
 def test_a_cache_of_format_1_still_opens(clean, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
