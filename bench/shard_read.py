@@ -6,8 +6,9 @@ ImageNet-shaped shards (``bench.common.jpeg_shards``: ``KEY.jpg`` + ``KEY.cls``,
 made once under ``--scratch``), and the same samples written again by webdataset's ``TarWriter`` (a pax
 header before every member), read from the page cache: ``seed.shards._tarfile_members`` (tarfile in
 stream mode, how every shard was read before; still how compressed ones are), ``_tar_members`` (the
-plain-tar header loop for uncompressed shards) and ``iter_shard`` (members grouped into samples, labels
-parsed). Medians of ``--rounds`` passes, the readers alternating; microseconds per sample.
+plain-tar header loop for uncompressed shards), ``iter_shard`` (members grouped into samples, labels
+parsed) and ``count_samples`` (the same, seeking over the images' data). Medians of ``--rounds`` passes, the
+readers alternating; microseconds per sample, and the bytes a pass had from read calls (``/proc/self/io``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import jpeg_shards, machine  # noqa: E402
-from seed.shards import _tar_members, _tarfile_members, iter_shard  # noqa: E402
+from seed.shards import _tar_members, _tarfile_members, count_samples, iter_shard  # noqa: E402
 
 
 def main() -> None:
@@ -50,8 +51,14 @@ def main() -> None:
         readers[(label, "tarfile stream (before; compressed shards)")] = members(_tarfile_members, urls)
         readers[(label, "seed's plain-tar reader (_tar_members)")] = members(_tar_members, urls)
         readers[(label, "iter_shard (samples, labels)")] = lambda urls=urls: sum(1 for u in urls for _ in iter_shard(u))
+        readers[(label, "count_samples (seeks over the images)")] = lambda urls=urls: sum(count_samples(u) for u in urls)
     times: dict[tuple[str, str], list[float]] = {key: [] for key in readers}
-    counts = {key: fn() for key, fn in readers.items()}                       # warm-up: the page cache
+    read: dict[tuple[str, str], int] = {}
+    counts = {}
+    for key, fn in readers.items():                                           # warm-up: the page cache
+        before = rchar()
+        counts[key] = fn()
+        read[key] = rchar() - before
     assert len(set(counts.values())) == 1, counts
     for _ in range(args.rounds):
         for key, fn in readers.items():
@@ -60,9 +67,15 @@ def main() -> None:
             times[key].append(time.perf_counter() - t)
     n = next(iter(counts.values()))
     print(f"machine: {machine()}; {n} samples in {len(ours)} shards under {root}, median of {args.rounds} rounds\n")
-    print("| shards written by | reader | us per sample |\n|---|---|---|")
+    print("| shards written by | reader | us per sample | MB read per pass |\n|---|---|---|---|")
     for (label, name), ts in times.items():
-        print(f"| {label} | {name} | {statistics.median(ts) / n * 1e6:.1f} |")
+        print(f"| {label} | {name} | {statistics.median(ts) / n * 1e6:.1f} | {read[(label, name)] / 1e6:.1f} |")
+
+
+def rchar() -> int:
+    """Bytes this process has had from read calls so far."""
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
 
 
 def rewritten(urls: list[str], out: Path) -> list[str]:

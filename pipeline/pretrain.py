@@ -92,13 +92,14 @@ def view_overlap_note(cfg: RunConfig) -> str | None:
 
 def num_classes(urls: list[str], damaged: Damaged = "stop") -> int:
     """Largest label + 1: from the shards' ``_info.json`` when it records it (``seed shards`` does), else by
-    reading every shard (a pass over the whole set, with a log line saying so)."""
+    reading every shard's labels (a pass over the whole set's headers, seeking over its images where the store
+    can, with a log line saying so)."""
     recorded = classes_from_info(urls)
     if recorded is not None:
         return recorded
-    log.info("counting the classes of %d shards: reading them all (no _info.json beside them records num_classes)",
-             len(urls))
-    labels = {s.label for u in urls for s in iter_shard(u, damage_handler(damaged))}
+    log.info("counting the classes of %d shards: reading all their labels (no _info.json beside them records "
+             "num_classes)", len(urls))
+    labels = {s.label for u in urls for s in iter_shard(u, damage_handler(damaged), images=False)}
     if -1 in labels or not labels:
         raise SeedError("supervised pre-training needs a label (.cls or .json) on every training sample")
     return max(labels) + 1

@@ -24,7 +24,8 @@ from webdataset import TarWriter
 
 from pipeline.cli import main
 from seed.errors import SeedError
-from seed.shards import (RECORD_FORMAT, DamagedShard, damage_handler, decode_image, expand_urls, fashion_mnist_to_shards, imagefolder_to_shards,
+from seed.shards import (RECORD_FORMAT, DamagedShard, count_samples, damage_handler, decode_image, expand_urls,
+                         fashion_mnist_to_shards, imagefolder_to_shards,
                          iter_shard, read_idx, shard_lengths)
 
 
@@ -579,10 +580,37 @@ def test_the_plain_tar_reader_reads_what_tarfile_reads() -> None:
         assert ("deep/" * 25 + "long.png", b"long name" * 70) in got and ("späť/ü.jpg", b"non-ASCII name") in got
 
 
+def _rchar() -> int:
+    """Bytes this process has had from read calls so far (``/proc/self/io``)."""
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
+
+
+def test_counting_and_labels_seek_over_the_images(tmp_path: Path) -> None:
+    """Counting a shard and reading its labels without images read its headers and small members: not the images,
+    which at ImageNet sizes are about all of its bytes."""
+    path = tmp_path / "big.tar"
+    with tarfile.open(path, "w") as tar:
+        for i in range(40):
+            _add(tar, f"img{i:03d}.jpg", os.urandom(256 << 10))
+            _add(tar, f"img{i:03d}.cls", str(i % 7).encode())
+    size = path.stat().st_size
+    before = _rchar()
+    assert count_samples(str(path)) == 40
+    assert _rchar() - before < size / 20
+    before = _rchar()
+    samples = list(iter_shard(str(path), images=False))
+    assert _rchar() - before < size / 20
+    assert [s.label for s in samples] == [i % 7 for i in range(40)] and all(s.image is None for s in samples)
+    before = _rchar()
+    assert sum(len(s.image) for s in iter_shard(str(path))) == 40 * (256 << 10)          # with images: all read
+    assert _rchar() - before >= 40 * (256 << 10)
+
+
 def test_the_plain_tar_reader_stops_where_tarfile_stops() -> None:
     """Cut anywhere, or one header byte changed anywhere: the same members before the damage, and the same
-    error, message and byte offset, as tarfile's reader."""
-    from seed.shards import _tar_members, _tarfile_members
+    error, message and byte offset, as tarfile's reader; the same when it seeks over the images' data."""
+    from seed.shards import _image_member, _tar_members, _tarfile_members
 
     tars = _writers_tars()
     for label in ("ustar", "gnu", "pax", "webdataset"):
@@ -597,6 +625,18 @@ def test_the_plain_tar_reader_stops_where_tarfile_stops() -> None:
                     cases[f"header {h} byte {at} = {value}"] = data[:h + at] + bytes([value]) + data[h + at + 1:]
         for case, bad in cases.items():
             assert _outcome(_tar_members, bad) == _outcome(_tarfile_members, bad), (label, case)
+    # seeking over the images (counting, labels): the same members and the same stop, the images' data not read
+    seeks = lambda stream, url: _tar_members(stream, url, skip=_image_member)  # noqa: E731
+    for label in ("ustar", "gnu", "pax", "webdataset"):
+        data = tars[label]
+        cases = {f"cut at {n}": data[:n] for n in range(0, len(data), 97)}
+        cases["whole"] = data
+        for case, bad in cases.items():
+            (got, stop), (want, want_stop) = _outcome(seeks, bad), _outcome(_tarfile_members, bad)
+            assert [n for n, _ in got] == [n for n, _ in want] and stop == want_stop, (label, case)
+            # ``tarfile``, which takes over at GNU long names, reads what it meets
+            assert all(d == w or (d is None and _image_member(n)) for (n, d), (_, w) in zip(got, want)), (label, case)
+        assert any(d is None for _, d in _outcome(seeks, data)[0]), label
     # a pax size that is not a number: tarfile takes it as 0, and what follows no longer parses
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
