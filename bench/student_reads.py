@@ -6,7 +6,10 @@ targets: what is timed is reading and decoding chunks, not their values), then a
 chunk). For each layout, ``seed.data.CachedSource.load`` of every shard for ``--epochs`` epochs: bytes handed
 out by read calls (``/proc/self/io`` ``rchar``), seconds, and the same per epoch. Both layouts are read once
 before timing, so both are in the page cache: the seconds are decompression and copies, a lower bound on
-reading from a disk or an object store, where the bytes are what costs.
+reading from a disk or an object store, where the bytes are what costs. Then the bank stage's first read, the
+bank entries' vectors: ``seed.cache.read_pairs`` on the new layout against how it was read before (every view
+of the entries' rows from the old layout, one then picked): bytes, seconds and the peak of memory allocated
+(``tracemalloc``), each path run once untimed first.
 
     .venv/bin/python bench/student_reads.py --shards 4 --capacity 1000 --views 8 --dim 2048 --topk 4096
 """
@@ -18,6 +21,7 @@ import shutil
 import sys
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +95,29 @@ def epochs(url: str, shards: int, n: int) -> tuple[float, float]:
     return time.perf_counter() - t, rchar() - before
 
 
+def gather(url: str, before: bool) -> tuple[float, int, int]:
+    """The bank stage's first step: the bank entries' vectors (seconds, bytes read, peak bytes allocated);
+    ``before``: as it was done before 2026-11-29 (every view of the entries' rows, then one picked)."""
+    group = cache.open_complete(url)
+    ids = cache.read(cache.subgroup(group, bank_store.NAME), "ids").astype(np.int64)
+
+    def read() -> np.ndarray:
+        if before:
+            return cache.read_rows(group, "embeddings", ids[:, 0])[np.arange(len(ids)), ids[:, 1]]
+        return cache.read_pairs(group, "embeddings", ids[:, 0], ids[:, 1])
+
+    start, t = rchar(), time.perf_counter()
+    vectors = read()
+    seconds, nbytes = time.perf_counter() - t, rchar() - start
+    assert vectors.shape == (len(ids), int(group["embeddings"].shape[2]))
+    del vectors
+    tracemalloc.start()                                        # again, for memory alone: it slows Python down
+    read()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return seconds, nbytes, peak
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shards", type=int, default=4)
@@ -121,6 +148,13 @@ def main() -> None:
             print(f"{name:<20}{nbytes / a.epochs / 1e6:>15.1f}{s / a.epochs:>10.2f}{1e3 * s / a.epochs / a.shards:>14.1f}")
         (s_new, b_new), (s_old, b_old) = rows.values()
         print(f"ratio (all / one): bytes {b_old / b_new:.2f}x, seconds {s_old / s_new:.2f}x")
+        print(f"\nbank vectors of {a.bank} entries{'':<6}{'MB read':>10}{'s':>8}{'peak MB':>10}")
+        cases = (("read_pairs, one view a chunk", new, False), ("before: every view, all views a chunk", old, True))
+        for _, url, before in cases:
+            gather(url, before)                                        # both warm (imports, page cache) first
+        for name, url, before in cases:
+            s, nbytes, peak = gather(url, before)
+            print(f"{name:<38}{nbytes / 1e6:>10.1f}{s:>8.2f}{peak / 1e6:>10.1f}")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -101,7 +101,7 @@ def _build(group: zarr.Group, b: BankConfig, rotation: int, ids: np.ndarray, val
     rotation's status stays ``building``: ``run`` completes them all at the end). A rotation laid out by a
     build cut short keeps its index and the row blocks it recorded; the others are made now."""
     V, D, cap, n_shards = (int(cache.attributes(group)[k]) for k in ("V", "D", "capacity", "n_shards"))
-    vectors = cache.read_rows(group, "embeddings", ids[:, 0])[np.arange(len(ids)), ids[:, 1]]   # K x D, float16
+    vectors = cache.read_pairs(group, "embeddings", ids[:, 0], ids[:, 1])                     # K x D, float16
     resumed = bank_store.node_name(rotation) in group  # ``run`` checked its parameters and entries
     bank = cache.subgroup(group, bank_store.node_name(rotation)) if resumed else None
     stored = cache.read(bank, "faiss_index") if bank is not None and "faiss_index" in bank else None

@@ -121,6 +121,25 @@ def read_rows(group: zarr.Group, name: str, rows: np.ndarray) -> np.ndarray:
         raise _damaged(exc, arr, f"{len(rows)} rows from {int(np.min(rows)) if len(rows) else 0}") or exc
 
 
+def read_pairs(group: zarr.Group, name: str, rows: np.ndarray, views: np.ndarray) -> np.ndarray:
+    """``group[name][rows[i], views[i]]`` for every i, ``[n, ...]``: per row block, only the chunks of the views asked
+    for there (``embeddings`` is chunked one view deep), and no ``[n, V, ...]`` array on the way."""
+    arr = array(group, name)
+    rows, views = np.asarray(rows, dtype=np.int64), np.asarray(views, dtype=np.int64)
+    out = np.empty((len(rows), *arr.shape[2:]), dtype=arr.dtype)
+    order = np.argsort(rows, kind="stable")
+    blocks = rows[order] // int(arr.chunks[0])
+    for picked in np.split(order, np.flatnonzero(np.diff(blocks)) + 1) if len(order) else []:
+        r, r_at = np.unique(rows[picked], return_inverse=True)
+        v, v_at = np.unique(views[picked], return_inverse=True)
+        try:
+            block = np.asarray(arr.oindex[r, v])                              # [rows, views, ...] of one row block
+        except ValueError as exc:
+            raise _damaged(exc, arr, f"rows {int(r[0])}-{int(r[-1])}") or exc
+        out[picked] = block[r_at, v_at]
+    return out
+
+
 def attributes(node: zarr.Group | zarr.Array) -> dict[str, Any]:
     """A node's attributes as plain JSON data (typed ``Any`` per key, as they are user data)."""
     return dict(node.attrs)

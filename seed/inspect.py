@@ -279,7 +279,7 @@ def _replay(group: zarr.Group, rows: np.ndarray, views: np.ndarray) -> Any:
                 images[i] = decode_image(sample)
             if sample.index >= last:
                 break
-    params = torch.from_numpy(cache.read_rows(group, "augment", np.asarray(rows))[np.arange(len(rows)), np.asarray(views)])
+    params = torch.from_numpy(cache.read_pairs(group, "augment", np.asarray(rows), np.asarray(views)))
     missing = [int(rows[i]) for i, im in enumerate(images) if im is None]
     if missing:
         raise SeedError(f"rows {missing[:5]} are not in their shards any more (did the shards change?)")

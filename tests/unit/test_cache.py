@@ -205,3 +205,24 @@ def test_a_creator_killed_while_laying_out_the_cache_does_not_block_the_next_run
                                                   "fingerprint_fields": {"test": 2}})
     with pytest.raises(SeedError, match=r"different configuration.*test"):
         _cache(other)
+
+
+def test_read_pairs_reads_one_view_of_given_rows_from_only_their_chunks(tmp_path: Path) -> None:
+    """``read_pairs`` gives ``embeddings[rows[i], views[i]]`` in the order asked (repeats, any shard order), as numpy's
+    fancy indexing does, without reading the chunks of views nobody asked for: those are damaged here."""
+    url = str(tmp_path / "c.zarr")
+    group = cache.create(url, fields={"test": 2}, capacity=4, n_shards=3, views=3, dim=5, attrs={})
+    full = np.random.default_rng(0).standard_normal((12, 3, 5)).astype(np.float16)
+    for s in range(3):
+        rows = {**_rows(), "embeddings": full[4 * s:4 * (s + 1)], "augment": np.zeros((4, 3, cache.P), np.float32)}
+        cache.write_shard(group, s, rows, {"samples": 4})
+    rows, views = np.array([9, 1, 9, 4, 0, 11, 1]), np.array([2, 0, 0, 1, 0, 2, 0])
+    np.testing.assert_array_equal(cache.read_pairs(group, "embeddings", rows, views), full[rows, views])
+    assert cache.read_pairs(group, "embeddings", rows[:0], views[:0]).shape == (0, 5)
+    unasked = tmp_path / "c.zarr" / "embeddings" / "c" / "2" / "1" / "0"    # rows 8-11, view 1
+    data = bytearray(unasked.read_bytes())
+    data[0] ^= 0xFF
+    unasked.write_bytes(bytes(data))
+    np.testing.assert_array_equal(cache.read_pairs(group, "embeddings", rows, views), full[rows, views])
+    with pytest.raises(SeedError, match="does not match its checksum"):
+        cache.read_pairs(group, "embeddings", np.array([10]), np.array([1]))
