@@ -64,6 +64,7 @@ if want tests; then
     timeout -k 10 "${GPU_TESTS_TIMEOUT:-120}" python3 -m pytest -q -p no:cacheprovider -o addopts="" \
         tests/unit/test_teacher_forward.py "tests/unit/test_bank.py::test_cuda_targets_equal_cpu" \
         "tests/unit/test_bank.py::test_cuda_bank_logits_stay_ieee_float32_when_the_process_asks_for_tf32" \
+        "tests/unit/test_bank.py::test_a_flat_bank_on_cuda_gives_the_targets_of_the_torch_bank" \
         "tests/unit/test_augment.py::test_augmentation_kernels_give_the_cpu_paths_views_on_cuda" 2>&1 | tail -15 | tee -a "$LOG"
     echo "== tests exit status ${PIPESTATUS[0]}" | tee -a "$LOG"
 fi

@@ -7,7 +7,10 @@ teacher's arrays are only read. A bank with other parameters is rebuilt (it is d
 same parameters cut short (killed, a full disk) resumes from the row blocks it recorded, with the index it stored.
 
 Device: ``cache.device`` (``auto``: CUDA when present). With ``bank.index=torch`` the whole targets
-pass runs there; with FAISS all but the search (unless faiss-gpu is installed). ``bank.batch_size``
+pass runs there. So it does with ``flat`` on CUDA: its search by faiss-gpu when installed, else its exact
+top-k from the normaliser's product on the GPU (not a CPU search the GPU would wait for). With ``ivf`` and
+``hnsw`` all but the search runs there (and ``ivf``'s search with faiss-gpu). The summary's ``search`` says
+where the top-k came from (``device``, ``faiss-gpu``, ``faiss-cpu``). ``bank.batch_size``
 views go to each ``seed.bank.sparse_targets`` call, which splits them into row chunks within
 ``seed.bank.LOGITS_BUDGET`` bytes of logits, so the batch size sets per-call overhead, not memory.
 """
@@ -85,7 +88,8 @@ def run(cfg: RunConfig, storage: Storage, *, progress: bool = True) -> BankResul
     search_s = sum(x["targets_seconds"] for x in summaries)
     summary = {"K": b.size, "topk": b.topk, "tau_t": b.tau_t, "index": b.index,
                "normaliser": "exact" if b.exact_normaliser else "sampled", "device": str(device),
-               "faiss_gpu": summaries[0]["faiss_gpu"], "views": n_views, "rotations": b.rotations,
+               "faiss_gpu": summaries[0]["faiss_gpu"], "search": summaries[0]["search"], "views": n_views,
+               "rotations": b.rotations,
                "seconds": round(seconds, 3), "targets_seconds": round(search_s, 3),
                "views_per_s": round(n_views * b.rotations / max(search_s, 1e-9), 1),
                "fidelity": summaries[0]["fidelity"]}
@@ -107,6 +111,9 @@ def _build(group: zarr.Group, b: BankConfig, rotation: int, ids: np.ndarray, val
     stored = cache.read(bank, "faiss_index") if bank is not None and "faiss_index" in bank else None
     index = B.BankIndex(vectors.astype(np.float32), b.index, device=device, ivf_lists=b.ivf_lists, nprobe=b.nprobe,
                         hnsw_m=b.hnsw_m, ef_search=b.ef_search, seed=b.seed, serialized=stored)  # the index it stored
+    if rotation == 0 and index.on_device and b.index == "flat":
+        log.info("bank.index=flat on %s without FAISS GPU support (faiss-gpu): the exact top-k comes from the "
+                 "normaliser's product on the GPU, not from a search on the CPU", device)
     if bank is None:
         bank = bank_store.create(group, b, ids, vectors, index.serialize(), rotation)
     done = bank_store.done_blocks(bank)
@@ -153,6 +160,7 @@ def _build(group: zarr.Group, b: BankConfig, rotation: int, ids: np.ndarray, val
         bank_store.write_targets(bank, rows, out_idx, out_logp, out_mass, shard=s,
                                  record={"views": int(ok.sum()) * V, "targets_seconds": round(shard_s, 3)})
     return {"targets_seconds": round(search_s, 3), "faiss_gpu": index.on_gpu,
+            "search": "device" if index.on_device else "faiss-gpu" if index.on_gpu else "faiss-cpu",
             "fidelity": measure_fidelity(bank, index, b, sample)}
 
 

@@ -69,6 +69,13 @@ def faiss_on_gpu(kind: str, device: torch.device) -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
+def searches_on_device(kind: str, device: torch.device, faiss_gpu: bool) -> bool:
+    """Whether a ``BankIndex`` of ``kind`` finds its top-k by a product and ``torch.topk`` on ``device``: ``torch``
+    always; ``flat`` (an exact search either way) on CUDA when FAISS cannot search there (no faiss-gpu), where
+    FAISS would search on the CPU while the GPU computes the same product for the exact normaliser."""
+    return kind == "torch" or (kind == "flat" and device.type == "cuda" and not faiss_gpu)
+
+
 def ivf_list_count(K: int, ivf_lists: int = 0) -> int:
     """The IVF index's lists over a bank of ``K``: ``ivf_lists``, or 4 sqrt(K) when 0."""
     return ivf_lists or max(1, int(4 * math.sqrt(K)))
@@ -135,8 +142,9 @@ class BankIndex:
 
     ``kind``: ``flat`` (FAISS exact), ``ivf`` / ``hnsw`` (FAISS approximate), ``torch`` (exact
     matmul + top-k on ``device``). FAISS runs on the GPU when faiss-gpu is installed and a GPU is
-    present; otherwise on CPU. ``bank_t`` holds the vectors on ``device`` for every kind: the
-    targets' normaliser runs there.
+    present; otherwise on CPU, except ``flat`` on CUDA, whose exact top-k then comes from a product on
+    the GPU as ``torch``'s does (``searches_on_device``; the FAISS index is still built and stored).
+    ``bank_t`` holds the vectors on ``device`` for every kind: the targets' normaliser runs there.
     """
 
     def __init__(self, vectors: np.ndarray, kind: str, *, device: torch.device | None = None, ivf_lists: int = 0,
@@ -146,6 +154,7 @@ class BankIndex:
         self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)        # K x D
         self.device = device or torch.device("cpu")
         self.on_gpu = False
+        self.on_device = kind == "torch"                                      # top-k by a product on ``device``
         self.bank_t = torch.from_numpy(self.vectors).to(self.device)          # shares memory on the CPU
         if kind == "torch":
             return
@@ -179,6 +188,7 @@ class BankIndex:
             self.gpu_res = faiss.StandardGpuResources()
             self.index = faiss.index_cpu_to_gpu(self.gpu_res, self.device.index or 0, index)
             self.on_gpu = True
+        self.on_device = searches_on_device(kind, self.device, self.on_gpu)
 
     def search(self, queries: np.ndarray, k: int, *,
                max_logits_bytes: int = LOGITS_BUDGET) -> tuple[np.ndarray, np.ndarray]:
@@ -187,7 +197,7 @@ class BankIndex:
         ``max_logits_bytes`` bounds the ``torch`` kind's ``[rows, K]`` logits (FAISS blocks its own search).
         """
         k = min(k, len(self.vectors))
-        if self.kind == "torch":
+        if self.on_device:
             with torch.no_grad():
                 q = torch.from_numpy(np.ascontiguousarray(queries, dtype=np.float32)).to(self.device)
                 sims, pos = topk_chunked(q, self.bank_t, k, max_logits_bytes)
@@ -224,8 +234,8 @@ def sparse_targets(z: np.ndarray, q_rows: np.ndarray, index: BankIndex, bank_row
     Returns column indices into D+ (int32 ``[B, topk]``, -1 = none), their log-probabilities
     (float32, -inf = none) and the captured mass (float32 ``[B]``), as numpy arrays on the CPU.
 
-    Runs on ``index.device`` in float32 (autocast off): with ``index.kind == "torch"`` all of it,
-    the search included; with FAISS all but the search. The batch is processed in chunks of rows
+    Runs on ``index.device`` in float32 (autocast off): with ``index.on_device`` (``torch``, and ``flat``
+    on CUDA without faiss-gpu) all of it, the search included; with FAISS all but the search. The batch is processed in chunks of rows
     whose ``[rows, K]`` float32 logits take at most ``max_logits_bytes`` (default ``LOGITS_BUDGET``,
     256 MiB: 1,023 rows at K = 65,536); a chunk's working memory is about 1.3x that (its logits
     and a boolean own-image mask). With the sampled normaliser and a FAISS index no ``[rows, K]``
@@ -236,7 +246,7 @@ def sparse_targets(z: np.ndarray, q_rows: np.ndarray, index: BankIndex, bank_row
     """
     B, K = len(z), len(index.vectors)
     dev = index.device
-    dense = exact_normaliser or index.kind == "torch"                        # a [rows, K] matmul per chunk
+    dense = exact_normaliser or index.on_device                              # a [rows, K] matmul per chunk
     m = min(tail_samples, K)
     sample = None if exact_normaliser else \
         torch.from_numpy(np.sort((rng or np.random.default_rng(0)).choice(K, size=m, replace=False)))
@@ -251,7 +261,7 @@ def sparse_targets(z: np.ndarray, q_rows: np.ndarray, index: BankIndex, bank_row
         for lo in range(0, B, step):
             zc, rc = zt[lo: lo + step], rows_t[lo: lo + step]
             log_z = None
-            if index.kind == "torch":
+            if index.on_device:
                 l_neg = bank_logits(zc, index.bank_t)                         # c x K: top-k and log Z from one matmul
                 top = torch.topk(l_neg, min(topk, K), dim=1)
                 sims, pos = top.values, top.indices

@@ -178,6 +178,26 @@ def test_cuda_targets_equal_cpu(exact: bool) -> None:
     assert np.allclose(cl, gl, atol=2e-3, rtol=1e-6) and np.allclose(cm, gm, atol=1e-4)
 
 
+def test_a_flat_bank_on_a_gpu_without_faiss_gpu_searches_by_the_devices_product() -> None:
+    """``flat`` is an exact search: on CUDA without faiss-gpu its top-k comes from the normaliser's product on the
+    GPU (no CPU search); with faiss-gpu, on the CPU, and for the other kinds, as before."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert B.searches_on_device("flat", cuda, faiss_gpu=False) and not B.searches_on_device("flat", cuda, faiss_gpu=True)
+    assert not B.searches_on_device("flat", cpu, faiss_gpu=False)
+    assert B.searches_on_device("torch", cpu, faiss_gpu=False) and B.searches_on_device("torch", cuda, faiss_gpu=True)
+    assert not any(B.searches_on_device(kind, cuda, faiss_gpu=False) for kind in ("ivf", "hnsw"))
+    assert not B.BankIndex(np.eye(4, dtype=np.float32), "flat").on_device    # FAISS on the CPU here
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_flat_bank_on_cuda_gives_the_targets_of_the_torch_bank() -> None:
+    z, rows, bank, bank_rows = _targets_case(K=3000, n=500, d=128)
+    out = [B.sparse_targets(z, rows, B.BankIndex(bank, kind, device=torch.device("cuda")), bank_rows, topk=16,
+                            tau=1e-4, exact_normaliser=True) for kind in ("flat", "torch")]
+    (fc, fl, fm), (tc, tl, tm) = out
+    assert np.array_equal(fc, tc) and np.allclose(fl, tl, atol=2e-3, rtol=1e-6) and np.allclose(fm, tm, atol=1e-4)
+
+
 def test_the_seed_logits_run_in_ieee_float32_whatever_the_process_asked_for_and_its_setting_is_restored() -> None:
     """A process that asked for TF32 matmuls (``set_float32_matmul_precision("high")``) gets IEEE float32 inside
     ``ieee_float32`` (the bank's and the loss's logits are made there) and its own setting back on exit, also when
