@@ -63,7 +63,7 @@ def replay(cfg, url: str, device: torch.device, fused_augment: bool) -> dict[str
     worst, low, n = 1.0, 0, 0
     source = CachedSource(group, None, view="cycle", seed=0, dense=True)
     for s, shard_url in enumerate(group.attrs["shard_urls"]):
-        for epoch in range(cfg.cache.views):           # view="cycle": epoch e replays view e
+        for epoch in range(cfg.cache.views):           # view="cycle": view (e + s) mod V, each once over V epochs
             make = source.load(s, epoch)
             items = [ex for smp in iter_shard(shard_url) if (ex := make(smp.index, smp)) is not None]
             for lo in range(0, len(items), 256):
