@@ -643,14 +643,16 @@ def sec_bank(st: Check, res: dict[str, Any]) -> None:
         res["sparse_K"], res["sparse_B"] = K, B
         res["sparse_targets_views_per_s"] = round(rate(targets, S.sparse_reps, B, "cpu"), 1)
         res["index_search_only_views_per_s"] = round(rate(lambda: index.search(z, 64), S.sparse_reps, B, "cpu"), 1)
-        # bank.index=flat on this device: without faiss-gpu its search runs on the host's CPU cores, then the
-        # exact normaliser's matmul again on the GPU (whether the torch path should be CUDA's default for flat)
+        # bank.index=flat on this device: by faiss-gpu when installed, else its top-k from the normaliser's product on
+        # the GPU (flat_on_device, as torch); and the FAISS CPU search that path replaces, on the same queries
         try:
             flat = BankIndex(vectors, "flat", device=st.device)
         except ImportError as exc:
             res["flat_skipped"] = f"faiss not importable: {exc}"
             return
-        res["flat_faiss_gpu"] = flat.on_gpu
+        res["flat_faiss_gpu"], res["flat_on_device"] = flat.on_gpu, flat.on_device
+        on_cpu = BankIndex(vectors, "flat")
+        res["flat_cpu_search_only_views_per_s"] = round(rate(lambda: on_cpu.search(z, 64), S.sparse_reps, B, "cpu"), 1)
 
         def flat_targets() -> None:
             sparse_targets(z, q_rows, flat, bank_rows, topk=64, tau=1e-4, exact_normaliser=True)

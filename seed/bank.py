@@ -72,7 +72,8 @@ def faiss_on_gpu(kind: str, device: torch.device) -> bool:
 def searches_on_device(kind: str, device: torch.device, faiss_gpu: bool) -> bool:
     """Whether a ``BankIndex`` of ``kind`` finds its top-k by a product and ``torch.topk`` on ``device``: ``torch``
     always; ``flat`` (an exact search either way) on CUDA when FAISS cannot search there (no faiss-gpu), where
-    FAISS would search on the CPU while the GPU computes the same product for the exact normaliser."""
+    FAISS would search on the CPU while the GPU waits (and, with the exact normaliser, computes the same product
+    anyway)."""
     return kind == "torch" or (kind == "flat" and device.type == "cuda" and not faiss_gpu)
 
 

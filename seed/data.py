@@ -1,4 +1,4 @@
-"""The training data path: stream shards, pick a view per image, replay it, batch it.
+"""The training data path: stream shards, pick a cached view per row block (or draw new ones), replay, batch.
 
 One pass over the data per epoch: shards in a seeded order (split by rank for DDP), samples
 through a seeded shuffle buffer that holds *encoded* images (memory does not grow with image

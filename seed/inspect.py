@@ -543,13 +543,30 @@ def _chunks_of(arr: zarr.Array) -> list[slice]:
 
 
 def _read_block(arr: zarr.Array, block: slice, label: str, problems: list[str]) -> np.ndarray | None:
-    """One chunk's rows, or None (named in ``problems``) when the chunk is damaged."""
+    """One row block's chunks, or None (named in ``problems``, with the views whose chunks are damaged where an
+    array has one per view) when a chunk is damaged."""
     try:
         return np.asarray(arr[block])
     except ValueError as exc:  # the crc32c codec, or a chunk too damaged to decode
-        problems.append(f"{label}: chunk {block.start // int(arr.chunks[0])} (rows {block.start}-{block.stop - 1}) "
-                        f"is damaged ({str(exc).splitlines()[0][:80]})")
+        views = ""
+        if arr.ndim > 1 and arr.chunks[1] == 1 and arr.shape[1] > 1:
+            views = f", views {', '.join(str(v) for v in range(arr.shape[1]) if not _reads(arr, (block, v)))}"
+        problems.append(f"{label}: chunk {block.start // int(arr.chunks[0])} (rows {block.start}-{block.stop - 1}"
+                        f"{views}) is damaged ({str(exc).splitlines()[0][:80]})")
         return None
+
+
+def _reads(arr: zarr.Array, selection: Any) -> bool:
+    try:
+        arr[selection]
+        return True
+    except ValueError:
+        return False
+
+
+def _chunks_per_block(arr: zarr.Array) -> int:
+    """Chunks of one row block of ``arr`` (V for the arrays chunked one view deep, else 1)."""
+    return int(np.prod(arr.cdata_shape[1:], dtype=np.int64))
 
 
 def _check_shard(s: int, record: dict[str, Any], rows: dict[str, np.ndarray | None], V: int, problems: list[str]) -> None:
@@ -629,7 +646,7 @@ def verify(url: str) -> dict[str, Any]:
         rows = {name: _read_block(arr, block, name, problems) for name, arr in arrays.items()}
         for name, arr in targets.items():
             rows[name] = _read_block(arr, block, name, problems)
-        chunks += len(rows)
+        chunks += sum(_chunks_per_block(arr) for arr in [*arrays.values(), *targets.values()])
         if rows["valid"] is not None:
             valid_all[block] = rows["valid"]
         has_valid = rows["valid"] is not None and bool(rows["valid"].any())

@@ -196,7 +196,7 @@ def test_rotating_banks_are_disjoint_each_with_its_own_targets_and_students_use_
     data[len(data) // 2] ^= 0xFF
     chunk.write_bytes(bytes(data))
     problems = verify(summary.cache)["problems"]
-    assert len(problems) == 1 and problems[0].startswith("bank-1/logp: chunk 1 (rows 100-199) is damaged"), problems
+    assert len(problems) == 1 and problems[0].startswith("bank-1/logp: chunk 1 (rows 100-199, views 0) is damaged"), problems
     one = small_config(cfg.teacher.checkpoint, "bank.size=64", "bank.topk=8", "bank.tau_t=0.05")
     bank_stage.run(one, storage, progress=False)
     assert "bank-1" not in zarr.open_group(summary.cache, mode="r")

@@ -677,7 +677,7 @@ def test_checksums_catch_a_damaged_copy_and_verify_names_it(clean, tmp_path: Pat
     bad = verify()
     assert bad.returncode == 1
     lines = bad.stdout.strip().splitlines()
-    assert any("embeddings: chunk 2 (rows 200-299) is damaged" in line for line in lines), lines
+    assert any("embeddings: chunk 2 (rows 200-299, views 0) is damaged" in line for line in lines), lines
     assert any("augment: chunk 4 (rows 400-499) is damaged" in line for line in lines), lines
     assert any("shard 0 (train-000000.tar): its record says 100 valid rows, the data has 99" in line for line in lines), lines
     assert any("rows marked invalid hold embeddings" in line for line in lines), lines

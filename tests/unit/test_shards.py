@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import io
+import itertools
 import json
 import os
 import struct
@@ -605,6 +606,27 @@ def test_counting_and_labels_seek_over_the_images(tmp_path: Path) -> None:
     before = _rchar()
     assert sum(len(s.image) for s in iter_shard(str(path))) == 40 * (256 << 10)          # with images: all read
     assert _rchar() - before >= 40 * (256 << 10)
+
+
+def test_a_negative_member_size_is_refused_whether_the_images_are_read_or_seeked_over(tmp_path: Path) -> None:
+    """A header with a negative (GNU base-256) size and a valid checksum: reading refuses it; seeking must too,
+    not move back and count the same members for ever."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        _add(tar, "b.jpg", b"")
+        _add(tar, "a.jpg", b"x" * 1024)
+    data = bytearray(buf.getvalue())
+    at = 512                                                                   # a.jpg's header: -1024 goes back to b.jpg's
+    data[at + 124:at + 136] = tarfile.itn(-1024, 12, tarfile.GNU_FORMAT)
+    data[at + 148:at + 156] = b"%06o\0 " % tarfile.calc_chksums(bytes(data[at:at + 512]))[0]
+    path = tmp_path / "negative.tar"
+    path.write_bytes(bytes(data))
+    for images in (True, False):
+        with pytest.raises(SeedError, match="not a readable tar shard"):
+            for _ in itertools.islice(iter_shard(str(path), images=images), 100):  # never 100: it has two members
+                pass
+    with pytest.raises(SeedError, match="not a readable tar shard"):
+        count_samples(str(path))
 
 
 def test_the_plain_tar_reader_stops_where_tarfile_stops() -> None:
