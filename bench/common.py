@@ -35,6 +35,12 @@ def machine() -> str:
             f"{torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}")
 
 
+def rchar() -> int:
+    """Bytes this process has had from read calls so far (``/proc/self/io``; page-cache hits count)."""
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
+
+
 def shards(root: Path, limit: int, per_shard: int = 1000) -> Path:
     """Fashion-MNIST train/test shards of the first ``limit`` images (made once per root)."""
     out = root / f"fm-{limit}"

@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import jpeg_shards, machine  # noqa: E402
+from bench.common import jpeg_shards, machine, rchar  # noqa: E402
 from seed.shards import _tar_members, _tarfile_members, count_samples, iter_shard  # noqa: E402
 
 
@@ -70,12 +70,6 @@ def main() -> None:
     print("| shards written by | reader | us per sample | MB read per pass |\n|---|---|---|---|")
     for (label, name), ts in times.items():
         print(f"| {label} | {name} | {statistics.median(ts) / n * 1e6:.1f} | {read[(label, name)] / 1e6:.1f} |")
-
-
-def rchar() -> int:
-    """Bytes this process has had from read calls so far."""
-    with open("/proc/self/io") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
 
 
 def rewritten(urls: list[str], out: Path) -> list[str]:

@@ -28,17 +28,12 @@ import numpy as np
 import zarr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import machine  # noqa: E402
+from bench.common import machine, rchar  # noqa: E402
 from seed import bank_store, cache  # noqa: E402
 from seed.config import BankConfig  # noqa: E402
 from seed.data import CachedSource  # noqa: E402
 
 _OLD = ("embeddings", "bank/indices", "bank/logp")  # the arrays now chunked one view deep
-
-
-def rchar() -> int:
-    with open("/proc/self/io") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
 
 
 def build(url: str, shards: int, cap: int, V: int, D: int, K: int, k: int) -> None:
