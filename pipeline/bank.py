@@ -57,6 +57,9 @@ def run(cfg: RunConfig, storage: Storage, *, progress: bool = True) -> BankResul
     V, D, cap, n_shards = (int(cache.attributes(group)[k]) for k in ("V", "D", "capacity", "n_shards"))
     if b.topk > b.size + 1:
         raise SeedError(f"bank.topk={b.topk} exceeds the {b.size + 1} columns of D+ (bank.size + 1)")
+    for name in bank_store.drop_unreadable(group):
+        log.warning("%s/%s: its metadata did not parse (a write cut short, as by a full disk): removed, to be made "
+                    "again", url, name)
     up_to_date, reason = bank_store.current(group, b)
     if up_to_date:
         log.info("bank of %s is complete with the same parameters; skipping", url)

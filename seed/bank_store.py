@@ -122,16 +122,49 @@ def node_name(rotation: int) -> str:
     return NAME if rotation == 0 else f"{NAME}-{rotation}"
 
 
+def _has(group: zarr.Group, name: str) -> bool:
+    """Whether the bank node ``name`` exists; one whose metadata does not parse is an error naming it (the bank
+    stage removes such a node and makes it again: ``drop_unreadable``)."""
+    try:
+        return name in group
+    except ValueError as exc:  # an empty or cut zarr.json: a metadata write cut short where writes are not atomic
+        raise SeedError(f"{group.store_path}/{name}: the bank's metadata does not parse ({str(exc).splitlines()[0]}: "
+                        "a write cut short, as by a full disk?); run the bank stage again, which makes it again") from exc
+
+
+def drop_unreadable(group: zarr.Group) -> list[str]:
+    """Remove the bank rotations whose metadata, or their arrays', does not parse, and return their names.
+
+    A store whose writes are not atomic (a filesystem reached through fsspec) leaves a metadata file empty or cut
+    when the disk fills as it is written; the bank is derived data, so the bank stage makes such a rotation again
+    rather than stopping on it. Completion records that do not parse need no removal (``cache.records`` counts
+    them as not done)."""
+    removed, absent, r = [], 0, 0
+    while absent < 8:  # rotations are numbered from 0; a gap of a few (a removal cut short) does not end the look
+        name, r = node_name(r), r + 1
+        try:
+            if name not in group:
+                absent += 1
+                continue
+            absent = 0
+            node = cache.subgroup(group, name)
+            _ = [array in node for array in ("ids", "vectors", "faiss_index", "indices", "logp", "mass")]
+        except ValueError:
+            del group[name]  # deleting a directory reads no metadata
+            removed.append(name)
+    return removed
+
+
 def rotations(group: zarr.Group) -> int:
     """How many bank rotations the cache's bank holds (from the first's fields; 1 for older banks)."""
-    if NAME not in group:
+    if not _has(group, NAME):
         return 0
     return int(cache.attributes(cache.subgroup(group, NAME)).get("fields", {}).get("rotations", 1))
 
 
 def is_complete(group: zarr.Group) -> bool:
-    return NAME in group and all(
-        node_name(r) in group and cache.subgroup(group, node_name(r)).attrs.get("status") == "complete"
+    return _has(group, NAME) and all(
+        _has(group, node_name(r)) and cache.subgroup(group, node_name(r)).attrs.get("status") == "complete"
         for r in range(rotations(group)))
 
 
@@ -145,11 +178,11 @@ def open_bank(url: str, expect: BankConfig | None = None) -> tuple[zarr.Group, B
 def open_banks(url: str, expect: BankConfig | None = None) -> tuple[zarr.Group, list[Bank]]:
     """A complete cache and every rotation of its complete bank (checked against ``expect`` when given)."""
     group = cache.open_complete(url)
-    if NAME not in group:
+    if not _has(group, NAME):
         raise SeedError(f"{url}: no bank yet; run the bank stage (seed bank) first")
     banks = []
     for r in range(rotations(group)):
-        if node_name(r) not in group:
+        if not _has(group, node_name(r)):
             raise SeedError(f"{url}: bank rotation {r} is missing; run the bank stage again")
         node = cache.subgroup(group, node_name(r))
         a = cache.attributes(node)

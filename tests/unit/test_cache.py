@@ -226,3 +226,27 @@ def test_read_pairs_reads_one_view_of_given_rows_from_only_their_chunks(tmp_path
     np.testing.assert_array_equal(cache.read_pairs(group, "embeddings", rows, views), full[rows, views])
     with pytest.raises(SeedError, match="does not match its checksum"):
         cache.read_pairs(group, "embeddings", np.array([10]), np.array([1]))
+
+
+def test_a_bank_whose_metadata_was_cut_is_named_to_readers_and_removed_by_the_bank_stage(tmp_path: Path) -> None:
+    """A store whose writes are not atomic leaves an empty ``zarr.json`` where the disk filled as it was written.
+    Readers of the bank get one line naming it; ``drop_unreadable`` (the bank stage, first) removes the rotations
+    whose own or whose arrays' metadata does not parse, and leaves the others."""
+    from seed import bank_store
+
+    url = str(tmp_path / "c.zarr")
+    group = _cache(url)
+    for name in ("bank", "bank-1", "bank-2"):
+        node = group.create_group(name, attributes={"status": "building"})
+        node.create_array("ids", shape=(2, 2), dtype="int32")
+    (tmp_path / "c.zarr" / "bank" / "zarr.json").write_bytes(b"")
+    (tmp_path / "c.zarr" / "bank-2" / "ids" / "zarr.json").write_bytes(b'{"zarr_format": 3, "node_')
+    with pytest.raises(SeedError, match=r"c.zarr/bank: the bank's metadata does not parse .* run the bank stage again"):
+        bank_store.is_complete(cache.open_group(url, "r"))
+    group = cache.open_group(url, "r+")
+    assert bank_store.drop_unreadable(group) == ["bank", "bank-2"]
+    assert sorted(n for n, _ in group.groups()) == ["bank-1", "progress"] and not bank_store.is_complete(group)
+    assert bank_store.drop_unreadable(group) == []
+    group.create_group("bank-3", attributes={"status": "building"})                # past a gap
+    (tmp_path / "c.zarr" / "bank-3" / "zarr.json").write_bytes(b"")
+    assert bank_store.drop_unreadable(group) == ["bank-3"]
