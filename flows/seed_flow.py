@@ -227,9 +227,10 @@ def _retrying() -> bool:
 
 @task(cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5, retry_condition_fn=retry_a_crash)
 def pretrain_teacher(cfg_data: dict[str, Any], storage_file: str | None) -> pretrain_stage.PretrainResult:
-    """MoCo-v2 pre-training when the config names no teacher checkpoint (reused when already made). A pre-training
-    of the same settings that stopped part-way (a crashed attempt, retried once, or an earlier run of the flow)
-    continues from its last checkpoint (an epoch's end, or a step inside one)."""
+    """MoCo-v2 pre-training when the config names no teacher checkpoint (reused when already made), in this
+    process or, with ``pretrain.nproc`` > 1, in ranks started by torchrun. A pre-training of the same settings
+    that stopped part-way (a crashed attempt, retried once, or an earlier run of the flow) continues from its
+    last checkpoint (an epoch's end, or a step inside one)."""
     log = get_run_logger()
     cfg = _cfg(cfg_data)
     epochs = cfg.pretrain.optim.epochs
@@ -244,7 +245,13 @@ def pretrain_teacher(cfg_data: dict[str, Any], storage_file: str | None) -> pret
     start = pretrain_stage.resumable(cfg, storage)
     if start:
         log.info("pre-training %s continues from its checkpoint at %s", cfg.pretrain.name, start)
-    result = pretrain_stage.run(cfg, storage, resume=bool(start) or _retrying(), progress=False, on_epoch=on_epoch)
+    resume = bool(start) or _retrying()
+    nproc = pretrain_stage.processes(cfg)
+    if nproc > 1:
+        log.info("pre-training: %d processes (torchrun)", nproc)
+        result = pretrain_stage.launch(cfg, storage, resume=resume, on_epoch=on_epoch, on_line=log.info)
+    else:
+        result = pretrain_stage.run(cfg, storage, resume=resume, progress=False, on_epoch=on_epoch)
     if result.skipped:
         update_progress_artifact(progress, 100.0, description=f"pre-training {cfg.pretrain.name}: reused")
     log.info(("reusing the teacher made earlier: " if result.skipped else "teacher written: ") + result.checkpoint)

@@ -156,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--resume", action="store_true",
                           help="continue from the last checkpoint (every epoch's end, and every "
                                "pretrain.checkpoint_steps steps)")
+    pretrain.add_argument("--events", action="store_true",
+                          help="print one machine-readable line per finished epoch instead of progress bars "
+                               "(how the ranks report to a launcher)")
 
     evaluate = sub.add_parser("evaluate", help="kNN and linear probe of teacher, students and baselines; writes the report",
                               formatter_class=raw, epilog=_examples(
@@ -301,6 +304,37 @@ def cmd_bank(args: argparse.Namespace) -> int:
     return 0
 
 
+def _launched(stage: Any, args: argparse.Namespace, cfg: Any, storage: Any, epochs: int, name: str) -> Any:
+    """Run ``stage`` (the student or pre-training module, ``name`` in messages) as this command asks: started in ranks of ``torchrun``
+    when its settings ask for more than one process and this one is not a rank already; as a rank reporting to
+    such a launcher (``--events``: epochs as event lines, a user's mistake marked as such); or in this process."""
+    from seed import launcher
+    from seed.devices import Launch
+    from seed.report import epoch_text
+
+    if stage.processes(cfg) > 1 and Launch.from_env().world == 1:  # not started by torchrun: start it
+        print(f"{name} stage: {stage.processes(cfg)} processes (torchrun)", flush=True)
+        return stage.launch(cfg, storage, resume=args.resume, on_line=lambda line: print(line, flush=True),
+                            on_epoch=lambda e, row: print(epoch_text(name, e + 1, epochs, row), flush=True))
+    if args.events:
+        try:
+            return stage.run(cfg, storage, resume=args.resume, progress=False,
+                             on_epoch=lambda e, row: print(launcher.epoch_event(e, row), flush=True))
+        except SeedError as exc:  # tell the launcher that this rank stopped on a user's mistake: no retry
+            if not isinstance(exc, MachineError):
+                print(launcher.MISTAKE, flush=True)
+            raise
+    return stage.run(cfg, storage, resume=args.resume)
+
+
+def _speaks(args: argparse.Namespace) -> bool:
+    """Whether this process reports the run: rank 0 (the other ranks' losses are of their own shards), and not
+    under ``--events`` (its launcher does)."""
+    from seed.devices import Launch
+
+    return Launch.from_env().rank == 0 and not args.events
+
+
 def cmd_student(args: argparse.Namespace) -> int:
     from seed.config import require_cache
 
@@ -308,26 +342,10 @@ def cmd_student(args: argparse.Namespace) -> int:
     if cfg.train.mode == "cached":
         require_cache(cfg, storage)
     from pipeline import student
-    from seed.devices import Launch
-    from seed.report import epoch_text
 
-    if student.processes(cfg) > 1 and Launch.from_env().world == 1:  # not started by torchrun: start it
-        print(f"student stage: {student.processes(cfg)} processes (torchrun)", flush=True)
-        result = student.launch(cfg, storage, resume=args.resume, on_line=lambda line: print(line, flush=True),
-                                on_epoch=lambda e, row: print(epoch_text("student", e + 1, cfg.train.optim.epochs, row),
-                                                              flush=True))
-    elif args.events:
-        try:
-            result = student.run(cfg, storage, resume=args.resume, progress=False,
-                                 on_epoch=lambda e, row: print(student.epoch_event(e, row), flush=True))
-        except SeedError as exc:  # tell the launcher that this rank stopped on a user's mistake: no retry
-            if not isinstance(exc, MachineError):
-                print(student.MISTAKE, flush=True)
-            raise
-    else:
-        result = student.run(cfg, storage, resume=args.resume)
-    if Launch.from_env().rank != 0 or args.events:
-        return 0  # rank 0 speaks for the run (the other ranks' losses are of their own shards); under --events its launcher does
+    result = _launched(student, args, cfg, storage, cfg.train.optim.epochs, "student")
+    if not _speaks(args):
+        return 0
     last = result.metrics[-1]
     print(f"run {result.run} ({result.mode}): " + ", ".join(
         f"{name} loss {last['loss'][name]:.4f} -> {path}" for name, path in result.students.items()))
@@ -337,7 +355,10 @@ def cmd_student(args: argparse.Namespace) -> int:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from pipeline import pretrain
 
-    result = pretrain.run(*_run_config(args), resume=args.resume)
+    cfg, storage = _run_config(args)
+    result = _launched(pretrain, args, cfg, storage, cfg.pretrain.optim.epochs, "pretrain")
+    if not _speaks(args):
+        return 0
     t = result.teacher
     print(("reused " if result.skipped else "wrote ") + f"teacher {result.checkpoint}; use it with: "
           f"--set teacher.arch={t.arch} --set teacher.checkpoint={t.checkpoint} --set teacher.format={t.format} "

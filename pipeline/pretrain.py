@@ -4,6 +4,10 @@ MoCo-v2 writes its query encoder in the MoCo checkpoint layout (``module.encoder
 MLP head as ``fc.0``/``fc.2``) and supervised training a timm state dict with its classifier;
 both load through ``seed.teachers`` like checkpoints made elsewhere. The same loop trains the
 MoCo-v2-only student baseline that SEED is compared against.
+
+``pretrain.nproc`` > 1 trains in that many processes on this node, as the student stage does: ``launch``
+starts ``torchrun`` over ``pipeline.cli pretrain`` (``seed.launcher``), one rank per GPU on CUDA; MoCo's
+Shuffle-BN then shuffles the keys across the ranks.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import dataclasses
 import functools
 import json
 import logging
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -20,10 +25,11 @@ from torch import nn
 
 from seed import cache, checkpoint
 from seed.checkpoint import Position
-from seed.config import PretrainConfig, RunConfig, TeacherConfig, outcome, to_dict
+from seed.config import PretrainConfig, RunConfig, TeacherConfig, outcome, to_dict, write_run_files
 from seed.data import FreshViews, rank_shards, sampled_label_mix
-from seed.devices import join_process_group, resolve_device
+from seed.devices import Launch, join_process_group, resolve_device
 from seed.errors import SeedError
+from seed.launcher import node_processes, torchrun
 from seed.models import Encoder, create_backbone, feature_dim, mlp_encoder
 from seed.objectives import Objective, ObjectiveFactory, Queue, create_objective
 from seed.shards import Damaged, classes_from_info, damage_handler, expand_urls, iter_shard, shard_lengths
@@ -63,10 +69,16 @@ def with_pretrained(asked: TeacherConfig, made: TeacherConfig) -> TeacherConfig:
 
 def trains(cfg: RunConfig, urls: list[str], lengths: list[int]) -> dict[str, Any]:
     """What decides the teacher pre-training makes: its section (less device and data-path settings), the
-    training shards (their pattern, file names and sample counts, as the teacher cache's fingerprint has them:
-    another storage root with the same layout is other data), and the views it trains on (the recipe at the
-    resolution). A finished export or an epoch checkpoint is reused only when this is the same."""
-    return json.loads(json.dumps({"pretrain": outcome(cfg.pretrain), "data": cfg.data.train,
+    ranks it trains in (on all nodes: under ``torchrun`` its world, else ``processes``), the training shards
+    (their pattern, file names and sample counts, as the teacher cache's fingerprint has them: another storage
+    root with the same layout is other data), and the views it trains on (the recipe at the resolution). A
+    finished export or an epoch checkpoint is reused only when this is the same."""
+    section = outcome(cfg.pretrain)
+    section.pop("nproc")  # the ranks in all, below, are what changes the training (the batches, the learning rate)
+    launched = Launch.from_env()
+    world = launched.world if launched.world > 1 else processes(cfg)
+    ranks = {"ranks": world} if world > 1 else {}  # one process: as every export made before ranks were recorded
+    return json.loads(json.dumps({"pretrain": section, **ranks, "data": cfg.data.train,
                                   "shards": [u.rsplit("/", 1)[-1] for u in urls], "shard_lengths": list(lengths),
                                   "recipe": recipe_fields(cfg.cache.recipe), "resolution": cfg.cache.resolution}))
 
@@ -122,16 +134,13 @@ def resumable(cfg: RunConfig, storage: Storage, what: dict[str, Any] | None = No
     if not checkpoint.exists(url):
         return Position()
     if what is None:
-        urls = expand_urls(storage.resolve("shards", cfg.data.train))
-        what = trains(cfg, urls, shard_lengths(urls, record=storage.shard_lengths_record(), damaged=cfg.data.damaged))
+        what = _trains(cfg, storage)[2]
     state = checkpoint.load(url)
     at = Position.of(state)
     if state.get("trains") != what or at.epoch > p.optim.epochs:
         return Position()
-    if at.epoch == p.optim.epochs:  # finished training: resumable only while its export is missing
-        export = storage.pretrained_teacher(p.name)
-        if checkpoint.exists(export) and checkpoint.load(export).get("trains") == what:
-            return Position()
+    if at.epoch == p.optim.epochs and _exported(cfg, storage, what):  # resumable only while its export is missing
+        return Position()
     return at
 
 
@@ -141,15 +150,16 @@ def run(cfg: RunConfig, storage: Storage, *, resume: bool = False, progress: boo
     """Train and export the teacher; a finished export with the same config is reused. ``objective`` replaces the
     registered class of ``pretrain.method`` (the tests' way to stop a run at a chosen step)."""
     p = cfg.pretrain
+    launched = Launch.from_env()
+    if launched.local_world != processes(cfg):
+        raise SeedError(f"pretrain.nproc={p.nproc} asks for {processes(cfg)} processes on this node but this one is "
+                        f"one of {launched.local_world}; run `seed pretrain`, which starts torchrun itself, or set "
+                        f"pretrain.nproc={launched.local_world}")
     out = storage.resolve("runs", p.name)
     path = storage.pretrained_teacher(p.name)
-    urls = expand_urls(storage.resolve("shards", cfg.data.train))
-    lengths = shard_lengths(urls, record=storage.shard_lengths_record(), damaged=cfg.data.damaged)
-    what = trains(cfg, urls, lengths)
-    if checkpoint.exists(path):
-        done = checkpoint.load(path)
-        if done.get("trains") == what:
-            return PretrainResult(path, True, teacher_config(cfg, path), done.get("metrics", []))
+    urls, lengths, what = _trains(cfg, storage)
+    if done := _exported(cfg, storage, what):
+        return done
     device = resolve_device(p.device)
     rank, world = join_process_group(device)
     torch.manual_seed(p.seed)
@@ -178,7 +188,7 @@ def run(cfg: RunConfig, storage: Storage, *, resume: bool = False, progress: boo
         log.warning("%s: %s", cfg.data.train, note)
     rank_counts = [sum(lengths[i] for i in rank_shards(len(urls), r, world)) for r in range(world)]
     loop = Loop(optim=p.optim, loader=p.loader, seed=p.seed, resolution=cfg.cache.resolution, recipe=cfg.cache.recipe,
-                checkpoint_steps=p.checkpoint_steps)
+                checkpoint_steps=p.checkpoint_steps, section="pretrain")
     metrics = train([member], method, urls, source, rank_counts, loop, device=device, resume=resume,
                     progress=progress, on_epoch=on_epoch)
     if rank == 0:
@@ -192,3 +202,48 @@ def run(cfg: RunConfig, storage: Storage, *, resume: bool = False, progress: boo
             state |= {f"{classifier}.{k}": v for k, v in encoder.head.state_dict().items()}
             checkpoint.save({"state_dict": state, **extra}, path)
     return PretrainResult(path, False, teacher_config(cfg, path), metrics)
+
+
+def _trains(cfg: RunConfig, storage: Storage) -> tuple[list[str], list[int], dict[str, Any]]:
+    """The training shards, their sample counts and ``trains`` of them."""
+    urls = expand_urls(storage.resolve("shards", cfg.data.train))
+    lengths = shard_lengths(urls, record=storage.shard_lengths_record(), damaged=cfg.data.damaged)
+    return urls, lengths, trains(cfg, urls, lengths)
+
+
+def _exported(cfg: RunConfig, storage: Storage, what: dict[str, Any]) -> PretrainResult | None:
+    """The finished export of these settings (``what``), reused; None when there is none."""
+    path = storage.pretrained_teacher(cfg.pretrain.name)
+    if not checkpoint.exists(path):
+        return None
+    done = checkpoint.load(path)
+    if done.get("trains") != what:
+        return None
+    return PretrainResult(path, True, teacher_config(cfg, path), done.get("metrics", []))
+
+
+def processes(cfg: RunConfig) -> int:
+    """Processes pre-training runs in on this node: ``pretrain.nproc``, 0 = one per visible GPU (1 without)."""
+    return node_processes(cfg.pretrain.nproc)
+
+
+def launch(cfg: RunConfig, storage: Storage, *, resume: bool = False,
+           on_epoch: Callable[[int, dict[str, Any]], None] | None = None,
+           on_line: Callable[[str], None] = print) -> PretrainResult:
+    """Pre-train in ``processes(cfg)`` ranks started by ``torchrun`` on this node (``seed.launcher``), and wait;
+    a finished export of these settings is reused without starting any. Rank 0's epoch reports go to
+    ``on_epoch``, every other line of the ranks' output to ``on_line``; a rank that fails stops them all, and
+    the checkpoints written so far stay for ``resume``."""
+    _, _, what = _trains(cfg, storage)
+    if done := _exported(cfg, storage, what):
+        return done
+    with tempfile.TemporaryDirectory(prefix="seed-pretrain-") as tmp:
+        config, roots = write_run_files(cfg, storage, tmp)
+        torchrun(["-m", "pipeline.cli", "pretrain", "-c", config, "--storage", roots, "--events",
+                  *(["--resume"] if resume else [])], processes(cfg), stage="pre-training",
+                 on_epoch=on_epoch, on_line=on_line)
+    made = _exported(cfg, storage, what)
+    if made is None:
+        raise SeedError(f"torchrun finished but {storage.pretrained_teacher(cfg.pretrain.name)} is not the teacher "
+                        "of these pre-training settings")
+    return dataclasses.replace(made, skipped=False)

@@ -6,27 +6,18 @@ them together on the same decoded batches -> write checkpoints, metrics (and Ten
 in ``<student>/tb/``, see ``train.tensorboard``) and the resolved config under ``<runs>/<train.run>/<student>/``.
 
 ``train.nproc`` > 1 runs the stage in that many processes on this node: ``launch`` starts
-``torchrun`` over the command line (``pipeline.cli student``), one rank per GPU on CUDA, and
-follows its output; the flow and ``seed student`` both use it.
+``torchrun`` over the command line (``pipeline.cli student``, ``seed.launcher``), one rank per GPU on
+CUDA, and follows its output; the flow and ``seed student`` both use it.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 import json
 import logging
-import os
-import queue
-import signal
-import subprocess
-import sys
 import tempfile
-import threading
-import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -39,9 +30,9 @@ from seed.views import Recipe, recipe_fields
 from seed.config import RunConfig, from_dict, outcome, to_dict, write_run_files
 from seed.data import CachedSource, FreshViews, Source, rank_shards
 from seed.decode import Decoder
-from seed.devices import Launch, cpu_cores, join_process_group, resolve_device
-from seed.errors import MachineError, SeedError
-from seed.lifetime import child_env
+from seed.devices import Launch, join_process_group, resolve_device
+from seed.errors import SeedError
+from seed.launcher import node_processes, torchrun
 from seed.models import mlp_encoder
 from seed.objectives import ObjectiveFactory, Queue, create_objective
 from seed.shards import expand_urls, shard_lengths
@@ -295,76 +286,24 @@ def resumable(cfg: RunConfig, storage: Storage) -> Position:
 
 def processes(cfg: RunConfig) -> int:
     """Processes the stage runs in on this node: ``train.nproc``, 0 = one per visible GPU (1 without)."""
-    return cfg.train.nproc or max(1, torch.cuda.device_count())
-
-
-EVENT = "seed-epoch "  # the line prefix of a rank-0 epoch report under ``launch``
-MISTAKE = "seed-mistake"  # a rank's line under ``launch`` saying it stopped on a user's mistake (a ``SeedError``)
-
-
-def epoch_event(epoch: int, row: dict[str, Any]) -> str:
-    """One finished epoch as a line of text ``launch`` reads back (``seed student --events``)."""
-    return EVENT + json.dumps({"epoch": epoch, "row": row})
+    return node_processes(cfg.train.nproc)
 
 
 def launch(cfg: RunConfig, storage: Storage, *, resume: bool = False,
            on_epoch: Callable[[int, dict[str, Any]], None] | None = None,
            on_line: Callable[[str], None] = print) -> StudentResult:
-    """Train in ``processes(cfg)`` ranks started by ``torchrun`` on this node, and wait for them.
+    """Train in ``processes(cfg)`` ranks started by ``torchrun`` on this node (``seed.launcher``), and wait.
 
     The ranks read the resolved config and storage roots from a temporary directory, so they run
-    exactly this ``cfg``. Rank 0's epoch reports go to ``on_epoch``, every other line of their
-    output (logs, warnings, tracebacks) to ``on_line``. A rank that fails stops them all (torchrun);
-    the error then carries the last lines, and the epoch checkpoints written so far stay for
-    ``resume``. Intra-op threads default to this machine's cores split between the ranks.
+    exactly this ``cfg``. Rank 0's epoch reports go to ``on_epoch``, every other line of their output
+    to ``on_line``. A rank that fails stops them all; the epoch checkpoints written so far stay for
+    ``resume``.
     """
-    n = processes(cfg)
     with tempfile.TemporaryDirectory(prefix="seed-student-") as tmp:
         config, roots = write_run_files(cfg, storage, tmp)
-        # torchrun's rendezvous store binds a port of its own choosing (port 0) on loopback, and so does the store
-        # it hands the ranks: no port is picked before it is bound, so launches at the same moment cannot collide
-        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={n}",
-                   "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:0", f"--rdzv-id=seed-{uuid.uuid4().hex}",
-                   "--local-addr=127.0.0.1", "-m", "pipeline.cli", "student",
-                   "-c", config, "--storage", roots, "--events", *(["--resume"] if resume else [])]
-        env = child_env({**os.environ,  # the ranks end with this process, even killed (seed.lifetime)
-                         # each rank's share of the cores this process may use (its affinity: Slurm, taskset)
-                         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, cpu_cores() // n))),
-                         "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo"),  # one node: ranks meet on loopback
-                         # the ranks use the store torchrun bound (set to 1, torchrun would pick a port free and bind it later)
-                         "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "0"})
-        tail: collections.deque[str] = collections.deque(maxlen=25)
-        errors: list[str] = []  # the ranks' own one-line errors, which torchrun's report would push out of the tail
-        mistakes = 0  # ranks that stopped on a user's mistake (their one-line error is among ``errors``)
-        # torchrun leads a process group of its own, so an interrupted launcher (Ctrl-C, a cancelled flow run)
-        # can stop it, and it stops its ranks
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                                start_new_session=True)
-        try:
-            for line in _lines(proc):
-                if line.startswith(EVENT):
-                    event = json.loads(line[len(EVENT):])
-                    if on_epoch is not None:
-                        on_epoch(int(event["epoch"]), event["row"])
-                    continue
-                if MISTAKE in line:  # its one write cannot be split, but may land inside another rank's line
-                    mistakes += line.count(MISTAKE)
-                    line = line.replace(MISTAKE, "")
-                    if not line.strip():
-                        continue
-                tail.append(line)
-                if line.startswith("seed: error:"):
-                    errors.append(line)
-                on_line(line)
-        except BaseException:
-            _stop(proc)
-            raise
-        if proc.returncode != 0:
-            # a rank's mistake is the user's to fix; otherwise the machine failed (a rank killed, an OSError)
-            error = SeedError if mistakes else MachineError
-            raise error(f"the student stage's {n} processes failed (torchrun exit code {proc.returncode}); "
-                        "epoch checkpoints so far are kept for a resume; "
-                        + ("\n".join(dict.fromkeys(errors)) if errors else "last lines:\n" + "\n".join(tail)))
+        torchrun(["-m", "pipeline.cli", "student", "-c", config, "--storage", roots, "--events",
+                  *(["--resume"] if resume else [])], processes(cfg), stage="the student stage",
+                 on_epoch=on_epoch, on_line=on_line)
     states = _checkpoints(cfg, storage)
     if states is None:
         raise SeedError(f"torchrun finished but run {cfg.train.run} has no checkpoint of this config for every student")
@@ -372,53 +311,3 @@ def launch(cfg: RunConfig, storage: Storage, *, resume: bool = False,
     metrics = states[-1].get("metrics", [])
     return StudentResult(storage.run_dir(cfg.train.run), cfg.train.mode, students, metrics,
                          sum(r["teacher_forwards"] for r in metrics))
-
-
-def _lines(proc: subprocess.Popen, grace: float = 10.0) -> Iterator[str]:
-    """``proc``'s output lines until it exits and its output ends.
-
-    The output ends when every process holding the pipe has closed it. A process torchrun did not
-    stop (a data-loader worker orphaned by a killed rank, say) can hold it past torchrun's exit, so
-    once torchrun has exited the lines still buffered are read for ``grace`` seconds, and no longer;
-    the pipe is then left to the reading thread (closing it under a blocked read would block).
-    """
-    assert proc.stdout is not None
-    lines: queue.Queue[str | None] = queue.Queue()
-
-    def pump() -> None:
-        for line in proc.stdout:  # type: ignore[union-attr]
-            lines.put(line.rstrip("\n"))
-        lines.put(None)
-
-    threading.Thread(target=pump, daemon=True, name="seed-torchrun-output").start()
-    ended: float | None = None
-    while True:
-        try:
-            line = lines.get(timeout=0.5)
-        except queue.Empty:
-            if proc.poll() is None:
-                continue
-            ended = ended if ended is not None else time.monotonic()
-            if time.monotonic() - ended < grace:
-                continue
-            log.warning("torchrun exited but a process it started still holds its output open; not waiting for it")
-            return
-        if line is None:
-            proc.stdout.close()
-            proc.wait()
-            return
-        yield line
-
-
-def _stop(proc: subprocess.Popen, wait: float = 30.0) -> None:
-    """Stop torchrun (SIGTERM: it stops its ranks, then exits), and kill its group after ``wait`` seconds."""
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=wait)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    except ProcessLookupError:
-        pass

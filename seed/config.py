@@ -205,6 +205,7 @@ class PretrainConfig:
     shuffle_bn: int = 0
     seed: int = 0
     device: str = "auto"
+    nproc: int = 1  # as train.nproc: processes on this node (torchrun; one per GPU on CUDA); 0 = one per visible GPU
     checkpoint_steps: int = 1000  # as train.checkpoint_steps
     optim: OptimConfig = dataclasses.field(default_factory=lambda: OptimConfig(epochs=3, base_lr=0.06))
     loader: LoaderConfig = dataclasses.field(default_factory=LoaderConfig)
@@ -240,8 +241,9 @@ class RunConfig:
             if loader.prefetch < -1:
                 raise SeedError(f"{name}.prefetch must be >= 0 (0 = no read-ahead), or -1 for automatic, "
                                 f"got {loader.prefetch}")
-        if self.train.nproc < 0:
-            raise SeedError(f"train.nproc must be >= 0 (0 = one process per visible GPU), got {self.train.nproc}")
+        for name, nproc in (("train.nproc", self.train.nproc), ("pretrain.nproc", self.pretrain.nproc)):
+            if nproc < 0:
+                raise SeedError(f"{name} must be >= 0 (0 = one process per visible GPU), got {nproc}")
         if self.cache.shard_capacity < 0:
             raise SeedError(f"cache.shard_capacity must be >= 0 (0 = automatic), got {self.cache.shard_capacity}")
         if not self.bank.tau_t > 0:

@@ -77,6 +77,7 @@ class Loop:
     resolution: int
     recipe: Recipe
     checkpoint_steps: int = 0
+    section: str = "train"  # the config section these settings come from, as messages name them
 
 
 def make_member(name: str, model: nn.Module, out: str, *, optim: OptimConfig, device: torch.device,
@@ -108,7 +109,7 @@ def train(members: Sequence[Member], objective: Objective, urls: Sequence[str], 
     steps = min(rank_counts) // o.batch_size
     if min(rank_counts) == 0:
         raise SeedError(f"{len(urls)} shard(s) for {world} ranks: a rank has no examples (ranks take whole shards); "
-                        "use fewer ranks (train.nproc) or more shards")
+                        f"use fewer ranks ({loop.section}.nproc) or more shards")
     if steps == 0:
         raise SeedError(f"batch size {o.batch_size} is larger than the {min(rank_counts)} examples of a rank; "
                         "lower the batch size (optim.batch_size)")
@@ -119,7 +120,7 @@ def train(members: Sequence[Member], objective: Objective, urls: Sequence[str], 
                     len(urls), world)
     lr = warmup_cosine(o.base_lr * o.batch_size * world / 256, o.epochs, steps, o.warmup_epochs)
     writer_class = tensorboard_writer(tensorboard, [m.out for m in members])
-    start, partial = (_resume(members, objective, {"world": world, "steps_per_epoch": steps}) if resume
+    start, partial = (_resume(members, objective, {"world": world, "steps_per_epoch": steps}, loop.section) if resume
                       else (Position(), None))
     if resume and dist.is_initialized():  # each rank read the checkpoints itself: they must have read the same ones
         positions: list[Any] = [None] * world
@@ -390,8 +391,8 @@ def _save(members: Sequence[Member], objective: Objective, at: Position, metrics
         metrics=metrics, meta={**m.meta, **layout}, partial=partial)) for m in members])
 
 
-def _resume(members: Sequence[Member], objective: Objective,
-            layout: dict[str, int]) -> tuple[Position, dict[str, Any] | None]:
+def _resume(members: Sequence[Member], objective: Objective, layout: dict[str, int],
+            section: str = "train") -> tuple[Position, dict[str, Any] | None]:
     """Load every member's last checkpoint; all must stand at the same position, made with this ``layout`` (ranks
     and steps per epoch: they set the learning rate's scale and schedule, and each rank's shards). Returns the
     position to start from and, inside an epoch, what the checkpoint kept of its steps."""
@@ -413,7 +414,7 @@ def _resume(members: Sequence[Member], objective: Objective,
             raise SeedError(f"{m.checkpoint}: cannot resume: it was trained on {was.get('world', '?')} rank(s) of "
                             f"{was.get('steps_per_epoch', '?')} steps an epoch, this run has {layout['world']} of "
                             f"{layout['steps_per_epoch']} (the learning rate, the schedule and each rank's shards would "
-                            f"change); resume with train.nproc={was.get('world', '?')} and the same shards, or start again")
+                            f"change); resume with {section}.nproc={was.get('world', '?')} and the same shards, or start again")
         objective.load_state_dict(state["objective"])
         m.history = list(state.get("metrics", []))
         positions.add(Position.of(state))

@@ -73,28 +73,28 @@ def test_torchrun_output_ends_when_torchrun_exits_though_a_child_holds_the_pipe(
     import signal
     import time
 
-    from pipeline.student import _lines
+    from seed.launcher import lines
 
     # the child exits at once; what it left behind (a sleep, as an orphaned data-loader worker would) keeps the pipe open
     proc = subprocess.Popen(["bash", "-c", "sleep 60 & echo $!; echo last line"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     t0 = time.monotonic()
-    lines = list(_lines(proc, grace=0.5))
+    got = list(lines(proc, grace=0.5))
     try:
         assert time.monotonic() - t0 < 10 and proc.returncode == 0
-        assert lines[1:] == ["last line"]
-        os.kill(int(lines[0]), 0)  # the straggler still runs: the lines ended without waiting for it
+        assert got[1:] == ["last line"]
+        os.kill(int(got[0]), 0)  # the straggler still runs: the lines ended without waiting for it
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_an_interrupted_launcher_stops_torchruns_whole_group() -> None:
-    from pipeline.student import _lines, _stop
+    from seed.launcher import lines, stop
 
     proc = subprocess.Popen(["bash", "-c", "sleep 60 & echo $!; wait"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
-    child = int(next(_lines(proc)))
-    _stop(proc, wait=5)
+    child = int(next(lines(proc)))
+    stop(proc, wait=5)
     assert proc.returncode is not None
     assert _ends(child, within=5)
 

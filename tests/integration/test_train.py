@@ -660,6 +660,56 @@ def test_torchrun_by_hand_across_two_nodes_trains_what_one_node_does(prepared, t
     assert all(torch.equal(theirs["model"][k], v) for k, v in ours["model"].items())
 
 
+def test_pretraining_in_two_ranks_through_seed_pretrain_trains_what_torchrun_by_hand_does(prepared, tmp_path: Path) -> None:
+    """``seed pretrain`` with ``pretrain.nproc=2`` starts torchrun itself (as ``seed student`` does): MoCo-v2 in two
+    gloo ranks, keys shuffled across them (Shuffle-BN), rank 0 alone reporting the run. Its teacher equals, to the
+    bit, the one two torchruns started by hand make (two nodes of one rank each, meeting on loopback); once made it
+    is reused without starting any rank, and a one-process pre-training of the same section is other training."""
+    import os
+
+    from seed.config import write_run_files
+
+    _, storage, _ = prepared
+    sets = ("pretrain.optim.epochs=1", "pretrain.shuffle_bn=1", "pretrain.device=cpu")
+    cfg = _cfg(prepared, *sets, "pretrain.nproc=2", "pretrain.name=moco-ranks")
+    config, roots = write_run_files(cfg, storage, tmp_path)
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "pretrain", "-c", config, "--storage", roots],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "pretrain stage: 2 processes (torchrun)" in out.stdout and "pretrain epoch 1/1: moco loss" in out.stdout
+    assert out.stdout.count("wrote teacher ") == 1, out.stdout[-2000:]
+    state = checkpoint.load(str(Path(storage.runs) / "moco-ranks" / "moco" / "checkpoint.pt"))
+    # 3 shards split 2 + 1 between the ranks: min(200, 100) // 50 = 2 steps, on each rank
+    assert state["world"] == 2 and state["epoch"] == 1 and state["metrics"][0]["steps"] == 2
+    made = pretrain_stage.launch(cfg, storage, on_line=lambda line: pytest.fail(f"a rank started: {line}"))
+    assert made.skipped and made.checkpoint == storage.pretrained_teacher("moco-ranks")
+    teacher, report = load_teacher(made.teacher)
+    assert report.format == "moco" and teacher.out_dim == 32
+    ours = checkpoint.load(made.checkpoint)
+    one = _cfg(prepared, *sets, "pretrain.name=moco-ranks")  # pretrain.nproc=1: one process, other batches and rate
+    urls = expand_urls(storage.resolve("shards", one.data.train))
+    alone = pretrain_stage.trains(one, urls, ours["trains"]["shard_lengths"])
+    assert ours["trains"]["ranks"] == 2 and alone == {k: v for k, v in ours["trains"].items() if k != "ranks"}
+
+    by_hand = _cfg(prepared, *sets, "pretrain.nproc=1", "pretrain.name=moco-by-hand")
+    (tmp_path / "by-hand").mkdir()
+    config, roots = write_run_files(by_hand, storage, tmp_path / "by-hand")
+    port = free_port()
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                               f"--node_rank={node}", "--master_addr=127.0.0.1", f"--master_port={port}", "-m",
+                               "pipeline.cli", "pretrain", "-c", config, "--storage", roots],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"})
+             for node in (0, 1)]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(o[-2000:] for o in outputs)
+    theirs = checkpoint.load(storage.pretrained_teacher("moco-by-hand"))
+    assert theirs["trains"]["ranks"] == 2
+    assert [m["loss"] for m in theirs["metrics"]] == [m["loss"] for m in ours["metrics"]]
+    assert ours["state_dict"].keys() == theirs["state_dict"].keys()
+    assert all(torch.equal(theirs["state_dict"][k], v) for k, v in ours["state_dict"].items())
+
+
 def test_nodes_that_see_different_checkpoints_refuse_to_resume(prepared, tmp_path: Path) -> None:
     """Two nodes whose storage.yaml name different runs roots (not one shared file system): node 0 finds the run's
     epoch-1 checkpoint, node 1 none. Resuming, the ranks compare the epochs they read and both stop in one line,

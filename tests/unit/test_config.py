@@ -39,6 +39,8 @@ def test_yaml_and_overrides(tmp_path: Path) -> None:
     ("cache.recipe.contrast=.inf", "recipe.contrast must be finite and >= 0, got inf"),
     ("cache.recipe.blur_sigma=[0.1, .inf]", "recipe.blur_sigma must satisfy 0 < min <= max .finite."),
     ("train.checkpoint_steps=-1", "train.checkpoint_steps must be >= 0, got -1"),
+    ("train.nproc=-1", r"train.nproc must be >= 0 \(0 = one process per visible GPU\), got -1"),
+    ("pretrain.nproc=-2", r"pretrain.nproc must be >= 0 \(0 = one process per visible GPU\), got -2"),
     ("bank.tau_t=0", "bank.tau_t must be > 0"),
     ("bank.tau_t=1e-4x", "bank.tau_t: expected a number, got '1e-4x'"),
     ("bank.rotations=0", "bank.rotations must be > 0, got 0"),
