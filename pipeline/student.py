@@ -129,6 +129,8 @@ def run(cfg: RunConfig, storage: Storage, *, resume: bool = False, progress: boo
         check_decode(cache.attributes(group), Decoder(device).name, url)
         if rank == 0 and (note := cache.shard_mix_note(cache.shard_label_mix(group), t.loader.shuffle_buffer)):
             log.warning("%s: %s", url, note)
+        if rank == 0:
+            _note_views_in_one_chunk(url, group, [] if dense else banks)
         # the revision changes with the rows (a repaired shard embedded again), which a queue-mode student reads too
         revision = cache.attributes(group).get("revision")
         meta |= {**({"cache_revision": revision} if revision is not None else {}),
@@ -282,6 +284,18 @@ def resumable(cfg: RunConfig, storage: Storage) -> Position:
         return Position()
     at = positions.pop()
     return at if at.epoch < cfg.train.optim.epochs else Position()
+
+
+def _note_views_in_one_chunk(url: str, group: Any, banks: list[bank_store.Bank]) -> None:
+    """Warn when the cache's embeddings or the banks' targets keep all views of a row in one chunk (made before
+    each view had chunks of its own): they read, slower, as before."""
+    arrays = {"embeddings": cache.array(group, "embeddings")}
+    arrays |= {f"{bank.group.basename}/{name}": cache.array(bank.group, name) for bank in banks for name in ("indices", "logp")}
+    if old := cache.views_in_one_chunk(arrays):
+        V = int(cache.attributes(group)["V"])
+        log.warning("%s: %s keep all %d views of a row in one chunk (made before each view had chunks of its own): "
+                    "each epoch reads %d times the bytes of the view it uses; made again (seed teacher --overwrite, "
+                    "then seed bank) they read one view's", url, ", ".join(old), V, V)
 
 
 def processes(cfg: RunConfig) -> int:

@@ -140,6 +140,12 @@ def read_pairs(group: zarr.Group, name: str, rows: np.ndarray, views: np.ndarray
     return out
 
 
+def views_in_one_chunk(arrays: Mapping[str, zarr.Array]) -> list[str]:
+    """The names of the ``[rows, V, ...]`` arrays among ``arrays`` whose chunks hold several views of a row (a cache or
+    bank made before each view had chunks of its own): a reader of one view, a student epoch, reads them all."""
+    return [name for name, arr in arrays.items() if arr.ndim > 1 and arr.shape[1] > 1 and int(arr.chunks[1]) > 1]
+
+
 def attributes(node: zarr.Group | zarr.Array) -> dict[str, Any]:
     """A node's attributes as plain JSON data (typed ``Any`` per key, as they are user data)."""
     return dict(node.attrs)

@@ -303,6 +303,53 @@ def test_a_student_epoch_reads_one_view_of_each_row_block(teacher_cache, tmp_pat
         assert len(picked) == 1
 
 
+def _all_views_in_a_chunk(group: zarr.Group, name: str) -> None:
+    """Rewrite ``group[name]`` as caches and banks were made before each view had chunks of its own."""
+    old = group[name]
+    data = old[...]
+    kept = {"chunks": (old.chunks[0], *old.shape[1:]), "compressors": old.compressors, "fill_value": old.fill_value,
+            "dimension_names": old.metadata.dimension_names, "attributes": dict(old.attrs)}
+    del group[name]
+    group.create_array(name, data=data, **kept)
+
+
+def test_a_cache_made_before_views_had_chunks_of_their_own_trains_the_same_and_is_named(
+        teacher_cache, shards_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A cache and bank whose chunks hold all views of a row (as made before) train a student to the same losses and
+    weights as the same data chunked one view deep; the stage says that such a cache reads V times the bytes."""
+    import logging
+    import shutil
+
+    import torch
+
+    import pipeline.student as student_stage
+    from seed import checkpoint
+    from tests.conftest import make_storage
+
+    cfg, storage = teacher_cache
+    bank_stage.run(cfg, storage, progress=False)
+    old = make_storage(tmp_path, shards_root)
+    shutil.copytree(storage.cache_url(cfg.cache.name), old.cache_url(cfg.cache.name))
+    g = zarr.open_group(old.cache_url(cfg.cache.name), mode="r+")
+    for group, name in ((g, "embeddings"), (g["bank"], "indices"), (g["bank"], "logp")):
+        _all_views_in_a_chunk(group, name)
+    assert g["embeddings"].chunks == (100, 2, 32) and g["bank"]["logp"].chunks == (100, 2, 8)
+    student = small_config(Path(cfg.teacher.checkpoint), "bank.size=128", "bank.topk=8", "bank.tau_t=0.05",
+                           "bank.batch_size=100", "train.optim.epochs=2", "train.optim.batch_size=50",
+                           "train.loader.shuffle_buffer=200", "train.device=cpu")
+    with caplog.at_level(logging.WARNING, logger="pipeline.student"):
+        before = student_stage.run(student, old, progress=False)
+    assert ("embeddings, bank/indices, bank/logp keep all 2 views of a row in one chunk" in caplog.text
+            and "each epoch reads 2 times the bytes of the view it uses" in caplog.text), caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipeline.student"):
+        now = student_stage.run(student, storage, progress=False)
+    assert "views of a row in one chunk" not in caplog.text
+    assert [m["loss"] for m in before.metrics] == [m["loss"] for m in now.metrics]
+    a, b = (checkpoint.load(str(r.students["mobilenetv3_small_050"]))["model"] for r in (before, now))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_verify_names_lost_target_chunks_and_a_damaged_index(teacher_cache, tmp_path: Path) -> None:
     """``seed inspect --verify`` on a bank copied short: a lost ``logp`` chunk (it would read as NaN targets for a
     whole shard) and a flipped byte in the stored FAISS index are both named."""

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import zarr
 
 from seed import cache
 from seed.errors import SeedError
@@ -250,3 +251,18 @@ def test_a_bank_whose_metadata_was_cut_is_named_to_readers_and_removed_by_the_ba
     group.create_group("bank-3", attributes={"status": "building"})                # past a gap
     (tmp_path / "c.zarr" / "bank-3" / "zarr.json").write_bytes(b"")
     assert bank_store.drop_unreadable(group) == ["bank-3"]
+
+
+def test_arrays_that_keep_every_view_of_a_row_in_one_chunk_are_named(tmp_path: Path) -> None:
+    """A cache made now chunks its embeddings one view deep; one made before kept all V views of a row in a chunk
+    (a student reads V times the bytes of its view there: the stage warns, naming the arrays). One view alone, or
+    ``[rows]`` arrays, are not such arrays."""
+    group = cache.create(str(tmp_path / "c.zarr"), fields={"test": 2}, capacity=4, n_shards=2, views=3, dim=5, attrs={})
+    assert cache.views_in_one_chunk({n: cache.array(group, n) for n in ("embeddings", "valid")}) == []
+    assert cache.views_in_one_chunk({"augment": cache.array(group, "augment")}) == ["augment"]  # a few floats a view
+    old = zarr.open_group(str(tmp_path / "old.zarr"), mode="w")
+    arrays = {"embeddings": old.create_array("embeddings", shape=(8, 3, 5), chunks=(4, 3, 5), dtype="float16"),
+              "bank/indices": old.create_array("indices", shape=(8, 3, 2), chunks=(4, 3, 2), dtype="int32"),
+              "one view": old.create_array("one", shape=(8, 1, 5), chunks=(4, 1, 5), dtype="float16"),
+              "valid": old.create_array("valid", shape=(8,), chunks=(4,), dtype="bool")}
+    assert cache.views_in_one_chunk(arrays) == ["embeddings", "bank/indices"]
