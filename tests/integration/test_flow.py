@@ -332,6 +332,27 @@ def test_student_stage_on_two_ranks_resumes_after_a_rank_is_killed(harness, tmp_
     assert all(m["steps"] == 4 for m in state["metrics"])
 
 
+def test_pretraining_on_two_ranks_in_the_flow(harness, tmp_path: Path, storage_file: str,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    """``pretrain.nproc=2``: the flow's pre-training task starts torchrun, relays rank 0's epochs to the run's log,
+    and hands the teacher the ranks made to the next stage."""
+    import logging
+
+    from seed import checkpoint
+
+    config = str(ROOT / "configs" / "demo.yaml")
+    overrides = [*TINY, "pretrain.nproc=2", "pretrain.device=cpu", "pretrain.optim.batch_size=32"]
+    with caplog.at_level(logging.INFO):
+        result = seed(config=config, overrides=overrides, storage=storage_file, stages=["pretrain"])
+    assert "pre-training: 2 processes (torchrun)" in caplog.text, caplog.text[-3000:]
+    assert re.search(r"pretrain epoch 1/1: moco loss \d+\.\d+", caplog.text), caplog.text[-3000:]
+    made = checkpoint.load(result["pretrain"])
+    # 3 shards split 2 + 1 between the ranks: min(200, 100) // 32 = 3 steps an epoch, on each rank
+    assert made["trains"]["ranks"] == 2 and [m["steps"] for m in made["metrics"]] == [3]
+    state = checkpoint.load(str(tmp_path / "runs" / "flow-teacher" / "moco" / "checkpoint.pt"))
+    assert state["world"] == 2 and state["epoch"] == 1
+
+
 def test_parameters_a_deployment_run_cannot_take_are_refused_by_the_server_in_one_line(harness, capsys) -> None:
     """``flows.follow --deployment seed/full --param teacher_workers=-1``: the server checks the parameters
     against the flow's types when it creates the run and refuses (HTTP 409); follow says what it refused,
