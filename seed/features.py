@@ -25,9 +25,9 @@ from seed.errors import SeedError
 log = logging.getLogger(__name__)
 
 
-def _pread_into(fd: int, out: np.ndarray, offset: int) -> None:
-    """Fill ``out`` (C-contiguous) with the file's bytes from ``offset``; a short file is an error."""
-    view, done = out.data.cast("B"), 0
+def _pread_into(fd: int, out: np.ndarray | memoryview, offset: int) -> None:
+    """Fill ``out`` (C-contiguous, or bytes) with the file's bytes from ``offset``; a short file is an error."""
+    view, done = out if isinstance(out, memoryview) else out.data.cast("B"), 0
     while done < len(view):
         got = os.preadv(fd, [view[done:]], offset + done)
         if got == 0:
@@ -80,13 +80,24 @@ class FeatureFile:
         return self._gather(idx if self.order is None else self.order[idx])
 
     def _gather(self, rows: np.ndarray) -> np.ndarray:
-        """The file's rows ``rows`` (int64), in that order, one read per run of consecutive file rows."""
-        d = self.shape[1]
-        out = np.empty((len(rows), d), np.float32)
-        breaks = (np.flatnonzero(np.diff(rows) != 1) + 1).tolist() if len(rows) else []
-        for a, b in zip([0, *breaks], [*breaks, len(rows)]):
-            if b > a:
-                _pread_into(self.file.fileno(), out[a:b], int(rows[a]) * d * 4)
+        """The file's rows ``rows`` (int64), in that order, one read per run of consecutive file rows.
+
+        A probe's random mini-batch is about one run per row: the loop does nothing but the reads (offsets
+        and byte ranges worked out by numpy first), 1.4-1.5x faster than a call per run through
+        ``_pread_into`` (bench/feature_rows.py). Gathering from a mapping of the file was 1.5x faster again, but
+        the kernel maps the page cache around each row it faults in: one batch of 1,024 rows made the whole
+        391 MiB file resident in the process, so its memory would grow with N."""
+        width = self.shape[1] * 4
+        out = np.empty((len(rows), self.shape[1]), np.float32)
+        if not len(rows):
+            return out
+        starts = np.flatnonzero(np.diff(rows, prepend=rows[0] - 2) != 1)
+        ends = np.append(starts[1:], len(rows))
+        fd, view, preadv = self.file.fileno(), out.data.cast("B"), os.preadv
+        for a, b, offset in zip((starts * width).tolist(), (ends * width).tolist(), (rows[starts] * width).tolist()):
+            got = preadv(fd, [view[a:b]], offset)
+            if got != b - a:  # a short read: the rest through the loop that tells a file cut short
+                _pread_into(fd, view[a + got:b], offset + got)
         return out
 
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:

@@ -110,6 +110,27 @@ def test_feature_rows_on_disk_read_back_like_an_array(tmp_path) -> None:
         rows[0:1]
 
 
+def test_random_rows_read_like_an_array_and_a_file_cut_short_is_named(tmp_path) -> None:
+    """A probe's random mini-batch (rows out of arrival order too, each its own run of the file) reads as an array
+    does, any order, repeats included; a file cut short in the middle of a row is an error saying so."""
+    rng = np.random.default_rng(1)
+    blocks = [rng.standard_normal((n, 7)).astype(np.float32) for n in (200, 150, 250)]
+    writer = FeatureWriter(str(tmp_path))
+    for b in blocks:
+        writer.append(b)
+    rows = writer.finish([len(b) for b in blocks], [1, 2, 0])
+    expected = np.concatenate([blocks[i] for i in (1, 2, 0)])
+    idx = np.sort(rng.choice(600, 300, replace=False))
+    for ask in (idx, idx[::-1], np.concatenate([idx[:5], idx[:5]])):
+        assert np.array_equal(rows[ask], expected[ask])
+    os.ftruncate(rows.file.fileno(), 600 * 7 * 4 - 6)                   # the last file row: 22 of its 28 bytes
+    last = int(np.flatnonzero(rows.order == 599)[0])
+    assert np.array_equal(rows[idx[idx != last]], expected[idx[idx != last]])
+    with pytest.raises(OSError, match="feature file ended 6 bytes early"):
+        rows[np.array([3, last])]
+    rows.close()
+
+
 def test_scores_of_rows_on_disk_equal_those_of_rows_in_memory(fm_pixels, tmp_path) -> None:
     """kNN (in blocks), both probes and the centred kNN read a FeatureFile as they read an array: the same predictions."""
     train, train_y, test, _ = fm_pixels
