@@ -44,7 +44,7 @@ def rss_mb() -> float:
 
 
 def pread_runs(rows: FeatureFile, idx: np.ndarray) -> np.ndarray:
-    """The rows ``idx`` read one ``pread`` per run of consecutive rows (the reader before the mapping)."""
+    """The rows ``idx`` read one ``_pread_into`` call per run of consecutive rows (``FeatureFile`` before 2026-11-29)."""
     d = rows.shape[1]
     out = np.empty((len(idx), d), np.float32)
     breaks = (np.flatnonzero(np.diff(idx) != 1) + 1).tolist() if len(idx) else []

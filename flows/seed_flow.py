@@ -246,9 +246,7 @@ def pretrain_teacher(cfg_data: dict[str, Any], storage_file: str | None) -> pret
     if start:
         log.info("pre-training %s continues from its checkpoint at %s", cfg.pretrain.name, start)
     resume = bool(start) or _retrying()
-    nproc = pretrain_stage.processes(cfg)
-    if nproc > 1:
-        log.info("pre-training: %d processes (torchrun)", nproc)
+    if pretrain_stage.processes(cfg) > 1:  # the launcher logs that the ranks start, when they do
         result = pretrain_stage.launch(cfg, storage, resume=resume, on_epoch=on_epoch, on_line=log.info)
     else:
         result = pretrain_stage.run(cfg, storage, resume=resume, progress=False, on_epoch=on_epoch)
@@ -414,9 +412,7 @@ def train_students(cfg_data: dict[str, Any], storage_file: str | None) -> studen
                                  description=f"student run {cfg.train.run}: {epoch + 1} of {epochs} epochs")
         log.info(epoch_text("student", epoch + 1, epochs, row))
 
-    nproc = student_stage.processes(cfg)
-    if nproc > 1:
-        log.info("student stage: %d processes (torchrun)", nproc)
+    if student_stage.processes(cfg) > 1:  # the launcher logs that the ranks start
         result = student_stage.launch(cfg, storage, resume=bool(start), on_epoch=on_epoch, on_line=log.info)
     else:
         result = student_stage.run(cfg, storage, resume=bool(start), progress=False, on_epoch=on_epoch, load=shared_teacher)

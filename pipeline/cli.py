@@ -305,15 +305,15 @@ def cmd_bank(args: argparse.Namespace) -> int:
 
 
 def _launched(stage: Any, args: argparse.Namespace, cfg: Any, storage: Any, epochs: int, name: str) -> Any:
-    """Run ``stage`` (the student or pre-training module, ``name`` in messages) as this command asks: started in ranks of ``torchrun``
-    when its settings ask for more than one process and this one is not a rank already; as a rank reporting to
+    """Run ``stage`` (the student or pre-training module, ``name`` in its epoch lines) as this command asks: started
+    in ranks of ``torchrun`` (``stage.launch``, which says so) when its settings ask for more than one process and
+    this one is not a rank already; as a rank reporting to
     such a launcher (``--events``: epochs as event lines, a user's mistake marked as such); or in this process."""
     from seed import launcher
     from seed.devices import Launch
     from seed.report import epoch_text
 
     if stage.processes(cfg) > 1 and Launch.from_env().world == 1:  # not started by torchrun: start it
-        print(f"{name} stage: {stage.processes(cfg)} processes (torchrun)", flush=True)
         return stage.launch(cfg, storage, resume=args.resume, on_line=lambda line: print(line, flush=True),
                             on_epoch=lambda e, row: print(epoch_text(name, e + 1, epochs, row), flush=True))
     if args.events:

@@ -166,11 +166,18 @@ def run(cfg: RunConfig, storage: Storage, *, resume: bool = False, progress: boo
     model = build(p, num_classes(urls, cfg.data.damaged) if p.method == "supervised" else 0)
     member = make_member(p.method, model, join(out, p.method), optim=p.optim, device=device,
                          meta={"arch": p.arch, "config": to_dict(cfg), "trains": what})
-    if resume and checkpoint.exists(member.checkpoint) and checkpoint.load(member.checkpoint).get("trains") != what:
-        log.warning("%s is a checkpoint of other pre-training settings (pretrain section, shards or views); "
-                    "pre-training %s starts again", member.checkpoint, p.name)
+    stored = checkpoint.load(member.checkpoint).get("trains") if checkpoint.exists(member.checkpoint) else None
+    if stored is not None and stored != what:
+        differs = sorted(k for k in {*stored, *what} if stored.get(k) != what.get(k))
+        if resume and differs == ["ranks"]:  # asked to continue, on another number of ranks: nothing is overwritten
+            raise SeedError(f"{member.checkpoint}: cannot resume: it was trained on {stored.get('ranks', 1)} rank(s), "
+                            f"this run has {what.get('ranks', 1)} (the batches and the learning rate would change); "
+                            "resume with pretrain.nproc set to its ranks per node, or start again without --resume")
+        if rank == 0:
+            log.warning("%s is a checkpoint of other pre-training settings (they differ in %s); pre-training %s "
+                        "starts again", member.checkpoint, ", ".join(differs), p.name)
         resume = False
-    elif resume and rank == 0 and not checkpoint.exists(member.checkpoint):
+    elif resume and rank == 0 and stored is None:
         log.warning("--resume: pre-training %s has no checkpoint yet; training from the first epoch", p.name)
     elif not resume and rank == 0 and (start := resumable(cfg, storage, what)):
         log.warning("pre-training %s stopped at %s of %d with these settings; starting again from the first "

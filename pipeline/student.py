@@ -292,10 +292,10 @@ def _note_views_in_one_chunk(url: str, group: Any, banks: list[bank_store.Bank])
     arrays = {"embeddings": cache.array(group, "embeddings")}
     arrays |= {f"{bank.group.basename}/{name}": cache.array(bank.group, name) for bank in banks for name in ("indices", "logp")}
     if old := cache.views_in_one_chunk(arrays):
-        V = int(cache.attributes(group)["V"])
-        log.warning("%s: %s keep all %d views of a row in one chunk (made before each view had chunks of its own): "
-                    "each epoch reads %d times the bytes of the view it uses; made again (seed teacher --overwrite, "
-                    "then seed bank) they read one view's", url, ", ".join(old), V, V)
+        per_chunk = max(int(arrays[name].chunks[1]) for name in old)
+        log.warning("%s: %s keep %d views of a row in one chunk (made before each view had chunks of its own): each "
+                    "epoch reads up to %d times the bytes of the view it uses; made again (seed teacher --overwrite, then "
+                    "seed bank) they read one view's", url, ", ".join(old), per_chunk, per_chunk)
 
 
 def processes(cfg: RunConfig) -> int:
@@ -316,7 +316,7 @@ def launch(cfg: RunConfig, storage: Storage, *, resume: bool = False,
     with tempfile.TemporaryDirectory(prefix="seed-student-") as tmp:
         config, roots = write_run_files(cfg, storage, tmp)
         torchrun(["-m", "pipeline.cli", "student", "-c", config, "--storage", roots, "--events",
-                  *(["--resume"] if resume else [])], processes(cfg), stage="the student stage",
+                  *(["--resume"] if resume else [])], processes(cfg), stage="student stage",
                  on_epoch=on_epoch, on_line=on_line)
     states = _checkpoints(cfg, storage)
     if states is None:

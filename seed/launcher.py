@@ -50,10 +50,11 @@ def torchrun(command: Sequence[str], n: int, *, stage: str,
              on_line: Callable[[str], None] = print) -> None:
     """Run ``python <command>`` in ``n`` ranks started by ``torchrun`` on this node, and wait for them.
 
-    Rank 0's epoch events go to ``on_epoch``, every other line of the ranks' output to ``on_line``. A rank
-    that fails stops them all (torchrun); the error then carries the ranks' one-line errors, or else the
-    last lines, and is a ``SeedError`` when a rank stopped on a user's mistake (which a retry would repeat),
-    a ``MachineError`` otherwise (a rank killed, an ``OSError``). ``stage`` names the stage in that error.
+    ``on_line`` is told first that the ranks start (``<stage>: <n> processes (torchrun)``); then rank 0's
+    epoch events go to ``on_epoch``, every other line of the ranks' output to ``on_line``. A rank that fails
+    stops them all (torchrun); the error then carries the ranks' one-line errors, or else the last lines,
+    and is a ``SeedError`` when a rank stopped on a user's mistake (which a retry would repeat), a
+    ``MachineError`` otherwise (a rank killed, an ``OSError``). ``stage`` names the stage in both.
     Intra-op threads default to this machine's cores split between the ranks; the ranks end with this
     process, even killed (``seed.lifetime``).
     """
@@ -73,6 +74,7 @@ def torchrun(command: Sequence[str], n: int, *, stage: str,
     mistakes = 0  # ranks that stopped on a user's mistake (their one-line error is among ``errors``)
     # torchrun leads a process group of its own, so an interrupted launcher (Ctrl-C, a cancelled flow run)
     # can stop it, and it stops its ranks
+    on_line(f"{stage}: {n} processes (torchrun)")
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True)
     try:
@@ -96,7 +98,7 @@ def torchrun(command: Sequence[str], n: int, *, stage: str,
         raise
     if proc.returncode != 0:
         error = SeedError if mistakes else MachineError
-        raise error(f"{stage}'s {n} processes failed (torchrun exit code {proc.returncode}); "
+        raise error(f"{stage}: its {n} processes failed (torchrun exit code {proc.returncode}); "
                     "epoch checkpoints so far are kept for a resume; "
                     + ("\n".join(dict.fromkeys(errors)) if errors else "last lines:\n" + "\n".join(tail)))
 

@@ -339,8 +339,8 @@ def test_a_cache_made_before_views_had_chunks_of_their_own_trains_the_same_and_i
                            "train.loader.shuffle_buffer=200", "train.device=cpu")
     with caplog.at_level(logging.WARNING, logger="pipeline.student"):
         before = student_stage.run(student, old, progress=False)
-    assert ("embeddings, bank/indices, bank/logp keep all 2 views of a row in one chunk" in caplog.text
-            and "each epoch reads 2 times the bytes of the view it uses" in caplog.text), caplog.text
+    assert ("embeddings, bank/indices, bank/logp keep 2 views of a row in one chunk" in caplog.text
+            and "each epoch reads up to 2 times the bytes of the view it uses" in caplog.text), caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="pipeline.student"):
         now = student_stage.run(student, storage, progress=False)

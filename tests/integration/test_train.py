@@ -676,7 +676,7 @@ def test_pretraining_in_two_ranks_through_seed_pretrain_trains_what_torchrun_by_
     out = subprocess.run([sys.executable, "-m", "pipeline.cli", "pretrain", "-c", config, "--storage", roots],
                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    assert "pretrain stage: 2 processes (torchrun)" in out.stdout and "pretrain epoch 1/1: moco loss" in out.stdout
+    assert "pre-training: 2 processes (torchrun)" in out.stdout and "pretrain epoch 1/1: moco loss" in out.stdout
     assert out.stdout.count("wrote teacher ") == 1, out.stdout[-2000:]
     state = checkpoint.load(str(Path(storage.runs) / "moco-ranks" / "moco" / "checkpoint.pt"))
     # 3 shards split 2 + 1 between the ranks: min(200, 100) // 50 = 2 steps, on each rank
@@ -690,6 +690,9 @@ def test_pretraining_in_two_ranks_through_seed_pretrain_trains_what_torchrun_by_
     urls = expand_urls(storage.resolve("shards", one.data.train))
     alone = pretrain_stage.trains(one, urls, ours["trains"]["shard_lengths"])
     assert ours["trains"]["ranks"] == 2 and alone == {k: v for k, v in ours["trains"].items() if k != "ranks"}
+    with pytest.raises(SeedError, match="moco/checkpoint.pt: cannot resume: it was trained on 2 rank.s., this run has 1"):
+        pretrain_stage.run(one, storage, resume=True, progress=False)   # nothing overwritten: asked to continue
+    assert checkpoint.load(str(Path(storage.runs) / "moco-ranks" / "moco" / "checkpoint.pt"))["world"] == 2
 
     by_hand = _cfg(prepared, *sets, "pretrain.nproc=1", "pretrain.name=moco-by-hand")
     (tmp_path / "by-hand").mkdir()
@@ -784,3 +787,6 @@ def test_nproc_must_match_the_launch(prepared) -> None:
     _, storage, _ = prepared
     with pytest.raises(SeedError, match=r"train.nproc=3 asks for 3 processes on this node but this one is one of 1; run `seed student`"):
         student_stage.run(_cfg(prepared, "train.nproc=3", "train.run=nproc"), storage, progress=False)
+    with pytest.raises(SeedError, match=r"pretrain.nproc=3 asks for 3 processes on this node but this one is one of 1; "
+                                        r"run `seed pretrain`"):
+        pretrain_stage.run(_cfg(prepared, "pretrain.nproc=3", "pretrain.name=nproc"), storage, progress=False)
