@@ -9,6 +9,12 @@ their rows without reading them, and what a resume did before). Prints seconds a
 The fast-forward reads the shards whose examples the shuffle buffer still holds: an example stays in a
 buffer of B for about B x ln(B) later examples, so about (B / shard size) x ln(B) shards back (ImageNet's
 shards of about 1,000 images and B = 2,048: about 16 shards, where the epoch has about 1,250).
+
+Then the same for the fresh views pre-training and online SEED train on (``seed.data.FreshViews``, 2 views an
+image, pre-training's batch): (a) with the shards' counts, as ``FreshViews.over`` takes them where the
+shards' ``_info.json`` says every image header read (``seed shards`` writes that since 2026-11-29; given here
+directly, so shards written before serve too), and (b) without, as before: every skipped example made (its
+image header read, its views drawn) and dropped.
 """
 
 from __future__ import annotations
@@ -19,8 +25,8 @@ import time
 
 from seed import bank_store
 from seed.config import load_config
-from seed.data import CachedSource, examples, shard_order
-from seed.shards import expand_urls
+from seed.data import CachedSource, FreshViews, examples, shard_order
+from seed.shards import expand_urls, shard_lengths
 from seed.storage import load_storage
 
 
@@ -37,6 +43,16 @@ class _Counting(CachedSource):
 class _Unknown(_Counting):
     def rows(self, shard):  # type: ignore[no-untyped-def]
         return None  # as a source that must read a shard to know its examples
+
+
+class _CountingViews(FreshViews):
+    """Fresh views, counting the shards they load."""
+
+    loads = 0
+
+    def load(self, shard, epoch):  # type: ignore[no-untyped-def]
+        _CountingViews.loads += 1
+        return super().load(shard, epoch)
 
 
 def main() -> None:
@@ -69,6 +85,26 @@ def main() -> None:
     expected = next(itertools.islice(examples(urls, order, whole, 1, seed=t.seed,
                                               shuffle_buffer=buffer), skip, None)).row
     print(f"  the same next example both ways and as the uninterrupted stream's: {firsts == [expected, expected]}")
+
+    p = cfg.pretrain
+    skip = args.skip_steps * p.optim.batch_size
+    buffer = args.shuffle_buffer or p.loader.shuffle_buffer
+    order = shard_order(len(urls), 1, p.seed)
+    print(f"fresh views (pre-training), batch {p.optim.batch_size}, shuffle buffer {buffer}: skipping "
+          f"{args.skip_steps} steps ({skip:,} examples) of epoch 2")
+    lengths, keys = shard_lengths(urls), []
+    for name, counts in (("fast-forward (shard counts)", lengths), ("made and dropped", None)):
+        views = _CountingViews(cfg.cache.recipe, seed=p.seed, n_views=2, counts=counts)
+        _CountingViews.loads = 0
+        t0 = time.perf_counter()
+        first = next(iter(examples(urls, order, views, 1, seed=p.seed, shuffle_buffer=buffer, skip=skip)))
+        seconds = time.perf_counter() - t0
+        keys.append((first.sample.key, first.params.tobytes()))
+        print(f"  {name:36s} {seconds:7.2f} s to the first example, {_CountingViews.loads} shard(s) read")
+    whole = FreshViews(cfg.cache.recipe, seed=p.seed, n_views=2)
+    expected = next(itertools.islice(examples(urls, order, whole, 1, seed=p.seed, shuffle_buffer=buffer), skip, None))
+    same = keys == [(expected.sample.key, expected.params.tobytes())] * 2
+    print(f"  the same next example (and views) both ways and as the uninterrupted stream's: {same}")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import functools
 import json
 import logging
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -86,10 +86,12 @@ def trains(cfg: RunConfig, urls: list[str], lengths: list[int]) -> dict[str, Any
 VIEW_SEED_OFFSET = 7  # pre-training's views are drawn from pretrain.seed + 7, in the cache's (seed, key, view) space
 
 
-def pretraining_views(cfg: RunConfig, n_views: int) -> FreshViews:
-    """The views pre-training trains on: ``n_views`` new ones per image and epoch, from ``pretrain.seed + 7``."""
-    return FreshViews(cfg.cache.recipe, seed=cfg.pretrain.seed + VIEW_SEED_OFFSET, n_views=n_views,
-                      damaged=cfg.data.damaged)
+def pretraining_views(cfg: RunConfig, n_views: int, urls: Sequence[str] = (),
+                      lengths: Sequence[int] = ()) -> FreshViews:
+    """The views pre-training trains on: ``n_views`` new ones per image and epoch, from ``pretrain.seed + 7``, of
+    the shards ``urls`` of ``lengths`` samples (``FreshViews.over``)."""
+    return FreshViews.over(urls, lengths, cfg.cache.recipe, seed=cfg.pretrain.seed + VIEW_SEED_OFFSET, n_views=n_views,
+                           damaged=cfg.data.damaged)
 
 
 def view_overlap_note(cfg: RunConfig) -> str | None:
@@ -187,7 +189,7 @@ def run(cfg: RunConfig, storage: Storage, *, resume: bool = False, progress: boo
         make(model=member.model, queue=Queue(p.queue, p.dim, device, p.seed), momentum=p.key_momentum,
              temperature=p.temperature, shuffle_bn=p.shuffle_bn, seed=p.seed)
         if p.method == "moco" else make())
-    source = pretraining_views(cfg, method.n_views)
+    source = pretraining_views(cfg, method.n_views, urls, lengths)
     if rank == 0 and (note := view_overlap_note(cfg)):
         log.warning(note)
     if rank == 0 and (note := cache.shard_mix_note(sampled_label_mix(urls, lengths), p.loader.shuffle_buffer,

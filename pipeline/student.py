@@ -143,8 +143,8 @@ def run(cfg: RunConfig, storage: Storage, *, resume: bool = False, progress: boo
         dim, recipe, resolution = teacher.out_dim, cfg.cache.recipe, cfg.cache.resolution
         make = objective or functools.partial(create_objective, "seed-online")
         obj = make(teacher=teacher, queue=Queue(t.queue or cfg.bank.size, dim, device, t.seed), tau_s=t.tau_s, tau_t=tau_t)
-        data = FreshViews(recipe, seed=cfg.cache.seed + 1, damaged=cfg.data.damaged)
         per_shard = shard_lengths(urls, record=storage.shard_lengths_record(), damaged=cfg.data.damaged)
+        data = FreshViews.over(urls, per_shard, recipe, seed=cfg.cache.seed + 1, damaged=cfg.data.damaged)
         meta |= {"teacher_sha256": report.sha256}
     out = storage.run_dir(t.run)
     members = []

@@ -33,7 +33,8 @@ from seed.views import Recipe, draw_views
 from seed.prefetch import prefetch
 from seed.decode import Decoder
 from seed.errors import SeedError
-from seed.shards import Damaged, DamagedShard, OnDamage, Sample, damage_handler, image_size, iter_shard
+from seed.shards import (Damaged, DamagedShard, OnDamage, Sample, damage_handler, headers_read, image_size,
+                         iter_shard)
 from seed.workers import PackedSamples, SharedSlots, as_is, reraise, shard_workers
 
 if TYPE_CHECKING:
@@ -198,24 +199,44 @@ def sampled_label_mix(urls: Sequence[str], lengths: Sequence[int], *, per_shard:
 
 
 class FreshViews:
-    """``n_views`` new views per image and epoch, drawn from (seed, key, epoch * n_views + i)."""
+    """``n_views`` new views per image and epoch, drawn from (seed, key, epoch * n_views + i).
 
-    exact_counts = False  # counted in the tar: a sample without a readable image header is counted, then skipped
+    A sample without a readable image header is skipped, so the tar's counts are an upper bound on the examples,
+    known exactly only by reading the shards. ``counts``: the shards' sample counts, given when every sample's
+    header is known to read (``seed.shards.headers_read``: ``seed shards`` writes no other) and a damaged shard
+    stops the run; the counts are then exact, and a run resumed inside an epoch fast-forwards by counting
+    (``examples``) instead of reading every shard before its position.
+    """
 
-    def __init__(self, recipe: Recipe, *, seed: int, n_views: int = 1, damaged: Damaged = "stop"):
+    def __init__(self, recipe: Recipe, *, seed: int, n_views: int = 1, damaged: Damaged = "stop",
+                 counts: Sequence[int] | None = None):
         self.recipe, self.seed, self.n_views, self.damaged = recipe, seed, n_views, damaged
+        self.counts = None if counts is None or damaged != "stop" else list(counts)  # a kept damage cuts a shard short
+        self.exact_counts = self.counts is not None
+
+    @classmethod
+    def over(cls, urls: Sequence[str], lengths: Sequence[int], recipe: Recipe, *, seed: int, n_views: int = 1,
+             damaged: Damaged = "stop") -> FreshViews:
+        """Fresh views of the shards ``urls`` (``lengths`` samples each), counted exactly where their ``_info.json``
+        says every image header read (``seed.shards.headers_read``)."""
+        return cls(recipe, seed=seed, n_views=n_views, damaged=damaged,
+                   counts=lengths if headers_read(list(urls)) else None)
 
     def on_damage(self, shard: int) -> OnDamage | None:
         return damage_handler(self.damaged)
 
-    def rows(self, shard: int) -> None:
-        return None  # a sample without a readable image header is skipped: known only by reading it
+    def rows(self, shard: int) -> np.ndarray | None:
+        return None if self.counts is None else np.arange(self.counts[shard])
 
     def load(self, shard: int, epoch: int) -> MakeExample:
         def make(index: int, sample: Sample) -> Example | None:
             try:
                 h, w = image_size(sample)
-            except ValueError:
+            except ValueError as exc:
+                if self.exact_counts:
+                    raise SeedError(f"{sample.url}: sample {index} ({sample.key!r}) has no readable image header ({exc}), "
+                                    "but the shards' _info.json says every header read when they were written: the shard "
+                                    "changed since") from exc
                 return None  # no readable image header: skipped (a body that fails later is an error)
             params = draw_views(self.recipe, seed=self.seed, key=sample.key, views=self.n_views,
                                 first=epoch * self.n_views, height=h, width=w)
@@ -324,8 +345,9 @@ def _materialise(urls: Sequence[str], source: Source, epoch: int, ghosts: list[G
     missing = [g for g in ghosts if g not in made]
     if missing:
         shard, index = missing[0]
-        raise SeedError(f"{urls[shard]}: sample {index} makes no example although its row is valid; the shard "
-                        "changed since the cache was made (rebuild it: seed teacher --overwrite)")
+        raise SeedError(f"{urls[shard]}: sample {index} makes no example although it was counted (a cache's valid row, "
+                        "or the shards' _info.json); the shard changed since (rebuild the cache: seed teacher "
+                        "--overwrite; or write the shards again)")
     return [made[g] for g in ghosts]
 
 

@@ -785,6 +785,13 @@ def _splits_listing(urls: list[str]) -> list[dict[str, Any]] | None:
     return splits if names <= listed else None
 
 
+def headers_read(urls: list[str]) -> bool:
+    """Whether the ``_info.json`` beside ``urls`` lists them all in splits whose every image header read when they
+    were written (``seed shards`` records it: it writes no sample whose header does not read)."""
+    splits = _splits_listing(urls) or []
+    return bool(splits) and all(split.get(HEADERS_READ) is True for split in splits)
+
+
 def lengths_from_info(urls: list[str]) -> list[int] | None:
     """Samples per shard from the ``_info.json`` beside ``urls`` when there is one listing them all, else None
     (no tar is opened)."""
@@ -895,7 +902,8 @@ def _check_out(out: str, overwrite: bool) -> tuple[Any, str, bool]:
 def _write_splits(splits: dict[str, Iterable[tuple[str, bytes, str, int]]], out: str, per_shard: int, overwrite: bool,
                   extra: dict | None = None) -> dict:
     """Write each split to ``out/<split>/`` with an ``_info.json`` (timm's layout; ``extra`` added to the top-level
-    one), atomically."""
+    one), atomically. Every sample's image header must read (``image_size``): the callers make sure of it, and
+    each split records it (``HEADERS_READ``), so an epoch knows its examples from the counts alone."""
     if per_shard <= 0:
         raise SeedError(f"--per-shard must be > 0, got {per_shard}")
     _check_out(out, overwrite)  # before the conversion, not after it
@@ -908,7 +916,7 @@ def _write_splits(splits: dict[str, Iterable[tuple[str, bytes, str, int]]], out:
                       **(extra or {}), "splits": {}}
         for name, samples in splits.items():
             (tmp / name).mkdir()
-            split = _write_split(samples, tmp / name, name, per_shard)
+            split = {**_write_split(samples, tmp / name, name, per_shard), HEADERS_READ: True}
             if split["num_samples"] == 0:
                 raise SeedError(f"split {name!r} has no samples")
             info["splits"][name] = split
@@ -921,6 +929,7 @@ def _write_splits(splits: dict[str, Iterable[tuple[str, bytes, str, int]]], out:
 
 
 _BUILD_PREFIX = ".seed-shards-"
+HEADERS_READ = "headers_read"  # a split's _info.json field: every sample's image header reads (seed shards wrote it)
 
 
 def _remove_stale_builds(parent: Path) -> None:
@@ -1024,7 +1033,7 @@ def fashion_mnist_to_shards(out: str, *, source: str = FASHION_MNIST_DIR, per_sh
         for i in progress_bar(range(len(images)), desc=f"fashion-mnist {split}", unit="img", disable=not progress):
             yield f"fmnist-{split}-{i:06d}", _png(images[i]), "png", int(labels[i])
 
-    return _write_splits({s: samples(s) for s in data}, out, per_shard, overwrite)
+    return _write_splits({s: samples(s) for s in data}, out, per_shard, overwrite)  # PNGs made here: every header reads
 
 
 def imagefolder_to_shards(src: str, out: str, *, split: str = "train", per_shard: int = 1000,

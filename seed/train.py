@@ -67,8 +67,8 @@ class Loop:
 
     ``checkpoint_steps``: a checkpoint every this many steps inside an epoch as well as at its end (0: at
     its end only). A run resumed from one continues on the batches an uninterrupted run would have had
-    (``Batches.epoch``'s ``skip``: nothing of the skipped ones is decoded, and from a cache only the shards
-    the shuffle buffer still holds are read).
+    (``Batches.epoch``'s ``skip``: nothing of the skipped ones is decoded, and from a cache, or fresh views of
+    shards whose every image header reads, only the shards the shuffle buffer still holds are read).
     """
 
     optim: OptimConfig

@@ -313,3 +313,51 @@ def test_a_resumed_epoch_fast_forwards_to_the_examples_an_uninterrupted_one_make
     source = _KnownRows()
     list(examples(urls, order, source, 2, seed=4, shuffle_buffer=5, skip=50))
     assert order[0] not in source.loaded and len(source.loaded) < 6
+
+
+class _CountingViews(FreshViews):
+    """Fresh views that count the shards they load (one load a shard read)."""
+
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        self.loaded: list[int] = []
+
+    def load(self, shard: int, epoch: int):  # type: ignore[no-untyped-def]
+        self.loaded.append(shard)
+        return super().load(shard, epoch)
+
+
+def test_fresh_views_of_shards_whose_headers_read_fast_forward_a_resumed_epoch(tmp_path: Path, fmnist_source: Path) -> None:
+    """Shards from ``seed shards`` record that every image header read, so pre-training's and online SEED's fresh
+    views know each shard's examples from its count: a resumed epoch is the rest of the uninterrupted one (the
+    views too), reading only the shards the shuffle buffer still holds. Without the record, or with damaged shards
+    kept, the counts are an upper bound and the skipped examples are made and dropped; a header that does not read
+    in shards recorded as readable is an error naming the sample."""
+    from seed.shards import expand_urls, fashion_mnist_to_shards, headers_read
+
+    fashion_mnist_to_shards(str(tmp_path / "fm"), source=str(fmnist_source), per_shard=10, limit=60, progress=False)
+    urls = expand_urls(str(tmp_path / "fm" / "train" / "train-{000000..000005}.tar"))
+    lengths = shard_lengths(urls)
+    assert headers_read(urls) and lengths == [10] * 6
+    order = [3, 0, 5, 1, 4, 2]
+
+    def stream(source: FreshViews, skip: int = 0, buffer: int = 5) -> list[tuple[str, bytes]]:
+        return [(ex.sample.key, ex.params.tobytes())
+                for ex in examples(urls, order, source, 1, seed=4, shuffle_buffer=buffer, skip=skip)]
+
+    whole = stream(FreshViews(Recipe(), seed=0, n_views=2))
+    assert len(whole) == 60
+    for skip in (1, 17, 50, 55, 59, 60):
+        source = _CountingViews.over(urls, lengths, Recipe(), seed=0, n_views=2)
+        assert source.exact_counts and stream(source, skip) == whole[skip:], skip
+    late = _CountingViews.over(urls, lengths, Recipe(), seed=0, n_views=2)
+    stream(late, 50)
+    assert order[0] not in late.loaded and len(set(late.loaded)) < 6
+    unknown = _CountingViews(Recipe(), seed=0, n_views=2)                 # counts not known exact: every shard read
+    assert stream(unknown, 50) == whole[50:] and sorted(set(unknown.loaded)) == list(range(6))
+    assert not FreshViews.over(urls, lengths, Recipe(), seed=0, damaged="keep").exact_counts
+    assert not FreshViews.over(urls[:1] + [str(tmp_path / "elsewhere.tar")], lengths[:2], Recipe(), seed=0).exact_counts
+    with tarfile.open(tmp_path / "bad.tar", "w") as tar:
+        _add(tar, "k-0.jpg", b"not an image")
+    with pytest.raises(SeedError, match=r"bad.tar: sample 0 \('k-0'\) has no readable image header .* the shard changed"):
+        list(examples([str(tmp_path / "bad.tar")], [0], FreshViews(Recipe(), seed=0, counts=[1]), 0, seed=0, shuffle_buffer=1))
