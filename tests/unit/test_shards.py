@@ -26,7 +26,7 @@ from webdataset import TarWriter
 from pipeline.cli import main
 from seed.errors import SeedError
 from seed.shards import (RECORD_FORMAT, DamagedShard, count_samples, damage_handler, decode_image, expand_urls,
-                         fashion_mnist_to_shards, imagefolder_to_shards,
+                         fashion_mnist_to_shards, headers_read, imagefolder_to_shards,
                          iter_shard, read_idx, shard_lengths)
 
 
@@ -250,6 +250,8 @@ def test_imagefolder_skips_files_that_are_not_images_and_names_them(tmp_path: Pa
     on_disk = json.loads((tmp_path / "out" / "_info.json").read_text())
     assert [Path(s["file"]).name for s in on_disk["skipped"]] == ["bomb.png", "empty.jpg", "html.jpg"]
     assert "over the limit" in on_disk["skipped"][0]["reason"] and "empty" in on_disk["skipped"][1]["reason"]
+    # what is written reads: the split records it, so fresh views count its examples (seed.data.FreshViews.over)
+    assert headers_read([str(tmp_path / "out" / "train" / "train-000000.tar")])
     assert "does not decode" in on_disk["skipped"][2]["reason"]
     assert "3 of 4 images skipped" in caplog.text and "html.jpg: skipped" in caplog.text
     (tmp_path / "src" / "cat" / "good.jpg").unlink()                 # nothing left: refused, nothing written
