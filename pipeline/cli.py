@@ -453,6 +453,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+INTERRUPTED = {  # what an interrupted command leaves, by command (the rest: nothing to continue from)
+    "student": "its last checkpoint is kept; re-run with --resume to continue",
+    "pretrain": "its last checkpoint is kept; re-run with --resume to continue",
+    "teacher": "completed shards are kept, re-run to resume",
+    "bank": "completed shards are kept, re-run to resume",
+    "shards": "nothing was published (shards appear once all are written); re-run to convert",
+}
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "shards": cmd_shards, "teacher": cmd_teacher, "bank": cmd_bank, "student": cmd_student,
     "pretrain": cmd_pretrain, "evaluate": cmd_evaluate, "inspect": cmd_inspect, "config": cmd_config,
@@ -504,9 +512,7 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     except KeyboardInterrupt as exc:
         how = "terminated" if isinstance(exc, Terminated) else "interrupted"
-        kept = ("its last checkpoint is kept; re-run with --resume to continue" if args.command in ("student", "pretrain")
-                else "completed shards are kept, re-run to resume")
-        print(f"seed: {how}; {kept}", file=sys.stderr)
+        print(f"seed: {how}; {INTERRUPTED.get(args.command, 're-run it')}", file=sys.stderr)
         return 143 if isinstance(exc, Terminated) else 130
     except OSError as exc:
         if exc.errno in PATH_MISTAKES:  # a path given (a flag, a storage root) that is not what was expected

@@ -25,3 +25,28 @@ def test_full_fashion_mnist_matches_source(shards_root: Path, fmnist_source: Pat
             pixels = decode_image(sample)
             assert pixels.shape == (3, 28, 28)
             assert np.array_equal(pixels[0].numpy(), images[i])
+
+
+def test_an_interrupted_conversion_publishes_nothing_and_says_so(tmp_path: Path, fmnist_source: Path) -> None:
+    """Ctrl-C in ``seed shards`` (SIGINT once its build directory is there): exit code 130, one line saying that
+    nothing was published, and neither the output nor the build directory left behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "shards", "fashion-mnist", "--source",
+                             str(fmnist_source), "--per-shard", "100", "--out", str(tmp_path / "fm")],
+                            cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(root)})
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not list(tmp_path.glob(".seed-shards-*/train/*.tar")):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == ("seed: interrupted; nothing was published (shards appear once all are "
+                                            "written); re-run to convert"), err
+    assert list(tmp_path.iterdir()) == []
