@@ -171,8 +171,13 @@ def describe(url: str, sample: int = 512) -> dict[str, Any]:
         "sampled_views": len(emb),
         "labels": _label_mix(cache.shard_label_mix(group)),
     }
+    arrays = {"embeddings": cache.array(group, "embeddings")}
     if bank_store.NAME in group:
         info["bank"] = dict(cache.subgroup(group, bank_store.NAME).attrs)
+        node = cache.subgroup(group, bank_store.NAME)
+        arrays |= {f"bank/{name}": cache.array(node, name) for name in ("indices", "logp") if name in node}
+    # chunks one view deep, or (made before 2026-11-29) every view of a row block in one chunk
+    info["views_per_chunk"] = {name: int(arr.chunks[1]) for name, arr in arrays.items()}
     return info
 
 
@@ -214,6 +219,11 @@ def format_text(info: dict[str, Any]) -> str:
     if "bank" in b:
         lines.append(f"bank bytes   {b['bank']['stored_per_view']:.1f} B stored per view, {b['bank']['raw_per_view']:.1f} B raw "
                      "(top-k targets of every view, the bank's entries and index)")
+    whole = {name: n for name, n in info.get("views_per_chunk", {}).items() if n > 1}
+    lines.append("chunks       one view deep: a student epoch reads only the view of each row block it uses" if not whole
+                 else f"chunks       {', '.join(whole)} hold {max(whole.values())} views a chunk (made before each view had "
+                 f"chunks of its own): a student epoch reads up to {max(whole.values())} times the bytes of the view it "
+                 "uses; seed teacher --overwrite, then seed bank, make them again")
     if info["totals"]:
         tot = info["totals"]
         lines.append(f"teacher      {tot['teacher_forwards']} forwards in {tot['teacher_seconds']:.1f} s"

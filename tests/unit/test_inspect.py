@@ -150,6 +150,11 @@ def test_describe_and_text_report_cache_and_bank_bytes_apart(small: str) -> None
     assert "waited for its input 0.1 s of 0.7 s (10%)" in fed
     older = format_text({**info, "totals": {**tot, "input_wait_seconds": None, "first_batch_wait_seconds": None}})
     assert "forwards in 0.3 s\n" in older and "waited" not in older  # records made before the figures
+    assert info["views_per_chunk"] == {"embeddings": 1, "bank/indices": 1, "bank/logp": 1}
+    assert "chunks       one view deep: a student epoch reads only the view of each row block it uses" in text
+    whole = format_text({**info, "views_per_chunk": {"embeddings": V, "bank/indices": V, "bank/logp": 1}})
+    assert (f"chunks       embeddings, bank/indices hold {V} views a chunk (made before each view had chunks of its "
+            f"own): a student epoch reads up to {V} times the bytes") in whole
 
 
 def test_bytes_without_a_bank(tmp_path: Path) -> None:
