@@ -631,28 +631,35 @@ def test_two_launches_at_once_on_one_node_both_train(prepared) -> None:
         assert state["epoch"] == 1 and state["metrics"][0]["steps"] == 4, (run, state["metrics"])
 
 
+def _two_nodes(command: str, files: list[tuple[str, str]], *extra: str) -> tuple[list[int], list[str]]:
+    """``seed <command>`` by torchrun as two one-rank nodes on this machine, meeting at node 0's store on loopback;
+    node i reads the config and storage roots ``files[i]``. Their exit codes and outputs."""
+    import os
+
+    port = free_port()
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                               f"--node_rank={node}", "--master_addr=127.0.0.1", f"--master_port={port}", "-m",
+                               "pipeline.cli", command, "-c", config, "--storage", roots, *extra],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"})
+             for node, (config, roots) in enumerate(files)]
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    return [node.returncode for node in nodes], outputs
+
+
 def test_torchrun_by_hand_across_two_nodes_trains_what_one_node_does(prepared, tmp_path: Path) -> None:
     """The README's launch across nodes: a torchrun per node (here two on one machine, meeting at node 0's store on
     loopback), one rank each, ``train.nproc=1`` (ranks per node). The two ranks take the shards and batches that two
     ranks of ``train.nproc=2`` on one node take, and train the same weights to the bit."""
-    import os
-
     from seed.config import write_run_files
 
     _, storage, _ = prepared
     sets = ("train.device=cpu", "train.optim.epochs=1", "train.optim.batch_size=25")
     one = student_stage.launch(_cfg(prepared, *sets, "train.nproc=2", "train.run=one-node"), storage,
                                on_line=lambda line: None)
-    config, roots = write_run_files(_cfg(prepared, *sets, "train.nproc=1", "train.run=two-nodes"), storage, tmp_path)
-    port = free_port()
-    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
-                               f"--node_rank={node}", "--master_addr=127.0.0.1", f"--master_port={port}", "-m",
-                               "pipeline.cli", "student", "-c", config, "--storage", roots],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env={**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"})
-             for node in (0, 1)]
-    outputs = [node.communicate(timeout=300)[0] for node in nodes]
-    assert [node.returncode for node in nodes] == [0, 0], "\n".join(out[-2000:] for out in outputs)
+    files = write_run_files(_cfg(prepared, *sets, "train.nproc=1", "train.run=two-nodes"), storage, tmp_path)
+    codes, outputs = _two_nodes("student", [files, files])
+    assert codes == [0, 0], "\n".join(out[-2000:] for out in outputs)
     ours = checkpoint.load(str(one.students["mobilenetv3_small_050"]))
     theirs = checkpoint.load(str(storage.student_checkpoint("two-nodes", "mobilenetv3_small_050")))
     assert theirs["epoch"] == ours["epoch"] == 1 and theirs["world"] == 2 and theirs["metrics"][0]["steps"] == 4
@@ -696,16 +703,9 @@ def test_pretraining_in_two_ranks_through_seed_pretrain_trains_what_torchrun_by_
 
     by_hand = _cfg(prepared, *sets, "pretrain.nproc=1", "pretrain.name=moco-by-hand")
     (tmp_path / "by-hand").mkdir()
-    config, roots = write_run_files(by_hand, storage, tmp_path / "by-hand")
-    port = free_port()
-    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
-                               f"--node_rank={node}", "--master_addr=127.0.0.1", f"--master_port={port}", "-m",
-                               "pipeline.cli", "pretrain", "-c", config, "--storage", roots],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env={**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"})
-             for node in (0, 1)]
-    outputs = [node.communicate(timeout=300)[0] for node in nodes]
-    assert [node.returncode for node in nodes] == [0, 0], "\n".join(o[-2000:] for o in outputs)
+    files = write_run_files(by_hand, storage, tmp_path / "by-hand")
+    codes, outputs = _two_nodes("pretrain", [files, files])
+    assert codes == [0, 0], "\n".join(o[-2000:] for o in outputs)
     theirs = checkpoint.load(storage.pretrained_teacher("moco-by-hand"))
     assert theirs["trains"]["ranks"] == 2
     assert [m["loss"] for m in theirs["metrics"]] == [m["loss"] for m in ours["metrics"]]
@@ -717,8 +717,6 @@ def test_nodes_that_see_different_checkpoints_refuse_to_resume(prepared, tmp_pat
     """Two nodes whose storage.yaml name different runs roots (not one shared file system): node 0 finds the run's
     epoch-1 checkpoint, node 1 none. Resuming, the ranks compare the epochs they read and both stop in one line,
     instead of training from different epochs and weights."""
-    import os
-
     from seed.config import write_run_files
     from seed.storage import Storage
 
@@ -735,15 +733,8 @@ def test_nodes_that_see_different_checkpoints_refuse_to_resume(prepared, tmp_pat
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
     files = [write_run_files(cfg, s, str(tmp_path / name)) for s, name in ((storage, "a"), (elsewhere, "b"))]
-    port = free_port()
-    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
-                               f"--node_rank={node}", "--master_addr=127.0.0.1", f"--master_port={port}", "-m",
-                               "pipeline.cli", "student", "-c", config, "--storage", roots, "--resume"],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env={**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"})
-             for node, (config, roots) in enumerate(files)]
-    outputs = [node.communicate(timeout=300)[0] for node in nodes]
-    assert all(node.returncode != 0 for node in nodes), outputs
+    codes, outputs = _two_nodes("student", files, "--resume")
+    assert all(code != 0 for code in codes), outputs
     assert all("the ranks resumed from different checkpoints (rank by rank: epoch 1, epoch 0)" in out for out in outputs), outputs
     assert checkpoint.load(path)["epoch"] == 1
 
