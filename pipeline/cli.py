@@ -458,7 +458,7 @@ INTERRUPTED = {  # what an interrupted command leaves, by command (the rest: not
     "pretrain": "its last checkpoint is kept; re-run with --resume to continue",
     "teacher": "completed shards are kept, re-run to resume",
     "bank": "completed shards are kept, re-run to resume",
-    "shards": "nothing was published (shards appear once all are written); re-run to convert",
+    "shards": "nothing complete was published (shards appear once all are written); re-run to convert",
 }
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {

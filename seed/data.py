@@ -108,6 +108,7 @@ class CachedSource:
     """
 
     exact_counts = True  # the cache's valid rows
+    changed_hint = "rebuild the cache: seed teacher --overwrite"
 
     def __init__(self, group: zarr.Group, bank: Bank | Sequence[Bank] | None, *, view: str, seed: int, dense: bool):
         self.banks: list[Bank] = [] if bank is None else list(bank) if isinstance(bank, (list, tuple)) else [bank]  # type: ignore[list-item]
@@ -228,15 +229,20 @@ class FreshViews:
     def rows(self, shard: int) -> np.ndarray | None:
         return None if self.counts is None else np.arange(self.counts[shard])
 
+    changed_hint = "write the shards and their _info.json again (seed shards)"
+
     def load(self, shard: int, epoch: int) -> MakeExample:
         def make(index: int, sample: Sample) -> Example | None:
+            if self.counts is not None and index >= self.counts[shard]:
+                raise SeedError(f"{sample.url}: sample {index} ({sample.key!r}) is past the {self.counts[shard]} samples "
+                                f"the shards' _info.json counts in it: the shard changed since; {self.changed_hint}")
             try:
                 h, w = image_size(sample)
             except ValueError as exc:
                 if self.exact_counts:
                     raise SeedError(f"{sample.url}: sample {index} ({sample.key!r}) has no readable image header ({exc}), "
                                     "but the shards' _info.json says every header read when they were written: the shard "
-                                    "changed since") from exc
+                                    f"changed since (or the image reader did); {self.changed_hint}") from exc
                 return None  # no readable image header: skipped (a body that fails later is an error)
             params = draw_views(self.recipe, seed=self.seed, key=sample.key, views=self.n_views,
                                 first=epoch * self.n_views, height=h, width=w)
@@ -260,7 +266,8 @@ def examples(urls: Sequence[str], order: Sequence[int], source: Source, epoch: i
              shuffle_buffer: int, skip: int = 0) -> Iterator[Example]:
     """Examples of the given shards through a seeded shuffle buffer, less the first ``skip``.
 
-    When the source knows its rows without reading the shards (``Source.rows``: a cache), the stream is
+    When the source knows its rows without reading the shards (``Source.rows``: a cache, or fresh views of
+    shards whose every header reads), the stream is
     fast-forwarded by counting (``_fast_forward``): only the shards whose examples the shuffle buffer holds
     at that point are read (about the last ``shuffle_buffer / shard size`` x a few of them), not every shard
     before it. Otherwise the first ``skip`` examples are made and dropped.
@@ -345,9 +352,8 @@ def _materialise(urls: Sequence[str], source: Source, epoch: int, ghosts: list[G
     missing = [g for g in ghosts if g not in made]
     if missing:
         shard, index = missing[0]
-        raise SeedError(f"{urls[shard]}: sample {index} makes no example although it was counted (a cache's valid row, "
-                        "or the shards' _info.json); the shard changed since (rebuild the cache: seed teacher "
-                        "--overwrite; or write the shards again)")
+        raise SeedError(f"{urls[shard]}: sample {index} makes no example although it was counted; the shard changed "
+                        f"since; {getattr(source, 'changed_hint', 'read it again')}")
     return [made[g] for g in ghosts]
 
 
@@ -410,12 +416,12 @@ def _jobs(urls: Sequence[str], order: Sequence[int], source: Source, epoch: int,
 
     A source whose counts are only an upper bound (``exact_counts`` false) may run short of ``steps`` batches
     by the samples it skipped: up to ``TOP_UP`` of the epoch's examples (and at least one batch) are then made
-    again from the start of the same epoch's stream, with a warning. A larger shortfall, or any with a cache,
-    leaves the epoch short, which the training loop reports as an error.
+    again from the start of the same epoch's stream, with a warning. A larger shortfall, or any with exact
+    counts, leaves the epoch short, which the training loop reports as an error.
     """
     items: list[Example] = []
-    # the stream leaves out the skipped batches' examples itself when the source's counts are exact (a cache:
-    # ``examples`` fast-forwards); otherwise their batches are made here and dropped
+    # the stream leaves out the skipped batches' examples itself when the source's counts are exact (``examples``
+    # fast-forwards); otherwise their batches are made here and dropped
     ahead = skip if source.exact_counts else 0
     made = ahead
     stream = examples(urls, order, source, epoch, seed=seed, shuffle_buffer=shuffle_buffer, skip=ahead * batch_size)

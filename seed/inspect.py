@@ -219,11 +219,13 @@ def format_text(info: dict[str, Any]) -> str:
     if "bank" in b:
         lines.append(f"bank bytes   {b['bank']['stored_per_view']:.1f} B stored per view, {b['bank']['raw_per_view']:.1f} B raw "
                      "(top-k targets of every view, the bank's entries and index)")
-    whole = {name: n for name, n in info.get("views_per_chunk", {}).items() if n > 1}
-    lines.append("chunks       one view deep: a student epoch reads only the view of each row block it uses" if not whole
-                 else f"chunks       {', '.join(whole)} hold {max(whole.values())} views a chunk (made before each view had "
-                 f"chunks of its own): a student epoch reads up to {max(whole.values())} times the bytes of the view it "
-                 "uses; seed teacher --overwrite, then seed bank, make them again")
+    per_chunk = info.get("views_per_chunk")
+    whole = {name: n for name, n in (per_chunk or {}).items() if n > 1}
+    if per_chunk is not None:  # (a description made before it was recorded has none)
+        lines.append("chunks       one view deep: a student epoch reads only the view of each row block it uses"
+                     if not whole else f"chunks       {', '.join(whole)} hold {max(whole.values())} views a chunk (made "
+                     f"before each view had chunks of its own): a student epoch reads up to {max(whole.values())} times "
+                     "the bytes of the view it uses; seed teacher --overwrite, then seed bank, make them again")
     if info["totals"]:
         tot = info["totals"]
         lines.append(f"teacher      {tot['teacher_forwards']} forwards in {tot['teacher_seconds']:.1f} s"

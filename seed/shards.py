@@ -925,6 +925,10 @@ def _write_splits(splits: dict[str, Iterable[tuple[str, bytes, str, int]]], out:
         publish(tmp, out, overwrite)
         return info
     finally:
+        for samples in splits.values():  # a generator stopped part-way (Ctrl-C) closes its progress bar now
+            close = getattr(samples, "close", None)
+            if close is not None:
+                close()
         shutil.rmtree(tmp, ignore_errors=True)
 
 

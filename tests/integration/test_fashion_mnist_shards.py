@@ -47,6 +47,6 @@ def test_an_interrupted_conversion_publishes_nothing_and_says_so(tmp_path: Path,
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
-    assert err.strip().splitlines()[-1] == ("seed: interrupted; nothing was published (shards appear once all are "
-                                            "written); re-run to convert"), err
+    assert err.strip().splitlines()[-1] == ("seed: interrupted; nothing complete was published (shards appear once "
+                                            "all are written); re-run to convert"), err
     assert list(tmp_path.iterdir()) == []

@@ -357,6 +357,13 @@ def test_fresh_views_of_shards_whose_headers_read_fast_forward_a_resumed_epoch(t
     assert stream(unknown, 50) == whole[50:] and sorted(set(unknown.loaded)) == list(range(6))
     assert not FreshViews.over(urls, lengths, Recipe(), seed=0, damaged="keep").exact_counts
     assert not FreshViews.over(urls[:1] + [str(tmp_path / "elsewhere.tar")], lengths[:2], Recipe(), seed=0).exact_counts
+    from pipeline.pretrain import pretraining_views
+    from seed.config import load_config
+
+    assert pretraining_views(load_config(None, []), 2, urls, lengths).exact_counts  # what pre-training trains on
+    with pytest.raises(SeedError, match=r"train-000000.tar: sample 5 \('fmnist-train-000005'\) is past the 5 samples "
+                                        r"the shards' _info.json counts in it: the shard changed since; write the shards"):
+        list(examples(urls[:1], [0], FreshViews(Recipe(), seed=0, counts=[5]), 0, seed=0, shuffle_buffer=1))
     with tarfile.open(tmp_path / "bad.tar", "w") as tar:
         _add(tar, "k-0.jpg", b"not an image")
     with pytest.raises(SeedError, match=r"bad.tar: sample 0 \('k-0'\) has no readable image header .* the shard changed"):
