@@ -151,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain = sub.add_parser("pretrain", help="make a teacher: MoCo-v2 (default) or supervised", formatter_class=raw,
                               epilog=_examples(f"seed pretrain -c {DEMO}   # -> {DEMO_TEACHER}",
                                                f"seed pretrain -c {DEMO} --set pretrain.method=supervised --set pretrain.name=demo-teacher-sup",
+                                               f"seed pretrain -c {DEMO} --set pretrain.nproc=2 --set pretrain.name=demo-teacher-2r",
                                                f"seed pretrain -c {DEMO} --resume"))
     _common_run(pretrain)
     pretrain.add_argument("--resume", action="store_true",
