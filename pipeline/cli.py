@@ -308,8 +308,8 @@ def cmd_bank(args: argparse.Namespace) -> int:
 def _launched(stage: Any, args: argparse.Namespace, cfg: Any, storage: Any, epochs: int, name: str) -> Any:
     """Run ``stage`` (the student or pre-training module, ``name`` in its epoch lines) as this command asks: started
     in ranks of ``torchrun`` (``stage.launch``, which says so) when its settings ask for more than one process and
-    this one is not a rank already; as a rank reporting to
-    such a launcher (``--events``: epochs as event lines, a user's mistake marked as such); or in this process."""
+    this one is not a rank already; as a rank reporting to such a launcher (``--events``: epochs as event lines, a
+    user's mistake marked as such); or in this process."""
     from seed import launcher
     from seed.devices import Launch
     from seed.report import epoch_text

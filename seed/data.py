@@ -209,6 +209,8 @@ class FreshViews:
     (``examples``) instead of reading every shard before its position.
     """
 
+    changed_hint = "write the shards and their _info.json again (seed shards)"
+
     def __init__(self, recipe: Recipe, *, seed: int, n_views: int = 1, damaged: Damaged = "stop",
                  counts: Sequence[int] | None = None):
         self.recipe, self.seed, self.n_views, self.damaged = recipe, seed, n_views, damaged
@@ -228,8 +230,6 @@ class FreshViews:
 
     def rows(self, shard: int) -> np.ndarray | None:
         return None if self.counts is None else np.arange(self.counts[shard])
-
-    changed_hint = "write the shards and their _info.json again (seed shards)"
 
     def load(self, shard: int, epoch: int) -> MakeExample:
         def make(index: int, sample: Sample) -> Example | None:
