@@ -84,9 +84,9 @@ class FeatureFile:
 
         A probe's random mini-batch is about one run per row: the loop does nothing but the reads (offsets
         and byte ranges worked out by numpy first), 1.5-1.7x faster than a call per run through
-        ``_pread_into`` (bench/feature_rows.py). Gathering from a mapping of the file was 1.3-1.5x faster again, but
-        the kernel maps the page cache around each row it faults in: one batch of 1,024 rows made the whole
-        391 MiB file resident in the process, so its memory would grow with N."""
+        ``_pread_into`` (bench/feature_rows.py). Gathering from a mapping of the file was 1.3-1.5x faster
+        again, but the kernel maps the page cache around each row it faults in: one batch of 1,024 rows made
+        the whole 391 MiB file resident in the process, so its memory would grow with N."""
         width, rows = self.shape[1] * 4, np.asarray(rows, np.int64)  # byte offsets past 2 GiB
         out = np.empty((len(rows), self.shape[1]), np.float32)
         if not len(rows):

@@ -72,9 +72,9 @@ def torchrun(command: Sequence[str], n: int, *, stage: str,
     tail: collections.deque[str] = collections.deque(maxlen=25)
     errors: list[str] = []  # the ranks' own one-line errors, which torchrun's report would push out of the tail
     mistakes = 0  # ranks that stopped on a user's mistake (their one-line error is among ``errors``)
+    on_line(f"{stage}: {n} processes (torchrun)")
     # torchrun leads a process group of its own, so an interrupted launcher (Ctrl-C, a cancelled flow run)
     # can stop it, and it stops its ranks
-    on_line(f"{stage}: {n} processes (torchrun)")
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True)
     try:
