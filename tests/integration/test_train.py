@@ -478,6 +478,38 @@ def test_moco_pretraining_cut_inside_an_epoch_resumes_to_the_same_teacher(prepar
     assert [m["loss"] for m in resumed.metrics] == [m["loss"] for m in full.metrics]
 
 
+def test_online_seed_cut_inside_an_epoch_resumes_to_the_uninterrupted_student(prepared) -> None:
+    """Online SEED draws fresh views of shards whose _info.json says every header reads, so its resume counts its
+    way to the step: cut at step 5 of epoch 2 and resumed from step 4, the student ends with the uninterrupted
+    run's weights, queue and losses."""
+    from seed.objectives import OnlineSeed
+
+    _, storage, _ = prepared
+    sets = ("train.mode=online", "train.targets=dense", "train.optim.epochs=2", "train.checkpoint_steps=4")
+    full = student_stage.run(_cfg(prepared, *sets, "train.run=online-whole"), storage, progress=False)
+
+    class Crashing(OnlineSeed):
+        steps = 0
+
+        def after_step(self, ctx):  # type: ignore[no-untyped-def]
+            super().after_step(ctx)
+            Crashing.steps += 1
+            if Crashing.steps == 6 + 5:  # 300 images an epoch in batches of 50
+                raise _Stop
+
+    cut = _cfg(prepared, *sets, "train.run=online-cut")
+    with pytest.raises(_Stop):
+        student_stage.run(cut, storage, progress=False, objective=Crashing)
+    assert student_stage.resumable(cut, storage) == Position(1, 4)
+    resumed = student_stage.run(cut, storage, resume=True, progress=False)
+    a, b = (checkpoint.load(str(r.students["mobilenetv3_small_050"])) for r in (full, resumed))
+    assert Position.of(a) == Position.of(b) == Position(2)
+    for key in ("model", "objective"):
+        flat_a, flat_b = (dict(_flatten(x[key])) for x in (a, b))
+        assert flat_a.keys() == flat_b.keys() and all(torch.equal(flat_a[k], flat_b[k]) for k in flat_a), key
+    assert _losses(resumed) == _losses(full)
+
+
 def _flatten(state, prefix: str = ""):  # type: ignore[no-untyped-def]
     """(dotted name, tensor) pairs of a nested state dict; other values as one-element tensors."""
     for k, v in state.items():
