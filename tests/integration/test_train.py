@@ -204,10 +204,10 @@ def test_resume_equals_uninterrupted_whatever_the_workers(prepared) -> None:
     assert [m["epoch"] for m in resumed.metrics] == [1, 2]
 
 
-def _crashing(after: int) -> type[CachedSeed]:
-    """Cached SEED that stops the run (``_Stop``) once ``after`` steps are done."""
+def _crashing(after: int, objective: type = CachedSeed) -> type:
+    """``objective`` (cached SEED unless given) that stops the run (``_Stop``) once ``after`` steps are done."""
 
-    class Crashing(CachedSeed):
+    class Crashing(objective):  # type: ignore[valid-type, misc]
         steps = 0
 
         def after_step(self, ctx):  # type: ignore[no-untyped-def]
@@ -456,15 +456,7 @@ def test_moco_pretraining_cut_inside_an_epoch_resumes_to_the_same_teacher(prepar
     sets = ("pretrain.optim.epochs=2", "pretrain.checkpoint_steps=4", "pretrain.shuffle_bn=2")
     full = pretrain_stage.run(_cfg(prepared, "pretrain.name=moco-whole", *sets), storage, progress=False)
 
-    class Crashing(MocoV2):
-        steps = 0
-
-        def after_step(self, ctx):  # type: ignore[no-untyped-def]
-            super().after_step(ctx)
-            Crashing.steps += 1
-            if Crashing.steps == 6 + 5:  # 300 images an epoch in batches of 50
-                raise _Stop
-
+    Crashing = _crashing(6 + 5, MocoV2)  # step 5 of epoch 2: 300 images an epoch in batches of 50
     cut = _cfg(prepared, "pretrain.name=moco-cut", *sets)
     with pytest.raises(_Stop):
         pretrain_stage.run(cut, storage, progress=False, objective=Crashing)
@@ -472,9 +464,7 @@ def test_moco_pretraining_cut_inside_an_epoch_resumes_to_the_same_teacher(prepar
     resumed = pretrain_stage.run(cut, storage, resume=True, progress=False)
     a, b = (checkpoint.load(str(Path(storage.runs) / name / "moco" / "checkpoint.pt")) for name in ("moco-whole", "moco-cut"))
     assert Position.of(a) == Position.of(b) == Position(2)
-    for key in ("model", "objective"):
-        flat_a, flat_b = (dict(_flatten(x[key])) for x in (a, b))
-        assert flat_a.keys() == flat_b.keys() and all(torch.equal(flat_a[k], flat_b[k]) for k in flat_a), key
+    _assert_same_state(a, b)
     assert [m["loss"] for m in resumed.metrics] == [m["loss"] for m in full.metrics]
 
 
@@ -488,15 +478,7 @@ def test_online_seed_cut_inside_an_epoch_resumes_to_the_uninterrupted_student(pr
     sets = ("train.mode=online", "train.targets=dense", "train.optim.epochs=2", "train.checkpoint_steps=4")
     full = student_stage.run(_cfg(prepared, *sets, "train.run=online-whole"), storage, progress=False)
 
-    class Crashing(OnlineSeed):
-        steps = 0
-
-        def after_step(self, ctx):  # type: ignore[no-untyped-def]
-            super().after_step(ctx)
-            Crashing.steps += 1
-            if Crashing.steps == 6 + 5:  # 300 images an epoch in batches of 50
-                raise _Stop
-
+    Crashing = _crashing(6 + 5, OnlineSeed)
     cut = _cfg(prepared, *sets, "train.run=online-cut")
     with pytest.raises(_Stop):
         student_stage.run(cut, storage, progress=False, objective=Crashing)
@@ -504,10 +486,15 @@ def test_online_seed_cut_inside_an_epoch_resumes_to_the_uninterrupted_student(pr
     resumed = student_stage.run(cut, storage, resume=True, progress=False)
     a, b = (checkpoint.load(str(r.students["mobilenetv3_small_050"])) for r in (full, resumed))
     assert Position.of(a) == Position.of(b) == Position(2)
+    _assert_same_state(a, b)
+    assert _losses(resumed) == _losses(full)
+
+
+def _assert_same_state(a: dict, b: dict) -> None:
+    """Two checkpoints' weights and objective state (queue, key encoder, ...) equal to the bit."""
     for key in ("model", "objective"):
         flat_a, flat_b = (dict(_flatten(x[key])) for x in (a, b))
         assert flat_a.keys() == flat_b.keys() and all(torch.equal(flat_a[k], flat_b[k]) for k in flat_a), key
-    assert _losses(resumed) == _losses(full)
 
 
 def _flatten(state, prefix: str = ""):  # type: ignore[no-untyped-def]
