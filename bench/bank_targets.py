@@ -3,6 +3,7 @@
     python bench/bank_targets.py [--scratch DIR] [--n 20000]                     # K = 4096
     python bench/bank_targets.py --k65536 [--scratch DIR] [--views 3] [--indices torch,flat,ivf,hnsw]
     python bench/bank_targets.py --quick [--scratch DIR]                         # K = 65,536, V = 1 (GPU check)
+    python bench/bank_targets.py --writes [--scratch DIR] [--topk 1024,4096] [--threads 1]  # writes behind or not
 
 K = 4096: one teacher cache of the first N train (and N test) images, V = 2. K = 65,536 (SEED's bank
 size): one cache of all 70,000 Fashion-MNIST images (train + test; the bank needs 65,536 distinct
@@ -13,6 +14,12 @@ run measures a build) and prints views/s of the targets pass, the fidelity it st
 The bank stage runs on ``cache.device`` (auto: CUDA when present), so on a GPU machine ``torch``
 is the CUDA path. ``--quick`` (about a minute on one H100): K = 65,536, V = 1 (70,000 views),
 indices torch and flat. An index that needs FAISS is skipped where FAISS is not installed.
+``--writes``: the K = 4096 cache, index ``torch``, for each top-k the stage with each block of targets
+written behind the next block's computation (``write_behind``, the default) and written before it,
+alternating, twice each; it prints the stage's seconds, the writes' seconds and the computation's wait
+for them. ``--threads``: torch's threads for the computation (0: torch's default, every core). With the
+cores all computing, a write behind takes them from the computation; one thread leaves a core free, as a
+GPU's computation leaves the host's cores (the case writing behind is for).
 """
 
 from __future__ import annotations
@@ -48,20 +55,48 @@ def config(root: Path, n: int, views: int, *extra: str) -> RunConfig:
                               f"cache.views={views}", f"cache.name={name}", *extra])
 
 
-def run_child(root: Path, n: int, views: int, index: str) -> None:
+def run_child(root: Path, n: int, views: int, index: str, topk: int = 32, write_behind: bool = True,
+              threads: int = 0) -> None:
     """One bank build in this (fresh) process; prints its figures as one JSON line."""
-    cfg = config(root, n, views, *(SMALL if n else LARGE), f"bank.index={index}")
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = config(root, n, views, *(SMALL if n else LARGE), f"bank.index={index}", f"bank.topk={topk}")
     st = storage(root)
     group = zarr.open_group(st.cache_url(cfg.cache.name), mode="r+")
     if "bank" in group:                                                      # measure a build, never a skip
         del group["bank"]
     t = time.perf_counter()
-    s = bank_stage.run(cfg, st, progress=False).summary
+    s = bank_stage.run(cfg, st, progress=False, write_behind=write_behind).summary
     gpu_mb = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     print(json.dumps({"views_per_s": s["views_per_s"], "views": s["views"], "targets_s": s["targets_seconds"],
+                      "write_s": s["write_seconds"], "write_wait_s": s["write_wait_seconds"],
                       "stage_s": round(time.perf_counter() - t, 1), "device": s["device"], "faiss_gpu": s["faiss_gpu"],
                       "mass": s["fidelity"]["mass"]["mean"], "kl": s["fidelity"]["kl"]["mean"],
                       "recall": s["fidelity"].get("recall_at_k"), "rss": peak_rss_mb(), "gpu_mb": gpu_mb}))
+
+
+def writes(root: Path, n: int, topks: list[int], threads: int) -> None:
+    """The targets pass with its writes behind the computation and before it, side by side (fresh processes,
+    alternating)."""
+    print(f"machine: {machine()}", flush=True)
+    teacher_stage.run(config(root, n, 2), storage(root), progress=False)
+    print(f"\ncache: N={n} images x V=2 views; bank K=4096, index torch, tau_T=0.05; two builds of each; torch "
+          f"threads {threads or torch.get_num_threads()}\n")
+    print("| top-k | writes | stage s (each) | targets s | writes s | waited for writes s | peak RSS (MB) |")
+    print("|---|---|---|---|---|---|---|", flush=True)
+    for topk in topks:
+        runs: dict[str, list[dict]] = {"behind": [], "before": []}
+        for _ in range(2):
+            for mode in runs:
+                runs[mode].append(json.loads(child(__file__, "--child", str(root), str(n), "2", "torch", str(topk),
+                                                   "1" if mode == "behind" else "0", str(threads))))
+        for mode, rs in runs.items():
+            each = " / ".join(f"{r['stage_s']:.1f}" for r in rs)
+            print(f"| {topk} | {mode} the next block | {each} "
+                  f"| {min(r['targets_s'] for r in rs):.1f} | {min(r['write_s'] for r in rs):.1f} "
+                  f"| {min(r['write_wait_s'] for r in rs):.1f} | {max(r['rss'] for r in rs):.0f} |", flush=True)
+        ratio = min(r["stage_s"] for r in runs["behind"]) / min(r["stage_s"] for r in runs["before"])
+        print(f"| {topk} | behind / before | {ratio:.2f} |||||", flush=True)
 
 
 def main() -> None:
@@ -72,10 +107,18 @@ def main() -> None:
     parser.add_argument("--views", type=int, default=3, help="K = 65,536: views per image")
     parser.add_argument("--indices", default="torch,flat,ivf,hnsw")
     parser.add_argument("--quick", action="store_true", help="K = 65,536, V = 1, torch and flat only")
-    parser.add_argument("--child", nargs=4, metavar=("ROOT", "N", "VIEWS", "INDEX"))
+    parser.add_argument("--writes", action="store_true", help="K = 4096, index torch: targets written behind or not")
+    parser.add_argument("--topk", default="1024,4096", help="--writes: the top-k values")
+    parser.add_argument("--threads", type=int, default=0, help="--writes: torch's threads (0: its default)")
+    parser.add_argument("--child", nargs=7, metavar=("ROOT", "N", "VIEWS", "INDEX", "TOPK", "WRITE_BEHIND", "THREADS"))
     args = parser.parse_args()
     if args.child:
-        run_child(Path(args.child[0]), int(args.child[1]), int(args.child[2]), args.child[3])
+        run_child(Path(args.child[0]), int(args.child[1]), int(args.child[2]), args.child[3], int(args.child[4]),
+                  args.child[5] == "1", int(args.child[6]))
+        return
+    if args.writes:
+        writes(Path(args.scratch or tempfile.mkdtemp(prefix="seed-bench-")).absolute(), args.n,
+               [int(k) for k in args.topk.split(",")], args.threads)
         return
     large = args.k65536 or args.quick
     n = 0 if large else args.n
@@ -99,7 +142,7 @@ def main() -> None:
             print(f"| {index} | {norm} | FAISS not installed: skipped |||||||||", flush=True)
             continue
         try:
-            r = json.loads(child(__file__, "--child", str(root), str(n), str(views), index))
+            r = json.loads(child(__file__, "--child", str(root), str(n), str(views), index, "32", "1", "0"))
         except subprocess.CalledProcessError as exc:
             print(f"| {index} | {norm} | failed: {exc.stderr.strip().splitlines()[-1:]} |||||||||", flush=True)
             continue

@@ -18,6 +18,7 @@ views go to each ``seed.bank.sparse_targets`` call, which splits them into row c
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from typing import Any
@@ -31,6 +32,7 @@ from seed import bank_store, cache
 from seed.config import BankConfig, RunConfig
 from seed.devices import resolve_device, tf32_forced
 from seed.errors import SeedError
+from seed.prefetch import WriteBehind
 from seed.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -47,8 +49,13 @@ class BankResult:
     summary: dict[str, Any]
 
 
-def run(cfg: RunConfig, storage: Storage, *, progress: bool = True) -> BankResult:
-    """Build (or confirm) the bank and targets of the configured cache."""
+def run(cfg: RunConfig, storage: Storage, *, progress: bool = True, write_behind: bool = True) -> BankResult:
+    """Build (or confirm) the bank and targets of the configured cache.
+
+    ``write_behind``: each input shard's block of targets is written in a background thread while the next
+    block's are computed (``seed.prefetch.WriteBehind``); False writes it before going on (to measure one
+    against the other). The summary's ``write_seconds`` are the writes' own time, ``write_wait_seconds`` the
+    part of it the computation waited for."""
     from seed.report import progress_bar
 
     b = cfg.bank
@@ -86,7 +93,7 @@ def run(cfg: RunConfig, storage: Storage, *, progress: bool = True) -> BankResul
     n_views = int(valid.sum()) * V
     with progress_bar(total=n_views * b.rotations, unit="view", desc="bank targets" + (f" ({b.rotations} rotations)"
                       if b.rotations > 1 else ""), disable=not progress, smoothing=0.1) as bar:  # closed before any error prints
-        summaries = [_build(group, b, r, ids, valid, device, bar.update) for r, ids in enumerate(banks)]
+        summaries = [_build(group, b, r, ids, valid, device, bar.update, write_behind) for r, ids in enumerate(banks)]
     seconds = time.perf_counter() - start
     search_s = sum(x["targets_seconds"] for x in summaries)
     summary = {"K": b.size, "topk": b.topk, "tau_t": b.tau_t, "index": b.index,
@@ -94,6 +101,8 @@ def run(cfg: RunConfig, storage: Storage, *, progress: bool = True) -> BankResul
                "faiss_gpu": summaries[0]["faiss_gpu"], "search": summaries[0]["search"], "views": n_views,
                "rotations": b.rotations,
                "seconds": round(seconds, 3), "targets_seconds": round(search_s, 3),
+               "write_seconds": round(sum(x["write_seconds"] for x in summaries), 3),
+               "write_wait_seconds": round(sum(x["write_wait_seconds"] for x in summaries), 3),
                "views_per_s": round(n_views * b.rotations / max(search_s, 1e-9), 1),
                "fidelity": summaries[0]["fidelity"]}
     for r, part in enumerate(summaries):  # readers check every rotation's status
@@ -103,10 +112,11 @@ def run(cfg: RunConfig, storage: Storage, *, progress: bool = True) -> BankResul
 
 
 def _build(group: zarr.Group, b: BankConfig, rotation: int, ids: np.ndarray, valid: np.ndarray, device: torch.device,
-           on_views: Any) -> dict[str, Any]:
+           on_views: Any, write_behind: bool = True) -> dict[str, Any]:
     """One bank rotation: its index, every valid view's sparse targets over it and their fidelity (the
     rotation's status stays ``building``: ``run`` completes them all at the end). A rotation laid out by a
-    build cut short keeps its index and the row blocks it recorded; the others are made now."""
+    build cut short keeps its index and the row blocks it recorded; the others are made now, each written
+    while the next is computed (``write_behind``, see ``run``)."""
     V, D, cap, n_shards = (int(cache.attributes(group)[k]) for k in ("V", "D", "capacity", "n_shards"))
     vectors = cache.read_pairs(group, "embeddings", ids[:, 0], ids[:, 1])                     # K x D, float16
     resumed = bank_store.node_name(rotation) in group  # ``run`` checked its parameters and entries
@@ -124,45 +134,51 @@ def _build(group: zarr.Group, b: BankConfig, rotation: int, ids: np.ndarray, val
     bank_rows = ids[:, 0]
     search_s = sum(float(r.get("targets_seconds", 0.0)) for r in done.values())
     sample = FidelitySample.draw(valid, V, D, b)
-    for s in range(n_shards):
-        rows = slice(s * cap, (s + 1) * cap)
-        ok = valid[rows]
-        if s in done:  # written before the cut: its views count as made; the fidelity's sampled ones read back
-            on_views(int(ok.sum()) * V)
-            if sample.wants(s * cap, cap):
-                kept = bank_store.Bank(bank)
-                t = kept.targets(rows)
-                sample.take(s * cap, cache.read(group, "embeddings", rows), t["cols"], t["logp"], kept.mass(rows))
-            continue
-        out_idx = np.full((cap, V, b.topk), -1, np.int32)
-        out_logp = np.full((cap, V, b.topk), np.nan, np.float16)
-        out_mass = np.full((cap, V), np.nan, np.float32)
-        embeddings = None
-        shard_s = 0.0
-        if ok.any():
-            local = np.flatnonzero(ok)
-            embeddings = cache.read(group, "embeddings", rows)                                     # cap x V x D
-            z = embeddings[local].astype(np.float32).reshape(-1, D)                               # n*V x D
-            q_rows = np.repeat(local + s * cap, V)
-            for lo in range(0, len(z), b.batch_size):
-                t0 = time.perf_counter()
-                # the sampled normaliser's tail sample: one per shard and rotation, whatever the batch size
-                rng = np.random.default_rng([b.seed + 1, rotation, s])
-                cols, logp, mass = B.sparse_targets(z[lo: lo + b.batch_size], q_rows[lo: lo + b.batch_size], index,
-                                                    bank_rows, topk=b.topk, tau=b.tau_t, exact_normaliser=exact,
-                                                    tail_samples=b.tail_samples, rng=rng)
-                shard_s += time.perf_counter() - t0
-                flat = slice(lo, lo + len(cols))
-                out_idx.reshape(-1, b.topk)[_flat_positions(local, V)[flat]] = cols
-                out_logp.reshape(-1, b.topk)[_flat_positions(local, V)[flat]] = logp.astype(np.float16)
-                out_mass.reshape(-1)[_flat_positions(local, V)[flat]] = mass
-                on_views(len(cols))
-        if embeddings is not None:
-            sample.take(s * cap, embeddings, out_idx, out_logp, out_mass)
-        search_s += shard_s
-        bank_store.write_targets(bank, rows, out_idx, out_logp, out_mass, shard=s,
-                                 record={"views": int(ok.sum()) * V, "targets_seconds": round(shard_s, 3)})
+    written = list(done.values())
+    # a block's targets are written in the background while the next block's are computed
+    with WriteBehind("seed-bank-write", enabled=write_behind) as writes:
+        for s in range(n_shards):
+            rows = slice(s * cap, (s + 1) * cap)
+            ok = valid[rows]
+            if s in done:  # written before the cut: its views count as made; the fidelity's sampled ones read back
+                on_views(int(ok.sum()) * V)
+                if sample.wants(s * cap, cap):
+                    kept = bank_store.Bank(bank)
+                    t = kept.targets(rows)
+                    sample.take(s * cap, cache.read(group, "embeddings", rows), t["cols"], t["logp"], kept.mass(rows))
+                continue
+            out_idx = np.full((cap, V, b.topk), -1, np.int32)
+            out_logp = np.full((cap, V, b.topk), np.nan, np.float16)
+            out_mass = np.full((cap, V), np.nan, np.float32)
+            embeddings = None
+            shard_s = 0.0
+            if ok.any():
+                local = np.flatnonzero(ok)
+                embeddings = cache.read(group, "embeddings", rows)                                     # cap x V x D
+                z = embeddings[local].astype(np.float32).reshape(-1, D)                               # n*V x D
+                q_rows = np.repeat(local + s * cap, V)
+                for lo in range(0, len(z), b.batch_size):
+                    t0 = time.perf_counter()
+                    # the sampled normaliser's tail sample: one per shard and rotation, whatever the batch size
+                    rng = np.random.default_rng([b.seed + 1, rotation, s])
+                    cols, logp, mass = B.sparse_targets(z[lo: lo + b.batch_size], q_rows[lo: lo + b.batch_size], index,
+                                                        bank_rows, topk=b.topk, tau=b.tau_t, exact_normaliser=exact,
+                                                        tail_samples=b.tail_samples, rng=rng)
+                    shard_s += time.perf_counter() - t0
+                    flat = slice(lo, lo + len(cols))
+                    out_idx.reshape(-1, b.topk)[_flat_positions(local, V)[flat]] = cols
+                    out_logp.reshape(-1, b.topk)[_flat_positions(local, V)[flat]] = logp.astype(np.float16)
+                    out_mass.reshape(-1)[_flat_positions(local, V)[flat]] = mass
+                    on_views(len(cols))
+            if embeddings is not None:
+                sample.take(s * cap, embeddings, out_idx, out_logp, out_mass)
+            search_s += shard_s
+            record = {"views": int(ok.sum()) * V, "targets_seconds": round(shard_s, 3)}
+            writes.submit(functools.partial(bank_store.write_targets, bank, rows, out_idx, out_logp, out_mass, shard=s,
+                                            record=record), then=functools.partial(written.append, record))
     return {"targets_seconds": round(search_s, 3), "faiss_gpu": index.on_gpu,
+            "write_seconds": round(sum(float(r.get("write_seconds", 0.0)) for r in written), 3),
+            "write_wait_seconds": round(writes.wait_s, 3),
             "search": "device" if index.on_device else "faiss-gpu" if index.on_gpu else "faiss-cpu",
             "fidelity": measure_fidelity(bank, index, b, sample)}
 

@@ -301,7 +301,8 @@ def cmd_bank(args: argparse.Namespace) -> int:
     fid = s["fidelity"]
     print(f"bank of {result.cache}: K={s['K']} top-{s['topk']} tau_T={s['tau_t']} ({s['index']}, {s['normaliser']} "
           f"normaliser): {s['views']} views at {s['views_per_s']:.0f} views/s; captured mass mean "
-          f"{fid['mass']['mean']:.4f}, KL(dense||sparse) mean {fid['kl']['mean']:.2e}")
+          f"{fid['mass']['mean']:.4f}, KL(dense||sparse) mean {fid['kl']['mean']:.2e}; targets written in "
+          f"{s['write_seconds']:.1f} s behind the computation, which waited {s['write_wait_seconds']:.1f} s for them")
     return 0
 
 

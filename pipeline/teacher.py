@@ -43,7 +43,7 @@ from seed.devices import (autocast, cpu_core_ids, cpu_cores, data_workers, read_
 from seed.errors import MachineError, SeedError
 from seed.lifetime import child_env
 from seed.models import Encoder, freeze
-from seed.prefetch import prefetch
+from seed.prefetch import WriteBehind, prefetch
 from seed.decode import Decoder
 from seed.shards import (DamagedShard, Sample, count_samples, damage_handler, expand_urls, image_size, iter_shard,
                          shard_lengths)
@@ -519,15 +519,17 @@ def _stream(cfg: RunConfig, plan: Plan, shards: list[int], batch_size: int, devi
 
 def embed_shards(cfg: RunConfig, plan: Plan, group: zarr.Group, shards: list[int], teacher: Encoder, *, workers: int = 0,
                  on_views: Callable[[int], Any] | None = None,
-                 on_shard: Callable[[dict[str, Any]], Any] | None = None) -> dict[int, dict[str, Any]]:
+                 on_shard: Callable[[dict[str, Any]], Any] | None = None,
+                 write_behind: bool = True) -> dict[int, dict[str, Any]]:
     """Run ``teacher`` over input shards; write each shard's rows, then its completion record, as it ends
-    (and hand the record to ``on_shard``).
+    (and hand the record to ``on_shard`` once both are written).
 
     ``workers`` processes each own whole shards (on the CPU they read, decode and augment; on CUDA they
     read and draw views, and a thread here decodes and augments on the GPU); 0 = one background thread.
     On the CPU the process must use the cache's thread count (``set_cpu_threads(cpu_threads(group))``,
     done once by the entry points): it fixes the forward's last bits, so every writer of the cache
-    gives the same bytes.
+    gives the same bytes. ``write_behind``: a shard is written in a background thread while the next one is
+    embedded (``seed.prefetch.WriteBehind``); False writes it before going on (to measure one against the other).
     """
     device = resolve_device(cfg.cache.device)
     if device.type == "cpu":
@@ -561,47 +563,53 @@ def embed_shards(cfg: RunConfig, plan: Plan, group: zarr.Group, shards: list[int
     first_wait: dict[int, float] = {}  # seconds this thread waited for the shard's first batch
     waited: dict[int, float] = {}      # and for its other batches
     depth = read_ahead(cfg.cache.prefetch, device, workers, model_threads=_model_threads(device))
-    asked = time.perf_counter()
-    for item in _stream(cfg, plan, shards, batch_size, device, workers, depth):
-        got = time.perf_counter()
-        s = item.shard
-        if s not in emb:  # the shard's first item
-            emb[s] = np.full((cap, V, D), np.nan, dtype=np.float16)
-            forwards[s], forward_s[s], started[s], waited[s], first_wait[s] = 0, 0.0, got, 0.0, got - asked
-        else:
-            waited[s] += got - asked
-        if isinstance(item, _Views):
-            failed.setdefault(s, []).extend(item.failed)
-            if len(item.rows):
-                t0 = time.perf_counter()
-                z = forward(item.x)
-                forward_s[s] += time.perf_counter() - t0
-                if not torch.isfinite(z).all():  # stored as valid, NaN rows would look like embeddings to every later stage
-                    bad = sorted({int(r) for r in item.rows[~torch.isfinite(z).all(dim=1).numpy()]})
-                    raise SeedError(f"{plan.urls[s]}: the teacher gave non-finite embeddings for {len(bad)} of "
-                                    f"{len(item.rows)} views of a batch (rows {bad[:5]} of the shard); check the teacher's "
-                                    f"weights ({cfg.teacher.checkpoint or cfg.teacher.arch}); nothing of this shard is written")
-                forwards[s] += len(item.rows)
-                emb[s][item.rows, item.views] = z.numpy().astype(np.float16)
-            if on_views is not None:
-                on_views(len(item.rows) + item.dropped)
-            asked = time.perf_counter()
-            continue
-        _drop_failed(item, failed.pop(s, []), emb[s])
-        record = {
-            "url": plan.urls[s], "samples": plan.lengths[s], "valid": int(item.meta["valid"].sum()),
-            "skipped": item.skipped, "teacher_forwards": forwards.pop(s), "teacher_seconds": round(forward_s.pop(s), 4),
-            "input_wait_seconds": round(waited.pop(s), 4), "first_batch_wait_seconds": round(first_wait.pop(s), 4),
-            "seconds": round(time.perf_counter() - started.pop(s), 4), "device": str(device), "decode": item.decode,
-            "forward": forward.mode,
-            "workers": workers, "read_ahead": depth, "cores": cpu_cores(), "finished_at": round(time.time(), 3),
-            **({"damaged": item.damaged} if item.damaged is not None else {}),
-        }
-        cache.write_shard(group, s, {**item.meta, "embeddings": emb.pop(s)}, record)
+
+    def written(s: int, record: dict[str, Any]) -> None:
         records[s] = record
         if on_shard is not None:
             on_shard(record)
-        asked = time.perf_counter()
+
+    asked = time.perf_counter()
+    # a shard's rows and record are written in the background while the next shard is embedded
+    with WriteBehind("seed-teacher-write", enabled=write_behind) as writes:
+        for item in _stream(cfg, plan, shards, batch_size, device, workers, depth):
+            got = time.perf_counter()
+            s = item.shard
+            if s not in emb:  # the shard's first item
+                emb[s] = np.full((cap, V, D), np.nan, dtype=np.float16)
+                forwards[s], forward_s[s], started[s], waited[s], first_wait[s] = 0, 0.0, got, 0.0, got - asked
+            else:
+                waited[s] += got - asked
+            if isinstance(item, _Views):
+                failed.setdefault(s, []).extend(item.failed)
+                if len(item.rows):
+                    t0 = time.perf_counter()
+                    z = forward(item.x)
+                    forward_s[s] += time.perf_counter() - t0
+                    if not torch.isfinite(z).all():  # stored as valid, NaN rows would look like embeddings to every later stage
+                        bad = sorted({int(r) for r in item.rows[~torch.isfinite(z).all(dim=1).numpy()]})
+                        raise SeedError(f"{plan.urls[s]}: the teacher gave non-finite embeddings for {len(bad)} of "
+                                        f"{len(item.rows)} views of a batch (rows {bad[:5]} of the shard); check the teacher's "
+                                        f"weights ({cfg.teacher.checkpoint or cfg.teacher.arch}); nothing of this shard is written")
+                    forwards[s] += len(item.rows)
+                    emb[s][item.rows, item.views] = z.numpy().astype(np.float16)
+                if on_views is not None:
+                    on_views(len(item.rows) + item.dropped)
+                asked = time.perf_counter()
+                continue
+            _drop_failed(item, failed.pop(s, []), emb[s])
+            record = {
+                "url": plan.urls[s], "samples": plan.lengths[s], "valid": int(item.meta["valid"].sum()),
+                "skipped": item.skipped, "teacher_forwards": forwards.pop(s), "teacher_seconds": round(forward_s.pop(s), 4),
+                "input_wait_seconds": round(waited.pop(s), 4), "first_batch_wait_seconds": round(first_wait.pop(s), 4),
+                "seconds": round(time.perf_counter() - started.pop(s), 4), "device": str(device), "decode": item.decode,
+                "forward": forward.mode,
+                "workers": workers, "read_ahead": depth, "cores": cpu_cores(), "finished_at": round(time.time(), 3),
+                **({"damaged": item.damaged} if item.damaged is not None else {}),
+            }
+            writes.submit(functools.partial(cache.write_shard, group, s, {**item.meta, "embeddings": emb.pop(s)}, record),
+                          then=functools.partial(written, s, record))
+            asked = time.perf_counter()
     return records
 
 
@@ -650,14 +658,15 @@ def shard_task_workers(setting: int, device: torch.device) -> int:
 
 def run(cfg: RunConfig, storage: Storage, *, overwrite: bool = False, shards: list[int] | None = None,
         finalize: bool = True, progress: bool = True, load: TeacherLoader = load_teacher,
-        on_shard: Callable[[dict[str, Any]], Any] | None = None, tidy: bool = True) -> TeacherResult:
+        on_shard: Callable[[dict[str, Any]], Any] | None = None, tidy: bool = True,
+        write_behind: bool = True) -> TeacherResult:
     """The whole stage in this process: skip done shards, embed the rest, mark the cache complete.
 
     ``shards``: only these input shards (one worker's part); ``finalize``: mark the cache complete
     when every shard is done (only the coordinator should: it writes the root attributes); ``on_shard``:
     called with each shard's completion record as the shard is written; ``tidy``: as the coordinator, remove
-    stale partial files and take back repaired shards (``prepare``; False where the caller has just done it).
-    ``overwrite`` and ``shards`` do not combine: each worker would remove the cache the others are writing.
+    stale partial files and take back repaired shards (``prepare``; False where the caller has just done it);
+    ``write_behind``: see ``embed_shards``. ``overwrite`` and ``shards`` do not combine: each worker would remove the cache the others are writing.
     """
     from seed.report import progress_bar
 
@@ -686,7 +695,7 @@ def run(cfg: RunConfig, storage: Storage, *, overwrite: bool = False, shards: li
     with progress_bar(total=total_views, unit="view", desc=f"teacher ({len(todo)} shards, {workers} workers)",
                       disable=not progress, smoothing=0.1) as bar:  # closed before any error prints
         records = embed_shards(cfg, plan, group, todo, teacher, workers=workers, on_views=bar.update,
-                               on_shard=on_shard) if todo else {}
+                               on_shard=on_shard, write_behind=write_behind) if todo else {}
     totals = None
     if finalize and len(set(cache.done_shards(group))) == len(plan.urls):
         totals = cache.finalize(group, plan.cache_url)
@@ -734,7 +743,8 @@ def processes_config(cfg: RunConfig, n: int, cores: list[int] | None = None) -> 
 
 def run_processes(cfg: RunConfig, storage: Storage, n: int, *, overwrite: bool = False, progress: bool = True,
                   load: TeacherLoader = load_teacher,
-                  on_shard: Callable[[dict[str, Any]], Any] | None = None, tidy: bool = True) -> TeacherResult:
+                  on_shard: Callable[[dict[str, Any]], Any] | None = None, tidy: bool = True,
+        write_behind: bool = True) -> TeacherResult:
     """The stage in ``n`` processes on this node (0 = one per visible GPU), each over every n-th shard left.
 
     Each process is pinned to a share of this process's cores (``process_cores``), so that what it takes

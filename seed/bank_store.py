@@ -30,6 +30,7 @@ rotation ``epoch mod R``, so its negatives change every epoch, still with no tea
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any
 
 import numpy as np
@@ -276,12 +277,16 @@ def create(group: zarr.Group, b: BankConfig, ids: np.ndarray, vectors: np.ndarra
 def write_targets(bank: zarr.Group, rows: slice, cols: np.ndarray, logp: np.ndarray, mass: np.ndarray,
                   shard: int | None = None, record: dict[str, Any] | None = None) -> None:
     """One input shard's row block of targets (each array's chunks of it, exactly), then, with ``shard``, its record
-    (``record`` plus ``done``): a block is done only once all three arrays are written."""
+    (``record`` plus ``done`` and the seconds the arrays took, ``write_seconds``, which are also added to
+    ``record``): a block is done only once all three arrays are written."""
+    t0 = time.perf_counter()
     cache.array(bank, "indices")[rows] = cols
     cache.array(bank, "logp")[rows] = logp.astype(np.float16)
     cache.array(bank, "mass")[rows] = mass
     if shard is not None:
-        bank.create_group(cache.progress_name(shard), overwrite=True, attributes={**(record or {}), "done": True})
+        record = record if record is not None else {}
+        record["write_seconds"] = round(time.perf_counter() - t0, 4)
+        bank.create_group(cache.progress_name(shard), overwrite=True, attributes={**record, "done": True})
 
 
 def done_blocks(bank: zarr.Group) -> dict[int, dict[str, Any]]:

@@ -405,11 +405,14 @@ def done_shards(group: zarr.Group) -> list[int]:
 
 
 def write_shard(group: zarr.Group, shard: int, data: Mapping[str, np.ndarray], record: dict[str, Any]) -> None:
-    """Write one shard's rows (each array's chunks of them, exactly), then its completion record."""
+    """Write one shard's rows (each array's chunks of them, exactly), then its completion record, to which the
+    seconds the rows took are added (``write_seconds``)."""
     cap = int(attributes(group)["capacity"])
     rows = slice(shard * cap, (shard + 1) * cap)
+    t0 = time.perf_counter()
     for name in ARRAYS:
         array(group, name)[rows] = data[name]
+    record["write_seconds"] = round(time.perf_counter() - t0, 4)
     for attempt in range(3):  # the coordinator may remove the record's empty directory as this recreates it
         try:
             group.create_group(progress_name(shard), overwrite=True, attributes={**record, "done": True})
@@ -440,6 +443,9 @@ def finalize(group: zarr.Group, url: str) -> dict[str, Any]:
                                if all("first_batch_wait_seconds" in r for r in done) else None),
         "first_batch_wait_seconds": (round(sum(r["first_batch_wait_seconds"] for r in done), 3)
                                      if all("first_batch_wait_seconds" in r for r in done) else None),
+        # writing the rows, behind the next shard's compute (None when a shard was written before records had it)
+        "write_seconds": (round(sum(r["write_seconds"] for r in done), 3) if all("write_seconds" in r for r in done)
+                          else None),
         "damaged_shards": [s for s, r in enumerate(records) if r is not None and "damaged" in r],
     }
     first = next(({**k, "url": r.get("url", "?")} for r in done for k in r["skipped"]), None)

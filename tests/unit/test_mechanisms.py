@@ -18,7 +18,7 @@ from seed.data import rank_shards, shard_order
 from seed.errors import SeedError
 from seed.models import mlp_from_state_dict, mlp_head
 from seed.objectives import OBJECTIVES, CachedQueueSeed, CachedSeed, MocoV2, Objective, OnlineSeed, Queue, Supervised, create_objective
-from seed.prefetch import prefetch
+from seed.prefetch import WriteBehind, prefetch
 from seed.schedules import warmup_cosine
 
 
@@ -74,6 +74,58 @@ def test_prefetch_stops_its_thread_when_the_consumer_stops() -> None:
 
 def test_prefetch_depth_zero_is_inline() -> None:
     assert list(prefetch(iter(range(3)), depth=0)) == [0, 1, 2]
+
+
+def test_write_behind_overlaps_one_write_with_the_callers_work_in_order() -> None:
+    log: list[tuple[str, int, str]] = []
+    caller = threading.current_thread().name
+    release = [threading.Event() for _ in range(3)]
+
+    def write(i: int) -> None:
+        # waits until the caller, after submit returned, says it is computing the next block: a submit that
+        # wrote inline would time out here
+        assert release[i].wait(timeout=5), f"write {i} ran inline"
+        log.append(("write", i, threading.current_thread().name))
+
+    with WriteBehind("test-write") as writes:
+        for i in range(3):
+            writes.submit(lambda i=i: write(i), then=lambda i=i: log.append(("then", i, threading.current_thread().name)))
+            log.append(("computing", i + 1, caller))
+            release[i].set()
+    # in order; a write's "then" runs in the caller's thread, after that write, before the next write starts
+    assert [(what, i) for what, i, _ in log] == [("computing", 1), ("write", 0), ("then", 0), ("computing", 2),
+                                                  ("write", 1), ("then", 1), ("computing", 3), ("write", 2), ("then", 2)]
+    assert {t for what, _, t in log if what == "write"} != {caller} and all(t.startswith("test-write") for what, _, t in log
+                                                                             if what == "write")
+    assert {t for what, _, t in log if what != "write"} == {caller}
+    assert writes.wait_s > 0  # the caller waited for writes 1 and 2 (released just before it asked)
+
+
+def test_write_behind_errors_reach_the_caller_and_a_write_in_flight_is_finished() -> None:
+    done: list[int] = []
+
+    def fail() -> None:
+        raise OSError("disk full")
+
+    writes = WriteBehind()
+    writes.submit(fail, then=lambda: done.append(0))
+    with pytest.raises(OSError, match="disk full"):  # raised by the next submit, which starts nothing
+        writes.submit(lambda: done.append(1))
+    writes.close()
+    assert done == []
+    with pytest.raises(OSError, match="disk full"):  # or by close, the last write's
+        with WriteBehind() as writes:
+            writes.submit(fail)
+    # the caller's own error stands; the write it left in flight is finished (and its record kept) first
+    with pytest.raises(KeyError, match="caller"):
+        with WriteBehind() as writes:
+            writes.submit(lambda: (time.sleep(0.2), done.append(2)), then=lambda: done.append(3))
+            raise KeyError("caller")
+    assert done == [2, 3]
+    inline = WriteBehind(enabled=False)
+    inline.submit(lambda: done.append(4), then=lambda: done.append(5))
+    assert done == [2, 3, 4, 5]  # written before submit returns
+    inline.close()
 
 
 # --- schedule --------------------------------------------------------------------------------
