@@ -1,7 +1,8 @@
 """Bank stage: sample the instance bank from a complete cache and cache the teacher targets.
 
 Recipe: sample K (row, view) entries (R disjoint sets of them with ``bank.rotations = R``) -> for each,
-build the index -> for each input shard's row block, compute the sparse targets of its valid views ->
+build the index -> for each input shard's row block, compute the sparse targets of its valid views (and
+write them in a background thread while the next block's are computed) ->
 measure fidelity on a sample against the dense distribution -> mark the bank complete. Everything lives in the cache's ``bank`` sub-group; the
 teacher's arrays are only read. A bank with other parameters is rebuilt (it is derived data); a build of the
 same parameters cut short (killed, a full disk) resumes from the row blocks it recorded, with the index it stored.

@@ -2,7 +2,7 @@
 
 Recipe per input shard: read each image, draw its V views, decode and augment them in batches, run
 the teacher (bf16 autocast + channels_last on CUDA), L2-normalise, write the shard's rows, then its
-completion record. Reading, decoding and augmentation run ``cache.prefetch`` batches ahead: in
+completion record (in a background thread, while the next shard is embedded). Reading, decoding and augmentation run ``cache.prefetch`` batches ahead: in
 ``cache.workers`` processes that each own whole shards (on CUDA they only read and draw, and a thread
 of this process decodes with nvJPEG and augments on the GPU), or with no workers in one thread. On a
 CPU whose cores the forward's threads fill, both are automatically off: the data path runs between
@@ -519,8 +519,7 @@ def _stream(cfg: RunConfig, plan: Plan, shards: list[int], batch_size: int, devi
 
 def embed_shards(cfg: RunConfig, plan: Plan, group: zarr.Group, shards: list[int], teacher: Encoder, *, workers: int = 0,
                  on_views: Callable[[int], Any] | None = None,
-                 on_shard: Callable[[dict[str, Any]], Any] | None = None,
-                 write_behind: bool = True) -> dict[int, dict[str, Any]]:
+                 on_shard: Callable[[dict[str, Any]], Any] | None = None) -> dict[int, dict[str, Any]]:
     """Run ``teacher`` over input shards; write each shard's rows, then its completion record, as it ends
     (and hand the record to ``on_shard`` once both are written).
 
@@ -528,8 +527,8 @@ def embed_shards(cfg: RunConfig, plan: Plan, group: zarr.Group, shards: list[int
     read and draw views, and a thread here decodes and augments on the GPU); 0 = one background thread.
     On the CPU the process must use the cache's thread count (``set_cpu_threads(cpu_threads(group))``,
     done once by the entry points): it fixes the forward's last bits, so every writer of the cache
-    gives the same bytes. ``write_behind``: a shard is written in a background thread while the next one is
-    embedded (``seed.prefetch.WriteBehind``); False writes it before going on (to measure one against the other).
+    gives the same bytes. A shard is written in a background thread while the next one is embedded
+    (``seed.prefetch.WriteBehind``).
     """
     device = resolve_device(cfg.cache.device)
     if device.type == "cpu":
@@ -571,7 +570,7 @@ def embed_shards(cfg: RunConfig, plan: Plan, group: zarr.Group, shards: list[int
 
     asked = time.perf_counter()
     # a shard's rows and record are written in the background while the next shard is embedded
-    with WriteBehind("seed-teacher-write", enabled=write_behind) as writes:
+    with WriteBehind("seed-teacher-write") as writes:
         for item in _stream(cfg, plan, shards, batch_size, device, workers, depth):
             got = time.perf_counter()
             s = item.shard
@@ -658,15 +657,14 @@ def shard_task_workers(setting: int, device: torch.device) -> int:
 
 def run(cfg: RunConfig, storage: Storage, *, overwrite: bool = False, shards: list[int] | None = None,
         finalize: bool = True, progress: bool = True, load: TeacherLoader = load_teacher,
-        on_shard: Callable[[dict[str, Any]], Any] | None = None, tidy: bool = True,
-        write_behind: bool = True) -> TeacherResult:
+        on_shard: Callable[[dict[str, Any]], Any] | None = None, tidy: bool = True) -> TeacherResult:
     """The whole stage in this process: skip done shards, embed the rest, mark the cache complete.
 
     ``shards``: only these input shards (one worker's part); ``finalize``: mark the cache complete
     when every shard is done (only the coordinator should: it writes the root attributes); ``on_shard``:
     called with each shard's completion record as the shard is written; ``tidy``: as the coordinator, remove
-    stale partial files and take back repaired shards (``prepare``; False where the caller has just done it);
-    ``write_behind``: see ``embed_shards``. ``overwrite`` and ``shards`` do not combine: each worker would remove the cache the others are writing.
+    stale partial files and take back repaired shards (``prepare``; False where the caller has just done it).
+    ``overwrite`` and ``shards`` do not combine: each worker would remove the cache the others are writing.
     """
     from seed.report import progress_bar
 
@@ -695,7 +693,7 @@ def run(cfg: RunConfig, storage: Storage, *, overwrite: bool = False, shards: li
     with progress_bar(total=total_views, unit="view", desc=f"teacher ({len(todo)} shards, {workers} workers)",
                       disable=not progress, smoothing=0.1) as bar:  # closed before any error prints
         records = embed_shards(cfg, plan, group, todo, teacher, workers=workers, on_views=bar.update,
-                               on_shard=on_shard, write_behind=write_behind) if todo else {}
+                               on_shard=on_shard) if todo else {}
     totals = None
     if finalize and len(set(cache.done_shards(group))) == len(plan.urls):
         totals = cache.finalize(group, plan.cache_url)
@@ -743,8 +741,7 @@ def processes_config(cfg: RunConfig, n: int, cores: list[int] | None = None) -> 
 
 def run_processes(cfg: RunConfig, storage: Storage, n: int, *, overwrite: bool = False, progress: bool = True,
                   load: TeacherLoader = load_teacher,
-                  on_shard: Callable[[dict[str, Any]], Any] | None = None, tidy: bool = True,
-        write_behind: bool = True) -> TeacherResult:
+                  on_shard: Callable[[dict[str, Any]], Any] | None = None, tidy: bool = True) -> TeacherResult:
     """The stage in ``n`` processes on this node (0 = one per visible GPU), each over every n-th shard left.
 
     Each process is pinned to a share of this process's cores (``process_cores``), so that what it takes
