@@ -17,7 +17,7 @@ import zarr
 
 from seed import bank_store, cache
 from seed.errors import SeedError
-from seed.report import input_wait
+from seed.report import input_wait, rows_written
 from seed.storage import filesystem, is_url
 
 log = logging.getLogger(__name__)
@@ -229,7 +229,7 @@ def format_text(info: dict[str, Any]) -> str:
     if info["totals"]:
         tot = info["totals"]
         lines.append(f"teacher      {tot['teacher_forwards']} forwards in {tot['teacher_seconds']:.1f} s"
-                     + input_wait(tot))
+                     + input_wait(tot) + rows_written(tot))
     mix = info.get("labels")
     lines.append("labels       fewer than 3 known" if mix is None else
                  f"labels       {mix['labels']} classes; the most common holds {mix['overall']:.0%} of all images and "

@@ -112,13 +112,20 @@ def input_wait(totals: Mapping[str, Any]) -> str:
             + (": the data path set the pace, not the teacher" if wait / span >= INPUT_BOUND else "") + ")")
 
 
+def rows_written(totals: Mapping[str, Any]) -> str:
+    """``"; its rows written in 1.2 s, behind the forward"`` (empty for a cache whose records predate the figure)."""
+    seconds = totals.get("write_seconds")
+    return "" if seconds is None else f"; its rows written in {float(seconds):.1f} s, behind the forward"
+
+
 def teacher_totals_text(totals: Mapping[str, Any]) -> str:
     """A complete cache's totals in words: ``20,000 images (20,000 valid, 0 skipped), 40,000 teacher forwards
-    (1,234 views/s in the forward; waited for its input ...)``."""
+    (1,234 views/s in the forward; waited for its input ...; its rows written in ...)``."""
     seconds = float(totals.get("teacher_seconds") or 0)
     rate = f"{totals['teacher_forwards'] / seconds:,.0f}" if seconds > 0 else "-"
     return (f"{totals['samples']:,} images ({totals['valid']:,} valid, {totals['skipped']:,} skipped), "
-            f"{totals['teacher_forwards']:,} teacher forwards ({rate} views/s in the forward{input_wait(totals)})")
+            f"{totals['teacher_forwards']:,} teacher forwards ({rate} views/s in the forward{input_wait(totals)}"
+            f"{rows_written(totals)})")
 
 
 def accuracy_plot(results: Sequence[dict[str, Any]], url: str, title: str) -> None:

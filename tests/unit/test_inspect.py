@@ -148,7 +148,9 @@ def test_describe_and_text_report_cache_and_bank_bytes_apart(small: str) -> None
             "not the teacher)") in text
     fed = format_text({**info, "totals": {**tot, "input_wait_seconds": 0.069}})
     assert "waited for its input 0.1 s of 0.7 s (10%)" in fed
-    older = format_text({**info, "totals": {**tot, "input_wait_seconds": None, "first_batch_wait_seconds": None}})
+    assert f"not the teacher); its rows written in {tot['write_seconds']:.1f} s, behind the forward\n" in text
+    older = format_text({**info, "totals": {**tot, "input_wait_seconds": None, "first_batch_wait_seconds": None,
+                                            "write_seconds": None}})
     assert "forwards in 0.3 s\n" in older and "waited" not in older  # records made before the figures
     assert info["views_per_chunk"] == {"embeddings": 1, "bank/indices": 1, "bank/logp": 1}
     assert "chunks       one view deep: a student epoch reads only the view of each row block it uses" in text
