@@ -55,8 +55,9 @@ def run(cfg: RunConfig, storage: Storage, *, progress: bool = True, write_behind
 
     ``write_behind``: each input shard's block of targets is written in a background thread while the next
     block's are computed (``seed.prefetch.WriteBehind``); False writes it before going on (to measure one
-    against the other). The summary's ``write_seconds`` are the writes' own time, ``write_wait_seconds`` the
-    part of it the computation waited for."""
+    against the other). The summary's ``write_seconds`` are the writes' own time (of every block, as
+    ``targets_seconds``: those a build cut short wrote too), ``write_wait_seconds`` this run's computation's
+    wait for its writes."""
     from seed.report import progress_bar
 
     b = cfg.bank
@@ -135,7 +136,7 @@ def _build(group: zarr.Group, b: BankConfig, rotation: int, ids: np.ndarray, val
     bank_rows = ids[:, 0]
     search_s = sum(float(r.get("targets_seconds", 0.0)) for r in done.values())
     sample = FidelitySample.draw(valid, V, D, b)
-    written = list(done.values())
+    records = list(done.values())  # of the blocks written, before the cut and now
     # a block's targets are written in the background while the next block's are computed
     with WriteBehind("seed-bank-write", enabled=write_behind) as writes:
         for s in range(n_shards):
@@ -176,9 +177,9 @@ def _build(group: zarr.Group, b: BankConfig, rotation: int, ids: np.ndarray, val
             search_s += shard_s
             record = {"views": int(ok.sum()) * V, "targets_seconds": round(shard_s, 3)}
             writes.submit(functools.partial(bank_store.write_targets, bank, rows, out_idx, out_logp, out_mass, shard=s,
-                                            record=record), then=functools.partial(written.append, record))
+                                            record=record), then=functools.partial(records.append, record))
     return {"targets_seconds": round(search_s, 3), "faiss_gpu": index.on_gpu,
-            "write_seconds": round(sum(float(r.get("write_seconds", 0.0)) for r in written), 3),
+            "write_seconds": round(sum(float(r.get("write_seconds", 0.0)) for r in records), 3),
             "write_wait_seconds": round(writes.wait_s, 3),
             "search": "device" if index.on_device else "faiss-gpu" if index.on_gpu else "faiss-cpu",
             "fidelity": measure_fidelity(bank, index, b, sample)}

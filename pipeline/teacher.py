@@ -563,7 +563,7 @@ def embed_shards(cfg: RunConfig, plan: Plan, group: zarr.Group, shards: list[int
     waited: dict[int, float] = {}      # and for its other batches
     depth = read_ahead(cfg.cache.prefetch, device, workers, model_threads=_model_threads(device))
 
-    def written(s: int, record: dict[str, Any]) -> None:
+    def record_written(s: int, record: dict[str, Any]) -> None:
         records[s] = record
         if on_shard is not None:
             on_shard(record)
@@ -607,7 +607,7 @@ def embed_shards(cfg: RunConfig, plan: Plan, group: zarr.Group, shards: list[int
                 **({"damaged": item.damaged} if item.damaged is not None else {}),
             }
             writes.submit(functools.partial(cache.write_shard, group, s, {**item.meta, "embeddings": emb.pop(s)}, record),
-                          then=functools.partial(written, s, record))
+                          then=functools.partial(record_written, s, record))
             asked = time.perf_counter()
     return records
 

@@ -4,8 +4,8 @@
 Decoding (PIL) and tensor augmentation release the GIL for most of their time, so one producer
 thread overlaps them with the model's forward or backward pass. Exceptions in the producer are
 re-raised in the consumer; stopping early (break, error) stops the producer too. Zarr's chunk
-compression, checksums and file writes release it too, so a shard's rows are written while the
-next shard is computed.
+compression (in threads of its own) and file writes release it too, so a shard's rows are written
+while the next shard is computed.
 """
 
 from __future__ import annotations
@@ -96,13 +96,13 @@ class WriteBehind:
         if self._pending is None:
             return
         future, then = self._pending
-        self._pending = None
-        if not future.done():
-            t0 = time.perf_counter()
+        t0 = time.perf_counter()
+        try:
             future.result()  # its error, if any, raised here
+        finally:
             self.wait_s += time.perf_counter() - t0
-        else:
-            future.result()
+            if future.done():  # (not when the wait itself was interrupted: close waits again, and reports it)
+                self._pending = None
         if then is not None:
             then()
 
@@ -121,7 +121,7 @@ class WriteBehind:
         if kind is None:
             self.close()
             return
-        try:  # the caller's error stands; a write in flight is finished, and its own error only logged
+        try:  # the caller's error stands; a write in flight is finished (and reported), a failure there only logged
             self.close()
         except Exception as write_error:  # noqa: BLE001
-            log.error("a write in flight when %s was raised also failed: %s", kind.__name__, write_error)
+            log.error("finishing the write in flight when %s was raised failed too: %s", kind.__name__, write_error)

@@ -148,7 +148,7 @@ def test_describe_and_text_report_cache_and_bank_bytes_apart(small: str) -> None
             "not the teacher)") in text
     fed = format_text({**info, "totals": {**tot, "input_wait_seconds": 0.069}})
     assert "waited for its input 0.1 s of 0.7 s (10%)" in fed
-    assert f"not the teacher); its rows written in {tot['write_seconds']:.1f} s, behind the forward\n" in text
+    assert f"not the teacher); its rows written in {tot['write_seconds']:.1f} s\n" in text
     older = format_text({**info, "totals": {**tot, "input_wait_seconds": None, "first_batch_wait_seconds": None,
                                             "write_seconds": None}})
     assert "forwards in 0.3 s\n" in older and "waited" not in older  # records made before the figures

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import signal
 from collections.abc import Iterator
 import threading
 import time
@@ -122,9 +123,24 @@ def test_write_behind_errors_reach_the_caller_and_a_write_in_flight_is_finished(
             writes.submit(lambda: (time.sleep(0.2), done.append(2)), then=lambda: done.append(3))
             raise KeyError("caller")
     assert done == [2, 3]
+    # Ctrl-C while the caller waits for a write: the write is finished, and reported, before the interrupt goes on
+    main = threading.main_thread().ident
+    assert main == threading.get_ident()
+
+    def interrupted() -> None:
+        time.sleep(0.1)                                          # the caller is waiting for this write by now
+        signal.pthread_kill(main, signal.SIGINT)
+        time.sleep(0.2)
+        done.append(6)
+
+    with pytest.raises(KeyboardInterrupt):
+        with WriteBehind() as writes:
+            writes.submit(interrupted, then=lambda: done.append(7))
+            writes.submit(lambda: done.append(8))                # waits for the first: interrupted
+    assert done == [2, 3, 6, 7]
     inline = WriteBehind(enabled=False)
     inline.submit(lambda: done.append(4), then=lambda: done.append(5))
-    assert done == [2, 3, 4, 5]  # written before submit returns
+    assert done == [2, 3, 6, 7, 4, 5]  # written before submit returns
     inline.close()
 
 
