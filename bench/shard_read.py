@@ -1,6 +1,7 @@
 """Reading shards: the tar reader of seed against tarfile's stream reader, per sample, in one process.
 
     python bench/shard_read.py [--scratch DIR] [--n 4096] [--rounds 5]
+    python bench/shard_read.py --describe [--scratch DIR] [--n 4096] [--rounds 3]
 
 ImageNet-shaped shards (``bench.common.jpeg_shards``: ``KEY.jpg`` + ``KEY.cls``, 256 samples per shard,
 made once under ``--scratch``), and the same samples written again by webdataset's ``TarWriter`` (a pax
@@ -9,6 +10,8 @@ stream mode, how every shard was read before; still how compressed ones are), ``
 plain-tar header loop for uncompressed shards), ``iter_shard`` (members grouped into samples, labels
 parsed) and ``count_samples`` (the same, seeking over the images' data). Medians of ``--rounds`` passes, the
 readers alternating; microseconds per sample, and the bytes a pass had from read calls (``/proc/self/io``).
+``--describe``: ``seed shards describe`` of webdataset's copies (no ``_info.json``) with 1 and 8 threads,
+against the scan a stage makes without it (``count_samples``), the same rounds taking turns.
 """
 
 from __future__ import annotations
@@ -32,10 +35,14 @@ def main() -> None:
     parser.add_argument("--scratch", default=None, help="where the shards are made (default: a new temporary directory)")
     parser.add_argument("--n", type=int, default=4096)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--describe", action="store_true", help="seed shards describe with 1 and 8 threads")
     args = parser.parse_args()
     root = Path(args.scratch or tempfile.mkdtemp(prefix="seed-shard-read-"))
     ours = sorted(str(p) for p in jpeg_shards(root, args.n).glob("train-*.tar"))
     theirs = rewritten(ours, root / f"webdataset-{args.n}")
+    if args.describe:
+        describe(theirs, args.rounds)
+        return
 
     def members(reader, urls):
         def run() -> int:
@@ -70,6 +77,31 @@ def main() -> None:
     print("| shards written by | reader | us per sample | MB read per pass |\n|---|---|---|---|")
     for (label, name), ts in times.items():
         print(f"| {label} | {name} | {statistics.median(ts) / n * 1e6:.1f} | {read[(label, name)] / 1e6:.1f} |")
+
+
+def describe(urls: list[str], rounds: int) -> None:
+    """``describe_shards`` with 1 and 8 threads against ``count_samples`` over the same shards, taking turns."""
+    from seed.shards import INFO_FILE, describe_shards
+
+    directory = str(Path(urls[0]).parent)
+    runs = {"count_samples (a stage's scan, one process)": lambda: sum(count_samples(u) for u in urls),
+            **{f"seed shards describe --threads {t}": lambda t=t: describe_shards(directory, threads=t, overwrite=True)
+               for t in (1, 8)}}
+    for fn in runs.values():                                                    # warm-up: the page cache
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, fn in runs.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    (Path(directory) / INFO_FILE).unlink()
+    n = sum(count_samples(u) for u in urls)
+    print(f"machine: {machine()}; {n} samples in {len(urls)} shards (webdataset's writer) under {directory}, "
+          f"median of {rounds} rounds\n")
+    print("| what | seconds (each round) | us per sample |\n|---|---|---|")
+    for name, ts in times.items():
+        print(f"| {name} | {' / '.join(f'{t:.2f}' for t in ts)} | {statistics.median(ts) / n * 1e6:.0f} |")
 
 
 def rewritten(urls: list[str], out: Path) -> list[str]:

@@ -86,10 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action=_Version)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    shards = sub.add_parser("shards", help="convert a data set into webdataset tar shards", formatter_class=raw,
+    shards = sub.add_parser("shards", help="convert a data set into webdataset tar shards, or describe shards made by "
+                                           "other tools", formatter_class=raw,
                             epilog=_examples("seed shards fashion-mnist",
                                              "seed shards fashion-mnist --limit 2000 --per-shard 500 --out data/shards/fm-small",
-                                             "seed shards imagefolder ~/pictures/flowers --split train"))
+                                             "seed shards imagefolder ~/pictures/flowers --split train",
+                                             "seed shards describe /data/imagenet-wds/train --split train"))
     kinds = shards.add_subparsers(dest="kind", required=True)
     fm = kinds.add_parser("fashion-mnist", help="Fashion-MNIST idx files -> train/ and test/ shards", formatter_class=raw,
                           epilog=_examples("seed shards fashion-mnist",
@@ -106,6 +108,19 @@ def build_parser() -> argparse.ArgumentParser:
     imf.add_argument("--no-shuffle", dest="shuffle", action="store_false",
                      help="write the images class by class, as in the tree (each shard then holds one or two "
                           "classes, and training batches only the classes in its shuffle buffer)")
+    desc = kinds.add_parser("describe", formatter_class=raw,
+                            help="count shards made by other tools and write their _info.json (each read once), so "
+                                 "stages need not scan them",
+                            epilog=_examples("seed shards describe /data/imagenet-wds/train --split train",
+                                             "seed shards describe s3://bucket/imagenet-1k-wds --overwrite --threads 32"))
+    desc.add_argument("dir", help="directory or URL holding the .tar shards (resolved under the shards root)")
+    desc.add_argument("--split", help="the split's name when there is no _info.json (default: the directory's name)")
+    desc.add_argument("--threads", type=_count(1), default=None,
+                      help="shards read at once (default: 1 on local disk, where the CPU limits it; 16 for a URL, where "
+                           "the store's latency does)")
+    desc.add_argument("--overwrite", action="store_true",
+                      help="add the counts and headers_read to an existing _info.json (its other fields are kept)")
+    desc.add_argument("--storage", help="storage.yaml")
     for p in (fm, imf):
         p.add_argument("--out", help="output directory or URL (default: <shards root>/<name>)")
         p.add_argument("--per-shard", type=_count(1), default=1000, help="samples per shard (default 1000)")
@@ -242,6 +257,19 @@ def cmd_shards(args: argparse.Namespace) -> int:
     from seed.storage import load_storage
 
     storage = load_storage(args.storage)
+    if args.kind == "describe":
+        directory = storage.resolve("shards", args.dir)
+        info = shards.describe_shards(directory, split=args.split, threads=args.threads, overwrite=args.overwrite,
+                                      progress=True)
+        for name, split in info["splits"].items():
+            unread = info["unread"][name]
+            said = "every image header reads" if not unread else (
+                f"{len(unread)} sample{'s' if len(unread) > 1 else ''} whose image header does not read (first: {unread[0]['key']!r} in "
+                f"{unread[0]['url']}: {unread[0]['reason']}): stages skip them, and a resumed pre-training reads "
+                "its shards up to its place")
+            print(f"{name}: {split['num_samples']} samples in {len(split['filenames'])} shards; {said}")
+        print(f"wrote {directory}/{shards.INFO_FILE}")
+        return 0
     if args.kind == "fashion-mnist":
         out = args.out or storage.resolve("shards", "fashion-mnist")
         info = shards.fashion_mnist_to_shards(out, source=args.source or shards.FASHION_MNIST_DIR,
@@ -461,6 +489,7 @@ INTERRUPTED = {  # what an interrupted command leaves, by command (the rest: not
     "teacher": "completed shards are kept, re-run to resume",
     "bank": "completed shards are kept, re-run to resume",
     "shards": "nothing complete was published (shards appear once all are written); re-run to convert",
+    "shards describe": "nothing was written (the _info.json is written once every shard is read); re-run it",
 }
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
@@ -514,7 +543,8 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     except KeyboardInterrupt as exc:
         how = "terminated" if isinstance(exc, Terminated) else "interrupted"
-        print(f"seed: {how}; {INTERRUPTED.get(args.command, 're-run it')}", file=sys.stderr)
+        left = INTERRUPTED.get(f"{args.command} {getattr(args, 'kind', '')}", INTERRUPTED.get(args.command, "re-run it"))
+        print(f"seed: {how}; {left}", file=sys.stderr)
         return 143 if isinstance(exc, Terminated) else 130
     except OSError as exc:
         if exc.errno in PATH_MISTAKES:  # a path given (a flag, a storage root) that is not what was expected

@@ -32,6 +32,7 @@ import time
 import warnings
 import zlib
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 from pathlib import Path
 
@@ -824,6 +825,103 @@ def class_names(urls: list[str]) -> list[str] | None:
     listed = set().union(*(split.get("filenames", []) for split in info.get("splits", {}).values()))
     classes = info.get("classes")
     return [str(c) for c in classes] if isinstance(classes, list) and names <= listed else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Describing shards made by other tools
+
+
+def _described(url: str) -> dict[str, Any]:
+    """One shard read whole: its samples, those whose image header does not read (key and why), its labels."""
+    n, unread, top, unlabelled = 0, [], -1, 0
+    for sample in iter_shard(url):
+        n += 1
+        try:
+            image_size(sample)
+        except ValueError as exc:
+            unread.append({"key": sample.key, "reason": str(exc)})
+        unlabelled += sample.label < 0
+        top = max(top, sample.label)
+    return {"samples": n, "unread": unread, "max_label": top, "unlabelled": unlabelled}
+
+
+def describe_shards(directory: str, *, split: str | None = None, threads: int | None = None, overwrite: bool = False,
+                    progress: bool = False) -> dict[str, Any]:
+    """Read every tar shard in ``directory`` once and write the ``_info.json`` beside them that ``seed shards``
+    writes with its own: each split's shard lengths, ``num_classes`` when every sample has a label, and
+    ``headers_read`` when every sample's image header reads. Stages then take the counts from it instead of
+    scanning the tars, and a resumed pre-training or online run skips to its place by counting.
+
+    Without an ``_info.json`` the shards make one split, ``split`` (default: the directory's name). An existing
+    one (as timm's ImageNet shards have) is replaced only with ``overwrite``: its splits must list every shard,
+    its shard lengths, where it has them, must be the ones counted (else nothing is written), and its other
+    fields are kept. A damaged tar stops it, naming the shard. ``threads`` read that many shards at once (default:
+    one on a local file system, where the tar parsing's CPU is the limit and threads only contend for the
+    interpreter lock, 16 for a URL, where each read waits on the store's latency).
+    Returns the written ``_info.json``, with ``unread``: per split, the samples whose header did not read."""
+    from seed.report import progress_bar
+
+    directory = directory.rstrip("/")
+    fs, _, (root,) = fsspec.get_fs_token_paths(directory)
+    names = sorted(p.rsplit("/", 1)[-1] for p in fs.glob(f"{root}/*.tar"))
+    if not names:
+        raise SeedError(f"{directory}: no .tar shards in it")
+    info_url = f"{directory}/{INFO_FILE}"
+    existing: dict[str, Any] | None = None
+    if fs.exists(f"{root}/{INFO_FILE}"):
+        if not overwrite:
+            raise SeedError(f"{info_url} exists; pass --overwrite to count the shards it lists and add what it lacks "
+                            "(its other fields are kept)")
+        try:
+            with fsspec.open(info_url, "r") as f:
+                existing = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise SeedError(f"{info_url}: not JSON ({exc}); remove it to write a new one") from exc
+        entries = existing.get("splits") if isinstance(existing, dict) else None
+        if not isinstance(entries, dict) or not all(isinstance(e, dict) and isinstance(e.get("filenames"), list)
+                                                    for e in entries.values()):
+            raise SeedError(f"{info_url}: expected an object with 'splits' (name -> {{filenames: [...], ...}}); "
+                            "remove it to write a new one")
+    if existing is not None:
+        splits = {name: dict(entry) for name, entry in existing["splits"].items()}
+        listed = [n for entry in splits.values() for n in entry.get("filenames", [])]
+        unlisted = sorted(set(names) - set(listed))
+        if unlisted:
+            raise SeedError(f"{info_url} lists no split for {len(unlisted)} shard(s) here (first: {unlisted[0]}); "
+                            "remove it to describe all the shards as one split")
+        missing = sorted(set(listed) - set(names))
+        if missing:
+            raise SeedError(f"{info_url} lists {len(missing)} shard(s) not here (first: {missing[0]})")
+    else:
+        splits = {split or directory.rsplit("/", 1)[-1]: {"filenames": names}}
+    urls = {n: f"{directory}/{n}" for n in names}
+    order = [n for entry in splits.values() for n in entry["filenames"]]
+    with progress_bar(total=len(order), unit="shard", desc=f"describing {directory}", disable=not progress) as bar:
+        found = {}
+        threads = threads or (16 if is_url(directory) else 1)
+        with ThreadPoolExecutor(max(1, min(threads, len(order))), thread_name_prefix="seed-describe") as pool:
+            for n, d in zip(order, pool.map(_described, [urls[n] for n in order])):
+                found[n] = d
+                bar.update()
+    unread: dict[str, list[dict[str, str]]] = {}
+    for name, entry in splits.items():
+        files = entry["filenames"]
+        lengths = [found[n]["samples"] for n in files]
+        stated = entry.get("shard_lengths")
+        if stated is not None and list(stated) != lengths:
+            n, want, got = next((n, a, b) for n, a, b in zip(files, stated, lengths) if a != b)
+            raise SeedError(f"{urls[n]}: {info_url} says {want} samples, the shard holds {got}; nothing was written "
+                            "(remove the file, or make the shards again)")
+        unread[name] = [{**u, "url": urls[n]} for n in files for u in found[n]["unread"]]
+        entry.update({"name": entry.get("name", name), "num_samples": sum(lengths), "shard_lengths": lengths,
+                      HEADERS_READ: not unread[name]})
+        if "num_classes" not in entry and sum(lengths) and not any(found[n]["unlabelled"] for n in files):
+            entry["num_classes"] = max(found[n]["max_label"] for n in files) + 1
+        entry["filenames"] = files
+    info = {**(existing or {"name": directory.rsplit("/", 1)[-1]}), "described": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "splits": splits}
+    write_bytes(info_url, json.dumps(info, indent=1).encode())
+    return {**info, "unread": unread}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -42,7 +42,8 @@ def test_version_is_the_installed_distributions(capsys: pytest.CaptureFixture[st
 
 def test_every_help_page_ends_with_examples_that_parse_and_validate() -> None:
     pages = _pages(build_parser())
-    assert set(pages) == {"seed", "seed shards", "seed shards fashion-mnist", "seed shards imagefolder", "seed teacher",
+    assert set(pages) == {"seed", "seed shards", "seed shards fashion-mnist", "seed shards imagefolder",
+                          "seed shards describe", "seed teacher",
                           "seed bank", "seed student", "seed pretrain", "seed evaluate", "seed inspect", "seed config",
                           "seed export"}
     for name, page in pages.items():

@@ -8,6 +8,7 @@ import io
 import itertools
 import json
 import os
+import shutil
 import struct
 import sys
 import tarfile
@@ -25,7 +26,8 @@ from webdataset import TarWriter
 
 from pipeline.cli import main
 from seed.errors import SeedError
-from seed.shards import (RECORD_FORMAT, DamagedShard, count_samples, damage_handler, decode_image, expand_urls,
+from seed.shards import (FASHION_MNIST_DIR, RECORD_FORMAT, DamagedShard, count_samples, damage_handler, decode_image,
+                         expand_urls,
                          fashion_mnist_to_shards, headers_read, imagefolder_to_shards,
                          iter_shard, read_idx, shard_lengths)
 
@@ -827,3 +829,99 @@ def test_json_labels_are_class_indices_or_named_errors(tmp_path: Path) -> None:
     for meta in ({"label": True}, {"label": 2.5}, {"target": "cat"}):
         with pytest.raises(SeedError, match=r"sample 'a' has an unreadable label .*is not a class index"):
             list(iter_shard(shard(meta)))
+
+
+def _other_tools_shards(directory: Path, per_shard: int = 10, shards: int = 3, bad: str | None = None) -> list[str]:
+    """Real Fashion-MNIST images packed with the plain tarfile module (JPEG + .cls), as other tools pack them;
+    ``bad``: the key of a sample whose image is not an image."""
+    from seed.shards import FASHION_MNIST_DIR, load_fashion_mnist
+
+    images, labels = load_fashion_mnist(FASHION_MNIST_DIR, "train", limit=per_shard * shards)
+    directory.mkdir(parents=True)
+    for s in range(shards):
+        with tarfile.open(directory / f"part-{s:04d}.tar", "w") as tar:
+            for i in range(s * per_shard, (s + 1) * per_shard):
+                buf = io.BytesIO()
+                Image.fromarray(images[i]).save(buf, format="JPEG", quality=90)
+                key = f"img{i:05d}"
+                _add(tar, f"{key}.jpg", b"not an image" if key == bad else buf.getvalue())
+                _add(tar, f"{key}.cls", str(int(labels[i])).encode())
+    return sorted(str(p) for p in directory.glob("*.tar"))
+
+
+def test_describing_other_tools_shards_records_what_seed_shards_records(tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """``seed shards describe`` reads each shard once and writes the ``_info.json`` the stages read instead of
+    the tars: the counts they would scan, the class count, and whether every image header reads (the fast
+    resume of fresh views); one that does not read is named and the split says so."""
+    from seed.shards import classes_from_info, describe_shards, lengths_from_info, load_fashion_mnist
+
+    urls = _other_tools_shards(tmp_path / "clean")
+    assert lengths_from_info(urls) is None and not headers_read(urls)
+    assert main(["shards", "describe", str(tmp_path / "clean"), "--split", "train", "--threads", "1"]) == 0
+    assert "train: 30 samples in 3 shards; every image header reads" in capsys.readouterr().out
+    counted = [count_samples(u) for u in urls]
+    with tar_opens() as opened:
+        assert lengths_from_info(urls) == counted == [10, 10, 10]
+        assert headers_read(urls) and headers_read(urls[1:])
+        assert classes_from_info(urls) == int(load_fashion_mnist(FASHION_MNIST_DIR, "train", limit=30)[1].max()) + 1
+    assert opened == []                                                    # from the description alone
+    stored = shard_lengths(urls, record=str(tmp_path / "record.json"))
+    assert stored == [10, 10, 10] and not (tmp_path / "record.json").exists()  # no scan, so nothing to record
+
+    urls = _other_tools_shards(tmp_path / "one-bad", bad="img00014")
+    info = describe_shards(str(tmp_path / "one-bad"), threads=1)
+    assert list(info["splits"]) == ["one-bad"] and info["splits"]["one-bad"]["headers_read"] is False
+    assert [(u["key"], u["url"]) for u in info["unread"]["one-bad"]] == [("img00014", urls[1])]
+    assert lengths_from_info(urls) == [10, 10, 10] and not headers_read(urls)   # counted all the same
+
+
+def test_describing_shards_that_have_an_info_json_checks_it_and_keeps_its_fields(tmp_path: Path) -> None:
+    """An ``_info.json`` made by another tool (timm's ImageNet shards have one) is replaced only when asked, its
+    counts are checked against the shards (a wrong one leaves the file as it was), and its other fields stay."""
+    from seed.shards import describe_shards
+
+    urls = _other_tools_shards(tmp_path / "wds")
+    names = [os.path.basename(u) for u in urls]
+    theirs = {"name": "imagenet-1k", "version": "1.0", "splits": {
+        "train": {"name": "train", "filenames": names[:2], "shard_lengths": [10, 9], "extra": 1},
+        "validation": {"name": "validation", "filenames": names[2:]}}}
+    info_file = tmp_path / "wds" / "_info.json"
+    info_file.write_text(json.dumps(theirs))
+    with pytest.raises(SeedError, match="_info.json exists; pass --overwrite"):
+        describe_shards(str(tmp_path / "wds"))
+    with pytest.raises(SeedError, match=r"part-0001.tar: .*_info.json says 9 samples, the shard holds 10; nothing"):
+        describe_shards(str(tmp_path / "wds"), overwrite=True)
+    assert json.loads(info_file.read_text()) == theirs
+    theirs["splits"]["train"]["shard_lengths"] = [10, 10]
+    info_file.write_text(json.dumps(theirs))
+    describe_shards(str(tmp_path / "wds"), overwrite=True)
+    now = json.loads(info_file.read_text())
+    assert (now["name"], now["version"], now["splits"]["train"]["extra"]) == ("imagenet-1k", "1.0", 1)
+    assert now["splits"]["validation"]["shard_lengths"] == [10] and now["splits"]["validation"]["num_samples"] == 10
+    assert headers_read(urls) and shard_lengths(urls) == [10, 10, 10]
+    theirs["splits"]["validation"]["filenames"] = []
+    info_file.write_text(json.dumps(theirs))
+    with pytest.raises(SeedError, match="lists no split for 1 shard.*part-0002.tar"):
+        describe_shards(str(tmp_path / "wds"), overwrite=True)
+
+
+def test_describing_in_threads_writes_what_one_thread_writes(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """Shards read four at a time give the description one reader gives; a damaged tar stops it, naming the shard,
+    and leaves the description as it was."""
+    from seed.shards import describe_shards
+
+    urls = _other_tools_shards(tmp_path / "four", per_shard=15, shards=4, bad="img00031")
+    shutil.copytree(tmp_path / "four", tmp_path / "one")
+    assert main(["shards", "describe", str(tmp_path / "four"), "--threads", "4", "--split", "train"]) == 0
+    assert (f"train: 60 samples in 4 shards; 1 sample whose image header does not read (first: 'img00031' in "
+            f"{urls[2]}: jpg does not decode") in capsys.readouterr().out
+    describe_shards(str(tmp_path / "one"), split="train", threads=1)
+    four, one = (json.loads((tmp_path / d / "_info.json").read_text()) for d in ("four", "one"))
+    assert four["splits"] == one["splits"] and four["splits"]["train"]["shard_lengths"] == [15] * 4
+    with open(urls[1], "r+b") as f:                                         # cut a shard inside its last member
+        f.truncate(os.path.getsize(urls[1]) - 2048)
+    assert main(["shards", "describe", str(tmp_path / "four"), "--threads", "4", "--overwrite"]) == 2
+    assert "part-0001.tar: damaged tar shard" in capsys.readouterr().err
+    assert json.loads((tmp_path / "four" / "_info.json").read_text()) == four  # nothing written
