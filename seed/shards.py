@@ -28,6 +28,7 @@ import socket
 import struct
 import tarfile
 import tempfile
+import threading
 import time
 import warnings
 import zlib
@@ -44,7 +45,7 @@ from PIL import Image
 from webdataset import tariterators
 
 from seed.errors import MachineError, SeedError, machine_failure
-from seed.storage import as_if_created, is_url, write_bytes
+from seed.storage import as_if_created, filesystem, is_url, write_bytes
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 INFO_FILE = "_info.json"
@@ -831,10 +832,19 @@ def class_names(urls: list[str]) -> list[str] | None:
 # Describing shards made by other tools
 
 
-def _described(url: str) -> dict[str, Any]:
+_SHARD_FILE = re.compile(r".+\.(tar|tar\.gz|tgz|tar\.bz2|tar\.xz)")  # what describe takes for a shard
+
+
+class _Stopped(Exception):
+    """A shard's reading given up: another one failed, or the user interrupted."""
+
+
+def _described(url: str, stop: threading.Event) -> dict[str, Any]:
     """One shard read whole: its samples, those whose image header does not read (key and why), its labels."""
     n, unread, top, unlabelled = 0, [], -1, 0
     for sample in iter_shard(url):
+        if stop.is_set():
+            raise _Stopped
         n += 1
         try:
             image_size(sample)
@@ -845,27 +855,50 @@ def _described(url: str) -> dict[str, Any]:
     return {"samples": n, "unread": unread, "max_label": top, "unlabelled": unlabelled}
 
 
+def _their_splits(info: Any, url: str) -> dict[str, dict[str, Any]]:
+    """The splits of an existing ``_info.json``, checked for what describe reads of them."""
+    entries = info.get("splits") if isinstance(info, dict) else None
+    if not isinstance(entries, dict):
+        raise SeedError(f"{url}: expected an object with 'splits' (name -> {{filenames: [...], ...}}); remove it to "
+                        "write a new one")
+    for name, entry in entries.items():
+        files = entry.get("filenames") if isinstance(entry, dict) else None
+        if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+            raise SeedError(f"{url}: split {name!r} has no 'filenames' list of file names; remove the file to write a "
+                            "new one")
+        stated = entry.get("shard_lengths")
+        if stated is not None and (not isinstance(stated, list) or len(stated) != len(files)
+                                   or not all(type(x) is int for x in stated)):
+            raise SeedError(f"{url}: split {name!r}: 'shard_lengths' is not a list of {len(files)} integers, one per "
+                            "file name; remove the file to write a new one")
+    return {name: dict(entry) for name, entry in entries.items()}
+
+
 def describe_shards(directory: str, *, split: str | None = None, threads: int | None = None, overwrite: bool = False,
                     progress: bool = False) -> dict[str, Any]:
-    """Read every tar shard in ``directory`` once and write the ``_info.json`` beside them that ``seed shards``
-    writes with its own: each split's shard lengths, ``num_classes`` when every sample has a label, and
+    """Read every shard in ``directory`` once and write the ``_info.json`` beside them that ``seed shards`` writes
+    with its own: each split's shard lengths, ``num_classes`` when every sample has a label, and
     ``headers_read`` when every sample's image header reads. Stages then take the counts from it instead of
     scanning the tars, and a resumed pre-training or online run skips to its place by counting.
 
-    Without an ``_info.json`` the shards make one split, ``split`` (default: the directory's name). An existing
-    one (as timm's ImageNet shards have) is replaced only with ``overwrite``: its splits must list every shard,
-    its shard lengths, where it has them, must be the ones counted (else nothing is written), and its other
-    fields are kept. A damaged tar stops it, naming the shard. ``threads`` read that many shards at once (default:
-    one on a local file system, where the tar parsing's CPU is the limit and threads only contend for the
-    interpreter lock, 16 for a URL, where each read waits on the store's latency).
+    Without an ``_info.json`` the shards (``*.tar``, and compressed tars) make one split, ``split`` (default: the
+    directory's name). An existing one (as timm's ImageNet shards have) is replaced only with ``overwrite``: its
+    splits must list every shard, its shard lengths (where it has them) must be the ones counted and its
+    ``num_classes`` at least the labels' (else nothing is written), and its other fields are kept. A damaged
+    tar stops it, naming the shard. ``threads`` read that many shards at once (default: one on a local file
+    system, where the tar parsing's CPU is the limit and threads only contend for the interpreter lock, 16 for
+    a URL, where each read waits on the store's latency). The file is written whole once every shard is read.
     Returns the written ``_info.json``, with ``unread``: per split, the samples whose header did not read."""
     from seed.report import progress_bar
 
     directory = directory.rstrip("/")
-    fs, _, (root,) = fsspec.get_fs_token_paths(directory)
-    names = sorted(p.rsplit("/", 1)[-1] for p in fs.glob(f"{root}/*.tar"))
+    fs, root = filesystem(directory)
+    if not fs.isdir(root):
+        raise SeedError(f"{directory}: no such directory")
+    names = sorted(n for n in (p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False))
+                   if _SHARD_FILE.fullmatch(n))
     if not names:
-        raise SeedError(f"{directory}: no .tar shards in it")
+        raise SeedError(f"{directory}: no tar shards in it (.tar, .tar.gz, .tgz, .tar.bz2, .tar.xz)")
     info_url = f"{directory}/{INFO_FILE}"
     existing: dict[str, Any] | None = None
     if fs.exists(f"{root}/{INFO_FILE}"):
@@ -875,16 +908,12 @@ def describe_shards(directory: str, *, split: str | None = None, threads: int | 
         try:
             with fsspec.open(info_url, "r") as f:
                 existing = json.load(f)
-        except json.JSONDecodeError as exc:
-            raise SeedError(f"{info_url}: not JSON ({exc}); remove it to write a new one") from exc
-        entries = existing.get("splits") if isinstance(existing, dict) else None
-        if not isinstance(entries, dict) or not all(isinstance(e, dict) and isinstance(e.get("filenames"), list)
-                                                    for e in entries.values()):
-            raise SeedError(f"{info_url}: expected an object with 'splits' (name -> {{filenames: [...], ...}}); "
-                            "remove it to write a new one")
-    if existing is not None:
-        splits = {name: dict(entry) for name, entry in existing["splits"].items()}
-        listed = [n for entry in splits.values() for n in entry.get("filenames", [])]
+        except ValueError as exc:  # not JSON, not UTF-8
+            raise SeedError(f"{info_url}: not a JSON file ({exc}); remove it to write a new one") from exc
+        splits = _their_splits(existing, info_url)
+        if split is not None and split not in splits:
+            log.warning("--split %s: %s names its own splits (%s); they are kept", split, info_url, ", ".join(splits))
+        listed = [n for entry in splits.values() for n in entry["filenames"]]
         unlisted = sorted(set(names) - set(listed))
         if unlisted:
             raise SeedError(f"{info_url} lists no split for {len(unlisted)} shard(s) here (first: {unlisted[0]}); "
@@ -896,28 +925,42 @@ def describe_shards(directory: str, *, split: str | None = None, threads: int | 
         splits = {split or directory.rsplit("/", 1)[-1]: {"filenames": names}}
     urls = {n: f"{directory}/{n}" for n in names}
     order = [n for entry in splits.values() for n in entry["filenames"]]
-    with progress_bar(total=len(order), unit="shard", desc=f"describing {directory}", disable=not progress) as bar:
-        found = {}
-        threads = threads or (16 if is_url(directory) else 1)
-        with ThreadPoolExecutor(max(1, min(threads, len(order))), thread_name_prefix="seed-describe") as pool:
-            for n, d in zip(order, pool.map(_described, [urls[n] for n in order])):
+    stop = threading.Event()
+    found: dict[str, dict[str, Any]] = {}
+    pool = ThreadPoolExecutor(max(1, min(threads or (16 if is_url(directory) else 1), len(order))),
+                              thread_name_prefix="seed-describe")
+    try:
+        with progress_bar(total=len(order), unit="shard", desc=f"describing {directory}", disable=not progress) as bar:
+            for n, d in zip(order, pool.map(functools.partial(_described, stop=stop), [urls[n] for n in order])):
                 found[n] = d
                 bar.update()
+    except BaseException:  # a damaged shard, Ctrl-C: the other readers stop at their next sample, unwaited for
+        stop.set()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
     unread: dict[str, list[dict[str, str]]] = {}
     for name, entry in splits.items():
         files = entry["filenames"]
         lengths = [found[n]["samples"] for n in files]
         stated = entry.get("shard_lengths")
-        if stated is not None and list(stated) != lengths:
+        if stated is not None and stated != lengths:
             n, want, got = next((n, a, b) for n, a, b in zip(files, stated, lengths) if a != b)
             raise SeedError(f"{urls[n]}: {info_url} says {want} samples, the shard holds {got}; nothing was written "
                             "(remove the file, or make the shards again)")
         unread[name] = [{**u, "url": urls[n]} for n in files for u in found[n]["unread"]]
+        labelled = sum(lengths) > 0 and not any(found[n]["unlabelled"] for n in files)
+        counted = max(found[n]["max_label"] for n in files) + 1 if labelled else None
+        stated_classes = entry.get("num_classes")
+        if counted is None:
+            entry.pop("num_classes", None)  # as seed shards writes it: only where every sample has a label
+        elif stated_classes is None:
+            entry["num_classes"] = counted
+        elif type(stated_classes) is not int or stated_classes < counted:
+            raise SeedError(f"{info_url}: split {name!r} says num_classes {stated_classes!r}, its labels go up to "
+                            f"{counted - 1}; nothing was written (remove the field, or the file)")
         entry.update({"name": entry.get("name", name), "num_samples": sum(lengths), "shard_lengths": lengths,
                       HEADERS_READ: not unread[name]})
-        if "num_classes" not in entry and sum(lengths) and not any(found[n]["unlabelled"] for n in files):
-            entry["num_classes"] = max(found[n]["max_label"] for n in files) + 1
-        entry["filenames"] = files
     info = {**(existing or {"name": directory.rsplit("/", 1)[-1]}), "described": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "splits": splits}
     write_bytes(info_url, json.dumps(info, indent=1).encode())

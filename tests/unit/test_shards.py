@@ -831,21 +831,25 @@ def test_json_labels_are_class_indices_or_named_errors(tmp_path: Path) -> None:
             list(iter_shard(shard(meta)))
 
 
-def _other_tools_shards(directory: Path, per_shard: int = 10, shards: int = 3, bad: str | None = None) -> list[str]:
-    """Real Fashion-MNIST images packed with the plain tarfile module (JPEG + .cls), as other tools pack them;
-    ``bad``: the key of a sample whose image is not an image."""
-    from seed.shards import FASHION_MNIST_DIR, load_fashion_mnist
+def _other_tools_shards(directory: Path, sizes: tuple[int, ...] = (10, 12, 9), bad: str | None = None,
+                        unlabelled: str | None = None) -> list[str]:
+    """Real Fashion-MNIST images packed with the plain tarfile module (JPEG + .cls), as other tools pack them,
+    ``sizes`` samples a shard; ``bad``: the key of a sample whose image is not an image; ``unlabelled``: of one
+    without its .cls."""
+    from seed.shards import load_fashion_mnist
 
-    images, labels = load_fashion_mnist(FASHION_MNIST_DIR, "train", limit=per_shard * shards)
+    images, labels = load_fashion_mnist(FASHION_MNIST_DIR, "train", limit=sum(sizes))
     directory.mkdir(parents=True)
-    for s in range(shards):
+    starts = np.cumsum((0, *sizes))
+    for s in range(len(sizes)):
         with tarfile.open(directory / f"part-{s:04d}.tar", "w") as tar:
-            for i in range(s * per_shard, (s + 1) * per_shard):
+            for i in range(starts[s], starts[s + 1]):
                 buf = io.BytesIO()
                 Image.fromarray(images[i]).save(buf, format="JPEG", quality=90)
                 key = f"img{i:05d}"
                 _add(tar, f"{key}.jpg", b"not an image" if key == bad else buf.getvalue())
-                _add(tar, f"{key}.cls", str(int(labels[i])).encode())
+                if key != unlabelled:
+                    _add(tar, f"{key}.cls", str(int(labels[i])).encode())
     return sorted(str(p) for p in directory.glob("*.tar"))
 
 
@@ -859,51 +863,70 @@ def test_describing_other_tools_shards_records_what_seed_shards_records(tmp_path
     urls = _other_tools_shards(tmp_path / "clean")
     assert lengths_from_info(urls) is None and not headers_read(urls)
     assert main(["shards", "describe", str(tmp_path / "clean"), "--split", "train", "--threads", "1"]) == 0
-    assert "train: 30 samples in 3 shards; every image header reads" in capsys.readouterr().out
+    assert "train: 31 samples in 3 shards; every image header reads" in capsys.readouterr().out
     counted = [count_samples(u) for u in urls]
     with tar_opens() as opened:
-        assert lengths_from_info(urls) == counted == [10, 10, 10]
-        assert headers_read(urls) and headers_read(urls[1:])
-        assert classes_from_info(urls) == int(load_fashion_mnist(FASHION_MNIST_DIR, "train", limit=30)[1].max()) + 1
+        assert lengths_from_info(urls) == counted == [10, 12, 9]
+        assert lengths_from_info(urls[1:]) == [12, 9] and headers_read(urls) and headers_read(urls[1:])
+        assert classes_from_info(urls) == int(load_fashion_mnist(FASHION_MNIST_DIR, "train", limit=31)[1].max()) + 1
     assert opened == []                                                    # from the description alone
     stored = shard_lengths(urls, record=str(tmp_path / "record.json"))
-    assert stored == [10, 10, 10] and not (tmp_path / "record.json").exists()  # no scan, so nothing to record
+    assert stored == [10, 12, 9] and not (tmp_path / "record.json").exists()  # no scan, so nothing to record
 
-    urls = _other_tools_shards(tmp_path / "one-bad", bad="img00014")
+    urls = _other_tools_shards(tmp_path / "one-bad", bad="img00014", unlabelled="img00003")
     info = describe_shards(str(tmp_path / "one-bad"), threads=1)
     assert list(info["splits"]) == ["one-bad"] and info["splits"]["one-bad"]["headers_read"] is False
     assert [(u["key"], u["url"]) for u in info["unread"]["one-bad"]] == [("img00014", urls[1])]
-    assert lengths_from_info(urls) == [10, 10, 10] and not headers_read(urls)   # counted all the same
+    assert lengths_from_info(urls) == [10, 12, 9] and not headers_read(urls)   # counted all the same
+    assert "num_classes" not in info["splits"]["one-bad"] and classes_from_info(urls) is None  # a sample unlabelled
+    with pytest.raises(SeedError, match="no-such: no such directory"):
+        describe_shards(str(tmp_path / "no-such"))
+    with pytest.raises(SeedError, match="no tar shards in it"):
+        describe_shards(str(tmp_path))
 
 
 def test_describing_shards_that_have_an_info_json_checks_it_and_keeps_its_fields(tmp_path: Path) -> None:
     """An ``_info.json`` made by another tool (timm's ImageNet shards have one) is replaced only when asked, its
-    counts are checked against the shards (a wrong one leaves the file as it was), and its other fields stay."""
+    counts and class count are checked against the shards (a wrong one leaves the file as it was), and its other
+    fields stay."""
     from seed.shards import describe_shards
 
     urls = _other_tools_shards(tmp_path / "wds")
     names = [os.path.basename(u) for u in urls]
     theirs = {"name": "imagenet-1k", "version": "1.0", "splits": {
-        "train": {"name": "train", "filenames": names[:2], "shard_lengths": [10, 9], "extra": 1},
-        "validation": {"name": "validation", "filenames": names[2:]}}}
+        "train": {"name": "train", "filenames": names[:2], "shard_lengths": [10, 11], "extra": 1},
+        "validation": {"name": "validation", "filenames": names[2:], "num_classes": 1000}}}
     info_file = tmp_path / "wds" / "_info.json"
+
+    def refused(changed: dict, match: str) -> None:
+        info_file.write_text(json.dumps(changed))
+        with pytest.raises(SeedError, match=match):
+            describe_shards(str(tmp_path / "wds"), overwrite=True)
+        assert json.loads(info_file.read_text()) == changed                # left as it was
+
     info_file.write_text(json.dumps(theirs))
     with pytest.raises(SeedError, match="_info.json exists; pass --overwrite"):
         describe_shards(str(tmp_path / "wds"))
-    with pytest.raises(SeedError, match=r"part-0001.tar: .*_info.json says 9 samples, the shard holds 10; nothing"):
-        describe_shards(str(tmp_path / "wds"), overwrite=True)
-    assert json.loads(info_file.read_text()) == theirs
-    theirs["splits"]["train"]["shard_lengths"] = [10, 10]
+    refused(theirs, r"part-0001.tar: .*_info.json says 11 samples, the shard holds 12; nothing")
+    short = json.loads(json.dumps(theirs))
+    short["splits"]["train"]["shard_lengths"] = [10]
+    refused(short, "split 'train': 'shard_lengths' is not a list of 2 integers")
+    few = json.loads(json.dumps(theirs))
+    few["splits"]["train"] |= {"shard_lengths": [10, 12], "num_classes": 2}
+    refused(few, "split 'train' says num_classes 2, its labels go up to")
+    gone = json.loads(json.dumps(theirs))
+    gone["splits"]["validation"]["filenames"] = []
+    refused(gone, "lists no split for 1 shard.*part-0002.tar")
+    more = json.loads(json.dumps(theirs))
+    more["splits"]["validation"]["filenames"] = [names[2], "part-9999.tar"]
+    refused(more, "lists 1 shard.* not here .*part-9999.tar")
+    theirs["splits"]["train"]["shard_lengths"] = [10, 12]
     info_file.write_text(json.dumps(theirs))
     describe_shards(str(tmp_path / "wds"), overwrite=True)
     now = json.loads(info_file.read_text())
     assert (now["name"], now["version"], now["splits"]["train"]["extra"]) == ("imagenet-1k", "1.0", 1)
-    assert now["splits"]["validation"]["shard_lengths"] == [10] and now["splits"]["validation"]["num_samples"] == 10
-    assert headers_read(urls) and shard_lengths(urls) == [10, 10, 10]
-    theirs["splits"]["validation"]["filenames"] = []
-    info_file.write_text(json.dumps(theirs))
-    with pytest.raises(SeedError, match="lists no split for 1 shard.*part-0002.tar"):
-        describe_shards(str(tmp_path / "wds"), overwrite=True)
+    assert now["splits"]["validation"]["shard_lengths"] == [9] and now["splits"]["validation"]["num_classes"] == 1000
+    assert headers_read(urls) and shard_lengths(urls) == [10, 12, 9]
 
 
 def test_describing_in_threads_writes_what_one_thread_writes(tmp_path: Path,
@@ -912,16 +935,18 @@ def test_describing_in_threads_writes_what_one_thread_writes(tmp_path: Path,
     and leaves the description as it was."""
     from seed.shards import describe_shards
 
-    urls = _other_tools_shards(tmp_path / "four", per_shard=15, shards=4, bad="img00031")
+    urls = _other_tools_shards(tmp_path / "four", sizes=(15, 7, 12, 9), bad="img00031")
     shutil.copytree(tmp_path / "four", tmp_path / "one")
     assert main(["shards", "describe", str(tmp_path / "four"), "--threads", "4", "--split", "train"]) == 0
-    assert (f"train: 60 samples in 4 shards; 1 sample whose image header does not read (first: 'img00031' in "
+    assert (f"train: 43 samples in 4 shards; 1 sample whose image header does not read (first: 'img00031' in "
             f"{urls[2]}: jpg does not decode") in capsys.readouterr().out
     describe_shards(str(tmp_path / "one"), split="train", threads=1)
     four, one = (json.loads((tmp_path / d / "_info.json").read_text()) for d in ("four", "one"))
-    assert four["splits"] == one["splits"] and four["splits"]["train"]["shard_lengths"] == [15] * 4
+    assert four["splits"] == one["splits"] and four["splits"]["train"]["shard_lengths"] == [15, 7, 12, 9]
+    with tarfile.open(urls[1]) as tar:
+        cut = tar.getmembers()[-1].offset_data + 10
     with open(urls[1], "r+b") as f:                                         # cut a shard inside its last member
-        f.truncate(os.path.getsize(urls[1]) - 2048)
+        f.truncate(cut)
     assert main(["shards", "describe", str(tmp_path / "four"), "--threads", "4", "--overwrite"]) == 2
     assert "part-0001.tar: damaged tar shard" in capsys.readouterr().err
     assert json.loads((tmp_path / "four" / "_info.json").read_text()) == four  # nothing written
