@@ -112,7 +112,7 @@ def num_classes(urls: list[str], damaged: Damaged = "stop") -> int:
     if recorded is not None:
         return recorded
     log.info("counting the classes of %d shards: reading all their labels (no _info.json beside them records "
-             "num_classes)", len(urls))
+             "num_classes; seed shards describe writes one, once)", len(urls))
     labels = {s.label for u in urls for s in iter_shard(u, damage_handler(damaged), images=False)}
     if -1 in labels or not labels:
         raise SeedError("supervised pre-training needs a label (.cls or .json) on every training sample")

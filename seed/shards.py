@@ -665,11 +665,17 @@ def _recorded_lengths(urls: list[str], record: str, damaged: Damaged) -> list[in
     lengths: list[int] = []
     new: dict[str, dict] = {}
     saved = time.monotonic()
+    told = False
     for url, key, ident in zip(urls, keys, idents):
         entry = known.get(key)
         if ident is not None and entry is not None and entry["identity"] == ident:
             lengths.append(entry["samples"])
             continue
+        if not told:  # the first shard counted here: said once
+            told = True
+            unknown = sum(1 for k, i in zip(keys, idents) if i is None or known.get(k, {}).get("identity") != i)
+            log.info("counting the samples of %d shard(s) no _info.json lists (first: %s), once for this storage; "
+                     "seed shards describe <their directory> writes one, after which no stage counts them", unknown, url)
         seen: list[DamagedShard] = []
         n = count_samples(url, damage_handler(damaged, seen))
         if entry is not None and entry["samples"] != n:

@@ -854,7 +854,8 @@ def _other_tools_shards(directory: Path, sizes: tuple[int, ...] = (10, 12, 9), b
 
 
 def test_describing_other_tools_shards_records_what_seed_shards_records(tmp_path: Path,
-                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+                                                                        capsys: pytest.CaptureFixture[str],
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
     """``seed shards describe`` reads each shard once and writes the ``_info.json`` the stages read instead of
     the tars: the counts they would scan, the class count, and whether every image header reads (the fast
     resume of fresh views); one that does not read is named and the split says so."""
@@ -862,6 +863,9 @@ def test_describing_other_tools_shards_records_what_seed_shards_records(tmp_path
 
     urls = _other_tools_shards(tmp_path / "clean")
     assert lengths_from_info(urls) is None and not headers_read(urls)
+    with caplog.at_level("INFO", logger="seed.shards"):                  # a stage's count says what would spare it
+        assert shard_lengths(urls, record=str(tmp_path / "counted.json")) == [10, 12, 9]
+    assert "counting the samples of 3 shard(s) no _info.json lists" in caplog.text and "seed shards describe" in caplog.text
     assert main(["shards", "describe", str(tmp_path / "clean"), "--split", "train", "--threads", "1"]) == 0
     assert "train: 31 samples in 3 shards; every image header reads" in capsys.readouterr().out
     counted = [count_samples(u) for u in urls]
