@@ -7,14 +7,14 @@
 # Python 3.12 wheels, plus fmnist-2048.npz): carry it to the machine with the working tree.
 # Writes $OUT/gpu.log (everything printed), $OUT/gpu.json and $OUT/gpu.md (rewritten after every
 # section, so a run cut short still leaves the figures it reached), $OUT/layouts.json, $OUT/workers.md,
-# $OUT/jitter.md and $OUT/budget.md.
+# $OUT/jitter.md, $OUT/budget.md and $OUT/bank_writes.md.
 # Extra arguments go to gpu_check.py. GPU_STEPS picks steps (below); GPU_<STEP>_TIMEOUT caps each.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/gpu-check-out}"
-# GPU_STEPS: which of the steps 3-8 below to run, space-separated (default: all, in this order), e.g.
+# GPU_STEPS: which of the steps 3-9 below to run, space-separated (default: all, in this order), e.g.
 # GPU_STEPS="tests budget workers". A name not among them stops the script before anything is installed.
-ALL_STEPS="tests budget workers jitter layouts check"
+ALL_STEPS="tests budget workers jitter layouts bankwrites check"
 STEPS=" ${GPU_STEPS:-$ALL_STEPS} "
 for step in $STEPS; do
     [[ " $ALL_STEPS " == *" $step "* ]] || { echo "GPU_STEPS: unknown step '$step' (steps: $ALL_STEPS)" >&2; exit 2; }
@@ -103,7 +103,18 @@ if want layouts; then
     timeout -k 10 "${GPU_LAYOUTS_TIMEOUT:-150}" python3 bench/gpu_layouts.py --out "$OUT" --set cache.fused_augment=true 2>&1 | grep -v Warning | tail -40 | tee -a "$LOG"
     echo "== layouts exit status ${PIPESTATUS[0]}" | tee -a "$LOG"
 fi
-# 8. check: the whole check, last, with what is left of the call (its own guard skips heavy sections after
+# 8. bankwrites: the bank stage at ImageNet's widths (K = 65,536, top-k 4,096, D = 2,048; V = 2, 56 shards of
+#    random embeddings) with each block of targets written behind the next block's computation and before it,
+#    two builds each: is the stage the writes' pace on a GPU, and how much of it the writing behind hides.
+#    GPU_BANKWRITES_ARGS: other sizes (a dry run on a CPU: --shards 4 --capacity 1100 --dim 128 --bank 4096).
+if want bankwrites; then
+    # shellcheck disable=SC2086
+    timeout -k 10 "${GPU_BANKWRITES_TIMEOUT:-240}" python3 bench/bank_writes.py --scratch /tmp/seed-bank-writes \
+        ${GPU_BANKWRITES_ARGS:-} > "$OUT/bank_writes.md" 2>&1
+    echo "== bankwrites exit status $?" >> "$OUT/bank_writes.md"
+    tail -12 "$OUT/bank_writes.md" | tee -a "$LOG"
+fi
+# 9. check: the whole check, last, with what is left of the call (its own guard skips heavy sections after
 #    --guard seconds): the new figures above come back even when this one is cut short.
 if want check; then
     timeout -k 10 "${GPU_CHECK_TIMEOUT:-240}" python3 bench/gpu_check.py --out "$OUT" "$@" 2>&1 | tee -a "$LOG"

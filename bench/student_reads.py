@@ -36,10 +36,10 @@ from seed.data import CachedSource  # noqa: E402
 _OLD = ("embeddings", "bank/indices", "bank/logp")  # the arrays now chunked one view deep
 
 
-def build(url: str, shards: int, cap: int, V: int, D: int, K: int, k: int) -> None:
-    """A complete cache of ``shards`` x ``cap`` valid rows and a complete bank of ``K`` entries, top-``k`` targets."""
+def build_cache(url: str, shards: int, cap: int, V: int, D: int) -> zarr.Group:
+    """A complete teacher cache of ``shards`` x ``cap`` valid rows of random unit embeddings."""
     rng = np.random.default_rng(0)
-    group = cache.create(url, fields={"bench": "student_reads"}, capacity=cap, n_shards=shards, views=V, dim=D, attrs={})
+    group = cache.create(url, fields={"bench": Path(url).name}, capacity=cap, n_shards=shards, views=V, dim=D, attrs={})
     for s in range(shards):
         z = rng.standard_normal((cap, V, D), dtype=np.float32)
         z /= np.linalg.norm(z, axis=-1, keepdims=True)
@@ -50,6 +50,13 @@ def build(url: str, shards: int, cap: int, V: int, D: int, K: int, k: int) -> No
             {"samples": cap, "valid": cap, "skipped": [], "teacher_forwards": cap * V, "teacher_seconds": 0.0,
              "seconds": 0.0})
     cache.finalize(group, url)
+    return group
+
+
+def build(url: str, shards: int, cap: int, V: int, D: int, K: int, k: int) -> None:
+    """A complete cache of ``shards`` x ``cap`` valid rows and a complete bank of ``K`` entries, top-``k`` targets."""
+    group = build_cache(url, shards, cap, V, D)
+    rng = np.random.default_rng(1)
     b = BankConfig(size=K, topk=k)
     pick = rng.choice(shards * cap * V, K, replace=False)                 # (row, view) entries
     ids = np.stack([pick // V, pick % V], axis=1)
