@@ -263,10 +263,11 @@ def cmd_shards(args: argparse.Namespace) -> int:
                                       progress=True)
         for name, split in info["splits"].items():
             unread = info["unread"][name]
+            first = unread[0] if unread else {}
             said = "every image header reads" if not unread else (
-                f"{len(unread)} sample{'s' if len(unread) > 1 else ''} whose image header does not read (first: {unread[0]['key']!r} in "
-                f"{unread[0]['url']}: {unread[0]['reason']}): stages skip them, and a resumed pre-training reads "
-                "its shards up to its place")
+                f"{len(unread)} sample{'s' if len(unread) > 1 else ''} whose image header does not read (first: "
+                f"{first['key']!r} in {first['url']}: {first['reason']}): stages skip them, and a resumed "
+                "pre-training reads its shards up to its place")
             print(f"{name}: {split['num_samples']} samples in {len(split['filenames'])} shards; {said}")
         print(f"wrote {directory}/{shards.INFO_FILE}")
         return 0

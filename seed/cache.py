@@ -443,7 +443,7 @@ def finalize(group: zarr.Group, url: str) -> dict[str, Any]:
                                if all("first_batch_wait_seconds" in r for r in done) else None),
         "first_batch_wait_seconds": (round(sum(r["first_batch_wait_seconds"] for r in done), 3)
                                      if all("first_batch_wait_seconds" in r for r in done) else None),
-        # writing the rows, behind the next shard's compute (None when a shard was written before records had it)
+        # the rows' writes, each beside the next shard's work (None when a shard was written before records had it)
         "write_seconds": (round(sum(r["write_seconds"] for r in done), 3) if all("write_seconds" in r for r in done)
                           else None),
         "damaged_shards": [s for s, r in enumerate(records) if r is not None and "damaged" in r],
