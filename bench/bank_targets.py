@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import zarr  # noqa: E402
 
+from bench.bank_writes import TABLE_HEAD, side_by_side, table_rows  # noqa: E402
 from bench.common import child, fashion_mnist_all, machine, peak_rss_mb, shards, storage, teacher_checkpoint  # noqa: E402
 from pipeline import bank as bank_stage  # noqa: E402
 from pipeline import teacher as teacher_stage  # noqa: E402
@@ -82,21 +83,11 @@ def writes(root: Path, n: int, topks: list[int], threads: int) -> None:
     teacher_stage.run(config(root, n, 2), storage(root), progress=False)
     print(f"\ncache: N={n} images x V=2 views; bank K=4096, index torch, tau_T=0.05; two builds of each; torch "
           f"threads {threads or torch.get_num_threads()}\n")
-    print("| top-k | writes | stage s (each) | targets s | writes s | waited for writes s | peak RSS (MB) |")
-    print("|---|---|---|---|---|---|---|", flush=True)
+    print("| top-k " + TABLE_HEAD + "\n|---|---|---|---|---|---|---|", flush=True)
     for topk in topks:
-        runs: dict[str, list[dict]] = {"behind": [], "before": []}
-        for _ in range(2):
-            for mode in runs:
-                runs[mode].append(json.loads(child(__file__, "--child", str(root), str(n), "2", "torch", str(topk),
-                                                   "1" if mode == "behind" else "0", str(threads))))
-        for mode, rs in runs.items():
-            each = " / ".join(f"{r['stage_s']:.1f}" for r in rs)
-            print(f"| {topk} | {mode} the next block | {each} "
-                  f"| {min(r['targets_s'] for r in rs):.1f} | {min(r['write_s'] for r in rs):.1f} "
-                  f"| {min(r['write_wait_s'] for r in rs):.1f} | {max(r['rss'] for r in rs):.0f} |", flush=True)
-        ratio = min(r["stage_s"] for r in runs["behind"]) / min(r["stage_s"] for r in runs["before"])
-        print(f"| {topk} | behind / before | {ratio:.2f} |||||", flush=True)
+        runs = side_by_side(lambda behind: json.loads(child(__file__, "--child", str(root), str(n), "2", "torch",
+                                                            str(topk), "1" if behind else "0", str(threads))), 2)
+        print("\n".join(table_rows(runs, lead=f"{topk} | ")), flush=True)
 
 
 def main() -> None:

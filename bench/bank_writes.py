@@ -7,7 +7,7 @@ A complete teacher cache of random unit embeddings (``bench.student_reads.build_
 the targets' computation and their writes, not their values), made once per scratch directory. Then the
 bank stage (``pipeline.bank.run``, index ``torch`` on ``cache.device``: CUDA when present) in fresh
 processes, writes behind and before taking turns, ``--rounds`` times each: the stage's seconds, the
-targets' computation, the writes' own seconds and the computation's wait for them. The defaults, for a GPU,
+targets' computation, the writes' own seconds and the computation's wait for them (the smaller of the builds). The defaults, for a GPU,
 are ImageNet's shapes but V = 2 (1,280 rows a shard, D = 2,048, K = 65,536 distinct images, so 56 shards;
 top-k 4,096: 62 MiB of targets a shard, a quarter of ImageNet's at V = 8, with the same computation per view).
 On this machine's CPU use small ones (``--shards 4 --capacity 1100 --views 2 --dim 128 --bank 4096 --topk 256``).
@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -31,8 +32,32 @@ import zarr  # noqa: E402
 from bench.common import child, machine, peak_rss_mb, storage  # noqa: E402
 from bench.student_reads import build_cache  # noqa: E402
 from pipeline import bank as bank_stage  # noqa: E402
-from seed import cache  # noqa: E402
 from seed.config import load_config  # noqa: E402
+
+
+def side_by_side(build: Callable[[bool], dict[str, Any]], rounds: int) -> dict[str, list[dict[str, Any]]]:
+    """``build(behind)`` (a bank build's figures) ``rounds`` times with the writes behind and before, taking turns."""
+    runs: dict[str, list[dict[str, Any]]] = {"behind": [], "before": []}
+    for _ in range(rounds):
+        for mode in runs:
+            runs[mode].append(build(mode == "behind"))
+    return runs
+
+
+def table_rows(runs: dict[str, list[dict[str, Any]]], lead: str = "") -> list[str]:
+    """Markdown rows of ``side_by_side``'s builds (each stage's seconds; the other columns the smaller of the
+    builds, peak RSS the larger), then behind / before of their best stage times; ``lead``: cells before them."""
+    rows = []
+    for mode, rs in runs.items():
+        each = " / ".join(f"{r['stage_s']:.1f}" for r in rs)
+        rows.append(f"| {lead}{mode} the next block | {each} | {min(r['targets_s'] for r in rs):.1f} "
+                    f"| {min(r['write_s'] for r in rs):.1f} | {min(r['write_wait_s'] for r in rs):.1f} "
+                    f"| {max(r['rss'] for r in rs):.0f} |")
+    ratio = min(r["stage_s"] for r in runs["behind"]) / min(r["stage_s"] for r in runs["before"])
+    return [*rows, f"| {lead}behind / before | {ratio:.2f} | | | | |"]
+
+
+TABLE_HEAD = "| writes | stage s (each) | targets s | writes s | waited for writes s | peak RSS (MB) |"
 
 
 def run_child(root: Path, name: str, K: int, k: int, behind: bool) -> None:
@@ -46,7 +71,7 @@ def run_child(root: Path, name: str, K: int, k: int, behind: bool) -> None:
     t = time.perf_counter()
     s = bank_stage.run(cfg, st, progress=False, write_behind=behind).summary
     print(json.dumps({"stage_s": round(time.perf_counter() - t, 2), "targets_s": s["targets_seconds"],
-                      "write_s": s["write_seconds"], "wait_s": s["write_wait_seconds"], "device": s["device"],
+                      "write_s": s["write_seconds"], "write_wait_s": s["write_wait_seconds"], "device": s["device"],
                       "views": s["views"], "rss": peak_rss_mb()}))
 
 
@@ -76,22 +101,10 @@ def main() -> None:
     print(f"machine: {machine()}; {torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}")
     print(f"cache: {a.shards} shards x {a.capacity} rows, V = {a.views}, D = {a.dim}; bank K = {a.bank}, top-k "
           f"{a.topk} ({block_mb:.0f} MiB of targets a shard, raw), index torch; {a.rounds} builds of each\n")
-    runs: dict[str, list[dict]] = {"behind": [], "before": []}
-    for _ in range(a.rounds):
-        for mode in runs:
-            runs[mode].append(json.loads(child(__file__, "--child", str(root), name, str(a.bank), str(a.topk),
-                                               "1" if mode == "behind" else "0")))
-    print(f"device: {runs['behind'][0]['device']}, {runs['behind'][0]['views']} views\n")
-    print("| writes | stage s (each) | targets s | writes s | waited for writes s | peak RSS (MB) |\n|---|---|---|---|---|---|")
-    for mode, rs in runs.items():
-        each = " / ".join(f"{r['stage_s']:.1f}" for r in rs)
-        print(f"| {mode} the next block | {each} | {statistics.median(r['targets_s'] for r in rs):.1f} "
-              f"| {statistics.median(r['write_s'] for r in rs):.1f} | {statistics.median(r['wait_s'] for r in rs):.1f} "
-              f"| {max(r['rss'] for r in rs):.0f} |")
-    ratio = min(r["stage_s"] for r in runs["behind"]) / min(r["stage_s"] for r in runs["before"])
-    print(f"\nbehind / before (best of each): {ratio:.2f}")
-    group = cache.open_group(url, "r")
-    print(f"cache: {group.store_path}")
+    runs = side_by_side(lambda behind: json.loads(child(__file__, "--child", str(root), name, str(a.bank), str(a.topk),
+                                                        "1" if behind else "0")), a.rounds)
+    print(f"device: {runs['behind'][0]['device']}, {runs['behind'][0]['views']} views; cache {url}\n")
+    print("\n".join([TABLE_HEAD, "|---|---|---|---|---|---|", *table_rows(runs)]))
 
 
 if __name__ == "__main__":
