@@ -450,12 +450,18 @@ class PhaseProgress:
 
 
 @task(cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5, retry_condition_fn=retry_a_crash)
-def evaluate(cfg_data: dict[str, Any], storage_file: str | None, include_teacher: bool) -> evaluate_stage.EvaluationResult:
-    """The evaluation; a crashed attempt is retried once (from the start: it writes its report last)."""
+def evaluate(cfg_data: dict[str, Any], storage_file: str | None, include_teacher: bool,
+             processes: int = 1) -> evaluate_stage.EvaluationResult:
+    """The evaluation, its features extracted by ``processes`` processes (as ``seed evaluate --procs``); a crashed
+    attempt is retried once (from the start: it writes its report last)."""
     log = get_run_logger()
     progress = _progress("evaluation-progress", "evaluation: loading the encoders")
+    if processes != 1:
+        log.info("evaluate: features extracted by %s (seed evaluate --procs)",
+                 f"{processes} processes" if processes else "a process per GPU")
     result = evaluate_stage.run(_cfg(cfg_data), load_storage(storage_file), include_teacher=include_teacher,
-                                progress=False, load=shared_teacher, on_progress=PhaseProgress(log, progress))
+                                progress=False, load=shared_teacher, on_progress=PhaseProgress(log, progress),
+                                procs=processes)
     update_progress_artifact(progress, 100.0, description=f"evaluation: {len(result.results)} rows in the report")
     table = markdown_table(result.results, [("name", "encoder"), ("knn", "kNN top-1 (%)"), ("nn1", "1-NN (%)"),
                                             ("linear", "linear (%)"), ("probe", "probe"), ("init", "notes")])
@@ -504,7 +510,7 @@ def seed(config: str = DEFAULT_CONFIG, overrides: list[str] | None = None,
          stages: Annotated[list[Stage], Field(min_length=1)] | None = None,
          run: str | None = None, student_arch: str | None = None, epochs: Annotated[int, Field(ge=1)] | None = None,
          storage: str | None = None, teacher_workers: Annotated[int, Field(ge=0)] = 1,
-         dask_address: str | None = None) -> dict[str, Any]:
+         dask_address: str | None = None, evaluate_workers: Annotated[int, Field(ge=0)] = 1) -> dict[str, Any]:
     """SEED with a run-once teacher cache.
 
     Args:
@@ -518,9 +524,12 @@ def seed(config: str = DEFAULT_CONFIG, overrides: list[str] | None = None,
             0, one per visible GPU.
         dask_address: run the teacher stage as one task per shard on this Dask scheduler (several machines,
             one cache); ``teacher_workers`` is then unused.
+        evaluate_workers: processes that extract the evaluation's features, as ``teacher_workers`` (the scores
+            are computed in the flow's process).
 
     The parameters are checked against their types when a run is created (an unknown stage, an empty list of
-    stages, ``epochs`` below 1, ``teacher_workers`` below 0 are refused by the Prefect server, before any run).
+    stages, ``epochs`` below 1, ``teacher_workers`` or ``evaluate_workers`` below 0 are refused by the Prefect
+    server, before any run).
     """
     log = get_run_logger()
     wanted: list[str] = list(stages or ALL_STAGES)
@@ -575,7 +584,7 @@ def seed(config: str = DEFAULT_CONFIG, overrides: list[str] | None = None,
         banner("evaluate")
         need_cache()
         include_teacher = "teacher" in wanted and bool(cfg.teacher.checkpoint)
-        scored = evaluate(to_dict(cfg), storage, include_teacher)
+        scored = evaluate(to_dict(cfg), storage, include_teacher, evaluate_workers)
         result["evaluation"] = {"report": scored.report, "results": scored.results}
         log.info("report: %s", scored.report)
     return result

@@ -179,9 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("evaluate", help="kNN and linear probe of teacher, students and baselines; writes the report",
                               formatter_class=raw, epilog=_examples(
                                   f"seed evaluate -c {DEMO} --set teacher.checkpoint={DEMO_TEACHER}",
-                                  f"seed evaluate -c {DEMO} --no-teacher   # the teacher's saved scores"))
+                                  f"seed evaluate -c {DEMO} --no-teacher   # the teacher's saved scores",
+                                  f"seed evaluate -c {DEMO} --procs 0   # features extracted by a process per GPU"))
     _common_run(evaluate)
     evaluate.add_argument("--no-teacher", action="store_true", help="do not load the teacher (reuse its saved scores)")
+    evaluate.add_argument("--procs", type=_count(0), metavar="N", default=1,
+                          help="extract the features in N processes on this node, one per GPU on CUDA (0 = one per "
+                               "visible GPU); the same report as one process")
+    evaluate.add_argument("--part", help=argparse.SUPPRESS)  # one of those processes: the spec its parent wrote
 
     inspect = sub.add_parser("inspect", help="describe a teacher cache", formatter_class=raw,
                              epilog=_examples(f"seed inspect {DEMO_CACHE}",
@@ -402,7 +407,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from pipeline import evaluate
     from seed.report import markdown_table
 
-    result = evaluate.run(cfg, storage, include_teacher=not args.no_teacher)
+    if args.part:
+        evaluate.run_part(cfg, storage, args.part)
+        return 0
+    result = evaluate.run(cfg, storage, include_teacher=not args.no_teacher, procs=args.procs)
     print(markdown_table(result.results, [("name", "encoder"), ("knn", "kNN top-1 (%)"), ("nn1", "1-NN (%)"),
                                           ("linear", "linear (%)"), ("probe", "probe"), ("init", "notes")]))
     print(f"report: {result.report}")

@@ -16,23 +16,25 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
+import sys
+import tempfile
 import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
 
-from seed import cache
-from seed import checkpoint
-from seed.config import RunConfig
+from seed import cache, checkpoint, launcher
+from seed.config import RunConfig, write_run_files
 from seed.errors import SeedError
 from seed.devices import data_workers, read_ahead, resolve_device
-from seed.evaluate import PixelSample, extract_all, probe_method, probe_name, score
-from seed.features import Rows
+from seed.evaluate import (Encode, Extracted, Part, PixelSample, extract_all, extract_part, gather_parts, probe_method,
+                           probe_name, score)
+from seed.features import Rows, feature_file
 from seed.models import Encoder, create_backbone, freeze
-from seed.report import OnProgress, write_report
-from seed.shards import class_names, expand_urls
+from seed.report import OnProgress, Progress, write_report
+from seed.shards import class_names, expand_urls, shard_lengths
 from seed.storage import Storage, read_json, write_text
 from seed.teachers import LoadReport, TeacherLoader, load_teacher
 
@@ -66,11 +68,13 @@ def random_student(arch: str, small_input: bool, seed: int) -> tuple[Encoder, st
 
 
 def run(cfg: RunConfig, storage: Storage, *, include_teacher: bool = True, progress: bool = True,
-        load: TeacherLoader = load_teacher, on_progress: OnProgress | None = None) -> EvaluationResult:
+        load: TeacherLoader = load_teacher, on_progress: OnProgress | None = None, procs: int = 1) -> EvaluationResult:
     """Score raw pixels, the teacher (or its saved scores), each student and its random init; write the report.
 
     ``progress``: bars over each split's images and each encoder's scoring; ``on_progress``: told the same,
-    (what, done, total, unit) after each step (``seed.report.Progress``)."""
+    (what, done, total, unit) after each step (``seed.report.Progress``). ``procs``: processes that extract the
+    features (0 = one per visible GPU; ``seed.launcher.process_devices`` of ``train.device``), each loading every
+    encoder (the teacher through ``load_teacher``, not ``load``); the scores are computed here, as with one."""
     t0 = time.perf_counter()
     device = resolve_device(cfg.train.device)
     url = storage.cache_url(cfg.cache.name)
@@ -86,40 +90,27 @@ def run(cfg: RunConfig, storage: Storage, *, include_teacher: bool = True, progr
     train_urls = expand_urls(storage.resolve("shards", cfg.data.train))
     test_urls = expand_urls(storage.resolve("shards", cfg.data.test))
     _check_splits(train_urls, test_urls)
-    # every encoder first, so one pass over each split feeds them all: (name, kind, note) by feature key
-    encoders: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
-    rows: dict[str, tuple[str, str, str]] = {}
-    if include_teacher:
-        teacher, loaded = load(cfg.teacher)
-        _check_teacher(cfg, loaded, attrs, url)
-        encoders["teacher"] = teacher.to(device).features
-        rows["teacher"] = (f"teacher {cfg.teacher.arch}", "teacher", "pooled backbone features")
-    metrics: list[dict[str, Any]] = []
-    for i, s in enumerate(cfg.train.students):
-        path = storage.student_checkpoint(cfg.train.run, s.label)
-        model, state = checkpoint.load_student(path)
-        metrics = state.get("metrics", metrics)
-        encoders[f"student {i}"] = model.to(device).features
-        rows[f"student {i}"] = (f"{s.label} ({state.get('mode', 'cached')} SEED)", "student",
-                                _student_note(path, state, cfg, attrs))
-        backbone, note = random_student(s.arch, s.small_input, cfg.train.seed + i)
-        encoders[f"random {i}"] = backbone.to(device).features
-        rows[f"random {i}"] = (f"{s.label} random", "baseline", note)
-    # train.loader's layout; on the CPU the encoders' threads take their cores first (seed.devices.read_ahead)
-    threads = torch.get_num_threads() if device.type == "cpu" else None
-    workers = data_workers(cfg.train.loader.workers, device, model_threads=threads)
-    depth = read_ahead(cfg.train.loader.prefetch, device, workers, model_threads=threads)
+    devices = launcher.process_devices(cfg.train.device, procs, "train.device") if procs != 1 else [str(device)]
+    # every encoder first, so one pass over each split feeds them all: (name, kind, note) by feature key; loaded
+    # here only for their rows when processes of their own extract the features
+    here = len(devices) == 1
+    encoders, rows, metrics = _encoders(cfg, storage, attrs, url, include_teacher, load,
+                                        device if here else torch.device("cpu"))
+    if not here:
+        encoders = {}
     sample = PixelSample()  # fixed seed: the same subsample for every run of the protocol
     t_features = time.perf_counter()
     with contextlib.ExitStack() as held:  # the feature files give their disk space back however this ends
-        train = held.enter_context(extract_all(
-            encoders, train_urls, res, device, workers=workers, depth=depth,
-            pixels=sample, progress=progress, desc="train features", damaged=cfg.data.damaged, on_progress=on_progress,
-            fused_augment=cfg.train.loader.fused_augment))
-        test = held.enter_context(extract_all(
-            encoders, test_urls, res, device, workers=workers, depth=depth,
-            pixels=sample, progress=progress, desc="test features", damaged=cfg.data.damaged, on_progress=on_progress,
-            fused_augment=cfg.train.loader.fused_augment))
+        if here:
+            workers, depth = _loader(cfg, device)
+            train, test = (held.enter_context(extract_all(
+                encoders, urls, res, device, workers=workers, depth=depth, pixels=sample, progress=progress, desc=desc,
+                damaged=cfg.data.damaged, on_progress=on_progress, fused_augment=cfg.train.loader.fused_augment))
+                for urls, desc in ((train_urls, "train features"), (test_urls, "test features")))
+        else:
+            train, test = _extract_in_processes(cfg, storage, devices, list(rows), include_teacher,
+                                                {"train features": train_urls, "test features": test_urls}, res,
+                                                sample, progress, on_progress, held)
         feature_seconds = time.perf_counter() - t_features
         del encoders
 
@@ -176,6 +167,119 @@ def run(cfg: RunConfig, storage: Storage, *, include_teacher: bool = True, progr
     report = write_report(out, title=f"seed run {cfg.train.run}", results=results, cache=cache_row, metrics=metrics,
                           compute=compute)
     return EvaluationResult(report, results, round(time.perf_counter() - t0, 1), compute, round(feature_seconds, 1))
+
+
+def _encoders(cfg: RunConfig, storage: Storage, attrs: dict[str, Any], url: str, include_teacher: bool,
+              load: TeacherLoader, device: torch.device) -> tuple[dict[str, Encode], dict[str, tuple[str, str, str]],
+                                                                  list[dict[str, Any]]]:
+    """Every encoder the report scores, on ``device``, by feature key (``teacher``, ``student i``, ``random i``);
+    their rows' (name, kind, note) by the same keys; the last student's training metrics."""
+    encoders: dict[str, Encode] = {}
+    rows: dict[str, tuple[str, str, str]] = {}
+    if include_teacher:
+        teacher, loaded = load(cfg.teacher)
+        _check_teacher(cfg, loaded, attrs, url)
+        encoders["teacher"] = teacher.to(device).features
+        rows["teacher"] = (f"teacher {cfg.teacher.arch}", "teacher", "pooled backbone features")
+    metrics: list[dict[str, Any]] = []
+    for i, s in enumerate(cfg.train.students):
+        path = storage.student_checkpoint(cfg.train.run, s.label)
+        model, state = checkpoint.load_student(path)
+        metrics = state.get("metrics", metrics)
+        encoders[f"student {i}"] = model.to(device).features
+        rows[f"student {i}"] = (f"{s.label} ({state.get('mode', 'cached')} SEED)", "student",
+                                _student_note(path, state, cfg, attrs))
+        backbone, note = random_student(s.arch, s.small_input, cfg.train.seed + i)
+        encoders[f"random {i}"] = backbone.to(device).features
+        rows[f"random {i}"] = (f"{s.label} random", "baseline", note)
+    return encoders, rows, metrics
+
+
+def _loader(cfg: RunConfig, device: torch.device) -> tuple[int, int]:
+    """Data workers and read-ahead: ``train.loader``'s; on the CPU the encoders' threads take their cores first
+    (``seed.devices.read_ahead``)."""
+    threads = torch.get_num_threads() if device.type == "cpu" else None
+    workers = data_workers(cfg.train.loader.workers, device, model_threads=threads)
+    return workers, read_ahead(cfg.train.loader.prefetch, device, workers, model_threads=threads)
+
+
+PART_PROGRESS = "seed-features "  # a line of an evaluation process: the samples of a split it has read so far
+
+
+def _extract_in_processes(cfg: RunConfig, storage: Storage, devices: list[str], keys: list[str], include_teacher: bool,
+                          splits: dict[str, list[str]], resolution: int, sample: PixelSample, progress: bool,
+                          on_progress: OnProgress | None, held: contextlib.ExitStack) -> list[Extracted]:
+    """Each split's features extracted by one process per device (``devices``), each over every n-th shard: the
+    processes (``seed evaluate --part``, pinned to their share of the cores as ``seed teacher --procs``'s) load every
+    encoder and write each encoder's rows into one unnamed file per split that they inherit from this process, at
+    the rows the split's sample counts (counted once per storage where no ``_info.json`` says them) give them.
+    Their files are entered into ``held`` (closed with it). A failed process stops the others; nothing is scored."""
+    directory = tempfile.gettempdir()
+    lengths = {desc: shard_lengths(urls, record=storage.shard_lengths_record(), damaged=cfg.data.damaged)
+               for desc, urls in splits.items()}
+    files = {desc: {key: held.enter_context(feature_file(directory)) for key in keys} for desc in splits}
+    shares = launcher.process_cores(len(devices))
+    n = len(devices)
+    with tempfile.TemporaryDirectory(prefix="seed-evaluate-") as tmp, launcher.Children(tmp) as children:
+        config, roots = write_run_files(cfg, storage, tmp)
+        for i, device in enumerate(devices):
+            spec = {"device": device, "include_teacher": include_teacher, "directory": directory,
+                    "splits": [{"desc": desc, "urls": urls, "lengths": lengths[desc],
+                                "shards": list(range(len(urls)))[i::n], "out": f"{tmp}/part-{i}-{j}.npz",
+                                "files": {key: f.fileno() for key, f in files[desc].items()}}
+                               for j, (desc, urls) in enumerate(splits.items())]}
+            with open(f"{tmp}/part-{i}.json", "w") as f:
+                json.dump(spec, f)
+            env = dict(os.environ)
+            if device == "cpu" and shares is not None and "OMP_NUM_THREADS" not in env:
+                env["OMP_NUM_THREADS"] = str(len(shares[i]))  # its forwards' threads: one per core of its share
+            children.start([sys.executable, "-m", "pipeline.cli", "evaluate", "-c", config, "--storage", roots,
+                            "--part", f"{tmp}/part-{i}.json"], cores=shares[i] if shares is not None else None,
+                           env=env, pass_fds=[f.fileno() for by_key in files.values() for f in by_key.values()])
+        bars = {desc: Progress(f"{desc} ({len(keys)} encoders, {n} processes)", sum(lengths[desc]), "images",
+                               show=progress, report=on_progress, smoothing=0.1) for desc in splits}
+        told: dict[tuple[int, str], int] = {}
+        try:  # the bars close before an error is printed, never after it
+            while True:
+                finished, failed = children.poll()
+                for i in range(n):
+                    for line in children.new_lines(i):
+                        if line.startswith(PART_PROGRESS):
+                            desc, done = json.loads(line[len(PART_PROGRESS):])
+                            bars[desc].update(done - told.get((i, desc), 0))
+                            told[i, desc] = done
+                if finished:
+                    break
+                time.sleep(0.2)
+        finally:
+            for bar in bars.values():
+                bar.close()
+        if failed is not None:
+            raise children.error(failed, f"evaluation process on {devices[failed]}", "nothing was scored")
+        return [gather_parts([Part.load(f"{tmp}/part-{i}-{j}.npz") for i in range(n)], files[desc], resolution, sample)
+                for j, desc in enumerate(splits)]
+
+
+def run_part(cfg: RunConfig, storage: Storage, spec_file: str) -> None:
+    """One process of ``_extract_in_processes``: its shards of each split through every encoder on its device, rows
+    into the files it inherited, the rest (``seed.evaluate.Part``) to the file its spec names."""
+    with open(spec_file) as f:
+        spec = json.load(f)
+    device = resolve_device(spec["device"])
+    url = storage.cache_url(cfg.cache.name)
+    attrs = cache.attributes(cache.open_complete(url))
+    res = int(attrs["fingerprint_fields"]["resolution"])
+    encoders, _, _ = _encoders(cfg, storage, attrs, url, spec["include_teacher"], load_teacher, device)
+    workers, depth = _loader(cfg, device)
+    for split in spec["splits"]:
+        def told(what: str, done: int, total: int | None, unit: str, desc: str = split["desc"]) -> None:
+            print(PART_PROGRESS + json.dumps([desc, done]), flush=True)
+
+        part = extract_part(encoders, split["urls"], split["shards"], split["lengths"], split["files"], res, device,
+                            workers=workers, depth=depth, pixels=PixelSample(), desc=split["desc"],
+                            damaged=cfg.data.damaged, directory=spec["directory"], on_progress=told,
+                            fused_augment=cfg.train.loader.fused_augment)
+        part.save(split["out"])
 
 
 def _check_splits(train: list[str], test: list[str]) -> None:

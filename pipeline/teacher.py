@@ -15,33 +15,29 @@ each is ``seed teacher --shards ...`` on its own device, writing the same bytes 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import logging
 import multiprocessing
-import os
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import IO, Any, cast
+from typing import Any, cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import zarr
 
-from seed import cache
+from seed import cache, launcher
 from seed.augment import apply_batch
 from seed.views import P, blur_note, draw_many, recipe_fields
 from seed.config import RunConfig, to_dict, write_run_files
-from seed.devices import (autocast, cpu_core_ids, cpu_cores, data_workers, read_ahead, require_cpu_threads,
-                          resolve_device, set_cpu_threads, split_cores)
-from seed.errors import MachineError, SeedError
-from seed.lifetime import child_env
+from seed.devices import (autocast, cpu_cores, data_workers, read_ahead, require_cpu_threads,
+                          resolve_device, set_cpu_threads)
+from seed.errors import SeedError
 from seed.models import Encoder, freeze
 from seed.prefetch import WriteBehind, prefetch
 from seed.decode import Decoder
@@ -702,29 +698,9 @@ def run(cfg: RunConfig, storage: Storage, *, overwrite: bool = False, shards: li
 
 
 def process_devices(cfg: RunConfig, n: int) -> list[str]:
-    """The device of each of ``n`` teacher processes (0 = one per visible GPU): process i takes
-    ``cuda:<i mod GPUs>`` on CUDA (``cache.device`` must then be auto or cuda), the CPU otherwise.
-
-    More processes than GPUs share them round-robin; on one H200, 2 and 4 processes sharing it were
-    no faster than one (docs/benchmarks.md, run 5), so one per GPU is the default.
-    """
-    device = resolve_device(cfg.cache.device)
-    if device.type == "cpu":
-        return ["cpu"] * max(1, n)
-    if cfg.cache.device not in ("auto", "cuda"):
-        raise SeedError(f"cache.device={cfg.cache.device} names one GPU for several teacher processes; "
-                        "use auto or cuda (process i takes cuda:i; choose GPUs with CUDA_VISIBLE_DEVICES)")
-    count = torch.cuda.device_count()
-    return [f"cuda:{i % count}" for i in range(n or count)]
-
-
-def process_cores(n: int, cores: list[int] | None = None) -> list[list[int]] | None:
-    """The cores each of ``n`` teacher processes is pinned to: ``cores`` (default: this process's) in ``n``
-    contiguous shares; None (no pinning) for one process, on a platform without CPU affinity, or with fewer
-    cores than processes."""
-    if n < 2 or not hasattr(os, "sched_setaffinity"):
-        return None
-    return split_cores(cpu_core_ids() if cores is None else cores, n)
+    """The device of each of ``n`` teacher processes (0 = one per visible GPU): ``seed.launcher.process_devices``
+    of ``cache.device``."""
+    return launcher.process_devices(cfg.cache.device, n, "cache.device")
 
 
 def processes_config(cfg: RunConfig, n: int, cores: list[int] | None = None) -> RunConfig:
@@ -733,7 +709,7 @@ def processes_config(cfg: RunConfig, n: int, cores: list[int] | None = None) -> 
     process's). What a new cache records, so whatever lays the cache out first (this stage, or the flow before
     it) must use it."""
     devices = process_devices(cfg, n)
-    shares = process_cores(len(devices), cores)
+    shares = launcher.process_cores(len(devices), cores)
     if shares is None or devices[0] != "cpu" or cfg.cache.cpu_threads:
         return cfg
     return dataclasses.replace(cfg, cache=dataclasses.replace(cfg.cache, cpu_threads=min(map(len, shares))))
@@ -761,7 +737,7 @@ def run_processes(cfg: RunConfig, storage: Storage, n: int, *, overwrite: bool =
     from seed.report import progress_bar
 
     devices = process_devices(cfg, n)
-    shares = process_cores(len(devices))
+    shares = launcher.process_cores(len(devices))
     cfg = processes_config(cfg, n)
     teacher, report = load(cfg.teacher)
     plan, group = prepare(cfg, storage, teacher, report, overwrite=overwrite, coordinator=tidy)
@@ -769,56 +745,35 @@ def run_processes(cfg: RunConfig, storage: Storage, n: int, *, overwrite: bool =
     done = set(cache.done_shards(group))
     todo = [s for s in range(len(plan.urls)) if s not in done]
     parts = [(i, device, todo[i::len(devices)]) for i, device in enumerate(devices) if todo[i::len(devices)]]
-    with tempfile.TemporaryDirectory(prefix="seed-teacher-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="seed-teacher-") as tmp, launcher.Children(tmp) as children:
         config, roots = write_run_files(cfg, storage, tmp)
-        procs: list[tuple[subprocess.Popen[bytes], IO[str], str, list[int]]] = []
         bar = progress_bar(total=len(plan.urls), initial=len(done), unit="shard", disable=not progress,
                            desc=f"teacher ({len(parts)} processes: {', '.join(sorted(set(devices)))})")
-        try:  # every process started is stopped, also when a later one fails to start
+        try:
             for i, device, part in parts:
-                output = open(f"{tmp}/process-{i}.log", "w+")
-                command = [sys.executable, "-m", "pipeline.cli", "teacher", "-c", config, "--storage", roots,
-                           "--shards", ",".join(map(str, part)), "--set", f"cache.device={device}", "--quiet"]
-                try:
-                    proc = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=child_env())
-                except BaseException:
-                    output.close()
-                    raise
-                procs.append((proc, output, device, part))  # it ends with this process, however that ends
-                if shares is not None:  # before it starts its threads: its data path then sees the cores it has
-                    with contextlib.suppress(ProcessLookupError):  # (unless it has already ended)
-                        os.sched_setaffinity(proc.pid, shares[i])
-            failed = _wait(procs, plan.cache_url, bar, done, on_shard)
+                children.start([sys.executable, "-m", "pipeline.cli", "teacher", "-c", config, "--storage", roots,
+                                "--shards", ",".join(map(str, part)), "--set", f"cache.device={device}", "--quiet"],
+                               cores=shares[i] if shares is not None else None)
+            failed = _wait(children, plan.cache_url, bar, done, on_shard)
         finally:
             bar.close()
-            for proc, out, _, _ in procs:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
-                out.close()
         if failed is not None:
-            proc, out, device, part = failed
-            with open(out.name) as f:
-                tail = f.read().splitlines()[-20:]
-            # exit code 2: the process reported a mistake of the user's (``pipeline.cli``); anything else is a crash
-            error = SeedError if proc.returncode == 2 else MachineError
-            raise error(f"teacher process on {device} (shards {part}) failed with exit code {proc.returncode}; "
-                        "shards finished so far are kept, re-run to embed the rest; last lines:\n" + "\n".join(tail))
+            _, device, part = parts[failed]
+            raise children.error(failed, f"teacher process on {device} (shards {part})",
+                                 "shards finished so far are kept, re-run to embed the rest")
     group = cache.open_group(plan.cache_url, "r+")
     totals = cache.finalize(group, plan.cache_url)
     return TeacherResult(plan.cache_url, len(plan.urls), tuple(sorted(todo)), tuple(sorted(done)), totals)
 
 
-def _wait(procs: list[Any], url: str, bar: Any, seen: set[int],
-          on_shard: Callable[[dict[str, Any]], Any] | None) -> Any:
+def _wait(children: launcher.Children, url: str, bar: Any, seen: set[int],
+          on_shard: Callable[[dict[str, Any]], Any] | None) -> int | None:
     """Wait for every process, advancing ``bar`` and calling ``on_shard`` as shards complete (``seen``: those done
-    before); the first failed process, or None."""
+    before); the index of the first failed process, or None."""
     seen = set(seen)
     listed_at = 0.0
     while True:
-        codes = [proc.poll() for proc, *_ in procs]
-        bad = next((p for p, code in zip(procs, codes) if code not in (None, 0)), None)
-        finished = bad is not None or all(code == 0 for code in codes)
+        finished, bad = children.poll()
         if finished or time.monotonic() - listed_at >= _RECORDS_EVERY_S:
             listed_at = time.monotonic()
             try:  # one listing, then only the new records read: not every record every time

@@ -24,10 +24,11 @@ import dataclasses
 import functools
 import hashlib
 import heapq
+import json
 import math
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -38,7 +39,7 @@ from seed.views import COL, P, Recipe
 from seed.decode import Decoder
 from seed.devices import autocast
 from seed.errors import SeedError
-from seed.features import FeatureFile, Rows, check_disk, FeatureWriter
+from seed.features import FeatureFile, FeatureWriter, Rows, check_disk, write_rows
 from seed.prefetch import prefetch
 from seed.report import OnProgress, Progress
 from seed.shards import Damaged, Sample, damage_handler, decode_image, iter_shard, lengths_from_info
@@ -218,22 +219,25 @@ def _worker_chunks(urls: Sequence[str], resolution: int, batch_size: int, decode
 
 
 def _chunks(urls: Sequence[str], resolution: int, device: torch.device, *, batch_size: int, workers: int,
-            depth: int = 2, damaged: Damaged = "stop", fused_augment: bool = False) -> Iterator[_Chunk]:
-    """Decoded batches of every shard, in no particular order (the caller restores shard order).
+            depth: int = 2, damaged: Damaged = "stop", fused_augment: bool = False,
+            shards: Sequence[int] | None = None) -> Iterator[_Chunk]:
+    """Decoded batches of the ``shards`` of ``urls`` (default: all), in no particular order (the caller restores
+    shard order).
 
     No workers: one background thread reads, decodes and resizes on ``device``. Workers on the CPU
     each read, decode and resize whole shards; on CUDA they only read, and a background thread here
     decodes (nvJPEG) and resizes on the GPU.
     """
-    if workers == 0:
-        yield from prefetch(_shard_chunks(urls, range(len(urls)), resolution, batch_size, Decoder(device), damaged,
+    shards = range(len(urls)) if shards is None else shards
+    if workers == 0 or not shards:
+        yield from prefetch(_shard_chunks(urls, shards, resolution, batch_size, Decoder(device), damaged,
                                           fused_augment=fused_augment), depth)
         return
     gpu = device.type == "cuda"
-    workers = min(workers, len(urls))
+    workers = min(workers, len(shards))
     # the resized images on the CPU; the encoded bytes (of any size) for the GPU
     slots = SharedSlots.for_workers(workers, depth, 0 if gpu else batch_size * 3 * resolution ** 2 * 4)
-    items = shard_workers(range(len(urls)), functools.partial(_worker_chunks, urls, resolution, batch_size, not gpu,
+    items = shard_workers(shards, functools.partial(_worker_chunks, urls, resolution, batch_size, not gpu,
                                                               damaged, slots), workers=workers, depth=depth)
     if not gpu:
         yield from items
@@ -265,11 +269,29 @@ class _PixelKeeper:
         rows = small.flatten(1).float().cpu().numpy()
         for j, i in enumerate(take):
             # a copy: a view would keep the whole batch's rows alive as long as this one is kept
-            entry = (-prio[i], (chunk.shard, int(chunk.index[i])), rows[j].copy(), int(chunk.labels[i]))
-            if len(self.heap) < self.spec.max_images:
-                heapq.heappush(self.heap, entry)
-            elif entry[0] > self.heap[0][0]:
-                heapq.heapreplace(self.heap, entry)
+            self._add(prio[i], (chunk.shard, int(chunk.index[i])), rows[j].copy(), int(chunk.labels[i]))
+
+    def _add(self, priority: int, place: tuple[int, int], row: np.ndarray, label: int) -> None:
+        entry = (-priority, place, row, label)
+        if len(self.heap) < self.spec.max_images:
+            heapq.heappush(self.heap, entry)
+        elif entry[0] > self.heap[0][0]:
+            heapq.heapreplace(self.heap, entry)
+
+    def entries(self) -> dict[str, np.ndarray]:
+        """What it keeps, as arrays (``merge`` takes them): another process's keeper handed over."""
+        d = 3 * self.resolution ** 2
+        return {"priority": np.array([-e[0] for e in self.heap], np.uint64),
+                "place": np.array([e[1] for e in self.heap], np.int64).reshape(-1, 2),
+                "pixels": np.stack([e[2] for e in self.heap]) if self.heap else np.zeros((0, d), np.float32),
+                "label": np.array([e[3] for e in self.heap], np.int64)}
+
+    def merge(self, entries: Mapping[str, np.ndarray]) -> None:
+        """Offer another keeper's ``entries``: keepers of disjoint shards merged keep what one keeper of them all
+        would have kept."""
+        for p, place, row, label in zip(entries["priority"].tolist(), entries["place"].tolist(), entries["pixels"],
+                                        entries["label"].tolist()):
+            self._add(p, (place[0], place[1]), row.copy(), label)
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
         kept = sorted(self.heap, key=lambda e: e[1])
@@ -303,34 +325,18 @@ def extract_all(encoders: Mapping[str, Encode], urls: Sequence[str], resolution:
     order: list[tuple[int, int]] = []
     labels: list[np.ndarray] = []
     keeper = _PixelKeeper(pixels, resolution) if pixels is not None else None
-    skipped = 0
     try:  # the bar closes before an error is printed, never after it
         for name in encoders:
             writers[name] = FeatureWriter(directory)
-        with torch.inference_mode():
-            for chunk in _chunks(urls, resolution, device, batch_size=batch_size, workers=workers, depth=depth,
-                                 damaged=damaged, fused_augment=fused_augment):
-                bar.update(chunk.read)
-                skipped += chunk.read - len(chunk.labels)
-                if not len(chunk.labels):
-                    continue
-                if chunk.labels.min() < 0:  # a vote for class -1 would go to the last class; the probe would fail
-                    key = chunk.keys[int(np.argmax(chunk.labels < 0))]
-                    raise SeedError(f"{urls[chunk.shard]}: sample {key!r} has no label (a .cls member, or .json with "
-                                    "'label'); the evaluation scores classes, so every train and test sample needs one")
-                assert chunk.x is not None
-                x = chunk.x.to(device)
-                with autocast(device):  # every encoder's forward queued before the first copy back waits for one
-                    outs = {name: fn(x).float() for name, fn in encoders.items()}
-                rows = {name: out.cpu().numpy() for name, out in outs.items()}
-                if not order and rows:
-                    check_disk(directory, sum(lengths) if lengths else None, [r.shape[1] for r in rows.values()])
-                for name, r in rows.items():
-                    writers[name].append(r)
-                if keeper is not None:
-                    keeper.offer(chunk, x)
-                order.append((chunk.shard, int(chunk.index[0])))
-                labels.append(chunk.labels)
+        chunks = _chunks(urls, resolution, device, batch_size=batch_size, workers=workers, depth=depth,
+                         damaged=damaged, fused_augment=fused_augment)
+        for chunk, rows in _forwards(encoders, chunks, urls, device, keeper, bar):
+            if not order and rows:
+                check_disk(directory, sum(lengths) if lengths else None, [r.shape[1] for r in rows.values()])
+            for name, r in rows.items():
+                writers[name].append(r)
+            order.append((chunk.shard, int(chunk.index[0])))
+            labels.append(chunk.labels)
         rank = sorted(range(len(order)), key=order.__getitem__)
         sizes = [len(y) for y in labels]
         for name in encoders:
@@ -345,7 +351,116 @@ def extract_all(encoders: Mapping[str, Encode], urls: Sequence[str], resolution:
         bar.close()
     y = np.concatenate([labels[i] for i in rank]) if labels else np.zeros(0, np.int64)
     px, py = keeper.result() if keeper is not None else (None, None)
-    return Extracted(features, y, px, py, keeper.resolution if keeper is not None else 0, skipped)
+    return Extracted(features, y, px, py, keeper.resolution if keeper is not None else 0, bar.done - len(y))
+
+
+def _forwards(encoders: Mapping[str, Encode], chunks: Iterator[_Chunk], urls: Sequence[str], device: torch.device,
+              keeper: _PixelKeeper | None, bar: Progress) -> Iterator[tuple[_Chunk, dict[str, np.ndarray]]]:
+    """Each batch that holds a decodable image, and its float32 rows through every encoder (bf16 autocast on
+    CUDA), by encoder name; ``keeper`` is offered the batch, ``bar`` advanced by the samples read."""
+    for chunk in chunks:
+        bar.update(chunk.read)
+        if not len(chunk.labels):
+            continue
+        if chunk.labels.min() < 0:  # a vote for class -1 would go to the last class; the probe would fail
+            key = chunk.keys[int(np.argmax(chunk.labels < 0))]
+            raise SeedError(f"{urls[chunk.shard]}: sample {key!r} has no label (a .cls member, or .json with "
+                            "'label'); the evaluation scores classes, so every train and test sample needs one")
+        assert chunk.x is not None
+        with torch.inference_mode():
+            x = chunk.x.to(device)
+            with autocast(device):  # every encoder's forward queued before the first copy back waits for one
+                outs = {name: fn(x).float() for name, fn in encoders.items()}
+            rows = {name: out.cpu().numpy() for name, out in outs.items()}
+            if keeper is not None:
+                keeper.offer(chunk, x)
+        yield chunk, rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Extraction in several processes (``seed evaluate --procs``): each process extracts some shards of a split
+# into files the parent made (``extract_part``), the parent reads them as one (``gather_parts``)
+
+
+@dataclasses.dataclass
+class Part:
+    """One process's share of a split (``extract_part``): the file rows its decodable samples were written to and
+    their labels, in the order written; each encoder's width; the samples that did not decode; its pixel keeper's
+    entries (``_PixelKeeper.entries``)."""
+
+    rows: np.ndarray
+    labels: np.ndarray
+    widths: dict[str, int]
+    skipped: int
+    pixels: dict[str, np.ndarray]
+
+    def save(self, path: str) -> None:
+        arrays: dict[str, Any] = {"rows": self.rows, "labels": self.labels, "widths": np.array(json.dumps(self.widths)),
+                                  "skipped": np.array(self.skipped), **{f"pixels_{k}": v for k, v in self.pixels.items()}}
+        np.savez(path, **arrays)
+
+    @classmethod
+    def load(cls, path: str) -> Part:
+        with np.load(path) as f:
+            return cls(f["rows"], f["labels"], json.loads(str(f["widths"])), int(f["skipped"]),
+                       {k[len("pixels_"):]: f[k] for k in f.files if k.startswith("pixels_")})
+
+
+def extract_part(encoders: Mapping[str, Encode], urls: Sequence[str], shards: Sequence[int], lengths: Sequence[int],
+                 files: Mapping[str, int], resolution: int, device: torch.device, *, batch_size: int = EVAL_BATCH,
+                 workers: int = 0, depth: int = 2, pixels: PixelSample | None = None, desc: str = "features",
+                 damaged: Damaged = "stop", directory: str | None = None, on_progress: OnProgress | None = None,
+                 fused_augment: bool = False) -> Part:
+    """``extract_all`` of the ``shards`` of ``urls`` only, each encoder's rows written into its file (``files``:
+    encoder name -> descriptor of a file shared by the processes of a split) at their places in the whole split:
+    sample i of shard s at row ``sum(lengths[:s]) + i`` (``lengths``: every shard's sample count). Rows of samples
+    that do not decode are left as holes. ``directory``: the files' directory, checked for room for the whole
+    split. ``on_progress``: told the samples read (no bar is shown)."""
+    directory = directory or tempfile.gettempdir()
+    starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    bar = Progress(desc, sum(lengths[s] for s in shards), "images", report=on_progress)
+    keeper = _PixelKeeper(pixels, resolution) if pixels is not None else None
+    written: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    widths: dict[str, int] = {}
+    chunks = _chunks(urls, resolution, device, batch_size=batch_size, workers=workers, depth=depth, damaged=damaged,
+                     fused_augment=fused_augment, shards=shards)
+    for chunk, rows in _forwards(encoders, chunks, urls, device, keeper, bar):
+        if int(chunk.index[-1]) >= lengths[chunk.shard]:
+            raise SeedError(f"{urls[chunk.shard]} holds more than the {lengths[chunk.shard]} samples its _info.json "
+                            "says: describe it again (seed shards describe DIR --overwrite)")
+        if not widths:
+            widths = {name: r.shape[1] for name, r in rows.items()}
+            check_disk(directory, int(starts[-1]), list(widths.values()))
+        at = starts[chunk.shard] + chunk.index
+        for name, r in rows.items():
+            write_rows(files[name], r, at, directory)
+        written.append(at)
+        labels.append(chunk.labels)
+    bar.close()
+    done = np.concatenate(written) if written else np.zeros(0, np.int64)
+    return Part(done, np.concatenate(labels) if labels else np.zeros(0, np.int64), widths, bar.done - len(done),
+                keeper.entries() if keeper is not None else {})
+
+
+def gather_parts(parts: Sequence[Part], files: Mapping[str, IO[bytes]], resolution: int,
+                 pixels: PixelSample | None = None) -> Extracted:
+    """The split whose ``parts`` were written into ``files`` (encoder name -> file), in shard order as
+    ``extract_all`` gives it: its holes (samples that did not decode) left out, the pixel keepers merged."""
+    rows = np.concatenate([p.rows for p in parts]) if parts else np.zeros(0, np.int64)
+    labels = np.concatenate([p.labels for p in parts]) if parts else np.zeros(0, np.int64)
+    rank = np.argsort(rows, kind="stable")
+    rows, labels = rows[rank], labels[rank]
+    widths = next((p.widths for p in parts if p.widths), {})
+    order = None if len(rows) == 0 or int(rows[-1]) == len(rows) - 1 else rows  # no hole: the file as it is
+    features = {name: FeatureFile(f, len(rows), widths.get(name, 0), order) for name, f in files.items()}
+    keeper = _PixelKeeper(pixels, resolution) if pixels is not None else None
+    if keeper is not None:
+        for p in parts:
+            keeper.merge(p.pixels)
+    px, py = keeper.result() if keeper is not None else (None, None)
+    return Extracted(features, labels, px, py, keeper.resolution if keeper is not None else 0,
+                     sum(p.skipped for p in parts))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -111,6 +111,32 @@ class FeatureFile:
         self.file.close()
 
 
+def feature_file(directory: str) -> IO[bytes]:
+    """A new unnamed file in ``directory`` for feature rows (``FeatureWriter``, or ``write_rows`` by several
+    processes that inherit it)."""
+    with _disk_errors(directory):
+        return tempfile.TemporaryFile(dir=directory)
+
+
+def write_rows(fd: int, rows: np.ndarray, at: np.ndarray, directory: str) -> None:
+    """Write ``rows`` (``[b, d]``, as float32) at file rows ``at`` (increasing) of the ``[n, d]`` float32 rows in file
+    ``fd``, one write per run of consecutive rows: processes that share the file each write their own rows. A full
+    disk is an error naming ``directory`` (the file's)."""
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    at = np.asarray(at, np.int64)
+    if not len(at):
+        return
+    width = rows.shape[1] * 4
+    starts = np.flatnonzero(np.diff(at, prepend=at[0] - 2) != 1)
+    ends = np.append(starts[1:], len(at))
+    view = rows.data.cast("B")
+    with _disk_errors(directory):
+        for a, b, row in zip((starts * width).tolist(), (ends * width).tolist(), at[starts].tolist()):
+            done = 0
+            while done < b - a:
+                done += os.pwrite(fd, view[a + done:b], row * width + done)
+
+
 Rows = Union[np.ndarray, FeatureFile]  # what the scores read: rows held in memory, or on disk
 
 
@@ -119,8 +145,7 @@ class FeatureWriter:
 
     def __init__(self, directory: str):
         self.directory = directory
-        with _disk_errors(directory):
-            self.file = tempfile.TemporaryFile(dir=directory)
+        self.file = feature_file(directory)
         self.width: int | None = None
         self.n = 0
 

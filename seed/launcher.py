@@ -1,15 +1,20 @@
-"""Run a training stage in several ranks on this node: ``torchrun`` over a ``seed`` command line.
+"""Run a stage in several processes on this node.
 
-The student stage (``train.nproc``) and pre-training (``pretrain.nproc``) use it the same way: the stage
-writes its resolved config and storage roots to a temporary directory, and ``torchrun`` starts that many
-ranks of the command (``-m pipeline.cli <stage> ... --events``), one per GPU on CUDA. The ranks report
-each finished epoch as one machine-readable line (``epoch_event``) and a user's mistake as ``MISTAKE``;
-every other line of their output (logs, warnings, tracebacks) is handed on as it comes.
+Training stages go through ``torchrun`` over a ``seed`` command line: the student stage (``train.nproc``) and
+pre-training (``pretrain.nproc``) write their resolved config and storage roots to a temporary directory, and
+``torchrun`` starts that many ranks of the command (``-m pipeline.cli <stage> ... --events``), one per GPU on
+CUDA. The ranks report each finished epoch as one machine-readable line (``epoch_event``) and a user's mistake
+as ``MISTAKE``; every other line of their output (logs, warnings, tracebacks) is handed on as it comes.
+
+Stages whose processes need not talk to each other (``seed teacher --procs``, ``seed evaluate --procs``) start
+them as ``Children``: one ``seed`` command per device (``process_devices``), each pinned to its share of the
+cores (``process_cores``), its output in a log file the parent reads and quotes when it fails.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging
 import os
@@ -21,11 +26,11 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import IO, Any
 
 import torch
 
-from seed.devices import cpu_cores
+from seed.devices import cpu_core_ids, cpu_cores, resolve_device, split_cores
 from seed.errors import MachineError, SeedError
 from seed.lifetime import child_env
 
@@ -151,3 +156,99 @@ def stop(proc: subprocess.Popen, wait: float = 30.0) -> None:
         proc.wait()
     except ProcessLookupError:
         pass
+
+
+def process_devices(setting: str, n: int, name: str) -> list[str]:
+    """The device of each of ``n`` processes (0 = one per visible GPU) of a stage whose device setting (``name``)
+    is ``setting``: process i takes ``cuda:<i mod GPUs>`` on CUDA (the setting must then be auto or cuda), the CPU
+    otherwise.
+
+    More processes than GPUs share them round-robin; on one H200, 2 and 4 teacher processes sharing it were no
+    faster than one (docs/benchmarks.md, run 5), so one per GPU is the default.
+    """
+    device = resolve_device(setting)
+    if device.type == "cpu":
+        return ["cpu"] * max(1, n)
+    if setting not in ("auto", "cuda"):
+        raise SeedError(f"{name}={setting} names one GPU for several processes; use auto or cuda (process i takes "
+                        "cuda:i; choose GPUs with CUDA_VISIBLE_DEVICES)")
+    count = torch.cuda.device_count()
+    return [f"cuda:{i % count}" for i in range(n or count)]
+
+
+def process_cores(n: int, cores: list[int] | None = None) -> list[list[int]] | None:
+    """The cores each of ``n`` processes is pinned to: ``cores`` (default: this process's) in ``n`` contiguous
+    shares; None (no pinning) for one process, on a platform without CPU affinity, or with fewer cores than
+    processes."""
+    if n < 2 or not hasattr(os, "sched_setaffinity"):
+        return None
+    return split_cores(cpu_core_ids() if cores is None else cores, n)
+
+
+class Children:
+    """Processes a stage starts on this node, each with its output (stdout and stderr) in a log file of
+    ``directory``. Leaving the ``with`` block, however it is left, kills those still running and closes the logs.
+
+    Each is pinned to its ``cores`` before it starts its threads (unless it has ended already), so that what it
+    takes automatically (data workers, its forward's threads) counts its share, as ``torchrun``'s ranks count
+    theirs. Each ends with this process, even killed (``seed.lifetime``).
+    """
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.logs: list[IO[str]] = []
+        self._read: list[int] = []  # bytes of each log handed out by ``new_lines``
+
+    def start(self, command: Sequence[str], *, cores: list[int] | None = None, env: dict[str, str] | None = None,
+              pass_fds: Sequence[int] = ()) -> None:
+        """Start ``command``; ``pass_fds``: open files it inherits under the same numbers."""
+        output = open(f"{self.directory}/process-{len(self.procs)}.log", "w+")
+        try:
+            proc = subprocess.Popen(list(command), stdout=output, stderr=subprocess.STDOUT, env=child_env(env),
+                                    pass_fds=tuple(pass_fds))
+        except BaseException:
+            output.close()
+            raise
+        self.procs.append(proc)
+        self.logs.append(output)
+        self._read.append(0)
+        if cores is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.sched_setaffinity(proc.pid, cores)
+
+    def poll(self) -> tuple[bool, int | None]:
+        """(whether to stop waiting: all have exited cleanly or one has failed, the first failed one's index)."""
+        codes = [proc.poll() for proc in self.procs]
+        failed = next((i for i, code in enumerate(codes) if code not in (None, 0)), None)
+        return failed is not None or all(code == 0 for code in codes), failed
+
+    def new_lines(self, i: int) -> list[str]:
+        """The whole lines process ``i`` has written since the last call."""
+        with open(self.logs[i].name, "rb") as f:
+            f.seek(self._read[i])
+            data = f.read()
+        end = data.rfind(b"\n") + 1
+        self._read[i] += end
+        return data[:end].decode(errors="replace").splitlines()
+
+    def tail(self, i: int, n: int = 20) -> str:
+        with open(self.logs[i].name, errors="replace") as f:
+            return "\n".join(f.read().splitlines()[-n:])
+
+    def error(self, i: int, what: str, kept: str) -> SeedError | MachineError:
+        """Process ``i``'s failure as the error to raise: a ``SeedError`` for the exit code 2 of a user's mistake
+        (``pipeline.cli``), a ``MachineError`` for a crash; ``what`` names it, ``kept`` says what stays."""
+        code = self.procs[i].returncode
+        error = SeedError if code == 2 else MachineError
+        return error(f"{what} failed with exit code {code}; {kept}; last lines:\n{self.tail(i)}")
+
+    def __enter__(self) -> Children:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        for proc, output in zip(self.procs, self.logs):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            output.close()

@@ -185,6 +185,10 @@ def test_evaluation_report(trained) -> None:
     assert all(r["probe"] == "full-batch L-BFGS" for r in summary.results)
     for png in ("accuracy.png", "loss.png"):
         Image.open(out / png).verify()
+    # the features extracted by two processes (`seed evaluate --procs 2`; one per GPU on CUDA), each over every
+    # other shard of both splits, written into files this process shares with them: the same report
+    two = evaluate_stage.run(cfg, storage, progress=False, procs=2)
+    assert two.results == summary.results
     # the student-only re-run never loads the teacher, and reuses its saved scores
 
     def forbidden(*_: object) -> None:

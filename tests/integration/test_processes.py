@@ -113,3 +113,39 @@ def _ends(pid: int, within: float) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+def test_children_hand_on_their_lines_and_their_failure_with_its_kind(tmp_path: Path) -> None:
+    """``seed.launcher.Children`` (``seed teacher --procs``, ``seed evaluate --procs``): each process's lines read as
+    they come, whole lines only; exit code 2 (a user's mistake, ``pipeline.cli``) is a ``SeedError``, any other a
+    ``MachineError``, each quoting the process's last lines; processes still running are killed on leaving."""
+    import time
+
+    from seed.errors import MachineError, SeedError
+    from seed.launcher import Children
+
+    release = tmp_path / "go"
+    code = ("import pathlib, sys, time; print('one', flush=True); sys.stdout.write('tw'); sys.stdout.flush(); "
+            f"[time.sleep(0.05) for _ in iter(lambda: pathlib.Path({str(release)!r}).exists(), True)]; "
+            "print('o', flush=True); print('seed: error: a mistake', file=sys.stderr); sys.exit(int(sys.argv[1]))")
+    with Children(str(tmp_path)) as children:
+        for exit_code in ("0", "2", "1"):
+            children.start([sys.executable, "-c", code, exit_code])
+        deadline = time.monotonic() + 30
+        while children.new_lines(0) != ["one"]:   # "tw" is not a line yet
+            assert time.monotonic() < deadline
+        assert children.poll() == (False, None)
+        release.touch()
+        while not children.poll()[0]:         # until one has failed
+            assert time.monotonic() < deadline
+        assert children.poll()[1] in (1, 2)
+        assert [p.wait(timeout=30) for p in children.procs] == [0, 2, 1]
+        assert children.poll() == (True, 1)   # the first that failed, by index
+        assert children.new_lines(0) == ["two", "seed: error: a mistake"]
+        error = children.error(1, "evaluation process on cpu", "nothing was scored")
+        assert isinstance(error, SeedError) and str(error) == (
+            "evaluation process on cpu failed with exit code 2; nothing was scored; last lines:\n"
+            "one\ntwo\nseed: error: a mistake")
+        assert isinstance(children.error(2, "p", "kept"), MachineError)
+        children.start([sys.executable, "-c", "import time; time.sleep(600)"])
+    assert children.procs[3].returncode is not None and all(log.closed for log in children.logs)

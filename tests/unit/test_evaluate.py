@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from seed.errors import SeedError
-from seed.evaluate import (LBFGS_MAX_ELEMENTS, PixelSample, extract, extract_all, images, knn_predict, linear_probe,
-                           probe_method, probe_name)
-from seed.features import FeatureFile, FeatureWriter, _disk_errors, check_disk, memory_filesystem
-from seed.shards import FASHION_MNIST_DIR, expand_urls, fashion_mnist_to_shards, iter_shard, load_fashion_mnist
+from seed.evaluate import (LBFGS_MAX_ELEMENTS, Part, PixelSample, extract, extract_all, extract_part, gather_parts, images,
+                           knn_predict, linear_probe, probe_method, probe_name)
+from seed.features import FeatureFile, FeatureWriter, _disk_errors, check_disk, feature_file, memory_filesystem
+from seed.shards import (FASHION_MNIST_DIR, count_samples, expand_urls, fashion_mnist_to_shards, iter_shard,
+                         load_fashion_mnist)
 
 CPU = torch.device("cpu")
 
@@ -254,6 +255,40 @@ def test_streamed_features_equal_in_memory_ones(small_shards: list[str]) -> None
     assert np.array_equal(out.features["conv"], expected)             # same batches' pixels, the same forward
     assert np.allclose(out.features["twice"], 2 * expected)
     assert out.pixels is None
+
+
+def test_features_extracted_in_parts_by_processes_equal_one_pass(small_shards: list[str], tmp_path) -> None:
+    """``seed evaluate --procs``: each process writes its shards' rows into files shared by all, at their places in
+    the split; read back as one, they equal one process's pass, holes (a sample that does not decode) left out."""
+    torch.manual_seed(0)
+    encoder = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                  torch.nn.Flatten()).eval()
+    encoders = {"conv": encoder, "flat": lambda x: x[:, :, ::4, ::4].flatten(1)}
+    spec = PixelSample(max_images=40, resolution=8)                  # 40 of 122: the parts' keepers must merge
+    whole = extract_all(encoders, small_shards, 32, CPU, batch_size=16, pixels=spec)
+    lengths = [count_samples(u) for u in small_shards]               # 50, 50, 20, 3
+    files = {name: feature_file(str(tmp_path)) for name in encoders}
+    parts = []
+    for i, shards in enumerate(([3, 1], [2, 0])):                    # two processes, here one after the other
+        part = extract_part(encoders, small_shards, shards, lengths, {k: f.fileno() for k, f in files.items()}, 32,
+                            CPU, batch_size=16, pixels=spec, directory=str(tmp_path))
+        part.save(str(tmp_path / f"part-{i}.npz"))                   # handed over as a process hands it over
+        parts.append(Part.load(str(tmp_path / f"part-{i}.npz")))
+    assert [len(p.rows) for p in parts] == [52, 70] and [p.skipped for p in parts] == [1, 0]
+    got = gather_parts(parts, files, 32, spec)
+    assert (got.n, got.skipped) == (whole.n, whole.skipped) == (122, 1) and np.array_equal(got.labels, whole.labels)
+    for name in encoders:
+        assert got.features[name].shape == whole.features[name].shape
+        assert np.array_equal(np.asarray(got.features[name]), np.asarray(whole.features[name])), name
+        rows = np.array([0, 121, 120, 5, 119])                       # random rows, across the hole (after row 120)
+        assert np.array_equal(got.features[name][rows], whole.features[name][rows])
+    assert got.features["conv"].order is not None                    # the hole: rows read around it
+    assert got.pixels is not None and whole.pixels is not None and len(got.pixels) == 40
+    assert np.array_equal(got.pixels, whole.pixels) and np.array_equal(got.pixel_labels, whole.pixel_labels)
+    # a shard holding more samples than its recorded length would write over the next shard's rows: refused
+    with pytest.raises(SeedError, match=r"train-000002\.tar holds more than the 19 samples .*describe it again"):
+        extract_part(encoders, small_shards, [2], [50, 50, 19, 3], {k: f.fileno() for k, f in files.items()}, 32, CPU,
+                     directory=str(tmp_path))
 
 
 def test_a_pass_whose_features_cannot_fit_is_refused_at_its_first_batch(small_shards: list[str], tmp_path) -> None:

@@ -360,7 +360,7 @@ def test_teacher_processes_on_the_cpu_take_even_shares_of_the_cores() -> None:
 def test_teacher_processes_on_gpus_count_their_share_of_the_cores() -> None:
     """`seed teacher --procs 8` on a 16-core node with 8 GPUs: each process is pinned to two cores, so its
     automatic data workers are one, not the four a process that saw every core would start (32 on 16 cores)."""
-    from pipeline.teacher import process_cores
+    from seed.launcher import process_cores
     from seed.devices import data_workers
 
     cuda = torch.device("cuda", 0)
