@@ -28,7 +28,7 @@ import torch
 from seed import cache, checkpoint, launcher
 from seed.config import RunConfig, write_run_files
 from seed.errors import SeedError
-from seed.devices import data_workers, read_ahead, resolve_device
+from seed.devices import cpu_cores, data_workers, read_ahead, resolve_device
 from seed.evaluate import (Encode, Extracted, Part, PixelSample, extract_all, extract_part, gather_parts, probe_method,
                            probe_name, score)
 from seed.features import Rows, feature_file
@@ -218,12 +218,14 @@ def _extract_in_processes(cfg: RunConfig, storage: Storage, devices: list[str], 
     lengths = {desc: shard_lengths(urls, record=storage.shard_lengths_record(), damaged=cfg.data.damaged)
                for desc, urls in splits.items()}
     files = {desc: {key: held.enter_context(feature_file(directory)) for key in keys} for desc in splits}
-    shares = launcher.process_cores(len(devices))
     n = len(devices)
-    with tempfile.TemporaryDirectory(prefix="seed-evaluate-") as tmp, launcher.Children(tmp) as children:
+    shares = launcher.process_cores(n)
+    # a process whose every-n-th shards are none in both splits is not started
+    busy = [i for i in range(n) if any(list(range(len(urls)))[i::n] for urls in splits.values())]
+    with tempfile.TemporaryDirectory(prefix="seed-evaluate-") as tmp, launcher.Children(tmp, PART_PROGRESS) as children:
         config, roots = write_run_files(cfg, storage, tmp)
-        for i, device in enumerate(devices):
-            spec = {"device": device, "include_teacher": include_teacher, "directory": directory,
+        for i in busy:
+            spec = {"device": devices[i], "include_teacher": include_teacher, "directory": directory,
                     "splits": [{"desc": desc, "urls": urls, "lengths": lengths[desc],
                                 "shards": list(range(len(urls)))[i::n], "out": f"{tmp}/part-{i}-{j}.npz",
                                 "files": {key: f.fileno() for key, f in files[desc].items()}}
@@ -231,23 +233,27 @@ def _extract_in_processes(cfg: RunConfig, storage: Storage, devices: list[str], 
             with open(f"{tmp}/part-{i}.json", "w") as f:
                 json.dump(spec, f)
             env = dict(os.environ)
-            if device == "cpu" and shares is not None and "OMP_NUM_THREADS" not in env:
-                env["OMP_NUM_THREADS"] = str(len(shares[i]))  # its forwards' threads: one per core of its share
+            if devices[i] == "cpu" and "OMP_NUM_THREADS" not in env:  # its forwards' threads: its share of the cores
+                env["OMP_NUM_THREADS"] = str(len(shares[i]) if shares is not None else max(1, cpu_cores() // n))
             children.start([sys.executable, "-m", "pipeline.cli", "evaluate", "-c", config, "--storage", roots,
                             "--part", f"{tmp}/part-{i}.json"], cores=shares[i] if shares is not None else None,
                            env=env, pass_fds=[f.fileno() for by_key in files.values() for f in by_key.values()])
-        bars = {desc: Progress(f"{desc} ({len(keys)} encoders, {n} processes)", sum(lengths[desc]), "images",
+        bars = {desc: Progress(f"{desc} ({len(keys)} encoders, {len(busy)} processes)", sum(lengths[desc]), "images",
                                show=progress, report=on_progress, smoothing=0.1) for desc in splits}
         told: dict[tuple[int, str], int] = {}
+        said: set[str] = set()  # a warning every process gives (a tmpfs, say) said once
         try:  # the bars close before an error is printed, never after it
             while True:
                 finished, failed = children.poll()
-                for i in range(n):
-                    for line in children.new_lines(i):
+                for c, i in enumerate(busy):
+                    for line in children.new_lines(c):
                         if line.startswith(PART_PROGRESS):
                             desc, done = json.loads(line[len(PART_PROGRESS):])
                             bars[desc].update(done - told.get((i, desc), 0))
                             told[i, desc] = done
+                        elif line.strip() and line not in said:  # its warnings (it logs nothing below), as they come
+                            said.add(line)
+                            log.warning("evaluation process on %s: %s", devices[i], line)
                 if finished:
                     break
                 time.sleep(0.2)
@@ -255,8 +261,9 @@ def _extract_in_processes(cfg: RunConfig, storage: Storage, devices: list[str], 
             for bar in bars.values():
                 bar.close()
         if failed is not None:
-            raise children.error(failed, f"evaluation process on {devices[failed]}", "nothing was scored")
-        return [gather_parts([Part.load(f"{tmp}/part-{i}-{j}.npz") for i in range(n)], files[desc], resolution, sample)
+            raise children.error(failed, f"evaluation process on {devices[busy[failed]]}", "nothing was scored")
+        # one process's parts at a time: their pixel keepers, up to max_images rows each, are merged as they load
+        return [gather_parts((Part.load(f"{tmp}/part-{i}-{j}.npz") for i in busy), files[desc], resolution, sample)
                 for j, desc in enumerate(splits)]
 
 

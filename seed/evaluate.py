@@ -27,7 +27,7 @@ import heapq
 import json
 import math
 import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import IO, Any
 
 import numpy as np
@@ -252,14 +252,15 @@ class _PixelKeeper:
 
     def __init__(self, spec: PixelSample, resolution: int):
         self.spec, self.resolution = spec, min(spec.resolution, resolution)
-        self.heap: list[tuple[int, tuple[int, int], np.ndarray, int]] = []  # (-priority, order, pixels, label)
+        # ((-priority, -shard, -position), (shard, position), pixels, label)
+        self.heap: list[tuple[tuple[int, int, int], tuple[int, int], np.ndarray, int]] = []
 
     def offer(self, chunk: _Chunk, x: torch.Tensor) -> None:
         if self.spec.max_images <= 0:
             return
         prio = [self.spec.priority(k) for k in chunk.keys]
         full = len(self.heap) >= self.spec.max_images
-        take = [i for i, p in enumerate(prio) if not full or p < -self.heap[0][0]]
+        take = [i for i, p in enumerate(prio) if not full or p <= -self.heap[0][0][0]]
         if not take:
             return
         small = x[take]
@@ -272,7 +273,9 @@ class _PixelKeeper:
             self._add(prio[i], (chunk.shard, int(chunk.index[i])), rows[j].copy(), int(chunk.labels[i]))
 
     def _add(self, priority: int, place: tuple[int, int], row: np.ndarray, label: int) -> None:
-        entry = (-priority, place, row, label)
+        """Keep the sample while it is among the ``max_images`` smallest by (priority, place): a key two samples
+        share keeps the earlier, whatever the order they are offered in (workers, processes)."""
+        entry = ((-priority, -place[0], -place[1]), place, row, label)  # the heap's top: the one to give up first
         if len(self.heap) < self.spec.max_images:
             heapq.heappush(self.heap, entry)
         elif entry[0] > self.heap[0][0]:
@@ -281,7 +284,7 @@ class _PixelKeeper:
     def entries(self) -> dict[str, np.ndarray]:
         """What it keeps, as arrays (``merge`` takes them): another process's keeper handed over."""
         d = 3 * self.resolution ** 2
-        return {"priority": np.array([-e[0] for e in self.heap], np.uint64),
+        return {"priority": np.array([-e[0][0] for e in self.heap], np.uint64),
                 "place": np.array([e[1] for e in self.heap], np.int64).reshape(-1, 2),
                 "pixels": np.stack([e[2] for e in self.heap]) if self.heap else np.zeros((0, d), np.float32),
                 "label": np.array([e[3] for e in self.heap], np.int64)}
@@ -427,8 +430,9 @@ def extract_part(encoders: Mapping[str, Encode], urls: Sequence[str], shards: Se
                      fused_augment=fused_augment, shards=shards)
     for chunk, rows in _forwards(encoders, chunks, urls, device, keeper, bar):
         if int(chunk.index[-1]) >= lengths[chunk.shard]:
-            raise SeedError(f"{urls[chunk.shard]} holds more than the {lengths[chunk.shard]} samples its _info.json "
-                            "says: describe it again (seed shards describe DIR --overwrite)")
+            raise SeedError(f"{urls[chunk.shard]} holds more than the {lengths[chunk.shard]} samples counted for it "
+                            "(its _info.json says so, or it changed while read): describe it again (seed shards "
+                            "describe DIR --overwrite)")
         if not widths:
             widths = {name: r.shape[1] for name, r in rows.items()}
             check_disk(directory, int(starts[-1]), list(widths.values()))
@@ -443,24 +447,31 @@ def extract_part(encoders: Mapping[str, Encode], urls: Sequence[str], shards: Se
                 keeper.entries() if keeper is not None else {})
 
 
-def gather_parts(parts: Sequence[Part], files: Mapping[str, IO[bytes]], resolution: int,
+def gather_parts(parts: Iterable[Part], files: Mapping[str, IO[bytes]], resolution: int,
                  pixels: PixelSample | None = None) -> Extracted:
     """The split whose ``parts`` were written into ``files`` (encoder name -> file), in shard order as
-    ``extract_all`` gives it: its holes (samples that did not decode) left out, the pixel keepers merged."""
-    rows = np.concatenate([p.rows for p in parts]) if parts else np.zeros(0, np.int64)
-    labels = np.concatenate([p.labels for p in parts]) if parts else np.zeros(0, np.int64)
-    rank = np.argsort(rows, kind="stable")
-    rows, labels = rows[rank], labels[rank]
-    widths = next((p.widths for p in parts if p.widths), {})
-    order = None if len(rows) == 0 or int(rows[-1]) == len(rows) - 1 else rows  # no hole: the file as it is
-    features = {name: FeatureFile(f, len(rows), widths.get(name, 0), order) for name, f in files.items()}
+    ``extract_all`` gives it: its holes (samples that did not decode) left out, the pixel keepers merged (each part
+    merged as it comes, so that a part's keeper, up to ``max_images`` rows, is held only until it is merged)."""
     keeper = _PixelKeeper(pixels, resolution) if pixels is not None else None
-    if keeper is not None:
-        for p in parts:
-            keeper.merge(p.pixels)
+    rows: list[np.ndarray] = []
+    labels: list[np.ndarray] = []
+    widths: dict[str, int] = {}
+    skipped = 0
+    for part in parts:
+        rows.append(part.rows)
+        labels.append(part.labels)
+        widths = widths or part.widths
+        skipped += part.skipped
+        if keeper is not None:
+            keeper.merge(part.pixels)
+    at = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+    y = np.concatenate(labels) if labels else np.zeros(0, np.int64)
+    rank = np.argsort(at, kind="stable")
+    at, y = at[rank], y[rank]
+    order = None if len(at) == 0 or int(at[-1]) == len(at) - 1 else at  # no hole: the file as it is
+    features = {name: FeatureFile(f, len(at), widths.get(name, 0), order) for name, f in files.items()}
     px, py = keeper.result() if keeper is not None else (None, None)
-    return Extracted(features, labels, px, py, keeper.resolution if keeper is not None else 0,
-                     sum(p.skipped for p in parts))
+    return Extracted(features, y, px, py, keeper.resolution if keeper is not None else 0, skipped)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -194,8 +194,8 @@ class Children:
     theirs. Each ends with this process, even killed (``seed.lifetime``).
     """
 
-    def __init__(self, directory: str):
-        self.directory = directory
+    def __init__(self, directory: str, events: str | None = None):
+        self.directory, self.events = directory, events  # events: the prefix of the lines that report progress
         self.procs: list[subprocess.Popen[bytes]] = []
         self.logs: list[IO[str]] = []
         self._read: list[int] = []  # bytes of each log handed out by ``new_lines``
@@ -218,7 +218,7 @@ class Children:
                 os.sched_setaffinity(proc.pid, cores)
 
     def poll(self) -> tuple[bool, int | None]:
-        """(whether to stop waiting: all have exited cleanly or one has failed, the first failed one's index)."""
+        """(whether to stop waiting: all have exited cleanly or one has failed, the lowest index of a failed one)."""
         codes = [proc.poll() for proc in self.procs]
         failed = next((i for i, code in enumerate(codes) if code not in (None, 0)), None)
         return failed is not None or all(code == 0 for code in codes), failed
@@ -233,15 +233,22 @@ class Children:
         return data[:end].decode(errors="replace").splitlines()
 
     def tail(self, i: int, n: int = 20) -> str:
+        """Process ``i``'s last ``n`` lines, its progress reports (``events``) left out."""
         with open(self.logs[i].name, errors="replace") as f:
-            return "\n".join(f.read().splitlines()[-n:])
+            lines = [line for line in f.read().splitlines() if not (self.events and line.startswith(self.events))]
+        return "\n".join(lines[-n:])
 
     def error(self, i: int, what: str, kept: str) -> SeedError | MachineError:
         """Process ``i``'s failure as the error to raise: a ``SeedError`` for the exit code 2 of a user's mistake
-        (``pipeline.cli``), a ``MachineError`` for a crash; ``what`` names it, ``kept`` says what stays."""
+        (``pipeline.cli``), a ``MachineError`` for a crash or a signal; ``what`` names it, ``kept`` says what stays."""
         code = self.procs[i].returncode
         error = SeedError if code == 2 else MachineError
-        return error(f"{what} failed with exit code {code}; {kept}; last lines:\n{self.tail(i)}")
+        how = f"failed with exit code {code}"
+        if code is not None and code < 0:
+            with contextlib.suppress(ValueError):
+                how = f"was killed by {signal.Signals(-code).name}" + (", as the out-of-memory killer kills" if code == -9 else "")
+        lines = self.tail(i)
+        return error(f"{what} {how}; {kept}; " + (f"last lines:\n{lines}" if lines else "it wrote nothing"))
 
     def __enter__(self) -> Children:
         return self

@@ -149,3 +149,11 @@ def test_children_hand_on_their_lines_and_their_failure_with_its_kind(tmp_path: 
         assert isinstance(children.error(2, "p", "kept"), MachineError)
         children.start([sys.executable, "-c", "import time; time.sleep(600)"])
     assert children.procs[3].returncode is not None and all(log.closed for log in children.logs)
+    # killed (the out-of-memory killer's SIGKILL): said so; its progress reports (``events``) are not its last lines
+    with Children(str(tmp_path), events="ev ") as children:
+        children.start([sys.executable, "-c", "import os, signal; print('loaded', flush=True); "
+                        "[print('ev', i, flush=True) for i in range(50)]; os.kill(os.getpid(), signal.SIGKILL)"])
+        assert children.procs[0].wait(timeout=30) == -9
+        assert str(children.error(0, "evaluation process on cpu", "nothing was scored")) == (
+            "evaluation process on cpu was killed by SIGKILL, as the out-of-memory killer kills; nothing was scored; "
+            "last lines:\nloaded")

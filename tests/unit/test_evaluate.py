@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from seed.errors import SeedError
-from seed.evaluate import (LBFGS_MAX_ELEMENTS, Part, PixelSample, extract, extract_all, extract_part, gather_parts, images,
+from seed.evaluate import (LBFGS_MAX_ELEMENTS, Part, _PixelKeeper, PixelSample, extract, extract_all, extract_part, gather_parts, images,
                            knn_predict, linear_probe, probe_method, probe_name)
 from seed.features import FeatureFile, FeatureWriter, _disk_errors, check_disk, feature_file, memory_filesystem
 from seed.shards import (FASHION_MNIST_DIR, count_samples, expand_urls, fashion_mnist_to_shards, iter_shard,
@@ -285,8 +285,19 @@ def test_features_extracted_in_parts_by_processes_equal_one_pass(small_shards: l
     assert got.features["conv"].order is not None                    # the hole: rows read around it
     assert got.pixels is not None and whole.pixels is not None and len(got.pixels) == 40
     assert np.array_equal(got.pixels, whole.pixels) and np.array_equal(got.pixel_labels, whole.pixel_labels)
+    # a key two samples share (two shards made from one source): the earlier one kept, in whatever order offered
+    def kept(*entries: tuple[int, int, int]) -> list[list[int]]:
+        keeper = _PixelKeeper(PixelSample(max_images=2, resolution=1), 1)
+        for priority, shard, position in entries:
+            keeper.merge({"priority": np.array([priority], np.uint64), "place": np.array([[shard, position]]),
+                          "pixels": np.zeros((1, 3), np.float32), "label": np.array([shard])})
+        return keeper.entries()["place"].tolist()
+    import itertools
+
+    for offers in itertools.permutations([(3, 0, 0), (5, 1, 4), (5, 0, 9), (9, 0, 1)]):   # the tie at the boundary
+        assert sorted(kept(*offers)) == [[0, 0], [0, 9]], offers
     # a shard holding more samples than its recorded length would write over the next shard's rows: refused
-    with pytest.raises(SeedError, match=r"train-000002\.tar holds more than the 19 samples .*describe it again"):
+    with pytest.raises(SeedError, match=r"train-000002\.tar holds more than the 19 samples counted .*describe it again"):
         extract_part(encoders, small_shards, [2], [50, 50, 19, 3], {k: f.fileno() for k, f in files.items()}, 32, CPU,
                      directory=str(tmp_path))
 
