@@ -19,6 +19,11 @@ before the mapping goes), less before. The file is read once first, so every way
 
     .venv/bin/python bench/feature_rows.py --n 200000 --dim 512
     .venv/bin/python bench/feature_rows.py --n 50000 --dim 2048
+
+``--probe E``: instead, the whole mini-batch probe (``seed.evaluate._sgd_probe``, ``E`` epochs, 10 classes, on the
+CPU) reading each batch from the file against its rows held standardised on the device (``resident``, CUDA's
+default when they fit), taking turns; on the CPU the device is this memory, so this measures what the file's
+reads cost the probe, not a GPU's gather.
 """
 
 from __future__ import annotations
@@ -73,12 +78,16 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1024)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--scratch", default=tempfile.gettempdir(), help="directory of the unnamed feature file")
+    p.add_argument("--probe", type=int, default=0, metavar="E", help="time the probe, E epochs, both ways")
     args = p.parse_args()
     rng = np.random.default_rng(0)
     writer = FeatureWriter(args.scratch)
     for start in range(0, args.n, 10_000):
         writer.append(rng.standard_normal((min(10_000, args.n - start), args.dim), dtype=np.float32))
     rows = writer.finish([args.n], [0])
+    if args.probe:
+        probe(rows, rng, args)
+        return
     perm = rng.permutation(args.n)
     batches = [np.sort(perm[i:i + args.batch]) for i in range(0, args.n, args.batch)]
     print(f"{machine()}; {args.n:,} rows x {args.dim} float32 ({rows.nbytes / 2**20:.0f} MiB), batches of {args.batch}, "
@@ -109,6 +118,32 @@ def main() -> None:
     batch_mb = args.batch * args.dim * 4 / 2**20
     print(f"mapped: resident memory up to {max(peaks) - before:.0f} MB over the {before:.0f} MB before, within a "
           f"batch of {batch_mb:.0f} MB of rows (the file: {rows.nbytes / 2**20:.0f} MiB)")
+
+
+def probe(rows: FeatureFile, rng: np.random.Generator, args: argparse.Namespace) -> None:
+    import torch
+
+    from seed.evaluate import _sgd_probe
+
+    labels = rng.integers(0, 10, args.n)
+    test = rng.standard_normal((1000, args.dim), dtype=np.float32)
+    np.asarray(rows)  # into the page cache
+    print(f"{machine()}; {args.n:,} rows x {args.dim} float32 ({rows.nbytes / 2**20:.0f} MiB), batches of "
+          f"{args.batch}, {args.probe} epochs, 10 classes; {args.rounds} rounds", flush=True)
+    seconds: dict[str, list[float]] = {"file": [], "resident": []}
+    preds = {}
+    for _ in range(args.rounds):
+        for name in seconds:
+            t = time.perf_counter()
+            preds[name] = _sgd_probe(rows, labels, test, seed=0, weight_decay=1e-4, device=torch.device("cpu"),
+                                     epochs=args.probe, batch_size=args.batch, resident=name == "resident")
+            seconds[name].append(time.perf_counter() - t)
+    base = statistics.median(seconds["file"])
+    for name, times in seconds.items():
+        m = statistics.median(times)
+        print(f"{name:9s} {m:8.2f} s (median; {min(times):.2f}-{max(times):.2f}), {m / args.probe:.3f} s an epoch, "
+              f"{base / m:.2f}x the file's")
+    print(f"predictions equal: {bool(np.array_equal(preds['file'], preds['resident']))}")
 
 
 if __name__ == "__main__":

@@ -843,7 +843,7 @@ def sec_evaluate(st: Check, res: dict[str, Any]) -> None:
     """Streaming evaluation on this device: resnet50 features of the JPEG shards at 224 px (one pass,
     the automatic data path), then kNN and the mini-batch probe on them (3/4 train, 1/4 test)."""
     from seed.devices import data_workers
-    from seed.evaluate import extract_all, knn_predict, linear_probe
+    from seed.evaluate import extract_all, knn_predict, linear_probe, probe_resident
 
     if st.r50_cfg is None:
         raise RuntimeError("no resnet50 cache (teacher_r50 failed or was skipped)")
@@ -860,6 +860,22 @@ def sec_evaluate(st: Check, res: dict[str, Any]) -> None:
     wall = time.perf_counter() - t
     res.update(images=out.n, workers=workers, extract_s=round(wall, 2), extract_images_per_s=round(out.n / wall, 1))
     x, y = out.features["teacher"], out.labels
+    # seed evaluate --procs on this device: two parts (every other shard) into one shared file, read back as one
+    from seed.evaluate import extract_part, gather_parts
+    from seed.features import feature_file
+    from seed.shards import count_samples
+
+    lengths = [count_samples(u) for u in urls]
+    file = feature_file(tempfile.gettempdir())
+    t = time.perf_counter()
+    parts = [extract_part({"teacher": teacher.features}, urls, list(range(len(urls)))[i::2], lengths,
+                          {"teacher": file.fileno()}, 224, st.device, workers=workers) for i in range(2)]
+    whole = gather_parts(parts, {"teacher": file}, 224)
+    res["parts_s"] = round(time.perf_counter() - t, 2)
+    res["parts_equal_one_pass"] = bool(np.array_equal(whole.labels, y)
+                                       and np.array_equal(np.asarray(whole.features["teacher"]), np.asarray(x)))
+    res["parts_max_abs_diff"] = float(np.abs(np.asarray(whole.features["teacher"]) - np.asarray(x)).max())
+    file.close()
     cut = 3 * len(y) // 4
     t = time.perf_counter()
     weighted, _ = knn_predict(x[:cut], y[:cut], x[cut:], device=st.device)
@@ -867,6 +883,11 @@ def sec_evaluate(st: Check, res: dict[str, Any]) -> None:
     t = time.perf_counter()
     pred = linear_probe(x[:cut], y[:cut], x[cut:], method="sgd", device=st.device)
     res["probe_sgd_s"], res["probe_sgd_top1"] = round(time.perf_counter() - t, 2), float((pred == y[cut:]).mean() * 100)
+    res["probe_resident"] = probe_resident(cut, x.shape[1], st.device)   # the rows held on the device (CUDA, when they fit)
+    t = time.perf_counter()
+    from_file = linear_probe(x[:cut], y[:cut], x[cut:], method="sgd", device=st.device, resident=False)
+    res["probe_sgd_file_s"] = round(time.perf_counter() - t, 2)  # each batch read from the feature file, as on the CPU
+    res["probe_same_predictions"] = bool(np.array_equal(pred, from_file))
 
 
 def main() -> None:

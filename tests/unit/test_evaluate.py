@@ -14,7 +14,7 @@ import torch
 
 from seed.errors import SeedError
 from seed.evaluate import (LBFGS_MAX_ELEMENTS, Part, _PixelKeeper, PixelSample, extract, extract_all, extract_part, gather_parts, images,
-                           knn_predict, linear_probe, probe_method, probe_name)
+                           knn_predict, linear_probe, probe_method, probe_name, probe_resident)
 from seed.features import FeatureFile, FeatureWriter, _disk_errors, check_disk, feature_file, memory_filesystem
 from seed.shards import (FASHION_MNIST_DIR, count_samples, expand_urls, fashion_mnist_to_shards, iter_shard,
                          load_fashion_mnist)
@@ -150,6 +150,11 @@ def test_scores_of_rows_on_disk_equal_those_of_rows_in_memory(fm_pixels, tmp_pat
     for method in ("lbfgs", "sgd"):
         assert np.array_equal(linear_probe(few, train_y[:500], te, method=method),
                               linear_probe(train[:500], train_y[:500], test, method=method)), method
+    # the mini-batch probe with its standardised rows held on the device (CUDA's default when they fit): the same
+    # batches, the same arithmetic, the same predictions as reading each batch from the file
+    streamed = linear_probe(few, train_y[:500], te, method="sgd", resident=False)
+    assert np.array_equal(linear_probe(few, train_y[:500], te, method="sgd", resident=True), streamed)
+    assert not probe_resident(10**9, 2048, CPU)                        # on the CPU the rows stay on disk
 
 
 def test_progress_is_told_of_every_step_up_to_each_phase_total(small_shards: list[str], fm_pixels) -> None:
