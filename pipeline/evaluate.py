@@ -273,6 +273,8 @@ def run_part(cfg: RunConfig, storage: Storage, spec_file: str) -> None:
     with open(spec_file) as f:
         spec = json.load(f)
     device = resolve_device(spec["device"])
+    if device.type == "cuda":  # its GPU as the current device: what a library allocates or launches unasked lands there
+        torch.cuda.set_device(device)
     url = storage.cache_url(cfg.cache.name)
     attrs = cache.attributes(cache.open_complete(url))
     res = int(attrs["fingerprint_fields"]["resolution"])

@@ -186,6 +186,7 @@ def test_bad_flow_parameters_are_refused_before_any_stage(harness, storage_file:
 
     config = str(ROOT / "configs" / "demo.yaml")
     for params, message in (({"teacher_workers": -1}, "teacher_workers: Input should be greater than or equal to 0"),
+                            ({"evaluate_workers": -2}, "evaluate_workers: Input should be greater than or equal to 0"),
                             ({"stages": ["teacher", "train"]}, r"stages.1: Input should be 'pretrain', 'teacher'"),
                             ({"stages": []}, "stages: List should have at least 1 item"),
                             ({"epochs": 0}, "epochs: Input should be greater than or equal to 1")):
