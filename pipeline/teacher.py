@@ -593,13 +593,11 @@ def embed_shards(cfg: RunConfig, plan: Plan, group: zarr.Group, shards: list[int
                 asked = time.perf_counter()
                 continue
             _drop_failed(item, failed.pop(s, []), emb[s])
-            write_wait = writes.wait()  # for the shard before: the one wait of the loop the writes did not hide
             record = {
                 "url": plan.urls[s], "samples": plan.lengths[s], "valid": int(item.meta["valid"].sum()),
                 "skipped": item.skipped, "teacher_forwards": forwards.pop(s), "teacher_seconds": round(forward_s.pop(s), 4),
                 "input_wait_seconds": round(waited.pop(s), 4), "first_batch_wait_seconds": round(first_wait.pop(s), 4),
-                "seconds": round(time.perf_counter() - started.pop(s), 4), "write_wait_seconds": round(write_wait, 4),
-                "device": str(device), "decode": item.decode,
+                "seconds": round(time.perf_counter() - started.pop(s), 4), "device": str(device), "decode": item.decode,
                 "forward": forward.mode,
                 "workers": workers, "read_ahead": depth, "cores": cpu_cores(), "finished_at": round(time.time(), 3),
                 **({"damaged": item.damaged} if item.damaged is not None else {}),

@@ -446,9 +446,6 @@ def finalize(group: zarr.Group, url: str) -> dict[str, Any]:
         # the rows' writes, each beside the next shard's work (None when a shard was written before records had it)
         "write_seconds": (round(sum(r["write_seconds"] for r in done), 3) if all("write_seconds" in r for r in done)
                           else None),
-        # and what the stage waited for them (before each shard's record, for the shard before)
-        "write_wait_seconds": (round(sum(r["write_wait_seconds"] for r in done), 3)
-                               if all("write_wait_seconds" in r for r in done) else None),
         "damaged_shards": [s for s, r in enumerate(records) if r is not None and "damaged" in r],
     }
     first = next(({**k, "url": r.get("url", "?")} for r in done for k in r["skipped"]), None)

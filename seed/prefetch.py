@@ -92,27 +92,19 @@ class WriteBehind:
             return
         self._pending = (self._pool.submit(write), then)
 
-    def wait(self) -> float:
-        """Wait for the write in flight, if any (raising its error; then calling its ``then``): the seconds waited.
-        ``submit`` does it first; a caller that wants the wait on its own (to record it with the next write) calls
-        it before."""
-        return self._finish_pending()
-
-    def _finish_pending(self) -> float:
+    def _finish_pending(self) -> None:
         if self._pending is None:
-            return 0.0
+            return
         future, then = self._pending
         t0 = time.perf_counter()
         try:
             future.result()  # its error, if any, raised here
         finally:
-            waited = time.perf_counter() - t0
-            self.wait_s += waited
+            self.wait_s += time.perf_counter() - t0
             if future.done():  # (not when the wait itself was interrupted: close waits again, and reports it)
                 self._pending = None
         if then is not None:
             then()
-        return waited
 
     def close(self) -> None:
         """Wait for the last write (raising its error) and stop the thread."""

@@ -113,14 +113,10 @@ def input_wait(totals: Mapping[str, Any]) -> str:
 
 
 def rows_written(totals: Mapping[str, Any]) -> str:
-    """``"; its rows written in 1.2 s (the stage waited 0.1 s for them)"`` (empty for a cache whose records predate
-    the figure; without the wait for one whose records predate it). One shard's rows are written while the next is
-    embedded, so the writes' own seconds say what they took, the wait what they cost the stage."""
-    seconds, wait = totals.get("write_seconds"), totals.get("write_wait_seconds")
-    if seconds is None:
-        return ""
-    return f"; its rows written in {float(seconds):.1f} s" + (
-        "" if wait is None else f" (the stage waited {float(wait):.1f} s for them)")
+    """``"; its rows written in 1.2 s"`` (empty for a cache whose records predate the figure). One shard's rows are
+    written while the next is embedded, so the figure says what the writes took, not what the stage waited."""
+    seconds = totals.get("write_seconds")
+    return "" if seconds is None else f"; its rows written in {float(seconds):.1f} s"
 
 
 def teacher_totals_text(totals: Mapping[str, Any]) -> str:

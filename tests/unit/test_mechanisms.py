@@ -137,13 +137,6 @@ def test_write_behind_errors_reach_the_caller_and_a_write_in_flight_is_finished(
             writes.submit(interrupted, then=lambda: done.append(7))
             writes.submit(lambda: done.append(8))                # waits for the first: interrupted
     assert done == [2, 3, 6, 7]
-    # the wait on its own (the teacher records it with the next shard): the seconds waited, the write's then called
-    thens: list[int] = []
-    with WriteBehind() as writes:
-        assert writes.wait() == 0.0                              # nothing in flight
-        writes.submit(lambda: time.sleep(0.3), then=lambda: thens.append(1))
-        waited = writes.wait()
-        assert 0.2 < waited < 5 and thens == [1] and writes.wait() == 0.0
     inline = WriteBehind(enabled=False)
     inline.submit(lambda: (time.sleep(0.1), done.append(4)), then=lambda: done.append(5))
     assert done == [2, 3, 6, 7, 4, 5] and inline.wait_s >= 0.1  # written before submit returns, all of it waited for
