@@ -26,6 +26,7 @@ import functools
 import hashlib
 import heapq
 import json
+import logging
 import math
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -55,6 +56,7 @@ SGD_BATCH = 1024
 SGD_LR = 1e-2
 
 Encode = Callable[[torch.Tensor], torch.Tensor]
+log = logging.getLogger(__name__)
 
 
 def identity_params(n: int) -> torch.Tensor:
@@ -697,6 +699,23 @@ def probe_resident(n: int, d: int, device: torch.device) -> bool:
     return n * d * 4 <= free // 2
 
 
+def _held(train: Rows, mean: torch.Tensor, std: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    """The training rows standardised on ``device``, copied there a block at a time (the rows themselves are never
+    changed); None, with a warning, when the device has no room after all (what ``probe_resident`` saw was taken
+    since): the probe then reads each batch from the rows."""
+    try:
+        held = torch.empty(train.shape, dtype=torch.float32, device=device)
+    except torch.cuda.OutOfMemoryError:
+        log.warning("linear probe: no room on %s for the %.1f GB of training rows after all; each batch is read from "
+                    "the feature file instead", device, train.shape[0] * train.shape[1] * 4 / 1e9)
+        return None
+    for r in _blocks(train):
+        block = held[r]
+        block.copy_(torch.from_numpy(np.ascontiguousarray(train[r])))
+        block.sub_(mean).div_(std)
+    return held
+
+
 def _sgd_probe(train: Rows, train_labels: np.ndarray, test: Rows, *, seed: int, weight_decay: float,
                device: torch.device, epochs: int = SGD_EPOCHS, batch_size: int = SGD_BATCH, lr: float = SGD_LR,
                progress: bool = False, desc: str = "linear probe", on_progress: OnProgress | None = None,
@@ -711,11 +730,8 @@ def _sgd_probe(train: Rows, train_labels: np.ndarray, test: Rows, *, seed: int, 
     mean = torch.from_numpy(mean_np).float().to(device)
     std = torch.from_numpy(_scale(std_np)).float().to(device)
     labels = torch.from_numpy(train_labels)
-    held = None
-    if resident:
-        held = torch.empty(train.shape, dtype=torch.float32, device=device)
-        for r in _blocks(train):
-            held[r] = torch.from_numpy(np.ascontiguousarray(train[r])).to(device, torch.float32).sub_(mean).div_(std)
+    held = _held(train, mean, std, device) if resident else None
+    if held is not None:
         labels = labels.to(device)
     n_classes = int(train_labels.max()) + 1
     torch.manual_seed(seed)
@@ -741,7 +757,10 @@ def _sgd_probe(train: Rows, train_labels: np.ndarray, test: Rows, *, seed: int, 
                 sched.step()
                 del x, loss  # before the next batch is read: one batch in memory at a time
             bar.update()
-    del held
+    if held is not None:
+        del held
+        if device.type == "cuda":  # its memory back to the device, where the next probe_resident asks for it
+            torch.cuda.empty_cache()
     out = np.zeros(len(test), np.int64)
     with torch.no_grad():
         for r in _rows(len(test), QUERY_BATCH):

@@ -154,6 +154,9 @@ def test_scores_of_rows_on_disk_equal_those_of_rows_in_memory(fm_pixels, tmp_pat
     # batches, the same arithmetic, the same predictions as reading each batch from the file
     streamed = linear_probe(few, train_y[:500], te, method="sgd", resident=False)
     assert np.array_equal(linear_probe(few, train_y[:500], te, method="sgd", resident=True), streamed)
+    rows = train[:500].copy()                                          # rows in memory are copied, never changed
+    assert np.array_equal(linear_probe(rows, train_y[:500], test, method="sgd", resident=True), streamed)
+    assert np.array_equal(rows, train[:500])
     assert not probe_resident(10**9, 2048, CPU)                        # on the CPU the rows stay on disk
 
 
