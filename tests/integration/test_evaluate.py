@@ -199,6 +199,37 @@ def test_evaluation_report(trained) -> None:
     assert len(teacher_rows) == 1 and teacher_rows[0]["knn"] == summary.results[1]["knn"]
 
 
+def test_a_failed_evaluation_process_stops_the_stage_with_its_error_and_scores_nothing(trained, tmp_path: Path) -> None:
+    """``--procs 2`` where the test split's second shard holds a sample without a label: the process that meets it
+    stops with the user's mistake, the stage raises it as one (a ``SeedError``, not a crash) quoting that
+    process's last lines without its progress reports, and no report is written."""
+    import dataclasses
+    import io
+    import tarfile
+
+    from seed.shards import iter_shard
+
+    cfg, storage = trained
+    first = str(Path(storage.shards) / "fm" / "test" / "test-000000.tar")
+    unlabelled = tmp_path / "unlabelled.tar"
+    with tarfile.open(unlabelled, "w") as tar:
+        for i, sample in enumerate(list(iter_shard(first))[:3]):
+            for name, data in ((f"u{i}.png", sample.image or b""), (f"u{i}.cls", str(sample.label).encode())):
+                if name != "u2.cls":                                                # the last has no label
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    report = Path(storage.run_dir(cfg.train.run)) / "report.md"
+    report.unlink(missing_ok=True)
+    broken = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, test=f"{first}::{unlabelled}"))
+    with pytest.raises(SeedError) as raised:
+        evaluate_stage.run(broken, storage, progress=False, procs=2)
+    message = str(raised.value)
+    assert message.startswith("evaluation process on cpu failed with exit code 2; nothing was scored; last lines:")
+    assert f"{unlabelled}: sample 'u2' has no label" in message and "seed-features" not in message
+    assert not report.exists()
+
+
 def test_evaluation_refuses_a_run_without_its_students_and_says_when_no_teacher_scores_are_saved(
         trained, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A run name with no trained students (a typo in train.run) is refused before any image is read, naming the
