@@ -221,13 +221,14 @@ def _extract_in_processes(cfg: RunConfig, storage: Storage, devices: list[str], 
     n = len(devices)
     shares = launcher.process_cores(n)
     # a process whose every-n-th shards are none in both splits is not started
-    busy = [i for i in range(n) if any(list(range(len(urls)))[i::n] for urls in splits.values())]
+    mine = [{desc: list(range(len(urls)))[i::n] for desc, urls in splits.items()} for i in range(n)]  # every n-th
+    busy = [i for i in range(n) if any(mine[i].values())]
     with tempfile.TemporaryDirectory(prefix="seed-evaluate-") as tmp, launcher.Children(tmp, PART_PROGRESS) as children:
         config, roots = write_run_files(cfg, storage, tmp)
         for i in busy:
             spec = {"device": devices[i], "include_teacher": include_teacher, "directory": directory,
                     "splits": [{"desc": desc, "urls": urls, "lengths": lengths[desc],
-                                "shards": list(range(len(urls)))[i::n], "out": f"{tmp}/part-{i}-{j}.npz",
+                                "shards": mine[i][desc], "out": f"{tmp}/part-{i}-{j}.npz",
                                 "files": {key: f.fileno() for key, f in files[desc].items()}}
                                for j, (desc, urls) in enumerate(splits.items())]}
             with open(f"{tmp}/part-{i}.json", "w") as f:
